@@ -1,0 +1,342 @@
+"""ObjectStorage: one activation's view of its storage (``state.storage``).
+
+The rules this file keeps:
+
+* **Cache.** Every key the activation has read or written is cached as
+  encoded bytes (``None`` = known missing); a cached read does no I/O. Values
+  are decoded on every read so that a caller mutating what it got back never
+  changes storage. After the first ``list()`` the cache holds the whole object
+  (``_complete``) and nothing more is read from disk.
+* **Turns.** Writes apply to the cache at once (reads see them) and collect
+  in the *turn buffer*. The buffer becomes one atomic log record when the
+  object's code next really waits: a flush is scheduled with ``call_soon``,
+  which runs only after the current task step yields. Storage calls never
+  yield (a cache miss reads DuckDB synchronously), so the turn lasts until
+  the object waits on something other than storage, as in workerd.
+* **Output gate.** :meth:`sync` returns when every write made so far is
+  durable; the object process awaits it before a response leaves.
+  :meth:`unsynced` tells whether there is anything to wait for.
+* **Input gate.** Holds by construction: a read miss blocks the loop, so no
+  other event reaches any object while storage I/O is in flight.
+* **Failure.** If the slot cannot make a write durable, :meth:`sync` raises
+  :class:`~durable.errors.StorageCommitError`, every later call raises it,
+  and the activation must be reset (its cache may hold writes that never
+  became durable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from durable.codec import decode
+from durable.errors import StorageError, TransactionClosedError, TransactionConflictError
+
+from .limits import check_key, check_keys, encode_entries, encode_value, list_range
+from .slot import SlotStore, object_key
+
+__all__ = ["ObjectStorage", "Transaction"]
+
+T = TypeVar("T")
+_NO_VALUE: Any = object()
+_MISSING: Any = object()
+# Above this many cache misses, one multi-key get reads the whole object in one query.
+_POINT_READS_MAX = 4
+MAX_TRANSACTION_ATTEMPTS = 10
+
+
+class ObjectStorage:
+    """Transactional key-value storage of one object (all methods are atomic)."""
+
+    def __init__(self, slot: SlotStore, namespace: str, object_id: str) -> None:
+        self._slot = slot
+        self._limits = slot.limits
+        self._obj = object_key(namespace, object_id)
+        self.namespace = namespace
+        self.object_id = object_id
+        self._vals: dict[str, bytes | None] = {}
+        self._complete = False
+        self._sorted: list[str] | None = None
+        self._turn: dict[str, bytes | None] = {}
+        self._turn_clear = False
+        self._flush_scheduled = False
+        self._last_seq = 0
+        self._writes = 0  # bumped on every write; transactions use it to detect conflicts
+
+    # -- internal helpers (synchronous) ---------------------------------------
+    def _data(self, key: str) -> bytes | None:
+        data = self._vals.get(key, _MISSING)
+        if data is _MISSING:
+            if self._complete:
+                return None
+            self._slot.check_usable()
+            data = self._vals[key] = self._slot.read(self._obj, key)
+        return data
+
+    def _ensure_complete(self) -> None:
+        if self._complete:
+            return
+        self._slot.check_usable()
+        rows = self._slot.read_all(self._obj)
+        vals = self._vals
+        for k, v in rows.items():
+            if k not in vals:
+                vals[k] = v
+        self._complete = True
+        self._sorted = None
+
+    def _sorted_keys(self) -> list[str]:
+        if self._sorted is None:
+            self._sorted = sorted(k for k, v in self._vals.items() if v is not None)
+        return self._sorted
+
+    def _prefetch(self, keys: list[str]) -> None:
+        if self._complete:
+            return
+        misses = [k for k in keys if k not in self._vals]
+        if len(misses) > _POINT_READS_MAX:
+            self._ensure_complete()
+        else:
+            for k in misses:
+                self._data(k)
+
+    def _write(self, key: str, data: bytes | None) -> None:
+        prev = self._vals.get(key)
+        if (prev is None) != (data is None):
+            self._sorted = None
+        self._vals[key] = data
+        self._turn[key] = data
+        self._writes += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._slot.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._turn and not self._turn_clear:
+            return
+        turn, clear = self._turn, self._turn_clear
+        self._turn, self._turn_clear = {}, False
+        self._last_seq = self._slot.submit(self._obj, clear, turn)
+
+    # -- the public API ---------------------------------------------------------
+    async def get(self, key: str | list[str]) -> Any:
+        """A value (``None`` if missing), or for a list of keys a dict in key order."""
+        if type(key) is str:
+            check_key(key, self._limits)
+            self._slot.check_usable()
+            data = self._data(key)
+            return None if data is None else decode(data)
+        keys = check_keys(key, self._limits, "get")
+        self._slot.check_usable()
+        self._prefetch(keys)
+        out = {}
+        for k in sorted(set(keys)):
+            data = self._data(k)
+            if data is not None:
+                out[k] = decode(data)
+        return out
+
+    async def put(self, key: str | dict[str, Any], value: Any = _NO_VALUE) -> None:
+        """Store one value, or every entry of a dict atomically (all or nothing)."""
+        if type(key) is str:
+            if value is _NO_VALUE:
+                raise TypeError("put(key, value) needs a value; to store several, put({k: v})")
+            check_key(key, self._limits)
+            data = encode_value(key, value, self._limits)
+            self._slot.check_usable()
+            self._write(key, data)
+            return
+        if value is not _NO_VALUE:
+            raise TypeError("put(entries) takes a dict and no second argument")
+        entries = encode_entries(key, self._limits)
+        self._slot.check_usable()
+        for k, data in entries.items():
+            self._write(k, data)
+
+    async def delete(self, key: str | list[str]) -> bool | int:
+        """Delete a key (returns whether it existed) or a list of keys (returns how many did)."""
+        if type(key) is str:
+            check_key(key, self._limits)
+            self._slot.check_usable()
+            existed = self._data(key) is not None
+            if existed:
+                self._write(key, None)
+            return existed
+        keys = set(check_keys(key, self._limits, "delete"))
+        self._slot.check_usable()
+        self._prefetch(list(keys))
+        existing = [k for k in keys if self._data(k) is not None]
+        for k in existing:
+            self._write(k, None)
+        return len(existing)
+
+    async def list(self, *, start: str | None = None, end: str | None = None,
+                   prefix: str | None = None, reverse: bool = False,
+                   limit: int | None = None) -> dict[str, Any]:
+        """Keys in ``[start, end)`` with ``prefix``, in UTF-8 byte order (or reversed)."""
+        r = list_range(start, end, prefix, reverse, limit)
+        self._slot.check_usable()
+        if r.empty():
+            return {}
+        self._ensure_complete()
+        return {k: decode(self._vals[k]) for k in r.select(self._sorted_keys())}
+
+    async def delete_all(self) -> None:
+        """Delete every key of this object, atomically."""
+        self._slot.check_usable()
+        self._vals = {}
+        self._complete = True
+        self._sorted = None
+        self._turn = {}
+        self._turn_clear = True
+        self._writes += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._slot.loop.call_soon(self._flush)
+
+    async def transaction(self, fn: Callable[[Transaction], Awaitable[T]]) -> T:
+        """Run ``fn(txn)``; its writes commit together, or not at all if it raises.
+
+        If another task of this object writes while ``fn`` is suspended and
+        ``fn`` has read something, ``fn`` runs again (at most
+        :data:`MAX_TRANSACTION_ATTEMPTS` times), as the seed API retries
+        failed transactions.
+        """
+        for _ in range(MAX_TRANSACTION_ATTEMPTS):
+            txn = Transaction(self)
+            before = self._writes
+            try:
+                result = await fn(txn)
+            finally:
+                txn._open = False
+            if txn._rolled_back:
+                return result
+            if txn._did_read and self._writes != before:
+                continue
+            self._slot.check_usable()
+            for k, data in txn._writes.items():
+                self._write(k, data)
+            return result
+        raise TransactionConflictError(
+            f"transaction on {self.namespace}/{self.object_id} conflicted with concurrent writes "
+            f"{MAX_TRANSACTION_ATTEMPTS} times in a row; it was not committed")
+
+    async def sync(self) -> None:
+        """Return once every write made so far is durable (raises if it cannot be)."""
+        if self._flush_scheduled or self._turn or self._turn_clear:
+            self._flush()
+        await self._slot.wait_durable(self._last_seq)
+
+    # -- hooks for the object process ------------------------------------------
+    def unsynced(self) -> bool:
+        """Whether some write of this object is not durable yet (the output gate is shut)."""
+        return bool(self._turn) or self._turn_clear or self._last_seq > self._slot.durable_seq
+
+    def evict(self) -> bool:
+        """Drop the cache if every write is durable; return whether it was dropped."""
+        if self.unsynced():
+            return False
+        self._vals = {}
+        self._complete = False
+        self._sorted = None
+        return True
+
+
+class Transaction:
+    """The ``txn`` handed to ``transaction(fn)``: reads see its own writes."""
+
+    def __init__(self, storage: ObjectStorage) -> None:
+        self._s = storage
+        self._writes: dict[str, bytes | None] = {}
+        self._open = True
+        self._rolled_back = False
+        self._did_read = False
+
+    def _check(self) -> None:
+        if not self._open:
+            what = "rolled back" if self._rolled_back else "finished"
+            raise TransactionClosedError(f"this transaction was {what}; no more operations on it")
+
+    def _data(self, key: str) -> bytes | None:
+        if key in self._writes:
+            return self._writes[key]
+        self._did_read = True
+        return self._s._data(key)
+
+    async def get(self, key: str | list[str]) -> Any:
+        self._check()
+        lim = self._s._limits
+        if type(key) is str:
+            check_key(key, lim)
+            data = self._data(key)
+            return None if data is None else decode(data)
+        keys = check_keys(key, lim, "get")
+        self._s._prefetch([k for k in keys if k not in self._writes])
+        out = {}
+        for k in sorted(set(keys)):
+            data = self._data(k)
+            if data is not None:
+                out[k] = decode(data)
+        return out
+
+    async def put(self, key: str | dict[str, Any], value: Any = _NO_VALUE) -> None:
+        self._check()
+        lim = self._s._limits
+        if type(key) is str:
+            if value is _NO_VALUE:
+                raise TypeError("put(key, value) needs a value; to store several, put({k: v})")
+            check_key(key, lim)
+            self._writes[key] = encode_value(key, value, lim)
+            return
+        if value is not _NO_VALUE:
+            raise TypeError("put(entries) takes a dict and no second argument")
+        self._writes.update(encode_entries(key, lim))
+
+    async def delete(self, key: str | list[str]) -> bool | int:
+        self._check()
+        lim = self._s._limits
+        if type(key) is str:
+            check_key(key, lim)
+            existed = self._data(key) is not None
+            self._writes[key] = None
+            return existed
+        keys = set(check_keys(key, lim, "delete"))
+        self._s._prefetch([k for k in keys if k not in self._writes])
+        n = 0
+        for k in keys:
+            n += self._data(k) is not None
+            self._writes[k] = None
+        return n
+
+    async def list(self, *, start: str | None = None, end: str | None = None,
+                   prefix: str | None = None, reverse: bool = False,
+                   limit: int | None = None) -> dict[str, Any]:
+        self._check()
+        r = list_range(start, end, prefix, reverse, limit)
+        if r.empty():
+            return {}
+        s = self._s
+        s._ensure_complete()
+        self._did_read = True
+        keys = s._sorted_keys()
+        if self._writes:
+            live = set(keys)
+            for k, v in self._writes.items():
+                if v is None:
+                    live.discard(k)
+                else:
+                    live.add(k)
+            keys = sorted(live)
+        return {k: decode(self._data(k)) for k in r.select(keys)}
+
+    def rollback(self) -> None:
+        """Discard this transaction's writes; later operations on ``txn`` raise."""
+        self._check()
+        self._rolled_back = True
+        self._open = False
+        self._writes.clear()
+
+    async def delete_all(self) -> None:
+        raise StorageError("delete_all() cannot run inside a transaction; "
+                           "call state.storage.delete_all() outside it")

@@ -1,0 +1,1 @@
+"""The supervisor: the daemon's entry point (``durable serve``)."""
