@@ -248,9 +248,13 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
         return _Decoder().walk(tree)
     except MalformedValueError:
         raise
-    except (TypeError, ValueError, IndexError, KeyError, OverflowError, binascii.Error,
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError, AttributeError,
+            RecursionError, binascii.Error,
             decimal.InvalidOperation, zoneinfo.ZoneInfoNotFoundError) as e:
         raise MalformedValueError(f"stored value is not valid: {type(e).__name__}: {e}") from None
+
+
+_STR_TAGS = frozenset({"b", "B", "i", "F", "D", "u"})
 
 
 def _int_fields(fields: list, n: int) -> list[int]:
@@ -316,8 +320,8 @@ class _Decoder:
             if len(x) != 2 or type(n) is not int or not 0 <= n < len(self.refs) or self.refs[n] is None:
                 raise MalformedValueError(f"bad reference {x!r}")
             return self.refs[n]
-        if len(x) < 2:
-            raise MalformedValueError(f"tag {tag!r} without a payload")
+        if tag in _STR_TAGS and (len(x) != 2 or type(x[1]) is not str):
+            raise MalformedValueError(f"tag {tag!r} needs one string payload")
         if tag == "b":
             return base64.b64decode(x[1], validate=True)
         if tag == "B":
@@ -325,8 +329,6 @@ class _Decoder:
             self.refs.append(ba)
             return ba
         if tag == "i":
-            if type(x[1]) is not str:
-                raise MalformedValueError("big int is not a string")
             return int(x[1])
         if tag == "F":
             if x[1] not in ("nan", "inf", "-inf"):
@@ -343,11 +345,11 @@ class _Decoder:
             return dt.datetime(*f[:7], tzinfo=_untz(x[9]), fold=f[7])
         if tag == "da":
             return dt.date(*_int_fields(x[1:], 3))
+        if tag == "td":
+            return dt.timedelta(*_int_fields(x[1:], 3))
         if tag == "tm":
             if len(x) != 7:
                 raise MalformedValueError("time needs 6 fields")
             f = _int_fields(x[1:6], 5)
             return dt.time(*f[:4], tzinfo=_untz(x[6]), fold=f[4])
-        if tag == "td":
-            return dt.timedelta(*_int_fields(x[1:], 3))
         raise MalformedValueError(f"unknown tag {tag!r}")
