@@ -82,23 +82,33 @@ def encode(value: Any) -> bytes:
     # Fast paths for the scalars objects store most.
     if t is str or t is bool or value is None:
         try:
-            return orjson.dumps(value)
+            return _exact(orjson.dumps(value))
         except orjson.JSONEncodeError:
             raise TypeError(
                 "value is a str that is not valid Unicode (it holds a lone surrogate); "
                 "storage keeps only text that can be written as UTF-8"
             ) from None
     if t is int and _I64_MIN <= value <= _I64_MAX:
-        return orjson.dumps(value)
+        return _exact(orjson.dumps(value))
     enc = _Encoder()
     try:
         tree = enc.walk(value, 0)
     except _Unsupported as e:
         raise TypeError(f"{e.message} at {_describe(e.path)}") from None
     try:
-        return orjson.dumps(tree)
+        return _exact(orjson.dumps(tree))
     except orjson.JSONEncodeError as e:  # a str with a lone surrogate somewhere inside
         raise TypeError(f"value cannot be stored: {e}") from None
+
+
+def _exact(data: bytes) -> bytes:
+    """Copy a small orjson result into an exact-size object.
+
+    orjson's result keeps its ~4 KiB working allocation (measured: 4.1 KB of
+    RSS per ``dumps(1)``), and caches hold encoded values for as long as an
+    activation lives, so a 3-byte value would cost 4 KiB.
+    """
+    return bytes(memoryview(data)) if len(data) < 2048 else data
 
 
 def _tz(tz: dt.tzinfo | None) -> Any:

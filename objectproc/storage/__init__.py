@@ -8,7 +8,7 @@ model used by tests. See docs/storage.md for the design and its measurements.
 from .limits import DEFAULT_LIMITS, StorageLimits
 from .model import ModelStorage, ModelWorld
 from .object import ObjectStorage, Transaction
-from .slot import SlotStore
+from .slot import SlotStore, tune_gc
 
 __all__ = ["SlotStore", "ObjectStorage", "Transaction", "StorageLimits", "DEFAULT_LIMITS",
-           "ModelWorld", "ModelStorage"]
+           "ModelWorld", "ModelStorage", "tune_gc"]

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Benchmarks for durable; JSON on stdout.
+
+    python scripts/bench.py storage [--quick] [--repeat N]
+
+``storage`` measures the storage engine in-process (no sockets), together
+with this machine's floors (an fsync of a 4 KiB append, one DuckDB single-row
+commit), so that ratios can be compared within one run on a noisy machine.
+With ``--repeat N`` every figure is the median of N runs (all runs are kept
+under ``"runs"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * p))]
+
+
+def ms(x: float) -> float:
+    return round(x * 1000, 4)
+
+
+def us(x: float) -> float:
+    return round(x * 1e6, 3)
+
+
+# -- floors ---------------------------------------------------------------------------
+def floor_fsync(directory: Path, n: int) -> dict[str, float]:
+    fd = os.open(directory / "fsync-probe", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    block = os.urandom(4096)
+    times = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            os.write(fd, block)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+    return {"p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99))}
+
+
+def floor_duckdb_commit(directory: Path, n: int) -> dict[str, float]:
+    import duckdb
+
+    con = duckdb.connect(str(directory / "probe.duckdb"), config={"threads": 1})
+    con.execute("CREATE TABLE t (k BLOB PRIMARY KEY, v BLOB)")
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        con.execute("BEGIN")
+        con.execute("INSERT INTO t VALUES ($1, $2) ON CONFLICT DO UPDATE SET v = excluded.v",
+                    [str(i % 10).encode(), b"x" * 16])
+        con.execute("COMMIT")
+        times.append(time.perf_counter() - t)
+    con.close()
+    return {"p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99))}
+
+
+# -- storage workloads ------------------------------------------------------------------
+async def sequential_put(directory: Path, n: int) -> dict[str, float]:
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+
+    slot = SlotStore(directory, 0)
+    s = ObjectStorage(slot, "BENCH", "seq")
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        await s.put("n", i)
+        await s.sync()
+        times.append(time.perf_counter() - t)
+    await slot.close()
+    return {"n": n, "p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99))}
+
+
+def preload(directory: Path, rows: int, objects_with_100_keys: int) -> list[str]:
+    """Fill a slot's DuckDB file directly (bulk), as if objects had written before."""
+    from durable.codec import encode
+    from durable.objectproc.storage.duck import DuckStore
+
+    duck = DuckStore(directory / "slot-0.duckdb")
+    value = encode({"payload": "x" * 40, "n": 1})
+    batch: dict[bytes, tuple[bytes, bytes | None]] = {}
+    cold = [f"cold{i}" for i in range(objects_with_100_keys)]
+    for oid in cold:
+        obj = f"BENCH/{oid}".encode()
+        for k in range(100):
+            batch[obj + f"/key{k:03d}".encode()] = (obj, value)
+    done = len(batch)
+    i = 0
+    while done < rows:
+        obj = f"BENCH/filler{i}".encode()
+        for k in range(10):
+            batch[obj + f"/k{k}".encode()] = (obj, value)
+        done += 10
+        i += 1
+        if len(batch) >= 100_000:
+            duck.apply(batch, set(), 0)
+            batch = {}
+    if batch:
+        duck.apply(batch, set(), 0)
+    duck._con.execute("CHECKPOINT")
+    duck.close()
+    return cold
+
+
+async def concurrent_puts(directory: Path, writers: int, seconds: float) -> dict[str, float]:
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+
+    slot = SlotStore(directory, 0)
+    waits: list[float] = []
+    stop = time.monotonic() + seconds
+
+    async def writer(i: int) -> None:
+        s = ObjectStorage(slot, "BENCH", f"w{i}")
+        n = 0
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            await s.put(f"k{n % 100}", n)
+            await s.sync()
+            waits.append(time.perf_counter() - t)
+            n += 1
+
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for i in range(writers):
+            tg.create_task(writer(i))
+    elapsed = time.perf_counter() - t0
+    stored = slot.duck.row_count()
+    await slot.close()
+    return {"writers": writers, "puts": len(waits), "puts_per_s": round(len(waits) / elapsed),
+            "wait_p50_ms": ms(pct(waits, 0.5)), "wait_p99_ms": ms(pct(waits, 0.99)),
+            "stored_rows": stored}
+
+
+async def reads(directory: Path, cold_ids: list[str], n: int) -> dict[str, Any]:
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+
+    slot = SlotStore(directory, 0)
+    # Cold activation: a fresh activation lists its 100 keys from DuckDB.
+    cold = []
+    for oid in cold_ids:
+        t = time.perf_counter()
+        s = ObjectStorage(slot, "BENCH", oid)
+        got = await s.list()
+        cold.append(time.perf_counter() - t)
+        assert len(got) == 100
+    # Cached get and warm list on the last one.
+    await s.get("key050")
+    t = time.perf_counter()
+    for _ in range(n):
+        await s.get("key050")
+    cached_get = (time.perf_counter() - t) / n
+    lists = []
+    for _ in range(max(20, n // 100)):
+        t = time.perf_counter()
+        await s.list()
+        lists.append(time.perf_counter() - t)
+    # Cold point read (cache miss to DuckDB).
+    misses = []
+    for oid in cold_ids[: min(len(cold_ids), 200)]:
+        s = ObjectStorage(slot, "BENCH", oid)
+        t = time.perf_counter()
+        await s.get("key007")
+        misses.append(time.perf_counter() - t)
+    await slot.close()
+    return {"cold_activation_100_keys_p50_ms": ms(pct(cold, 0.5)),
+            "cold_activation_100_keys_p99_ms": ms(pct(cold, 0.99)),
+            "cached_get_us": us(cached_get),
+            "list_100_keys_cached_p50_ms": ms(pct(lists, 0.5)),
+            "cold_point_get_p50_ms": ms(pct(misses, 0.5))}
+
+
+async def recovery(directory: Path, records: int) -> dict[str, float]:
+    """Write records that DuckDB never gets, 'crash', and time the replay on reopen."""
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+
+    slot = SlotStore(directory, 0, apply_min_records=10**12, apply_max_delay=10**6)
+    objs = [ObjectStorage(slot, "BENCH", f"r{i}") for i in range(100)]
+    for i in range(records):
+        await objs[i % 100].put(f"k{i % 1000}", i)
+        if i % 100 == 99:
+            await asyncio.sleep(0)  # end the turn: each put becomes its own record
+    for o in objs:
+        await o.sync()
+    logged = slot.log.last_seq
+    slot.abandon()
+    slot = SlotStore(directory, 0)
+    elapsed = slot.recovery_seconds  # reading, checking and applying the log, not opening DuckDB
+    replayed = slot.replayed
+    await slot.close()
+    return {"records": replayed, "logged": logged, "seconds": round(elapsed, 4),
+            "records_per_s": round(replayed / elapsed)}
+
+
+async def activation_memory(directory: Path, n: int) -> dict[str, float]:
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+
+    slot = SlotStore(directory, 0)
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    acts = []
+    for i in range(n):
+        s = ObjectStorage(slot, "BENCH", f"m{i}")
+        await s.put({f"k{j}": j for j in range(10)})
+        acts.append(s)
+    for s in acts:
+        await s.sync()
+    await slot.flush()
+    gc.collect()
+    active = tracemalloc.get_traced_memory()[0] - base
+    for s in acts:
+        assert s.evict()
+    gc.collect()
+    idle = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    await slot.close()
+    return {"activations": n, "bytes_per_activation_with_10_keys": round(active / n),
+            "bytes_per_idle_activation_after_evict": round(idle / n)}
+
+
+def storage_suite(quick: bool) -> dict[str, Any]:
+    from durable.objectproc.storage import tune_gc
+
+    tune_gc()  # as the object process does at start
+    big_rows = 100_000 if quick else 1_000_000
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+        root = Path(tmp)
+
+        def fresh(name: str) -> Path:
+            d = root / name
+            d.mkdir()
+            return d
+
+        out["floor_fsync_4k"] = floor_fsync(fresh("fsync"), 200 if quick else 2000)
+        out["floor_duckdb_single_row_commit"] = floor_duckdb_commit(fresh("duck"), 50 if quick else 300)
+        out["sequential_durable_put"] = asyncio.run(sequential_put(fresh("seq"), 300 if quick else 3000))
+        secs = 1.0 if quick else 4.0
+        d10k = fresh("c10k")
+        preload(d10k, 10_000, 0)
+        out["concurrent_durable_puts_10k_rows"] = asyncio.run(concurrent_puts(d10k, 100, secs))
+        dbig = fresh("cbig")
+        cold = preload(dbig, big_rows, 50 if quick else 300)
+        out[f"concurrent_durable_puts_{big_rows // 1000}k_rows"] = asyncio.run(
+            concurrent_puts(dbig, 100, secs))
+        out["ratio_big_to_10k_throughput"] = round(
+            out[f"concurrent_durable_puts_{big_rows // 1000}k_rows"]["puts_per_s"]
+            / out["concurrent_durable_puts_10k_rows"]["puts_per_s"], 3)
+        out[f"reads_at_{big_rows // 1000}k_rows"] = asyncio.run(reads(dbig, cold, 20_000 if quick else 200_000))
+        out["recovery_replay"] = asyncio.run(recovery(fresh("rec"), 20_000 if quick else 200_000))
+        out["activation_memory"] = asyncio.run(activation_memory(fresh("mem"), 1000 if quick else 10_000))
+    return out
+
+
+def median_of(runs: list[Any]) -> Any:
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: median_of([r[k] for r in runs]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        m = statistics.median(runs)
+        return round(m, 4) if isinstance(m, float) else m
+    return first
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=["storage"])
+    p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke runs")
+    p.add_argument("--repeat", type=int, default=1, help="run N times; report medians")
+    args = p.parse_args(argv)
+    runs = [storage_suite(args.quick) for _ in range(args.repeat)]
+    result = {"suite": args.suite, "quick": args.quick, "repeat": args.repeat,
+              "python": sys.version.split()[0], "cpus": os.cpu_count(),
+              "median": median_of(runs)}
+    if args.repeat > 1:
+        result["runs"] = runs
+    sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
