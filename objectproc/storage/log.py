@@ -236,7 +236,8 @@ class CommitLog:
             os.fsync(dfd)  # the new name must survive a crash too
         finally:
             os.close(dfd)
-        self._segments.append(Segment(first_seq, path))
+        with self._cond:  # drop_through (applier thread) replaces the list under this lock
+            self._segments.append(Segment(first_seq, path))
 
     def _run(self) -> None:
         while True:

@@ -1,0 +1,230 @@
+"""Engine-only behaviour: cache, turns, gates, overlay, failures, recovery edge cases."""
+
+import asyncio
+import errno
+import os
+
+import pytest
+
+from durable.errors import StorageCommitError, StorageCorruptError
+from durable.objectproc.storage import ObjectStorage, SlotStore
+from durable.objectproc.storage.log import encode_record, encode_writeset, list_segments
+
+NEVER = {"apply_min_records": 10**9, "apply_max_delay": 10**6}
+
+
+def log_dir(tmp_path):
+    return tmp_path / "slot-0.log"
+
+
+async def test_cached_reads_do_no_io(tmp_path, monkeypatch):
+    slot = SlotStore(tmp_path)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("a", 1)
+        await s.get("missing")
+
+        def no_io(*args):
+            raise AssertionError("cached read went to DuckDB")
+
+        monkeypatch.setattr(slot.duck, "read_key", no_io)
+        monkeypatch.setattr(slot.duck, "read_object", no_io)
+        assert await s.get("a") == 1
+        assert await s.get("missing") is None
+        monkeypatch.undo()
+        await s.sync()
+        assert s.evict()  # the object process keeps one activation per object
+        fresh = ObjectStorage(slot, "NS", "o")
+        assert await fresh.list() == {"a": 1}  # one read of the whole object ...
+        monkeypatch.setattr(slot.duck, "read_key", no_io)
+        monkeypatch.setattr(slot.duck, "read_object", no_io)
+        assert await fresh.get("other") is None  # ... after which misses are answered too
+        assert await fresh.list(prefix="a") == {"a": 1}
+    finally:
+        monkeypatch.undo()
+        await slot.close()
+
+
+async def test_writes_of_one_turn_are_one_record(tmp_path):
+    slot = SlotStore(tmp_path)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        before = slot.log.last_seq
+        await s.put("a", 1)
+        await s.put({"b": 2, "c": 3})
+        await s.delete("a")
+        assert slot.log.last_seq == before  # nothing logged until the turn ends
+        await asyncio.sleep(0)
+        assert slot.log.last_seq == before + 1
+        await s.put("d", 4)
+        await asyncio.sleep(0)
+        await s.put("e", 5)
+        await s.sync()
+        assert slot.log.last_seq == before + 3
+    finally:
+        await slot.close()
+
+
+async def test_output_gate_tracks_durability(tmp_path):
+    slot = SlotStore(tmp_path)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        assert not s.unsynced()
+        await s.put("a", 1)
+        assert s.unsynced()
+        assert not s.evict()  # cannot drop a cache holding non-durable writes
+        await s.sync()
+        assert not s.unsynced()
+        assert s.evict()
+    finally:
+        await slot.close()
+
+
+async def test_unapplied_writes_are_read_after_eviction(tmp_path):
+    slot = SlotStore(tmp_path, **NEVER)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put({"a": 1, "b": 2, "c": 3})
+        await s.sync()
+        await s.delete("b")
+        await s.sync()
+        assert s.evict()
+        assert slot.applied_seq < slot.durable_seq  # DuckDB has none of it yet
+        again = ObjectStorage(slot, "NS", "o")
+        assert await again.get("a") == 1
+        assert await again.get("b") is None
+        assert await again.list() == {"a": 1, "c": 3}
+        await again.delete_all()
+        await again.put("z", 26)
+        await again.sync()
+        assert again.evict()
+        third = ObjectStorage(slot, "NS", "o")
+        assert await third.get("a") is None
+        assert await third.list() == {"z": 26}
+        await slot.flush()
+        assert slot.applied_seq == slot.durable_seq
+        fourth = ObjectStorage(slot, "NS", "o")
+        assert await fourth.list() == {"z": 26}
+    finally:
+        await slot.close()
+
+
+async def test_failed_fsync_fails_sync_and_the_slot(tmp_path):
+    calls = {"n": 0}
+
+    def flaky_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise OSError(errno.EIO, "injected I/O error")
+        os.fdatasync(fd)
+
+    slot = SlotStore(tmp_path, fsync=flaky_fsync)
+    s = ObjectStorage(slot, "NS", "o")
+    await s.put("kept", 1)
+    await s.sync()
+    await s.put("lost", 2)
+    with pytest.raises(StorageCommitError, match="injected I/O error"):
+        await s.sync()
+    with pytest.raises(StorageCommitError):
+        await s.get("kept")
+    with pytest.raises(StorageCommitError):
+        await s.put("x", 1)
+    await slot.close()
+    reopened = SlotStore(tmp_path)
+    try:
+        fresh = ObjectStorage(reopened, "NS", "o")
+        assert await fresh.list() == {"kept": 1}  # the failed group was cut off the log
+    finally:
+        await reopened.close()
+
+
+async def test_segments_are_truncated_after_apply(tmp_path):
+    slot = SlotStore(tmp_path, segment_bytes=512, apply_min_records=1, apply_max_delay=0.0)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        for i in range(200):
+            await s.put(f"k{i}", "x" * 50)
+            await s.sync()
+        await slot.flush()
+        segs = list_segments(log_dir(tmp_path))
+        assert len(segs) <= 2, segs
+        assert await ObjectStorage(slot, "NS", "o").get("k199") == "x" * 50
+    finally:
+        await slot.close()
+
+
+def write_segment(directory, first_seq, records):
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{first_seq:020d}.seg"
+    path.write_bytes(b"".join(records))
+    return path
+
+
+def rec(seq, key, value=b"1"):
+    return encode_record(seq, encode_writeset(b"NS/o", False, {key: value}))
+
+
+async def test_recovery_replays_log_and_ignores_torn_tail(tmp_path):
+    write_segment(log_dir(tmp_path), 1, [rec(1, "a"), rec(2, "b"), rec(3, "c")[:-3]])
+    slot = SlotStore(tmp_path)
+    try:
+        assert slot.replayed == 2
+        assert await ObjectStorage(slot, "NS", "o").list() == {"a": 1, "b": 1}
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("d", 2)
+        await s.sync()
+        assert slot.durable_seq == 3  # sequence numbers continue after the replayed ones
+    finally:
+        await slot.close()
+
+
+async def test_damage_before_the_last_segment_is_corruption(tmp_path):
+    bad = bytearray(rec(2, "b"))
+    bad[-1] ^= 0xFF
+    write_segment(log_dir(tmp_path), 1, [rec(1, "a"), bytes(bad)])
+    write_segment(log_dir(tmp_path), 3, [rec(3, "c")])
+    with pytest.raises(StorageCorruptError, match="damaged"):
+        SlotStore(tmp_path)
+
+
+async def test_gap_in_sequence_is_corruption(tmp_path):
+    write_segment(log_dir(tmp_path), 1, [rec(1, "a"), rec(3, "c")])
+    with pytest.raises(StorageCorruptError, match="missing"):
+        SlotStore(tmp_path)
+
+
+async def test_bad_namespace_or_object_id_is_refused(tmp_path):
+    slot = SlotStore(tmp_path)
+    try:
+        for ns, oid in [("a/b", "o"), ("NS", "o/x"), ("", "o"), ("NS", ""), ("1NS", "o")]:
+            with pytest.raises(ValueError):
+                ObjectStorage(slot, ns, oid)
+    finally:
+        await slot.close()
+
+
+async def test_transaction_retries_when_a_concurrent_write_lands(tmp_path):
+    slot = SlotStore(tmp_path)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("n", 0)
+        attempts = []
+        gate = asyncio.Event()
+
+        async def incr(txn):
+            attempts.append(1)
+            n = await txn.get("n")
+            if len(attempts) == 1:
+                gate.set()
+                await asyncio.sleep(0.01)  # a real wait: another call writes meanwhile
+            await txn.put("n", n + 1)
+
+        async def other():
+            await gate.wait()
+            await s.put("n", 100)
+
+        await asyncio.gather(s.transaction(incr), other())
+        assert len(attempts) == 2
+        assert await s.get("n") == 101
+    finally:
+        await slot.close()

@@ -1,0 +1,23 @@
+"""scripts/bench.py storage --quick runs and reports every figure (a smoke test, not a timing test)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+
+
+def test_storage_bench_quick_reports_every_figure():
+    out = subprocess.run([sys.executable, str(BENCH), "storage", "--quick"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]
+    for section in ("floor_fsync_4k", "floor_duckdb_single_row_commit", "sequential_durable_put",
+                    "concurrent_durable_puts_10k_rows", "concurrent_durable_puts_100k_rows",
+                    "reads_at_100k_rows", "recovery_replay", "activation_memory"):
+        assert section in m, f"{section} missing from {sorted(m)}"
+    assert m["concurrent_durable_puts_10k_rows"]["puts"] > 0
+    assert m["concurrent_durable_puts_100k_rows"]["stored_rows"] >= 100_000
+    assert m["recovery_replay"]["records"] == m["recovery_replay"]["logged"] > 0
+    assert 0 < m["reads_at_100k_rows"]["cached_get_us"]
