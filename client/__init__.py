@@ -6,20 +6,53 @@ depend on this package, never the other way round.
 """
 
 from . import codec
+from .client import Client, Namespace, Stub, connect, default_endpoint
 from .errors import (
+    CallTimeoutError,
     DurableError,
+    InvalidIdError,
+    ObjectError,
+    OverloadedError,
+    ProtocolError,
     StorageCommitError,
     StorageCorruptError,
     StorageError,
     StorageLimitError,
+    StubBrokenError,
     TransactionClosedError,
     TransactionConflictError,
+    UnknownNamespaceError,
 )
+from .http import Headers, Request, Response
+from .ids import ObjectId
+from .objects import DurableObject, Env
+from .sync import SyncClient, SyncResponse, connect_sync
 
 __version__ = "0.1.0"
 
 __all__ = [
     "codec",
+    "connect",
+    "connect_sync",
+    "default_endpoint",
+    "Client",
+    "SyncClient",
+    "SyncResponse",
+    "Namespace",
+    "Stub",
+    "ObjectId",
+    "DurableObject",
+    "Env",
+    "Request",
+    "Response",
+    "Headers",
+    "ProtocolError",
+    "StubBrokenError",
+    "ObjectError",
+    "InvalidIdError",
+    "UnknownNamespaceError",
+    "OverloadedError",
+    "CallTimeoutError",
     "DurableError",
     "StorageError",
     "StorageLimitError",

@@ -14,6 +14,14 @@ from __future__ import annotations
 
 __all__ = [
     "DurableError",
+    "ProtocolError",
+    "StubBrokenError",
+    "ObjectError",
+    "InvalidIdError",
+    "UnknownNamespaceError",
+    "OverloadedError",
+    "CallTimeoutError",
+    "error_from_wire",
     "StorageError",
     "StorageLimitError",
     "StorageCommitError",
@@ -66,3 +74,81 @@ class TransactionConflictError(StorageError):
 
     code = "transaction_conflict"
     retryable = True
+
+
+class ProtocolError(DurableError):
+    """A peer sent a message that breaks the wire protocol (malformed, truncated, out of order)."""
+
+    code = "protocol"
+
+
+class StubBrokenError(DurableError, ConnectionError):
+    """The stub lost its object (process restart, broker restart, heartbeat loss).
+
+    Every call in flight and every later call on this stub raises it; get a
+    new stub with ``namespace.get(id)``. Calls on the old and the new stub
+    are not ordered with respect to each other, and a call that failed this
+    way may or may not have run.
+    """
+
+    code = "stub_broken"
+    retryable = True
+
+
+class ObjectError(DurableError):
+    """The object's ``fetch`` raised; the stub stays usable."""
+
+    code = "object_error"
+
+    def __init__(self, message: str, remote_type: str = "Exception") -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.remote_message = message
+
+
+class InvalidIdError(DurableError, ValueError):
+    """A string is not an object id that this namespace issued."""
+
+    code = "invalid_id"
+
+
+class UnknownNamespaceError(DurableError, LookupError):
+    """No namespace of that name is configured."""
+
+    code = "unknown_namespace"
+
+
+class OverloadedError(DurableError):
+    """A bounded queue is full; the call was not delivered. Retry later."""
+
+    code = "overloaded"
+    retryable = True
+
+
+class CallTimeoutError(DurableError, TimeoutError):
+    """The call got no answer within its deadline; it may or may not have run."""
+
+    code = "timeout"
+    retryable = True
+
+
+def _all_errors(cls: type[DurableError]) -> list[type[DurableError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_errors(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[DurableError]] = {}
+
+
+def error_from_wire(code: str, message: str, remote_type: str | None = None) -> DurableError:
+    """Rebuild an error from its wire code; an unknown code gives the root class."""
+    if not _BY_CODE:
+        for cls in _all_errors(DurableError):
+            _BY_CODE.setdefault(cls.code, cls)
+    cls = _BY_CODE.get(code, DurableError)
+    if cls is ObjectError:
+        return ObjectError(message, remote_type or "Exception")
+    err = cls(message)
+    return err

@@ -1,0 +1,51 @@
+"""``python -m durable.broker``: run the broker until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from durable.ids import load_or_create_secret, namespace_key
+
+from .router import Broker, BrokerConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m durable.broker")
+    p.add_argument("--frontend", required=True, help="endpoint clients connect to")
+    p.add_argument("--backend", required=True, help="endpoint object processes connect to")
+    p.add_argument("--slots", type=int, required=True)
+    p.add_argument("--data-dir", required=True, help="holds the id secret")
+    p.add_argument("--namespace", action="append", default=[], help="a namespace name (repeat)")
+    p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--queue-limit", type=int, default=10_000)
+    p.add_argument("--queue-deadline", type=float, default=10.0)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(levelname)s broker pid={os.getpid()} %(message)s")
+    secret = load_or_create_secret(args.data_dir)
+    config = BrokerConfig(
+        frontend=args.frontend, backend=args.backend, slots=args.slots,
+        namespaces={n: namespace_key(secret, n) for n in args.namespace},
+        heartbeat=args.heartbeat, queue_limit=args.queue_limit,
+        queue_deadline=args.queue_deadline)
+    broker = Broker(config)
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    broker.bind()
+    logging.getLogger("durable.broker").info(
+        "listening: clients on %s, object processes on %s, %d slots", args.frontend, args.backend,
+        args.slots)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The broker loop: clients on one ROUTER, object processes on another.
+
+Rules this file keeps:
+
+* **Registration before traffic.** An object process sends READY (slot, pid,
+  incarnation) before anything else; anything else from an unknown peer gets
+  WDISCONNECT, which makes it register again. A client sends HELLO first;
+  anything else from an unknown client gets DISCONNECT. Each READY starts a
+  new incarnation of its slot, and ends the previous one.
+* **Placement.** ``Ring.slot_for(object id)``; ids are checked against the
+  namespace's key before anything is routed.
+* **Stubs.** A stub is bound to ``(slot, incarnation)`` by its first call that
+  is dispatched. A call on a stub whose binding is not the slot's current
+  incarnation fails with ``stub_broken``, and so does every call in flight
+  when an incarnation ends (crash, restart, missed heartbeats). Since the
+  binding lives here, pipelined calls sent after the failure also fail: the
+  new incarnation never sees them out of order.
+* **Down slots.** Calls for a slot with no process wait in a bounded FIFO
+  queue (``overloaded`` when full) until it registers, or until their
+  deadline (``timeout``), and are dispatched in order.
+* **Thin loop.** Poll, drain each socket until EAGAIN (at most ``burst``
+  messages a turn, so neither side starves), run the timers.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from durable.errors import InvalidIdError, ProtocolError
+from durable.ids import IdFactory
+from durable.protocol.heartbeat import Liveness
+from durable.protocol.messages import (
+    BrokerHeartbeat,
+    Call,
+    Cmd,
+    Disconnect,
+    Drop,
+    Error,
+    Hello,
+    Ping,
+    Pong,
+    Ready,
+    Stats,
+    StatsReply,
+    Welcome,
+    WorkerCall,
+    WorkerDisconnect,
+    WorkerError,
+    WorkerHeartbeat,
+    WorkerReply,
+    header,
+    pack_u64,
+    parse_from_client,
+    parse_from_worker,
+)
+
+from .ring import Ring
+
+__all__ = ["Broker", "BrokerConfig"]
+
+log = logging.getLogger("durable.broker")
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str
+    backend: str
+    slots: int
+    namespaces: dict[str, bytes]  # name -> id key
+    queue_limit: int = 10_000
+    queue_deadline: float = 10.0
+    heartbeat: float = 1.0
+    misses: int = 5
+    client_misses: int = 30
+    max_message_bytes: int = 64 << 20
+    burst: int = 1000
+
+
+class _Slot:
+    __slots__ = ("number", "identity", "incarnation", "pid", "liveness", "queue", "inflight",
+                 "registrations", "up_since", "reported")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.identity: bytes | None = None
+        self.incarnation: int | None = None
+        self.pid: int | None = None
+        self.liveness: Liveness | None = None
+        self.queue: deque[tuple[float, bytes, Call]] = deque()
+        self.inflight: dict[tuple[bytes, int], None] = {}
+        self.registrations = 0
+        self.up_since: float | None = None
+        self.reported: dict[str, Any] = {}
+
+
+@dataclass
+class _Client:
+    last_heard: float
+    stubs: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig, *, clock: Callable[[], float] = time.monotonic,
+                 context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.ring = Ring(config.slots)
+        self.ids = {name: IdFactory(name, key) for name, key in config.namespaces.items()}
+        self.incarnation = secrets.randbits(63) | 1
+        self.slots = [_Slot(i) for i in range(config.slots)]
+        self.workers: dict[bytes, int] = {}
+        self.clients: dict[bytes, _Client] = {}
+        self.counters: Counter[str] = Counter()
+        self._ctx = context or zmq.Context.instance()
+        self.front: zmq.Socket | None = None
+        self.back: zmq.Socket | None = None
+        self._stopping = False
+        self._next_client_sweep = clock()
+
+    # -- sockets ----------------------------------------------------------------------
+    def bind(self) -> None:
+        for attr, endpoint in (("front", self.config.frontend), ("back", self.config.backend)):
+            s = self._ctx.socket(zmq.ROUTER)
+            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+            s.setsockopt(zmq.SNDHWM, 100_000)
+            s.setsockopt(zmq.RCVHWM, 100_000)
+            s.bind(endpoint)
+            setattr(self, attr, s)
+
+    def close(self) -> None:
+        for s in (self.front, self.back):
+            if s is not None:
+                s.close(linger=0)
+        self.front = self.back = None
+
+    def stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler: it only sets a flag)."""
+        self._stopping = True
+
+    def _send(self, sock: zmq.Socket, frames: list[bytes], what: str) -> bool:
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
+            self.counters[f"undeliverable_{what}"] += 1
+            log.debug("could not send to %s: %s", what, e)
+            return False
+
+    def _to_client(self, ident: bytes, frames: list[bytes]) -> None:
+        self._send(self.front, [ident, *frames], "client")
+
+    def _to_worker(self, ident: bytes, frames: list[bytes]) -> None:
+        self._send(self.back, [ident, *frames], "worker")
+
+    def _error(self, ident: bytes, call_id: int, code: str, message: str) -> None:
+        self.counters[f"error_{code}"] += 1
+        self._to_client(ident, Error(call_id, code, message).encode())
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        burst = self.config.burst
+        while not self._stopping:
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            if self.back in events:
+                self._drain(self.back, self.on_worker, burst)
+            if self.front in events:
+                self._drain(self.front, self.on_client, burst)
+            self.tick()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], burst: int) -> None:
+        for _ in range(burst):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _poll_timeout_ms(self) -> int:
+        return max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
+
+    # -- clients --------------------------------------------------------------------------
+    def on_client(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        try:
+            msg = parse_from_client(frames[1:])
+        except ProtocolError as e:
+            self.counters["dropped_client_messages"] += 1
+            log.debug("dropped a malformed client message: %s", e)
+            return
+        client = self.clients.get(ident)
+        if type(msg) is Hello:
+            self.clients[ident] = _Client(self.clock())
+            self.counters["hellos"] += 1
+            names = {n: key.hex() for n, key in self.config.namespaces.items()}
+            self._to_client(ident, Welcome(self.incarnation, names).encode())
+            return
+        if client is None:
+            self.counters["unknown_client_messages"] += 1
+            self._to_client(ident, Disconnect("unknown client: send HELLO first").encode())
+            return
+        client.last_heard = self.clock()
+        if type(msg) is Call:
+            self.route(ident, client, msg)
+        elif type(msg) is Ping:
+            self._to_client(ident, Pong(self.incarnation).encode())
+        elif type(msg) is Drop:
+            for stub_id in msg.stub_ids:
+                client.stubs.pop(stub_id, None)
+        elif type(msg) is Stats:
+            self._to_client(ident, StatsReply(msg.call_id, self.statistics()).encode())
+
+    def route(self, ident: bytes, client: _Client, call: Call) -> None:
+        self.counters["calls"] += 1
+        ids = self.ids.get(call.namespace)
+        if ids is None:
+            known = ", ".join(sorted(self.ids)) or "none"
+            self._error(ident, call.call_id, "unknown_namespace",
+                        f"namespace {call.namespace!r} is not configured (known: {known})")
+            return
+        try:
+            ids.from_string(call.object_id)
+        except InvalidIdError as e:
+            self._error(ident, call.call_id, "invalid_id", str(e))
+            return
+        number = self.ring.slot_for(call.object_id)
+        slot = self.slots[number]
+        bound = client.stubs.get(call.stub_id)
+        if bound is not None and bound != (number, slot.incarnation):
+            self._broken(ident, call.call_id, number, "the object's process has restarted since "
+                         "this stub's first call")
+            return
+        if slot.identity is None or slot.queue:
+            if len(slot.queue) >= self.config.queue_limit:
+                self._error(ident, call.call_id, "overloaded",
+                            f"slot {number} is down and {len(slot.queue)} calls already wait for "
+                            "it; retry later")
+                return
+            self.counters["queued"] += 1
+            slot.queue.append((self.clock() + self.config.queue_deadline, ident, call))
+            return
+        self._dispatch(slot, ident, client, call)
+
+    def _dispatch(self, slot: _Slot, ident: bytes, client: _Client, call: Call) -> None:
+        if call.stub_id not in client.stubs:
+            client.stubs[call.stub_id] = (slot.number, slot.incarnation)
+        slot.inflight[(ident, call.call_id)] = None
+        self._to_worker(slot.identity, WorkerCall(ident, call.call_id, call.namespace,
+                                                  call.object_id, call.head, call.body).encode())
+
+    def _broken(self, ident: bytes, call_id: int, number: int, why: str) -> None:
+        self._error(ident, call_id, "stub_broken",
+                    f"stub lost its object (slot {number}: {why}); get a new stub with "
+                    "namespace.get(id) and retry if the call is safe to repeat")
+
+    # -- object processes ---------------------------------------------------------------
+    def on_worker(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        try:
+            msg = parse_from_worker(frames[1:])
+        except ProtocolError as e:
+            self.counters["dropped_worker_messages"] += 1
+            log.debug("dropped a malformed worker message: %s", e)
+            return
+        if type(msg) is Ready:
+            self.register(ident, msg)
+            return
+        number = self.workers.get(ident)
+        if number is None:
+            self.counters["unknown_worker_messages"] += 1
+            self._to_worker(ident, WorkerDisconnect("unknown object process: send READY").encode())
+            return
+        slot = self.slots[number]
+        slot.liveness.heard()
+        if type(msg) is WorkerReply:
+            if slot.inflight.pop((msg.client, msg.call_id), 0) is None:
+                self.counters["replies"] += 1
+                self._to_client(msg.client, [header(Cmd.REPLY), pack_u64(msg.call_id), msg.head, msg.body])
+            else:
+                self.counters["stray_replies"] += 1
+        elif type(msg) is WorkerError:
+            if slot.inflight.pop((msg.client, msg.call_id), 0) is None:
+                self.counters["object_errors"] += 1
+                self._to_client(msg.client, [header(Cmd.ERROR), pack_u64(msg.call_id), msg.payload])
+            else:
+                self.counters["stray_replies"] += 1
+        elif type(msg) is WorkerHeartbeat:
+            slot.reported = msg.stats
+
+    def register(self, ident: bytes, ready: Ready) -> None:
+        if ready.slot >= len(self.slots):
+            self.counters["bad_registrations"] += 1
+            self._to_worker(ident, WorkerDisconnect(
+                f"slot {ready.slot} does not exist (this broker has {len(self.slots)})").encode())
+            return
+        old = self.workers.pop(ident, None)
+        if old is not None and old != ready.slot:
+            self.end_incarnation(old, "its process registered for another slot")
+        slot = self.slots[ready.slot]
+        if slot.identity is not None:
+            self.end_incarnation(ready.slot, "a new process registered for it")
+        slot.identity = ident
+        slot.incarnation = ready.incarnation
+        slot.pid = ready.pid
+        slot.liveness = Liveness(self.config.heartbeat, self.config.misses, self.clock)
+        slot.registrations += 1
+        slot.up_since = self.clock()
+        self.workers[ident] = ready.slot
+        self.counters["registrations"] += 1
+        log.info("slot %d registered (pid %d, incarnation %x)", ready.slot, ready.pid, ready.incarnation)
+        self._drain_queue(slot)
+
+    def _drain_queue(self, slot: _Slot) -> None:
+        while slot.queue and slot.identity is not None:
+            _, ident, call = slot.queue.popleft()
+            client = self.clients.get(ident)
+            if client is None:
+                continue
+            bound = client.stubs.get(call.stub_id)
+            if bound is not None and bound != (slot.number, slot.incarnation):
+                self._broken(ident, call.call_id, slot.number, "restarted while the call waited")
+                continue
+            self._dispatch(slot, ident, client, call)
+
+    def end_incarnation(self, number: int, reason: str) -> None:
+        """The slot's process is gone: fail its calls in flight; its stubs are now broken."""
+        slot = self.slots[number]
+        if slot.identity is None:
+            return
+        log.warning("slot %d (pid %s) is gone: %s; %d calls in flight fail", number, slot.pid,
+                    reason, len(slot.inflight))
+        self.workers.pop(slot.identity, None)
+        for ident, call_id in slot.inflight:
+            self._broken(ident, call_id, number, f"its process (pid {slot.pid}) went away: {reason}")
+        slot.inflight.clear()
+        slot.identity = slot.incarnation = slot.liveness = slot.up_since = None
+        self.counters["incarnations_ended"] += 1
+
+    # -- timers -------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = self.clock()
+        for slot in self.slots:
+            if slot.liveness is not None:
+                if not slot.liveness.alive():
+                    self.end_incarnation(slot.number, "it missed its heartbeats")
+                elif slot.liveness.send_due():
+                    self._to_worker(slot.identity, BrokerHeartbeat().encode())
+                    slot.liveness.sent()
+            q = slot.queue
+            while q and q[0][0] <= now:
+                _, ident, call = q.popleft()
+                self._error(ident, call.call_id, "timeout",
+                            f"slot {slot.number} had no running process for "
+                            f"{self.config.queue_deadline:g} s; the call was not delivered")
+        if now >= self._next_client_sweep:
+            self._next_client_sweep = now + self.config.heartbeat
+            limit = self.config.heartbeat * self.config.client_misses
+            for ident in [i for i, c in self.clients.items() if now - c.last_heard > limit]:
+                del self.clients[ident]
+                self.counters["clients_expired"] += 1
+
+    def statistics(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "broker": {"incarnation": self.incarnation, "clients": len(self.clients),
+                       "counters": dict(self.counters)},
+            "slots": [{
+                "slot": s.number, "up": s.identity is not None, "pid": s.pid,
+                "incarnation": s.incarnation, "queued": len(s.queue), "inflight": len(s.inflight),
+                "registrations": s.registrations,
+                "uptime": None if s.up_since is None else round(now - s.up_since, 3),
+                "reported": s.reported,
+            } for s in self.slots],
+        }

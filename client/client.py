@@ -1,0 +1,355 @@
+"""The async client: ``durable.connect()``, namespaces, stubs.
+
+One DEALER socket per client carries every call; replies are matched to
+calls by id. Calls on one stub leave in the order they were made on that one
+socket, and the broker and the object process keep that order (E-order).
+
+The client keeps the connection alive by itself: it pings when it has been
+quiet, and if the broker stops answering, says DISCONNECT, or comes back
+with a new incarnation (a restart), every stub made before breaks
+(``StubBrokenError`` for calls in flight and later calls), a fresh socket
+says HELLO again, and new stubs work as soon as the broker answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import weakref
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from .errors import (
+    CallTimeoutError,
+    DurableError,
+    ProtocolError,
+    StubBrokenError,
+    UnknownNamespaceError,
+    error_from_wire,
+)
+from .http import Request, Response
+from .ids import IdFactory, ObjectId
+from .protocol.heartbeat import Liveness
+from .protocol.messages import (
+    Call,
+    Disconnect,
+    Drop,
+    Error,
+    Hello,
+    Ping,
+    Pong,
+    Reply,
+    Stats,
+    StatsReply,
+    Welcome,
+    decode_response,
+    encode_request,
+    parse_from_broker_to_client,
+)
+
+__all__ = ["Client", "Namespace", "Stub", "connect", "default_endpoint"]
+
+log = logging.getLogger("durable.client")
+DEFAULT_TIMEOUT = 30.0
+
+
+def default_endpoint() -> str:
+    """``$DURABLE_ENDPOINT``, else the broker socket of ``durable serve``'s defaults."""
+    env = os.environ.get("DURABLE_ENDPOINT")
+    if env:
+        return env
+    return "ipc://" + os.path.abspath(os.path.join("durable-data", "run", "broker.sock"))
+
+
+class Stub:
+    """A handle on one object. Calls are delivered in the order made; see ``StubBrokenError``."""
+
+    __slots__ = ("_client", "namespace", "id", "_stub_id", "_generation", "_broken", "__weakref__")
+
+    def __init__(self, client: Client, namespace: str, oid: ObjectId) -> None:
+        self._client = client
+        self.namespace = namespace
+        self.id = oid
+        self._stub_id = next(client._stub_ids)
+        self._generation = client._generation
+        self._broken: StubBrokenError | None = None
+        weakref.finalize(self, client._dropped.append, self._stub_id)
+
+    async def fetch(self, url_or_request: str | Request, *, method: str = "GET",
+                    headers: Any = None, body: bytes | str | None = None,
+                    timeout: float | None = None) -> Response:
+        """Send a request to the object and return its response."""
+        if isinstance(url_or_request, Request):
+            req = url_or_request
+        else:
+            req = Request(url_or_request, method=method, headers=headers, body=body)
+        return await self._client._call(self, req, timeout)
+
+    def __repr__(self) -> str:
+        return f"<Stub {self.namespace} {self.id}{' broken' if self._broken else ''}>"
+
+
+class Namespace:
+    """A namespace binding: makes ids and stubs (``get`` does no I/O)."""
+
+    __slots__ = ("name", "_ids", "_client")
+
+    def __init__(self, client: Client, name: str, ids: IdFactory) -> None:
+        self._client = client
+        self.name = name
+        self._ids = ids
+
+    def id_from_name(self, name: str) -> ObjectId:
+        return self._ids.from_name(name)
+
+    def new_unique_id(self) -> ObjectId:
+        return self._ids.new_unique()
+
+    def id_from_string(self, hex_id: str) -> ObjectId:
+        return self._ids.from_string(hex_id)
+
+    def get(self, oid: ObjectId) -> Stub:
+        if not isinstance(oid, ObjectId):
+            raise TypeError(f"get() takes an ObjectId (from id_from_name, new_unique_id or "
+                            f"id_from_string), not {type(oid).__name__}")
+        return Stub(self._client, self.name, oid)
+
+
+class Client:
+    """A connection to the broker. Use ``async with durable.connect(...) as client``."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                 heartbeat: float = 1.0, misses: int = 5, name: str = "client",
+                 namespaces: dict[str, bytes] | None = None,
+                 connect_timeout: float = 5.0) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self._heartbeat = heartbeat
+        self._misses = misses
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._shadow: zmq.Socket | None = None
+        self._pending: dict[int, tuple[asyncio.Future[Any], Stub | None]] = {}
+        self._call_ids = itertools.count(1)
+        self._stub_ids = itertools.count(1)
+        self._generation = 0
+        self._broker: int | None = None
+        self._welcomed = asyncio.Event()
+        self._keys: dict[str, bytes] = dict(namespaces or {})
+        self._namespaces: dict[str, Namespace] = {}
+        self._dropped: list[int] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._liveness: Liveness | None = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Connect and say HELLO; with ``wait``, until the broker answers (else ConnectionError)."""
+        self._open_socket()
+        for coro in (self._receive_loop(), self._heartbeat_loop()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if wait:
+            try:
+                await asyncio.wait_for(self._welcomed.wait(), self._connect_timeout)
+            except TimeoutError:
+                await self.close()
+                raise ConnectionError(
+                    f"no durable daemon answered at {self.endpoint} within "
+                    f"{self._connect_timeout:g} s; is `durable serve` running?") from None
+
+    def _open_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._shadow = zmq.Socket.shadow(sock.underlying)
+        self._liveness = Liveness(self._heartbeat, self._misses)
+        self._welcomed.clear()
+        self._send(Hello(os.getpid(), self._name).encode())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_all(StubBrokenError("the client was closed"))
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    # -- namespaces ---------------------------------------------------------------------
+    def namespace(self, name: str) -> Namespace:
+        ns = self._namespaces.get(name)
+        if ns is None:
+            key = self._keys.get(name)
+            if key is None:
+                known = ", ".join(sorted(self._keys)) or "none (not connected yet?)"
+                raise UnknownNamespaceError(f"namespace {name!r} is not configured; known: {known}")
+            ns = self._namespaces[name] = Namespace(self, name, IdFactory(name, key))
+        return ns
+
+    @property
+    def namespaces(self) -> list[str]:
+        return sorted(self._keys)
+
+    async def statistics(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The broker's counters and per-slot state."""
+        call_id = next(self._call_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = (fut, None)
+        self._send(Stats(call_id).encode())
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(call_id, None)
+
+    # -- calls ----------------------------------------------------------------------------
+    def _send(self, frames: list[bytes]) -> None:
+        self._shadow.send_multipart(frames, copy=False)
+        self._liveness.sent()
+
+    async def _call(self, stub: Stub, req: Request, timeout: float | None) -> Response:
+        if self._closed:
+            raise StubBrokenError("the client is closed")
+        if stub._generation != self._generation and stub._broken is None:
+            stub._broken = StubBrokenError(
+                "the connection to the broker was lost after this stub was made; get a new "
+                "stub with namespace.get(id)")
+        if stub._broken is not None:
+            raise StubBrokenError(str(stub._broken))
+        call_id = next(self._call_ids)
+        timeout = self.timeout if timeout is None else timeout
+        head, body = encode_request(req)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = (fut, stub)
+        try:
+            self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
+                            int(timeout * 1000), head, body).encode())
+        except zmq.ZMQError as e:
+            self._pending.pop(call_id, None)
+            raise StubBrokenError(f"could not send to the broker: {e}") from None
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise CallTimeoutError(
+                f"{stub.namespace} {stub.id} did not answer within {timeout:g} s; the call may "
+                "or may not have run") from None
+        finally:
+            self._pending.pop(call_id, None)
+
+    # -- incoming ---------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            sock = self._sock
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError:
+                if sock is self._sock:
+                    raise
+                continue  # the socket was replaced during a reconnect
+            self._handle(frames)
+            shadow = self._shadow
+            while shadow is self._shadow:  # drain what else arrived, without a wake-up each
+                try:
+                    frames = shadow.recv_multipart(zmq.NOBLOCK)
+                except zmq.ZMQError:  # zmq.Again: nothing more
+                    break
+                self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        self._liveness.heard()
+        try:
+            msg = parse_from_broker_to_client(frames)
+        except ProtocolError as e:
+            log.warning("dropped a malformed message from the broker: %s", e)
+            return
+        t = type(msg)
+        if t is Reply:
+            entry = self._pending.get(msg.call_id)
+            if entry is not None and not entry[0].done():
+                try:
+                    entry[0].set_result(decode_response(msg.head, msg.body))
+                except ProtocolError as e:
+                    entry[0].set_exception(e)
+        elif t is Error:
+            entry = self._pending.get(msg.call_id)
+            if entry is not None and not entry[0].done():
+                err = error_from_wire(msg.code, msg.message, msg.remote_type)
+                if isinstance(err, StubBrokenError) and entry[1] is not None:
+                    entry[1]._broken = err
+                entry[0].set_exception(err)
+        elif t is Pong:
+            if self._broker is not None and msg.broker != self._broker:
+                self._reset("the broker restarted")
+        elif t is Welcome:
+            if self._broker is not None and msg.broker != self._broker:
+                self._broken_generation("the broker restarted")
+            self._broker = msg.broker
+            self._keys.update({n: bytes.fromhex(k) for n, k in msg.namespaces.items()})
+            self._welcomed.set()
+        elif t is Disconnect:
+            self._reset(f"the broker did not know this client ({msg.reason})")
+        elif t is StatsReply:
+            entry = self._pending.get(msg.call_id)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(msg.stats)
+
+    def _broken_generation(self, why: str) -> None:
+        self._generation += 1
+        self._fail_all(StubBrokenError(f"stub lost its object: {why}; get a new stub with "
+                                       "namespace.get(id)"))
+
+    def _reset(self, why: str) -> None:
+        """Break every stub and start over on a fresh socket (the broker lost our state)."""
+        log.warning("reconnecting to %s: %s", self.endpoint, why)
+        self._broken_generation(why)
+        self._broker = None
+        self._open_socket()
+
+    def _fail_all(self, err: DurableError) -> None:
+        for fut, stub in list(self._pending.values()):
+            if stub is not None and stub._broken is None and isinstance(err, StubBrokenError):
+                stub._broken = err
+            if not fut.done():
+                fut.set_exception(err)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat / 2)
+            if not self._liveness.alive():
+                self._reset(f"no answer from the broker for {self._heartbeat * self._misses:g} s")
+                continue
+            if self._dropped:
+                ids, self._dropped[:] = list(self._dropped), []
+                self._send(Drop(ids).encode())
+            if self._liveness.send_due():
+                self._send(Ping().encode())
+
+
+def connect(endpoint: str | None = None, **kwargs: Any) -> Client:
+    """``async with durable.connect(endpoint) as client``: a connected client."""
+    return Client(endpoint, **kwargs)

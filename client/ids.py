@@ -1,0 +1,115 @@
+"""Object ids, built as workerd builds them, so they have the same properties.
+
+For a namespace key ``k`` (derived from the daemon's secret and the
+namespace name):
+
+* from a name: ``a = HMAC-SHA256(k, name)[:16]``; random for a unique id;
+* the id is ``a ‖ HMAC-SHA256(k, a)[:16]``, written as 64 lowercase hex digits.
+
+So the same name always gives the same id, unique ids carry 128 random bits
+and cannot be guessed, and :meth:`IdFactory.from_string` can tell an id this
+namespace issued from any other 64 hex digits (including another namespace's
+ids) by checking the second half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from .errors import InvalidIdError
+
+__all__ = ["ObjectId", "IdFactory", "namespace_key", "load_or_create_secret"]
+
+_HEX = frozenset("0123456789abcdef")
+
+
+class ObjectId:
+    """An object's identity: ``str(oid)`` is 64 lowercase hex digits."""
+
+    __slots__ = ("_hex", "name")
+
+    def __init__(self, hex_id: str, name: str | None = None) -> None:
+        self._hex = hex_id
+        #: the name it was derived from, when it was derived here; else None
+        self.name = name
+
+    def __str__(self) -> str:
+        return self._hex
+
+    def __repr__(self) -> str:
+        return f"ObjectId({self._hex!r}" + (f", name={self.name!r})" if self.name is not None else ")")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectId) and other._hex == self._hex
+
+    def __hash__(self) -> int:
+        return hash(self._hex)
+
+
+def namespace_key(secret: bytes, namespace: str) -> bytes:
+    """The per-namespace MAC key: ids of one namespace are invalid in every other."""
+    return hmac.new(secret, b"durable/namespace-key/v1\x00" + namespace.encode(), hashlib.sha256).digest()
+
+
+def load_or_create_secret(data_dir: str | os.PathLike[str]) -> bytes:
+    """Read the daemon's id secret, creating it (mode 0600) at first start."""
+    path = Path(data_dir) / "secret"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        Path(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = secrets.token_bytes(32)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # never replace a secret another process just created
+        except FileExistsError:
+            pass
+        tmp.unlink(missing_ok=True)
+        data = path.read_bytes()
+    if len(data) != 32:
+        raise ValueError(f"{path} holds {len(data)} bytes; an id secret is 32 bytes")
+    return data
+
+
+class IdFactory:
+    """Makes and checks the ids of one namespace."""
+
+    __slots__ = ("namespace", "_key")
+
+    def __init__(self, namespace: str, key: bytes) -> None:
+        self.namespace = namespace
+        self._key = key
+
+    def _mac(self, a: bytes) -> bytes:
+        return hmac.new(self._key, a, hashlib.sha256).digest()[:16]
+
+    def from_name(self, name: str) -> ObjectId:
+        if type(name) is not str:
+            raise TypeError(f"id_from_name takes a str, not {type(name).__name__}")
+        a = hmac.new(self._key, name.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:16]
+        return ObjectId((a + self._mac(a)).hex(), name)
+
+    def new_unique(self) -> ObjectId:
+        a = secrets.token_bytes(16)
+        return ObjectId((a + self._mac(a)).hex())
+
+    def from_string(self, hex_id: str) -> ObjectId:
+        if type(hex_id) is not str or len(hex_id) != 64 or not _HEX.issuperset(hex_id):
+            raise InvalidIdError(
+                f"{hex_id!r:.80} is not an object id: ids are 64 lowercase hex digits")
+        raw = bytes.fromhex(hex_id)
+        if not hmac.compare_digest(self._mac(raw[:16]), raw[16:]):
+            raise InvalidIdError(
+                f"{hex_id} was not issued by namespace {self.namespace!r} (from another "
+                "namespace or daemon, or altered)")
+        return ObjectId(hex_id)

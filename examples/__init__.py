@@ -1,0 +1,1 @@
+"""Example objects, hosted by `durable serve`'s built-in defaults."""

@@ -1,0 +1,261 @@
+"""The object process: one slot's objects, one DEALER to the broker, one asyncio loop.
+
+The loop awaits one message, then drains everything else already queued
+through a non-blocking shadow of the same socket (measured: ~3× the
+throughput of one message per wake-up), hands each call to its object's
+activation, and sends replies as they are ready. It registers (READY) before
+anything else, heartbeats when idle, re-registers when the broker says it does
+not know this process, and opens a fresh socket when the broker falls silent.
+Idle activations whose writes are durable are evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from durable.client import Client
+from durable.errors import ProtocolError, UnknownNamespaceError
+from durable.ids import load_or_create_secret, namespace_key
+from durable.objects import Env
+from durable.protocol.heartbeat import Liveness
+from durable.protocol.messages import (
+    BrokerHeartbeat,
+    Ready,
+    WorkerCall,
+    WorkerDisconnect,
+    WorkerError,
+    WorkerHeartbeat,
+    WorkerReply,
+    decode_request,
+    encode_response,
+    error_payload,
+    parse_from_broker_to_worker,
+)
+
+from .activation import Activation
+from .storage import SlotStore, tune_gc
+
+__all__ = ["ObjectProcess", "ObjectProcessConfig", "load_class"]
+
+log = logging.getLogger("durable.objectproc")
+
+
+def load_class(spec: str) -> type:
+    """Import ``module:Class``; raise ``ValueError`` saying what is wrong and how to fix it."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"class {spec!r} must look like 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ValueError(f"cannot import module {module_name!r} for class {spec!r}: "
+                         f"{type(e).__name__}: {e}") from e
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (class {spec!r})") from None
+    if not isinstance(obj, type):
+        raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a class")
+    return obj
+
+
+@dataclass
+class ObjectProcessConfig:
+    slot: int
+    backend: str
+    frontend: str
+    data_dir: str
+    namespaces: dict[str, str]  # name -> "module:Class"
+    vars: dict[str, Any] = field(default_factory=dict)
+    idle_timeout: float = 60.0
+    heartbeat: float = 1.0
+    misses: int = 5
+
+
+class ObjectProcess:
+    def __init__(self, config: ObjectProcessConfig) -> None:
+        self.config = config
+        self.classes = {name: load_class(spec) for name, spec in config.namespaces.items()}
+        self.catalog: dict[tuple[str, str], Activation] = {}
+        self.counters: dict[str, int] = {"calls": 0, "errors": 0, "evicted": 0,
+                                         "dropped_broker_messages": 0}
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._shadow: zmq.Socket | None = None
+        self._liveness: Liveness | None = None
+        self._stopping = asyncio.Event()
+        self.store: SlotStore | None = None
+        self.client: Client | None = None
+        self.env: Env | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        cfg = self.config
+        self.store = SlotStore(cfg.data_dir, cfg.slot)
+        tune_gc()
+        secret = load_or_create_secret(cfg.data_dir)
+        keys = {n: namespace_key(secret, n) for n in cfg.namespaces}
+        self.client = Client(cfg.frontend, namespaces=keys, name=f"objectproc-{cfg.slot}",
+                             heartbeat=cfg.heartbeat, misses=cfg.misses)
+        await self.client.start(wait=False)
+        self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars)
+        self._register()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                receiver = tg.create_task(self._receive_loop())
+                timers = tg.create_task(self._timer_loop())
+                await self._stopping.wait()
+                receiver.cancel()
+                timers.cancel()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        """Finish the calls in flight, make every write durable, exit (signal-safe via loop)."""
+        self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        for act in list(self.catalog.values()):
+            await act.drain()
+        if self.client is not None:
+            await self.client.close()
+        if self.store is not None:
+            await self.store.close()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+
+    def _register(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(self.config.backend)
+        self._sock = sock
+        self._shadow = zmq.Socket.shadow(sock.underlying)
+        self._liveness = Liveness(self.config.heartbeat, self.config.misses)
+        incarnation = secrets.randbits(62) | 1
+        self._send(Ready(self.config.slot, os.getpid(), incarnation).encode())
+        log.info("slot %d: registering with the broker (incarnation %x)", self.config.slot, incarnation)
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self._shadow.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("slot %d: could not send to the broker: %s", self.config.slot, e)
+        self._liveness.sent()
+
+    # -- incoming ---------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            sock = self._sock
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError:
+                if sock is self._sock:
+                    raise
+                continue
+            self._handle(frames)
+            shadow = self._shadow
+            while shadow is self._shadow:
+                try:
+                    frames = shadow.recv_multipart(zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break
+                self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        self._liveness.heard()
+        try:
+            msg = parse_from_broker_to_worker(frames)
+        except ProtocolError as e:
+            self.counters["dropped_broker_messages"] += 1
+            log.debug("dropped a malformed broker message: %s", e)
+            return
+        if type(msg) is WorkerCall:
+            self._call(msg)
+        elif type(msg) is WorkerDisconnect:
+            log.warning("slot %d: broker asked to register again (%s)", self.config.slot, msg.reason)
+            self._register()
+        elif type(msg) is BrokerHeartbeat:
+            pass
+
+    def _call(self, call: WorkerCall) -> None:
+        self.counters["calls"] += 1
+        client, call_id = call.client, call.call_id
+
+        def reply(resp: Any, error: BaseException | None) -> None:
+            if error is None:
+                head, body = encode_response(resp)
+                self._send(WorkerReply(client, call_id, head, body).encode())
+            else:
+                self.counters["errors"] += 1
+                self._send(WorkerError(client, call_id, error_payload(error)).encode())
+
+        try:
+            request = decode_request(call.head, call.body)
+            act = self._activation(call.namespace, call.object_id)
+        except Exception as e:  # bad request head, unknown namespace, constructor raised
+            reply(None, e)
+            return
+        act.deliver(request, reply)
+
+    def _activation(self, namespace: str, object_id: str) -> Activation:
+        key = (namespace, object_id)
+        act = self.catalog.get(key)
+        if act is None:
+            cls = self.classes.get(namespace)
+            if cls is None:
+                raise UnknownNamespaceError(f"this object process does not host namespace {namespace!r}")
+            act = Activation(self.store, namespace, object_id, cls, self.env)
+            self.catalog[key] = act
+        return act
+
+    # -- timers -------------------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        next_evict = time.monotonic() + self.config.idle_timeout / 4
+        while True:
+            await asyncio.sleep(min(self.config.heartbeat / 2, self._liveness.next_deadline() or 0.05))
+            if self.store.failed is not None:
+                log.error("slot %d: storage failed (%s); exiting so that the slot restarts and "
+                          "recovers", self.config.slot, self.store.failed)
+                for act in self.catalog.values():
+                    with contextlib.suppress(Exception):
+                        act.fail()
+                self.stop()
+                return
+            if not self._liveness.alive():
+                log.warning("slot %d: the broker is silent; registering again", self.config.slot)
+                self._register()
+            elif self._liveness.send_due():
+                self._send(WorkerHeartbeat(self.stats()).encode())
+            if time.monotonic() >= next_evict:
+                next_evict = time.monotonic() + self.config.idle_timeout / 4
+                self.evict_idle()
+
+    def evict_idle(self) -> int:
+        idle = self.config.idle_timeout
+        gone = [k for k, a in self.catalog.items() if a.evictable(idle)]
+        for k in gone:
+            self.catalog.pop(k).evict()
+        self.counters["evicted"] += len(gone)
+        return len(gone)
+
+    def stats(self) -> dict[str, Any]:
+        return {"active": len(self.catalog), "pid": os.getpid(), **self.counters,
+                "durable_seq": self.store.durable_seq if self.store else 0,
+                "applied_seq": self.store.applied_seq if self.store else 0}
+
+

@@ -1,0 +1,114 @@
+"""Start a broker and object processes as real processes; always kill and reap them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+NAMESPACES = {
+    "COUNTER": "tests.integration.objects:Counter",
+    "NOOP": "tests.integration.objects:Noop",
+    "RECORDER": "tests.integration.objects:Recorder",
+    "FAILING": "tests.integration.objects:Failing",
+    "CALLER": "tests.integration.objects:Caller",
+    "SETUP": "tests.integration.objects:Setup",
+}
+
+
+@dataclass
+class Cluster:
+    root: Path
+    slots: int
+    heartbeat: float = 0.2
+    frontend: str = ""
+    backend: str = ""
+    broker: subprocess.Popen | None = None
+    workers: dict[int, subprocess.Popen] = field(default_factory=dict)
+    logs: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        run = self.root / "run"
+        run.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.frontend = f"ipc://{run}/broker.sock"
+        self.backend = f"ipc://{run}/workers.sock"
+        self.data = self.root / "data"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.root / f"{name}.log"
+        self.logs.append(log)
+        with open(log, "ab") as f:
+            return subprocess.Popen([sys.executable, *args], stdout=f, stderr=f, env=self._env(),
+                                    cwd=REPO)
+
+    def start_broker(self) -> None:
+        args = ["-m", "durable.broker", "--frontend", self.frontend, "--backend", self.backend,
+                "--slots", str(self.slots), "--data-dir", str(self.data),
+                "--heartbeat", str(self.heartbeat), "--queue-deadline", "5"]
+        for ns in NAMESPACES:
+            args += ["--namespace", ns]
+        self.broker = self._spawn("broker", args)
+
+    def start_worker(self, slot: int) -> subprocess.Popen:
+        args = ["-m", "durable.objectproc", "--slot", str(slot), "--backend", self.backend,
+                "--frontend", self.frontend, "--data-dir", str(self.data),
+                "--heartbeat", str(self.heartbeat), "--var", "greeting=hello"]
+        for ns, cls in NAMESPACES.items():
+            args += ["--namespace", f"{ns}={cls}"]
+        proc = self._spawn(f"objectproc-{slot}", args)
+        self.workers[slot] = proc
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        procs = [p for p in [self.broker, *self.workers.values()] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()
+        deadline = time.monotonic() + 5
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill(p)
+
+    def log_tail(self, n: int = 30) -> str:
+        out = []
+        for log in self.logs:
+            if log.exists():
+                lines = log.read_text(errors="replace").splitlines()[-n:]
+                out.append(f"--- {log.name}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, slots: int = 2, heartbeat: float = 0.2) -> Iterator[Cluster]:
+    c = Cluster(root, slots, heartbeat)
+    # The id secret is shared through the data dir: the broker creates it, object processes read it.
+    from durable.ids import load_or_create_secret
+    load_or_create_secret(c.data)
+    c.start_broker()
+    for s in range(slots):
+        c.start_worker(s)
+    try:
+        yield c
+    finally:
+        c.stop_all()

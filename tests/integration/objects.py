@@ -1,0 +1,72 @@
+"""Objects used by the integration tests (imported by real object processes)."""
+
+import asyncio
+from urllib.parse import parse_qs, urlsplit
+
+from durable import DurableObject, Request, Response
+
+
+def query(request: Request) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+
+
+class Counter(DurableObject):
+    async def fetch(self, request: Request) -> Response:
+        n = (await self.state.storage.get("n")) or 0
+        if request.method == "POST":
+            n += int(query(request).get("by", "1"))
+            await self.state.storage.put("n", n)
+        return Response(str(n))
+
+
+class Noop(DurableObject):
+    async def fetch(self, request: Request) -> Response:
+        return Response(b"ok")
+
+
+class Recorder(DurableObject):
+    """Appends ?n= to a stored list in arrival order; GET returns the list."""
+
+    async def fetch(self, request: Request) -> Response:
+        seen = (await self.state.storage.get("seen")) or []
+        if request.method == "POST":
+            seen.append(int(query(request)["n"]))
+            await self.state.storage.put("seen", seen)
+            if query(request).get("yield"):
+                await asyncio.sleep(0)
+        return Response.json(seen)
+
+
+class Failing(DurableObject):
+    async def fetch(self, request: Request) -> Response:
+        if request.method == "POST":
+            await self.state.storage.put("before-raise", query(request).get("v", "x"))
+            raise ValueError("boom: " + query(request).get("v", "x"))
+        return Response.json(await self.state.storage.get("before-raise"))
+
+
+class Caller(DurableObject):
+    """Calls COUNTER/<name> through env and returns what it answered."""
+
+    async def fetch(self, request: Request) -> Response:
+        ns = self.env.COUNTER
+        stub = ns.get(ns.id_from_name(query(request)["name"]))
+        resp = await stub.fetch("http://do/inc", method="POST")
+        return Response(f"via env: {await resp.text()} {self.env.vars.get('greeting')}")
+
+
+class Setup(DurableObject):
+    """Uses block_concurrency_while in its constructor: no call sees it half set up."""
+
+    def __init__(self, state, env):
+        super().__init__(state, env)
+        self.ready = False
+
+        async def load():
+            await asyncio.sleep(0.05)
+            self.ready = True
+
+        state.block_concurrency_while(load)
+
+    async def fetch(self, request: Request) -> Response:
+        return Response("ready" if self.ready else "NOT READY")
