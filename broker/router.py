@@ -160,7 +160,12 @@ class Broker:
         self._send(self.front, [ident, *frames], "client")
 
     def _to_worker(self, ident: bytes, frames: list[bytes]) -> None:
-        self._send(self.back, [ident, *frames], "worker")
+        if not self._send(self.back, [ident, *frames], "worker"):
+            number = self.workers.get(ident)
+            if number is not None and self.back is not None:
+                # ROUTER_MANDATORY: the process's connection is gone (it died); do not wait
+                # for its heartbeats to lapse before failing its calls.
+                self.end_incarnation(number, "its connection closed")
 
     def _error(self, ident: bytes, call_id: int, code: str, message: str) -> None:
         self.counters[f"error_{code}"] += 1
@@ -178,7 +183,11 @@ class Broker:
                 self._drain(self.back, self.on_worker, burst)
             if self.front in events:
                 self._drain(self.front, self.on_client, burst)
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                self.counters["internal_errors"] += 1
+                log.exception("internal error in the broker's timers")
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], burst: int) -> None:
         for _ in range(burst):
@@ -186,7 +195,11 @@ class Broker:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            handle(frames)
+            try:
+                handle(frames)
+            except Exception:  # a bug must cost one message, never the broker
+                self.counters["internal_errors"] += 1
+                log.exception("internal error while handling a message; it was dropped")
 
     def _poll_timeout_ms(self) -> int:
         return max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
@@ -356,8 +369,8 @@ class Broker:
                 if not slot.liveness.alive():
                     self.end_incarnation(slot.number, "it missed its heartbeats")
                 elif slot.liveness.send_due():
-                    self._to_worker(slot.identity, BrokerHeartbeat().encode())
                     slot.liveness.sent()
+                    self._to_worker(slot.identity, BrokerHeartbeat().encode())  # may end it
             q = slot.queue
             while q and q[0][0] <= now:
                 _, ident, call = q.popleft()

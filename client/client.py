@@ -163,7 +163,7 @@ class Client:
         for coro in (self._receive_loop(), self._heartbeat_loop()):
             task = asyncio.create_task(coro)
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_ended)
         if wait:
             try:
                 await asyncio.wait_for(self._welcomed.wait(), self._connect_timeout)
@@ -172,6 +172,12 @@ class Client:
                 raise ConnectionError(
                     f"no durable daemon answered at {self.endpoint} within "
                     f"{self._connect_timeout:g} s; is `durable serve` running?") from None
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self._closed:
+            log.error("client task %s failed: %r", task.get_coro().__name__, task.exception(),
+                      exc_info=task.exception())
 
     def _open_socket(self) -> None:
         if self._sock is not None:
@@ -229,7 +235,10 @@ class Client:
 
     # -- calls ----------------------------------------------------------------------------
     def _send(self, frames: list[bytes]) -> None:
-        self._shadow.send_multipart(frames, copy=False)
+        # Through the asyncio socket, not the shadow: a raw send can consume the edge of
+        # ZMQ_FD that would wake the pending recv, and replies would then sit unread.
+        # zmq.asyncio's send is eager (done at once below the HWM) and re-checks events.
+        self._sock.send_multipart(frames, copy=False)
         self._liveness.sent()
 
     async def _call(self, stub: Stub, req: Request, timeout: float | None) -> Response:

@@ -152,7 +152,8 @@ class ObjectProcess:
 
     def _send(self, frames: list[bytes]) -> None:
         try:
-            self._shadow.send_multipart(frames, zmq.NOBLOCK)
+            # The asyncio socket (eager send), not the shadow: see client.Client._send.
+            self._sock.send_multipart(frames, copy=False)
         except zmq.ZMQError as e:
             log.warning("slot %d: could not send to the broker: %s", self.config.slot, e)
         self._liveness.sent()
@@ -167,14 +168,20 @@ class ObjectProcess:
                 if sock is self._sock:
                     raise
                 continue
-            self._handle(frames)
+            self._handle_safely(frames)
             shadow = self._shadow
             while shadow is self._shadow:
                 try:
                     frames = shadow.recv_multipart(zmq.NOBLOCK)
                 except zmq.ZMQError:
                     break
-                self._handle(frames)
+                self._handle_safely(frames)
+
+    def _handle_safely(self, frames: list[bytes]) -> None:
+        try:
+            self._handle(frames)
+        except Exception:  # a bug must cost one message, never the receive loop
+            log.exception("internal error while handling a message; it was dropped")
 
     def _handle(self, frames: list[bytes]) -> None:
         self._liveness.heard()

@@ -220,8 +220,8 @@ class SlotStore:
 
     async def wait_durable(self, seq: int) -> None:
         """Return once record ``seq`` (and every one before it) is durable."""
-        if seq <= self.log.durable_seq:
-            return
+        if seq <= self.log.durable_seq and not self._waiters:
+            return  # (with waiters queued, wait behind them: replies keep the order of syncs)
         self.check_usable()
         fut = self.loop.create_future()
         self._waiters.append((seq, fut))

@@ -1,0 +1,288 @@
+"""End to end over real processes and sockets: broker + object processes + client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+import zmq
+
+import durable
+from durable.errors import InvalidIdError, ObjectError, StubBrokenError, UnknownNamespaceError
+from tests.integration.cluster import running_cluster
+from tests.integration.procs import wait_for
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with running_cluster(tmp_path, slots=2) as c:
+        yield c
+
+
+@pytest.fixture
+async def client(cluster):
+    try:
+        async with durable.connect(cluster.frontend, timeout=10) as c:
+            await all_slots_up(c)
+            yield c
+    except BaseException:
+        print(cluster.log_tail())
+        raise
+
+
+async def all_slots_up(c, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    stats = None
+    while time.monotonic() < deadline:
+        stats = await c.statistics()
+        if all(s["up"] for s in stats["slots"]):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"slots did not all register within {timeout} s: {stats}")
+
+
+def stub(client, ns, name):
+    n = client.namespace(ns)
+    return n.get(n.id_from_name(name))
+
+
+async def test_300_unawaited_calls_on_one_stub_arrive_and_complete_in_order(client):
+    s = stub(client, "RECORDER", "order")
+    done: list[int] = []
+
+    async def call(i):
+        await s.fetch(f"http://do/?n={i}", method="POST")
+        done.append(i)
+
+    await asyncio.gather(*[asyncio.ensure_future(call(i)) for i in range(300)])
+    assert await (await s.fetch("http://do/")).json() == list(range(300))  # arrival order
+    assert done == list(range(300))  # completion order at the caller
+
+
+async def test_interleaving_calls_still_arrive_in_order(client):
+    """Handlers that suspend may finish out of order (as in workerd), but start in order."""
+    s = stub(client, "RECORDER", "interleave")
+    await asyncio.gather(*[s.fetch(f"http://do/?n={i}&yield=1", method="POST") for i in range(300)])
+    assert await (await s.fetch("http://do/")).json() == list(range(300))
+
+
+async def test_50_objects_x_10_concurrent_increments(client):
+    stubs = [stub(client, "COUNTER", f"c{i}") for i in range(50)]
+    await asyncio.gather(*[s.fetch("http://do/inc", method="POST") for s in stubs for _ in range(10)])
+    values = await asyncio.gather(*[s.fetch("http://do/") for s in stubs])
+    assert [await v.text() for v in values] == ["10"] * 50
+
+
+async def test_exception_in_fetch_reaches_caller_and_stub_stays_usable(client):
+    s = stub(client, "FAILING", "f")
+    with pytest.raises(ObjectError) as e:
+        await s.fetch("http://do/?v=first", method="POST")
+    assert e.value.remote_type == "ValueError"
+    assert "boom: first" in str(e.value)
+    resp = await s.fetch("http://do/")  # same stub, still usable
+    assert await resp.json() == "first"  # the write before the raise persisted
+
+
+async def test_object_calls_another_through_env(client):
+    s = stub(client, "CALLER", "caller")
+    assert await (await s.fetch("http://do/?name=target")).text() == "via env: 1 hello"
+    assert await (await s.fetch("http://do/?name=target")).text() == "via env: 2 hello"
+    direct = stub(client, "COUNTER", "target")
+    assert await (await direct.fetch("http://do/")).text() == "2"
+
+
+async def test_block_concurrency_while_holds_calls_until_setup_ends(client):
+    s = stub(client, "SETUP", "s")
+    answers = await asyncio.gather(*[s.fetch("http://do/") for _ in range(20)])
+    assert [await a.text() for a in answers] == ["ready"] * 20
+
+
+async def test_unknown_namespace_and_invalid_ids(client):
+    with pytest.raises(UnknownNamespaceError, match="COUNTER"):
+        client.namespace("NOPE")
+    ns = client.namespace("COUNTER")
+    other = client.namespace("NOOP")
+    foreign = str(other.id_from_name("x"))
+    with pytest.raises(InvalidIdError):
+        ns.id_from_string(foreign)
+    with pytest.raises(ValueError):
+        ns.id_from_string("0" * 64)
+    unique = ns.new_unique_id()
+    assert ns.id_from_string(str(unique)) == unique
+
+
+async def test_statistics_report_slots_and_counters(client):
+    await stub(client, "NOOP", "x").fetch("http://do/")
+    stats = await client.statistics()
+    assert [s["up"] for s in stats["slots"]] == [True, True]
+    assert stats["broker"]["counters"]["calls"] >= 1
+
+
+def slot_of(client, cluster, ns, name):
+    from durable.broker.ring import Ring
+    return Ring(cluster.slots).slot_for(str(client.namespace(ns).id_from_name(name)))
+
+
+async def test_sigkill_of_objectproc_breaks_stub_and_new_stub_works(client, cluster):
+    name = "victim"
+    slot = slot_of(client, cluster, "COUNTER", name)
+    s = stub(client, "COUNTER", name)
+    acked = attempted = 0
+    broken = 0
+    killed_at = random.Random(7).randint(50, 150)
+
+    async def inc():
+        nonlocal acked
+        await s.fetch("http://do/inc", method="POST")
+        acked += 1
+
+    pending = []
+    for i in range(300):
+        if i == killed_at:
+            os.kill(cluster.workers[slot].pid, signal.SIGKILL)
+        attempted += 1
+        pending.append(asyncio.ensure_future(inc()))
+        if i % 10 == 0:
+            await asyncio.sleep(0.002)
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    broken = sum(isinstance(r, StubBrokenError) for r in results)
+    assert broken > 0, "no call saw the crash"
+    assert all(r is None or isinstance(r, StubBrokenError) for r in results), results
+    # every later call on the old stub fails at once
+    with pytest.raises(StubBrokenError):
+        await s.fetch("http://do/inc", method="POST")
+    cluster.workers[slot].wait(timeout=10)
+    cluster.start_worker(slot)
+    fresh = stub(client, "COUNTER", name)
+    value = int(await (await fresh.fetch("http://do/")).text())
+    assert acked <= value <= attempted, (acked, value, attempted)
+    assert acked < attempted
+
+
+async def test_calls_wait_for_a_down_slot_and_are_delivered_in_order(client, cluster):
+    slot = slot_of(client, cluster, "RECORDER", "waiter")
+    cluster.kill(cluster.workers[slot])
+    await asyncio.sleep(cluster.heartbeat * 8)  # the broker notices the silence
+    s = stub(client, "RECORDER", "waiter")
+    calls = [asyncio.ensure_future(s.fetch(f"http://do/?n={i}", method="POST")) for i in range(20)]
+    await asyncio.sleep(0.3)
+    assert not any(c.done() for c in calls)
+    cluster.start_worker(slot)
+    await asyncio.gather(*calls)
+    assert await (await s.fetch("http://do/")).json() == list(range(20))
+
+
+async def test_broker_restart_breaks_stubs_and_client_reconnects(client, cluster):
+    s = stub(client, "COUNTER", "survivor")
+    await s.fetch("http://do/inc", method="POST")
+    cluster.kill(cluster.broker)
+    cluster.start_broker()
+    with pytest.raises(StubBrokenError):
+        for _ in range(50):  # until the client notices (heartbeat or DISCONNECT)
+            await s.fetch("http://do/inc", method="POST", timeout=1)
+            await asyncio.sleep(0.05)
+
+    async def fresh_works():
+        try:
+            r = await stub(client, "COUNTER", "survivor").fetch("http://do/", timeout=1)
+            return await r.text()
+        except (StubBrokenError, durable.CallTimeoutError):
+            return None
+
+    deadline = time.monotonic() + 15
+    value = None
+    while value is None and time.monotonic() < deadline:
+        value = await fresh_works()
+    assert value is not None and int(value) >= 1, cluster.log_tail()
+
+
+def test_sync_client(cluster):
+    with durable.connect_sync(cluster.frontend) as c:
+        ns = c.namespace("COUNTER")
+        s = ns.get(ns.id_from_name("sync"))
+        assert s.fetch("http://do/inc", method="POST").text() == "1"
+        assert s.fetch("http://do/").text() == "1"
+        assert c.statistics()["slots"][0]["up"]
+
+
+def test_connect_to_nothing_says_so(tmp_path):
+    with pytest.raises(ConnectionError, match="durable serve"):
+        durable.connect_sync(f"ipc://{tmp_path}/nothing.sock", connect_timeout=0.3)
+
+
+HOSTILE = [
+    [b""], [b"\x00"], [os.urandom(3)], [b"D\x01\x02"], [b"D\x09\x02", b"x"],
+    [b"D\x01\x02", b"[1,2,3]", b"", b""], [b"D\x01\x02", b'["a", 1, "NS", "x", 5]', b"h", b"b"],
+    [b"D\x01\x02", b"[1, 1, 1, 1, 1]", b"[]", b""], [b"D\x01\x21", b"{}"],
+    [b"D\x01\x22", b"who", b"12345678", b"[200, []]", b""], [b"D\x01\x01", b"not json"],
+    [b"D\x01\x04", b"[-1]"], [b"D\x01\x05", b"short"], [b"D\x01\x21", b'{"protocol": 1, "slot": 99, "pid": 1, "incarnation": 1}'],
+]
+
+
+async def test_hostile_input_on_both_broker_sockets(client, cluster):
+    ctx = zmq.Context.instance()
+    socks = []
+    try:
+        for endpoint in (cluster.frontend, cluster.backend):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            socks.append(s)
+        rng = random.Random(3)
+        good = stub(client, "COUNTER", "steady")
+        for round_ in range(10):
+            for s in socks:
+                for frames in HOSTILE:
+                    s.send_multipart(frames)
+                for _ in range(500):  # tiny frames
+                    s.send_multipart([os.urandom(rng.randint(0, 4))])
+                s.send_multipart([os.urandom(rng.randint(1, 64)) for _ in range(rng.randint(1, 8))])
+            r = await good.fetch("http://do/inc", method="POST")
+            assert await r.text() == str(round_ + 1)
+        stats = await client.statistics()
+        counters = stats["broker"]["counters"]
+        assert counters.get("dropped_client_messages", 0) >= 5000
+        assert counters.get("dropped_worker_messages", 0) >= 5000
+        assert cluster.broker.poll() is None
+        assert all(w.poll() is None for w in cluster.workers.values())
+        assert [s["up"] for s in stats["slots"]] == [True, True]
+    finally:
+        for s in socks:
+            s.close(linger=0)
+
+
+async def test_hostile_input_reaching_an_object_process(client, cluster):
+    """A malformed request head that passes the broker gets an error reply, nothing crashes."""
+    ns = client.namespace("NOOP")
+    oid = str(ns.id_from_name("target"))
+    from durable.protocol.messages import Call, parse_from_broker_to_client
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(cluster.frontend)
+    try:
+        from durable.protocol.messages import Hello
+        s.send_multipart(Hello(1, "fuzzer").encode())
+        heads = [b"not json", b"[1,2]", b'["GET", 5, []]', b'["G E T", "u", []]',
+                 b'["GET", "u", [["bad name", "v"]]]']
+        for call_id, head in enumerate(heads, 1):
+            s.send_multipart(Call(call_id, 1, "NOOP", oid, 1000, head, b"").encode())
+        replies = []
+        poller = zmq.Poller()
+        poller.register(s, zmq.POLLIN)
+        deadline = time.monotonic() + 5
+        while len(replies) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # keep the test client's loop (and heartbeats) running
+            while poller.poll(0):
+                replies.append(parse_from_broker_to_client(s.recv_multipart()))
+        errors = [r for r in replies if type(r).__name__ == "Error"]
+        assert len(errors) == 5, replies
+        assert all(e.code == "protocol" for e in errors), errors
+    finally:
+        s.close(linger=0)
+    assert await (await stub(client, "NOOP", "target").fetch("http://do/")).text() == "ok"
+    wait_for(lambda: all(w.poll() is None for w in cluster.workers.values()), 1, "workers alive")
