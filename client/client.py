@@ -280,14 +280,20 @@ class Client:
                 if sock is self._sock:
                     raise
                 continue  # the socket was replaced during a reconnect
-            self._handle(frames)
+            self._handle_safely(frames)
             shadow = self._shadow
             while shadow is self._shadow:  # drain what else arrived, without a wake-up each
                 try:
                     frames = shadow.recv_multipart(zmq.NOBLOCK)
                 except zmq.ZMQError:  # zmq.Again: nothing more
                     break
-                self._handle(frames)
+                self._handle_safely(frames)
+
+    def _handle_safely(self, frames: list[bytes]) -> None:
+        try:
+            self._handle(frames)
+        except Exception:  # a bug must cost one message, never the receive loop
+            log.exception("internal error while handling a message; it was dropped")
 
     def _handle(self, frames: list[bytes]) -> None:
         self._liveness.heard()
