@@ -1,0 +1,199 @@
+"""Broker routing with no sockets: a fake clock, sends captured (h11-style: events in, events out)."""
+
+import pytest
+
+from durable.broker.ring import Ring
+from durable.broker.router import Broker, BrokerConfig
+from durable.ids import IdFactory, namespace_key
+from durable.protocol import messages as m
+
+KEY = namespace_key(b"k" * 32, "NS")
+IDS = IdFactory("NS", KEY)
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeBroker(Broker):
+    def __init__(self, slots=2, **kw):
+        self.clock_ = Clock()
+        super().__init__(BrokerConfig("inproc://f", "inproc://b", slots, {"NS": KEY},
+                                      heartbeat=1.0, misses=3, **kw), clock=self.clock_)
+        self.sent: list[tuple[str, bytes, object]] = []
+        self.unreachable: set[bytes] = set()
+        self.back = object()  # "bound"
+
+    def _send(self, sock, frames, what):
+        ident = frames[0]
+        if ident in self.unreachable:
+            return False
+        parse = m.parse_from_broker_to_client if what == "client" else m.parse_from_broker_to_worker
+        self.sent.append((what, ident, parse(frames[1:])))
+        return True
+
+    def take(self):
+        out, self.sent = self.sent, []
+        return out
+
+
+def oid_on_slot(slot, slots=2):
+    ring = Ring(slots)
+    for i in range(1000):
+        o = str(IDS.from_name(f"n{i}"))
+        if ring.slot_for(o) == slot:
+            return o
+    raise AssertionError
+
+
+def call(call_id, stub_id, oid, ns="NS"):
+    return [b"cli", *m.Call(call_id, stub_id, ns, oid, 1000, b"[]", b"").encode()]
+
+
+def hello(b, ident=b"cli"):
+    b.on_client([ident, *m.Hello(1, "t").encode()])
+    assert isinstance(b.take()[-1][2], m.Welcome)
+
+
+def ready(b, slot, ident=None, inc=7):
+    b.on_worker([ident or f"w{slot}".encode(), *m.Ready(slot, 100 + slot, inc).encode()])
+
+
+def test_traffic_before_hello_gets_disconnect():
+    b = FakeBroker()
+    b.on_client(call(1, 1, oid_on_slot(0)))
+    (what, ident, msg), = b.take()
+    assert isinstance(msg, m.Disconnect)
+    assert b.counters["unknown_client_messages"] == 1
+
+
+def test_worker_traffic_before_ready_gets_disconnect():
+    b = FakeBroker()
+    b.on_worker([b"w", *m.WorkerHeartbeat({}).encode()])
+    assert isinstance(b.take()[0][2], m.WorkerDisconnect)
+    b.on_worker([b"w", *m.Ready(5, 1, 1).encode()])  # a slot that does not exist
+    assert isinstance(b.take()[0][2], m.WorkerDisconnect)
+
+
+def test_call_is_routed_to_its_slot_and_reply_comes_back():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    ready(b, 1)
+    oid = oid_on_slot(1)
+    b.on_client(call(1, 1, oid))
+    (what, ident, msg), = b.take()
+    assert (what, ident, type(msg), msg.object_id) == ("worker", b"w1", m.WorkerCall, oid)
+    b.on_worker([b"w1", *m.WorkerReply(b"cli", 1, b"[200,[]]", b"ok").encode()])
+    (what, ident, msg), = b.take()
+    assert (what, ident, msg) == ("client", b"cli", m.Reply(1, b"[200,[]]", b"ok"))
+
+
+def test_unknown_namespace_and_bad_id_are_errors():
+    b = FakeBroker()
+    hello(b)
+    b.on_client(call(1, 1, oid_on_slot(0), ns="NOPE"))
+    b.on_client(call(2, 1, "0" * 64))
+    errs = [x[2] for x in b.take()]
+    assert [e.code for e in errs] == ["unknown_namespace", "invalid_id"]
+    assert "NS" in errs[0].message
+
+
+def test_calls_queue_while_slot_down_then_go_in_order():
+    b = FakeBroker()
+    hello(b)
+    oid = oid_on_slot(0)
+    for i in range(1, 4):
+        b.on_client(call(i, 1, oid))
+    assert b.take() == []
+    ready(b, 0)
+    assert [x[2].call_id for x in b.take()] == [1, 2, 3]
+
+
+def test_queue_deadline_and_limit():
+    b = FakeBroker(queue_limit=2, queue_deadline=5.0)
+    hello(b)
+    oid = oid_on_slot(0)
+    for i in range(1, 4):
+        b.on_client(call(i, i, oid))
+    assert [x[2].code for x in b.take()] == ["overloaded"]
+    b.clock_.now += 5.1
+    b.tick()
+    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "timeout"), (2, "timeout")]
+
+
+def test_incarnation_end_breaks_inflight_and_later_calls_of_bound_stubs():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0, inc=7)
+    oid = oid_on_slot(0)
+    b.on_client(call(1, 1, oid))
+    b.take()
+    ready(b, 0, ident=b"w0-new", inc=8)  # a new process took the slot: incarnation 7 ended
+    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "stub_broken")]
+    b.on_client(call(2, 1, oid))  # the old stub, even though the slot is up again
+    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(2, "stub_broken")]
+    b.on_client(call(3, 2, oid))  # a new stub works
+    assert [type(x[2]) for x in b.take()] == [m.WorkerCall]
+
+
+def test_missed_heartbeats_end_the_incarnation():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    b.on_client(call(1, 1, oid_on_slot(0)))
+    b.take()
+    b.clock_.now += 1.0
+    b.tick()
+    assert [type(x[2]) for x in b.take()] == [m.BrokerHeartbeat]
+    b.clock_.now += 2.1
+    b.tick()
+    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "stub_broken")]
+    assert b.statistics()["slots"][0]["up"] is False
+
+
+def test_unreachable_worker_ends_incarnation_at_once():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    b.unreachable.add(b"w0")
+    b.on_client(call(1, 1, oid_on_slot(0)))
+    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "stub_broken")]
+    assert b.counters["incarnations_ended"] == 1
+
+
+def test_stray_replies_and_malformed_messages_are_counted():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    b.on_worker([b"w0", *m.WorkerReply(b"cli", 99, b"[200,[]]", b"").encode()])
+    b.on_worker([b"w0", b"junk"])
+    b.on_client([b"cli", b"junk"])
+    assert b.take() == []
+    assert (b.counters["stray_replies"], b.counters["dropped_worker_messages"],
+            b.counters["dropped_client_messages"]) == (1, 1, 1)
+
+
+def test_silent_clients_are_forgotten_and_stub_drops_are_honoured():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    b.on_client(call(1, 5, oid_on_slot(0)))
+    assert 5 in b.clients[b"cli"].stubs
+    b.on_client([b"cli", *m.Drop([5]).encode()])
+    assert 5 not in b.clients[b"cli"].stubs
+    b.clock_.now += 31
+    b.tick()
+    assert b"cli" not in b.clients
+
+
+@pytest.mark.parametrize("msg", [m.Ping(), m.Stats(4)])
+def test_ping_and_stats(msg):
+    b = FakeBroker()
+    hello(b)
+    b.on_client([b"cli", *msg.encode()])
+    (_, _, reply), = b.take()
+    assert isinstance(reply, (m.Pong, m.StatsReply))

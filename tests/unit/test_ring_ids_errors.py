@@ -1,0 +1,158 @@
+"""Placement, heartbeats, ids, errors, headers: pure logic."""
+
+import os
+import stat
+from collections import Counter
+
+import pytest
+
+from durable.broker.ring import Ring, stable_hash
+from durable.errors import (
+    DurableError,
+    InvalidIdError,
+    ObjectError,
+    StubBrokenError,
+    error_from_wire,
+)
+from durable.http import Headers, Request, Response
+from durable.ids import IdFactory, load_or_create_secret, namespace_key
+from durable.protocol.heartbeat import Liveness
+
+
+def test_ring_is_a_stable_function_of_inputs():
+    ids = [f"{i:064x}" for i in range(2000)]
+    assert [Ring(4).slot_for(i) for i in ids] == [Ring(4).slot_for(i) for i in ids]
+    assert stable_hash(b"abc") == stable_hash(b"abc") and 0 <= stable_hash(b"abc") < 2**64
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 8])
+def test_ring_spreads_objects(slots):
+    counts = Counter(Ring(slots).slot_for(os.urandom(32).hex()) for _ in range(8000))
+    assert set(counts) == set(range(slots))
+    assert max(counts.values()) < 1.5 * 8000 / slots
+
+
+def test_adding_a_slot_moves_only_its_share():
+    ids = [os.urandom(32).hex() for _ in range(5000)]
+    before, after = Ring(4), Ring(5)
+    moved = [i for i in ids if before.slot_for(i) != after.slot_for(i)]
+    assert all(after.slot_for(i) == 4 for i in moved)  # objects only move to the new slot
+    assert 0.1 < len(moved) / len(ids) < 0.3
+
+
+def test_ring_rejects_bad_slot_counts():
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError):
+            Ring(bad)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_liveness_with_fake_clock():
+    clock = FakeClock()
+    live = Liveness(1.0, 3, clock)
+    assert live.alive() and not live.send_due()
+    clock.now += 1.0
+    assert live.send_due()
+    live.sent()
+    assert not live.send_due()
+    clock.now += 1.9
+    assert live.alive()
+    clock.now += 0.2
+    assert not live.alive()
+    live.heard()
+    assert live.alive()
+    assert 0 <= live.next_deadline() <= 1.0
+
+
+def factory(ns="NS", secret=b"s" * 32):
+    return IdFactory(ns, namespace_key(secret, ns))
+
+
+def test_ids_from_names_are_deterministic_and_per_namespace():
+    a, b = factory("A"), factory("B")
+    assert a.from_name("x") == a.from_name("x")
+    assert str(a.from_name("x")) != str(b.from_name("x"))
+    assert a.from_name("x").name == "x"
+    oid = str(a.from_name("x"))
+    assert len(oid) == 64 and oid == oid.lower() and int(oid, 16) >= 0
+    assert factory("A", b"t" * 32).from_name("x") != a.from_name("x")  # another daemon's secret
+
+
+def test_100000_unique_ids_never_repeat_and_all_validate():
+    f = factory()
+    ids = {str(f.new_unique()) for _ in range(100_000)}
+    assert len(ids) == 100_000
+    sample = list(ids)[:1000]
+    assert all(f.from_string(i).name is None for i in sample)
+
+
+def test_foreign_altered_and_malformed_ids_are_rejected():
+    a, b = factory("A"), factory("B")
+    good = str(a.new_unique())
+    with pytest.raises(InvalidIdError, match="not issued by namespace 'B'"):
+        b.from_string(good)
+    flipped = good[:-1] + ("0" if good[-1] != "0" else "1")
+    with pytest.raises(InvalidIdError):
+        a.from_string(flipped)
+    first_half = ("f" if good[0] != "f" else "e") + good[1:]
+    with pytest.raises(InvalidIdError):
+        a.from_string(first_half)
+    for bad in ["", "xyz", good.upper(), good[:-1], good + "0", 5, None]:
+        with pytest.raises(InvalidIdError):
+            a.from_string(bad)
+    assert isinstance(InvalidIdError("x"), ValueError)
+
+
+def test_secret_is_created_once_with_mode_0600(tmp_path):
+    s1 = load_or_create_secret(tmp_path / "d")
+    s2 = load_or_create_secret(tmp_path / "d")
+    assert s1 == s2 and len(s1) == 32
+    assert stat.S_IMODE(os.stat(tmp_path / "d" / "secret").st_mode) == 0o600
+    (tmp_path / "d" / "secret").write_bytes(b"short")
+    with pytest.raises(ValueError, match="32 bytes"):
+        load_or_create_secret(tmp_path / "d")
+
+
+def test_errors_round_trip_by_code_and_unknown_codes_give_the_root():
+    err = error_from_wire("stub_broken", "gone")
+    assert type(err) is StubBrokenError and isinstance(err, ConnectionError) and err.retryable
+    obj = error_from_wire("object_error", "bad", "KeyError")
+    assert type(obj) is ObjectError and obj.remote_type == "KeyError" and obj.remote_message == "bad"
+    unknown = error_from_wire("from_the_future", "??")
+    assert type(unknown) is DurableError and str(unknown) == "??"
+    for code in ["invalid_id", "overloaded", "timeout", "unknown_namespace", "storage_limit"]:
+        assert error_from_wire(code, "m").code == code
+
+
+def test_headers_are_case_insensitive_and_multi_valued():
+    h = Headers([("Set-Cookie", "a"), ("set-cookie", "b"), ("X", "1")])
+    assert h.get("SET-COOKIE") == "a, b" and h.get_all("set-cookie") == ["a", "b"]
+    h.set("x", "2")
+    assert h["X"] == "2" and "x" in h and len(h) == 3
+    h.delete("SET-cookie")
+    assert h.items() == [("x", "2")]
+    for bad in [("a b", "c"), ("a", "b\r\nc"), ("", "x")]:
+        with pytest.raises(ValueError):
+            Headers([bad])
+    with pytest.raises(TypeError):
+        Headers({"a": 1})
+
+
+async def test_request_and_response():
+    r = Request("http://do/path?q=1", method="post", body="hé")
+    assert r.method == "POST" and r.path == "/path" and await r.text() == "hé"
+    resp = Response.json({"a": [1]}, status=201)
+    assert resp.ok and resp.headers.get("content-type") == "application/json"
+    assert await resp.json() == {"a": [1]}
+    assert not Response(status=404).ok
+    with pytest.raises(ValueError):
+        Response(status=99)
+    with pytest.raises(TypeError):
+        Response(body=5)
