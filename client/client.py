@@ -22,7 +22,6 @@ import weakref
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from .errors import (
     CallTimeoutError,
@@ -51,6 +50,7 @@ from .protocol.messages import (
     encode_request,
     parse_from_broker_to_client,
 )
+from .transport import LoopSocket
 
 __all__ = ["Client", "Namespace", "Stub", "connect", "default_endpoint"]
 
@@ -133,9 +133,8 @@ class Client:
         self._misses = misses
         self._name = name
         self._connect_timeout = connect_timeout
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._shadow: zmq.Socket | None = None
+        self._ctx = zmq.Context.instance()
+        self._sock: LoopSocket | None = None
         self._pending: dict[int, tuple[asyncio.Future[Any], Stub | None]] = {}
         self._call_ids = itertools.count(1)
         self._stub_ids = itertools.count(1)
@@ -160,10 +159,9 @@ class Client:
     async def start(self, *, wait: bool = True) -> None:
         """Connect and say HELLO; with ``wait``, until the broker answers (else ConnectionError)."""
         self._open_socket()
-        for coro in (self._receive_loop(), self._heartbeat_loop()):
-            task = asyncio.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._task_ended)
+        task = asyncio.create_task(self._heartbeat_loop())
+        self._tasks.add(task)
+        task.add_done_callback(self._task_ended)
         if wait:
             try:
                 await asyncio.wait_for(self._welcomed.wait(), self._connect_timeout)
@@ -181,14 +179,13 @@ class Client:
 
     def _open_socket(self) -> None:
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.connect(self.endpoint)
-        self._sock = sock
-        self._shadow = zmq.Socket.shadow(sock.underlying)
+        self._sock = LoopSocket(sock, self._handle)
         self._liveness = Liveness(self._heartbeat, self._misses)
         self._welcomed.clear()
         self._send(Hello(os.getpid(), self._name).encode())
@@ -204,7 +201,7 @@ class Client:
                 await task
         self._fail_all(StubBrokenError("the client was closed"))
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close()
             self._sock = None
 
     # -- namespaces ---------------------------------------------------------------------
@@ -235,10 +232,7 @@ class Client:
 
     # -- calls ----------------------------------------------------------------------------
     def _send(self, frames: list[bytes]) -> None:
-        # Through the asyncio socket, not the shadow: a raw send can consume the edge of
-        # ZMQ_FD that would wake the pending recv, and replies would then sit unread.
-        # zmq.asyncio's send is eager (done at once below the HWM) and re-checks events.
-        self._sock.send_multipart(frames, copy=False)
+        self._sock.send(frames)
         self._liveness.sent()
 
     async def _call(self, stub: Stub, req: Request, timeout: float | None) -> Response:
@@ -253,7 +247,8 @@ class Client:
         call_id = next(self._call_ids)
         timeout = self.timeout if timeout is None else timeout
         head, body = encode_request(req)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._pending[call_id] = (fut, stub)
         try:
             self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
@@ -261,40 +256,22 @@ class Client:
         except zmq.ZMQError as e:
             self._pending.pop(call_id, None)
             raise StubBrokenError(f"could not send to the broker: {e}") from None
+        # One timer handle per call (cheaper than asyncio.wait_for's extra futures).
+        timer = loop.call_later(timeout, self._expire, fut, stub, timeout)
         try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise CallTimeoutError(
-                f"{stub.namespace} {stub.id} did not answer within {timeout:g} s; the call may "
-                "or may not have run") from None
+            return await fut
         finally:
+            timer.cancel()
             self._pending.pop(call_id, None)
 
-    # -- incoming ---------------------------------------------------------------------------
-    async def _receive_loop(self) -> None:
-        while True:
-            sock = self._sock
-            try:
-                frames = await sock.recv_multipart()
-            except zmq.ZMQError:
-                if sock is self._sock:
-                    raise
-                continue  # the socket was replaced during a reconnect
-            self._handle_safely(frames)
-            shadow = self._shadow
-            while shadow is self._shadow:  # drain what else arrived, without a wake-up each
-                try:
-                    frames = shadow.recv_multipart(zmq.NOBLOCK)
-                except zmq.ZMQError:  # zmq.Again: nothing more
-                    break
-                self._handle_safely(frames)
+    @staticmethod
+    def _expire(fut: asyncio.Future[Any], stub: Stub, timeout: float) -> None:
+        if not fut.done():
+            fut.set_exception(CallTimeoutError(
+                f"{stub.namespace} {stub.id} did not answer within {timeout:g} s; the call may "
+                "or may not have run"))
 
-    def _handle_safely(self, frames: list[bytes]) -> None:
-        try:
-            self._handle(frames)
-        except Exception:  # a bug must cost one message, never the receive loop
-            log.exception("internal error while handling a message; it was dropped")
-
+    # -- incoming (called by the LoopSocket for each message) --------------------------
     def _handle(self, frames: list[bytes]) -> None:
         self._liveness.heard()
         try:

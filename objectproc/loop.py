@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from durable.client import Client
 from durable.errors import ProtocolError, UnknownNamespaceError
@@ -42,6 +41,7 @@ from durable.protocol.messages import (
     error_payload,
     parse_from_broker_to_worker,
 )
+from durable.transport import LoopSocket
 
 from .activation import Activation
 from .storage import SlotStore, tune_gc
@@ -90,9 +90,8 @@ class ObjectProcess:
         self.catalog: dict[tuple[str, str], Activation] = {}
         self.counters: dict[str, int] = {"calls": 0, "errors": 0, "evicted": 0,
                                          "dropped_broker_messages": 0}
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._shadow: zmq.Socket | None = None
+        self._ctx = zmq.Context.instance()
+        self._sock: LoopSocket | None = None
         self._liveness: Liveness | None = None
         self._stopping = asyncio.Event()
         self.store: SlotStore | None = None
@@ -113,10 +112,8 @@ class ObjectProcess:
         self._register()
         try:
             async with asyncio.TaskGroup() as tg:
-                receiver = tg.create_task(self._receive_loop())
                 timers = tg.create_task(self._timer_loop())
                 await self._stopping.wait()
-                receiver.cancel()
                 timers.cancel()
         finally:
             await self._shutdown()
@@ -133,18 +130,17 @@ class ObjectProcess:
         if self.store is not None:
             await self.store.close()
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close()
 
     def _register(self) -> None:
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.connect(self.config.backend)
-        self._sock = sock
-        self._shadow = zmq.Socket.shadow(sock.underlying)
+        self._sock = LoopSocket(sock, self._handle)
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1
         self._send(Ready(self.config.slot, os.getpid(), incarnation).encode())
@@ -152,37 +148,12 @@ class ObjectProcess:
 
     def _send(self, frames: list[bytes]) -> None:
         try:
-            # The asyncio socket (eager send), not the shadow: see client.Client._send.
-            self._sock.send_multipart(frames, copy=False)
+            self._sock.send(frames)
         except zmq.ZMQError as e:
             log.warning("slot %d: could not send to the broker: %s", self.config.slot, e)
         self._liveness.sent()
 
-    # -- incoming ---------------------------------------------------------------------------
-    async def _receive_loop(self) -> None:
-        while True:
-            sock = self._sock
-            try:
-                frames = await sock.recv_multipart()
-            except zmq.ZMQError:
-                if sock is self._sock:
-                    raise
-                continue
-            self._handle_safely(frames)
-            shadow = self._shadow
-            while shadow is self._shadow:
-                try:
-                    frames = shadow.recv_multipart(zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    break
-                self._handle_safely(frames)
-
-    def _handle_safely(self, frames: list[bytes]) -> None:
-        try:
-            self._handle(frames)
-        except Exception:  # a bug must cost one message, never the receive loop
-            log.exception("internal error while handling a message; it was dropped")
-
+    # -- incoming (called by the LoopSocket for each message) --------------------------
     def _handle(self, frames: list[bytes]) -> None:
         self._liveness.heard()
         try:

@@ -2,10 +2,17 @@
 """Benchmarks for durable; JSON on stdout.
 
     python scripts/bench.py storage [--quick] [--repeat N]
+    python scripts/bench.py rpc [--quick] [--repeat N] [--slots N]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append, one DuckDB single-row
 commit), so that ratios can be compared within one run on a noisy machine.
+``rpc`` starts a real broker and object processes on ipc endpoints and calls
+them through the async client: sequential no-op fetch, no-op fetch with 64 in
+flight over 100 objects, a durable counter increment (get + put, response
+after durability) both ways, and in the same run the bare 2-hop zmq echo
+floor (DEALER -> ROUTER/ROUTER broker loop -> DEALER worker, sync loops).
+
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
 """
@@ -270,6 +277,195 @@ def storage_suite(quick: bool) -> dict[str, Any]:
     return out
 
 
+# -- rpc ------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _echo_broker(front: str, back: str) -> None:
+    import zmq
+
+    ctx = zmq.Context.instance()
+    f, b = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    f.bind(front)
+    b.bind(back)
+    poller = zmq.Poller()
+    poller.register(f, zmq.POLLIN)
+    poller.register(b, zmq.POLLIN)
+    worker = None
+    while True:
+        events = dict(poller.poll())
+        if b in events:
+            while True:
+                try:
+                    frames = b.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) == 2:
+                    worker = frames[0]
+                else:
+                    f.send_multipart(frames[1:])
+        if f in events and worker is not None:
+            while True:
+                try:
+                    frames = f.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                b.send_multipart([worker, *frames])
+
+
+def _echo_worker(back: str) -> None:
+    import zmq
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.connect(back)
+    s.send_multipart([b"ready"])
+    while True:
+        s.send_multipart(s.recv_multipart())
+
+
+def zmq_echo_floor(tmp: Path, n: int) -> dict[str, float]:
+    import subprocess
+
+    import zmq
+
+    front, back = f"ipc://{tmp}/echo-f.sock", f"ipc://{tmp}/echo-b.sock"
+    procs = [subprocess.Popen([sys.executable, __file__, "_echo-broker", front, back]),
+             subprocess.Popen([sys.executable, __file__, "_echo-worker", back])]
+    try:
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(front)
+        s.setsockopt(zmq.RCVTIMEO, 10_000)
+        for _ in range(50):  # until the worker is known
+            s.send_multipart([b"warm", b"x"])
+            try:
+                s.setsockopt(zmq.RCVTIMEO, 200)
+                s.recv_multipart()
+                break
+            except zmq.Again:
+                continue
+        s.setsockopt(zmq.RCVTIMEO, 10_000)
+        while True:  # drop stray warm-up answers
+            try:
+                s.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            s.send_multipart([b"call", b"x" * 40])
+            s.recv_multipart()
+            times.append(time.perf_counter() - t)
+        s.close(linger=0)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return {"p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99))}
+
+
+class Daemon:
+    """A broker and object processes, as ``durable serve`` will run them (killed on exit)."""
+
+    def __init__(self, tmp: Path, slots: int) -> None:
+        import subprocess
+
+        from durable.ids import load_or_create_secret
+
+        run = tmp / "run"
+        run.mkdir(mode=0o700)
+        data = tmp / "data"
+        load_or_create_secret(data)
+        self.frontend, backend = f"ipc://{run}/broker.sock", f"ipc://{run}/workers.sock"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
+        ns = {"NOOP": "bench_objects:Noop", "COUNTER": "examples.counter:Counter"}
+        args = [sys.executable, "-m", "durable.broker", "--frontend", self.frontend, "--backend",
+                backend, "--slots", str(slots), "--data-dir", str(data), "--log-level", "WARNING"]
+        for name in ns:
+            args += ["--namespace", name]
+        self.procs = [subprocess.Popen(args, env=env)]
+        for slot in range(slots):
+            args = [sys.executable, "-m", "durable.objectproc", "--slot", str(slot), "--backend",
+                    backend, "--frontend", self.frontend, "--data-dir", str(data),
+                    "--log-level", "WARNING"]
+            for name, cls in ns.items():
+                args += ["--namespace", f"{name}={cls}"]
+            self.procs.append(subprocess.Popen(args, env=env))
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+async def rpc_measure(endpoint: str, quick: bool) -> dict[str, Any]:
+    import durable
+
+    out: dict[str, Any] = {}
+    async with durable.connect(endpoint, timeout=30) as client:
+        deadline = time.monotonic() + 30
+        while not all(s["up"] for s in (await client.statistics())["slots"]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("object processes did not register")
+            await asyncio.sleep(0.05)
+        n = 300 if quick else 3000
+        secs = 1.0 if quick else 4.0
+
+        async def sequential(ns: str, path: str, method: str) -> dict[str, float]:
+            space = client.namespace(ns)
+            stub = space.get(space.id_from_name("seq"))
+            for _ in range(50):
+                await stub.fetch(path, method=method)
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                await stub.fetch(path, method=method)
+                times.append(time.perf_counter() - t)
+            return {"n": n, "p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99))}
+
+        async def in_flight(ns: str, path: str, method: str, width: int = 64,
+                            objects: int = 100) -> dict[str, float]:
+            space = client.namespace(ns)
+            stubs = [space.get(space.id_from_name(f"o{i}")) for i in range(objects)]
+            await asyncio.gather(*[s.fetch(path, method=method) for s in stubs])
+            times: list[float] = []
+            stop = time.monotonic() + secs
+
+            async def worker(k: int) -> None:
+                i = k
+                while time.monotonic() < stop:
+                    t = time.perf_counter()
+                    await stubs[i % objects].fetch(path, method=method)
+                    times.append(time.perf_counter() - t)
+                    i += width
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*[worker(k) for k in range(width)])
+            elapsed = time.perf_counter() - t0
+            return {"in_flight": width, "objects": objects, "calls": len(times),
+                    "per_s": round(len(times) / elapsed), "p50_ms": ms(pct(times, 0.5)),
+                    "p99_ms": ms(pct(times, 0.99))}
+
+        out["noop_sequential"] = await sequential("NOOP", "http://do/", "GET")
+        out["noop_64_in_flight_100_objects"] = await in_flight("NOOP", "http://do/", "GET")
+        out["counter_sequential"] = await sequential("COUNTER", "http://do/inc", "POST")
+        out["counter_64_in_flight_100_objects"] = await in_flight("COUNTER", "http://do/inc", "POST")
+    return out
+
+
+def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+        root = Path(tmp)
+        out: dict[str, Any] = {"slots": slots}
+        out["floor_zmq_2hop_echo"] = zmq_echo_floor(root, 500 if quick else 5000)
+        daemon = Daemon(root, slots)
+        try:
+            out.update(asyncio.run(rpc_measure(daemon.frontend, quick)))
+        finally:
+            daemon.close()
+    return out
+
+
 def median_of(runs: list[Any]) -> Any:
     first = runs[0]
     if isinstance(first, dict):
@@ -282,11 +478,21 @@ def median_of(runs: list[Any]) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["storage"])
+    if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_echo-"):
+        if sys.argv[1] == "_echo-broker":
+            _echo_broker(sys.argv[2], sys.argv[3])
+        else:
+            _echo_worker(sys.argv[2])
+        return 0
+    p.add_argument("suite", choices=["storage", "rpc"])
+    p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
     p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke runs")
     p.add_argument("--repeat", type=int, default=1, help="run N times; report medians")
     args = p.parse_args(argv)
-    runs = [storage_suite(args.quick) for _ in range(args.repeat)]
+    if args.suite == "storage":
+        runs = [storage_suite(args.quick) for _ in range(args.repeat)]
+    else:
+        runs = [rpc_suite(args.quick, args.slots) for _ in range(args.repeat)]
     result = {"suite": args.suite, "quick": args.quick, "repeat": args.repeat,
               "python": sys.version.split()[0], "cpus": os.cpu_count(),
               "median": median_of(runs)}

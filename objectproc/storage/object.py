@@ -226,7 +226,8 @@ class ObjectStorage:
         """Return once every write made so far is durable (raises if it cannot be)."""
         if self._flush_scheduled or self._turn or self._turn_clear:
             self._flush()
-        await self._slot.wait_durable(self._last_seq)
+        if self._last_seq:  # an activation that never wrote has nothing to wait for
+            await self._slot.wait_durable(self._last_seq)
 
     # -- hooks for the object process ------------------------------------------
     def unsynced(self) -> bool:

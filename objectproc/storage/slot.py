@@ -145,6 +145,7 @@ class SlotStore:
         self._apply_cond = threading.Condition()
         self._stopping = False
         self._urgent = 0
+        self._applier_idle = False
         self._apply_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self.log = CommitLog(log_dir, next_seq, on_durable=self._durable_from_thread,
                              on_error=self._error_from_thread, segment_bytes=segment_bytes,
@@ -237,9 +238,12 @@ class SlotStore:
             raise StorageCommitError(f"slot {self.slot} storage is closed")
 
     def _durable_from_thread(self, seq: int) -> None:
-        with self._apply_cond:
-            self._apply_cond.notify()
         self.loop.call_soon_threadsafe(self._resolve, seq)
+        # Wake the applier only when it has something to decide: it sleeps without a
+        # deadline when idle, and a wake-up per fsync would take the GIL from the loop.
+        if self._applier_idle or len(self._unapplied) >= self._apply_min:
+            with self._apply_cond:
+                self._apply_cond.notify()
 
     def _resolve(self, seq: int) -> None:
         w = self._waiters
@@ -311,7 +315,9 @@ class SlotStore:
                         self._apply_cond.wait(deadline - now)
                     else:
                         deadline = None
+                        self._applier_idle = True
                         self._apply_cond.wait()
+                        self._applier_idle = False
             batch: list[_Record] = []
             durable = self.log.durable_seq
             cap = _LIVE_BATCH if len(self._unapplied) < _BACKLOG else _REPLAY_BATCH
