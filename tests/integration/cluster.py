@@ -28,6 +28,7 @@ class Cluster:
     root: Path
     slots: int
     heartbeat: float = 0.2
+    idle_timeout: float = 60.0
     frontend: str = ""
     backend: str = ""
     broker: subprocess.Popen | None = None
@@ -64,7 +65,8 @@ class Cluster:
     def start_worker(self, slot: int) -> subprocess.Popen:
         args = ["-m", "durable.objectproc", "--slot", str(slot), "--backend", self.backend,
                 "--frontend", self.frontend, "--data-dir", str(self.data),
-                "--heartbeat", str(self.heartbeat), "--var", "greeting=hello"]
+                "--heartbeat", str(self.heartbeat), "--var", "greeting=hello",
+                "--idle-timeout", str(self.idle_timeout)]
         for ns, cls in NAMESPACES.items():
             args += ["--namespace", f"{ns}={cls}"]
         proc = self._spawn(f"objectproc-{slot}", args)
@@ -100,8 +102,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, slots: int = 2, heartbeat: float = 0.2) -> Iterator[Cluster]:
-    c = Cluster(root, slots, heartbeat)
+def running_cluster(root: Path, slots: int = 2, heartbeat: float = 0.2,
+                    idle_timeout: float = 60.0) -> Iterator[Cluster]:
+    c = Cluster(root, slots, heartbeat, idle_timeout)
     # The id secret is shared through the data dir: the broker creates it, object processes read it.
     from durable.ids import load_or_create_secret
     load_or_create_secret(c.data)

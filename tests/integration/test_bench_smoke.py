@@ -21,3 +21,15 @@ def test_storage_bench_quick_reports_every_figure():
     assert m["concurrent_durable_puts_100k_rows"]["stored_rows"] >= 100_000
     assert m["recovery_replay"]["records"] == m["recovery_replay"]["logged"] > 0
     assert 0 < m["reads_at_100k_rows"]["cached_get_us"]
+
+
+def test_rpc_bench_quick_reports_every_figure():
+    out = subprocess.run([sys.executable, str(BENCH), "rpc", "--quick"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]
+    for section in ("floor_zmq_2hop_echo", "noop_sequential", "noop_64_in_flight_100_objects",
+                    "counter_sequential", "counter_64_in_flight_100_objects"):
+        assert section in m, f"{section} missing from {sorted(m)}"
+    assert m["noop_64_in_flight_100_objects"]["calls"] > 0
+    assert m["counter_64_in_flight_100_objects"]["calls"] > 0
