@@ -180,12 +180,7 @@ class Client:
     def _open_socket(self) -> None:
         if self._sock is not None:
             self._sock.close()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.connect(self.endpoint)
-        self._sock = LoopSocket(sock, self._handle)
+        self._sock = LoopSocket.dealer(self.endpoint, self._handle, self._ctx)
         self._liveness = Liveness(self._heartbeat, self._misses)
         self._welcomed.clear()
         self._send(Hello(os.getpid(), self._name).encode())

@@ -92,6 +92,17 @@ class LoopSocket:
             self._backlog.popleft()
         self._check_input()
 
+    @classmethod
+    def dealer(cls, endpoint: str, on_message: Callable[[list[bytes]], None],
+               context: zmq.Context | None = None) -> LoopSocket:
+        """A DEALER connected to ``endpoint``, with the options every durable peer uses."""
+        sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(endpoint)
+        return cls(sock, on_message)
+
     @property
     def backlog(self) -> int:
         return len(self._backlog)

@@ -135,12 +135,7 @@ class ObjectProcess:
     def _register(self) -> None:
         if self._sock is not None:
             self._sock.close()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.connect(self.config.backend)
-        self._sock = LoopSocket(sock, self._handle)
+        self._sock = LoopSocket.dealer(self.config.backend, self._handle, self._ctx)
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1
         self._send(Ready(self.config.slot, os.getpid(), incarnation).encode())
