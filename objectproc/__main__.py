@@ -9,9 +9,16 @@ import os
 import signal
 import sys
 
+import duckdb
+import orjson
+
+from durable.errors import StorageCorruptError
+
 from .loop import ObjectProcess, ObjectProcessConfig
+from .storage import StorageLimits
 
 EXIT_CONFIG = 78  # EX_CONFIG: restarting will not help
+EXIT_STORAGE = 74  # EX_IOERR: the slot's storage cannot be opened
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -32,16 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--namespace", action="append", default=[], help="NAME=module:Class (repeat)")
     p.add_argument("--var", action="append", default=[], help="NAME=VALUE for env.vars (repeat)")
+    p.add_argument("--vars-json", default="{}", help="env.vars as a JSON object")
+    p.add_argument("--max-key-bytes", type=int, default=2048)
+    p.add_argument("--max-value-bytes", type=int, default=32768)
+    p.add_argument("--max-keys-per-call", type=int, default=128)
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(levelname)s objectproc slot={args.slot} pid={os.getpid()} %(message)s")
+    variables = orjson.loads(args.vars_json)
+    variables.update(_pairs(args.var, "var"))
     config = ObjectProcessConfig(
         slot=args.slot, backend=args.backend, frontend=args.frontend, data_dir=args.data_dir,
-        namespaces=_pairs(args.namespace, "namespace"), vars=_pairs(args.var, "var"),
-        idle_timeout=args.idle_timeout, heartbeat=args.heartbeat)
+        namespaces=_pairs(args.namespace, "namespace"), vars=variables,
+        idle_timeout=args.idle_timeout, heartbeat=args.heartbeat,
+        limits=StorageLimits(args.max_key_bytes, args.max_value_bytes, args.max_keys_per_call))
     try:
         proc = ObjectProcess(config)
     except ValueError as e:
@@ -54,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         loop.add_signal_handler(signal.SIGINT, proc.stop)
         await proc.run()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except (StorageCorruptError, OSError, duckdb.Error) as e:
+        logging.getLogger("durable.objectproc").error(
+            "slot %d: storage in %s cannot be opened: %s: %s", args.slot, args.data_dir,
+            type(e).__name__, e)
+        return EXIT_STORAGE
     return 0
 
 

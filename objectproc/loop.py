@@ -44,7 +44,7 @@ from durable.protocol.messages import (
 from durable.transport import LoopSocket
 
 from .activation import Activation
-from .storage import SlotStore, tune_gc
+from .storage import SlotStore, StorageLimits, tune_gc
 
 __all__ = ["ObjectProcess", "ObjectProcessConfig", "load_class"]
 
@@ -81,6 +81,7 @@ class ObjectProcessConfig:
     idle_timeout: float = 60.0
     heartbeat: float = 1.0
     misses: int = 5
+    limits: StorageLimits = field(default_factory=StorageLimits)
 
 
 class ObjectProcess:
@@ -101,7 +102,7 @@ class ObjectProcess:
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
         cfg = self.config
-        self.store = SlotStore(cfg.data_dir, cfg.slot)
+        self.store = SlotStore(cfg.data_dir, cfg.slot, limits=cfg.limits)
         tune_gc()
         secret = load_or_create_secret(cfg.data_dir)
         keys = {n: namespace_key(secret, n) for n in cfg.namespaces}

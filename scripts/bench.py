@@ -378,7 +378,7 @@ class Daemon:
         load_or_create_secret(data)
         self.frontend, backend = f"ipc://{run}/broker.sock", f"ipc://{run}/workers.sock"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
-        ns = {"NOOP": "bench_objects:Noop", "COUNTER": "examples.counter:Counter"}
+        ns = {"NOOP": "bench_objects:Noop", "COUNTER": "durable.examples.counter:Counter"}
         args = [sys.executable, "-m", "durable.broker", "--frontend", self.frontend, "--backend",
                 backend, "--slots", str(slots), "--data-dir", str(data), "--log-level", "WARNING"]
         for name in ns:

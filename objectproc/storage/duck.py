@@ -19,6 +19,7 @@ Layout (measured on DuckDB 2.0, 1M rows, 2 cores; see docs/storage.md):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import duckdb
@@ -46,6 +47,7 @@ class DuckStore:
     def __init__(self, path: Path, *, memory_limit: str = "512MB") -> None:
         self.path = path
         self._con = duckdb.connect(str(path), config={"threads": 1, "memory_limit": memory_limit})
+        os.chmod(path, 0o600)  # holds every object's data
         self._con.execute(_SCHEMA)
         self._reader = self._con.cursor()
         self._writer = self._con.cursor()

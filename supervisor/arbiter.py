@@ -1,0 +1,341 @@
+"""The arbiter: owns one watcher per process (broker, N object processes) and keeps them running.
+
+Rules this file keeps:
+
+* **Signal handlers only enqueue.** SIGTERM/SIGINT/SIGCHLD append to a queue
+  and wake the loop through ``signal.set_wakeup_fd``; all work happens in the
+  loop (gunicorn's ``Arbiter.signal``).
+* **Every child is reaped** with ``waitpid(-1, WNOHANG)``; every child dies
+  with the supervisor (``PR_SET_PDEATHSIG`` on Linux, so even ``kill -9`` of the
+  supervisor leaves no orphans).
+* **Restarts follow the policy** (``restart_policy.py``); a process that
+  cannot help (bad configuration, storage) or that flaps halts the daemon,
+  saying why in the log and in systemd's STATUS.
+* **Ready means ready**: READY=1 only once the broker answers and every slot
+  has registered.
+* **Stop**: STOPPING=1; SIGTERM the object processes (each finishes its calls
+  in flight and makes every write durable), then the broker; SIGKILL what is
+  left when the grace period ends. A second SIGTERM skips straight to SIGKILL.
+
+Watcher lifecycle::
+
+    STOPPED --start--> RUNNING --exit--> BACKOFF --due--> RUNNING
+    RUNNING --exit (hopeless/flapping)--> FAILED
+    RUNNING --stop--> STOPPING --exit--> STOPPED
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import zmq
+
+from durable.ids import load_or_create_secret
+from durable.objectproc.loop import load_class
+from durable.protocol.messages import Hello, Stats, StatsReply, parse_from_broker_to_client
+
+from . import systemd
+from .config import EXIT_CONFIG, Config, ConfigError
+from .restart_policy import Decision, RestartPolicy
+
+__all__ = ["Arbiter", "Watcher", "WatcherState"]
+
+log = logging.getLogger("durable.supervisor")
+
+
+class WatcherState(enum.Enum):
+    STOPPED = "stopped"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+_TRANSITIONS = {
+    (WatcherState.STOPPED, "start"): WatcherState.RUNNING,
+    (WatcherState.BACKOFF, "start"): WatcherState.RUNNING,
+    (WatcherState.RUNNING, "exit"): WatcherState.BACKOFF,
+    (WatcherState.RUNNING, "fail"): WatcherState.FAILED,
+    (WatcherState.RUNNING, "stop"): WatcherState.STOPPING,
+    (WatcherState.BACKOFF, "stop"): WatcherState.STOPPED,
+    (WatcherState.STOPPING, "exit"): WatcherState.STOPPED,
+    (WatcherState.FAILED, "stop"): WatcherState.FAILED,
+    (WatcherState.STOPPED, "stop"): WatcherState.STOPPED,
+}
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it stops the children
+
+
+@dataclass
+class Watcher:
+    name: str
+    role: str
+    slot: int | None
+    argv: list[str]
+    env: dict[str, str]
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    state: WatcherState = WatcherState.STOPPED
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    start_due: float = 0.0
+    restarts: int = 0
+    last_exit: int | None = None
+
+    def step(self, event: str) -> None:
+        nxt = _TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise RuntimeError(f"watcher {self.name}: {event!r} is not allowed in state {self.state.value}")
+        self.state = nxt
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, now: float) -> None:
+        self.step("start")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+        self.started_at = now
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+
+
+class Arbiter:
+    def __init__(self, config: Config, *, python: str = sys.executable,
+                 clock: Any = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.python = python
+        self.watchers: list[Watcher] = []
+        self._signals: deque[int] = deque()
+        self._stopping = False
+        self._ready = False
+        self.exit_code = 0
+
+    # -- set-up ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """Everything that would make children fail at once; raise ConfigError first."""
+        for name, spec in self.config.namespaces.items():
+            try:
+                load_class(spec)
+            except ValueError as e:
+                raise ConfigError(f"{self.config.source}: namespaces.{name}.class: {e}. Check "
+                                  "the module is importable (installed, or on PYTHONPATH).") from None
+
+    def _prepare_dirs(self) -> None:
+        data = self.config.data_path
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(data, 0o700)
+        run = self.config.run_dir
+        run.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(run, 0o700)
+        load_or_create_secret(data)
+
+    def _build_watchers(self) -> None:
+        c = self.config
+        env = dict(os.environ)
+        front, back = c.frontend(), c.backend()
+        broker = [self.python, "-m", "durable.broker", "--frontend", front, "--backend", back,
+                  "--slots", str(c.slots), "--data-dir", str(c.data_path),
+                  "--heartbeat", str(c.broker.heartbeat), "--queue-limit", str(c.broker.queue_limit),
+                  "--queue-deadline", str(c.broker.queue_deadline)]
+        for ns in c.namespaces:
+            broker += ["--namespace", ns]
+        self.watchers.append(Watcher("broker", "broker", None, broker, env))
+        for slot in range(c.slots):
+            argv = [self.python, "-m", "durable.objectproc", "--slot", str(slot), "--backend", back,
+                    "--frontend", front, "--data-dir", str(c.data_path),
+                    "--idle-timeout", str(c.idle_timeout), "--heartbeat", str(c.broker.heartbeat),
+                    "--vars-json", orjson.dumps(c.vars).decode(),
+                    "--max-key-bytes", str(c.limits.max_key_bytes),
+                    "--max-value-bytes", str(c.limits.max_value_bytes),
+                    "--max-keys-per-call", str(c.limits.max_keys_per_call)]
+            for ns, cls in c.namespaces.items():
+                argv += ["--namespace", f"{ns}={cls}"]
+            self.watchers.append(Watcher(f"objectproc-{slot}", "objectproc", slot, argv, env))
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self) -> int:
+        self.check()
+        self._prepare_dirs()
+        self._build_watchers()
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        signal.set_wakeup_fd(wfd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, lambda s, _f: self._signals.append(s))
+        watchdog = systemd.watchdog_interval()
+        next_watchdog = self.clock()
+        systemd.notify("STATUS=starting the broker and object processes")
+        now = self.clock()
+        for w in self.watchers:
+            w.start(now)
+        probe = _Probe(self.config.frontend())
+        try:
+            while True:
+                now = self.clock()
+                due = [w.start_due for w in self.watchers if w.state is WatcherState.BACKOFF]
+                timeout = max(0.0, min([0.2, *[d - now for d in due]]))
+                with contextlib.suppress(InterruptedError):
+                    select.select([rfd], [], [], timeout)
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(rfd, 4096):
+                        pass
+                self._reap()
+                if self._handle_signals():
+                    break
+                if self.exit_code:
+                    self._stop(immediate=False)
+                    break
+                self._start_due()
+                if not self._ready and probe.all_slots_up(self.config.slots):
+                    self._ready = True
+                    systemd.notify("READY=1")
+                    systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
+                                   f"{self.config.slots} slots at {self.config.frontend()}")
+                    log.info("ready: clients connect to %s", self.config.frontend())
+                if watchdog is not None and self.clock() >= next_watchdog:
+                    systemd.notify("WATCHDOG=1")
+                    next_watchdog = self.clock() + watchdog
+        finally:
+            probe.close()
+            signal.set_wakeup_fd(-1)
+            os.close(rfd)
+            os.close(wfd)
+            for w in self.watchers:  # nothing runs unowned, whatever happened above
+                w.signal(signal.SIGKILL)
+                if w.proc is not None:
+                    with contextlib.suppress(Exception):
+                        w.proc.wait(timeout=5)
+        return self.exit_code
+
+    def _handle_signals(self) -> bool:
+        while self._signals:
+            sig = self._signals.popleft()
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s: stopping", signal.Signals(sig).name)
+                self._stop(immediate=False)
+                return True
+        return False
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            for w in self.watchers:
+                if w.pid == pid:
+                    w.proc.returncode = code
+                    self._exited(w, code)
+
+    def _exited(self, w: Watcher, code: int) -> None:
+        now = self.clock()
+        w.last_exit = code
+        if self._stopping or w.state is WatcherState.STOPPING:
+            if w.state is WatcherState.STOPPING:
+                w.step("exit")
+            return
+        decision: Decision = w.policy.on_exit(now, code, now - w.started_at)
+        if decision.restart_in is None:
+            w.step("fail")
+            log.error("%s %s", w.name, decision.reason)
+            systemd.notify(f"STATUS=halted: {w.name} {decision.reason}")
+            self.exit_code = EXIT_CONFIG if code == EXIT_CONFIG else 1
+            return
+        w.step("exit")
+        w.start_due = now + decision.restart_in
+        w.restarts += 1
+        log.warning("%s %s", w.name, decision.reason)
+
+    def _start_due(self) -> None:
+        now = self.clock()
+        for w in self.watchers:
+            if w.state is WatcherState.BACKOFF and now >= w.start_due:
+                w.start(now)
+
+    def _stop(self, *, immediate: bool) -> None:
+        self._stopping = True
+        systemd.notify("STOPPING=1")
+        systemd.notify("STATUS=stopping: finishing calls in flight and making writes durable")
+        deadline = self.clock() + (0 if immediate else self.config.grace_period)
+        objectprocs = [w for w in self.watchers if w.role == "objectproc"]
+        brokers = [w for w in self.watchers if w.role == "broker"]
+        for group in (objectprocs, brokers):
+            for w in group:
+                if w.state is WatcherState.RUNNING:
+                    w.step("stop")
+                    w.signal(signal.SIGTERM)
+                elif w.state is WatcherState.BACKOFF:
+                    w.step("stop")
+            while any(w.state is WatcherState.STOPPING for w in group):
+                if self.clock() >= deadline or any(s in (signal.SIGTERM, signal.SIGINT)
+                                                   for s in self._signals):
+                    for w in group:
+                        if w.state is WatcherState.STOPPING:
+                            log.warning("%s did not stop in time: SIGKILL", w.name)
+                            w.signal(signal.SIGKILL)
+                    self._signals.clear()
+                    deadline = self.clock()
+                time.sleep(0.01)
+                self._reap()
+        log.info("stopped")
+
+
+class _Probe:
+    """Asks the broker (as a client) whether every slot has registered."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.sock.send_multipart(Hello(os.getpid(), "supervisor").encode())
+        self.next_ask = 0.0
+        self.call_id = 0
+
+    def all_slots_up(self, slots: int) -> bool:
+        up = False
+        while self.sock.poll(0):
+            try:
+                msg = parse_from_broker_to_client(self.sock.recv_multipart())
+            except Exception:
+                continue
+            if isinstance(msg, StatsReply):
+                s = msg.stats.get("slots", [])
+                up = len(s) == slots and all(x.get("up") for x in s)
+        now = time.monotonic()
+        if not up and now >= self.next_ask:
+            self.call_id += 1
+            self.sock.send_multipart(Stats(self.call_id).encode())
+            self.sock.send_multipart(Hello(os.getpid(), "supervisor").encode())  # if the broker restarted
+            self.next_ask = now + 0.05
+        return up
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,205 @@
+"""Configuration: one documented dataclass per component, read from TOML (``tomllib``).
+
+``load(path)`` returns a checked :class:`Config`, or raises :class:`ConfigError`
+naming the file, the key, what is wrong and how to fix it. Every key is
+documented in docs/configuration.md; ``Config()`` is the built-in default that
+``durable serve`` runs without a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Config", "BrokerSettings", "LimitsSettings", "ConfigError", "load", "DEFAULT_NAMESPACES",
+           "EXIT_CONFIG"]
+
+#: Exit status for "the configuration is wrong; restarting will not help" (sysexits EX_CONFIG).
+EXIT_CONFIG = 78
+
+DEFAULT_NAMESPACES = {"COUNTER": "durable.examples.counter:Counter"}
+_IPC_PATH_MAX = 107  # sun_path
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and how to fix it."""
+
+
+@dataclass
+class BrokerSettings:
+    #: where clients connect; default: ipc in the 0700 run directory
+    endpoint: str = ""
+    #: where object processes connect; default: ipc in the run directory
+    workers_endpoint: str = ""
+    #: seconds between heartbeats; a peer is dead after 5 missed
+    heartbeat: float = 1.0
+    #: calls that may wait for a slot with no running process
+    queue_limit: int = 10_000
+    #: seconds a call waits for such a slot before it fails
+    queue_deadline: float = 10.0
+
+
+@dataclass
+class LimitsSettings:
+    max_key_bytes: int = 2048
+    max_value_bytes: int = 32768
+    max_keys_per_call: int = 128
+
+
+@dataclass
+class Config:
+    data_dir: str = "durable-data"
+    slots: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: seconds an idle object stays loaded once its writes are durable
+    idle_timeout: float = 60.0
+    #: seconds a graceful stop may take before stragglers are killed
+    grace_period: float = 30.0
+    #: restart an object process gracefully above this RSS (MiB); 0 = no limit
+    memory_limit_mb: int = 0
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    namespaces: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_NAMESPACES))
+    vars: dict[str, Any] = field(default_factory=dict)
+    source: str = "built-in defaults"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).absolute()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_path / "run"
+
+    def frontend(self) -> str:
+        return self.broker.endpoint or f"ipc://{self.run_dir / 'broker.sock'}"
+
+    def backend(self) -> str:
+        return self.broker.workers_endpoint or f"ipc://{self.run_dir / 'workers.sock'}"
+
+
+def _err(source: str, key: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {problem}. {fix}")
+
+
+def _check_type(source: str, key: str, value: Any, want: type | tuple[type, ...]) -> None:
+    ok = isinstance(value, want) and not (isinstance(value, bool) and want in (int, float, (int, float)))
+    if not ok:
+        names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+        raise _err(source, key, f"must be {names}, got {type(value).__name__} {value!r:.60}",
+                   f"Write it as a TOML {names}.")
+
+
+def _section(source: str, prefix: str, raw: Any, cls: type) -> Any:
+    if not isinstance(raw, dict):
+        raise _err(source, prefix, "must be a table", f"Write it as [{prefix}].")
+    known = {f.name: f for f in fields(cls)}
+    out = cls()
+    for key, value in raw.items():
+        if key not in known:
+            raise _err(source, f"{prefix}.{key}", "unknown key",
+                       f"Known keys in [{prefix}]: {', '.join(sorted(known))}.")
+        default = getattr(out, key)
+        want: Any = (int, float) if isinstance(default, float) else type(default)
+        _check_type(source, f"{prefix}.{key}", value, want)
+        setattr(out, key, float(value) if isinstance(default, float) else value)
+    return out
+
+
+_TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_period": (int, float),
+        "memory_limit_mb": int}
+
+
+def from_dict(raw: dict[str, Any], source: str) -> Config:
+    cfg = Config(source=source)
+    for key, value in raw.items():
+        if key in _TOP:
+            _check_type(source, key, value, _TOP[key])
+            setattr(cfg, key, float(value) if _TOP[key] == (int, float) else value)
+        elif key == "broker":
+            cfg.broker = _section(source, "broker", value, BrokerSettings)
+        elif key == "limits":
+            cfg.limits = _section(source, "limits", value, LimitsSettings)
+        elif key == "namespaces":
+            cfg.namespaces = _namespaces(source, value)
+        elif key == "vars":
+            _check_type(source, "vars", value, dict)
+            cfg.vars = dict(value)
+        elif key == "http":
+            raise _err(source, "http", "the HTTP gateway is not built yet",
+                       "Remove the [http] table; call objects with the Python client for now.")
+        else:
+            raise _err(source, key, "unknown key", "Known top-level keys: " + ", ".join(
+                sorted([*_TOP, "broker", "limits", "namespaces", "vars"])) + ".")
+    validate(cfg)
+    return cfg
+
+
+def _namespaces(source: str, raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise _err(source, "namespaces", "must hold at least one [namespaces.NAME] table",
+                   'Add for example:\n[namespaces.COUNTER]\nclass = "myapp.counter:Counter"')
+    out = {}
+    for name, table in raw.items():
+        key = f"namespaces.{name}"
+        if not name.isidentifier() or not name.isascii():
+            raise _err(source, key, "a namespace name must be an identifier (letters, digits, _)",
+                       "Rename it, e.g. [namespaces.COUNTER].")
+        if not isinstance(table, dict):
+            raise _err(source, key, "must be a table", f'Write [{key}] with class = "module:Class".')
+        extra = set(table) - {"class"}
+        if extra:
+            raise _err(source, f"{key}.{sorted(extra)[0]}", "unknown key", 'The only key is "class".')
+        cls = table.get("class")
+        if not isinstance(cls, str) or ":" not in cls:
+            raise _err(source, f"{key}.class", f"must be 'package.module:ClassName', got {cls!r}",
+                       'Write class = "myapp.counter:Counter".')
+        out[name] = cls
+    return out
+
+
+def validate(cfg: Config) -> None:
+    src = cfg.source
+    if cfg.slots < 1 or cfg.slots > 1024:
+        raise _err(src, "slots", f"must be between 1 and 1024, got {cfg.slots}", "Use one per CPU.")
+    for key in ("idle_timeout", "grace_period"):
+        if getattr(cfg, key) <= 0:
+            raise _err(src, key, "must be positive", "Use a number of seconds above 0.")
+    if cfg.memory_limit_mb < 0:
+        raise _err(src, "memory_limit_mb", "must be 0 (no limit) or positive", "Use a size in MiB.")
+    if cfg.broker.heartbeat <= 0 or cfg.broker.queue_deadline <= 0 or cfg.broker.queue_limit < 1:
+        raise _err(src, "broker", "heartbeat, queue_deadline and queue_limit must be positive",
+                   "Use positive numbers.")
+    for name in ("max_key_bytes", "max_value_bytes", "max_keys_per_call"):
+        if getattr(cfg.limits, name) < 1:
+            raise _err(src, f"limits.{name}", "must be positive", "Use a positive integer.")
+    for key, endpoint in (("broker.endpoint", cfg.frontend()), ("broker.workers_endpoint", cfg.backend())):
+        if endpoint.startswith("ipc://") and len(endpoint) - len("ipc://") > _IPC_PATH_MAX:
+            raise _err(src, key, f"the ipc path is {len(endpoint) - 6} bytes; the limit is "
+                       f"{_IPC_PATH_MAX}", "Use a shorter data_dir or set the endpoint explicitly.")
+        if endpoint.startswith("tcp://"):
+            host = endpoint[6:].rsplit(":", 1)[0].strip("[]")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise _err(src, key, f"{endpoint} is not on this machine, and CurveZMQ keys are "
+                           "not supported yet", "Bind to 127.0.0.1 or use an ipc:// endpoint.")
+        elif not endpoint.startswith("ipc://"):
+            raise _err(src, key, f"{endpoint!r} is not an ipc:// or tcp:// endpoint",
+                       'Use e.g. "ipc:///run/durable/broker.sock" or "tcp://127.0.0.1:7700".')
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Read and check a config file; ``None`` gives the built-in defaults."""
+    if path is None:
+        cfg = Config()
+        validate(cfg)
+        return cfg
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file. Pass the path of a TOML file to --config.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}. Fix the syntax at that line.") from None
+    return from_dict(raw, str(p))
