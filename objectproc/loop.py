@@ -102,7 +102,10 @@ class ObjectProcess:
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
         cfg = self.config
+        started = time.monotonic()
         self.store = SlotStore(cfg.data_dir, cfg.slot, limits=cfg.limits)
+        log.info("slot %d: storage open in %.3f s (%d log records replayed in %.3f s)", cfg.slot,
+                 time.monotonic() - started, self.store.replayed, self.store.recovery_seconds)
         tune_gc()
         secret = load_or_create_secret(cfg.data_dir)
         keys = {n: namespace_key(secret, n) for n in cfg.namespaces}

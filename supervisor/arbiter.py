@@ -217,7 +217,7 @@ class Arbiter:
                     systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
                                    f"{self.config.slots} slots at {self.config.frontend()}")
                     log.info("ready: clients connect to %s", self.config.frontend())
-                if watchdog is not None and self.clock() >= next_watchdog:
+                if watchdog is not None and self._ready and self.clock() >= next_watchdog:
                     systemd.notify("WATCHDOG=1")
                     next_watchdog = self.clock() + watchdog
         finally:

@@ -3,15 +3,19 @@
 * An exit status that means "restarting will not help" halts at once:
   78 (EX_CONFIG: bad configuration, a class that cannot be imported) and
   74 (EX_IOERR: storage cannot be opened or is damaged).
-* Otherwise restart: at once the first time (a crashed slot should serve
-  again within a second), then with exponential backoff up to ``max_delay``.
-  A process that ran for ``stable_after`` seconds starts the backoff afresh.
-* Flapping: more than ``flap_limit`` restarts within ``flap_window`` seconds
-  halts (circus' flapping plugin).
+* A process killed from outside (SIGKILL, SIGTERM, SIGINT, SIGHUP: an
+  operator, the OOM killer, a test) is restarted at once, however often:
+  a killed slot should serve again within a second.
+* Only a process that dies within ``stable_after`` seconds of its start (a
+  start-up crash) is backed off (exponentially, up to ``max_delay``), and
+  more than ``flap_limit`` such deaths within ``flap_window`` seconds halt
+  the daemon (circus' flapping plugin). A process that ran longer starts the
+  count afresh.
 """
 
 from __future__ import annotations
 
+import signal
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,6 +23,7 @@ __all__ = ["RestartPolicy", "Decision", "EXIT_CONFIG", "EXIT_STORAGE"]
 
 EXIT_CONFIG = 78
 EXIT_STORAGE = 74
+_EXTERNAL = {-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP}
 _HOPELESS = {EXIT_CONFIG: "its configuration is wrong", EXIT_STORAGE: "its storage cannot be opened"}
 
 
@@ -32,7 +37,7 @@ class Decision:
 class RestartPolicy:
     base_delay: float = 0.1
     max_delay: float = 5.0
-    stable_after: float = 10.0
+    stable_after: float = 1.0
     flap_window: float = 30.0
     flap_limit: int = 10
     _streak: int = 0
@@ -42,13 +47,19 @@ class RestartPolicy:
         if status in _HOPELESS:
             return Decision(None, f"exited with status {status}: {_HOPELESS[status]}; "
                                   "restarting will not help")
+        if status in _EXTERNAL:
+            return Decision(0.0, f"was killed ({signal.Signals(-status).name}) after "
+                                 f"{ran_for:.1f} s; restarting now")
+        if ran_for >= self.stable_after:
+            self._streak = 0
+            self._restarts.clear()
+            return Decision(0.0, f"exited with status {status} after {ran_for:.1f} s; restarting now")
         while self._restarts and now - self._restarts[0] > self.flap_window:
             self._restarts.popleft()
         if len(self._restarts) >= self.flap_limit:
-            return Decision(None, f"restarted {len(self._restarts)} times in "
-                                  f"{self.flap_window:g} s (flapping); giving up")
-        if ran_for >= self.stable_after:
-            self._streak = 0
+            return Decision(None, f"died within {self.stable_after:g} s of starting "
+                                  f"{len(self._restarts) + 1} times in {self.flap_window:g} s "
+                                  "(flapping); giving up")
         delay = 0.0 if self._streak == 0 else min(self.max_delay, self.base_delay * 2 ** (self._streak - 1))
         self._streak += 1
         self._restarts.append(now)

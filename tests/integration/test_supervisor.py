@@ -1,0 +1,226 @@
+"""`durable serve` as people run it: real processes, real signals, a real notify socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import time
+
+import psutil
+import pytest
+
+import durable
+from durable.broker.ring import Ring
+from durable.errors import StubBrokenError
+from tests.integration.daemon import serving
+from tests.integration.procs import wait_for
+
+FAST = """
+slots = 2
+grace_period = 10
+[broker]
+heartbeat = 0.2
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+[namespaces.RECORDER]
+class = "tests.integration.objects:Recorder"
+"""
+
+
+def test_serve_on_defaults_in_an_empty_folder(tmp_path):
+    with serving(tmp_path) as d:
+        ready_in = d.wait_ready()
+        kids = d.children()
+        assert len(kids) == 1 + (os.cpu_count() or 1)
+        with durable.connect_sync(d.frontend) as c:
+            ns = c.namespace("COUNTER")
+            assert ns.get(ns.id_from_name("x")).fetch("http://do/inc", method="POST").text() == "1"
+        t = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=30) == 0
+        stopped_in = time.monotonic() - t
+        gone, alive = psutil.wait_procs(kids, timeout=5)
+        assert not alive, alive
+        messages = d.read_notify()
+        print(f"READY after {ready_in:.2f} s, stopped in {stopped_in:.2f} s")
+        assert ready_in < 10 and stopped_in < 30
+        assert "clients connect to" in d.log_text()
+        assert oct((tmp_path / "durable-data").stat().st_mode & 0o777) == "0o700"
+        assert oct((tmp_path / "durable-data" / "run").stat().st_mode & 0o777) == "0o700"
+        assert oct((tmp_path / "durable-data" / "secret").stat().st_mode & 0o777) == "0o600"
+        order = [m.split("=")[0] for m in messages if m.split("=")[0] in ("READY", "STOPPING")]
+        assert order == ["READY", "STOPPING"], messages
+
+
+def test_notify_order_ready_status_watchdog_stopping(tmp_path):
+    with serving(tmp_path, FAST, env={"WATCHDOG_USEC": "200000"}) as d:
+        d.wait_ready()
+        time.sleep(0.5)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=30) == 0
+        kinds = [m.split("=")[0] for m in d.read_notify()]
+        first = {k: kinds.index(k) for k in ("READY", "STATUS", "WATCHDOG", "STOPPING")}
+        assert first["READY"] < kinds.index("WATCHDOG") < first["STOPPING"], kinds
+        assert "STATUS" in kinds[first["READY"]:], kinds
+        assert kinds.count("WATCHDOG") >= 3, kinds
+
+
+def _slot_of(c, ns, name, slots=2):
+    return Ring(slots).slot_for(str(c.namespace(ns).id_from_name(name)))
+
+
+async def _increments(client, name, n, acked):
+    ns = client.namespace("COUNTER")
+    stub = ns.get(ns.id_from_name(name))
+    for _ in range(n):
+        try:
+            await stub.fetch("http://do/inc", method="POST", timeout=5)
+            acked[name] += 1
+        except (StubBrokenError, durable.CallTimeoutError):
+            stub = ns.get(ns.id_from_name(name))
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("role", ["objectproc", "broker"])
+def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, role):
+    kills = 20
+    with serving(tmp_path, FAST) as d:
+        d.wait_ready()
+
+        async def main():
+            async with durable.connect(d.frontend, timeout=5) as client:
+                acked = {f"k{i}": 0 for i in range(8)}
+                load = [asyncio.ensure_future(_increments(client, name, 10**6, acked)) for name in acked]
+                back_in = []
+                try:
+                    for _ in range(kills):
+                        await asyncio.sleep(0.3)
+                        victim = d.child(role, 0 if role == "objectproc" else None)
+                        t = time.monotonic()
+                        victim.kill()
+                        while True:  # back: a new process of that role has registered
+                            await asyncio.sleep(0.01)
+                            stats = await client.statistics(timeout=2) if role == "objectproc" else None
+                            if role == "objectproc" and stats["slots"][0]["up"] and \
+                                    stats["slots"][0]["pid"] != victim.pid:
+                                break
+                            if role == "broker":
+                                try:
+                                    new = d.child("broker")
+                                except AssertionError:
+                                    continue
+                                if new.pid != victim.pid:
+                                    await _wait_serving(client)
+                                    break
+                            assert time.monotonic() - t < 15, "not back within 15 s"
+                        back_in.append(time.monotonic() - t)
+                finally:
+                    for f in load:
+                        f.cancel()
+                    await asyncio.gather(*load, return_exceptions=True)
+                ns = client.namespace("COUNTER")
+                for name, n in acked.items():
+                    stub = ns.get(ns.id_from_name(name))
+                    for _ in range(100):
+                        try:
+                            value = int(await (await stub.fetch("http://do/", timeout=5)).text())
+                            break
+                        except (StubBrokenError, durable.CallTimeoutError):
+                            stub = ns.get(ns.id_from_name(name))
+                            await asyncio.sleep(0.05)
+                    assert value >= n, f"{name}: {n} increments acknowledged, {value} stored"
+                return back_in, sum(acked.values())
+
+        back_in, total = asyncio.run(main())
+        back_in.sort()
+        p99 = back_in[min(len(back_in) - 1, int(len(back_in) * 0.99))]
+        print(f"{role}: back after SIGKILL p50 {statistics.median(back_in):.3f} s, "
+              f"p99 {p99:.3f} s over {kills} kills; {total} acknowledged increments")
+        assert total > 100
+        assert p99 < 1.0, back_in
+
+
+async def _wait_serving(client):
+    ns = client.namespace("COUNTER")
+    for _ in range(300):
+        try:
+            await ns.get(ns.id_from_name("probe")).fetch("http://do/", timeout=1)
+            return
+        except (StubBrokenError, durable.CallTimeoutError):
+            await asyncio.sleep(0.01)
+
+
+def test_sigkill_of_the_supervisor_takes_every_child_down(tmp_path):
+    with serving(tmp_path, FAST) as d:
+        d.wait_ready()
+        kids = d.children()
+        assert len(kids) == 3
+        d.proc.kill()
+        d.proc.wait(timeout=10)
+        t = time.monotonic()
+        gone, alive = psutil.wait_procs(kids, timeout=10)
+        assert not alive, [k.cmdline() for k in alive]
+        print(f"children gone {time.monotonic() - t:.2f} s after the supervisor's SIGKILL")
+
+
+def test_sigterm_under_writes_keeps_every_acknowledged_write(tmp_path):
+    acked = {f"t{i}": 0 for i in range(8)}
+    with serving(tmp_path, FAST) as d:
+        d.wait_ready()
+
+        async def main():
+            async with durable.connect(d.frontend, timeout=5) as client:
+                load = [asyncio.ensure_future(_increments(client, name, 10**6, acked)) for name in acked]
+                await asyncio.sleep(1.0)
+                t = time.monotonic()
+                d.proc.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(d.proc.wait, 30)
+                for f in load:
+                    f.cancel()
+                await asyncio.gather(*load, return_exceptions=True)
+                return time.monotonic() - t
+
+        stopped_in = asyncio.run(main())
+        assert d.proc.returncode == 0
+        print(f"SIGTERM with writes in flight: stopped in {stopped_in:.2f} s")
+        assert stopped_in < 10
+    with serving(tmp_path, FAST) as d:
+        d.wait_ready()
+        with durable.connect_sync(d.frontend) as c:
+            ns = c.namespace("COUNTER")
+            for name, n in acked.items():
+                value = int(ns.get(ns.id_from_name(name)).fetch("http://do/").text())
+                assert value >= n > 0, (name, n, value)
+
+
+def test_class_that_fails_to_import_in_object_processes_halts_the_daemon(tmp_path):
+    config = FAST + '[namespaces.BAD]\nclass = "tests.integration.bad_objects:Refuses"\n'
+    with serving(tmp_path, config) as d:
+        code = d.proc.wait(timeout=60)
+        log = d.log_text()
+        assert code == 78, log
+        assert "tests.integration.bad_objects" in log and "refuses to load" in log, log
+        wait_for(lambda: not d.children(), 10, "no children left")
+        assert any("halted" in m for m in d.read_notify())
+
+
+@pytest.mark.parametrize("config, words", [
+    ("slots = 'two'\n", ["slots", "must be int"]),
+    ("nope = 1\n", ["nope", "unknown key"]),
+    ("[namespaces.X]\nclass = 'no.such.module:Thing'\n", ["namespaces.X.class", "no.such.module"]),
+    ("[namespaces.X]\nclass = 'os:path'\n", ["namespaces.X.class", "not a class"]),
+    ("[broker]\nendpoint = 'tcp://10.0.0.1:7700'\n", ["broker.endpoint", "not on this machine"]),
+    ("slots = [\n", ["not valid TOML"]),
+])
+def test_configuration_errors_name_file_key_and_exit_78(tmp_path, config, words):
+    with serving(tmp_path, config) as d:
+        code = d.proc.wait(timeout=30)
+        log = d.log_text()
+        assert code == 78, log
+        assert "durable.toml" in log
+        for w in words:
+            assert w in log, (w, log)
+        assert not d.children()
+        assert not (tmp_path / "durable-data").exists()  # nothing half-started

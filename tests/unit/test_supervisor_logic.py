@@ -1,0 +1,105 @@
+"""Restart policy, sd_notify and configuration: pure logic (plus a real AF_UNIX socket)."""
+
+import socket
+
+import pytest
+
+from durable.supervisor import systemd
+from durable.supervisor.config import Config, ConfigError, from_dict, load
+from durable.supervisor.restart_policy import EXIT_CONFIG, EXIT_STORAGE, RestartPolicy
+
+
+def test_killed_from_outside_restarts_at_once_however_often():
+    p = RestartPolicy()
+    for i in range(100):
+        d = p.on_exit(now=10.0 + i * 0.3, status=-9, ran_for=0.2)
+        assert d.restart_in == 0.0, d
+    assert "SIGKILL" in d.reason
+
+
+def test_crash_signals_count_as_crashes():
+    p = RestartPolicy(flap_limit=3)
+    assert [p.on_exit(now=float(i), status=-11, ran_for=0.1).restart_in for i in range(3)] == [0.0, 0.1, 0.2]
+    assert p.on_exit(now=4.0, status=-11, ran_for=0.1).restart_in is None
+
+
+def test_startup_crashes_back_off_then_halt_as_flapping():
+    p = RestartPolicy(base_delay=0.1, max_delay=1.0, flap_limit=5, flap_window=30)
+    delays = [p.on_exit(now=float(i), status=1, ran_for=0.2).restart_in for i in range(5)]
+    assert delays == [0.0, 0.1, 0.2, 0.4, 0.8]
+    d = p.on_exit(now=5.0, status=1, ran_for=0.2)
+    assert d.restart_in is None and "flapping" in d.reason
+    p2 = RestartPolicy(flap_limit=3, flap_window=10)
+    for i in range(3):
+        p2.on_exit(now=float(i), status=1, ran_for=0.1)
+    assert p2.on_exit(now=100.0, status=1, ran_for=0.1).restart_in is not None  # old ones expired
+
+
+@pytest.mark.parametrize("status", [EXIT_CONFIG, EXIT_STORAGE])
+def test_hopeless_exit_statuses_halt(status):
+    d = RestartPolicy().on_exit(now=1.0, status=status, ran_for=100)
+    assert d.restart_in is None and "will not help" in d.reason
+
+
+def test_notify_sends_datagrams_to_a_real_socket(tmp_path):
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        assert systemd.notify("READY=1", {"NOTIFY_SOCKET": str(path)})
+        assert systemd.notify("STATUS=hi there", {"NOTIFY_SOCKET": str(path)})
+        assert [s.recv(100), s.recv(100)] == [b"READY=1", b"STATUS=hi there"]
+    assert systemd.notify("READY=1", {}) is False
+    assert systemd.notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "missing")}) is False
+
+
+def test_watchdog_interval():
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "2000000"}) == 1.0
+    assert systemd.watchdog_interval({}) is None
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "5", "WATCHDOG_PID": "1"}) is None
+
+
+def test_defaults_are_valid_and_local():
+    c = load(None)
+    assert c.frontend().startswith("ipc://") and c.frontend().endswith("durable-data/run/broker.sock")
+    assert c.namespaces == {"COUNTER": "durable.examples.counter:Counter"}
+
+
+def test_full_config_parses():
+    c = from_dict({"data_dir": "/tmp/x", "slots": 3, "idle_timeout": 5, "grace_period": 2.5,
+                   "memory_limit_mb": 512, "broker": {"endpoint": "tcp://127.0.0.1:7700", "heartbeat": 1},
+                   "limits": {"max_value_bytes": 1000},
+                   "namespaces": {"A": {"class": "m:C"}}, "vars": {"x": [1, 2]}}, "f.toml")
+    assert (c.slots, c.idle_timeout, c.broker.heartbeat, c.limits.max_value_bytes) == (3, 5.0, 1.0, 1000)
+    assert c.frontend() == "tcp://127.0.0.1:7700" and c.vars == {"x": [1, 2]}
+    assert isinstance(c, Config)
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"slots": True}, ["slots", "must be int"]),
+    ({"slots": 0}, ["slots", "between 1 and 1024"]),
+    ({"broker": {"endpont": "x"}}, ["broker.endpont", "unknown key", "endpoint"]),
+    ({"broker": {"heartbeat": "1"}}, ["broker.heartbeat", "must be"]),
+    ({"namespaces": {}}, ["namespaces", "at least one"]),
+    ({"namespaces": {"a-b": {"class": "m:C"}}}, ["namespaces.a-b", "identifier"]),
+    ({"namespaces": {"A": {"class": "nocolon"}}}, ["namespaces.A.class"]),
+    ({"namespaces": {"A": {"class": "m:C", "extra": 1}}}, ["namespaces.A.extra"]),
+    ({"broker": {"endpoint": "tcp://0.0.0.0:1"}}, ["not on this machine"]),
+    ({"broker": {"endpoint": "udp://x"}}, ["not an ipc:// or tcp://"]),
+    ({"data_dir": "/" + "d" * 120}, ["ipc path"]),
+    ({"http": {}}, ["http", "not built yet"]),
+])
+def test_bad_configs_name_key_and_fix(raw, words):
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw, "cfg.toml")
+    msg = str(e.value)
+    assert msg.startswith("cfg.toml: ")
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("slots = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(tmp_path / "bad.toml")
