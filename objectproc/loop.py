@@ -20,11 +20,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import zmq
 
 from durable.client import Client
 from durable.errors import ProtocolError, UnknownNamespaceError
+from durable.http import Response
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env
 from durable.protocol.heartbeat import Liveness
@@ -44,11 +46,15 @@ from durable.protocol.messages import (
 from durable.transport import LoopSocket
 
 from .activation import Activation
-from .storage import SlotStore, StorageLimits, tune_gc
+from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
 
 __all__ = ["ObjectProcess", "ObjectProcessConfig", "load_class"]
 
 log = logging.getLogger("durable.objectproc")
+
+#: `durable inspect` asks for an object's storage with this method and URL prefix.
+INSPECT_METHOD = "INSPECT"
+INSPECT_URL = "durable:inspect"
 
 
 def load_class(spec: str) -> type:
@@ -96,6 +102,7 @@ class ObjectProcess:
         self._liveness: Liveness | None = None
         self._stopping = asyncio.Event()
         self.store: SlotStore | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.client: Client | None = None
         self.env: Env | None = None
 
@@ -183,11 +190,33 @@ class ObjectProcess:
 
         try:
             request = decode_request(call.head, call.body)
+            if request.method == INSPECT_METHOD and request.url.startswith(INSPECT_URL):
+                self._inspect(call.namespace, call.object_id, request, reply)
+                return
             act = self._activation(call.namespace, call.object_id)
         except Exception as e:  # bad request head, unknown namespace, constructor raised
             reply(None, e)
             return
         act.deliver(request, reply)
+
+    def _inspect(self, namespace: str, object_id: str, request: Any, reply: Any) -> None:
+        """`durable inspect`: the object's stored keys and values, without running its code."""
+        if namespace not in self.classes:
+            raise UnknownNamespaceError(f"this object process does not host namespace {namespace!r}")
+        act = self.catalog.get((namespace, object_id))
+        storage = act.storage if act is not None else ObjectStorage(self.store, namespace, object_id)
+        prefix = parse_qs(urlsplit(request.url).query).get("prefix", [None])[0]
+
+        async def run() -> None:
+            try:
+                rows = await storage.list(prefix=prefix)
+                reply(Response.json([[k, repr(v)] for k, v in rows.items()]), None)
+            except Exception as e:
+                reply(None, e)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _activation(self, namespace: str, object_id: str) -> Activation:
         key = (namespace, object_id)

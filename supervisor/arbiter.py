@@ -41,13 +41,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import psutil
 import zmq
 
 from durable.ids import load_or_create_secret
 from durable.objectproc.loop import load_class
 from durable.protocol.messages import Hello, Stats, StatsReply, parse_from_broker_to_client
 
-from . import systemd
+from . import status, systemd
 from .config import EXIT_CONFIG, Config, ConfigError
 from .restart_policy import Decision, RestartPolicy
 
@@ -98,6 +99,9 @@ class Watcher:
     start_due: float = 0.0
     restarts: int = 0
     last_exit: int | None = None
+    ps: Any = None
+    rss: int = 0
+    cpu: float = 0.0
 
     def step(self, event: str) -> None:
         nxt = _TRANSITIONS.get((self.state, event))
@@ -114,6 +118,12 @@ class Watcher:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent)
         self.started_at = now
+        self.rss, self.cpu = 0, 0.0
+        try:
+            self.ps = psutil.Process(self.proc.pid)
+            self.ps.cpu_percent(None)  # the first call only sets the baseline
+        except psutil.Error:
+            self.ps = None
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 
     def signal(self, sig: int) -> None:
@@ -189,6 +199,8 @@ class Arbiter:
             signal.signal(sig, lambda s, _f: self._signals.append(s))
         watchdog = systemd.watchdog_interval()
         next_watchdog = self.clock()
+        next_sample = self.clock()
+        self._started = time.time()
         systemd.notify("STATUS=starting the broker and object processes")
         now = self.clock()
         for w in self.watchers:
@@ -217,11 +229,15 @@ class Arbiter:
                     systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
                                    f"{self.config.slots} slots at {self.config.frontend()}")
                     log.info("ready: clients connect to %s", self.config.frontend())
+                if self.clock() >= next_sample:
+                    next_sample = self.clock() + 1.0
+                    self._sample()
                 if watchdog is not None and self._ready and self.clock() >= next_watchdog:
                     systemd.notify("WATCHDOG=1")
                     next_watchdog = self.clock() + watchdog
         finally:
             probe.close()
+            status.remove(self.config)
             signal.set_wakeup_fd(-1)
             os.close(rfd)
             os.close(wfd)
@@ -231,6 +247,34 @@ class Arbiter:
                     with contextlib.suppress(Exception):
                         w.proc.wait(timeout=5)
         return self.exit_code
+
+    def _sample(self) -> None:
+        """psutil: RSS and CPU of every child; restart an object process over its memory limit."""
+        limit = self.config.memory_limit_mb * 1024 * 1024
+        for w in self.watchers:
+            if w.state is not WatcherState.RUNNING or w.ps is None:
+                continue
+            try:
+                with w.ps.oneshot():
+                    w.rss = w.ps.memory_info().rss
+                    w.cpu = w.ps.cpu_percent(None)
+            except psutil.Error:
+                continue
+            if limit and w.role == "objectproc" and w.rss > limit:
+                log.warning("%s uses %.0f MiB, over memory_limit_mb = %d: restarting it gracefully "
+                            "(its writes are made durable first)", w.name, w.rss / 2**20,
+                            self.config.memory_limit_mb)
+                w.signal(signal.SIGTERM)
+                w.ps = None  # one SIGTERM; the exit restarts it
+        status.write(self.config, {
+            "supervisor": {"pid": os.getpid(), "started": self._started, "ready": self._ready,
+                           "config": self.config.source, "frontend": self.config.frontend()},
+            "processes": [{
+                "role": w.role, "slot": w.slot, "pid": w.pid, "state": w.state.value,
+                "uptime": round(self.clock() - w.started_at, 1) if w.state is WatcherState.RUNNING else None,
+                "restarts": w.restarts, "rss": w.rss, "cpu": w.cpu, "last_exit": w.last_exit,
+            } for w in self.watchers],
+        })
 
     def _handle_signals(self) -> bool:
         while self._signals:

@@ -224,3 +224,60 @@ def test_configuration_errors_name_file_key_and_exit_78(tmp_path, config, words)
             assert w in log, (w, log)
         assert not d.children()
         assert not (tmp_path / "durable-data").exists()  # nothing half-started
+
+
+def _cli(root, *args, timeout=30):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "durable.supervisor.cli", *args], cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_operator_commands_status_call_inspect(tmp_path):
+    out = _cli(tmp_path, "status")
+    assert out.returncode == 3 and "no durable daemon is running" in out.stderr
+    with serving(tmp_path, FAST) as d:
+        d.wait_ready()
+        wait_for(lambda: (tmp_path / "durable-data/run/status.json").exists(), 5, "status file")
+        args = ["--config", str(tmp_path / "durable.toml")]
+        r = _cli(tmp_path, "call", *args, "COUNTER", "room-1", "/inc", "-X", "POST")
+        assert (r.returncode, r.stdout) == (0, "HTTP 200\n1\n"), r.stderr
+        r = _cli(tmp_path, "call", *args, "RECORDER", "r", "/?n=7", "-X", "POST", "-H", "X-A: b")
+        assert r.returncode == 0 and "[7]" in r.stdout, r
+        r = _cli(tmp_path, "inspect", *args, "RECORDER", "r")
+        assert r.returncode == 0 and r.stdout.strip() == "'seen': [7]", r
+        oid = None
+        with durable.connect_sync(d.frontend) as c:
+            oid = str(c.namespace("COUNTER").id_from_name("room-1"))
+        r = _cli(tmp_path, "inspect", *args, "COUNTER", oid, "--prefix", "n")
+        assert r.stdout.strip() == "'n': 1", r
+        r = _cli(tmp_path, "status", *args)
+        assert r.returncode == 0 and "objectproc" in r.stdout and "storage:" in r.stdout, r
+        r = _cli(tmp_path, "status", *args, "--json")
+        data = __import__("json").loads(r.stdout)
+        roles = sorted((p["role"], p["slot"]) for p in data["processes"])
+        assert roles == [("broker", None), ("objectproc", 0), ("objectproc", 1)]
+        assert all(p["pid"] and p["state"] == "running" and p["rss"] > 0 for p in data["processes"])
+        assert data["storage"]["bytes"] > 0
+        r = _cli(tmp_path, "call", *args, "NOPE", "x")
+        assert r.returncode == 2 and "known: COUNTER" in r.stderr
+
+
+def test_memory_limit_restarts_object_processes_gracefully(tmp_path):
+    config = FAST.replace("grace_period = 10", "grace_period = 10\nmemory_limit_mb = 1")
+    with serving(tmp_path, config) as d:
+        d.wait_ready()
+        with durable.connect_sync(d.frontend) as c:
+            ns = c.namespace("COUNTER")
+            ns.get(ns.id_from_name("m")).fetch("http://do/inc", method="POST")
+        wait_for(lambda: "over memory_limit_mb" in d.log_text(), 10, "a memory-limit restart")
+        with durable.connect_sync(d.frontend) as c:
+            ns = c.namespace("COUNTER")
+            for _ in range(100):
+                try:
+                    assert ns.get(ns.id_from_name("m")).fetch("http://do/").text() == "1"
+                    break
+                except (StubBrokenError, durable.CallTimeoutError):
+                    time.sleep(0.05)
+            else:
+                raise AssertionError("object never answered again")
