@@ -50,7 +50,8 @@ from durable.protocol.messages import Hello, Stats, StatsReply, parse_from_broke
 
 from . import status, systemd
 from .config import EXIT_CONFIG, Config, ConfigError
-from .restart_policy import Decision, RestartPolicy
+from .migrate import migrate
+from .restart_policy import EXIT_STORAGE, Decision, RestartPolicy
 
 __all__ = ["Arbiter", "Watcher", "WatcherState"]
 
@@ -190,6 +191,14 @@ class Arbiter:
     def run(self) -> int:
         self.check()
         self._prepare_dirs()
+        try:
+            moved = migrate(self.config.data_path, self.config.slots, log=log.info)
+        except Exception as e:
+            log.exception("moving objects to the new slot count failed: %s", e)
+            systemd.notify(f"STATUS=halted: moving objects to {self.config.slots} slots failed: {e}")
+            return EXIT_STORAGE
+        if moved:
+            log.info("moved %d objects to their new slots", moved)
         self._build_watchers()
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
