@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--queue-limit", type=int, default=10_000)
     p.add_argument("--queue-deadline", type=float, default=10.0)
+    p.add_argument("--control", help="endpoint for the supervisor's control messages")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         frontend=args.frontend, backend=args.backend, slots=args.slots,
         namespaces={n: namespace_key(secret, n) for n in args.namespace},
         heartbeat=args.heartbeat, queue_limit=args.queue_limit,
-        queue_deadline=args.queue_deadline)
+        queue_deadline=args.queue_deadline, control=args.control)
     broker = Broker(config)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())

@@ -58,6 +58,7 @@ from durable.protocol.messages import (
     WorkerReply,
     header,
     pack_u64,
+    parse_control,
     parse_from_client,
     parse_from_worker,
 )
@@ -82,6 +83,7 @@ class BrokerConfig:
     client_misses: int = 30
     max_message_bytes: int = 64 << 20
     burst: int = 1000
+    control: str | None = None  # the supervisor's PUSH endpoint (ipc in the 0700 run dir)
 
 
 class _Slot:
@@ -122,6 +124,8 @@ class Broker:
         self._ctx = context or zmq.Context.instance()
         self.front: zmq.Socket | None = None
         self.back: zmq.Socket | None = None
+        self.ctl: zmq.Socket | None = None
+        self.draining = False
         self._stopping = False
         self._next_client_sweep = clock()
 
@@ -136,12 +140,17 @@ class Broker:
             s.setsockopt(zmq.RCVHWM, 100_000)
             s.bind(endpoint)
             setattr(self, attr, s)
+        if self.config.control:
+            self.ctl = self._ctx.socket(zmq.PULL)
+            self.ctl.setsockopt(zmq.LINGER, 0)
+            self.ctl.setsockopt(zmq.MAXMSGSIZE, 4096)
+            self.ctl.bind(self.config.control)
 
     def close(self) -> None:
-        for s in (self.front, self.back):
+        for s in (self.front, self.back, self.ctl):
             if s is not None:
                 s.close(linger=0)
-        self.front = self.back = None
+        self.front = self.back = self.ctl = None
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler: it only sets a flag)."""
@@ -176,9 +185,13 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         poller.register(self.back, zmq.POLLIN)
+        if self.ctl is not None:
+            poller.register(self.ctl, zmq.POLLIN)
         burst = self.config.burst
         while not self._stopping:
             events = dict(poller.poll(self._poll_timeout_ms()))
+            if self.ctl is not None and self.ctl in events:
+                self._drain(self.ctl, lambda frames: self.on_control([b"", *frames]), burst)
             if self.back in events:
                 self._drain(self.back, self.on_worker, burst)
             if self.front in events:
@@ -235,8 +248,25 @@ class Broker:
         elif type(msg) is Stats:
             self._to_client(ident, StatsReply(msg.call_id, self.statistics()).encode())
 
+    def on_control(self, frames: list[bytes]) -> None:
+        try:
+            msg = parse_control(frames[1:])
+        except ProtocolError as e:
+            self.counters["dropped_control_messages"] += 1
+            log.debug("dropped a malformed control message: %s", e)
+            return
+        if msg.op == "drain":
+            self.draining = True
+            log.info("draining: new calls are refused, calls in flight finish")
+        elif msg.slot < len(self.slots) and self.slots[msg.slot].pid == msg.pid:
+            self.end_incarnation(msg.slot, f"the supervisor saw its process (pid {msg.pid}) exit")
+
     def route(self, ident: bytes, client: _Client, call: Call) -> None:
         self.counters["calls"] += 1
+        if self.draining:
+            self._error(ident, call.call_id, "overloaded",
+                        "the daemon is stopping; the call was not delivered (retry after restart)")
+            return
         ids = self.ids.get(call.namespace)
         if ids is None:
             known = ", ".join(sorted(self.ids)) or "none"

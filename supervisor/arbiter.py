@@ -46,7 +46,13 @@ import zmq
 
 from durable.ids import load_or_create_secret
 from durable.objectproc.loop import load_class
-from durable.protocol.messages import Hello, Stats, StatsReply, parse_from_broker_to_client
+from durable.protocol.messages import (
+    Control,
+    Hello,
+    Stats,
+    StatsReply,
+    parse_from_broker_to_client,
+)
 
 from . import status, systemd
 from .config import EXIT_CONFIG, Config, ConfigError
@@ -144,6 +150,8 @@ class Arbiter:
         self._stopping = False
         self._ready = False
         self.exit_code = 0
+        self.control_endpoint = f"ipc://{config.run_dir / 'control.sock'}"
+        self._control: zmq.Socket | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def check(self) -> None:
@@ -171,7 +179,8 @@ class Arbiter:
         broker = [self.python, "-m", "durable.broker", "--frontend", front, "--backend", back,
                   "--slots", str(c.slots), "--data-dir", str(c.data_path),
                   "--heartbeat", str(c.broker.heartbeat), "--queue-limit", str(c.broker.queue_limit),
-                  "--queue-deadline", str(c.broker.queue_deadline)]
+                  "--queue-deadline", str(c.broker.queue_deadline),
+                  "--control", self.control_endpoint]
         for ns in c.namespaces:
             broker += ["--namespace", ns]
         self.watchers.append(Watcher("broker", "broker", None, broker, env))
@@ -215,6 +224,10 @@ class Arbiter:
         for w in self.watchers:
             w.start(now)
         probe = _Probe(self.config.frontend())
+        self._control = zmq.Context.instance().socket(zmq.PUSH)
+        self._control.setsockopt(zmq.LINGER, 0)
+        self._control.setsockopt(zmq.SNDHWM, 100)
+        self._control.connect(self.control_endpoint)
         try:
             while True:
                 now = self.clock()
@@ -246,6 +259,7 @@ class Arbiter:
                     next_watchdog = self.clock() + watchdog
         finally:
             probe.close()
+            self._control.close(linger=0)
             status.remove(self.config)
             signal.set_wakeup_fd(-1)
             os.close(rfd)
@@ -308,9 +322,16 @@ class Arbiter:
                     w.proc.returncode = code
                     self._exited(w, code)
 
+    def _tell_broker(self, msg: Control) -> None:
+        if self._control is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._control.send_multipart(msg.encode(), zmq.NOBLOCK)
+
     def _exited(self, w: Watcher, code: int) -> None:
         now = self.clock()
         w.last_exit = code
+        if w.role == "objectproc":  # its stubs break now, not after missed heartbeats
+            self._tell_broker(Control("slot_down", w.slot, w.pid))
         if self._stopping or w.state is WatcherState.STOPPING:
             if w.state is WatcherState.STOPPING:
                 w.step("exit")
@@ -338,6 +359,7 @@ class Arbiter:
         systemd.notify("STOPPING=1")
         systemd.notify("STATUS=stopping: finishing calls in flight and making writes durable")
         deadline = self.clock() + (0 if immediate else self.config.grace_period)
+        self._tell_broker(Control("drain"))  # stop taking new calls; calls in flight finish
         objectprocs = [w for w in self.watchers if w.role == "objectproc"]
         brokers = [w for w in self.watchers if w.role == "broker"]
         for group in (objectprocs, brokers):

@@ -36,6 +36,11 @@ Broker → object process::
     WHEARTBEAT  [hdr, {}]
     WDISCONNECT [hdr, reason]                  "register again (READY)"
 
+Supervisor → broker (a PUSH to the broker's PULL control socket, in the 0700 run dir)::
+
+    CONTROL [hdr, {"op": "slot_down", "slot": int, "pid": int}]   the process exited: end it now
+    CONTROL [hdr, {"op": "drain"}]                                refuse new calls (stopping)
+
 ``request_head`` is ``[method, url, [[name, value], ...]]`` and
 ``response_head`` is ``[status, [[name, value], ...]]``. ``u64`` fields are 8
 bytes little-endian, so the broker can route replies without JSON.
@@ -59,7 +64,7 @@ __all__ = [
     "WorkerHeartbeat", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect",
     "parse_from_client", "parse_from_broker_to_client", "parse_from_worker",
     "parse_from_broker_to_worker", "encode_request", "decode_request", "encode_response",
-    "decode_response", "error_payload", "pack_u64", "unpack_u64",
+    "decode_response", "error_payload", "pack_u64", "unpack_u64", "Control", "parse_control",
 ]
 
 VERSION = 1
@@ -86,6 +91,7 @@ class Cmd(IntEnum):
     WCALL = 0x31
     BHEARTBEAT = 0x32
     WDISCONNECT = 0x33
+    CONTROL = 0x41
 
 
 _HEADERS = {c: bytes((0x44, VERSION, c)) for c in Cmd}
@@ -476,3 +482,28 @@ def parse_from_broker_to_worker(frames: list[bytes]) -> WorkerCall | BrokerHeart
         return BrokerHeartbeat()
     _frames(frames, 2, "WDISCONNECT")
     return WorkerDisconnect(bytes(frames[1]).decode("utf-8", "replace"))
+
+
+# -- supervisor -> broker ---------------------------------------------------------------
+@dataclass(slots=True)
+class Control:
+    op: str  # "slot_down" or "drain"
+    slot: int | None = None
+    pid: int | None = None
+
+    def encode(self) -> list[bytes]:
+        body: dict[str, Any] = {"op": self.op}
+        if self.op == "slot_down":
+            body.update(slot=self.slot, pid=self.pid)
+        return [header(Cmd.CONTROL), orjson.dumps(body)]
+
+
+def parse_control(frames: list[bytes]) -> Control:
+    _cmd(frames, frozenset({Cmd.CONTROL}), "on the control socket")
+    _frames(frames, 2, "CONTROL")
+    c = _json(frames[1], "CONTROL body")
+    if type(c) is not dict or c.get("op") not in ("slot_down", "drain"):
+        raise ProtocolError("CONTROL body must be {op: 'slot_down' | 'drain', ...}")
+    if c["op"] == "drain":
+        return Control("drain")
+    return Control("slot_down", _int(c.get("slot"), "slot", 0, 65535), _int(c.get("pid"), "pid"))

@@ -165,8 +165,8 @@ def test_sigkill_of_the_supervisor_takes_every_child_down(tmp_path):
         print(f"children gone {time.monotonic() - t:.2f} s after the supervisor's SIGKILL")
 
 
-def test_sigterm_under_writes_keeps_every_acknowledged_write(tmp_path):
-    acked = {f"t{i}": 0 for i in range(8)}
+def test_sigterm_with_64_calls_in_flight_keeps_every_acknowledged_write(tmp_path):
+    acked = {f"t{i}": 0 for i in range(64)}  # 64 writers: 64 calls in flight at all times
     with serving(tmp_path, FAST) as d:
         d.wait_ready()
 
@@ -177,15 +177,17 @@ def test_sigterm_under_writes_keeps_every_acknowledged_write(tmp_path):
                 t = time.monotonic()
                 d.proc.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(d.proc.wait, 30)
+                stopped_in = time.monotonic() - t
                 for f in load:
                     f.cancel()
                 await asyncio.gather(*load, return_exceptions=True)
-                return time.monotonic() - t
+                return stopped_in
 
         stopped_in = asyncio.run(main())
-        assert d.proc.returncode == 0
-        print(f"SIGTERM with writes in flight: stopped in {stopped_in:.2f} s")
-        assert stopped_in < 10
+        assert d.proc.returncode == 0, d.log_text()
+        print(f"SIGTERM with 64 calls in flight: stopped in {stopped_in:.2f} s; "
+              f"{sum(acked.values())} acknowledged increments")
+        assert stopped_in < 5
     with serving(tmp_path, FAST) as d:
         d.wait_ready()
         with durable.connect_sync(d.frontend) as c:

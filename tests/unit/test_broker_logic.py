@@ -197,3 +197,37 @@ def test_ping_and_stats(msg):
     b.on_client([b"cli", *msg.encode()])
     (_, _, reply), = b.take()
     assert isinstance(reply, (m.Pong, m.StatsReply))
+
+
+def test_control_slot_down_ends_the_incarnation_at_once():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    b.on_client(call(1, 1, oid_on_slot(0)))
+    b.take()
+    b.on_control([b"", *m.Control("slot_down", 0, 999).encode()])  # not its pid: ignored
+    assert b.take() == [] and b.slots[0].identity is not None
+    b.on_control([b"", *m.Control("slot_down", 0, 100).encode()])
+    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "stub_broken")]
+
+
+def test_control_drain_refuses_new_calls_but_lets_replies_through():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    oid = oid_on_slot(0)
+    b.on_client(call(1, 1, oid))
+    b.take()
+    b.on_control([b"", *m.Control("drain").encode()])
+    b.on_client(call(2, 1, oid))
+    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(2, "overloaded")]
+    b.on_worker([b"w0", *m.WorkerReply(b"cli", 1, b"[200,[]]", b"ok").encode()])
+    assert [type(x[2]) for x in b.take()] == [m.Reply]
+
+
+@pytest.mark.parametrize("frames", [[b"D\x01\x41", b"{}"], [b"D\x01\x41", b'{"op": "slot_down"}'],
+                                    [b"D\x01\x41", b'{"op": "boom"}'], [b"D\x01\x02", b"{}"]])
+def test_malformed_control_messages_are_dropped(frames):
+    b = FakeBroker()
+    b.on_control([b"", *frames])
+    assert b.counters["dropped_control_messages"] == 1 and not b.draining
