@@ -232,6 +232,7 @@ class ObjectProcess:
     # -- timers -------------------------------------------------------------------------
     async def _timer_loop(self) -> None:
         next_evict = time.monotonic() + self.config.idle_timeout / 4
+        next_stats = time.monotonic()
         while True:
             await asyncio.sleep(min(self.config.heartbeat / 2, self._liveness.next_deadline() or 0.05))
             if self.store.failed is not None:
@@ -245,7 +246,9 @@ class ObjectProcess:
             if not self._liveness.alive():
                 log.warning("slot %d: the broker is silent; registering again", self.config.slot)
                 self._register()
-            elif self._liveness.send_due():
+            elif self._liveness.send_due() or time.monotonic() >= next_stats:
+                # at least once a second even when busy: `durable status` shows these figures
+                next_stats = time.monotonic() + 1.0
                 self._send(WorkerHeartbeat(self.stats()).encode())
             if time.monotonic() >= next_evict:
                 next_evict = time.monotonic() + self.config.idle_timeout / 4
