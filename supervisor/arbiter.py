@@ -341,7 +341,7 @@ class Arbiter:
             w.step("fail")
             log.error("%s %s", w.name, decision.reason)
             systemd.notify(f"STATUS=halted: {w.name} {decision.reason}")
-            self.exit_code = EXIT_CONFIG if code == EXIT_CONFIG else 1
+            self.exit_code = code if code in (EXIT_CONFIG, EXIT_STORAGE) else 1
             return
         w.step("exit")
         w.start_due = now + decision.restart_in

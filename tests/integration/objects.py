@@ -70,3 +70,11 @@ class Setup(DurableObject):
 
     async def fetch(self, request: Request) -> Response:
         return Response("ready" if self.ready else "NOT READY")
+
+
+class Slow(DurableObject):
+    """Sleeps ?s= seconds before answering (a call that keeps a graceful stop waiting)."""
+
+    async def fetch(self, request: Request) -> Response:
+        await asyncio.sleep(float(query(request).get("s", "1")))
+        return Response("slept")

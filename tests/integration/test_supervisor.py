@@ -283,3 +283,47 @@ def test_memory_limit_restarts_object_processes_gracefully(tmp_path):
                     time.sleep(0.05)
             else:
                 raise AssertionError("object never answered again")
+
+
+def test_second_sigterm_stops_at_once(tmp_path):
+    config = FAST.replace("grace_period = 10", "grace_period = 30") + \
+        '[namespaces.SLOW]\nclass = "tests.integration.objects:Slow"\n'
+    with serving(tmp_path, config) as d:
+        d.wait_ready()
+
+        async def main():
+            async with durable.connect(d.frontend, timeout=60) as client:
+                ns = client.namespace("SLOW")
+                call = asyncio.ensure_future(ns.get(ns.id_from_name("s")).fetch("http://do/?s=20"))
+                await asyncio.sleep(0.5)
+                d.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(1.0)
+                assert d.proc.poll() is None, "the first SIGTERM should wait for the call in flight"
+                t = time.monotonic()
+                d.proc.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(d.proc.wait, 10)
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+                return time.monotonic() - t
+
+        assert asyncio.run(main()) < 3
+        wait_for(lambda: not d.children(), 10, "no children left")
+
+
+def test_storage_that_cannot_open_halts_with_74(tmp_path):
+    from durable.objectproc.storage.log import encode_record, encode_writeset
+    with serving(tmp_path, FAST) as d:  # lay the files out once
+        d.wait_ready()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=30) == 0
+    log_dir = tmp_path / "durable-data" / "slot-0.log"
+    bad = bytearray(encode_record(10**6, encode_writeset(b"COUNTER/x", False, {"n": b"1"})))
+    bad[-1] ^= 0xFF
+    (log_dir / f"{10**6:020d}.seg").write_bytes(bytes(bad))
+    (log_dir / f"{10**6 + 1:020d}.seg").write_bytes(b"")
+    with serving(tmp_path, FAST) as d:
+        code = d.proc.wait(timeout=60)
+        log = d.log_text()
+        assert code == 74, log
+        assert "storage" in log and "damaged" in log, log
+        wait_for(lambda: not d.children(), 10, "no children left")

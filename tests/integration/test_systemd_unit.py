@@ -12,7 +12,7 @@ UNIT = Path(__file__).resolve().parents[2] / "scripts" / "durable.service"
 
 def test_unit_has_the_required_settings():
     text = UNIT.read_text()
-    for line in ["Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78",
+    for line in ["Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78 74",
                  "User=durable", "StateDirectory=durable", "RuntimeDirectory=durable",
                  "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes"]:
         assert line in text, line
