@@ -37,8 +37,9 @@ class Headers:
 
     @staticmethod
     def _check(name: Any, value: Any) -> tuple[str, str]:
-        if type(name) is not str or type(value) is not str:
+        if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(f"header names and values are str, got {name!r}: {value!r}")
+        name, value = str(name), str(value)  # plain str, also for subclasses (aiohttp's istr)
         if not name or any(c in name for c in " \t\r\n:") or "\n" in value or "\r" in value:
             raise ValueError(f"invalid header {name!r}: {value!r}")
         return name, value

@@ -33,6 +33,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,6 +196,22 @@ class Arbiter:
             for ns, cls in c.namespaces.items():
                 argv += ["--namespace", f"{ns}={cls}"]
             self.watchers.append(Watcher(f"objectproc-{slot}", "objectproc", slot, argv, env))
+        if c.http is not None:
+            h = c.http
+            argv = [self.python, "-m", "durable.broker.gateway", "--listen", h.listen,
+                    "--frontend", front, "--data-dir", str(c.data_path),
+                    "--vars-json", orjson.dumps(c.vars).decode(),
+                    "--max-body-bytes", str(h.max_body_bytes), "--read-timeout", str(h.read_timeout),
+                    "--idle-timeout", str(h.idle_timeout), "--heartbeat", str(c.broker.heartbeat),
+                    "--grace", str(c.grace_period)]
+            for ns in c.namespaces:
+                argv += ["--namespace", ns]
+            if h.worker:
+                argv += ["--worker", h.worker]
+            if h.debug:
+                argv.append("--debug")
+            for i in range(h.processes):
+                self.watchers.append(Watcher(f"gateway-{i}", "gateway", None, argv, env))
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:
@@ -245,12 +262,13 @@ class Arbiter:
                     self._stop(immediate=False)
                     break
                 self._start_due()
-                if not self._ready and probe.all_slots_up(self.config.slots):
+                if not self._ready and probe.all_slots_up(self.config.slots) and self._http_up():
                     self._ready = True
                     systemd.notify("READY=1")
                     systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
                                    f"{self.config.slots} slots at {self.config.frontend()}")
-                    log.info("ready: clients connect to %s", self.config.frontend())
+                    log.info("ready: clients connect to %s%s", self.config.frontend(),
+                             f", HTTP on http://{self.config.http.listen}" if self.config.http else "")
                 if self.clock() >= next_sample:
                     next_sample = self.clock() + 1.0
                     self._sample()
@@ -270,6 +288,16 @@ class Arbiter:
                     with contextlib.suppress(Exception):
                         w.proc.wait(timeout=5)
         return self.exit_code
+
+    def _http_up(self) -> bool:
+        if self.config.http is None:
+            return True
+        host, _, port = self.config.http.listen.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     def _sample(self) -> None:
         """psutil: RSS and CPU of every child; restart an object process over its memory limit."""
@@ -360,9 +388,10 @@ class Arbiter:
         systemd.notify("STATUS=stopping: finishing calls in flight and making writes durable")
         deadline = self.clock() + (0 if immediate else self.config.grace_period)
         self._tell_broker(Control("drain"))  # stop taking new calls; calls in flight finish
+        gateways = [w for w in self.watchers if w.role == "gateway"]
         objectprocs = [w for w in self.watchers if w.role == "objectproc"]
         brokers = [w for w in self.watchers if w.role == "broker"]
-        for group in (objectprocs, brokers):
+        for group in (gateways, objectprocs, brokers):
             for w in group:
                 if w.state is WatcherState.RUNNING:
                     w.step("stop")

@@ -32,6 +32,9 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(f"durable {__version__}: serving {', '.join(config.namespaces)} on {config.slots} slots "
           f"({config.source}); data in {config.data_path}", file=sys.stderr)
+    if config.http is not None:
+        print(f"HTTP on http://{config.http.listen}/  (try: curl -X POST "
+              f"http://{config.http.listen}/{next(iter(config.namespaces))}/room-1/inc)", file=sys.stderr)
     print(f"clients connect to {config.frontend()}\n"
           f"  python: async with durable.connect({config.frontend()!r}) as client: ...",
           file=sys.stderr)

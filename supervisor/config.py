@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "BrokerSettings", "LimitsSettings", "ConfigError", "load", "DEFAULT_NAMESPACES",
+__all__ = ["Config", "BrokerSettings", "HttpSettings", "LimitsSettings", "ConfigError", "load", "DEFAULT_NAMESPACES",
            "EXIT_CONFIG"]
 
 #: Exit status for "the configuration is wrong; restarting will not help" (sysexits EX_CONFIG).
@@ -43,6 +43,24 @@ class BrokerSettings:
 
 
 @dataclass
+class HttpSettings:
+    #: host:port the gateway listens on
+    listen: str = "127.0.0.1:8787"
+    #: "module:fetch" for a Worker entry point; empty: built-in routing by path
+    worker: str = ""
+    #: gateway processes sharing the port (SO_REUSEPORT)
+    processes: int = 1
+    #: larger request bodies get 413
+    max_body_bytes: int = 32 << 20
+    #: seconds to receive a request body (else 408)
+    read_timeout: float = 30.0
+    #: seconds an idle keep-alive connection stays open
+    idle_timeout: float = 15.0
+    #: include the object's error type and message in 500 bodies
+    debug: bool = False
+
+
+@dataclass
 class LimitsSettings:
     max_key_bytes: int = 2048
     max_value_bytes: int = 32768
@@ -61,6 +79,8 @@ class Config:
     memory_limit_mb: int = 0
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    #: the HTTP gateway; on in the built-in defaults, off in a file without [http]
+    http: HttpSettings | None = field(default_factory=HttpSettings)
     namespaces: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_NAMESPACES))
     vars: dict[str, Any] = field(default_factory=dict)
     source: str = "built-in defaults"
@@ -113,7 +133,7 @@ _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_peri
 
 
 def from_dict(raw: dict[str, Any], source: str) -> Config:
-    cfg = Config(source=source)
+    cfg = Config(source=source, http=None)
     for key, value in raw.items():
         if key in _TOP:
             _check_type(source, key, value, _TOP[key])
@@ -128,11 +148,10 @@ def from_dict(raw: dict[str, Any], source: str) -> Config:
             _check_type(source, "vars", value, dict)
             cfg.vars = dict(value)
         elif key == "http":
-            raise _err(source, "http", "the HTTP gateway is not built yet",
-                       "Remove the [http] table; call objects with the Python client for now.")
+            cfg.http = _section(source, "http", value, HttpSettings)
         else:
             raise _err(source, key, "unknown key", "Known top-level keys: " + ", ".join(
-                sorted([*_TOP, "broker", "limits", "namespaces", "vars"])) + ".")
+                sorted([*_TOP, "broker", "http", "limits", "namespaces", "vars"])) + ".")
     validate(cfg)
     return cfg
 
@@ -172,6 +191,20 @@ def validate(cfg: Config) -> None:
     if cfg.broker.heartbeat <= 0 or cfg.broker.queue_deadline <= 0 or cfg.broker.queue_limit < 1:
         raise _err(src, "broker", "heartbeat, queue_deadline and queue_limit must be positive",
                    "Use positive numbers.")
+    if cfg.http is not None:
+        h = cfg.http
+        host, sep, port = h.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise _err(src, "http.listen", f"must be host:port, got {h.listen!r}",
+                       'Write e.g. listen = "127.0.0.1:8787".')
+        if h.processes < 1 or h.processes > 64:
+            raise _err(src, "http.processes", "must be between 1 and 64", "Use one per core at most.")
+        if h.max_body_bytes < 1 or h.read_timeout <= 0 or h.idle_timeout <= 0:
+            raise _err(src, "http", "max_body_bytes, read_timeout and idle_timeout must be positive",
+                       "Use positive numbers.")
+        if h.worker and ":" not in h.worker:
+            raise _err(src, "http.worker", f"must be 'package.module:fetch', got {h.worker!r}",
+                       'Write worker = "myapp.worker:fetch".')
     for name in ("max_key_bytes", "max_value_bytes", "max_keys_per_call"):
         if getattr(cfg.limits, name) < 1:
             raise _err(src, f"limits.{name}", "must be positive", "Use a positive integer.")

@@ -33,10 +33,14 @@ def test_serve_on_defaults_in_an_empty_folder(tmp_path):
     with serving(tmp_path) as d:
         ready_in = d.wait_ready()
         kids = d.children()
-        assert len(kids) == 1 + (os.cpu_count() or 1)
+        assert len(kids) == 2 + (os.cpu_count() or 1)  # broker, object processes, gateway
         with durable.connect_sync(d.frontend) as c:
             ns = c.namespace("COUNTER")
             assert ns.get(ns.id_from_name("x")).fetch("http://do/inc", method="POST").text() == "1"
+        import urllib.request
+        req = urllib.request.Request("http://127.0.0.1:8787/COUNTER/x/inc", method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert (r.status, r.read()) == (200, b"2")
         t = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(timeout=30) == 0

@@ -60,6 +60,8 @@ def test_watchdog_interval():
 
 def test_defaults_are_valid_and_local():
     c = load(None)
+    assert c.http is not None and c.http.listen == "127.0.0.1:8787"
+    assert from_dict({}, "f.toml").http is None  # a file without [http] runs no gateway
     assert c.frontend().startswith("ipc://") and c.frontend().endswith("durable-data/run/broker.sock")
     assert c.namespaces == {"COUNTER": "durable.examples.counter:Counter"}
 
@@ -86,7 +88,9 @@ def test_full_config_parses():
     ({"broker": {"endpoint": "tcp://0.0.0.0:1"}}, ["not on this machine"]),
     ({"broker": {"endpoint": "udp://x"}}, ["not an ipc:// or tcp://"]),
     ({"data_dir": "/" + "d" * 120}, ["ipc path"]),
-    ({"http": {}}, ["http", "not built yet"]),
+    ({"http": {"listen": "nope"}}, ["http.listen", "host:port"]),
+    ({"http": {"procs": 2}}, ["http.procs", "unknown key"]),
+    ({"http": {"worker": "nocolon"}}, ["http.worker"]),
 ])
 def test_bad_configs_name_key_and_fix(raw, words):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,205 @@
+"""The HTTP gateway: the front door any HTTP client can use (`python -m durable.broker.gateway`).
+
+aiohttp parses HTTP (a well-kept asyncio server; we never parse HTTP
+ourselves); each request becomes a ``durable.Request`` and then either
+
+* goes to the configured Worker, ``async def fetch(request, env) -> Response``,
+  where ``env`` holds the namespace bindings and ``env.vars`` exactly as object
+  code sees them; or
+* is routed by path: ``/<NAMESPACE>/<name>/<rest>`` reaches
+  ``id_from_name(name)`` and ``/<NAMESPACE>/id/<64 hex>/<rest>`` reaches
+  ``id_from_string``; the object receives the full URL, method, headers, body.
+
+Errors become HTTP statuses:
+
+========================  ======================================
+unknown namespace         404
+invalid id                400
+``ObjectError``           500, short body (type and message with ``debug``)
+``StubBrokenError``       503 with ``Retry-After`` (not retried: the call may have run)
+``OverloadedError``       503 with ``Retry-After``
+``CallTimeoutError``      504
+body over the limit       413
+body not sent in time     408
+========================  ======================================
+
+Several gateway processes can share the port (SO_REUSEPORT) to use more cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+import durable
+from durable.errors import (
+    CallTimeoutError,
+    InvalidIdError,
+    ObjectError,
+    OverloadedError,
+    StubBrokenError,
+    UnknownNamespaceError,
+)
+from durable.ids import load_or_create_secret, namespace_key
+from durable.objects import Env
+
+__all__ = ["Gateway", "main"]
+
+log = logging.getLogger("durable.gateway")
+_HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
+_STUB_CACHE = 10_000
+
+
+def load_function(spec: str) -> Any:
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        raise ValueError(f"worker {spec!r} must look like 'package.module:fetch'")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(fn):
+        raise ValueError(f"worker {spec!r} is not a function")
+    return fn
+
+
+class Gateway:
+    def __init__(self, client: durable.Client, env: Env, *, worker: Any = None,
+                 read_timeout: float = 30.0, debug: bool = False) -> None:
+        self.client = client
+        self.env = env
+        self.worker = worker
+        self.read_timeout = read_timeout
+        self.debug = debug
+        self._stubs: OrderedDict[tuple[str, str], durable.Stub] = OrderedDict()
+
+    def _stub(self, ns: durable.Namespace, oid: durable.ObjectId) -> durable.Stub:
+        key = (ns.name, str(oid))
+        stub = self._stubs.get(key)
+        if stub is None or stub._broken is not None:
+            stub = self._stubs[key] = ns.get(oid)
+            if len(self._stubs) > _STUB_CACHE:
+                self._stubs.popitem(last=False)
+        return stub
+
+    async def route(self, req: durable.Request, path: str) -> durable.Response:
+        parts = path.split("/", 3)
+        if len(parts) < 3 or not parts[1]:
+            raise UnknownNamespaceError(
+                f"no such route {path!r}: use /<NAMESPACE>/<name>/... or /<NAMESPACE>/id/<id>/... "
+                f"(namespaces: {', '.join(self.client.namespaces)})")
+        ns = self.client.namespace(unquote(parts[1]))
+        if parts[2] == "id" and len(parts) > 3:
+            oid = ns.id_from_string(parts[3].split("/", 1)[0])
+        else:
+            oid = ns.id_from_name(unquote(parts[2]))
+        return await self._stub(ns, oid).fetch(req)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await asyncio.wait_for(request.read(), self.read_timeout)
+        except TimeoutError:
+            return web.Response(status=408, text="request body not received in time\n")
+        except web.HTTPRequestEntityTooLarge:
+            return web.Response(status=413, text="request body too large\n")
+        try:
+            req = durable.Request(str(request.url), method=request.method,
+                                  headers=list(request.headers.items()), body=body)
+        except (TypeError, ValueError) as e:
+            return web.Response(status=400, text=f"bad request: {e}\n")
+        try:
+            if self.worker is not None:
+                resp = await self.worker(req, self.env)
+                if not isinstance(resp, durable.Response):
+                    raise TypeError(f"the worker returned {type(resp).__name__}, not a durable.Response")
+            else:
+                resp = await self.route(req, request.path)
+        except UnknownNamespaceError as e:
+            return web.Response(status=404, text=f"{e}\n")
+        except InvalidIdError as e:
+            return web.Response(status=400, text=f"{e}\n")
+        except ObjectError as e:
+            text = f"object error: {e.remote_type}: {e.remote_message}\n" if self.debug else "object error\n"
+            return web.Response(status=500, text=text)
+        except StubBrokenError:
+            return web.Response(status=503, headers={"Retry-After": "1"},
+                                text="the object restarted during the call; retry if it is safe\n")
+        except OverloadedError as e:
+            return web.Response(status=503, headers={"Retry-After": "1"}, text=f"{e}\n")
+        except CallTimeoutError:
+            return web.Response(status=504, text="the object did not answer in time\n")
+        except Exception as e:  # the Worker's own error
+            log.warning("worker raised %s: %s", type(e).__name__, e)
+            text = f"worker error: {type(e).__name__}: {e}\n" if self.debug else "worker error\n"
+            return web.Response(status=500, text=text)
+        headers = [(n, v) for n, v in resp.headers.items() if n.lower() not in _HOP_BY_HOP]
+        return web.Response(body=resp.body, status=resp.status, headers=headers)
+
+
+async def run(args: argparse.Namespace) -> None:
+    secret = load_or_create_secret(args.data_dir)
+    keys = {n: namespace_key(secret, n) for n in args.namespace}
+    client = durable.Client(args.frontend, name=f"gateway-{os.getpid()}", namespaces=keys,
+                            timeout=args.call_timeout, heartbeat=args.heartbeat)
+    await client.start(wait=False)
+    env = Env({n: client.namespace(n) for n in args.namespace}, __import__("orjson").loads(args.vars_json))
+    worker = load_function(args.worker) if args.worker else None
+    gw = Gateway(client, env, worker=worker, read_timeout=args.read_timeout, debug=args.debug)
+    app = web.Application(client_max_size=args.max_body_bytes)
+    app.router.add_route("*", "/{tail:.*}", gw.handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=args.idle_timeout, max_field_size=16384)
+    await runner.setup()
+    host, _, port = args.listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=True, backlog=1024,
+                       shutdown_timeout=args.grace)
+    await site.start()
+    log.info("listening on http://%s%s", args.listen, f" (worker {args.worker})" if worker else "")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await runner.cleanup()  # stops accepting, lets requests in flight finish
+    await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m durable.broker.gateway")
+    p.add_argument("--listen", default="127.0.0.1:8787")
+    p.add_argument("--frontend", required=True, help="the broker's client endpoint")
+    p.add_argument("--data-dir", required=True, help="holds the id secret")
+    p.add_argument("--namespace", action="append", default=[])
+    p.add_argument("--worker", help="module:fetch, async def fetch(request, env) -> Response")
+    p.add_argument("--vars-json", default="{}")
+    p.add_argument("--max-body-bytes", type=int, default=32 << 20)
+    p.add_argument("--read-timeout", type=float, default=30.0)
+    p.add_argument("--idle-timeout", type=float, default=15.0)
+    p.add_argument("--call-timeout", type=float, default=30.0)
+    p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(levelname)s gateway pid={os.getpid()} %(message)s")
+    try:
+        if args.worker:
+            load_function(args.worker)
+    except (ImportError, ValueError) as e:
+        logging.getLogger("durable.gateway").error("configuration error: %s", e)
+        return 78
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

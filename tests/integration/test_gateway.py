@@ -1,0 +1,127 @@
+"""The HTTP gateway over the real daemon: routing, Worker, errors, limits, shared port."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import aiohttp
+import pytest
+
+from tests.integration.daemon import serving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(port, extra_http="", extra=""):
+    return f"""
+slots = 2
+grace_period = 10
+[broker]
+heartbeat = 0.2
+[http]
+listen = "127.0.0.1:{port}"
+max_body_bytes = 1000
+read_timeout = 1.0
+{extra_http}
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+[namespaces.FAILING]
+class = "tests.integration.objects:Failing"
+[namespaces.SLOW]
+class = "tests.integration.objects:Slow"
+[vars]
+greeting = "hi"
+{extra}"""
+
+
+async def request(session, method, url, **kw):
+    async with session.request(method, url, **kw) as r:
+        return r.status, await r.text(), r.headers
+
+
+def test_routing_errors_and_limits(tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with serving(tmp_path, config(port, extra_http="processes = 2")) as d:
+        d.wait_ready()
+        assert len([c for c in d.children() if "gateway" in " ".join(c.cmdline())]) == 2
+
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                assert (await request(s, "POST", f"{base}/COUNTER/room%201/inc"))[:2] == (200, "1")
+                assert (await request(s, "GET", f"{base}/COUNTER/room%201/"))[:2] == (200, "1")
+                import durable
+                async with durable.connect(d.frontend) as c:
+                    oid = str(c.namespace("COUNTER").id_from_name("room 1"))
+                assert (await request(s, "POST", f"{base}/COUNTER/id/{oid}/inc"))[:2] == (200, "2")
+                status, text, _ = await request(s, "GET", f"{base}/NOPE/x/")
+                assert status == 404 and "COUNTER" in text
+                assert (await request(s, "GET", f"{base}/COUNTER/id/{'0' * 64}/"))[0] == 400
+                status, text, _ = await request(s, "POST", f"{base}/FAILING/f/?v=secret")
+                assert status == 500 and "secret" not in text  # no details without debug
+                assert (await request(s, "POST", f"{base}/COUNTER/x/inc", data=b"x" * 1001))[0] == 413
+                assert (await request(s, "POST", f"{base}/COUNTER/x/inc", data=b"x" * 1000))[0] == 200
+                # many keep-alive requests over a few connections, spread over both processes
+                results = await asyncio.gather(*[request(s, "POST", f"{base}/COUNTER/many/inc")
+                                                 for _ in range(200)])
+                assert all(r[0] == 200 for r in results)
+                assert (await request(s, "GET", f"{base}/COUNTER/many/"))[1] == "200"
+
+        asyncio.run(main())
+
+
+def test_slow_body_gets_408(tmp_path):
+    port = free_port()
+    with serving(tmp_path, config(port)) as d:
+        d.wait_ready()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"POST /COUNTER/x/inc HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+            t = time.monotonic()
+            data = c.recv(1000)
+            assert data.startswith(b"HTTP/1.1 408"), data
+            assert time.monotonic() - t < 5
+
+
+def test_stub_broken_is_503_with_retry_after(tmp_path):
+    port = free_port()
+    with serving(tmp_path, config(port)) as d:
+        d.wait_ready()
+
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                slow = asyncio.ensure_future(request(s, "GET", f"http://127.0.0.1:{port}/SLOW/s/?s=5"))
+                await asyncio.sleep(0.5)
+                import durable
+                from durable.broker.ring import Ring
+                async with durable.connect(d.frontend) as c:
+                    slot = Ring(2).slot_for(str(c.namespace("SLOW").id_from_name("s")))
+                d.child("objectproc", slot).kill()
+                status, _, headers = await slow
+                assert status == 503 and headers.get("Retry-After") == "1"
+
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_worker_entry_point(tmp_path, debug):
+    port = free_port()
+    extra = 'worker = "tests.integration.worker_fn:fetch"' + ("\ndebug = true" if debug else "")
+    with serving(tmp_path, config(port, extra_http=extra)) as d:
+        d.wait_ready()
+
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                base = f"http://127.0.0.1:{port}"
+                assert (await request(s, "GET", f"{base}/count/a"))[:2] == (200, "worker saw 1 (hi)")
+                assert (await request(s, "GET", f"{base}/count/a"))[:2] == (200, "worker saw 2 (hi)")
+                assert (await request(s, "GET", f"{base}/other"))[0] == 404
+                status, text, _ = await request(s, "GET", f"{base}/boom")
+                assert status == 500 and (("worker exploded" in text) == debug)
+
+        asyncio.run(main())
