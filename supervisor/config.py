@@ -20,7 +20,11 @@ __all__ = ["Config", "BrokerSettings", "HttpSettings", "LimitsSettings", "Config
 #: Exit status for "the configuration is wrong; restarting will not help" (sysexits EX_CONFIG).
 EXIT_CONFIG = 78
 
-DEFAULT_NAMESPACES = {"COUNTER": "durable.examples.counter:Counter"}
+DEFAULT_NAMESPACES = {
+    "COUNTER": "durable.examples.counter:Counter",
+    "CHAT": "durable.examples.chat:ChatRoom",
+    "RATELIMIT": "durable.examples.ratelimit:RateLimiter",
+}
 _IPC_PATH_MAX = 107  # sun_path
 
 
