@@ -105,7 +105,12 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await asyncio.wait_for(request.read(), self.read_timeout)
+            if request.content_length == 0 or (request.content_length is None
+                                               and not request.body_exists):
+                body = b""
+            else:
+                async with asyncio.timeout(self.read_timeout):  # no extra task, unlike wait_for
+                    body = await request.read()
         except TimeoutError:
             return web.Response(status=408, text="request body not received in time\n")
         except web.HTTPRequestEntityTooLarge:

@@ -3,6 +3,7 @@
 
     python scripts/bench.py storage [--quick] [--repeat N]
     python scripts/bench.py rpc [--quick] [--repeat N] [--slots N]
+    python scripts/bench.py http [--quick] [--repeat N] [--slots N] [--http-processes N]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append, one DuckDB single-row
@@ -12,6 +13,11 @@ them through the async client: sequential no-op fetch, no-op fetch with 64 in
 flight over 100 objects, a durable counter increment (get + put, response
 after durability) both ways, and in the same run the bare 2-hop zmq echo
 floor (DEALER -> ROUTER/ROUTER broker loop -> DEALER worker, sync loops).
+
+``http`` runs ``durable serve`` with its HTTP gateway and drives it from a
+separate load-generator process (asyncio, raw keep-alive sockets, one request
+in flight per connection): no-op and durable-counter calls, sequential and
+with 64 connections over 100 objects.
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -466,6 +472,105 @@ def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
     return out
 
 
+# -- http -------------------------------------------------------------------------------
+async def _http_conn(host: str, port: int, paths: list[str], method: str, stop: float,
+                     n: int | None, times: list[float]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    reqs = [f"{method} {p} HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n\r\n".encode()
+            for p in paths]
+    i = 0
+    try:
+        while (n is None and time.monotonic() < stop) or (n is not None and i < n):
+            t = time.perf_counter()
+            writer.write(reqs[i % len(reqs)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response {head[:60]!r}")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            times.append(time.perf_counter() - t)
+            i += 1
+    finally:
+        writer.close()
+
+
+def _http_load(host: str, port: int, ns: str, path: str, method: str, conns: int, objects: int,
+               secs: float, n: int | None) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        times: list[float] = []
+        stop = time.monotonic() + secs
+        per = [[f"/{ns}/o{(k + j * conns) % objects}{path}" for j in range(max(1, objects // conns + 1))]
+               for k in range(conns)]
+        t0 = time.perf_counter()
+        await asyncio.gather(*[_http_conn(host, port, per[k], method, stop, n, times)
+                               for k in range(conns)])
+        elapsed = time.perf_counter() - t0
+        return {"connections": conns, "objects": objects, "requests": len(times),
+                "per_s": round(len(times) / elapsed), "p50_ms": ms(pct(times, 0.5)),
+                "p99_ms": ms(pct(times, 0.99))}
+    return asyncio.run(run())
+
+
+def http_suite(quick: bool, slots: int, processes: int) -> dict[str, Any]:
+    import socket
+    import subprocess
+    from concurrent.futures import ProcessPoolExecutor
+
+    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+        root = Path(tmp)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        (root / "durable.toml").write_text(f"""
+data_dir = "{root / 'data'}"
+slots = {slots}
+[http]
+listen = "127.0.0.1:{port}"
+processes = {processes}
+[namespaces.NOOP]
+class = "bench_objects:Noop"
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+""")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
+        daemon = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve",
+                                   "--config", str(root / "durable.toml"), "--log-level", "WARNING"],
+                                  env=env, cwd=root, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or daemon.poll() is not None:
+                        raise RuntimeError("the daemon did not start its gateway") from None
+                    time.sleep(0.05)
+            time.sleep(0.5)  # slots register
+            n = 300 if quick else 3000
+            secs = 1.0 if quick else 4.0
+            out: dict[str, Any] = {"slots": slots, "http_processes": processes}
+            with ProcessPoolExecutor(1) as pool:  # the load generator is its own process
+                def load(*a: Any) -> dict[str, Any]:
+                    return pool.submit(_http_load, "127.0.0.1", port, *a).result()
+                load("NOOP", "/", "GET", 1, 1, 0, 50)  # warm-up
+                out["noop_sequential"] = load("NOOP", "/", "GET", 1, 1, 0, n)
+                out["noop_64_connections_100_objects"] = load("NOOP", "/", "GET", 64, 100, secs, None)
+                out["counter_sequential"] = load("COUNTER", "/inc", "POST", 1, 1, 0, n)
+                out["counter_64_connections_100_objects"] = load("COUNTER", "/inc", "POST", 64, 100, secs, None)
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+    return out
+
+
 def median_of(runs: list[Any]) -> Any:
     first = runs[0]
     if isinstance(first, dict):
@@ -484,15 +589,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _echo_worker(sys.argv[2])
         return 0
-    p.add_argument("suite", choices=["storage", "rpc"])
+    p.add_argument("suite", choices=["storage", "rpc", "http"])
+    p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
     p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke runs")
     p.add_argument("--repeat", type=int, default=1, help="run N times; report medians")
     args = p.parse_args(argv)
     if args.suite == "storage":
         runs = [storage_suite(args.quick) for _ in range(args.repeat)]
-    else:
+    elif args.suite == "rpc":
         runs = [rpc_suite(args.quick, args.slots) for _ in range(args.repeat)]
+    else:
+        runs = [http_suite(args.quick, args.slots, args.http_processes) for _ in range(args.repeat)]
     result = {"suite": args.suite, "quick": args.quick, "repeat": args.repeat,
               "python": sys.version.split()[0], "cpus": os.cpu_count(),
               "median": median_of(runs)}

@@ -33,3 +33,13 @@ def test_rpc_bench_quick_reports_every_figure():
         assert section in m, f"{section} missing from {sorted(m)}"
     assert m["noop_64_in_flight_100_objects"]["calls"] > 0
     assert m["counter_64_in_flight_100_objects"]["calls"] > 0
+
+
+def test_http_bench_quick_reports_every_figure():
+    out = subprocess.run([sys.executable, str(BENCH), "http", "--quick"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]
+    for section in ("noop_sequential", "noop_64_connections_100_objects", "counter_sequential",
+                    "counter_64_connections_100_objects"):
+        assert m[section]["requests"] > 0, section
