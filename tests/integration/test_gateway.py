@@ -125,3 +125,15 @@ def test_worker_entry_point(tmp_path, debug):
                 assert status == 500 and (("worker exploded" in text) == debug)
 
         asyncio.run(main())
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /COUNTER/x/ HTTP/1.1\r\nHost: x\r\n"])
+def test_idle_and_slow_header_clients_are_disconnected(tmp_path, sent):
+    port = free_port()
+    with serving(tmp_path, config(port, extra_http="idle_timeout = 1.0")) as d:
+        d.wait_ready()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(sent)
+            t = time.monotonic()
+            assert c.recv(1000) == b""  # the server closed the connection
+            assert time.monotonic() - t < 5
