@@ -22,6 +22,10 @@ def _logging(level: str) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     _logging(args.log_level)
+    # Classes are imported from the working directory, as the object processes (started with
+    # `python -m`) will; the `durable` console script alone would not look there.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         config = load(args.config)
         from .arbiter import Arbiter

@@ -69,14 +69,14 @@ class Daemon:
 
 @contextlib.contextmanager
 def serving(root: Path, config: str | None = None, env: dict[str, str] | None = None,
-            args: list[str] | None = None) -> Iterator[Daemon]:
+            args: list[str] | None = None, command: list[str] | None = None) -> Iterator[Daemon]:
     root.mkdir(parents=True, exist_ok=True)
     sock_path = root / "notify.sock"
     sock_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(sock_path))
     notify.setblocking(False)
-    cmd = [sys.executable, "-m", "durable.supervisor.cli", "serve"]
+    cmd = command or [sys.executable, "-m", "durable.supervisor.cli", "serve"]
     if config is not None:
         (root / "durable.toml").write_text(config)
         cmd += ["--config", str(root / "durable.toml")]
