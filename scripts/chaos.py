@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Chaos soak: write through the daemon while killing its processes; then check every write.
+
+    python scripts/chaos.py --seconds 60 [--objects 40] [--writers 24] [--json]
+
+For a bounded time, writers increment counters and append unique tokens to
+per-object lists, through the Python client and through the HTTP gateway,
+while a killer SIGKILLs random object processes, the broker and gateway
+processes at random intervals. Writers never retry a call whose outcome is
+unknown (a broken stub or a timeout may or may not have run). At the end,
+every object must hold:
+
+* a counter between its acknowledged and its attempted increments;
+* every acknowledged token exactly once, each writer's tokens in the order
+  it wrote them, and no token that was never attempted.
+
+Prints a summary (JSON with --json); exits 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import durable  # noqa: E402
+
+RETRYABLE = (durable.StubBrokenError, durable.CallTimeoutError, durable.OverloadedError,
+             ConnectionError, aiohttp.ClientError, asyncio.TimeoutError)
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.inc_acked = collections.Counter()
+        self.inc_attempted = collections.Counter()
+        self.tokens_acked: dict[str, set[str]] = collections.defaultdict(set)
+        self.tokens_attempted: dict[str, set[str]] = collections.defaultdict(set)
+        self.calls = 0
+        self.failures = collections.Counter()
+
+
+async def writer(wid: int, client: durable.Client, http: aiohttp.ClientSession, port: int,
+                 names: list[str], ledger: Ledger, stop: float, rng: random.Random) -> None:
+    ns = client.namespace("CHAOS")
+    stubs: dict[str, durable.Stub] = {}
+    seq = 0
+    while time.monotonic() < stop:
+        name = rng.choice(names)
+        via_http = rng.random() < 0.3
+        append = rng.random() < 0.5
+        if append:
+            seq += 1
+            token = f"w{wid}-{seq}"
+            path = f"/append?t={token}"
+            ledger.tokens_attempted[name].add(token)
+        else:
+            path = "/inc"
+            ledger.inc_attempted[name] += 1
+        ledger.calls += 1
+        try:
+            if via_http:
+                async with http.post(f"http://127.0.0.1:{port}/CHAOS/{name}{path}",
+                                     timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    await r.read()
+                    if r.status != 200:
+                        ledger.failures[f"http_{r.status}"] += 1
+                        continue
+            else:
+                stub = stubs.get(name)
+                if stub is None:
+                    stub = stubs[name] = ns.get(ns.id_from_name(name))
+                await stub.fetch(f"http://do{path}", method="POST", timeout=10)
+        except RETRYABLE as e:
+            ledger.failures[type(e).__name__] += 1
+            stubs.pop(name, None)  # a new stub next time; this call's outcome is unknown
+            await asyncio.sleep(0.02)
+            continue
+        if append:
+            ledger.tokens_acked[name].add(token)
+        else:
+            ledger.inc_acked[name] += 1
+
+
+def children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def role_of(p: psutil.Process) -> str | None:
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return None
+    for role in ("gateway", "objectproc", "broker"):
+        if f"durable.broker.{role}" in cmd or f"durable.{role}" in cmd:
+            return role
+    return None
+
+
+async def killer(pid: int, stop: float, rng: random.Random, kills: collections.Counter,
+                 min_gap: float, max_gap: float) -> None:
+    while time.monotonic() < stop:
+        await asyncio.sleep(rng.uniform(min_gap, max_gap))
+        victims = [(role_of(p), p) for p in children(pid)]
+        victims = [(r, p) for r, p in victims if r is not None]
+        if not victims:
+            continue
+        weights = [{"objectproc": 3, "broker": 1, "gateway": 1}[r] for r, _ in victims]
+        role, victim = rng.choices(victims, weights)[0]
+        try:
+            victim.kill()
+            kills[role] += 1
+        except psutil.Error:
+            pass
+
+
+async def read_back(client: durable.Client, names: list[str]) -> dict[str, dict]:
+    ns = client.namespace("CHAOS")
+    out = {}
+    for name in names:
+        for _attempt in range(200):
+            try:
+                resp = await ns.get(ns.id_from_name(name)).fetch("http://do/state", timeout=10)
+                out[name] = await resp.json()
+                break
+            except RETRYABLE:
+                await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError(f"could not read {name} back")
+    return out
+
+
+def check(ledger: Ledger, final: dict[str, dict]) -> list[str]:
+    problems = []
+    for name, state in final.items():
+        n = state["n"]
+        if not ledger.inc_acked[name] <= n <= ledger.inc_attempted[name]:
+            problems.append(f"{name}: counter {n} outside [{ledger.inc_acked[name]}, "
+                            f"{ledger.inc_attempted[name]}]")
+        entries = state["entries"]
+        seen = collections.Counter(entries)
+        for token, count in seen.items():
+            if count > 1:
+                problems.append(f"{name}: token {token} appears {count} times")
+            if token not in ledger.tokens_attempted[name]:
+                problems.append(f"{name}: token {token} was never written")
+        for token in ledger.tokens_acked[name]:
+            if token not in seen:
+                problems.append(f"{name}: acknowledged token {token} is missing")
+        last: dict[str, int] = {}
+        for token in entries:
+            w, s = token.rsplit("-", 1)
+            if int(s) <= last.get(w, 0):
+                problems.append(f"{name}: {token} is out of its writer's order")
+            last[w] = int(s)
+    return problems
+
+
+async def soak(args: argparse.Namespace, root: Path, port: int, daemon: subprocess.Popen) -> dict:
+    rng = random.Random(args.seed)
+    frontend = f"ipc://{root / 'data' / 'run' / 'broker.sock'}"
+    names = [f"obj{i}" for i in range(args.objects)]
+    ledger = Ledger()
+    kills: collections.Counter = collections.Counter()
+    async with durable.connect(frontend, timeout=10) as client, aiohttp.ClientSession() as http:
+        stop = time.monotonic() + args.seconds
+        tasks = [writer(i, client, http, port, names, ledger, stop, random.Random(rng.random()))
+                 for i in range(args.writers)]
+        tasks.append(killer(daemon.pid, stop, rng, kills, args.min_gap, args.max_gap))
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(1.0)  # let the last killed process come back
+        final = await read_back(client, names)
+    problems = check(ledger, final)
+    return {
+        "seconds": args.seconds, "objects": args.objects, "writers": args.writers,
+        "kills": dict(kills), "kills_total": sum(kills.values()), "calls": ledger.calls,
+        "acknowledged": sum(ledger.inc_acked.values()) + sum(len(t) for t in ledger.tokens_acked.values()),
+        "failed_calls": dict(ledger.failures),
+        "lost_writes": sum(1 for p in problems if "missing" in p or "outside" in p),
+        "problems": problems[:20], "ok": not problems,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--objects", type=int, default=40)
+    p.add_argument("--writers", type=int, default=24)
+    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--min-gap", type=float, default=0.3, help="seconds between kills, at least")
+    p.add_argument("--max-gap", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=int(time.time()))
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="durable-chaos-") as tmp:
+        root = Path(tmp)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        (root / "durable.toml").write_text(f"""
+data_dir = "{root / 'data'}"
+slots = {args.slots}
+grace_period = 10
+[broker]
+heartbeat = 0.2
+[http]
+listen = "127.0.0.1:{port}"
+[namespaces.CHAOS]
+class = "chaos_objects:Chaos"
+""")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
+        log = open(root / "serve.log", "wb")
+        daemon = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve",
+                                   "--config", str(root / "durable.toml"), "--log-level", "WARNING"],
+                                  env=env, cwd=root, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or daemon.poll() is not None:
+                        raise RuntimeError("the daemon did not start") from None
+                    time.sleep(0.05)
+            result = asyncio.run(soak(args, root, port, daemon))
+            result["daemon_alive"] = daemon.poll() is None
+            result["ok"] = result["ok"] and result["daemon_alive"]
+        finally:
+            kids = children(daemon.pid)
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+            psutil.wait_procs(kids, timeout=10)
+            for k in kids:
+                if k.is_running():
+                    k.kill()
+            log.close()
+        result["seed"] = args.seed
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"chaos soak: {result['seconds']:g} s, {result['kills_total']} kills {result['kills']}, "
+              f"{result['calls']} calls, {result['acknowledged']} acknowledged writes, "
+              f"failed calls {result['failed_calls']}, lost writes = {result['lost_writes']}, "
+              f"{'OK' if result['ok'] else 'PROBLEMS: ' + '; '.join(result['problems'])}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The chaos soak, 60 seconds: kills of every kind of process, no acknowledged write lost."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHAOS = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
+
+
+def test_chaos_soak_60_seconds_loses_nothing():
+    out = subprocess.run([sys.executable, str(CHAOS), "--seconds", "60", "--json", "--seed", "7"],
+                         capture_output=True, text=True, timeout=300)
+    result = json.loads(out.stdout)
+    print(json.dumps({k: result[k] for k in ("kills", "calls", "acknowledged", "lost_writes")}))
+    assert out.returncode == 0 and result["ok"], result["problems"]
+    assert result["lost_writes"] == 0
+    assert result["kills_total"] >= 30, result["kills"]
+    assert set(result["kills"]) == {"objectproc", "broker", "gateway"}, result["kills"]
+    assert result["acknowledged"] > 1000
