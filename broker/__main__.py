@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-limit", type=int, default=10_000)
     p.add_argument("--queue-deadline", type=float, default=10.0)
     p.add_argument("--control", help="endpoint for the supervisor's control messages")
+    p.add_argument("--public", help="a second client endpoint, for other machines")
+    p.add_argument("--curve-secret-key", help="the broker's key pair file (durable keygen)")
+    p.add_argument("--authorized-keys", help="directory of authorized client public keys")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         frontend=args.frontend, backend=args.backend, slots=args.slots,
         namespaces={n: namespace_key(secret, n) for n in args.namespace},
         heartbeat=args.heartbeat, queue_limit=args.queue_limit,
-        queue_deadline=args.queue_deadline, control=args.control)
+        queue_deadline=args.queue_deadline, control=args.control, public=args.public,
+        curve_secret_key_file=args.curve_secret_key, authorized_keys_dir=args.authorized_keys)
     broker = Broker(config)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())

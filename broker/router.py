@@ -78,12 +78,17 @@ class BrokerConfig:
     namespaces: dict[str, bytes]  # name -> id key
     queue_limit: int = 10_000
     queue_deadline: float = 10.0
+    client_inflight_limit: int = 10_000  # calls one client connection may have in flight
     heartbeat: float = 1.0
     misses: int = 5
     client_misses: int = 30
     max_message_bytes: int = 64 << 20
     burst: int = 1000
     control: str | None = None  # the supervisor's PUSH endpoint (ipc in the 0700 run dir)
+    #: a second client endpoint for other machines, with CurveZMQ when keys are given
+    public: str | None = None
+    curve_secret_key_file: str | None = None  # the broker's key pair (durable keygen)
+    authorized_keys_dir: str | None = None  # public keys of the clients allowed in
 
 
 class _Slot:
@@ -107,6 +112,7 @@ class _Slot:
 class _Client:
     last_heard: float
     stubs: dict[int, tuple[int, int]] = field(default_factory=dict)
+    inflight: int = 0
 
 
 class Broker:
@@ -125,6 +131,8 @@ class Broker:
         self.front: zmq.Socket | None = None
         self.back: zmq.Socket | None = None
         self.ctl: zmq.Socket | None = None
+        self.pub: zmq.Socket | None = None
+        self._auth: Any = None
         self.draining = False
         self._stopping = False
         self._next_client_sweep = clock()
@@ -140,17 +148,44 @@ class Broker:
             s.setsockopt(zmq.RCVHWM, 100_000)
             s.bind(endpoint)
             setattr(self, attr, s)
+        if self.config.public:
+            self.pub = self._public_socket()
         if self.config.control:
             self.ctl = self._ctx.socket(zmq.PULL)
             self.ctl.setsockopt(zmq.LINGER, 0)
             self.ctl.setsockopt(zmq.MAXMSGSIZE, 4096)
             self.ctl.bind(self.config.control)
 
+    def _public_socket(self) -> zmq.Socket:
+        """The endpoint for other machines: CurveZMQ, only clients whose key is authorized."""
+        s = self._ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        if self.config.curve_secret_key_file:
+            from zmq.auth import load_certificate
+            from zmq.auth.thread import ThreadAuthenticator
+
+            public, secret = load_certificate(self.config.curve_secret_key_file)
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self.config.authorized_keys_dir)
+            s.curve_secretkey = secret
+            s.curve_publickey = public
+            s.curve_server = True
+        s.bind(self.config.public)
+        return s
+
     def close(self) -> None:
-        for s in (self.front, self.back, self.ctl):
+        for s in (self.front, self.back, self.ctl, self.pub):
             if s is not None:
                 s.close(linger=0)
-        self.front = self.back = self.ctl = None
+        self.front = self.back = self.ctl = self.pub = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler: it only sets a flag)."""
@@ -166,7 +201,10 @@ class Broker:
             return False
 
     def _to_client(self, ident: bytes, frames: list[bytes]) -> None:
-        self._send(self.front, [ident, *frames], "client")
+        # Identities carry the socket they came from: F (local) or P (public). ZMQ makes them
+        # per socket, so without the prefix a local and a remote client could collide.
+        sock = self.pub if ident[:1] == b"P" else self.front
+        self._send(sock, [ident[1:], *frames], "client")
 
     def _to_worker(self, ident: bytes, frames: list[bytes]) -> None:
         if not self._send(self.back, [ident, *frames], "worker"):
@@ -187,6 +225,8 @@ class Broker:
         poller.register(self.back, zmq.POLLIN)
         if self.ctl is not None:
             poller.register(self.ctl, zmq.POLLIN)
+        if self.pub is not None:
+            poller.register(self.pub, zmq.POLLIN)
         burst = self.config.burst
         while not self._stopping:
             events = dict(poller.poll(self._poll_timeout_ms()))
@@ -195,7 +235,9 @@ class Broker:
             if self.back in events:
                 self._drain(self.back, self.on_worker, burst)
             if self.front in events:
-                self._drain(self.front, self.on_client, burst)
+                self._drain(self.front, self._from_front, burst)
+            if self.pub is not None and self.pub in events:
+                self._drain(self.pub, self._from_public, burst)
             try:
                 self.tick()
             except Exception:
@@ -218,6 +260,14 @@ class Broker:
         return max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
 
     # -- clients --------------------------------------------------------------------------
+    def _from_front(self, frames: list[bytes]) -> None:
+        frames[0] = b"F" + frames[0]
+        self.on_client(frames)
+
+    def _from_public(self, frames: list[bytes]) -> None:
+        frames[0] = b"P" + frames[0]
+        self.on_client(frames)
+
     def on_client(self, frames: list[bytes]) -> None:
         ident = frames[0]
         try:
@@ -278,6 +328,11 @@ class Broker:
         except InvalidIdError as e:
             self._error(ident, call.call_id, "invalid_id", str(e))
             return
+        if client.inflight >= self.config.client_inflight_limit:
+            self._error(ident, call.call_id, "overloaded",
+                        f"this client has {client.inflight} calls in flight (the limit is "
+                        f"{self.config.client_inflight_limit}); wait for some to finish")
+            return
         number = self.ring.slot_for(call.object_id)
         slot = self.slots[number]
         bound = client.stubs.get(call.stub_id)
@@ -292,8 +347,10 @@ class Broker:
                             "it; retry later")
                 return
             self.counters["queued"] += 1
+            client.inflight += 1
             slot.queue.append((self.clock() + self.config.queue_deadline, ident, call))
             return
+        client.inflight += 1
         self._dispatch(slot, ident, client, call)
 
     def _dispatch(self, slot: _Slot, ident: bytes, client: _Client, call: Call) -> None:
@@ -302,6 +359,11 @@ class Broker:
         slot.inflight[(ident, call.call_id)] = None
         self._to_worker(slot.identity, WorkerCall(ident, call.call_id, call.namespace,
                                                   call.object_id, call.head, call.body).encode())
+
+    def _done(self, ident: bytes) -> None:
+        client = self.clients.get(ident)
+        if client is not None and client.inflight > 0:
+            client.inflight -= 1
 
     def _broken(self, ident: bytes, call_id: int, number: int, why: str) -> None:
         self._error(ident, call_id, "stub_broken",
@@ -330,12 +392,14 @@ class Broker:
         if type(msg) is WorkerReply:
             if slot.inflight.pop((msg.client, msg.call_id), 0) is None:
                 self.counters["replies"] += 1
+                self._done(msg.client)
                 self._to_client(msg.client, [header(Cmd.REPLY), pack_u64(msg.call_id), msg.head, msg.body])
             else:
                 self.counters["stray_replies"] += 1
         elif type(msg) is WorkerError:
             if slot.inflight.pop((msg.client, msg.call_id), 0) is None:
                 self.counters["object_errors"] += 1
+                self._done(msg.client)
                 self._to_client(msg.client, [header(Cmd.ERROR), pack_u64(msg.call_id), msg.payload])
             else:
                 self.counters["stray_replies"] += 1
@@ -373,6 +437,7 @@ class Broker:
                 continue
             bound = client.stubs.get(call.stub_id)
             if bound is not None and bound != (slot.number, slot.incarnation):
+                self._done(ident)
                 self._broken(ident, call.call_id, slot.number, "restarted while the call waited")
                 continue
             self._dispatch(slot, ident, client, call)
@@ -386,6 +451,7 @@ class Broker:
                     reason, len(slot.inflight))
         self.workers.pop(slot.identity, None)
         for ident, call_id in slot.inflight:
+            self._done(ident)
             self._broken(ident, call_id, number, f"its process (pid {slot.pid}) went away: {reason}")
         slot.inflight.clear()
         slot.identity = slot.incarnation = slot.liveness = slot.up_since = None
@@ -404,6 +470,7 @@ class Broker:
             q = slot.queue
             while q and q[0][0] <= now:
                 _, ident, call = q.popleft()
+                self._done(ident)
                 self._error(ident, call.call_id, "timeout",
                             f"slot {slot.number} had no running process for "
                             f"{self.config.queue_deadline:g} s; the call was not delivered")

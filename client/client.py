@@ -66,6 +66,22 @@ def default_endpoint() -> str:
     return "ipc://" + os.path.abspath(os.path.join("durable-data", "run", "broker.sock"))
 
 
+def _curve_keys(server_key: str | None, client_key: str | None) -> tuple[bytes, bytes, bytes] | None:
+    """CurveZMQ keys from `durable keygen` files: the broker's .key and our .key_secret."""
+    if server_key is None and client_key is None:
+        return None
+    if not (server_key and client_key):
+        raise ValueError("CurveZMQ needs both server_key (the broker's .key file) and "
+                         "client_key (this client's .key_secret file)")
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(server_key)
+    public, secret = zmq.auth.load_certificate(client_key)
+    if secret is None:
+        raise ValueError(f"{client_key} holds no secret key; pass the .key_secret file")
+    return server_public, public, secret
+
+
 class Stub:
     """A handle on one object. Calls are delivered in the order made; see ``StubBrokenError``."""
 
@@ -126,13 +142,15 @@ class Client:
     def __init__(self, endpoint: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
                  heartbeat: float = 1.0, misses: int = 5, name: str = "client",
                  namespaces: dict[str, bytes] | None = None,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, server_key: str | None = None,
+                 client_key: str | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
         self._heartbeat = heartbeat
         self._misses = misses
         self._name = name
         self._connect_timeout = connect_timeout
+        self._curve = _curve_keys(server_key, client_key)
         self._ctx = zmq.Context.instance()
         self._sock: LoopSocket | None = None
         self._pending: dict[int, tuple[asyncio.Future[Any], Stub | None]] = {}
@@ -180,7 +198,7 @@ class Client:
     def _open_socket(self) -> None:
         if self._sock is not None:
             self._sock.close()
-        self._sock = LoopSocket.dealer(self.endpoint, self._handle, self._ctx)
+        self._sock = LoopSocket.dealer(self.endpoint, self._handle, self._ctx, self._curve)
         self._liveness = Liveness(self._heartbeat, self._misses)
         self._welcomed.clear()
         self._send(Hello(os.getpid(), self._name).encode())

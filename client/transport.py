@@ -23,7 +23,10 @@ from collections.abc import Callable
 
 import zmq
 
-__all__ = ["LoopSocket"]
+__all__ = ["LoopSocket", "MAX_MESSAGE_BYTES"]
+
+#: the largest message any durable socket accepts (a 32 MiB body plus headroom)
+MAX_MESSAGE_BYTES = 64 << 20
 
 log = logging.getLogger("durable.transport")
 
@@ -94,12 +97,19 @@ class LoopSocket:
 
     @classmethod
     def dealer(cls, endpoint: str, on_message: Callable[[list[bytes]], None],
-               context: zmq.Context | None = None) -> LoopSocket:
-        """A DEALER connected to ``endpoint``, with the options every durable peer uses."""
+               context: zmq.Context | None = None,
+               curve: tuple[bytes, bytes, bytes] | None = None) -> LoopSocket:
+        """A DEALER connected to ``endpoint``, with the options every durable peer uses.
+
+        ``curve`` is (server public key, our public key, our secret key) for CurveZMQ.
+        """
         sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        if curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sock.connect(endpoint)
         return cls(sock, on_message)
 

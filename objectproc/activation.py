@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from durable.errors import StorageCommitError
+from durable.errors import OverloadedError, StorageCommitError
 from durable.http import Request, Response
 from durable.ids import ObjectId
 
@@ -77,7 +77,8 @@ Reply = Callable[[Response | None, BaseException | None], None]
 
 class Activation:
     def __init__(self, store: SlotStore, namespace: str, object_id: str, cls: type,
-                 env: Any, clock: Callable[[], float] = time.monotonic) -> None:
+                 env: Any, clock: Callable[[], float] = time.monotonic,
+                 max_pending: int = 1000) -> None:
         self.namespace = namespace
         self.object_id = object_id
         self.phase = Phase.ACTIVE
@@ -87,6 +88,7 @@ class Activation:
         self._waiting: deque[tuple[Request, Reply]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_used = clock()
+        self.max_pending = max_pending
         self.instance = cls(self.state, env)  # may raise: the catalog reports it to the caller
 
     def _step(self, event: str) -> None:
@@ -102,6 +104,11 @@ class Activation:
 
     def deliver(self, request: Request, reply: Reply) -> None:
         self.last_used = self.clock()
+        if len(self._tasks) + len(self._waiting) >= self.max_pending:
+            reply(None, OverloadedError(
+                f"{self.namespace} {self.object_id} has {len(self._tasks) + len(self._waiting)} "
+                f"calls waiting or running (the limit is {self.max_pending}); retry later"))
+            return
         if self.phase is Phase.BLOCKED or self._waiting:
             self._waiting.append((request, reply))
             return

@@ -182,6 +182,11 @@ class Arbiter:
                   "--heartbeat", str(c.broker.heartbeat), "--queue-limit", str(c.broker.queue_limit),
                   "--queue-deadline", str(c.broker.queue_deadline),
                   "--control", self.control_endpoint]
+        if c.broker.public_endpoint:
+            broker += ["--public", c.broker.public_endpoint]
+        if c.broker.curve_secret_key:
+            broker += ["--curve-secret-key", c.broker.curve_secret_key,
+                       "--authorized-keys", c.broker.authorized_keys]
         for ns in c.namespaces:
             broker += ["--namespace", ns]
         self.watchers.append(Watcher("broker", "broker", None, broker, env))

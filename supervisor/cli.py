@@ -143,6 +143,18 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def keygen_cmd(args: argparse.Namespace) -> int:
+    import zmq.auth
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.dir, args.name)
+    os.chmod(secret, 0o600)
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it private)")
+    print("broker: [broker] curve_secret_key = <the broker's .key_secret>, authorized_keys = "
+          "<a directory with each client's .key>\nclient: durable.connect(endpoint, "
+          "server_key=<the broker's .key>, client_key=<this client's .key_secret>)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="durable", description="A self-hosted Durable Objects runtime.")
     parser.add_argument("--version", action="version", version=f"durable {__version__}")
@@ -166,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("namespace")
     p.add_argument("name_or_id")
     p.add_argument("--prefix")
+    p = sub.add_parser("keygen", help="write a CurveZMQ key pair (for clients on other machines)")
+    p.add_argument("dir")
+    p.add_argument("--name", default="client", help="file name: NAME.key and NAME.key_secret")
     args = parser.parse_args(argv)
-    commands = {"serve": serve, "status": status_cmd, "call": call_cmd, "inspect": inspect_cmd}
+    commands = {"serve": serve, "status": status_cmd, "call": call_cmd, "inspect": inspect_cmd,
+                "keygen": keygen_cmd}
     return commands[args.command](args)
 
 

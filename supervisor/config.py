@@ -44,6 +44,12 @@ class BrokerSettings:
     queue_limit: int = 10_000
     #: seconds a call waits for such a slot before it fails
     queue_deadline: float = 10.0
+    #: a second client endpoint for other machines, e.g. "tcp://0.0.0.0:7700"
+    public_endpoint: str = ""
+    #: the broker's CurveZMQ key pair file (`durable keygen DIR --name broker`)
+    curve_secret_key: str = ""
+    #: directory of the public key files of the clients allowed in
+    authorized_keys: str = ""
 
 
 @dataclass
@@ -212,6 +218,28 @@ def validate(cfg: Config) -> None:
     for name in ("max_key_bytes", "max_value_bytes", "max_keys_per_call"):
         if getattr(cfg.limits, name) < 1:
             raise _err(src, f"limits.{name}", "must be positive", "Use a positive integer.")
+    b = cfg.broker
+    if b.public_endpoint:
+        if not b.public_endpoint.startswith("tcp://"):
+            raise _err(src, "broker.public_endpoint", "must be a tcp:// endpoint",
+                       'Write e.g. public_endpoint = "tcp://0.0.0.0:7700".')
+        host = b.public_endpoint[6:].rsplit(":", 1)[0].strip("[]")
+        local = host in ("127.0.0.1", "localhost", "::1")
+        if not local and not (b.curve_secret_key and b.authorized_keys):
+            raise _err(src, "broker.public_endpoint",
+                       f"{b.public_endpoint} accepts other machines, so it needs CurveZMQ keys",
+                       "Run `durable keygen DIR --name broker` and `durable keygen DIR --name "
+                       "CLIENT`, then set broker.curve_secret_key to DIR/broker.key_secret and "
+                       "broker.authorized_keys to a directory holding each client's .key file.")
+    if bool(b.curve_secret_key) != bool(b.authorized_keys):
+        raise _err(src, "broker.curve_secret_key", "curve_secret_key and authorized_keys go "
+                   "together", "Set both, or neither.")
+    if b.curve_secret_key and not Path(b.curve_secret_key).is_file():
+        raise _err(src, "broker.curve_secret_key", f"{b.curve_secret_key} is not a file",
+                   "Point it at the .key_secret file `durable keygen` wrote.")
+    if b.authorized_keys and not Path(b.authorized_keys).is_dir():
+        raise _err(src, "broker.authorized_keys", f"{b.authorized_keys} is not a directory",
+                   "Point it at a directory of client .key files.")
     for key, endpoint in (("broker.endpoint", cfg.frontend()), ("broker.workers_endpoint", cfg.backend())):
         if endpoint.startswith("ipc://") and len(endpoint) - len("ipc://") > _IPC_PATH_MAX:
             raise _err(src, key, f"the ipc path is {len(endpoint) - 6} bytes; the limit is "
@@ -219,8 +247,9 @@ def validate(cfg: Config) -> None:
         if endpoint.startswith("tcp://"):
             host = endpoint[6:].rsplit(":", 1)[0].strip("[]")
             if host not in ("127.0.0.1", "localhost", "::1"):
-                raise _err(src, key, f"{endpoint} is not on this machine, and CurveZMQ keys are "
-                           "not supported yet", "Bind to 127.0.0.1 or use an ipc:// endpoint.")
+                raise _err(src, key, f"{endpoint} is not on this machine",
+                           "Keep this endpoint on 127.0.0.1 or ipc://; for other machines set "
+                           "broker.public_endpoint with CurveZMQ keys.")
         elif not endpoint.startswith("ipc://"):
             raise _err(src, key, f"{endpoint!r} is not an ipc:// or tcp:// endpoint",
                        'Use e.g. "ipc:///run/durable/broker.sock" or "tcp://127.0.0.1:7700".')

@@ -28,7 +28,7 @@ class FakeBroker(Broker):
         self.back = object()  # "bound"
 
     def _send(self, sock, frames, what):
-        ident = frames[0]
+        ident = frames[0] if what == "worker" else b"F" + frames[0]
         if ident in self.unreachable:
             return False
         parse = m.parse_from_broker_to_client if what == "client" else m.parse_from_broker_to_worker
@@ -50,10 +50,10 @@ def oid_on_slot(slot, slots=2):
 
 
 def call(call_id, stub_id, oid, ns="NS"):
-    return [b"cli", *m.Call(call_id, stub_id, ns, oid, 1000, b"[]", b"").encode()]
+    return [b"Fcli", *m.Call(call_id, stub_id, ns, oid, 1000, b"[]", b"").encode()]
 
 
-def hello(b, ident=b"cli"):
+def hello(b, ident=b"Fcli"):
     b.on_client([ident, *m.Hello(1, "t").encode()])
     assert isinstance(b.take()[-1][2], m.Welcome)
 
@@ -87,9 +87,9 @@ def test_call_is_routed_to_its_slot_and_reply_comes_back():
     b.on_client(call(1, 1, oid))
     (what, ident, msg), = b.take()
     assert (what, ident, type(msg), msg.object_id) == ("worker", b"w1", m.WorkerCall, oid)
-    b.on_worker([b"w1", *m.WorkerReply(b"cli", 1, b"[200,[]]", b"ok").encode()])
+    b.on_worker([b"w1", *m.WorkerReply(b"Fcli", 1, b"[200,[]]", b"ok").encode()])
     (what, ident, msg), = b.take()
-    assert (what, ident, msg) == ("client", b"cli", m.Reply(1, b"[200,[]]", b"ok"))
+    assert (what, ident, msg) == ("client", b"Fcli", m.Reply(1, b"[200,[]]", b"ok"))
 
 
 def test_unknown_namespace_and_bad_id_are_errors():
@@ -169,9 +169,9 @@ def test_stray_replies_and_malformed_messages_are_counted():
     b = FakeBroker()
     hello(b)
     ready(b, 0)
-    b.on_worker([b"w0", *m.WorkerReply(b"cli", 99, b"[200,[]]", b"").encode()])
+    b.on_worker([b"w0", *m.WorkerReply(b"Fcli", 99, b"[200,[]]", b"").encode()])
     b.on_worker([b"w0", b"junk"])
-    b.on_client([b"cli", b"junk"])
+    b.on_client([b"Fcli", b"junk"])
     assert b.take() == []
     assert (b.counters["stray_replies"], b.counters["dropped_worker_messages"],
             b.counters["dropped_client_messages"]) == (1, 1, 1)
@@ -182,19 +182,19 @@ def test_silent_clients_are_forgotten_and_stub_drops_are_honoured():
     hello(b)
     ready(b, 0)
     b.on_client(call(1, 5, oid_on_slot(0)))
-    assert 5 in b.clients[b"cli"].stubs
-    b.on_client([b"cli", *m.Drop([5]).encode()])
-    assert 5 not in b.clients[b"cli"].stubs
+    assert 5 in b.clients[b"Fcli"].stubs
+    b.on_client([b"Fcli", *m.Drop([5]).encode()])
+    assert 5 not in b.clients[b"Fcli"].stubs
     b.clock_.now += 31
     b.tick()
-    assert b"cli" not in b.clients
+    assert b"Fcli" not in b.clients
 
 
 @pytest.mark.parametrize("msg", [m.Ping(), m.Stats(4)])
 def test_ping_and_stats(msg):
     b = FakeBroker()
     hello(b)
-    b.on_client([b"cli", *msg.encode()])
+    b.on_client([b"Fcli", *msg.encode()])
     (_, _, reply), = b.take()
     assert isinstance(reply, (m.Pong, m.StatsReply))
 
@@ -221,7 +221,7 @@ def test_control_drain_refuses_new_calls_but_lets_replies_through():
     b.on_control([b"", *m.Control("drain").encode()])
     b.on_client(call(2, 1, oid))
     assert [(x[2].call_id, x[2].code) for x in b.take()] == [(2, "overloaded")]
-    b.on_worker([b"w0", *m.WorkerReply(b"cli", 1, b"[200,[]]", b"ok").encode()])
+    b.on_worker([b"w0", *m.WorkerReply(b"Fcli", 1, b"[200,[]]", b"ok").encode()])
     assert [type(x[2]) for x in b.take()] == [m.Reply]
 
 
@@ -231,3 +231,19 @@ def test_malformed_control_messages_are_dropped(frames):
     b = FakeBroker()
     b.on_control([b"", *frames])
     assert b.counters["dropped_control_messages"] == 1 and not b.draining
+
+
+def test_per_client_inflight_limit_gives_overloaded_then_recovers():
+    b = FakeBroker(client_inflight_limit=2)
+    hello(b)
+    ready(b, 0)
+    oid = oid_on_slot(0)
+    for i in range(1, 4):
+        b.on_client(call(i, 1, oid))
+    out = [(type(x[2]).__name__, getattr(x[2], "code", None)) for x in b.take()]
+    assert out == [("WorkerCall", None), ("WorkerCall", None), ("Error", "overloaded")]
+    b.on_worker([b"w0", *m.WorkerReply(b"Fcli", 1, b"[200,[]]", b"").encode()])
+    b.take()
+    b.on_client(call(4, 1, oid))
+    assert [type(x[2]) for x in b.take()] == [m.WorkerCall]
+    assert b.clients[b"Fcli"].inflight == 2
