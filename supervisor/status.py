@@ -108,4 +108,10 @@ def render(data: dict[str, Any]) -> str:
     lines.append(f"supervisor pid {sup['pid']}, {'ready' if sup['ready'] else 'starting'}; "
                  f"clients connect to {sup['frontend']}")
     lines.append(f"storage: {_size(data['storage']['bytes'])} in {data['storage']['dir']}")
+    counters = data.get("broker", {}).get("counters", {})
+    if counters:
+        dropped = {k: v for k, v in counters.items() if k.startswith(("dropped", "unknown", "stray"))}
+        lines.append(f"broker: {counters.get('calls', 0)} calls, {counters.get('replies', 0)} replies, "
+                     f"dropped {sum(dropped.values())} bad messages"
+                     + (f" ({', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))})" if dropped else ""))
     return "\n".join(lines)

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Many objects: write N distinct objects once each; watch memory, eviction and `durable status`.
+
+    python scripts/many_objects.py [--objects 1000000] [--idle-timeout 5] [--json]
+
+Starts `durable serve`, writes one key into each of N objects (64 calls in
+flight), samples the RSS of every process and times `durable status` as it
+goes, then reports the peak RSS, the active objects at the peak and the
+memory per active and per evicted object (from the object processes' RSS
+against their active and evicted counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import durable  # noqa: E402
+
+
+def rss_by_role(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            role = "objectproc" if "durable.objectproc" in cmd else "broker" if "durable.broker" in cmd else "other"
+            out[role] = out.get(role, 0) + p.memory_info().rss
+        except psutil.Error:
+            pass
+    return out
+
+
+async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, samples: list) -> float:
+    async with durable.connect(frontend, timeout=60) as c:
+        ns = c.namespace("COUNTER")
+        next_i = 0
+        t0 = time.monotonic()
+
+        async def worker() -> None:
+            nonlocal next_i
+            while next_i < n:
+                i = next_i
+                next_i += 1
+                for _ in range(20):
+                    try:
+                        await ns.get(ns.id_from_name(f"obj-{i}")).fetch("http://do/inc", method="POST")
+                        break
+                    except (durable.StubBrokenError, durable.OverloadedError):
+                        await asyncio.sleep(0.05)
+
+        async def sampler() -> None:
+            while next_i < n:
+                await asyncio.sleep(5)
+                t = time.monotonic()
+                st = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "durable.supervisor.cli",
+                                                              "status", "--json", "--config", str(config)],
+                                             capture_output=True, text=True, timeout=60)
+                took = time.monotonic() - t
+                data = json.loads(st.stdout)
+                active = sum(p.get("active_objects") or 0 for p in data["processes"])
+                samples.append({"written": next_i, "rss": rss_by_role(daemon_pid),
+                                "active": active, "status_seconds": round(took, 2)})
+
+        await asyncio.gather(sampler(), *[worker() for _ in range(64)])
+        return time.monotonic() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objects", type=int, default=1_000_000)
+    p.add_argument("--idle-timeout", type=float, default=5.0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="durable-many-") as tmp:
+        root = Path(tmp)
+        config = root / "durable.toml"
+        config.write_text(f"""
+data_dir = "{root / 'data'}"
+slots = 2
+idle_timeout = {args.idle_timeout}
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+""")
+        daemon = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve", "--config",
+                                   str(config), "--log-level", "WARNING"], cwd=root)
+        samples: list = []
+        try:
+            while not (root / "data" / "run" / "status.json").exists():
+                time.sleep(0.05)
+            time.sleep(1)
+            base = rss_by_role(daemon.pid)
+            elapsed = asyncio.run(write_all(f"ipc://{root / 'data' / 'run' / 'broker.sock'}",
+                                            args.objects, daemon.pid, config, samples))
+            time.sleep(args.idle_timeout * 1.5 + 1)
+            after = rss_by_role(daemon.pid)
+            status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
+                                     "--config", str(config)], capture_output=True, text=True, timeout=60)
+            final = json.loads(status.stdout)
+            alive = daemon.poll() is None
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+    peak = max(samples, key=lambda s: sum(s["rss"].values())) if samples else None
+    per_active = None
+    if peak and peak["active"]:
+        per_active = round((peak["rss"].get("objectproc", 0) - base.get("objectproc", 0)) / peak["active"])
+    result = {
+        "objects": args.objects, "seconds": round(elapsed, 1), "writes_per_s": round(args.objects / elapsed),
+        "rss_start_mib": round(sum(base.values()) / 2**20, 1),
+        "rss_peak_mib": round(sum(peak["rss"].values()) / 2**20, 1) if peak else None,
+        "active_at_peak": peak["active"] if peak else None,
+        "bytes_per_active_object": per_active,
+        "rss_after_eviction_mib": round(sum(after.values()) / 2**20, 1),
+        "bytes_per_evicted_object": round((after.get("objectproc", 0) - base.get("objectproc", 0)) / args.objects),
+        "active_after": sum(p.get("active_objects") or 0 for p in final["processes"]),
+        "status_seconds_max": max((s["status_seconds"] for s in samples), default=None),
+        "daemon_alive": alive,
+    }
+    print(json.dumps(result, indent=2) if args.json else result)
+    return 0 if alive else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
