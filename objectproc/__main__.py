@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-key-bytes", type=int, default=2048)
     p.add_argument("--max-value-bytes", type=int, default=32768)
     p.add_argument("--max-keys-per-call", type=int, default=128)
+    p.add_argument("--duckdb-memory-mb", type=int, default=512)
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--log-level", default="INFO")
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         slot=args.slot, backend=args.backend, frontend=args.frontend, data_dir=args.data_dir,
         namespaces=_pairs(args.namespace, "namespace"), vars=variables,
         idle_timeout=args.idle_timeout, heartbeat=args.heartbeat,
-        limits=StorageLimits(args.max_key_bytes, args.max_value_bytes, args.max_keys_per_call))
+        limits=StorageLimits(args.max_key_bytes, args.max_value_bytes, args.max_keys_per_call),
+        duckdb_memory_mb=args.duckdb_memory_mb)
     try:
         proc = ObjectProcess(config)
     except ValueError as e:

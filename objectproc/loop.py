@@ -88,6 +88,7 @@ class ObjectProcessConfig:
     heartbeat: float = 1.0
     misses: int = 5
     limits: StorageLimits = field(default_factory=StorageLimits)
+    duckdb_memory_mb: int = 512
 
 
 class ObjectProcess:
@@ -110,7 +111,8 @@ class ObjectProcess:
     async def run(self) -> None:
         cfg = self.config
         started = time.monotonic()
-        self.store = SlotStore(cfg.data_dir, cfg.slot, limits=cfg.limits)
+        self.store = SlotStore(cfg.data_dir, cfg.slot, limits=cfg.limits,
+                               memory_limit=f"{cfg.duckdb_memory_mb}MB")
         log.info("slot %d: storage open in %.3f s (%d log records replayed in %.3f s)", cfg.slot,
                  time.monotonic() - started, self.store.replayed, self.store.recovery_seconds)
         tune_gc()

@@ -123,6 +123,8 @@ class = "durable.examples.counter:Counter"
         "active_at_peak": peak["active"] if peak else None,
         "bytes_per_active_object": per_active,
         "rss_after_eviction_mib": round(sum(after.values()) / 2**20, 1),
+        "rss_by_role_start_mib": {k: round(v / 2**20, 1) for k, v in base.items()},
+        "rss_by_role_after_mib": {k: round(v / 2**20, 1) for k, v in after.items()},
         "bytes_per_evicted_object": round((after.get("objectproc", 0) - base.get("objectproc", 0)) / args.objects),
         "active_after": sum(p.get("active_objects") or 0 for p in final["processes"]),
         "status_seconds_max": max((s["status_seconds"] for s in samples), default=None),

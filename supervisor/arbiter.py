@@ -197,7 +197,8 @@ class Arbiter:
                     "--vars-json", orjson.dumps(c.vars).decode(),
                     "--max-key-bytes", str(c.limits.max_key_bytes),
                     "--max-value-bytes", str(c.limits.max_value_bytes),
-                    "--max-keys-per-call", str(c.limits.max_keys_per_call)]
+                    "--max-keys-per-call", str(c.limits.max_keys_per_call),
+                    "--duckdb-memory-mb", str(c.duckdb_memory_mb)]
             for ns, cls in c.namespaces.items():
                 argv += ["--namespace", f"{ns}={cls}"]
             self.watchers.append(Watcher(f"objectproc-{slot}", "objectproc", slot, argv, env))

@@ -87,6 +87,8 @@ class Config:
     grace_period: float = 30.0
     #: restart an object process gracefully above this RSS (MiB); 0 = no limit
     memory_limit_mb: int = 0
+    #: DuckDB's memory per slot (MiB): its cache of table pages and ART indexes
+    duckdb_memory_mb: int = 512
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     #: the HTTP gateway; on in the built-in defaults, off in a file without [http]
@@ -139,7 +141,7 @@ def _section(source: str, prefix: str, raw: Any, cls: type) -> Any:
 
 
 _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_period": (int, float),
-        "memory_limit_mb": int}
+        "memory_limit_mb": int, "duckdb_memory_mb": int}
 
 
 def from_dict(raw: dict[str, Any], source: str) -> Config:
@@ -196,6 +198,9 @@ def validate(cfg: Config) -> None:
     for key in ("idle_timeout", "grace_period"):
         if getattr(cfg, key) <= 0:
             raise _err(src, key, "must be positive", "Use a number of seconds above 0.")
+    if cfg.duckdb_memory_mb < 16:
+        raise _err(src, "duckdb_memory_mb", f"must be at least 16, got {cfg.duckdb_memory_mb}",
+                   "Use the MiB of page and index cache DuckDB may keep per slot.")
     if cfg.memory_limit_mb < 0:
         raise _err(src, "memory_limit_mb", "must be 0 (no limit) or positive", "Use a size in MiB.")
     if cfg.broker.heartbeat <= 0 or cfg.broker.queue_deadline <= 0 or cfg.broker.queue_limit < 1:
