@@ -138,6 +138,8 @@ class ObjectProcess:
     async def _shutdown(self) -> None:
         for act in list(self.catalog.values()):
             await act.drain()
+        if self._tasks:  # inspect requests in flight: nothing runs unowned
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self.client is not None:
             await self.client.close()
         if self.store is not None:
