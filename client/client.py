@@ -346,6 +346,8 @@ class Client:
         while True:
             await asyncio.sleep(self._heartbeat / 2)
             if not self._liveness.alive():
+                self._sock.drain()  # our own loop may have stalled with the answers waiting
+            if not self._liveness.alive():
                 self._reset(f"no answer from the broker for {self._heartbeat * self._misses:g} s")
                 continue
             if self._dropped:

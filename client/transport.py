@@ -64,6 +64,10 @@ class LoopSocket:
             except Exception:  # a bug must cost one message, never the receive path
                 log.exception("internal error while handling a message; it was dropped")
 
+    def drain(self) -> None:
+        """Handle whatever is waiting now (e.g. before concluding that the peer fell silent)."""
+        self._drain()
+
     def _check_input(self) -> None:
         if not self._scheduled and not self._closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._scheduled = True

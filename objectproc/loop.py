@@ -248,6 +248,8 @@ class ObjectProcess:
                 self.stop()
                 return
             if not self._liveness.alive():
+                self._sock.drain()  # a long call may have stalled the loop with messages waiting
+            if not self._liveness.alive():
                 log.warning("slot %d: the broker is silent; registering again", self.config.slot)
                 self._register()
             elif self._liveness.send_due() or time.monotonic() >= next_stats:

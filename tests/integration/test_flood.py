@@ -73,3 +73,4 @@ def test_flood_of_100000_unawaited_calls(tmp_path):
         assert kinds <= {"Response", "OverloadedError"}, kinds
         assert ok + overloaded == FLOOD and ok > 0
         assert max(rss) < RSS_BOUND, f"{max(rss) / 2**20:.0f} MiB"
+        assert ratio < 2.0, f"other objects slowed x{ratio:.1f} during the flood"
