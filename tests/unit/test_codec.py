@@ -3,6 +3,7 @@
 import datetime as dt
 import decimal
 import enum
+import os
 import zoneinfo
 from collections import OrderedDict, namedtuple
 
@@ -172,7 +173,7 @@ def test_malformed_input_raises_malformed_value_error(data):
         decode(data)
 
 
-@settings(max_examples=2000)
+@settings(max_examples=int(os.environ.get("DURABLE_FUZZ_EXAMPLES", "2000")))
 @given(st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=5),
               st.sampled_from(["l", "t", "d", "s", "f", "b", "B", "i", "F", "D", "u", "dt", "da", "tm", "td", "r"])),

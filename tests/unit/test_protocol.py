@@ -1,5 +1,7 @@
 """Wire protocol: every message round-trips; every malformed frame is a ProtocolError."""
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -7,6 +9,9 @@ from hypothesis import strategies as st
 from durable.errors import ProtocolError
 from durable.http import Request, Response
 from durable.protocol import messages as m
+
+#: thousands of cases in CI; DURABLE_FUZZ_EXAMPLES=200000 for a long run
+FUZZ_EXAMPLES = int(os.environ.get("DURABLE_FUZZ_EXAMPLES", "3000"))
 
 CLIENT_MSGS = [
     m.Hello(123, "me"), m.Call(1, 2, "NS", "ab" * 32, 5000, b'["GET","http://x/",[]]', b"body"),
@@ -141,7 +146,7 @@ frames_strategy = st.lists(st.one_of(
 ), max_size=6)
 
 
-@settings(max_examples=3000)
+@settings(max_examples=FUZZ_EXAMPLES)
 @given(frames_strategy)
 def test_parsers_raise_only_protocol_errors(frames):
     for parse in (m.parse_from_client, m.parse_from_worker, m.parse_from_broker_to_client,
