@@ -285,6 +285,7 @@ def storage_suite(quick: bool) -> dict[str, Any]:
 
 # -- rpc ------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
 
 
 def _echo_broker(front: str, back: str) -> None:
@@ -515,59 +516,33 @@ def _http_load(host: str, port: int, ns: str, path: str, method: str, conns: int
 
 
 def http_suite(quick: bool, slots: int, processes: int) -> dict[str, Any]:
-    import socket
-    import subprocess
     from concurrent.futures import ProcessPoolExecutor
 
-    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
-        root = Path(tmp)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        (root / "durable.toml").write_text(f"""
-data_dir = "{root / 'data'}"
+    from harness import serving
+
+    config = f"""
+data_dir = "{{data}}"
 slots = {slots}
 [http]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:{{port}}"
 processes = {processes}
 [namespaces.NOOP]
 class = "bench_objects:Noop"
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"
-""")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
-        daemon = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve",
-                                   "--config", str(root / "durable.toml"), "--log-level", "WARNING"],
-                                  env=env, cwd=root, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline or daemon.poll() is not None:
-                        raise RuntimeError("the daemon did not start its gateway") from None
-                    time.sleep(0.05)
-            time.sleep(0.5)  # slots register
-            n = 300 if quick else 3000
-            secs = 1.0 if quick else 4.0
-            out: dict[str, Any] = {"slots": slots, "http_processes": processes}
-            with ProcessPoolExecutor(1) as pool:  # the load generator is its own process
-                def load(*a: Any) -> dict[str, Any]:
-                    return pool.submit(_http_load, "127.0.0.1", port, *a).result()
-                load("NOOP", "/", "GET", 1, 1, 0, 50)  # warm-up
-                out["noop_sequential"] = load("NOOP", "/", "GET", 1, 1, 0, n)
-                out["noop_64_connections_100_objects"] = load("NOOP", "/", "GET", 64, 100, secs, None)
-                out["counter_sequential"] = load("COUNTER", "/inc", "POST", 1, 1, 0, n)
-                out["counter_64_connections_100_objects"] = load("COUNTER", "/inc", "POST", 64, 100, secs, None)
-        finally:
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+"""
+    with serving(config) as d:
+        n = 300 if quick else 3000
+        secs = 1.0 if quick else 4.0
+        out: dict[str, Any] = {"slots": slots, "http_processes": processes}
+        with ProcessPoolExecutor(1) as pool:  # the load generator is its own process
+            def load(*a: Any) -> dict[str, Any]:
+                return pool.submit(_http_load, "127.0.0.1", d.port, *a).result()
+            load("NOOP", "/", "GET", 1, 1, 0, 50)  # warm-up
+            out["noop_sequential"] = load("NOOP", "/", "GET", 1, 1, 0, n)
+            out["noop_64_connections_100_objects"] = load("NOOP", "/", "GET", 64, 100, secs, None)
+            out["counter_sequential"] = load("COUNTER", "/inc", "POST", 1, 1, 0, n)
+            out["counter_64_connections_100_objects"] = load("COUNTER", "/inc", "POST", 64, 100, secs, None)
     return out
 
 

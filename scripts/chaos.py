@@ -23,13 +23,9 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +34,9 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from harness import serving  # noqa: E402
 
 import durable  # noqa: E402
 
@@ -199,6 +198,19 @@ async def soak(args: argparse.Namespace, root: Path, port: int, daemon: subproce
     }
 
 
+CONFIG = """
+data_dir = "{data}"
+slots = %d
+grace_period = 10
+[broker]
+heartbeat = 0.2
+[http]
+listen = "127.0.0.1:{port}"
+[namespaces.CHAOS]
+class = "chaos_objects:Chaos"
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=60.0)
@@ -210,54 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=int(time.time()))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="durable-chaos-") as tmp:
-        root = Path(tmp)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        (root / "durable.toml").write_text(f"""
-data_dir = "{root / 'data'}"
-slots = {args.slots}
-grace_period = 10
-[broker]
-heartbeat = 0.2
-[http]
-listen = "127.0.0.1:{port}"
-[namespaces.CHAOS]
-class = "chaos_objects:Chaos"
-""")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
-        log = open(root / "serve.log", "wb")
-        daemon = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve",
-                                   "--config", str(root / "durable.toml"), "--log-level", "WARNING"],
-                                  env=env, cwd=root, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline or daemon.poll() is not None:
-                        raise RuntimeError("the daemon did not start") from None
-                    time.sleep(0.05)
-            result = asyncio.run(soak(args, root, port, daemon))
-            result["daemon_alive"] = daemon.poll() is None
-            result["ok"] = result["ok"] and result["daemon_alive"]
-        finally:
-            kids = children(daemon.pid)
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-            psutil.wait_procs(kids, timeout=10)
-            for k in kids:
-                if k.is_running():
-                    k.kill()
-            log.close()
-        result["seed"] = args.seed
+    with serving(CONFIG % args.slots) as d:
+        result = asyncio.run(soak(args, d.root, d.port, d.proc))
+        result["daemon_alive"] = d.proc.poll() is None
+        result["ok"] = result["ok"] and result["daemon_alive"]
+    result["seed"] = args.seed
     if args.json:
         print(json.dumps(result, indent=2))
     else:

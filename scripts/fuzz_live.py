@@ -19,11 +19,9 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,9 @@ import zmq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from harness import serving  # noqa: E402
 
 import durable  # noqa: E402
 from durable.protocol import messages as m  # noqa: E402
@@ -167,6 +168,16 @@ async def fuzz(args: argparse.Namespace, root: Path, port: int) -> dict:
     return result
 
 
+CONFIG = """
+data_dir = "{data}"
+slots = 2
+[http]
+listen = "127.0.0.1:{port}"
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=100_000)
@@ -174,51 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=int(time.time()))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="durable-fuzz-") as tmp:
-        root = Path(tmp)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        (root / "durable.toml").write_text(f"""
-data_dir = "{root / 'data'}"
-slots = 2
-[http]
-listen = "127.0.0.1:{port}"
-[namespaces.COUNTER]
-class = "durable.examples.counter:Counter"
-""")
-        log = open(root / "serve.log", "wb")
-        daemon = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve", "--config",
-                                   str(root / "durable.toml"), "--log-level", "WARNING"],
-                                  cwd=root, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 30
-            while not (root / "data" / "run" / "status.json").exists():
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError("the daemon did not start")
-                time.sleep(0.05)
-            time.sleep(1.0)
-            before = {c.pid for c in psutil.Process(daemon.pid).children(recursive=True)}
-            result = asyncio.run(fuzz(args, root, port))
-            after = {c.pid for c in psutil.Process(daemon.pid).children(recursive=True)}
-            status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status",
-                                     "--config", str(root / "durable.toml")], cwd=root,
-                                    capture_output=True, text=True, timeout=30)
-            result["restarted_processes"] = len(before - after)
-            result["status_shows_drops"] = "dropped" in status.stdout
-            result["ok"] = (daemon.poll() is None and before == after and result["wrong_answers"] == 0
-                            and result["correct_calls"] > 0 and result["dropped"] > 0
-                            and result["status_shows_drops"])
-        finally:
-            kids = psutil.Process(daemon.pid).children(recursive=True) if daemon.poll() is None else []
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-            psutil.wait_procs(kids, timeout=10)
-            log.close()
+    with serving(CONFIG) as d:
+        before = {c.pid for c in psutil.Process(d.proc.pid).children(recursive=True)}
+        result = asyncio.run(fuzz(args, d.root, d.port))
+        after = {c.pid for c in psutil.Process(d.proc.pid).children(recursive=True)}
+        status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status",
+                                 "--config", str(d.config)], cwd=d.root,
+                                capture_output=True, text=True, timeout=30)
+        result["restarted_processes"] = len(before - after)
+        result["status_shows_drops"] = "dropped" in status.stdout
+        result["ok"] = (d.proc.poll() is None and before == after and result["wrong_answers"] == 0
+                        and result["correct_calls"] > 0 and result["dropped"] > 0
+                        and result["status_shows_drops"])
     if args.json:
         print(json.dumps(result, indent=2))
     else:

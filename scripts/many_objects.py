@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,9 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from harness import serving  # noqa: E402
 
 import durable  # noqa: E402
 
@@ -83,35 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", type=float, default=5.0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="durable-many-") as tmp:
-        root = Path(tmp)
-        config = root / "durable.toml"
-        config.write_text(f"""
-data_dir = "{root / 'data'}"
+    config = f"""
+data_dir = "{{data}}"
 slots = 2
 idle_timeout = {args.idle_timeout}
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"
-""")
-        daemon = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve", "--config",
-                                   str(config), "--log-level", "WARNING"], cwd=root)
-        samples: list = []
-        try:
-            while not (root / "data" / "run" / "status.json").exists():
-                time.sleep(0.05)
-            time.sleep(1)
-            base = rss_by_role(daemon.pid)
-            elapsed = asyncio.run(write_all(f"ipc://{root / 'data' / 'run' / 'broker.sock'}",
-                                            args.objects, daemon.pid, config, samples))
-            time.sleep(args.idle_timeout * 1.5 + 1)
-            after = rss_by_role(daemon.pid)
-            status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
-                                     "--config", str(config)], capture_output=True, text=True, timeout=60)
-            final = json.loads(status.stdout)
-            alive = daemon.poll() is None
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
+"""
+    samples: list = []
+    with serving(config) as d:
+        time.sleep(1)
+        base = rss_by_role(d.proc.pid)
+        elapsed = asyncio.run(write_all(d.frontend, args.objects, d.proc.pid, d.config, samples))
+        time.sleep(args.idle_timeout * 1.5 + 1)
+        after = rss_by_role(d.proc.pid)
+        status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
+                                 "--config", str(d.config)], capture_output=True, text=True, timeout=60)
+        final = json.loads(status.stdout)
+        alive = d.proc.poll() is None
     peak = max(samples, key=lambda s: sum(s["rss"].values())) if samples else None
     per_active = None
     if peak and peak["active"]:

@@ -1,0 +1,89 @@
+"""Run `durable serve` for a script: temp data dir, READY=1 via sd_notify, always torn down."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    root: Path
+    proc: subprocess.Popen
+    port: int  # the HTTP port the config may use as {port}
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def frontend(self) -> str:
+        return f"ipc://{self.data / 'run' / 'broker.sock'}"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "durable.toml"
+
+
+@contextlib.contextmanager
+def serving(config: str, *, ready_timeout: float = 60.0, log_level: str = "WARNING") -> Iterator[Daemon]:
+    """``config`` may use {data} (the data dir) and {port} (a free port for [http])."""
+    with tempfile.TemporaryDirectory(prefix="durable-script-") as tmp:
+        root = Path(tmp)
+        port = free_port()
+        (root / "durable.toml").write_text(config.format(data=root / "data", port=port))
+        notify_path = root / "notify.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(0.2)
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path),
+                   PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
+        log = open(root / "serve.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve", "--config",
+                                 str(root / "durable.toml"), "--log-level", log_level],
+                                env=env, cwd=root, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                try:
+                    if notify.recv(4096) == b"READY=1":
+                        break
+                except TimeoutError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("durable serve did not become ready:\n" +
+                                       (root / "serve.log").read_text(errors="replace")[-2000:])
+            yield Daemon(root, proc, port)
+        finally:
+            kids = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            _, alive = psutil.wait_procs(kids, timeout=10)
+            for k in alive:
+                with contextlib.suppress(psutil.Error):
+                    k.kill()
+            notify.close()
+            log.close()
