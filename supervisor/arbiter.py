@@ -39,6 +39,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -171,6 +172,9 @@ class Arbiter:
         run = self.config.run_dir
         run.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(run, 0o700)
+        for endpoint in (self.config.frontend(), self.config.backend()):
+            if endpoint.startswith("ipc://"):  # e.g. /run/durable when not under systemd
+                Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         load_or_create_secret(data)
 
     def _build_watchers(self) -> None:
