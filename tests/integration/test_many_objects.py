@@ -1,0 +1,17 @@
+"""scripts/many_objects.py at a small size: objects written once are evicted; the daemon serves on."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "many_objects.py"
+
+
+def test_many_objects_are_evicted_and_status_stays_responsive():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--objects", "5000", "--idle-timeout", "1",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["daemon_alive"] and result["active_after"] == 0, result
+    assert result["status_seconds_max"] is None or result["status_seconds_max"] < 5
