@@ -259,6 +259,15 @@ class Broker:
     def _poll_timeout_ms(self) -> int:
         return max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
 
+    def _parse(self, parse: Callable[[list[bytes]], Any], frames: list[bytes], kind: str) -> Any:
+        """A typed message, or None after counting the drop: bad input never raises here."""
+        try:
+            return parse(frames[1:])
+        except ProtocolError as e:
+            self.counters[f"dropped_{kind}_messages"] += 1
+            log.debug("dropped a malformed %s message: %s", kind, e)
+            return None
+
     # -- clients --------------------------------------------------------------------------
     def _from_front(self, frames: list[bytes]) -> None:
         frames[0] = b"F" + frames[0]
@@ -270,11 +279,8 @@ class Broker:
 
     def on_client(self, frames: list[bytes]) -> None:
         ident = frames[0]
-        try:
-            msg = parse_from_client(frames[1:])
-        except ProtocolError as e:
-            self.counters["dropped_client_messages"] += 1
-            log.debug("dropped a malformed client message: %s", e)
+        msg = self._parse(parse_from_client, frames, "client")
+        if msg is None:
             return
         client = self.clients.get(ident)
         if type(msg) is Hello:
@@ -299,11 +305,8 @@ class Broker:
             self._to_client(ident, StatsReply(msg.call_id, self.statistics()).encode())
 
     def on_control(self, frames: list[bytes]) -> None:
-        try:
-            msg = parse_control(frames[1:])
-        except ProtocolError as e:
-            self.counters["dropped_control_messages"] += 1
-            log.debug("dropped a malformed control message: %s", e)
+        msg = self._parse(parse_control, frames, "control")
+        if msg is None:
             return
         if msg.op == "drain":
             self.draining = True
@@ -373,11 +376,8 @@ class Broker:
     # -- object processes ---------------------------------------------------------------
     def on_worker(self, frames: list[bytes]) -> None:
         ident = frames[0]
-        try:
-            msg = parse_from_worker(frames[1:])
-        except ProtocolError as e:
-            self.counters["dropped_worker_messages"] += 1
-            log.debug("dropped a malformed worker message: %s", e)
+        msg = self._parse(parse_from_worker, frames, "worker")
+        if msg is None:
             return
         if type(msg) is Ready:
             self.register(ident, msg)
