@@ -138,14 +138,19 @@ class Broker:
         self._next_client_sweep = clock()
 
     # -- sockets ----------------------------------------------------------------------
+    def _router(self) -> zmq.Socket:
+        """A ROUTER with the options every broker socket uses (unroutable sends raise)."""
+        s = self._ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        return s
+
     def bind(self) -> None:
         for attr, endpoint in (("front", self.config.frontend), ("back", self.config.backend)):
-            s = self._ctx.socket(zmq.ROUTER)
-            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-            s.setsockopt(zmq.SNDHWM, 100_000)
-            s.setsockopt(zmq.RCVHWM, 100_000)
+            s = self._router()
             s.bind(endpoint)
             setattr(self, attr, s)
         if self.config.public:
@@ -158,12 +163,7 @@ class Broker:
 
     def _public_socket(self) -> zmq.Socket:
         """The endpoint for other machines: CurveZMQ, only clients whose key is authorized."""
-        s = self._ctx.socket(zmq.ROUTER)
-        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        s.setsockopt(zmq.SNDHWM, 100_000)
-        s.setsockopt(zmq.RCVHWM, 100_000)
+        s = self._router()
         if self.config.curve_secret_key_file:
             from zmq.auth import load_certificate
             from zmq.auth.thread import ThreadAuthenticator
