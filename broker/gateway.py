@@ -50,7 +50,7 @@ from durable.errors import (
     UnknownNamespaceError,
 )
 from durable.ids import load_or_create_secret, namespace_key
-from durable.objects import Env
+from durable.objects import Env, load_spec
 
 __all__ = ["Gateway", "main"]
 
@@ -60,14 +60,9 @@ _STUB_CACHE = 10_000
 
 
 def load_function(spec: str) -> Any:
-    import importlib
-
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise ValueError(f"worker {spec!r} must look like 'package.module:fetch'")
-    fn = getattr(importlib.import_module(module_name), attr, None)
+    fn = load_spec(spec, "worker", "package.module:fetch")
     if not callable(fn):
-        raise ValueError(f"worker {spec!r} is not a function")
+        raise ValueError(f"worker {spec!r} is a {type(fn).__name__}, not a function")
     return fn
 
 
@@ -199,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.worker:
             load_function(args.worker)
-    except (ImportError, ValueError) as e:
+    except ValueError as e:
         logging.getLogger("durable.gateway").error("configuration error: %s", e)
         return 78
     asyncio.run(run(args))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from .http import Request, Response
 
-__all__ = ["DurableObject", "Env"]
+__all__ = ["DurableObject", "Env", "load_spec"]
 
 
 class DurableObject:
@@ -36,3 +37,22 @@ class Env:
 
     def __dir__(self) -> list[str]:
         return [*super().__dir__(), *self._namespaces]
+
+
+def load_spec(spec: str, what: str, example: str) -> Any:
+    """Import ``module:attr`` (a namespace's class, a Worker's fetch).
+
+    Raise ``ValueError`` saying what is wrong and how to fix it.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {spec!r} must look like {example!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ValueError(f"cannot import module {module_name!r} for {what} {spec!r}: "
+                         f"{type(e).__name__}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} ({what} {spec!r})") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import secrets
@@ -28,7 +27,7 @@ from durable.client import Client
 from durable.errors import ProtocolError, UnknownNamespaceError
 from durable.http import Response
 from durable.ids import load_or_create_secret, namespace_key
-from durable.objects import Env
+from durable.objects import Env, load_spec
 from durable.protocol.heartbeat import Liveness
 from durable.protocol.messages import (
     BrokerHeartbeat,
@@ -59,18 +58,7 @@ INSPECT_URL = "durable:inspect"
 
 def load_class(spec: str) -> type:
     """Import ``module:Class``; raise ``ValueError`` saying what is wrong and how to fix it."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"class {spec!r} must look like 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ValueError(f"cannot import module {module_name!r} for class {spec!r}: "
-                         f"{type(e).__name__}: {e}") from e
-    try:
-        obj = getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (class {spec!r})") from None
+    obj = load_spec(spec, "class", "package.module:ClassName")
     if not isinstance(obj, type):
         raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a class")
     return obj
