@@ -6,13 +6,15 @@
     python scripts/bench.py http [--quick] [--repeat N] [--slots N] [--http-processes N]
 
 ``storage`` measures the storage engine in-process (no sockets), together
-with this machine's floors (an fsync of a 4 KiB append, one DuckDB single-row
-commit), so that ratios can be compared within one run on a noisy machine.
+with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
+write into a preallocated file, one DuckDB single-row commit), so that
+ratios can be compared within one run on a noisy machine.
 ``rpc`` starts a real broker and object processes on ipc endpoints and calls
 them through the async client: sequential no-op fetch, no-op fetch with 64 in
 flight over 100 objects, a durable counter increment (get + put, response
-after durability) both ways, and in the same run the bare 2-hop zmq echo
-floor (DEALER -> ROUTER/ROUTER broker loop -> DEALER worker, sync loops).
+after durability) both ways, and in the same run two floors: the bare 2-hop
+zmq echo (DEALER -> ROUTER/ROUTER broker loop -> DEALER worker, sync loops)
+and the commit log's fsync (100 bytes into a preallocated file).
 
 ``http`` runs ``durable serve`` with its HTTP gateway and drives it from a
 separate load-generator process (asyncio, raw keep-alive sockets, one request
@@ -54,14 +56,23 @@ def us(x: float) -> float:
 
 
 # -- floors ---------------------------------------------------------------------------
-def floor_fsync(directory: Path, n: int) -> dict[str, float]:
-    fd = os.open(directory / "fsync-probe", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    block = os.urandom(4096)
+def floor_fsync(directory: Path, n: int, *, size: int = 4096,
+                preallocated: bool = False) -> dict[str, float]:
+    """``write + fdatasync`` of ``size`` bytes: appended, or in place as the commit log does."""
+    fd = os.open(directory / f"fsync-probe-{size}-{preallocated}",
+                 os.O_WRONLY | os.O_CREAT | (0 if preallocated else os.O_APPEND), 0o600)
+    block = os.urandom(size)
     times = []
     try:
-        for _ in range(n):
+        if preallocated:
+            os.posix_fallocate(fd, 0, size * n)
+            os.fsync(fd)
+        for i in range(n):
             t = time.perf_counter()
-            os.write(fd, block)
+            if preallocated:
+                os.pwrite(fd, block, i * size)
+            else:
+                os.write(fd, block)
             os.fdatasync(fd)
             times.append(time.perf_counter() - t)
     finally:
@@ -87,10 +98,14 @@ def floor_duckdb_commit(directory: Path, n: int) -> dict[str, float]:
 
 
 # -- storage workloads ------------------------------------------------------------------
-async def sequential_put(directory: Path, n: int) -> dict[str, float]:
+async def sequential_put(directory: Path, n: int, *, inline: bool = False) -> dict[str, float]:
+    """put + sync in a loop; ``inline`` lets sync commit on the loop thread, as a quiet
+    object process does (otherwise the writer thread commits, as under concurrency)."""
     from durable.objectproc.storage import ObjectStorage, SlotStore
 
     slot = SlotStore(directory, 0)
+    if inline:
+        slot.commit_inline_when = lambda: True
     s = ObjectStorage(slot, "BENCH", "seq")
     times = []
     for i in range(n):
@@ -264,8 +279,12 @@ def storage_suite(quick: bool) -> dict[str, Any]:
             return d
 
         out["floor_fsync_4k"] = floor_fsync(fresh("fsync"), 200 if quick else 2000)
+        out["floor_fsync_100b_preallocated"] = floor_fsync(
+            fresh("fsync-pre"), 200 if quick else 2000, size=100, preallocated=True)
         out["floor_duckdb_single_row_commit"] = floor_duckdb_commit(fresh("duck"), 50 if quick else 300)
         out["sequential_durable_put"] = asyncio.run(sequential_put(fresh("seq"), 300 if quick else 3000))
+        out["sequential_durable_put_inline"] = asyncio.run(
+            sequential_put(fresh("seq-inline"), 300 if quick else 3000, inline=True))
         secs = 1.0 if quick else 4.0
         d10k = fresh("c10k")
         preload(d10k, 10_000, 0)
@@ -465,11 +484,18 @@ def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
         root = Path(tmp)
         out: dict[str, Any] = {"slots": slots}
         out["floor_zmq_2hop_echo"] = zmq_echo_floor(root, 500 if quick else 5000)
+        fdir = root / "fsync"
+        fdir.mkdir()
+        out["floor_fsync_100b_preallocated"] = floor_fsync(fdir, 300 if quick else 3000, size=100,
+                                                           preallocated=True)
         daemon = Daemon(root, slots)
         try:
             out.update(asyncio.run(rpc_measure(daemon.frontend, quick)))
         finally:
             daemon.close()
+        # What a durable increment adds to a no-op call; the fsync floor above is its bulk.
+        out["counter_minus_noop_p50_ms"] = round(
+            out["counter_sequential"]["p50_ms"] - out["noop_sequential"]["p50_ms"], 4)
     return out
 
 

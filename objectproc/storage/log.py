@@ -13,7 +13,17 @@ multi-key call, one transaction, or everything an object wrote in one turn)::
 Records are appended to *segments* (``<first seq, 20 digits>.seg`` in the
 slot's log directory) by one writer thread that does *natural group commit*:
 whatever was appended while the previous ``write + fdatasync`` ran is
-written and synced as one group as soon as it ends; there is no timer.
+written and synced as one group as soon as it ends; there is no timer. When
+the writer is idle and the caller knows nothing else is waiting,
+:meth:`CommitLog.commit_inline` writes and syncs on the calling thread
+instead, which saves two thread hand-offs on a lone write.
+
+Segments are preallocated (``posix_fallocate``) and written in place, so an
+``fdatasync`` flushes data only; an append would also have to journal the
+file's new size, which costs ~45 µs per sync on ext4 (0.14 → 0.09 ms, measured
+with ``scripts/bench.py storage``). The unused tail of a full segment is cut
+off before the next one starts, so only the last segment ever ends in
+anything but a whole record.
 
 DuckDB is fed from the records after they are durable (see ``slot.py``);
 once a batch's DuckDB transaction, which also stores the last sequence number
@@ -162,8 +172,9 @@ def scan_segment(data: bytes, *, last: bool, where: str) -> Iterator[tuple[int, 
 class CommitLog:
     """Append-only segments with one group-committing writer thread.
 
-    ``append`` is called from the event loop thread; ``on_durable(seq)`` and
-    ``on_error(exc)`` are called from the writer thread.
+    ``append``, ``kick`` and ``commit_inline`` are called from the event loop
+    thread; ``on_durable(seq)`` and ``on_error(exc)`` from the writer thread
+    (``on_error`` also from ``commit_inline``).
     """
 
     def __init__(self, directory: Path, next_seq: int, *,
@@ -180,6 +191,7 @@ class CommitLog:
         self._pending: list[bytes] = []
         self._next_seq = next_seq
         self._stopping = False
+        self._writing = False  # a group is being written (by the thread or commit_inline)
         self.failed: BaseException | None = None
         self.durable_seq = next_seq - 1
         self._segments: list[Segment] = []
@@ -194,13 +206,43 @@ class CommitLog:
         """Sequence number of the last appended record (durable or not)."""
         return self._next_seq - 1
 
-    def append(self, payload: bytes) -> int:
+    def append(self, payload: bytes, *, kick: bool = True) -> int:
+        """Queue a record; ``kick=False`` leaves starting the write to ``kick``/``commit_inline``."""
         with self._cond:
             seq = self._next_seq
             self._next_seq += 1
             self._pending.append(encode_record(seq, payload))
-            self._cond.notify()
+            if kick:
+                self._cond.notify()
         return seq
+
+    def kick(self) -> None:
+        """Have the writer thread start on whatever is queued."""
+        with self._cond:
+            if self._pending:
+                self._cond.notify()
+
+    def commit_inline(self) -> int | None:
+        """Write and sync the queued records on this thread if the writer is idle.
+
+        Returns the last durable sequence number, or ``None`` if the writer
+        thread is busy (it takes the queue when it is done), nothing is
+        queued, or the log failed (``on_error`` has been called).
+        """
+        with self._cond:
+            if self._writing or not self._pending or self._stopping or self.failed is not None:
+                return None
+            group, self._pending = self._pending, []
+            last = self._next_seq - 1
+            self._writing = True
+        try:
+            ok = self._write_group(group, last)
+        finally:
+            with self._cond:
+                self._writing = False
+                if self._pending or self._stopping:  # appended meanwhile, or close() waits
+                    self._cond.notify()
+        return last if ok else None
 
     def drop_through(self, applied_seq: int) -> None:
         """Delete segments whose every record is at or below ``applied_seq``."""
@@ -227,49 +269,79 @@ class CommitLog:
 
     def _open_segment(self, first_seq: int) -> None:
         if self._fd >= 0:
+            # Only the last segment may end in anything but a whole record: cut the unused
+            # preallocated tail (and make the cut durable) before the next segment exists.
+            os.ftruncate(self._fd, self._size)
+            self._fsync(self._fd)
             os.close(self._fd)
+            self._fd = -1
         path = self.directory / f"{first_seq:020d}.seg"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._size = os.fstat(self._fd).st_size
-        dfd = os.open(self.directory, os.O_RDONLY)
+        # Recovery replays and deletes every segment, so a file of this name can only be an
+        # empty one left by a crash right after its creation.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.fsync(dfd)  # the new name must survive a crash too
-        finally:
-            os.close(dfd)
+            with contextlib.suppress(OSError):  # a filesystem without it: plain appends
+                os.posix_fallocate(fd, 0, self._segment_bytes)
+            os.fsync(fd)
+            dfd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)  # the new name must survive a crash too
+            finally:
+                os.close(dfd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._size = 0
         with self._cond:  # drop_through (applier thread) replaces the list under this lock
             self._segments.append(Segment(first_seq, path))
+
+    def _write_group(self, group: list[bytes], last: int) -> bool:
+        """Write and sync one group; on an I/O error fail the log and return False."""
+        if self.failed is not None:
+            return False  # everything after a failure is failed too; the slot must restart
+        size_before = -1
+        try:
+            if self._size >= self._segment_bytes:
+                self._open_segment(last - len(group) + 1)
+            size_before = self._size
+            data = b"".join(group)
+            view = memoryview(data)
+            pos = size_before
+            while view:
+                n = os.pwrite(self._fd, view, pos)
+                view = view[n:]
+                pos += n
+            if self._trace:
+                self._trace("fsync")
+            self._fsync(self._fd)
+            self._size = size_before + len(data)
+        except BaseException as e:  # an I/O error: the group's fate on disk is unknown
+            self.failed = e
+            if size_before >= 0 and self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, size_before)
+            self._on_error(e)
+            return False
+        self.durable_seq = last
+        return True
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while (not self._pending or self._writing) and not self._stopping:
+                    self._cond.wait()
+                while self._writing:  # stopping: let commit_inline finish first
                     self._cond.wait()
                 group, self._pending = self._pending, []
                 last = self._next_seq - 1
                 if not group and self._stopping:
                     return
-            if self.failed is not None:
-                continue  # everything after a failure is failed too; the slot must restart
-            size_before = -1
+                self._writing = True
             try:
-                if self._size >= self._segment_bytes:
-                    self._open_segment(last - len(group) + 1)
-                size_before = self._size
-                data = b"".join(group)
-                view = memoryview(data)
-                while view:
-                    n = os.write(self._fd, view)
-                    view = view[n:]
-                if self._trace:
-                    self._trace("fsync")
-                self._fsync(self._fd)
-                self._size = size_before + len(data)
-            except BaseException as e:  # an I/O error: the group's fate on disk is unknown
-                self.failed = e
-                if size_before >= 0:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self._fd, size_before)
-                self._on_error(e)
-                continue
-            self.durable_seq = last
-            self._on_durable(last)
+                ok = self._write_group(group, last)
+            finally:
+                with self._cond:
+                    self._writing = False
+            if ok:
+                self._on_durable(last)

@@ -111,13 +111,13 @@ class ObjectStorage:
             self._flush_scheduled = True
             self._slot.loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, kick: bool = True) -> None:
         self._flush_scheduled = False
         if not self._turn and not self._turn_clear:
             return
         turn, clear = self._turn, self._turn_clear
         self._turn, self._turn_clear = {}, False
-        self._last_seq = self._slot.submit(self._obj, clear, turn)
+        self._last_seq = self._slot.submit(self._obj, clear, turn, kick=kick)
 
     # -- the public API ---------------------------------------------------------
     async def get(self, key: str | list[str]) -> Any:
@@ -225,7 +225,7 @@ class ObjectStorage:
     async def sync(self) -> None:
         """Return once every write made so far is durable (raises if it cannot be)."""
         if self._flush_scheduled or self._turn or self._turn_clear:
-            self._flush()
+            self._flush(kick=False)  # wait_durable starts the write
         if self._last_seq:  # an activation that never wrote has nothing to wait for
             await self._slot.wait_durable(self._last_seq)
 

@@ -154,6 +154,9 @@ class SlotStore:
                                          daemon=True)
         self._applier.start()
         self._closed = False
+        #: Set by the object process: whether a lone ``wait_durable`` may write and sync
+        #: on the loop thread (nothing else would wait behind that ~0.1 ms block).
+        self.commit_inline_when: Callable[[], bool] | None = None
 
     # -- recovery -----------------------------------------------------------------
     def _recover(self, log_dir: Path) -> int:
@@ -198,11 +201,16 @@ class SlotStore:
             self._trace("apply_commit")
 
     # -- writes (loop thread) -----------------------------------------------------
-    def submit(self, obj: bytes, clear: bool, entries: dict[str, bytes | None]) -> int:
-        """Log one atomic write set; return its sequence number (durable later)."""
+    def submit(self, obj: bytes, clear: bool, entries: dict[str, bytes | None], *,
+               kick: bool = True) -> int:
+        """Log one atomic write set; return its sequence number (durable later).
+
+        ``kick=False`` is for a caller that calls :meth:`wait_durable` at once,
+        which then decides whether to commit on this thread.
+        """
         self.check_usable()
         ws = WriteSet(obj, clear, entries)
-        seq = self.log.append(encode_writeset(obj, clear, entries))
+        seq = self.log.append(encode_writeset(obj, clear, entries), kick=kick)
         rec = _Record(seq, ws)
         pending = self._overlay.get(obj)
         if pending is None:
@@ -224,6 +232,13 @@ class SlotStore:
         if seq <= self.log.durable_seq and not self._waiters:
             return  # (with waiters queued, wait behind them: replies keep the order of syncs)
         self.check_usable()
+        if not self._waiters and self.commit_inline_when is not None and self.commit_inline_when():
+            last = self.log.commit_inline()
+            if last is not None:
+                self._wake_applier()
+            if seq <= self.log.durable_seq and not self._waiters:
+                return
+        self.log.kick()
         fut = self.loop.create_future()
         self._waiters.append((seq, fut))
         await fut
@@ -239,6 +254,9 @@ class SlotStore:
 
     def _durable_from_thread(self, seq: int) -> None:
         self.loop.call_soon_threadsafe(self._resolve, seq)
+        self._wake_applier()
+
+    def _wake_applier(self) -> None:
         # Wake the applier only when it has something to decide: it sleeps without a
         # deadline when idle, and a wake-up per fsync would take the GIL from the loop.
         if self._applier_idle or len(self._unapplied) >= self._apply_min:

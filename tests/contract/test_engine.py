@@ -8,7 +8,12 @@ import pytest
 
 from durable.errors import StorageCommitError, StorageCorruptError
 from durable.objectproc.storage import ObjectStorage, SlotStore
-from durable.objectproc.storage.log import encode_record, encode_writeset, list_segments
+from durable.objectproc.storage.log import (
+    encode_record,
+    encode_writeset,
+    list_segments,
+    scan_segment,
+)
 
 NEVER = {"apply_min_records": 10**9, "apply_max_delay": 10**6}
 
@@ -227,4 +232,123 @@ async def test_transaction_retries_when_a_concurrent_write_lands(tmp_path):
         assert len(attempts) == 2
         assert await s.get("n") == 101
     finally:
+        await slot.close()
+
+
+async def test_segments_are_preallocated_and_cut_to_their_records_when_full(tmp_path):
+    slot = SlotStore(tmp_path, segment_bytes=512, **NEVER)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        for i in range(40):
+            await s.put(f"k{i}", "x" * 50)
+            await s.sync()
+        segs = list_segments(log_dir(tmp_path))
+        assert len(segs) >= 3
+        for seg in segs[:-1]:  # full segments: exactly their records, nothing after
+            data = seg.path.read_bytes()
+            records = list(scan_segment(data, last=False, where=str(seg.path)))
+            assert records and sum(16 + len(p) for _, p in records) == len(data)
+        last = segs[-1].path
+        assert last.stat().st_size >= 512  # preallocated, mostly zeros past the records
+        seqs = [seq for seg in segs for seq, _ in scan_segment(
+            seg.path.read_bytes(), last=seg is segs[-1], where="")]
+        assert seqs == list(range(1, 41))
+    finally:
+        slot.abandon()
+    reopened = SlotStore(tmp_path)  # as after a crash: the zero tail ends the replay cleanly
+    try:
+        assert reopened.replayed == 40
+        assert len(await ObjectStorage(reopened, "NS", "o").list()) == 40
+    finally:
+        await reopened.close()
+
+
+async def test_inline_commit_makes_a_lone_write_durable_on_the_loop_thread(tmp_path):
+    import threading
+
+    writers = []
+
+    def tracing_fsync(fd):
+        writers.append(threading.current_thread().name)
+        os.fdatasync(fd)
+
+    slot = SlotStore(tmp_path, fsync=tracing_fsync)
+    slot.commit_inline_when = lambda: True
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        for i in range(20):
+            await s.put("n", i)
+            await s.sync()
+            assert not s.unsynced()
+        assert writers and set(writers) == {threading.current_thread().name}
+        slot.commit_inline_when = lambda: False
+        writers.clear()
+        await s.put("n", 99)
+        await s.sync()
+        assert writers == ["durable-commit-log"]  # otherwise the writer thread commits
+    finally:
+        await slot.close()
+    reopened = SlotStore(tmp_path)
+    try:
+        assert await ObjectStorage(reopened, "NS", "o").get("n") == 99
+    finally:
+        await reopened.close()
+
+
+async def test_inline_commit_failure_fails_the_sync_and_the_slot(tmp_path):
+    calls = {"n": 0}
+
+    def flaky_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise OSError(errno.EIO, "injected I/O error")
+        os.fdatasync(fd)
+
+    slot = SlotStore(tmp_path, fsync=flaky_fsync)
+    slot.commit_inline_when = lambda: True
+    s = ObjectStorage(slot, "NS", "o")
+    await s.put("kept", 1)
+    await s.sync()
+    await s.put("lost", 2)
+    with pytest.raises(StorageCommitError, match="injected I/O error"):
+        await s.sync()
+    with pytest.raises(StorageCommitError):
+        await s.put("x", 1)
+    await slot.close()
+    reopened = SlotStore(tmp_path)
+    try:
+        assert await ObjectStorage(reopened, "NS", "o").list() == {"kept": 1}
+    finally:
+        await reopened.close()
+
+
+async def test_inline_commit_leaves_a_busy_writer_alone_and_keeps_sync_order(tmp_path):
+    import threading
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow_fsync(fd):
+        if not entered.is_set():
+            entered.set()
+            release.wait(5)
+        os.fdatasync(fd)
+
+    slot = SlotStore(tmp_path, fsync=slow_fsync)
+    try:
+        a, b = ObjectStorage(slot, "NS", "a"), ObjectStorage(slot, "NS", "b")
+        await a.put("v", 1)
+        first = asyncio.ensure_future(a.sync())  # the writer thread takes this one and stalls
+        await asyncio.sleep(0)
+        assert await asyncio.to_thread(entered.wait, 5)
+        slot.commit_inline_when = lambda: True
+        await b.put("v", 2)
+        second = asyncio.ensure_future(b.sync())  # the writer is busy: no inline commit
+        await asyncio.sleep(0.05)
+        assert not first.done() and not second.done()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert slot.durable_seq == 2
+    finally:
+        release.set()
         await slot.close()
