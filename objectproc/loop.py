@@ -188,11 +188,16 @@ class ObjectProcess:
         def reply(resp: Any, error: BaseException | None) -> None:
             self._in_flight -= 1
             if error is None:
-                head, body = encode_response(resp)
-                self._send(WorkerReply(client, call_id, head, body).encode())
-            else:
-                self.counters["errors"] += 1
-                self._send(WorkerError(client, call_id, error_payload(error)).encode())
+                try:
+                    frames = WorkerReply(client, call_id, *encode_response(resp)).encode()
+                except Exception as e:  # a Response altered after it was built: answer anyway
+                    error = TypeError(f"the object's Response could not be encoded "
+                                      f"({type(e).__name__}: {e})")
+                else:
+                    self._send(frames)
+                    return
+            self.counters["errors"] += 1
+            self._send(WorkerError(client, call_id, error_payload(error)).encode())
 
         try:
             request = decode_request(call.head, call.body)

@@ -42,6 +42,10 @@ class Failing(DurableObject):
         if request.method == "POST":
             await self.state.storage.put("before-raise", query(request).get("v", "x"))
             raise ValueError("boom: " + query(request).get("v", "x"))
+        if request.method == "PUT":  # a Response spoiled after it was built
+            resp = Response("x")
+            resp.status = object()
+            return resp
         return Response.json(await self.state.storage.get("before-raise"))
 
 

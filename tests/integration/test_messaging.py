@@ -87,6 +87,14 @@ async def test_exception_in_fetch_reaches_caller_and_stub_stays_usable(client):
     assert await resp.json() == "first"  # the write before the raise persisted
 
 
+async def test_a_response_that_cannot_be_encoded_is_answered_with_an_error(client):
+    s = stub(client, "FAILING", "spoilt")
+    with pytest.raises(ObjectError, match="could not be encoded") as e:
+        await s.fetch("http://do/", method="PUT", timeout=5)  # not a CallTimeoutError
+    assert e.value.remote_type == "TypeError"
+    assert (await s.fetch("http://do/")).ok  # the stub and the object stay usable
+
+
 async def test_object_calls_another_through_env(client):
     s = stub(client, "CALLER", "caller")
     assert await (await s.fetch("http://do/?name=target")).text() == "via env: 1 hello"
@@ -120,6 +128,36 @@ async def test_statistics_report_slots_and_counters(client):
     stats = await client.statistics()
     assert [s["up"] for s in stats["slots"]] == [True, True]
     assert stats["broker"]["counters"]["calls"] >= 1
+
+
+async def test_lone_calls_commit_inline_and_concurrent_ones_through_the_writer(client):
+    s = stub(client, "COUNTER", "inline")
+    for _ in range(20):
+        await s.fetch("http://do/inc", method="POST")
+    slot = await worker_totals(client, lambda w: w.get("inline_commits", 0) >= 20)
+    assert slot["inline_commits"] >= 20  # one call in flight: its sync wrote on the loop thread
+    before = slot["inline_commits"]
+    stubs = [stub(client, "COUNTER", f"many{i}") for i in range(50)]
+    resps = await asyncio.gather(*[x.fetch("http://do/inc", method="POST") for x in stubs * 4])
+    assert all(r.ok for r in resps)
+    slot = await worker_totals(client, lambda w: w.get("calls", 0) >= 220)
+    # 200 concurrent calls, but few of them found the process otherwise idle
+    assert slot["inline_commits"] - before < 100, slot
+
+
+async def worker_totals(client, ready, timeout=5.0):
+    """The object processes' heartbeat counters, summed, once ``ready`` (sent every second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = await client.statistics()
+        total = {}
+        for sl in stats["slots"]:
+            for k, v in (sl.get("reported") or {}).items():
+                if isinstance(v, int):
+                    total[k] = total.get(k, 0) + v
+        if ready(total) or time.monotonic() > deadline:
+            return total
+        await asyncio.sleep(0.1)
 
 
 def slot_of(client, cluster, ns, name):
