@@ -62,6 +62,7 @@ from durable.protocol.messages import (
     parse_from_client,
     parse_from_worker,
 )
+from durable.transport import send_frames
 
 from .ring import Ring
 
@@ -193,7 +194,7 @@ class Broker:
 
     def _send(self, sock: zmq.Socket, frames: list[bytes], what: str) -> bool:
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(sock, frames)
             return True
         except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
             self.counters[f"undeliverable_{what}"] += 1

@@ -21,6 +21,8 @@ class Counter(DurableObject):
 
 class Noop(DurableObject):
     async def fetch(self, request: Request) -> Response:
+        if request.method == "PUT":  # echo: bodies of every size cross both hops intact
+            return Response(await request.bytes(), headers={"x-len": str(len(await request.bytes()))})
         return Response(b"ok")
 
 

@@ -87,6 +87,16 @@ async def test_exception_in_fetch_reaches_caller_and_stub_stays_usable(client):
     assert await resp.json() == "first"  # the write before the raise persisted
 
 
+async def test_bodies_small_and_large_cross_both_hops_intact(client):
+    s = stub(client, "NOOP", "echo")
+    sizes = [0, 1, 65535, 65536, 65537, 3 << 20]  # around pyzmq's zero-copy threshold, and big
+    bodies = [os.urandom(n) for n in sizes]
+    resps = await asyncio.gather(*[s.fetch("http://do/", method="PUT", body=b) for b in bodies])
+    for body, resp in zip(bodies, resps):
+        assert resp.headers.get("x-len") == str(len(body))
+        assert await resp.bytes() == body
+
+
 async def test_a_response_that_cannot_be_encoded_is_answered_with_an_error(client):
     s = stub(client, "FAILING", "spoilt")
     with pytest.raises(ObjectError, match="could not be encoded") as e:
