@@ -62,7 +62,7 @@ from durable.protocol.messages import (
     parse_from_client,
     parse_from_worker,
 )
-from durable.transport import send_frames
+from durable.transport import has_input, recv_frames, send_frames
 
 from .ring import Ring
 
@@ -247,10 +247,9 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], burst: int) -> None:
         for _ in range(burst):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not has_input(sock):
                 return
+            frames = recv_frames(sock)
             try:
                 handle(frames)
             except Exception:  # a bug must cost one message, never the broker

@@ -92,7 +92,7 @@ async def test_bodies_small_and_large_cross_both_hops_intact(client):
     sizes = [0, 1, 65535, 65536, 65537, 3 << 20]  # around pyzmq's zero-copy threshold, and big
     bodies = [os.urandom(n) for n in sizes]
     resps = await asyncio.gather(*[s.fetch("http://do/", method="PUT", body=b) for b in bodies])
-    for body, resp in zip(bodies, resps):
+    for body, resp in zip(bodies, resps, strict=True):
         assert resp.headers.get("x-len") == str(len(body))
         assert await resp.bytes() == body
 

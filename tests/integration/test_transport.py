@@ -1,0 +1,57 @@
+"""send_frames / recv_frames / has_input over real zmq sockets (the hand-rolled fast paths)."""
+
+import time
+
+import pytest
+import zmq
+
+from durable.transport import has_input, recv_frames, send_frames
+
+
+@pytest.fixture
+def pair(tmp_path):
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.bind(f"ipc://{tmp_path}/t.sock")
+    dealer.setsockopt(zmq.IDENTITY, b"D")
+    dealer.connect(f"ipc://{tmp_path}/t.sock")
+    yield router, dealer
+    router.close(0)
+    dealer.close(0)
+    ctx.term()
+
+
+def wait_input(sock, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not has_input(sock):
+        assert time.monotonic() < deadline, "no message arrived"
+        time.sleep(0.001)
+
+
+def test_messages_keep_their_frames_and_boundaries(pair):
+    router, dealer = pair
+    messages = [[b"one"], [b"", b"", b""], [b"a", b"x" * 70_000, b"z"], [bytes(range(256))] * 7]
+    for m in messages:
+        send_frames(dealer, m)
+    got = []
+    for _ in messages:
+        wait_input(router)
+        got.append(recv_frames(router))
+    assert got == [[b"D", *m] for m in messages]
+    assert not has_input(router)
+    with pytest.raises(zmq.Again):
+        recv_frames(router)
+
+
+def test_router_send_to_an_unknown_peer_fails_whole(pair):
+    router, dealer = pair
+    with pytest.raises(zmq.ZMQError) as e:
+        send_frames(router, [b"nobody", b"payload", b"more"])
+    assert e.value.errno == zmq.EHOSTUNREACH
+    send_frames(dealer, [b"hello"])  # the router learns the dealer's identity
+    wait_input(router)
+    assert recv_frames(router) == [b"D", b"hello"]
+    send_frames(router, [b"D", b"reply", b"x" * 100_000])
+    wait_input(dealer)
+    assert recv_frames(dealer) == [b"reply", b"x" * 100_000]  # nothing of the failed send
