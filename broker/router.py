@@ -68,6 +68,8 @@ from .ring import Ring
 
 __all__ = ["Broker", "BrokerConfig"]
 
+_PLACED_MAX = 65_536
+
 log = logging.getLogger("durable.broker")
 
 
@@ -122,6 +124,9 @@ class Broker:
         self.config = config
         self.clock = clock
         self.ring = Ring(config.slots)
+        #: (namespace, object id) -> slot for ids already checked: the HMAC check and the
+        #: ring lookup cost ~2.8 µs a call, a dict hit ~0.1 µs. Cleared when full.
+        self._placed: dict[tuple[str, str], int] = {}
         self.ids = {name: IdFactory(name, key) for name, key in config.namespaces.items()}
         self.incarnation = secrets.randbits(63) | 1
         self.slots = [_Slot(i) for i in range(config.slots)]
@@ -320,23 +325,29 @@ class Broker:
             self._error(ident, call.call_id, "overloaded",
                         "the daemon is stopping; the call was not delivered (retry after restart)")
             return
-        ids = self.ids.get(call.namespace)
-        if ids is None:
-            known = ", ".join(sorted(self.ids)) or "none"
-            self._error(ident, call.call_id, "unknown_namespace",
-                        f"namespace {call.namespace!r} is not configured (known: {known})")
-            return
-        try:
-            ids.from_string(call.object_id)
-        except InvalidIdError as e:
-            self._error(ident, call.call_id, "invalid_id", str(e))
-            return
+        placed = (call.namespace, call.object_id)
+        number = self._placed.get(placed)
+        if number is None:  # not seen lately: check the id's MAC, then place it on the ring
+            ids = self.ids.get(call.namespace)
+            if ids is None:
+                known = ", ".join(sorted(self.ids)) or "none"
+                self._error(ident, call.call_id, "unknown_namespace",
+                            f"namespace {call.namespace!r} is not configured (known: {known})")
+                return
+            try:
+                ids.from_string(call.object_id)
+            except InvalidIdError as e:
+                self._error(ident, call.call_id, "invalid_id", str(e))
+                return
+            number = self.ring.slot_for(call.object_id)
+            if len(self._placed) >= _PLACED_MAX:
+                self._placed.clear()
+            self._placed[placed] = number
         if client.inflight >= self.config.client_inflight_limit:
             self._error(ident, call.call_id, "overloaded",
                         f"this client has {client.inflight} calls in flight (the limit is "
                         f"{self.config.client_inflight_limit}); wait for some to finish")
             return
-        number = self.ring.slot_for(call.object_id)
         slot = self.slots[number]
         bound = client.stubs.get(call.stub_id)
         if bound is not None and bound != (number, slot.incarnation):

@@ -102,6 +102,39 @@ def test_unknown_namespace_and_bad_id_are_errors():
     assert "NS" in errs[0].message
 
 
+def test_checked_ids_are_remembered_but_never_vouch_for_other_ids(monkeypatch):
+    import durable.broker.router as router
+
+    monkeypatch.setattr(router, "_PLACED_MAX", 3)
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    ready(b, 1)
+    oids = [oid_on_slot(i % 2) for i in range(2)] + [str(IDS.from_name(f"x{i}")) for i in range(5)]
+    checks = []
+    real = IdFactory.from_string
+    monkeypatch.setattr(IdFactory, "from_string", lambda self, s: checks.append(s) or real(self, s))
+    for rnd in range(2):
+        for i, oid in enumerate(oids):
+            b.on_client(call(100 * rnd + i, 1000 * rnd + i, oid))
+    sent = b.take()
+    assert all(type(x[2]) is m.WorkerCall for x in sent)
+    ring = Ring(2)  # every call went to its object's slot, remembered or not
+    assert [x[1] for x in sent] == [f"w{ring.slot_for(o)}".encode() for o in oids * 2]
+    assert len(checks) > len(oids)  # the table is bounded (3 here), so ids were checked again
+    checks.clear()
+    for i in range(5):
+        b.on_client(call(500 + i, 500, oids[0]))
+    assert checks == [oids[0]] and len(b.take()) == 5  # checked once, then remembered
+    tampered = oids[0][:-1] + ("0" if oids[0][-1] != "0" else "1")
+    b.on_client(call(999, 999, tampered))
+    (_, _, err), = b.take()
+    assert err.code == "invalid_id"
+    b.on_client(call(998, 998, oids[-1], ns="NOPE"))  # a known id under another namespace
+    (_, _, err), = b.take()
+    assert err.code == "unknown_namespace"
+
+
 def test_calls_queue_while_slot_down_then_go_in_order():
     b = FakeBroker()
     hello(b)
