@@ -595,14 +595,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
     p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke runs")
     p.add_argument("--repeat", type=int, default=1, help="run N times; report medians")
+    p.add_argument("--low-latency-idle", action="store_true",
+                   help="hold /dev/cpu_dma_latency at 0 during the run, as the daemon's "
+                        "low_latency_idle setting does (needs root)")
     args = p.parse_args(argv)
+    held = None
+    if args.low_latency_idle:
+        from durable.supervisor import cpu_latency
+
+        held = cpu_latency.hold()
+        if held is None:
+            p.error("--low-latency-idle: cannot write /dev/cpu_dma_latency (run as root)")
     if args.suite == "storage":
         runs = [storage_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "rpc":
         runs = [rpc_suite(args.quick, args.slots) for _ in range(args.repeat)]
     else:
         runs = [http_suite(args.quick, args.slots, args.http_processes) for _ in range(args.repeat)]
+    if held is not None:
+        held.close()
     result = {"suite": args.suite, "quick": args.quick, "repeat": args.repeat,
+              "low_latency_idle": args.low_latency_idle,
               "python": sys.version.split()[0], "cpus": os.cpu_count(),
               "median": median_of(runs)}
     if args.repeat > 1:

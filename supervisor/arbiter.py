@@ -56,7 +56,7 @@ from durable.protocol.messages import (
     parse_from_broker_to_client,
 )
 
-from . import status, systemd
+from . import cpu_latency, status, systemd
 from .config import EXIT_CONFIG, Config, ConfigError
 from .migrate import migrate
 from .restart_policy import EXIT_STORAGE, Decision, RestartPolicy
@@ -236,6 +236,7 @@ class Arbiter:
         if moved:
             log.info("moved %d objects to their new slots", moved)
         self._build_watchers()
+        latency = cpu_latency.hold() if self.config.low_latency_idle else None
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
@@ -286,6 +287,8 @@ class Arbiter:
                     systemd.notify("WATCHDOG=1")
                     next_watchdog = self.clock() + watchdog
         finally:
+            if latency is not None:
+                latency.close()  # the kernel ends the request (it would at exit anyway)
             probe.close()
             self._control.close(linger=0)
             status.remove(self.config)

@@ -331,3 +331,27 @@ def test_storage_that_cannot_open_halts_with_74(tmp_path):
         assert code == 74, log
         assert "storage" in log and "damaged" in log, log
         wait_for(lambda: not d.children(), 10, "no children left")
+
+
+def test_low_latency_idle_holds_cpu_dma_latency_while_serving(tmp_path):
+    """With root the PM QoS request is 0 while serving and gone after; without, a warning."""
+    from durable.supervisor import cpu_latency
+
+    def current():
+        with open(cpu_latency.PATH, "rb") as f:
+            return int.from_bytes(f.read(4), "little", signed=True)
+
+    allowed = os.path.exists(cpu_latency.PATH) and os.access(cpu_latency.PATH, os.W_OK)
+    before = current() if allowed else None
+    with serving(tmp_path, "low_latency_idle = true\n" + FAST) as d:
+        d.wait_ready()
+        if allowed:
+            assert current() == 0
+            assert "CPUs poll instead of halting" in d.log_text()
+        else:
+            assert "low_latency_idle: cannot open" in d.log_text()
+        with durable.connect_sync(d.frontend) as c:  # it serves either way
+            ns = c.namespace("COUNTER")
+            assert ns.get(ns.id_from_name("q")).fetch("http://do/inc", method="POST").text() == "1"
+    if allowed:
+        wait_for(lambda: current() == before, 5, "the PM QoS request to end with the daemon")

@@ -74,6 +74,20 @@ def test_full_config_parses():
     assert (c.slots, c.idle_timeout, c.broker.heartbeat, c.limits.max_value_bytes) == (3, 5.0, 1.0, 1000)
     assert c.frontend() == "tcp://127.0.0.1:7700" and c.vars == {"x": [1, 2]}
     assert isinstance(c, Config)
+    assert not c.low_latency_idle and from_dict({"low_latency_idle": True}, "f").low_latency_idle
+
+
+def test_cpu_latency_request_is_written_or_warned_about(tmp_path, caplog):
+    from durable.supervisor import cpu_latency
+
+    dev = tmp_path / "cpu_dma_latency"
+    dev.write_bytes(b"\x00\x94\x35\x77")
+    held = cpu_latency.hold(str(dev))
+    assert held is not None
+    held.close()
+    assert dev.read_bytes() == b"\x00\x00\x00\x00"  # an int32 0: "no wake-up latency"
+    assert cpu_latency.hold(str(tmp_path / "missing" / "dev")) is None
+    assert "serving without it" in caplog.text
 
 
 @pytest.mark.parametrize("raw, words", [
@@ -91,6 +105,7 @@ def test_full_config_parses():
     ({"http": {"listen": "nope"}}, ["http.listen", "host:port"]),
     ({"http": {"procs": 2}}, ["http.procs", "unknown key"]),
     ({"http": {"worker": "nocolon"}}, ["http.worker"]),
+    ({"low_latency_idle": "yes"}, ["low_latency_idle", "must be bool"]),
 ])
 def test_bad_configs_name_key_and_fix(raw, words):
     with pytest.raises(ConfigError) as e:
