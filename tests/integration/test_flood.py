@@ -73,4 +73,7 @@ def test_flood_of_100000_unawaited_calls(tmp_path):
         assert kinds <= {"Response", "OverloadedError"}, kinds
         assert ok + overloaded == FLOOD and ok > 0
         assert max(rss) < RSS_BOUND, f"{max(rss) / 2**20:.0f} MiB"
-        assert ratio < 2.0, f"other objects slowed x{ratio:.1f} during the flood"
+        # Objects on the flooded slot queue behind flood messages in its FIFO pipe, so some
+        # slowdown is expected (x1.0-2.5 seen here on a noisy machine); starvation, as with an
+        # earlier drain that yielded to the loop every 256 messages, shows as x20-40.
+        assert ratio < 4.0, f"other objects slowed x{ratio:.1f} during the flood"
