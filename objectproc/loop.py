@@ -85,7 +85,7 @@ class ObjectProcess:
         self.classes = {name: load_class(spec) for name, spec in config.namespaces.items()}
         self.catalog: dict[tuple[str, str], Activation] = {}
         self.counters: dict[str, int] = {"calls": 0, "errors": 0, "evicted": 0,
-                                         "dropped_broker_messages": 0, "inline_commits": 0}
+                                         "dropped_broker_messages": 0}
         self._in_flight = 0  # calls received and not yet answered
         self._ctx = zmq.Context.instance()
         self._sock: LoopSocket | None = None
@@ -175,10 +175,7 @@ class ObjectProcess:
 
         Under concurrency the writer thread's group commit is the better deal.
         """
-        if self._in_flight <= 1:
-            self.counters["inline_commits"] += 1
-            return True
-        return False
+        return self._in_flight <= 1
 
     def _call(self, call: WorkerCall) -> None:
         self.counters["calls"] += 1
@@ -277,6 +274,7 @@ class ObjectProcess:
 
     def stats(self) -> dict[str, Any]:
         return {"active": len(self.catalog), "pid": os.getpid(), **self.counters,
+                "inline_commits": self.store.inline_commits if self.store else 0,
                 "durable_seq": self.store.durable_seq if self.store else 0,
                 "applied_seq": self.store.applied_seq if self.store else 0}
 

@@ -157,6 +157,7 @@ class SlotStore:
         #: Set by the object process: whether a lone ``wait_durable`` may write and sync
         #: on the loop thread (nothing else would wait behind that ~0.1 ms block).
         self.commit_inline_when: Callable[[], bool] | None = None
+        self.inline_commits = 0  # syncs that wrote and synced on the loop thread
 
     # -- recovery -----------------------------------------------------------------
     def _recover(self, log_dir: Path) -> int:
@@ -235,6 +236,7 @@ class SlotStore:
         if not self._waiters and self.commit_inline_when is not None and self.commit_inline_when():
             last = self.log.commit_inline()
             if last is not None:
+                self.inline_commits += 1
                 self._wake_applier()
             if seq <= self.log.durable_seq and not self._waiters:
                 return

@@ -281,6 +281,7 @@ async def test_inline_commit_makes_a_lone_write_durable_on_the_loop_thread(tmp_p
             await s.sync()
             assert not s.unsynced()
         assert writers and set(writers) == {threading.current_thread().name}
+        assert slot.inline_commits == 20
         slot.commit_inline_when = lambda: False
         writers.clear()
         await s.put("n", 99)
