@@ -18,7 +18,7 @@ Rules this file keeps:
 * **Down slots.** Calls for a slot with no process wait in a bounded FIFO
   queue (``overloaded`` when full) until it registers, or until their
   deadline (``timeout``), and are dispatched in order.
-* **Thin loop.** Poll, drain each socket until EAGAIN (at most ``burst``
+* **Thin loop.** Poll, drain each socket until it is empty (at most ``burst``
   messages a turn, so neither side starves), run the timers.
 """
 
