@@ -68,7 +68,7 @@ from .ring import Ring
 
 __all__ = ["Broker", "BrokerConfig"]
 
-_PLACED_MAX = 65_536
+_PLACED_MAX = 16_384  # ~5 MiB of broker memory at most
 
 log = logging.getLogger("durable.broker")
 
@@ -125,7 +125,8 @@ class Broker:
         self.clock = clock
         self.ring = Ring(config.slots)
         #: (namespace, object id) -> slot for ids already checked: the HMAC check and the
-        #: ring lookup cost ~2.8 µs a call, a dict hit ~0.1 µs. Cleared when full.
+        #: ring lookup cost ~2.8 µs a call, a dict hit ~0.1 µs. Cleared when full (65,536
+        #: entries took ~21 MiB in the million-object run; 16,384 hot objects are plenty).
         self._placed: dict[tuple[str, str], int] = {}
         self.ids = {name: IdFactory(name, key) for name, key in config.namespaces.items()}
         self.incarnation = secrets.randbits(63) | 1
