@@ -232,17 +232,8 @@ class CommitLog:
         with self._cond:
             if self._writing or not self._pending or self._stopping or self.failed is not None:
                 return None
-            group, self._pending = self._pending, []
-            last = self._next_seq - 1
-            self._writing = True
-        try:
-            ok = self._write_group(group, last)
-        finally:
-            with self._cond:
-                self._writing = False
-                if self._pending or self._stopping:  # appended meanwhile, or close() waits
-                    self._cond.notify()
-        return last if ok else None
+            group, last = self._take()
+        return last if self._write_taken(group, last) else None
 
     def drop_through(self, applied_seq: int) -> None:
         """Delete segments whose every record is at or below ``applied_seq``."""
@@ -333,15 +324,24 @@ class CommitLog:
                     self._cond.wait()
                 while self._writing:  # stopping: let commit_inline finish first
                     self._cond.wait()
-                group, self._pending = self._pending, []
-                last = self._next_seq - 1
-                if not group and self._stopping:
+                if not self._pending and self._stopping:
                     return
-                self._writing = True
-            try:
-                ok = self._write_group(group, last)
-            finally:
-                with self._cond:
-                    self._writing = False
-            if ok:
+                group, last = self._take()
+            if self._write_taken(group, last):
                 self._on_durable(last)
+
+    def _take(self) -> tuple[list[bytes], int]:
+        """Claim everything queued for one writer (the caller holds ``_cond``)."""
+        group, self._pending = self._pending, []
+        self._writing = True
+        return group, self._next_seq - 1
+
+    def _write_taken(self, group: list[bytes], last: int) -> bool:
+        """Write a claimed group, then release the claim for the other writer."""
+        try:
+            return self._write_group(group, last)
+        finally:
+            with self._cond:
+                self._writing = False
+                if self._pending or self._stopping:  # appended meanwhile, or close() waits
+                    self._cond.notify()
