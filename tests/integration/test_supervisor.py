@@ -29,6 +29,15 @@ class = "tests.integration.objects:Recorder"
 """
 
 
+def assert_halts(d, status: int, *words: str) -> None:
+    """The daemon exits by itself with ``status``, says ``words`` in its log, and leaves no child."""
+    code = d.proc.wait(timeout=60)
+    log = d.log_text()
+    assert code == status, log
+    assert all(w in log for w in words), log
+    wait_for(lambda: not d.children(), 10, "no children left")
+
+
 def test_serve_on_defaults_in_an_empty_folder(tmp_path):
     with serving(tmp_path) as d:
         ready_in = d.wait_ready()
@@ -204,11 +213,7 @@ def test_sigterm_with_64_calls_in_flight_keeps_every_acknowledged_write(tmp_path
 def test_class_that_fails_to_import_in_object_processes_halts_the_daemon(tmp_path):
     config = FAST + '[namespaces.BAD]\nclass = "tests.integration.bad_objects:Refuses"\n'
     with serving(tmp_path, config) as d:
-        code = d.proc.wait(timeout=60)
-        log = d.log_text()
-        assert code == 78, log
-        assert "tests.integration.bad_objects" in log and "refuses to load" in log, log
-        wait_for(lambda: not d.children(), 10, "no children left")
+        assert_halts(d, 78, "tests.integration.bad_objects", "refuses to load")
         assert any("halted" in m for m in d.read_notify())
 
 
@@ -326,11 +331,7 @@ def test_storage_that_cannot_open_halts_with_74(tmp_path):
     (log_dir / f"{10**6:020d}.seg").write_bytes(bytes(bad))
     (log_dir / f"{10**6 + 1:020d}.seg").write_bytes(b"")
     with serving(tmp_path, FAST) as d:
-        code = d.proc.wait(timeout=60)
-        log = d.log_text()
-        assert code == 74, log
-        assert "storage" in log and "damaged" in log, log
-        wait_for(lambda: not d.children(), 10, "no children left")
+        assert_halts(d, 74, "storage", "damaged")
 
 
 def test_low_latency_idle_holds_cpu_dma_latency_while_serving(tmp_path):
