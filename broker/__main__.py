@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(levelname)s broker pid={os.getpid()} %(message)s")
-    secret = load_or_create_secret(args.data_dir)
+    secret = load_or_create_secret(args.data_dir, create=False)
     config = BrokerConfig(
         frontend=args.frontend, backend=args.backend, slots=args.slots,
         namespaces={n: namespace_key(secret, n) for n in args.namespace},

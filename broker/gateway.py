@@ -18,6 +18,8 @@ invalid id                400
 ``ObjectError``           500, short body (type and message with ``debug``)
 ``StubBrokenError``       503 with ``Retry-After`` (not retried: the call may have run)
 ``OverloadedError``       503 with ``Retry-After``
+``StorageFullError``      507 with ``Retry-After`` (the write was certainly not stored)
+``StorageCommitError``    503 (its text says whether the write may have been stored)
 ``CallTimeoutError``      504
 body over the limit       413
 body not sent in time     408
@@ -46,9 +48,12 @@ from durable.errors import (
     InvalidIdError,
     ObjectError,
     OverloadedError,
+    StorageCommitError,
+    StorageFullError,
     StubBrokenError,
     UnknownNamespaceError,
 )
+from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_spec
 
@@ -136,6 +141,10 @@ class Gateway:
             return web.Response(status=503, headers={"Retry-After": "1"}, text=f"{e}\n")
         except CallTimeoutError:
             return web.Response(status=504, text="the object did not answer in time\n")
+        except StorageFullError as e:
+            return web.Response(status=507, headers={"Retry-After": "5"}, text=f"{e}\n")
+        except StorageCommitError as e:  # outcome "unknown": the client must not blindly retry
+            return web.Response(status=503, text=f"{e}\n")
         except Exception as e:  # the Worker's own error
             log.warning("worker raised %s: %s", type(e).__name__, e)
             text = f"worker error: {type(e).__name__}: {e}\n" if self.debug else "worker error\n"
@@ -145,7 +154,7 @@ class Gateway:
 
 
 async def run(args: argparse.Namespace) -> None:
-    secret = load_or_create_secret(args.data_dir)
+    secret = load_or_create_secret(args.data_dir, create=False)
     keys = {n: namespace_key(secret, n) for n in args.namespace}
     client = durable.Client(args.frontend, name=f"gateway-{os.getpid()}", namespaces=keys,
                             timeout=args.call_timeout, heartbeat=args.heartbeat)
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             load_function(args.worker)
     except ValueError as e:
         logging.getLogger("durable.gateway").error("configuration error: %s", e)
-        return 78
+        return EXIT_CONFIG
     asyncio.run(run(args))
     return 0
 

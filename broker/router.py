@@ -96,7 +96,7 @@ class BrokerConfig:
 
 class _Slot:
     __slots__ = ("number", "identity", "incarnation", "pid", "liveness", "queue", "inflight",
-                 "registrations", "up_since", "reported")
+                 "registrations", "up_since", "reported", "failed")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -109,6 +109,7 @@ class _Slot:
         self.registrations = 0
         self.up_since: float | None = None
         self.reported: dict[str, Any] = {}
+        self.failed: str | None = None  # why the slot stays down until an operator acts
 
 
 @dataclass
@@ -317,6 +318,16 @@ class Broker:
         if msg.op == "drain":
             self.draining = True
             log.info("draining: new calls are refused, calls in flight finish")
+        elif msg.slot < len(self.slots) and msg.op == "slot_failed":
+            slot = self.slots[msg.slot]
+            if slot.pid == msg.pid:
+                self.end_incarnation(msg.slot, f"the supervisor saw its process (pid {msg.pid}) fail")
+            slot.failed = msg.reason
+            log.error("slot %d is out of service: %s", msg.slot, msg.reason)
+            while slot.queue:  # nothing will come back for them
+                _, ident, call = slot.queue.popleft()
+                self._done(ident)
+                self._error(ident, call.call_id, "storage_corrupt", f"slot {msg.slot}: {msg.reason}")
         elif msg.slot < len(self.slots) and self.slots[msg.slot].pid == msg.pid:
             self.end_incarnation(msg.slot, f"the supervisor saw its process (pid {msg.pid}) exit")
 
@@ -356,6 +367,9 @@ class Broker:
                          "this stub's first call")
             return
         if slot.identity is None or slot.queue:
+            if slot.failed is not None and slot.identity is None:
+                self._error(ident, call.call_id, "storage_corrupt", f"slot {number}: {slot.failed}")
+                return
             if len(slot.queue) >= self.config.queue_limit:
                 self._error(ident, call.call_id, "overloaded",
                             f"slot {number} is down and {len(slot.queue)} calls already wait for "
@@ -431,6 +445,7 @@ class Broker:
         if slot.identity is not None:
             self.end_incarnation(ready.slot, "a new process registered for it")
         slot.identity = ident
+        slot.failed = None  # repaired: it serves again
         slot.incarnation = ready.incarnation
         slot.pid = ready.pid
         slot.liveness = Liveness(self.config.heartbeat, self.config.misses, self.clock)

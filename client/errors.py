@@ -25,6 +25,7 @@ __all__ = [
     "StorageError",
     "StorageLimitError",
     "StorageCommitError",
+    "StorageFullError",
     "StorageCorruptError",
     "TransactionClosedError",
     "TransactionConflictError",
@@ -51,10 +52,41 @@ class StorageLimitError(StorageError, ValueError):
 
 
 class StorageCommitError(StorageError):
-    """A write could not be made durable; the object's unsaved state was discarded."""
+    """A write could not be made durable, or it is not known whether it was.
+
+    ``outcome`` says which: ``"discarded"`` means the write is certainly not
+    stored (sending it again applies it once); ``"unknown"`` means the commit
+    log failed after the write reached it (a failed ``fdatasync``), so it may
+    be stored: read before you write again, or make the write idempotent.
+    Either way the object is reset (its in-memory state is dropped).
+    """
 
     code = "storage_commit"
     retryable = True
+    OUTCOMES = ("discarded", "unknown")
+
+    def __init__(self, message: str, outcome: str | None = None) -> None:
+        if outcome is None:  # rebuilt from the wire: the message carries it
+            outcome = "discarded" if "(outcome: discarded)" in message else "unknown"
+        elif outcome not in self.OUTCOMES:
+            raise ValueError(f"outcome must be one of {self.OUTCOMES}, got {outcome!r}")
+        elif f"(outcome: {outcome})" not in message:
+            message = f"{message} (outcome: {outcome})"
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class StorageFullError(StorageCommitError):
+    """The slot's disk is full: the write was refused or discarded, certainly not stored.
+
+    The slot keeps serving reads and calls that do not write, and accepts
+    writes again by itself within seconds once space is freed. Retry later.
+    """
+
+    code = "storage_full"
+
+    def __init__(self, message: str, outcome: str | None = "discarded") -> None:
+        super().__init__(message, outcome or "discarded")
 
 
 class StorageCorruptError(StorageError):

@@ -55,12 +55,20 @@ def namespace_key(secret: bytes, namespace: str) -> bytes:
     return hmac.new(secret, b"durable/namespace-key/v1\x00" + namespace.encode(), hashlib.sha256).digest()
 
 
-def load_or_create_secret(data_dir: str | os.PathLike[str]) -> bytes:
-    """Read the daemon's id secret, creating it (mode 0600) at first start."""
+def load_or_create_secret(data_dir: str | os.PathLike[str], *, create: bool = True) -> bytes:
+    """Read the daemon's id secret, creating it (mode 0600) at first start.
+
+    The daemon's children pass ``create=False``: only the supervisor creates a
+    data dir, so a child restarted after the dir vanished fails instead of
+    minting a new secret (which would orphan every existing id).
+    """
     path = Path(data_dir) / "secret"
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if not create:
+            raise FileNotFoundError(f"{path} is missing: the data dir was removed or replaced "
+                                    "while the daemon ran") from None
         Path(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         data = secrets.token_bytes(32)
         tmp = path.with_suffix(".tmp")

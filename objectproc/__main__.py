@@ -13,12 +13,12 @@ import duckdb
 import orjson
 
 from durable.errors import StorageCorruptError
+from durable.exitcodes import EXIT_CONFIG, EXIT_CORRUPT, EXIT_DISK_FULL, EXIT_STORAGE
 
 from .loop import ObjectProcess, ObjectProcessConfig
 from .storage import StorageLimits
-
-EXIT_CONFIG = 78  # EX_CONFIG: restarting will not help
-EXIT_STORAGE = 74  # EX_IOERR: the slot's storage cannot be opened
+from .storage.log import is_disk_full
+from .storage.slot import DataDirMismatchError
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duckdb-memory-mb", type=int, default=512)
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--data-dir-id", help="the data dir's identity (its slot files must match)")
+    p.add_argument("--checkpoint-wal-mb", type=int, default=16)
+    p.add_argument("--checkpoint-interval", type=float, default=30.0)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -57,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=_pairs(args.namespace, "namespace"), vars=variables,
         idle_timeout=args.idle_timeout, heartbeat=args.heartbeat,
         limits=StorageLimits(args.max_key_bytes, args.max_value_bytes, args.max_keys_per_call),
-        duckdb_memory_mb=args.duckdb_memory_mb)
+        duckdb_memory_mb=args.duckdb_memory_mb, data_dir_id=args.data_dir_id,
+        checkpoint_wal_bytes=args.checkpoint_wal_mb << 20,
+        checkpoint_interval=args.checkpoint_interval)
     try:
         proc = ObjectProcess(config)
     except ValueError as e:
@@ -70,12 +75,23 @@ def main(argv: list[str] | None = None) -> int:
         loop.add_signal_handler(signal.SIGINT, proc.stop)
         await proc.run()
 
+    log = logging.getLogger("durable.objectproc")
     try:
         asyncio.run(run())
-    except (StorageCorruptError, OSError, duckdb.Error) as e:
-        logging.getLogger("durable.objectproc").error(
-            "slot %d: storage in %s cannot be opened: %s: %s", args.slot, args.data_dir,
-            type(e).__name__, e)
+    except DataDirMismatchError as e:
+        log.error("slot %d: %s", args.slot, e)
+        return EXIT_STORAGE
+    except StorageCorruptError as e:
+        log.error("slot %d is corrupt and stays down; every file was kept as it is. %s",
+                  args.slot, e)
+        return EXIT_CORRUPT
+    except (OSError, duckdb.Error) as e:
+        if is_disk_full(e):
+            log.error("slot %d: storage in %s cannot be opened, the disk is full: %s", args.slot,
+                      args.data_dir, e)
+            return EXIT_DISK_FULL
+        log.error("slot %d: storage in %s cannot be opened: %s: %s", args.slot, args.data_dir,
+                  type(e).__name__, e)
         return EXIT_STORAGE
     return 0
 

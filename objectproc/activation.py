@@ -121,7 +121,8 @@ class Activation:
 
     async def _run(self, request: Request, reply: Reply) -> None:
         if self.phase is Phase.BROKEN:
-            reply(None, StorageCommitError("the object's storage failed; its process restarts"))
+            reply(None, StorageCommitError("the object's storage failed; it was reset",
+                                           outcome="discarded"))
             return
         resp: Response | None = None
         error: BaseException | None = None
@@ -134,8 +135,9 @@ class Activation:
             error = e
         try:
             await self.storage.sync()  # output gate: no response before its writes are durable
-        except StorageCommitError as e:
-            self.fail()
+        except StorageCommitError as e:  # (a full disk too): reset, the cache may be wrong
+            if self.phase is not Phase.BROKEN:
+                self.fail(e)
             resp, error = None, e
         self.last_used = self.clock()
         reply(resp, error)
@@ -171,11 +173,14 @@ class Activation:
         self.state._activation = None
         self.instance = None
 
-    def fail(self) -> None:
+    def fail(self, error: StorageCommitError | None = None) -> None:
+        """Storage failed under this activation: it is never used again (the object is reset)."""
         self._step("fail")
+        error = error or StorageCommitError("the object's storage failed; its process restarts",
+                                            outcome="discarded")
         while self._waiting:
             _, reply = self._waiting.popleft()
-            reply(None, StorageCommitError("the object's storage failed; its process restarts"))
+            reply(None, error)
 
     async def drain(self) -> None:
         """Wait for every running call of this activation (shutdown)."""

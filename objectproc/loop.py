@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import zmq
 
 from durable.client import Client
-from durable.errors import ProtocolError, UnknownNamespaceError
+from durable.errors import ProtocolError, StorageCorruptError, UnknownNamespaceError
 from durable.http import Response
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_spec
@@ -44,7 +44,7 @@ from durable.protocol.messages import (
 )
 from durable.transport import LoopSocket
 
-from .activation import Activation
+from .activation import Activation, Phase
 from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
 
 __all__ = ["ObjectProcess", "ObjectProcessConfig", "load_class"]
@@ -54,6 +54,11 @@ log = logging.getLogger("durable.objectproc")
 #: `durable inspect` asks for an object's storage with this method and URL prefix.
 INSPECT_METHOD = "INSPECT"
 INSPECT_URL = "durable:inspect"
+#: `durable backup` pins and unpins a slot's files (sent to any object the slot hosts).
+BACKUP_METHOD = "BACKUP"
+BACKUP_URL = "durable:backup"
+#: The longest a backup may hold a slot's files still (the log grows meanwhile).
+MAX_PIN_SECONDS = 3600.0
 
 
 def load_class(spec: str) -> type:
@@ -77,6 +82,9 @@ class ObjectProcessConfig:
     misses: int = 5
     limits: StorageLimits = field(default_factory=StorageLimits)
     duckdb_memory_mb: int = 512
+    data_dir_id: str | None = None
+    checkpoint_wal_bytes: int = 16 << 20
+    checkpoint_interval: float = 30.0
 
 
 class ObjectProcess:
@@ -100,13 +108,16 @@ class ObjectProcess:
     async def run(self) -> None:
         cfg = self.config
         started = time.monotonic()
+        secret = load_or_create_secret(cfg.data_dir, create=False)  # before any file is made
         self.store = SlotStore(cfg.data_dir, cfg.slot, limits=cfg.limits,
-                               memory_limit=f"{cfg.duckdb_memory_mb}MB")
+                               memory_limit=f"{cfg.duckdb_memory_mb}MB",
+                               data_dir_id=cfg.data_dir_id,
+                               checkpoint_wal_bytes=cfg.checkpoint_wal_bytes,
+                               checkpoint_interval=cfg.checkpoint_interval)
         log.info("slot %d: storage open in %.3f s (%d log records replayed in %.3f s)", cfg.slot,
                  time.monotonic() - started, self.store.replayed, self.store.recovery_seconds)
         self.store.commit_inline_when = self._quiet
         tune_gc()
-        secret = load_or_create_secret(cfg.data_dir)
         keys = {n: namespace_key(secret, n) for n in cfg.namespaces}
         self.client = Client(cfg.frontend, namespaces=keys, name=f"objectproc-{cfg.slot}",
                              heartbeat=cfg.heartbeat, misses=cfg.misses)
@@ -120,6 +131,8 @@ class ObjectProcess:
                 timers.cancel()
         finally:
             await self._shutdown()
+        if isinstance(self.store.failed, StorageCorruptError):
+            raise self.store.failed  # the slot stays down as corrupt (exit status 65)
 
     def stop(self) -> None:
         """Finish the calls in flight, make every write durable, exit (signal-safe via loop)."""
@@ -201,6 +214,9 @@ class ObjectProcess:
             if request.method == INSPECT_METHOD and request.url.startswith(INSPECT_URL):
                 self._inspect(call.namespace, call.object_id, request, reply)
                 return
+            if request.method == BACKUP_METHOD and request.url.startswith(BACKUP_URL):
+                self._backup(request, reply)
+                return
             act = self._activation(call.namespace, call.object_id)
         except Exception as e:  # bad request head, unknown namespace, constructor raised
             reply(None, e)
@@ -226,10 +242,32 @@ class ObjectProcess:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _backup(self, request: Any, reply: Any) -> None:
+        """`durable backup`: pin the slot's files (checkpointed, none deleted) or release them."""
+        query = parse_qs(urlsplit(request.url).query)
+        op = query.get("op", [""])[0]
+
+        async def run() -> None:
+            try:
+                if op == "pin":
+                    timeout = min(float(query.get("timeout", ["600"])[0]), MAX_PIN_SECONDS)
+                    reply(Response.json(await self.store.pin(timeout)), None)
+                elif op == "unpin":
+                    reply(Response.json({"held": self.store.unpin()}), None)
+                else:
+                    raise ValueError(f"backup op must be pin or unpin, got {op!r}")
+            except Exception as e:
+                reply(None, e)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _activation(self, namespace: str, object_id: str) -> Activation:
         key = (namespace, object_id)
         act = self.catalog.get(key)
-        if act is None:
+        if act is None or (act.phase is Phase.BROKEN and self.store.failed is None):
+            # (a broken activation on a healthy slot lost writes to a full disk: reset it)
             cls = self.classes.get(namespace)
             if cls is None:
                 raise UnknownNamespaceError(f"this object process does not host namespace {namespace!r}")
@@ -275,7 +313,6 @@ class ObjectProcess:
     def stats(self) -> dict[str, Any]:
         return {"active": len(self.catalog), "pid": os.getpid(), **self.counters,
                 "inline_commits": self.store.inline_commits if self.store else 0,
-                "durable_seq": self.store.durable_seq if self.store else 0,
-                "applied_seq": self.store.applied_seq if self.store else 0}
+                **(self.store.statistics() if self.store else {})}
 
 

@@ -21,6 +21,8 @@ Watcher lifecycle::
 
     STOPPED --start--> RUNNING --exit--> BACKOFF --due--> RUNNING
     RUNNING --exit (hopeless/flapping)--> FAILED
+    RUNNING --exit 65 (slot files damaged)--> CORRUPT   (the other slots serve on)
+    CORRUPT --new DuckDB file (durable repair)--> RUNNING
     RUNNING --stop--> STOPPING --exit--> STOPPED
 """
 
@@ -46,7 +48,6 @@ import orjson
 import psutil
 import zmq
 
-from durable.ids import load_or_create_secret
 from durable.objectproc.loop import load_class
 from durable.protocol.messages import (
     Control,
@@ -58,6 +59,7 @@ from durable.protocol.messages import (
 
 from . import cpu_latency, status, systemd
 from .config import EXIT_CONFIG, Config, ConfigError
+from .datadir import DataDirError, Identity, open_data_dir
 from .migrate import migrate
 from .restart_policy import EXIT_STORAGE, Decision, RestartPolicy
 
@@ -72,6 +74,7 @@ class WatcherState(enum.Enum):
     BACKOFF = "backoff"
     STOPPING = "stopping"
     FAILED = "failed"
+    CORRUPT = "corrupt"  # an object process whose slot's files are damaged; the rest serve on
 
 
 _TRANSITIONS = {
@@ -79,6 +82,9 @@ _TRANSITIONS = {
     (WatcherState.BACKOFF, "start"): WatcherState.RUNNING,
     (WatcherState.RUNNING, "exit"): WatcherState.BACKOFF,
     (WatcherState.RUNNING, "fail"): WatcherState.FAILED,
+    (WatcherState.RUNNING, "corrupt"): WatcherState.CORRUPT,
+    (WatcherState.CORRUPT, "stop"): WatcherState.CORRUPT,
+    (WatcherState.CORRUPT, "start"): WatcherState.RUNNING,  # `durable repair` replaced its file
     (WatcherState.RUNNING, "stop"): WatcherState.STOPPING,
     (WatcherState.BACKOFF, "stop"): WatcherState.STOPPED,
     (WatcherState.STOPPING, "exit"): WatcherState.STOPPED,
@@ -109,6 +115,7 @@ class Watcher:
     restarts: int = 0
     last_exit: int | None = None
     ps: Any = None
+    corrupt_file: tuple[int, int] | None = None  # (dev, ino) of the damaged DuckDB file
     rss: int = 0
     cpu: float = 0.0
 
@@ -154,6 +161,8 @@ class Arbiter:
         self.exit_code = 0
         self.control_endpoint = f"ipc://{config.run_dir / 'control.sock'}"
         self._control: zmq.Socket | None = None
+        self.identity: Identity | None = None
+        self._status_error_logged = 0.0
 
     # -- set-up ---------------------------------------------------------------------------
     def check(self) -> None:
@@ -166,16 +175,13 @@ class Arbiter:
                                   "the module is importable (installed, or on PYTHONPATH).") from None
 
     def _prepare_dirs(self) -> None:
-        data = self.config.data_path
-        data.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(data, 0o700)
+        self.identity = open_data_dir(self.config.data_path)  # DataDirError: refuse to start
         run = self.config.run_dir
         run.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(run, 0o700)
         for endpoint in (self.config.frontend(), self.config.backend()):
             if endpoint.startswith("ipc://"):  # e.g. /run/durable when not under systemd
                 Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        load_or_create_secret(data)
 
     def _build_watchers(self) -> None:
         c = self.config
@@ -202,7 +208,10 @@ class Arbiter:
                     "--max-key-bytes", str(c.limits.max_key_bytes),
                     "--max-value-bytes", str(c.limits.max_value_bytes),
                     "--max-keys-per-call", str(c.limits.max_keys_per_call),
-                    "--duckdb-memory-mb", str(c.duckdb_memory_mb)]
+                    "--duckdb-memory-mb", str(c.duckdb_memory_mb),
+                    "--checkpoint-wal-mb", str(c.checkpoint_wal_mb),
+                    "--checkpoint-interval", str(c.checkpoint_interval),
+                    "--data-dir-id", self.identity.id if self.identity else ""]
             for ns, cls in c.namespaces.items():
                 argv += ["--namespace", f"{ns}={cls}"]
             self.watchers.append(Watcher(f"objectproc-{slot}", "objectproc", slot, argv, env))
@@ -226,7 +235,12 @@ class Arbiter:
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:
         self.check()
-        self._prepare_dirs()
+        try:
+            self._prepare_dirs()
+        except DataDirError as e:
+            log.error("%s", e)
+            systemd.notify(f"STATUS=halted: {e}")
+            return EXIT_STORAGE
         try:
             moved = migrate(self.config.data_path, self.config.slots, log=log.info)
         except Exception as e:
@@ -273,7 +287,8 @@ class Arbiter:
                     self._stop(immediate=False)
                     break
                 self._start_due()
-                if not self._ready and probe.all_slots_up(self.config.slots) and self._http_up():
+                corrupt = {w.slot for w in self.watchers if w.state is WatcherState.CORRUPT}
+                if not self._ready and probe.all_slots_up(self.config.slots, corrupt) and self._http_up():
                     self._ready = True
                     systemd.notify("READY=1")
                     systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
@@ -291,7 +306,8 @@ class Arbiter:
                 latency.close()  # the kernel ends the request (it would at exit anyway)
             probe.close()
             self._control.close(linger=0)
-            status.remove(self.config)
+            with contextlib.suppress(OSError):
+                status.remove(self.config)
             signal.set_wakeup_fd(-1)
             os.close(rfd)
             os.close(wfd)
@@ -314,6 +330,14 @@ class Arbiter:
 
     def _sample(self) -> None:
         """psutil: RSS and CPU of every child; restart an object process over its memory limit."""
+        if self.identity is not None and not self.identity.still_there() and not self.exit_code:
+            log.error("the data dir %s was removed or replaced while serving (its identity file "
+                      "is gone or is another file): stopping, so that nothing is written into "
+                      "deleted files or a new, empty store. Restore it (`durable restore`) or "
+                      "start again to create a new one", self.config.data_path)
+            systemd.notify("STATUS=halted: the data dir was removed or replaced while serving")
+            self.exit_code = EXIT_STORAGE
+            return
         limit = self.config.memory_limit_mb * 1024 * 1024
         for w in self.watchers:
             if w.state is not WatcherState.RUNNING or w.ps is None:
@@ -330,7 +354,7 @@ class Arbiter:
                             self.config.memory_limit_mb)
                 w.signal(signal.SIGTERM)
                 w.ps = None  # one SIGTERM; the exit restarts it
-        status.write(self.config, {
+        self._write_status({
             "supervisor": {"pid": os.getpid(), "started": self._started, "ready": self._ready,
                            "config": self.config.source, "frontend": self.config.frontend()},
             "processes": [{
@@ -339,6 +363,16 @@ class Arbiter:
                 "restarts": w.restarts, "rss": w.rss, "cpu": w.cpu, "last_exit": w.last_exit,
             } for w in self.watchers],
         })
+
+    def _write_status(self, data: dict[str, Any]) -> None:
+        """The status file is a convenience: failing to write it is logged (once a minute)."""
+        try:
+            status.write(self.config, data)
+        except OSError as e:
+            if time.monotonic() - self._status_error_logged >= 60:
+                self._status_error_logged = time.monotonic()
+                log.error("cannot write the status file in %s (%s); serving on, but `durable "
+                          "status` cannot see this daemon until it can", self.config.run_dir, e)
 
     def _handle_signals(self) -> bool:
         while self._signals:
@@ -378,6 +412,16 @@ class Arbiter:
                 w.step("exit")
             return
         decision: Decision = w.policy.on_exit(now, code, now - w.started_at)
+        if decision.corrupt and w.role == "objectproc":
+            w.step("corrupt")
+            w.corrupt_file = self._slot_file(w.slot)
+            log.error("%s %s", w.name, decision.reason)
+            systemd.notify(f"STATUS=degraded: slot {w.slot} is corrupt (durable verify --slot "
+                           f"{w.slot}); the other slots serve")
+            self._tell_broker(Control("slot_failed", w.slot, w.pid,
+                                      "its storage is damaged and the slot is out of service; an "
+                                      f"operator must run `durable verify --slot {w.slot}`"))
+            return
         if decision.restart_in is None:
             w.step("fail")
             log.error("%s %s", w.name, decision.reason)
@@ -394,6 +438,18 @@ class Arbiter:
         for w in self.watchers:
             if w.state is WatcherState.BACKOFF and now >= w.start_due:
                 w.start(now)
+            elif (w.state is WatcherState.CORRUPT and not self._stopping
+                  and self._slot_file(w.slot) != w.corrupt_file):
+                log.warning("%s: slot %d's DuckDB file was replaced (durable repair): starting it "
+                            "again", w.name, w.slot)
+                w.start(now)
+
+    def _slot_file(self, slot: int | None) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.config.data_path / f"slot-{slot}.duckdb")
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def _stop(self, *, immediate: bool) -> None:
         self._stopping = True
@@ -436,7 +492,8 @@ class _Probe:
         self.next_ask = 0.0
         self.call_id = 0
 
-    def all_slots_up(self, slots: int) -> bool:
+    def all_slots_up(self, slots: int, skip: set[int] | None = None) -> bool:
+        """Whether every slot but those in ``skip`` (corrupt: they will not come) is up."""
         up = False
         while self.sock.poll(0):
             try:
@@ -445,7 +502,8 @@ class _Probe:
                 continue
             if isinstance(msg, StatsReply):
                 s = msg.stats.get("slots", [])
-                up = len(s) == slots and all(x.get("up") for x in s)
+                up = len(s) == slots and all(x.get("up") or x.get("slot") in (skip or ())
+                                             for x in s)
         now = time.monotonic()
         if not up and now >= self.next_ask:
             self.call_id += 1

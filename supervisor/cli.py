@@ -143,6 +143,120 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_only(args: argparse.Namespace) -> Any:
+    try:
+        return load(args.config)
+    except ConfigError as e:
+        raise SystemExit(_fail(f"configuration error: {e}", EXIT_CONFIG)) from None
+
+
+def _say(args: argparse.Namespace) -> Any:
+    """Progress lines on stderr (a terminal or a log), never mixed into --json's stdout."""
+    return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json else text)
+
+
+def verify_cmd(args: argparse.Namespace) -> int:
+    from .storage_tools import slots_in, verify_slot
+    config = _config_only(args)
+    data = config.data_path
+    if not data.is_dir():
+        return _fail(f"data dir {data} does not exist", 2)
+    slots = [args.slot] if args.slot is not None else slots_in(data)
+    reports = []
+    for n in slots:
+        if not args.json:
+            _say(args)(f"slot {n}: checking")
+        reports.append(verify_slot(data, n))
+    lines = []
+    for r in reports:
+        state = "ok" if r.ok else "DAMAGED"
+        duck = ("not checked: " + (r.duckdb_error or "") if r.duckdb_ok is None else
+                f"{r.rows} keys, up to record {r.applied_seq}" if r.duckdb_ok else
+                f"DAMAGED: {r.duckdb_error}")
+        lines.append(f"slot {r.slot}: {state}\n  duckdb: {duck}\n  log: {r.segments} segments, "
+                     f"{r.records} records to replay" + (f" (to record {r.last_seq})" if r.last_seq else ""))
+        lines += [f"  damage: {d}" for d in r.damage]
+        lines += [f"  missing records: {a}..{b}" for a, b in r.missing]
+        if r.torn:
+            lines.append(f"  torn tail (a crash during a write; never acknowledged): {r.torn}")
+    bad = [r.slot for r in reports if not r.ok]
+    if bad:
+        lines.append(f"\n{len(bad)} slot(s) damaged. To keep every valid record and move the "
+                     f"damaged files aside: durable repair --slot {bad[0]} --yes")
+    _emit(args, {"ok": not bad, "slots": [r.as_dict() for r in reports]}, "\n".join(lines))
+    return 1 if bad else 0
+
+
+def repair_cmd(args: argparse.Namespace) -> int:
+    from .datadir import DataDirError, read_identity
+    from .storage_tools import RepairError, repair_slot
+    config = _config_only(args)
+    if not args.yes:
+        return _fail(f"repair rewrites slot {args.slot}'s files (the damaged ones are kept in "
+                     f"{config.data_path / 'quarantine'}); run `durable verify --slot {args.slot}` "
+                     "to see what is damaged, then add --yes", 2)
+    try:
+        identity = read_identity(config.data_path).id
+    except (FileNotFoundError, DataDirError):
+        identity = None
+    try:
+        result = repair_slot(config.data_path, args.slot, identity=identity,
+                             progress=_say(args))
+    except RepairError as e:
+        return _fail(str(e), 1)
+    if not result["repaired"]:
+        _emit(args, result, result["message"])
+        return 0
+    lost = result["records_lost"]
+    text = [f"slot {args.slot} repaired: {result['records_kept']} log records replayed, "
+            f"{result['rows']} keys stored",
+            f"damaged files moved to {result['quarantine']}"]
+    text.append("records lost: " + (", ".join(f"{a}..{b}" for a, b in lost) if lost else "none"))
+    if result["duckdb_rows_lost_at_most"]:
+        text.append(f"rows of the DuckDB file that could not be read: up to "
+                    f"{result['duckdb_rows_lost_at_most']}")
+    text.append("a running daemon starts the slot again by itself; otherwise start it")
+    _emit(args, result, "\n".join(text))
+    return 0
+
+
+def backup_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .backup import BackupError, backup
+    config, client = _daemon(args)  # checks that the daemon runs
+    client.close()
+    try:
+        manifest = backup(config, Path(args.dest), say=_say(args),
+                          pin_timeout=args.pin_timeout)
+    except BackupError as e:
+        return _fail(str(e), 1)
+    except Exception as e:
+        return _fail(f"backup failed: {type(e).__name__}: {e}; the destination is incomplete", 1)
+    _emit(args, manifest, f"backup of {manifest['slots']} slots ({manifest['bytes'] / 2**20:.1f} "
+                          f"MiB) in {args.dest}; restore with: durable restore {args.dest}")
+    return 0
+
+
+def restore_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .backup import BackupError, restore
+    config = _config_only(args)
+    try:
+        result = restore(config, Path(args.src), say=_say(args))
+    except BackupError as e:
+        return _fail(str(e), 1)
+    text = [f"restored {result['bytes'] / 2**20:.1f} MiB into {result['data_dir']}; "
+            "start the daemon with `durable serve`", *result["notes"]]
+    _emit(args, result, "\n".join(text))
+    return 0
+
+
 def keygen_cmd(args: argparse.Namespace) -> int:
     import zmq.auth
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
@@ -178,12 +292,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("namespace")
     p.add_argument("name_or_id")
     p.add_argument("--prefix")
+    p = sub.add_parser("verify", help="check slots' commit logs and DuckDB files (changes nothing)")
+    p.add_argument("--config")
+    p.add_argument("--slot", type=int, help="only this slot (default: every slot in the data dir)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("repair", help="salvage a damaged slot; damaged files go to quarantine/")
+    p.add_argument("--config")
+    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--yes", action="store_true", help="really rewrite the slot's files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("backup", help="copy the running daemon's data into DEST (online)")
+    p.add_argument("--config")
+    p.add_argument("dest", help="a new or empty directory")
+    p.add_argument("--pin-timeout", type=float, default=600.0,
+                   help="seconds a slot's files may be held for the copy")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("restore", help="lay a backup out as the (empty) configured data dir")
+    p.add_argument("--config")
+    p.add_argument("src", help="a directory written by `durable backup`")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("keygen", help="write a CurveZMQ key pair (for clients on other machines)")
     p.add_argument("dir")
     p.add_argument("--name", default="client", help="file name: NAME.key and NAME.key_secret")
     args = parser.parse_args(argv)
     commands = {"serve": serve, "status": status_cmd, "call": call_cmd, "inspect": inspect_cmd,
-                "keygen": keygen_cmd}
+                "keygen": keygen_cmd, "verify": verify_cmd, "repair": repair_cmd,
+                "backup": backup_cmd, "restore": restore_cmd}
     return commands[args.command](args)
 
 

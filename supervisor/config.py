@@ -18,7 +18,7 @@ __all__ = ["Config", "BrokerSettings", "HttpSettings", "LimitsSettings", "Config
            "EXIT_CONFIG"]
 
 #: Exit status for "the configuration is wrong; restarting will not help" (sysexits EX_CONFIG).
-EXIT_CONFIG = 78
+from durable.exitcodes import EXIT_CONFIG
 
 DEFAULT_NAMESPACES = {
     "COUNTER": "durable.examples.counter:Counter",
@@ -89,6 +89,11 @@ class Config:
     memory_limit_mb: int = 0
     #: DuckDB's memory per slot (MiB): its cache of table pages and ART indexes
     duckdb_memory_mb: int = 512
+    #: checkpoint a slot's DuckDB file when its WAL reaches this size (MiB); the commit log is
+    #: truncated behind each checkpoint, so this bounds both (docs/operating.md, "Disk use")
+    checkpoint_wal_mb: int = 16
+    #: ...or when this many seconds passed since the last checkpoint with writes since
+    checkpoint_interval: float = 30.0
     #: hold /dev/cpu_dma_latency at 0 while serving: CPUs poll instead of halting when idle
     #: (about half the call latency on a VM, at the cost of idle CPUs spinning)
     low_latency_idle: bool = False
@@ -144,7 +149,8 @@ def _section(source: str, prefix: str, raw: Any, cls: type) -> Any:
 
 
 _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_period": (int, float),
-        "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool}
+        "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool,
+        "checkpoint_wal_mb": int, "checkpoint_interval": (int, float)}
 
 
 def from_dict(raw: dict[str, Any], source: str) -> Config:
@@ -201,6 +207,9 @@ def validate(cfg: Config) -> None:
     for key in ("idle_timeout", "grace_period"):
         if getattr(cfg, key) <= 0:
             raise _err(src, key, "must be positive", "Use a number of seconds above 0.")
+    if cfg.checkpoint_wal_mb < 1 or cfg.checkpoint_interval <= 0:
+        raise _err(src, "checkpoint_wal_mb / checkpoint_interval", "must be positive",
+                   "Use a size in MiB (at least 1) and a number of seconds above 0.")
     if cfg.duckdb_memory_mb < 16:
         raise _err(src, "duckdb_memory_mb", f"must be at least 16, got {cfg.duckdb_memory_mb}",
                    "Use the MiB of page and index cache DuckDB may keep per slot.")

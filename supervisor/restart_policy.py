@@ -2,7 +2,11 @@
 
 * An exit status that means "restarting will not help" halts at once:
   78 (EX_CONFIG: bad configuration, a class that cannot be imported) and
-  74 (EX_IOERR: storage cannot be opened or is damaged).
+  74 (EX_IOERR: storage cannot be opened, the data dir is not the right one).
+* 65 (EX_DATAERR: the slot's files are damaged) stops that slot only; it is
+  shown as ``corrupt`` until ``durable repair``. 75 (EX_TEMPFAIL: the disk is
+  full at start) is retried every ``disk_full_delay`` seconds, without end
+  and without counting as flapping.
 * A process killed from outside (SIGKILL, SIGTERM, SIGINT, SIGHUP: an
   operator, the OOM killer, a test) is restarted at once, however often:
   a killed slot should serve again within a second.
@@ -19,18 +23,20 @@ import signal
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["RestartPolicy", "Decision", "EXIT_CONFIG", "EXIT_STORAGE"]
+__all__ = ["RestartPolicy", "Decision", "EXIT_CONFIG", "EXIT_STORAGE", "EXIT_CORRUPT",
+           "EXIT_DISK_FULL"]
 
-EXIT_CONFIG = 78
-EXIT_STORAGE = 74
+from durable.exitcodes import EXIT_CONFIG, EXIT_CORRUPT, EXIT_DISK_FULL, EXIT_STORAGE
+
 _EXTERNAL = {-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP}
 _HOPELESS = {EXIT_CONFIG: "its configuration is wrong", EXIT_STORAGE: "its storage cannot be opened"}
 
 
 @dataclass(frozen=True)
 class Decision:
-    restart_in: float | None  # None: do not restart; halt the daemon
+    restart_in: float | None  # None: do not restart (halt the daemon, unless ``corrupt``)
     reason: str
+    corrupt: bool = False  # only this slot stays down; the daemon serves on
 
 
 @dataclass
@@ -40,10 +46,18 @@ class RestartPolicy:
     stable_after: float = 1.0
     flap_window: float = 30.0
     flap_limit: int = 10
+    disk_full_delay: float = 2.0
     _streak: int = 0
     _restarts: deque[float] = field(default_factory=deque)
 
     def on_exit(self, now: float, status: int, ran_for: float) -> Decision:
+        if status == EXIT_CORRUPT:
+            return Decision(None, "found its slot's files damaged; the slot stays down until "
+                                  "`durable repair` (see the log above); the other slots serve on",
+                            corrupt=True)
+        if status == EXIT_DISK_FULL:
+            return Decision(self.disk_full_delay, f"cannot open its storage: the disk is full; "
+                                                  f"trying again in {self.disk_full_delay:g} s")
         if status in _HOPELESS:
             return Decision(None, f"exited with status {status}: {_HOPELESS[status]}; "
                                   "restarting will not help")

@@ -68,9 +68,14 @@ def collect(config: Config, broker_stats: dict[str, Any] | None) -> dict[str, An
     for p in data["processes"]:
         s = slots.get(p["slot"]) if p["role"] == "objectproc" else None
         if s is not None:
-            p["active_objects"] = s.get("reported", {}).get("active")
+            reported = s.get("reported", {})
+            p["active_objects"] = reported.get("active")
             p["queued_calls"] = s.get("queued")
             p["inflight_calls"] = s.get("inflight")
+            p["storage"] = {k: reported.get(k) for k in ("storage_full", "wal_bytes", "log_bytes",
+                                                          "checkpoints", "durable_seq", "applied_seq")}
+            if reported.get("storage_full") and p["state"] == "running":
+                p["state"] = "storage-full"  # serving reads, refusing writes
     data["storage"] = {"dir": str(config.data_path), "bytes": _dir_size(config.data_path)}
     data["broker"] = (broker_stats or {}).get("broker", {})
     return data
@@ -108,6 +113,13 @@ def render(data: dict[str, Any]) -> str:
     lines.append(f"supervisor pid {sup['pid']}, {'ready' if sup['ready'] else 'starting'}; "
                  f"clients connect to {sup['frontend']}")
     lines.append(f"storage: {_size(data['storage']['bytes'])} in {data['storage']['dir']}")
+    for p in data["processes"]:
+        if p["state"] == "corrupt":
+            lines.append(f"slot {p['slot']} is CORRUPT and out of service: run `durable verify "
+                         f"--slot {p['slot']}`, then `durable repair --slot {p['slot']} --yes`")
+        elif p["state"] == "storage-full":
+            lines.append(f"slot {p['slot']}: the disk is full; it serves reads and refuses writes "
+                         "until space is freed")
     counters = data.get("broker", {}).get("counters", {})
     if counters:
         dropped = {k: v for k, v in counters.items() if k.startswith(("dropped", "unknown", "stray"))}

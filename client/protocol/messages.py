@@ -489,23 +489,39 @@ def parse_from_broker_to_worker(frames: list[bytes]) -> WorkerCall | BrokerHeart
 # -- supervisor -> broker ---------------------------------------------------------------
 @dataclass(slots=True)
 class Control:
-    op: str  # "slot_down" or "drain"
+    """Supervisor -> broker. ``slot_down``: that process exited; ``slot_failed``: its slot
+    will not come back until an operator acts (``reason`` says why; calls fail at once);
+    ``drain``: refuse new calls."""
+
+    op: str  # "slot_down", "slot_failed" or "drain"
     slot: int | None = None
     pid: int | None = None
+    reason: str | None = None
 
     def encode(self) -> list[bytes]:
         body: dict[str, Any] = {"op": self.op}
-        if self.op == "slot_down":
+        if self.op in ("slot_down", "slot_failed"):
             body.update(slot=self.slot, pid=self.pid)
+        if self.op == "slot_failed":
+            body["reason"] = self.reason or ""
         return [header(Cmd.CONTROL), orjson.dumps(body)]
+
+
+_CONTROL_OPS = ("slot_down", "slot_failed", "drain")
 
 
 def parse_control(frames: list[bytes]) -> Control:
     _cmd(frames, frozenset({Cmd.CONTROL}), "on the control socket")
     _frames(frames, 2, "CONTROL")
     c = _json(frames[1], "CONTROL body")
-    if type(c) is not dict or c.get("op") not in ("slot_down", "drain"):
-        raise ProtocolError("CONTROL body must be {op: 'slot_down' | 'drain', ...}")
+    if type(c) is not dict or c.get("op") not in _CONTROL_OPS:
+        raise ProtocolError("CONTROL body must be {op: 'slot_down' | 'slot_failed' | 'drain', ...}")
     if c["op"] == "drain":
         return Control("drain")
-    return Control("slot_down", _int(c.get("slot"), "slot", 0, 65535), _int(c.get("pid"), "pid"))
+    slot, pid = _int(c.get("slot"), "slot", 0, 65535), _int(c.get("pid"), "pid")
+    if c["op"] == "slot_failed":
+        reason = c.get("reason")
+        if type(reason) is not str:
+            raise ProtocolError("CONTROL slot_failed needs a reason string")
+        return Control("slot_failed", slot, pid, reason[:2000])
+    return Control("slot_down", slot, pid)

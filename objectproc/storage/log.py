@@ -26,39 +26,55 @@ off before the next one starts, so only the last segment ever ends in
 anything but a whole record.
 
 DuckDB is fed from the records after they are durable (see ``slot.py``);
-once a batch's DuckDB transaction, which also stores the last sequence number
-it covers, has committed, the segments it covered are deleted.
+once DuckDB has *checkpointed* past a segment's records (its batch committed
+with the last sequence number it covers, then folded into the main file), the
+segment is deleted.
 
-Recovery reads the segments in order, skips what DuckDB already has, and
-stops at a torn or corrupt record at the end of the *last* segment (a crash
-during its write). Damage anywhere else cannot come from a crash and is
-reported as :class:`~durable.errors.StorageCorruptError` rather than guessed
-around.
+Each segment starts with a header (magic, the size it was preallocated to),
+and the first record of every write group carries a flag in its length field.
+Recovery (``scan_segment``) tells the two kinds of bad record apart:
+
+* a **torn tail**: a bad record at the end of the *last* segment with nothing
+  valid from a *later write group* after it. A crash during the last group's
+  write explains it (its pages may even reach the disk out of order), and
+  that group was never acknowledged: it is dropped;
+* **damage**: a bad record followed by a valid record of a later group (that
+  group was written only after the bad one's was synced, so the bad bytes had
+  been durable), any bad record in a sealed segment, a segment shorter than
+  its preallocation (truncated), a gap in the sequence. The slot refuses to
+  start and every file is kept for ``durable verify`` and ``durable repair``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from durable.errors import StorageCorruptError
-
-__all__ = ["CommitLog", "Segment", "encode_record", "scan_segment", "list_segments",
-           "encode_writeset", "decode_writeset", "WriteSet"]
+__all__ = ["CommitLog", "Segment", "SegmentScan", "Damage", "LogFullError", "encode_record",
+           "cut_segment",
+           "scan_segment", "list_segments", "encode_writeset", "decode_writeset", "WriteSet",
+           "is_disk_full"]
 
 _HEADER = struct.Struct("<IIQ")
 _SEQ = struct.Struct("<Q")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _ENTRY_HEAD = struct.Struct("<I")
 _VLEN = struct.Struct("<i")
 MAX_PAYLOAD = 1 << 30
+GROUP_START = 1 << 31  # in a record's length field: the first record of a write group
+SEGMENT_MAGIC = b"DURSEG2\n"
+SEGMENT_HEADER_SIZE = len(SEGMENT_MAGIC) + 8  # magic, u64 preallocated size (0: none)
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 @dataclass(slots=True)
@@ -122,6 +138,16 @@ def encode_record(seq: int, payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), crc, seq) + payload
 
 
+def mark_group_start(record: bytes) -> bytes:
+    """The same record flagged as the first of a write group (the flag is outside the CRC)."""
+    (length,) = _U32.unpack_from(record, 0)
+    return _U32.pack(length | GROUP_START) + record[4:]
+
+
+def segment_header(prealloc: int) -> bytes:
+    return SEGMENT_MAGIC + _U64.pack(prealloc)
+
+
 @dataclass(frozen=True, slots=True)
 class Segment:
     first_seq: int
@@ -139,60 +165,202 @@ def list_segments(directory: Path) -> list[Segment]:
     return segs
 
 
-def scan_segment(data: bytes, *, last: bool, where: str) -> Iterator[tuple[int, memoryview]]:
-    """Yield ``(seq, payload)`` records; a bad record ends the last segment, else raises."""
+@dataclass(slots=True)
+class Damage:
+    """Where a segment stops making sense, and what that costs."""
+
+    path: str
+    offset: int
+    reason: str
+    after_seq: int | None  # the last good record before the damage (None: none in this file)
+    resumes_seq: int | None = None  # the first valid record after it, if any
+
+    def describe(self) -> str:
+        where = f"{self.path} at byte {self.offset}: {self.reason}"
+        if self.after_seq is not None:
+            where += f", after record {self.after_seq}"
+        if self.resumes_seq is not None:
+            where += f"; valid records resume at record {self.resumes_seq}"
+        return where
+
+
+@dataclass(slots=True)
+class SegmentScan:
+    """Every valid record of one segment, and how it ends.
+
+    ``torn`` is a damaged end that a crash during the last write explains
+    (nothing valid from a later write group after it, in the last segment);
+    ``damage`` is anything else. ``resumed`` holds the valid records found
+    after the damage (what ``durable repair`` can salvage).
+    """
+
+    records: list[tuple[int, memoryview]]
+    torn: Damage | None = None
+    damage: Damage | None = None
+    resumed: list[tuple[int, memoryview]] = field(default_factory=list)
+
+
+def _record_at(mv: memoryview, pos: int, end: int) -> tuple[int, int, bool, memoryview] | str:
+    """``(seq, next_pos, group_start, payload)`` of a valid record at ``pos``, else why not."""
+    if end - pos < _HEADER.size:
+        return "truncated header"
+    length, crc, seq = _HEADER.unpack_from(mv, pos)
+    group_start = bool(length & GROUP_START)
+    length &= ~GROUP_START
+    body = pos + _HEADER.size
+    if length > MAX_PAYLOAD or body + length > end:
+        return "truncated record"
+    payload = mv[body:body + length]
+    if zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
+        return "checksum mismatch"
+    return seq, body + length, group_start, payload
+
+
+def _resume_after(mv: memoryview, pos: int, end: int) -> tuple[int, list[tuple[int, memoryview]], bool]:
+    """Find valid records after damage at ``pos``: ``(offset, records, any_group_start)``.
+
+    Only bytes that are not zero can start a record (its length field is
+    never zero), so the zero-filled preallocated tail is skipped at C speed.
+    """
+    data = mv.obj if isinstance(mv.obj, bytes) else bytes(mv)
+    q = pos + 1
+    while q < end:
+        m = _NONZERO.search(data, q, end)
+        if m is None:
+            break
+        nz = m.start()
+        for start in range(max(q, nz - 3), nz + 1):  # the first non-zero byte is in the length
+            got = _record_at(mv, start, end)
+            if isinstance(got, str):
+                continue
+            found, group, at = [], False, start
+            while not isinstance(got, str):
+                seq, at, flag, payload = got
+                found.append((seq, payload))
+                group = group or flag
+                got = _record_at(mv, at, end)
+            return start, found, group
+        q = nz + 1
+    return -1, [], False
+
+
+def scan_segment(data: bytes, *, last: bool, where: str) -> SegmentScan:
+    """Read one segment's records and classify how it ends.
+
+    A bad record ends the *last* segment as a torn write only if nothing valid
+    from a later write group follows it: a group is written only after the
+    previous one was synced, so such a record proves the damaged bytes had been
+    durable. Any damage in an earlier (sealed) segment, and a preallocated
+    segment shorter than its allocation (a truncated file), are damage too.
+    """
     mv = memoryview(data)
-    pos = 0
     end = len(mv)
+    pos = 0
+    prealloc = 0
+    if data[:len(SEGMENT_MAGIC)] == SEGMENT_MAGIC:
+        if end < SEGMENT_HEADER_SIZE:
+            return SegmentScan([], damage=Damage(where, 0, "truncated segment header", None))
+        (prealloc,) = _U64.unpack_from(mv, len(SEGMENT_MAGIC))
+        pos = SEGMENT_HEADER_SIZE
+    elif not data.strip(b"\0"):
+        return SegmentScan([])  # created, not yet written: a crash right after its creation
+    records: list[tuple[int, memoryview]] = []
     while pos < end:
-        bad = None
-        if end - pos < _HEADER.size:
-            bad = "truncated header"
-        else:
-            length, crc, seq = _HEADER.unpack_from(mv, pos)
-            body = pos + _HEADER.size
-            if length > MAX_PAYLOAD or body + length > end:
-                bad = "truncated record"
-            else:
-                payload = mv[body:body + length]
-                if zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
-                    bad = "checksum mismatch"
-        if bad is not None:
-            if last:
-                return  # a torn tail: the crash happened while this group was written
-            raise StorageCorruptError(
-                f"commit log {where} is damaged at byte {pos} ({bad}) although later segments "
-                "exist; this is not a crash artefact. Restore the slot from a backup or move the "
-                "segment away to accept losing its writes."
-            )
-        yield seq, payload
-        pos = body + length
+        got = _record_at(mv, pos, end)
+        if isinstance(got, str):
+            break
+        seq, pos, _group, payload = got
+        records.append((seq, payload))
+    after = records[-1][0] if records else None
+    scan = SegmentScan(records)
+    if prealloc and end < prealloc:
+        scan.damage = Damage(where, end, f"the file is {end} bytes but was preallocated to "
+                                         f"{prealloc}: it was truncated", after)
+        return scan
+    if pos >= end or _NONZERO.search(data, pos, end) is None:
+        return scan  # the end, or the preallocated zeros after the last write
+    reason = got  # type: ignore[assignment]  # the loop broke on a bad record
+    at, resumed, later_group = _resume_after(mv, pos, end)
+    bad = Damage(where, pos, str(reason), after, resumed[0][0] if resumed else None)
+    if last and not later_group:
+        scan.torn = bad
+    else:
+        scan.damage = bad
+        scan.resumed = resumed
+    return scan
+
+
+def cut_segment(data: bytes, cut_seq: int) -> bytes | None:
+    """A copy of a segment that ends after its last record at or below ``cut_seq``.
+
+    For backups of a live segment: what follows the cut may be half written.
+    The copy keeps its preallocated length (zeros after the cut), so recovery
+    reads it as a clean end. ``None`` if the segment has no record that old.
+    """
+    mv = memoryview(data)
+    pos = SEGMENT_HEADER_SIZE if data[:len(SEGMENT_MAGIC)] == SEGMENT_MAGIC else 0
+    prealloc = _U64.unpack_from(mv, len(SEGMENT_MAGIC))[0] if pos else 0
+    end, kept = pos, False
+    while True:
+        got = _record_at(mv, end, len(mv))
+        if isinstance(got, str) or got[0] > cut_seq:
+            break
+        end, kept = got[1], True
+    if not kept:
+        return None
+    return bytes(mv[:end]) + bytes(max(0, prealloc - end))
+
+
+class LogFullError(OSError):
+    """The disk is full: the group was not written (its records are discarded, certainly)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, from the OS or wrapped in a DuckDB error's message."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 class CommitLog:
     """Append-only segments with one group-committing writer thread.
 
     ``append``, ``kick`` and ``commit_inline`` are called from the event loop
-    thread; ``on_durable(seq)`` and ``on_error(exc)`` from the writer thread
-    (``on_error`` also from ``commit_inline``).
+    thread; ``on_durable(seq)``, ``on_error(exc)`` and ``on_discard(exc,
+    first, last)`` from the writer thread (or from ``commit_inline``).
+
+    Failures come in two kinds. If the disk is full when a new segment must
+    be allocated, nothing of the group reached the file: its records and every
+    record queued after them are *discarded* (``on_discard``), sequence numbers
+    restart after the last durable record, and :attr:`full` refuses appends
+    until :meth:`resume`. Any other I/O error (a failed ``fdatasync`` above all)
+    leaves the group's fate on disk *unknown*: the log fails for good
+    (``on_error``) and the slot must restart to learn what recovery finds.
     """
 
     def __init__(self, directory: Path, next_seq: int, *,
                  on_durable: Callable[[int], None], on_error: Callable[[BaseException], None],
+                 on_discard: Callable[[BaseException, int, int], None] | None = None,
                  segment_bytes: int = 4 << 20, fsync: Callable[[int], None] = os.fdatasync,
-                 trace: Callable[[str], None] | None = None) -> None:
+                 trace: Callable[[str], None] | None = None,
+                 fallocate: Callable[[int, int, int], None] = os.posix_fallocate) -> None:
         self.directory = directory
         self._segment_bytes = segment_bytes
         self._fsync = fsync
+        self._fallocate = fallocate
         self._trace = trace
         self._on_durable = on_durable
         self._on_error = on_error
+        self._on_discard = on_discard
         self._cond = threading.Condition()
         self._pending: list[bytes] = []
         self._next_seq = next_seq
         self._stopping = False
         self._writing = False  # a group is being written (by the thread or commit_inline)
         self.failed: BaseException | None = None
+        #: Set while the disk is full: appends raise it until :meth:`resume`.
+        self.full: BaseException | None = None
         self.durable_seq = next_seq - 1
         self._segments: list[Segment] = []
         self._fd = -1
@@ -207,14 +375,24 @@ class CommitLog:
         return self._next_seq - 1
 
     def append(self, payload: bytes, *, kick: bool = True) -> int:
-        """Queue a record; ``kick=False`` leaves starting the write to ``kick``/``commit_inline``."""
+        """Queue a record; ``kick=False`` leaves starting the write to ``kick``/``commit_inline``.
+
+        Raises :class:`LogFullError` while the disk is full (nothing queued).
+        """
         with self._cond:
+            if self.full is not None:
+                raise LogFullError(errno.ENOSPC, f"the commit log cannot grow: {self.full}")
             seq = self._next_seq
             self._next_seq += 1
             self._pending.append(encode_record(seq, payload))
             if kick:
                 self._cond.notify()
         return seq
+
+    def resume(self) -> None:
+        """Accept appends again after a full disk (the next group tries to allocate anew)."""
+        with self._cond:
+            self.full = None
 
     def kick(self) -> None:
         """Have the writer thread start on whatever is queued."""
@@ -227,7 +405,7 @@ class CommitLog:
 
         Returns the last durable sequence number, or ``None`` if the writer
         thread is busy (it takes the queue when it is done), nothing is
-        queued, or the log failed (``on_error`` has been called).
+        queued, or the write failed (``on_error``/``on_discard`` was called).
         """
         with self._cond:
             if self._writing or not self._pending or self._stopping or self.failed is not None:
@@ -235,8 +413,16 @@ class CommitLog:
             group, last = self._take()
         return last if self._write_taken(group, last) else None
 
+    def segments(self) -> list[Segment]:
+        with self._cond:
+            return list(self._segments)
+
     def drop_through(self, applied_seq: int) -> None:
-        """Delete segments whose every record is at or below ``applied_seq``."""
+        """Delete segments whose every record is at or below ``applied_seq``.
+
+        The caller promises that those records are in a *checkpointed* DuckDB
+        file, not just in DuckDB's own write-ahead log.
+        """
         with self._cond:
             segs = self._segments
             keep_from = 0
@@ -259,20 +445,27 @@ class CommitLog:
             self._fd = -1
 
     def _open_segment(self, first_seq: int) -> None:
-        if self._fd >= 0:
-            # Only the last segment may end in anything but a whole record: cut the unused
-            # preallocated tail (and make the cut durable) before the next segment exists.
-            os.ftruncate(self._fd, self._size)
-            self._fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        """Create, preallocate and sync the next segment, then seal the current one.
+
+        In that order, so that a full disk leaves the current segment open and
+        untouched (the caller's group is discarded, certainly), and only the
+        last segment ever ends in anything but whole records.
+        """
         path = self.directory / f"{first_seq:020d}.seg"
         # Recovery replays and deletes every segment, so a file of this name can only be an
-        # empty one left by a crash right after its creation.
+        # empty one left by a crash right after its creation, or one a full disk left behind.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            with contextlib.suppress(OSError):  # a filesystem without it: plain appends
-                os.posix_fallocate(fd, 0, self._segment_bytes)
+            prealloc = self._segment_bytes
+            try:
+                self._fallocate(fd, 0, prealloc)
+            except OSError as e:
+                if is_disk_full(e):
+                    raise
+                prealloc = 0  # a filesystem without it: plain appends
+            header = segment_header(prealloc)
+            if os.pwrite(fd, header, 0) != len(header):
+                raise OSError(errno.ENOSPC, "short write of a segment header")
             os.fsync(fd)
             dfd = os.open(self.directory, os.O_RDONLY)
             try:
@@ -281,21 +474,31 @@ class CommitLog:
                 os.close(dfd)
         except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
             raise
+        if self._fd >= 0:
+            # Cut the unused preallocated tail (and make the cut durable) before the new
+            # segment takes records; the file stays at least as long as its allocation.
+            os.ftruncate(self._fd, self._size)
+            self._fsync(self._fd)
+            os.close(self._fd)
         self._fd = fd
-        self._size = 0
+        self._size = SEGMENT_HEADER_SIZE
         with self._cond:  # drop_through (applier thread) replaces the list under this lock
             self._segments.append(Segment(first_seq, path))
 
     def _write_group(self, group: list[bytes], last: int) -> bool:
-        """Write and sync one group; on an I/O error fail the log and return False."""
+        """Write and sync one group; on failure discard it or fail the log; return success."""
         if self.failed is not None:
             return False  # everything after a failure is failed too; the slot must restart
         size_before = -1
+        written = 0
         try:
-            if self._size >= self._segment_bytes:
+            if self._size >= self._segment_bytes or self._fd < 0:
                 self._open_segment(last - len(group) + 1)
             size_before = self._size
+            group[0] = mark_group_start(group[0])
             data = b"".join(group)
             view = memoryview(data)
             pos = size_before
@@ -303,19 +506,49 @@ class CommitLog:
                 n = os.pwrite(self._fd, view, pos)
                 view = view[n:]
                 pos += n
+                written += n
             if self._trace:
                 self._trace("fsync")
-            self._fsync(self._fd)
-            self._size = size_before + len(data)
-        except BaseException as e:  # an I/O error: the group's fate on disk is unknown
-            self.failed = e
-            if size_before >= 0 and self._fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, size_before)
-            self._on_error(e)
+        except BaseException as e:  # nothing of the group was synced: undo what was written
+            if self._undo(size_before, written) and is_disk_full(e):
+                self._discard(e)
+            else:
+                self._give_up(e)
             return False
+        try:
+            self._fsync(self._fd)
+        except BaseException as e:  # the group's fate on disk is unknown
+            self._give_up(e)
+            return False
+        self._size = size_before + len(data)
         self.durable_seq = last
         return True
+
+    def _undo(self, size_before: int, written: int) -> bool:
+        """Zero what a failed group wrote (the file keeps its length); False if that failed."""
+        if written == 0:
+            return True
+        try:
+            os.pwrite(self._fd, bytes(written), size_before)
+            self._fsync(self._fd)
+        except OSError:
+            return False
+        return True
+
+    def _discard(self, exc: BaseException) -> None:
+        with self._cond:
+            first, last = self.durable_seq + 1, self._next_seq - 1
+            self._pending = []
+            self._next_seq = self.durable_seq + 1
+            self.full = exc
+        if self._on_discard is None:
+            self._give_up(exc)
+        else:
+            self._on_discard(exc, first, last)
+
+    def _give_up(self, exc: BaseException) -> None:
+        self.failed = exc
+        self._on_error(exc)
 
     def _run(self) -> None:
         while True:

@@ -21,7 +21,9 @@ The rules this file keeps:
 * **Failure.** If the slot cannot make a write durable, :meth:`sync` raises
   :class:`~durable.errors.StorageCommitError`, every later call raises it,
   and the activation must be reset (its cache may hold writes that never
-  became durable).
+  became durable). A full disk refuses a write before it touches the cache
+  (:class:`~durable.errors.StorageFullError`); if the disk fills between a
+  write and its commit, the write is discarded and :attr:`broken` is set.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from durable.codec import decode
-from durable.errors import StorageError, TransactionClosedError, TransactionConflictError
+from durable.errors import (
+    StorageError,
+    StorageFullError,
+    TransactionClosedError,
+    TransactionConflictError,
+)
 
 from .limits import check_key, check_keys, encode_entries, encode_value, list_range
+from .log import LogFullError
 from .slot import SlotStore, object_key
 
 __all__ = ["ObjectStorage", "Transaction"]
@@ -62,6 +70,20 @@ class ObjectStorage:
         self._flush_scheduled = False
         self._last_seq = 0
         self._writes = 0  # bumped on every write; transactions use it to detect conflicts
+        #: Set when writes of this object were discarded (a full disk): the cache is wrong and
+        #: the activation must be reset; every operation raises it.
+        self.broken: StorageError | None = None
+        slot.register(self._obj, self)
+
+    def _usable(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+        self._slot.check_usable()
+
+    def _writable(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+        self._slot.check_writable()
 
     # -- internal helpers (synchronous) ---------------------------------------
     def _data(self, key: str) -> bytes | None:
@@ -69,14 +91,14 @@ class ObjectStorage:
         if data is _MISSING:
             if self._complete:
                 return None
-            self._slot.check_usable()
+            self._usable()
             data = self._vals[key] = self._slot.read(self._obj, key)
         return data
 
     def _ensure_complete(self) -> None:
         if self._complete:
             return
-        self._slot.check_usable()
+        self._usable()
         rows = self._slot.read_all(self._obj)
         vals = self._vals
         for k, v in rows.items():
@@ -117,18 +139,23 @@ class ObjectStorage:
             return
         turn, clear = self._turn, self._turn_clear
         self._turn, self._turn_clear = {}, False
-        self._last_seq = self._slot.submit(self._obj, clear, turn, kick=kick)
+        try:
+            self._last_seq = self._slot.submit(self._obj, clear, turn, kick=kick)
+        except (LogFullError, StorageFullError) as e:  # the disk filled since the write
+            self.broken = e if isinstance(e, StorageFullError) else StorageFullError(
+                f"{self.namespace}/{self.object_id}: the disk is full; this turn's writes were "
+                f"not stored and the object was reset ({e})")
 
     # -- the public API ---------------------------------------------------------
     async def get(self, key: str | list[str]) -> Any:
         """A value (``None`` if missing), or for a list of keys a dict in key order."""
         if type(key) is str:
             check_key(key, self._limits)
-            self._slot.check_usable()
+            self._usable()
             data = self._data(key)
             return None if data is None else decode(data)
         keys = check_keys(key, self._limits, "get")
-        self._slot.check_usable()
+        self._usable()
         self._prefetch(keys)
         out = {}
         for k in sorted(set(keys)):
@@ -144,13 +171,13 @@ class ObjectStorage:
                 raise TypeError("put(key, value) needs a value; to store several, put({k: v})")
             check_key(key, self._limits)
             data = encode_value(key, value, self._limits)
-            self._slot.check_usable()
+            self._writable()
             self._write(key, data)
             return
         if value is not _NO_VALUE:
             raise TypeError("put(entries) takes a dict and no second argument")
         entries = encode_entries(key, self._limits)
-        self._slot.check_usable()
+        self._writable()
         for k, data in entries.items():
             self._write(k, data)
 
@@ -158,13 +185,13 @@ class ObjectStorage:
         """Delete a key (returns whether it existed) or a list of keys (returns how many did)."""
         if type(key) is str:
             check_key(key, self._limits)
-            self._slot.check_usable()
+            self._writable()
             existed = self._data(key) is not None
             if existed:
                 self._write(key, None)
             return existed
         keys = set(check_keys(key, self._limits, "delete"))
-        self._slot.check_usable()
+        self._writable()
         self._prefetch(list(keys))
         existing = [k for k in keys if self._data(k) is not None]
         for k in existing:
@@ -176,7 +203,7 @@ class ObjectStorage:
                    limit: int | None = None) -> dict[str, Any]:
         """Keys in ``[start, end)`` with ``prefix``, in UTF-8 byte order (or reversed)."""
         r = list_range(start, end, prefix, reverse, limit)
-        self._slot.check_usable()
+        self._usable()
         if r.empty():
             return {}
         self._ensure_complete()
@@ -184,7 +211,7 @@ class ObjectStorage:
 
     async def delete_all(self) -> None:
         """Delete every key of this object, atomically."""
-        self._slot.check_usable()
+        self._writable()
         self._vals = {}
         self._complete = True
         self._sorted = None
@@ -214,7 +241,7 @@ class ObjectStorage:
                 return result
             if txn._did_read and self._writes != before:
                 continue
-            self._slot.check_usable()
+            self._writable()
             for k, data in txn._writes.items():
                 self._write(k, data)
             return result
@@ -226,6 +253,8 @@ class ObjectStorage:
         """Return once every write made so far is durable (raises if it cannot be)."""
         if self._flush_scheduled or self._turn or self._turn_clear:
             self._flush(kick=False)  # wait_durable starts the write
+        if self.broken is not None:
+            raise self.broken
         if self._last_seq:  # an activation that never wrote has nothing to wait for
             await self._slot.wait_durable(self._last_seq)
 

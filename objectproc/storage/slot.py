@@ -20,26 +20,59 @@ Threads and who owns what
 The overlay maps each object to its writes that DuckDB does not have yet
 (durable or not), so that a read never misses a write: an activation may be
 evicted once its writes are durable, long before they are applied.
+
+Disk faults (docs/storage.md, "Faults"):
+
+* **Recovery verifies before it changes anything.** Every segment is read and
+  classified first; damage that a crash cannot explain (see ``log.py``) raises
+  :class:`StorageCorruptError` naming file, offset and records, and every file
+  stays as it was. Only then is the log replayed, DuckDB checkpointed, and
+  the segments deleted.
+* **Segments are deleted only behind a checkpoint**, never merely behind a
+  DuckDB commit: DuckDB's WAL is then not the only copy of a record.
+* **A full disk is a degraded mode.** Writes raise :class:`StorageFullError`
+  before anything is written; reads go on; a write whose group could not be
+  allocated is *discarded* (certainly) and its object reset. A probe (the
+  log) and the applier's retries (DuckDB) end the mode by themselves once
+  space is free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
+import logging
 import os
 import re
+import shutil
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from durable.errors import StorageCommitError, StorageCorruptError
+import duckdb
 
-from .duck import DuckStore
+from durable.errors import StorageCommitError, StorageCorruptError, StorageError, StorageFullError
+
+from .duck import DuckStore, is_corruption
 from .limits import DEFAULT_LIMITS, StorageLimits
-from .log import CommitLog, WriteSet, decode_writeset, encode_writeset, list_segments, scan_segment
+from .log import (
+    CommitLog,
+    Damage,
+    WriteSet,
+    decode_writeset,
+    encode_writeset,
+    is_disk_full,
+    list_segments,
+    scan_segment,
+)
+
+log = logging.getLogger("durable.objectproc")
 
 __all__ = ["SlotStore", "tune_gc"]
 
@@ -65,6 +98,26 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+
+
+class DataDirMismatchError(StorageError):
+    """A slot's files carry another data dir's identity (files of two dirs were mixed)."""
+
+
+class _Retry(Exception):
+    """The applier met a full disk: back off and try again."""
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if not fut.done():
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
 
 
 class _Record:
@@ -121,7 +174,11 @@ class SlotStore:
                  apply_min_records: int = 512, apply_max_delay: float = 0.1,
                  fsync: Callable[[int], None] = os.fdatasync,
                  trace: Callable[[str], None] | None = None,
-                 memory_limit: str = "512MB") -> None:
+                 memory_limit: str = "512MB",
+                 checkpoint_wal_bytes: int = 16 << 20, checkpoint_interval: float = 30.0,
+                 data_dir_id: str | None = None,
+                 fallocate: Callable[[int, int, int], None] = os.posix_fallocate,
+                 free_bytes: Callable[[Path], int] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.limits = limits
         self.slot = slot
@@ -130,13 +187,31 @@ class SlotStore:
         self._trace = trace
         self._apply_min = apply_min_records
         self._apply_delay = apply_max_delay
+        self._segment_bytes = segment_bytes
+        self._ckpt_bytes = checkpoint_wal_bytes
+        self._ckpt_interval = checkpoint_interval
+        self._free_bytes = free_bytes or _free_bytes
+        self._memory_limit = memory_limit
         self.duck = DuckStore(self.directory / f"slot-{slot}.duckdb", memory_limit=memory_limit)
+        if data_dir_id is not None:
+            self._check_identity(data_dir_id)
         log_dir = self.directory / f"slot-{slot}.log"
         log_dir.mkdir(exist_ok=True, mode=0o700)
         self.replayed = 0
+        self.torn: Damage | None = None  # the torn tail recovery dropped, if any
         started = time.perf_counter()
         next_seq = self._recover(log_dir)
         self.recovery_seconds = time.perf_counter() - started
+        self.checkpointed_seq = next_seq - 1
+        self.checkpoints = 0
+        self._last_checkpoint = time.monotonic()
+        #: Why DuckDB cannot take writes now (a full disk); set and cleared by the applier.
+        self._duck_full: BaseException | None = None
+        self._probe: asyncio.TimerHandle | None = None
+        self._storages: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
+        self._pin: asyncio.Future[int] | None = None
+        self._pinned = False
+        self._pin_timer: asyncio.TimerHandle | None = None
         self._overlay: dict[bytes, _Pending] = {}
         self._unapplied: deque[_Record] = deque()
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
@@ -148,8 +223,9 @@ class SlotStore:
         self._applier_idle = False
         self._apply_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self.log = CommitLog(log_dir, next_seq, on_durable=self._durable_from_thread,
-                             on_error=self._error_from_thread, segment_bytes=segment_bytes,
-                             fsync=fsync, trace=trace)
+                             on_error=self._error_from_thread, on_discard=self._discard_from_thread,
+                             segment_bytes=segment_bytes, fsync=fsync, trace=trace,
+                             fallocate=fallocate)
         self._applier = threading.Thread(target=self._apply_loop, name="durable-applier",
                                          daemon=True)
         self._applier.start()
@@ -160,26 +236,79 @@ class SlotStore:
         self.inline_commits = 0  # syncs that wrote and synced on the loop thread
 
     # -- recovery -----------------------------------------------------------------
+    def _check_identity(self, data_dir_id: str) -> None:
+        """Refuse a DuckDB file that belongs to another data dir (files moved or mixed up)."""
+        have = self.duck.meta_text("data_dir_id")
+        if have is None:
+            self.duck.set_meta_text("data_dir_id", data_dir_id)
+        elif have != data_dir_id:
+            raise DataDirMismatchError(
+                f"{self.duck.path} belongs to data dir {have}, but this data dir's identity is "
+                f"{data_dir_id}: the files of two data dirs were mixed. Put the right files back "
+                "or restore the data dir from a backup (`durable restore`).")
+
     def _recover(self, log_dir: Path) -> int:
-        """Replay the log tail after DuckDB's position; return the next sequence number."""
+        """Verify the log tail after DuckDB's position, replay it, checkpoint, then delete it.
+
+        Nothing is changed until every segment has been read. Damage is fatal
+        when it costs a record DuckDB does not hold (a gap after ``applied_seq``,
+        or a truncated last segment); damage among records DuckDB already has
+        is logged, and its segment kept in ``quarantine/`` rather than deleted.
+        """
         applied = self.duck.applied_seq()
         segments = list_segments(log_dir)
         expect = applied + 1
-        batch: list[WriteSet] = []
+        problems: list[str] = []
+        damaged: list[tuple[Path, Damage]] = []
         for i, seg in enumerate(segments):
-            data = seg.path.read_bytes()
-            for seq, payload in scan_segment(data, last=i == len(segments) - 1, where=str(seg.path)):
+            last = i == len(segments) - 1
+            scan = scan_segment(seg.path.read_bytes(), last=last, where=str(seg.path))
+            for seq, payload in [*scan.records, *scan.resumed]:
                 if seq < expect:
                     continue
                 if seq != expect:
-                    raise StorageCorruptError(
-                        f"commit log {seg.path} jumps from record {expect - 1} to {seq}; "
-                        "records are missing")
+                    problems.append(f"{seg.path}: the log jumps from record {expect - 1} to "
+                                    f"{seq}; records {expect}..{seq - 1} are missing")
                 try:
-                    batch.append(decode_writeset(payload))
+                    decode_writeset(payload)
                 except ValueError as e:
-                    raise StorageCorruptError(f"record {seq} in {seg.path}: {e}") from None
-                expect += 1
+                    problems.append(f"record {seq} in {seg.path}: {e}")
+                expect = seq + 1
+            if scan.damage is not None:
+                damaged.append((seg.path, scan.damage))
+                d = scan.damage
+                # The first record the damage cost: after the last good one, or the segment's
+                # first (its name). Past DuckDB's position, or at an unknowable end: fatal.
+                lost_first = d.after_seq + 1 if d.after_seq is not None else seg.first_seq
+                if lost_first > applied or (last and not scan.resumed):
+                    problems.append(d.describe())
+            self.torn = scan.torn or self.torn
+        if problems:
+            raise StorageCorruptError(
+                f"slot {self.slot}: the commit log is damaged and no file was changed: "
+                + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5
+                                              else "")
+                + f". Run `durable verify --slot {self.slot}` for the full report, then "
+                f"`durable repair --slot {self.slot} --yes` to keep every valid record, or restore "
+                "the data dir from a backup.")
+        for _path, damage in damaged:
+            log.warning("slot %d: the commit log is damaged (%s), but only among records DuckDB "
+                        "already holds: nothing is lost; the segment is kept in quarantine/",
+                        self.slot, damage.describe())
+        if self.torn is not None:
+            log.warning("slot %d: the commit log ends in a torn write (%s): a crash during a "
+                        "write; its records were never acknowledged and are dropped",
+                        self.slot, self.torn.describe())
+        expect = applied + 1
+        batch: list[WriteSet] = []
+        for i, seg in enumerate(segments):
+            scan = scan_segment(seg.path.read_bytes(), last=i == len(segments) - 1,
+                                where=str(seg.path))
+            for seq, payload in [*scan.records, *scan.resumed]:
+                if seq < expect:
+                    continue
+                batch.append(decode_writeset(payload))
+                expect = seq + 1
                 if len(batch) >= _REPLAY_BATCH:
                     self._apply_writesets(batch, expect - 1)
                     self.replayed += len(batch)
@@ -187,8 +316,15 @@ class SlotStore:
         if batch or expect - 1 != applied:
             self._apply_writesets(batch, expect - 1)
             self.replayed += len(batch)
+        self.duck.checkpoint()  # the records are in the main file: now, and only now, delete them
+        if damaged:
+            quarantine = self.directory / "quarantine" / (
+                time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-slot-{self.slot}-log")
+            quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for path, _ in damaged:
+                os.replace(path, quarantine / path.name)
         for seg in segments:
-            seg.path.unlink()
+            seg.path.unlink(missing_ok=True)
         return expect
 
     def _apply_writesets(self, batch: list[WriteSet], last_seq: int) -> None:
@@ -209,20 +345,24 @@ class SlotStore:
         ``kick=False`` is for a caller that calls :meth:`wait_durable` at once,
         which then decides whether to commit on this thread.
         """
-        self.check_usable()
+        self.check_writable()
         ws = WriteSet(obj, clear, entries)
         seq = self.log.append(encode_writeset(obj, clear, entries), kick=kick)
         rec = _Record(seq, ws)
-        pending = self._overlay.get(obj)
-        if pending is None:
-            pending = self._overlay[obj] = _Pending()
-        if clear:
-            pending.entries.clear()
-            pending.clear = rec
-        for key in entries:
-            pending.entries[key] = rec
+        self._remember(rec)
         self._unapplied.append(rec)
         return seq
+
+    def _remember(self, rec: _Record) -> None:
+        """Put a record's writes in the overlay (they shadow DuckDB until applied)."""
+        pending = self._overlay.get(rec.ws.obj)
+        if pending is None:
+            pending = self._overlay[rec.ws.obj] = _Pending()
+        if rec.ws.clear:
+            pending.entries.clear()
+            pending.clear = rec
+        for key in rec.ws.entries:
+            pending.entries[key] = rec
 
     @property
     def durable_seq(self) -> int:
@@ -249,10 +389,35 @@ class SlotStore:
         if self.failed is not None:
             raise StorageCommitError(
                 f"slot {self.slot} storage failed ({type(self.failed).__name__}: {self.failed}); "
-                "unsaved writes were discarded and the slot's process must restart to recover"
-            )
+                "this call's writes were not stored and the slot's process restarts to recover",
+                outcome="discarded")
         if self._closed:
-            raise StorageCommitError(f"slot {self.slot} storage is closed")
+            raise StorageCommitError(f"slot {self.slot} storage is closed", outcome="discarded")
+
+    @property
+    def full(self) -> BaseException | None:
+        """Why writes are refused now (a full disk), or ``None``."""
+        return self.log.full or self._duck_full
+
+    def check_writable(self) -> None:
+        """Raise before anything is written if the slot cannot take writes."""
+        self.check_usable()
+        why = self.full
+        if why is not None:
+            raise StorageFullError(
+                f"slot {self.slot}: the disk holding {self.directory} is full "
+                f"({self._free_text()}; {why}); the write was not stored. Reads still work, and "
+                "writes are accepted again by themselves within seconds once space is freed")
+
+    def _free_text(self) -> str:
+        try:
+            return f"{self._free_bytes(self.directory) / 2**20:.1f} MiB free"
+        except OSError:
+            return "free space unknown"
+
+    def register(self, obj: bytes, storage: Any) -> None:
+        """Remember an object's storage, so that discarded writes can reset it."""
+        self._storages[obj] = storage
 
     def _durable_from_thread(self, seq: int) -> None:
         self.loop.call_soon_threadsafe(self._resolve, seq)
@@ -276,15 +441,76 @@ class SlotStore:
         self.loop.call_soon_threadsafe(self._fail, exc)
 
     def _fail(self, exc: BaseException) -> None:
+        """The slot cannot go on: fail every waiter, saying truthfully what became of its write."""
         self.failed = exc
-        err = StorageCommitError(
-            f"slot {self.slot} could not make writes durable ({type(exc).__name__}: {exc}); "
-            "the object's unsaved state was discarded")
+        durable = self.log.durable_seq
+        # Records after the durable point were being written (or queued) when the log or DuckDB
+        # failed: recovery after the restart decides whether they are stored.
+        unknown = StorageCommitError(
+            f"slot {self.slot} could not confirm that writes are durable ({type(exc).__name__}: "
+            f"{exc}); the write may or may not be stored (read it back before writing again); "
+            "the object is reset and the slot's process restarts", outcome="unknown")
         for waiters in (self._waiters, self._apply_waiters):
             while waiters:
-                _, fut = waiters.popleft()
+                seq, fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(unknown if seq > durable else StorageCommitError(
+                        f"slot {self.slot} failed ({type(exc).__name__}: {exc}) after this write "
+                        "was durable", outcome="unknown"))
+
+    def _discard_from_thread(self, exc: BaseException, first: int, last: int) -> None:
+        self.loop.call_soon_threadsafe(self._discard, exc, first, last)
+
+    def _discard(self, exc: BaseException, first: int, last: int) -> None:
+        """Records ``first..last`` never reached the disk (it is full): forget them, reset owners."""
+        err = StorageFullError(
+            f"slot {self.slot}: the disk holding {self.directory} is full ({self._free_text()}); "
+            "this write was not stored and the object was reset. Writes are accepted again by "
+            "themselves within seconds once space is freed")
+        dropped: list[_Record] = []
+        while self._unapplied and self._unapplied[-1].seq >= first:
+            dropped.append(self._unapplied.pop())
+        objs = {r.ws.obj for r in dropped}
+        for obj in objs:  # rebuild their overlay from what remains
+            self._overlay.pop(obj, None)
+        for rec in self._unapplied:
+            if rec.ws.obj in objs:
+                self._remember(rec)
+        kept: deque[tuple[int, asyncio.Future[None]]] = deque()
+        for seq, fut in self._waiters:
+            if seq >= first:
                 if not fut.done():
                     fut.set_exception(err)
+            else:
+                kept.append((seq, fut))
+        self._waiters = kept
+        for obj in objs:
+            storage = self._storages.get(obj)
+            if storage is not None:
+                storage.broken = err
+        log.error("slot %d: the disk is full (%s); %d writes of %d objects were not stored and "
+                  "their objects were reset; refusing writes until space is freed",
+                  self.slot, exc, len(dropped), len(objs))
+        self._schedule_probe()
+
+    def _schedule_probe(self) -> None:
+        if self._probe is None and not self._closed:
+            self._probe = self.loop.call_later(0.5, self._probe_space)
+
+    def _probe_space(self) -> None:
+        """While the log is full: accept writes again once a segment's worth of space is free."""
+        self._probe = None
+        if self.log.full is None or self._closed:
+            return
+        try:
+            free = self._free_bytes(self.directory)
+        except OSError:
+            free = 0
+        if free >= 2 * self._segment_bytes + (1 << 20):
+            self.log.resume()
+            log.warning("slot %d: %.1f MiB free again; accepting writes", self.slot, free / 2**20)
+        else:
+            self._schedule_probe()
 
     # -- reads (loop thread) ------------------------------------------------------
     def read(self, obj: bytes, key: str) -> bytes | None:
@@ -295,7 +521,21 @@ class SlotStore:
                 return rec.ws.entries[key]
             if pending.clear is not None:
                 return None
-        return self.duck.read_key(obj + b"/" + key.encode("utf-8"))
+        try:
+            return self.duck.read_key(obj + b"/" + key.encode("utf-8"))
+        except duckdb.Error as e:
+            raise self._read_failed(e) from e
+
+    def _read_failed(self, exc: duckdb.Error) -> Exception:
+        """A DuckDB read failed: damaged bytes fail the slot (it restarts as ``corrupt``)."""
+        if is_corruption(exc):
+            err = StorageCorruptError(f"slot {self.slot}: DuckDB file {self.duck.path} is "
+                                      f"damaged: {exc}")
+            if self.failed is None:
+                self._fail(err)
+            return err
+        return StorageCommitError(f"slot {self.slot}: reading storage failed: {exc}",
+                                  outcome="discarded")
 
     def read_all(self, obj: bytes) -> dict[str, bytes]:
         """Every stored key of an object, unapplied writes included."""
@@ -303,7 +543,11 @@ class SlotStore:
         out: dict[str, bytes] = {}
         if pending is None or pending.clear is None:
             cut = len(obj) + 1
-            for pk, v in self.duck.read_object(obj):
+            try:
+                rows = self.duck.read_object(obj)
+            except duckdb.Error as e:
+                raise self._read_failed(e) from e
+            for pk, v in rows:
                 if v is not None:
                     out[pk[cut:].decode("utf-8")] = v
         if pending is not None:
@@ -321,13 +565,17 @@ class SlotStore:
             deadline = None
             with self._apply_cond:
                 while True:
+                    if self._pin is not None and not self._pinned:
+                        break
                     ready = self._ready_count()
                     if ready and (self._stopping or self._urgent or ready >= self._apply_min):
                         break
                     if self._stopping:
                         return
+                    now = time.monotonic()
+                    if self._duck_full is not None or self._checkpoint_due(now):
+                        break  # retry the full disk / a checkpoint that is due
                     if ready:
-                        now = time.monotonic()
                         if deadline is None:
                             deadline = now + self._apply_delay
                         if now >= deadline:
@@ -336,23 +584,140 @@ class SlotStore:
                     else:
                         deadline = None
                         self._applier_idle = True
-                        self._apply_cond.wait()
+                        # Wake by the next checkpoint's age (an idle slot folds its WAL too).
+                        self._apply_cond.wait(self._ckpt_interval if self.checkpointed_seq
+                                              < self.applied_seq else None)
                         self._applier_idle = False
-            batch: list[_Record] = []
-            durable = self.log.durable_seq
-            cap = _LIVE_BATCH if len(self._unapplied) < _BACKLOG else _REPLAY_BATCH
-            while self._unapplied and self._unapplied[0].seq <= durable and len(batch) < cap:
-                batch.append(self._unapplied.popleft())
-            if not batch:
-                continue
             try:
-                self._apply_writesets([r.ws for r in batch], batch[-1].seq)
+                if self._pin is not None and not self._pinned:
+                    self._hold_pin()
+                    continue
+                self._apply_ready()
+                self._maybe_checkpoint(force=self._duck_full is not None)
+            except _Retry:
+                with self._apply_cond:  # a full disk: try again in a second, or when woken
+                    if not self._stopping:
+                        self._apply_cond.wait(1.0)
             except BaseException as e:  # the DuckDB file is unusable: fail the slot
+                if is_corruption(e):
+                    e = StorageCorruptError(f"slot {self.slot}: DuckDB file {self.duck.path} is "
+                                            f"damaged: {e}")
                 self.loop.call_soon_threadsafe(self._fail, e)
                 return
-            self.applied_seq = batch[-1].seq
-            self.log.drop_through(self.applied_seq)
-            self.loop.call_soon_threadsafe(self._forget, batch)
+
+    def _apply_ready(self) -> None:
+        """Apply one batch of durable records (a full disk puts them back and raises _Retry)."""
+        batch: list[_Record] = []
+        durable = self.log.durable_seq
+        cap = _LIVE_BATCH if len(self._unapplied) < _BACKLOG else _REPLAY_BATCH
+        while self._unapplied and self._unapplied[0].seq <= durable and len(batch) < cap:
+            batch.append(self._unapplied.popleft())
+        if not batch:
+            return
+        try:
+            self._apply_writesets([r.ws for r in batch], batch[-1].seq)
+        except duckdb.Error as e:
+            self._unapplied.extendleft(reversed(batch))  # still durable in the log
+            self._duck_write_failed(e)
+        self.applied_seq = batch[-1].seq
+        self._clear_duck_full()
+        self.loop.call_soon_threadsafe(self._forget, batch)
+
+    def _checkpoint_due(self, now: float) -> bool:
+        if self.checkpointed_seq >= self.applied_seq:
+            return False
+        return (now - self._last_checkpoint >= self._ckpt_interval
+                or self.duck.wal_bytes() >= self._ckpt_bytes)
+
+    def _maybe_checkpoint(self, *, force: bool = False) -> None:
+        if not force and not self._checkpoint_due(time.monotonic()):
+            return
+        applied = self.applied_seq
+        wal = self.duck.wal_bytes()
+        need = 2 * wal + (8 << 20)  # new blocks in the main file before the WAL goes
+        free = self._free_bytes(self.directory)
+        if free < need:
+            self._set_duck_full(OSError(errno.ENOSPC, f"a checkpoint of the {wal / 2**20:.1f} MiB "
+                                        f"DuckDB WAL needs ~{need / 2**20:.0f} MiB free, "
+                                        f"{free / 2**20:.1f} MiB are"))
+            raise _Retry()
+        try:
+            self.duck.checkpoint()
+        except duckdb.Error as e:
+            self._duck_write_failed(e)
+        self.checkpoints += 1
+        self._last_checkpoint = time.monotonic()
+        self.checkpointed_seq = applied
+        self.log.drop_through(applied)
+        self._clear_duck_full()
+
+    def _duck_write_failed(self, e: duckdb.Error) -> None:
+        """A DuckDB write failed: reopen after a fatal one; a full disk is retried; else raise."""
+        if isinstance(e, duckdb.FatalException):
+            self._reopen(e)
+        if is_disk_full(e) or isinstance(e, duckdb.FatalException):
+            self._set_duck_full(e)
+            raise _Retry() from e
+        raise e
+
+    def _set_duck_full(self, exc: BaseException) -> None:
+        if self._duck_full is None:
+            log.error("slot %d: DuckDB cannot write (%s); refusing writes until it can (the "
+                      "commit log keeps every acknowledged write)", self.slot, exc)
+        self._duck_full = exc
+
+    def _clear_duck_full(self) -> None:
+        if self._duck_full is not None:
+            self._duck_full = None
+            log.warning("slot %d: DuckDB writes again; accepting writes", self.slot)
+
+    def _reopen(self, exc: BaseException) -> None:
+        """After a fatal DuckDB error (a failed checkpoint), reopen the file on the loop thread.
+
+        The reader belongs to the loop thread, so the swap happens there; the
+        file and its WAL are intact (a checkpoint that fails changes neither).
+        """
+        done = threading.Event()
+        box: list[BaseException] = []
+
+        def swap() -> None:
+            try:
+                with contextlib.suppress(duckdb.Error):
+                    self.duck.close()
+                self.duck = DuckStore(self.duck.path, memory_limit=self._memory_limit)
+            except BaseException as e:  # noqa: BLE001  (reported to the applier)
+                box.append(e)
+            finally:
+                done.set()
+
+        log.warning("slot %d: DuckDB needs reopening after: %s", self.slot, exc)
+        self.loop.call_soon_threadsafe(swap)
+        while not done.wait(1.0):
+            if self._stopping or self.loop.is_closed():
+                raise RuntimeError("stopped while reopening DuckDB")
+        if box:
+            raise box[0]
+
+    def _hold_pin(self) -> None:
+        """Backup: checkpoint, then apply nothing (and delete no segment) until unpinned."""
+        fut = self._pin
+        try:
+            self._maybe_checkpoint(force=True)
+        except BaseException as e:  # noqa: BLE001
+            err = e if not isinstance(e, _Retry) else StorageFullError(
+                f"slot {self.slot}: cannot checkpoint for a backup: {self._duck_full}")
+            self.loop.call_soon_threadsafe(_settle, fut, None, err)
+            with self._apply_cond:
+                if self._pin is fut:
+                    self._pin = None
+            return
+        with self._apply_cond:
+            if self._pin is not fut:
+                return  # unpinned meanwhile
+            self._pinned = True
+            self.loop.call_soon_threadsafe(_settle, fut, self.applied_seq, None)
+            while self._pinned and not self._stopping:
+                self._apply_cond.wait()
 
     def _ready_count(self) -> int:
         u = self._unapplied
@@ -400,10 +765,61 @@ class SlotStore:
             with self._apply_cond:
                 self._urgent -= 1
 
+    def statistics(self) -> dict[str, Any]:
+        """Figures for `durable status` (cheap: a few stat calls)."""
+        log_bytes = 0
+        for seg in self.log.segments():
+            with contextlib.suppress(OSError):
+                log_bytes += seg.path.stat().st_size
+        return {"durable_seq": self.durable_seq, "applied_seq": self.applied_seq,
+                "checkpointed_seq": self.checkpointed_seq, "checkpoints": self.checkpoints,
+                "wal_bytes": self.duck.wal_bytes(), "log_bytes": log_bytes,
+                "storage_full": self.full is not None}
+
+    async def pin(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Hold the slot's files still for a backup: DuckDB checkpointed, no segment deleted.
+
+        Returns the DuckDB file and its ``applied_seq``, the segments holding
+        the records after it, and ``cut_seq``: every write acknowledged before
+        this call is at or below it. Writes go on meanwhile (into the log).
+        Released by :meth:`unpin`, or after ``timeout`` seconds.
+        """
+        self.check_usable()
+        if self._pin is not None:
+            raise StorageCommitError(f"slot {self.slot} is already pinned by another backup",
+                                     outcome="discarded")
+        await self.flush()
+        fut = self.loop.create_future()
+        with self._apply_cond:
+            self._pin = fut
+            self._apply_cond.notify()
+        applied = await fut
+        self._pin_timer = self.loop.call_later(timeout, self.unpin)
+        return {"slot": self.slot, "applied_seq": applied, "cut_seq": self.log.durable_seq,
+                "duckdb": str(self.duck.path),
+                "segments": [str(seg.path) for seg in self.log.segments()],
+                "segment_bytes": self._segment_bytes}
+
+    def unpin(self) -> bool:
+        """Release a backup's pin; ``False`` if none was held (it timed out: the copy is void)."""
+        if self._pin_timer is not None:
+            self._pin_timer.cancel()
+            self._pin_timer = None
+        with self._apply_cond:
+            held = self._pinned
+            self._pin = None
+            self._pinned = False
+            self._apply_cond.notify()
+        return held
+
     async def close(self) -> None:
-        """Make everything durable and applied, stop the threads, close the files."""
+        """Make everything durable and applied, checkpoint, stop the threads, close the files."""
         if self._closed:
             return
+        self.unpin()
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         if self.failed is None:
             with contextlib.suppress(StorageCommitError):
                 await self.wait_durable(self.log.last_seq)
@@ -414,9 +830,15 @@ class SlotStore:
         await asyncio.to_thread(self._applier.join)
         self._forget(list(self._unapplied))
         self._closed = True
-        if self.failed is None and self.applied_seq == self.log.last_seq:
-            self.log.drop_through(self.applied_seq)
-        self.duck.close()
+        if self.failed is None and self._duck_full is None and self.applied_seq == self.log.last_seq:
+            try:
+                self.duck.checkpoint()
+            except duckdb.Error as e:  # the records stay in the log: recovery replays them
+                log.warning("slot %d: checkpoint at close failed: %s", self.slot, e)
+            else:
+                self.log.drop_through(self.applied_seq)
+        with contextlib.suppress(duckdb.Error):
+            self.duck.close()
 
     def abandon(self) -> None:
         """Stop without flushing or applying (tests and benchmarks: a crash in-process)."""

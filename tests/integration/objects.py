@@ -84,3 +84,21 @@ class Slow(DurableObject):
     async def fetch(self, request: Request) -> Response:
         await asyncio.sleep(float(query(request).get("s", "1")))
         return Response("slept")
+
+
+class KV(DurableObject):
+    """POST ?k=&v= stores one key (PUT stores the body under ?k=); GET returns every key."""
+
+    async def fetch(self, request: Request) -> Response:
+        q = query(request)
+        if request.method == "POST":
+            await self.state.storage.put(q["k"], q.get("v", ""))
+            return Response("stored")
+        if request.method == "PUT":
+            await self.state.storage.put(q["k"], await request.bytes())
+            return Response("stored")
+        if "k" in q:
+            v = await self.state.storage.get(q["k"])
+            return Response.json(v if not isinstance(v, bytes) else len(v))
+        rows = await self.state.storage.list()
+        return Response.json({k: (len(v) if isinstance(v, bytes) else v) for k, v in rows.items()})

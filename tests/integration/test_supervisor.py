@@ -319,19 +319,31 @@ def test_second_sigterm_stops_at_once(tmp_path):
         wait_for(lambda: not d.children(), 10, "no children left")
 
 
-def test_storage_that_cannot_open_halts_with_74(tmp_path):
+def test_damaged_slot_is_marked_corrupt_and_the_daemon_serves_on(tmp_path):
+    """A slot whose log is damaged stays down as `corrupt` (exit 65); it does not halt the rest."""
     from durable.objectproc.storage.log import encode_record, encode_writeset
     with serving(tmp_path, FAST) as d:  # lay the files out once
         d.wait_ready()
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(timeout=30) == 0
     log_dir = tmp_path / "durable-data" / "slot-0.log"
+    for old in log_dir.glob("*.seg"):
+        old.unlink()
     bad = bytearray(encode_record(10**6, encode_writeset(b"COUNTER/x", False, {"n": b"1"})))
     bad[-1] ^= 0xFF
     (log_dir / f"{10**6:020d}.seg").write_bytes(bytes(bad))
     (log_dir / f"{10**6 + 1:020d}.seg").write_bytes(b"")
     with serving(tmp_path, FAST) as d:
-        assert_halts(d, 74, "storage", "damaged")
+        d.wait_ready()
+        wait_for(lambda: "objectproc-0 found its slot's files damaged" in d.log_text(), 20,
+                 "slot 0 reported corrupt")
+        assert "damaged" in d.log_text() and d.proc.poll() is None
+        assert (log_dir / f"{10**6:020d}.seg").read_bytes() == bytes(bad)  # evidence kept
+        with durable.connect_sync(d.frontend) as c:  # slot 1 serves
+            ns, ring, i = c.namespace("COUNTER"), Ring(2), 0
+            while ring.slot_for(str(ns.id_from_name(f"n{i}"))) != 1:
+                i += 1
+            assert ns.get(ns.id_from_name(f"n{i}")).fetch("http://do/inc", method="POST").text() == "1"
 
 
 def test_low_latency_idle_holds_cpu_dma_latency_while_serving(tmp_path):
