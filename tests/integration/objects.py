@@ -92,7 +92,10 @@ class KV(DurableObject):
     async def fetch(self, request: Request) -> Response:
         q = query(request)
         if request.method == "POST":
-            await self.state.storage.put(q["k"], q.get("v", ""))
+            if q.get("twin"):  # two keys in one atomic put: a restore must hold both or neither
+                await self.state.storage.put({q["k"]: q.get("v", ""), q["k"] + "~": q.get("v", "")})
+            else:
+                await self.state.storage.put(q["k"], q.get("v", ""))
             return Response("stored")
         if request.method == "PUT":
             await self.state.storage.put(q["k"], await request.bytes())
