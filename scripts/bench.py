@@ -4,6 +4,7 @@
     python scripts/bench.py storage [--quick] [--repeat N]
     python scripts/bench.py rpc [--quick] [--repeat N] [--slots N]
     python scripts/bench.py http [--quick] [--repeat N] [--slots N] [--http-processes N]
+    python scripts/bench.py backup [--quick] [--repeat N] [--backup-mib 1024]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
@@ -20,6 +21,11 @@ and the commit log's fsync (100 bytes into a preallocated file).
 separate load-generator process (asyncio, raw keep-alive sockets, one request
 in flight per connection): no-op and durable-counter calls, sequential and
 with 64 connections over 100 objects.
+
+``backup`` runs ``durable serve`` (2 slots), writes ``--backup-mib`` of random
+24 KB values, then runs ``durable backup`` while a prober makes small reads and
+writes on both slots: how long the backup took, and the longest any call waited
+during it (against the same prober before it).
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -572,6 +578,91 @@ class = "durable.examples.counter:Counter"
     return out
 
 
+BACKUP_CONFIG = """
+data_dir = "{data}"
+slots = 2
+[broker]
+heartbeat = 1.0
+[namespaces.KV]
+class = "tests.integration.objects:KV"
+"""
+
+
+async def _fill(frontend: str, total: int, value: int) -> int:
+    """Write ``total`` bytes of random values over 200 objects, 64 puts in flight."""
+    import durable
+    writes = total // value
+    async with durable.connect(frontend) as client:
+        ns = client.namespace("KV")
+        stubs = [ns.get(ns.id_from_name(f"fill-{i}")) for i in range(200)]
+        next_i = iter(range(writes))
+
+        async def worker() -> None:
+            for i in next_i:
+                await stubs[i % 200].fetch(f"http://do/?k=v{i}", method="PUT",
+                                           body=os.urandom(value), timeout=60)
+
+        await asyncio.gather(*(worker() for _ in range(64)))
+    return writes
+
+
+async def _probe_during(frontend: str, work: Any) -> dict[str, float]:
+    """Sequential small writes and reads on both slots while ``work`` runs: how long calls wait."""
+    import durable
+    lat: list[float] = []
+    async with durable.connect(frontend) as client:
+        ns = client.namespace("KV")
+        stubs = [ns.get(ns.id_from_name(f"probe-{i}")) for i in range(8)]
+        i = 0
+        while not work.done():
+            t = time.perf_counter()
+            if i % 2:
+                await stubs[i % 8].fetch(f"http://do/?k=p{i}&v={i}", method="POST", timeout=60)
+            else:
+                await stubs[i % 8].fetch("http://do/?k=p0", timeout=60)
+            lat.append(time.perf_counter() - t)
+            i += 1
+            await asyncio.sleep(0.002)
+    return {"calls": len(lat), "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99)),
+            "max_ms": ms(max(lat)) if lat else 0.0}
+
+
+def backup_suite(quick: bool, mib: int) -> dict[str, Any]:
+    """`durable backup` of ``mib`` MiB while calls go on: the longest a call waited."""
+    from harness import serving
+    total = (64 if quick else mib) << 20
+    with serving(BACKUP_CONFIG) as d, tempfile.TemporaryDirectory(prefix="durable-backup-") as out:
+        t = time.perf_counter()
+        writes = asyncio.run(_fill(d.frontend, total, 24_000))
+        fill_s = time.perf_counter() - t
+        dest = Path(out) / "b"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
+
+        async def run() -> tuple[dict[str, float], dict[str, Any], float]:
+            quiet = asyncio.ensure_future(_probe_during(d.frontend, asyncio.ensure_future(
+                asyncio.sleep(3.0))))
+            before = await quiet
+            t0 = time.perf_counter()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "durable.supervisor.cli", "backup", str(dest), "--json",
+                "--config", str(d.config), stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL, env=env)
+            work = asyncio.ensure_future(proc.communicate())
+            during = await _probe_during(d.frontend, work)
+            out_b, _ = await work
+            if proc.returncode != 0:
+                raise RuntimeError("durable backup failed")
+            return during | {"before_" + k: v for k, v in before.items()}, orjson.loads(out_b), \
+                time.perf_counter() - t0
+
+        during, manifest, seconds = asyncio.run(run())
+    return {"backup": {"mib": round(manifest["bytes"] / 2**20, 1), "seconds": round(seconds, 2),
+                       "mib_per_s": round(manifest["bytes"] / 2**20 / seconds, 1),
+                       "pin_seconds": [s["pin_seconds"] for s in manifest["slot_files"]]},
+            "fill": {"writes": writes, "seconds": round(fill_s, 1)},
+            "calls_during_backup": during}
+
+
 def median_of(runs: list[Any]) -> Any:
     first = runs[0]
     if isinstance(first, dict):
@@ -590,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _echo_worker(sys.argv[2])
         return 0
-    p.add_argument("suite", choices=["storage", "rpc", "http"])
+    p.add_argument("suite", choices=["storage", "rpc", "http", "backup"])
+    p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
     p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
     p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke runs")
@@ -610,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [storage_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "rpc":
         runs = [rpc_suite(args.quick, args.slots) for _ in range(args.repeat)]
+    elif args.suite == "backup":
+        runs = [backup_suite(args.quick, args.backup_mib) for _ in range(args.repeat)]
     else:
         runs = [http_suite(args.quick, args.slots, args.http_processes) for _ in range(args.repeat)]
     if held is not None:

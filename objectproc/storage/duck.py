@@ -47,6 +47,8 @@ NEVER_CHECKPOINT = "1000TB"  # DuckDB's checkpoint_threshold: never on its own
 def is_corruption(exc: BaseException) -> bool:
     """Whether a DuckDB error says the file's bytes are damaged (not merely unreadable)."""
     text = str(exc).lower()
+    if "no space left" in text or "disk quota" in text:
+        return False
     return isinstance(exc, duckdb.Error) and any(
         w in text for w in ("checksum", "corrupt", "not a valid duckdb database",
                             "invalid block", "failed to read database header"))
@@ -75,6 +77,7 @@ class DuckStore:
         config = {"threads": 1, "memory_limit": memory_limit}
         if not read_only:
             config["checkpoint_threshold"] = NEVER_CHECKPOINT
+        new = not read_only and not path.exists()
         try:
             self._con = duckdb.connect(str(path), read_only=read_only, config=config)
             if not read_only:
@@ -84,7 +87,12 @@ class DuckStore:
             self._writer = self._con.cursor()
             self.tombstones = self._one("SELECT count(*) FROM kv WHERE v IS NULL")
         except duckdb.Error as e:
-            if is_corruption(e):
+            if new:  # a file this call began (a full disk): never leave it half made
+                with contextlib.suppress(AttributeError, duckdb.Error):
+                    self._con.close()
+                for leftover in (path, Path(f"{path}.wal")):
+                    leftover.unlink(missing_ok=True)
+            elif is_corruption(e):
                 raise StorageCorruptError(f"DuckDB file {path} is damaged: {e}") from e
             raise
 
@@ -127,7 +135,12 @@ class DuckStore:
 
     def read_object(self, obj: bytes) -> list[tuple[bytes, bytes | None]]:
         """All rows of one object, tombstones included, as ``(pk, v)``."""
-        return self._reader.execute("SELECT pk, v FROM kv WHERE obj = $1", [obj]).fetchall()
+        # Not ``WHERE obj = $1``: an index scan that also fetches ``v`` costs ~0.4 ms a row
+        # once the table holds large values (1.9 s for a 734-key object among 20 KB values,
+        # measured), while rows picked by rowid cost ~0.03 ms (19 ms), and 0.8 ms against
+        # 3.7 ms for 100 keys at 1M small rows. One statement: one snapshot.
+        return self._reader.execute("SELECT pk, v FROM kv WHERE rowid IN "
+                                    "(SELECT rowid FROM kv WHERE obj = $1)", [obj]).fetchall()
 
     # -- writes (applier thread) --------------------------------------------------
     def apply(self, rows: dict[bytes, tuple[bytes, bytes | None]], clears: set[bytes],

@@ -79,8 +79,11 @@ async def writer(storage: ObjectStorage, name: str, run: int, rng: random.Random
 
 
 async def main(directory: str, run: int, verify_only: bool) -> None:
+    # A checkpoint after every batch (checkpoint_wal_bytes=1): segments are deleted only
+    # behind checkpoints, and the kills must land around those deletions too.
     slot = SlotStore(directory, 0, segment_bytes=4096, apply_min_records=10,
-                     apply_max_delay=0.002, trace=lambda ev: emit({"t": ev}))
+                     apply_max_delay=0.002, trace=lambda ev: emit({"t": ev}),
+                     checkpoint_wal_bytes=1)
     inline = random.Random(-run)  # half the syncs commit on the loop thread, as a quiet object
     slot.commit_inline_when = lambda: inline.random() < 0.5  # process's do: both paths get killed
     storages = {name: ObjectStorage(slot, "CRASH", name) for name in OBJECTS}
