@@ -90,7 +90,7 @@ def _check_duckdb(path: Path, report: SlotReport) -> None:
         con = duckdb.connect(str(path), read_only=True)
     except duckdb.Error as e:
         if _in_use(e):
-            report.duckdb_error = "in use by a running daemon (that slot is serving): not checked"
+            report.duckdb_error = "in use by a running daemon (that slot is serving)"
             return
         report.duckdb_ok, report.duckdb_error = False, str(e)
         return

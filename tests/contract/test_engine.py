@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from durable.errors import StorageCommitError, StorageCorruptError
+from durable.errors import StorageCommitError, StorageCorruptError, StorageFullError
 from durable.objectproc.storage import ObjectStorage, SlotStore
 from durable.objectproc.storage.log import (
     SEGMENT_HEADER_SIZE,
@@ -364,4 +364,78 @@ async def test_inline_commit_leaves_a_busy_writer_alone_and_keeps_sync_order(tmp
         assert slot.durable_seq == 2
     finally:
         release.set()
+        await slot.close()
+
+
+class Disk:
+    """An injectable disk: fallocate fails with ENOSPC and free space reads 0 while ``full``."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def fallocate(self, fd, offset, length):
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.posix_fallocate(fd, offset, length)
+
+    def free(self, _path):
+        return 0 if self.full else 1 << 40
+
+
+async def test_full_disk_at_a_new_segment_discards_certainly_and_resumes_by_itself(tmp_path):
+    disk = Disk()
+    slot = SlotStore(tmp_path, segment_bytes=512, fallocate=disk.fallocate, free_bytes=disk.free)
+    s = ObjectStorage(slot, "NS", "o")
+    acked = {}
+    for i in range(3):
+        await s.put(f"k{i}", "x" * 50)
+        await s.sync()
+        acked[f"k{i}"] = "x" * 50
+    disk.full = True
+    with pytest.raises(StorageFullError) as failed:
+        for i in range(3, 40):  # until the next segment is needed
+            await s.put(f"k{i}", "x" * 50)
+            await s.sync()
+            acked[f"k{i}"] = "x" * 50
+    assert failed.value.outcome == "discarded" and slot.full is not None
+    with pytest.raises(StorageFullError):  # the object was reset: its cache held the write
+        await s.get("k0")
+    fresh = ObjectStorage(slot, "NS", "o")
+    with pytest.raises(StorageFullError, match="not stored"):
+        await fresh.put("refused", 1)  # refused before anything is written
+    assert await fresh.list() == acked  # reads go on, and see exactly the acknowledged writes
+    disk.full = False
+    await wait_until(lambda: slot.full is None, 5)
+    await fresh.put("after", 2)
+    await fresh.sync()
+    await slot.close()
+    reopened = SlotStore(tmp_path)  # no gap in the numbering, nothing discarded came back
+    try:
+        assert await ObjectStorage(reopened, "NS", "o").list() == {**acked, "after": 2}
+    finally:
+        await reopened.close()
+
+
+async def test_duckdb_without_room_to_checkpoint_refuses_writes_until_space_returns(tmp_path):
+    disk = Disk()
+    slot = SlotStore(tmp_path, apply_min_records=1, apply_max_delay=0.0, checkpoint_wal_bytes=1,
+                     free_bytes=disk.free)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("a", 1)
+        await s.sync()
+        disk.full = True
+        await s.put("b", 2)
+        await s.sync()  # durable in the log: acknowledged
+        await wait_until(lambda: slot.full is not None, 5)
+        with pytest.raises(StorageFullError):
+            await s.put("c", 3)
+        assert await s.list() == {"a": 1, "b": 2}
+        assert len(list_segments(log_dir(tmp_path))) >= 1  # nothing deleted without a checkpoint
+        disk.full = False
+        await wait_until(lambda: slot.full is None, 5)
+        await s.put("c", 3)
+        await s.sync()
+        assert await s.list() == {"a": 1, "b": 2, "c": 3}
+    finally:
         await slot.close()

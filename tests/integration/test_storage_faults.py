@@ -332,3 +332,18 @@ def test_slot_files_of_another_data_dir_are_refused(tmp_path):
     with serving(a, CONFIG) as d:
         assert d.proc.wait(timeout=60) == 74
         assert "belongs to data dir" in d.log_text()
+
+
+def test_supervisor_survives_a_status_file_it_cannot_write(tmp_path):
+    with serving(tmp_path, CONFIG) as d:
+        d.wait_ready()
+        run = tmp_path / "durable-data" / "run"
+        (run / "status.tmp").mkdir()  # every write of the status file now fails
+        wait_for(lambda: "cannot write the status file" in d.log_text(), 10, "the failure logged")
+        time.sleep(1.5)
+        assert d.proc.poll() is None
+        assert d.log_text().count("cannot write the status file") == 1  # once a minute at most
+        acked = write(d, 0, 3)
+        assert stored(d, acked) == acked
+        (run / "status.tmp").rmdir()
+        wait_for(lambda: cli(tmp_path, "status", check=False).returncode == 0, 10, "status again")
