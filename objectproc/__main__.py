@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--data-dir-id", help="the data dir's identity (its slot files must match)")
-    p.add_argument("--checkpoint-wal-mb", type=int, default=16)
+    p.add_argument("--checkpoint-wal-mb", type=int, default=8)
     p.add_argument("--checkpoint-interval", type=float, default=30.0)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)

@@ -83,7 +83,7 @@ class ObjectProcessConfig:
     limits: StorageLimits = field(default_factory=StorageLimits)
     duckdb_memory_mb: int = 512
     data_dir_id: str | None = None
-    checkpoint_wal_bytes: int = 16 << 20
+    checkpoint_wal_bytes: int = 8 << 20
     checkpoint_interval: float = 30.0
 
 

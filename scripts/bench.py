@@ -623,7 +623,7 @@ async def _probe_during(frontend: str, work: Any) -> dict[str, float]:
             lat.append(time.perf_counter() - t)
             i += 1
             await asyncio.sleep(0.002)
-    return {"calls": len(lat), "p50_ms": ms(pct(lat, 50)), "p99_ms": ms(pct(lat, 99)),
+    return {"calls": len(lat), "p50_ms": ms(pct(lat, 0.5)), "p99_ms": ms(pct(lat, 0.99)),
             "max_ms": ms(max(lat)) if lat else 0.0}
 
 

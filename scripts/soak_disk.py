@@ -40,6 +40,11 @@ class = "tests.integration.objects:KV"
 """
 
 
+def _pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return round(s[min(len(s) - 1, int(len(s) * p))] * 1000, 2) if s else 0.0
+
+
 def sizes(data: Path) -> dict[str, int]:
     def size(p: Path) -> int:
         try:
@@ -51,7 +56,8 @@ def sizes(data: Path) -> dict[str, int]:
             "log": log}
 
 
-async def writers(frontend: str, seconds: float, inflight: int, value: int) -> dict[str, int]:
+async def writers(frontend: str, seconds: float, inflight: int, value: int,
+                  lat: list[float]) -> dict[str, int]:
     counts = {"hot": 0, "unique": 0, "errors": 0}
     deadline = time.monotonic() + seconds
     # Random (incompressible) values: the disk figure per key is then an honest one.
@@ -70,7 +76,9 @@ async def writers(frontend: str, seconds: float, inflight: int, value: int) -> d
                 else:
                     url, kind = f"http://do/?k=u{w}-{i}&v={payload}", "unique"
                 try:
+                    t = time.perf_counter()
                     await stub.fetch(url, method="POST", timeout=30)
+                    lat.append(time.perf_counter() - t)
                     counts[kind] += 1
                 except durable.DurableError:
                     counts["errors"] += 1
@@ -93,11 +101,12 @@ def main() -> int:
         data = d.data
         start = sizes(data)
         task_result: dict[str, int] = {}
+        lat: list[float] = []
 
         async def run() -> None:
             t0 = time.monotonic()
             work = asyncio.ensure_future(writers(d.frontend, args.seconds, args.inflight,
-                                                 args.value_bytes))
+                                                 args.value_bytes, lat))
             while not work.done():
                 await asyncio.sleep(1.0)
                 s = sizes(data)
@@ -121,6 +130,8 @@ def main() -> int:
         "main_mb_start": round(start["main"] / 2**20, 2),
         "main_mb_end": round(end["main"] / 2**20, 2),
         "live_keys_at_most": live_keys,
+        "write_ms": {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "p999": _pct(lat, 0.999),
+                     "max": _pct(lat, 1.0)},
         "disk_bytes_per_live_key": round(end["main"] / max(1, live_keys), 1),
         "samples": samples,
     }

@@ -91,7 +91,7 @@ class Config:
     duckdb_memory_mb: int = 512
     #: checkpoint a slot's DuckDB file when its WAL reaches this size (MiB); the commit log is
     #: truncated behind each checkpoint, so this bounds both (docs/operating.md, "Disk use")
-    checkpoint_wal_mb: int = 16
+    checkpoint_wal_mb: int = 8
     #: ...or when this many seconds passed since the last checkpoint with writes since
     checkpoint_interval: float = 30.0
     #: hold /dev/cpu_dma_latency at 0 while serving: CPUs poll instead of halting when idle

@@ -86,6 +86,10 @@ _REPLAY_BATCH = 50_000
 # (~6 µs vs ~35 µs), so DuckDB catches up instead of falling further behind.
 _LIVE_BATCH = 2048
 _BACKLOG = 16_384
+# ...and by bytes: the WAL grows by about a batch between two checkpoint checks, and a read
+# that starts during a checkpoint waits for it (~11 ms per MB of WAL, measured). 50,000
+# records of 24 KB made one checkpoint stall the slot for 1.4 s.
+_BATCH_BYTES = 4 << 20
 
 
 def tune_gc() -> None:
@@ -123,11 +127,12 @@ def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -
 class _Record:
     """A submitted write set; its identity marks which overlay entries it still owns."""
 
-    __slots__ = ("seq", "ws")
+    __slots__ = ("seq", "ws", "size")
 
-    def __init__(self, seq: int, ws: WriteSet) -> None:
+    def __init__(self, seq: int, ws: WriteSet, size: int = 0) -> None:
         self.seq = seq
         self.ws = ws
+        self.size = size  # bytes in the log: bounds the applier's batches
 
 
 class _Pending:
@@ -175,7 +180,7 @@ class SlotStore:
                  fsync: Callable[[int], None] = os.fdatasync,
                  trace: Callable[[str], None] | None = None,
                  memory_limit: str = "512MB",
-                 checkpoint_wal_bytes: int = 16 << 20, checkpoint_interval: float = 30.0,
+                 checkpoint_wal_bytes: int = 8 << 20, checkpoint_interval: float = 30.0,
                  data_dir_id: str | None = None,
                  fallocate: Callable[[int, int, int], None] = os.posix_fallocate,
                  free_bytes: Callable[[Path], int] | None = None) -> None:
@@ -347,8 +352,9 @@ class SlotStore:
         """
         self.check_writable()
         ws = WriteSet(obj, clear, entries)
-        seq = self.log.append(encode_writeset(obj, clear, entries), kick=kick)
-        rec = _Record(seq, ws)
+        payload = encode_writeset(obj, clear, entries)
+        seq = self.log.append(payload, kick=kick)
+        rec = _Record(seq, ws, len(payload))
         self._remember(rec)
         self._unapplied.append(rec)
         return seq
@@ -610,8 +616,12 @@ class SlotStore:
         batch: list[_Record] = []
         durable = self.log.durable_seq
         cap = _LIVE_BATCH if len(self._unapplied) < _BACKLOG else _REPLAY_BATCH
-        while self._unapplied and self._unapplied[0].seq <= durable and len(batch) < cap:
-            batch.append(self._unapplied.popleft())
+        size = 0
+        while (self._unapplied and self._unapplied[0].seq <= durable and len(batch) < cap
+               and size < _BATCH_BYTES):
+            rec = self._unapplied.popleft()
+            batch.append(rec)
+            size += rec.size
         if not batch:
             return
         try:
@@ -699,18 +709,14 @@ class SlotStore:
             raise box[0]
 
     def _hold_pin(self) -> None:
-        """Backup: checkpoint, then apply nothing (and delete no segment) until unpinned."""
+        """Backup: apply nothing (and delete no segment) until unpinned.
+
+        No checkpoint: with nothing committing (and DuckDB's own checkpoints
+        off) the main file and its WAL are a consistent pair as they stand, and
+        a checkpoint would stall every read of the slot while it ran (a read
+        that starts during one waits for it: ~11 ms per MB of WAL, measured).
+        """
         fut = self._pin
-        try:
-            self._maybe_checkpoint(force=True)
-        except BaseException as e:  # noqa: BLE001
-            err = e if not isinstance(e, _Retry) else StorageFullError(
-                f"slot {self.slot}: cannot checkpoint for a backup: {self._duck_full}")
-            self.loop.call_soon_threadsafe(_settle, fut, None, err)
-            with self._apply_cond:
-                if self._pin is fut:
-                    self._pin = None
-            return
         with self._apply_cond:
             if self._pin is not fut:
                 return  # unpinned meanwhile
@@ -777,18 +783,18 @@ class SlotStore:
                 "storage_full": self.full is not None}
 
     async def pin(self, timeout: float = 300.0) -> dict[str, Any]:
-        """Hold the slot's files still for a backup: DuckDB checkpointed, no segment deleted.
+        """Hold the slot's files still for a backup: nothing applied, no segment deleted.
 
-        Returns the DuckDB file and its ``applied_seq``, the segments holding
-        the records after it, and ``cut_seq``: every write acknowledged before
-        this call is at or below it. Writes go on meanwhile (into the log).
-        Released by :meth:`unpin`, or after ``timeout`` seconds.
+        Returns the DuckDB file (copy its WAL with it: together they are DuckDB
+        as of ``applied_seq``), the segments holding the records after it, and
+        ``cut_seq``: every write acknowledged before this call is at or below it
+        (acknowledged means durable in the log). Writes go on meanwhile, into
+        the log. Released by :meth:`unpin`, or after ``timeout`` seconds.
         """
         self.check_usable()
         if self._pin is not None:
             raise StorageCommitError(f"slot {self.slot} is already pinned by another backup",
                                      outcome="discarded")
-        await self.flush()
         fut = self.loop.create_future()
         with self._apply_cond:
             self._pin = fut
