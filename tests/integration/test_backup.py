@@ -13,6 +13,8 @@ import durable
 from tests.integration.daemon import serving
 from tests.integration.test_storage_faults import cli
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
+
 CONFIG = """
 slots = 2
 grace_period = 10

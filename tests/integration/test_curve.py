@@ -11,6 +11,8 @@ import durable
 from tests.integration.daemon import serving
 from tests.integration.test_gateway import free_port
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
+
 
 def keygen(d, name):
     out = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "keygen", str(d),

@@ -23,6 +23,8 @@ from tests.integration.daemon import serving
 from tests.integration.procs import wait_for
 from tests.integration.test_storage_faults import cli, names_on
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
+
 CONFIG = """
 slots = 2
 grace_period = 10

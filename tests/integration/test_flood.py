@@ -7,9 +7,12 @@ import statistics
 import time
 
 import psutil
+import pytest
 
 import durable
 from tests.integration.daemon import serving
+
+pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
 
 CONFIG = """
 slots = 2

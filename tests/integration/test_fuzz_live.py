@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
+
 FUZZ = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_live.py"
 
 

@@ -76,6 +76,7 @@ def test_routing_errors_and_limits(tmp_path):
         asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_slow_body_gets_408(tmp_path):
     port = free_port()
     with serving(tmp_path, config(port)) as d:
@@ -88,6 +89,7 @@ def test_slow_body_gets_408(tmp_path):
             assert time.monotonic() - t < 5
 
 
+@pytest.mark.slow
 def test_stub_broken_is_503_with_retry_after(tmp_path):
     port = free_port()
     with serving(tmp_path, config(port)) as d:
@@ -127,6 +129,7 @@ def test_worker_entry_point(tmp_path, debug):
         asyncio.run(main())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sent", [b"", b"GET /COUNTER/x/ HTTP/1.1\r\nHost: x\r\n"])
 def test_idle_and_slow_header_clients_are_disconnected(tmp_path, sent):
     port = free_port()

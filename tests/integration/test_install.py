@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ["durable", "durable.codec", "durable.errors", "durable.protocol", "durable.broker",
            "durable.objectproc", "durable.objectproc.storage", "durable.supervisor",
@@ -22,6 +24,7 @@ def test_installed_package_imports_from_outside_the_repo(tmp_path):
     assert out.stdout.strip().endswith("__init__.py")
 
 
+@pytest.mark.slow
 def test_wheel_holds_every_package_and_imports(tmp_path):
     """``pip install .`` builds this wheel; a wheel of pure Python imports straight from the zip."""
     build = subprocess.run(

@@ -212,6 +212,7 @@ async def test_sigkill_of_objectproc_breaks_stub_and_new_stub_works(client, clus
     assert acked < attempted
 
 
+@pytest.mark.slow
 async def test_calls_wait_for_a_down_slot_and_are_delivered_in_order(client, cluster):
     slot = slot_of(client, cluster, "RECORDER", "waiter")
     cluster.kill(cluster.workers[slot])

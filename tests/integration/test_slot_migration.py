@@ -5,9 +5,13 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 import durable
 from tests.integration.daemon import serving
 from tests.integration.procs import wait_for
+
+pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
 
 CONFIG = """
 slots = {slots}

@@ -18,8 +18,11 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.integration.procs import LineReader, spawned
+
+pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
 KILLS = int(os.environ.get("DURABLE_CRASH_KILLS", "60"))

@@ -27,6 +27,8 @@ from durable.objectproc.storage.log import SEGMENT_HEADER_SIZE, list_segments
 from tests.integration.daemon import REPO, serving
 from tests.integration.procs import wait_for
 
+pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
+
 CONFIG = """
 slots = 2
 grace_period = 10

@@ -96,6 +96,7 @@ async def _increments(client, name, n, acked):
             await asyncio.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["objectproc", "broker"])
 def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, role):
     kills = 20
@@ -178,6 +179,7 @@ def test_sigkill_of_the_supervisor_takes_every_child_down(tmp_path):
         print(f"children gone {time.monotonic() - t:.2f} s after the supervisor's SIGKILL")
 
 
+@pytest.mark.slow
 def test_sigterm_with_64_calls_in_flight_keeps_every_acknowledged_write(tmp_path):
     acked = {f"t{i}": 0 for i in range(64)}  # 64 writers: 64 calls in flight at all times
     with serving(tmp_path, FAST) as d:
@@ -274,6 +276,7 @@ def test_operator_commands_status_call_inspect(tmp_path):
         assert r.returncode == 2 and "known: COUNTER" in r.stderr
 
 
+@pytest.mark.slow
 def test_memory_limit_restarts_object_processes_gracefully(tmp_path):
     config = FAST.replace("grace_period = 10", "grace_period = 10\nmemory_limit_mb = 1")
     with serving(tmp_path, config) as d:

@@ -19,12 +19,14 @@ from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.protocol.heartbeat import Liveness
 
 
+@pytest.mark.slow
 def test_ring_is_a_stable_function_of_inputs():
     ids = [f"{i:064x}" for i in range(2000)]
     assert [Ring(4).slot_for(i) for i in ids] == [Ring(4).slot_for(i) for i in ids]
     assert stable_hash(b"abc") == stable_hash(b"abc") and 0 <= stable_hash(b"abc") < 2**64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slots", [1, 2, 3, 8])
 def test_ring_spreads_objects(slots):
     counts = Counter(Ring(slots).slot_for(os.urandom(32).hex()) for _ in range(8000))
