@@ -18,7 +18,7 @@ from durable.exitcodes import EXIT_CONFIG, EXIT_CORRUPT, EXIT_DISK_FULL, EXIT_ST
 from .loop import ObjectProcess, ObjectProcessConfig
 from .storage import StorageLimits
 from .storage.log import is_disk_full
-from .storage.slot import DataDirMismatchError
+from .storage.recovery import DataDirMismatchError
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:

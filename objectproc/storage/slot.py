@@ -57,20 +57,12 @@ from typing import Any
 
 import duckdb
 
-from durable.errors import StorageCommitError, StorageCorruptError, StorageError, StorageFullError
+from durable.errors import StorageCommitError, StorageCorruptError, StorageFullError
 
 from .duck import DuckStore, is_corruption
 from .limits import DEFAULT_LIMITS, StorageLimits
-from .log import (
-    CommitLog,
-    Damage,
-    WriteSet,
-    decode_writeset,
-    encode_writeset,
-    is_disk_full,
-    list_segments,
-    scan_segment,
-)
+from .log import CommitLog, Damage, WriteSet, encode_writeset, is_disk_full
+from .recovery import check_identity, replay_log
 
 log = logging.getLogger("durable.objectproc")
 
@@ -102,10 +94,6 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-
-
-class DataDirMismatchError(StorageError):
-    """A slot's files carry another data dir's identity (files of two dirs were mixed)."""
 
 
 class _Retry(Exception):
@@ -199,7 +187,7 @@ class SlotStore:
         self._memory_limit = memory_limit
         self.duck = DuckStore(self.directory / f"slot-{slot}.duckdb", memory_limit=memory_limit)
         if data_dir_id is not None:
-            self._check_identity(data_dir_id)
+            check_identity(self.duck, data_dir_id)
         log_dir = self.directory / f"slot-{slot}.log"
         log_dir.mkdir(exist_ok=True, mode=0o700)
         self.replayed = 0
@@ -241,96 +229,12 @@ class SlotStore:
         self.inline_commits = 0  # syncs that wrote and synced on the loop thread
 
     # -- recovery -----------------------------------------------------------------
-    def _check_identity(self, data_dir_id: str) -> None:
-        """Refuse a DuckDB file that belongs to another data dir (files moved or mixed up)."""
-        have = self.duck.meta_text("data_dir_id")
-        if have is None:
-            self.duck.set_meta_text("data_dir_id", data_dir_id)
-        elif have != data_dir_id:
-            raise DataDirMismatchError(
-                f"{self.duck.path} belongs to data dir {have}, but this data dir's identity is "
-                f"{data_dir_id}: the files of two data dirs were mixed. Put the right files back "
-                "or restore the data dir from a backup (`durable restore`).")
-
     def _recover(self, log_dir: Path) -> int:
-        """Verify the log tail after DuckDB's position, replay it, checkpoint, then delete it.
-
-        Nothing is changed until every segment has been read. Damage is fatal
-        when it costs a record DuckDB does not hold (a gap after ``applied_seq``,
-        or a truncated last segment); damage among records DuckDB already has
-        is logged, and its segment kept in ``quarantine/`` rather than deleted.
-        """
-        applied = self.duck.applied_seq()
-        segments = list_segments(log_dir)
-        expect = applied + 1
-        problems: list[str] = []
-        damaged: list[tuple[Path, Damage]] = []
-        for i, seg in enumerate(segments):
-            last = i == len(segments) - 1
-            scan = scan_segment(seg.path.read_bytes(), last=last, where=str(seg.path))
-            for seq, payload in [*scan.records, *scan.resumed]:
-                if seq < expect:
-                    continue
-                if seq != expect:
-                    problems.append(f"{seg.path}: the log jumps from record {expect - 1} to "
-                                    f"{seq}; records {expect}..{seq - 1} are missing")
-                try:
-                    decode_writeset(payload)
-                except ValueError as e:
-                    problems.append(f"record {seq} in {seg.path}: {e}")
-                expect = seq + 1
-            if scan.damage is not None:
-                damaged.append((seg.path, scan.damage))
-                d = scan.damage
-                # The first record the damage cost: after the last good one, or the segment's
-                # first (its name). Past DuckDB's position, or at an unknowable end: fatal.
-                lost_first = d.after_seq + 1 if d.after_seq is not None else seg.first_seq
-                if lost_first > applied or (last and not scan.resumed):
-                    problems.append(d.describe())
-            self.torn = scan.torn or self.torn
-        if problems:
-            raise StorageCorruptError(
-                f"slot {self.slot}: the commit log is damaged and no file was changed: "
-                + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5
-                                              else "")
-                + f". Run `durable verify --slot {self.slot}` for the full report, then "
-                f"`durable repair --slot {self.slot} --yes` to keep every valid record, or restore "
-                "the data dir from a backup.")
-        for _path, damage in damaged:
-            log.warning("slot %d: the commit log is damaged (%s), but only among records DuckDB "
-                        "already holds: nothing is lost; the segment is kept in quarantine/",
-                        self.slot, damage.describe())
-        if self.torn is not None:
-            log.warning("slot %d: the commit log ends in a torn write (%s): a crash during a "
-                        "write; its records were never acknowledged and are dropped",
-                        self.slot, self.torn.describe())
-        expect = applied + 1
-        batch: list[WriteSet] = []
-        for i, seg in enumerate(segments):
-            scan = scan_segment(seg.path.read_bytes(), last=i == len(segments) - 1,
-                                where=str(seg.path))
-            for seq, payload in [*scan.records, *scan.resumed]:
-                if seq < expect:
-                    continue
-                batch.append(decode_writeset(payload))
-                expect = seq + 1
-                if len(batch) >= _REPLAY_BATCH:
-                    self._apply_writesets(batch, expect - 1)
-                    self.replayed += len(batch)
-                    batch = []
-        if batch or expect - 1 != applied:
-            self._apply_writesets(batch, expect - 1)
-            self.replayed += len(batch)
-        self.duck.checkpoint()  # the records are in the main file: now, and only now, delete them
-        if damaged:
-            quarantine = self.directory / "quarantine" / (
-                time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-slot-{self.slot}-log")
-            quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for path, _ in damaged:
-                os.replace(path, quarantine / path.name)
-        for seg in segments:
-            seg.path.unlink(missing_ok=True)
-        return expect
+        """Verify and replay the log (``recovery.replay_log``); return the next sequence number."""
+        result = replay_log(self.duck, log_dir, slot=self.slot, apply=self._apply_writesets,
+                            batch=_REPLAY_BATCH, quarantine=self.directory / "quarantine")
+        self.replayed, self.torn = result.replayed, result.torn
+        return result.next_seq
 
     def _apply_writesets(self, batch: list[WriteSet], last_seq: int) -> None:
         rows: dict[bytes, tuple[bytes, bytes | None]] = {}
