@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,16 @@ _TRANSITIONS = {
 }
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it stops the children
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """The child's set-up between fork and exec: die with the supervisor, own process group."""
+    def setup() -> None:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the supervisor died between fork and prctl: no
+                os._exit(1)             # signal will come, so do not start at all
+        os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it stops the children
+    return setup
 
 
 @dataclass
@@ -132,7 +138,7 @@ class Watcher:
     def start(self, now: float) -> None:
         self.step("start")
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=_die_with_parent(os.getpid()))
         self.started_at = now
         self.rss, self.cpu = 0, 0.0
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -21,7 +20,7 @@ import durable
 from durable.errors import StorageFullError
 from tests.integration.daemon import serving
 from tests.integration.procs import wait_for
-from tests.integration.test_storage_faults import cli, names_on
+from tests.integration.test_storage_faults import cli, kill_hard, names_on
 
 pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
 
@@ -136,10 +135,7 @@ def test_disk_full_refuses_writes_serves_reads_and_recovers_by_itself(tmp_path, 
         print(f"disk full: {sum(map(len, acked.values()))} writes acknowledged, {len(refused)} "
               f"refused; writes back {back_in:.2f} s after space was freed")
         # Nothing acknowledged was lost: crash everything and read it back.
-        for k in d.children():
-            k.send_signal(signal.SIGKILL)
-        d.proc.send_signal(signal.SIGKILL)
-        d.proc.wait(timeout=30)
+        kill_hard(d)
     with serving(root, config) as d:
         d.wait_ready()
         with durable.connect_sync(frontend) as c:

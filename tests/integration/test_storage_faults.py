@@ -95,12 +95,19 @@ def answering(d, names) -> dict[str, set[str]]:
 
 
 def kill_hard(d) -> None:
-    """SIGKILL every process of the daemon, children first: nothing is flushed or checkpointed."""
-    for k in d.children():
+    """SIGKILL every process of the daemon, children first: nothing is flushed or checkpointed.
+
+    The supervisor is stopped first, so that it cannot start a new child in between (which
+    would outlive it, out of the fixture's reach).
+    """
+    import psutil
+    d.proc.send_signal(signal.SIGSTOP)
+    kids = d.children()
+    for k in kids:
         k.send_signal(signal.SIGKILL)
+    psutil.wait_procs(kids, timeout=10)
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(timeout=30)
-    wait_for(lambda: not d.children(), 10, "children gone")
 
 
 def digest(path: Path) -> str:

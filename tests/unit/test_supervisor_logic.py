@@ -1,6 +1,8 @@
 """Restart policy, sd_notify and configuration: pure logic (plus a real AF_UNIX socket)."""
 
+import os
 import socket
+import sys
 
 import pytest
 
@@ -122,3 +124,18 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.toml").write_text("slots = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(tmp_path / "bad.toml")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_whose_supervisor_died_before_prctl_does_not_start():
+    """PR_SET_PDEATHSIG set after the parent is gone never fires: the child must see that."""
+    from durable.supervisor.arbiter import _die_with_parent
+    for parent, want in ((os.getpid(), 0), (os.getpid() + 10**6, 1)):  # the real one, a gone one
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _die_with_parent(parent)()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == want
