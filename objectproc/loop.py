@@ -238,12 +238,16 @@ class ObjectProcess:
             except Exception as e:
                 reply(None, e)
 
-        task = asyncio.create_task(run())
+        self._spawn(run())
+
+    def _spawn(self, coro: Any) -> None:
+        """Run an operator request's work as a task this process owns (awaited at shutdown)."""
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _backup(self, request: Any, reply: Any) -> None:
-        """`durable backup`: pin the slot's files (checkpointed, none deleted) or release them."""
+        """`durable backup`: pin the slot's files (nothing applied, none deleted) or release them."""
         query = parse_qs(urlsplit(request.url).query)
         op = query.get("op", [""])[0]
 
@@ -259,9 +263,7 @@ class ObjectProcess:
             except Exception as e:
                 reply(None, e)
 
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(run())
 
     def _activation(self, namespace: str, object_id: str) -> Activation:
         key = (namespace, object_id)
