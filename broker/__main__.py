@@ -9,6 +9,7 @@ import signal
 import sys
 
 from durable.ids import load_or_create_secret, namespace_key
+from durable.supervisor import lifeline
 
 from .router import Broker, BrokerConfig
 
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     broker = Broker(config)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    beat = lifeline.start(lambda: broker.last_turn)
     broker.bind()
+    beat.ready = True
     logging.getLogger("durable.broker").info(
         "listening: clients on %s, object processes on %s, %d slots", args.frontend, args.backend,
         args.slots)

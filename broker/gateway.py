@@ -25,7 +25,9 @@ body over the limit       413
 body not sent in time     408
 ========================  ======================================
 
-Several gateway processes can share the port (SO_REUSEPORT) to use more cores.
+The supervisor binds the port and passes the listening socket (``--fd``); several
+gateway processes accept from that one socket to use more cores (gunicorn's
+model), and no other process can share the port.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import unquote
@@ -56,6 +60,7 @@ from durable.errors import (
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_spec
+from durable.supervisor import lifeline
 
 __all__ = ["Gateway", "main"]
 
@@ -154,6 +159,9 @@ class Gateway:
 
 
 async def run(args: argparse.Namespace) -> None:
+    mark = [time.monotonic()]
+    beat = lifeline.start(lambda: mark[0])
+    ticker = asyncio.create_task(lifeline.tick_forever(mark))
     secret = load_or_create_secret(args.data_dir, create=False)
     keys = {n: namespace_key(secret, n) for n in args.namespace}
     client = durable.Client(args.frontend, name=f"gateway-{os.getpid()}", namespaces=keys,
@@ -168,9 +176,14 @@ async def run(args: argparse.Namespace) -> None:
                            keepalive_timeout=args.idle_timeout, max_field_size=16384)
     await runner.setup()
     host, _, port = args.listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=True, backlog=1024,
-                       shutdown_timeout=args.grace)
+    if args.fd is not None:  # the supervisor's socket: it owns the port
+        site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=args.fd),
+                                          shutdown_timeout=args.grace)
+    else:  # run by hand: bind it here, exclusively
+        site = web.TCPSite(runner, host.strip("[]"), int(port), backlog=1024,
+                           shutdown_timeout=args.grace)
     await site.start()
+    beat.ready = True
     log.info("listening on http://%s%s", args.listen, f" (worker {args.worker})" if worker else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -179,11 +192,13 @@ async def run(args: argparse.Namespace) -> None:
     await stop.wait()
     await runner.cleanup()  # stops accepting, lets requests in flight finish
     await client.close()
+    ticker.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m durable.broker.gateway")
     p.add_argument("--listen", default="127.0.0.1:8787")
+    p.add_argument("--fd", type=int, help="a listening socket to serve (the supervisor's)")
     p.add_argument("--frontend", required=True, help="the broker's client endpoint")
     p.add_argument("--data-dir", required=True, help="holds the id secret")
     p.add_argument("--namespace", action="append", default=[])

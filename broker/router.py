@@ -144,6 +144,7 @@ class Broker:
         self.draining = False
         self._stopping = False
         self._next_client_sweep = clock()
+        self.last_turn = time.monotonic()  # the supervisor's lifeline reports its age
 
     # -- sockets ----------------------------------------------------------------------
     def _router(self) -> zmq.Socket:
@@ -237,6 +238,7 @@ class Broker:
             poller.register(self.pub, zmq.POLLIN)
         burst = self.config.burst
         while not self._stopping:
+            self.last_turn = time.monotonic()
             events = dict(poller.poll(self._poll_timeout_ms()))
             if self.ctl is not None and self.ctl in events:
                 self._drain(self.ctl, lambda frames: self.on_control([b"", *frames]), burst)

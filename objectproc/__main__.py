@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import duckdb
 import orjson
 
 from durable.errors import StorageCorruptError
 from durable.exitcodes import EXIT_CONFIG, EXIT_CORRUPT, EXIT_DISK_FULL, EXIT_STORAGE
+from durable.supervisor import lifeline
 
 from .loop import ObjectProcess, ObjectProcessConfig
 from .storage import StorageLimits
@@ -73,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, proc.stop)
         loop.add_signal_handler(signal.SIGINT, proc.stop)
-        await proc.run()
+        mark = [time.monotonic()]
+        proc.lifeline = lifeline.start(lambda: mark[0])
+        ticker = asyncio.create_task(lifeline.tick_forever(mark))
+        try:
+            await proc.run()
+        finally:
+            ticker.cancel()
 
     log = logging.getLogger("durable.objectproc")
     try:

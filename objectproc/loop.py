@@ -103,6 +103,7 @@ class ObjectProcess:
         self._tasks: set[asyncio.Task[None]] = set()
         self.client: Client | None = None
         self.env: Env | None = None
+        self.lifeline: Any = None  # the supervisor's (lifeline.Lifeline); ready once registered
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -124,6 +125,8 @@ class ObjectProcess:
         await self.client.start(wait=False)
         self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars)
         self._register()
+        if self.lifeline is not None:
+            self.lifeline.ready = True  # from here, a loop that stops turning is a hang
         try:
             async with asyncio.TaskGroup() as tg:
                 timers = tg.create_task(self._timer_loop())

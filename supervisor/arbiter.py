@@ -11,8 +11,19 @@ Rules this file keeps:
 * **Restarts follow the policy** (``restart_policy.py``); a process that
   cannot help (bad configuration, storage) or that flaps halts the daemon,
   saying why in the log and in systemd's STATUS.
-* **Ready means ready**: READY=1 only once the broker answers and every slot
-  has registered.
+* **One owner.** Before any socket, file or child, the supervisor takes the
+  data dir's lock and binds the HTTP port itself (no SO_REUSEPORT): a second
+  daemon, or a port in use, is refused before anything changes. Each gateway
+  process serves the supervisor's listening socket (gunicorn's model), and
+  every child holds the lock's fd.
+* **Liveness is measured, not assumed.** Each child beats over a pipe from a
+  thread of its own, reporting how long ago its loop last turned
+  (``lifeline.py``). Silence or a lag beyond ``hang_timeout`` is a hang: the
+  child is SIGKILLed and restarted; ``durable status`` shows ``hung`` meanwhile.
+  Every SIGTERM the supervisor sends is followed by SIGKILL after
+  ``grace_period``.
+* **Ready means ready**: READY=1 only once the broker answers, every slot
+  has registered and every gateway is serving.
 * **Stop**: STOPPING=1; SIGTERM the object processes (each finishes its calls
   in flight and makes every write durable), then the broker; SIGKILL what is
   left when the grace period ends. A second SIGTERM skips straight to SIGKILL.
@@ -31,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import errno
 import logging
 import os
 import select
@@ -58,9 +70,9 @@ from durable.protocol.messages import (
     parse_from_broker_to_client,
 )
 
-from . import cpu_latency, status, systemd
+from . import cpu_latency, lifeline, status, systemd
 from .config import EXIT_CONFIG, Config, ConfigError
-from .datadir import DataDirError, Identity, open_data_dir
+from .datadir import DataDirError, Identity, lock_data_dir, open_data_dir
 from .migrate import migrate
 from .restart_policy import EXIT_STORAGE, Decision, RestartPolicy
 
@@ -124,6 +136,13 @@ class Watcher:
     corrupt_file: tuple[int, int] | None = None  # (dev, ino) of the damaged DuckDB file
     rss: int = 0
     cpu: float = 0.0
+    beat_fd: int | None = None  # read end of the child's lifeline pipe
+    last_beat: float = 0.0
+    lag: float = 0.0  # how long ago the child's loop last turned, as last reported
+    ready: bool = False  # the child said it serves (storage open, port served)
+    kill_at: float | None = None  # SIGKILL then, unless it exited after our SIGTERM
+    hung: bool = False
+    pass_fds: tuple[int, ...] = ()
 
     def step(self, event: str) -> None:
         nxt = _TRANSITIONS.get((self.state, event))
@@ -137,8 +156,21 @@ class Watcher:
 
     def start(self, now: float) -> None:
         self.step("start")
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent(os.getpid()))
+        r, w = os.pipe()  # the lifeline (both ends close-on-exec; the child gets w)
+        os.set_blocking(r, False)
+        env = dict(self.env, DURABLE_LIFELINE_FD=str(w), DURABLE_PARENT=str(os.getpid()))
+        try:
+            self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
+                                         pass_fds=(w, *self.pass_fds),
+                                         preexec_fn=_die_with_parent(os.getpid()))
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self.close_beat()
+        self.beat_fd = r
+        self.last_beat, self.lag, self.ready, self.kill_at, self.hung = now, 0.0, False, None, False
         self.started_at = now
         self.rss, self.cpu = 0, 0.0
         try:
@@ -152,6 +184,46 @@ class Watcher:
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)
+
+    def terminate(self, now: float, grace: float) -> None:
+        """SIGTERM now, SIGKILL after ``grace`` if it has not exited by then."""
+        self.signal(signal.SIGTERM)
+        if self.kill_at is None:
+            self.kill_at = now + grace
+
+    def read_beats(self, now: float) -> None:
+        """Take every line the child wrote; the last one says how it is."""
+        if self.beat_fd is None:
+            return
+        try:
+            data = os.read(self.beat_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # EOF: the child exited (its exit is reaped separately)
+            self.close_beat()
+            return
+        for line in reversed(data.splitlines()):
+            beat = lifeline.parse_beat(line)
+            if beat is not None:
+                self.lag, ready = beat
+                self.ready = self.ready or ready
+                self.last_beat = now
+                return
+
+    def close_beat(self) -> None:
+        if self.beat_fd is not None:
+            os.close(self.beat_fd)
+            self.beat_fd = None
+
+    def stuck_for(self, now: float) -> float:
+        """How long the child has shown no sign of a working loop (0: it is fine)."""
+        silence = now - self.last_beat
+        # A loop's lag counts once the child is ready: opening storage (log replay) may
+        # hold the loop for long, and its lifeline thread still beats meanwhile.
+        lag = self.lag + silence if self.ready else 0.0
+        return max(silence - 2 * lifeline.INTERVAL, lag)
 
 
 class Arbiter:
@@ -169,6 +241,8 @@ class Arbiter:
         self._control: zmq.Socket | None = None
         self.identity: Identity | None = None
         self._status_error_logged = 0.0
+        self.lock_fd: int | None = None
+        self.http_socket: socket.socket | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def check(self) -> None:
@@ -179,6 +253,25 @@ class Arbiter:
             except ValueError as e:
                 raise ConfigError(f"{self.config.source}: namespaces.{name}.class: {e}. Check "
                                   "the module is importable (installed, or on PYTHONPATH).") from None
+
+    def acquire(self) -> None:
+        """Take the data dir's lock, then the HTTP port: before anything else changes.
+
+        Raises ``DataDirLocked`` (another daemon) or ``PortInUse``; both leave
+        every file and socket as they were.
+        """
+        if self.lock_fd is None:
+            self.lock_fd = lock_data_dir(self.config.data_path)
+        if self.config.http is not None and self.http_socket is None:
+            self.http_socket = bind_http(self.config.http.listen)
+
+    def release(self) -> None:
+        if self.http_socket is not None:
+            self.http_socket.close()
+            self.http_socket = None
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # children still holding it keep the lock
+            self.lock_fd = None
 
     def _prepare_dirs(self) -> None:
         self.identity = open_data_dir(self.config.data_path)  # DataDirError: refuse to start
@@ -205,6 +298,7 @@ class Arbiter:
                        "--authorized-keys", c.broker.authorized_keys]
         for ns in c.namespaces:
             broker += ["--namespace", ns]
+        env["DURABLE_ORPHAN_GRACE"] = str(min(c.grace_period, 5.0))  # its replies have nowhere to go
         self.watchers.append(Watcher("broker", "broker", None, broker, env))
         for slot in range(c.slots):
             argv = [self.python, "-m", "durable.objectproc", "--slot", str(slot), "--backend", back,
@@ -224,6 +318,7 @@ class Arbiter:
         if c.http is not None:
             h = c.http
             argv = [self.python, "-m", "durable.broker.gateway", "--listen", h.listen,
+                    "--fd", str(self.http_socket.fileno()),
                     "--frontend", front, "--data-dir", str(c.data_path),
                     "--vars-json", orjson.dumps(c.vars).decode(),
                     "--max-body-bytes", str(h.max_body_bytes), "--read-timeout", str(h.read_timeout),
@@ -236,17 +331,31 @@ class Arbiter:
             if h.debug:
                 argv.append("--debug")
             for i in range(h.processes):
-                self.watchers.append(Watcher(f"gateway-{i}", "gateway", None, argv, env))
+                self.watchers.append(Watcher(f"gateway-{i}", "gateway", None, argv, env,
+                                             pass_fds=(self.http_socket.fileno(),)))
+        for w in self.watchers:  # every child holds the lock: an orphan is seen by the next start
+            w.pass_fds = (*w.pass_fds, self.lock_fd)
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:
         self.check()
         try:
-            self._prepare_dirs()
-        except DataDirError as e:
+            self.acquire()
+            try:
+                self._prepare_dirs()
+            except BaseException:
+                self.release()
+                raise
+        except (DataDirError, PortInUse) as e:
             log.error("%s", e)
             systemd.notify(f"STATUS=halted: {e}")
-            return EXIT_STORAGE
+            return EXIT_CONFIG if isinstance(e, PortInUse) else EXIT_STORAGE
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> int:
         try:
             moved = migrate(self.config.data_path, self.config.slots, log=log.info)
         except Exception as e:
@@ -281,12 +390,19 @@ class Arbiter:
                 now = self.clock()
                 due = [w.start_due for w in self.watchers if w.state is WatcherState.BACKOFF]
                 timeout = max(0.0, min([0.2, *[d - now for d in due]]))
+                beats = {w.beat_fd: w for w in self.watchers if w.beat_fd is not None}
+                readable: list[int] = []
                 with contextlib.suppress(InterruptedError):
-                    select.select([rfd], [], [], timeout)
+                    readable, _, _ = select.select([rfd, *beats], [], [], timeout)
                 with contextlib.suppress(BlockingIOError):
                     while os.read(rfd, 4096):
                         pass
+                now = self.clock()
+                for fd in readable:
+                    if fd in beats:
+                        beats[fd].read_beats(now)
                 self._reap()
+                self._check_liveness()
                 if self._handle_signals():
                     break
                 if self.exit_code:
@@ -294,7 +410,8 @@ class Arbiter:
                     break
                 self._start_due()
                 corrupt = {w.slot for w in self.watchers if w.state is WatcherState.CORRUPT}
-                if not self._ready and probe.all_slots_up(self.config.slots, corrupt) and self._http_up():
+                gateways_up = all(w.ready for w in self.watchers if w.role == "gateway")
+                if not self._ready and gateways_up and probe.all_slots_up(self.config.slots, corrupt):
                     self._ready = True
                     systemd.notify("READY=1")
                     systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
@@ -322,17 +439,34 @@ class Arbiter:
                 if w.proc is not None:
                     with contextlib.suppress(Exception):
                         w.proc.wait(timeout=5)
+                w.close_beat()
         return self.exit_code
 
-    def _http_up(self) -> bool:
-        if self.config.http is None:
-            return True
-        host, _, port = self.config.http.listen.rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=0.2):
-                return True
-        except OSError:
-            return False
+    def _check_liveness(self) -> None:
+        """SIGKILL a child whose loop stopped turning (a hang), or one that outstayed SIGTERM."""
+        if self._stopping:
+            return
+        now = self.clock()
+        for w in self.watchers:
+            if w.state is not WatcherState.RUNNING or w.proc is None or w.proc.returncode is not None:
+                continue
+            if w.kill_at is not None:
+                if now >= w.kill_at:
+                    log.warning("%s (pid %d) did not stop within grace_period = %g s after "
+                                "SIGTERM: SIGKILL", w.name, w.pid, self.config.grace_period)
+                    w.signal(signal.SIGKILL)
+                    w.kill_at = float("inf")  # once
+                continue
+            stuck = w.stuck_for(now)
+            if stuck >= self.config.hang_timeout:
+                w.hung = True
+                what = (f"its loop has not turned for {stuck:.0f} s" if now - w.last_beat < 3
+                        else f"it sent no heartbeat for {now - w.last_beat:.0f} s (stopped?)")
+                log.error("%s (pid %d) is hung: %s, over hang_timeout = %g s. SIGKILL and "
+                          "restart; its calls in flight fail (their stubs break)", w.name, w.pid,
+                          what, self.config.hang_timeout)
+                w.signal(signal.SIGKILL)
+                w.kill_at = float("inf")
 
     def _sample(self) -> None:
         """psutil: RSS and CPU of every child; restart an object process over its memory limit."""
@@ -358,17 +492,25 @@ class Arbiter:
                 log.warning("%s uses %.0f MiB, over memory_limit_mb = %d: restarting it gracefully "
                             "(its writes are made durable first)", w.name, w.rss / 2**20,
                             self.config.memory_limit_mb)
-                w.signal(signal.SIGTERM)
+                w.terminate(self.clock(), self.config.grace_period)
                 w.ps = None  # one SIGTERM; the exit restarts it
         self._write_status({
             "supervisor": {"pid": os.getpid(), "started": self._started, "ready": self._ready,
                            "config": self.config.source, "frontend": self.config.frontend()},
             "processes": [{
-                "role": w.role, "slot": w.slot, "pid": w.pid, "state": w.state.value,
+                "role": w.role, "slot": w.slot, "pid": w.pid, "state": self._state_shown(w),
+                "lag": round(w.lag, 3),
                 "uptime": round(self.clock() - w.started_at, 1) if w.state is WatcherState.RUNNING else None,
                 "restarts": w.restarts, "rss": w.rss, "cpu": w.cpu, "last_exit": w.last_exit,
             } for w in self.watchers],
         })
+
+    def _state_shown(self, w: Watcher) -> str:
+        """``hung`` once a running child looks stuck (killed at hang_timeout)."""
+        if w.state is WatcherState.RUNNING and (w.hung or w.stuck_for(self.clock()) >= min(
+                5.0, self.config.hang_timeout)):
+            return "hung"
+        return w.state.value
 
     def _write_status(self, data: dict[str, Any]) -> None:
         """The status file is a convenience: failing to write it is logged (once a minute)."""
@@ -411,6 +553,10 @@ class Arbiter:
     def _exited(self, w: Watcher, code: int) -> None:
         now = self.clock()
         w.last_exit = code
+        w.read_beats(now)
+        w.close_beat()
+        if w.hung:
+            log.warning("%s (pid %d) was hung and is gone (status %d)", w.name, w.pid, code)
         if w.role == "objectproc":  # its stubs break now, not after missed heartbeats
             self._tell_broker(Control("slot_down", w.slot, w.pid))
         if self._stopping or w.state is WatcherState.STOPPING:
@@ -485,6 +631,47 @@ class Arbiter:
                 time.sleep(0.01)
                 self._reap()
         log.info("stopped")
+
+
+class PortInUse(Exception):
+    """The HTTP port is taken: a configuration problem, restarting will not help."""
+
+
+def bind_http(listen: str) -> socket.socket:
+    """Bind and listen on ``host:port`` for the gateways (no SO_REUSEPORT: one owner)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise PortInUse(f"http.listen = {listen!r}: {host} does not resolve ({e}); use an "
+                        "address of this machine, e.g. 127.0.0.1:8787") from None
+    s = socket.socket(family, kind, proto)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only; Linux keeps
+    try:                                                     # a listener exclusive
+        s.bind(addr)
+        s.listen(1024)
+    except OSError as e:
+        s.close()
+        if e.errno == errno.EADDRINUSE:
+            pids = _listeners(int(port))
+            by = f" (by pid {', '.join(map(str, pids))})" if pids else ""
+            raise PortInUse(f"{listen} is in use{by}: another program, or another durable daemon, "
+                            "listens there. Stop it, or set http.listen to a free port") from None
+        raise PortInUse(f"cannot listen on {listen}: {e}. Set http.listen to an address of "
+                        "this machine and a port this user may bind") from None
+    s.set_inheritable(True)
+    return s
+
+
+def _listeners(port: int) -> list[int]:
+    """Pids listening on a TCP port, where this user may see them."""
+    with contextlib.suppress(psutil.Error, OSError):
+        return sorted({c.pid for c in psutil.net_connections(kind="tcp")
+                       if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                       and c.pid})
+    return []
 
 
 class _Probe:

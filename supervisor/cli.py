@@ -28,11 +28,22 @@ def serve(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         config = load(args.config)
-        from .arbiter import Arbiter
+        from .arbiter import Arbiter, PortInUse
         arbiter = Arbiter(config)
         arbiter.check()
     except ConfigError as e:
         print(f"durable serve: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from .datadir import DataDirError
+    from .restart_policy import EXIT_STORAGE
+    try:
+        arbiter.acquire()  # the data dir's lock, then the port: before anything is changed
+    except DataDirError as e:
+        print(f"durable serve: {e}", file=sys.stderr)
+        return EXIT_STORAGE
+    except PortInUse as e:
+        arbiter.release()
+        print(f"durable serve: {e}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"durable {__version__}: serving {', '.join(config.namespaces)} on {config.slots} slots "
           f"({config.source}); data in {config.data_path}", file=sys.stderr)

@@ -58,7 +58,7 @@ class HttpSettings:
     listen: str = "127.0.0.1:8787"
     #: "module:fetch" for a Worker entry point; empty: built-in routing by path
     worker: str = ""
-    #: gateway processes sharing the port (SO_REUSEPORT)
+    #: gateway processes serving the supervisor's listening socket
     processes: int = 1
     #: larger request bodies get 413
     max_body_bytes: int = 32 << 20
@@ -85,6 +85,8 @@ class Config:
     idle_timeout: float = 60.0
     #: seconds a graceful stop may take before stragglers are killed
     grace_period: float = 30.0
+    #: seconds a process's loop may stay blocked (or silent) before it is killed and replaced
+    hang_timeout: float = 30.0
     #: restart an object process gracefully above this RSS (MiB); 0 = no limit
     memory_limit_mb: int = 0
     #: DuckDB's memory per slot (MiB): its cache of table pages and ART indexes
@@ -149,6 +151,7 @@ def _section(source: str, prefix: str, raw: Any, cls: type) -> Any:
 
 
 _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_period": (int, float),
+        "hang_timeout": (int, float),
         "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool,
         "checkpoint_wal_mb": int, "checkpoint_interval": (int, float)}
 
@@ -207,6 +210,9 @@ def validate(cfg: Config) -> None:
     for key in ("idle_timeout", "grace_period"):
         if getattr(cfg, key) <= 0:
             raise _err(src, key, "must be positive", "Use a number of seconds above 0.")
+    if cfg.hang_timeout < 3:
+        raise _err(src, "hang_timeout", f"must be at least 3 seconds, got {cfg.hang_timeout:g}",
+                   "Processes beat once a second; use 30 unless calls may block longer.")
     if cfg.checkpoint_wal_mb < 1 or cfg.checkpoint_interval <= 0:
         raise _err(src, "checkpoint_wal_mb / checkpoint_interval", "must be positive",
                    "Use a size in MiB (at least 1) and a number of seconds above 0.")

@@ -12,6 +12,10 @@ Rules this file keeps:
 * **Refused**: a dir that holds durable's files but no identity and no secret
   (a partial copy, a wrong path). A dir with the secret but no identity was
   made by durable 0.1, which had none: it is adopted (the log says so).
+* **One daemon per dir**: the supervisor takes ``DATA_DIR/lock`` (``flock``,
+  exclusive) before it touches any socket, file or child, and every child
+  inherits it; a second ``durable serve`` is refused, naming the holder's pid,
+  and changes nothing.
 * **While serving** the supervisor checks every second that the identity file
   is still the one it started with; a data dir removed or replaced under a
   running daemon stops it (status 74, which systemd does not restart), rather
@@ -21,6 +25,7 @@ Rules this file keeps:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -29,12 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+import psutil
 
 from durable.ids import load_or_create_secret
 
-__all__ = ["DataDirError", "Identity", "open_data_dir", "IDENTITY_FILE"]
+__all__ = ["DataDirError", "DataDirLocked", "Identity", "open_data_dir", "lock_data_dir",
+           "IDENTITY_FILE", "LOCK_FILE"]
 
 IDENTITY_FILE = "identity"
+LOCK_FILE = "lock"
 # Files the supervisor itself may leave in a fresh dir before the identity exists.
 _HARMLESS = {"run", "lock", "identity.tmp", "secret.tmp", "quarantine"}
 
@@ -43,6 +51,57 @@ log = logging.getLogger("durable.supervisor")
 
 class DataDirError(Exception):
     """The data dir is not one this daemon may use; the message says why and what to do."""
+
+
+class DataDirLocked(DataDirError):
+    """Another daemon (or what is left of one) holds the data dir's lock."""
+
+    def __init__(self, message: str, pids: list[int]) -> None:
+        super().__init__(message)
+        self.pids = pids
+
+
+def lock_data_dir(path: Path) -> int:
+    """Take the data dir's lock; return its fd (inheritable, to pass to every child).
+
+    The lock is an ``flock`` on ``DATA_DIR/lock``: the kernel drops it when the
+    last process holding the fd exits, however it exits, so it is never stale.
+    """
+    path = path.absolute()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            pids = _holders(path / LOCK_FILE, os.read(fd, 64))
+        finally:
+            os.close(fd)
+        who = (f"pid {', '.join(map(str, pids))}" if pids
+               else "a process this user cannot see")
+        raise DataDirLocked(
+            f"the data dir {path} is in use by another durable daemon ({who}); nothing was "
+            "changed. Stop that daemon first (`systemctl stop durable`, or SIGTERM to the pid), "
+            "or give this one another data_dir", pids) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.set_inheritable(fd, True)
+    return fd
+
+
+def _holders(lock: Path, content: bytes) -> list[int]:
+    """Who holds the lock: the supervisor whose pid the file names, else whoever has it open."""
+    with contextlib.suppress(ValueError, psutil.Error):
+        pid = int(content.split()[0])
+        if psutil.pid_exists(pid) and any(str(lock) == f.path
+                                          for f in psutil.Process(pid).open_files()):
+            return [pid]
+    found = []
+    for proc in psutil.process_iter(["pid"]):  # an orphaned child: the supervisor is gone
+        with contextlib.suppress(psutil.Error):
+            if any(f.path == str(lock) for f in proc.open_files()):
+                found.append(proc.pid)
+    return found
 
 
 @dataclass(frozen=True)

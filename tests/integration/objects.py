@@ -1,6 +1,7 @@
 """Objects used by the integration tests (imported by real object processes)."""
 
 import asyncio
+import time
 from urllib.parse import parse_qs, urlsplit
 
 from durable import DurableObject, Request, Response
@@ -105,3 +106,17 @@ class KV(DurableObject):
             return Response.json(v if not isinstance(v, bytes) else len(v))
         rows = await self.state.storage.list()
         return Response.json({k: (len(v) if isinstance(v, bytes) else v) for k, v in rows.items()})
+
+
+class Busy(DurableObject):
+    """Blocks its process's loop for ?s= seconds (a pure-Python spin), holding ?mb= MiB of RSS."""
+
+    async def fetch(self, request: Request) -> Response:
+        q = query(request)
+        hold = bytearray(int(q.get("mb", "0")) << 20)
+        for i in range(0, len(hold), 4096):  # touch each page: calloc'd pages are not RSS yet
+            hold[i] = 1
+        end = time.monotonic() + float(q.get("s", "1"))
+        while time.monotonic() < end:
+            pass
+        return Response(f"busy {len(hold)}")
