@@ -8,10 +8,11 @@ import os
 import signal
 import sys
 
+from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.supervisor import lifeline
 
-from .router import Broker, BrokerConfig
+from .router import Broker, BrokerConfig, load_permissions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-limit", type=int, default=10_000)
     p.add_argument("--queue-deadline", type=float, default=10.0)
     p.add_argument("--control", help="endpoint for the supervisor's control messages")
-    p.add_argument("--public", help="a second client endpoint, for other machines")
+    p.add_argument("--public", action="append", default=[],
+                   help="a CurveZMQ client endpoint (repeat)")
+    p.add_argument("--admin", help="the operator endpoint (durable inspect, backup, status)")
     p.add_argument("--curve-secret-key", help="the broker's key pair file (durable keygen)")
     p.add_argument("--authorized-keys", help="directory of authorized client public keys")
     p.add_argument("--log-level", default="INFO")
@@ -37,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         frontend=args.frontend, backend=args.backend, slots=args.slots,
         namespaces={n: namespace_key(secret, n) for n in args.namespace},
         heartbeat=args.heartbeat, queue_limit=args.queue_limit,
-        queue_deadline=args.queue_deadline, control=args.control, public=args.public,
+        queue_deadline=args.queue_deadline, control=args.control, public=args.public, admin=args.admin,
         curve_secret_key_file=args.curve_secret_key, authorized_keys_dir=args.authorized_keys)
+    if args.authorized_keys:
+        try:
+            load_permissions(args.authorized_keys)
+        except (ValueError, OSError) as e:
+            logging.getLogger("durable.broker").error("configuration error: %s", e)
+            return EXIT_CONFIG
     broker = Broker(config)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())

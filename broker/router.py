@@ -18,12 +18,20 @@ Rules this file keeps:
 * **Down slots.** Calls for a slot with no process wait in a bounded FIFO
   queue (``overloaded`` when full) until it registers, or until their
   deadline (``timeout``), and are dispatched in order.
+* **Who may do what.** Three client sockets, told apart by a prefix on each
+  identity: ``F`` the local ipc endpoint (the daemon's user: the run dir is
+  0700), ``A`` the operator endpoint (``durable inspect``, ``backup``,
+  ``status``: the only one whose calls an object process accepts operator
+  requests from), ``P`` the CurveZMQ endpoints. A ``P`` client gets the id
+  keys, and may call, only the namespaces its key is allowed
+  (``permissions.toml`` in the authorized-keys dir), and gets no statistics.
 * **Thin loop.** Poll, drain each socket until it is empty (at most ``burst``
   messages a turn, so neither side starves), run the timers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -88,8 +96,9 @@ class BrokerConfig:
     max_message_bytes: int = 64 << 20
     burst: int = 1000
     control: str | None = None  # the supervisor's PUSH endpoint (ipc in the 0700 run dir)
-    #: a second client endpoint for other machines, with CurveZMQ when keys are given
-    public: str | None = None
+    admin: str | None = None  # the operator endpoint (ipc in the 0700 run dir)
+    #: TCP client endpoints, with CurveZMQ (the supervisor refuses them without keys)
+    public: list[str] = field(default_factory=list)
     curve_secret_key_file: str | None = None  # the broker's key pair (durable keygen)
     authorized_keys_dir: str | None = None  # public keys of the clients allowed in
 
@@ -117,6 +126,38 @@ class _Client:
     last_heard: float
     stubs: dict[int, tuple[int, int]] = field(default_factory=dict)
     inflight: int = 0
+    allowed: frozenset[str] | None = None  # namespaces a CurveZMQ client may call (None: all)
+
+
+def load_permissions(keys_dir: str) -> dict[str, frozenset[str] | None]:
+    """Client public key (z85) -> the namespaces it may call, from the authorized-keys dir.
+
+    ``permissions.toml`` there maps a key file's name (``app1`` for
+    ``app1.key``) to ``namespaces = [...]``; a key it does not list may call
+    every namespace. Raises ``ValueError`` naming the file and key on bad input.
+    """
+    import tomllib
+    from pathlib import Path
+
+    from zmq.auth import load_certificate
+
+    folder = Path(keys_dir)
+    names: dict[str, str] = {}
+    for f in sorted(folder.glob("*.key")):
+        public, _ = load_certificate(str(f))
+        names[f.stem] = public.decode()
+    rules: dict[str, frozenset[str] | None] = dict.fromkeys(names.values())
+    perm = folder / "permissions.toml"
+    if perm.exists():
+        raw = tomllib.loads(perm.read_text())
+        for name, table in raw.items():
+            if name not in names:
+                raise ValueError(f"{perm}: [{name}]: there is no {name}.key in {folder}")
+            spaces = table.get("namespaces") if isinstance(table, dict) else None
+            if not isinstance(spaces, list) or not all(isinstance(n, str) for n in spaces):
+                raise ValueError(f"{perm}: [{name}]: write namespaces = [\"NAME\", ...]")
+            rules[names[name]] = frozenset(spaces)
+    return rules
 
 
 class Broker:
@@ -140,6 +181,9 @@ class Broker:
         self.back: zmq.Socket | None = None
         self.ctl: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
+        self.adm: zmq.Socket | None = None
+        #: CurveZMQ client key (z85) -> allowed namespaces (None: all)
+        self.permissions: dict[str, frozenset[str] | None] = {}
         self._auth: Any = None
         self.draining = False
         self._stopping = False
@@ -164,6 +208,9 @@ class Broker:
             setattr(self, attr, s)
         if self.config.public:
             self.pub = self._public_socket()
+        if self.config.admin:
+            self.adm = self._router()
+            self.adm.bind(self.config.admin)
         if self.config.control:
             self.ctl = self._ctx.socket(zmq.PULL)
             self.ctl.setsockopt(zmq.LINGER, 0)
@@ -177,6 +224,7 @@ class Broker:
             from zmq.auth import load_certificate
             from zmq.auth.thread import ThreadAuthenticator
 
+            self.permissions = load_permissions(self.config.authorized_keys_dir)
             public, secret = load_certificate(self.config.curve_secret_key_file)
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
@@ -184,14 +232,15 @@ class Broker:
             s.curve_secretkey = secret
             s.curve_publickey = public
             s.curve_server = True
-        s.bind(self.config.public)
+        for endpoint in self.config.public:
+            s.bind(endpoint)
         return s
 
     def close(self) -> None:
-        for s in (self.front, self.back, self.ctl, self.pub):
+        for s in (self.front, self.back, self.ctl, self.pub, self.adm):
             if s is not None:
                 s.close(linger=0)
-        self.front = self.back = self.ctl = self.pub = None
+        self.front = self.back = self.ctl = self.pub = self.adm = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -210,9 +259,10 @@ class Broker:
             return False
 
     def _to_client(self, ident: bytes, frames: list[bytes]) -> None:
-        # Identities carry the socket they came from: F (local) or P (public). ZMQ makes them
-        # per socket, so without the prefix a local and a remote client could collide.
-        sock = self.pub if ident[:1] == b"P" else self.front
+        # Identities carry the socket they came from: F (local), A (operator) or P (public).
+        # ZMQ makes them per socket, so without the prefix two clients could collide.
+        kind = ident[:1]
+        sock = self.front if kind == b"F" else self.pub if kind == b"P" else self.adm
         self._send(sock, [ident[1:], *frames], "client")
 
     def _to_worker(self, ident: bytes, frames: list[bytes]) -> None:
@@ -236,6 +286,8 @@ class Broker:
             poller.register(self.ctl, zmq.POLLIN)
         if self.pub is not None:
             poller.register(self.pub, zmq.POLLIN)
+        if self.adm is not None:
+            poller.register(self.adm, zmq.POLLIN)
         burst = self.config.burst
         while not self._stopping:
             self.last_turn = time.monotonic()
@@ -247,7 +299,9 @@ class Broker:
             if self.front in events:
                 self._drain(self.front, self._from_front, burst)
             if self.pub is not None and self.pub in events:
-                self._drain(self.pub, self._from_public, burst)
+                self._drain_public(burst)
+            if self.adm is not None and self.adm in events:
+                self._drain(self.adm, self._from_admin, burst)
             try:
                 self.tick()
             except Exception:
@@ -282,20 +336,42 @@ class Broker:
         frames[0] = b"F" + frames[0]
         self.on_client(frames)
 
-    def _from_public(self, frames: list[bytes]) -> None:
-        frames[0] = b"P" + frames[0]
+    def _from_admin(self, frames: list[bytes]) -> None:
+        frames[0] = b"A" + frames[0]
         self.on_client(frames)
 
-    def on_client(self, frames: list[bytes]) -> None:
+    def _drain_public(self, burst: int) -> None:
+        """Like ``_drain``, keeping each message's CurveZMQ key (ZAP's User-Id) for HELLO."""
+        for _ in range(burst):
+            if not has_input(self.pub):
+                return
+            frame = self.pub.recv(zmq.NOBLOCK, copy=False)
+            frames, user = [frame.bytes], None
+            while frame.more:
+                frame = self.pub.recv(zmq.NOBLOCK, copy=False)
+                frames.append(frame.bytes)
+                if user is None:
+                    with contextlib.suppress(zmq.ZMQError, KeyError):
+                        user = frame.get("User-Id")
+            frames[0] = b"P" + frames[0]
+            try:
+                self.on_client(frames, user)
+            except Exception:
+                self.counters["internal_errors"] += 1
+                log.exception("internal error while handling a message; it was dropped")
+
+    def on_client(self, frames: list[bytes], user: str | None = None) -> None:
         ident = frames[0]
         msg = self._parse(parse_from_client, frames, "client")
         if msg is None:
             return
         client = self.clients.get(ident)
         if type(msg) is Hello:
-            self.clients[ident] = _Client(self.clock())
+            allowed = self._allowed(ident, user)
+            self.clients[ident] = _Client(self.clock(), allowed=allowed)
             self.counters["hellos"] += 1
-            names = {n: key.hex() for n, key in self.config.namespaces.items()}
+            names = {n: key.hex() for n, key in self.config.namespaces.items()
+                     if allowed is None or n in allowed}
             self._to_client(ident, Welcome(self.incarnation, names).encode())
             return
         if client is None:
@@ -311,7 +387,20 @@ class Broker:
             for stub_id in msg.stub_ids:
                 client.stubs.pop(stub_id, None)
         elif type(msg) is Stats:
-            self._to_client(ident, StatsReply(msg.call_id, self.statistics()).encode())
+            if ident[:1] == b"P":  # pids, counters, other clients' load: for this machine only
+                self._error(ident, msg.call_id, "protocol", "statistics are for local clients "
+                            "(`durable status` on the daemon's machine)")
+            else:
+                self._to_client(ident, StatsReply(msg.call_id, self.statistics()).encode())
+
+    def _allowed(self, ident: bytes, user: str | None) -> frozenset[str] | None:
+        """The namespaces a client may call: all for local ones, its key's for CurveZMQ ones."""
+        if ident[:1] != b"P":
+            return None
+        if user is None or user not in self.permissions:
+            # no ZAP (keys not configured: refused by config) or an unknown key: nothing
+            return frozenset() if self.config.curve_secret_key_file else None
+        return self.permissions[user]
 
     def on_control(self, frames: list[bytes]) -> None:
         msg = self._parse(parse_control, frames, "control")
@@ -338,6 +427,11 @@ class Broker:
         if self.draining:
             self._error(ident, call.call_id, "overloaded",
                         "the daemon is stopping; the call was not delivered (retry after restart)")
+            return
+        if client.allowed is not None and call.namespace not in client.allowed:
+            self._error(ident, call.call_id, "unknown_namespace",
+                        f"this client's key may not call namespace {call.namespace!r} "
+                        "(permissions.toml in the broker's authorized-keys dir)")
             return
         placed = (call.namespace, call.object_id)
         number = self._placed.get(placed)

@@ -57,6 +57,7 @@ INSPECT_URL = "durable:inspect"
 #: `durable backup` pins and unpins a slot's files (sent to any object the slot hosts).
 BACKUP_METHOD = "BACKUP"
 BACKUP_URL = "durable:backup"
+_OPERATOR_METHODS = (INSPECT_METHOD, BACKUP_METHOD)
 #: The longest a backup may hold a slot's files still (the log grows meanwhile).
 MAX_PIN_SECONDS = 3600.0
 
@@ -214,12 +215,18 @@ class ObjectProcess:
 
         try:
             request = decode_request(call.head, call.body)
-            if request.method == INSPECT_METHOD and request.url.startswith(INSPECT_URL):
-                self._inspect(call.namespace, call.object_id, request, reply)
-                return
-            if request.method == BACKUP_METHOD and request.url.startswith(BACKUP_URL):
-                self._backup(request, reply)
-                return
+            if request.method in _OPERATOR_METHODS and request.url.startswith("durable:"):
+                if client[:1] != b"A":  # the broker's operator socket, never the data plane
+                    raise PermissionError(
+                        f"{request.method} {request.url.split('?')[0]} is an operator request: "
+                        "it is accepted only through the daemon's operator endpoint "
+                        "(`durable inspect` / `durable backup` on the daemon's machine)")
+                if request.method == INSPECT_METHOD and request.url.startswith(INSPECT_URL):
+                    self._inspect(call.namespace, call.object_id, request, reply)
+                    return
+                if request.method == BACKUP_METHOD and request.url.startswith(BACKUP_URL):
+                    self._backup(request, reply)
+                    return
             act = self._activation(call.namespace, call.object_id)
         except Exception as e:  # bad request head, unknown namespace, constructor raised
             reply(None, e)

@@ -290,9 +290,9 @@ class Arbiter:
                   "--slots", str(c.slots), "--data-dir", str(c.data_path),
                   "--heartbeat", str(c.broker.heartbeat), "--queue-limit", str(c.broker.queue_limit),
                   "--queue-deadline", str(c.broker.queue_deadline),
-                  "--control", self.control_endpoint]
-        if c.broker.public_endpoint:
-            broker += ["--public", c.broker.public_endpoint]
+                  "--control", self.control_endpoint, "--admin", c.admin()]
+        for endpoint in c.curve_endpoints():
+            broker += ["--public", endpoint]
         if c.broker.curve_secret_key:
             broker += ["--curve-secret-key", c.broker.curve_secret_key,
                        "--authorized-keys", c.broker.authorized_keys]

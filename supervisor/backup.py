@@ -172,7 +172,7 @@ def backup(config: Config, dest: Path, *, say: Callable[[str], None] = lambda _m
     data = config.data_path
     identity = read_identity(data)
     started = time.time()
-    client = durable.connect_sync(config.frontend(), connect_timeout=3)
+    client = durable.connect_sync(config.admin(), connect_timeout=3)  # operator endpoint
     try:
         slots = [_backup_slot(client, config, n, dest, say, pin_timeout)
                  for n in range(config.slots)]

@@ -69,7 +69,7 @@ def _daemon(args: argparse.Namespace) -> tuple[Any, Any]:
         raise SystemExit(_fail(str(e), 3)) from None
     import durable
     try:
-        client = durable.connect_sync(config.frontend(), connect_timeout=3)
+        client = durable.connect_sync(config.admin(), connect_timeout=3)  # operator endpoint
     except ConnectionError as e:
         raise SystemExit(_fail(str(e), 3)) from None
     return config, client

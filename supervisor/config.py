@@ -34,9 +34,9 @@ class ConfigError(Exception):
 
 @dataclass
 class BrokerSettings:
-    #: where clients connect; default: ipc in the 0700 run directory
+    #: where clients connect; default: ipc in the 0700 run directory (tcp:// needs CurveZMQ keys)
     endpoint: str = ""
-    #: where object processes connect; default: ipc in the run directory
+    #: where object processes connect; ipc only (default: in the run directory)
     workers_endpoint: str = ""
     #: seconds between heartbeats; a peer is dead after 5 missed
     heartbeat: float = 1.0
@@ -116,7 +116,20 @@ class Config:
         return self.data_path / "run"
 
     def frontend(self) -> str:
-        return self.broker.endpoint or f"ipc://{self.run_dir / 'broker.sock'}"
+        """The local client endpoint (ipc): the daemon's processes and local programs use it."""
+        e = self.broker.endpoint
+        return e if e.startswith("ipc://") else f"ipc://{self.run_dir / 'broker.sock'}"
+
+    def admin(self) -> str:
+        """The operator endpoint (``durable inspect``, ``backup``, ``status``): ipc, 0700 dir."""
+        return f"ipc://{self.run_dir / 'admin.sock'}"
+
+    def curve_endpoints(self) -> list[str]:
+        """TCP client endpoints; each requires CurveZMQ keys (validated)."""
+        out = [self.broker.public_endpoint] if self.broker.public_endpoint else []
+        if self.broker.endpoint.startswith("tcp://"):
+            out.append(self.broker.endpoint)
+        return out
 
     def backend(self) -> str:
         return self.broker.workers_endpoint or f"ipc://{self.run_dir / 'workers.sock'}"
@@ -242,18 +255,18 @@ def validate(cfg: Config) -> None:
         if getattr(cfg.limits, name) < 1:
             raise _err(src, f"limits.{name}", "must be positive", "Use a positive integer.")
     b = cfg.broker
+    fix_keys = ("Run `durable keygen DIR --name broker` and `durable keygen DIR --name CLIENT`, "
+                "then set broker.curve_secret_key to DIR/broker.key_secret and "
+                "broker.authorized_keys to a directory holding each client's .key file.")
     if b.public_endpoint:
         if not b.public_endpoint.startswith("tcp://"):
             raise _err(src, "broker.public_endpoint", "must be a tcp:// endpoint",
                        'Write e.g. public_endpoint = "tcp://0.0.0.0:7700".')
-        host = b.public_endpoint[6:].rsplit(":", 1)[0].strip("[]")
-        local = host in ("127.0.0.1", "localhost", "::1")
-        if not local and not (b.curve_secret_key and b.authorized_keys):
+        if not (b.curve_secret_key and b.authorized_keys):
+            # Even on loopback: any local user can connect to a TCP port.
             raise _err(src, "broker.public_endpoint",
-                       f"{b.public_endpoint} accepts other machines, so it needs CurveZMQ keys",
-                       "Run `durable keygen DIR --name broker` and `durable keygen DIR --name "
-                       "CLIENT`, then set broker.curve_secret_key to DIR/broker.key_secret and "
-                       "broker.authorized_keys to a directory holding each client's .key file.")
+                       f"{b.public_endpoint} is a TCP endpoint, which any user of this machine "
+                       "(or others) can reach, so it needs CurveZMQ keys", fix_keys)
     if bool(b.curve_secret_key) != bool(b.authorized_keys):
         raise _err(src, "broker.curve_secret_key", "curve_secret_key and authorized_keys go "
                    "together", "Set both, or neither.")
@@ -263,16 +276,35 @@ def validate(cfg: Config) -> None:
     if b.authorized_keys and not Path(b.authorized_keys).is_dir():
         raise _err(src, "broker.authorized_keys", f"{b.authorized_keys} is not a directory",
                    "Point it at a directory of client .key files.")
-    for key, endpoint in (("broker.endpoint", cfg.frontend()), ("broker.workers_endpoint", cfg.backend())):
+    if b.authorized_keys:
+        from durable.broker.router import load_permissions
+        try:
+            load_permissions(b.authorized_keys)
+        except (ValueError, OSError) as e:
+            raise _err(src, "broker.authorized_keys", str(e),
+                       "Fix the file: each [NAME] names a NAME.key there and holds "
+                       'namespaces = ["NS", ...].') from None
+    for key, endpoint in (("broker.endpoint", b.endpoint or cfg.frontend()),
+                          ("broker.workers_endpoint", cfg.backend())):
         if endpoint.startswith("ipc://") and len(endpoint) - len("ipc://") > _IPC_PATH_MAX:
             raise _err(src, key, f"the ipc path is {len(endpoint) - 6} bytes; the limit is "
                        f"{_IPC_PATH_MAX}", "Use a shorter data_dir or set the endpoint explicitly.")
         if endpoint.startswith("tcp://"):
             host = endpoint[6:].rsplit(":", 1)[0].strip("[]")
+            if key == "broker.workers_endpoint":
+                raise _err(src, key, f"{endpoint} is a TCP endpoint: any local user could "
+                           "register as an object process and see every call",
+                           "Leave it unset (ipc in the 0700 run directory) or use an ipc:// path "
+                           "in a directory only the daemon's user can enter.")
             if host not in ("127.0.0.1", "localhost", "::1"):
                 raise _err(src, key, f"{endpoint} is not on this machine",
                            "Keep this endpoint on 127.0.0.1 or ipc://; for other machines set "
                            "broker.public_endpoint with CurveZMQ keys.")
+            if not b.curve_secret_key:
+                raise _err(src, key, f"{endpoint} is a TCP endpoint, which every local user can "
+                           "reach, so it needs CurveZMQ keys (the daemon's own processes use "
+                           "ipc in the run directory either way)",
+                           fix_keys + " Or leave it unset: ipc in the 0700 run directory.")
         elif not endpoint.startswith("ipc://"):
             raise _err(src, key, f"{endpoint!r} is not an ipc:// or tcp:// endpoint",
                        'Use e.g. "ipc:///run/durable/broker.sock" or "tcp://127.0.0.1:7700".')

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import durable
+from durable.ids import ObjectId
 from tests.integration.daemon import serving
 from tests.integration.test_gateway import free_port
 
@@ -69,3 +70,49 @@ class = "durable.examples.counter:Counter"
         log = d.log_text()
         assert "broker.public_endpoint" in log and "durable keygen" in log, log
         assert not d.children()
+
+
+def test_tcp_endpoint_needs_keys_and_keys_see_only_their_namespaces(tmp_path):
+    """broker.endpoint on TCP (even loopback) is CurveZMQ; permissions.toml limits each key."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    broker_pub, broker_sec = keygen(keys, "broker")
+    _, full_sec = keygen(allowed, "full")
+    _, narrow_sec = keygen(allowed, "narrow")
+    (allowed / "permissions.toml").write_text('[narrow]\nnamespaces = ["COUNTER"]\n')
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    config = f"""
+slots = 1
+[broker]
+heartbeat = 0.2
+endpoint = "{endpoint}"
+curve_secret_key = "{broker_sec}"
+authorized_keys = "{allowed}"
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+[namespaces.SECRET]
+class = "durable.examples.counter:Counter"
+"""
+    with serving(tmp_path / "run", config) as d:
+        d.wait_ready()
+        with pytest.raises(ConnectionError):  # what any local user without a key gets
+            durable.connect_sync(endpoint, connect_timeout=1.5)
+        with durable.connect_sync(endpoint, server_key=str(broker_pub),
+                                  client_key=str(full_sec)) as c:
+            assert set(c.namespaces) == {"COUNTER", "SECRET"}
+            secret_id = str(c.namespace("SECRET").id_from_name("vault"))
+            with pytest.raises(durable.DurableError, match="local clients"):
+                c.statistics()
+        with durable.connect_sync(endpoint, server_key=str(broker_pub),
+                                  client_key=str(narrow_sec)) as c:
+            assert set(c.namespaces) == {"COUNTER"}  # no id key for SECRET
+            ns = c.namespace("COUNTER")
+            assert ns.get(ns.id_from_name("x")).fetch("http://do/inc", method="POST").text() == "1"
+            # An id of SECRET obtained elsewhere does not get it in either.
+            c._client._keys["SECRET"] = b"\0" * 32  # a made-up key, to build a stub at all
+            stub = c.namespace("SECRET").get(ObjectId(secret_id))
+            with pytest.raises(durable.UnknownNamespaceError, match="may not call"):
+                stub.fetch("http://do/")
+        # The daemon's own processes and local programs use ipc, without keys.
+        with durable.connect_sync(d.frontend) as c:
+            assert set(c.namespaces) == {"COUNTER", "SECRET"}

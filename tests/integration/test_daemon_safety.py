@@ -249,3 +249,96 @@ def test_a_memory_limit_restart_escalates_to_sigkill(tmp_path):
         assert "over memory_limit_mb" in log and "did not stop within grace_period" in log, log
         client.close()
         print(f"memory-limit restart of a stuck process done in {took:.1f} s (grace {grace:g} s)")
+
+
+NOBODY = 65534
+
+
+def as_nobody(fn) -> dict:
+    """Run ``fn()`` in a forked child under uid/gid nobody; return what it returned (a dict)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, run, report, never return into pytest
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = {"crashed": f"{type(e).__name__}: {e}"}
+        os.write(w, orjson.dumps(out))
+        os._exit(0)
+    os.close(w)
+    try:
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    return orjson.loads(b"".join(chunks))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_other_local_users_cannot_reach_any_endpoint(tmp_path_factory):
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="durable-users-"))
+    os.chmod(root, 0o755)  # anyone may enter it: only the daemon's own 0700 dirs keep them out
+    try:
+        with serving(root, config(free_port())) as d:
+            d.wait_ready()
+            run = root / "durable-data" / "run"
+            socks = sorted(p.name for p in run.iterdir() if p.suffix == ".sock")
+            assert {"broker.sock", "workers.sock", "admin.sock", "control.sock"} <= set(socks)
+
+            def probe() -> dict:
+                out = {"root_visible": os.path.isdir(root)}
+                for name in socks:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    try:
+                        s.connect(str(run / name))
+                        out[name] = "connected"
+                    except OSError as e:
+                        out[name] = type(e).__name__
+                    finally:
+                        s.close()
+                try:
+                    (root / "durable-data" / "secret").read_bytes()
+                    out["secret"] = "read"
+                except OSError as e:
+                    out["secret"] = type(e).__name__
+                try:
+                    with durable.connect_sync(d.frontend, connect_timeout=1.5):
+                        out["client"] = "connected"
+                except ConnectionError:
+                    out["client"] = "refused"
+                return out
+
+            seen = as_nobody(probe)
+            assert seen.pop("root_visible") is True, seen  # the barrier is the daemon's, not ours
+            assert seen == {**dict.fromkeys(socks, "PermissionError"), "secret": "PermissionError",
+                            "client": "refused"}, seen
+            assert count(d.frontend) == "1"  # and the daemon's own user still gets in
+    finally:
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_operator_requests_are_refused_on_the_data_plane(tmp_path):
+    with serving(tmp_path, config(free_port())) as d:
+        d.wait_ready()
+        assert count(d.frontend, "secretive") == "1"
+        with durable.connect_sync(d.frontend) as c:
+            ns = c.namespace("COUNTER")
+            stub = ns.get(ns.id_from_name("secretive"))
+            for method, url in (("INSPECT", "durable:inspect"), ("BACKUP", "durable:backup?op=pin")):
+                with pytest.raises(durable.ObjectError) as e:
+                    stub.fetch(url, method=method)
+                assert "operator request" in str(e.value), e.value
+        # The same request through the operator endpoint (`durable inspect`) works.
+        out = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "inspect", "COUNTER",
+                              "secretive", "--config", str(tmp_path / "durable.toml")],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert (out.returncode, out.stdout) == (0, "'n': 1\n"), out.stdout + out.stderr

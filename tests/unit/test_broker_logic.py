@@ -280,3 +280,30 @@ def test_per_client_inflight_limit_gives_overloaded_then_recovers():
     b.on_client(call(4, 1, oid))
     assert [type(x[2]) for x in b.take()] == [m.WorkerCall]
     assert b.clients[b"Fcli"].inflight == 2
+
+
+def test_curve_clients_get_and_call_only_their_keys_namespaces():
+    b = FakeBroker()
+    b.config.curve_secret_key_file = "broker.key_secret"
+    b.permissions = {"keyA": frozenset({"NS"}), "keyB": frozenset()}
+    ready(b, 0)
+    b.take()
+    welcomes = {}
+    for ident, user in ((b"Pa", "keyA"), (b"Pb", "keyB"), (b"Pz", "unknown"), (b"Fl", None)):
+        b.on_client([ident, *m.Hello(1, "t").encode()], user)
+        welcomes[ident] = b.take()[-1][2].namespaces
+    assert {k: sorted(v) for k, v in welcomes.items()} == {
+        b"Pa": ["NS"], b"Pb": [], b"Pz": [], b"Fl": ["NS"]}
+    oid = oid_on_slot(0)
+    for ident, allowed in ((b"Pa", True), (b"Pb", False), (b"Pz", False), (b"Fl", True)):
+        b.on_client([ident, *m.Call(1, 1, "NS", oid, 1000, b"[]", b"").encode()])
+        (what, _, msg), = b.take()
+        if allowed:
+            assert isinstance(msg, m.WorkerCall) and msg.client == ident
+        else:
+            assert isinstance(msg, m.Error) and msg.code == "unknown_namespace"
+            assert "may not call" in msg.message
+    b.on_client([b"Pa", *m.Stats(9).encode()])  # pids and counters stay on this machine
+    assert b.take()[-1][2].code == "protocol"
+    b.on_client([b"Fl", *m.Stats(9).encode()])
+    assert isinstance(b.take()[-1][2], m.StatsReply)

@@ -70,11 +70,11 @@ def test_defaults_are_valid_and_local():
 
 def test_full_config_parses():
     c = from_dict({"data_dir": "/tmp/x", "slots": 3, "idle_timeout": 5, "grace_period": 2.5,
-                   "memory_limit_mb": 512, "broker": {"endpoint": "tcp://127.0.0.1:7700", "heartbeat": 1},
+                   "memory_limit_mb": 512, "broker": {"endpoint": "ipc:///tmp/x/b.sock", "heartbeat": 1},
                    "limits": {"max_value_bytes": 1000},
                    "namespaces": {"A": {"class": "m:C"}}, "vars": {"x": [1, 2]}}, "f.toml")
     assert (c.slots, c.idle_timeout, c.broker.heartbeat, c.limits.max_value_bytes) == (3, 5.0, 1.0, 1000)
-    assert c.frontend() == "tcp://127.0.0.1:7700" and c.vars == {"x": [1, 2]}
+    assert c.frontend() == "ipc:///tmp/x/b.sock" and c.vars == {"x": [1, 2]}
     assert isinstance(c, Config)
     assert not c.low_latency_idle and from_dict({"low_latency_idle": True}, "f").low_latency_idle
 
@@ -103,6 +103,13 @@ def test_cpu_latency_request_is_written_or_warned_about(tmp_path, caplog):
     ({"namespaces": {"A": {"class": "m:C", "extra": 1}}}, ["namespaces.A.extra"]),
     ({"broker": {"endpoint": "tcp://0.0.0.0:1"}}, ["not on this machine"]),
     ({"broker": {"endpoint": "udp://x"}}, ["not an ipc:// or tcp://"]),
+    # Other local users can reach any TCP port: no keyless TCP endpoint, even on loopback.
+    ({"broker": {"endpoint": "tcp://127.0.0.1:7700"}}, ["broker.endpoint", "CurveZMQ keys"]),
+    ({"broker": {"workers_endpoint": "tcp://127.0.0.1:7701"}},
+     ["broker.workers_endpoint", "register as an object process"]),
+    ({"broker": {"public_endpoint": "tcp://127.0.0.1:7702"}},
+     ["broker.public_endpoint", "durable keygen"]),
+    ({"hang_timeout": 1}, ["hang_timeout", "at least 3"]),
     ({"data_dir": "/" + "d" * 120}, ["ipc path"]),
     ({"http": {"listen": "nope"}}, ["http.listen", "host:port"]),
     ({"http": {"procs": 2}}, ["http.procs", "unknown key"]),
@@ -139,3 +146,25 @@ def test_a_child_whose_supervisor_died_before_prctl_does_not_start():
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == want
+
+
+def test_a_tcp_client_endpoint_is_curve_and_the_daemon_keeps_ipc(tmp_path):
+    import zmq.auth
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    _, secret = zmq.auth.create_certificates(str(keys), "broker")
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    zmq.auth.create_certificates(str(clients), "app1")
+    broker = {"endpoint": "tcp://127.0.0.1:7700", "public_endpoint": "tcp://0.0.0.0:7701",
+              "curve_secret_key": secret, "authorized_keys": str(clients)}
+    c = from_dict({"data_dir": str(tmp_path / "d"), "broker": broker}, "f.toml")
+    assert c.frontend() == f"ipc://{tmp_path / 'd' / 'run' / 'broker.sock'}"
+    assert c.curve_endpoints() == ["tcp://0.0.0.0:7701", "tcp://127.0.0.1:7700"]
+    assert c.admin().endswith("/run/admin.sock")
+    (clients / "permissions.toml").write_text('[nobody]\nnamespaces = ["A"]\n')
+    with pytest.raises(ConfigError, match="no nobody.key"):
+        from_dict({"broker": broker}, "f.toml")
+    (clients / "permissions.toml").write_text('[app1]\nnamespaces = "A"\n')
+    with pytest.raises(ConfigError, match=r"namespaces = \["):
+        from_dict({"broker": broker}, "f.toml")
