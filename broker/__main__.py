@@ -10,7 +10,7 @@ import sys
 
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
-from durable.supervisor import lifeline
+from durable.supervisor import lifeline, logs
 
 from .router import Broker, BrokerConfig, load_permissions
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--queue-limit", type=int, default=10_000)
     p.add_argument("--queue-deadline", type=float, default=10.0)
+    p.add_argument("--client-inflight-limit", type=int, default=10_000)
     p.add_argument("--control", help="endpoint for the supervisor's control messages")
     p.add_argument("--public", action="append", default=[],
                    help="a CurveZMQ client endpoint (repeat)")
@@ -33,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--authorized-keys", help="directory of authorized client public keys")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(levelname)s broker pid={os.getpid()} %(message)s")
+    logs.setup(args.log_level, f"broker pid={os.getpid()}")
     secret = load_or_create_secret(args.data_dir, create=False)
     config = BrokerConfig(
         frontend=args.frontend, backend=args.backend, slots=args.slots,
         namespaces={n: namespace_key(secret, n) for n in args.namespace},
         heartbeat=args.heartbeat, queue_limit=args.queue_limit,
+        client_inflight_limit=args.client_inflight_limit,
         queue_deadline=args.queue_deadline, control=args.control, public=args.public, admin=args.admin,
         curve_secret_key_file=args.curve_secret_key, authorized_keys_dir=args.authorized_keys)
     if args.authorized_keys:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     beat = lifeline.start(lambda: broker.last_turn)
     broker.bind()
-    beat.ready = True
+    beat.mark_ready()
     logging.getLogger("durable.broker").info(
         "listening: clients on %s, object processes on %s, %d slots", args.frontend, args.backend,
         args.slots)

@@ -15,9 +15,10 @@ Errors become HTTP statuses:
 ========================  ======================================
 unknown namespace         404
 invalid id                400
+header not UTF-8          400
 ``ObjectError``           500, short body (type and message with ``debug``)
 ``StubBrokenError``       503 with ``Retry-After`` (not retried: the call may have run)
-``OverloadedError``       503 with ``Retry-After``
+``OverloadedError``       503 with ``Retry-After`` (also: over a namespace, object or byte bound)
 ``StorageFullError``      507 with ``Retry-After`` (the write was certainly not stored)
 ``StorageCommitError``    503 (its text says whether the write may have been stored)
 ``CallTimeoutError``      504
@@ -34,13 +35,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -60,13 +66,14 @@ from durable.errors import (
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_spec
-from durable.supervisor import lifeline
+from durable.supervisor import lifeline, logs
 
 __all__ = ["Gateway", "main"]
 
 log = logging.getLogger("durable.gateway")
 _HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
 _STUB_CACHE = 10_000
+_LARGE_RESPONSE = 64 << 10  # responses from this size count against the byte bound
 
 
 def load_function(spec: str) -> Any:
@@ -76,14 +83,59 @@ def load_function(spec: str) -> Any:
     return fn
 
 
+@dataclass
+class Bounds:
+    """What one gateway process lets in at once (docs/operating.md, "Bounds and overload").
+
+    Requests to one namespace, or one object, cannot take the whole budget the
+    broker gives this process's client: past these bounds they get 503 at once
+    and the other namespaces are served as usual.
+    """
+
+    per_namespace: int = 4000
+    per_object: int = 1000
+    max_bytes: int = 256 << 20  # request bodies held, plus large responses being written
+    namespaces: Counter[str] = field(default_factory=Counter)
+    objects: Counter[tuple[str, str]] = field(default_factory=Counter)
+    bytes: int = 0
+
+    def take_bytes(self, n: int) -> None:
+        if n and self.bytes + n > self.max_bytes:
+            raise OverloadedError(
+                f"the gateway holds {self.bytes >> 20} MiB of request and response bodies (the "
+                f"limit, http.max_inflight_mb, is {self.max_bytes >> 20} MiB); retry shortly")
+        self.bytes += n
+
+    @contextlib.contextmanager
+    def call(self, namespace: str, object_id: str) -> Iterator[None]:
+        key = (namespace, object_id)
+        if self.namespaces[namespace] >= self.per_namespace:
+            raise OverloadedError(f"namespace {namespace} has {self.per_namespace} requests in "
+                                  "flight through this gateway (http.max_inflight_per_namespace)")
+        if self.objects[key] >= self.per_object:
+            raise OverloadedError(f"this object has {self.per_object} requests in flight through "
+                                  "this gateway (http.max_inflight_per_object)")
+        self.namespaces[namespace] += 1
+        self.objects[key] += 1
+        try:
+            yield
+        finally:
+            for counter, k in ((self.namespaces, namespace), (self.objects, key)):
+                counter[k] -= 1
+                if not counter[k]:
+                    del counter[k]
+
+
 class Gateway:
     def __init__(self, client: durable.Client, env: Env, *, worker: Any = None,
-                 read_timeout: float = 30.0, debug: bool = False) -> None:
+                 read_timeout: float = 30.0, debug: bool = False,
+                 bounds: Bounds | None = None) -> None:
         self.client = client
         self.env = env
         self.worker = worker
         self.read_timeout = read_timeout
         self.debug = debug
+        self.bounds = bounds or Bounds()
         self._stubs: OrderedDict[tuple[str, str], durable.Stub] = OrderedDict()
 
     def _stub(self, ns: durable.Namespace, oid: durable.ObjectId) -> durable.Stub:
@@ -106,7 +158,32 @@ class Gateway:
             oid = ns.id_from_string(parts[3].split("/", 1)[0])
         else:
             oid = ns.id_from_name(unquote(parts[2]))
-        return await self._stub(ns, oid).fetch(req)
+        with self.bounds.call(ns.name, str(oid)):
+            return await self._stub(ns, oid).fetch(req)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, counted against the byte bound as it arrives (chunked bodies too)."""
+        declared = request.content_length
+        if declared is not None:
+            self.bounds.take_bytes(declared)  # refused before a byte is read
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    return await request.read()
+            finally:
+                self.bounds.bytes -= declared
+        chunks, held = [], 0
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                async for chunk in request.content.iter_any():
+                    self.bounds.take_bytes(len(chunk))
+                    held += len(chunk)
+                    if held > request._client_max_size:
+                        raise web.HTTPRequestEntityTooLarge(max_size=request._client_max_size,
+                                                            actual_size=held)
+                    chunks.append(chunk)
+        finally:
+            self.bounds.bytes -= held
+        return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -114,17 +191,25 @@ class Gateway:
                                                and not request.body_exists):
                 body = b""
             else:
-                async with asyncio.timeout(self.read_timeout):  # no extra task, unlike wait_for
-                    body = await request.read()
+                body = await self._read_body(request)
         except TimeoutError:
             return web.Response(status=408, text="request body not received in time\n")
         except web.HTTPRequestEntityTooLarge:
             return web.Response(status=413, text="request body too large\n")
+        except OverloadedError as e:
+            return web.Response(status=503, headers={"Retry-After": "1", "Connection": "close"},
+                                text=f"{e}\n")
         try:
-            req = durable.Request(str(request.url), method=request.method,
-                                  headers=list(request.headers.items()), body=body)
+            headers = list(request.headers.items())
+            for name, value in headers:  # aiohttp keeps undecodable bytes as surrogates
+                if not (name.isascii() and _utf8(value)):
+                    raise ValueError(f"header {name.encode(errors='replace')!r} is not valid "
+                                     "UTF-8 (durable passes headers on as text)")
+            req = durable.Request(str(request.url), method=request.method, headers=headers,
+                                  body=body)
         except (TypeError, ValueError) as e:
             return web.Response(status=400, text=f"bad request: {e}\n")
+        del body  # the Request holds it now; the bytes bound counted it while it was read
         try:
             if self.worker is not None:
                 resp = await self.worker(req, self.env)
@@ -155,10 +240,44 @@ class Gateway:
             text = f"worker error: {type(e).__name__}: {e}\n" if self.debug else "worker error\n"
             return web.Response(status=500, text=text)
         headers = [(n, v) for n, v in resp.headers.items() if n.lower() not in _HOP_BY_HOP]
-        return web.Response(body=resp.body, status=resp.status, headers=headers)
+        out = web.Response(body=resp.body, status=resp.status, headers=headers)
+        size = len(resp.body)
+        if size < _LARGE_RESPONSE:
+            return out
+        try:  # a large body counts until it is written, so write it here
+            self.bounds.take_bytes(size)
+        except OverloadedError as e:
+            return web.Response(status=503, headers={"Retry-After": "1"}, text=f"{e}\n")
+        try:
+            await out.prepare(request)
+            await out.write_eof()
+        finally:
+            self.bounds.bytes -= size
+        return out
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Running out of fds is an operator's problem: say so in one line (rate-limited)."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.error("out of file descriptors (%s; this process may open %d): new connections "
+                  "wait in the listen queue until some close. Raise LimitNOFILE in the systemd "
+                  "unit (or ulimit -n), or lower http.idle_timeout", exc.strerror, soft)
+        return
+    loop.default_exception_handler(context)
 
 
 async def run(args: argparse.Namespace) -> None:
+    asyncio.get_running_loop().set_exception_handler(_loop_errors)
     mark = [time.monotonic()]
     beat = lifeline.start(lambda: mark[0])
     ticker = asyncio.create_task(lifeline.tick_forever(mark))
@@ -169,7 +288,10 @@ async def run(args: argparse.Namespace) -> None:
     await client.start(wait=False)
     env = Env({n: client.namespace(n) for n in args.namespace}, __import__("orjson").loads(args.vars_json))
     worker = load_function(args.worker) if args.worker else None
-    gw = Gateway(client, env, worker=worker, read_timeout=args.read_timeout, debug=args.debug)
+    bounds = Bounds(args.max_inflight_per_namespace, args.max_inflight_per_object,
+                    args.max_inflight_mb << 20)
+    gw = Gateway(client, env, worker=worker, read_timeout=args.read_timeout, debug=args.debug,
+                 bounds=bounds)
     app = web.Application(client_max_size=args.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", gw.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -183,7 +305,7 @@ async def run(args: argparse.Namespace) -> None:
         site = web.TCPSite(runner, host.strip("[]"), int(port), backlog=1024,
                            shutdown_timeout=args.grace)
     await site.start()
-    beat.ready = True
+    beat.mark_ready()
     log.info("listening on http://%s%s", args.listen, f" (worker {args.worker})" if worker else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -210,11 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--call-timeout", type=float, default=30.0)
     p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--max-inflight-per-namespace", type=int, default=4000)
+    p.add_argument("--max-inflight-per-object", type=int, default=1000)
+    p.add_argument("--max-inflight-mb", type=int, default=256)
     p.add_argument("--debug", action="store_true")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(levelname)s gateway pid={os.getpid()} %(message)s")
+    logs.setup(args.log_level, f"gateway pid={os.getpid()}")
     try:
         if args.worker:
             load_function(args.worker)

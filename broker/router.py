@@ -77,6 +77,7 @@ from .ring import Ring
 __all__ = ["Broker", "BrokerConfig"]
 
 _PLACED_MAX = 16_384  # ~5 MiB of broker memory at most
+_DEADLINE_SWEEP = 0.25  # seconds between sweeps for calls past their deadline
 
 log = logging.getLogger("durable.broker")
 
@@ -114,7 +115,8 @@ class _Slot:
         self.pid: int | None = None
         self.liveness: Liveness | None = None
         self.queue: deque[tuple[float, bytes, Call]] = deque()
-        self.inflight: dict[tuple[bytes, int], None] = {}
+        #: (client, call id) -> the call's deadline (its timeout_ms from dispatch)
+        self.inflight: dict[tuple[bytes, int], float] = {}
         self.registrations = 0
         self.up_since: float | None = None
         self.reported: dict[str, Any] = {}
@@ -188,6 +190,7 @@ class Broker:
         self.draining = False
         self._stopping = False
         self._next_client_sweep = clock()
+        self._next_deadline_sweep = clock()
         self.last_turn = time.monotonic()  # the supervisor's lifeline reports its age
 
     # -- sockets ----------------------------------------------------------------------
@@ -473,7 +476,8 @@ class Broker:
                 return
             self.counters["queued"] += 1
             client.inflight += 1
-            slot.queue.append((self.clock() + self.config.queue_deadline, ident, call))
+            slot.queue.append((self.clock() + min(self.config.queue_deadline,
+                                                  call.timeout_ms / 1000), ident, call))
             return
         client.inflight += 1
         self._dispatch(slot, ident, client, call)
@@ -481,7 +485,7 @@ class Broker:
     def _dispatch(self, slot: _Slot, ident: bytes, client: _Client, call: Call) -> None:
         if call.stub_id not in client.stubs:
             client.stubs[call.stub_id] = (slot.number, slot.incarnation)
-        slot.inflight[(ident, call.call_id)] = None
+        slot.inflight[(ident, call.call_id)] = self.clock() + call.timeout_ms / 1000
         self._to_worker(slot.identity, WorkerCall(ident, call.call_id, call.namespace,
                                                   call.object_id, call.head, call.body).encode())
 
@@ -512,14 +516,14 @@ class Broker:
         slot = self.slots[number]
         slot.liveness.heard()
         if type(msg) is WorkerReply:
-            if slot.inflight.pop((msg.client, msg.call_id), 0) is None:
+            if slot.inflight.pop((msg.client, msg.call_id), None) is not None:
                 self.counters["replies"] += 1
                 self._done(msg.client)
                 self._to_client(msg.client, [header(Cmd.REPLY), pack_u64(msg.call_id), msg.head, msg.body])
             else:
                 self.counters["stray_replies"] += 1
         elif type(msg) is WorkerError:
-            if slot.inflight.pop((msg.client, msg.call_id), 0) is None:
+            if slot.inflight.pop((msg.client, msg.call_id), None) is not None:
                 self.counters["object_errors"] += 1
                 self._done(msg.client)
                 self._to_client(msg.client, [header(Cmd.ERROR), pack_u64(msg.call_id), msg.payload])
@@ -595,14 +599,36 @@ class Broker:
                 _, ident, call = q.popleft()
                 self._done(ident)
                 self._error(ident, call.call_id, "timeout",
-                            f"slot {slot.number} had no running process for "
-                            f"{self.config.queue_deadline:g} s; the call was not delivered")
+                            f"slot {slot.number} had no running process within the call's "
+                            f"deadline (at most broker.queue_deadline = "
+                            f"{self.config.queue_deadline:g} s); the call was not delivered")
+        if now >= self._next_deadline_sweep:
+            self._next_deadline_sweep = now + _DEADLINE_SWEEP
+            self._expire_calls(now)
         if now >= self._next_client_sweep:
             self._next_client_sweep = now + self.config.heartbeat
             limit = self.config.heartbeat * self.config.client_misses
             for ident in [i for i, c in self.clients.items() if now - c.last_heard > limit]:
                 del self.clients[ident]
                 self.counters["clients_expired"] += 1
+
+    def _expire_calls(self, now: float) -> None:
+        """Calls past their deadline leave the broker: the caller has given up on them.
+
+        Their replies, if they ever come, are dropped as strays; meanwhile they no
+        longer count against the client's in-flight bound, so a flood of long
+        calls cannot hold a client (a gateway: every namespace) past its deadline.
+        """
+        for slot in self.slots:
+            late = [key for key, deadline in slot.inflight.items() if deadline <= now]
+            for key in late:
+                del slot.inflight[key]
+                ident, call_id = key
+                self._done(ident)
+                self.counters["expired"] += 1
+                self._error(ident, call_id, "timeout",
+                            f"no answer from slot {slot.number} within the call's timeout; "
+                            "the call may or may not have run")
 
     def statistics(self) -> dict[str, Any]:
         now = self.clock()

@@ -15,7 +15,7 @@ import orjson
 
 from durable.errors import StorageCorruptError
 from durable.exitcodes import EXIT_CONFIG, EXIT_CORRUPT, EXIT_DISK_FULL, EXIT_STORAGE
-from durable.supervisor import lifeline
+from durable.supervisor import lifeline, logs
 
 from .loop import ObjectProcess, ObjectProcessConfig
 from .storage import StorageLimits
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir-id", help="the data dir's identity (its slot files must match)")
     p.add_argument("--checkpoint-wal-mb", type=int, default=8)
     p.add_argument("--checkpoint-interval", type=float, default=30.0)
+    p.add_argument("--max-inflight-mb", type=int, default=256)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(levelname)s objectproc slot={args.slot} pid={os.getpid()} %(message)s")
+    logs.setup(args.log_level, f"objectproc slot={args.slot} pid={os.getpid()}")
     variables = orjson.loads(args.vars_json)
     variables.update(_pairs(args.var, "var"))
     config = ObjectProcessConfig(
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         limits=StorageLimits(args.max_key_bytes, args.max_value_bytes, args.max_keys_per_call),
         duckdb_memory_mb=args.duckdb_memory_mb, data_dir_id=args.data_dir_id,
         checkpoint_wal_bytes=args.checkpoint_wal_mb << 20,
-        checkpoint_interval=args.checkpoint_interval)
+        checkpoint_interval=args.checkpoint_interval,
+        max_inflight_bytes=args.max_inflight_mb << 20)
     try:
         proc = ObjectProcess(config)
     except ValueError as e:

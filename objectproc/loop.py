@@ -24,7 +24,12 @@ from urllib.parse import parse_qs, urlsplit
 import zmq
 
 from durable.client import Client
-from durable.errors import ProtocolError, StorageCorruptError, UnknownNamespaceError
+from durable.errors import (
+    OverloadedError,
+    ProtocolError,
+    StorageCorruptError,
+    UnknownNamespaceError,
+)
 from durable.http import Response
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_spec
@@ -86,6 +91,8 @@ class ObjectProcessConfig:
     data_dir_id: str | None = None
     checkpoint_wal_bytes: int = 8 << 20
     checkpoint_interval: float = 30.0
+    #: call bodies held at once; past it, calls fail with OverloadedError (one always fits)
+    max_inflight_bytes: int = 256 << 20
 
 
 class ObjectProcess:
@@ -96,6 +103,7 @@ class ObjectProcess:
         self.counters: dict[str, int] = {"calls": 0, "errors": 0, "evicted": 0,
                                          "dropped_broker_messages": 0}
         self._in_flight = 0  # calls received and not yet answered
+        self._inflight_bytes = 0  # their bodies' bytes
         self._ctx = zmq.Context.instance()
         self._sock: LoopSocket | None = None
         self._liveness: Liveness | None = None
@@ -127,7 +135,7 @@ class ObjectProcess:
         self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars)
         self._register()
         if self.lifeline is not None:
-            self.lifeline.ready = True  # from here, a loop that stops turning is a hang
+            self.lifeline.mark_ready()  # from here, a loop that stops turning is a hang
         try:
             async with asyncio.TaskGroup() as tg:
                 timers = tg.create_task(self._timer_loop())
@@ -196,11 +204,20 @@ class ObjectProcess:
 
     def _call(self, call: WorkerCall) -> None:
         self.counters["calls"] += 1
+        client, call_id, size = call.client, call.call_id, len(call.body)
+        if size and self._in_flight and self._inflight_bytes + size > self.config.max_inflight_bytes:
+            self.counters["overloaded"] = self.counters.get("overloaded", 0) + 1
+            self._send(WorkerError(client, call_id, error_payload(OverloadedError(
+                f"slot {self.config.slot} holds {self._inflight_bytes >> 20} MiB of call bodies "
+                f"(max_inflight_mb = {self.config.max_inflight_bytes >> 20}); retry shortly"
+            ))).encode())
+            return
         self._in_flight += 1
-        client, call_id = call.client, call.call_id
+        self._inflight_bytes += size
 
         def reply(resp: Any, error: BaseException | None) -> None:
             self._in_flight -= 1
+            self._inflight_bytes -= size
             if error is None:
                 try:
                     frames = WorkerReply(client, call_id, *encode_response(resp)).encode()

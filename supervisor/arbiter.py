@@ -285,11 +285,17 @@ class Arbiter:
     def _build_watchers(self) -> None:
         c = self.config
         env = dict(os.environ)
+        # glibc: allocations from 1 MiB always come from mmap and go back to the kernel when
+        # freed (its default threshold grows to 32 MiB after a large free, so bodies of a few
+        # MiB stayed in the heap: 836 MiB RSS with nothing active), and at most 2 arenas.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         front, back = c.frontend(), c.backend()
         broker = [self.python, "-m", "durable.broker", "--frontend", front, "--backend", back,
                   "--slots", str(c.slots), "--data-dir", str(c.data_path),
                   "--heartbeat", str(c.broker.heartbeat), "--queue-limit", str(c.broker.queue_limit),
                   "--queue-deadline", str(c.broker.queue_deadline),
+                  "--client-inflight-limit", str(c.broker.client_inflight_limit),
                   "--control", self.control_endpoint, "--admin", c.admin()]
         for endpoint in c.curve_endpoints():
             broker += ["--public", endpoint]
@@ -311,6 +317,7 @@ class Arbiter:
                     "--duckdb-memory-mb", str(c.duckdb_memory_mb),
                     "--checkpoint-wal-mb", str(c.checkpoint_wal_mb),
                     "--checkpoint-interval", str(c.checkpoint_interval),
+                    "--max-inflight-mb", str(c.max_inflight_mb),
                     "--data-dir-id", self.identity.id if self.identity else ""]
             for ns, cls in c.namespaces.items():
                 argv += ["--namespace", f"{ns}={cls}"]
@@ -323,7 +330,10 @@ class Arbiter:
                     "--vars-json", orjson.dumps(c.vars).decode(),
                     "--max-body-bytes", str(h.max_body_bytes), "--read-timeout", str(h.read_timeout),
                     "--idle-timeout", str(h.idle_timeout), "--heartbeat", str(c.broker.heartbeat),
-                    "--grace", str(c.grace_period)]
+                    "--grace", str(c.grace_period),
+                    "--max-inflight-per-namespace", str(h.max_inflight_per_namespace),
+                    "--max-inflight-per-object", str(h.max_inflight_per_object),
+                    "--max-inflight-mb", str(h.max_inflight_mb)]
             for ns in c.namespaces:
                 argv += ["--namespace", ns]
             if h.worker:

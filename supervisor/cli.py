@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Any
@@ -16,8 +15,8 @@ from .config import EXIT_CONFIG, ConfigError, load
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format=f"%(levelname)s supervisor pid={os.getpid()} %(message)s")
+    from .logs import setup
+    setup(level, f"supervisor pid={os.getpid()}")
 
 
 def serve(args: argparse.Namespace) -> int:

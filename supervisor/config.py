@@ -44,6 +44,8 @@ class BrokerSettings:
     queue_limit: int = 10_000
     #: seconds a call waits for such a slot before it fails
     queue_deadline: float = 10.0
+    #: calls one client connection (a gateway process, a program) may have in flight
+    client_inflight_limit: int = 10_000
     #: a second client endpoint for other machines, e.g. "tcp://0.0.0.0:7700"
     public_endpoint: str = ""
     #: the broker's CurveZMQ key pair file (`durable keygen DIR --name broker`)
@@ -66,6 +68,12 @@ class HttpSettings:
     read_timeout: float = 30.0
     #: seconds an idle keep-alive connection stays open
     idle_timeout: float = 15.0
+    #: requests in flight to one namespace through one gateway process (then 503)
+    max_inflight_per_namespace: int = 4000
+    #: requests in flight to one object through one gateway process (then 503)
+    max_inflight_per_object: int = 1000
+    #: MiB of request bodies (and large responses) one gateway process holds (then 503)
+    max_inflight_mb: int = 256
     #: include the object's error type and message in 500 bodies
     debug: bool = False
 
@@ -87,6 +95,8 @@ class Config:
     grace_period: float = 30.0
     #: seconds a process's loop may stay blocked (or silent) before it is killed and replaced
     hang_timeout: float = 30.0
+    #: MiB of call bodies one object process holds at once (then OverloadedError)
+    max_inflight_mb: int = 256
     #: restart an object process gracefully above this RSS (MiB); 0 = no limit
     memory_limit_mb: int = 0
     #: DuckDB's memory per slot (MiB): its cache of table pages and ART indexes
@@ -164,7 +174,7 @@ def _section(source: str, prefix: str, raw: Any, cls: type) -> Any:
 
 
 _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_period": (int, float),
-        "hang_timeout": (int, float),
+        "hang_timeout": (int, float), "max_inflight_mb": int,
         "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool,
         "checkpoint_wal_mb": int, "checkpoint_interval": (int, float)}
 
@@ -234,6 +244,10 @@ def validate(cfg: Config) -> None:
                    "Use the MiB of page and index cache DuckDB may keep per slot.")
     if cfg.memory_limit_mb < 0:
         raise _err(src, "memory_limit_mb", "must be 0 (no limit) or positive", "Use a size in MiB.")
+    if cfg.max_inflight_mb < 1:
+        raise _err(src, "max_inflight_mb", "must be at least 1", "Use a size in MiB.")
+    if cfg.broker.client_inflight_limit < 1:
+        raise _err(src, "broker.client_inflight_limit", "must be positive", "Use e.g. 10000.")
     if cfg.broker.heartbeat <= 0 or cfg.broker.queue_deadline <= 0 or cfg.broker.queue_limit < 1:
         raise _err(src, "broker", "heartbeat, queue_deadline and queue_limit must be positive",
                    "Use positive numbers.")
@@ -245,6 +259,14 @@ def validate(cfg: Config) -> None:
                        'Write e.g. listen = "127.0.0.1:8787".')
         if h.processes < 1 or h.processes > 64:
             raise _err(src, "http.processes", "must be between 1 and 64", "Use one per core at most.")
+        if min(h.max_inflight_per_namespace, h.max_inflight_per_object, h.max_inflight_mb) < 1:
+            raise _err(src, "http.max_inflight_*", "must be positive", "Use positive integers.")
+        if h.max_inflight_per_namespace >= cfg.broker.client_inflight_limit:
+            raise _err(src, "http.max_inflight_per_namespace",
+                       f"{h.max_inflight_per_namespace} leaves no room under "
+                       f"broker.client_inflight_limit ({cfg.broker.client_inflight_limit}): one "
+                       "flooded namespace would take every other namespace's turn",
+                       "Keep it well below broker.client_inflight_limit (default 4000 of 10000).")
         if h.max_body_bytes < 1 or h.read_timeout <= 0 or h.idle_timeout <= 0:
             raise _err(src, "http", "max_body_bytes, read_timeout and idle_timeout must be positive",
                        "Use positive numbers.")

@@ -46,7 +46,13 @@ class Lifeline:
         self.orphan_grace = orphan_grace
         self.last_turn = last_turn
         self.ready = False
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="durable-lifeline", daemon=True)
+
+    def mark_ready(self) -> None:
+        """The process serves: say so now (the supervisor's READY=1 waits for it)."""
+        self.ready = True
+        self._wake.set()
 
     def start(self) -> Lifeline:
         self._thread.start()
@@ -69,7 +75,8 @@ class Lifeline:
                     orphaned_at = now  # PDEATHSIG's SIGTERM is on its way to the loop
                 elif now - orphaned_at >= self.orphan_grace:
                     os.kill(os.getpid(), signal.SIGKILL)  # the loop did not stop by itself
-            time.sleep(INTERVAL if orphaned_at is None else 0.1)
+            self._wake.wait(INTERVAL if orphaned_at is None else 0.1)
+            self._wake.clear()
 
 
 def _env_int(name: str) -> int | None:

@@ -123,6 +123,7 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, reuse_port):
     print(f"refused in {took:.2f} s")
 
 
+@pytest.mark.slow
 def test_two_daemons_never_share_a_port(tmp_path):
     port = free_port()
     with serving(tmp_path / "a", config(port)) as d:
@@ -280,6 +281,7 @@ def as_nobody(fn) -> dict:
     return orjson.loads(b"".join(chunks))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_other_local_users_cannot_reach_any_endpoint(tmp_path_factory):
     import tempfile
@@ -325,6 +327,7 @@ def test_other_local_users_cannot_reach_any_endpoint(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_operator_requests_are_refused_on_the_data_plane(tmp_path):
     with serving(tmp_path, config(free_port())) as d:
         d.wait_ready()

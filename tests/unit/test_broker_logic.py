@@ -49,8 +49,8 @@ def oid_on_slot(slot, slots=2):
     raise AssertionError
 
 
-def call(call_id, stub_id, oid, ns="NS"):
-    return [b"Fcli", *m.Call(call_id, stub_id, ns, oid, 1000, b"[]", b"").encode()]
+def call(call_id, stub_id, oid, ns="NS", timeout_ms=30_000):
+    return [b"Fcli", *m.Call(call_id, stub_id, ns, oid, timeout_ms, b"[]", b"").encode()]
 
 
 def hello(b, ident=b"Fcli"):
@@ -307,3 +307,31 @@ def test_curve_clients_get_and_call_only_their_keys_namespaces():
     assert b.take()[-1][2].code == "protocol"
     b.on_client([b"Fl", *m.Stats(9).encode()])
     assert isinstance(b.take()[-1][2], m.StatsReply)
+
+
+def test_calls_past_their_deadline_leave_the_broker_and_free_the_clients_budget():
+    b = FakeBroker(client_inflight_limit=2)
+    hello(b)
+    ready(b, 0)
+    b.take()
+    oid = oid_on_slot(0)
+    b.on_client(call(1, 1, oid, timeout_ms=500))  # a long-poll that will outlive its caller
+    b.on_client(call(2, 1, oid, timeout_ms=60_000))
+    b.on_client(call(3, 1, oid))
+    assert [x[2].code for x in b.take() if isinstance(x[2], m.Error)] == ["overloaded"]
+    b.clock_.now += 0.6
+    b.tick()
+    errors = [(x[2].call_id, x[2].code) for x in b.take() if isinstance(x[2], m.Error)]
+    assert errors == [(1, "timeout")] and b.counters["expired"] == 1
+    b.on_client(call(4, 1, oid))  # the expired call no longer counts: room for this one
+    assert isinstance(b.take()[-1][2], m.WorkerCall)
+    # Its late reply is a stray, never delivered twice.
+    b.on_worker([b"w0", *m.WorkerReply(b"Fcli", 1, b"[200,[]]", b"").encode()])
+    assert b.take() == [] and b.counters["stray_replies"] == 1
+    # A call waiting for a down slot fails at its own deadline when that is sooner.
+    b.end_incarnation(0, "test")
+    b.take()
+    b.on_client(call(5, 2, oid, timeout_ms=200))
+    b.clock_.now += 0.3
+    b.tick()
+    assert [(x[2].call_id, x[2].code) for x in b.take() if isinstance(x[2], m.Error)] == [(5, "timeout")]

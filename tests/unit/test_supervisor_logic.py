@@ -168,3 +168,25 @@ def test_a_tcp_client_endpoint_is_curve_and_the_daemon_keeps_ipc(tmp_path):
     (clients / "permissions.toml").write_text('[app1]\nnamespaces = "A"\n')
     with pytest.raises(ConfigError, match=r"namespaces = \["):
         from_dict({"broker": broker}, "f.toml")
+
+
+def test_repeated_log_lines_are_held_back_and_counted():
+    import logging
+
+    from durable.supervisor.logs import RateLimit
+
+    now = [0.0]
+    limit = RateLimit(burst=5, window=10.0, clock=lambda: now[0])
+
+    def rec(msg, *args, level=logging.ERROR):
+        return logging.LogRecord("durable.gateway", level, "f", 1, msg, args, None)
+
+    passed = [limit.filter(rec("accept failed: %s", i)) for i in range(100)]
+    assert passed.count(True) == 5 and passed[:5] == [True] * 5
+    assert limit.filter(rec("another message"))  # other messages are not held back
+    now[0] = 10.5
+    r = rec("accept failed: %s", "later")
+    assert limit.filter(r)
+    assert r.getMessage() == ("accept failed: later (95 more like this in the last 10 s were "
+                              "not logged)")
+    assert limit.filter(rec("accept failed: %s", 1))  # a new window: a fresh burst
