@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import weakref
 from typing import Any
 
@@ -64,6 +65,87 @@ def default_endpoint() -> str:
     if env:
         return env
     return "ipc://" + os.path.abspath(os.path.join("durable-data", "run", "broker.sock"))
+
+
+def diagnose(endpoint: str, curve: tuple[bytes, bytes, bytes] | None, waited: float) -> str:
+    """Why no WELCOME came: nothing listening, another user's socket, keys refused, or a hang.
+
+    Each cause needs a different fix, so each gets its own message (a raw
+    connect tells the first three apart; a ZeroMQ monitor sees the CurveZMQ
+    handshake fail).
+    """
+    hung = (f"the daemon at {endpoint} accepted the connection but did not answer within "
+            f"{waited:g} s: it is hung or overloaded. See `durable status` (the supervisor "
+            "replaces a hung broker after hang_timeout)")
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            return (f"nothing is listening at {endpoint}: there is no socket file. Start the "
+                    "daemon (`durable serve`), or check the endpoint (and the data dir)")
+        except PermissionError:
+            pass  # the connect below says so
+        family, address = socket.AF_UNIX, path
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        family, address = socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"),
+                                                                               int(port))
+    else:
+        return f"no durable daemon answered at {endpoint} within {waited:g} s"
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(address)
+    except PermissionError:
+        return (f"{endpoint} belongs to another user: only the user the daemon runs as may "
+                "connect (its run directory is 0700). Run as that user, or connect over the "
+                "daemon's CurveZMQ endpoint")
+    except ConnectionRefusedError:
+        return (f"nothing is listening at {endpoint}" + (
+            ": the socket file is left from a daemon that is gone" if family == socket.AF_UNIX
+            else "") + ". Start the daemon (`durable serve`), or check the endpoint")
+    except OSError as e:
+        return f"cannot reach {endpoint}: {e}"
+    finally:
+        probe.close()
+    if family == socket.AF_UNIX:
+        return hung
+    return _handshake(endpoint, curve) or hung
+
+
+def _handshake(endpoint: str, curve: tuple[bytes, bytes, bytes] | None) -> str | None:
+    """Watch a ZeroMQ handshake with the broker; a message if it failed, else None."""
+    import zmq.utils.monitor
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
+    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                  | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        if not mon.poll(2000):
+            return None
+        event = zmq.utils.monitor.recv_monitor_message(mon)["event"]
+    finally:
+        sock.disable_monitor()
+        mon.close(linger=0)
+        sock.close(linger=0)
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return None
+    if curve is None:
+        return (f"{endpoint} requires CurveZMQ: connect with server_key (the broker's .key) and "
+                "client_key (this client's .key_secret)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"CurveZMQ authentication failed at {endpoint}: the broker does not accept this "
+                "client's key. Copy its .key into the broker's authorized-keys dir")
+    return (f"the CurveZMQ handshake with {endpoint} failed: server_key is not this broker's "
+            "public key, or the endpoint is not a CurveZMQ endpoint")
 
 
 def _curve_keys(server_key: str | None, client_key: str | None) -> tuple[bytes, bytes, bytes] | None:
@@ -185,9 +267,9 @@ class Client:
                 await asyncio.wait_for(self._welcomed.wait(), self._connect_timeout)
             except TimeoutError:
                 await self.close()
-                raise ConnectionError(
-                    f"no durable daemon answered at {self.endpoint} within "
-                    f"{self._connect_timeout:g} s; is `durable serve` running?") from None
+                why = await asyncio.to_thread(diagnose, self.endpoint, self._curve,
+                                              self._connect_timeout)
+                raise ConnectionError(why) from None
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -380,7 +380,7 @@ class Arbiter:
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
         signal.set_wakeup_fd(wfd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, lambda s, _f: self._signals.append(s))
         watchdog = systemd.watchdog_interval()
         next_watchdog = self.clock()
@@ -539,6 +539,9 @@ class Arbiter:
                 log.info("received %s: stopping", signal.Signals(sig).name)
                 self._stop(immediate=False)
                 return True
+            if sig == signal.SIGHUP:  # its default action would kill the daemon without a word
+                log.warning("received SIGHUP: ignored. The configuration is read once, at start; "
+                            "restart the daemon (`systemctl restart durable`) to apply changes")
         return False
 
     def _reap(self) -> None:

@@ -47,11 +47,16 @@ class = "durable.examples.counter:Counter"
             ns = c.namespace("COUNTER")
             assert ns.get(ns.id_from_name("x")).fetch("http://do/inc", method="POST").text() == "1"
         # a key that is not authorized, and no key at all, get nothing (not even the handshake)
-        with pytest.raises(ConnectionError):
+        with pytest.raises(ConnectionError, match="CurveZMQ authentication failed"):
             durable.connect_sync(public, server_key=str(broker_pub), client_key=str(bad_sec),
                                  connect_timeout=1.5)
-        with pytest.raises(ConnectionError):
+        with pytest.raises(ConnectionError, match="requires CurveZMQ"):
             durable.connect_sync(public, connect_timeout=1.5)
+        with pytest.raises(ConnectionError, match="server_key is not this broker's"):
+            durable.connect_sync(public, server_key=str(good_pub), client_key=str(good_sec),
+                                 connect_timeout=1.5)
+    with pytest.raises(ConnectionError, match=f"nothing is listening at {public}"):
+        durable.connect_sync(public, connect_timeout=0.5)
         # the local endpoint stays keyless
         with durable.connect_sync(d.frontend) as c:
             ns = c.namespace("COUNTER")
