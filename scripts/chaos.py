@@ -6,7 +6,10 @@
 For a bounded time, writers increment counters and append unique tokens to
 per-object lists, through the Python client and through the HTTP gateway,
 while a killer SIGKILLs random object processes, the broker and gateway
-processes at random intervals. Writers never retry a call whose outcome is
+processes at random intervals, or SIGSTOPs one (SIGCONT after up to
+hang_timeout + 2 s: some resume, some are replaced as hung), and a second
+``durable serve`` is started on the live data dir now and then (it must be
+refused at once, changing nothing). Writers never retry a call whose outcome is
 unknown (a broken stub or a timeout may or may not have run). At the end,
 every object must hold:
 
@@ -22,7 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -115,7 +120,9 @@ def role_of(p: psutil.Process) -> str | None:
 
 
 async def killer(pid: int, stop: float, rng: random.Random, kills: collections.Counter,
-                 min_gap: float, max_gap: float) -> None:
+                 min_gap: float, max_gap: float, hang_timeout: float) -> None:
+    """SIGKILL a process, or SIGSTOP one for a while (past hang_timeout sometimes), then SIGCONT."""
+    stopped: list[asyncio.Task[None]] = []
     while time.monotonic() < stop:
         await asyncio.sleep(rng.uniform(min_gap, max_gap))
         victims = [(role_of(p), p) for p in children(pid)]
@@ -125,10 +132,47 @@ async def killer(pid: int, stop: float, rng: random.Random, kills: collections.C
         weights = [{"objectproc": 3, "broker": 1, "gateway": 1}[r] for r, _ in victims]
         role, victim = rng.choices(victims, weights)[0]
         try:
-            victim.kill()
-            kills[role] += 1
+            if rng.random() < 0.25:  # a hang: resumed before hang_timeout, or replaced at it
+                victim.suspend()
+                kills[f"{role}_stopped"] += 1
+                stopped.append(asyncio.create_task(_resume(victim, rng.uniform(0.5, hang_timeout + 2))))
+            else:
+                victim.kill()
+                kills[role] += 1
         except psutil.Error:
             pass
+    await asyncio.gather(*stopped)
+
+
+async def _resume(victim: psutil.Process, after: float) -> None:
+    await asyncio.sleep(after)
+    with contextlib.suppress(psutil.Error):
+        victim.resume()  # a no-op if the supervisor replaced it meanwhile
+
+
+async def second_daemons(config: Path, stop: float, rng: random.Random,
+                         outcomes: collections.Counter, problems: list[str]) -> None:
+    """Start `durable serve` on the live data dir now and then: it must be refused, at once."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
+    env.pop("NOTIFY_SOCKET", None)
+    while time.monotonic() < stop:
+        await asyncio.sleep(rng.uniform(2, 6))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "durable.supervisor.cli", "serve", "--config", str(config),
+            env=env, cwd=config.parent, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            problems.append("a second durable serve on the live data dir kept running")
+            continue
+        if proc.returncode == 74 and b"in use by another durable daemon" in err:
+            outcomes["refused"] += 1
+        else:
+            outcomes[f"exit {proc.returncode}"] += 1
+            problems.append(f"a second durable serve exited {proc.returncode}: {err[-300:]!r}")
 
 
 async def read_back(client: durable.Client, names: list[str]) -> dict[str, dict]:
@@ -179,18 +223,23 @@ async def soak(args: argparse.Namespace, root: Path, port: int, daemon: subproce
     names = [f"obj{i}" for i in range(args.objects)]
     ledger = Ledger()
     kills: collections.Counter = collections.Counter()
+    seconds: collections.Counter = collections.Counter()
+    daemon_problems: list[str] = []
     async with durable.connect(frontend, timeout=10) as client, aiohttp.ClientSession() as http:
         stop = time.monotonic() + args.seconds
         tasks = [writer(i, client, http, port, names, ledger, stop, random.Random(rng.random()))
                  for i in range(args.writers)]
-        tasks.append(killer(daemon.pid, stop, rng, kills, args.min_gap, args.max_gap))
+        tasks.append(killer(daemon.pid, stop, rng, kills, args.min_gap, args.max_gap, HANG_TIMEOUT))
+        tasks.append(second_daemons(root / "durable.toml", stop, random.Random(rng.random()),
+                                    seconds, daemon_problems))
         await asyncio.gather(*tasks)
         await asyncio.sleep(1.0)  # let the last killed process come back
         final = await read_back(client, names)
-    problems = check(ledger, final)
+    problems = daemon_problems + check(ledger, final)
     return {
         "seconds": args.seconds, "objects": args.objects, "writers": args.writers,
-        "kills": dict(kills), "kills_total": sum(kills.values()), "calls": ledger.calls,
+        "kills": dict(kills), "kills_total": sum(kills.values()),
+        "second_daemons": dict(seconds), "calls": ledger.calls,
         "acknowledged": sum(ledger.inc_acked.values()) + sum(len(t) for t in ledger.tokens_acked.values()),
         "failed_calls": dict(ledger.failures),
         "lost_writes": sum(1 for p in problems if "missing" in p or "outside" in p),
@@ -198,10 +247,13 @@ async def soak(args: argparse.Namespace, root: Path, port: int, daemon: subproce
     }
 
 
+HANG_TIMEOUT = 3.0  # the shortest allowed: some SIGSTOPs outlast it (replaced), some do not
+
 CONFIG = """
 data_dir = "{data}"
 slots = %d
 grace_period = 10
+hang_timeout = %g
 [broker]
 heartbeat = 0.2
 [http]
@@ -222,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=int(time.time()))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    with serving(CONFIG % args.slots) as d:
+    with serving(CONFIG % (args.slots, HANG_TIMEOUT)) as d:
         result = asyncio.run(soak(args, d.root, d.port, d.proc))
         result["daemon_alive"] = d.proc.poll() is None
         result["ok"] = result["ok"] and result["daemon_alive"]
@@ -231,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"chaos soak: {result['seconds']:g} s, {result['kills_total']} kills {result['kills']}, "
+              f"second daemons {result['second_daemons']}, "
               f"{result['calls']} calls, {result['acknowledged']} acknowledged writes, "
               f"failed calls {result['failed_calls']}, lost writes = {result['lost_writes']}, "
               f"{'OK' if result['ok'] else 'PROBLEMS: ' + '; '.join(result['problems'])}")

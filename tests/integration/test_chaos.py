@@ -1,4 +1,5 @@
-"""The chaos soak, 60 seconds: kills of every kind of process, no acknowledged write lost."""
+"""The chaos soak, 60 seconds: kills and hangs of every kind of process, second daemons
+started on the live data dir; no acknowledged write lost, every second daemon refused."""
 
 import json
 import subprocess
@@ -16,9 +17,13 @@ def test_chaos_soak_60_seconds_loses_nothing():
     out = subprocess.run([sys.executable, str(CHAOS), "--seconds", "60", "--json", "--seed", "7"],
                          capture_output=True, text=True, timeout=300)
     result = json.loads(out.stdout)
-    print(json.dumps({k: result[k] for k in ("kills", "calls", "acknowledged", "lost_writes")}))
+    print(json.dumps({k: result[k] for k in ("kills", "second_daemons", "calls", "acknowledged",
+                                             "lost_writes")}))
     assert out.returncode == 0 and result["ok"], result["problems"]
     assert result["lost_writes"] == 0
     assert result["kills_total"] >= 30, result["kills"]
-    assert set(result["kills"]) == {"objectproc", "broker", "gateway"}, result["kills"]
+    assert {"objectproc", "broker", "gateway"} <= set(result["kills"]), result["kills"]
+    assert any(k.endswith("_stopped") for k in result["kills"]), result["kills"]  # SIGSTOPs too
+    assert result["second_daemons"].get("refused", 0) >= 5, result["second_daemons"]
+    assert set(result["second_daemons"]) == {"refused"}, result["second_daemons"]
     assert result["acknowledged"] > 1000
