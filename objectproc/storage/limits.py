@@ -44,17 +44,56 @@ def check_key(key: Any, limits: StorageLimits) -> bytes:
 
 
 def encode_value(key: str, value: Any, limits: StorageLimits) -> bytes:
-    """Encode a value for ``key`` and check its size against the value limit."""
+    """Encode a value for ``key`` and check its size against the value limit.
+
+    The limit counts the value, not its encoding: a str by its UTF-8 length,
+    bytes by their length (the codec writes them as base64, a third longer),
+    anything else by its encoded size less that base64 growth. So 32,768 raw
+    bytes, or a 32 KiB str, fit under the default 32 KiB.
+    """
     try:
         data = codec.encode(value)
     except TypeError as e:
         raise TypeError(f"cannot store key {key!r:.60}: {e}") from None
     if len(data) > limits.max_value_bytes:
-        raise StorageLimitError(
-            f"value for key {key!r:.60} is {len(data)} bytes encoded; values are limited to "
-            f"{limits.max_value_bytes} bytes"
-        )
+        size = value_size(value, data)
+        if size > limits.max_value_bytes:
+            raise StorageLimitError(
+                f"value for key {key!r:.60} is {size} bytes; values are limited to "
+                f"{limits.max_value_bytes} bytes (limits.max_value_bytes)"
+            )
     return data
+
+
+def value_size(value: Any, data: bytes) -> int:
+    """The size the value limit counts (see :func:`encode_value`); ``data`` is its encoding."""
+    t = type(value)
+    if t is str:
+        return len(value.encode("utf-8", "surrogatepass"))
+    if t is bytes or t is bytearray:
+        return len(value)
+    return len(data) - _base64_growth(value, set())
+
+
+def _base64_growth(value: Any, seen: set[int]) -> int:
+    t = type(value)
+    if t is bytes or t is bytearray:
+        if t is bytearray:  # a bytearray seen before is written as a reference
+            if id(value) in seen:
+                return 0
+            seen.add(id(value))
+        return 4 * ((len(value) + 2) // 3) - len(value)
+    if t in (list, tuple, set, frozenset, dict):
+        if t is not tuple and t is not frozenset:
+            if id(value) in seen:
+                return 0
+            seen.add(id(value))
+        items = value.items() if t is dict else ((v, None) for v in value)
+        total = 0
+        for k, v in items:
+            total += _base64_growth(k, seen) + _base64_growth(v, seen)
+        return total
+    return 0
 
 
 def check_keys(keys: Any, limits: StorageLimits, what: str) -> list[str]:

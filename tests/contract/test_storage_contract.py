@@ -107,11 +107,23 @@ async def test_key_limit_names_sizes(storage):
     assert isinstance(StorageLimitError("x"), ValueError)
 
 
-async def test_value_limit_counts_encoded_bytes(storage):
-    await storage.put("ok", b"x" * 24000)  # base64 grows it to 32000 + tag
-    with pytest.raises(StorageLimitError, match="32768 bytes"):
-        await storage.put("big", "x" * 32767)  # 32769 bytes encoded with quotes
-    assert await storage.get("big") is None
+async def test_value_limit_counts_the_value_not_its_encoding(storage):
+    # Issue #12: 32,752 raw bytes used to be refused as "43680 bytes encoded" (base64).
+    await storage.put("bytes", b"x" * 32768)
+    await storage.put("str", "x" * 32768)  # its JSON quotes do not count either
+    await storage.put("utf8", "é" * 16384)  # 32,768 bytes of UTF-8
+    await storage.put("nested", {"blob": b"\0" * 30000, "n": 1})  # base64 growth discounted
+    await storage.put("shared", [bytearray(16000)] * 2)  # stored once, counted once
+    assert await storage.get("bytes") == b"x" * 32768
+    assert (await storage.get("nested"))["blob"] == b"\0" * 30000
+    for key, value, size in (("b2", b"x" * 32769, 32769), ("s2", "x" * 32769, 32769),
+                             ("u2", "é" * 16385, 32770)):
+        with pytest.raises(StorageLimitError, match=f"is {size} bytes; values are limited to "
+                                                    "32768 bytes"):
+            await storage.put(key, value)
+        assert await storage.get(key) is None
+    with pytest.raises(StorageLimitError):  # two different blobs: both count
+        await storage.put("two", [b"\0" * 20000, b"\1" * 20000])
 
 
 async def test_failing_multi_key_put_writes_nothing(storage):
