@@ -16,7 +16,8 @@ Errors become HTTP statuses:
 unknown namespace         404
 invalid id                400
 header not UTF-8          400
-``ObjectError``           500, short body (type and message with ``debug``)
+``ObjectError``           500 "object error" (type and message with ``debug``)
+``CpuLimitError``         503 with ``Retry-After`` (the object was reset)
 ``StubBrokenError``       503 with ``Retry-After`` (not retried: the call may have run)
 ``OverloadedError``       503 with ``Retry-After`` (also: over a namespace, object or byte bound)
 ``StorageFullError``      507 with ``Retry-After`` (the write was certainly not stored)
@@ -55,6 +56,7 @@ from aiohttp import web
 import durable
 from durable.errors import (
     CallTimeoutError,
+    CpuLimitError,
     InvalidIdError,
     ObjectError,
     OverloadedError,
@@ -221,6 +223,10 @@ class Gateway:
             return web.Response(status=404, text=f"{e}\n")
         except InvalidIdError as e:
             return web.Response(status=400, text=f"{e}\n")
+        except CpuLimitError as e:  # the object was reset; a retry runs on a fresh instance
+            return web.Response(status=503, headers={"Retry-After": "1"},
+                                text=f"{e.remote_message}\n" if self.debug else
+                                "the call ran over its CPU limit; the object was reset\n")
         except ObjectError as e:
             text = f"object error: {e.remote_type}: {e.remote_message}\n" if self.debug else "object error\n"
             return web.Response(status=500, text=text)

@@ -46,6 +46,7 @@ from durable.errors import InvalidIdError, ProtocolError
 from durable.ids import IdFactory
 from durable.protocol.heartbeat import Liveness
 from durable.protocol.messages import (
+    Beat,
     BrokerHeartbeat,
     Call,
     Cmd,
@@ -487,7 +488,8 @@ class Broker:
             client.stubs[call.stub_id] = (slot.number, slot.incarnation)
         slot.inflight[(ident, call.call_id)] = self.clock() + call.timeout_ms / 1000
         self._to_worker(slot.identity, WorkerCall(ident, call.call_id, call.namespace,
-                                                  call.object_id, call.head, call.body).encode())
+                                                  call.object_id, call.head, call.body,
+                                                  call.name).encode())
 
     def _done(self, ident: bytes) -> None:
         client = self.clients.get(ident)
@@ -507,6 +509,12 @@ class Broker:
             return
         if type(msg) is Ready:
             self.register(ident, msg)
+            return
+        if type(msg) is Beat:  # from the process's heartbeat thread, on a socket of its own
+            if msg.slot < len(self.slots):
+                slot = self.slots[msg.slot]
+                if slot.incarnation == msg.incarnation and slot.liveness is not None:
+                    slot.liveness.heard()
             return
         number = self.workers.get(ident)
         if number is None:

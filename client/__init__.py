@@ -9,9 +9,11 @@ from . import codec
 from .client import Client, Namespace, Stub, connect, default_endpoint
 from .errors import (
     CallTimeoutError,
+    CpuLimitError,
     DurableError,
     InvalidIdError,
     ObjectError,
+    ObjectEvictedError,
     OverloadedError,
     ProtocolError,
     StorageCommitError,
@@ -50,6 +52,8 @@ __all__ = [
     "ProtocolError",
     "StubBrokenError",
     "ObjectError",
+    "CpuLimitError",
+    "ObjectEvictedError",
     "InvalidIdError",
     "UnknownNamespaceError",
     "OverloadedError",

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import os
 import socket
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zmq
@@ -57,6 +59,13 @@ __all__ = ["Client", "Namespace", "Stub", "connect", "default_endpoint"]
 
 log = logging.getLogger("durable.client")
 DEFAULT_TIMEOUT = 30.0
+
+
+#: Set by the object process in each object's context: an outgoing call (``env.NS`` stubs)
+#: awaits it before it leaves, so no other object acts on a message whose cause (the
+#: object's earlier writes) could still be lost. Cloudflare's output gate, for calls.
+OUTPUT_GATE: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = \
+    contextvars.ContextVar("durable_output_gate", default=None)
 
 
 def default_endpoint() -> str:
@@ -339,6 +348,9 @@ class Client:
                 "stub with namespace.get(id)")
         if stub._broken is not None:
             raise StubBrokenError(str(stub._broken))
+        gate = OUTPUT_GATE.get()
+        if gate is not None:  # inside an object: its earlier writes become durable first
+            await gate()
         call_id = next(self._call_ids)
         timeout = self.timeout if timeout is None else timeout
         head, body = encode_request(req)
@@ -347,7 +359,7 @@ class Client:
         self._pending[call_id] = (fut, stub)
         try:
             self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
-                            int(timeout * 1000), head, body).encode())
+                            int(timeout * 1000), head, body, stub.id.name).encode())
         except zmq.ZMQError as e:
             self._pending.pop(call_id, None)
             raise StubBrokenError(f"could not send to the broker: {e}") from None
@@ -385,7 +397,7 @@ class Client:
         elif t is Error:
             entry = self._pending.get(msg.call_id)
             if entry is not None and not entry[0].done():
-                err = error_from_wire(msg.code, msg.message, msg.remote_type)
+                err = error_from_wire(msg.code, msg.message, msg.remote_type, msg.traceback)
                 if isinstance(err, StubBrokenError) and entry[1] is not None:
                     entry[1]._broken = err
                 entry[0].set_exception(err)

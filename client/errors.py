@@ -17,6 +17,8 @@ __all__ = [
     "ProtocolError",
     "StubBrokenError",
     "ObjectError",
+    "CpuLimitError",
+    "ObjectEvictedError",
     "InvalidIdError",
     "UnknownNamespaceError",
     "OverloadedError",
@@ -132,10 +134,39 @@ class ObjectError(DurableError):
 
     code = "object_error"
 
-    def __init__(self, message: str, remote_type: str = "Exception") -> None:
+    def __init__(self, message: str, remote_type: str = "Exception",
+                 remote_traceback: str | None = None) -> None:
         super().__init__(f"{remote_type}: {message}")
         self.remote_type = remote_type
         self.remote_message = message
+        #: the object's traceback, when the daemon runs with ``debug = true``
+        self.remote_traceback = remote_traceback
+
+    @property
+    def type_name(self) -> str:
+        """The name of the exception type the object raised (e.g. ``"StorageLimitError"``)."""
+        return self.remote_type
+
+
+class CpuLimitError(ObjectError):
+    """A call ran longer than its namespace's ``cpu_limit_ms`` without yielding; the object
+    was reset (its in-memory state discarded, its durable writes kept)."""
+
+    code = "cpu_limit"
+
+    def __init__(self, message: str, remote_type: str = "CpuLimitError",
+                 remote_traceback: str | None = None) -> None:
+        super().__init__(message, remote_type, remote_traceback)
+
+
+class ObjectEvictedError(StorageError):
+    """Storage used through a ``state`` whose object was evicted or reset: nothing was written.
+
+    Raised inside object code, e.g. by a background task that outlived its
+    object's eviction; the object's current instance is unaffected.
+    """
+
+    code = "object_evicted"
 
 
 class InvalidIdError(DurableError, ValueError):
@@ -174,13 +205,15 @@ def _all_errors(cls: type[DurableError]) -> list[type[DurableError]]:
 _BY_CODE: dict[str, type[DurableError]] = {}
 
 
-def error_from_wire(code: str, message: str, remote_type: str | None = None) -> DurableError:
+def error_from_wire(code: str, message: str, remote_type: str | None = None,
+                    traceback: str | None = None) -> DurableError:
     """Rebuild an error from its wire code; an unknown code gives the root class."""
     if not _BY_CODE:
         for cls in _all_errors(DurableError):
             _BY_CODE.setdefault(cls.code, cls)
     cls = _BY_CODE.get(code, DurableError)
-    if cls is ObjectError:
-        return ObjectError(message, remote_type or "Exception")
+    if issubclass(cls, ObjectError):
+        default = "CpuLimitError" if cls is CpuLimitError else "Exception"
+        return cls(message, remote_type or default, traceback)
     err = cls(message)
     return err

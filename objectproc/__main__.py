@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import duckdb
 import orjson
@@ -52,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-wal-mb", type=int, default=8)
     p.add_argument("--checkpoint-interval", type=float, default=30.0)
     p.add_argument("--max-inflight-mb", type=int, default=256)
+    p.add_argument("--cpu-limit-ms", type=int, default=30_000)
+    p.add_argument("--namespace-cpu-limit-ms", action="append", default=[],
+                   help="NAME=MS: another CPU limit for one namespace (repeat)")
+    p.add_argument("--wait-until-limit", type=float, default=30.0)
+    p.add_argument("--debug", action="store_true", help="send object tracebacks to callers")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logs.setup(args.log_level, f"objectproc slot={args.slot} pid={os.getpid()}")
@@ -65,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         duckdb_memory_mb=args.duckdb_memory_mb, data_dir_id=args.data_dir_id,
         checkpoint_wal_bytes=args.checkpoint_wal_mb << 20,
         checkpoint_interval=args.checkpoint_interval,
-        max_inflight_bytes=args.max_inflight_mb << 20)
+        max_inflight_bytes=args.max_inflight_mb << 20,
+        cpu_limit=args.cpu_limit_ms / 1000,
+        cpu_limits={n: int(ms) / 1000 for n, ms in
+                    _pairs(args.namespace_cpu_limit_ms, "namespace-cpu-limit-ms").items()},
+        wait_until_limit=args.wait_until_limit, debug=args.debug)
     try:
         proc = ObjectProcess(config)
     except ValueError as e:
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, proc.stop)
         loop.add_signal_handler(signal.SIGINT, proc.stop)
-        mark = [time.monotonic()]
+        mark = proc.loop_mark
         proc.lifeline = lifeline.start(lambda: mark[0])
         ticker = asyncio.create_task(lifeline.tick_forever(mark))
         try:

@@ -7,6 +7,20 @@ Lifecycle (a table, so that every step is deliberate)::
     BLOCKED --set-up done--> ACTIVE     waiting calls start, in order
     ACTIVE --idle, writes durable--> EVICTED       the catalog forgets it
     ACTIVE/BLOCKED --storage failed--> BROKEN      every call gets an error; never reused
+    ACTIVE/BLOCKED --reset--> RESET     set-up failed or the CPU limit hit: the catalog
+                                        constructs the object anew on its next call
+
+**One instance.** Every task started in the object's context (its calls,
+``asyncio.create_task`` in its code, ``state.wait_until``) is known to its
+activation (``CURRENT``, a context variable read by the object process's task
+factory). Eviction waits for those tasks up to ``wait_until_limit``, then
+cancels them; from then on the old ``state.storage`` raises
+``ObjectEvictedError`` and writes nothing, and so does an outgoing call from
+that instance: the next activation is the only one that can act.
+
+**Output gate, for calls too.** In the object's context ``OUTPUT_GATE`` is
+the storage's ``sync``: a call through ``env.NS`` leaves once every write made
+before it is durable (it joins the group commit already under way).
 
 Each call runs as its own task, started in arrival order, so a call that
 awaits (another object, a sleep) lets the next one start, as in workerd. A
@@ -18,20 +32,40 @@ suspend (see ``storage/object.py``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from durable.errors import OverloadedError, StorageCommitError
+from durable.client import OUTPUT_GATE
+from durable.errors import (
+    CpuLimitError,
+    ObjectError,
+    ObjectEvictedError,
+    OverloadedError,
+    StorageCommitError,
+)
 from durable.http import Request, Response
 from durable.ids import ObjectId
 
 from .storage import ObjectStorage, SlotStore
 
-__all__ = ["Activation", "State", "Phase"]
+__all__ = ["Activation", "State", "Phase", "CURRENT", "CpuLimitExceeded"]
+
+#: The activation whose code is running (set in each of its tasks' contexts).
+CURRENT: contextvars.ContextVar[Activation | None] = contextvars.ContextVar(
+    "durable_activation", default=None)
+
+
+class CpuLimitExceeded(BaseException):
+    """Raised into object code that ran past its CPU limit without yielding.
+
+    A BaseException, so that an object's ``except Exception`` does not swallow it.
+    """
 
 log = logging.getLogger("durable.objectproc")
 
@@ -41,6 +75,7 @@ class Phase(enum.Enum):
     BLOCKED = "blocked"
     EVICTED = "evicted"
     BROKEN = "broken"
+    RESET = "reset"
 
 
 class IllegalTransition(RuntimeError):
@@ -54,11 +89,14 @@ _TRANSITIONS = {
     (Phase.ACTIVE, "fail"): Phase.BROKEN,
     (Phase.BLOCKED, "fail"): Phase.BROKEN,
     (Phase.BROKEN, "fail"): Phase.BROKEN,
+    (Phase.ACTIVE, "reset"): Phase.RESET,
+    (Phase.BLOCKED, "reset"): Phase.RESET,
 }
 
 
 class State:
-    """``state`` as the object sees it: ``id``, ``storage``, ``block_concurrency_while``."""
+    """``state`` as the object sees it: ``id``, ``storage``, ``block_concurrency_while``,
+    ``wait_until``."""
 
     __slots__ = ("id", "storage", "_activation")
 
@@ -68,8 +106,27 @@ class State:
         self._activation = activation
 
     def block_concurrency_while(self, fn: Callable[[], Awaitable[Any]] | Awaitable[Any]) -> asyncio.Task[Any]:
-        """Run async set-up with no other call delivered to this object until it ends."""
-        return self._activation.block_while(fn)
+        """Run async set-up with no other call delivered to this object until it ends.
+
+        If it raises, the call waiting for it fails with that error and the object is
+        reset: its next call constructs it anew.
+        """
+        return self._live().block_while(fn)
+
+    def wait_until(self, awaitable: Awaitable[Any]) -> None:
+        """Work to finish before the object may be evicted (Cloudflare's ``ctx.waitUntil``).
+
+        Eviction waits for it at most ``wait_until_limit`` seconds after the object went
+        idle, then cancels it.
+        """
+        self._live().wait_until(awaitable)
+
+    def _live(self) -> Activation:
+        act = self._activation
+        if act is None or act.phase in (Phase.EVICTED, Phase.RESET):
+            raise ObjectEvictedError(f"{self.id}: this object was evicted or reset; its "
+                                     "`state` can no longer be used")
+        return act
 
 
 Reply = Callable[[Response | None, BaseException | None], None]
@@ -78,18 +135,47 @@ Reply = Callable[[Response | None, BaseException | None], None]
 class Activation:
     def __init__(self, store: SlotStore, namespace: str, object_id: str, cls: type,
                  env: Any, clock: Callable[[], float] = time.monotonic,
-                 max_pending: int = 1000) -> None:
+                 max_pending: int = 1000, name: str | None = None,
+                 cpu_limit: float = 30.0, debug: bool = False) -> None:
         self.namespace = namespace
         self.object_id = object_id
         self.phase = Phase.ACTIVE
         self.clock = clock
+        self.cpu_limit = cpu_limit
+        self.debug = debug
         self.storage = ObjectStorage(store, namespace, object_id)
-        self.state = State(ObjectId(object_id), self.storage, self)
+        self.state = State(ObjectId(object_id, name), self.storage, self)
         self._waiting: deque[tuple[Request, Reply]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: tasks the object's code started (create_task, wait_until): eviction waits for them
+        self.owned: set[asyncio.Task[Any]] = set()
+        self.retiring_since: float | None = None  # idle, waiting for owned tasks to end
+        self.cancelled_tasks = False  # retire() cancelled them: evict at the next check
         self.last_used = clock()
         self.max_pending = max_pending
-        self.instance = cls(self.state, env)  # may raise: the catalog reports it to the caller
+        self.errors_logged: deque[float] = deque()  # when object errors were logged (rate)
+        token, gate = CURRENT.set(self), OUTPUT_GATE.set(self._gate)
+        try:  # tasks the constructor starts belong to this activation too
+            self.instance = cls(self.state, env)  # may raise: the catalog reports it
+        finally:
+            CURRENT.reset(token)
+            OUTPUT_GATE.reset(gate)
+
+    @property
+    def name(self) -> str | None:
+        return self.state.id.name
+
+    def learn_name(self, name: str) -> None:
+        """The name this object's id was made from (checked by the caller)."""
+        if self.state.id.name is None:
+            self.state.id.name = name
+
+    async def _gate(self) -> None:
+        """Before a call leaves this object: its earlier writes are durable."""
+        if self.storage.broken is not None:
+            raise self.storage.broken  # an evicted or reset instance sends nothing
+        if self.storage.unsynced():
+            await self.storage.sync()
 
     def _step(self, event: str) -> None:
         nxt = _TRANSITIONS.get((self.phase, event))
@@ -104,6 +190,7 @@ class Activation:
 
     def deliver(self, request: Request, reply: Reply) -> None:
         self.last_used = self.clock()
+        self.retiring_since, self.cancelled_tasks = None, False
         if len(self._tasks) + len(self._waiting) >= self.max_pending:
             reply(None, OverloadedError(
                 f"{self.namespace} {self.object_id} has {len(self._tasks) + len(self._waiting)} "
@@ -114,33 +201,72 @@ class Activation:
             return
         self._start(request, reply)
 
-    def _start(self, request: Request, reply: Reply) -> None:
-        task = asyncio.create_task(self._run(request, reply))
+    def _own(self, coro: Any) -> asyncio.Task[Any]:
+        """A task of this activation's machinery (not counted as the object's own)."""
+        task = asyncio.create_task(coro)
+        self.owned.discard(task)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start(self, request: Request, reply: Reply) -> None:
+        self._own(self._run(request, reply))
 
     async def _run(self, request: Request, reply: Reply) -> None:
-        if self.phase is Phase.BROKEN:
+        CURRENT.set(self)  # this task's own context: tasks it starts inherit both
+        OUTPUT_GATE.set(self._gate)
+        if self.phase in (Phase.BROKEN, Phase.RESET):
             reply(None, StorageCommitError("the object's storage failed; it was reset",
-                                           outcome="discarded"))
+                                           outcome="discarded")
+                  if self.phase is Phase.BROKEN else ObjectEvictedError(
+                      "the object was reset while this call waited; retry it"))
             return
         resp: Response | None = None
         error: BaseException | None = None
+        reset: str | None = None
         try:
             resp = await self.instance.fetch(request)
             if not isinstance(resp, Response):
                 raise TypeError(f"{type(self.instance).__name__}.fetch returned "
                                 f"{type(resp).__name__}, not a durable.Response")
+        except CpuLimitExceeded as e:
+            reset = str(e)
+            error = CpuLimitError(str(e))
+            self.report(error, request, e)
         except Exception as e:  # the object's own error: reported to the caller, stub stays usable
-            error = e
+            error = self.report(e, request, e)
         try:
             await self.storage.sync()  # output gate: no response before its writes are durable
+        except ObjectEvictedError as e:
+            resp, error = None, error or e  # reset or evicted under this call
         except StorageCommitError as e:  # (a full disk too): reset, the cache may be wrong
             if self.phase is not Phase.BROKEN:
                 self.fail(e)
             resp, error = None, e
+        if reset is not None and self.phase in (Phase.ACTIVE, Phase.BLOCKED):
+            self.reset(reset)
         self.last_used = self.clock()
         reply(resp, error)
+
+    def report(self, e: BaseException, request: Request | None, cause: BaseException,
+               where: str = "fetch") -> ObjectError:
+        """Log an exception from object code (rate-limited per object); the caller's error."""
+        now = self.clock()
+        while self.errors_logged and now - self.errors_logged[0] > 60:
+            self.errors_logged.popleft()
+        tb = "".join(traceback.format_exception(cause))
+        if len(self.errors_logged) < 5:
+            self.errors_logged.append(now)
+            what = f"{request.method} {request.url}" if request is not None else "set-up"
+            log.error("%s %s%s: %s raised %s during %s (%s)\n%s", self.namespace, self.object_id,
+                      f" (name {self.name!r})" if self.name is not None else "",
+                      type(self.instance).__name__ if self.instance is not None else "object",
+                      type(cause).__name__, where, what, tb.rstrip())
+        if isinstance(e, ObjectError):
+            if self.debug and e.remote_traceback is None:
+                e.remote_traceback = tb
+            return e
+        return ObjectError(str(e), type(e).__name__, tb if self.debug else None)
 
     def block_while(self, fn: Callable[[], Awaitable[Any]] | Awaitable[Any]) -> asyncio.Task[Any]:
         self._step("block")
@@ -149,29 +275,107 @@ class Activation:
         async def run() -> Any:
             try:
                 return await coro
+            except BaseException as e:
+                if self.phase is Phase.BLOCKED and not isinstance(e, asyncio.CancelledError):
+                    error = (CpuLimitError(str(e)) if isinstance(e, CpuLimitExceeded)
+                             else self.report(e, None, e, "block_concurrency_while"))
+                    self.reset(f"block_concurrency_while raised {type(e).__name__}", error)
+                raise
             finally:
                 if self.phase is Phase.BLOCKED:
                     self._step("unblock")
                 while self._waiting and self.phase is Phase.ACTIVE:
                     self._start(*self._waiting.popleft())
 
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._own(run())
+        task.add_done_callback(_retrieve)  # its error went to the waiting calls
         return task
+
+    def wait_until(self, awaitable: Awaitable[Any]) -> None:
+        token, gate = CURRENT.set(self), OUTPUT_GATE.set(self._gate)
+        try:
+            task = asyncio.ensure_future(awaitable)  # a coroutine: adopted by the task factory
+        finally:
+            CURRENT.reset(token)
+            OUTPUT_GATE.reset(gate)
+        if task not in self.owned:  # a future made elsewhere
+            self.adopt(task)
+
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """A task started in this object's context (the process's task factory calls this)."""
+        self.owned.add(task)
+        task.add_done_callback(self._owned_done)
+
+    def _owned_done(self, task: asyncio.Task[Any]) -> None:
+        if task not in self.owned:  # one of the activation's own (a call, a set-up)
+            return
+        self.owned.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        e = task.exception()
+        if isinstance(e, ObjectEvictedError):
+            log.warning("%s %s: a task it started used its storage after the object was evicted "
+                        "or reset; nothing was written (%s)", self.namespace, self.object_id, e)
+            return
+        self.report(e, None, e, "a task it started")
+        if isinstance(e, CpuLimitExceeded) and self.phase in (Phase.ACTIVE, Phase.BLOCKED):
+            self.reset(str(e))
 
     def evictable(self, idle_for: float) -> bool:
         return (self.phase is Phase.ACTIVE and not self.busy
                 and self.clock() - self.last_used >= idle_for and not self.storage.unsynced())
 
+    def retire(self, limit: float) -> bool:
+        """An idle object's tasks get ``limit`` seconds to end, then are cancelled.
+
+        Returns whether the activation may be evicted now (no task of its own left).
+        """
+        self.owned = {t for t in self.owned if not t.done()}
+        if not self.owned:
+            return True
+        now = self.clock()
+        if self.retiring_since is None:
+            self.retiring_since = now
+        elif self.cancelled_tasks:
+            return True  # they had their CancelledError; one that ignores it is fenced off
+        elif now - self.retiring_since >= limit:
+            log.warning("%s %s: %d task(s) it started still ran %g s after it went idle "
+                        "(wait_until_limit): cancelled before eviction", self.namespace,
+                        self.object_id, len(self.owned), limit)
+            self.cancelled_tasks = True
+            for t in self.owned:
+                t.cancel()
+        return False
+
     def evict(self) -> None:
         self._step("evict")
+        self._fence(ObjectEvictedError(
+            f"{self.namespace} {self.object_id} was evicted (idle); this instance's `state` "
+            "can no longer be used, and nothing was written"))
         self.storage.evict()
         # Break the cycles (instance -> state -> activation -> instance) so that refcounting
         # frees an evicted object at once: tune_gc() makes full collections rare, and a
         # million evicted objects waiting for one grew an object process by hundreds of MiB.
         self.state._activation = None
         self.instance = None
+
+    def _fence(self, error: ObjectEvictedError) -> None:
+        self.storage.fence(error)
+        for t in list(self.owned):  # (they leave ``owned`` as they end)
+            t.cancel()
+
+    def reset(self, why: str, error: BaseException | None = None) -> None:
+        """Discard the instance (its durable writes stay): the next call constructs it anew."""
+        log.warning("%s %s: reset (%s); its next call constructs it anew", self.namespace,
+                    self.object_id, why)
+        self._step("reset")
+        self._fence(ObjectEvictedError(
+            f"{self.namespace} {self.object_id} was reset ({why}); this instance's `state` "
+            "can no longer be used, and nothing was written"))
+        error = error or ObjectEvictedError(f"the object was reset ({why}); retry the call")
+        while self._waiting:
+            _, reply = self._waiting.popleft()
+            reply(None, error)
 
     def fail(self, error: StorageCommitError | None = None) -> None:
         """Storage failed under this activation: it is never used again (the object is reset)."""
@@ -186,3 +390,8 @@ class Activation:
         """Wait for every running call of this activation (shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # asyncio would log "exception was never retrieved"

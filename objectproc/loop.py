@@ -16,25 +16,30 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import zmq
 
+from durable import codec
 from durable.client import Client
 from durable.errors import (
+    ObjectError,
     OverloadedError,
     ProtocolError,
     StorageCorruptError,
     UnknownNamespaceError,
 )
 from durable.http import Response
-from durable.ids import load_or_create_secret, namespace_key
+from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.objects import Env, load_spec
 from durable.protocol.heartbeat import Liveness
 from durable.protocol.messages import (
+    Beat,
     BrokerHeartbeat,
     Ready,
     WorkerCall,
@@ -49,8 +54,10 @@ from durable.protocol.messages import (
 )
 from durable.transport import LoopSocket
 
-from .activation import Activation, Phase
+from .activation import CURRENT, Activation, Phase
+from .cpulimit import CpuWatch
 from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
+from .storage.slot import object_key
 
 __all__ = ["ObjectProcess", "ObjectProcessConfig", "load_class"]
 
@@ -65,6 +72,34 @@ BACKUP_URL = "durable:backup"
 _OPERATOR_METHODS = (INSPECT_METHOD, BACKUP_METHOD)
 #: The longest a backup may hold a slot's files still (the log grows meanwhile).
 MAX_PIN_SECONDS = 3600.0
+
+
+def name_key(namespace: str, object_id: str) -> bytes:
+    """Where an object's name is stored: beside it, under a namespace no config may use."""
+    return object_key(f"{NAME_PREFIX}{namespace}", object_id)
+
+
+#: Names of objects are stored under ``_durable_name_<NAMESPACE>/<id>`` (slot moves keep them
+#: with their object, as they go by id); configured namespaces may not start with "_durable".
+NAME_PREFIX = "_durable_name_"
+
+
+class ConstructorError(Exception):
+    """The object's constructor raised (``error`` is what the caller gets)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+    """Every task started in an object's context belongs to its activation (one instance)."""
+    context = kwargs.get("context")
+    task = asyncio.Task(coro, loop=loop, **kwargs)
+    act = context.get(CURRENT) if context is not None else CURRENT.get()
+    if act is not None and act.phase in (Phase.ACTIVE, Phase.BLOCKED):
+        act.adopt(task)
+    return task
 
 
 def load_class(spec: str) -> type:
@@ -93,6 +128,13 @@ class ObjectProcessConfig:
     checkpoint_interval: float = 30.0
     #: call bodies held at once; past it, calls fail with OverloadedError (one always fits)
     max_inflight_bytes: int = 256 << 20
+    #: seconds a call may run without yielding (per namespace; default for the others)
+    cpu_limits: dict[str, float] = field(default_factory=dict)
+    cpu_limit: float = 30.0
+    #: seconds an idle object's own tasks (wait_until, create_task) may run before eviction
+    wait_until_limit: float = 30.0
+    #: send object tracebacks to callers (ObjectError.remote_traceback)
+    debug: bool = False
 
 
 class ObjectProcess:
@@ -113,6 +155,10 @@ class ObjectProcess:
         self.client: Client | None = None
         self.env: Env | None = None
         self.lifeline: Any = None  # the supervisor's (lifeline.Lifeline); ready once registered
+        self.loop_mark: list[float] = [time.monotonic()]  # when the loop last turned (ticker)
+        self.ids: dict[str, IdFactory] = {}
+        self._incarnation = 0
+        self._beat_stop = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -129,6 +175,10 @@ class ObjectProcess:
         self.store.commit_inline_when = self._quiet
         tune_gc()
         keys = {n: namespace_key(secret, n) for n in cfg.namespaces}
+        self.ids = {n: IdFactory(n, k) for n, k in keys.items()}
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(_task_factory)
+        watch = CpuWatch(self.loop_mark, min([cfg.cpu_limit, *cfg.cpu_limits.values()]))
         self.client = Client(cfg.frontend, namespaces=keys, name=f"objectproc-{cfg.slot}",
                              heartbeat=cfg.heartbeat, misses=cfg.misses)
         await self.client.start(wait=False)
@@ -136,12 +186,17 @@ class ObjectProcess:
         self._register()
         if self.lifeline is not None:
             self.lifeline.mark_ready()  # from here, a loop that stops turning is a hang
+        watch.start()
+        beats = threading.Thread(target=self._beat_thread, name="durable-beat", daemon=True)
+        beats.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 timers = tg.create_task(self._timer_loop())
                 await self._stopping.wait()
                 timers.cancel()
         finally:
+            watch.stop()
+            self._beat_stop.set()
             await self._shutdown()
         if isinstance(self.store.failed, StorageCorruptError):
             raise self.store.failed  # the slot stays down as corrupt (exit status 65)
@@ -168,8 +223,28 @@ class ObjectProcess:
         self._sock = LoopSocket.dealer(self.config.backend, self._handle, self._ctx)
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1
+        self._incarnation = incarnation
         self._send(Ready(self.config.slot, os.getpid(), incarnation).encode())
         log.info("slot %d: registering with the broker (incarnation %x)", self.config.slot, incarnation)
+
+    def _beat_thread(self) -> None:
+        """Tell the broker this incarnation lives, from a thread with a socket of its own.
+
+        The loop's own heartbeats stop while a call runs without yielding; these do not,
+        so a long call does not break the stubs of every other object of the slot. A loop
+        blocked for good is the supervisor's to find (``hang_timeout``).
+        """
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.connect(self.config.backend)
+        try:
+            while not self._beat_stop.wait(self.config.heartbeat / 2):
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.send_multipart(Beat(self.config.slot, self._incarnation).encode(),
+                                        zmq.NOBLOCK)
+        finally:
+            sock.close(linger=0)
 
     def _send(self, frames: list[bytes]) -> None:
         try:
@@ -228,7 +303,8 @@ class ObjectProcess:
                     self._send(frames)
                     return
             self.counters["errors"] += 1
-            self._send(WorkerError(client, call_id, error_payload(error)).encode())
+            self._send(WorkerError(client, call_id, error_payload(
+                error, getattr(error, "remote_traceback", None))).encode())
 
         try:
             request = decode_request(call.head, call.body)
@@ -244,8 +320,11 @@ class ObjectProcess:
                 if request.method == BACKUP_METHOD and request.url.startswith(BACKUP_URL):
                     self._backup(request, reply)
                     return
-            act = self._activation(call.namespace, call.object_id)
-        except Exception as e:  # bad request head, unknown namespace, constructor raised
+            act = self._activation(call.namespace, call.object_id, call.name)
+        except ConstructorError as e:  # logged with its traceback; the next call tries again
+            reply(None, e.error)
+            return
+        except Exception as e:  # bad request head, unknown namespace
             reply(None, e)
             return
         act.deliver(request, reply)
@@ -292,17 +371,62 @@ class ObjectProcess:
 
         self._spawn(run())
 
-    def _activation(self, namespace: str, object_id: str) -> Activation:
+    def _activation(self, namespace: str, object_id: str, name: str | None = None) -> Activation:
         key = (namespace, object_id)
         act = self.catalog.get(key)
-        if act is None or (act.phase is Phase.BROKEN and self.store.failed is None):
+        if act is None or act.phase is Phase.RESET or (
+                act.phase is Phase.BROKEN and self.store.failed is None):
             # (a broken activation on a healthy slot lost writes to a full disk: reset it)
             cls = self.classes.get(namespace)
             if cls is None:
                 raise UnknownNamespaceError(f"this object process does not host namespace {namespace!r}")
-            act = Activation(self.store, namespace, object_id, cls, self.env)
+            cfg = self.config
+            known = self._known_name(namespace, object_id, name)
+            try:
+                act = Activation(self.store, namespace, object_id, cls, self.env, name=known,
+                                 cpu_limit=cfg.cpu_limits.get(namespace, cfg.cpu_limit),
+                                 debug=cfg.debug)
+            except Exception as e:
+                raise ConstructorError(self._constructor_failed(namespace, object_id, known, cls, e)) from e
             self.catalog[key] = act
+        elif name is not None and act.name is None and self._name_matches(namespace, object_id, name):
+            act.learn_name(name)
+            self._store_name(namespace, object_id, name)
         return act
+
+    def _name_matches(self, namespace: str, object_id: str, name: str) -> bool:
+        """Whether ``name`` is really the one ``object_id`` was made from (callers could lie)."""
+        ids = self.ids.get(namespace)
+        return ids is not None and str(ids.from_name(name)) == object_id
+
+    def _known_name(self, namespace: str, object_id: str, name: str | None) -> str | None:
+        """The object's name: from this call (checked), else as stored by an earlier one."""
+        if name is not None and self._name_matches(namespace, object_id, name):
+            self._store_name(namespace, object_id, name)
+            return name
+        try:
+            data = self.store.read(name_key(namespace, object_id), "name")
+        except Exception:  # a name is a nicety: never fail a call for it
+            return None
+        return None if data is None else codec.decode(data)
+
+    def _store_name(self, namespace: str, object_id: str, name: str) -> None:
+        obj = name_key(namespace, object_id)
+        try:
+            if self.store.read(obj, "name") is None:
+                self.store.submit(obj, False, {"name": codec.encode(name)})
+        except Exception as e:  # (a full disk): learnt again from the next named call
+            log.debug("could not store the name of %s %s: %s", namespace, object_id, e)
+
+    def _constructor_failed(self, namespace: str, object_id: str, name: str | None, cls: type,
+                            e: Exception) -> BaseException:
+        tb = "".join(traceback.format_exception(e))
+        log.error("%s %s%s: %s() raised %s in its constructor; the next call tries again\n%s",
+                  namespace, object_id, f" (name {name!r})" if name is not None else "",
+                  cls.__name__, type(e).__name__, tb.rstrip())
+        if isinstance(e, ObjectError):
+            return e
+        return ObjectError(str(e), type(e).__name__, tb if self.config.debug else None)
 
     # -- timers -------------------------------------------------------------------------
     async def _timer_loop(self) -> None:
@@ -332,8 +456,9 @@ class ObjectProcess:
                 self.evict_idle()
 
     def evict_idle(self) -> int:
-        idle = self.config.idle_timeout
-        gone = [k for k, a in self.catalog.items() if a.evictable(idle)]
+        """Evict idle objects; one whose own tasks still run gets ``wait_until_limit`` first."""
+        idle, limit = self.config.idle_timeout, self.config.wait_until_limit
+        gone = [k for k, a in self.catalog.items() if a.evictable(idle) and a.retire(limit)]
         for k in gone:
             self.catalog.pop(k).evict()
         self.counters["evicted"] += len(gone)

@@ -410,7 +410,8 @@ class Daemon:
         load_or_create_secret(data)
         self.frontend, backend = f"ipc://{run}/broker.sock", f"ipc://{run}/workers.sock"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
-        ns = {"NOOP": "bench_objects:Noop", "COUNTER": "durable.examples.counter:Counter"}
+        ns = {"NOOP": "bench_objects:Noop", "COUNTER": "durable.examples.counter:Counter",
+              "RELAY": "bench_objects:Relay"}
         args = [sys.executable, "-m", "durable.broker", "--frontend", self.frontend, "--backend",
                 backend, "--slots", str(slots), "--data-dir", str(data), "--log-level", "WARNING"]
         for name in ns:
@@ -482,6 +483,10 @@ async def rpc_measure(endpoint: str, quick: bool) -> dict[str, Any]:
         out["noop_64_in_flight_100_objects"] = await in_flight("NOOP", "http://do/", "GET")
         out["counter_sequential"] = await sequential("COUNTER", "http://do/inc", "POST")
         out["counter_64_in_flight_100_objects"] = await in_flight("COUNTER", "http://do/inc", "POST")
+        # Object to object: a call out of an object, and the same call after a write (it
+        # leaves once the write is durable: the output gate).
+        out["object_call_sequential"] = await sequential("RELAY", "http://do/", "GET")
+        out["object_write_then_call_sequential"] = await sequential("RELAY", "http://do/", "POST")
     return out
 
 
@@ -502,6 +507,11 @@ def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
         # What a durable increment adds to a no-op call; the fsync floor above is its bulk.
         out["counter_minus_noop_p50_ms"] = round(
             out["counter_sequential"]["p50_ms"] - out["noop_sequential"]["p50_ms"], 4)
+        # The output gate's price: a write then a call, against the call plus one fsync.
+        plain = out["object_call_sequential"]["p50_ms"]
+        fsync = out["floor_fsync_100b_preallocated"]["p50_ms"]
+        out["gate_write_then_call_vs_call_plus_fsync"] = round(
+            out["object_write_then_call_sequential"]["p50_ms"] / (plain + fsync), 3)
     return out
 
 

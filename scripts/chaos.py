@@ -7,9 +7,13 @@ For a bounded time, writers increment counters and append unique tokens to
 per-object lists, through the Python client and through the HTTP gateway,
 while a killer SIGKILLs random object processes, the broker and gateway
 processes at random intervals, or SIGSTOPs one (SIGCONT after up to
-hang_timeout + 2 s: some resume, some are replaced as hung), and a second
+hang_timeout + 4 s: some resume, some are replaced as hung), and a second
 ``durable serve`` is started on the live data dir now and then (it must be
-refused at once, changing nothing). Writers never retry a call whose outcome is
+refused at once, changing nothing). Some writes are sent on to another object
+after they are made (the receiver's record of one whose write was lost would
+break the output gate), and some objects start tasks that write later, often
+after their object was evicted (a write by an evicted instance would break
+"one instance"). Writers never retry a call whose outcome is
 unknown (a broken stub or a timeout may or may not have run). At the end,
 every object must hold:
 
@@ -46,6 +50,7 @@ from harness import serving  # noqa: E402
 import durable  # noqa: E402
 
 RETRYABLE = (durable.StubBrokenError, durable.CallTimeoutError, durable.OverloadedError,
+             durable.ObjectError,  # a relay whose peer call failed: its outcome is unknown
              ConnectionError, aiohttp.ClientError, asyncio.TimeoutError)
 
 
@@ -57,6 +62,8 @@ class Ledger:
         self.tokens_attempted: dict[str, set[str]] = collections.defaultdict(set)
         self.calls = 0
         self.failures = collections.Counter()
+        self.relay_from: dict[str, str] = {}  # token -> the object that sent it on
+        self.bg_acked: dict[str, set[str]] = collections.defaultdict(set)
 
 
 async def writer(wid: int, client: durable.Client, http: aiohttp.ClientSession, port: int,
@@ -67,11 +74,15 @@ async def writer(wid: int, client: durable.Client, http: aiohttp.ClientSession, 
     while time.monotonic() < stop:
         name = rng.choice(names)
         via_http = rng.random() < 0.3
-        append = rng.random() < 0.5
+        kind = rng.random()
+        append = kind < 0.5
         if append:
             seq += 1
             token = f"w{wid}-{seq}"
             path = f"/append?t={token}"
+            if kind < 0.1:  # append, then send it on to another object (behind the gate)
+                path = f"/relay?t={token}&to={rng.choice(names)}"
+                ledger.relay_from[token] = name
             ledger.tokens_attempted[name].add(token)
         else:
             path = "/inc"
@@ -135,13 +146,30 @@ async def killer(pid: int, stop: float, rng: random.Random, kills: collections.C
             if rng.random() < 0.25:  # a hang: resumed before hang_timeout, or replaced at it
                 victim.suspend()
                 kills[f"{role}_stopped"] += 1
-                stopped.append(asyncio.create_task(_resume(victim, rng.uniform(0.5, hang_timeout + 2))))
+                stopped.append(asyncio.create_task(_resume(victim, rng.uniform(0.5, hang_timeout + 4))))
             else:
                 victim.kill()
                 kills[role] += 1
         except psutil.Error:
             pass
     await asyncio.gather(*stopped)
+
+
+async def bg_driver(client: durable.Client, names: list[str], ledger: Ledger, stop: float,
+                    rng: random.Random) -> None:
+    """Now and then, an object starts a task that writes later: often past its eviction."""
+    ns = client.namespace("CHAOS")
+    n = 0
+    while time.monotonic() < stop:
+        await asyncio.sleep(0.3)
+        name, n = rng.choice(names), n + 1
+        token = f"bg-{n}"
+        try:
+            await ns.get(ns.id_from_name(name)).fetch(f"http://do/bg?t={token}&after=3",
+                                                      method="POST", timeout=10)
+        except RETRYABLE:
+            continue
+        ledger.bg_acked[name].add(token)
 
 
 async def _resume(victim: psutil.Process, after: float) -> None:
@@ -191,9 +219,30 @@ async def read_back(client: durable.Client, names: list[str]) -> dict[str, dict]
     return out
 
 
+async def _evictions(client: durable.Client) -> int:
+    try:
+        stats = await client.statistics()
+    except Exception:
+        return -1
+    return sum(s.get("reported", {}).get("evicted", 0) for s in stats["slots"])
+
+
 def check(ledger: Ledger, final: dict[str, dict]) -> list[str]:
     problems = []
+    entries_of = {name: set(state["entries"]) for name, state in final.items()}
     for name, state in final.items():
+        for token in state["heard"]:  # acted on: its cause must have been durable
+            sender = ledger.relay_from.get(token)
+            if sender is None or token not in entries_of.get(sender, ()):
+                problems.append(f"{name} acted on {token}, but {sender}'s write of it was lost")
+        for token in ledger.bg_acked.get(name, ()):
+            if token not in state["bg"]:
+                problems.append(f"{name}: acknowledged background write {token} is missing")
+        order = [i for k, i in enumerate(state["log"]) if k == 0 or state["log"][k - 1] != i]
+        if len(order) != len(set(order)):  # an instance wrote again after a later one had
+            problems.append(f"{name}: two live instances wrote (write order {order[:12]})")
+        if set(order) - set(state["insts"]):
+            problems.append(f"{name}: writes by an instance that never started")
         n = state["n"]
         if not ledger.inc_acked[name] <= n <= ledger.inc_attempted[name]:
             problems.append(f"{name}: counter {n} outside [{ledger.inc_acked[name]}, "
@@ -232,28 +281,44 @@ async def soak(args: argparse.Namespace, root: Path, port: int, daemon: subproce
         tasks.append(killer(daemon.pid, stop, rng, kills, args.min_gap, args.max_gap, HANG_TIMEOUT))
         tasks.append(second_daemons(root / "durable.toml", stop, random.Random(rng.random()),
                                     seconds, daemon_problems))
+        bg_names = [f"bg{i}" for i in range(8)]
+        tasks.append(bg_driver(client, bg_names, ledger, stop, random.Random(rng.random())))
         await asyncio.gather(*tasks)
-        await asyncio.sleep(1.0)  # let the last killed process come back
-        final = await read_back(client, names)
+        await asyncio.sleep(4.0)  # let the last killed process come back, background tasks end
+        final = await read_back(client, names + bg_names)
+        evictions = await _evictions(client)
     problems = daemon_problems + check(ledger, final)
     return {
         "seconds": args.seconds, "objects": args.objects, "writers": args.writers,
         "kills": dict(kills), "kills_total": sum(kills.values()),
         "second_daemons": dict(seconds), "calls": ledger.calls,
+        "relays_heard": sum(len(s["heard"]) for s in final.values()),
+        "background_writes": {"acknowledged": sum(len(v) for v in ledger.bg_acked.values()),
+                              "by_tasks": sum(list(s["bg"].values()).count("task")
+                                              for s in final.values()),
+                              "instances": sum(len(s["insts"]) for s in final.values())},
+        "evictions": evictions,
         "acknowledged": sum(ledger.inc_acked.values()) + sum(len(t) for t in ledger.tokens_acked.values()),
         "failed_calls": dict(ledger.failures),
         "lost_writes": sum(1 for p in problems if "missing" in p or "outside" in p),
+        "acted_on_lost_cause": sum(1 for p in problems if "acted on" in p),
+        "two_instances": sum(1 for p in problems if "two live instances" in p),
         "problems": problems[:20], "ok": not problems,
     }
 
 
-HANG_TIMEOUT = 3.0  # the shortest allowed: some SIGSTOPs outlast it (replaced), some do not
+# The shortest allowed: some SIGSTOPs outlast it (replaced), some do not. An object process's
+# bound is its CPU limit (0.5 s here) + 5 s: some of its SIGSTOPs (up to 7 s) outlast that.
+HANG_TIMEOUT = 3.0
 
 CONFIG = """
 data_dir = "{data}"
 slots = %d
 grace_period = 10
 hang_timeout = %g
+cpu_limit_ms = 500
+idle_timeout = 1
+wait_until_limit = 1
 [broker]
 heartbeat = 0.2
 [http]
@@ -283,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"chaos soak: {result['seconds']:g} s, {result['kills_total']} kills {result['kills']}, "
-              f"second daemons {result['second_daemons']}, "
+              f"second daemons {result['second_daemons']}, relays heard {result['relays_heard']}, "
+              f"background writes {result['background_writes']}, evictions {result['evictions']}, "
               f"{result['calls']} calls, {result['acknowledged']} acknowledged writes, "
               f"failed calls {result['failed_calls']}, lost writes = {result['lost_writes']}, "
               f"{'OK' if result['ok'] else 'PROBLEMS: ' + '; '.join(result['problems'])}")

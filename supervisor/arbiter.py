@@ -143,6 +143,7 @@ class Watcher:
     kill_at: float | None = None  # SIGKILL then, unless it exited after our SIGTERM
     hung: bool = False
     pass_fds: tuple[int, ...] = ()
+    hang_timeout: float | None = None  # None: the config's
 
     def step(self, event: str) -> None:
         nxt = _TRANSITIONS.get((self.state, event))
@@ -318,10 +319,20 @@ class Arbiter:
                     "--checkpoint-wal-mb", str(c.checkpoint_wal_mb),
                     "--checkpoint-interval", str(c.checkpoint_interval),
                     "--max-inflight-mb", str(c.max_inflight_mb),
+                    "--cpu-limit-ms", str(c.cpu_limit_ms),
+                    "--wait-until-limit", str(c.wait_until_limit),
                     "--data-dir-id", self.identity.id if self.identity else ""]
             for ns, cls in c.namespaces.items():
                 argv += ["--namespace", f"{ns}={cls}"]
-            self.watchers.append(Watcher(f"objectproc-{slot}", "objectproc", slot, argv, env))
+            for ns, ms in c.namespace_cpu_limits.items():
+                argv += ["--namespace-cpu-limit-ms", f"{ns}={ms}"]
+            if c.debug:
+                argv.append("--debug")
+            # A call may hold the loop up to its CPU limit, and is interrupted then: only a
+            # hold well past that is a hang.
+            longest = max([c.cpu_limit_ms, *c.namespace_cpu_limits.values()]) / 1000
+            self.watchers.append(Watcher(f"objectproc-{slot}", "objectproc", slot, argv, env,
+                                         hang_timeout=max(c.hang_timeout, longest + 5)))
         if c.http is not None:
             h = c.http
             argv = [self.python, "-m", "durable.broker.gateway", "--listen", h.listen,
@@ -468,13 +479,15 @@ class Arbiter:
                     w.kill_at = float("inf")  # once
                 continue
             stuck = w.stuck_for(now)
-            if stuck >= self.config.hang_timeout:
+            bound = w.hang_timeout or self.config.hang_timeout
+            if stuck >= bound:
                 w.hung = True
                 what = (f"its loop has not turned for {stuck:.0f} s" if now - w.last_beat < 3
                         else f"it sent no heartbeat for {now - w.last_beat:.0f} s (stopped?)")
-                log.error("%s (pid %d) is hung: %s, over hang_timeout = %g s. SIGKILL and "
-                          "restart; its calls in flight fail (their stubs break)", w.name, w.pid,
-                          what, self.config.hang_timeout)
+                log.error("%s (pid %d) is hung: %s, over its bound of %g s (hang_timeout; for "
+                          "object processes at least the CPU limit + 5 s). SIGKILL and restart; "
+                          "its calls in flight fail (their stubs break)", w.name, w.pid, what,
+                          bound)
                 w.signal(signal.SIGKILL)
                 w.kill_at = float("inf")
 

@@ -95,6 +95,13 @@ class Config:
     grace_period: float = 30.0
     #: seconds a process's loop may stay blocked (or silent) before it is killed and replaced
     hang_timeout: float = 30.0
+    #: milliseconds a call may run without yielding before it fails with CpuLimitError
+    #: (per namespace: [namespaces.NAME] cpu_limit_ms)
+    cpu_limit_ms: int = 30_000
+    #: seconds an idle object's own tasks (state.wait_until, create_task) may still run
+    wait_until_limit: float = 30.0
+    #: send object tracebacks to callers (ObjectError.remote_traceback)
+    debug: bool = False
     #: MiB of call bodies one object process holds at once (then OverloadedError)
     max_inflight_mb: int = 256
     #: restart an object process gracefully above this RSS (MiB); 0 = no limit
@@ -114,6 +121,8 @@ class Config:
     #: the HTTP gateway; on in the built-in defaults, off in a file without [http]
     http: HttpSettings | None = field(default_factory=HttpSettings)
     namespaces: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_NAMESPACES))
+    #: namespace -> its own cpu_limit_ms (the others use cpu_limit_ms)
+    namespace_cpu_limits: dict[str, int] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
     source: str = "built-in defaults"
 
@@ -174,7 +183,8 @@ def _section(source: str, prefix: str, raw: Any, cls: type) -> Any:
 
 
 _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_period": (int, float),
-        "hang_timeout": (int, float), "max_inflight_mb": int,
+        "hang_timeout": (int, float), "max_inflight_mb": int, "cpu_limit_ms": int,
+        "wait_until_limit": (int, float), "debug": bool,
         "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool,
         "checkpoint_wal_mb": int, "checkpoint_interval": (int, float)}
 
@@ -190,7 +200,7 @@ def from_dict(raw: dict[str, Any], source: str) -> Config:
         elif key == "limits":
             cfg.limits = _section(source, "limits", value, LimitsSettings)
         elif key == "namespaces":
-            cfg.namespaces = _namespaces(source, value)
+            cfg.namespaces, cfg.namespace_cpu_limits = _namespaces(source, value)
         elif key == "vars":
             _check_type(source, "vars", value, dict)
             cfg.vars = dict(value)
@@ -203,27 +213,37 @@ def from_dict(raw: dict[str, Any], source: str) -> Config:
     return cfg
 
 
-def _namespaces(source: str, raw: Any) -> dict[str, str]:
+def _namespaces(source: str, raw: Any) -> tuple[dict[str, str], dict[str, int]]:
     if not isinstance(raw, dict) or not raw:
         raise _err(source, "namespaces", "must hold at least one [namespaces.NAME] table",
                    'Add for example:\n[namespaces.COUNTER]\nclass = "myapp.counter:Counter"')
-    out = {}
+    out, cpu = {}, {}
     for name, table in raw.items():
         key = f"namespaces.{name}"
         if not name.isidentifier() or not name.isascii():
             raise _err(source, key, "a namespace name must be an identifier (letters, digits, _)",
                        "Rename it, e.g. [namespaces.COUNTER].")
+        if name.startswith("_durable"):
+            raise _err(source, key, "names starting with _durable are durable's own",
+                       "Rename it, e.g. [namespaces.COUNTER].")
         if not isinstance(table, dict):
             raise _err(source, key, "must be a table", f'Write [{key}] with class = "module:Class".')
-        extra = set(table) - {"class"}
+        extra = set(table) - {"class", "cpu_limit_ms"}
         if extra:
-            raise _err(source, f"{key}.{sorted(extra)[0]}", "unknown key", 'The only key is "class".')
+            raise _err(source, f"{key}.{sorted(extra)[0]}", "unknown key",
+                       'The keys are "class" and "cpu_limit_ms".')
+        if "cpu_limit_ms" in table:
+            _check_type(source, f"{key}.cpu_limit_ms", table["cpu_limit_ms"], int)
+            if table["cpu_limit_ms"] < 1:
+                raise _err(source, f"{key}.cpu_limit_ms", "must be positive",
+                           "Use milliseconds, e.g. 30000.")
+            cpu[name] = table["cpu_limit_ms"]
         cls = table.get("class")
         if not isinstance(cls, str) or ":" not in cls:
             raise _err(source, f"{key}.class", f"must be 'package.module:ClassName', got {cls!r}",
                        'Write class = "myapp.counter:Counter".')
         out[name] = cls
-    return out
+    return out, cpu
 
 
 def validate(cfg: Config) -> None:
@@ -233,6 +253,9 @@ def validate(cfg: Config) -> None:
     for key in ("idle_timeout", "grace_period"):
         if getattr(cfg, key) <= 0:
             raise _err(src, key, "must be positive", "Use a number of seconds above 0.")
+    if cfg.cpu_limit_ms < 1 or cfg.wait_until_limit <= 0:
+        raise _err(src, "cpu_limit_ms / wait_until_limit", "must be positive",
+                   "Use milliseconds (cpu_limit_ms) and seconds (wait_until_limit).")
     if cfg.hang_timeout < 3:
         raise _err(src, "hang_timeout", f"must be at least 3 seconds, got {cfg.hang_timeout:g}",
                    "Processes beat once a second; use 30 unless calls may block longer.")

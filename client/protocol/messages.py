@@ -9,7 +9,7 @@ the broker forwards without decoding.
 Client → broker (frontend)::
 
     HELLO   [hdr, {"pid": int, "name": str}]
-    CALL    [hdr, [call_id, stub_id, namespace, object_id, timeout_ms], request_head, body]
+    CALL    [hdr, [call_id, stub_id, namespace, object_id, timeout_ms(, name)], request_head, body]
     PING    [hdr]
     DROP    [hdr, [stub_id, ...]]              stubs the client no longer holds
     STATS   [hdr, call_id(u64)]
@@ -18,7 +18,7 @@ Broker → client::
 
     WELCOME     [hdr, {"broker": incarnation, "namespaces": {name: key_hex}}]
     REPLY       [hdr, call_id(u64), response_head, body]
-    ERROR       [hdr, call_id(u64), {"code", "message", "remote_type"}]
+    ERROR       [hdr, call_id(u64), {"code", "message", "remote_type"(, "traceback")}]
     PONG        [hdr, broker incarnation(u64)]
     DISCONNECT  [hdr, reason]                  "I do not know you: send HELLO"
     STATS_REPLY [hdr, call_id(u64), {...}]
@@ -29,10 +29,13 @@ Object process → broker (backend)::
     WREPLY     [hdr, client, call_id(u64), response_head, body]
     WERROR     [hdr, client, call_id(u64), {"code", "message", "remote_type"}]
     WHEARTBEAT [hdr, {"active": int, "queued": int, ...}]
+    WBEAT      [hdr, slot(u64), incarnation(u64)]  from the process's heartbeat thread, on
+                                                   a socket of its own: alive even while
+                                                   its loop runs a long call
 
 Broker → object process::
 
-    WCALL       [hdr, client, [call_id, namespace, object_id], request_head, body]
+    WCALL       [hdr, client, [call_id, namespace, object_id(, name)], request_head, body]
     WHEARTBEAT  [hdr, {}]
     WDISCONNECT [hdr, reason]                  "register again (READY)"
 
@@ -61,7 +64,7 @@ from ..http import Request, Response
 __all__ = [
     "VERSION", "Cmd", "Hello", "Call", "Ping", "Drop", "Stats", "Welcome", "Reply", "Error",
     "Pong", "Disconnect", "StatsReply", "Ready", "WorkerReply", "WorkerError",
-    "WorkerHeartbeat", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect",
+    "WorkerHeartbeat", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect", "Beat",
     "parse_from_client", "parse_from_broker_to_client", "parse_from_worker",
     "parse_from_broker_to_worker", "encode_request", "decode_request", "encode_response",
     "decode_response", "error_payload", "pack_u64", "unpack_u64", "Control", "parse_control",
@@ -88,6 +91,7 @@ class Cmd(IntEnum):
     WREPLY = 0x22
     WERROR = 0x23
     WHEARTBEAT = 0x24
+    WBEAT = 0x25
     WCALL = 0x31
     BHEARTBEAT = 0x32
     WDISCONNECT = 0x33
@@ -183,22 +187,25 @@ def decode_response(head: bytes, body: bytes) -> Response:
         raise ProtocolError(f"bad response head: {e}") from None
 
 
-def error_payload(err: BaseException) -> bytes:
+def error_payload(err: BaseException, traceback: str | None = None) -> bytes:
     """The ERROR payload for an exception: its wire code, message and type name."""
     if isinstance(err, DurableError):
         remote = getattr(err, "remote_type", type(err).__name__)
         message = getattr(err, "remote_message", str(err))
-        return orjson.dumps({"code": err.code, "message": message, "remote_type": remote})
-    return orjson.dumps({"code": "object_error", "message": str(err),
-                         "remote_type": type(err).__name__})
+        out = {"code": err.code, "message": message, "remote_type": remote}
+    else:
+        out = {"code": "object_error", "message": str(err), "remote_type": type(err).__name__}
+    if traceback is not None:
+        out["traceback"] = traceback
+    return orjson.dumps(out)
 
 
-def _error_fields(frame: bytes) -> tuple[str, str, str | None]:
+def _error_fields(frame: bytes) -> tuple[str, str, str | None, str | None]:
     e = _json(frame, "error payload")
     if type(e) is not dict or type(e.get("code")) is not str or type(e.get("message")) is not str:
         raise ProtocolError("error payload must be {code: str, message: str}")
-    rt = e.get("remote_type")
-    return e["code"], e["message"], rt if type(rt) is str else None
+    rt, tb = e.get("remote_type"), e.get("traceback")
+    return e["code"], e["message"], rt if type(rt) is str else None, tb if type(tb) is str else None
 
 
 # -- client <-> broker ----------------------------------------------------------------
@@ -220,11 +227,13 @@ class Call:
     timeout_ms: int
     head: bytes
     body: bytes
+    name: str | None = None  # the name the id was derived from (id_from_name), if any
 
     def encode(self) -> list[bytes]:
-        meta = orjson.dumps([self.call_id, self.stub_id, self.namespace, self.object_id,
-                             self.timeout_ms])
-        return [header(Cmd.CALL), meta, self.head, self.body]
+        m = [self.call_id, self.stub_id, self.namespace, self.object_id, self.timeout_ms]
+        if self.name is not None:
+            m.append(self.name)
+        return [header(Cmd.CALL), orjson.dumps(m), self.head, self.body]
 
 
 @dataclass(slots=True)
@@ -258,11 +267,12 @@ def parse_from_client(frames: list[bytes]) -> Hello | Call | Ping | Drop | Stats
     if cmd is Cmd.CALL:
         _frames(frames, 4, "CALL")
         m = _json(frames[1], "CALL meta")
-        if type(m) is not list or len(m) != 5:
-            raise ProtocolError("CALL meta must be [call_id, stub_id, namespace, object_id, timeout_ms]")
+        if type(m) is not list or len(m) not in (5, 6):
+            raise ProtocolError("CALL meta must be [call_id, stub_id, namespace, object_id, "
+                                "timeout_ms(, name)]")
         return Call(_int(m[0], "call_id"), _int(m[1], "stub_id"), _str(m[2], "namespace"),
                     _str(m[3], "object_id"), _int(m[4], "timeout_ms", 0, 2**31),
-                    frames[2], frames[3])
+                    frames[2], frames[3], _name(m[5]) if len(m) == 6 else None)
     if cmd is Cmd.PING:
         _frames(frames, 1, "PING")
         return Ping()
@@ -307,11 +317,13 @@ class Error:
     code: str
     message: str
     remote_type: str | None = None
+    traceback: str | None = None
 
     def encode(self) -> list[bytes]:
-        return [header(Cmd.ERROR), pack_u64(self.call_id),
-                orjson.dumps({"code": self.code, "message": self.message,
-                              "remote_type": self.remote_type})]
+        body = {"code": self.code, "message": self.message, "remote_type": self.remote_type}
+        if self.traceback is not None:
+            body["traceback"] = self.traceback
+        return [header(Cmd.ERROR), pack_u64(self.call_id), orjson.dumps(body)]
 
 
 @dataclass(slots=True)
@@ -411,11 +423,14 @@ class WorkerHeartbeat:
         return [header(Cmd.WHEARTBEAT), orjson.dumps(self.stats)]
 
 
-_FROM_WORKER = frozenset({Cmd.READY, Cmd.WREPLY, Cmd.WERROR, Cmd.WHEARTBEAT})
+_FROM_WORKER = frozenset({Cmd.READY, Cmd.WREPLY, Cmd.WERROR, Cmd.WHEARTBEAT, Cmd.WBEAT})
 
 
-def parse_from_worker(frames: list[bytes]) -> Ready | WorkerReply | WorkerError | WorkerHeartbeat:
+def parse_from_worker(frames: list[bytes]) -> Ready | WorkerReply | WorkerError | WorkerHeartbeat | Beat:
     cmd = _cmd(frames, _FROM_WORKER, "from an object process")
+    if cmd is Cmd.WBEAT:
+        _frames(frames, 3, "WBEAT")
+        return Beat(unpack_u64(frames[1], "slot"), unpack_u64(frames[2], "incarnation"))
     if cmd is Cmd.WREPLY:
         _frames(frames, 5, "WREPLY")
         return WorkerReply(frames[1], unpack_u64(frames[2], "call_id"), frames[3], frames[4])
@@ -440,6 +455,23 @@ def parse_from_worker(frames: list[bytes]) -> Ready | WorkerReply | WorkerError 
 
 
 @dataclass(slots=True)
+class Beat:
+    """An object process's heartbeat thread: this slot's incarnation is alive."""
+
+    slot: int
+    incarnation: int
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.WBEAT), pack_u64(self.slot), pack_u64(self.incarnation)]
+
+
+def _name(v: object) -> str:
+    if type(v) is not str or len(v) > 4096:
+        raise ProtocolError("an object name must be a str of at most 4096 characters")
+    return v
+
+
+@dataclass(slots=True)
 class WorkerCall:
     client: bytes
     call_id: int
@@ -447,10 +479,13 @@ class WorkerCall:
     object_id: str
     head: bytes
     body: bytes
+    name: str | None = None
 
     def encode(self) -> list[bytes]:
-        return [header(Cmd.WCALL), self.client,
-                orjson.dumps([self.call_id, self.namespace, self.object_id]), self.head, self.body]
+        m = [self.call_id, self.namespace, self.object_id]
+        if self.name is not None:
+            m.append(self.name)
+        return [header(Cmd.WCALL), self.client, orjson.dumps(m), self.head, self.body]
 
 
 @dataclass(slots=True)
@@ -475,10 +510,11 @@ def parse_from_broker_to_worker(frames: list[bytes]) -> WorkerCall | BrokerHeart
     if cmd is Cmd.WCALL:
         _frames(frames, 5, "WCALL")
         m = _json(frames[2], "WCALL meta")
-        if type(m) is not list or len(m) != 3:
-            raise ProtocolError("WCALL meta must be [call_id, namespace, object_id]")
+        if type(m) is not list or len(m) not in (3, 4):
+            raise ProtocolError("WCALL meta must be [call_id, namespace, object_id(, name)]")
         return WorkerCall(frames[1], _int(m[0], "call_id"), _str(m[1], "namespace"),
-                          _str(m[2], "object_id"), frames[3], frames[4])
+                          _str(m[2], "object_id"), frames[3], frames[4],
+                          _name(m[3]) if len(m) == 4 else None)
     if cmd is Cmd.BHEARTBEAT:
         _frames(frames, 2, "WHEARTBEAT")
         return BrokerHeartbeat()

@@ -263,6 +263,16 @@ class ObjectStorage:
         """Whether some write of this object is not durable yet (the output gate is shut)."""
         return bool(self._turn) or self._turn_clear or self._last_seq > self._slot.durable_seq
 
+    def fence(self, error: StorageError) -> None:
+        """No more use through this storage (its object was evicted or reset): every call raises.
+
+        Writes already made go on to the log (a reset keeps the object's writes); nothing
+        made after this is accepted.
+        """
+        if self.broken is None and (self._turn or self._turn_clear):
+            self._flush()
+        self.broken = error
+
     def evict(self) -> bool:
         """Drop the cache if every write is durable; return whether it was dropped."""
         if self.unsynced():
@@ -284,6 +294,8 @@ class Transaction:
         self._did_read = False
 
     def _check(self) -> None:
+        if self._s.broken is not None:
+            raise self._s.broken
         if not self._open:
             what = "rolled back" if self._rolled_back else "finished"
             raise TransactionClosedError(f"this transaction was {what}; no more operations on it")

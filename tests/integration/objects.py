@@ -1,6 +1,8 @@
 """Objects used by the integration tests (imported by real object processes)."""
 
 import asyncio
+import os
+import signal
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -111,8 +113,15 @@ class KV(DurableObject):
 class Busy(DurableObject):
     """Blocks its process's loop for ?s= seconds (a pure-Python spin), holding ?mb= MiB of RSS."""
 
+    calls = 0  # in memory: a reset starts it again
+
     async def fetch(self, request: Request) -> Response:
+        self.calls += 1
         q = query(request)
+        if urlsplit(request.url).path.endswith("/count"):
+            await self.state.storage.put("count-calls", self.calls)
+            return Response(str(self.calls))
+        await self.state.storage.put("spun", True)  # durable writes survive a reset
         hold = bytearray(int(q.get("mb", "0")) << 20)
         for i in range(0, len(hold), 4096):  # touch each page: calloc'd pages are not RSS yet
             hold[i] = 1
@@ -120,3 +129,101 @@ class Busy(DurableObject):
         while time.monotonic() < end:
             pass
         return Response(f"busy {len(hold)}")
+
+
+class Lingerer(DurableObject):
+    """POST /start?mode=: writes n=1 and starts a task that writes n=101 after ?after= s.
+
+    mode=plain: the task sleeps, then writes; mode=stubborn: it ignores cancellation;
+    mode=wait_until: the same work handed to state.wait_until (finishes before eviction).
+    GET returns {"n": ..., "task": what the task saw}.
+    """
+
+    async def fetch(self, request: Request) -> Response:
+        q = query(request)
+        storage = self.state.storage
+        if request.method == "POST":
+            await storage.put("n", 1)
+            after, mode = float(q.get("after", "3")), q.get("mode", "plain")
+            if mode == "wait_until":
+                self.state.wait_until(self._later(after, stubborn=False))
+            else:
+                asyncio.create_task(self._later(after, stubborn=mode == "stubborn"))
+            return Response("started")
+        return Response.json({"n": await storage.get("n"), "task": await storage.get("task")})
+
+    async def _later(self, after: float, stubborn: bool) -> None:
+        end = asyncio.get_running_loop().time() + after
+        while (left := end - asyncio.get_running_loop().time()) > 0:
+            try:
+                await asyncio.sleep(left)
+            except asyncio.CancelledError:
+                if not stubborn:
+                    raise
+        await self.state.storage.put({"n": 101, "task": "wrote"})
+
+
+class Relay(DurableObject):
+    """A: POST ?seq=&to=<name>&pid=: stores seq, then asks RELAY/<to> to act on it.
+    B: PUT ?seq=&pid=: records seq durably, then SIGKILLs pid (A's process).
+    GET: {"n": A's stored seq, "seen": B's recorded seqs}."""
+
+    async def fetch(self, request: Request) -> Response:
+        q = query(request)
+        storage = self.state.storage
+        if request.method == "POST":
+            await storage.put("n", int(q["seq"]))
+            ns = self.env.RELAY
+            stub = ns.get(ns.id_from_name(q["to"]))
+            await stub.fetch(f"http://do/?seq={q['seq']}&pid={os.getpid()}", method="PUT")
+            return Response("sent")
+        if request.method == "PUT":
+            seen = (await storage.get("seen")) or []
+            await storage.put("seen", [*seen, int(q["seq"])])
+            await storage.sync()
+            os.kill(int(q["pid"]), signal.SIGKILL)
+            return Response("acted")
+        return Response.json({"n": await storage.get("n"), "seen": await storage.get("seen")})
+
+
+_setup_failures: dict[str, int] = {}
+
+
+class FlakySetup(DurableObject):
+    """Its constructor's block_concurrency_while fails the first ?fail= times (per process)."""
+
+    def __init__(self, state, env):
+        super().__init__(state, env)
+        self.ready = False
+
+        async def load():
+            key = str(state.id)
+            _setup_failures[key] = _setup_failures.get(key, 0) + 1
+            if _setup_failures[key] == 1:
+                raise RuntimeError("set-up failed (first time)")
+            self.ready = True
+
+        state.block_concurrency_while(load)
+
+    async def fetch(self, request: Request) -> Response:
+        return Response("ready" if self.ready else "NOT READY")
+
+
+class Named(DurableObject):
+    """Answers with state.id.name, and counts calls in memory (a reset starts again at 1)."""
+
+    calls = 0
+
+    async def fetch(self, request: Request) -> Response:
+        self.calls += 1
+        return Response.json({"name": self.state.id.name, "id": str(self.state.id),
+                              "calls": self.calls})
+
+
+class Raiser(DurableObject):
+    """GET raises ValueError; POST stores a value over the limit (StorageLimitError, uncaught)."""
+
+    async def fetch(self, request: Request) -> Response:
+        if request.method == "POST":
+            await self.state.storage.put("big", "x" * 100_000)
+        raise ValueError("boom from Raiser")

@@ -18,9 +18,13 @@ def test_chaos_soak_60_seconds_loses_nothing():
                          capture_output=True, text=True, timeout=300)
     result = json.loads(out.stdout)
     print(json.dumps({k: result[k] for k in ("kills", "second_daemons", "calls", "acknowledged",
-                                             "lost_writes")}))
+                                             "lost_writes", "relays_heard", "background_writes",
+                                             "evictions")}))
     assert out.returncode == 0 and result["ok"], result["problems"]
     assert result["lost_writes"] == 0
+    assert result["acted_on_lost_cause"] == 0 and result["two_instances"] == 0
+    assert result["relays_heard"] > 100, result["relays_heard"]  # the gate was exercised
+    assert result["evictions"] > 0 and result["background_writes"]["acknowledged"] > 20, result
     assert result["kills_total"] >= 30, result["kills"]
     assert {"objectproc", "broker", "gateway"} <= set(result["kills"]), result["kills"]
     assert any(k.endswith("_stopped") for k in result["kills"]), result["kills"]  # SIGSTOPs too

@@ -335,3 +335,22 @@ def test_calls_past_their_deadline_leave_the_broker_and_free_the_clients_budget(
     b.clock_.now += 0.3
     b.tick()
     assert [(x[2].call_id, x[2].code) for x in b.take() if isinstance(x[2], m.Error)] == [(5, "timeout")]
+
+
+def test_beats_from_the_heartbeat_thread_keep_a_busy_slot_alive():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0, inc=7)
+    b.on_client([b"Fcli", *m.Call(1, 1, "NS", oid_on_slot(0), 30_000, b"[]", b"", "alice").encode()])
+    (_, _, wcall), = [x for x in b.take() if isinstance(x[2], m.WorkerCall)]
+    assert wcall.name == "alice"  # the name travels to the object process
+    for _ in range(10):  # the loop is busy: only the thread's beats (its own socket) arrive
+        b.clock_.now += 1.0
+        b.on_worker([b"beat-socket", *m.Beat(0, 7).encode()])
+        b.tick()
+    assert b.statistics()["slots"][0]["up"] is True
+    assert [x for x in b.take() if isinstance(x[2], m.Error)] == []
+    b.on_worker([b"beat-socket", *m.Beat(0, 8).encode()])  # another incarnation's: ignored
+    b.clock_.now += 3.1
+    b.tick()
+    assert b.statistics()["slots"][0]["up"] is False

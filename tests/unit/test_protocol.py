@@ -15,18 +15,21 @@ FUZZ_EXAMPLES = int(os.environ.get("DURABLE_FUZZ_EXAMPLES", "3000"))
 
 CLIENT_MSGS = [
     m.Hello(123, "me"), m.Call(1, 2, "NS", "ab" * 32, 5000, b'["GET","http://x/",[]]', b"body"),
+    m.Call(1, 2, "NS", "ab" * 32, 5000, b"[]", b"", "room-1"),  # with its name
     m.Ping(), m.Drop([1, 2, 3]), m.Stats(9),
 ]
 TO_CLIENT = [
     m.Welcome(7, {"NS": "00ff"}), m.Reply(3, b"[200,[]]", b"ok"), m.Error(4, "timeout", "slow", None),
     m.Pong(7), m.Disconnect("who?"), m.StatsReply(5, {"a": 1}),
+    m.Error(4, "object_error", "boom", "ValueError", "Traceback (most recent call last): ..."),
 ]
 FROM_WORKER = [
     m.Ready(0, 42, 99), m.WorkerReply(b"cli", 3, b"[200,[]]", b"x"),
     m.WorkerError(b"cli", 3, b'{"code":"object_error","message":"m","remote_type":"ValueError"}'),
-    m.WorkerHeartbeat({"active": 3}),
+    m.WorkerHeartbeat({"active": 3}), m.Beat(3, 2**62 + 1),
 ]
-TO_WORKER = [m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b""), m.WorkerDisconnect("again")]
+TO_WORKER = [m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b""), m.WorkerDisconnect("again"),
+             m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b"", "alice")]
 
 
 @pytest.mark.parametrize("msg", CLIENT_MSGS, ids=lambda x: type(x).__name__)
@@ -69,6 +72,7 @@ def test_error_payload_for_object_and_durable_errors():
     assert orjson.loads(m.error_payload(KeyError("k"))) == {
         "code": "object_error", "message": "'k'", "remote_type": "KeyError"}
     assert orjson.loads(m.error_payload(OverloadedError("full")))["code"] == "overloaded"
+    assert orjson.loads(m.error_payload(KeyError("k"), "tb"))["traceback"] == "tb"
 
 
 BAD_FROM_CLIENT = [
@@ -79,6 +83,8 @@ BAD_FROM_CLIENT = [
     [b"D\x01\x02", b'[true,1,"NS","o",1]', b"h", b"b"], [b"D\x01\x03", b"extra"],
     [b"D\x01\x01", b"[]"], [b"D\x01\x01", b'{"pid": "x"}'], [b"D\x01\x04", b'{"a":1}'],
     [b"D\x01\x04", b'["x"]'], [b"D\x01\x05", b"1234567"], [b"D\x01\x05"],
+    [b"D\x01\x02", b'[1,1,"NS","o",1,7]', b"h", b"b"],  # a name must be a str
+    [b"D\x01\x02", b'[1,1,"NS","o",1,"a",2]', b"h", b"b"],
 ]
 
 

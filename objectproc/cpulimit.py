@@ -1,0 +1,73 @@
+"""The per-call CPU limit: object code that holds the loop too long is interrupted.
+
+A thread watches when the event loop last turned (the lifeline's ticker). Once
+the loop has been held for the smallest configured limit, it sends SIGUSR1 to
+the process every 0.25 s while the hold lasts. The handler runs in the main
+thread, between two bytecodes of whatever holds the loop, and in that task's
+context. If that is an object's code (``CURRENT`` is set) and the hold passed
+that object's namespace's limit, it raises :class:`CpuLimitExceeded` there:
+the call fails with ``CpuLimitError`` and the object is reset.
+
+What it cannot interrupt: a loop held inside C code that never returns to the
+interpreter (no bytecode runs, so no handler does). That is a hang, and the
+supervisor replaces the process (``hang_timeout``). The handler also leaves
+durable's own code alone (the storage engine must not stop half-way through
+an update); it tries again at the next signal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from .activation import CURRENT, CpuLimitExceeded
+
+__all__ = ["CpuWatch"]
+
+_OURS = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "client"))
+_TICK = 0.2  # the ticker's period: a loop that turns shows a lag up to this
+
+
+class CpuWatch:
+    def __init__(self, mark: list[float], smallest_limit: float, period: float = 0.05) -> None:
+        self.mark = mark
+        self.smallest = smallest_limit
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="durable-cpu-limit", daemon=True)
+        self.interrupted = 0
+
+    def start(self) -> None:
+        signal.signal(signal.SIGUSR1, self._handler)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def held_for(self) -> float:
+        return max(0.0, time.monotonic() - self.mark[0] - _TICK)
+
+    def _run(self) -> None:
+        next_signal = 0.0
+        while not self._stop.wait(self.period):
+            if self.held_for() >= self.smallest and time.monotonic() >= next_signal:
+                next_signal = time.monotonic() + 0.25
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        act = CURRENT.get()
+        if act is None:
+            return  # durable's own work, or no object: not the CPU limit's business
+        held = self.held_for()
+        if held < act.cpu_limit:
+            return
+        if frame is not None and frame.f_code.co_filename.startswith(_OURS):
+            return  # inside the storage engine or the client: next time
+        self.interrupted += 1
+        raise CpuLimitExceeded(
+            f"{act.namespace} {act.object_id}: the call ran {held:.1f} s without yielding, over "
+            f"its CPU limit of {act.cpu_limit:g} s (cpu_limit_ms); the object was reset")
