@@ -1,8 +1,11 @@
 """The per-call CPU limit: object code that holds the loop too long is interrupted.
 
-A thread watches when the event loop last turned (the lifeline's ticker). Once
-the loop has been held for the smallest configured limit, it sends SIGUSR1 to
-the process every 0.25 s while the hold lasts. The handler runs in the main
+A thread watches the CPU time the main thread has used since the event loop
+last turned (the lifeline's ticker records both). CPU time, not wall time: a
+process paused (SIGSTOP, a VM's stolen time) or a call blocked in a sleep
+does not count. Once the loop has been held for the smallest configured
+limit, the thread sends SIGUSR1 to the process every 0.25 s while the hold
+lasts. The handler runs in the main
 thread, between two bytecodes of whatever holds the loop, and in that task's
 context. If that is an object's code (``CURRENT`` is set) and the hold passed
 that object's namespace's limit, it raises :class:`CpuLimitExceeded` there:
@@ -40,6 +43,7 @@ class CpuWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="durable-cpu-limit", daemon=True)
         self.interrupted = 0
+        self._main_clock = time.pthread_getcpuclockid(threading.main_thread().ident)
 
     def start(self) -> None:
         signal.signal(signal.SIGUSR1, self._handler)
@@ -49,7 +53,10 @@ class CpuWatch:
         self._stop.set()
 
     def held_for(self) -> float:
-        return max(0.0, time.monotonic() - self.mark[0] - _TICK)
+        """CPU seconds the main thread used since the loop last turned."""
+        if time.monotonic() - self.mark[0] < _TICK * 1.5:
+            return 0.0  # the loop turned lately
+        return max(0.0, time.clock_gettime(self._main_clock) - self.mark[1])
 
     def _run(self) -> None:
         next_signal = 0.0
@@ -62,12 +69,12 @@ class CpuWatch:
         act = CURRENT.get()
         if act is None:
             return  # durable's own work, or no object: not the CPU limit's business
-        held = self.held_for()
+        held = time.thread_time() - self.mark[1]  # (this is the main thread)
         if held < act.cpu_limit:
             return
         if frame is not None and frame.f_code.co_filename.startswith(_OURS):
             return  # inside the storage engine or the client: next time
         self.interrupted += 1
         raise CpuLimitExceeded(
-            f"{act.namespace} {act.object_id}: the call ran {held:.1f} s without yielding, over "
+            f"{act.namespace} {act.object_id}: the call used {held:.1f} s of CPU without yielding, over "
             f"its CPU limit of {act.cpu_limit:g} s (cpu_limit_ms); the object was reset")

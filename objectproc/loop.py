@@ -155,7 +155,8 @@ class ObjectProcess:
         self.client: Client | None = None
         self.env: Env | None = None
         self.lifeline: Any = None  # the supervisor's (lifeline.Lifeline); ready once registered
-        self.loop_mark: list[float] = [time.monotonic()]  # when the loop last turned (ticker)
+        #: when the loop last turned, and the main thread's CPU time then (the ticker's)
+        self.loop_mark: list[float] = [time.monotonic(), time.thread_time()]
         self.ids: dict[str, IdFactory] = {}
         self._incarnation = 0
         self._beat_stop = threading.Event()

@@ -95,9 +95,12 @@ def start(last_turn: Callable[[], float]) -> Lifeline:
 
 
 async def tick_forever(mark: list[float], every: float = 0.2) -> None:
-    """An asyncio task that records when the loop last ran (``mark[0]``)."""
+    """An asyncio task that records when the loop last ran (``mark[0]``), and, if ``mark``
+    has a second slot, the main thread's CPU time then (``mark[1]``)."""
     while True:
         mark[0] = time.monotonic()
+        if len(mark) > 1:
+            mark[1] = time.thread_time()
         await asyncio.sleep(every)
 
 

@@ -122,6 +122,9 @@ class Busy(DurableObject):
             await self.state.storage.put("count-calls", self.calls)
             return Response(str(self.calls))
         await self.state.storage.put("spun", True)  # durable writes survive a reset
+        if "sleep" in q:  # holds the loop without using CPU: not the CPU limit's business
+            time.sleep(float(q["sleep"]))
+            return Response("slept")
         hold = bytearray(int(q.get("mb", "0")) << 20)
         for i in range(0, len(hold), 4096):  # touch each page: calloc'd pages are not RSS yet
             hold[i] = 1
@@ -227,3 +230,20 @@ class Raiser(DurableObject):
         if request.method == "POST":
             await self.state.storage.put("big", "x" * 100_000)
         raise ValueError("boom from Raiser")
+
+
+_constructions: dict[str, int] = {}
+
+
+class FlakyConstructor(DurableObject):
+    """Its constructor raises the first time (per process); then it works."""
+
+    def __init__(self, state, env):
+        super().__init__(state, env)
+        key = str(state.id)
+        _constructions[key] = _constructions.get(key, 0) + 1
+        if _constructions[key] == 1:
+            raise KeyError("no such setting (first time)")
+
+    async def fetch(self, request: Request) -> Response:
+        return Response("constructed")

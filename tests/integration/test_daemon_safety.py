@@ -367,6 +367,7 @@ def test_a_client_is_told_why_it_cannot_connect(tmp_path):
         durable.connect_sync(f"ipc://{stale}", connect_timeout=0.3)
 
 
+@pytest.mark.slow
 def test_sighup_is_logged_and_the_daemon_serves_on(tmp_path):
     with serving(tmp_path, config(free_port())) as d:
         d.wait_ready()

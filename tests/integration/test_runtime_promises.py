@@ -37,6 +37,8 @@ class = "tests.integration.objects:Lingerer"
 class = "tests.integration.objects:Relay"
 [namespaces.FLAKY]
 class = "tests.integration.objects:FlakySetup"
+[namespaces.FLAKYNEW]
+class = "tests.integration.objects:FlakyConstructor"
 [namespaces.NAMED]
 class = "tests.integration.objects:Named"
 [namespaces.RAISER]
@@ -73,6 +75,7 @@ def http(port: int, path: str, method: str = "GET") -> tuple[int, str]:
 
 # -- 1. one instance after eviction ----------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "stubborn"])
 def test_an_evicted_instance_never_writes_again(tmp_path, mode):
     """A task the object started outlives the idle timeout: it is cancelled, then fenced."""
@@ -93,6 +96,7 @@ def test_an_evicted_instance_never_writes_again(tmp_path, mode):
                      d.log_text(), 5, "the refused write logged")
 
 
+@pytest.mark.slow
 def test_wait_until_work_finishes_before_eviction(tmp_path):
     with serving(tmp_path, config(free_port(), idle=0.5, wait=5.0)) as d:
         d.wait_ready()
@@ -176,6 +180,9 @@ def test_the_cpu_limit_interrupts_a_call_and_resets_the_object(tmp_path):
             s = stub(c, "BUSY", "hot")
             assert s.fetch("http://do/count").text() == "1"
             assert s.fetch("http://do/count").text() == "2"
+            # The limit counts CPU time: 2 s holding the loop in a sleep is not interrupted.
+            assert s.fetch("http://do/?sleep=2").text() == "slept"
+            assert s.fetch("http://do/count").text() == "4"
             t = time.monotonic()
             with pytest.raises(durable.CpuLimitError, match="CPU limit of 1 s") as e:
                 s.fetch("http://do/?s=20")
@@ -193,6 +200,7 @@ def test_the_cpu_limit_interrupts_a_call_and_resets_the_object(tmp_path):
 
 # -- 4. resets -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_failing_block_concurrency_while_resets_the_object(tmp_path):
     with serving(tmp_path, config(free_port())) as d:
         d.wait_ready()
@@ -204,6 +212,21 @@ def test_a_failing_block_concurrency_while_resets_the_object(tmp_path):
             assert s.fetch("http://do/").text() == "ready"  # constructed anew
         log = d.log_text()
         assert "block_concurrency_while" in log and "Traceback" in log
+
+
+@pytest.mark.slow
+def test_a_raising_constructor_fails_the_call_and_the_next_call_constructs_anew(tmp_path):
+    with serving(tmp_path, config(free_port())) as d:
+        d.wait_ready()
+        with durable.connect_sync(d.frontend) as c:
+            s = stub(c, "FLAKYNEW", "k")
+            with pytest.raises(durable.ObjectError, match="no such setting") as e:
+                s.fetch("http://do/")
+            assert e.value.type_name == "KeyError"
+            assert s.fetch("http://do/").text() == "constructed"
+        log = d.log_text()
+        assert "FlakyConstructor() raised KeyError in its constructor" in log
+        assert "(name 'k')" in log and "Traceback" in log
 
 
 # -- 5. state.id.name ------------------------------------------------------------------------
@@ -239,6 +262,7 @@ def _evicted(client) -> bool:
 
 # -- 6. the value limit measures the value -------------------------------------------------
 
+@pytest.mark.slow
 def test_a_32_kib_bytes_value_fits(tmp_path):
     with serving(tmp_path, config(free_port())) as d:
         d.wait_ready()
