@@ -123,7 +123,7 @@ class Busy(DurableObject):
             return Response(str(self.calls))
         await self.state.storage.put("spun", True)  # durable writes survive a reset
         if "sleep" in q:  # holds the loop without using CPU: not the CPU limit's business
-            time.sleep(float(q["sleep"]))
+            time.sleep(float(q["sleep"]))  # noqa: ASYNC251 - blocking the loop is the point
             return Response("slept")
         hold = bytearray(int(q.get("mb", "0")) << 20)
         for i in range(0, len(hold), 4096):  # touch each page: calloc'd pages are not RSS yet

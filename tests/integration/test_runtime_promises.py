@@ -201,31 +201,22 @@ def test_the_cpu_limit_interrupts_a_call_and_resets_the_object(tmp_path):
 # -- 4. resets -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_failing_block_concurrency_while_resets_the_object(tmp_path):
+@pytest.mark.parametrize("ns,error,answer,logged", [
+    ("FLAKY", "RuntimeError", "ready", "raised RuntimeError during block_concurrency_while"),
+    ("FLAKYNEW", "KeyError", "constructed", "FlakyConstructor() raised KeyError in its constructor"),
+], ids=["block_concurrency_while", "constructor"])
+def test_a_failed_set_up_fails_the_call_and_the_next_call_constructs_anew(
+        tmp_path, ns, error, answer, logged):
     with serving(tmp_path, config(free_port())) as d:
         d.wait_ready()
         with durable.connect_sync(d.frontend) as c:
-            s = stub(c, "FLAKY", "f")
-            with pytest.raises(durable.ObjectError, match="set-up failed") as e:
+            s = stub(c, ns, "k")
+            with pytest.raises(durable.ObjectError) as e:
                 s.fetch("http://do/")
-            assert e.value.type_name == "RuntimeError"
-            assert s.fetch("http://do/").text() == "ready"  # constructed anew
+            assert e.value.type_name == error
+            assert s.fetch("http://do/").text() == answer  # reset: constructed anew
         log = d.log_text()
-        assert "block_concurrency_while" in log and "Traceback" in log
-
-
-@pytest.mark.slow
-def test_a_raising_constructor_fails_the_call_and_the_next_call_constructs_anew(tmp_path):
-    with serving(tmp_path, config(free_port())) as d:
-        d.wait_ready()
-        with durable.connect_sync(d.frontend) as c:
-            s = stub(c, "FLAKYNEW", "k")
-            with pytest.raises(durable.ObjectError, match="no such setting") as e:
-                s.fetch("http://do/")
-            assert e.value.type_name == "KeyError"
-            assert s.fetch("http://do/").text() == "constructed"
-        log = d.log_text()
-        assert "FlakyConstructor() raised KeyError in its constructor" in log
+        assert logged in log, log
         assert "(name 'k')" in log and "Traceback" in log
 
 
