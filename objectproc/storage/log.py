@@ -551,6 +551,15 @@ class CommitLog:
         self._on_error(exc)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug here must fail the slot loudly, never hang its waiters
+            if self.failed is None:
+                with contextlib.suppress(BaseException):
+                    self._give_up(RuntimeError(
+                        f"the commit-log writer thread failed ({type(e).__name__}: {e})"))
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while (not self._pending or self._writing) and not self._stopping:

@@ -336,8 +336,12 @@ class SlotStore:
     def _wake_applier(self) -> None:
         # Wake the applier only when it has something to decide: it sleeps without a
         # deadline when idle, and a wake-up per fsync would take the GIL from the loop.
-        if self._applier_idle or len(self._unapplied) >= self._apply_min:
+        if len(self._unapplied) >= self._apply_min:
             with self._apply_cond:
+                self._apply_cond.notify()
+            return
+        with self._apply_cond:  # read under the lock: the applier sets it just before it waits
+            if self._applier_idle:
                 self._apply_cond.notify()
 
     def _resolve(self, seq: int) -> None:

@@ -152,6 +152,27 @@ async def test_failed_fsync_fails_sync_and_the_slot(tmp_path, inline):
         await reopened.close()
 
 
+async def test_a_failure_in_the_commit_log_thread_fails_the_slot_instead_of_hanging(tmp_path):
+    slot = SlotStore(tmp_path)
+    real, calls = slot.log._on_durable, {"n": 0}
+
+    def broken_callback(seq):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise RuntimeError("injected bug after a durable write")
+        real(seq)
+
+    slot.log._on_durable = broken_callback
+    s = ObjectStorage(slot, "NS", "o")
+    await s.put("a", 1)
+    await asyncio.wait_for(s.sync(), 5)
+    await s.put("b", 2)
+    with pytest.raises(StorageCommitError, match="commit-log writer thread failed"):
+        await asyncio.wait_for(s.sync(), 5)  # it used to wait forever
+    assert slot.failed is not None
+    await slot.close()
+
+
 async def test_segments_are_deleted_only_behind_a_checkpoint(tmp_path):
     slot = SlotStore(tmp_path, segment_bytes=512, apply_min_records=1, apply_max_delay=0.0,
                      checkpoint_wal_bytes=1 << 40, checkpoint_interval=3600)
