@@ -44,6 +44,7 @@ from typing import Any
 from durable.client import OUTPUT_GATE
 from durable.errors import (
     CpuLimitError,
+    DurableError,
     ObjectError,
     ObjectEvictedError,
     OverloadedError,
@@ -78,8 +79,8 @@ class Phase(enum.Enum):
     RESET = "reset"
 
 
-class IllegalTransition(RuntimeError):
-    pass
+class IllegalTransition(DurableError, RuntimeError):
+    """A lifecycle step the table does not allow: a bug in the object process."""
 
 
 _TRANSITIONS = {

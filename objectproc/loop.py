@@ -1,12 +1,14 @@
 """The object process: one slot's objects, one DEALER to the broker, one asyncio loop.
 
-The loop awaits one message, then drains everything else already queued
-through a non-blocking shadow of the same socket (measured: ~3× the
-throughput of one message per wake-up), hands each call to its object's
-activation, and sends replies as they are ready. It registers (READY) before
-anything else, heartbeats when idle, re-registers when the broker says it does
-not know this process, and opens a fresh socket when the broker falls silent.
-Idle activations whose writes are durable are evicted.
+The DEALER is a ``LoopSocket`` (``durable.transport``): its ZMQ_FD is watched
+by the loop, and each wake-up drains every message waiting. Each call goes to
+its object's activation; replies are sent as they are ready. The process
+registers (READY) before anything else, heartbeats when idle (and from a
+thread with a socket of its own, so that a long call does not look like a
+death), re-registers when the broker says it does not know this process, and
+opens a fresh socket when the broker falls silent. Idle activations whose
+writes are durable, and whose own tasks have ended (or were cancelled after
+``wait_until_limit``), are evicted.
 """
 
 from __future__ import annotations

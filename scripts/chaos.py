@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from harness import serving  # noqa: E402
 
 import durable  # noqa: E402
+from durable.exitcodes import EXIT_STORAGE  # noqa: E402
 
 RETRYABLE = (durable.StubBrokenError, durable.CallTimeoutError, durable.OverloadedError,
              durable.ObjectError,  # a relay whose peer call failed: its outcome is unknown
@@ -196,7 +197,7 @@ async def second_daemons(config: Path, stop: float, rng: random.Random,
             await proc.wait()
             problems.append("a second durable serve on the live data dir kept running")
             continue
-        if proc.returncode == 74 and b"in use by another durable daemon" in err:
+        if proc.returncode == EXIT_STORAGE and b"in use by another durable daemon" in err:
             outcomes["refused"] += 1
         else:
             outcomes[f"exit {proc.returncode}"] += 1

@@ -54,14 +54,17 @@ class Daemon:
             return []
 
     def child(self, role: str, slot: int | None = None) -> psutil.Process:
+        seen = []
         for c in self.children():
             try:
                 cmd = " ".join(c.cmdline())
             except psutil.Error:  # exited (or a zombie not yet reaped)
                 continue
+            seen.append(cmd)
             if f"durable.{role}" in cmd and (slot is None or f"--slot {slot} " in cmd + " "):
                 return c
-        raise AssertionError(f"no {role} {slot} among {[c.cmdline() for c in self.children()]}")
+        # (built from what was read above: asking a zombie again would raise while reporting)
+        raise AssertionError(f"no {role} {slot} among {seen}")
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
