@@ -1,4 +1,8 @@
-"""``python -m durable.broker``: run the broker until SIGTERM or SIGINT."""
+"""``python -m durable.broker --settings PATH``: run the broker until SIGTERM or SIGINT.
+
+The supervisor writes PATH (``supervisor/config.py``, ``write_settings``): the
+whole checked configuration, read here once. Settings never travel in argv.
+"""
 
 from __future__ import annotations
 
@@ -11,53 +15,47 @@ import sys
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.supervisor import lifeline, logs
+from durable.supervisor.config import Config, ConfigError, read_settings
 
 from .router import Broker, BrokerConfig, load_permissions
 
 
+def broker_config(cfg: Config, secret: bytes) -> BrokerConfig:
+    """The broker's part of the daemon's configuration."""
+    b = cfg.broker
+    return BrokerConfig(
+        frontend=cfg.frontend(), backend=cfg.backend(), slots=cfg.slots,
+        namespaces={n: namespace_key(secret, n) for n in cfg.namespaces},
+        heartbeat=b.heartbeat, queue_limit=b.queue_limit, queue_deadline=b.queue_deadline,
+        client_inflight_limit=b.client_inflight_limit, control=cfg.control(), admin=cfg.admin(),
+        public=cfg.curve_endpoints(), curve_secret_key_file=b.curve_secret_key or None,
+        authorized_keys_dir=b.authorized_keys or None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m durable.broker")
-    p.add_argument("--frontend", required=True, help="endpoint clients connect to")
-    p.add_argument("--backend", required=True, help="endpoint object processes connect to")
-    p.add_argument("--slots", type=int, required=True)
-    p.add_argument("--data-dir", required=True, help="holds the id secret")
-    p.add_argument("--namespace", action="append", default=[], help="a namespace name (repeat)")
-    p.add_argument("--heartbeat", type=float, default=1.0)
-    p.add_argument("--queue-limit", type=int, default=10_000)
-    p.add_argument("--queue-deadline", type=float, default=10.0)
-    p.add_argument("--client-inflight-limit", type=int, default=10_000)
-    p.add_argument("--control", help="endpoint for the supervisor's control messages")
-    p.add_argument("--public", action="append", default=[],
-                   help="a CurveZMQ client endpoint (repeat)")
-    p.add_argument("--admin", help="the operator endpoint (durable inspect, backup, status)")
-    p.add_argument("--curve-secret-key", help="the broker's key pair file (durable keygen)")
-    p.add_argument("--authorized-keys", help="directory of authorized client public keys")
+    p.add_argument("--settings", required=True, help="the settings file the supervisor wrote")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logs.setup(args.log_level, f"broker pid={os.getpid()}")
-    secret = load_or_create_secret(args.data_dir, create=False)
-    config = BrokerConfig(
-        frontend=args.frontend, backend=args.backend, slots=args.slots,
-        namespaces={n: namespace_key(secret, n) for n in args.namespace},
-        heartbeat=args.heartbeat, queue_limit=args.queue_limit,
-        client_inflight_limit=args.client_inflight_limit,
-        queue_deadline=args.queue_deadline, control=args.control, public=args.public, admin=args.admin,
-        curve_secret_key_file=args.curve_secret_key, authorized_keys_dir=args.authorized_keys)
-    if args.authorized_keys:
-        try:
-            load_permissions(args.authorized_keys)
-        except (ValueError, OSError) as e:
-            logging.getLogger("durable.broker").error("configuration error: %s", e)
-            return EXIT_CONFIG
+    log = logging.getLogger("durable.broker")
+    try:
+        cfg, _runtime = read_settings(args.settings)
+        if cfg.broker.authorized_keys:
+            load_permissions(cfg.broker.authorized_keys)
+    except (ConfigError, ValueError, OSError) as e:
+        log.error("configuration error: %s", e)
+        return EXIT_CONFIG
+    secret = load_or_create_secret(cfg.data_path, create=False)
+    config = broker_config(cfg, secret)
     broker = Broker(config)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     beat = lifeline.start(lambda: broker.last_turn)
     broker.bind()
     beat.mark_ready()
-    logging.getLogger("durable.broker").info(
-        "listening: clients on %s, object processes on %s, %d slots", args.frontend, args.backend,
-        args.slots)
+    log.info("listening: clients on %s, object processes on %s, %d slots", config.frontend,
+             config.backend, config.slots)
     try:
         broker.run()
     finally:

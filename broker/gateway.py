@@ -69,6 +69,7 @@ from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_spec
 from durable.supervisor import lifeline, logs
+from durable.supervisor.config import Config, ConfigError, read_settings
 
 __all__ = ["Gateway", "main"]
 
@@ -76,6 +77,7 @@ log = logging.getLogger("durable.gateway")
 _HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
 _STUB_CACHE = 10_000
 _LARGE_RESPONSE = 64 << 10  # responses from this size count against the byte bound
+CALL_TIMEOUT = 30.0  # seconds a request waits for its object (then 504)
 
 
 def load_function(spec: str) -> Any:
@@ -282,37 +284,38 @@ def _loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> No
     loop.default_exception_handler(context)
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(cfg: Config, fd: int | None) -> None:
     asyncio.get_running_loop().set_exception_handler(_loop_errors)
+    h = cfg.http
     mark = [time.monotonic()]
     beat = lifeline.start(lambda: mark[0])
     ticker = asyncio.create_task(lifeline.tick_forever(mark))
-    secret = load_or_create_secret(args.data_dir, create=False)
-    keys = {n: namespace_key(secret, n) for n in args.namespace}
-    client = durable.Client(args.frontend, name=f"gateway-{os.getpid()}", namespaces=keys,
-                            timeout=args.call_timeout, heartbeat=args.heartbeat)
+    secret = load_or_create_secret(cfg.data_path, create=False)
+    keys = {n: namespace_key(secret, n) for n in cfg.namespaces}
+    client = durable.Client(cfg.frontend(), name=f"gateway-{os.getpid()}", namespaces=keys,
+                            timeout=CALL_TIMEOUT, heartbeat=cfg.broker.heartbeat)
     await client.start(wait=False)
-    env = Env({n: client.namespace(n) for n in args.namespace}, __import__("orjson").loads(args.vars_json))
-    worker = load_function(args.worker) if args.worker else None
-    bounds = Bounds(args.max_inflight_per_namespace, args.max_inflight_per_object,
-                    args.max_inflight_mb << 20)
-    gw = Gateway(client, env, worker=worker, read_timeout=args.read_timeout, debug=args.debug,
+    env = Env({n: client.namespace(n) for n in cfg.namespaces}, cfg.vars)
+    worker = load_function(h.worker) if h.worker else None
+    bounds = Bounds(h.max_inflight_per_namespace, h.max_inflight_per_object,
+                    h.max_inflight_mb << 20)
+    gw = Gateway(client, env, worker=worker, read_timeout=h.read_timeout, debug=h.debug,
                  bounds=bounds)
-    app = web.Application(client_max_size=args.max_body_bytes)
+    app = web.Application(client_max_size=h.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", gw.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           keepalive_timeout=args.idle_timeout, max_field_size=16384)
+                           keepalive_timeout=h.idle_timeout, max_field_size=16384)
     await runner.setup()
-    host, _, port = args.listen.rpartition(":")
-    if args.fd is not None:  # the supervisor's socket: it owns the port
-        site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=args.fd),
-                                          shutdown_timeout=args.grace)
+    host, _, port = h.listen.rpartition(":")
+    if fd is not None:  # the supervisor's socket: it owns the port
+        site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=fd),
+                                          shutdown_timeout=cfg.grace_period)
     else:  # run by hand: bind it here, exclusively
         site = web.TCPSite(runner, host.strip("[]"), int(port), backlog=1024,
-                           shutdown_timeout=args.grace)
+                           shutdown_timeout=cfg.grace_period)
     await site.start()
     beat.mark_ready()
-    log.info("listening on http://%s%s", args.listen, f" (worker {args.worker})" if worker else "")
+    log.info("listening on http://%s%s", h.listen, f" (worker {h.worker})" if worker else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -325,33 +328,21 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m durable.broker.gateway")
-    p.add_argument("--listen", default="127.0.0.1:8787")
+    p.add_argument("--settings", required=True, help="the settings file the supervisor wrote")
     p.add_argument("--fd", type=int, help="a listening socket to serve (the supervisor's)")
-    p.add_argument("--frontend", required=True, help="the broker's client endpoint")
-    p.add_argument("--data-dir", required=True, help="holds the id secret")
-    p.add_argument("--namespace", action="append", default=[])
-    p.add_argument("--worker", help="module:fetch, async def fetch(request, env) -> Response")
-    p.add_argument("--vars-json", default="{}")
-    p.add_argument("--max-body-bytes", type=int, default=32 << 20)
-    p.add_argument("--read-timeout", type=float, default=30.0)
-    p.add_argument("--idle-timeout", type=float, default=15.0)
-    p.add_argument("--call-timeout", type=float, default=30.0)
-    p.add_argument("--heartbeat", type=float, default=1.0)
-    p.add_argument("--grace", type=float, default=10.0)
-    p.add_argument("--max-inflight-per-namespace", type=int, default=4000)
-    p.add_argument("--max-inflight-per-object", type=int, default=1000)
-    p.add_argument("--max-inflight-mb", type=int, default=256)
-    p.add_argument("--debug", action="store_true")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logs.setup(args.log_level, f"gateway pid={os.getpid()}")
     try:
-        if args.worker:
-            load_function(args.worker)
-    except ValueError as e:
+        cfg, _runtime = read_settings(args.settings)
+        if cfg.http is None:
+            raise ConfigError("the configuration has no [http] section")
+        if cfg.http.worker:
+            load_function(cfg.http.worker)
+    except (ConfigError, ValueError, OSError) as e:
         logging.getLogger("durable.gateway").error("configuration error: %s", e)
         return EXIT_CONFIG
-    asyncio.run(run(args))
+    asyncio.run(run(cfg, args.fd))
     return 0
 
 

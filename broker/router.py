@@ -38,6 +38,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -140,7 +141,6 @@ def load_permissions(keys_dir: str) -> dict[str, frozenset[str] | None]:
     every namespace. Raises ``ValueError`` naming the file and key on bad input.
     """
     import tomllib
-    from pathlib import Path
 
     from zmq.auth import load_certificate
 
@@ -206,6 +206,11 @@ class Broker:
         return s
 
     def bind(self) -> None:
+        for endpoint in (self.config.frontend, self.config.backend, self.config.control,
+                         self.config.admin):
+            if endpoint and endpoint.startswith("ipc://"):  # (the supervisor made them, if any)
+                Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True,
+                                                           mode=0o700)
         for attr, endpoint in (("front", self.config.frontend), ("back", self.config.backend)):
             s = self._router()
             s.bind(endpoint)

@@ -1,4 +1,5 @@
-"""``python -m durable.objectproc``: host one slot's objects until SIGTERM."""
+"""``python -m durable.objectproc --settings PATH --slot N``: host one slot's objects until
+SIGTERM. PATH is the supervisor's settings file (``supervisor/config.py``)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import signal
 import sys
 
 import duckdb
-import orjson
 
 from durable.errors import StorageCorruptError
 from durable.exitcodes import EXIT_CONFIG, EXIT_CORRUPT, EXIT_DISK_FULL, EXIT_STORAGE
 from durable.supervisor import lifeline, logs
+from durable.supervisor.config import Config, ConfigError, read_settings
 
 from .loop import ObjectProcess, ObjectProcessConfig
 from .storage import StorageLimits
@@ -22,61 +23,36 @@ from .storage.log import is_disk_full
 from .storage.recovery import DataDirMismatchError
 
 
-def _pairs(values: list[str], what: str) -> dict[str, str]:
-    out = {}
-    for v in values:
-        name, sep, rest = v.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--{what} takes NAME=VALUE, got {v!r}")
-        out[name] = rest
-    return out
+def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectProcessConfig:
+    """One object process's part of the daemon's configuration."""
+    return ObjectProcessConfig(
+        slot=slot, backend=cfg.backend(), frontend=cfg.frontend(), data_dir=str(cfg.data_path),
+        namespaces=dict(cfg.namespaces), vars=dict(cfg.vars), idle_timeout=cfg.idle_timeout,
+        heartbeat=cfg.broker.heartbeat,
+        limits=StorageLimits(cfg.limits.max_key_bytes, cfg.limits.max_value_bytes,
+                             cfg.limits.max_keys_per_call),
+        duckdb_memory_mb=cfg.duckdb_memory_mb, data_dir_id=data_dir_id,
+        checkpoint_wal_bytes=cfg.checkpoint_wal_mb << 20,
+        checkpoint_interval=cfg.checkpoint_interval,
+        max_inflight_bytes=cfg.max_inflight_mb << 20, cpu_limit=cfg.cpu_limit_ms / 1000,
+        cpu_limits={n: ms / 1000 for n, ms in cfg.namespace_cpu_limits.items()},
+        wait_until_limit=cfg.wait_until_limit, debug=cfg.debug)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m durable.objectproc")
+    p.add_argument("--settings", required=True, help="the settings file the supervisor wrote")
     p.add_argument("--slot", type=int, required=True)
-    p.add_argument("--backend", required=True, help="the broker's object-process endpoint")
-    p.add_argument("--frontend", required=True, help="the broker's client endpoint (for env calls)")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--namespace", action="append", default=[], help="NAME=module:Class (repeat)")
-    p.add_argument("--var", action="append", default=[], help="NAME=VALUE for env.vars (repeat)")
-    p.add_argument("--vars-json", default="{}", help="env.vars as a JSON object")
-    p.add_argument("--max-key-bytes", type=int, default=2048)
-    p.add_argument("--max-value-bytes", type=int, default=32768)
-    p.add_argument("--max-keys-per-call", type=int, default=128)
-    p.add_argument("--duckdb-memory-mb", type=int, default=512)
-    p.add_argument("--idle-timeout", type=float, default=60.0)
-    p.add_argument("--heartbeat", type=float, default=1.0)
-    p.add_argument("--data-dir-id", help="the data dir's identity (its slot files must match)")
-    p.add_argument("--checkpoint-wal-mb", type=int, default=8)
-    p.add_argument("--checkpoint-interval", type=float, default=30.0)
-    p.add_argument("--max-inflight-mb", type=int, default=256)
-    p.add_argument("--cpu-limit-ms", type=int, default=30_000)
-    p.add_argument("--namespace-cpu-limit-ms", action="append", default=[],
-                   help="NAME=MS: another CPU limit for one namespace (repeat)")
-    p.add_argument("--wait-until-limit", type=float, default=30.0)
-    p.add_argument("--debug", action="store_true", help="send object tracebacks to callers")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logs.setup(args.log_level, f"objectproc slot={args.slot} pid={os.getpid()}")
-    variables = orjson.loads(args.vars_json)
-    variables.update(_pairs(args.var, "var"))
-    config = ObjectProcessConfig(
-        slot=args.slot, backend=args.backend, frontend=args.frontend, data_dir=args.data_dir,
-        namespaces=_pairs(args.namespace, "namespace"), vars=variables,
-        idle_timeout=args.idle_timeout, heartbeat=args.heartbeat,
-        limits=StorageLimits(args.max_key_bytes, args.max_value_bytes, args.max_keys_per_call),
-        duckdb_memory_mb=args.duckdb_memory_mb, data_dir_id=args.data_dir_id,
-        checkpoint_wal_bytes=args.checkpoint_wal_mb << 20,
-        checkpoint_interval=args.checkpoint_interval,
-        max_inflight_bytes=args.max_inflight_mb << 20,
-        cpu_limit=args.cpu_limit_ms / 1000,
-        cpu_limits={n: int(ms) / 1000 for n, ms in
-                    _pairs(args.namespace_cpu_limit_ms, "namespace-cpu-limit-ms").items()},
-        wait_until_limit=args.wait_until_limit, debug=args.debug)
     try:
+        cfg, runtime = read_settings(args.settings)
+        if not 0 <= args.slot < cfg.slots:
+            raise ConfigError(f"--slot {args.slot}: the daemon has {cfg.slots} slots")
+        config = process_config(cfg, args.slot, runtime.get("data_dir_id") or None)
         proc = ObjectProcess(config)
-    except ValueError as e:
+    except (ConfigError, ValueError, OSError) as e:
         logging.getLogger("durable.objectproc").error("configuration error: %s", e)
         return EXIT_CONFIG
 

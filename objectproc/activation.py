@@ -49,6 +49,7 @@ from durable.errors import (
     ObjectEvictedError,
     OverloadedError,
     StorageCommitError,
+    StorageCorruptError,
 )
 from durable.http import Request, Response
 from durable.ids import ObjectId
@@ -250,8 +251,16 @@ class Activation:
         reply(resp, error)
 
     def report(self, e: BaseException, request: Request | None, cause: BaseException,
-               where: str = "fetch") -> ObjectError:
-        """Log an exception from object code (rate-limited per object); the caller's error."""
+               where: str = "fetch") -> BaseException:
+        """Log an exception from object code (rate-limited per object); the caller's error.
+
+        An error about a write's fate (``StorageCommitError``: a full disk, a failed commit;
+        ``StorageCorruptError``) is not the object's bug and tells the caller whether the
+        write may be stored (HTTP 507 / 503): it goes to the caller as itself, and the slot
+        has logged its cause. Any other exception becomes an ``ObjectError``.
+        """
+        if isinstance(e, (StorageCommitError, StorageCorruptError)):
+            return e
         now = self.clock()
         while self.errors_logged and now - self.errors_logged[0] > 60:
             self.errors_logged.popleft()

@@ -403,6 +403,7 @@ class Daemon:
         import subprocess
 
         from durable.ids import load_or_create_secret
+        from durable.supervisor.config import from_dict, write_settings
 
         run = tmp / "run"
         run.mkdir(mode=0o700)
@@ -412,18 +413,16 @@ class Daemon:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
         ns = {"NOOP": "bench_objects:Noop", "COUNTER": "durable.examples.counter:Counter",
               "RELAY": "bench_objects:Relay"}
-        args = [sys.executable, "-m", "durable.broker", "--frontend", self.frontend, "--backend",
-                backend, "--slots", str(slots), "--data-dir", str(data), "--log-level", "WARNING"]
-        for name in ns:
-            args += ["--namespace", name]
-        self.procs = [subprocess.Popen(args, env=env)]
+        config = from_dict({"data_dir": str(data), "slots": slots,
+                            "broker": {"endpoint": self.frontend, "workers_endpoint": backend},
+                            "namespaces": {n: {"class": c} for n, c in ns.items()}}, "bench.py")
+        settings = run / "settings.json"
+        write_settings(config, settings)
+        common = ["--settings", str(settings), "--log-level", "WARNING"]
+        self.procs = [subprocess.Popen([sys.executable, "-m", "durable.broker", *common], env=env)]
         for slot in range(slots):
-            args = [sys.executable, "-m", "durable.objectproc", "--slot", str(slot), "--backend",
-                    backend, "--frontend", self.frontend, "--data-dir", str(data),
-                    "--log-level", "WARNING"]
-            for name, cls in ns.items():
-                args += ["--namespace", f"{name}={cls}"]
-            self.procs.append(subprocess.Popen(args, env=env))
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "durable.objectproc",
+                                                *common, "--slot", str(slot)], env=env))
 
     def close(self) -> None:
         for p in self.procs:

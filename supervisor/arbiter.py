@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psutil
 import zmq
 
@@ -71,7 +70,7 @@ from durable.protocol.messages import (
 )
 
 from . import cpu_latency, lifeline, status, systemd
-from .config import EXIT_CONFIG, Config, ConfigError
+from .config import EXIT_CONFIG, Config, ConfigError, write_settings
 from .datadir import DataDirError, Identity, lock_data_dir, open_data_dir
 from .migrate import migrate
 from .restart_policy import EXIT_STORAGE, Decision, RestartPolicy
@@ -238,7 +237,7 @@ class Arbiter:
         self._stopping = False
         self._ready = False
         self.exit_code = 0
-        self.control_endpoint = f"ipc://{config.run_dir / 'control.sock'}"
+        self.control_endpoint = config.control()
         self._control: zmq.Socket | None = None
         self.identity: Identity | None = None
         self._status_error_logged = 0.0
@@ -291,69 +290,26 @@ class Arbiter:
         # MiB stayed in the heap: 836 MiB RSS with nothing active), and at most 2 arenas.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         env.setdefault("MALLOC_ARENA_MAX", "2")
-        front, back = c.frontend(), c.backend()
-        broker = [self.python, "-m", "durable.broker", "--frontend", front, "--backend", back,
-                  "--slots", str(c.slots), "--data-dir", str(c.data_path),
-                  "--heartbeat", str(c.broker.heartbeat), "--queue-limit", str(c.broker.queue_limit),
-                  "--queue-deadline", str(c.broker.queue_deadline),
-                  "--client-inflight-limit", str(c.broker.client_inflight_limit),
-                  "--control", self.control_endpoint, "--admin", c.admin()]
-        for endpoint in c.curve_endpoints():
-            broker += ["--public", endpoint]
-        if c.broker.curve_secret_key:
-            broker += ["--curve-secret-key", c.broker.curve_secret_key,
-                       "--authorized-keys", c.broker.authorized_keys]
-        for ns in c.namespaces:
-            broker += ["--namespace", ns]
+        settings = c.settings_path()
+        write_settings(c, settings, data_dir_id=self.identity.id if self.identity else None)
+        common = ["--settings", str(settings), "--log-level", logging.getLevelName(
+            logging.getLogger().getEffectiveLevel())]
         env["DURABLE_ORPHAN_GRACE"] = str(min(c.grace_period, 5.0))  # its replies have nowhere to go
-        self.watchers.append(Watcher("broker", "broker", None, broker, env))
+        self.watchers.append(Watcher("broker", "broker", None,
+                                     [self.python, "-m", "durable.broker", *common], env))
+        # A call may hold the loop up to its CPU limit, and is interrupted then: only a hold
+        # well past that is a hang.
+        longest = max([c.cpu_limit_ms, *c.namespace_cpu_limits.values()]) / 1000
         for slot in range(c.slots):
-            argv = [self.python, "-m", "durable.objectproc", "--slot", str(slot), "--backend", back,
-                    "--frontend", front, "--data-dir", str(c.data_path),
-                    "--idle-timeout", str(c.idle_timeout), "--heartbeat", str(c.broker.heartbeat),
-                    "--vars-json", orjson.dumps(c.vars).decode(),
-                    "--max-key-bytes", str(c.limits.max_key_bytes),
-                    "--max-value-bytes", str(c.limits.max_value_bytes),
-                    "--max-keys-per-call", str(c.limits.max_keys_per_call),
-                    "--duckdb-memory-mb", str(c.duckdb_memory_mb),
-                    "--checkpoint-wal-mb", str(c.checkpoint_wal_mb),
-                    "--checkpoint-interval", str(c.checkpoint_interval),
-                    "--max-inflight-mb", str(c.max_inflight_mb),
-                    "--cpu-limit-ms", str(c.cpu_limit_ms),
-                    "--wait-until-limit", str(c.wait_until_limit),
-                    "--data-dir-id", self.identity.id if self.identity else ""]
-            for ns, cls in c.namespaces.items():
-                argv += ["--namespace", f"{ns}={cls}"]
-            for ns, ms in c.namespace_cpu_limits.items():
-                argv += ["--namespace-cpu-limit-ms", f"{ns}={ms}"]
-            if c.debug:
-                argv.append("--debug")
-            # A call may hold the loop up to its CPU limit, and is interrupted then: only a
-            # hold well past that is a hang.
-            longest = max([c.cpu_limit_ms, *c.namespace_cpu_limits.values()]) / 1000
+            argv = [self.python, "-m", "durable.objectproc", *common, "--slot", str(slot)]
             self.watchers.append(Watcher(f"objectproc-{slot}", "objectproc", slot, argv, env,
                                          hang_timeout=max(c.hang_timeout, longest + 5)))
         if c.http is not None:
-            h = c.http
-            argv = [self.python, "-m", "durable.broker.gateway", "--listen", h.listen,
-                    "--fd", str(self.http_socket.fileno()),
-                    "--frontend", front, "--data-dir", str(c.data_path),
-                    "--vars-json", orjson.dumps(c.vars).decode(),
-                    "--max-body-bytes", str(h.max_body_bytes), "--read-timeout", str(h.read_timeout),
-                    "--idle-timeout", str(h.idle_timeout), "--heartbeat", str(c.broker.heartbeat),
-                    "--grace", str(c.grace_period),
-                    "--max-inflight-per-namespace", str(h.max_inflight_per_namespace),
-                    "--max-inflight-per-object", str(h.max_inflight_per_object),
-                    "--max-inflight-mb", str(h.max_inflight_mb)]
-            for ns in c.namespaces:
-                argv += ["--namespace", ns]
-            if h.worker:
-                argv += ["--worker", h.worker]
-            if h.debug:
-                argv.append("--debug")
-            for i in range(h.processes):
+            fd = self.http_socket.fileno()
+            argv = [self.python, "-m", "durable.broker.gateway", *common, "--fd", str(fd)]
+            for i in range(c.http.processes):
                 self.watchers.append(Watcher(f"gateway-{i}", "gateway", None, argv, env,
-                                             pass_fds=(self.http_socket.fileno(),)))
+                                             pass_fds=(fd,)))
         for w in self.watchers:  # every child holds the lock: an orphan is seen by the next start
             w.pass_fds = (*w.pass_fds, self.lock_fd)
 

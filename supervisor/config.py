@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 __all__ = ["Config", "BrokerSettings", "HttpSettings", "LimitsSettings", "ConfigError", "load", "DEFAULT_NAMESPACES",
            "EXIT_CONFIG"]
@@ -138,6 +140,14 @@ class Config:
         """The local client endpoint (ipc): the daemon's processes and local programs use it."""
         e = self.broker.endpoint
         return e if e.startswith("ipc://") else f"ipc://{self.run_dir / 'broker.sock'}"
+
+    def control(self) -> str:
+        """The supervisor's PUSH to the broker (``slot_down``, ``drain``): ipc, 0700 dir."""
+        return f"ipc://{self.run_dir / 'control.sock'}"
+
+    def settings_path(self) -> Path:
+        """Where the supervisor writes the settings its children read (0600)."""
+        return self.run_dir / "settings.json"
 
     def admin(self) -> str:
         """The operator endpoint (``durable inspect``, ``backup``, ``status``): ipc, 0700 dir."""
@@ -353,6 +363,42 @@ def validate(cfg: Config) -> None:
         elif not endpoint.startswith("ipc://"):
             raise _err(src, key, f"{endpoint!r} is not an ipc:// or tcp:// endpoint",
                        'Use e.g. "ipc:///run/durable/broker.sock" or "tcp://127.0.0.1:7700".')
+
+
+def to_raw(cfg: Config) -> dict[str, Any]:
+    """The config as TOML-shaped data: ``from_dict(to_raw(cfg))`` gives it back, checked."""
+    raw: dict[str, Any] = {k: getattr(cfg, k) for k in _TOP}
+    raw["data_dir"] = str(cfg.data_path)  # children may run elsewhere
+    raw["broker"] = asdict(cfg.broker)
+    raw["limits"] = asdict(cfg.limits)
+    if cfg.http is not None:
+        raw["http"] = asdict(cfg.http)
+    raw["namespaces"] = {
+        name: {"class": cls, **({"cpu_limit_ms": cfg.namespace_cpu_limits[name]}
+                                if name in cfg.namespace_cpu_limits else {})}
+        for name, cls in cfg.namespaces.items()}
+    raw["vars"] = dict(cfg.vars)
+    return raw
+
+
+def write_settings(cfg: Config, path: Path, **runtime: Any) -> None:
+    """Hand the whole checked config (and what the supervisor learnt at start, ``runtime``)
+    to the children: one file, 0600, read once at their start. Nothing travels in argv, so
+    nothing (a key path, a var) shows in ``ps``."""
+    body = orjson.dumps({"source": cfg.source, "config": to_raw(cfg), "runtime": runtime})
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, body)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_settings(path: str | os.PathLike[str]) -> tuple[Config, dict[str, Any]]:
+    """A child's side of :func:`write_settings`: the config, checked again, and the runtime."""
+    data = orjson.loads(Path(path).read_bytes())
+    return from_dict(data["config"], data["source"]), data["runtime"]
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

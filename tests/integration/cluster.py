@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from durable.supervisor.config import from_dict, write_settings
+
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACES = {
     "COUNTER": "tests.integration.objects:Counter",
@@ -41,6 +43,17 @@ class Cluster:
         self.frontend = f"ipc://{run}/broker.sock"
         self.backend = f"ipc://{run}/workers.sock"
         self.data = self.root / "data"
+        # The processes read one settings file, as under `durable serve`: the supervisor's own
+        # config type, checked by its own code (no second list of flags or defaults here).
+        config = from_dict({
+            "data_dir": str(self.data), "slots": self.slots, "idle_timeout": self.idle_timeout,
+            "broker": {"endpoint": self.frontend, "workers_endpoint": self.backend,
+                       "heartbeat": self.heartbeat, "queue_deadline": 5},
+            "namespaces": {ns: {"class": cls} for ns, cls in NAMESPACES.items()},
+            "vars": {"greeting": "hello"},
+        }, "tests/integration/cluster.py")
+        self.settings = run / "settings.json"
+        write_settings(config, self.settings)
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -55,21 +68,12 @@ class Cluster:
                                     cwd=REPO)
 
     def start_broker(self) -> None:
-        args = ["-m", "durable.broker", "--frontend", self.frontend, "--backend", self.backend,
-                "--slots", str(self.slots), "--data-dir", str(self.data),
-                "--heartbeat", str(self.heartbeat), "--queue-deadline", "5"]
-        for ns in NAMESPACES:
-            args += ["--namespace", ns]
-        self.broker = self._spawn("broker", args)
+        self.broker = self._spawn("broker", ["-m", "durable.broker", "--settings",
+                                             str(self.settings)])
 
     def start_worker(self, slot: int) -> subprocess.Popen:
-        args = ["-m", "durable.objectproc", "--slot", str(slot), "--backend", self.backend,
-                "--frontend", self.frontend, "--data-dir", str(self.data),
-                "--heartbeat", str(self.heartbeat), "--var", "greeting=hello",
-                "--idle-timeout", str(self.idle_timeout)]
-        for ns, cls in NAMESPACES.items():
-            args += ["--namespace", f"{ns}={cls}"]
-        proc = self._spawn(f"objectproc-{slot}", args)
+        proc = self._spawn(f"objectproc-{slot}", ["-m", "durable.objectproc", "--settings",
+                                                  str(self.settings), "--slot", str(slot)])
         self.workers[slot] = proc
         return proc
 

@@ -42,13 +42,14 @@ def config(port: int, top: str = "", broker: str = "", http: str = "") -> str:
     return CONFIG.format(port=port, top=top, broker=broker, http=http)
 
 
-async def _timed_gets(session: aiohttp.ClientSession, url: str, n: int) -> tuple[list[float], list[int]]:
+async def _timed_gets(session: aiohttp.ClientSession, url: str, n: int) -> tuple[list[float], list]:
+    """Sequential GETs: their times, and each status (with its body when it is not 200)."""
     times, statuses = [], []
     for _ in range(n):
         t = time.perf_counter()
         async with session.get(url) as r:
-            await r.read()
-            statuses.append(r.status)
+            body = await r.read()
+            statuses.append(r.status if r.status == 200 else (r.status, body[:200]))
         times.append(time.perf_counter() - t)
     return times, statuses
 
@@ -96,7 +97,7 @@ def test_a_long_poll_flood_on_one_namespace_leaves_the_others_served(tmp_path):
                 return {"normal": normal, "during": during, "statuses": statuses, "polls": polls}
 
         out = asyncio.run(run())
-        assert set(out["statuses"]) == {200}, sorted(set(out["statuses"]))
+        assert [x for x in out["statuses"] if x != 200] == []
         polls = out["polls"]
         assert polls.count(200) >= 4000 and polls.count(503) >= 6000, \
             {s: polls.count(s) for s in set(polls)}

@@ -190,3 +190,31 @@ def test_repeated_log_lines_are_held_back_and_counted():
     assert r.getMessage() == ("accept failed: later (95 more like this in the last 10 s were "
                               "not logged)")
     assert limit.filter(rec("accept failed: %s", 1))  # a new window: a fresh burst
+
+
+def test_children_get_the_whole_checked_config_through_one_settings_file(tmp_path):
+    from durable.supervisor.config import read_settings, write_settings
+
+    raw = {"data_dir": str(tmp_path / "d"), "slots": 3, "idle_timeout": 5, "cpu_limit_ms": 900,
+           "debug": True, "broker": {"heartbeat": 0.2, "client_inflight_limit": 50},
+           "http": {"listen": "127.0.0.1:9999", "max_inflight_per_namespace": 20},
+           "limits": {"max_value_bytes": 131072},
+           "namespaces": {"A": {"class": "m:A", "cpu_limit_ms": 50}, "B": {"class": "m:B"}},
+           "vars": {"token": "s3cret", "n": [1, 2]}}
+    cfg = from_dict(raw, "f.toml")
+    path = tmp_path / "settings.json"
+    write_settings(cfg, path, data_dir_id="abc")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    back, runtime = read_settings(path)
+    assert back == cfg and runtime == {"data_dir_id": "abc"}
+    assert back.namespace_cpu_limits == {"A": 50} and back.http.max_inflight_per_namespace == 20
+    assert from_dict({}, "f").http is None  # and a config without [http] stays without one
+    c2, _ = read_settings(_written(tmp_path, from_dict({}, "f")))
+    assert c2.http is None
+
+
+def _written(tmp_path, cfg):
+    from durable.supervisor.config import write_settings
+    path = tmp_path / "s2.json"
+    write_settings(cfg, path)
+    return path
