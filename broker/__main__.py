@@ -15,7 +15,7 @@ import sys
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.supervisor import lifeline, logs
-from durable.supervisor.config import Config, ConfigError, read_settings
+from durable.supervisor.config import Config, ConfigError, settings_from_args
 
 from .router import Broker, BrokerConfig, load_permissions
 
@@ -34,13 +34,14 @@ def broker_config(cfg: Config, secret: bytes) -> BrokerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m durable.broker")
-    p.add_argument("--settings", required=True, help="the settings file the supervisor wrote")
+    p.add_argument("--settings-fd", type=int, help="the supervisor's settings (an inherited fd)")
+    p.add_argument("--settings", help="a settings file (write_settings), without a supervisor")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logs.setup(args.log_level, f"broker pid={os.getpid()}")
     log = logging.getLogger("durable.broker")
     try:
-        cfg, _runtime = read_settings(args.settings)
+        cfg, _runtime = settings_from_args(args.settings, args.settings_fd)
         if cfg.broker.authorized_keys:
             load_permissions(cfg.broker.authorized_keys)
     except (ConfigError, ValueError, OSError) as e:

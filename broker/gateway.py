@@ -69,7 +69,7 @@ from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_spec
 from durable.supervisor import lifeline, logs
-from durable.supervisor.config import Config, ConfigError, read_settings
+from durable.supervisor.config import Config, ConfigError, settings_from_args
 
 __all__ = ["Gateway", "main"]
 
@@ -328,13 +328,14 @@ async def run(cfg: Config, fd: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m durable.broker.gateway")
-    p.add_argument("--settings", required=True, help="the settings file the supervisor wrote")
+    p.add_argument("--settings-fd", type=int, help="the supervisor's settings (an inherited fd)")
+    p.add_argument("--settings", help="a settings file (write_settings), without a supervisor")
     p.add_argument("--fd", type=int, help="a listening socket to serve (the supervisor's)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logs.setup(args.log_level, f"gateway pid={os.getpid()}")
     try:
-        cfg, _runtime = read_settings(args.settings)
+        cfg, _runtime = settings_from_args(args.settings, args.settings_fd)
         if cfg.http is None:
             raise ConfigError("the configuration has no [http] section")
         if cfg.http.worker:

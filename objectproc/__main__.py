@@ -15,7 +15,7 @@ import duckdb
 from durable.errors import StorageCorruptError
 from durable.exitcodes import EXIT_CONFIG, EXIT_CORRUPT, EXIT_DISK_FULL, EXIT_STORAGE
 from durable.supervisor import lifeline, logs
-from durable.supervisor.config import Config, ConfigError, read_settings
+from durable.supervisor.config import Config, ConfigError, settings_from_args
 
 from .loop import ObjectProcess, ObjectProcessConfig
 from .storage import StorageLimits
@@ -41,13 +41,14 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m durable.objectproc")
-    p.add_argument("--settings", required=True, help="the settings file the supervisor wrote")
+    p.add_argument("--settings-fd", type=int, help="the supervisor's settings (an inherited fd)")
+    p.add_argument("--settings", help="a settings file (write_settings), without a supervisor")
     p.add_argument("--slot", type=int, required=True)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logs.setup(args.log_level, f"objectproc slot={args.slot} pid={os.getpid()}")
     try:
-        cfg, runtime = read_settings(args.settings)
+        cfg, runtime = settings_from_args(args.settings, args.settings_fd)
         if not 0 <= args.slot < cfg.slots:
             raise ConfigError(f"--slot {args.slot}: the daemon has {cfg.slots} slots")
         config = process_config(cfg, args.slot, runtime.get("data_dir_id") or None)
@@ -81,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, duckdb.Error) as e:
         if is_disk_full(e):
             log.error("slot %d: storage in %s cannot be opened, the disk is full: %s", args.slot,
-                      args.data_dir, e)
+                      config.data_dir, e)
             return EXIT_DISK_FULL
-        log.error("slot %d: storage in %s cannot be opened: %s: %s", args.slot, args.data_dir,
+        log.error("slot %d: storage in %s cannot be opened: %s: %s", args.slot, config.data_dir,
                   type(e).__name__, e)
         return EXIT_STORAGE
     return 0

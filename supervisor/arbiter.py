@@ -70,7 +70,7 @@ from durable.protocol.messages import (
 )
 
 from . import cpu_latency, lifeline, status, systemd
-from .config import EXIT_CONFIG, Config, ConfigError, write_settings
+from .config import EXIT_CONFIG, Config, ConfigError, settings_fd
 from .datadir import DataDirError, Identity, lock_data_dir, open_data_dir
 from .migrate import migrate
 from .restart_policy import EXIT_STORAGE, Decision, RestartPolicy
@@ -242,6 +242,7 @@ class Arbiter:
         self.identity: Identity | None = None
         self._status_error_logged = 0.0
         self.lock_fd: int | None = None
+        self.settings: int | None = None  # the children's settings (a memfd they inherit)
         self.http_socket: socket.socket | None = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -272,6 +273,9 @@ class Arbiter:
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # children still holding it keep the lock
             self.lock_fd = None
+        if self.settings is not None:
+            os.close(self.settings)
+            self.settings = None
 
     def _prepare_dirs(self) -> None:
         self.identity = open_data_dir(self.config.data_path)  # DataDirError: refuse to start
@@ -290,9 +294,8 @@ class Arbiter:
         # MiB stayed in the heap: 836 MiB RSS with nothing active), and at most 2 arenas.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         env.setdefault("MALLOC_ARENA_MAX", "2")
-        settings = c.settings_path()
-        write_settings(c, settings, data_dir_id=self.identity.id if self.identity else None)
-        common = ["--settings", str(settings), "--log-level", logging.getLevelName(
+        self.settings = settings_fd(c, data_dir_id=self.identity.id if self.identity else None)
+        common = ["--settings-fd", str(self.settings), "--log-level", logging.getLevelName(
             logging.getLogger().getEffectiveLevel())]
         env["DURABLE_ORPHAN_GRACE"] = str(min(c.grace_period, 5.0))  # its replies have nowhere to go
         self.watchers.append(Watcher("broker", "broker", None,
@@ -311,7 +314,7 @@ class Arbiter:
                 self.watchers.append(Watcher(f"gateway-{i}", "gateway", None, argv, env,
                                              pass_fds=(fd,)))
         for w in self.watchers:  # every child holds the lock: an orphan is seen by the next start
-            w.pass_fds = (*w.pass_fds, self.lock_fd)
+            w.pass_fds = (*w.pass_fds, self.lock_fd, self.settings)
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:

@@ -145,10 +145,6 @@ class Config:
         """The supervisor's PUSH to the broker (``slot_down``, ``drain``): ipc, 0700 dir."""
         return f"ipc://{self.run_dir / 'control.sock'}"
 
-    def settings_path(self) -> Path:
-        """Where the supervisor writes the settings its children read (0600)."""
-        return self.run_dir / "settings.json"
-
     def admin(self) -> str:
         """The operator endpoint (``durable inspect``, ``backup``, ``status``): ipc, 0700 dir."""
         return f"ipc://{self.run_dir / 'admin.sock'}"
@@ -381,11 +377,31 @@ def to_raw(cfg: Config) -> dict[str, Any]:
     return raw
 
 
+def _settings_body(cfg: Config, runtime: dict[str, Any]) -> bytes:
+    return orjson.dumps({"source": cfg.source, "config": to_raw(cfg), "runtime": runtime})
+
+
+def settings_fd(cfg: Config, **runtime: Any) -> int:
+    """The whole checked config (and what the supervisor learnt at start, ``runtime``) in an
+    anonymous in-memory file, for the children to inherit and read once at their start.
+
+    Not a file on disk: a full disk or a removed data dir must not turn into a bad
+    configuration, and nothing (a key path, a var) shows in ``ps`` or in the data dir.
+    """
+    fd = os.memfd_create("durable-settings", os.MFD_CLOEXEC)
+    os.write(fd, _settings_body(cfg, runtime))
+    return fd
+
+
+def read_settings_fd(fd: int) -> tuple[Config, dict[str, Any]]:
+    """A child's side of :func:`settings_fd` (read at offset 0: the fd is shared)."""
+    return _parse_settings(os.pread(fd, os.fstat(fd).st_size, 0))
+
+
 def write_settings(cfg: Config, path: Path, **runtime: Any) -> None:
-    """Hand the whole checked config (and what the supervisor learnt at start, ``runtime``)
-    to the children: one file, 0600, read once at their start. Nothing travels in argv, so
-    nothing (a key path, a var) shows in ``ps``."""
-    body = orjson.dumps({"source": cfg.source, "config": to_raw(cfg), "runtime": runtime})
+    """The same settings as a 0600 file, for processes started without a supervisor (the
+    tests' cluster, the benchmark)."""
+    body = _settings_body(cfg, runtime)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -397,8 +413,21 @@ def write_settings(cfg: Config, path: Path, **runtime: Any) -> None:
 
 def read_settings(path: str | os.PathLike[str]) -> tuple[Config, dict[str, Any]]:
     """A child's side of :func:`write_settings`: the config, checked again, and the runtime."""
-    data = orjson.loads(Path(path).read_bytes())
+    return _parse_settings(Path(path).read_bytes())
+
+
+def _parse_settings(body: bytes) -> tuple[Config, dict[str, Any]]:
+    data = orjson.loads(body)
     return from_dict(data["config"], data["source"]), data["runtime"]
+
+
+def settings_from_args(path: str | None, fd: int | None) -> tuple[Config, dict[str, Any]]:
+    """``--settings PATH`` or ``--settings-fd N``, as a child was started with."""
+    if fd is not None:
+        return read_settings_fd(fd)
+    if path is None:
+        raise ConfigError("no settings: pass --settings-fd (from the supervisor) or --settings")
+    return read_settings(path)
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

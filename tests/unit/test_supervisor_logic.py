@@ -208,6 +208,13 @@ def test_children_get_the_whole_checked_config_through_one_settings_file(tmp_pat
     back, runtime = read_settings(path)
     assert back == cfg and runtime == {"data_dir_id": "abc"}
     assert back.namespace_cpu_limits == {"A": 50} and back.http.max_inflight_per_namespace == 20
+    from durable.supervisor.config import read_settings_fd, settings_fd
+    fd = settings_fd(cfg, data_dir_id="abc")  # what the supervisor hands its children
+    try:
+        assert read_settings_fd(fd) == (cfg, {"data_dir_id": "abc"})
+        assert read_settings_fd(fd)[0] == cfg  # read again: the offset is not consumed
+    finally:
+        os.close(fd)
     assert from_dict({}, "f").http is None  # and a config without [http] stays without one
     c2, _ = read_settings(_written(tmp_path, from_dict({}, "f")))
     assert c2.http is None
