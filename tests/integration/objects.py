@@ -247,3 +247,16 @@ class FlakyConstructor(DurableObject):
 
     async def fetch(self, request: Request) -> Response:
         return Response("constructed")
+
+
+class Hog(DurableObject):
+    """Keeps ?mb= MiB of touched memory for as long as its process lives."""
+
+    kept: list[bytearray] = []
+
+    async def fetch(self, request: Request) -> Response:
+        block = bytearray(int(query(request).get("mb", "1")) << 20)
+        for i in range(0, len(block), 4096):  # touched pages count as RSS
+            block[i] = 1
+        Hog.kept.append(block)
+        return Response(str(sum(len(b) for b in Hog.kept) >> 20))

@@ -278,23 +278,41 @@ def test_operator_commands_status_call_inspect(tmp_path):
 
 @pytest.mark.slow
 def test_memory_limit_restarts_object_processes_gracefully(tmp_path):
-    config = FAST.replace("grace_period = 10", "grace_period = 10\nmemory_limit_mb = 1")
+    # Deterministic: the limit sits between an idle object process (~85 MiB) and one that an
+    # object made grow, so exactly one restart happens (a limit of 1 MiB restarted the
+    # processes every second, and the test raced that loop).
+    config = FAST.replace("grace_period = 10", "grace_period = 10\nmemory_limit_mb = 300") + \
+        '[namespaces.HOG]\nclass = "tests.integration.objects:Hog"\n'
     with serving(tmp_path, config) as d:
         d.wait_ready()
         with durable.connect_sync(d.frontend) as c:
-            ns = c.namespace("COUNTER")
-            ns.get(ns.id_from_name("m")).fetch("http://do/inc", method="POST")
+            counter, hog = c.namespace("COUNTER"), c.namespace("HOG")
+            counter.get(counter.id_from_name("m")).fetch("http://do/inc", method="POST")
+            stub = hog.get(hog.id_from_name("h"))
+            slot = Ring(2).slot_for(str(stub.id))
+            before = d.child("objectproc", slot).pid
+            assert stub.fetch("http://do/?mb=400").text() == "400"
         wait_for(lambda: "over memory_limit_mb" in d.log_text(), 10, "a memory-limit restart")
+        wait_for(lambda: _pid_of(d, slot) not in (None, before), 15, "a new object process")
         with durable.connect_sync(d.frontend) as c:
             ns = c.namespace("COUNTER")
-            for _ in range(100):
-                try:
-                    assert ns.get(ns.id_from_name("m")).fetch("http://do/").text() == "1"
-                    break
-                except (StubBrokenError, durable.CallTimeoutError):
-                    time.sleep(0.05)
-            else:
-                raise AssertionError("object never answered again")
+            assert wait_for(lambda: _answer(ns, "m"), 10, "the counter again") == "1"
+        time.sleep(2.5)  # the new process is under the limit: no second restart
+        assert d.log_text().count("over memory_limit_mb") == 1, d.log_text()
+
+
+def _pid_of(d, slot):
+    try:
+        return d.child("objectproc", slot).pid
+    except AssertionError:
+        return None
+
+
+def _answer(ns, name):
+    try:
+        return ns.get(ns.id_from_name(name)).fetch("http://do/").text()
+    except (StubBrokenError, durable.CallTimeoutError):
+        return None
 
 
 def test_second_sigterm_stops_at_once(tmp_path):
