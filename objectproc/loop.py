@@ -417,7 +417,9 @@ class ObjectProcess:
         obj = name_key(namespace, object_id)
         try:
             if self.store.read(obj, "name") is None:
-                self.store.submit(obj, False, {"name": codec.encode(name)})
+                # Not kicked: it rides with the call's own commit (inline when the process is
+                # otherwise idle) or the next group, rather than cost a write of its own.
+                self.store.submit(obj, False, {"name": codec.encode(name)}, kick=False)
         except Exception as e:  # (a full disk): learnt again from the next named call
             log.debug("could not store the name of %s %s: %s", namespace, object_id, e)
 
