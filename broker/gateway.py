@@ -67,7 +67,7 @@ from durable.errors import (
 )
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
-from durable.objects import Env, load_spec
+from durable.objects import Env, load_function
 from durable.supervisor import lifeline, logs
 from durable.supervisor.config import Config, ConfigError, settings_from_args
 
@@ -78,13 +78,6 @@ _HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"
 _STUB_CACHE = 10_000
 _LARGE_RESPONSE = 64 << 10  # responses from this size count against the byte bound
 CALL_TIMEOUT = 30.0  # seconds a request waits for its object (then 504)
-
-
-def load_function(spec: str) -> Any:
-    fn = load_spec(spec, "worker", "package.module:fetch")
-    if not callable(fn):
-        raise ValueError(f"worker {spec!r} is a {type(fn).__name__}, not a function")
-    return fn
 
 
 @dataclass

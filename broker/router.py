@@ -1,136 +1,37 @@
-"""The broker loop: clients on one ROUTER, object processes on another.
+"""The broker's socket loop: clients on one ROUTER, object processes on another.
 
-Rules this file keeps:
+All routing state and decisions live in ``core.py`` (sans I/O). This file
+binds the sockets, feeds each message to the core with its identity
+prefixed by the socket it came from (``F`` the local ipc endpoint, ``A`` the
+operator endpoint, ``P`` the CurveZMQ endpoints: ZMQ identities are per
+socket, so without the prefix two clients could collide), and sends what
+the core's outbox holds.
 
-* **Registration before traffic.** An object process sends READY (slot, pid,
-  incarnation) before anything else; anything else from an unknown peer gets
-  WDISCONNECT, which makes it register again. A client sends HELLO first;
-  anything else from an unknown client gets DISCONNECT. Each READY starts a
-  new incarnation of its slot, and ends the previous one.
-* **Placement.** ``Ring.slot_for(object id)``; ids are checked against the
-  namespace's key before anything is routed.
-* **Stubs.** A stub is bound to ``(slot, incarnation)`` by its first call that
-  is dispatched. A call on a stub whose binding is not the slot's current
-  incarnation fails with ``stub_broken``, and so does every call in flight
-  when an incarnation ends (crash, restart, missed heartbeats). Since the
-  binding lives here, pipelined calls sent after the failure also fail: the
-  new incarnation never sees them out of order.
-* **Down slots.** Calls for a slot with no process wait in a bounded FIFO
-  queue (``overloaded`` when full) until it registers, or until their
-  deadline (``timeout``), and are dispatched in order.
-* **Who may do what.** Three client sockets, told apart by a prefix on each
-  identity: ``F`` the local ipc endpoint (the daemon's user: the run dir is
-  0700), ``A`` the operator endpoint (``durable inspect``, ``backup``,
-  ``status``: the only one whose calls an object process accepts operator
-  requests from), ``P`` the CurveZMQ endpoints. A ``P`` client gets the id
-  keys, and may call, only the namespaces its key is allowed
-  (``permissions.toml`` in the authorized-keys dir), and gets no statistics.
+* **Unroutable sends raise** (``ROUTER_MANDATORY``): a send to an object
+  process that fails tells the core at once (``worker_unreachable``) rather
+  than waiting for its heartbeats to lapse.
 * **Thin loop.** Poll, drain each socket until it is empty (at most ``burst``
-  messages a turn, so neither side starves), run the timers.
+  messages a turn, so neither side starves), run the timers, flush.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import time
-from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from durable.errors import InvalidIdError, ProtocolError
-from durable.ids import IdFactory
-from durable.protocol.heartbeat import Liveness
-from durable.protocol.messages import (
-    Beat,
-    BrokerHeartbeat,
-    Call,
-    Cmd,
-    Disconnect,
-    Drop,
-    Error,
-    Hello,
-    Ping,
-    Pong,
-    Ready,
-    Stats,
-    StatsReply,
-    Welcome,
-    WorkerCall,
-    WorkerDisconnect,
-    WorkerError,
-    WorkerHeartbeat,
-    WorkerReply,
-    header,
-    pack_u64,
-    parse_control,
-    parse_from_client,
-    parse_from_worker,
-)
 from durable.transport import has_input, recv_frames, send_frames
 
-from .ring import Ring
+from .core import BrokerConfig, RouterCore
 
-__all__ = ["Broker", "BrokerConfig"]
-
-_PLACED_MAX = 16_384  # ~5 MiB of broker memory at most
-_DEADLINE_SWEEP = 0.25  # seconds between sweeps for calls past their deadline
+__all__ = ["Broker", "BrokerConfig", "load_permissions"]
 
 log = logging.getLogger("durable.broker")
-
-
-@dataclass
-class BrokerConfig:
-    frontend: str
-    backend: str
-    slots: int
-    namespaces: dict[str, bytes]  # name -> id key
-    queue_limit: int = 10_000
-    queue_deadline: float = 10.0
-    client_inflight_limit: int = 10_000  # calls one client connection may have in flight
-    heartbeat: float = 1.0
-    misses: int = 5
-    client_misses: int = 30
-    max_message_bytes: int = 64 << 20
-    burst: int = 1000
-    control: str | None = None  # the supervisor's PUSH endpoint (ipc in the 0700 run dir)
-    admin: str | None = None  # the operator endpoint (ipc in the 0700 run dir)
-    #: TCP client endpoints, with CurveZMQ (the supervisor refuses them without keys)
-    public: list[str] = field(default_factory=list)
-    curve_secret_key_file: str | None = None  # the broker's key pair (durable keygen)
-    authorized_keys_dir: str | None = None  # public keys of the clients allowed in
-
-
-class _Slot:
-    __slots__ = ("number", "identity", "incarnation", "pid", "liveness", "queue", "inflight",
-                 "registrations", "up_since", "reported", "failed")
-
-    def __init__(self, number: int) -> None:
-        self.number = number
-        self.identity: bytes | None = None
-        self.incarnation: int | None = None
-        self.pid: int | None = None
-        self.liveness: Liveness | None = None
-        self.queue: deque[tuple[float, bytes, Call]] = deque()
-        #: (client, call id) -> the call's deadline (its timeout_ms from dispatch)
-        self.inflight: dict[tuple[bytes, int], float] = {}
-        self.registrations = 0
-        self.up_since: float | None = None
-        self.reported: dict[str, Any] = {}
-        self.failed: str | None = None  # why the slot stays down until an operator acts
-
-
-@dataclass
-class _Client:
-    last_heard: float
-    stubs: dict[int, tuple[int, int]] = field(default_factory=dict)
-    inflight: int = 0
-    allowed: frozenset[str] | None = None  # namespaces a CurveZMQ client may call (None: all)
 
 
 def load_permissions(keys_dir: str) -> dict[str, frozenset[str] | None]:
@@ -167,31 +68,15 @@ class Broker:
     def __init__(self, config: BrokerConfig, *, clock: Callable[[], float] = time.monotonic,
                  context: zmq.Context | None = None) -> None:
         self.config = config
-        self.clock = clock
-        self.ring = Ring(config.slots)
-        #: (namespace, object id) -> slot for ids already checked: the HMAC check and the
-        #: ring lookup cost ~2.8 µs a call, a dict hit ~0.1 µs. Cleared when full (65,536
-        #: entries took ~21 MiB in the million-object run; 16,384 hot objects are plenty).
-        self._placed: dict[tuple[str, str], int] = {}
-        self.ids = {name: IdFactory(name, key) for name, key in config.namespaces.items()}
-        self.incarnation = secrets.randbits(63) | 1
-        self.slots = [_Slot(i) for i in range(config.slots)]
-        self.workers: dict[bytes, int] = {}
-        self.clients: dict[bytes, _Client] = {}
-        self.counters: Counter[str] = Counter()
+        self.core = RouterCore(config, clock=clock)
         self._ctx = context or zmq.Context.instance()
         self.front: zmq.Socket | None = None
         self.back: zmq.Socket | None = None
         self.ctl: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
         self.adm: zmq.Socket | None = None
-        #: CurveZMQ client key (z85) -> allowed namespaces (None: all)
-        self.permissions: dict[str, frozenset[str] | None] = {}
         self._auth: Any = None
-        self.draining = False
         self._stopping = False
-        self._next_client_sweep = clock()
-        self._next_deadline_sweep = clock()
         self.last_turn = time.monotonic()  # the supervisor's lifeline reports its age
 
     # -- sockets ----------------------------------------------------------------------
@@ -233,7 +118,7 @@ class Broker:
             from zmq.auth import load_certificate
             from zmq.auth.thread import ThreadAuthenticator
 
-            self.permissions = load_permissions(self.config.authorized_keys_dir)
+            self.core.permissions = load_permissions(self.config.authorized_keys_dir)
             public, secret = load_certificate(self.config.curve_secret_key_file)
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
@@ -258,96 +143,88 @@ class Broker:
         """Ask the loop to end (safe from a signal handler: it only sets a flag)."""
         self._stopping = True
 
-    def _send(self, sock: zmq.Socket, frames: list[bytes], what: str) -> bool:
-        try:
-            send_frames(sock, frames)
-            return True
-        except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
-            self.counters[f"undeliverable_{what}"] += 1
-            log.debug("could not send to %s: %s", what, e)
-            return False
-
-    def _to_client(self, ident: bytes, frames: list[bytes]) -> None:
-        # Identities carry the socket they came from: F (local), A (operator) or P (public).
-        # ZMQ makes them per socket, so without the prefix two clients could collide.
-        kind = ident[:1]
-        sock = self.front if kind == b"F" else self.pub if kind == b"P" else self.adm
-        self._send(sock, [ident[1:], *frames], "client")
-
-    def _to_worker(self, ident: bytes, frames: list[bytes]) -> None:
-        if not self._send(self.back, [ident, *frames], "worker"):
-            number = self.workers.get(ident)
-            if number is not None and self.back is not None:
-                # ROUTER_MANDATORY: the process's connection is gone (it died); do not wait
-                # for its heartbeats to lapse before failing its calls.
-                self.end_incarnation(number, "its connection closed")
-
-    def _error(self, ident: bytes, call_id: int, code: str, message: str) -> None:
-        self.counters[f"error_{code}"] += 1
-        self._to_client(ident, Error(call_id, code, message).encode())
+    def flush(self) -> None:
+        """Send what the core wants sent, in order. A send that fails is counted (a peer
+        gone, or not reading); an object process that cannot be reached is ended, and
+        the errors that makes go out in this same flush."""
+        out = self.core.outbox
+        counters = self.core.counters
+        i = 0
+        while i < len(out):
+            to_worker, ident, frames = out[i]
+            i += 1
+            if to_worker:
+                sock, dest = self.back, ident
+            else:
+                kind = ident[:1]
+                sock = self.front if kind == b"F" else self.pub if kind == b"P" else self.adm
+                dest = ident[1:]
+            try:
+                send_frames(sock, [dest, *frames])
+            except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
+                counters["undeliverable_worker" if to_worker else "undeliverable_client"] += 1
+                log.debug("could not send to %r: %s", ident, e)
+                if to_worker:
+                    self.core.worker_unreachable(ident)
+        out.clear()
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.front, zmq.POLLIN)
-        poller.register(self.back, zmq.POLLIN)
+        handlers: dict[zmq.Socket, Callable[[int], None]] = {
+            self.front: lambda n: self._drain(self.front, b"F", n),
+            self.back: self._drain_workers,
+        }
         if self.ctl is not None:
-            poller.register(self.ctl, zmq.POLLIN)
+            handlers[self.ctl] = self._drain_control
         if self.pub is not None:
-            poller.register(self.pub, zmq.POLLIN)
+            handlers[self.pub] = self._drain_public
         if self.adm is not None:
-            poller.register(self.adm, zmq.POLLIN)
+            handlers[self.adm] = lambda n: self._drain(self.adm, b"A", n)
+        order = [s for s in (self.ctl, self.back, self.front, self.pub, self.adm) if s is not None]
+        for s in order:
+            poller.register(s, zmq.POLLIN)
         burst = self.config.burst
+        timeout_ms = max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
         while not self._stopping:
             self.last_turn = time.monotonic()
-            events = dict(poller.poll(self._poll_timeout_ms()))
-            if self.ctl is not None and self.ctl in events:
-                self._drain(self.ctl, lambda frames: self.on_control([b"", *frames]), burst)
-            if self.back in events:
-                self._drain(self.back, self.on_worker, burst)
-            if self.front in events:
-                self._drain(self.front, self._from_front, burst)
-            if self.pub is not None and self.pub in events:
-                self._drain_public(burst)
-            if self.adm is not None and self.adm in events:
-                self._drain(self.adm, self._from_admin, burst)
-            try:
-                self.tick()
-            except Exception:
-                self.counters["internal_errors"] += 1
-                log.exception("internal error in the broker's timers")
+            events = dict(poller.poll(timeout_ms))
+            for s in order:
+                if s in events:
+                    handlers[s](burst)
+            self._guarded("in the broker's timers", self.core.tick)
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], burst: int) -> None:
+    def _guarded(self, where: str, step: Callable[..., None], *args: Any) -> None:
+        """Run one core step and send its outbox: a bug costs one message, never the broker."""
+        try:
+            step(*args)
+        except Exception:
+            self.core.counters["internal_errors"] += 1
+            log.exception("internal error %s; the message was dropped", where)
+        self.flush()
+
+    def _drain(self, sock: zmq.Socket, prefix: bytes, burst: int) -> None:
+        client = self.core.client_message
         for _ in range(burst):
             if not has_input(sock):
                 return
             frames = recv_frames(sock)
-            try:
-                handle(frames)
-            except Exception:  # a bug must cost one message, never the broker
-                self.counters["internal_errors"] += 1
-                log.exception("internal error while handling a message; it was dropped")
+            self._guarded("handling a client message", client, prefix + frames[0], frames[1:])
 
-    def _poll_timeout_ms(self) -> int:
-        return max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
+    def _drain_workers(self, burst: int) -> None:
+        worker = self.core.worker_message
+        for _ in range(burst):
+            if not has_input(self.back):
+                return
+            frames = recv_frames(self.back)
+            self._guarded("handling a worker message", worker, frames[0], frames[1:])
 
-    def _parse(self, parse: Callable[[list[bytes]], Any], frames: list[bytes], kind: str) -> Any:
-        """A typed message, or None after counting the drop: bad input never raises here."""
-        try:
-            return parse(frames[1:])
-        except ProtocolError as e:
-            self.counters[f"dropped_{kind}_messages"] += 1
-            log.debug("dropped a malformed %s message: %s", kind, e)
-            return None
-
-    # -- clients --------------------------------------------------------------------------
-    def _from_front(self, frames: list[bytes]) -> None:
-        frames[0] = b"F" + frames[0]
-        self.on_client(frames)
-
-    def _from_admin(self, frames: list[bytes]) -> None:
-        frames[0] = b"A" + frames[0]
-        self.on_client(frames)
+    def _drain_control(self, burst: int) -> None:
+        for _ in range(burst):
+            if not has_input(self.ctl):
+                return
+            frames = recv_frames(self.ctl)
+            self._guarded("handling a control message", self.core.control_message, frames)
 
     def _drain_public(self, burst: int) -> None:
         """Like ``_drain``, keeping each message's CurveZMQ key (ZAP's User-Id) for HELLO."""
@@ -362,297 +239,5 @@ class Broker:
                 if user is None:
                     with contextlib.suppress(zmq.ZMQError, KeyError):
                         user = frame.get("User-Id")
-            frames[0] = b"P" + frames[0]
-            try:
-                self.on_client(frames, user)
-            except Exception:
-                self.counters["internal_errors"] += 1
-                log.exception("internal error while handling a message; it was dropped")
-
-    def on_client(self, frames: list[bytes], user: str | None = None) -> None:
-        ident = frames[0]
-        msg = self._parse(parse_from_client, frames, "client")
-        if msg is None:
-            return
-        client = self.clients.get(ident)
-        if type(msg) is Hello:
-            allowed = self._allowed(ident, user)
-            self.clients[ident] = _Client(self.clock(), allowed=allowed)
-            self.counters["hellos"] += 1
-            names = {n: key.hex() for n, key in self.config.namespaces.items()
-                     if allowed is None or n in allowed}
-            self._to_client(ident, Welcome(self.incarnation, names).encode())
-            return
-        if client is None:
-            self.counters["unknown_client_messages"] += 1
-            self._to_client(ident, Disconnect("unknown client: send HELLO first").encode())
-            return
-        client.last_heard = self.clock()
-        if type(msg) is Call:
-            self.route(ident, client, msg)
-        elif type(msg) is Ping:
-            self._to_client(ident, Pong(self.incarnation).encode())
-        elif type(msg) is Drop:
-            for stub_id in msg.stub_ids:
-                client.stubs.pop(stub_id, None)
-        elif type(msg) is Stats:
-            if ident[:1] == b"P":  # pids, counters, other clients' load: for this machine only
-                self._error(ident, msg.call_id, "protocol", "statistics are for local clients "
-                            "(`durable status` on the daemon's machine)")
-            else:
-                self._to_client(ident, StatsReply(msg.call_id, self.statistics()).encode())
-
-    def _allowed(self, ident: bytes, user: str | None) -> frozenset[str] | None:
-        """The namespaces a client may call: all for local ones, its key's for CurveZMQ ones."""
-        if ident[:1] != b"P":
-            return None
-        if user is None or user not in self.permissions:
-            # no ZAP (keys not configured: refused by config) or an unknown key: nothing
-            return frozenset() if self.config.curve_secret_key_file else None
-        return self.permissions[user]
-
-    def on_control(self, frames: list[bytes]) -> None:
-        msg = self._parse(parse_control, frames, "control")
-        if msg is None:
-            return
-        if msg.op == "drain":
-            self.draining = True
-            log.info("draining: new calls are refused, calls in flight finish")
-        elif msg.slot < len(self.slots) and msg.op == "slot_failed":
-            slot = self.slots[msg.slot]
-            if slot.pid == msg.pid:
-                self.end_incarnation(msg.slot, f"the supervisor saw its process (pid {msg.pid}) fail")
-            slot.failed = msg.reason
-            log.error("slot %d is out of service: %s", msg.slot, msg.reason)
-            while slot.queue:  # nothing will come back for them
-                _, ident, call = slot.queue.popleft()
-                self._done(ident)
-                self._error(ident, call.call_id, "storage_corrupt", f"slot {msg.slot}: {msg.reason}")
-        elif msg.slot < len(self.slots) and self.slots[msg.slot].pid == msg.pid:
-            self.end_incarnation(msg.slot, f"the supervisor saw its process (pid {msg.pid}) exit")
-
-    def route(self, ident: bytes, client: _Client, call: Call) -> None:
-        self.counters["calls"] += 1
-        if self.draining:
-            self._error(ident, call.call_id, "overloaded",
-                        "the daemon is stopping; the call was not delivered (retry after restart)")
-            return
-        if client.allowed is not None and call.namespace not in client.allowed:
-            self._error(ident, call.call_id, "unknown_namespace",
-                        f"this client's key may not call namespace {call.namespace!r} "
-                        "(permissions.toml in the broker's authorized-keys dir)")
-            return
-        placed = (call.namespace, call.object_id)
-        number = self._placed.get(placed)
-        if number is None:  # not seen lately: check the id's MAC, then place it on the ring
-            ids = self.ids.get(call.namespace)
-            if ids is None:
-                known = ", ".join(sorted(self.ids)) or "none"
-                self._error(ident, call.call_id, "unknown_namespace",
-                            f"namespace {call.namespace!r} is not configured (known: {known})")
-                return
-            try:
-                ids.from_string(call.object_id)
-            except InvalidIdError as e:
-                self._error(ident, call.call_id, "invalid_id", str(e))
-                return
-            number = self.ring.slot_for(call.object_id)
-            if len(self._placed) >= _PLACED_MAX:
-                self._placed.clear()
-            self._placed[placed] = number
-        if client.inflight >= self.config.client_inflight_limit:
-            self._error(ident, call.call_id, "overloaded",
-                        f"this client has {client.inflight} calls in flight (the limit is "
-                        f"{self.config.client_inflight_limit}); wait for some to finish")
-            return
-        slot = self.slots[number]
-        bound = client.stubs.get(call.stub_id)
-        if bound is not None and bound != (number, slot.incarnation):
-            self._broken(ident, call.call_id, number, "the object's process has restarted since "
-                         "this stub's first call")
-            return
-        if slot.identity is None or slot.queue:
-            if slot.failed is not None and slot.identity is None:
-                self._error(ident, call.call_id, "storage_corrupt", f"slot {number}: {slot.failed}")
-                return
-            if len(slot.queue) >= self.config.queue_limit:
-                self._error(ident, call.call_id, "overloaded",
-                            f"slot {number} is down and {len(slot.queue)} calls already wait for "
-                            "it; retry later")
-                return
-            self.counters["queued"] += 1
-            client.inflight += 1
-            slot.queue.append((self.clock() + min(self.config.queue_deadline,
-                                                  call.timeout_ms / 1000), ident, call))
-            return
-        client.inflight += 1
-        self._dispatch(slot, ident, client, call)
-
-    def _dispatch(self, slot: _Slot, ident: bytes, client: _Client, call: Call) -> None:
-        if call.stub_id not in client.stubs:
-            client.stubs[call.stub_id] = (slot.number, slot.incarnation)
-        slot.inflight[(ident, call.call_id)] = self.clock() + call.timeout_ms / 1000
-        self._to_worker(slot.identity, WorkerCall(ident, call.call_id, call.namespace,
-                                                  call.object_id, call.head, call.body,
-                                                  call.name).encode())
-
-    def _done(self, ident: bytes) -> None:
-        client = self.clients.get(ident)
-        if client is not None and client.inflight > 0:
-            client.inflight -= 1
-
-    def _broken(self, ident: bytes, call_id: int, number: int, why: str) -> None:
-        self._error(ident, call_id, "stub_broken",
-                    f"stub lost its object (slot {number}: {why}); get a new stub with "
-                    "namespace.get(id) and retry if the call is safe to repeat")
-
-    # -- object processes ---------------------------------------------------------------
-    def on_worker(self, frames: list[bytes]) -> None:
-        ident = frames[0]
-        msg = self._parse(parse_from_worker, frames, "worker")
-        if msg is None:
-            return
-        if type(msg) is Ready:
-            self.register(ident, msg)
-            return
-        if type(msg) is Beat:  # from the process's heartbeat thread, on a socket of its own
-            if msg.slot < len(self.slots):
-                slot = self.slots[msg.slot]
-                if slot.incarnation == msg.incarnation and slot.liveness is not None:
-                    slot.liveness.heard()
-            return
-        number = self.workers.get(ident)
-        if number is None:
-            self.counters["unknown_worker_messages"] += 1
-            self._to_worker(ident, WorkerDisconnect("unknown object process: send READY").encode())
-            return
-        slot = self.slots[number]
-        slot.liveness.heard()
-        if type(msg) is WorkerReply:
-            if slot.inflight.pop((msg.client, msg.call_id), None) is not None:
-                self.counters["replies"] += 1
-                self._done(msg.client)
-                self._to_client(msg.client, [header(Cmd.REPLY), pack_u64(msg.call_id), msg.head, msg.body])
-            else:
-                self.counters["stray_replies"] += 1
-        elif type(msg) is WorkerError:
-            if slot.inflight.pop((msg.client, msg.call_id), None) is not None:
-                self.counters["object_errors"] += 1
-                self._done(msg.client)
-                self._to_client(msg.client, [header(Cmd.ERROR), pack_u64(msg.call_id), msg.payload])
-            else:
-                self.counters["stray_replies"] += 1
-        elif type(msg) is WorkerHeartbeat:
-            slot.reported = msg.stats
-
-    def register(self, ident: bytes, ready: Ready) -> None:
-        if ready.slot >= len(self.slots):
-            self.counters["bad_registrations"] += 1
-            self._to_worker(ident, WorkerDisconnect(
-                f"slot {ready.slot} does not exist (this broker has {len(self.slots)})").encode())
-            return
-        old = self.workers.pop(ident, None)
-        if old is not None and old != ready.slot:
-            self.end_incarnation(old, "its process registered for another slot")
-        slot = self.slots[ready.slot]
-        if slot.identity is not None:
-            self.end_incarnation(ready.slot, "a new process registered for it")
-        slot.identity = ident
-        slot.failed = None  # repaired: it serves again
-        slot.incarnation = ready.incarnation
-        slot.pid = ready.pid
-        slot.liveness = Liveness(self.config.heartbeat, self.config.misses, self.clock)
-        slot.registrations += 1
-        slot.up_since = self.clock()
-        self.workers[ident] = ready.slot
-        self.counters["registrations"] += 1
-        log.info("slot %d registered (pid %d, incarnation %x)", ready.slot, ready.pid, ready.incarnation)
-        self._drain_queue(slot)
-
-    def _drain_queue(self, slot: _Slot) -> None:
-        while slot.queue and slot.identity is not None:
-            _, ident, call = slot.queue.popleft()
-            client = self.clients.get(ident)
-            if client is None:
-                continue
-            bound = client.stubs.get(call.stub_id)
-            if bound is not None and bound != (slot.number, slot.incarnation):
-                self._done(ident)
-                self._broken(ident, call.call_id, slot.number, "restarted while the call waited")
-                continue
-            self._dispatch(slot, ident, client, call)
-
-    def end_incarnation(self, number: int, reason: str) -> None:
-        """The slot's process is gone: fail its calls in flight; its stubs are now broken."""
-        slot = self.slots[number]
-        if slot.identity is None:
-            return
-        log.warning("slot %d (pid %s) is gone: %s; %d calls in flight fail", number, slot.pid,
-                    reason, len(slot.inflight))
-        self.workers.pop(slot.identity, None)
-        for ident, call_id in slot.inflight:
-            self._done(ident)
-            self._broken(ident, call_id, number, f"its process (pid {slot.pid}) went away: {reason}")
-        slot.inflight.clear()
-        slot.identity = slot.incarnation = slot.liveness = slot.up_since = None
-        self.counters["incarnations_ended"] += 1
-
-    # -- timers -------------------------------------------------------------------------
-    def tick(self) -> None:
-        now = self.clock()
-        for slot in self.slots:
-            if slot.liveness is not None:
-                if not slot.liveness.alive():
-                    self.end_incarnation(slot.number, "it missed its heartbeats")
-                elif slot.liveness.send_due():
-                    slot.liveness.sent()
-                    self._to_worker(slot.identity, BrokerHeartbeat().encode())  # may end it
-            q = slot.queue
-            while q and q[0][0] <= now:
-                _, ident, call = q.popleft()
-                self._done(ident)
-                self._error(ident, call.call_id, "timeout",
-                            f"slot {slot.number} had no running process within the call's "
-                            f"deadline (at most broker.queue_deadline = "
-                            f"{self.config.queue_deadline:g} s); the call was not delivered")
-        if now >= self._next_deadline_sweep:
-            self._next_deadline_sweep = now + _DEADLINE_SWEEP
-            self._expire_calls(now)
-        if now >= self._next_client_sweep:
-            self._next_client_sweep = now + self.config.heartbeat
-            limit = self.config.heartbeat * self.config.client_misses
-            for ident in [i for i, c in self.clients.items() if now - c.last_heard > limit]:
-                del self.clients[ident]
-                self.counters["clients_expired"] += 1
-
-    def _expire_calls(self, now: float) -> None:
-        """Calls past their deadline leave the broker: the caller has given up on them.
-
-        Their replies, if they ever come, are dropped as strays; meanwhile they no
-        longer count against the client's in-flight bound, so a flood of long
-        calls cannot hold a client (a gateway: every namespace) past its deadline.
-        """
-        for slot in self.slots:
-            late = [key for key, deadline in slot.inflight.items() if deadline <= now]
-            for key in late:
-                del slot.inflight[key]
-                ident, call_id = key
-                self._done(ident)
-                self.counters["expired"] += 1
-                self._error(ident, call_id, "timeout",
-                            f"no answer from slot {slot.number} within the call's timeout; "
-                            "the call may or may not have run")
-
-    def statistics(self) -> dict[str, Any]:
-        now = self.clock()
-        return {
-            "broker": {"incarnation": self.incarnation, "clients": len(self.clients),
-                       "counters": dict(self.counters)},
-            "slots": [{
-                "slot": s.number, "up": s.identity is not None, "pid": s.pid,
-                "incarnation": s.incarnation, "queued": len(s.queue), "inflight": len(s.inflight),
-                "registrations": s.registrations,
-                "uptime": None if s.up_since is None else round(now - s.up_since, 3),
-                "reported": s.reported,
-            } for s in self.slots],
-        }
+            self._guarded("handling a client message", self.core.client_message,
+                          b"P" + frames[0], frames[1:], user)

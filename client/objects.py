@@ -7,7 +7,7 @@ from typing import Any
 
 from .http import Request, Response
 
-__all__ = ["DurableObject", "Env", "load_spec"]
+__all__ = ["DurableObject", "Env", "load_spec", "load_class", "load_function"]
 
 
 class DurableObject:
@@ -56,3 +56,19 @@ def load_spec(spec: str, what: str, example: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r} ({what} {spec!r})") from None
+
+
+def load_class(spec: str) -> type:
+    """Import ``module:Class`` (a namespace's class); ``ValueError`` says what is wrong."""
+    obj = load_spec(spec, "class", "package.module:ClassName")
+    if not isinstance(obj, type):
+        raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a class")
+    return obj
+
+
+def load_function(spec: str) -> Any:
+    """Import ``module:fetch`` (the gateway's Worker); ``ValueError`` says what is wrong."""
+    fn = load_spec(spec, "worker", "package.module:fetch")
+    if not callable(fn):
+        raise ValueError(f"worker {spec!r} is a {type(fn).__name__}, not a function")
+    return fn

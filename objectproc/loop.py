@@ -38,7 +38,7 @@ from durable.errors import (
 )
 from durable.http import Response
 from durable.ids import IdFactory, load_or_create_secret, namespace_key
-from durable.objects import Env, load_spec
+from durable.objects import Env, load_class
 from durable.protocol.heartbeat import Liveness
 from durable.protocol.messages import (
     Beat,
@@ -51,7 +51,6 @@ from durable.protocol.messages import (
     WorkerReply,
     decode_request,
     encode_response,
-    error_payload,
     parse_from_broker_to_worker,
 )
 from durable.transport import LoopSocket
@@ -61,7 +60,7 @@ from .cpulimit import CpuWatch
 from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
 from .storage.slot import object_key
 
-__all__ = ["ObjectProcess", "ObjectProcessConfig", "load_class"]
+__all__ = ["ObjectProcess", "ObjectProcessConfig"]
 
 log = logging.getLogger("durable.objectproc")
 
@@ -102,14 +101,6 @@ def _task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> 
     if act is not None and act.phase in (Phase.ACTIVE, Phase.BLOCKED):
         act.adopt(task)
     return task
-
-
-def load_class(spec: str) -> type:
-    """Import ``module:Class``; raise ``ValueError`` saying what is wrong and how to fix it."""
-    obj = load_spec(spec, "class", "package.module:ClassName")
-    if not isinstance(obj, type):
-        raise ValueError(f"{spec!r} is a {type(obj).__name__}, not a class")
-    return obj
 
 
 @dataclass
@@ -285,10 +276,10 @@ class ObjectProcess:
         client, call_id, size = call.client, call.call_id, len(call.body)
         if size and self._in_flight and self._inflight_bytes + size > self.config.max_inflight_bytes:
             self.counters["overloaded"] = self.counters.get("overloaded", 0) + 1
-            self._send(WorkerError(client, call_id, error_payload(OverloadedError(
+            self._send(WorkerError.of(client, call_id, OverloadedError(
                 f"slot {self.config.slot} holds {self._inflight_bytes >> 20} MiB of call bodies "
                 f"(max_inflight_mb = {self.config.max_inflight_bytes >> 20}); retry shortly"
-            ))).encode())
+            )).encode())
             return
         self._in_flight += 1
         self._inflight_bytes += size
@@ -306,8 +297,8 @@ class ObjectProcess:
                     self._send(frames)
                     return
             self.counters["errors"] += 1
-            self._send(WorkerError(client, call_id, error_payload(
-                error, getattr(error, "remote_traceback", None))).encode())
+            self._send(WorkerError.of(client, call_id, error,
+                                      getattr(error, "remote_traceback", None)).encode())
 
         try:
             request = decode_request(call.head, call.body)

@@ -45,7 +45,7 @@ def junk_messages(rng: random.Random, oid: str) -> list[list[bytes]]:
         m.Ping().encode(), m.Hello(1, "f").encode(), m.Stats(5).encode(),
         m.WorkerReply(b"Fnobody", rng.getrandbits(40), b"[200,[]]", b"x").encode(),
         m.WorkerHeartbeat({"active": 1}).encode(),
-        m.WorkerError(b"Fnobody", 3, b'{"code":"x","message":"y"}').encode(),
+        m.WorkerError(b"Fnobody", 3, "x", "y").encode(),
     ]
     out = []
     for _ in range(64):
@@ -56,7 +56,7 @@ def junk_messages(rng: random.Random, oid: str) -> list[list[bytes]]:
             msg = rng.choice(valid)
             out.append(msg[:rng.randint(1, max(1, len(msg) - 1))] if len(msg) > 1 else [msg[0][:2]])
         elif kind == 2:  # a valid header, wrong types in the body
-            hdr = bytes((0x44, 1, rng.choice([c.value for c in m.Cmd])))
+            hdr = m.header(rng.choice(list(m.Cmd)))
             body = orjson.dumps(rng.choice([[], {}, [1, "a", None], {"slot": "x"}, "s", 1.5]))
             out.append([hdr, body, b"", os.urandom(3)][: rng.randint(1, 4)])
         elif kind == 3:  # replayed valid messages (stray, or from a peer nobody knows)
@@ -64,7 +64,7 @@ def junk_messages(rng: random.Random, oid: str) -> list[list[bytes]]:
         elif kind == 4:  # tiny frames
             out.append([b""] if rng.random() < 0.5 else [bytes([rng.randrange(256)])])
         else:  # a wrong protocol version
-            out.append([bytes((0x44, rng.randrange(2, 255), 0x02)), b"[1,2,3,4,5]", b"", b""])
+            out.append([bytes((0x44, rng.choice([1, *range(m.VERSION + 1, 255)]), 0x02)), b"[1,2,3,4,5]", b"", b""])
     return out
 
 
@@ -110,7 +110,7 @@ def send_zmq_junk(endpoint: str, frames: int, rng: random.Random, oid: str) -> i
             sent += 1
         if rng.random() < 0.002:  # now and then a message over the size limit: the peer is cut off
             try:
-                sock.send_multipart([b"D\x01\x02", b"x" * (65 << 20)], zmq.NOBLOCK)
+                sock.send_multipart([m.header(m.Cmd.CALL), b"x" * (65 << 20)], zmq.NOBLOCK)
             except zmq.Again:
                 pass
             sent += 1

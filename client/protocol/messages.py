@@ -4,49 +4,55 @@ Every message is a ZeroMQ multipart message (the ROUTER's identity frame is
 stripped before parsing and added after encoding). Frame 0 is the header:
 ``b"D"``, the protocol version byte, the command byte. Small structured parts
 are orjson; request and response bodies travel as their own frames, which
-the broker forwards without decoding.
+the broker forwards without decoding. A call id is always a frame of its own
+(``u64``: 8 bytes little-endian), so the broker routes replies without JSON.
 
-Client → broker (frontend)::
+Each message class below carries its layout once: ``CMD``, ``encode()`` and
+``decode(frames)`` side by side. ``parse(frames, DIRECTION)`` checks the
+header and the frame count, and looks the class up in that direction's
+``{Cmd: class}`` table; anything malformed is a ``ProtocolError``.
+
+Client → broker (``FROM_CLIENT``)::
 
     HELLO   [hdr, {"pid": int, "name": str}]
-    CALL    [hdr, [call_id, stub_id, namespace, object_id, timeout_ms(, name)], request_head, body]
+    CALL    [hdr, call_id, [stub_id, namespace, object_id, timeout_ms(, name)], request_head, body]
     PING    [hdr]
     DROP    [hdr, [stub_id, ...]]              stubs the client no longer holds
-    STATS   [hdr, call_id(u64)]
+    STATS   [hdr, call_id]
 
-Broker → client::
+Broker → client (``TO_CLIENT``)::
 
     WELCOME     [hdr, {"broker": incarnation, "namespaces": {name: key_hex}}]
-    REPLY       [hdr, call_id(u64), response_head, body]
-    ERROR       [hdr, call_id(u64), {"code", "message", "remote_type"(, "traceback")}]
+    REPLY       [hdr, call_id, response_head, body]
+    ERROR       [hdr, call_id, {"code", "message", "remote_type"(, "traceback")}]
     PONG        [hdr, broker incarnation(u64)]
     DISCONNECT  [hdr, reason]                  "I do not know you: send HELLO"
-    STATS_REPLY [hdr, call_id(u64), {...}]
+    STATS_REPLY [hdr, call_id, {...}]
 
-Object process → broker (backend)::
+Object process → broker (``FROM_WORKER``)::
 
-    READY      [hdr, {"slot": int, "pid": int, "incarnation": int}]
-    WREPLY     [hdr, client, call_id(u64), response_head, body]
-    WERROR     [hdr, client, call_id(u64), {"code", "message", "remote_type"}]
+    READY      [hdr, {"protocol": VERSION, "slot": int, "pid": int, "incarnation": int}]
+    WREPLY     [hdr, client, call_id, response_head, body]
+    WERROR     [hdr, client, call_id, {"code", "message", "remote_type"(, "traceback")}]
     WHEARTBEAT [hdr, {"active": int, "queued": int, ...}]
     WBEAT      [hdr, slot(u64), incarnation(u64)]  from the process's heartbeat thread, on
                                                    a socket of its own: alive even while
                                                    its loop runs a long call
 
-Broker → object process::
+Broker → object process (``TO_WORKER``)::
 
-    WCALL       [hdr, client, [call_id, namespace, object_id(, name)], request_head, body]
-    WHEARTBEAT  [hdr, {}]
+    WCALL       [hdr, client, call_id, [namespace, object_id(, name)], request_head, body]
+    BHEARTBEAT  [hdr]
     WDISCONNECT [hdr, reason]                  "register again (READY)"
 
-Supervisor → broker (a PUSH to the broker's PULL control socket, in the 0700 run dir)::
+Supervisor → broker (``CONTROL``; a PUSH to the broker's PULL socket in the 0700 run dir)::
 
     CONTROL [hdr, {"op": "slot_down", "slot": int, "pid": int}]   the process exited: end it now
+    CONTROL [hdr, {"op": "slot_failed", "slot", "pid", "reason"}]  down until an operator acts
     CONTROL [hdr, {"op": "drain"}]                                refuse new calls (stopping)
 
 ``request_head`` is ``[method, url, [[name, value], ...]]`` and
-``response_head`` is ``[status, [[name, value], ...]]``. ``u64`` fields are 8
-bytes little-endian, so the broker can route replies without JSON.
+``response_head`` is ``[status, [[name, value], ...]]``.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -62,15 +68,17 @@ from ..errors import DurableError, ProtocolError
 from ..http import Request, Response
 
 __all__ = [
-    "VERSION", "Cmd", "Hello", "Call", "Ping", "Drop", "Stats", "Welcome", "Reply", "Error",
-    "Pong", "Disconnect", "StatsReply", "Ready", "WorkerReply", "WorkerError",
-    "WorkerHeartbeat", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect", "Beat",
+    "VERSION", "Cmd", "Message", "Hello", "Call", "Ping", "Drop", "Stats", "Welcome", "Reply",
+    "Error", "Pong", "Disconnect", "StatsReply", "Ready", "WorkerReply", "WorkerError",
+    "WorkerHeartbeat", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect", "Beat", "Control",
+    "FROM_CLIENT", "TO_CLIENT", "FROM_WORKER", "TO_WORKER", "CONTROL", "parse",
     "parse_from_client", "parse_from_broker_to_client", "parse_from_worker",
-    "parse_from_broker_to_worker", "encode_request", "decode_request", "encode_response",
-    "decode_response", "error_payload", "pack_u64", "unpack_u64", "Control", "parse_control",
+    "parse_from_broker_to_worker", "parse_control", "encode_request", "decode_request",
+    "encode_response", "decode_response", "error_fields", "header", "pack_u64", "unpack_u64",
 ]
 
-VERSION = 1
+#: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
+VERSION = 2
 _U64 = struct.Struct("<Q")
 MAX_NAME = 256
 
@@ -122,6 +130,13 @@ def _json(frame: bytes, what: str) -> Any:
         raise ProtocolError(f"{what} is not valid JSON: {e}") from None
 
 
+def _obj(frame: bytes, what: str) -> dict[str, Any]:
+    v = _json(frame, what)
+    if type(v) is not dict:
+        raise ProtocolError(f"{what} must be a JSON object")
+    return v
+
+
 def _int(v: Any, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
     if type(v) is not int or not lo <= v <= hi:
         raise ProtocolError(f"{what} must be an integer in [{lo}, {hi}], got {v!r:.40}")
@@ -134,28 +149,14 @@ def _str(v: Any, what: str, limit: int = MAX_NAME) -> str:
     return v
 
 
-def _frames(frames: list[bytes], n: int, name: str) -> None:
-    if len(frames) != n:
-        raise ProtocolError(f"{name} has {len(frames)} frames, expected {n}")
+def _name(v: Any) -> str:
+    if type(v) is not str or len(v) > 4096:
+        raise ProtocolError("an object name must be a str of at most 4096 characters")
+    return v
 
 
-_CMDS = {c.value: c for c in Cmd}
-
-
-def _cmd(frames: list[bytes], allowed: frozenset[Cmd], side: str) -> Cmd:
-    if not frames:
-        raise ProtocolError("empty message")
-    h = frames[0]
-    if len(h) != 3 or h[0] != 0x44:
-        raise ProtocolError(f"bad header {bytes(h[:8])!r}")
-    if h[1] != VERSION:
-        raise ProtocolError(f"protocol version {h[1]} is not supported (this side speaks {VERSION})")
-    cmd = _CMDS.get(h[2])  # (a dict lookup: Cmd(value) goes through the enum machinery, ~1 µs)
-    if cmd is None:
-        raise ProtocolError(f"unknown command {h[2]:#x}")
-    if cmd not in allowed:
-        raise ProtocolError(f"command {cmd.name} is not valid {side}")
-    return cmd
+def _text(frame: bytes) -> str:
+    return bytes(frame).decode("utf-8", "replace")
 
 
 # -- request and response heads -------------------------------------------------------
@@ -187,122 +188,161 @@ def decode_response(head: bytes, body: bytes) -> Response:
         raise ProtocolError(f"bad response head: {e}") from None
 
 
-def error_payload(err: BaseException, traceback: str | None = None) -> bytes:
-    """The ERROR payload for an exception: its wire code, message and type name."""
+# -- errors ---------------------------------------------------------------------------
+def error_fields(err: BaseException) -> tuple[str, str, str]:
+    """(wire code, message, type name) for an exception: a DurableError's own ``code``,
+    ``object_error`` for anything else."""
     if isinstance(err, DurableError):
-        remote = getattr(err, "remote_type", type(err).__name__)
-        message = getattr(err, "remote_message", str(err))
-        out = {"code": err.code, "message": message, "remote_type": remote}
-    else:
-        out = {"code": "object_error", "message": str(err), "remote_type": type(err).__name__}
-    if traceback is not None:
-        out["traceback"] = traceback
-    return orjson.dumps(out)
+        return (err.code, getattr(err, "remote_message", str(err)),
+                getattr(err, "remote_type", type(err).__name__))
+    return "object_error", str(err), type(err).__name__
 
 
-def _error_fields(frame: bytes) -> tuple[str, str, str | None, str | None]:
-    e = _json(frame, "error payload")
-    if type(e) is not dict or type(e.get("code")) is not str or type(e.get("message")) is not str:
+def _encode_error(code: str, message: str, remote_type: str | None, tb: str | None) -> bytes:
+    body = {"code": code, "message": message, "remote_type": remote_type}
+    if tb is not None:
+        body["traceback"] = tb
+    return orjson.dumps(body)
+
+
+def _decode_error(frame: bytes) -> tuple[str, str, str | None, str | None]:
+    e = _obj(frame, "error payload")
+    if type(e.get("code")) is not str or type(e.get("message")) is not str:
         raise ProtocolError("error payload must be {code: str, message: str}")
     rt, tb = e.get("remote_type"), e.get("traceback")
     return e["code"], e["message"], rt if type(rt) is str else None, tb if type(tb) is str else None
 
 
-# -- client <-> broker ----------------------------------------------------------------
+# -- the messages ---------------------------------------------------------------------
+class Message:
+    """A wire message: ``CMD``, ``FRAMES`` (the count ``parse`` checks), ``encode`` and
+    ``decode`` (given frames whose header and count are already checked)."""
+
+    __slots__ = ()
+    CMD: ClassVar[Cmd]
+    FRAMES: ClassVar[int]
+
+    def encode(self) -> list[bytes]:
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Message:
+        raise NotImplementedError
+
+
 @dataclass(slots=True)
-class Hello:
+class Hello(Message):
+    CMD: ClassVar[Cmd] = Cmd.HELLO
+    FRAMES: ClassVar[int] = 2
     pid: int
     name: str
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.HELLO), orjson.dumps({"pid": self.pid, "name": self.name})]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Hello:
+        h = _obj(frames[1], "HELLO body")
+        return cls(_int(h.get("pid"), "pid"), _str(h.get("name", "client"), "name"))
+
 
 @dataclass(slots=True)
-class Call:
+class Call(Message):
+    CMD: ClassVar[Cmd] = Cmd.CALL
+    FRAMES: ClassVar[int] = 5
     call_id: int
     stub_id: int
     namespace: str
     object_id: str
-    timeout_ms: int
+    timeout_ms: int  # the broker fails the call with ``timeout`` past it
     head: bytes
     body: bytes
     name: str | None = None  # the name the id was derived from (id_from_name), if any
 
     def encode(self) -> list[bytes]:
-        m = [self.call_id, self.stub_id, self.namespace, self.object_id, self.timeout_ms]
+        m = [self.stub_id, self.namespace, self.object_id, self.timeout_ms]
         if self.name is not None:
             m.append(self.name)
-        return [header(Cmd.CALL), orjson.dumps(m), self.head, self.body]
+        return [header(Cmd.CALL), pack_u64(self.call_id), orjson.dumps(m), self.head, self.body]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Call:
+        m = _json(frames[2], "CALL meta")
+        if type(m) is not list or len(m) not in (4, 5):
+            raise ProtocolError("CALL meta must be [stub_id, namespace, object_id, timeout_ms(, name)]")
+        return cls(unpack_u64(frames[1], "call_id"), _int(m[0], "stub_id"),
+                   _str(m[1], "namespace"), _str(m[2], "object_id"),
+                   _int(m[3], "timeout_ms", 0, 2**31), frames[3], frames[4],
+                   _name(m[4]) if len(m) == 5 else None)
 
 
 @dataclass(slots=True)
-class Ping:
+class Ping(Message):
+    CMD: ClassVar[Cmd] = Cmd.PING
+    FRAMES: ClassVar[int] = 1
+
     def encode(self) -> list[bytes]:
         return [header(Cmd.PING)]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Ping:
+        return cls()
+
 
 @dataclass(slots=True)
-class Drop:
+class Drop(Message):
+    CMD: ClassVar[Cmd] = Cmd.DROP
+    FRAMES: ClassVar[int] = 2
     stub_ids: list[int]
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.DROP), orjson.dumps(self.stub_ids)]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Drop:
+        ids = _json(frames[1], "DROP body")
+        if type(ids) is not list or len(ids) > 100_000:
+            raise ProtocolError("DROP body must be a list of at most 100,000 stub ids")
+        return cls([_int(i, "stub_id") for i in ids])
+
 
 @dataclass(slots=True)
-class Stats:
+class Stats(Message):
+    CMD: ClassVar[Cmd] = Cmd.STATS
+    FRAMES: ClassVar[int] = 2
     call_id: int
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.STATS), pack_u64(self.call_id)]
 
-
-_FROM_CLIENT = frozenset({Cmd.HELLO, Cmd.CALL, Cmd.PING, Cmd.DROP, Cmd.STATS})
-
-
-def parse_from_client(frames: list[bytes]) -> Hello | Call | Ping | Drop | Stats:
-    """Parse what a client sent the broker; raise ProtocolError for anything malformed."""
-    cmd = _cmd(frames, _FROM_CLIENT, "from a client")
-    if cmd is Cmd.CALL:
-        _frames(frames, 4, "CALL")
-        m = _json(frames[1], "CALL meta")
-        if type(m) is not list or len(m) not in (5, 6):
-            raise ProtocolError("CALL meta must be [call_id, stub_id, namespace, object_id, "
-                                "timeout_ms(, name)]")
-        return Call(_int(m[0], "call_id"), _int(m[1], "stub_id"), _str(m[2], "namespace"),
-                    _str(m[3], "object_id"), _int(m[4], "timeout_ms", 0, 2**31),
-                    frames[2], frames[3], _name(m[5]) if len(m) == 6 else None)
-    if cmd is Cmd.PING:
-        _frames(frames, 1, "PING")
-        return Ping()
-    if cmd is Cmd.HELLO:
-        _frames(frames, 2, "HELLO")
-        h = _json(frames[1], "HELLO body")
-        if type(h) is not dict:
-            raise ProtocolError("HELLO body must be an object")
-        return Hello(_int(h.get("pid"), "pid"), _str(h.get("name", "client"), "name"))
-    if cmd is Cmd.DROP:
-        _frames(frames, 2, "DROP")
-        ids = _json(frames[1], "DROP body")
-        if type(ids) is not list or len(ids) > 100_000:
-            raise ProtocolError("DROP body must be a list of stub ids")
-        return Drop([_int(i, "stub_id") for i in ids])
-    _frames(frames, 2, "STATS")
-    return Stats(unpack_u64(frames[1], "call_id"))
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Stats:
+        return cls(unpack_u64(frames[1], "call_id"))
 
 
 @dataclass(slots=True)
-class Welcome:
+class Welcome(Message):
+    CMD: ClassVar[Cmd] = Cmd.WELCOME
+    FRAMES: ClassVar[int] = 2
     broker: int
     namespaces: dict[str, str]
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.WELCOME), orjson.dumps({"broker": self.broker, "namespaces": self.namespaces})]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Welcome:
+        w = _obj(frames[1], "WELCOME body")
+        if type(w.get("namespaces")) is not dict:
+            raise ProtocolError("WELCOME body must hold namespaces")
+        ns = {_str(k, "namespace"): _str(v, "namespace key") for k, v in w["namespaces"].items()}
+        return cls(_int(w.get("broker"), "broker incarnation"), ns)
+
 
 @dataclass(slots=True)
-class Reply:
+class Reply(Message):
+    CMD: ClassVar[Cmd] = Cmd.REPLY
+    FRAMES: ClassVar[int] = 4
     call_id: int
     head: bytes
     body: bytes
@@ -310,81 +350,77 @@ class Reply:
     def encode(self) -> list[bytes]:
         return [header(Cmd.REPLY), pack_u64(self.call_id), self.head, self.body]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Reply:
+        return cls(unpack_u64(frames[1], "call_id"), frames[2], frames[3])
+
 
 @dataclass(slots=True)
-class Error:
+class Error(Message):
+    CMD: ClassVar[Cmd] = Cmd.ERROR
+    FRAMES: ClassVar[int] = 3
     call_id: int
-    code: str
+    code: str  # an error class's ``code`` (errors.py); error_from_wire rebuilds the class
     message: str
     remote_type: str | None = None
     traceback: str | None = None
 
     def encode(self) -> list[bytes]:
-        body = {"code": self.code, "message": self.message, "remote_type": self.remote_type}
-        if self.traceback is not None:
-            body["traceback"] = self.traceback
-        return [header(Cmd.ERROR), pack_u64(self.call_id), orjson.dumps(body)]
+        return [header(Cmd.ERROR), pack_u64(self.call_id),
+                _encode_error(self.code, self.message, self.remote_type, self.traceback)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Error:
+        return cls(unpack_u64(frames[1], "call_id"), *_decode_error(frames[2]))
 
 
 @dataclass(slots=True)
-class Pong:
+class Pong(Message):
+    CMD: ClassVar[Cmd] = Cmd.PONG
+    FRAMES: ClassVar[int] = 2
     broker: int
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.PONG), pack_u64(self.broker)]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Pong:
+        return cls(unpack_u64(frames[1], "broker incarnation"))
+
 
 @dataclass(slots=True)
-class Disconnect:
+class Disconnect(Message):
+    CMD: ClassVar[Cmd] = Cmd.DISCONNECT
+    FRAMES: ClassVar[int] = 2
     reason: str
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.DISCONNECT), self.reason.encode()]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Disconnect:
+        return cls(_text(frames[1]))
+
 
 @dataclass(slots=True)
-class StatsReply:
+class StatsReply(Message):
+    CMD: ClassVar[Cmd] = Cmd.STATS_REPLY
+    FRAMES: ClassVar[int] = 3
     call_id: int
     stats: dict[str, Any]
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.STATS_REPLY), pack_u64(self.call_id), orjson.dumps(self.stats)]
 
-
-_TO_CLIENT = frozenset({Cmd.WELCOME, Cmd.REPLY, Cmd.ERROR, Cmd.PONG, Cmd.DISCONNECT, Cmd.STATS_REPLY})
-
-
-def parse_from_broker_to_client(frames: list[bytes]) -> Welcome | Reply | Error | Pong | Disconnect | StatsReply:
-    cmd = _cmd(frames, _TO_CLIENT, "to a client")
-    if cmd is Cmd.REPLY:
-        _frames(frames, 4, "REPLY")
-        return Reply(unpack_u64(frames[1], "call_id"), frames[2], frames[3])
-    if cmd is Cmd.ERROR:
-        _frames(frames, 3, "ERROR")
-        return Error(unpack_u64(frames[1], "call_id"), *_error_fields(frames[2]))
-    if cmd is Cmd.PONG:
-        _frames(frames, 2, "PONG")
-        return Pong(unpack_u64(frames[1], "broker incarnation"))
-    if cmd is Cmd.WELCOME:
-        _frames(frames, 2, "WELCOME")
-        w = _json(frames[1], "WELCOME body")
-        if type(w) is not dict or type(w.get("namespaces")) is not dict:
-            raise ProtocolError("WELCOME body must hold namespaces")
-        ns = {_str(k, "namespace"): _str(v, "namespace key") for k, v in w["namespaces"].items()}
-        return Welcome(_int(w.get("broker"), "broker incarnation"), ns)
-    if cmd is Cmd.DISCONNECT:
-        _frames(frames, 2, "DISCONNECT")
-        return Disconnect(bytes(frames[1]).decode("utf-8", "replace"))
-    _frames(frames, 3, "STATS_REPLY")
-    s = _json(frames[2], "STATS_REPLY body")
-    if type(s) is not dict:
-        raise ProtocolError("STATS_REPLY body must be an object")
-    return StatsReply(unpack_u64(frames[1], "call_id"), s)
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> StatsReply:
+        return cls(unpack_u64(frames[1], "call_id"), _obj(frames[2], "STATS_REPLY body"))
 
 
-# -- object process <-> broker ----------------------------------------------------------
 @dataclass(slots=True)
-class Ready:
+class Ready(Message):
+    CMD: ClassVar[Cmd] = Cmd.READY
+    FRAMES: ClassVar[int] = 2
     slot: int
     pid: int
     incarnation: int
@@ -393,9 +429,19 @@ class Ready:
         return [header(Cmd.READY), orjson.dumps({"protocol": VERSION, "slot": self.slot,
                                                  "pid": self.pid, "incarnation": self.incarnation})]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Ready:
+        r = _obj(frames[1], "READY body")
+        if r.get("protocol") != VERSION:
+            raise ProtocolError(f"READY speaks protocol {r.get('protocol')!r}; this broker speaks {VERSION}")
+        return cls(_int(r.get("slot"), "slot", 0, 65535), _int(r.get("pid"), "pid"),
+                   _int(r.get("incarnation"), "incarnation", 1))
+
 
 @dataclass(slots=True)
-class WorkerReply:
+class WorkerReply(Message):
+    CMD: ClassVar[Cmd] = Cmd.WREPLY
+    FRAMES: ClassVar[int] = 5
     client: bytes
     call_id: int
     head: bytes
@@ -404,75 +450,75 @@ class WorkerReply:
     def encode(self) -> list[bytes]:
         return [header(Cmd.WREPLY), self.client, pack_u64(self.call_id), self.head, self.body]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> WorkerReply:
+        return cls(frames[1], unpack_u64(frames[2], "call_id"), frames[3], frames[4])
+
 
 @dataclass(slots=True)
-class WorkerError:
+class WorkerError(Message):
+    CMD: ClassVar[Cmd] = Cmd.WERROR
+    FRAMES: ClassVar[int] = 4
     client: bytes
     call_id: int
-    payload: bytes  # {"code", "message", "remote_type"}, forwarded as is
+    code: str
+    message: str
+    remote_type: str | None = None
+    traceback: str | None = None
+
+    @classmethod
+    def of(cls, client: bytes, call_id: int, err: BaseException,
+           traceback: str | None = None) -> WorkerError:
+        """The error an object process answers for ``err`` (see ``error_fields``)."""
+        return cls(client, call_id, *error_fields(err), traceback)
 
     def encode(self) -> list[bytes]:
-        return [header(Cmd.WERROR), self.client, pack_u64(self.call_id), self.payload]
+        return [header(Cmd.WERROR), self.client, pack_u64(self.call_id),
+                _encode_error(self.code, self.message, self.remote_type, self.traceback)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> WorkerError:
+        return cls(frames[1], unpack_u64(frames[2], "call_id"), *_decode_error(frames[3]))
+
+    def to_client(self) -> Error:
+        return Error(self.call_id, self.code, self.message, self.remote_type, self.traceback)
 
 
 @dataclass(slots=True)
-class WorkerHeartbeat:
+class WorkerHeartbeat(Message):
+    CMD: ClassVar[Cmd] = Cmd.WHEARTBEAT
+    FRAMES: ClassVar[int] = 2
     stats: dict[str, Any]
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.WHEARTBEAT), orjson.dumps(self.stats)]
 
-
-_FROM_WORKER = frozenset({Cmd.READY, Cmd.WREPLY, Cmd.WERROR, Cmd.WHEARTBEAT, Cmd.WBEAT})
-
-
-def parse_from_worker(frames: list[bytes]) -> Ready | WorkerReply | WorkerError | WorkerHeartbeat | Beat:
-    cmd = _cmd(frames, _FROM_WORKER, "from an object process")
-    if cmd is Cmd.WBEAT:
-        _frames(frames, 3, "WBEAT")
-        return Beat(unpack_u64(frames[1], "slot"), unpack_u64(frames[2], "incarnation"))
-    if cmd is Cmd.WREPLY:
-        _frames(frames, 5, "WREPLY")
-        return WorkerReply(frames[1], unpack_u64(frames[2], "call_id"), frames[3], frames[4])
-    if cmd is Cmd.WERROR:
-        _frames(frames, 4, "WERROR")
-        _error_fields(frames[3])
-        return WorkerError(frames[1], unpack_u64(frames[2], "call_id"), frames[3])
-    if cmd is Cmd.WHEARTBEAT:
-        _frames(frames, 2, "WHEARTBEAT")
-        s = _json(frames[1], "WHEARTBEAT body")
-        if type(s) is not dict:
-            raise ProtocolError("WHEARTBEAT body must be an object")
-        return WorkerHeartbeat(s)
-    _frames(frames, 2, "READY")
-    r = _json(frames[1], "READY body")
-    if type(r) is not dict:
-        raise ProtocolError("READY body must be an object")
-    if r.get("protocol") != VERSION:
-        raise ProtocolError(f"READY speaks protocol {r.get('protocol')!r}; this broker speaks {VERSION}")
-    return Ready(_int(r.get("slot"), "slot", 0, 65535), _int(r.get("pid"), "pid"),
-                 _int(r.get("incarnation"), "incarnation", 1))
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> WorkerHeartbeat:
+        return cls(_obj(frames[1], "WHEARTBEAT body"))
 
 
 @dataclass(slots=True)
-class Beat:
+class Beat(Message):
     """An object process's heartbeat thread: this slot's incarnation is alive."""
 
+    CMD: ClassVar[Cmd] = Cmd.WBEAT
+    FRAMES: ClassVar[int] = 3
     slot: int
     incarnation: int
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.WBEAT), pack_u64(self.slot), pack_u64(self.incarnation)]
 
-
-def _name(v: object) -> str:
-    if type(v) is not str or len(v) > 4096:
-        raise ProtocolError("an object name must be a str of at most 4096 characters")
-    return v
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Beat:
+        return cls(unpack_u64(frames[1], "slot"), unpack_u64(frames[2], "incarnation"))
 
 
 @dataclass(slots=True)
-class WorkerCall:
+class WorkerCall(Message):
+    CMD: ClassVar[Cmd] = Cmd.WCALL
+    FRAMES: ClassVar[int] = 6
     client: bytes
     call_id: int
     namespace: str
@@ -482,54 +528,61 @@ class WorkerCall:
     name: str | None = None
 
     def encode(self) -> list[bytes]:
-        m = [self.call_id, self.namespace, self.object_id]
+        m = [self.namespace, self.object_id]
         if self.name is not None:
             m.append(self.name)
-        return [header(Cmd.WCALL), self.client, orjson.dumps(m), self.head, self.body]
+        return [header(Cmd.WCALL), self.client, pack_u64(self.call_id), orjson.dumps(m),
+                self.head, self.body]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> WorkerCall:
+        m = _json(frames[3], "WCALL meta")
+        if type(m) is not list or len(m) not in (2, 3):
+            raise ProtocolError("WCALL meta must be [namespace, object_id(, name)]")
+        return cls(frames[1], unpack_u64(frames[2], "call_id"), _str(m[0], "namespace"),
+                   _str(m[1], "object_id"), frames[4], frames[5],
+                   _name(m[2]) if len(m) == 3 else None)
 
 
 @dataclass(slots=True)
-class BrokerHeartbeat:
+class BrokerHeartbeat(Message):
+    CMD: ClassVar[Cmd] = Cmd.BHEARTBEAT
+    FRAMES: ClassVar[int] = 1
+
     def encode(self) -> list[bytes]:
-        return [header(Cmd.BHEARTBEAT), b"{}"]
+        return [header(Cmd.BHEARTBEAT)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> BrokerHeartbeat:
+        return cls()
 
 
 @dataclass(slots=True)
-class WorkerDisconnect:
+class WorkerDisconnect(Message):
+    CMD: ClassVar[Cmd] = Cmd.WDISCONNECT
+    FRAMES: ClassVar[int] = 2
     reason: str
 
     def encode(self) -> list[bytes]:
         return [header(Cmd.WDISCONNECT), self.reason.encode()]
 
-
-_TO_WORKER = frozenset({Cmd.WCALL, Cmd.BHEARTBEAT, Cmd.WDISCONNECT})
-
-
-def parse_from_broker_to_worker(frames: list[bytes]) -> WorkerCall | BrokerHeartbeat | WorkerDisconnect:
-    cmd = _cmd(frames, _TO_WORKER, "to an object process")
-    if cmd is Cmd.WCALL:
-        _frames(frames, 5, "WCALL")
-        m = _json(frames[2], "WCALL meta")
-        if type(m) is not list or len(m) not in (3, 4):
-            raise ProtocolError("WCALL meta must be [call_id, namespace, object_id(, name)]")
-        return WorkerCall(frames[1], _int(m[0], "call_id"), _str(m[1], "namespace"),
-                          _str(m[2], "object_id"), frames[3], frames[4],
-                          _name(m[3]) if len(m) == 4 else None)
-    if cmd is Cmd.BHEARTBEAT:
-        _frames(frames, 2, "WHEARTBEAT")
-        return BrokerHeartbeat()
-    _frames(frames, 2, "WDISCONNECT")
-    return WorkerDisconnect(bytes(frames[1]).decode("utf-8", "replace"))
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> WorkerDisconnect:
+        return cls(_text(frames[1]))
 
 
-# -- supervisor -> broker ---------------------------------------------------------------
+_CONTROL_OPS = ("slot_down", "slot_failed", "drain")
+
+
 @dataclass(slots=True)
-class Control:
+class Control(Message):
     """Supervisor -> broker. ``slot_down``: that process exited; ``slot_failed``: its slot
     will not come back until an operator acts (``reason`` says why; calls fail at once);
     ``drain``: refuse new calls."""
 
-    op: str  # "slot_down", "slot_failed" or "drain"
+    CMD: ClassVar[Cmd] = Cmd.CONTROL
+    FRAMES: ClassVar[int] = 2
+    op: str  # one of _CONTROL_OPS
     slot: int | None = None
     pid: int | None = None
     reason: str | None = None
@@ -542,22 +595,78 @@ class Control:
             body["reason"] = self.reason or ""
         return [header(Cmd.CONTROL), orjson.dumps(body)]
 
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Control:
+        c = _obj(frames[1], "CONTROL body")
+        if c.get("op") not in _CONTROL_OPS:
+            raise ProtocolError("CONTROL body must be {op: 'slot_down' | 'slot_failed' | 'drain', ...}")
+        if c["op"] == "drain":
+            return cls("drain")
+        slot, pid = _int(c.get("slot"), "slot", 0, 65535), _int(c.get("pid"), "pid")
+        if c["op"] == "slot_failed":
+            reason = c.get("reason")
+            if type(reason) is not str:
+                raise ProtocolError("CONTROL slot_failed needs a reason string")
+            return cls("slot_failed", slot, pid, reason[:2000])
+        return cls("slot_down", slot, pid)
 
-_CONTROL_OPS = ("slot_down", "slot_failed", "drain")
+
+# -- one table per direction ----------------------------------------------------------
+class Direction:
+    """The messages valid on one hop: a ``{command byte: class}`` table and its name."""
+
+    __slots__ = ("side", "table")
+
+    def __init__(self, side: str, *classes: type[Message]) -> None:
+        self.side = side
+        self.table = {cls.CMD.value: cls for cls in classes}
+
+
+FROM_CLIENT = Direction("from a client", Hello, Call, Ping, Drop, Stats)
+TO_CLIENT = Direction("to a client", Welcome, Reply, Error, Pong, Disconnect, StatsReply)
+FROM_WORKER = Direction("from an object process", Ready, WorkerReply, WorkerError,
+                        WorkerHeartbeat, Beat)
+TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, WorkerDisconnect)
+CONTROL = Direction("on the control socket", Control)
+_NAMES = {c.value: c.name for c in Cmd}
+
+
+def parse(frames: list[bytes], direction: Direction) -> Any:
+    """The typed message ``frames`` hold; ProtocolError, naming what is wrong, for anything
+    malformed or not valid in ``direction``."""
+    if not frames:
+        raise ProtocolError("empty message")
+    h = frames[0]
+    if len(h) != 3 or h[0] != 0x44:
+        raise ProtocolError(f"bad header {bytes(h[:8])!r}")
+    if h[1] != VERSION:
+        raise ProtocolError(f"protocol version {h[1]} is not supported (this side speaks "
+                            f"{VERSION}): are both ends from the same durable release?")
+    cls = direction.table.get(h[2])
+    if cls is None:
+        what = _NAMES.get(h[2])
+        raise ProtocolError(f"unknown command {h[2]:#x}" if what is None
+                            else f"command {what} is not valid {direction.side}")
+    if len(frames) != cls.FRAMES:
+        raise ProtocolError(f"{cls.CMD.name} has {len(frames)} frames, expected {cls.FRAMES}")
+    return cls.decode(frames)
+
+
+def parse_from_client(frames: list[bytes]) -> Hello | Call | Ping | Drop | Stats:
+    return parse(frames, FROM_CLIENT)
+
+
+def parse_from_broker_to_client(frames: list[bytes]) -> Welcome | Reply | Error | Pong | Disconnect | StatsReply:
+    return parse(frames, TO_CLIENT)
+
+
+def parse_from_worker(frames: list[bytes]) -> Ready | WorkerReply | WorkerError | WorkerHeartbeat | Beat:
+    return parse(frames, FROM_WORKER)
+
+
+def parse_from_broker_to_worker(frames: list[bytes]) -> WorkerCall | BrokerHeartbeat | WorkerDisconnect:
+    return parse(frames, TO_WORKER)
 
 
 def parse_control(frames: list[bytes]) -> Control:
-    _cmd(frames, frozenset({Cmd.CONTROL}), "on the control socket")
-    _frames(frames, 2, "CONTROL")
-    c = _json(frames[1], "CONTROL body")
-    if type(c) is not dict or c.get("op") not in _CONTROL_OPS:
-        raise ProtocolError("CONTROL body must be {op: 'slot_down' | 'slot_failed' | 'drain', ...}")
-    if c["op"] == "drain":
-        return Control("drain")
-    slot, pid = _int(c.get("slot"), "slot", 0, 65535), _int(c.get("pid"), "pid")
-    if c["op"] == "slot_failed":
-        reason = c.get("reason")
-        if type(reason) is not str:
-            raise ProtocolError("CONTROL slot_failed needs a reason string")
-        return Control("slot_failed", slot, pid, reason[:2000])
-    return Control("slot_down", slot, pid)
+    return parse(frames, CONTROL)

@@ -14,6 +14,7 @@ import zmq
 import durable
 from durable.broker.ring import Ring
 from durable.errors import InvalidIdError, ObjectError, StubBrokenError, UnknownNamespaceError
+from durable.protocol.messages import VERSION, Cmd, header, pack_u64
 from tests.integration.cluster import running_cluster
 from tests.integration.procs import wait_for
 
@@ -272,6 +273,11 @@ HOSTILE = [
     [b"D\x01\x22", b"who", b"12345678", b"[200, []]", b""], [b"D\x01\x01", b"not json"],
     [b"D\x01\x04", b"[-1]"], [b"D\x01\x05", b"short"], [b"D\x01\x21", b'{"protocol": 1, "slot": 99, "pid": 1, "incarnation": 1}'],
 ]
+# the same at this release's protocol version (and so parsed past the header), plus its own layouts
+HOSTILE += [[bytes((0x44, VERSION, f[0][2])), *f[1:]] for f in HOSTILE if f[0][:2] == b"D\x01" and len(f[0]) == 3]
+HOSTILE += [[header(Cmd.CALL), pack_u64(1), b'["a", "NS", "x", 5]', b"h", b"b"],
+            [header(Cmd.CALL), b"short", b'[1, "NS", "x", 5]', b"h", b"b"],
+            [header(Cmd.READY), b'{"protocol": %d, "slot": 99, "pid": 1, "incarnation": 1}' % VERSION]]
 
 
 async def test_hostile_input_on_both_broker_sockets(client, cluster):

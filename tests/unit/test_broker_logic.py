@@ -2,8 +2,8 @@
 
 import pytest
 
+from durable.broker.core import BrokerConfig, RouterCore
 from durable.broker.ring import Ring
-from durable.broker.router import Broker, BrokerConfig
 from durable.ids import IdFactory, namespace_key
 from durable.protocol import messages as m
 
@@ -18,25 +18,43 @@ class Clock:
         return self.now
 
 
-class FakeBroker(Broker):
+class FakeBroker:
+    """The routing core with a fake clock, its outbox read back as typed messages.
+
+    Peers in ``unreachable`` fail their sends, as a ROUTER_MANDATORY socket does when
+    the peer is gone; the core hears of it exactly as the socket loop tells it.
+    """
+
     def __init__(self, slots=2, **kw):
         self.clock_ = Clock()
-        super().__init__(BrokerConfig("inproc://f", "inproc://b", slots, {"NS": KEY},
-                                      heartbeat=1.0, misses=3, **kw), clock=self.clock_)
-        self.sent: list[tuple[str, bytes, object]] = []
+        self.core = RouterCore(BrokerConfig("inproc://f", "inproc://b", slots, {"NS": KEY},
+                                            heartbeat=1.0, misses=3, **kw), clock=self.clock_)
         self.unreachable: set[bytes] = set()
-        self.back = object()  # "bound"
 
-    def _send(self, sock, frames, what):
-        ident = frames[0] if what == "worker" else b"F" + frames[0]
-        if ident in self.unreachable:
-            return False
-        parse = m.parse_from_broker_to_client if what == "client" else m.parse_from_broker_to_worker
-        self.sent.append((what, ident, parse(frames[1:])))
-        return True
+    def __getattr__(self, name):  # counters, slots, clients, tick, statistics, ...
+        return getattr(self.core, name)
+
+    def on_client(self, frames, user=None):
+        self.core.client_message(frames[0], frames[1:], user)
+
+    def on_worker(self, frames):
+        self.core.worker_message(frames[0], frames[1:])
+
+    def on_control(self, frames):
+        self.core.control_message(frames[1:])
 
     def take(self):
-        out, self.sent = self.sent, []
+        out, box, i = [], self.core.outbox, 0
+        while i < len(box):
+            to_worker, ident, frames = box[i]
+            i += 1
+            if ident in self.unreachable:
+                if to_worker:
+                    self.core.worker_unreachable(ident)
+                continue
+            parse = m.parse_from_broker_to_worker if to_worker else m.parse_from_broker_to_client
+            out.append(("worker" if to_worker else "client", ident, parse(frames)))
+        box.clear()
         return out
 
 
@@ -103,9 +121,9 @@ def test_unknown_namespace_and_bad_id_are_errors():
 
 
 def test_checked_ids_are_remembered_but_never_vouch_for_other_ids(monkeypatch):
-    import durable.broker.router as router
+    import durable.broker.core as core
 
-    monkeypatch.setattr(router, "_PLACED_MAX", 3)
+    monkeypatch.setattr(core, "_PLACED_MAX", 3)
     b = FakeBroker()
     hello(b)
     ready(b, 0)
@@ -258,8 +276,11 @@ def test_control_drain_refuses_new_calls_but_lets_replies_through():
     assert [type(x[2]) for x in b.take()] == [m.Reply]
 
 
-@pytest.mark.parametrize("frames", [[b"D\x01\x41", b"{}"], [b"D\x01\x41", b'{"op": "slot_down"}'],
-                                    [b"D\x01\x41", b'{"op": "boom"}'], [b"D\x01\x02", b"{}"]])
+H = m.header
+
+
+@pytest.mark.parametrize("frames", [[H(m.Cmd.CONTROL), b"{}"], [H(m.Cmd.CONTROL), b'{"op": "slot_down"}'],
+                                    [H(m.Cmd.CONTROL), b'{"op": "boom"}'], [H(m.Cmd.CALL), b"{}"]])
 def test_malformed_control_messages_are_dropped(frames):
     b = FakeBroker()
     b.on_control([b"", *frames])
@@ -284,8 +305,8 @@ def test_per_client_inflight_limit_gives_overloaded_then_recovers():
 
 def test_curve_clients_get_and_call_only_their_keys_namespaces():
     b = FakeBroker()
-    b.config.curve_secret_key_file = "broker.key_secret"
-    b.permissions = {"keyA": frozenset({"NS"}), "keyB": frozenset()}
+    b.core.config.curve_secret_key_file = "broker.key_secret"
+    b.core.permissions = {"keyA": frozenset({"NS"}), "keyB": frozenset()}
     ready(b, 0)
     b.take()
     welcomes = {}

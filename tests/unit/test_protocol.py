@@ -25,7 +25,8 @@ TO_CLIENT = [
 ]
 FROM_WORKER = [
     m.Ready(0, 42, 99), m.WorkerReply(b"cli", 3, b"[200,[]]", b"x"),
-    m.WorkerError(b"cli", 3, b'{"code":"object_error","message":"m","remote_type":"ValueError"}'),
+    m.WorkerError(b"cli", 3, "object_error", "m", "ValueError"),
+    m.WorkerError(b"cli", 3, "cpu_limit", "m", None, "Traceback ..."),
     m.WorkerHeartbeat({"active": 3}), m.Beat(3, 2**62 + 1),
 ]
 TO_WORKER = [m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b""), m.WorkerDisconnect("again"),
@@ -65,26 +66,30 @@ def test_request_and_response_heads_round_trip():
     assert (back.status, back.headers.get("x"), back.body) == (418, "y", b"hi")
 
 
-def test_error_payload_for_object_and_durable_errors():
-    import orjson
-
+def test_error_fields_for_object_and_durable_errors():
     from durable.errors import OverloadedError
-    assert orjson.loads(m.error_payload(KeyError("k"))) == {
-        "code": "object_error", "message": "'k'", "remote_type": "KeyError"}
-    assert orjson.loads(m.error_payload(OverloadedError("full")))["code"] == "overloaded"
-    assert orjson.loads(m.error_payload(KeyError("k"), "tb"))["traceback"] == "tb"
+    assert m.error_fields(KeyError("k")) == ("object_error", "'k'", "KeyError")
+    assert m.error_fields(OverloadedError("full"))[0] == "overloaded"
+    err = m.WorkerError.of(b"c", 1, KeyError("k"), "tb")
+    assert (err.code, err.traceback) == ("object_error", "tb")
+    assert err.to_client() == m.Error(1, "object_error", "'k'", "KeyError", "tb")
 
 
+H = m.header
+C = m.Cmd
+ID = m.pack_u64(1)
 BAD_FROM_CLIENT = [
-    [], [b""], [b"X\x01\x01"], [b"D\x02\x02"], [b"D\x01\x7f"], [b"D\x01\x11", b"{}"],
-    [b"D\x01\x02"], [b"D\x01\x02", b"x", b"h", b"b"], [b"D\x01\x02", b"[1,2]", b"h", b"b"],
-    [b"D\x01\x02", b'[-1,1,"NS","o",1]', b"h", b"b"], [b"D\x01\x02", b'[1,1,"","o",1]', b"h", b"b"],
-    [b"D\x01\x02", b'[1,1,"NS","o",-5]', b"h", b"b"], [b"D\x01\x02", b'[1.5,1,"NS","o",1]', b"h", b"b"],
-    [b"D\x01\x02", b'[true,1,"NS","o",1]', b"h", b"b"], [b"D\x01\x03", b"extra"],
-    [b"D\x01\x01", b"[]"], [b"D\x01\x01", b'{"pid": "x"}'], [b"D\x01\x04", b'{"a":1}'],
-    [b"D\x01\x04", b'["x"]'], [b"D\x01\x05", b"1234567"], [b"D\x01\x05"],
-    [b"D\x01\x02", b'[1,1,"NS","o",1,7]', b"h", b"b"],  # a name must be a str
-    [b"D\x01\x02", b'[1,1,"NS","o",1,"a",2]', b"h", b"b"],
+    [], [b""], [b"X\x02\x01"], [b"D\x01\x02"],  # bad magic; protocol 1 (an older release)
+    [bytes((0x44, m.VERSION, 0x7F))], [H(C.WELCOME), b"{}"],  # unknown; valid only to a client
+    [H(C.CALL)], [H(C.CALL), ID, b"x", b"h", b"b"], [H(C.CALL), ID, b"[1,2]", b"h", b"b"],
+    [H(C.CALL), ID, b'[-1,"NS","o",1]', b"h", b"b"], [H(C.CALL), ID, b'[1,"","o",1]', b"h", b"b"],
+    [H(C.CALL), ID, b'[1,"NS","o",-5]', b"h", b"b"], [H(C.CALL), ID, b'[1.5,"NS","o",1]', b"h", b"b"],
+    [H(C.CALL), ID, b'[true,"NS","o",1]', b"h", b"b"], [H(C.CALL), b"1234567", b'[1,"NS","o",1]', b"h", b"b"],
+    [H(C.CALL), b'[1,1,"NS","o",1]', b"h", b"b"],  # protocol 1's layout: call id in the meta
+    [H(C.PING), b"extra"], [H(C.HELLO), b"[]"], [H(C.HELLO), b'{"pid": "x"}'], [H(C.DROP), b'{"a":1}'],
+    [H(C.DROP), b'["x"]'], [H(C.STATS), b"1234567"], [H(C.STATS)],
+    [H(C.CALL), ID, b'[1,"NS","o",1,7]', b"h", b"b"],  # a name must be a str
+    [H(C.CALL), ID, b'[1,"NS","o",1,"a",2]', b"h", b"b"],
 ]
 
 
@@ -95,11 +100,12 @@ def test_malformed_client_frames_are_protocol_errors(frames):
 
 
 BAD_FROM_WORKER = [
-    [b"D\x01\x21", b"{}"], [b"D\x01\x21", b'{"protocol": 2, "slot": 0, "pid": 1, "incarnation": 1}'],
-    [b"D\x01\x21", b'{"protocol": 1, "slot": -1, "pid": 1, "incarnation": 1}'],
-    [b"D\x01\x21", b'{"protocol": 1, "slot": 0, "pid": 1, "incarnation": 0}'], [b"D\x01\x21", b"[]"],
-    [b"D\x01\x22", b"c", b"short", b"h", b"b"], [b"D\x01\x22", b"c"],
-    [b"D\x01\x23", b"c", b"12345678", b'{"code": 1}'], [b"D\x01\x24", b"[]"], [b"D\x01\x02", b"x"],
+    [H(C.READY), b"{}"], [H(C.READY), b'{"protocol": 1, "slot": 0, "pid": 1, "incarnation": 1}'],
+    [H(C.READY), b'{"protocol": %d, "slot": -1, "pid": 1, "incarnation": 1}' % m.VERSION],
+    [H(C.READY), b'{"protocol": %d, "slot": 0, "pid": 1, "incarnation": 0}' % m.VERSION],
+    [H(C.READY), b"[]"], [H(C.WREPLY), b"c", b"short", b"h", b"b"], [H(C.WREPLY), b"c"],
+    [H(C.WERROR), b"c", b"12345678", b'{"code": 1}'], [H(C.WHEARTBEAT), b"[]"], [H(C.CALL), b"x"],
+    [H(C.WBEAT), b"12345678", b"1234567"],
 ]
 
 
@@ -110,9 +116,9 @@ def test_malformed_worker_frames_are_protocol_errors(frames):
 
 
 BAD_TO_CLIENT = [
-    [b"D\x01\x12", b"1234567", b"h", b"b"], [b"D\x01\x13", b"12345678", b"[]"],
-    [b"D\x01\x14", b""], [b"D\x01\x11", b'{"broker": 1}'], [b"D\x01\x11", b'{"broker": 1, "namespaces": {"": "x"}}'],
-    [b"D\x01\x16", b"12345678", b"[]"], [b"D\x01\x01", b"{}"], [b"D\x01\x15"],
+    [H(C.REPLY), b"1234567", b"h", b"b"], [H(C.ERROR), b"12345678", b"[]"], [H(C.PONG), b""],
+    [H(C.WELCOME), b'{"broker": 1}'], [H(C.WELCOME), b'{"broker": 1, "namespaces": {"": "x"}}'],
+    [H(C.STATS_REPLY), b"12345678", b"[]"], [H(C.HELLO), b"{}"], [H(C.DISCONNECT)],
 ]
 
 
@@ -123,8 +129,9 @@ def test_malformed_frames_to_client_are_protocol_errors(frames):
 
 
 BAD_TO_WORKER = [
-    [b"D\x01\x31", b"c", b"[1]", b"h", b"b"], [b"D\x01\x31", b"c", b"x", b"h", b"b"],
-    [b"D\x01\x32"], [b"D\x01\x33"], [b"D\x01\x21", b"{}"],
+    [H(C.WCALL), b"c", ID, b'["NS"]', b"h", b"b"], [H(C.WCALL), b"c", ID, b"x", b"h", b"b"],
+    [H(C.WCALL), b"c", b'[1,"NS","o"]', b"h", b"b"],  # protocol 1's layout
+    [H(C.BHEARTBEAT), b"{}"], [H(C.WDISCONNECT)], [H(C.READY), b"{}"],
 ]
 
 
@@ -148,16 +155,15 @@ def test_bad_response_heads(head):
 
 frames_strategy = st.lists(st.one_of(
     st.binary(max_size=40),
-    st.sampled_from([bytes((0x44, 1, c)) for c in m.Cmd] + [b"[]", b"{}", b"[1,2,3,4,5]", b"12345678"]),
+    st.sampled_from([m.header(c) for c in m.Cmd] + [b"[]", b"{}", b"[1,2,3,4,5]", b"12345678"]),
 ), max_size=6)
 
 
 @settings(max_examples=FUZZ_EXAMPLES)
 @given(frames_strategy)
 def test_parsers_raise_only_protocol_errors(frames):
-    for parse in (m.parse_from_client, m.parse_from_worker, m.parse_from_broker_to_client,
-                  m.parse_from_broker_to_worker):
+    for direction in (m.FROM_CLIENT, m.FROM_WORKER, m.TO_CLIENT, m.TO_WORKER, m.CONTROL):
         try:
-            parse(frames)
+            m.parse(frames, direction)
         except ProtocolError:
             pass

@@ -17,7 +17,7 @@ from durable.objectproc.storage.log import (
     scan_segment,
     segment_header,
 )
-from durable.protocol.messages import Control, error_payload, parse_control
+from durable.protocol.messages import Control, WorkerError, parse_control, parse_from_worker
 from durable.supervisor.datadir import DataDirError, open_data_dir, read_identity
 from durable.supervisor.restart_policy import RestartPolicy
 
@@ -36,17 +36,15 @@ def test_disk_full_at_start_is_retried_forever_and_never_counts_as_flapping():
 
 @pytest.mark.parametrize("outcome", ["discarded", "unknown"])
 def test_commit_outcome_survives_the_wire(outcome):
-    import orjson
     err = StorageCommitError("slot 3 could not confirm", outcome=outcome)
-    payload = orjson.loads(error_payload(err))
-    back = error_from_wire(payload["code"], payload["message"], payload["remote_type"])
+    wire = parse_from_worker(WorkerError.of(b"c", 1, err).encode()).to_client()
+    back = error_from_wire(wire.code, wire.message, wire.remote_type)
     assert type(back) is StorageCommitError and back.outcome == outcome
 
 
 def test_storage_full_is_a_discarded_commit_error_that_may_be_retried():
-    import orjson
-    payload = orjson.loads(error_payload(StorageFullError("disk full")))
-    back = error_from_wire(payload["code"], payload["message"])
+    wire = parse_from_worker(WorkerError.of(b"c", 1, StorageFullError("disk full")).encode())
+    back = error_from_wire(wire.code, wire.message)
     assert isinstance(back, StorageFullError) and back.outcome == "discarded" and back.retryable
     with pytest.raises(ValueError, match="outcome"):
         StorageCommitError("x", outcome="maybe")
