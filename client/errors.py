@@ -110,6 +110,12 @@ class TransactionConflictError(StorageError):
     retryable = True
 
 
+class IllegalTransition(DurableError, RuntimeError):
+    """A lifecycle step its transition table does not allow (``durable.fsm``): a bug in durable."""
+
+    code = "illegal_transition"
+
+
 class ProtocolError(DurableError):
     """A peer sent a message that breaks the wire protocol (malformed, truncated, out of order)."""
 

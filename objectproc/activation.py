@@ -44,13 +44,13 @@ from typing import Any
 from durable.client import OUTPUT_GATE
 from durable.errors import (
     CpuLimitError,
-    DurableError,
     ObjectError,
     ObjectEvictedError,
     OverloadedError,
     StorageCommitError,
     StorageCorruptError,
 )
+from durable.fsm import Transitions
 from durable.http import Request, Response
 from durable.ids import ObjectId
 
@@ -80,11 +80,7 @@ class Phase(enum.Enum):
     RESET = "reset"
 
 
-class IllegalTransition(DurableError, RuntimeError):
-    """A lifecycle step the table does not allow: a bug in the object process."""
-
-
-_TRANSITIONS = {
+_TRANSITIONS = Transitions({
     (Phase.ACTIVE, "block"): Phase.BLOCKED,
     (Phase.BLOCKED, "unblock"): Phase.ACTIVE,
     (Phase.ACTIVE, "evict"): Phase.EVICTED,
@@ -93,7 +89,7 @@ _TRANSITIONS = {
     (Phase.BROKEN, "fail"): Phase.BROKEN,
     (Phase.ACTIVE, "reset"): Phase.RESET,
     (Phase.BLOCKED, "reset"): Phase.RESET,
-}
+})
 
 
 class State:
@@ -180,11 +176,8 @@ class Activation:
             await self.storage.sync()
 
     def _step(self, event: str) -> None:
-        nxt = _TRANSITIONS.get((self.phase, event))
-        if nxt is None:
-            raise IllegalTransition(f"activation {self.namespace}/{self.object_id}: "
-                                    f"{event!r} is not allowed in phase {self.phase.value}")
-        self.phase = nxt
+        self.phase = _TRANSITIONS.step(f"activation {self.namespace}/{self.object_id}",
+                                       self.phase, event)
 
     @property
     def busy(self) -> bool:

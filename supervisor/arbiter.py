@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,8 @@ from typing import Any
 import psutil
 import zmq
 
-from durable.objectproc.loop import load_class
+from durable.fsm import Transitions
+from durable.objects import load_class
 from durable.protocol.messages import (
     Control,
     Hello,
@@ -89,7 +90,7 @@ class WatcherState(enum.Enum):
     CORRUPT = "corrupt"  # an object process whose slot's files are damaged; the rest serve on
 
 
-_TRANSITIONS = {
+_TRANSITIONS = Transitions({
     (WatcherState.STOPPED, "start"): WatcherState.RUNNING,
     (WatcherState.BACKOFF, "start"): WatcherState.RUNNING,
     (WatcherState.RUNNING, "exit"): WatcherState.BACKOFF,
@@ -102,7 +103,7 @@ _TRANSITIONS = {
     (WatcherState.STOPPING, "exit"): WatcherState.STOPPED,
     (WatcherState.FAILED, "stop"): WatcherState.FAILED,
     (WatcherState.STOPPED, "stop"): WatcherState.STOPPED,
-}
+})
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -145,10 +146,7 @@ class Watcher:
     hang_timeout: float | None = None  # None: the config's
 
     def step(self, event: str) -> None:
-        nxt = _TRANSITIONS.get((self.state, event))
-        if nxt is None:
-            raise RuntimeError(f"watcher {self.name}: {event!r} is not allowed in state {self.state.value}")
-        self.state = nxt
+        self.state = _TRANSITIONS.step(f"watcher {self.name}", self.state, event)
 
     @property
     def pid(self) -> int | None:
@@ -345,6 +343,15 @@ class Arbiter:
         if moved:
             log.info("moved %d objects to their new slots", moved)
         self._build_watchers()
+        with self._running() as turn:
+            while turn.once():
+                pass
+        return self.exit_code
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[_Turn]:
+        """Signals, the children, the broker probe and control socket; all undone after,
+        and every child killed, whatever happened (nothing runs unowned)."""
         latency = cpu_latency.hold() if self.config.low_latency_idle else None
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
@@ -352,9 +359,6 @@ class Arbiter:
         signal.set_wakeup_fd(wfd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, lambda s, _f: self._signals.append(s))
-        watchdog = systemd.watchdog_interval()
-        next_watchdog = self.clock()
-        next_sample = self.clock()
         self._started = time.time()
         systemd.notify("STATUS=starting the broker and object processes")
         now = self.clock()
@@ -366,44 +370,7 @@ class Arbiter:
         self._control.setsockopt(zmq.SNDHWM, 100)
         self._control.connect(self.control_endpoint)
         try:
-            while True:
-                now = self.clock()
-                due = [w.start_due for w in self.watchers if w.state is WatcherState.BACKOFF]
-                timeout = max(0.0, min([0.2, *[d - now for d in due]]))
-                beats = {w.beat_fd: w for w in self.watchers if w.beat_fd is not None}
-                readable: list[int] = []
-                with contextlib.suppress(InterruptedError):
-                    readable, _, _ = select.select([rfd, *beats], [], [], timeout)
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(rfd, 4096):
-                        pass
-                now = self.clock()
-                for fd in readable:
-                    if fd in beats:
-                        beats[fd].read_beats(now)
-                self._reap()
-                self._check_liveness()
-                if self._handle_signals():
-                    break
-                if self.exit_code:
-                    self._stop(immediate=False)
-                    break
-                self._start_due()
-                corrupt = {w.slot for w in self.watchers if w.state is WatcherState.CORRUPT}
-                gateways_up = all(w.ready for w in self.watchers if w.role == "gateway")
-                if not self._ready and gateways_up and probe.all_slots_up(self.config.slots, corrupt):
-                    self._ready = True
-                    systemd.notify("READY=1")
-                    systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
-                                   f"{self.config.slots} slots at {self.config.frontend()}")
-                    log.info("ready: clients connect to %s%s", self.config.frontend(),
-                             f", HTTP on http://{self.config.http.listen}" if self.config.http else "")
-                if self.clock() >= next_sample:
-                    next_sample = self.clock() + 1.0
-                    self._sample()
-                if watchdog is not None and self._ready and self.clock() >= next_watchdog:
-                    systemd.notify("WATCHDOG=1")
-                    next_watchdog = self.clock() + watchdog
+            yield _Turn(self, rfd, probe)
         finally:
             if latency is not None:
                 latency.close()  # the kernel ends the request (it would at exit anyway)
@@ -414,13 +381,41 @@ class Arbiter:
             signal.set_wakeup_fd(-1)
             os.close(rfd)
             os.close(wfd)
-            for w in self.watchers:  # nothing runs unowned, whatever happened above
+            for w in self.watchers:
                 w.signal(signal.SIGKILL)
                 if w.proc is not None:
                     with contextlib.suppress(Exception):
                         w.proc.wait(timeout=5)
                 w.close_beat()
-        return self.exit_code
+
+    def _wait(self, wakeup_fd: int) -> None:
+        """Sleep until a signal, a child's lifeline, or the next due restart (at most 0.2 s)."""
+        now = self.clock()
+        due = [w.start_due for w in self.watchers if w.state is WatcherState.BACKOFF]
+        timeout = max(0.0, min([0.2, *[d - now for d in due]]))
+        beats = {w.beat_fd: w for w in self.watchers if w.beat_fd is not None}
+        readable: list[int] = []
+        with contextlib.suppress(InterruptedError):
+            readable, _, _ = select.select([wakeup_fd, *beats], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(wakeup_fd, 4096):
+                pass
+        now = self.clock()
+        for fd in readable:
+            if fd in beats:
+                beats[fd].read_beats(now)
+
+    def _announce_ready(self, probe: _Probe) -> None:
+        """READY=1 once every gateway serves and every slot that can be up is registered."""
+        corrupt = {w.slot for w in self.watchers if w.state is WatcherState.CORRUPT}
+        gateways_up = all(w.ready for w in self.watchers if w.role == "gateway")
+        if gateways_up and probe.all_slots_up(self.config.slots, corrupt):
+            self._ready = True
+            systemd.notify("READY=1")
+            systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
+                           f"{self.config.slots} slots at {self.config.frontend()}")
+            log.info("ready: clients connect to %s%s", self.config.frontend(),
+                     f", HTTP on http://{self.config.http.listen}" if self.config.http else "")
 
     def _check_liveness(self) -> None:
         """SIGKILL a child whose loop stopped turning (a hang), or one that outstayed SIGTERM."""
@@ -616,6 +611,40 @@ class Arbiter:
                 time.sleep(0.01)
                 self._reap()
         log.info("stopped")
+
+
+class _Turn:
+    """One turn of the supervisor's loop: wait, reap, watch, restart, report."""
+
+    def __init__(self, arbiter: Arbiter, wakeup_fd: int, probe: _Probe) -> None:
+        self.a = arbiter
+        self.wakeup_fd = wakeup_fd
+        self.probe = probe
+        self.watchdog = systemd.watchdog_interval()
+        self.next_watchdog = self.next_sample = arbiter.clock()
+
+    def once(self) -> bool:
+        """One turn; False when the supervisor is to stop."""
+        a = self.a
+        a._wait(self.wakeup_fd)
+        a._reap()
+        a._check_liveness()
+        if a._handle_signals():
+            return False
+        if a.exit_code:
+            a._stop(immediate=False)
+            return False
+        a._start_due()
+        if not a._ready:
+            a._announce_ready(self.probe)
+        now = a.clock()
+        if now >= self.next_sample:
+            self.next_sample = now + 1.0
+            a._sample()
+        if self.watchdog is not None and a._ready and a.clock() >= self.next_watchdog:
+            systemd.notify("WATCHDOG=1")
+            self.next_watchdog = a.clock() + self.watchdog
+        return True
 
 
 class PortInUse(Exception):

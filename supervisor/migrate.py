@@ -28,7 +28,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import duckdb
 import orjson
 
 from durable.broker.ring import Ring
@@ -140,9 +139,11 @@ def _run(data: Path, old: int, new: int, marker: Path) -> int:
         path = data / f"slot-{i}.duckdb"
         if not path.exists():
             continue
-        con = duckdb.connect(str(path), config={"threads": 1})
-        objs = [bytes(r[0]) for r in con.execute("SELECT DISTINCT obj FROM kv").fetchall()]
-        con.close()
+        store = DuckStore(path)
+        try:
+            objs = store.object_keys()
+        finally:
+            store.close()
         moves: dict[int, list[bytes]] = defaultdict(list)
         for obj in objs:
             j = ring.slot_for(obj.split(b"/", 1)[1].decode())
@@ -152,26 +153,12 @@ def _run(data: Path, old: int, new: int, marker: Path) -> int:
         total += sum(len(v) for v in moves.values())
     progress = _Progress(total)
     for i, moves in plans.items():
-        con = duckdb.connect(str(data / f"slot-{i}.duckdb"), config={"threads": 1})
+        store = DuckStore(data / f"slot-{i}.duckdb")
         try:
             for j, objs in sorted(moves.items()):
-                target = str(data / f"slot-{j}.duckdb").replace("'", "''")
-                con.execute(f"ATTACH '{target}' AS target")
-                try:
-                    for k in range(0, len(objs), BATCH):
-                        batch = objs[k:k + BATCH]
-                        con.execute("BEGIN")
-                        con.execute("INSERT OR REPLACE INTO target.kv SELECT pk, obj, v FROM kv "
-                                    "WHERE obj IN (SELECT unnest($1)) AND v IS NOT NULL", [batch])
-                        con.execute("COMMIT")
-                        con.execute("BEGIN")
-                        con.execute("DELETE FROM kv WHERE obj IN (SELECT unnest($1))", [batch])
-                        con.execute("COMMIT")
-                        progress.step(len(batch))
-                finally:
-                    con.execute("DETACH target")
+                store.move_objects(data / f"slot-{j}.duckdb", objs, batch=BATCH, moved=progress.step)
         finally:
-            con.close()
+            store.close()
     progress.finish()
     for i in existing:
         if i >= new:  # its objects all moved out

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -168,6 +169,32 @@ class DuckStore:
             with contextlib.suppress(duckdb.Error):
                 w.execute("ROLLBACK")
             raise
+
+    # -- moving objects between slot files (migration; nothing else has the files open) --
+    def object_keys(self) -> list[bytes]:
+        """Every object's key (``namespace/id``) that has a row here."""
+        return [bytes(r[0]) for r in self._reader.execute("SELECT DISTINCT obj FROM kv").fetchall()]
+
+    def move_objects(self, target: Path, objs: list[bytes], *, batch: int,
+                     moved: Callable[[int], None] = lambda n: None) -> None:
+        """Move these objects' live rows into the slot file ``target``, a batch of whole
+        objects at a time: copy (committed there) *then* delete here (committed). A crash
+        between the two leaves copies that a rerun overwrites with the same rows."""
+        w = self._writer
+        quoted = str(target).replace("'", "''")  # (ATTACH takes no parameters)
+        w.execute(f"ATTACH '{quoted}' AS target")
+        try:
+            for k in range(0, len(objs), batch):
+                part = objs[k:k + batch]
+                for sql in ("INSERT OR REPLACE INTO target.kv SELECT pk, obj, v FROM kv "
+                            "WHERE obj IN (SELECT unnest($1)) AND v IS NOT NULL",
+                            "DELETE FROM kv WHERE obj IN (SELECT unnest($1))"):
+                    w.execute("BEGIN")
+                    w.execute(sql, [part])
+                    w.execute("COMMIT")
+                moved(len(part))
+        finally:
+            w.execute("DETACH target")
 
     def row_count(self) -> int:
         return self._one("SELECT count(*) FROM kv WHERE v IS NOT NULL")
