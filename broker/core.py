@@ -52,7 +52,7 @@ from durable.errors import (
     UnknownNamespaceError,
 )
 from durable.ids import IdFactory
-from durable.protocol.heartbeat import Liveness
+from durable.protocol.heartbeat import MISSES, Liveness
 from durable.protocol.messages import (
     CONTROL,
     FROM_CLIENT,
@@ -79,6 +79,7 @@ from durable.protocol.messages import (
     WorkerReply,
     parse,
 )
+from durable.supervisor.config import BrokerSettings as _SETTINGS
 
 from .ring import Ring
 
@@ -100,11 +101,12 @@ class BrokerConfig:
     backend: str
     slots: int
     namespaces: dict[str, bytes]  # name -> id key
-    queue_limit: int = 10_000
-    queue_deadline: float = 10.0
-    client_inflight_limit: int = 10_000  # calls one client connection may have in flight
-    heartbeat: float = 1.0
-    misses: int = 5
+    # Defaults come from the daemon's settings (supervisor/config.py), the one place for them.
+    queue_limit: int = _SETTINGS.queue_limit
+    queue_deadline: float = _SETTINGS.queue_deadline
+    client_inflight_limit: int = _SETTINGS.client_inflight_limit
+    heartbeat: float = _SETTINGS.heartbeat
+    misses: int = MISSES
     client_misses: int = 30
     max_message_bytes: int = 64 << 20
     burst: int = 1000

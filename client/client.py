@@ -36,7 +36,7 @@ from .errors import (
 )
 from .http import Request, Response
 from .ids import IdFactory, ObjectId
-from .protocol.heartbeat import Liveness
+from .protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from .protocol.messages import (
     Call,
     Disconnect,
@@ -231,7 +231,7 @@ class Client:
     """A connection to the broker. Use ``async with durable.connect(...) as client``."""
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
-                 heartbeat: float = 1.0, misses: int = 5, name: str = "client",
+                 heartbeat: float = HEARTBEAT, misses: int = MISSES, name: str = "client",
                  namespaces: dict[str, bytes] | None = None,
                  connect_timeout: float = 5.0, server_key: str | None = None,
                  client_key: str | None = None) -> None:

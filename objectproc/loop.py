@@ -39,7 +39,7 @@ from durable.errors import (
 from durable.http import Response
 from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.objects import Env, load_class
-from durable.protocol.heartbeat import Liveness
+from durable.protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from durable.protocol.messages import (
     Beat,
     BrokerHeartbeat,
@@ -53,6 +53,7 @@ from durable.protocol.messages import (
     encode_response,
     parse_from_broker_to_worker,
 )
+from durable.supervisor.config import Config as _SETTINGS
 from durable.transport import LoopSocket
 
 from .activation import CURRENT, Activation, Phase
@@ -110,22 +111,23 @@ class ObjectProcessConfig:
     frontend: str
     data_dir: str
     namespaces: dict[str, str]  # name -> "module:Class"
+    # Defaults come from the daemon's settings (supervisor/config.py), the one place for them.
     vars: dict[str, Any] = field(default_factory=dict)
-    idle_timeout: float = 60.0
-    heartbeat: float = 1.0
-    misses: int = 5
+    idle_timeout: float = _SETTINGS.idle_timeout
+    heartbeat: float = HEARTBEAT
+    misses: int = MISSES
     limits: StorageLimits = field(default_factory=StorageLimits)
-    duckdb_memory_mb: int = 512
+    duckdb_memory_mb: int = _SETTINGS.duckdb_memory_mb
     data_dir_id: str | None = None
-    checkpoint_wal_bytes: int = 8 << 20
-    checkpoint_interval: float = 30.0
+    checkpoint_wal_bytes: int = _SETTINGS.checkpoint_wal_mb << 20
+    checkpoint_interval: float = _SETTINGS.checkpoint_interval
     #: call bodies held at once; past it, calls fail with OverloadedError (one always fits)
-    max_inflight_bytes: int = 256 << 20
+    max_inflight_bytes: int = _SETTINGS.max_inflight_mb << 20
     #: seconds a call may run without yielding (per namespace; default for the others)
     cpu_limits: dict[str, float] = field(default_factory=dict)
-    cpu_limit: float = 30.0
+    cpu_limit: float = _SETTINGS.cpu_limit_ms / 1000
     #: seconds an idle object's own tasks (wait_until, create_task) may run before eviction
-    wait_until_limit: float = 30.0
+    wait_until_limit: float = _SETTINGS.wait_until_limit
     #: send object tracebacks to callers (ObjectError.remote_traceback)
     debug: bool = False
 

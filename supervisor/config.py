@@ -21,6 +21,7 @@ __all__ = ["Config", "BrokerSettings", "HttpSettings", "LimitsSettings", "Config
 
 #: Exit status for "the configuration is wrong; restarting will not help" (sysexits EX_CONFIG).
 from durable.exitcodes import EXIT_CONFIG
+from durable.protocol.heartbeat import HEARTBEAT
 
 DEFAULT_NAMESPACES = {
     "COUNTER": "durable.examples.counter:Counter",
@@ -41,7 +42,7 @@ class BrokerSettings:
     #: where object processes connect; ipc only (default: in the run directory)
     workers_endpoint: str = ""
     #: seconds between heartbeats; a peer is dead after 5 missed
-    heartbeat: float = 1.0
+    heartbeat: float = HEARTBEAT
     #: calls that may wait for a slot with no running process
     queue_limit: int = 10_000
     #: seconds a call waits for such a slot before it fails

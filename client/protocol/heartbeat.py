@@ -10,13 +10,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-__all__ = ["Liveness"]
+__all__ = ["Liveness", "HEARTBEAT", "MISSES"]
+
+#: seconds between heartbeats, and how many missed ones make a peer dead: every side's
+#: default (the daemon's ``broker.heartbeat`` setting overrides the interval)
+HEARTBEAT = 1.0
+MISSES = 5
 
 
 class Liveness:
     __slots__ = ("interval", "misses", "clock", "last_heard", "last_sent")
 
-    def __init__(self, interval: float = 1.0, misses: int = 5,
+    def __init__(self, interval: float = HEARTBEAT, misses: int = MISSES,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if interval <= 0 or misses < 1:
             raise ValueError("interval must be > 0 and misses >= 1")
