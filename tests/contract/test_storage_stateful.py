@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -165,4 +166,13 @@ class EngineMatchesModel(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-TestEngineMatchesModel = EngineMatchesModel.TestCase
+@pytest.mark.slow
+class TestEngineMatchesModel(EngineMatchesModel.TestCase):
+    """The full run (DURABLE_STATEFUL_EXAMPLES, 60 by default)."""
+
+
+class TestEngineMatchesModelQuick(EngineMatchesModel.TestCase):
+    """A short run for the fast subset (``pytest -m "not slow"``)."""
+
+    settings = settings(max_examples=12, stateful_step_count=30, deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow])

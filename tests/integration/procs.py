@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -64,3 +67,32 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
+
+
+async def async_wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+                         interval: float = 0.05,
+                         ignore: tuple[type[BaseException], ...] = ()) -> Any:
+    """``wait_for`` for async tests: ``predicate`` may be a coroutine function, and an
+    exception in ``ignore`` counts as "not yet". On timeout, fail saying what it last saw."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = predicate()
+            if inspect.isawaitable(last):
+                last = await last
+        except ignore as e:
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

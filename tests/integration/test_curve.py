@@ -10,7 +10,7 @@ import pytest
 import durable
 from durable.ids import ObjectId
 from tests.integration.daemon import serving
-from tests.integration.test_gateway import free_port
+from tests.integration.procs import free_port
 
 pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
 

@@ -25,7 +25,7 @@ import pytest
 
 import durable
 from tests.integration.daemon import REPO, serving
-from tests.integration.procs import wait_for
+from tests.integration.procs import free_port, wait_for
 
 CONFIG = """
 slots = {slots}
@@ -42,11 +42,6 @@ class = "durable.examples.counter:Counter"
 class = "tests.integration.objects:Busy"
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(port: int, *, slots: int = 1, grace: float = 5, hang: float = 30, extra: str = "") -> str:

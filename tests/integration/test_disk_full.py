@@ -19,7 +19,7 @@ import pytest
 import durable
 from durable.errors import StorageFullError
 from tests.integration.daemon import serving
-from tests.integration.procs import wait_for
+from tests.integration.procs import free_port, wait_for
 from tests.integration.test_storage_faults import cli, kill_hard, names_on
 
 pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
@@ -62,12 +62,6 @@ def fill(mnt, leave: int) -> None:
             except OSError:
                 break
 
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_disk_full_refuses_writes_serves_reads_and_recovers_by_itself(tmp_path, small_disk):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.integration.daemon import serving
+from tests.integration.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DURABLE = str(Path(sys.executable).with_name("durable"))
@@ -34,9 +35,12 @@ def run_sh(line: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_getting_started_runs_as_written(tmp_path):
+    """As written, but on a port of its own: never a running daemon's (or the user's) port."""
     files = {}
     commands = []
+    port = str(free_port())
     for lang, body in blocks("docs/getting-started.md"):
+        body = body.replace("127.0.0.1:8787", f"127.0.0.1:{port}")
         first = body.splitlines()[0] if body.strip() else ""
         if first.startswith("# file: "):
             files[first[len("# file: "):].strip()] = body
@@ -72,7 +76,10 @@ def test_readme_runs_as_written(tmp_path):
     python_block = next(body for lang, body in BLOCK.findall(text) if lang == "python")
     sh_calls = [line for lang, body in BLOCK.findall(text) if lang == "sh"
                 for line in body.splitlines() if line.startswith("durable call") or line.startswith("durable status")]
-    with serving(tmp_path, command=[DURABLE, "serve"]) as d:
+    # Its own data dir (tmp_path is the cwd of every command) and its own port: the
+    # built-in defaults otherwise, so a daemon the reader runs is never touched.
+    (tmp_path / "durable.toml").write_text(f'[http]\nlisten = "127.0.0.1:{free_port()}"\n')
+    with serving(tmp_path, command=[DURABLE, "serve", "--config", "durable.toml"]) as d:
         d.wait_ready()
         results = [run_sh(line, tmp_path) for line in sh_calls]
         assert all(r.returncode == 0 for r in results), results

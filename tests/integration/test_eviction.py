@@ -1,10 +1,10 @@
 """Idle activations are evicted once their writes are durable; their data stays reachable."""
 
 import asyncio
-import time
 
 import durable
 from tests.integration.cluster import running_cluster
+from tests.integration.procs import async_wait_for
 from tests.integration.test_messaging import all_slots_up
 
 
@@ -19,14 +19,17 @@ async def test_idle_activations_are_evicted_and_reactivate_with_their_data(tmp_p
             ns = client.namespace("COUNTER")
             stubs = [ns.get(ns.id_from_name(f"e{i}")) for i in range(20)]
             await asyncio.gather(*[s.fetch("http://do/inc", method="POST") for s in stubs])
-            deadline = time.monotonic() + 5
             seen = []
-            while time.monotonic() < deadline:
+
+            async def all_evicted():
                 seen.append(active(await client.statistics()))
-                if seen[-1] == 0 and max(seen) > 0:
-                    break
-                await asyncio.sleep(0.1)
-            assert max(seen) >= 20 and seen[-1] == 0, f"active objects over time: {seen}"
+                return seen[-1] == 0 and max(seen) > 0
+
+            try:
+                await async_wait_for(all_evicted, 5, "every object to be evicted", 0.1)
+            except AssertionError as e:
+                raise AssertionError(f"{e}; active objects over time: {seen}") from None
+            assert max(seen) >= 20, f"active objects over time: {seen}"
             evicted = sum(s["reported"].get("evicted", 0) for s in (await client.statistics())["slots"])
             assert evicted >= 20
             values = await asyncio.gather(*[s.fetch("http://do/inc", method="POST") for s in stubs])

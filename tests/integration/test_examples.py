@@ -7,7 +7,8 @@ import asyncio
 import aiohttp
 
 from tests.integration.daemon import serving
-from tests.integration.test_gateway import free_port, request
+from tests.integration.procs import free_port
+from tests.integration.test_gateway import request
 
 
 def config(port, worker=False):

@@ -10,12 +10,7 @@ import aiohttp
 import pytest
 
 from tests.integration.daemon import serving
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.integration.procs import free_port
 
 
 def config(port, extra_http="", extra=""):

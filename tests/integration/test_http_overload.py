@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.integration.daemon import serving
-from tests.integration.test_gateway import free_port
+from tests.integration.procs import free_port
 
 CONFIG = """
 slots = 1

@@ -16,7 +16,7 @@ from durable.broker.ring import Ring
 from durable.errors import InvalidIdError, ObjectError, StubBrokenError, UnknownNamespaceError
 from durable.protocol.messages import VERSION, Cmd, header, pack_u64
 from tests.integration.cluster import running_cluster
-from tests.integration.procs import wait_for
+from tests.integration.procs import async_wait_for, wait_for
 
 
 @pytest.fixture
@@ -37,14 +37,10 @@ async def client(cluster):
 
 
 async def all_slots_up(c, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    stats = None
-    while time.monotonic() < deadline:
-        stats = await c.statistics()
-        if all(s["up"] for s in stats["slots"]):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"slots did not all register within {timeout} s: {stats}")
+    async def up():
+        return all(s["up"] for s in (await c.statistics())["slots"])
+
+    await async_wait_for(lambda: up(), timeout, "every slot to register")
 
 
 def stub(client, ns, name):
@@ -159,17 +155,15 @@ async def test_lone_calls_commit_inline_and_concurrent_ones_through_the_writer(c
 
 async def worker_totals(client, ready, timeout=5.0):
     """The object processes' heartbeat counters, summed, once ``ready`` (sent every second)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = await client.statistics()
+    async def totals():
         total = {}
-        for sl in stats["slots"]:
+        for sl in (await client.statistics())["slots"]:
             for k, v in (sl.get("reported") or {}).items():
                 if isinstance(v, int):
                     total[k] = total.get(k, 0) + v
-        if ready(total) or time.monotonic() > deadline:
-            return total
-        await asyncio.sleep(0.1)
+        return total if ready(total) else False
+
+    return await async_wait_for(totals, timeout, "the object processes' counters", interval=0.1)
 
 
 def slot_of(client, cluster, ns, name):
@@ -217,7 +211,11 @@ async def test_sigkill_of_objectproc_breaks_stub_and_new_stub_works(client, clus
 async def test_calls_wait_for_a_down_slot_and_are_delivered_in_order(client, cluster):
     slot = slot_of(client, cluster, "RECORDER", "waiter")
     cluster.kill(cluster.workers[slot])
-    await asyncio.sleep(cluster.heartbeat * 8)  # the broker notices the silence
+
+    async def down():  # the broker notices the silence
+        return not (await client.statistics())["slots"][slot]["up"]
+
+    await async_wait_for(down, cluster.heartbeat * 15, f"the broker to see slot {slot} down")
     s = stub(client, "RECORDER", "waiter")
     calls = [asyncio.ensure_future(s.fetch(f"http://do/?n={i}", method="POST")) for i in range(20)]
     await asyncio.sleep(0.3)
@@ -238,17 +236,12 @@ async def test_broker_restart_breaks_stubs_and_client_reconnects(client, cluster
             await asyncio.sleep(0.05)
 
     async def fresh_works():
-        try:
-            r = await stub(client, "COUNTER", "survivor").fetch("http://do/", timeout=1)
-            return await r.text()
-        except (StubBrokenError, durable.CallTimeoutError):
-            return None
+        r = await stub(client, "COUNTER", "survivor").fetch("http://do/", timeout=1)
+        return await r.text()
 
-    deadline = time.monotonic() + 15
-    value = None
-    while value is None and time.monotonic() < deadline:
-        value = await fresh_works()
-    assert value is not None and int(value) >= 1, cluster.log_tail()
+    value = await async_wait_for(fresh_works, 15, "a fresh stub to work",
+                                 ignore=(StubBrokenError, durable.CallTimeoutError))
+    assert int(value) >= 1, cluster.log_tail()
 
 
 def test_sync_client(cluster):

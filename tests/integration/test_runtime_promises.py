@@ -19,8 +19,7 @@ import pytest
 import durable
 from durable.broker.ring import Ring
 from tests.integration.daemon import serving
-from tests.integration.procs import wait_for
-from tests.integration.test_gateway import free_port
+from tests.integration.procs import free_port, wait_for
 
 CONFIG = """
 slots = {slots}

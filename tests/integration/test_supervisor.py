@@ -15,7 +15,7 @@ import durable
 from durable.broker.ring import Ring
 from durable.errors import StubBrokenError
 from tests.integration.daemon import serving
-from tests.integration.procs import wait_for
+from tests.integration.procs import async_wait_for, wait_for
 
 FAST = """
 slots = 2
@@ -114,21 +114,21 @@ def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, r
                         victim = d.child(role, 0 if role == "objectproc" else None)
                         t = time.monotonic()
                         victim.kill()
-                        while True:  # back: a new process of that role has registered
-                            await asyncio.sleep(0.01)
-                            stats = await client.statistics(timeout=2) if role == "objectproc" else None
-                            if role == "objectproc" and stats["slots"][0]["up"] and \
-                                    stats["slots"][0]["pid"] != victim.pid:
-                                break
-                            if role == "broker":
-                                try:
-                                    new = d.child("broker")
-                                except AssertionError:
-                                    continue
-                                if new.pid != victim.pid:
-                                    await _wait_serving(client)
-                                    break
-                            assert time.monotonic() - t < 15, "not back within 15 s"
+
+                        async def back(victim=victim):  # a new process of that role serves
+                            if role == "objectproc":
+                                slot = (await client.statistics(timeout=2))["slots"][0]
+                                return slot["up"] and slot["pid"] != victim.pid
+                            try:
+                                new = d.child("broker")
+                            except AssertionError:
+                                return False
+                            if new.pid == victim.pid:
+                                return False
+                            await _wait_serving(client)
+                            return True
+
+                        await async_wait_for(back, 15, f"a new {role} after SIGKILL", 0.01)
                         back_in.append(time.monotonic() - t)
                 finally:
                     for f in load:
@@ -136,14 +136,12 @@ def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, r
                     await asyncio.gather(*load, return_exceptions=True)
                 ns = client.namespace("COUNTER")
                 for name, n in acked.items():
-                    stub = ns.get(ns.id_from_name(name))
-                    for _ in range(100):
-                        try:
-                            value = int(await (await stub.fetch("http://do/", timeout=5)).text())
-                            break
-                        except (StubBrokenError, durable.CallTimeoutError):
-                            stub = ns.get(ns.id_from_name(name))
-                            await asyncio.sleep(0.05)
+                    async def stored(name=name):  # a fresh stub each try: the last may be broken
+                        r = await ns.get(ns.id_from_name(name)).fetch("http://do/", timeout=5)
+                        return [int(await r.text())]
+
+                    value, = await async_wait_for(stored, 30, f"{name}'s value", ignore=(
+                        StubBrokenError, durable.CallTimeoutError))
                     assert value >= n, f"{name}: {n} increments acknowledged, {value} stored"
                 return back_in, sum(acked.values())
 
@@ -158,12 +156,13 @@ def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, r
 
 async def _wait_serving(client):
     ns = client.namespace("COUNTER")
-    for _ in range(300):
-        try:
-            await ns.get(ns.id_from_name("probe")).fetch("http://do/", timeout=1)
-            return
-        except (StubBrokenError, durable.CallTimeoutError):
-            await asyncio.sleep(0.01)
+
+    async def serves():
+        await ns.get(ns.id_from_name("probe")).fetch("http://do/", timeout=1)
+        return True
+
+    await async_wait_for(serves, 30, "the daemon to serve again", 0.01,
+                         ignore=(StubBrokenError, durable.CallTimeoutError))
 
 
 def test_sigkill_of_the_supervisor_takes_every_child_down(tmp_path):

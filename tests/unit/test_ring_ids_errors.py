@@ -19,17 +19,21 @@ from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.protocol.heartbeat import Liveness
 
 
-@pytest.mark.slow
 def test_ring_is_a_stable_function_of_inputs():
     ids = [f"{i:064x}" for i in range(2000)]
-    assert [Ring(4).slot_for(i) for i in ids] == [Ring(4).slot_for(i) for i in ids]
+    a, b = Ring(4), Ring(4)
+    assert [a.slot_for(i) for i in ids] == [b.slot_for(i) for i in ids]
     assert stable_hash(b"abc") == stable_hash(b"abc") and 0 <= stable_hash(b"abc") < 2**64
+    # Pinned: data files are laid out by these answers; a change here misplaces stored objects.
+    assert [a.slot_for(i) for i in ids[:16]] == [1, 3, 1, 2, 0, 2, 3, 3, 1, 2, 0, 1, 0, 2, 3, 1]
+    seven = Ring(7)
+    assert [seven.slot_for(i) for i in ids[:16]] == [5, 4, 6, 4, 0, 2, 4, 4, 1, 4, 5, 5, 0, 5, 6, 1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("slots", [1, 2, 3, 8])
 def test_ring_spreads_objects(slots):
-    counts = Counter(Ring(slots).slot_for(os.urandom(32).hex()) for _ in range(8000))
+    ring = Ring(slots)  # built once: building one costs ~1 ms
+    counts = Counter(ring.slot_for(os.urandom(32).hex()) for _ in range(8000))
     assert set(counts) == set(range(slots))
     assert max(counts.values()) < 1.5 * 8000 / slots
 
