@@ -21,6 +21,7 @@ import secrets
 from pathlib import Path
 
 from .errors import InvalidIdError
+from .fsutil import write_durably
 
 __all__ = ["ObjectId", "IdFactory", "namespace_key", "load_or_create_secret"]
 
@@ -70,19 +71,8 @@ def load_or_create_secret(data_dir: str | os.PathLike[str], *, create: bool = Tr
             raise FileNotFoundError(f"{path} is missing: the data dir was removed or replaced "
                                     "while the daemon ran") from None
         Path(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = secrets.token_bytes(32)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # never replace a secret another process just created
-        except FileExistsError:
-            pass
-        tmp.unlink(missing_ok=True)
+        # never replace a secret another process just created: it would orphan its ids
+        write_durably(path, secrets.token_bytes(32), replace=False)
         data = path.read_bytes()
     if len(data) != 32:
         raise ValueError(f"{path} holds {len(data)} bytes; an id secret is 32 bytes")

@@ -35,9 +35,10 @@ from typing import Any
 import orjson
 
 from durable import __version__
+from durable.fsutil import fsync_dir, write_durably
 
 from .config import Config
-from .datadir import IDENTITY_FILE, fsync_dir, read_identity
+from .datadir import IDENTITY_FILE, read_identity
 from .storage_tools import slots_in, verify_slot
 
 __all__ = ["BackupError", "backup", "restore", "config_fingerprint"]
@@ -185,10 +186,8 @@ def backup(config: Config, dest: Path, *, say: Callable[[str], None] = lambda _m
                 "slots": config.slots, "namespaces": sorted(config.namespaces),
                 "config_fingerprint": config_fingerprint(config), "config": config.source,
                 "slot_files": slots, "bytes": sum(s["bytes"] for s in slots)}
-    tmp = dest / f"{MANIFEST}.tmp"
-    tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, dest / MANIFEST)
-    fsync_dir(dest)
+    # (the manifest is what marks a backup complete: fsynced before it is renamed in place)
+    write_durably(dest / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return manifest
 
 

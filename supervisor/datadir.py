@@ -36,6 +36,7 @@ from pathlib import Path
 import orjson
 import psutil
 
+from durable.fsutil import write_durably
 from durable.ids import load_or_create_secret
 
 __all__ = ["DataDirError", "DataDirLocked", "Identity", "open_data_dir", "lock_data_dir",
@@ -121,27 +122,10 @@ class Identity:
         return (st.st_dev, st.st_ino) == (self.dev, self.ino)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a new or renamed file) survive a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_identity(path: Path) -> None:
     body = orjson.dumps({"id": secrets.token_hex(16), "created": time.time(),
                          "format": "durable data dir v1"})
-    tmp = path / f"{IDENTITY_FILE}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path / IDENTITY_FILE)
-    fsync_dir(path)
+    write_durably(path / IDENTITY_FILE, body)
 
 
 def read_identity(path: Path) -> Identity:

@@ -31,6 +31,7 @@ from pathlib import Path
 import orjson
 
 from durable.broker.ring import Ring
+from durable.fsutil import write_durably
 from durable.objectproc.storage import SlotStore
 from durable.objectproc.storage.duck import DuckStore
 
@@ -40,17 +41,7 @@ BATCH = int(os.environ.get("DURABLE_MIGRATION_BATCH", "500"))
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(orjson.dumps(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_durably(path, orjson.dumps(data), mode=0o644)
 
 
 def _slot_files(data: Path) -> list[int]:

@@ -27,11 +27,10 @@ from typing import Any
 import duckdb
 
 from durable.errors import StorageCorruptError
+from durable.fsutil import fsync_dir
 from durable.objectproc.storage.duck import DuckStore
 from durable.objectproc.storage.log import decode_writeset, list_segments, scan_segment
 from durable.objectproc.storage.slot import fold
-
-from .datadir import fsync_dir
 
 __all__ = ["SlotReport", "verify_slot", "slots_in", "repair_slot", "RepairError"]
 
