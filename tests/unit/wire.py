@@ -48,13 +48,22 @@ class ClientEnd:
         self.pending[call_id] = stub_id
         return call_id, m.Call(call_id, stub_id, "NS", object_id, timeout_ms, b"[]", body).encode()
 
-    def receive(self, frames: list[bytes]) -> None:
+    def receive(self, frames: list[bytes]) -> list[bytes] | None:
+        """Take one message; what to send back, if anything (HELLO after a DISCONNECT)."""
         msg = m.parse_from_broker_to_client(frames)
         if type(msg) is m.Welcome:
             self.welcomed = True
         elif type(msg) in (m.Reply, m.Error):
             self.outcomes.setdefault(msg.call_id, []).append(msg)
             self.pending.pop(msg.call_id, None)
+        elif type(msg) is m.Disconnect:  # as the real client: every call fails, HELLO again
+            for call_id in list(self.pending):
+                self.outcomes.setdefault(call_id, []).append(
+                    m.Error(call_id, "stub_broken", "the broker forgot this client (local)"))
+            self.pending.clear()
+            self.welcomed = False
+            return self.hello()
+        return None
 
 
 @dataclass
@@ -123,13 +132,16 @@ class Wire:
         return True
 
     def advance(self, seconds: float) -> None:
-        """Time passes; live object processes' heartbeat threads beat every second."""
+        """Time passes; live object processes' heartbeat threads beat, and clients ping,
+        every half second (as the real ones do when they have sent nothing)."""
         end = self.clock.now + seconds
         while self.clock.now < end:
             self.clock.now = min(end, self.clock.now + 0.5)
             for w in self.workers.values():
                 if w.alive:
                     self.core.worker_message(b"beat", m.Beat(w.slot, w.incarnation).encode())
+            for c in self.clients.values():
+                self.core.client_message(c.ident, m.Ping().encode())
             self.core.tick()
             self.pump()
 
@@ -147,5 +159,7 @@ class Wire:
                 else:
                     w.receive(frames)
             elif ident in self.clients:
-                self.clients[ident].receive(frames)
+                answer = self.clients[ident].receive(frames)
+                if answer is not None:
+                    self.core.client_message(ident, answer)
         box.clear()
