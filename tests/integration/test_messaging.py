@@ -336,3 +336,15 @@ async def test_hostile_input_reaching_an_object_process(client, cluster):
         s.close(linger=0)
     assert await (await stub(client, "NOOP", "target").fetch("http://do/")).text() == "ok"
     wait_for(lambda: all(w.poll() is None for w in cluster.workers.values()), 1, "workers alive")
+
+
+async def test_a_stall_of_the_clients_own_loop_does_not_break_its_stubs(cluster):
+    """Silence caused by our own blocked loop is not the broker's death (a gateway under a
+    flood of connections stalled 2.5 s and broke every stub it held)."""
+    async with durable.connect(cluster.frontend, heartbeat=cluster.heartbeat) as c:
+        await all_slots_up(c)
+        s = stub(c, "COUNTER", "stall")
+        await s.fetch("http://do/inc", method="POST")
+        time.sleep(cluster.heartbeat * 5 * 3)  # noqa: ASYNC251 (the point: our loop blocks, 3 windows)
+        await asyncio.sleep(cluster.heartbeat)  # the heartbeat task runs first, and judges
+        assert await (await s.fetch("http://do/")).text() == "1"
