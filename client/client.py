@@ -22,7 +22,7 @@ import os
 import socket
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import zmq
 
@@ -38,6 +38,7 @@ from .http import Request, Response
 from .ids import IdFactory, ObjectId
 from .protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from .protocol.messages import (
+    METHOD,
     Call,
     Disconnect,
     Drop,
@@ -50,12 +51,14 @@ from .protocol.messages import (
     StatsReply,
     Welcome,
     decode_response,
+    decode_result,
+    encode_method_call,
     encode_request,
     parse_from_broker_to_client,
 )
 from .transport import LoopSocket
 
-__all__ = ["Client", "Namespace", "Stub", "connect", "default_endpoint"]
+__all__ = ["Client", "Namespace", "TypedNamespace", "Stub", "connect", "default_endpoint"]
 
 log = logging.getLogger("durable.client")
 DEFAULT_TIMEOUT = 30.0
@@ -174,7 +177,12 @@ def _curve_keys(server_key: str | None, client_key: str | None) -> tuple[bytes, 
 
 
 class Stub:
-    """A handle on one object. Calls are delivered in the order made; see ``StubBrokenError``."""
+    """A handle on one object. Calls are delivered in the order made; see ``StubBrokenError``.
+
+    ``await stub.fetch(...)`` sends a request; ``await stub.name(*args, **kwargs)`` calls
+    the object's method ``name`` (any name not starting with ``_``; getting it does no I/O,
+    and a method the object does not have fails at call time). Both kinds share one order.
+    """
 
     __slots__ = ("_client", "namespace", "id", "_stub_id", "_generation", "_broken", "__weakref__")
 
@@ -195,10 +203,37 @@ class Stub:
             req = url_or_request
         else:
             req = Request(url_or_request, method=method, headers=headers, body=body)
-        return await self._client._call(self, req, timeout)
+        head, data = encode_request(req)
+        return await self._client._call(self, head, data, timeout)
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        if name.startswith("_"):  # (copy, pickle and friends probe for dunders)
+            raise AttributeError(name)
+        return _Method(self, name)
 
     def __repr__(self) -> str:
         return f"<Stub {self.namespace} {self.id}{' broken' if self._broken else ''}>"
+
+
+class _Method:
+    """``stub.name``: calling it sends the call (the arguments are encoded first, so one
+    that cannot be sent raises ``TypeError`` here and nothing leaves)."""
+
+    __slots__ = ("_stub", "_name")
+
+    def __init__(self, stub: Stub, name: str) -> None:
+        self._stub = stub
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        head, body = encode_method_call(self._name, args, kwargs)
+        return self._stub._client._call(self._stub, head, body, None)
+
+    def __repr__(self) -> str:
+        return f"<method {self._name} of {self._stub!r}>"
+
+
+T = TypeVar("T")
 
 
 class Namespace:
@@ -225,6 +260,23 @@ class Namespace:
             raise TypeError(f"get() takes an ObjectId (from id_from_name, new_unique_id or "
                             f"id_from_string), not {type(oid).__name__}")
         return Stub(self._client, self.name, oid)
+
+    def get_by_name(self, name: str) -> Stub:
+        """``get(id_from_name(name))``, as Cloudflare's ``getByName``."""
+        return self.get(self._ids.from_name(name))
+
+
+class TypedNamespace(Namespace, Generic[T]):
+    """``client.namespace(name, Counter)``: the same namespace, whose stubs a type checker
+    sees as ``Counter`` (so ``await stub.increment(5)`` is checked against
+    ``Counter.increment``; write methods as ``async def`` for exact types)."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+        def get(self, oid: ObjectId) -> T: ...
+
+        def get_by_name(self, name: str) -> T: ...
 
 
 class Client:
@@ -309,14 +361,21 @@ class Client:
             self._sock = None
 
     # -- namespaces ---------------------------------------------------------------------
-    def namespace(self, name: str) -> Namespace:
+    @overload
+    def namespace(self, name: str) -> Namespace: ...
+
+    @overload
+    def namespace(self, name: str, cls: type[T]) -> TypedNamespace[T]: ...
+
+    def namespace(self, name: str, cls: type[Any] | None = None) -> Namespace:
+        """The namespace ``name``; with ``cls`` (the object's class), typed stubs."""
         ns = self._namespaces.get(name)
         if ns is None:
             key = self._keys.get(name)
             if key is None:
                 known = ", ".join(sorted(self._keys)) or "none (not connected yet?)"
                 raise UnknownNamespaceError(f"namespace {name!r} is not configured; known: {known}")
-            ns = self._namespaces[name] = Namespace(self, name, IdFactory(name, key))
+            ns = self._namespaces[name] = TypedNamespace(self, name, IdFactory(name, key))
         return ns
 
     @property
@@ -339,7 +398,7 @@ class Client:
         self._sock.send(frames)
         self._liveness.sent()
 
-    async def _call(self, stub: Stub, req: Request, timeout: float | None) -> Response:
+    async def _call(self, stub: Stub, head: bytes, body: bytes, timeout: float | None) -> Any:
         if self._closed:
             raise StubBrokenError("the client is closed")
         if stub._generation != self._generation and stub._broken is None:
@@ -353,7 +412,6 @@ class Client:
             await gate()
         call_id = next(self._call_ids)
         timeout = self.timeout if timeout is None else timeout
-        head, body = encode_request(req)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending[call_id] = (fut, stub)
@@ -391,13 +449,15 @@ class Client:
             entry = self._pending.get(msg.call_id)
             if entry is not None and not entry[0].done():
                 try:
-                    entry[0].set_result(decode_response(msg.head, msg.body))
+                    entry[0].set_result(decode_result(msg.body) if msg.head == METHOD
+                                        else decode_response(msg.head, msg.body))
                 except ProtocolError as e:
                     entry[0].set_exception(e)
         elif t is Error:
             entry = self._pending.get(msg.call_id)
             if entry is not None and not entry[0].done():
-                err = error_from_wire(msg.code, msg.message, msg.remote_type, msg.traceback)
+                err = error_from_wire(msg.code, msg.message, msg.remote_type, msg.traceback,
+                                      msg.builtin)
                 if isinstance(err, StubBrokenError) and entry[1] is not None:
                     entry[1]._broken = err
                 entry[0].set_exception(err)

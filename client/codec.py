@@ -21,6 +21,15 @@ date / time / timedelta   ``["da", y, m, d]`` / ``["tm", h, mi, s, us, fold, tz]
 a container seen before   ``["r", n]``: the n-th list, dict, set or bytearray
 ========================  ==========================================
 
+Method calls on stubs (``encode_call`` and ``encode(value, rpc=True)``) also
+carry what only makes sense in a call, never in storage:
+
+========================  ==========================================
+ObjectId                  ``["I", hex, name]``
+Request                   ``["Rq", method, url, [[name, value], ...], base64 body]``
+Response                  ``["Rs", status, [[name, value], ...], base64 body]``
+========================  ==========================================
+
 A JSON array is therefore always tagged, and a JSON object is always a dict
 with str keys, so decoding is unambiguous. ``tz`` is ``null`` (naive),
 ``["o", days, seconds, microseconds, name]`` for a fixed offset
@@ -50,7 +59,10 @@ from typing import Any
 
 import orjson
 
-__all__ = ["encode", "decode", "MAX_DEPTH", "MalformedValueError"]
+from .http import Request, Response
+from .ids import ObjectId
+
+__all__ = ["encode", "decode", "encode_call", "decode_call", "MAX_DEPTH", "MalformedValueError"]
 
 #: How many containers deep a value may nest (orjson itself stops at 254 levels).
 MAX_DEPTH = 200
@@ -76,8 +88,11 @@ def _describe(path: list[str]) -> str:
     return "value" + "".join(reversed(path))
 
 
-def encode(value: Any) -> bytes:
-    """Encode ``value``; raise ``TypeError`` naming the type and its place if unsupported."""
+def encode(value: Any, *, rpc: bool = False) -> bytes:
+    """Encode ``value``; raise ``TypeError`` naming the type and its place if unsupported.
+
+    ``rpc``: also ObjectId, Request and Response (a method call's result).
+    """
     t = type(value)
     # Fast paths for the scalars objects store most.
     if t is str or t is bool or value is None:
@@ -90,15 +105,64 @@ def encode(value: Any) -> bytes:
             ) from None
     if t is int and _I64_MIN <= value <= _I64_MAX:
         return _exact(orjson.dumps(value))
-    enc = _Encoder()
+    enc = _RpcEncoder() if rpc else _Encoder()
     try:
         tree = enc.walk(value, 0)
     except _Unsupported as e:
-        raise TypeError(f"{e.message} at {_describe(e.path)}") from None
+        message = f"{e.message} at {_describe(e.path)}"
+        raise TypeError(_rpc_message(message) if rpc else message) from None
     try:
         return _exact(orjson.dumps(tree))
     except orjson.JSONEncodeError as e:  # a str with a lone surrogate somewhere inside
         raise TypeError(f"value cannot be stored: {e}") from None
+
+
+def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """A method call's arguments as ``[["t", arg, ...], {name: arg}]``, references shared
+    across them; ``TypeError`` names the argument (``argument 2``, ``argument 'by'``)."""
+    enc = _RpcEncoder()
+    pos: list[Any] = ["t"]
+    for i, arg in enumerate(args):
+        pos.append(_argument(enc, arg, f"argument {i}"))
+    named = {k: _argument(enc, v, f"argument {k!r}") for k, v in kwargs.items()}
+    try:
+        return orjson.dumps([pos, named])
+    except orjson.JSONEncodeError as e:
+        raise TypeError(f"the arguments cannot be sent: {e}") from None
+
+
+def _argument(enc: _Encoder, value: Any, name: str) -> Any:
+    try:
+        return enc.walk(value, 0)
+    except _Unsupported as e:
+        where = "".join(reversed(e.path))
+        raise TypeError(f"{name}{' ' + where if where else ''}: {_rpc_message(e.message)}") from None
+
+
+def _rpc_message(message: str) -> str:
+    return message.replace("cannot be stored", "cannot be sent").replace(
+        "storage keeps exact types only", "calls keep exact types only").replace(
+        "(storable: ", "(sendable: ObjectId, Request, Response, ")
+
+
+def decode_call(data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The ``(args, kwargs)`` that :func:`encode_call` wrote; MalformedValueError otherwise."""
+    try:
+        tree = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise MalformedValueError(f"call arguments are not valid: {e}") from None
+    if type(tree) is not list or len(tree) != 2 or type(tree[1]) is not dict or \
+            type(tree[0]) is not list or tree[0][:1] != ["t"]:
+        raise MalformedValueError("call arguments must be [[\"t\", ...], {...}]")
+    dec = _RpcDecoder()
+    try:
+        args = tuple(dec.walk(a) for a in tree[0][1:])
+        kwargs = {k: dec.walk(v) for k, v in tree[1].items()}
+    except MalformedValueError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise MalformedValueError(f"call arguments are not valid: {type(e).__name__}: {e}") from None
+    return args, kwargs
 
 
 def _exact(data: bytes) -> bytes:
@@ -205,6 +269,15 @@ class _Encoder:
 
     def _dict(self, v: dict, depth: int) -> Any:
         if all(type(k) is str for k in v):
+            for item in v.values():  # flat and JSON-plain (the common case): orjson takes it as is
+                t = type(item)
+                if t is str or t is bool or item is None or (
+                        t is int and _I64_MIN <= item <= _I64_MAX) or (
+                        t is float and math.isfinite(item)):
+                    continue
+                break
+            else:
+                return v
             out: dict[str, Any] = {}
             for k, item in v.items():
                 try:
@@ -245,7 +318,12 @@ def _unsupported_message(t: type) -> str:
             "Decimal, UUID)")
 
 
-def decode(data: bytes | bytearray | memoryview) -> Any:
+_DECODE_ERRORS = (TypeError, ValueError, IndexError, KeyError, OverflowError, AttributeError,
+                  RecursionError, binascii.Error, decimal.InvalidOperation,
+                  zoneinfo.ZoneInfoNotFoundError)
+
+
+def decode(data: bytes | bytearray | memoryview, *, rpc: bool = False) -> Any:
     """Decode bytes that :func:`encode` produced; raise :class:`MalformedValueError` otherwise."""
     try:
         tree = orjson.loads(data)
@@ -255,12 +333,10 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
     if t is not list and t is not dict:
         return tree
     try:
-        return _Decoder().walk(tree)
+        return (_RpcDecoder() if rpc else _Decoder()).walk(tree)
     except MalformedValueError:
         raise
-    except (TypeError, ValueError, IndexError, KeyError, OverflowError, AttributeError,
-            RecursionError, binascii.Error,
-            decimal.InvalidOperation, zoneinfo.ZoneInfoNotFoundError) as e:
+    except _DECODE_ERRORS as e:
         raise MalformedValueError(f"stored value is not valid: {type(e).__name__}: {e}") from None
 
 
@@ -293,6 +369,12 @@ class _Decoder:
     def walk(self, x: Any) -> Any:
         t = type(x)
         if t is dict:
+            for v in x.values():  # flat: orjson's fresh dict is the value itself
+                if type(v) is list or type(v) is dict:
+                    break
+            else:
+                self.refs.append(x)
+                return x
             out: dict[str, Any] = {}
             self.refs.append(out)
             for k, v in x.items():
@@ -363,3 +445,41 @@ class _Decoder:
             f = _int_fields(x[1:6], 5)
             return dt.time(*f[:4], tzinfo=_untz(x[6]), fold=f[4])
         raise MalformedValueError(f"unknown tag {tag!r}")
+
+
+# -- what a method call carries besides storable values ------------------------------
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class _RpcEncoder(_Encoder):
+    __slots__ = ()
+
+    def walk(self, v: Any, depth: int) -> Any:
+        t = type(v)
+        if t is ObjectId:
+            return ["I", str(v), v.name]
+        if t is Request:
+            return ["Rq", v.method, v.url, v.headers.items(), _b64(v.body)]
+        if t is Response:
+            return ["Rs", v.status, v.headers.items(), _b64(v.body)]
+        return super().walk(v, depth)
+
+
+class _RpcDecoder(_Decoder):
+    __slots__ = ()
+
+    def walk(self, x: Any) -> Any:
+        if type(x) is list and x and x[0] in ("I", "Rq", "Rs"):
+            tag = x[0]
+            if tag == "I" and len(x) == 3 and type(x[1]) is str and len(x[1]) == 64 and \
+                    (x[2] is None or type(x[2]) is str):
+                return ObjectId(x[1], x[2])
+            if tag == "Rq" and len(x) == 5 and type(x[3]) is list and type(x[4]) is str:
+                return Request(x[2], method=x[1], headers=[tuple(p) for p in x[3]],
+                               body=base64.b64decode(x[4], validate=True))
+            if tag == "Rs" and len(x) == 4 and type(x[2]) is list and type(x[3]) is str:
+                return Response(base64.b64decode(x[3], validate=True), status=x[1],
+                                headers=[tuple(p) for p in x[2]])
+            raise MalformedValueError(f"bad {tag!r} value")
+        return super().walk(x)

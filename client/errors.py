@@ -136,17 +136,24 @@ class StubBrokenError(DurableError, ConnectionError):
 
 
 class ObjectError(DurableError):
-    """The object's ``fetch`` raised; the stub stays usable."""
+    """The object's ``fetch`` or method raised; the stub stays usable.
+
+    When the remote exception derives from a builtin one (``ValueError``,
+    ``KeyError``, ``PermissionError``, ...), the error raised here is also an
+    instance of that builtin, so ``except KeyError:`` works across the call.
+    """
 
     code = "object_error"
 
     def __init__(self, message: str, remote_type: str = "Exception",
-                 remote_traceback: str | None = None) -> None:
+                 remote_traceback: str | None = None, remote_builtin: str | None = None) -> None:
         super().__init__(f"{remote_type}: {message}")
         self.remote_type = remote_type
         self.remote_message = message
         #: the object's traceback, when the daemon runs with ``debug = true``
         self.remote_traceback = remote_traceback
+        #: the builtin exception the remote one derives from, if any (e.g. ``"KeyError"``)
+        self.remote_builtin = remote_builtin
 
     @property
     def type_name(self) -> str:
@@ -161,8 +168,8 @@ class CpuLimitError(ObjectError):
     code = "cpu_limit"
 
     def __init__(self, message: str, remote_type: str = "CpuLimitError",
-                 remote_traceback: str | None = None) -> None:
-        super().__init__(message, remote_type, remote_traceback)
+                 remote_traceback: str | None = None, remote_builtin: str | None = None) -> None:
+        super().__init__(message, remote_type, remote_traceback, remote_builtin)
 
 
 class ObjectEvictedError(StorageError):
@@ -211,8 +218,39 @@ def _all_errors(cls: type[DurableError]) -> list[type[DurableError]]:
 _BY_CODE: dict[str, type[DurableError]] = {}
 
 
+_MIXED: dict[tuple[type, str], type] = {}
+
+
+def _with_builtin(cls: type[ObjectError], builtin: str | None) -> type[ObjectError]:
+    """``cls`` made also an instance of the builtin exception named (looked up in
+    ``builtins`` only: nothing is ever imported). A builtin whose constructor cannot
+    take a message (UnicodeDecodeError) gives way to its nearest base that can."""
+    import builtins
+
+    base = getattr(builtins, builtin, None) if builtin else None
+    if not (isinstance(base, type) and issubclass(base, Exception)) or issubclass(base, (
+            StopIteration, StopAsyncIteration, Warning, BaseExceptionGroup)):
+        return cls
+    mixed = _MIXED.get((cls, base.__name__))
+    if mixed is None:
+        for b in base.__mro__:
+            if b is Exception:
+                mixed = cls
+                break
+            candidate = type(f"{cls.__name__}[{b.__name__}]", (cls, b),
+                             {"__str__": BaseException.__str__, "__module__": cls.__module__})
+            try:
+                candidate("probe", "Exception", None)
+            except TypeError:
+                continue
+            mixed = candidate
+            break
+        _MIXED[(cls, base.__name__)] = mixed
+    return mixed
+
+
 def error_from_wire(code: str, message: str, remote_type: str | None = None,
-                    traceback: str | None = None) -> DurableError:
+                    traceback: str | None = None, builtin: str | None = None) -> DurableError:
     """Rebuild an error from its wire code; an unknown code gives the root class."""
     if not _BY_CODE:
         for cls in _all_errors(DurableError):
@@ -220,6 +258,6 @@ def error_from_wire(code: str, message: str, remote_type: str | None = None,
     cls = _BY_CODE.get(code, DurableError)
     if issubclass(cls, ObjectError):
         default = "CpuLimitError" if cls is CpuLimitError else "Exception"
-        return cls(message, remote_type or default, traceback)
+        return _with_builtin(cls, builtin)(message, remote_type or default, traceback, builtin)
     err = cls(message)
     return err

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import orjson
@@ -68,6 +68,20 @@ class SyncStub:
                                                   body=body, timeout=timeout))
         return SyncResponse(resp.status, resp.headers, resp.body)
 
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        """``stub.increment(5)``: the object's method, called; blocks and returns its value."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        method = getattr(self._stub, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._client._run(method(*args, **kwargs))  # (arguments checked here)
+
+        return call
+
+    def __repr__(self) -> str:
+        return f"<SyncStub {self._stub.namespace} {self._stub.id}>"
+
 
 class SyncNamespace:
     __slots__ = ("_client", "_ns")
@@ -91,6 +105,10 @@ class SyncNamespace:
 
     def get(self, oid: ObjectId) -> SyncStub:
         return SyncStub(self._client, self._client._run_sync(lambda: self._ns.get(oid)))
+
+    def get_by_name(self, name: str) -> SyncStub:
+        """``get(id_from_name(name))``, as Cloudflare's ``getByName``."""
+        return self.get(self._ns.id_from_name(name))
 
 
 class SyncClient:

@@ -1,4 +1,9 @@
-"""A durable counter: POST /inc adds one (or ?by=N), GET returns the value."""
+"""A durable counter, with methods and HTTP routes.
+
+    await stub.increment(by=1) -> int     (a method call on a stub)
+    await stub.value() -> int
+    POST /inc?by=N, GET /                 (the same, over fetch: HTTP path routing)
+"""
 
 from urllib.parse import parse_qs, urlsplit
 
@@ -6,11 +11,18 @@ from durable import DurableObject, Request, Response
 
 
 class Counter(DurableObject):
+    async def increment(self, by: int = 1) -> int:
+        n = (await self.state.storage.get("n")) or 0
+        n += by
+        await self.state.storage.put("n", n)
+        return n
+
+    async def value(self) -> int:
+        return (await self.state.storage.get("n")) or 0
+
     async def fetch(self, request: Request) -> Response:
         url = urlsplit(request.url)
-        n = (await self.state.storage.get("n")) or 0
         if request.method == "POST" and url.path.endswith("/inc"):
             by = int(parse_qs(url.query).get("by", ["1"])[0])
-            n += by
-            await self.state.storage.put("n", n)
-        return Response(str(n))
+            return Response(str(await self.increment(by)))
+        return Response(str(await self.value()))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import inspect
 import logging
 import time
 import traceback
@@ -53,6 +54,8 @@ from durable.errors import (
 from durable.fsm import Transitions
 from durable.http import Request, Response
 from durable.ids import ObjectId
+from durable.objects import DurableObject
+from durable.protocol.messages import MethodCall, builtin_ancestor
 
 from .storage import ObjectStorage, SlotStore
 
@@ -127,7 +130,7 @@ class State:
         return act
 
 
-Reply = Callable[[Response | None, BaseException | None], None]
+Reply = Callable[[Any, BaseException | None], None]  # (a Response, or a method's result)
 
 
 class Activation:
@@ -143,7 +146,7 @@ class Activation:
         self.debug = debug
         self.storage = ObjectStorage(store, namespace, object_id)
         self.state = State(ObjectId(object_id, name), self.storage, self)
-        self._waiting: deque[tuple[Request, Reply]] = deque()
+        self._waiting: deque[tuple[Request | MethodCall, Reply]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         #: tasks the object's code started (create_task, wait_until): eviction waits for them
         self.owned: set[asyncio.Task[Any]] = set()
@@ -183,7 +186,7 @@ class Activation:
     def busy(self) -> bool:
         return bool(self._tasks) or bool(self._waiting) or self.phase is Phase.BLOCKED
 
-    def deliver(self, request: Request, reply: Reply) -> None:
+    def deliver(self, request: Request | MethodCall, reply: Reply) -> None:
         self.last_used = self.clock()
         self.retiring_since, self.cancelled_tasks = None, False
         if len(self._tasks) + len(self._waiting) >= self.max_pending:
@@ -204,10 +207,10 @@ class Activation:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start(self, request: Request, reply: Reply) -> None:
+    def _start(self, request: Request | MethodCall, reply: Reply) -> None:
         self._own(self._run(request, reply))
 
-    async def _run(self, request: Request, reply: Reply) -> None:
+    async def _run(self, request: Request | MethodCall, reply: Reply) -> None:
         CURRENT.set(self)  # this task's own context: tasks it starts inherit both
         OUTPUT_GATE.set(self._gate)
         if self.phase in (Phase.BROKEN, Phase.RESET):
@@ -216,14 +219,24 @@ class Activation:
                   if self.phase is Phase.BROKEN else ObjectEvictedError(
                       "the object was reset while this call waited; retry it"))
             return
-        resp: Response | None = None
+        if type(request) is MethodCall and callable_method(type(self.instance), request.name) is None:
+            cls = type(self.instance)  # the caller's mistake, not the object's: not logged
+            reply(None, ObjectError(
+                f"{self.namespace}: {cls.__name__} has no method {request.name!r} that may be "
+                f"called on a stub (callable: {', '.join(callable_methods(cls)) or 'none'})",
+                "AttributeError", None, "AttributeError"))
+            return
+        resp: Any = None
         error: BaseException | None = None
         reset: str | None = None
         try:
-            resp = await self.instance.fetch(request)
-            if not isinstance(resp, Response):
-                raise TypeError(f"{type(self.instance).__name__}.fetch returned "
-                                f"{type(resp).__name__}, not a durable.Response")
+            if type(request) is MethodCall:
+                resp = await self._invoke(request)
+            else:
+                resp = await self.instance.fetch(request)
+                if not isinstance(resp, Response):
+                    raise TypeError(f"{type(self.instance).__name__}.fetch returned "
+                                    f"{type(resp).__name__}, not a durable.Response")
         except CpuLimitExceeded as e:
             reset = str(e)
             error = CpuLimitError(str(e))
@@ -243,7 +256,15 @@ class Activation:
         self.last_used = self.clock()
         reply(resp, error)
 
-    def report(self, e: BaseException, request: Request | None, cause: BaseException,
+    async def _invoke(self, call: MethodCall) -> Any:
+        """``stub.name(*args, **kwargs)``: the user's method (``_run`` checked it exists)."""
+        fn = callable_method(type(self.instance), call.name)
+        result = fn(self.instance, *call.args, **call.kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def report(self, e: BaseException, request: Request | MethodCall | None, cause: BaseException,
                where: str = "fetch") -> BaseException:
         """Log an exception from object code (rate-limited per object); the caller's error.
 
@@ -260,7 +281,8 @@ class Activation:
         tb = "".join(traceback.format_exception(cause))
         if len(self.errors_logged) < 5:
             self.errors_logged.append(now)
-            what = f"{request.method} {request.url}" if request is not None else "set-up"
+            what = ("set-up" if request is None else f"{request.name}()"
+                    if type(request) is MethodCall else f"{request.method} {request.url}")
             log.error("%s %s%s: %s raised %s during %s (%s)\n%s", self.namespace, self.object_id,
                       f" (name {self.name!r})" if self.name is not None else "",
                       type(self.instance).__name__ if self.instance is not None else "object",
@@ -269,7 +291,8 @@ class Activation:
             if self.debug and e.remote_traceback is None:
                 e.remote_traceback = tb
             return e
-        return ObjectError(str(e), type(e).__name__, tb if self.debug else None)
+        return ObjectError(str(e), type(e).__name__, tb if self.debug else None,
+                           builtin_ancestor(type(e)))
 
     def block_while(self, fn: Callable[[], Awaitable[Any]] | Awaitable[Any]) -> asyncio.Task[Any]:
         self._step("block")
@@ -398,3 +421,43 @@ class Activation:
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()  # asyncio would log "exception was never retrieved"
+
+
+#: handlers the runtime calls itself: never reachable as stub methods
+RESERVED = frozenset({"fetch", "alarm", "websocket_message", "websocket_close",
+                      "websocket_error"})
+_METHODS: dict[tuple[type, str], Callable[..., Any] | None] = {}
+
+
+def callable_method(cls: type, name: str) -> Callable[..., Any] | None:
+    """The function ``stub.name(...)`` runs on an instance of ``cls``, or None.
+
+    Callable: a plain function (``def`` or ``async def``) that the user's class (or a
+    base of its own) defines, whose name does not start with ``_`` and is not one of the
+    runtime's handlers. Not: anything ``DurableObject`` or ``object`` define, properties,
+    static or class methods, or class attributes that are not functions.
+    """
+    key = (cls, name)
+    try:
+        return _METHODS[key]
+    except KeyError:
+        pass
+    fn = None
+    if not name.startswith("_") and name not in RESERVED:
+        for base in cls.__mro__:
+            if base is object or base is DurableObject:
+                break
+            if name in base.__dict__:
+                attr = base.__dict__[name]
+                fn = attr if inspect.isfunction(attr) else None
+                break
+    if len(_METHODS) > 100_000:  # (classes are few; names are the caller's)
+        _METHODS.clear()
+    _METHODS[key] = fn
+    return fn
+
+
+def callable_methods(cls: type) -> list[str]:
+    """The names ``callable_method`` allows on ``cls``, sorted (for error messages)."""
+    names = {n for base in cls.__mro__ if base not in (object, DurableObject) for n in vars(base)}
+    return sorted(n for n in names if callable_method(cls, n) is not None)

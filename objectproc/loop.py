@@ -41,6 +41,7 @@ from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.objects import Env, load_class
 from durable.protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from durable.protocol.messages import (
+    METHOD,
     Beat,
     BrokerHeartbeat,
     Ready,
@@ -49,8 +50,10 @@ from durable.protocol.messages import (
     WorkerError,
     WorkerHeartbeat,
     WorkerReply,
+    decode_method_call,
     decode_request,
     encode_response,
+    encode_result,
     parse_from_broker_to_worker,
 )
 from durable.supervisor.config import Config as _SETTINGS
@@ -286,15 +289,20 @@ class ObjectProcess:
         self._in_flight += 1
         self._inflight_bytes += size
 
+        method = call.head[:1] == METHOD
+
         def reply(resp: Any, error: BaseException | None) -> None:
             self._in_flight -= 1
             self._inflight_bytes -= size
             if error is None:
                 try:
-                    frames = WorkerReply(client, call_id, *encode_response(resp)).encode()
-                except Exception as e:  # a Response altered after it was built: answer anyway
-                    error = TypeError(f"the object's Response could not be encoded "
-                                      f"({type(e).__name__}: {e})")
+                    frames = WorkerReply(client, call_id, *(
+                        encode_result(resp) if method else encode_response(resp))).encode()
+                except Exception as e:  # a result that cannot be sent: the caller hears why
+                    error = ObjectError(
+                        f"{call.namespace} {request.name}() returned a value that cannot be "
+                        f"sent: {e}" if method else f"the object's Response could not be "
+                        f"encoded ({type(e).__name__}: {e})", "TypeError", None, "TypeError")
                 else:
                     self._send(frames)
                     return
@@ -302,7 +310,13 @@ class ObjectProcess:
             self._send(WorkerError.of(client, call_id, error,
                                       getattr(error, "remote_traceback", None)).encode())
 
+        request: Any = None
         try:
+            if method:
+                request = decode_method_call(call.head, call.body)
+                act = self._activation(call.namespace, call.object_id, call.name)
+                act.deliver(request, reply)
+                return
             request = decode_request(call.head, call.body)
             if request.method in _OPERATOR_METHODS and request.url.startswith("durable:"):
                 if client[:1] != b"A":  # the broker's operator socket, never the data plane

@@ -443,23 +443,25 @@ async def rpc_measure(endpoint: str, quick: bool) -> dict[str, Any]:
         n = 300 if quick else 3000
         secs = 1.0 if quick else 4.0
 
-        async def sequential(ns: str, path: str, method: str) -> dict[str, float]:
-            space = client.namespace(ns)
-            stub = space.get(space.id_from_name("seq"))
+        def fetch(path: str, method: str) -> Any:
+            return lambda stub: stub.fetch(path, method=method)
+
+        async def sequential(ns: str, call: Any) -> dict[str, float]:
+            stub = client.namespace(ns).get_by_name("seq")
             for _ in range(50):
-                await stub.fetch(path, method=method)
+                await call(stub)
             times = []
             for _ in range(n):
                 t = time.perf_counter()
-                await stub.fetch(path, method=method)
+                await call(stub)
                 times.append(time.perf_counter() - t)
             return {"n": n, "p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99))}
 
-        async def in_flight(ns: str, path: str, method: str, width: int = 64,
+        async def in_flight(ns: str, call: Any, width: int = 64,
                             objects: int = 100) -> dict[str, float]:
             space = client.namespace(ns)
-            stubs = [space.get(space.id_from_name(f"o{i}")) for i in range(objects)]
-            await asyncio.gather(*[s.fetch(path, method=method) for s in stubs])
+            stubs = [space.get_by_name(f"o{i}") for i in range(objects)]
+            await asyncio.gather(*[call(s) for s in stubs])
             times: list[float] = []
             stop = time.monotonic() + secs
 
@@ -467,7 +469,7 @@ async def rpc_measure(endpoint: str, quick: bool) -> dict[str, Any]:
                 i = k
                 while time.monotonic() < stop:
                     t = time.perf_counter()
-                    await stubs[i % objects].fetch(path, method=method)
+                    await call(stubs[i % objects])
                     times.append(time.perf_counter() - t)
                     i += width
 
@@ -478,15 +480,39 @@ async def rpc_measure(endpoint: str, quick: bool) -> dict[str, Any]:
                     "per_s": round(len(times) / elapsed), "p50_ms": ms(pct(times, 0.5)),
                     "p99_ms": ms(pct(times, 0.99))}
 
-        out["noop_sequential"] = await sequential("NOOP", "http://do/", "GET")
-        out["noop_64_in_flight_100_objects"] = await in_flight("NOOP", "http://do/", "GET")
-        out["counter_sequential"] = await sequential("COUNTER", "http://do/inc", "POST")
-        out["counter_64_in_flight_100_objects"] = await in_flight("COUNTER", "http://do/inc", "POST")
+        noop, inc = fetch("http://do/", "GET"), fetch("http://do/inc", "POST")
+        out["noop_sequential"] = await sequential("NOOP", noop)
+        out["noop_64_in_flight_100_objects"] = await in_flight("NOOP", noop)
+        out["counter_sequential"] = await sequential("COUNTER", inc)
+        out["counter_64_in_flight_100_objects"] = await in_flight("COUNTER", inc)
+        # The same calls as methods on stubs (await stub.noop(), await stub.increment()).
+        out["method_noop_sequential"] = await sequential("NOOP", lambda s: s.noop())
+        out["method_noop_64_in_flight_100_objects"] = await in_flight("NOOP", lambda s: s.noop())
+        out["method_counter_sequential"] = await sequential("COUNTER", lambda s: s.increment())
         # Object to object: a call out of an object, and the same call after a write (it
         # leaves once the write is durable: the output gate).
-        out["object_call_sequential"] = await sequential("RELAY", "http://do/", "GET")
-        out["object_write_then_call_sequential"] = await sequential("RELAY", "http://do/", "POST")
+        out["object_call_sequential"] = await sequential("RELAY", fetch("http://do/", "GET"))
+        out["object_write_then_call_sequential"] = await sequential("RELAY",
+                                                                    fetch("http://do/", "POST"))
     return out
+
+
+def codec_call_cost(n: int) -> dict[str, float]:
+    """Encoding and decoding a method call whose argument is a 1 KB dict (µs, median)."""
+    from durable.protocol.messages import decode_method_call, encode_method_call
+
+    arg = {f"key{i:02d}": "v" * 16 for i in range(40)}
+    head, body = encode_method_call("update", (arg,), {})
+    enc, dec = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        encode_method_call("update", (arg,), {})
+        enc.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        decode_method_call(head, body)
+        dec.append(time.perf_counter() - t)
+    return {"bytes": len(body), "encode_p50_us": us(pct(enc, 0.5)),
+            "decode_p50_us": us(pct(dec, 0.5))}
 
 
 def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
@@ -506,6 +532,15 @@ def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
         # What a durable increment adds to a no-op call; the fsync floor above is its bulk.
         out["counter_minus_noop_p50_ms"] = round(
             out["counter_sequential"]["p50_ms"] - out["noop_sequential"]["p50_ms"], 4)
+        # Methods against fetch, same run: a ratio <= 1 means the method call is no slower.
+        out["method_vs_fetch_noop_p50"] = round(
+            out["method_noop_sequential"]["p50_ms"] / out["noop_sequential"]["p50_ms"], 3)
+        out["method_vs_fetch_noop_per_s"] = round(
+            out["method_noop_64_in_flight_100_objects"]["per_s"]
+            / out["noop_64_in_flight_100_objects"]["per_s"], 3)
+        out["method_vs_fetch_counter_p50"] = round(
+            out["method_counter_sequential"]["p50_ms"] / out["counter_sequential"]["p50_ms"], 3)
+        out["call_codec_1kb_dict"] = codec_call_cost(300 if quick else 3000)
         # The output gate's price: a write then a call, against the call plus one fsync.
         plain = out["object_call_sequential"]["p50_ms"]
         fsync = out["floor_fsync_100b_preallocated"]["p50_ms"]

@@ -7,6 +7,9 @@ class Noop(DurableObject):
     async def fetch(self, request: Request) -> Response:
         return Response(b"ok")
 
+    async def noop(self) -> None:
+        return None
+
 
 class Relay(DurableObject):
     """GET: call NOOP/peer. POST: write a key, then call NOOP/peer (behind the output gate)."""

@@ -52,7 +52,10 @@ Supervisor → broker (``CONTROL``; a PUSH to the broker's PULL socket in the 07
     CONTROL [hdr, {"op": "drain"}]                                refuse new calls (stopping)
 
 ``request_head`` is ``[method, url, [[name, value], ...]]`` and
-``response_head`` is ``[status, [[name, value], ...]]``.
+``response_head`` is ``[status, [[name, value], ...]]``. A method call on a
+stub uses the same CALL: its head is ``b"@"`` and the method's name (never a
+JSON array), its body ``codec.encode_call(args, kwargs)``; its REPLY's head
+is ``b"@"`` and its body ``codec.encode(result, rpc=True)``.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ from typing import Any, ClassVar
 
 import orjson
 
-from ..errors import DurableError, ProtocolError
+from .. import codec
+from ..errors import DurableError, ObjectError, ProtocolError
 from ..http import Request, Response
 
 __all__ = [
@@ -75,6 +79,8 @@ __all__ = [
     "parse_from_client", "parse_from_broker_to_client", "parse_from_worker",
     "parse_from_broker_to_worker", "parse_control", "encode_request", "decode_request",
     "encode_response", "decode_response", "error_fields", "header", "pack_u64", "unpack_u64",
+    "METHOD", "MethodCall", "encode_method_call", "decode_method_call", "encode_result",
+    "decode_result",
 ]
 
 #: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
@@ -188,29 +194,100 @@ def decode_response(head: bytes, body: bytes) -> Response:
         raise ProtocolError(f"bad response head: {e}") from None
 
 
+# -- method calls ---------------------------------------------------------------------
+METHOD = b"@"
+MAX_METHOD_NAME = 200
+
+
+@dataclass(slots=True)
+class MethodCall:
+    """``stub.name(*args, **kwargs)``, as the object process receives it."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def encode_method_call(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(head, body) of a method call; ``TypeError`` naming the argument that cannot be sent."""
+    return METHOD + name.encode(), codec.encode_call(args, kwargs)
+
+
+def decode_method_call(head: bytes, body: bytes) -> MethodCall:
+    name = bytes(head[1:]).decode("utf-8", "replace")
+    if not name.isidentifier() or name.startswith("_") or len(name) > MAX_METHOD_NAME:
+        raise ProtocolError(f"{name[:MAX_METHOD_NAME]!r} is not a method name that may be called "
+                            "(an identifier not starting with '_')")
+    try:
+        args, kwargs = codec.decode_call(body)
+    except codec.MalformedValueError as e:
+        raise ProtocolError(f"the arguments of {name}() are malformed: {e}") from None
+    return MethodCall(name, args, kwargs)
+
+
+def encode_result(value: Any) -> tuple[bytes, bytes]:
+    """(head, body) of a method call's reply; ``TypeError`` if the value cannot be sent."""
+    return METHOD, codec.encode(value, rpc=True)
+
+
+def decode_result(body: bytes) -> Any:
+    try:
+        return codec.decode(body, rpc=True)
+    except codec.MalformedValueError as e:
+        raise ProtocolError(f"a method's result is malformed: {e}") from None
+
+
 # -- errors ---------------------------------------------------------------------------
-def error_fields(err: BaseException) -> tuple[str, str, str]:
-    """(wire code, message, type name) for an exception: a DurableError's own ``code``,
-    ``object_error`` for anything else."""
+def error_fields(err: BaseException) -> tuple[str, str, str, str | None]:
+    """(wire code, message, type name, builtin ancestor) for an exception: a
+    DurableError's own ``code``, ``object_error`` for anything else."""
     if isinstance(err, DurableError):
         return (err.code, getattr(err, "remote_message", str(err)),
-                getattr(err, "remote_type", type(err).__name__))
-    return "object_error", str(err), type(err).__name__
+                getattr(err, "remote_type", type(err).__name__),
+                err.remote_builtin if isinstance(err, ObjectError) else None)
+    return "object_error", str(err), type(err).__name__, builtin_ancestor(type(err))
 
 
-def _encode_error(code: str, message: str, remote_type: str | None, tb: str | None) -> bytes:
+def builtin_ancestor(cls: type) -> str | None:
+    """The nearest builtin exception a class derives from (``KeyError`` for ``class
+    NotFound(KeyError)``), so the caller's ``except KeyError`` catches it too."""
+    for base in cls.__mro__:
+        if base.__module__ == "builtins" and base.__name__ in _MIXABLE:
+            return base.__name__
+    return None
+
+
+#: builtin exceptions a caller's error may also be an instance of (errors.error_from_wire)
+_MIXABLE = frozenset({
+    "ArithmeticError", "AssertionError", "AttributeError", "BufferError", "EOFError",
+    "FloatingPointError", "LookupError", "IndexError", "KeyError", "MemoryError", "NameError",
+    "NotImplementedError", "OverflowError", "RecursionError", "ReferenceError",
+    "RuntimeError", "TypeError", "UnboundLocalError", "UnicodeError", "ValueError",
+    "ZeroDivisionError", "OSError", "BlockingIOError", "ChildProcessError", "ConnectionError",
+    "BrokenPipeError", "ConnectionAbortedError", "ConnectionRefusedError",
+    "ConnectionResetError", "FileExistsError", "FileNotFoundError", "InterruptedError",
+    "IsADirectoryError", "NotADirectoryError", "PermissionError", "ProcessLookupError",
+    "TimeoutError", "ModuleNotFoundError", "ImportError",
+})
+
+
+def _encode_error(code: str, message: str, remote_type: str | None, tb: str | None,
+                  builtin: str | None) -> bytes:
     body = {"code": code, "message": message, "remote_type": remote_type}
     if tb is not None:
         body["traceback"] = tb
+    if builtin is not None:
+        body["builtin"] = builtin
     return orjson.dumps(body)
 
 
-def _decode_error(frame: bytes) -> tuple[str, str, str | None, str | None]:
+def _decode_error(frame: bytes) -> tuple[str, str, str | None, str | None, str | None]:
     e = _obj(frame, "error payload")
     if type(e.get("code")) is not str or type(e.get("message")) is not str:
         raise ProtocolError("error payload must be {code: str, message: str}")
-    rt, tb = e.get("remote_type"), e.get("traceback")
-    return e["code"], e["message"], rt if type(rt) is str else None, tb if type(tb) is str else None
+    rt, tb, bi = e.get("remote_type"), e.get("traceback"), e.get("builtin")
+    return (e["code"], e["message"], rt if type(rt) is str else None,
+            tb if type(tb) is str else None, bi if bi in _MIXABLE else None)
 
 
 # -- the messages ---------------------------------------------------------------------
@@ -364,10 +441,11 @@ class Error(Message):
     message: str
     remote_type: str | None = None
     traceback: str | None = None
+    builtin: str | None = None  # the builtin exception the remote one derives from, if any
 
     def encode(self) -> list[bytes]:
-        return [header(Cmd.ERROR), pack_u64(self.call_id),
-                _encode_error(self.code, self.message, self.remote_type, self.traceback)]
+        return [header(Cmd.ERROR), pack_u64(self.call_id), _encode_error(
+            self.code, self.message, self.remote_type, self.traceback, self.builtin)]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> Error:
@@ -465,23 +543,26 @@ class WorkerError(Message):
     message: str
     remote_type: str | None = None
     traceback: str | None = None
+    builtin: str | None = None
 
     @classmethod
     def of(cls, client: bytes, call_id: int, err: BaseException,
            traceback: str | None = None) -> WorkerError:
         """The error an object process answers for ``err`` (see ``error_fields``)."""
-        return cls(client, call_id, *error_fields(err), traceback)
+        code, message, remote_type, builtin = error_fields(err)
+        return cls(client, call_id, code, message, remote_type, traceback, builtin)
 
     def encode(self) -> list[bytes]:
-        return [header(Cmd.WERROR), self.client, pack_u64(self.call_id),
-                _encode_error(self.code, self.message, self.remote_type, self.traceback)]
+        return [header(Cmd.WERROR), self.client, pack_u64(self.call_id), _encode_error(
+            self.code, self.message, self.remote_type, self.traceback, self.builtin)]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> WorkerError:
         return cls(frames[1], unpack_u64(frames[2], "call_id"), *_decode_error(frames[3]))
 
     def to_client(self) -> Error:
-        return Error(self.call_id, self.code, self.message, self.remote_type, self.traceback)
+        return Error(self.call_id, self.code, self.message, self.remote_type, self.traceback,
+                     self.builtin)
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from durable.supervisor.config import from_dict, write_settings
+from tests.integration.procs import async_wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACES = {
@@ -22,6 +23,7 @@ NAMESPACES = {
     "FAILING": "tests.integration.objects:Failing",
     "CALLER": "tests.integration.objects:Caller",
     "SETUP": "tests.integration.objects:Setup",
+    "ACCOUNT": "tests.integration.objects:Account",
 }
 
 
@@ -119,3 +121,11 @@ def running_cluster(root: Path, slots: int = 2, heartbeat: float = 0.2,
         yield c
     finally:
         c.stop_all()
+
+
+async def all_slots_up(c, timeout: float = 15.0) -> None:
+    """Wait until every slot's object process has registered with the broker."""
+    async def up():
+        return all(s["up"] for s in (await c.statistics())["slots"])
+
+    await async_wait_for(lambda: up(), timeout, "every slot to register")

@@ -260,3 +260,65 @@ class Hog(DurableObject):
             block[i] = 1
         Hog.kept.append(block)
         return Response(str(sum(len(b) for b in Hog.kept) >> 20))
+
+
+class NotFound(KeyError):
+    """A user exception that derives from a builtin one (the caller may catch KeyError)."""
+
+
+class Account(DurableObject):
+    """Methods on stubs: plain and async, writes, errors, calls to other objects; ``fetch``
+    and methods append to one log, so their order can be checked."""
+
+    async def fetch(self, request: Request) -> Response:
+        n = int(query(request)["n"])
+        await self._log(n)
+        return Response(str(n))
+
+    async def _log(self, n: int) -> None:
+        log = (await self.state.storage.get("log")) or []
+        log.append(n)
+        await self.state.storage.put("log", log)
+
+    async def record(self, n: int) -> int:
+        await self._log(n)
+        return n
+
+    async def log(self) -> list:
+        return (await self.state.storage.get("log")) or []
+
+    async def deposit(self, amount: int, *, memo: str = "") -> int:
+        balance = (await self.state.storage.get("balance")) or 0
+        balance += amount
+        await self.state.storage.put("balance", balance)
+        if memo:
+            await self.state.storage.put("memo", memo)
+        return balance
+
+    def echo(self, *args, **kwargs):  # a plain def, returning what it got
+        return args, kwargs
+
+    async def noop(self) -> None:
+        return None
+
+    async def write_then_raise(self, value: str) -> None:
+        await self.state.storage.put("before-raise", value)
+        raise ValueError(f"refused {value}")
+
+    async def get(self, key: str):
+        return await self.state.storage.get(key)
+
+    async def missing(self, key: str):
+        raise NotFound(key)
+
+    async def transfer(self, to_name: str, amount: int) -> int:
+        """Object to object: a method call on another object's stub."""
+        await self.deposit(-amount)
+        other = self.env.ACCOUNT.get_by_name(to_name)
+        return await other.deposit(amount, memo=f"from {self.state.id.name}")
+
+    async def whoami(self):
+        return self.state.id
+
+    async def pid(self) -> int:
+        return os.getpid()

@@ -33,10 +33,14 @@ def test_rpc_bench_quick_reports_every_figure():
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout)["median"]
     for section in ("floor_zmq_2hop_echo", "noop_sequential", "noop_64_in_flight_100_objects",
-                    "counter_sequential", "counter_64_in_flight_100_objects"):
+                    "counter_sequential", "counter_64_in_flight_100_objects",
+                    "method_noop_sequential", "method_counter_sequential",
+                    "method_vs_fetch_noop_p50", "call_codec_1kb_dict"):
         assert section in m, f"{section} missing from {sorted(m)}"
     assert m["noop_64_in_flight_100_objects"]["calls"] > 0
     assert m["counter_64_in_flight_100_objects"]["calls"] > 0
+    assert m["method_noop_64_in_flight_100_objects"]["calls"] > 0
+    assert m["call_codec_1kb_dict"]["bytes"] >= 1000
 
 
 def test_http_bench_quick_reports_every_figure():

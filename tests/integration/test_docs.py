@@ -60,11 +60,12 @@ def test_getting_started_runs_as_written(tmp_path):
             r = run_sh(line, tmp_path)
             assert r.returncode == 0, (line, r.stdout, r.stderr)
             out[line] = r.stdout
-        assert out["python call.py"].strip() == "room-1 is at 3"
+        assert out["python call.py"].strip() == "room-1 is at 3 and fetch says 3"
         curl = next(k for k in out if k.startswith("curl"))
         assert out[curl].strip() == "4"
         assert "HTTP 200" in out["durable call COUNTER room-1 /inc -X POST"]
         assert "'n': 5" in out["durable inspect COUNTER room-1"]
+        assert out["durable call COUNTER room-1 --method increment"].strip() == "6"
         assert "objectproc" in out["durable status"]
 
 
@@ -87,4 +88,4 @@ def test_readme_runs_as_written(tmp_path):
         (tmp_path / "readme.py").write_text(python_block)
         r = subprocess.run([sys.executable, "readme.py"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60)
-        assert r.returncode == 0 and r.stdout.strip() == "200 2", (r.stdout, r.stderr)
+        assert r.returncode == 0 and r.stdout.strip() == "200 2 4", (r.stdout, r.stderr)

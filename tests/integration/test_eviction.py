@@ -3,9 +3,8 @@
 import asyncio
 
 import durable
-from tests.integration.cluster import running_cluster
+from tests.integration.cluster import all_slots_up, running_cluster
 from tests.integration.procs import async_wait_for
-from tests.integration.test_messaging import all_slots_up
 
 
 def active(stats):

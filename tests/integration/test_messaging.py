@@ -15,32 +15,8 @@ import durable
 from durable.broker.ring import Ring
 from durable.errors import InvalidIdError, ObjectError, StubBrokenError, UnknownNamespaceError
 from durable.protocol.messages import VERSION, Cmd, header, pack_u64
-from tests.integration.cluster import running_cluster
+from tests.integration.cluster import all_slots_up
 from tests.integration.procs import async_wait_for, wait_for
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    with running_cluster(tmp_path, slots=2) as c:
-        yield c
-
-
-@pytest.fixture
-async def client(cluster):
-    try:
-        async with durable.connect(cluster.frontend, timeout=10) as c:
-            await all_slots_up(c)
-            yield c
-    except BaseException:
-        print(cluster.log_tail())
-        raise
-
-
-async def all_slots_up(c, timeout=15.0):
-    async def up():
-        return all(s["up"] for s in (await c.statistics())["slots"])
-
-    await async_wait_for(lambda: up(), timeout, "every slot to register")
 
 
 def stub(client, ns, name):

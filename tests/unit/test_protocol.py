@@ -68,11 +68,11 @@ def test_request_and_response_heads_round_trip():
 
 def test_error_fields_for_object_and_durable_errors():
     from durable.errors import OverloadedError
-    assert m.error_fields(KeyError("k")) == ("object_error", "'k'", "KeyError")
+    assert m.error_fields(KeyError("k")) == ("object_error", "'k'", "KeyError", "KeyError")
     assert m.error_fields(OverloadedError("full"))[0] == "overloaded"
     err = m.WorkerError.of(b"c", 1, KeyError("k"), "tb")
     assert (err.code, err.traceback) == ("object_error", "tb")
-    assert err.to_client() == m.Error(1, "object_error", "'k'", "KeyError", "tb")
+    assert err.to_client() == m.Error(1, "object_error", "'k'", "KeyError", "tb", "KeyError")
 
 
 H = m.header
