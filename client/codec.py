@@ -120,6 +120,8 @@ def encode(value: Any, *, rpc: bool = False) -> bytes:
 def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """A method call's arguments as ``[["t", arg, ...], {name: arg}]``, references shared
     across them; ``TypeError`` names the argument (``argument 2``, ``argument 'by'``)."""
+    if not args and not kwargs:
+        return _NO_ARGUMENTS
     enc = _RpcEncoder()
     pos: list[Any] = ["t"]
     for i, arg in enumerate(args):
@@ -145,8 +147,13 @@ def _rpc_message(message: str) -> str:
         "(storable: ", "(sendable: ObjectId, Request, Response, ")
 
 
+_NO_ARGUMENTS = b'[["t"],{}]'
+
+
 def decode_call(data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The ``(args, kwargs)`` that :func:`encode_call` wrote; MalformedValueError otherwise."""
+    if data == _NO_ARGUMENTS:
+        return (), {}
     try:
         tree = orjson.loads(data)
     except orjson.JSONDecodeError as e:

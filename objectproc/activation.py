@@ -260,7 +260,7 @@ class Activation:
         """``stub.name(*args, **kwargs)``: the user's method (``_run`` checked it exists)."""
         fn = callable_method(type(self.instance), call.name)
         result = fn(self.instance, *call.args, **call.kwargs)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             result = await result
         return result
 

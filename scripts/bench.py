@@ -457,38 +457,61 @@ async def rpc_measure(endpoint: str, quick: bool) -> dict[str, Any]:
                 times.append(time.perf_counter() - t)
             return {"n": n, "p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99))}
 
-        async def in_flight(ns: str, call: Any, width: int = 64,
-                            objects: int = 100) -> dict[str, float]:
+        async def interleaved(ns: str, a: Any, b: Any) -> tuple[dict[str, float], dict[str, float]]:
+            """``a`` and ``b`` on one stub, alternately: drift in the machine hits both alike."""
+            stub = client.namespace(ns).get_by_name("seq")
+            for _ in range(50):
+                await a(stub)
+                await b(stub)
+            ta, tb = [], []
+            for _ in range(n):
+                for call, times in ((a, ta), (b, tb)):
+                    t = time.perf_counter()
+                    await call(stub)
+                    times.append(time.perf_counter() - t)
+            return tuple({"n": n, "p50_ms": ms(pct(t, 0.5)), "p99_ms": ms(pct(t, 0.99))}
+                         for t in (ta, tb))
+
+        async def in_flight(ns: str, *calls: Any, width: int = 64, objects: int = 100,
+                            blocks: int = 1) -> list[dict[str, float]]:
+            """Each call kind with ``width`` in flight over ``objects`` objects for ``secs``
+            in all: in ``blocks`` turns, alternating kinds, when there are several."""
             space = client.namespace(ns)
             stubs = [space.get_by_name(f"o{i}") for i in range(objects)]
-            await asyncio.gather(*[call(s) for s in stubs])
-            times: list[float] = []
-            stop = time.monotonic() + secs
+            for call in calls:
+                await asyncio.gather(*[call(s) for s in stubs])
+            times: list[list[float]] = [[] for _ in calls]
+            spent = [0.0 for _ in calls]
+            for _ in range(blocks):
+                for j, call in enumerate(calls):
+                    stop = time.monotonic() + secs / blocks
 
-            async def worker(k: int) -> None:
-                i = k
-                while time.monotonic() < stop:
-                    t = time.perf_counter()
-                    await call(stubs[i % objects])
-                    times.append(time.perf_counter() - t)
-                    i += width
+                    async def worker(k: int, call: Any = call, out: list = times[j],
+                                     stop: float = stop) -> None:
+                        i = k
+                        while time.monotonic() < stop:
+                            t = time.perf_counter()
+                            await call(stubs[i % objects])
+                            out.append(time.perf_counter() - t)
+                            i += width
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*[worker(k) for k in range(width)])
-            elapsed = time.perf_counter() - t0
-            return {"in_flight": width, "objects": objects, "calls": len(times),
-                    "per_s": round(len(times) / elapsed), "p50_ms": ms(pct(times, 0.5)),
-                    "p99_ms": ms(pct(times, 0.99))}
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*[worker(k) for k in range(width)])
+                    spent[j] += time.perf_counter() - t0
+            return [{"in_flight": width, "objects": objects, "calls": len(t),
+                     "per_s": round(len(t) / e), "p50_ms": ms(pct(t, 0.5)),
+                     "p99_ms": ms(pct(t, 0.99))} for t, e in zip(times, spent, strict=True)]
 
+        # Each fetch figure beside the same call as a method on the stub (await stub.noop(),
+        # await stub.increment()), measured right after it: the same state of the process.
         noop, inc = fetch("http://do/", "GET"), fetch("http://do/inc", "POST")
-        out["noop_sequential"] = await sequential("NOOP", noop)
-        out["noop_64_in_flight_100_objects"] = await in_flight("NOOP", noop)
-        out["counter_sequential"] = await sequential("COUNTER", inc)
-        out["counter_64_in_flight_100_objects"] = await in_flight("COUNTER", inc)
-        # The same calls as methods on stubs (await stub.noop(), await stub.increment()).
-        out["method_noop_sequential"] = await sequential("NOOP", lambda s: s.noop())
-        out["method_noop_64_in_flight_100_objects"] = await in_flight("NOOP", lambda s: s.noop())
-        out["method_counter_sequential"] = await sequential("COUNTER", lambda s: s.increment())
+        out["noop_sequential"], out["method_noop_sequential"] = await interleaved(
+            "NOOP", noop, lambda s: s.noop())
+        out["noop_64_in_flight_100_objects"], out["method_noop_64_in_flight_100_objects"] = \
+            await in_flight("NOOP", noop, lambda s: s.noop(), blocks=4)
+        out["counter_sequential"], out["method_counter_sequential"] = await interleaved(
+            "COUNTER", inc, lambda s: s.increment())
+        out["counter_64_in_flight_100_objects"], = await in_flight("COUNTER", inc)
         # Object to object: a call out of an object, and the same call after a write (it
         # leaves once the write is durable: the output gate).
         out["object_call_sequential"] = await sequential("RELAY", fetch("http://do/", "GET"))
