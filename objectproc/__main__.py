@@ -36,7 +36,9 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         checkpoint_interval=cfg.checkpoint_interval,
         max_inflight_bytes=cfg.max_inflight_mb << 20, cpu_limit=cfg.cpu_limit_ms / 1000,
         cpu_limits={n: ms / 1000 for n, ms in cfg.namespace_cpu_limits.items()},
-        wait_until_limit=cfg.wait_until_limit, debug=cfg.debug)
+        wait_until_limit=cfg.wait_until_limit, debug=cfg.debug, alarm_rate=cfg.alarm_rate,
+        alarm_concurrency=cfg.alarm_concurrency, alarm_retries=cfg.alarm_retries,
+        alarm_retry_base=cfg.alarm_retry_base)
 
 
 def main(argv: list[str] | None = None) -> int:

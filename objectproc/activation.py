@@ -57,6 +57,7 @@ from durable.ids import ObjectId
 from durable.objects import DurableObject
 from durable.protocol.messages import MethodCall, builtin_ancestor
 
+from .alarms import AlarmCall, AlarmInfo
 from .storage import ObjectStorage, SlotStore
 
 __all__ = ["Activation", "State", "Phase", "CURRENT", "CpuLimitExceeded"]
@@ -130,7 +131,8 @@ class State:
         return act
 
 
-Reply = Callable[[Any, BaseException | None], None]  # (a Response, or a method's result)
+Reply = Callable[[Any, BaseException | None], None]  # (a Response, a method's result, None)
+Delivery = Request | MethodCall | AlarmCall
 
 
 class Activation:
@@ -145,8 +147,9 @@ class Activation:
         self.cpu_limit = cpu_limit
         self.debug = debug
         self.storage = ObjectStorage(store, namespace, object_id)
+        self.storage.alarm_handler = callable(getattr(cls, "alarm", None))
         self.state = State(ObjectId(object_id, name), self.storage, self)
-        self._waiting: deque[tuple[Request | MethodCall, Reply]] = deque()
+        self._waiting: deque[tuple[Delivery, Reply]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         #: tasks the object's code started (create_task, wait_until): eviction waits for them
         self.owned: set[asyncio.Task[Any]] = set()
@@ -186,7 +189,7 @@ class Activation:
     def busy(self) -> bool:
         return bool(self._tasks) or bool(self._waiting) or self.phase is Phase.BLOCKED
 
-    def deliver(self, request: Request | MethodCall, reply: Reply) -> None:
+    def deliver(self, request: Delivery, reply: Reply) -> None:
         self.last_used = self.clock()
         self.retiring_since, self.cancelled_tasks = None, False
         if len(self._tasks) + len(self._waiting) >= self.max_pending:
@@ -207,10 +210,10 @@ class Activation:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start(self, request: Request | MethodCall, reply: Reply) -> None:
+    def _start(self, request: Delivery, reply: Reply) -> None:
         self._own(self._run(request, reply))
 
-    async def _run(self, request: Request | MethodCall, reply: Reply) -> None:
+    async def _run(self, request: Delivery, reply: Reply) -> None:
         CURRENT.set(self)  # this task's own context: tasks it starts inherit both
         OUTPUT_GATE.set(self._gate)
         if self.phase in (Phase.BROKEN, Phase.RESET):
@@ -232,6 +235,8 @@ class Activation:
         try:
             if type(request) is MethodCall:
                 resp = await self._invoke(request)
+            elif type(request) is AlarmCall:
+                await self._alarm(request)
             else:
                 resp = await self.instance.fetch(request)
                 if not isinstance(resp, Response):
@@ -256,6 +261,19 @@ class Activation:
         self.last_used = self.clock()
         reply(resp, error)
 
+    async def _alarm(self, call: AlarmCall) -> None:
+        """The object's ``alarm(info)``; once it returns, the alarm is deleted, unless the
+        handler set another (it commits with the handler's writes)."""
+        handler = getattr(self.instance, "alarm", None)
+        if handler is None:
+            raise TypeError(f"{type(self.instance).__name__} has no alarm() handler; the alarm "
+                            "set for it cannot run (define `async def alarm(self, info)`)")
+        result = handler(AlarmInfo(call.retry_count))
+        if inspect.isawaitable(result):
+            await result
+        if self.storage.broken is None and self.storage._read_alarm() == call.due:
+            self.storage._write_alarm(None)
+
     async def _invoke(self, call: MethodCall) -> Any:
         """``stub.name(*args, **kwargs)``: the user's method (``_run`` checked it exists)."""
         fn = callable_method(type(self.instance), call.name)
@@ -264,7 +282,7 @@ class Activation:
             result = await result
         return result
 
-    def report(self, e: BaseException, request: Request | MethodCall | None, cause: BaseException,
+    def report(self, e: BaseException, request: Delivery | None, cause: BaseException,
                where: str = "fetch") -> BaseException:
         """Log an exception from object code (rate-limited per object); the caller's error.
 
@@ -282,7 +300,8 @@ class Activation:
         if len(self.errors_logged) < 5:
             self.errors_logged.append(now)
             what = ("set-up" if request is None else f"{request.name}()"
-                    if type(request) is MethodCall else f"{request.method} {request.url}")
+                    if type(request) is MethodCall else f"alarm() (retry {request.retry_count})"
+                    if type(request) is AlarmCall else f"{request.method} {request.url}")
             log.error("%s %s%s: %s raised %s during %s (%s)\n%s", self.namespace, self.object_id,
                       f" (name {self.name!r})" if self.name is not None else "",
                       type(self.instance).__name__ if self.instance is not None else "object",

@@ -60,8 +60,10 @@ from durable.supervisor.config import Config as _SETTINGS
 from durable.transport import LoopSocket
 
 from .activation import CURRENT, Activation, Phase
+from .alarms import AlarmCall, AlarmScheduler
 from .cpulimit import CpuWatch
 from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
+from .storage.log import ALARM_DELETE
 from .storage.slot import object_key
 
 __all__ = ["ObjectProcess", "ObjectProcessConfig"]
@@ -133,6 +135,12 @@ class ObjectProcessConfig:
     wait_until_limit: float = _SETTINGS.wait_until_limit
     #: send object tracebacks to callers (ObjectError.remote_traceback)
     debug: bool = False
+    #: alarms: start at most this many a second, run at most alarm_concurrency at once
+    alarm_rate: float = _SETTINGS.alarm_rate
+    alarm_concurrency: int = _SETTINGS.alarm_concurrency
+    #: a raising alarm() is retried alarm_retries times, after alarm_retry_base * 2**n s
+    alarm_retries: int = _SETTINGS.alarm_retries
+    alarm_retry_base: float = _SETTINGS.alarm_retry_base
 
 
 class ObjectProcess:
@@ -158,6 +166,8 @@ class ObjectProcess:
         self.ids: dict[str, IdFactory] = {}
         self._incarnation = 0
         self._beat_stop = threading.Event()
+        self.alarms: AlarmScheduler | None = None
+        self._orphan_namespaces: set[str] = set()  # alarms of namespaces no longer configured
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -183,6 +193,12 @@ class ObjectProcess:
         await self.client.start(wait=False)
         self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars)
         self._register()
+        self.alarms = AlarmScheduler(
+            loop, self._load_alarms, self.store.pending_alarms, self._fire_alarm,
+            self._alarm_given_up, rate=cfg.alarm_rate, concurrency=cfg.alarm_concurrency,
+            retries=cfg.alarm_retries, retry_base=cfg.alarm_retry_base)
+        self.store.on_alarm = self.alarms.on_alarm
+        self.alarms.start()
         if self.lifeline is not None:
             self.lifeline.mark_ready()  # from here, a loop that stops turning is a hang
         watch.start()
@@ -196,6 +212,8 @@ class ObjectProcess:
         finally:
             watch.stop()
             self._beat_stop.set()
+            if self.alarms is not None:
+                self.alarms.close()
             await self._shutdown()
         if isinstance(self.store.failed, StorageCorruptError):
             raise self.store.failed  # the slot stays down as corrupt (exit status 65)
@@ -339,6 +357,53 @@ class ObjectProcess:
             return
         act.deliver(request, reply)
 
+    # -- alarms -------------------------------------------------------------------------
+    def _load_alarms(self, lo: int, hi: int, limit: int) -> list[tuple[bytes, int]]:
+        try:
+            return self.store.duck.due_alarms(lo, hi, limit)
+        except Exception as e:  # a damaged file fails the slot through its next read
+            log.error("slot %d: reading alarms failed: %s", self.config.slot, e)
+            return []
+
+    def _fire_alarm(self, obj: bytes, due: int, retry: int, done: Any) -> None:
+        """Run ``obj``'s alarm handler through its activation (activating it if evicted)."""
+        namespace, _, object_id = obj.decode().partition("/")
+        if namespace not in self.classes:
+            if namespace not in self._orphan_namespaces:
+                self._orphan_namespaces.add(namespace)
+                log.warning("slot %d: alarms of namespace %r are due, but it is not configured; "
+                            "they are kept and fire once it is", self.config.slot, namespace)
+            done(None)  # kept in storage: it fires after a restart with the namespace back
+            return
+        try:
+            act = self._activation(namespace, object_id)
+        except ConstructorError as e:
+            done(e.error)
+            return
+        self._in_flight += 1  # (so that concurrent handlers share group commits: _quiet)
+
+        def ended(_resp: Any, error: BaseException | None) -> None:
+            self._in_flight -= 1
+            done(error)
+
+        act.deliver(AlarmCall(due, retry), ended)
+
+    def _alarm_given_up(self, obj: bytes, due: int, error: BaseException) -> None:
+        """Retries are spent: log it, and delete the alarm (unless a newer one replaced it)."""
+        namespace, _, object_id = obj.decode().partition("/")
+        log.error("%s %s: alarm() failed %d times in a row; the alarm due at %s is dropped. "
+                  "Last error: %s", namespace, object_id, self.config.alarm_retries + 1,
+                  _iso(due), error)
+        act = self.catalog.get((namespace, object_id))
+        try:
+            if act is not None and act.phase in (Phase.ACTIVE, Phase.BLOCKED):
+                if act.storage._read_alarm() == due:
+                    act.storage._write_alarm(None)
+            elif self.store.read_alarm(obj) == due:
+                self.store.submit(obj, False, {}, alarm=ALARM_DELETE)
+        except Exception as e:  # (a full disk): it fires again after a restart; at least once
+            log.warning("%s %s: could not delete the dropped alarm: %s", namespace, object_id, e)
+
     def _inspect(self, namespace: str, object_id: str, request: Any, reply: Any) -> None:
         """`durable inspect`: the object's stored keys and values, without running its code."""
         if namespace not in self.classes:
@@ -350,7 +415,10 @@ class ObjectProcess:
         async def run() -> None:
             try:
                 rows = await storage.list(prefix=prefix)
-                reply(Response.json([[k, repr(v)] for k, v in rows.items()]), None)
+                out = [[k, repr(v)] for k, v in rows.items()]
+                due = await storage.get_alarm()
+                reply(Response.json(out, headers={"x-durable-alarm": str(due)} if due is not None
+                                    else None), None)
             except Exception as e:
                 reply(None, e)
 
@@ -479,6 +547,11 @@ class ObjectProcess:
     def stats(self) -> dict[str, Any]:
         return {"active": len(self.catalog), "pid": os.getpid(), **self.counters,
                 "inline_commits": self.store.inline_commits if self.store else 0,
-                **(self.store.statistics() if self.store else {})}
+                **(self.store.statistics() if self.store else {}),
+                **(self.alarms.stats() if self.alarms else {}),
+                "alarms": self.store.alarm_counts if self.store else {}}
 
 
+def _iso(ms: int) -> str:
+    import datetime as dt
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")

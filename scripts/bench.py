@@ -5,6 +5,7 @@
     python scripts/bench.py rpc [--quick] [--repeat N] [--slots N]
     python scripts/bench.py http [--quick] [--repeat N] [--slots N] [--http-processes N]
     python scripts/bench.py backup [--quick] [--repeat N] [--backup-mib 1024]
+    python scripts/bench.py alarms [--quick] [--repeat N]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
@@ -26,6 +27,13 @@ with 64 connections over 100 objects.
 24 KB values, then runs ``durable backup`` while a prober makes small reads and
 writes on both slots: how long the backup took, and the longest any call waited
 during it (against the same prober before it).
+
+``alarms`` runs a broker and one object process: how late alarms fire (idle,
+and beside 64 calls in flight), how many fire per second when 20,000 come due at
+once (each handler a durable write that also deletes its alarm), and with
+1,000,000 alarms pending (written into the slot's file while the daemon is down):
+the object process's memory against the idle daemon's, its start-up time, and
+setting one more against a ``put``.
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -400,7 +408,6 @@ class Daemon:
     """A broker and object processes, as ``durable serve`` will run them (killed on exit)."""
 
     def __init__(self, tmp: Path, slots: int) -> None:
-        import subprocess
 
         from durable.ids import load_or_create_secret
         from durable.supervisor.config import from_dict, write_settings
@@ -412,17 +419,35 @@ class Daemon:
         self.frontend, backend = f"ipc://{run}/broker.sock", f"ipc://{run}/workers.sock"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
         ns = {"NOOP": "bench_objects:Noop", "COUNTER": "durable.examples.counter:Counter",
-              "RELAY": "bench_objects:Relay"}
+              "RELAY": "bench_objects:Relay", "ALARM": "bench_objects:AlarmBench"}
         config = from_dict({"data_dir": str(data), "slots": slots,
                             "broker": {"endpoint": self.frontend, "workers_endpoint": backend},
                             "namespaces": {n: {"class": c} for n, c in ns.items()}}, "bench.py")
         settings = run / "settings.json"
         write_settings(config, settings)
-        common = ["--settings", str(settings), "--log-level", "WARNING"]
-        self.procs = [subprocess.Popen([sys.executable, "-m", "durable.broker", *common], env=env)]
-        for slot in range(slots):
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "durable.objectproc",
-                                                *common, "--slot", str(slot)], env=env))
+        self._env = env
+        self._slots = slots
+        self.data = data
+        self._common = ["--settings", str(settings), "--log-level", "WARNING"]
+        self.start()
+
+    def start_slot(self, slot: int) -> Any:
+        import subprocess
+
+        return subprocess.Popen([sys.executable, "-m", "durable.objectproc", *self._common,
+                                 "--slot", str(slot)], env=self._env)
+
+    def stop(self) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the broker and every slot again on the same settings and data."""
+        import subprocess
+
+        self.procs = [subprocess.Popen([sys.executable, "-m", "durable.broker", *self._common],
+                                       env=self._env)]
+        for slot in range(self._slots):
+            self.procs.append(self.start_slot(slot))
 
     def close(self) -> None:
         for p in self.procs:
@@ -730,6 +755,159 @@ def backup_suite(quick: bool, mib: int) -> dict[str, Any]:
             "calls_during_backup": during}
 
 
+async def _all_up(client: Any, timeout: float = 60, pid: int | None = None) -> None:
+    """Every slot registered (with ``pid``: slot 0 by that process)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        slots = (await client.statistics())["slots"]
+        if all(s["up"] for s in slots) and (pid is None or slots[0]["pid"] == pid):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("object processes did not register")
+        await asyncio.sleep(0.01)
+
+
+async def _gather_bounded(calls: Any, width: int = 64) -> list[Any]:
+    """Run coroutine factories with at most ``width`` in flight; results in order."""
+    calls = list(calls)
+    out: list[Any] = [None] * len(calls)
+    it = iter(range(len(calls)))
+
+    async def worker() -> None:
+        for i in it:
+            out[i] = await calls[i]()
+
+    await asyncio.gather(*[worker() for _ in range(width)])
+    return out
+
+
+async def _lateness(client: Any, prefix: str, n: int, load: bool) -> dict[str, float]:
+    """``n`` alarms due over the next second; how late each handler started (ms)."""
+    ns = client.namespace("ALARM")
+    stubs = [ns.get_by_name(f"{prefix}{i}") for i in range(n)]
+    stop = time.monotonic() + 3.0
+    noop = client.namespace("NOOP")
+    targets = [noop.get_by_name(f"o{i}") for i in range(100)]
+
+    async def busy(k: int) -> int:  # 64 calls in flight beside the alarms
+        done = 0
+        while time.monotonic() < stop:
+            await targets[(k + done) % 100].fetch("http://do/")
+            done += 1
+        return done
+
+    loaders = [asyncio.ensure_future(busy(k)) for k in range(64)] if load else []
+    base = time.time() * 1000 + 500
+    await _gather_bounded([lambda s=s, i=i: s.arm(base + i * 1000 / n) for i, s in enumerate(stubs)])
+    await asyncio.sleep(max(0.0, (base + 1000) / 1000 - time.time()) + 0.5)
+    calls = sum(await asyncio.gather(*loaders)) if loaders else 0
+    results = await _gather_bounded([lambda s=s: s.result() for s in stubs])
+    deadline = time.monotonic() + 30
+    while any(r is None for r in results) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        results = await _gather_bounded([lambda s=s: s.result() for s in stubs])
+    late = [r["late"] for r in results if r is not None]
+    out = {"alarms": n, "fired": len(late), "p50_ms": round(pct(late, 0.5), 2),
+           "p99_ms": round(pct(late, 0.99), 2), "max_ms": round(max(late), 2),
+           "early": sum(x < 0 for x in late)}
+    if load:
+        out["calls_beside"] = calls
+    return out
+
+
+async def alarms_measure(daemon: Daemon, quick: bool) -> dict[str, Any]:
+    import durable
+
+    out: dict[str, Any] = {}
+    import psutil
+
+    async with durable.connect(daemon.frontend, timeout=60) as client:
+        await _all_up(client)
+        await asyncio.sleep(2.0)
+        rss_idle = psutil.Process(daemon.procs[1].pid).memory_info().rss  # a fresh daemon's
+        ns = client.namespace("ALARM")
+        out["lateness_idle"] = await _lateness(client, "idle", 50 if quick else 300, False)
+        out["lateness_64_in_flight"] = await _lateness(client, "busy", 50 if quick else 300, True)
+        # Throughput: many alarms due at one moment, each handler a durable write that
+        # also deletes its alarm (one commit).
+        m = 2_000 if quick else 20_000
+        stubs = [ns.get_by_name(f"t{i}") for i in range(m)]
+        # First contact activates each object (and stores its name): slower than a set, so
+        # arm them all far ahead first, then move every alarm to one moment past the end.
+        await _gather_bounded([lambda s=s: s.arm(time.time() * 1000 + 3_600_000) for s in stubs])
+        t = time.perf_counter()
+        due = time.time() * 1000 + (3_000 if quick else 8_000)
+        await _gather_bounded([lambda s=s: s.arm(due) for s in stubs])
+        rearm = time.perf_counter() - t
+        if time.time() * 1000 >= due:
+            raise RuntimeError(f"setting {m} alarms took {rearm:.1f} s: past their due time")
+        await asyncio.sleep(max(0.0, due / 1000 - time.time()))
+        results: list[Any] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            results = await _gather_bounded([lambda s=s: s.result() for s in stubs[-200:]])
+            if all(r is not None for r in results):
+                break
+        results = await _gather_bounded([lambda s=s: s.result() for s in stubs])
+        at = [r["at"] for r in results if r is not None]
+        span = (max(at) - due) / 1000
+        out["throughput"] = {"alarms": m, "set_per_s": round(m / rearm), "fired": len(at),
+                             "seconds_from_due_to_last": round(span, 3),
+                             "per_s": round(len(at) / span) if span > 0 else None,
+                             "early": sum(a < due for a in at)}
+    # Many pending alarms: memory, start-up, and the cost of one more. They are written
+    # straight into the slot's DuckDB file while the daemon is down (as a restored backup
+    # would hold them: setting a million through calls is a million first activations).
+    pending = 20_000 if quick else 1_000_000
+    far = int(time.time() * 1000) + 86_400_000
+    daemon.stop()
+    import duckdb
+
+    con = duckdb.connect(str(daemon.data / "slot-0.duckdb"))
+    con.execute("INSERT INTO alarms SELECT ('ALARM/' || printf('%064x', i))::BLOB, $1 + i "
+                "FROM range($2) t(i)", [far, pending])
+    con.execute("CHECKPOINT")
+    con.close()
+    t = time.perf_counter()
+    daemon.start()
+    async with durable.connect(daemon.frontend, timeout=60) as client:
+        await _all_up(client, 120)
+        start_s = time.perf_counter() - t
+        await asyncio.sleep(2.0)
+        rss = psutil.Process(daemon.procs[1].pid).memory_info().rss
+        ns = client.namespace("ALARM")
+        one = ns.get_by_name("one-more")
+        ta, tp = [], []
+        for i in range(300 if quick else 2000):
+            t = time.perf_counter()
+            await one.arm(far + i)
+            ta.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await one.put_one(i)
+            tp.append(time.perf_counter() - t)
+        stats = (await client.statistics())["slots"][0]["reported"]
+        out["pending"] = {
+            "alarms": pending, "start_to_serving_s": round(start_s, 2),
+            "rss_fresh_daemon_mb": round(rss_idle / 2**20, 1),
+            "rss_with_them_pending_mb": round(rss / 2**20, 1),
+            "rss_for_pending_alarms_mb": round((rss - rss_idle) / 2**20, 1),
+            "alarms_in_memory": stats.get("alarms_in_memory"),
+            "status_counts": stats.get("alarms"),
+            "set_one_more_p50_ms": ms(pct(ta, 0.5)), "put_one_p50_ms": ms(pct(tp, 0.5)),
+            "set_vs_put_p50": round(pct(ta, 0.5) / pct(tp, 0.5), 3)}
+    return out
+
+
+def alarms_suite(quick: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+        daemon = Daemon(Path(tmp), 1)
+        try:
+            return asyncio.run(alarms_measure(daemon, quick))
+        finally:
+            daemon.close()
+
+
 def median_of(runs: list[Any]) -> Any:
     first = runs[0]
     if isinstance(first, dict):
@@ -748,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _echo_worker(sys.argv[2])
         return 0
-    p.add_argument("suite", choices=["storage", "rpc", "http", "backup"])
+    p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms"])
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
     p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
@@ -769,6 +947,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [storage_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "rpc":
         runs = [rpc_suite(args.quick, args.slots) for _ in range(args.repeat)]
+    elif args.suite == "alarms":
+        runs = [alarms_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "backup":
         runs = [backup_suite(args.quick, args.backup_mib) for _ in range(args.repeat)]
     else:

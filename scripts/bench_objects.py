@@ -1,5 +1,7 @@
 """Objects the RPC benchmark calls (importable from scripts/)."""
 
+import time
+
 from durable import DurableObject, Request, Response
 
 
@@ -21,3 +23,22 @@ class Relay(DurableObject):
         ns = self.env.NOOP
         await ns.get(ns.id_from_name("peer")).fetch("http://do/")
         return Response(b"ok")
+
+
+class AlarmBench(DurableObject):
+    """``arm(due)``; the handler stores when it ran and how late (ms) it was."""
+
+    async def arm(self, due_ms: float) -> None:
+        await self.state.storage.set_alarm(due_ms)
+
+    async def put_one(self, value: int) -> None:  # the write an alarm is compared with
+        await self.state.storage.put("v", value)
+
+    async def alarm(self, info) -> None:
+        now = time.time() * 1000
+        due = await self.state.storage.get_alarm()
+        await self.state.storage.put({"at": now, "late": now - due})
+
+    async def result(self) -> dict | None:
+        at = await self.state.storage.get("at")
+        return None if at is None else {"at": at, "late": await self.state.storage.get("late")}

@@ -13,13 +13,16 @@ refused at once, changing nothing). Some writes are sent on to another object
 after they are made (the receiver's record of one whose write was lost would
 break the output gate), and some objects start tasks that write later, often
 after their object was evicted (a write by an evicted instance would break
-"one instance"). Writers never retry a call whose outcome is
-unknown (a broken stub or a timeout may or may not have run). At the end,
-every object must hold:
+"one instance"). Alarm setters arm alarms a few seconds ahead on their own
+objects; each run of a handler records which alarm it ran and when. Writers
+never retry a call whose outcome is unknown (a broken stub or a timeout may or
+may not have run). At the end, every object must hold:
 
 * a counter between its acknowledged and its attempted increments;
 * every acknowledged token exactly once, each writer's tokens in the order
-  it wrote them, and no token that was never attempted.
+  it wrote them, and no token that was never attempted;
+* a run of its last acknowledged alarm (or of a later one whose setting had
+  an unknown outcome: it may have replaced it), and no run before its time.
 
 Prints a summary (JSON with --json); exits 1 if any check fails.
 """
@@ -58,6 +61,11 @@ RETRYABLE = (durable.StubBrokenError, durable.CallTimeoutError, durable.Overload
 class Ledger:
     def __init__(self) -> None:
         self.inc_acked = collections.Counter()
+        #: alarms per object, in the order set: (token, due); which were acknowledged, and
+        #: which had an unknown outcome
+        self.alarms: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+        self.alarm_acked: dict[str, set[str]] = collections.defaultdict(set)
+        self.alarm_unknown: dict[str, set[str]] = collections.defaultdict(set)
         self.inc_attempted = collections.Counter()
         self.tokens_acked: dict[str, set[str]] = collections.defaultdict(set)
         self.tokens_attempted: dict[str, set[str]] = collections.defaultdict(set)
@@ -173,6 +181,48 @@ async def bg_driver(client: durable.Client, names: list[str], ledger: Ledger, st
         ledger.bg_acked[name].add(token)
 
 
+async def alarm_driver(client: durable.Client, names: list[str], ledger: Ledger, stop: float,
+                       rng: random.Random) -> None:
+    """Arm alarms 0.2-3 s ahead on random objects; note which settings were acknowledged."""
+    ns = client.namespace("CHAOS")
+    n = 0
+    while time.monotonic() < stop:
+        await asyncio.sleep(0.2)
+        name, n = rng.choice(names), n + 1
+        token, due = f"al-{n}", time.time() * 1000 + rng.uniform(200, 3000)
+        ledger.alarms[name].append((token, due))
+        try:
+            await ns.get(ns.id_from_name(name)).arm(due, token)
+        except RETRYABLE:
+            ledger.alarm_unknown[name].add(token)
+            continue
+        ledger.alarm_acked[name].add(token)
+
+
+def check_alarms(ledger: Ledger, fired: dict[str, list]) -> tuple[list[str], int]:
+    """The last acknowledged alarm of each object ran (or a later one of unknown outcome,
+    which may have replaced it); nothing ran early or unasked. Returns (problems, runs)."""
+    problems, runs = [], 0
+    for name, attempts in ledger.alarms.items():
+        got = fired.get(name, [])
+        runs += len(got)
+        attempted = {t for t, _ in attempts}
+        for token, due, at in got:
+            if token not in attempted:
+                problems.append(f"{name}: alarm {token} ran but was never set")
+            if due is not None and at < due:
+                problems.append(f"{name}: alarm {token} ran {due - at:.0f} ms early")
+        last = max((i for i, (t, _) in enumerate(attempts) if t in ledger.alarm_acked[name]),
+                   default=None)
+        if last is None:
+            continue
+        candidates = {attempts[last][0]} | {t for t, _ in attempts[last + 1:]
+                                            if t in ledger.alarm_unknown[name]}
+        if not candidates & {t for t, _, _ in got}:
+            problems.append(f"{name}: acknowledged alarm {attempts[last][0]} never ran")
+    return problems, runs
+
+
 async def _resume(victim: psutil.Process, after: float) -> None:
     await asyncio.sleep(after)
     with contextlib.suppress(psutil.Error):
@@ -217,6 +267,21 @@ async def read_back(client: durable.Client, names: list[str]) -> dict[str, dict]
                 await asyncio.sleep(0.05)
         else:
             raise RuntimeError(f"could not read {name} back")
+    return out
+
+
+async def read_fired(client: durable.Client, names: list[str]) -> dict[str, list]:
+    ns = client.namespace("CHAOS")
+    out = {}
+    for name in names:
+        for _attempt in range(200):
+            try:
+                out[name] = await ns.get(ns.id_from_name(name)).fired()
+                break
+            except RETRYABLE:
+                await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError(f"could not read {name}'s alarm runs back")
     return out
 
 
@@ -284,11 +349,17 @@ async def soak(args: argparse.Namespace, root: Path, port: int, daemon: subproce
                                     seconds, daemon_problems))
         bg_names = [f"bg{i}" for i in range(8)]
         tasks.append(bg_driver(client, bg_names, ledger, stop, random.Random(rng.random())))
+        alarm_names = [f"al{i}" for i in range(12)]
+        tasks.append(alarm_driver(client, alarm_names, ledger, stop, random.Random(rng.random())))
         await asyncio.gather(*tasks)
-        await asyncio.sleep(4.0)  # let the last killed process come back, background tasks end
+        # The last killed process comes back, background tasks end, the last alarms (up to
+        # 3 s ahead, plus a retry or a restart) fire.
+        await asyncio.sleep(8.0)
         final = await read_back(client, names + bg_names)
+        fired = await read_fired(client, alarm_names)
         evictions = await _evictions(client)
-    problems = daemon_problems + check(ledger, final)
+    alarm_problems, alarm_runs = check_alarms(ledger, fired)
+    problems = daemon_problems + check(ledger, final) + alarm_problems
     return {
         "seconds": args.seconds, "objects": args.objects, "writers": args.writers,
         "kills": dict(kills), "kills_total": sum(kills.values()),
@@ -299,6 +370,10 @@ async def soak(args: argparse.Namespace, root: Path, port: int, daemon: subproce
                                               for s in final.values()),
                               "instances": sum(len(s["insts"]) for s in final.values())},
         "evictions": evictions,
+        "alarms": {"set": sum(len(v) for v in ledger.alarms.values()),
+                   "acknowledged": sum(len(v) for v in ledger.alarm_acked.values()),
+                   "runs": alarm_runs,
+                   "problems": sum(1 for p in alarm_problems)},
         "acknowledged": sum(ledger.inc_acked.values()) + sum(len(t) for t in ledger.tokens_acked.values()),
         "failed_calls": dict(ledger.failures),
         "lost_writes": sum(1 for p in problems if "missing" in p or "outside" in p),

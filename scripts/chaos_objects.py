@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import time
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
@@ -66,6 +67,22 @@ class Chaos(DurableObject):
                               "heard": [k[2:] for k in heard], "log": list(log.values()),
                               "insts": (await storage.get("insts")) or [],
                               "bg": {k[2:]: v for k, v in bg.items()}})
+
+    async def arm(self, due_ms: float, token: str) -> None:
+        """Set the alarm, with the token it is known by (one atomic write)."""
+        await self.state.storage.put("alarm_token", token)
+        await self.state.storage.set_alarm(due_ms)
+
+    async def alarm(self, info) -> None:
+        """Record each run: which alarm (token, due) and when it ran."""
+        storage = self.state.storage
+        due = await storage.get_alarm()
+        fired = (await storage.get("fired")) or []
+        fired.append([await storage.get("alarm_token"), due, time.time() * 1000])
+        await storage.put("fired", fired)
+
+    async def fired(self) -> list:
+        return (await self.state.storage.get("fired")) or []
 
     async def _later(self, token: str, after: float) -> None:
         await asyncio.sleep(after * random.random())

@@ -194,6 +194,10 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         print("(no keys)")
     for key, value in rows:
         print(f"{key!r}: {value}")
+    due = resp.headers.get("x-durable-alarm")
+    if due is not None:
+        from .status import when
+        print(f"alarm: {when(int(due))}")
     return 0
 
 

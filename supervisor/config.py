@@ -27,6 +27,7 @@ DEFAULT_NAMESPACES = {
     "COUNTER": "durable.examples.counter:Counter",
     "CHAT": "durable.examples.chat:ChatRoom",
     "RATELIMIT": "durable.examples.ratelimit:RateLimiter",
+    "SESSION": "durable.examples.session:Session",
 }
 _IPC_PATH_MAX = 107  # sun_path
 
@@ -105,6 +106,14 @@ class Config:
     wait_until_limit: float = 30.0
     #: send object tracebacks to callers (ObjectError.remote_traceback)
     debug: bool = False
+    #: alarms started per second per slot at most (alarms that came due while the daemon
+    #: was down fire after start at this pace, oldest first)
+    alarm_rate: float = 10_000.0
+    #: alarm handlers running at once per slot at most
+    alarm_concurrency: int = 1000
+    #: a raising alarm() is retried this many times, alarm_retry_base * 2**n seconds apart
+    alarm_retries: int = 6
+    alarm_retry_base: float = 2.0
     #: MiB of call bodies one object process holds at once (then OverloadedError)
     max_inflight_mb: int = 256
     #: restart an object process gracefully above this RSS (MiB); 0 = no limit
@@ -191,7 +200,8 @@ def _section(source: str, prefix: str, raw: Any, cls: type) -> Any:
 
 _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_period": (int, float),
         "hang_timeout": (int, float), "max_inflight_mb": int, "cpu_limit_ms": int,
-        "wait_until_limit": (int, float), "debug": bool,
+        "wait_until_limit": (int, float), "debug": bool, "alarm_rate": (int, float),
+        "alarm_concurrency": int, "alarm_retries": int, "alarm_retry_base": (int, float),
         "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool,
         "checkpoint_wal_mb": int, "checkpoint_interval": (int, float)}
 
@@ -260,6 +270,12 @@ def validate(cfg: Config) -> None:
     for key in ("idle_timeout", "grace_period"):
         if getattr(cfg, key) <= 0:
             raise _err(src, key, "must be positive", "Use a number of seconds above 0.")
+    if cfg.alarm_rate <= 0 or cfg.alarm_concurrency < 1 or cfg.alarm_retries < 0 \
+            or cfg.alarm_retry_base <= 0:
+        raise _err(src, "alarm_rate / alarm_concurrency / alarm_retries / alarm_retry_base",
+                   "must be positive (alarm_retries may be 0)",
+                   "E.g. alarm_rate = 10000, alarm_concurrency = 1000, alarm_retries = 6, "
+                   "alarm_retry_base = 2.0.")
     if cfg.cpu_limit_ms < 1 or cfg.wait_until_limit <= 0:
         raise _err(src, "cpu_limit_ms / wait_until_limit", "must be positive",
                    "Use milliseconds (cpu_limit_ms) and seconds (wait_until_limit).")

@@ -17,7 +17,7 @@ import psutil
 
 from .config import Config
 
-__all__ = ["write", "read", "remove", "NotRunning", "collect", "render"]
+__all__ = ["write", "read", "remove", "NotRunning", "collect", "render", "when"]
 
 
 class NotRunning(Exception):
@@ -78,7 +78,20 @@ def collect(config: Config, broker_stats: dict[str, Any] | None) -> dict[str, An
                 p["state"] = "storage-full"  # serving reads, refusing writes
     data["storage"] = {"dir": str(config.data_path), "bytes": _dir_size(config.data_path)}
     data["broker"] = (broker_stats or {}).get("broker", {})
+    data["alarms"] = _alarms(slots.values())
     return data
+
+
+def _alarms(slots: Any) -> dict[str, dict[str, Any]]:
+    """Pending alarms per namespace, over every slot, and the soonest one's due time."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in slots:
+        for ns, (n, due) in (s.get("reported", {}).get("alarms") or {}).items():
+            a = out.setdefault(ns, {"pending": 0, "next_due_ms": None})
+            a["pending"] += n
+            if due is not None and (a["next_due_ms"] is None or due < a["next_due_ms"]):
+                a["next_due_ms"] = due
+    return out
 
 
 def _size(n: int | None) -> str:
@@ -96,6 +109,18 @@ def _dur(s: float | None) -> str:
         return "-"
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def when(ms: int | None) -> str:
+    """An epoch-ms time as ISO 8601 UTC and how far ahead (or ago) it is."""
+    import datetime as dt
+    import time
+
+    if ms is None:
+        return "-"
+    at = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+    ahead = ms / 1000 - time.time()
+    return f"{at} ({'in ' + _dur(ahead) if ahead >= 0 else _dur(-ahead) + ' ago'})"
 
 
 def render(data: dict[str, Any]) -> str:
@@ -120,6 +145,8 @@ def render(data: dict[str, Any]) -> str:
         elif p["state"] == "storage-full":
             lines.append(f"slot {p['slot']}: the disk is full; it serves reads and refuses writes "
                          "until space is freed")
+    for ns, a in sorted(data.get("alarms", {}).items()):
+        lines.append(f"alarms: {ns}: {a['pending']} pending, next due {when(a['next_due_ms'])}")
     counters = data.get("broker", {}).get("counters", {})
     if counters:
         dropped = {k: v for k, v in counters.items() if k.startswith(("dropped", "unknown", "stray"))}

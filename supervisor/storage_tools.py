@@ -229,8 +229,9 @@ def repair_slot(data: Path, slot: int, *, identity: str | None,
         part = kept[i:i + 50_000]
         out: dict[bytes, tuple[bytes, bytes | None]] = {}
         clears: set[bytes] = set()
-        fold([decode_writeset(p) for _, p in part], out, clears)
-        store.apply(out, clears, part[-1][0])
+        alarms: dict[bytes, int] = {}
+        fold([decode_writeset(p) for _, p in part], out, clears, alarms)
+        store.apply(out, clears, part[-1][0], alarms)
     store.checkpoint()
     store.close()
 

@@ -60,6 +60,8 @@ CREATE INDEX IF NOT EXISTS kv_obj ON kv (obj);
 CREATE TABLE IF NOT EXISTS meta (k VARCHAR PRIMARY KEY, v BIGINT NOT NULL);
 INSERT INTO meta VALUES ('applied_seq', 0) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS meta_text (k VARCHAR PRIMARY KEY, v VARCHAR);
+CREATE TABLE IF NOT EXISTS alarms (obj BLOB PRIMARY KEY, due BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS alarms_due ON alarms (due);
 """
 
 _UPSERT = ("INSERT INTO kv SELECT unnest($1), unnest($2), unnest($3) "
@@ -145,11 +147,24 @@ class DuckStore:
 
     # -- writes (applier thread) --------------------------------------------------
     def apply(self, rows: dict[bytes, tuple[bytes, bytes | None]], clears: set[bytes],
-              applied_seq: int, *, purge_over: int = 20_000) -> None:
-        """Apply one deduplicated batch and record ``applied_seq``, all in one transaction."""
+              applied_seq: int, alarms: dict[bytes, int] | None = None, *,
+              purge_over: int = 20_000) -> None:
+        """Apply one deduplicated batch and record ``applied_seq``, all in one transaction.
+
+        ``alarms``: obj -> due (epoch ms) to set, or a negative number to delete.
+        """
         w = self._writer
         w.execute("BEGIN")
         try:
+            if alarms:
+                gone = [obj for obj, due in alarms.items() if due < 0]
+                if gone:
+                    w.execute("DELETE FROM alarms WHERE obj IN (SELECT unnest($1))", [gone])
+                due = [(obj, d) for obj, d in alarms.items() if d >= 0]
+                if due:
+                    w.execute("INSERT INTO alarms SELECT unnest($1), unnest($2) "
+                              "ON CONFLICT DO UPDATE SET due = excluded.due",
+                              [[o for o, _ in due], [d for _, d in due]])
             for obj in clears:
                 w.execute("DELETE FROM kv WHERE obj = $1", [obj])
             if rows:
@@ -170,16 +185,45 @@ class DuckStore:
                 w.execute("ROLLBACK")
             raise
 
+    # -- alarms ---------------------------------------------------------------------
+    def read_alarm(self, obj: bytes) -> int | None:
+        try:
+            return self._one("SELECT due FROM alarms WHERE obj = $1", [obj])
+        except duckdb.CatalogException:  # a read-only open of a file from before alarms
+            return None
+
+    def due_alarms(self, lo: int, hi: int, limit: int = 100_000) -> list[tuple[bytes, int]]:
+        """Alarms with ``lo <= due < hi`` (epoch ms), soonest first (loop thread)."""
+        try:
+            rows = self._reader.execute(
+                "SELECT obj, due FROM alarms WHERE due >= $1 AND due < $2 ORDER BY due LIMIT $3",
+                [lo, hi, limit]).fetchall()
+        except duckdb.CatalogException:
+            return []
+        return [(bytes(o), d) for o, d in rows]
+
+    def alarm_counts(self, *, writer: bool = False) -> dict[str, list[int]]:
+        """Namespace -> [pending alarms, soonest due ms], as applied (``writer``: on the
+        applier's cursor, from its thread)."""
+        try:
+            rows = (self._writer if writer else self._reader).execute(
+                "SELECT split_part(decode(obj), '/', 1) AS ns, count(*), min(due) FROM alarms "
+                "GROUP BY ns").fetchall()
+        except duckdb.CatalogException:
+            return {}
+        return {ns: [n, due] for ns, n, due in rows}
+
     # -- moving objects between slot files (migration; nothing else has the files open) --
     def object_keys(self) -> list[bytes]:
-        """Every object's key (``namespace/id``) that has a row here."""
-        return [bytes(r[0]) for r in self._reader.execute("SELECT DISTINCT obj FROM kv").fetchall()]
+        """Every object's key (``namespace/id``) that has a row or an alarm here."""
+        return [bytes(r[0]) for r in self._reader.execute(
+            "SELECT obj FROM kv UNION SELECT obj FROM alarms").fetchall()]
 
     def move_objects(self, target: Path, objs: list[bytes], *, batch: int,
                      moved: Callable[[int], None] = lambda n: None) -> None:
-        """Move these objects' live rows into the slot file ``target``, a batch of whole
-        objects at a time: copy (committed there) *then* delete here (committed). A crash
-        between the two leaves copies that a rerun overwrites with the same rows."""
+        """Move these objects' live rows and alarms into the slot file ``target``, a batch of
+        whole objects at a time: copy (committed there) *then* delete here (committed). A
+        crash between the two leaves copies that a rerun overwrites with the same rows."""
         w = self._writer
         quoted = str(target).replace("'", "''")  # (ATTACH takes no parameters)
         w.execute(f"ATTACH '{quoted}' AS target")
@@ -188,7 +232,10 @@ class DuckStore:
                 part = objs[k:k + batch]
                 for sql in ("INSERT OR REPLACE INTO target.kv SELECT pk, obj, v FROM kv "
                             "WHERE obj IN (SELECT unnest($1)) AND v IS NOT NULL",
-                            "DELETE FROM kv WHERE obj IN (SELECT unnest($1))"):
+                            "INSERT OR REPLACE INTO target.alarms SELECT obj, due FROM alarms "
+                            "WHERE obj IN (SELECT unnest($1))",
+                            "DELETE FROM kv WHERE obj IN (SELECT unnest($1))",
+                            "DELETE FROM alarms WHERE obj IN (SELECT unnest($1))"):
                     w.execute("BEGIN")
                     w.execute(sql, [part])
                     w.execute("COMMIT")

@@ -25,6 +25,34 @@ class StorageLimits:
 
 DEFAULT_LIMITS = StorageLimits()
 
+#: alarms may be set at most this far ahead (year ~2286 in epoch ms: beyond any real use)
+MAX_ALARM_MS = 10**13
+
+
+def alarm_time(when: Any) -> int:
+    """``set_alarm``'s argument as epoch milliseconds: an aware ``datetime``, or epoch
+    milliseconds as ``int``/``float`` (as Cloudflare takes them). A naive datetime is
+    refused: its time zone would be a guess."""
+    import datetime as dt
+    import math
+
+    if isinstance(when, dt.datetime):
+        if when.tzinfo is None or when.tzinfo.utcoffset(when) is None:
+            raise TypeError("set_alarm() needs an aware datetime (with tzinfo, e.g. "
+                            "datetime.now(timezone.utc) + timedelta(seconds=30)), not a naive one")
+        ms = round(when.timestamp() * 1000)
+    elif type(when) in (int, float):
+        if not math.isfinite(when):
+            raise ValueError(f"set_alarm() needs a finite time, got {when!r}")
+        ms = round(when)
+    else:
+        raise TypeError(f"set_alarm() takes an aware datetime or epoch milliseconds (int or "
+                        f"float), not {type(when).__name__}")
+    if not 0 <= ms <= MAX_ALARM_MS:
+        raise ValueError(f"set_alarm() time {ms} ms is outside 1970..2286 (epoch milliseconds; "
+                         "a datetime is converted for you)")
+    return ms
+
 
 def check_key(key: Any, limits: StorageLimits) -> bytes:
     """Return the key's UTF-8 bytes, or raise naming what is wrong."""

@@ -58,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CommitLog", "Segment", "SegmentScan", "Damage", "LogFullError", "encode_record",
+__all__ = ["ALARM_KEEP", "ALARM_DELETE", "CommitLog", "Segment", "SegmentScan", "Damage", "LogFullError", "encode_record",
            "cut_segment",
            "scan_segment", "list_segments", "encode_writeset", "decode_writeset", "WriteSet",
            "is_disk_full"]
@@ -77,17 +77,36 @@ SEGMENT_HEADER_SIZE = len(SEGMENT_MAGIC) + 8  # magic, u64 preallocated size (0:
 _NONZERO = re.compile(rb"[^\x00]")
 
 
+#: ``WriteSet.alarm``: the record leaves the object's alarm as it was
+ALARM_KEEP = -2
+#: ``WriteSet.alarm``: the record deletes the object's alarm
+ALARM_DELETE = -1
+_FLAG_CLEAR = 0x01
+_FLAG_ALARM = 0x02  # an i64 follows the flags: the alarm's due time (epoch ms) or ALARM_DELETE
+_I64 = struct.Struct("<q")
+
+
 @dataclass(slots=True)
 class WriteSet:
-    """One record's content: an object's atomic set of writes (``None`` value = delete)."""
+    """One record's content: an object's atomic set of writes (``None`` value = delete).
+
+    ``alarm`` is ``ALARM_KEEP``, ``ALARM_DELETE`` or the due time in epoch
+    milliseconds: the alarm changes atomically with the entries.
+    """
 
     obj: bytes
     clear: bool
     entries: dict[str, bytes | None]
+    alarm: int = ALARM_KEEP
 
 
-def encode_writeset(obj: bytes, clear: bool, entries: dict[str, bytes | None]) -> bytes:
-    parts = [_U16.pack(len(obj)), obj, b"\x01" if clear else b"\x00", _U32.pack(len(entries))]
+def encode_writeset(obj: bytes, clear: bool, entries: dict[str, bytes | None],
+                    alarm: int = ALARM_KEEP) -> bytes:
+    flags = (_FLAG_CLEAR if clear else 0) | (_FLAG_ALARM if alarm != ALARM_KEEP else 0)
+    parts = [_U16.pack(len(obj)), obj, bytes((flags,))]
+    if alarm != ALARM_KEEP:
+        parts.append(_I64.pack(alarm))
+    parts.append(_U32.pack(len(entries)))
     for key, value in entries.items():
         kb = key.encode("utf-8")
         parts.append(_U32.pack(len(kb)))
@@ -109,8 +128,13 @@ def decode_writeset(payload: bytes | memoryview) -> WriteSet:
         obj = bytes(mv[pos:pos + olen])
         pos += olen
         flags = mv[pos]
-        (n,) = _U32.unpack_from(mv, pos + 1)
-        pos += 5
+        pos += 1
+        alarm = ALARM_KEEP
+        if flags & _FLAG_ALARM:
+            (alarm,) = _I64.unpack_from(mv, pos)
+            pos += 8
+        (n,) = _U32.unpack_from(mv, pos)
+        pos += 4
         entries: dict[str, bytes | None] = {}
         for _ in range(n):
             (klen,) = _ENTRY_HEAD.unpack_from(mv, pos)
@@ -128,9 +152,10 @@ def decode_writeset(payload: bytes | memoryview) -> WriteSet:
                 pos += vlen
     except (struct.error, IndexError, UnicodeDecodeError) as e:
         raise ValueError(f"malformed write set: {e}") from None
-    if pos != len(mv) or len(obj) != olen or flags > 1:
+    if pos != len(mv) or len(obj) != olen or flags > 3 or alarm < ALARM_KEEP or (
+            flags & _FLAG_ALARM and alarm == ALARM_KEEP):
         raise ValueError("malformed write set: trailing bytes or bad flags")
-    return WriteSet(obj, flags == 1, entries)
+    return WriteSet(obj, bool(flags & _FLAG_CLEAR), entries, alarm)
 
 
 def encode_record(seq: int, payload: bytes) -> bytes:

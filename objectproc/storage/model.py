@@ -17,6 +17,7 @@ from durable.errors import StorageError, TransactionClosedError
 from .limits import (
     DEFAULT_LIMITS,
     StorageLimits,
+    alarm_time,
     check_key,
     check_keys,
     encode_entries,
@@ -36,6 +37,7 @@ class ModelWorld:
     def __init__(self, limits: StorageLimits = DEFAULT_LIMITS) -> None:
         self.limits = limits
         self.objects: dict[tuple[str, str], dict[str, bytes]] = {}
+        self.alarms: dict[tuple[str, str], int] = {}  # object -> due (epoch ms)
 
     def object(self, namespace: str, object_id: str) -> ModelStorage:
         return ModelStorage(self, namespace, object_id)
@@ -99,9 +101,19 @@ class ModelStorage(_Ops):
 
     async def delete_all(self) -> None:
         self._d.clear()
+        self._world.alarms.pop(self._id, None)
+
+    async def get_alarm(self) -> int | None:
+        return self._world.alarms.get(self._id)
+
+    async def set_alarm(self, when: Any) -> None:
+        self._world.alarms[self._id] = alarm_time(when)
+
+    async def delete_alarm(self) -> None:
+        self._world.alarms.pop(self._id, None)
 
     async def transaction(self, fn: Callable[[ModelTransaction], Awaitable[T]]) -> T:
-        txn = ModelTransaction(dict(self._d), self._limits)
+        txn = ModelTransaction(dict(self._d), self._limits, self._world.alarms.get(self._id))
         try:
             result = await fn(txn)
         finally:
@@ -109,6 +121,10 @@ class ModelStorage(_Ops):
         if not txn.rolled_back:
             self._d.clear()
             self._d.update(txn._d)
+            if txn.alarm is None:
+                self._world.alarms.pop(self._id, None)
+            else:
+                self._world.alarms[self._id] = txn.alarm
         return result
 
     async def sync(self) -> None:
@@ -116,10 +132,24 @@ class ModelStorage(_Ops):
 
 
 class ModelTransaction(_Ops):
-    def __init__(self, data: dict[str, bytes], limits: StorageLimits) -> None:
+    def __init__(self, data: dict[str, bytes], limits: StorageLimits,
+                 alarm: int | None = None) -> None:
         super().__init__(data, limits)
+        self.alarm = alarm
         self.closed = False
         self.rolled_back = False
+
+    async def get_alarm(self) -> int | None:
+        self._check()
+        return self.alarm
+
+    async def set_alarm(self, when: Any) -> None:
+        self._check()
+        self.alarm = alarm_time(when)
+
+    async def delete_alarm(self) -> None:
+        self._check()
+        self.alarm = None
 
     def _check(self) -> None:
         if self.closed:

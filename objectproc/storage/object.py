@@ -39,8 +39,8 @@ from durable.errors import (
     TransactionConflictError,
 )
 
-from .limits import check_key, check_keys, encode_entries, encode_value, list_range
-from .log import LogFullError
+from .limits import alarm_time, check_key, check_keys, encode_entries, encode_value, list_range
+from .log import ALARM_DELETE, ALARM_KEEP, LogFullError
 from .slot import SlotStore, object_key
 
 __all__ = ["ObjectStorage", "Transaction"]
@@ -67,6 +67,11 @@ class ObjectStorage:
         self._sorted: list[str] | None = None
         self._turn: dict[str, bytes | None] = {}
         self._turn_clear = False
+        self._turn_alarm = ALARM_KEEP  # this turn's alarm change (due ms, or ALARM_DELETE)
+        self._alarm: Any = _MISSING  # cached alarm: due ms, None, or _MISSING (not read)
+        #: set by the activation: whether the object's class has an ``alarm`` handler
+        #: (None: unknown, as in the storage contract tests)
+        self.alarm_handler: bool | None = None
         self._flush_scheduled = False
         self._last_seq = 0
         self._writes = 0  # bumped on every write; transactions use it to detect conflicts
@@ -128,19 +133,30 @@ class ObjectStorage:
             self._sorted = None
         self._vals[key] = data
         self._turn[key] = data
+        self._schedule_flush()
+
+    def _write_alarm(self, due: int | None) -> None:
+        self._alarm = due
+        self._turn_alarm = ALARM_DELETE if due is None else due
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         self._writes += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._slot.loop.call_soon(self._flush)
 
+    def _pending_turn(self) -> bool:
+        return bool(self._turn) or self._turn_clear or self._turn_alarm != ALARM_KEEP
+
     def _flush(self, kick: bool = True) -> None:
         self._flush_scheduled = False
-        if not self._turn and not self._turn_clear:
+        if not self._pending_turn():
             return
-        turn, clear = self._turn, self._turn_clear
-        self._turn, self._turn_clear = {}, False
+        turn, clear, alarm = self._turn, self._turn_clear, self._turn_alarm
+        self._turn, self._turn_clear, self._turn_alarm = {}, False, ALARM_KEEP
         try:
-            self._last_seq = self._slot.submit(self._obj, clear, turn, kick=kick)
+            self._last_seq = self._slot.submit(self._obj, clear, turn, kick=kick, alarm=alarm)
         except (LogFullError, StorageFullError) as e:  # the disk filled since the write
             self.broken = e if isinstance(e, StorageFullError) else StorageFullError(
                 f"{self.namespace}/{self.object_id}: the disk is full; this turn's writes were "
@@ -210,17 +226,45 @@ class ObjectStorage:
         return {k: decode(self._vals[k]) for k in r.select(self._sorted_keys())}
 
     async def delete_all(self) -> None:
-        """Delete every key of this object, atomically."""
+        """Delete every key of this object, and its alarm, atomically (as workerd does
+        from compatibility date 2026-02-24)."""
         self._writable()
         self._vals = {}
         self._complete = True
         self._sorted = None
         self._turn = {}
         self._turn_clear = True
-        self._writes += 1
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._slot.loop.call_soon(self._flush)
+        self._write_alarm(None)
+
+    # -- alarms -------------------------------------------------------------------
+    def _check_alarm_handler(self) -> None:
+        if self.alarm_handler is False:
+            raise TypeError(f"{self.namespace}: this object's class has no alarm() handler, so "
+                            "an alarm could never run; define `async def alarm(self, info)`")
+
+    def _read_alarm(self) -> int | None:
+        if self._alarm is _MISSING:
+            self._usable()
+            self._alarm = self._slot.read_alarm(self._obj)
+        return self._alarm
+
+    async def get_alarm(self) -> int | None:
+        """The alarm's time in epoch milliseconds, or None when none is set."""
+        self._usable()
+        return self._read_alarm()
+
+    async def set_alarm(self, when: Any) -> None:
+        """Run the object's ``alarm()`` at ``when`` (an aware datetime, or epoch ms); it
+        replaces any alarm set before. Durable like a ``put``: it commits with this turn."""
+        due = alarm_time(when)
+        self._check_alarm_handler()
+        self._writable()
+        self._write_alarm(due)
+
+    async def delete_alarm(self) -> None:
+        """Cancel the alarm, if one is set."""
+        self._writable()
+        self._write_alarm(None)
 
     async def transaction(self, fn: Callable[[Transaction], Awaitable[T]]) -> T:
         """Run ``fn(txn)``; its writes commit together, or not at all if it raises.
@@ -244,6 +288,8 @@ class ObjectStorage:
             self._writable()
             for k, data in txn._writes.items():
                 self._write(k, data)
+            if txn._alarm is not _MISSING:
+                self._write_alarm(txn._alarm)
             return result
         raise TransactionConflictError(
             f"transaction on {self.namespace}/{self.object_id} conflicted with concurrent writes "
@@ -251,7 +297,7 @@ class ObjectStorage:
 
     async def sync(self) -> None:
         """Return once every write made so far is durable (raises if it cannot be)."""
-        if self._flush_scheduled or self._turn or self._turn_clear:
+        if self._flush_scheduled or self._pending_turn():
             self._flush(kick=False)  # wait_durable starts the write
         if self.broken is not None:
             raise self.broken
@@ -261,7 +307,7 @@ class ObjectStorage:
     # -- hooks for the object process ------------------------------------------
     def unsynced(self) -> bool:
         """Whether some write of this object is not durable yet (the output gate is shut)."""
-        return bool(self._turn) or self._turn_clear or self._last_seq > self._slot.durable_seq
+        return self._pending_turn() or self._last_seq > self._slot.durable_seq
 
     def fence(self, error: StorageError) -> None:
         """No more use through this storage (its object was evicted or reset): every call raises.
@@ -269,7 +315,7 @@ class ObjectStorage:
         Writes already made go on to the log (a reset keeps the object's writes); nothing
         made after this is accepted.
         """
-        if self.broken is None and (self._turn or self._turn_clear):
+        if self.broken is None and self._pending_turn():
             self._flush()
         self.broken = error
 
@@ -280,6 +326,7 @@ class ObjectStorage:
         self._vals = {}
         self._complete = False
         self._sorted = None
+        self._alarm = _MISSING
         return True
 
 
@@ -289,6 +336,7 @@ class Transaction:
     def __init__(self, storage: ObjectStorage) -> None:
         self._s = storage
         self._writes: dict[str, bytes | None] = {}
+        self._alarm: Any = _MISSING  # this transaction's alarm change, if any
         self._open = True
         self._rolled_back = False
         self._did_read = False
@@ -372,12 +420,30 @@ class Transaction:
             keys = sorted(live)
         return {k: decode(self._data(k)) for k in r.select(keys)}
 
+    async def get_alarm(self) -> int | None:
+        self._check()
+        if self._alarm is not _MISSING:
+            return self._alarm
+        self._did_read = True
+        return self._s._read_alarm()
+
+    async def set_alarm(self, when: Any) -> None:
+        self._check()
+        due = alarm_time(when)
+        self._s._check_alarm_handler()
+        self._alarm = due
+
+    async def delete_alarm(self) -> None:
+        self._check()
+        self._alarm = None
+
     def rollback(self) -> None:
         """Discard this transaction's writes; later operations on ``txn`` raise."""
         self._check()
         self._rolled_back = True
         self._open = False
         self._writes.clear()
+        self._alarm = _MISSING
 
     async def delete_all(self) -> None:
         raise StorageError("delete_all() cannot run inside a transaction; "

@@ -61,7 +61,15 @@ from durable.errors import StorageCommitError, StorageCorruptError, StorageFullE
 
 from .duck import DuckStore, is_corruption
 from .limits import DEFAULT_LIMITS, StorageLimits
-from .log import CommitLog, Damage, WriteSet, encode_writeset, is_disk_full
+from .log import (
+    ALARM_DELETE,
+    ALARM_KEEP,
+    CommitLog,
+    Damage,
+    WriteSet,
+    encode_writeset,
+    is_disk_full,
+)
 from .recovery import check_identity, replay_log
 
 log = logging.getLogger("durable.objectproc")
@@ -126,11 +134,12 @@ class _Record:
 class _Pending:
     """One object's not-yet-applied writes: key -> record that wrote it last."""
 
-    __slots__ = ("entries", "clear")
+    __slots__ = ("entries", "clear", "alarm")
 
     def __init__(self) -> None:
         self.entries: dict[str, _Record] = {}
         self.clear: _Record | None = None
+        self.alarm: _Record | None = None  # the record that last changed the alarm
 
 
 def object_key(namespace: str, object_id: str) -> bytes:
@@ -143,10 +152,13 @@ def object_key(namespace: str, object_id: str) -> bytes:
 
 
 def fold(records: list[WriteSet], rows: dict[bytes, tuple[bytes, bytes | None]],
-         clears: set[bytes]) -> None:
-    """Fold write sets, in order, into last-write-wins rows plus objects to clear first."""
+         clears: set[bytes], alarms: dict[bytes, int] | None = None) -> None:
+    """Fold write sets, in order, into last-write-wins rows plus objects to clear first,
+    and each object's last alarm change (due ms, or ALARM_DELETE) into ``alarms``."""
     by_obj: dict[bytes, list[bytes]] = {}
     for ws in records:
+        if alarms is not None and ws.alarm != ALARM_KEEP:
+            alarms[ws.obj] = ws.alarm
         if ws.clear:
             for pk in by_obj.pop(ws.obj, ()):
                 rows.pop(pk, None)
@@ -188,6 +200,11 @@ class SlotStore:
         self.duck = DuckStore(self.directory / f"slot-{slot}.duckdb", memory_limit=memory_limit)
         if data_dir_id is not None:
             check_identity(self.duck, data_dir_id)
+        self._applier: threading.Thread | None = None
+        self._alarms_changed = False
+        self._alarms_counted = 0.0
+        #: namespace -> [pending alarms, soonest due ms] as applied (refreshed by _count_alarms)
+        self.alarm_counts: dict[str, list[int]] = {}
         log_dir = self.directory / f"slot-{slot}.log"
         log_dir.mkdir(exist_ok=True, mode=0o700)
         self.replayed = 0
@@ -195,6 +212,7 @@ class SlotStore:
         started = time.perf_counter()
         next_seq = self._recover(log_dir)
         self.recovery_seconds = time.perf_counter() - started
+        self._count_alarms(writer=False)
         self.checkpointed_seq = next_seq - 1
         self.checkpoints = 0
         self._last_checkpoint = time.monotonic()
@@ -207,6 +225,10 @@ class SlotStore:
         self._pin_timer: asyncio.TimerHandle | None = None
         self._overlay: dict[bytes, _Pending] = {}
         self._unapplied: deque[_Record] = deque()
+        #: records that change an alarm, not yet durable (``on_alarm`` hears of each once it is)
+        self._alarm_records: deque[_Record] = deque()
+        #: set by the object process's alarm scheduler: ``on_alarm(obj, due_ms or None)``
+        self.on_alarm: Callable[[bytes, int | None], None] | None = None
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self.failed: BaseException | None = None
         self.applied_seq = next_seq - 1
@@ -239,28 +261,43 @@ class SlotStore:
     def _apply_writesets(self, batch: list[WriteSet], last_seq: int) -> None:
         rows: dict[bytes, tuple[bytes, bytes | None]] = {}
         clears: set[bytes] = set()
-        fold(batch, rows, clears)
+        alarms: dict[bytes, int] = {}
+        fold(batch, rows, clears, alarms)
         if self._trace:
             self._trace("apply_begin")
-        self.duck.apply(rows, clears, last_seq)
+        self.duck.apply(rows, clears, last_seq, alarms)
+        if alarms:
+            self._alarms_changed = True
+        if self._alarms_changed and time.monotonic() - self._alarms_counted >= 5.0:
+            self._count_alarms(writer=threading.current_thread() is self._applier)
         if self._trace:
             self._trace("apply_commit")
 
+    def _count_alarms(self, *, writer: bool) -> None:
+        """Pending alarms per namespace and the soonest, for `durable status` (a scan of the
+        alarms table: at most every 5 s, and only after alarms changed)."""
+        self.alarm_counts = self.duck.alarm_counts(writer=writer)
+        self._alarms_changed = False
+        self._alarms_counted = time.monotonic()
+
     # -- writes (loop thread) -----------------------------------------------------
     def submit(self, obj: bytes, clear: bool, entries: dict[str, bytes | None], *,
-               kick: bool = True) -> int:
+               kick: bool = True, alarm: int = ALARM_KEEP) -> int:
         """Log one atomic write set; return its sequence number (durable later).
 
         ``kick=False`` is for a caller that calls :meth:`wait_durable` at once,
-        which then decides whether to commit on this thread.
+        which then decides whether to commit on this thread. ``alarm``: the object's
+        alarm changes with the entries (due ms, or ALARM_DELETE).
         """
         self.check_writable()
-        ws = WriteSet(obj, clear, entries)
-        payload = encode_writeset(obj, clear, entries)
+        ws = WriteSet(obj, clear, entries, alarm)
+        payload = encode_writeset(obj, clear, entries, alarm)
         seq = self.log.append(payload, kick=kick)
         rec = _Record(seq, ws, len(payload))
         self._remember(rec)
         self._unapplied.append(rec)
+        if alarm != ALARM_KEEP:
+            self._alarm_records.append(rec)
         return seq
 
     def _remember(self, rec: _Record) -> None:
@@ -273,6 +310,8 @@ class SlotStore:
             pending.clear = rec
         for key in rec.ws.entries:
             pending.entries[key] = rec
+        if rec.ws.alarm != ALARM_KEEP:
+            pending.alarm = rec
 
     @property
     def durable_seq(self) -> int:
@@ -287,6 +326,7 @@ class SlotStore:
             last = self.log.commit_inline()
             if last is not None:
                 self.inline_commits += 1
+                self._durable_alarms(last)  # (the log thread tells of its own groups only)
                 self._wake_applier()
             if seq <= self.log.durable_seq and not self._waiters:
                 return
@@ -350,6 +390,15 @@ class SlotStore:
             _, fut = w.popleft()
             if not fut.done():
                 fut.set_result(None)
+        self._durable_alarms(seq)
+
+    def _durable_alarms(self, seq: int) -> None:
+        """Alarm changes durable through ``seq``: the scheduler may act on them now."""
+        a = self._alarm_records
+        while a and a[0].seq <= seq:
+            rec = a.popleft()
+            if self.on_alarm is not None:
+                self.on_alarm(rec.ws.obj, None if rec.ws.alarm == ALARM_DELETE else rec.ws.alarm)
 
     def _error_from_thread(self, exc: BaseException) -> None:
         self.loop.call_soon_threadsafe(self._fail, exc)
@@ -384,6 +433,8 @@ class SlotStore:
         dropped: list[_Record] = []
         while self._unapplied and self._unapplied[-1].seq >= first:
             dropped.append(self._unapplied.pop())
+        while self._alarm_records and self._alarm_records[-1].seq >= first:
+            self._alarm_records.pop()  # never durable: the scheduler never hears of them
         objs = {r.ws.obj for r in dropped}
         for obj in objs:  # rebuild their overlay from what remains
             self._overlay.pop(obj, None)
@@ -440,6 +491,26 @@ class SlotStore:
         except duckdb.Error as e:
             raise self._read_failed(e) from e
 
+    def read_alarm(self, obj: bytes) -> int | None:
+        """The object's alarm (due, epoch ms), unapplied changes included; None if none."""
+        pending = self._overlay.get(obj)
+        if pending is not None and pending.alarm is not None:
+            due = pending.alarm.ws.alarm
+            return None if due == ALARM_DELETE else due
+        try:
+            return self.duck.read_alarm(obj)
+        except duckdb.Error as e:
+            raise self._read_failed(e) from e
+
+    def pending_alarms(self) -> dict[bytes, int | None]:
+        """Alarm changes DuckDB does not have yet (durable or not): obj -> due or None."""
+        out: dict[bytes, int | None] = {}
+        for obj, pending in self._overlay.items():
+            if pending.alarm is not None:
+                due = pending.alarm.ws.alarm
+                out[obj] = None if due == ALARM_DELETE else due
+        return out
+
     def _read_failed(self, exc: duckdb.Error) -> Exception:
         """A DuckDB read failed: damaged bytes fail the slot (it restarts as ``corrupt``)."""
         if is_corruption(exc):
@@ -487,8 +558,9 @@ class SlotStore:
                     if self._stopping:
                         return
                     now = time.monotonic()
-                    if self._duck_full is not None or self._checkpoint_due(now):
-                        break  # retry the full disk / a checkpoint that is due
+                    if self._duck_full is not None or self._checkpoint_due(now) or (
+                            self._alarms_changed and now - self._alarms_counted >= 5.0):
+                        break  # retry the full disk / a checkpoint or an alarm count is due
                     if ready:
                         if deadline is None:
                             deadline = now + self._apply_delay
@@ -498,9 +570,13 @@ class SlotStore:
                     else:
                         deadline = None
                         self._applier_idle = True
-                        # Wake by the next checkpoint's age (an idle slot folds its WAL too).
-                        self._apply_cond.wait(self._ckpt_interval if self.checkpointed_seq
-                                              < self.applied_seq else None)
+                        # Wake by the next checkpoint's age (an idle slot folds its WAL too),
+                        # or to count the alarms that changed.
+                        wait = (self._ckpt_interval if self.checkpointed_seq < self.applied_seq
+                                else None)
+                        if self._alarms_changed:
+                            wait = min(wait or 5.0, 5.0)
+                        self._apply_cond.wait(wait)
                         self._applier_idle = False
             try:
                 if self._pin is not None and not self._pinned:
@@ -508,6 +584,8 @@ class SlotStore:
                     continue
                 self._apply_ready()
                 self._maybe_checkpoint(force=self._duck_full is not None)
+                if self._alarms_changed and time.monotonic() - self._alarms_counted >= 5.0:
+                    self._count_alarms(writer=True)
             except _Retry:
                 with self._apply_cond:  # a full disk: try again in a second, or when woken
                     if not self._stopping:
@@ -648,11 +726,13 @@ class SlotStore:
                 continue
             if pending.clear is rec:
                 pending.clear = None
+            if pending.alarm is rec:
+                pending.alarm = None
             entries = pending.entries
             for key in rec.ws.entries:
                 if entries.get(key) is rec:
                     del entries[key]
-            if not entries and pending.clear is None:
+            if not entries and pending.clear is None and pending.alarm is None:
                 del overlay[rec.ws.obj]
         applied = batch[-1].seq if batch else self.applied_seq
         w = self._apply_waiters

@@ -1,6 +1,7 @@
 """Random operation sequences: the DuckDB engine must answer exactly as the model does."""
 
 import asyncio
+import datetime as dt
 import os
 import shutil
 import tempfile
@@ -24,7 +25,18 @@ objects = st.sampled_from(["o1", "o2"])
 list_opts = st.fixed_dictionaries({}, optional={
     "start": keys, "end": keys, "prefix": keys, "reverse": st.booleans(),
     "limit": st.integers(1, 5)})
+#: alarm times: epoch ms (int or float), aware datetimes, and bad ones both sides refuse
+alarm_times = st.one_of(
+    st.integers(0, 2**41), st.floats(0, 2e12, allow_nan=False),
+    st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2200, 1, 1),
+                 timezones=st.just(dt.UTC)),
+    st.sampled_from([-5, float("nan"), float("inf"), dt.datetime(2030, 1, 1), "soon", True,
+                     10**14]),
+)
 txn_ops = st.lists(st.one_of(
+    st.tuples(st.just("set_alarm"), alarm_times),
+    st.tuples(st.just("delete_alarm")),
+    st.tuples(st.just("get_alarm")),
     st.tuples(st.just("put"), keys, values),
     st.tuples(st.just("delete"), keys),
     st.tuples(st.just("get"), keys),
@@ -43,7 +55,13 @@ async def run_txn(storage, ops, ending):
 
     async def fn(txn):
         for op in ops:
-            if op[0] == "put":
+            if op[0] == "set_alarm":
+                trace.append(await outcome(txn.set_alarm(op[1])))
+            elif op[0] == "delete_alarm":
+                await txn.delete_alarm()
+            elif op[0] == "get_alarm":
+                trace.append(await txn.get_alarm())
+            elif op[0] == "put":
                 await txn.put(op[1], op[2])
             elif op[0] == "put_many":
                 await txn.put(op[1])
@@ -134,6 +152,18 @@ class EngineMatchesModel(RuleBasedStateMachine):
     def delete_all(self, obj):
         self.both(obj, lambda s: s.delete_all())
 
+    @rule(obj=objects, when=alarm_times)
+    def set_alarm(self, obj, when):
+        self.both(obj, lambda s: s.set_alarm(when))
+
+    @rule(obj=objects)
+    def delete_alarm(self, obj):
+        self.both(obj, lambda s: s.delete_alarm())
+
+    @rule(obj=objects)
+    def get_alarm(self, obj):
+        self.both(obj, lambda s: s.get_alarm())
+
     @rule(obj=objects, ops=txn_ops, ending=txn_endings)
     def transaction(self, obj, ops, ending):
         self.both(obj, lambda s: run_txn(s, ops, ending))
@@ -157,6 +187,7 @@ class EngineMatchesModel(RuleBasedStateMachine):
     def full_contents_match(self):
         for obj in ("o1", "o2"):
             self.both(obj, lambda s: s.list())
+            self.both(obj, lambda s: s.get_alarm())
 
     def teardown(self):
         try:

@@ -24,6 +24,8 @@ NAMESPACES = {
     "CALLER": "tests.integration.objects:Caller",
     "SETUP": "tests.integration.objects:Setup",
     "ACCOUNT": "tests.integration.objects:Account",
+    "ALARMED": "tests.integration.objects:Alarmed",
+    "NOALARM": "tests.integration.objects:NoAlarmHandler",
 }
 
 
@@ -52,7 +54,7 @@ class Cluster:
             "broker": {"endpoint": self.frontend, "workers_endpoint": self.backend,
                        "heartbeat": self.heartbeat, "queue_deadline": 5},
             "namespaces": {ns: {"class": cls} for ns, cls in NAMESPACES.items()},
-            "vars": {"greeting": "hello"},
+            "vars": {"greeting": "hello"}, "alarm_retry_base": 0.2,
         }, "tests/integration/cluster.py")
         self.settings = run / "settings.json"
         write_settings(config, self.settings)

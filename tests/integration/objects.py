@@ -322,3 +322,44 @@ class Account(DurableObject):
 
     async def pid(self) -> int:
         return os.getpid()
+
+
+class Alarmed(DurableObject):
+    """Alarms: ``arm(at_ms)`` sets one; ``alarm`` records each run (time, retry) in storage,
+    raises while ``fail`` > 0 (counting down), and re-arms ``repeat`` times."""
+
+    async def arm(self, at_ms: float, *, fail: int = 0, repeat: int = 0, every_ms: int = 100) -> int:
+        await self.state.storage.put({"fail": fail, "repeat": repeat, "every": every_ms})
+        await self.state.storage.set_alarm(at_ms)
+        return await self.state.storage.get_alarm()
+
+    async def alarm(self, info) -> None:
+        now = int(time.time() * 1000)
+        runs = (await self.state.storage.get("runs")) or []
+        runs.append([now, info.retry_count, info.is_retry, await self.state.storage.get_alarm()])
+        await self.state.storage.put("runs", runs)
+        fail = (await self.state.storage.get("fail")) or 0
+        if fail > 0:
+            await self.state.storage.put("fail", fail - 1)
+            raise RuntimeError(f"failing on purpose ({fail} more)")
+        repeat = (await self.state.storage.get("repeat")) or 0
+        if repeat > 0:
+            await self.state.storage.put("repeat", repeat - 1)
+            await self.state.storage.set_alarm(now + await self.state.storage.get("every"))
+
+    async def runs(self) -> list:
+        return (await self.state.storage.get("runs")) or []
+
+    async def alarm_at(self):
+        return await self.state.storage.get_alarm()
+
+    async def cancel(self) -> None:
+        await self.state.storage.delete_alarm()
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+class NoAlarmHandler(DurableObject):
+    async def try_set(self) -> None:
+        await self.state.storage.set_alarm(time.time() * 1000 + 1000)

@@ -19,7 +19,7 @@ def test_chaos_soak_45_seconds_loses_nothing():
     result = json.loads(out.stdout)
     print(json.dumps({k: result[k] for k in ("kills", "second_daemons", "calls", "acknowledged",
                                              "lost_writes", "relays_heard", "background_writes",
-                                             "evictions")}))
+                                             "evictions", "alarms")}))
     assert out.returncode == 0 and result["ok"], result["problems"]
     assert result["lost_writes"] == 0
     assert result["acted_on_lost_cause"] == 0 and result["two_instances"] == 0
@@ -31,3 +31,6 @@ def test_chaos_soak_45_seconds_loses_nothing():
     assert result["second_daemons"].get("refused", 0) >= 5, result["second_daemons"]
     assert set(result["second_daemons"]) == {"refused"}, result["second_daemons"]
     assert result["acknowledged"] > 1000
+    # Alarms: the last acknowledged one of each object ran, none early (checked by chaos.py)
+    assert result["alarms"]["problems"] == 0, result["problems"]
+    assert result["alarms"]["acknowledged"] > 50 and result["alarms"]["runs"] > 20, result["alarms"]

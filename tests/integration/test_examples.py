@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from tests.integration.daemon import serving
 from tests.integration.procs import free_port
@@ -25,6 +26,8 @@ class = "durable.examples.counter:Counter"
 class = "durable.examples.chat:ChatRoom"
 [namespaces.RATELIMIT]
 class = "durable.examples.ratelimit:RateLimiter"
+[namespaces.SESSION]
+class = "durable.examples.session:Session"
 [vars]
 ratelimit_limit = 3
 ratelimit_window = 60
@@ -86,3 +89,27 @@ def test_worker_routes_to_the_examples(tmp_path):
                 assert (await request(s, "GET", f"{base}/nowhere"))[0] == 404
 
         asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_session_ends_by_itself_when_its_alarm_fires(tmp_path):
+    import time
+
+    import durable
+
+    with serving(tmp_path, config(free_port())) as d:
+        d.wait_ready()
+        with durable.connect_sync(d.frontend) as c:
+            ns = c.namespace("SESSION")
+            kept, ending = ns.get_by_name("kept"), ns.get_by_name("ending")
+            kept.touch({"user": "ann"}, ttl=60)
+            started = time.time()
+            assert ending.touch({"user": "bob"}, ttl=0.6)["user"] == "bob"
+            assert ending.get()["user"] == "bob"
+            assert abs(ending.expires_at() - (started + 0.6)) < 0.5
+            deadline = time.monotonic() + 10
+            while ending.get() is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ending.get() is None and ending.expires_at() is None
+            assert time.time() - started >= 0.6  # not before its time
+            assert kept.get()["user"] == "ann"  # the other session is untouched

@@ -105,7 +105,7 @@ def test_stub_broken_is_503_with_retry_after(tmp_path):
         asyncio.run(main())
 
 
-@pytest.mark.parametrize("debug", [False, True])
+@pytest.mark.parametrize("debug", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_worker_entry_point(tmp_path, debug):
     port = free_port()
     extra = 'worker = "tests.integration.worker_fn:fetch"' + ("\ndebug = true" if debug else "")

@@ -161,6 +161,7 @@ def test_huge_bodies_are_bounded_in_bytes(tmp_path):
         assert after_obj < (base_obj >> 20) + 64, (after_obj, base_obj >> 20)  # given back
 
 
+@pytest.mark.slow
 def test_a_header_that_is_not_utf8_gets_400(tmp_path):
     port = free_port()
     with serving(tmp_path, config(port)) as d:

@@ -314,6 +314,7 @@ async def test_hostile_input_reaching_an_object_process(client, cluster):
     wait_for(lambda: all(w.poll() is None for w in cluster.workers.values()), 1, "workers alive")
 
 
+@pytest.mark.slow
 async def test_a_stall_of_the_clients_own_loop_does_not_break_its_stubs(cluster):
     """Silence caused by our own blocked loop is not the broker's death (a gateway under a
     flood of connections stalled 2.5 s and broke every stub it held)."""

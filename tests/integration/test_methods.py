@@ -69,6 +69,7 @@ async def test_object_to_object_method_calls(client):
     assert await ns.get_by_name("bob").get("memo") == "from alice"
 
 
+@pytest.mark.slow
 async def test_sigkill_breaks_a_stub_for_methods_too(client, cluster):
     ns = client.namespace("ACCOUNT")
     stub = ns.get_by_name("victim")
@@ -103,6 +104,7 @@ def test_the_sync_client_calls_methods_and_blocks_for_their_value(cluster):
         assert stub.log() == [9]
 
 
+@pytest.mark.slow
 def test_durable_call_with_a_method_prints_its_result_as_json(tmp_path):
     from tests.integration.daemon import serving
     from tests.integration.test_supervisor import FAST, _cli

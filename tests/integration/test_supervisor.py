@@ -314,6 +314,7 @@ def _answer(ns, name):
         return None
 
 
+@pytest.mark.slow
 def test_second_sigterm_stops_at_once(tmp_path):
     config = FAST.replace("grace_period = 10", "grace_period = 30") + \
         '[namespaces.SLOW]\nclass = "tests.integration.objects:Slow"\n'
@@ -339,6 +340,7 @@ def test_second_sigterm_stops_at_once(tmp_path):
         wait_for(lambda: not d.children(), 10, "no children left")
 
 
+@pytest.mark.slow
 def test_damaged_slot_is_marked_corrupt_and_the_daemon_serves_on(tmp_path):
     """A slot whose log is damaged stays down as `corrupt` (exit 65); it does not halt the rest."""
     from durable.objectproc.storage.log import encode_record, encode_writeset
@@ -366,6 +368,7 @@ def test_damaged_slot_is_marked_corrupt_and_the_daemon_serves_on(tmp_path):
             assert ns.get(ns.id_from_name(f"n{i}")).fetch("http://do/inc", method="POST").text() == "1"
 
 
+@pytest.mark.slow
 def test_low_latency_idle_holds_cpu_dma_latency_while_serving(tmp_path):
     """With root the PM QoS request is 0 while serving and gone after; without, a warning."""
     from durable.supervisor import cpu_latency

@@ -173,6 +173,7 @@ def test_malformed_input_raises_malformed_value_error(data):
         decode(data)
 
 
+@pytest.mark.slow  # (2,000 examples, ~5 s; the full suite runs it)
 @settings(max_examples=int(os.environ.get("DURABLE_FUZZ_EXAMPLES", "2000")))
 @given(st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=5),

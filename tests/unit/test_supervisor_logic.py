@@ -65,7 +65,7 @@ def test_defaults_are_valid_and_local():
     assert c.http is not None and c.http.listen == "127.0.0.1:8787"
     assert from_dict({}, "f.toml").http is None  # a file without [http] runs no gateway
     assert c.frontend().startswith("ipc://") and c.frontend().endswith("durable-data/run/broker.sock")
-    assert set(c.namespaces) == {"COUNTER", "CHAT", "RATELIMIT"}
+    assert set(c.namespaces) == {"COUNTER", "CHAT", "RATELIMIT", "SESSION"}
 
 
 def test_full_config_parses():
