@@ -264,6 +264,10 @@ class Activation:
     async def _alarm(self, call: AlarmCall) -> None:
         """The object's ``alarm(info)``; once it returns, the alarm is deleted, unless the
         handler set another (it commits with the handler's writes)."""
+        if self.storage._read_alarm() != call.due:
+            # Replaced or deleted since the scheduler took it (a change not durable yet when
+            # it fired): this alarm no longer exists; a new one fires at its own time.
+            return
         handler = getattr(self.instance, "alarm", None)
         if handler is None:
             raise TypeError(f"{type(self.instance).__name__} has no alarm() handler; the alarm "

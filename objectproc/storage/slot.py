@@ -453,6 +453,11 @@ class SlotStore:
             storage = self._storages.get(obj)
             if storage is not None:
                 storage.broken = err
+            if self.on_alarm is not None and any(r.ws.alarm != ALARM_KEEP for r in dropped
+                                                 if r.ws.obj == obj):
+                # a discarded alarm change: the scheduler hears again what is stored
+                with contextlib.suppress(Exception):
+                    self.on_alarm(obj, self.read_alarm(obj))
         log.error("slot %d: the disk is full (%s); %d writes of %d objects were not stored and "
                   "their objects were reset; refusing writes until space is freed",
                   self.slot, exc, len(dropped), len(objs))

@@ -356,6 +356,13 @@ class Alarmed(DurableObject):
     async def cancel(self) -> None:
         await self.state.storage.delete_alarm()
 
+    async def replace_slowly(self, due_ms: float, hold: float) -> None:
+        """Hold the loop past the old alarm's time, replace it, then really wait: the old
+        one's timer fires before the replacement is durable (the scheduler still has it)."""
+        time.sleep(hold)  # noqa: ASYNC251 (the point: the loop is held)
+        await self.state.storage.set_alarm(due_ms)
+        await asyncio.sleep(0.05)
+
     async def pid(self) -> int:
         return os.getpid()
 

@@ -58,6 +58,19 @@ async def test_a_time_in_the_past_fires_at_once_and_delete_cancels(client):
     assert await cancelled.runs() == [] and await cancelled.alarm_at() is None
 
 
+async def test_an_alarm_replaced_before_it_ran_never_runs_early(client):
+    """Found by the chaos soak: the old alarm came due while its replacement was not yet
+    durable; its handler ran and saw the new alarm, seconds before that one's time."""
+    stub = client.namespace("ALARMED").get_by_name("replaced")
+    await stub.arm(now_ms() + 100)
+    later = now_ms() + 2500
+    await stub.replace_slowly(later, 0.4)  # the old alarm comes due during the hold
+    await asyncio.sleep(0.8)
+    assert await stub.runs() == []  # the old one is gone, the new one not due yet
+    (at, _, _, seen), = await runs_of(stub, 1)
+    assert at >= later and seen == later
+
+
 async def test_a_raising_handler_is_retried_with_backoff(client):
     stub = client.namespace("ALARMED").get_by_name("flaky")
     await stub.arm(now_ms(), fail=2)  # the test cluster's alarm_retry_base is 0.2 s
