@@ -492,9 +492,13 @@ class ObjectProcess:
         obj = name_key(namespace, object_id)
         try:
             if self.store.read(obj, "name") is None:
-                # Not kicked: it rides with the call's own commit (inline when the process is
-                # otherwise idle) or the next group, rather than cost a write of its own.
+                # Not kicked now: it rides with the call's own commit (inline when the process
+                # is otherwise idle) rather than cost a write of its own. A call that writes
+                # nothing commits nothing, so the log is kicked a little later in any case
+                # (without that, the name waited for the next write of anyone: a restart
+                # after SIGKILL lost it, seen once in CI).
                 self.store.submit(obj, False, {"name": codec.encode(name)}, kick=False)
+                asyncio.get_running_loop().call_later(0.02, self.store.log.kick)
         except Exception as e:  # (a full disk): learnt again from the next named call
             log.debug("could not store the name of %s %s: %s", namespace, object_id, e)
 

@@ -26,6 +26,7 @@ NAMESPACES = {
     "ACCOUNT": "tests.integration.objects:Account",
     "ALARMED": "tests.integration.objects:Alarmed",
     "NOALARM": "tests.integration.objects:NoAlarmHandler",
+    "NAMED": "tests.integration.objects:Named",
 }
 
 

@@ -9,6 +9,7 @@ by their base64; object errors never logged.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.error
@@ -19,7 +20,7 @@ import pytest
 import durable
 from durable.broker.ring import Ring
 from tests.integration.daemon import serving
-from tests.integration.procs import free_port, wait_for
+from tests.integration.procs import async_wait_for, free_port, wait_for
 
 CONFIG = """
 slots = {slots}
@@ -285,3 +286,22 @@ def test_object_errors_are_logged_with_their_traceback_and_labelled(tmp_path):
         assert "RAISER" in log and "(name 'r')" in log and "ValueError" in log
         assert 'raise ValueError("boom from Raiser")' in log  # the traceback itself
         assert "worker raised" not in log
+
+
+async def test_a_name_learnt_by_a_call_that_writes_nothing_survives_sigkill(client, cluster):
+    """The name rides with the call's own commit; a call that commits nothing still gets it
+    durable within moments (CI saw it lost: it waited for the next write of anyone)."""
+    ns = client.namespace("NAMED")
+    oid = ns.id_from_name("bob")
+    assert (await (await ns.get(oid).fetch("http://do/")).json())["name"] == "bob"
+    await asyncio.sleep(0.3)
+    slot = Ring(cluster.slots).slot_for(str(oid))
+    cluster.kill(cluster.workers[slot])  # SIGKILL: nothing is flushed on the way out
+    cluster.start_worker(slot)
+
+    async def name_known():
+        resp = await ns.get(ns.id_from_string(str(oid))).fetch("http://do/", timeout=2)
+        return [(await resp.json())["name"]]
+
+    assert await async_wait_for(name_known, 15, "the object after its restart",
+                                ignore=(durable.StubBrokenError,)) == ["bob"]
