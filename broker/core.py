@@ -26,6 +26,11 @@ Rules this file keeps:
   deadline (``timeout``), and are dispatched in order.
 * **Deadlines.** A dispatched call leaves the broker at its ``timeout_ms``
   (``timeout``); its late reply is dropped as a stray.
+* **Channels.** An object process's WSEND goes to its client as CHANNEL (one
+  message for many WebSockets of that client). When an incarnation ends, each
+  client hears which of its stubs were bound to it (BROKEN: their sockets
+  close with 1012); when a client leaves (expired, HELLO again, or the
+  supervisor saw its process exit), every object process hears it (WGONE).
 * **Who may do what.** Identities carry the socket they came from as a
   prefix: ``F`` the local ipc endpoint, ``A`` the operator endpoint, ``P``
   the CurveZMQ endpoints. A ``P`` client gets the id keys of, and may call,
@@ -58,8 +63,11 @@ from durable.protocol.messages import (
     FROM_CLIENT,
     FROM_WORKER,
     Beat,
+    Broken,
     BrokerHeartbeat,
     Call,
+    ChannelSend,
+    ClientGone,
     Direction,
     Disconnect,
     Drop,
@@ -77,6 +85,7 @@ from durable.protocol.messages import (
     WorkerError,
     WorkerHeartbeat,
     WorkerReply,
+    WorkerSend,
     parse,
 )
 from durable.supervisor.config import BrokerSettings as _SETTINGS
@@ -205,6 +214,8 @@ class RouterCore:
             return
         client = self.clients.get(ident)
         if type(msg) is Hello:
+            if client is not None:  # it started over: its channels are gone
+                self._client_gone(ident)
             allowed = self._allowed(ident, user)
             self.clients[ident] = _Client(self.clock(), msg.pid, msg.name, allowed=allowed)
             self.counters["hellos"] += 1
@@ -247,6 +258,10 @@ class RouterCore:
         if msg.op == "drain":
             self.draining = True
             log.info("draining: new calls are refused, calls in flight finish")
+        elif msg.op == "client_exit":  # a gateway process died: its WebSockets are gone now
+            for ident in [i for i, c in self.clients.items() if c.pid == msg.pid and i[:1] != b"P"]:
+                del self.clients[ident]
+                self._client_gone(ident)
         elif msg.slot < len(self.slots) and msg.op == "slot_failed":
             slot = self.slots[msg.slot]
             if slot.pid == msg.pid:
@@ -370,6 +385,13 @@ class RouterCore:
                 self._to_client(msg.client, msg.to_client().encode())
             else:
                 self.counters["stray_replies"] += 1
+        elif type(msg) is WorkerSend:
+            if msg.client in self.clients:
+                self.counters["channel_messages"] += 1
+                self._to_client(msg.client, ChannelSend(msg.channels, msg.kind, msg.payload).encode())
+            else:  # it left before the process heard: tell it (once per message is cheap)
+                self.counters["channel_messages_dropped"] += 1
+                self._to_worker(ident, ClientGone(msg.client).encode())
         elif type(msg) is WorkerHeartbeat:
             slot.reported = msg.stats
 
@@ -422,6 +444,11 @@ class RouterCore:
             self._done(ident)
             self._broken(ident, call_id, number, f"its process (pid {slot.pid}) went away: {reason}")
         slot.inflight.clear()
+        ended = (number, slot.incarnation)
+        for ident, client in self.clients.items():  # their WebSockets close (1012) at once
+            stubs = [s for s, bound in client.stubs.items() if bound == ended]
+            if stubs:
+                self._to_client(ident, Broken(stubs).encode())
         slot.identity = slot.incarnation = slot.liveness = slot.up_since = None
         self.counters["incarnations_ended"] += 1
 
@@ -452,6 +479,13 @@ class RouterCore:
             for ident in [i for i, c in self.clients.items() if now - c.last_heard > limit]:
                 del self.clients[ident]
                 self.counters["clients_expired"] += 1
+                self._client_gone(ident)
+
+    def _client_gone(self, ident: bytes) -> None:
+        """Object processes close the channels (WebSockets, streams) of a client that left."""
+        for slot in self.slots:
+            if slot.identity is not None:
+                self._to_worker(slot.identity, ClientGone(ident).encode())
 
     def _expire_calls(self, now: float) -> None:
         """Calls past their deadline leave the broker: the caller has given up on them.

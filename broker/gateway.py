@@ -27,6 +27,18 @@ body over the limit       413
 body not sent in time     408
 ========================  ======================================
 
+**WebSockets** (docs/objects.md, "WebSockets"): an upgrade request reaches the
+object like any other, with a channel the gateway opened for it; if the object
+answers 101 with the client end of a ``WebSocketPair``, aiohttp completes the
+handshake and the gateway pumps frames: each message from the browser is an
+event call on the stub that upgraded (in order, at most ``Channel.window``
+unanswered, then the browser waits), and what the object sends arrives on the
+gateway's connection to the broker and is written here. The socket costs the
+object nothing while it is idle (hibernation). An auto-response is answered here.
+
+**Streamed bodies** are written chunk by chunk (chunked transfer, each chunk
+flushed: Server-Sent Events work); a client that goes away cancels the producer.
+
 The supervisor binds the port and passes the listening socket (``--fd``); several
 gateway processes accept from that one socket to use more cores (gunicorn's
 model), and no other process can share the port.
@@ -45,13 +57,13 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 import durable
 from durable.errors import (
@@ -68,8 +80,10 @@ from durable.errors import (
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_function
+from durable.protocol.messages import EV_BINARY, EV_TEXT
 from durable.supervisor import lifeline, logs
 from durable.supervisor.config import Config, ConfigError, settings_from_args
+from durable.websocket import MAX_MESSAGE, OPEN, Channel
 
 __all__ = ["Gateway", "main"]
 
@@ -126,7 +140,9 @@ class Bounds:
 class Gateway:
     def __init__(self, client: durable.Client, env: Env, *, worker: Any = None,
                  read_timeout: float = 30.0, debug: bool = False,
-                 bounds: Bounds | None = None) -> None:
+                 bounds: Bounds | None = None, max_websockets: int = 20_000,
+                 websocket_max_message: int = MAX_MESSAGE,
+                 websocket_max_buffer: int = 4 << 20) -> None:
         self.client = client
         self.env = env
         self.worker = worker
@@ -134,6 +150,11 @@ class Gateway:
         self.debug = debug
         self.bounds = bounds or Bounds()
         self._stubs: OrderedDict[tuple[str, str], durable.Stub] = OrderedDict()
+        self.max_websockets = max_websockets
+        self.websocket_max_message = websocket_max_message
+        self.websocket_max_buffer = websocket_max_buffer
+        self.sockets: set[_Socket] = set()
+        self._upgrading = 0
 
     def _stub(self, ns: durable.Namespace, oid: durable.ObjectId) -> durable.Stub:
         key = (ns.name, str(oid))
@@ -207,6 +228,24 @@ class Gateway:
         except (TypeError, ValueError) as e:
             return web.Response(status=400, text=f"bad request: {e}\n")
         del body  # the Request holds it now; the bytes bound counted it while it was read
+        channel = None
+        if req.is_websocket and request.method == "GET":
+            if len(self.sockets) + self._upgrading >= self.max_websockets:
+                return web.Response(status=503, headers={"Retry-After": "5"}, text=(
+                    f"this gateway process holds {len(self.sockets)} WebSockets (the limit, "
+                    f"http.max_websockets, is {self.max_websockets})\n"))
+            channel = req._upgrade = self.client.open_channel(self.websocket_max_message)
+            self._upgrading += 1
+        try:
+            return await self._answer(request, req, channel)
+        finally:
+            if channel is not None:
+                self._upgrading -= 1
+                if channel.stub is None:
+                    channel.discard()  # not upgraded
+
+    async def _answer(self, request: web.Request, req: durable.Request,
+                      channel: Channel | None) -> web.StreamResponse:
         try:
             if self.worker is not None:
                 resp = await self.worker(req, self.env)
@@ -241,6 +280,14 @@ class Gateway:
             text = f"worker error: {type(e).__name__}: {e}\n" if self.debug else "worker error\n"
             return web.Response(status=500, text=text)
         headers = [(n, v) for n, v in resp.headers.items() if n.lower() not in _HOP_BY_HOP]
+        if resp.status == 101:
+            if channel is None or resp.websocket is not channel:
+                log.warning("a 101 response without the request's WebSocket: answered 502")
+                return web.Response(status=502, text="the object answered 101 without "
+                                    "accepting this request's WebSocket\n")
+            return await self._websocket(request, channel, headers)
+        if resp.streaming:
+            return await self._stream(request, resp, headers)
         out = web.Response(body=resp.body, status=resp.status, headers=headers)
         size = len(resp.body)
         if size < _LARGE_RESPONSE:
@@ -255,6 +302,173 @@ class Gateway:
         finally:
             self.bounds.bytes -= size
         return out
+
+
+    # -- WebSockets -------------------------------------------------------------------------
+    async def _websocket(self, request: web.Request, channel: Channel,
+                         headers: list[tuple[str, str]]) -> web.StreamResponse:
+        """Complete the handshake, then read the browser's frames until the socket closes."""
+        ws = web.WebSocketResponse(max_msg_size=self.websocket_max_message, compress=False,
+                                   headers=[h for h in headers if not h[0].lower().startswith(
+                                       "sec-websocket")])
+        try:
+            writer = await ws.prepare(request)
+        except web.HTTPException as e:  # not a valid handshake after all
+            channel.close_from_here(1002, "the WebSocket handshake failed", clean=False)
+            return web.Response(status=e.status, text=f"WebSocket handshake failed: {e.text}\n")
+        sock = _Socket(self, ws, writer, channel, request.transport)
+        self.sockets.add(sock)
+        channel.attach(sock)
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type is WSMsgType.TEXT:
+                    kind, data = EV_TEXT, msg.data.encode()
+                elif msg.type is WSMsgType.BINARY:
+                    kind, data = EV_BINARY, msg.data
+                elif msg.type is WSMsgType.CLOSE:
+                    channel.close_from_here(msg.data if isinstance(msg.data, int) else 1005,
+                                            msg.extra or "", clean=True)
+                    break
+                elif msg.type is WSMsgType.ERROR:
+                    err = ws.exception()
+                    channel.error_from_here(f"{type(err).__name__}: {err}")
+                    channel.close_from_here(ws.close_code or 1006, str(err)[:100], clean=False)
+                    break
+                else:  # CLOSING, CLOSED: we closed it (the object did, or we go away)
+                    channel.close_from_here(ws.close_code or 1006, "", clean=False)
+                    break
+                if not channel.send_nowait(kind, data):
+                    if channel.state != OPEN:
+                        break
+                    await channel.room()  # the object is behind: stop reading meanwhile
+                    channel.send_nowait(kind, data)
+        finally:
+            self.sockets.discard(sock)
+            if channel.state == OPEN:
+                channel.close_from_here(1006, "", clean=False)
+        return ws
+
+    async def _stream(self, request: web.Request, resp: durable.Response,
+                      headers: list[tuple[str, str]]) -> web.StreamResponse:
+        out = web.StreamResponse(status=resp.status, headers=headers)
+        out.enable_chunked_encoding()
+        await out.prepare(request)
+        async with contextlib.aclosing(resp.iter_chunks()) as chunks:
+            try:
+                async for chunk in chunks:
+                    await out.write(chunk)  # (sent at once: each chunk is flushed)
+            except (ConnectionError, RuntimeError):
+                return out  # the client left: closing the chunks cancels the producer
+            except Exception as e:  # the producer failed: the client sees the body cut short
+                log.info("a streamed body failed: %s", e)
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
+        await out.write_eof()
+        return out
+
+    async def close_websockets(self) -> None:
+        """Going away (a stop or reload): every socket closes with 1001."""
+        for sock in list(self.sockets):
+            sock.channel.close_from_here(1001, "the gateway is going away", clean=True)
+            sock.on_close(1001, "the gateway is going away")
+        for sock in list(self.sockets):
+            if sock.task is not None:
+                with contextlib.suppress(Exception):
+                    await sock.task
+
+
+class _Socket:
+    """One browser's WebSocket: writes what its object sends, in order, bounded.
+
+    A frame is written at once when nothing waits before it (``send_frame`` then
+    finishes without suspending: see ``_write_now``); when the peer reads slowly the
+    rest queue behind a writer task that waits for the transport to drain. Past
+    ``websocket_max_buffer`` bytes waiting, the socket is closed with 1008.
+    """
+
+    __slots__ = ("gw", "ws", "writer", "channel", "transport", "queue", "held", "task",
+                 "closing", "__weakref__")
+
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, writer: Any, channel: Channel,
+                 transport: Any) -> None:
+        self.gw = gw
+        self.ws = ws
+        self.writer = writer
+        self.channel = channel
+        self.transport = transport
+        self.queue: deque[tuple[WSMsgType, bytes, int]] = deque()
+        self.held = 0
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False
+
+    def on_message(self, kind: bytes, payload: bytes) -> None:
+        if self.closing:
+            return
+        opcode = WSMsgType.TEXT if kind == EV_TEXT else WSMsgType.BINARY
+        if not self.queue and self.task is None:
+            if self._write_now(opcode, payload):
+                return
+        else:
+            self.queue.append((opcode, payload, 0))
+            self.held += len(payload)
+        buffered = self.held + (self.transport.get_write_buffer_size()
+                                if self.transport is not None else 0)
+        if buffered > self.gw.websocket_max_buffer:
+            log.warning("closing a WebSocket whose reader does not keep up: %d bytes wait for "
+                        "it (http.websocket_max_buffer_kb = %d)", buffered,
+                        self.gw.websocket_max_buffer >> 10)
+            self.queue.clear()
+            self.held = 0
+            self.channel.close_from_here(1008, "the client did not read its messages", clean=False)
+            self.on_close(1008, "message buffer overflow")
+
+    def _write_now(self, opcode: WSMsgType, payload: bytes) -> bool:
+        """Write one frame without a task: aiohttp's ``send_frame`` writes to the transport
+        synchronously and suspends only to wait for a slow peer to drain. Stepping the
+        coroutine once runs it to its end in the usual case (most of a broadcast's cost
+        was a task per frame); if it suspends, the frame is already written and only the
+        drain wait is dropped: the writer task waits for the drain instead."""
+        coro = self.ws.send_frame(payload, opcode)
+        try:
+            coro.send(None)
+        except StopIteration:
+            return True
+        except Exception as e:  # the connection is closing
+            log.debug("a WebSocket write failed: %s", e)
+            return True
+        coro.close()
+        self._start(drain=True)
+        return False
+
+    def on_close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.queue.append((WSMsgType.CLOSE, reason.encode()[:123], code))
+        self._start()
+
+    def _start(self, drain: bool = False) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._drain(drain))
+
+    async def _drain(self, drain: bool) -> None:
+        try:
+            if drain:
+                await self.writer.drain()
+            while self.queue:
+                opcode, payload, code = self.queue.popleft()
+                self.held -= len(payload)
+                if opcode is WSMsgType.CLOSE:
+                    await self.ws.close(code=code, message=payload)
+                    return
+                await self.ws.send_frame(payload, opcode)
+        except Exception as e:  # the connection went away: the reader sees it end
+            log.debug("a WebSocket write failed: %s", e)
+            self.queue.clear()
+        finally:
+            self.task = None
 
 
 def _utf8(value: str) -> bool:
@@ -293,7 +507,9 @@ async def run(cfg: Config, fd: int | None) -> None:
     bounds = Bounds(h.max_inflight_per_namespace, h.max_inflight_per_object,
                     h.max_inflight_mb << 20)
     gw = Gateway(client, env, worker=worker, read_timeout=h.read_timeout, debug=h.debug,
-                 bounds=bounds)
+                 bounds=bounds, max_websockets=h.max_websockets,
+                 websocket_max_message=cfg.websocket_max_message_kb << 10,
+                 websocket_max_buffer=h.websocket_max_buffer_kb << 10)
     app = web.Application(client_max_size=h.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", gw.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -314,6 +530,7 @@ async def run(cfg: Config, fd: int | None) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     await stop.wait()
+    await gw.close_websockets()
     await runner.cleanup()  # stops accepting, lets requests in flight finish
     await client.close()
     ticker.cancel()

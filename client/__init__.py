@@ -25,11 +25,13 @@ from .errors import (
     TransactionClosedError,
     TransactionConflictError,
     UnknownNamespaceError,
+    WebSocketError,
 )
 from .http import Headers, Request, Response
 from .ids import ObjectId
 from .objects import DurableObject, Env
 from .sync import SyncClient, SyncResponse, connect_sync
+from .websocket import ClientWebSocket, WebSocket, WebSocketPair
 
 __version__ = "0.1.0"
 
@@ -66,4 +68,8 @@ __all__ = [
     "StorageCorruptError",
     "TransactionClosedError",
     "TransactionConflictError",
+    "WebSocketError",
+    "WebSocket",
+    "WebSocketPair",
+    "ClientWebSocket",
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import itertools
 import logging
 import os
@@ -34,12 +33,17 @@ from .errors import (
     UnknownNamespaceError,
     error_from_wire,
 )
+from .gate import OUTPUT_GATE
 from .http import Request, Response
 from .ids import IdFactory, ObjectId
 from .protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from .protocol.messages import (
     METHOD,
+    STREAMED,
+    UPGRADED,
+    Broken,
     Call,
+    ChannelSend,
     Disconnect,
     Drop,
     Error,
@@ -52,11 +56,14 @@ from .protocol.messages import (
     Welcome,
     decode_response,
     decode_result,
+    encode_event,
     encode_method_call,
     encode_request,
     parse_from_broker_to_client,
 )
+from .streams import StreamBody
 from .transport import LoopSocket
+from .websocket import MAX_MESSAGE, OPEN, Channel, WebSocketConnect
 
 __all__ = ["Client", "Namespace", "TypedNamespace", "Stub", "connect", "default_endpoint"]
 
@@ -64,11 +71,6 @@ log = logging.getLogger("durable.client")
 DEFAULT_TIMEOUT = 30.0
 
 
-#: Set by the object process in each object's context: an outgoing call (``env.NS`` stubs)
-#: awaits it before it leaves, so no other object acts on a message whose cause (the
-#: object's earlier writes) could still be lost. Cloudflare's output gate, for calls.
-OUTPUT_GATE: contextvars.ContextVar[Callable[[], Awaitable[None]] | None] = \
-    contextvars.ContextVar("durable_output_gate", default=None)
 
 
 def default_endpoint() -> str:
@@ -203,8 +205,34 @@ class Stub:
             req = url_or_request
         else:
             req = Request(url_or_request, method=method, headers=headers, body=body)
-        head, data = encode_request(req)
-        return await self._client._call(self, head, data, timeout)
+        channel = req._upgrade
+        if channel is not None and (type(channel) is not Channel or channel.client is not
+                                    self._client or channel.stub is not None):
+            channel = None  # another client's socket: this callee sees a plain request
+        head, data = encode_request(req, None if channel is None else channel.id)
+        resp = await self._client._call(self, head, data, timeout)
+        if resp.websocket is UPGRADED:
+            if channel is None:
+                raise ProtocolError(f"{self.namespace} {self.id} answered 101 to a request that "
+                                    "was not a WebSocket upgrade")
+            channel.bind(self)
+            resp.websocket = channel
+        return resp
+
+    def websocket(self, url: str, *, headers: Any = None,
+                  max_buffered: int = 16 << 20) -> WebSocketConnect:
+        """Open a WebSocket to the object: ``async with stub.websocket("/room") as ws``.
+
+        Its fetch sees a GET with ``Upgrade: websocket`` (relative URLs get the
+        ``http://durable`` origin); messages go over this client's own connection.
+        """
+        if url.startswith("/"):
+            url = "http://durable" + url
+        req = Request(url, headers=headers)
+        for name, value in (("Upgrade", "websocket"), ("Connection", "Upgrade")):
+            if not req.headers.has(name):
+                req.headers.set(name, value)
+        return WebSocketConnect(self, req, max_buffered)
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         if name.startswith("_"):  # (copy, pickle and friends probe for dunders)
@@ -308,6 +336,8 @@ class Client:
         self._tasks: set[asyncio.Task[None]] = set()
         self._liveness: Liveness | None = None
         self._closed = False
+        #: WebSockets and streamed bodies this client reads, by channel id
+        self._channels: dict[int, Any] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Client:
@@ -349,6 +379,12 @@ class Client:
     async def close(self) -> None:
         if self._closed:
             return
+        told = False
+        for ch in list(self._channels.values()):  # the objects hear that we left
+            if type(ch) is Channel and ch.stub is not None and ch.state == OPEN:
+                ch.close_from_here(1001, "the client closed", clean=False)
+                told = True
+            ch.lost(1001, "the client closed")
         self._closed = True
         for task in list(self._tasks):
             task.cancel()
@@ -357,7 +393,7 @@ class Client:
                 await task
         self._fail_all(StubBrokenError("the client was closed"))
         if self._sock is not None:
-            self._sock.close()
+            self._sock.close(linger=500 if told else 0)  # (the closes leave first)
             self._sock = None
 
     # -- namespaces ---------------------------------------------------------------------
@@ -429,6 +465,39 @@ class Client:
             timer.cancel()
             self._pending.pop(call_id, None)
 
+    def open_channel(self, max_message: int = MAX_MESSAGE) -> Channel:
+        """A channel for a WebSocket upgrade (set as ``request._upgrade`` before the fetch)."""
+        ch = Channel(self, next(self._call_ids), max_message)
+        self._channels[ch.id] = ch
+        return ch
+
+    def _event(self, channel: Any, kind: bytes, data: bytes = b"", **kw: Any) -> asyncio.Future[Any] | None:
+        """Tell the object of an event on one of its channels (a call, answered empty)."""
+        stub = channel.stub
+        if self._closed or stub is None or stub._broken is not None or self._sock is None:
+            return None
+        head, body = encode_event(kind, channel.id, data, **kw)
+        call_id = next(self._call_ids)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending[call_id] = (fut, stub)
+        try:
+            self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
+                            int(self.timeout * 1000), head, body, stub.id.name).encode())
+        except zmq.ZMQError as e:
+            self._pending.pop(call_id, None)
+            fut.set_exception(StubBrokenError(f"could not send to the broker: {e}"))
+        timer = loop.call_later(self.timeout, self._expire, fut, stub, self.timeout)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            self._pending.pop(call_id, None)
+            if not f.cancelled():
+                f.exception()  # (its outcome is the channel's business)
+
+        fut.add_done_callback(done)
+        return fut
+
     @staticmethod
     def _expire(fut: asyncio.Future[Any], stub: Stub, timeout: float) -> None:
         if not fut.done():
@@ -445,12 +514,24 @@ class Client:
             log.warning("dropped a malformed message from the broker: %s", e)
             return
         t = type(msg)
-        if t is Reply:
+        if t is ChannelSend:
+            channels = self._channels
+            for cid in msg.channels:
+                ch = channels.get(cid)
+                if ch is not None:
+                    ch.deliver(msg.kind, msg.payload)
+        elif t is Reply:
             entry = self._pending.get(msg.call_id)
             if entry is not None and not entry[0].done():
                 try:
-                    entry[0].set_result(decode_result(msg.body) if msg.head == METHOD
-                                        else decode_response(msg.head, msg.body))
+                    if msg.head == METHOD:
+                        entry[0].set_result(decode_result(msg.body))
+                    else:
+                        resp = decode_response(msg.head, msg.body)
+                        if resp._stream is STREAMED:  # its chunks may follow at once
+                            resp._stream = self._channels[msg.call_id] = StreamBody(
+                                self, msg.call_id, entry[1])
+                        entry[0].set_result(resp)
                 except ProtocolError as e:
                     entry[0].set_exception(e)
         elif t is Error:
@@ -476,9 +557,23 @@ class Client:
             entry = self._pending.get(msg.call_id)
             if entry is not None and not entry[0].done():
                 entry[0].set_result(msg.stats)
+        elif t is Broken:
+            self._stubs_broken(set(msg.stub_ids))
+
+    def _stubs_broken(self, ids: set[int]) -> None:
+        """The broker says these stubs' process is gone: their channels end now (1012)."""
+        err = StubBrokenError("stub lost its object: its process restarted; get a new stub "
+                              "with namespace.get(id)")
+        for ch in list(self._channels.values()):
+            if ch.stub is not None and ch.stub._stub_id in ids:
+                if ch.stub._broken is None:
+                    ch.stub._broken = err
+                ch.lost(1012, "the object's process restarted")
 
     def _broken_generation(self, why: str) -> None:
         self._generation += 1
+        for ch in list(self._channels.values()):
+            ch.lost(1012, f"the connection to the daemon was lost ({why})")
         self._fail_all(StubBrokenError(f"stub lost its object: {why}; get a new stub with "
                                        "namespace.get(id)"))
 

@@ -31,6 +31,7 @@ __all__ = [
     "StorageCorruptError",
     "TransactionClosedError",
     "TransactionConflictError",
+    "WebSocketError",
 ]
 
 
@@ -206,6 +207,18 @@ class CallTimeoutError(DurableError, TimeoutError):
 
     code = "timeout"
     retryable = True
+
+
+class WebSocketError(DurableError):
+    """A WebSocket could not be opened (``status``/``body``: the object's answer), or was
+    used after it closed."""
+
+    code = "websocket"
+
+    def __init__(self, message: str, status: int | None = None, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
 
 
 def _all_errors(cls: type[DurableError]) -> list[type[DurableError]]:

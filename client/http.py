@@ -1,14 +1,17 @@
 """Request, Response and Headers, shaped like the Fetch API that Durable Objects use.
 
-Bodies are bytes, held whole (a call's body crosses the wire as one frame).
-``text()``, ``json()`` and ``bytes()`` are async, as in Fetch, so object code
-written against the seed API reads the same.
+Request bodies are bytes, held whole (a call's body crosses the wire as one
+frame). A response body is bytes too, or an async iterable of bytes/str
+chunks that streams (``iter_chunks()``). ``text()``, ``json()`` and
+``bytes()`` are async, as in Fetch, so object code written against the seed
+API reads the same. ``Response(status=101, websocket=client)`` accepts a
+WebSocket upgrade (``durable.websocket``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -115,13 +118,13 @@ class _Body:
         return self._body
 
     async def text(self) -> str:
-        return self._body.decode("utf-8")
+        return (await self.bytes()).decode("utf-8")
 
     async def json(self) -> Any:
-        return orjson.loads(self._body)
+        return orjson.loads(await self.bytes())
 
     async def _parse_json(self) -> Any:
-        return orjson.loads(self._body)
+        return orjson.loads(await self.bytes())
 
     @property
     def body(self) -> bytes:
@@ -131,10 +134,13 @@ class _Body:
 class Request(_Body):
     """An HTTP-shaped request to an object: ``url``, ``method``, ``headers``, body."""
 
-    __slots__ = ("url", "method", "headers", "_body")
+    __slots__ = ("url", "method", "headers", "_body", "_upgrade")
 
     def __init__(self, url: str, *, method: str = "GET", headers: Any = None,
                  body: bytes | str | None = None) -> None:
+        #: the WebSocket this upgrade request may open (the client's channel; the object
+        #: process's channel id): set by whoever received the upgrade, never by hand
+        self._upgrade: Any = None
         if type(url) is not str:
             raise TypeError(f"url must be a str, not {type(url).__name__}")
         if type(method) is not str or not method.isascii() or not method.isalpha():
@@ -147,6 +153,11 @@ class Request(_Body):
     @property
     def path(self) -> str:
         return urlsplit(self.url).path or "/"
+
+    @property
+    def is_websocket(self) -> bool:
+        """Whether this is a WebSocket upgrade request (``Upgrade: websocket``)."""
+        return (self.headers.get("upgrade") or "").lower() == "websocket"
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.url} {len(self._body)} bytes>"
@@ -170,17 +181,33 @@ def _json_response(cls: type[Response], data: Any, *, status: int = 200,
 
 
 class Response(_Body):
-    """An HTTP-shaped response: ``status``, ``headers``, body; ``ok`` for 2xx."""
+    """An HTTP-shaped response: ``status``, ``headers``, body; ``ok`` for 2xx.
 
-    __slots__ = ("status", "headers", "_body")
+    ``body`` may be an async iterable of bytes/str: it streams, a chunk at a time
+    (``iter_chunks()``; ``bytes()``/``text()``/``json()`` read it whole).
+    ``Response(status=101, websocket=client)`` answers a WebSocket upgrade with the
+    client end of a ``WebSocketPair``.
+    """
 
-    def __init__(self, body: bytes | str | None = None, *, status: int = 200,
-                 headers: Any = None) -> None:
-        if type(status) is not int or not 200 <= status <= 599:
-            raise ValueError(f"status must be an int from 200 to 599, got {status!r}")
+    __slots__ = ("status", "headers", "_body", "_stream", "websocket")
+
+    def __init__(self, body: Any = None, *, status: int = 200, headers: Any = None,
+                 websocket: Any = None) -> None:
+        if websocket is not None:
+            if status != 101:
+                raise ValueError(f"a Response with a websocket has status 101, not {status!r}")
+        elif type(status) is not int or not 200 <= status <= 599:
+            raise ValueError(f"status must be an int from 200 to 599 (101 with websocket=), "
+                             f"got {status!r}")
         self.status = status
         self.headers = Headers(headers)
-        self._body = _body(body)
+        self.websocket = websocket
+        self._stream: Any = None
+        if body is not None and hasattr(body, "__aiter__"):
+            self._stream = body
+            self._body = b""
+        else:
+            self._body = _body(body)
         if isinstance(body, str) and not self.headers.has("content-type"):
             self.headers.set("content-type", "text/plain;charset=UTF-8")
 
@@ -188,7 +215,59 @@ class Response(_Body):
     def ok(self) -> bool:
         return 200 <= self.status <= 299
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the body streams (read it with ``iter_chunks()``)."""
+        return self._stream is not None
+
+    @property
+    def body(self) -> bytes:
+        if self._stream is not None:
+            raise TypeError("this response's body streams: read it with `async for chunk in "
+                            "resp.iter_chunks()` or `await resp.bytes()`")
+        return self._body
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (a body held whole is one chunk)."""
+        if self._stream is None:
+            if self._body:
+                yield self._body
+            return
+        stream, self._stream = self._stream, _CONSUMED
+        if stream is _CONSUMED:
+            raise RuntimeError("this response's body was already read")
+        async for chunk in stream:
+            yield _chunk(chunk)
+
+    async def bytes(self) -> bytes:
+        if self._stream is None:
+            return self._body
+        self._body = b"".join([c async for c in self.iter_chunks()])
+        self._stream = None
+        return self._body
+
     json = _JsonAccessor()  # Response.json(data) builds one; await resp.json() parses one
 
     def __repr__(self) -> str:
+        if self._stream is not None:
+            return f"<Response {self.status} streaming>"
         return f"<Response {self.status} {len(self._body)} bytes>"
+
+
+class _Consumed:
+    def __aiter__(self) -> _Consumed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise RuntimeError("this response's body was already read")
+
+
+_CONSUMED: Any = _Consumed()
+
+
+def _chunk(chunk: Any) -> bytes:
+    if isinstance(chunk, str):
+        return chunk.encode("utf-8")
+    if isinstance(chunk, (bytes, bytearray, memoryview)):
+        return bytes(chunk)
+    raise TypeError(f"a streamed body yields bytes or str, not {type(chunk).__name__}")

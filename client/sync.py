@@ -64,9 +64,12 @@ class SyncStub:
 
     def fetch(self, url_or_request: str | Request, *, method: str = "GET", headers: Any = None,
               body: bytes | str | None = None, timeout: float | None = None) -> SyncResponse:
-        resp = self._client._run(self._stub.fetch(url_or_request, method=method, headers=headers,
-                                                  body=body, timeout=timeout))
-        return SyncResponse(resp.status, resp.headers, resp.body)
+        async def fetch() -> SyncResponse:
+            resp = await self._stub.fetch(url_or_request, method=method, headers=headers,
+                                          body=body, timeout=timeout)
+            return SyncResponse(resp.status, resp.headers, await resp.bytes())  # (streams whole)
+
+        return self._client._run(fetch())
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         """``stub.increment(5)``: the object's method, called; blocks and returns its value."""

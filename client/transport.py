@@ -172,9 +172,10 @@ class LoopSocket:
     def backlog(self) -> int:
         return len(self._backlog)
 
-    def close(self) -> None:
+    def close(self, linger: int = 0) -> None:
+        """``linger``: ms that messages still queued may take to leave (else dropped)."""
         if self._closed:
             return
         self._closed = True
         self.loop.remove_reader(self._fd)
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger)

@@ -38,7 +38,8 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         cpu_limits={n: ms / 1000 for n, ms in cfg.namespace_cpu_limits.items()},
         wait_until_limit=cfg.wait_until_limit, debug=cfg.debug, alarm_rate=cfg.alarm_rate,
         alarm_concurrency=cfg.alarm_concurrency, alarm_retries=cfg.alarm_retries,
-        alarm_retry_base=cfg.alarm_retry_base)
+        alarm_retry_base=cfg.alarm_retry_base,
+        websocket_max_message=cfg.websocket_max_message_kb << 10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,10 +55,11 @@ from durable.fsm import Transitions
 from durable.http import Request, Response
 from durable.ids import ObjectId
 from durable.objects import DurableObject
-from durable.protocol.messages import MethodCall, builtin_ancestor
+from durable.protocol.messages import EV_CLOSE, EV_ERROR, MethodCall, builtin_ancestor
 
 from .alarms import AlarmCall, AlarmInfo
 from .storage import ObjectStorage, SlotStore
+from .websockets import UPGRADE, ObjectSockets, SocketEvent, Sockets
 
 __all__ = ["Activation", "State", "Phase", "CURRENT", "CpuLimitExceeded"]
 
@@ -98,7 +99,7 @@ _TRANSITIONS = Transitions({
 
 class State:
     """``state`` as the object sees it: ``id``, ``storage``, ``block_concurrency_while``,
-    ``wait_until``."""
+    ``wait_until``, and the WebSocket calls (``accept_websocket``, ``get_websockets``...)."""
 
     __slots__ = ("id", "storage", "_activation")
 
@@ -123,6 +124,30 @@ class State:
         """
         self._live().wait_until(awaitable)
 
+    def accept_websocket(self, ws: Any, tags: list[str] | None = None) -> None:
+        """Take the server end of a ``WebSocketPair`` for this object (hibernatable: it
+        stays open while the object is evicted). Only while ``fetch`` handles an upgrade
+        request; return ``Response(status=101, websocket=client)`` after it. ``tags``: at
+        most 10 str, for ``get_websockets(tag)``."""
+        self._live().sockets().accept(ws, tags)
+
+    def get_websockets(self, tag: str | None = None) -> list[Any]:
+        """The object's open WebSockets (those with ``tag``), also after an eviction."""
+        return self._live().sockets().get(tag)
+
+    def get_tags(self, ws: Any) -> list[str]:
+        return list(ws.tags)
+
+    def set_websocket_auto_response(self, request: str | None = None,
+                                    response: str | None = None) -> None:
+        """A text message equal to ``request`` is answered with ``response`` where the
+        socket is (the gateway), without waking the object (heartbeats). No arguments:
+        remove it."""
+        self._live().sockets().set_auto(request, response)
+
+    def get_websocket_auto_response(self) -> tuple[str, str] | None:
+        return self._live().sockets().auto
+
     def _live(self) -> Activation:
         act = self._activation
         if act is None or act.phase in (Phase.EVICTED, Phase.RESET):
@@ -132,14 +157,15 @@ class State:
 
 
 Reply = Callable[[Any, BaseException | None], None]  # (a Response, a method's result, None)
-Delivery = Request | MethodCall | AlarmCall
+Delivery = Request | MethodCall | AlarmCall | SocketEvent
 
 
 class Activation:
     def __init__(self, store: SlotStore, namespace: str, object_id: str, cls: type,
                  env: Any, clock: Callable[[], float] = time.monotonic,
                  max_pending: int = 1000, name: str | None = None,
-                 cpu_limit: float = 30.0, debug: bool = False) -> None:
+                 cpu_limit: float = 30.0, debug: bool = False,
+                 sockets: Sockets | None = None) -> None:
         self.namespace = namespace
         self.object_id = object_id
         self.phase = Phase.ACTIVE
@@ -158,6 +184,15 @@ class Activation:
         self.last_used = clock()
         self.max_pending = max_pending
         self.errors_logged: deque[float] = deque()  # when object errors were logged (rate)
+        self._registry = sockets
+        self._sockets: ObjectSockets | None = None
+        if sockets is not None:
+            existing = sockets.objects.get((namespace, object_id))
+            if existing is not None:  # woken from hibernation: the same sockets
+                existing.owner = self
+                self._sockets = existing
+        self._out_gate: asyncio.Future[Any] | None = None
+        self._out_gate_seq = 0
         token, gate = CURRENT.set(self), OUTPUT_GATE.set(self._gate)
         try:  # tasks the constructor starts belong to this activation too
             self.instance = cls(self.state, env)  # may raise: the catalog reports it
@@ -180,6 +215,40 @@ class Activation:
             raise self.storage.broken  # an evicted or reset instance sends nothing
         if self.storage.unsynced():
             await self.storage.sync()
+
+    gate = _gate
+
+    def outbound_gate(self) -> asyncio.Future[Any] | None:
+        """For a WebSocket send now: None if every write so far is durable, else a future
+        of their durability (one per commit point, shared by a broadcast's sends)."""
+        st = self.storage
+        if st.broken is not None:
+            raise st.broken
+        if not st.unsynced():
+            return None
+        if st._flush_scheduled or st._pending_turn():
+            st._flush()
+            if st.broken is not None:
+                raise st.broken
+        seq = st._last_seq
+        if self._out_gate is None or self._out_gate_seq != seq:
+            # (an empty context: the gate is the machinery's task, not the object's own)
+            self._out_gate = asyncio.get_running_loop().create_task(
+                st._slot.wait_durable(seq), context=contextvars.Context())
+            self._out_gate.add_done_callback(_retrieve)
+            self._out_gate_seq = seq
+        return self._out_gate
+
+    def sockets(self) -> ObjectSockets:
+        if self._sockets is None:
+            if self._registry is None:
+                raise RuntimeError("this object process does not host WebSockets")
+            self._sockets = self._registry.of((self.namespace, self.object_id))
+            self._sockets.owner = self
+        return self._sockets
+
+    def own_task(self, coro: Any) -> asyncio.Task[Any]:
+        return self._own(coro)
 
     def _step(self, event: str) -> None:
         self.phase = _TRANSITIONS.step(f"activation {self.namespace}/{self.object_id}",
@@ -232,16 +301,26 @@ class Activation:
         resp: Any = None
         error: BaseException | None = None
         reset: str | None = None
+        upgrade = None
         try:
             if type(request) is MethodCall:
                 resp = await self._invoke(request)
             elif type(request) is AlarmCall:
                 await self._alarm(request)
+            elif type(request) is SocketEvent:
+                await self._socket_event(request)
             else:
+                upgrade = request._upgrade
+                if upgrade is not None:
+                    UPGRADE.set(upgrade)
                 resp = await self.instance.fetch(request)
                 if not isinstance(resp, Response):
                     raise TypeError(f"{type(self.instance).__name__}.fetch returned "
                                     f"{type(resp).__name__}, not a durable.Response")
+                if resp.websocket is not None and upgrade is None:
+                    raise TypeError("fetch returned a 101 with a websocket, but the request "
+                                    "was not a WebSocket upgrade (Upgrade: websocket) from a "
+                                    "caller that can hold one")
         except CpuLimitExceeded as e:
             reset = str(e)
             error = CpuLimitError(str(e))
@@ -256,6 +335,13 @@ class Activation:
             if self.phase is not Phase.BROKEN:
                 self.fail(e)
             resp, error = None, e
+        if upgrade is not None and (self._sockets is not None or resp is not None
+                                    and resp.websocket is not None):
+            settled = self.sockets().settle(upgrade, resp, error)
+            if settled is not error:  # a 101 whose socket was not accepted: the object's bug
+                error = self.report(settled, request, settled)
+            if error is not None:
+                resp = None
         if reset is not None and self.phase in (Phase.ACTIVE, Phase.BLOCKED):
             self.reset(reset)
         self.last_used = self.clock()
@@ -277,6 +363,28 @@ class Activation:
             await result
         if self.storage.broken is None and self.storage._read_alarm() == call.due:
             self.storage._write_alarm(None)
+
+    async def _socket_event(self, call: SocketEvent) -> None:
+        """``websocket_message(ws, message)``, ``websocket_close(ws, code, reason,
+        was_clean)`` or ``websocket_error(ws, error)``: one call of the object each."""
+        ev, ws, inst = call.event, call.ws, self.instance
+        if ev.kind == EV_CLOSE:
+            handler = getattr(inst, "websocket_close", None)
+            args: tuple[Any, ...] = (ws, ev.code, ev.reason, ev.was_clean)
+        elif ev.kind == EV_ERROR:
+            handler = getattr(inst, "websocket_error", None)
+            args = (ws, ev.data)
+        else:
+            handler = getattr(inst, "websocket_message", None)
+            if handler is None:
+                raise TypeError(f"{type(inst).__name__} accepted a WebSocket but has no "
+                                "websocket_message(ws, message) handler")
+            args = (ws, ev.data)
+        if handler is None:
+            return
+        result = handler(*args)
+        if inspect.isawaitable(result):
+            await result
 
     async def _invoke(self, call: MethodCall) -> Any:
         """``stub.name(*args, **kwargs)``: the user's method (``_run`` checked it exists)."""
@@ -305,7 +413,8 @@ class Activation:
             self.errors_logged.append(now)
             what = ("set-up" if request is None else f"{request.name}()"
                     if type(request) is MethodCall else f"alarm() (retry {request.retry_count})"
-                    if type(request) is AlarmCall else f"{request.method} {request.url}")
+                    if type(request) is AlarmCall else "a WebSocket event"
+                    if type(request) is SocketEvent else f"{request.method} {request.url}")
             log.error("%s %s%s: %s raised %s during %s (%s)\n%s", self.namespace, self.object_id,
                       f" (name {self.name!r})" if self.name is not None else "",
                       type(self.instance).__name__ if self.instance is not None else "object",
@@ -402,6 +511,9 @@ class Activation:
             f"{self.namespace} {self.object_id} was evicted (idle); this instance's `state` "
             "can no longer be used, and nothing was written"))
         self.storage.evict()
+        if self._sockets is not None and self._registry is not None and self._sockets.owner is self:
+            self._registry.released(self._sockets)  # the records stay while sockets are open
+            self._sockets = None
         # Break the cycles (instance -> state -> activation -> instance) so that refcounting
         # frees an evicted object at once: tune_gc() makes full collections rare, and a
         # million evicted objects waiting for one grew an object process by hundreds of MiB.

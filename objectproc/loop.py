@@ -41,15 +41,21 @@ from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.objects import Env, load_class
 from durable.protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from durable.protocol.messages import (
+    EV_CANCEL,
+    EV_CLOSE,
+    EV_CREDIT,
+    EVENT,
     METHOD,
     Beat,
     BrokerHeartbeat,
+    ClientGone,
     Ready,
     WorkerCall,
     WorkerDisconnect,
     WorkerError,
     WorkerHeartbeat,
     WorkerReply,
+    decode_event,
     decode_method_call,
     decode_request,
     encode_response,
@@ -65,6 +71,7 @@ from .cpulimit import CpuWatch
 from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
 from .storage.log import ALARM_DELETE
 from .storage.slot import object_key
+from .websockets import Outbox, SocketEvent, Sockets, event_close
 
 __all__ = ["ObjectProcess", "ObjectProcessConfig"]
 
@@ -141,6 +148,8 @@ class ObjectProcessConfig:
     #: a raising alarm() is retried alarm_retries times, after alarm_retry_base * 2**n s
     alarm_retries: int = _SETTINGS.alarm_retries
     alarm_retry_base: float = _SETTINGS.alarm_retry_base
+    #: the largest WebSocket message an object may send
+    websocket_max_message: int = _SETTINGS.websocket_max_message_kb << 10
 
 
 class ObjectProcess:
@@ -168,6 +177,7 @@ class ObjectProcess:
         self._beat_stop = threading.Event()
         self.alarms: AlarmScheduler | None = None
         self._orphan_namespaces: set[str] = set()  # alarms of namespaces no longer configured
+        self.sockets: Sockets | None = None  # WebSocket records and streams (hibernation)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -192,6 +202,7 @@ class ObjectProcess:
                              heartbeat=cfg.heartbeat, misses=cfg.misses)
         await self.client.start(wait=False)
         self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars)
+        self.sockets = Sockets(Outbox(self._send), cfg.websocket_max_message)
         self._register()
         self.alarms = AlarmScheduler(
             loop, self._load_alarms, self.store.pending_alarms, self._fire_alarm,
@@ -281,6 +292,8 @@ class ObjectProcess:
             return
         if type(msg) is WorkerCall:
             self._call(msg)
+        elif type(msg) is ClientGone:
+            self._client_gone(msg.client)
         elif type(msg) is WorkerDisconnect:
             log.warning("slot %d: broker asked to register again (%s)", self.config.slot, msg.reason)
             self._register()
@@ -307,7 +320,10 @@ class ObjectProcess:
         self._in_flight += 1
         self._inflight_bytes += size
 
-        method = call.head[:1] == METHOD
+        first = call.head[:1]
+        method = first == METHOD
+        event = first == EVENT
+        act: Activation | None = None
 
         def reply(resp: Any, error: BaseException | None) -> None:
             self._in_flight -= 1
@@ -315,7 +331,8 @@ class ObjectProcess:
             if error is None:
                 try:
                     frames = WorkerReply(client, call_id, *(
-                        encode_result(resp) if method else encode_response(resp))).encode()
+                        encode_result(resp) if method else (EVENT, b"") if event
+                        else encode_response(resp))).encode()
                 except Exception as e:  # a result that cannot be sent: the caller hears why
                     error = ObjectError(
                         f"{call.namespace} {request.name}() returned a value that cannot be "
@@ -323,6 +340,8 @@ class ObjectProcess:
                         f"encoded ({type(e).__name__}: {e})", "TypeError", None, "TypeError")
                 else:
                     self._send(frames)
+                    if not method and not event and resp._stream is not None and act is not None:
+                        self.sockets.stream(act, client, call_id, resp._stream)
                     return
             self.counters["errors"] += 1
             self._send(WorkerError.of(client, call_id, error,
@@ -330,6 +349,9 @@ class ObjectProcess:
 
         request: Any = None
         try:
+            if event:
+                self._event(call, reply)
+                return
             if method:
                 request = decode_method_call(call.head, call.body)
                 act = self._activation(call.namespace, call.object_id, call.name)
@@ -349,6 +371,8 @@ class ObjectProcess:
                     self._backup(request, reply)
                     return
             act = self._activation(call.namespace, call.object_id, call.name)
+            if request._upgrade is not None:  # the caller's id for the socket, and who it is
+                request._upgrade = (client, request._upgrade)
         except ConstructorError as e:  # logged with its traceback; the next call tries again
             reply(None, e.error)
             return
@@ -356,6 +380,44 @@ class ObjectProcess:
             reply(None, e)
             return
         act.deliver(request, reply)
+
+    # -- WebSockets and streams -----------------------------------------------------------
+    def _event(self, call: WorkerCall, reply: Any) -> None:
+        """An event on a channel: a stream's credit or cancel (handled here), or a message,
+        close or error on a socket (a call of its object, which is activated if evicted)."""
+        ev = decode_event(call.head, call.body)
+        if ev.kind == EV_CREDIT:
+            self.sockets.credit(call.client, ev.channel, ev.credit)
+            reply(None, None)
+            return
+        if ev.kind == EV_CANCEL:
+            self.sockets.cancel_stream((call.client, ev.channel))
+            reply(None, None)
+            return
+        key = (call.namespace, call.object_id)
+        ws = self.sockets.find(key, call.client, ev.channel)
+        if ws is None:  # the object closed it meanwhile: nothing to deliver
+            reply(None, None)
+            return
+        if ev.kind == EV_CLOSE:  # gone from get_websockets() at once
+            self.sockets.of(key).drop(ws)
+        try:
+            act = self._activation(call.namespace, call.object_id, call.name)
+        except ConstructorError as e:
+            reply(None, e.error)
+            return
+        act.deliver(SocketEvent(ev, ws), reply)
+
+    def _client_gone(self, client: bytes) -> None:
+        """A caller left without closing its sockets (a gateway process died): each object
+        hears ``websocket_close(ws, 1006, "", False)``."""
+        for key, ws in self.sockets.client_gone(client):
+            self.sockets.of(key).drop(ws)
+            try:
+                act = self._activation(*key)
+            except ConstructorError:
+                continue
+            act.deliver(SocketEvent(event_close(1006, "the connection was lost"), ws), _ignore)
 
     # -- alarms -------------------------------------------------------------------------
     def _load_alarms(self, lo: int, hi: int, limit: int) -> list[tuple[bytes, int]]:
@@ -463,7 +525,7 @@ class ObjectProcess:
             try:
                 act = Activation(self.store, namespace, object_id, cls, self.env, name=known,
                                  cpu_limit=cfg.cpu_limits.get(namespace, cfg.cpu_limit),
-                                 debug=cfg.debug)
+                                 debug=cfg.debug, sockets=self.sockets)
             except Exception as e:
                 raise ConstructorError(self._constructor_failed(namespace, object_id, known, cls, e)) from e
             self.catalog[key] = act
@@ -553,7 +615,13 @@ class ObjectProcess:
                 "inline_commits": self.store.inline_commits if self.store else 0,
                 **(self.store.statistics() if self.store else {}),
                 **(self.alarms.stats() if self.alarms else {}),
-                "alarms": self.store.alarm_counts if self.store else {}}
+                "alarms": self.store.alarm_counts if self.store else {},
+                "websockets": self.sockets.count if self.sockets else 0,
+                "websocket_messages_sent": self.sockets.outbox.sent if self.sockets else 0}
+
+
+def _ignore(_resp: Any, _error: BaseException | None) -> None:
+    pass
 
 
 def _iso(ms: int) -> str:

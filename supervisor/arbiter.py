@@ -539,6 +539,8 @@ class Arbiter:
             log.warning("%s (pid %d) was hung and is gone (status %d)", w.name, w.pid, code)
         if w.role == "objectproc":  # its stubs break now, not after missed heartbeats
             self._tell_broker(Control("slot_down", w.slot, w.pid))
+        elif w.role == "gateway":  # its WebSockets are gone: objects hear 1006 now
+            self._tell_broker(Control("client_exit", pid=w.pid))
         if self._stopping or w.state is WatcherState.STOPPING:
             if w.state is WatcherState.STOPPING:
                 w.step("exit")

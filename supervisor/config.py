@@ -78,6 +78,11 @@ class HttpSettings:
     max_inflight_per_object: int = 1000
     #: MiB of request bodies (and large responses) one gateway process holds (then 503)
     max_inflight_mb: int = 256
+    #: WebSockets one gateway process holds open at once (more upgrades get 503)
+    max_websockets: int = 20_000
+    #: KiB waiting to be written to one WebSocket whose reader does not keep up; past it the
+    #: socket is closed with 1008 and logged (memory stays bounded)
+    websocket_max_buffer_kb: int = 4096
     #: include the object's error type and message in 500 bodies
     debug: bool = False
 
@@ -116,6 +121,8 @@ class Config:
     alarm_retry_base: float = 2.0
     #: MiB of call bodies one object process holds at once (then OverloadedError)
     max_inflight_mb: int = 256
+    #: the largest WebSocket message, either way (KiB; 1 MiB as Cloudflare's)
+    websocket_max_message_kb: int = 1024
     #: restart an object process gracefully above this RSS (MiB); 0 = no limit
     memory_limit_mb: int = 0
     #: DuckDB's memory per slot (MiB): its cache of table pages and ART indexes
@@ -203,7 +210,8 @@ _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_peri
         "wait_until_limit": (int, float), "debug": bool, "alarm_rate": (int, float),
         "alarm_concurrency": int, "alarm_retries": int, "alarm_retry_base": (int, float),
         "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool,
-        "checkpoint_wal_mb": int, "checkpoint_interval": (int, float)}
+        "checkpoint_wal_mb": int, "checkpoint_interval": (int, float),
+        "websocket_max_message_kb": int}
 
 
 def from_dict(raw: dict[str, Any], source: str) -> Config:
@@ -292,6 +300,9 @@ def validate(cfg: Config) -> None:
         raise _err(src, "memory_limit_mb", "must be 0 (no limit) or positive", "Use a size in MiB.")
     if cfg.max_inflight_mb < 1:
         raise _err(src, "max_inflight_mb", "must be at least 1", "Use a size in MiB.")
+    if not 1 <= cfg.websocket_max_message_kb <= 32 << 10:
+        raise _err(src, "websocket_max_message_kb", "must be between 1 and 32768",
+                   "Use a size in KiB (1024, Cloudflare's limit, is the default).")
     if cfg.broker.client_inflight_limit < 1:
         raise _err(src, "broker.client_inflight_limit", "must be positive", "Use e.g. 10000.")
     if cfg.broker.heartbeat <= 0 or cfg.broker.queue_deadline <= 0 or cfg.broker.queue_limit < 1:
@@ -313,6 +324,10 @@ def validate(cfg: Config) -> None:
                        f"broker.client_inflight_limit ({cfg.broker.client_inflight_limit}): one "
                        "flooded namespace would take every other namespace's turn",
                        "Keep it well below broker.client_inflight_limit (default 4000 of 10000).")
+        if h.max_websockets < 1 or h.websocket_max_buffer_kb < 1:
+            raise _err(src, "http.max_websockets / http.websocket_max_buffer_kb",
+                       "must be positive", "E.g. max_websockets = 20000, "
+                       "websocket_max_buffer_kb = 4096.")
         if h.max_body_bytes < 1 or h.read_timeout <= 0 or h.idle_timeout <= 0:
             raise _err(src, "http", "max_body_bytes, read_timeout and idle_timeout must be positive",
                        "Use positive numbers.")

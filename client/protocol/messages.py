@@ -28,6 +28,10 @@ Broker → client (``TO_CLIENT``)::
     PONG        [hdr, broker incarnation(u64)]
     DISCONNECT  [hdr, reason]                  "I do not know you: send HELLO"
     STATS_REPLY [hdr, call_id, {...}]
+    CHANNEL     [hdr, channels(u64...), kind, payload]   an object's WebSocket messages, or
+                                                         a streamed body's chunks
+    BROKEN      [hdr, [stub_id, ...]]          these stubs' object process is gone (their
+                                               WebSockets close with 1012)
 
 Object process → broker (``FROM_WORKER``)::
 
@@ -38,24 +42,38 @@ Object process → broker (``FROM_WORKER``)::
     WBEAT      [hdr, slot(u64), incarnation(u64)]  from the process's heartbeat thread, on
                                                    a socket of its own: alive even while
                                                    its loop runs a long call
+    WSEND      [hdr, client, channels(u64...), kind, payload]  to that client's channels
 
 Broker → object process (``TO_WORKER``)::
 
     WCALL       [hdr, client, call_id, [namespace, object_id(, name)], request_head, body]
     BHEARTBEAT  [hdr]
     WDISCONNECT [hdr, reason]                  "register again (READY)"
+    WGONE       [hdr, client]                  that client is gone: its channels are closed
 
 Supervisor → broker (``CONTROL``; a PUSH to the broker's PULL socket in the 0700 run dir)::
 
     CONTROL [hdr, {"op": "slot_down", "slot": int, "pid": int}]   the process exited: end it now
     CONTROL [hdr, {"op": "slot_failed", "slot", "pid", "reason"}]  down until an operator acts
     CONTROL [hdr, {"op": "drain"}]                                refuse new calls (stopping)
+    CONTROL [hdr, {"op": "client_exit", "pid": int}]  a gateway process exited: forget its
+                                                     clients now (their WebSockets closed)
 
 ``request_head`` is ``[method, url, [[name, value], ...]]`` and
 ``response_head`` is ``[status, [[name, value], ...]]``. A method call on a
 stub uses the same CALL: its head is ``b"@"`` and the method's name (never a
 JSON array), its body ``codec.encode_call(args, kwargs)``; its REPLY's head
 is ``b"@"`` and its body ``codec.encode(result, rpc=True)``.
+
+Channels (docs/objects.md, "WebSockets"): a client numbers each WebSocket it
+opens (a u64 from its call ids) and sends it as the fourth element of the
+upgrade request's head; events on it (messages, close, error) are CALLs on
+the same stub whose head is ``b"#"``, a kind byte and the channel (``ChannelEvent``).
+An object sends on channels with WSEND, one payload to many channels of one
+client at once (a broadcast crosses the broker once per client). A streamed
+response is a channel numbered by its call id: its head's third element is
+``"stream"``, then CHANNEL messages carry its chunks (``OUT_DATA``), its end
+or failure; the reader grants credit (``EV_CREDIT``) or cancels (``EV_CANCEL``).
 """
 
 from __future__ import annotations
@@ -80,7 +98,9 @@ __all__ = [
     "parse_from_broker_to_worker", "parse_control", "encode_request", "decode_request",
     "encode_response", "decode_response", "error_fields", "header", "pack_u64", "unpack_u64",
     "METHOD", "MethodCall", "encode_method_call", "decode_method_call", "encode_result",
-    "decode_result",
+    "decode_result", "WorkerSend", "ChannelSend", "Broken", "ClientGone", "ChannelEvent",
+    "encode_event", "decode_event", "pack_channels", "unpack_channels", "EVENT", "STREAM",
+    "WEBSOCKET", "STREAMED", "UPGRADED",
 ]
 
 #: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
@@ -101,14 +121,18 @@ class Cmd(IntEnum):
     PONG = 0x14
     DISCONNECT = 0x15
     STATS_REPLY = 0x16
+    CHANNEL = 0x17
+    BROKEN = 0x18
     READY = 0x21
     WREPLY = 0x22
     WERROR = 0x23
     WHEARTBEAT = 0x24
     WBEAT = 0x25
+    WSEND = 0x26
     WCALL = 0x31
     BHEARTBEAT = 0x32
     WDISCONNECT = 0x33
+    WGONE = 0x34
     CONTROL = 0x41
 
 
@@ -166,32 +190,137 @@ def _text(frame: bytes) -> str:
 
 
 # -- request and response heads -------------------------------------------------------
-def encode_request(req: Request) -> tuple[bytes, bytes]:
-    return orjson.dumps([req.method, req.url, req.headers.items()]), req.body
+def encode_request(req: Request, channel: int | None = None) -> tuple[bytes, bytes]:
+    """``channel``: the WebSocket this upgrade request may open (the caller's id for it)."""
+    if channel is None:
+        return orjson.dumps([req.method, req.url, req.headers.items()]), req.body
+    return orjson.dumps([req.method, req.url, req.headers.items(), channel]), req.body
 
 
 def decode_request(head: bytes, body: bytes) -> Request:
     h = _json(head, "request head")
-    if type(h) is not list or len(h) != 3 or type(h[2]) is not list:
-        raise ProtocolError("request head must be [method, url, headers]")
+    if type(h) is not list or len(h) not in (3, 4) or type(h[2]) is not list:
+        raise ProtocolError("request head must be [method, url, headers(, channel)]")
     try:
-        return Request(h[1], method=h[0], headers=[tuple(p) for p in h[2]], body=body)
+        req = Request(h[1], method=h[0], headers=[tuple(p) for p in h[2]], body=body)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad request head: {e}") from None
+    if len(h) == 4:
+        req._upgrade = _int(h[3], "channel", 1)
+    return req
+
+
+#: a response's third head element: its body streams (channel = the call id), or it
+#: accepted a WebSocket (channel = the request's)
+STREAM = "stream"
+WEBSOCKET = "websocket"
+#: placeholders in a decoded Response until the client binds the channel
+STREAMED: Any = object()
+UPGRADED: Any = object()
 
 
 def encode_response(resp: Response) -> tuple[bytes, bytes]:
+    if resp.websocket is not None:
+        return orjson.dumps([101, resp.headers.items(), WEBSOCKET]), b""
+    if resp._stream is not None:
+        return orjson.dumps([resp.status, resp.headers.items(), STREAM]), b""
     return orjson.dumps([resp.status, resp.headers.items()]), resp.body
 
 
 def decode_response(head: bytes, body: bytes) -> Response:
+    """A response; one whose body streams holds ``STREAMED``, an accepted WebSocket
+    ``UPGRADED``, for the client to replace with the channel."""
     h = _json(head, "response head")
-    if type(h) is not list or len(h) != 2 or type(h[1]) is not list:
-        raise ProtocolError("response head must be [status, headers]")
+    if type(h) is not list or len(h) not in (2, 3) or type(h[1]) is not list:
+        raise ProtocolError("response head must be [status, headers(, mode)]")
+    mode = h[2] if len(h) == 3 else None
+    if mode not in (None, STREAM, WEBSOCKET):
+        raise ProtocolError(f"unknown response mode {mode!r:.40}")
     try:
-        return Response(body, status=h[0], headers=[tuple(p) for p in h[1]])
+        resp = Response(body, status=h[0], headers=[tuple(p) for p in h[1]],
+                        websocket=UPGRADED if mode == WEBSOCKET else None)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad response head: {e}") from None
+    if mode == STREAM:
+        resp._stream = STREAMED
+    return resp
+
+
+# -- channels: WebSockets and streamed bodies -----------------------------------------
+#: A CALL whose head starts with ``#`` is an event on a channel, not a request:
+#: ``b"#" + kind + u64 channel``. Kinds from the client:
+EVENT = b"#"
+EV_TEXT, EV_BINARY, EV_CLOSE, EV_ERROR = b"t", b"b", b"c", b"e"  # a WebSocket's
+EV_CANCEL, EV_CREDIT = b"x", b"k"  # a stream's: the reader left; it read this many bytes
+_EVENTS = frozenset((EV_TEXT, EV_BINARY, EV_CLOSE, EV_ERROR, EV_CANCEL, EV_CREDIT))
+#: Kinds an object process sends on channels (WSEND, then CHANNEL to the client):
+#: text and binary messages (EV_TEXT, EV_BINARY), and
+OUT_CLOSE = b"c"  # [code, reason]: the object closed the socket
+OUT_AUTO = b"a"  # [request, response] or null: the socket's auto-response
+OUT_DATA, OUT_END, OUT_FAIL = b"d", b"e", b"x"  # a stream's chunk, end, failure (text)
+_OUT = frozenset((EV_TEXT, EV_BINARY, OUT_CLOSE, OUT_AUTO, OUT_DATA, OUT_END, OUT_FAIL))
+MAX_CLOSE_REASON = 123  # bytes (RFC 6455: a close frame's payload is at most 125)
+
+
+@dataclass(slots=True)
+class ChannelEvent:
+    """What a client tells an object about one of its channels (a CALL with head ``#``)."""
+
+    kind: bytes
+    channel: int
+    data: bytes | str = b""
+    code: int = 0
+    reason: str = ""
+    was_clean: bool = False
+    credit: int = 0
+
+
+def encode_event(kind: bytes, channel: int, data: bytes | str = b"", *, code: int = 0,
+                 reason: str = "", was_clean: bool = False, credit: int = 0) -> tuple[bytes, bytes]:
+    head = EVENT + kind + _U64.pack(channel)
+    if kind == EV_TEXT:
+        return head, data.encode() if isinstance(data, str) else data
+    if kind == EV_CLOSE:
+        return head, orjson.dumps([code, reason, was_clean])
+    if kind == EV_ERROR:
+        return head, data.encode() if isinstance(data, str) else data
+    if kind == EV_CREDIT:
+        return head, _U64.pack(credit)
+    return head, bytes(data) if not isinstance(data, str) else data.encode()
+
+
+def decode_event(head: bytes, body: bytes) -> ChannelEvent:
+    if len(head) != 10 or head[1:2] not in _EVENTS:
+        raise ProtocolError(f"bad channel event head {bytes(head[:12])!r}")
+    kind, channel = bytes(head[1:2]), _U64.unpack_from(head, 2)[0]
+    if kind == EV_TEXT:
+        try:
+            return ChannelEvent(kind, channel, bytes(body).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError("a WebSocket text message is not valid UTF-8") from None
+    if kind == EV_BINARY:
+        return ChannelEvent(kind, channel, bytes(body))
+    if kind == EV_CLOSE:
+        c = _json(body, "close event")
+        if type(c) is not list or len(c) != 3 or type(c[1]) is not str or type(c[2]) is not bool:
+            raise ProtocolError("close event must be [code, reason, was_clean]")
+        return ChannelEvent(kind, channel, code=_int(c[0], "close code", 0, 4999),
+                            reason=c[1][:MAX_CLOSE_REASON], was_clean=c[2])
+    if kind == EV_ERROR:
+        return ChannelEvent(kind, channel, _text(body)[:2000])
+    if kind == EV_CREDIT:
+        return ChannelEvent(kind, channel, credit=unpack_u64(body, "credit"))
+    return ChannelEvent(kind, channel)
+
+
+def pack_channels(channels: list[int]) -> bytes:
+    return struct.pack(f"<{len(channels)}Q", *channels)
+
+
+def unpack_channels(frame: bytes) -> list[int]:
+    if not frame or len(frame) % 8:
+        raise ProtocolError(f"a channel list is a non-empty multiple of 8 bytes, got {len(frame)}")
+    return list(struct.unpack(f"<{len(frame) // 8}Q", frame))
 
 
 # -- method calls ---------------------------------------------------------------------
@@ -652,7 +781,86 @@ class WorkerDisconnect(Message):
         return cls(_text(frames[1]))
 
 
-_CONTROL_OPS = ("slot_down", "slot_failed", "drain")
+@dataclass(slots=True)
+class WorkerSend(Message):
+    """An object process sends ``payload`` (of ``kind``) on channels of one client."""
+
+    CMD: ClassVar[Cmd] = Cmd.WSEND
+    FRAMES: ClassVar[int] = 5
+    client: bytes
+    channels: list[int]
+    kind: bytes
+    payload: bytes
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.WSEND), self.client, pack_channels(self.channels), self.kind,
+                self.payload]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> WorkerSend:
+        kind = bytes(frames[3])
+        if kind not in _OUT:
+            raise ProtocolError(f"unknown channel message kind {kind[:4]!r}")
+        return cls(frames[1], unpack_channels(frames[2]), kind, frames[4])
+
+
+@dataclass(slots=True)
+class ChannelSend(Message):
+    """WSEND as the client gets it."""
+
+    CMD: ClassVar[Cmd] = Cmd.CHANNEL
+    FRAMES: ClassVar[int] = 4
+    channels: list[int]
+    kind: bytes
+    payload: bytes
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.CHANNEL), pack_channels(self.channels), self.kind, self.payload]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> ChannelSend:
+        kind = bytes(frames[2])
+        if kind not in _OUT:
+            raise ProtocolError(f"unknown channel message kind {kind[:4]!r}")
+        return cls(unpack_channels(frames[1]), kind, frames[3])
+
+
+@dataclass(slots=True)
+class Broken(Message):
+    """These stubs of the client were bound to a process that is gone."""
+
+    CMD: ClassVar[Cmd] = Cmd.BROKEN
+    FRAMES: ClassVar[int] = 2
+    stub_ids: list[int]
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.BROKEN), orjson.dumps(self.stub_ids)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Broken:
+        ids = _json(frames[1], "BROKEN body")
+        if type(ids) is not list:
+            raise ProtocolError("BROKEN body must be a list of stub ids")
+        return cls([_int(i, "stub_id") for i in ids])
+
+
+@dataclass(slots=True)
+class ClientGone(Message):
+    """A client the broker no longer knows (expired, or its process exited)."""
+
+    CMD: ClassVar[Cmd] = Cmd.WGONE
+    FRAMES: ClassVar[int] = 2
+    client: bytes
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.WGONE), self.client]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> ClientGone:
+        return cls(frames[1])
+
+
+_CONTROL_OPS = ("slot_down", "slot_failed", "drain", "client_exit")
 
 
 @dataclass(slots=True)
@@ -674,15 +882,20 @@ class Control(Message):
             body.update(slot=self.slot, pid=self.pid)
         if self.op == "slot_failed":
             body["reason"] = self.reason or ""
+        if self.op == "client_exit":
+            body["pid"] = self.pid
         return [header(Cmd.CONTROL), orjson.dumps(body)]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> Control:
         c = _obj(frames[1], "CONTROL body")
         if c.get("op") not in _CONTROL_OPS:
-            raise ProtocolError("CONTROL body must be {op: 'slot_down' | 'slot_failed' | 'drain', ...}")
+            raise ProtocolError("CONTROL body must be {op: 'slot_down' | 'slot_failed' | 'drain' "
+                                "| 'client_exit', ...}")
         if c["op"] == "drain":
             return cls("drain")
+        if c["op"] == "client_exit":
+            return cls("client_exit", pid=_int(c.get("pid"), "pid"))
         slot, pid = _int(c.get("slot"), "slot", 0, 65535), _int(c.get("pid"), "pid")
         if c["op"] == "slot_failed":
             reason = c.get("reason")
@@ -704,10 +917,12 @@ class Direction:
 
 
 FROM_CLIENT = Direction("from a client", Hello, Call, Ping, Drop, Stats)
-TO_CLIENT = Direction("to a client", Welcome, Reply, Error, Pong, Disconnect, StatsReply)
+TO_CLIENT = Direction("to a client", Welcome, Reply, Error, Pong, Disconnect, StatsReply,
+                      ChannelSend, Broken)
 FROM_WORKER = Direction("from an object process", Ready, WorkerReply, WorkerError,
-                        WorkerHeartbeat, Beat)
-TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, WorkerDisconnect)
+                        WorkerHeartbeat, Beat, WorkerSend)
+TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, WorkerDisconnect,
+                      ClientGone)
 CONTROL = Direction("on the control socket", Control)
 _NAMES = {c.value: c.name for c in Cmd}
 
@@ -737,15 +952,15 @@ def parse_from_client(frames: list[bytes]) -> Hello | Call | Ping | Drop | Stats
     return parse(frames, FROM_CLIENT)
 
 
-def parse_from_broker_to_client(frames: list[bytes]) -> Welcome | Reply | Error | Pong | Disconnect | StatsReply:
+def parse_from_broker_to_client(frames: list[bytes]) -> Any:
     return parse(frames, TO_CLIENT)
 
 
-def parse_from_worker(frames: list[bytes]) -> Ready | WorkerReply | WorkerError | WorkerHeartbeat | Beat:
+def parse_from_worker(frames: list[bytes]) -> Any:
     return parse(frames, FROM_WORKER)
 
 
-def parse_from_broker_to_worker(frames: list[bytes]) -> WorkerCall | BrokerHeartbeat | WorkerDisconnect:
+def parse_from_broker_to_worker(frames: list[bytes]) -> Any:
     return parse(frames, TO_WORKER)
 
 

@@ -27,6 +27,8 @@ NAMESPACES = {
     "ALARMED": "tests.integration.objects:Alarmed",
     "NOALARM": "tests.integration.objects:NoAlarmHandler",
     "NAMED": "tests.integration.objects:Named",
+    "ROOM": "tests.integration.objects:Room",
+    "STREAMER": "tests.integration.objects:Streamer",
 }
 
 

@@ -4,9 +4,10 @@ import asyncio
 import os
 import signal
 import time
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
-from durable import DurableObject, Request, Response
+from durable import DurableObject, Request, Response, WebSocketPair
 
 
 def query(request: Request) -> dict[str, str]:
@@ -370,3 +371,117 @@ class Alarmed(DurableObject):
 class NoAlarmHandler(DurableObject):
     async def try_set(self) -> None:
         await self.state.storage.set_alarm(time.time() * 1000 + 1000)
+
+
+class Room(DurableObject):
+    """WebSockets: echo, broadcast, tags, attachments, auto-response, closes (#15)."""
+
+    constructed: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, state, env):
+        super().__init__(state, env)
+        key = str(state.id)
+        Room.constructed[key] = Room.constructed.get(key, 0) + 1
+
+    async def fetch(self, request):
+        q = parse_qs(urlsplit(request.url).query)
+        if request.path.endswith("/auto"):
+            self.state.set_websocket_auto_response(q.get("req", ["ping"])[0], q.get("resp", ["pong"])[0])
+            return Response("set")
+        if request.path.endswith("/count"):
+            return Response(str(len(self.state.get_websockets(q.get("tag", [None])[0]))))
+        if request.path.endswith("/broadcast"):
+            for ws in self.state.get_websockets():
+                ws.send(await request.text())
+            return Response("sent")
+        if request.path.endswith("/no-accept"):
+            client, _server = WebSocketPair()
+            return Response(status=101, websocket=client)
+        if not request.is_websocket:
+            return Response("expected a WebSocket upgrade", status=426)
+        if request.path.endswith("/refuse"):
+            return Response("no", status=403)
+        client, server = WebSocketPair()
+        self.state.accept_websocket(server, tags=q.get("tag", []))
+        name = q.get("name", ["anon"])[0]
+        server.serialize_attachment({"name": name})
+        await self.state.storage.put("joined", (await self.state.storage.get("joined") or 0) + 1)
+        server.send(f"welcome {name}")
+        return Response(status=101, websocket=client)
+
+    async def websocket_message(self, ws, message):
+        if isinstance(message, bytes):
+            ws.send(message[::-1])
+        elif message == "who":
+            ws.send(ws.deserialize_attachment()["name"])
+        elif message == "tags":
+            ws.send(",".join(ws.tags))
+        elif message.startswith("all:"):
+            for other in self.state.get_websockets():
+                other.send(message[4:])
+        elif message.startswith("close:"):
+            ws.close(int(message[6:]), "bye")
+        elif message == "constructed":
+            ws.send(str(Room.constructed[str(self.state.id)]))
+        elif message.startswith("put:"):
+            await self.state.storage.put("last", message[4:])
+            ws.send("stored")
+        elif message == "big":
+            ws.send("x" * (2 << 20))
+        elif message.startswith("flood:"):
+            for i in range(int(message[6:])):
+                ws.send(f"{i:08d}" + "y" * 1016)
+        else:
+            ws.send("echo:" + message)
+
+    async def websocket_close(self, ws, code, reason, was_clean):
+        closes = await self.state.storage.get("closes") or []
+        closes.append([ws.deserialize_attachment()["name"], code, reason, was_clean])
+        await self.state.storage.put("closes", closes)
+
+    async def websocket_error(self, ws, error):
+        await self.state.storage.put("error", str(error))
+
+    async def closes(self):
+        return await self.state.storage.get("closes") or []
+
+    async def stored(self, key):
+        return await self.state.storage.get(key)
+
+    async def constructions(self):
+        return Room.constructed[str(self.state.id)]
+
+
+class Streamer(DurableObject):
+    """Streamed bodies: timed chunks, SSE, failure, cancellation (#15)."""
+
+    cancelled: ClassVar[dict[str, int]] = {}
+
+    async def fetch(self, request):
+        q = parse_qs(urlsplit(request.url).query)
+        n, delay = int(q.get("n", ["3"])[0]), float(q.get("delay", ["0"])[0])
+        size = int(q.get("size", ["0"])[0])
+        key = str(self.state.id)
+
+        async def chunks():
+            try:
+                for i in range(n):
+                    if i and delay:
+                        await asyncio.sleep(delay)
+                    if request.path.endswith("/fail") and i == 2:
+                        raise RuntimeError("the producer broke")
+                    if request.path.endswith("/sse"):
+                        yield f"data: event {i}\n\n"
+                    elif size:
+                        yield bytes([i % 256]) * size
+                    else:
+                        yield f"chunk {i}\n"
+            except asyncio.CancelledError:
+                Streamer.cancelled[key] = Streamer.cancelled.get(key, 0) + 1
+                raise
+
+        headers = {"content-type": "text/event-stream"} if request.path.endswith("/sse") else None
+        return Response(chunks(), headers=headers)
+
+    async def cancellations(self):
+        return Streamer.cancelled.get(str(self.state.id), 0)

@@ -184,7 +184,9 @@ def test_incarnation_end_breaks_inflight_and_later_calls_of_bound_stubs():
     b.on_client(call(1, 1, oid))
     b.take()
     ready(b, 0, ident=b"w0-new", inc=8)  # a new process took the slot: incarnation 7 ended
-    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "stub_broken")]
+    out = b.take()
+    assert [(x[2].call_id, x[2].code) for x in out[:1]] == [(1, "stub_broken")]
+    assert [x[2] for x in out[1:]] == [m.Broken([1])]  # (its WebSockets close at once)
     b.on_client(call(2, 1, oid))  # the old stub, even though the slot is up again
     assert [(x[2].call_id, x[2].code) for x in b.take()] == [(2, "stub_broken")]
     b.on_client(call(3, 2, oid))  # a new stub works
@@ -202,7 +204,8 @@ def test_missed_heartbeats_end_the_incarnation():
     assert [type(x[2]) for x in b.take()] == [m.BrokerHeartbeat]
     b.clock_.now += 2.1
     b.tick()
-    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "stub_broken")]
+    assert [(x[2].call_id, x[2].code) for x in b.take() if type(x[2]) is not m.Broken] == [
+        (1, "stub_broken")]
     assert b.statistics()["slots"][0]["up"] is False
 
 
@@ -212,7 +215,8 @@ def test_unreachable_worker_ends_incarnation_at_once():
     ready(b, 0)
     b.unreachable.add(b"w0")
     b.on_client(call(1, 1, oid_on_slot(0)))
-    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "stub_broken")]
+    assert [(x[2].call_id, x[2].code) for x in b.take() if type(x[2]) is not m.Broken] == [
+        (1, "stub_broken")]
     assert b.counters["incarnations_ended"] == 1
 
 
@@ -259,7 +263,8 @@ def test_control_slot_down_ends_the_incarnation_at_once():
     b.on_control([b"", *m.Control("slot_down", 0, 999).encode()])  # not its pid: ignored
     assert b.take() == [] and b.slots[0].identity is not None
     b.on_control([b"", *m.Control("slot_down", 0, 100).encode()])
-    assert [(x[2].call_id, x[2].code) for x in b.take()] == [(1, "stub_broken")]
+    assert [(x[2].call_id, x[2].code) for x in b.take() if type(x[2]) is not m.Broken] == [
+        (1, "stub_broken")]
 
 
 def test_control_drain_refuses_new_calls_but_lets_replies_through():
@@ -375,3 +380,37 @@ def test_beats_from_the_heartbeat_thread_keep_a_busy_slot_alive():
     b.clock_.now += 3.1
     b.tick()
     assert b.statistics()["slots"][0]["up"] is False
+
+
+def test_channel_messages_reach_their_client_once_per_batch():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    b.take()
+    b.on_worker([b"w0", *m.WorkerSend(b"Fcli", [3, 4, 5], m.EV_TEXT, b"hi").encode()])
+    assert b.take() == [("client", b"Fcli", m.ChannelSend([3, 4, 5], m.EV_TEXT, b"hi"))]
+    # to a client that left: the object process hears it is gone, nothing is sent
+    b.on_worker([b"w0", *m.WorkerSend(b"Fgone", [1], m.EV_TEXT, b"hi").encode()])
+    assert b.take() == [("worker", b"w0", m.ClientGone(b"Fgone"))]
+
+
+def test_clients_that_leave_are_told_to_every_object_process():
+    b = FakeBroker(slots=2)
+    hello(b)
+    hello(b, b"Fgw")  # a gateway process, pid 1 (see hello)
+    ready(b, 0)
+    ready(b, 1)
+    b.take()
+    b.on_control([b"", *m.Control("client_exit", pid=1).encode()])
+    gone = sorted((x[1], x[2].client) for x in b.take())
+    assert gone == [(b"w0", b"Fcli"), (b"w0", b"Fgw"), (b"w1", b"Fcli"), (b"w1", b"Fgw")]
+    assert b.core.clients == {}
+    hello(b)
+    b.take()
+    for _ in range(40):  # the client says nothing for 40 s (30 heartbeats); the slots beat
+        b.clock_.now += 1.0
+        for slot in (0, 1):
+            b.on_worker([f"w{slot}".encode(), *m.Beat(slot, 7).encode()])
+        b.tick()
+    gone = sorted((x[1], x[2].client) for x in b.take() if type(x[2]) is m.ClientGone)
+    assert gone == [(b"w0", b"Fcli"), (b"w1", b"Fcli")]

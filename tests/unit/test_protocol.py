@@ -22,15 +22,18 @@ TO_CLIENT = [
     m.Welcome(7, {"NS": "00ff"}), m.Reply(3, b"[200,[]]", b"ok"), m.Error(4, "timeout", "slow", None),
     m.Pong(7), m.Disconnect("who?"), m.StatsReply(5, {"a": 1}),
     m.Error(4, "object_error", "boom", "ValueError", "Traceback (most recent call last): ..."),
+    m.ChannelSend([7], m.EV_TEXT, b"hi"), m.ChannelSend([1, 2, 2**64 - 1], m.OUT_DATA, b"\x00"),
+    m.Broken([3, 4]),
 ]
 FROM_WORKER = [
     m.Ready(0, 42, 99), m.WorkerReply(b"cli", 3, b"[200,[]]", b"x"),
     m.WorkerError(b"cli", 3, "object_error", "m", "ValueError"),
     m.WorkerError(b"cli", 3, "cpu_limit", "m", None, "Traceback ..."),
     m.WorkerHeartbeat({"active": 3}), m.Beat(3, 2**62 + 1),
+    m.WorkerSend(b"cli", [5, 6], m.OUT_CLOSE, b"[1000,\"bye\"]"),
 ]
 TO_WORKER = [m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b""), m.WorkerDisconnect("again"),
-             m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b"", "alice")]
+             m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b"", "alice"), m.ClientGone(b"Fcli")]
 
 
 @pytest.mark.parametrize("msg", CLIENT_MSGS, ids=lambda x: type(x).__name__)
@@ -141,7 +144,67 @@ def test_malformed_frames_to_worker_are_protocol_errors(frames):
         m.parse_from_broker_to_worker(frames)
 
 
-@pytest.mark.parametrize("head", [b"x", b"[1]", b'["GET", "u", {}]', b'["G T", "u", []]', b'["GET", 1, []]'])
+def test_upgrade_requests_carry_their_channel():
+    head, body = m.encode_request(Request("http://x/ws", headers={"Upgrade": "websocket"}), 77)
+    req = m.decode_request(head, body)
+    assert req.is_websocket and req._upgrade == 77
+    assert m.decode_request(*m.encode_request(Request("http://x/")))._upgrade is None
+
+
+def test_response_modes():
+    from durable.websocket import WebSocketPair
+
+    client, _server = WebSocketPair()
+    resp = m.decode_response(*m.encode_response(Response(status=101, websocket=client)))
+    assert resp.status == 101 and resp.websocket is m.UPGRADED
+
+    async def body():
+        yield b"x"
+
+    resp = m.decode_response(*m.encode_response(Response(body(), status=201)))
+    assert resp.status == 201 and resp._stream is m.STREAMED
+    with pytest.raises(ValueError, match="101"):
+        Response(status=101)
+    with pytest.raises(ProtocolError, match="mode"):
+        m.decode_response(b'[200, [], "other"]', b"")
+
+
+@pytest.mark.parametrize("kind,kw,expect", [
+    (m.EV_TEXT, {"data": "héllo"}, {"data": "héllo"}),
+    (m.EV_BINARY, {"data": b"\x00\xff"}, {"data": b"\x00\xff"}),
+    (m.EV_CLOSE, {"code": 4001, "reason": "done", "was_clean": True},
+     {"code": 4001, "reason": "done", "was_clean": True}),
+    (m.EV_ERROR, {"data": "too big"}, {"data": "too big"}),
+    (m.EV_CREDIT, {"credit": 262144}, {"credit": 262144}),
+    (m.EV_CANCEL, {}, {}),
+])
+def test_channel_events_round_trip(kind, kw, expect):
+    ev = m.decode_event(*m.encode_event(kind, 2**40, **kw))
+    assert ev.kind == kind and ev.channel == 2**40
+    for k, v in expect.items():
+        assert getattr(ev, k) == v
+
+
+@pytest.mark.parametrize("head,body", [
+    (b"#t", b""), (b"#z" + bytes(8), b""), (b"#t" + bytes(8), b"\xff"),
+    (b"#c" + bytes(8), b"[1000]"), (b"#c" + bytes(8), b"[99999, \"\", true]"),
+    (b"#k" + bytes(8), b"123"),
+])
+def test_bad_channel_events(head, body):
+    with pytest.raises(ProtocolError):
+        m.decode_event(head, body)
+
+
+def test_bad_channel_lists():
+    for frames in ([m.header(m.Cmd.CHANNEL), b"1234567", b"t", b""],
+                   [m.header(m.Cmd.CHANNEL), b"", b"t", b""],
+                   [m.header(m.Cmd.CHANNEL), bytes(8), b"?", b""]):
+        with pytest.raises(ProtocolError):
+            m.parse_from_broker_to_client(frames)
+
+
+@pytest.mark.parametrize("head", [b"x", b"[1]", b'["GET", "u", {}]', b'["G T", "u", []]', b'["GET", 1, []]',
+                                  b'["GET", "u", [], 0]', b'["GET", "u", [], "c"]'])
 def test_bad_request_heads(head):
     with pytest.raises(ProtocolError):
         m.decode_request(head, b"")
