@@ -60,6 +60,7 @@ from durable.ids import IdFactory
 from durable.protocol.heartbeat import MISSES, Liveness
 from durable.protocol.messages import (
     CONTROL,
+    EVENT,
     FROM_CLIENT,
     FROM_WORKER,
     Beat,
@@ -277,7 +278,7 @@ class RouterCore:
 
     def route(self, ident: bytes, client: _Client, call: Call) -> None:
         self.counters["calls"] += 1
-        if self.draining:
+        if self.draining and call.head[:1] != EVENT:  # (a socket's close, say, still goes in)
             self._error(ident, call.call_id, OverloadedError,
                         "the daemon is stopping; the call was not delivered (retry after restart)")
             return

@@ -154,7 +154,7 @@ class Gateway:
         self.websocket_max_message = websocket_max_message
         self.websocket_max_buffer = websocket_max_buffer
         self.sockets: set[_Socket] = set()
-        self._upgrading = 0
+        self._upgrading: set[Channel] = set()  # upgrade requests not yet answered
 
     def _stub(self, ns: durable.Namespace, oid: durable.ObjectId) -> durable.Stub:
         key = (ns.name, str(oid))
@@ -230,17 +230,17 @@ class Gateway:
         del body  # the Request holds it now; the bytes bound counted it while it was read
         channel = None
         if req.is_websocket and request.method == "GET":
-            if len(self.sockets) + self._upgrading >= self.max_websockets:
+            if len(self.sockets) + len(self._upgrading) >= self.max_websockets:
                 return web.Response(status=503, headers={"Retry-After": "5"}, text=(
                     f"this gateway process holds {len(self.sockets)} WebSockets (the limit, "
                     f"http.max_websockets, is {self.max_websockets})\n"))
             channel = req._upgrade = self.client.open_channel(self.websocket_max_message)
-            self._upgrading += 1
+            self._upgrading.add(channel)
         try:
             return await self._answer(request, req, channel)
         finally:
             if channel is not None:
-                self._upgrading -= 1
+                self._upgrading.discard(channel)
                 if channel.stub is None:
                     channel.discard()  # not upgraded
 
@@ -308,16 +308,19 @@ class Gateway:
     async def _websocket(self, request: web.Request, channel: Channel,
                          headers: list[tuple[str, str]]) -> web.StreamResponse:
         """Complete the handshake, then read the browser's frames until the socket closes."""
-        ws = web.WebSocketResponse(max_msg_size=self.websocket_max_message, compress=False,
-                                   headers=[h for h in headers if not h[0].lower().startswith(
-                                       "sec-websocket")])
+        # (no permessage-deflate: its zlib state would cost ~300 KB per idle socket)
+        ws = web.WebSocketResponse(max_msg_size=self.websocket_max_message, compress=False)
+        for name, value in headers:  # the object's own headers (cookies, say) ride along
+            if not name.lower().startswith("sec-websocket"):
+                ws.headers.add(name, value)
         try:
-            writer = await ws.prepare(request)
+            await ws.prepare(request)
         except web.HTTPException as e:  # not a valid handshake after all
             channel.close_from_here(1002, "the WebSocket handshake failed", clean=False)
             return web.Response(status=e.status, text=f"WebSocket handshake failed: {e.text}\n")
-        sock = _Socket(self, ws, writer, channel, request.transport)
+        sock = _Socket(self, ws, channel, request.transport)
         self.sockets.add(sock)
+        self._upgrading.discard(channel)
         channel.attach(sock)
         try:
             while True:
@@ -333,7 +336,8 @@ class Gateway:
                 elif msg.type is WSMsgType.ERROR:
                     err = ws.exception()
                     channel.error_from_here(f"{type(err).__name__}: {err}")
-                    channel.close_from_here(ws.close_code or 1006, str(err)[:100], clean=False)
+                    code = getattr(err, "code", None) or ws.close_code or 1006  # 1009: too big
+                    channel.close_from_here(code, str(err)[:100], clean=False)
                     break
                 else:  # CLOSING, CLOSED: we closed it (the object did, or we go away)
                     channel.close_from_here(ws.close_code or 1006, "", clean=False)
@@ -370,13 +374,13 @@ class Gateway:
 
     async def close_websockets(self) -> None:
         """Going away (a stop or reload): every socket closes with 1001."""
+        told = []
         for sock in list(self.sockets):
-            sock.channel.close_from_here(1001, "the gateway is going away", clean=True)
+            told.append(sock.channel.close_from_here(1001, "the gateway is going away", clean=True))
             sock.on_close(1001, "the gateway is going away")
-        for sock in list(self.sockets):
-            if sock.task is not None:
-                with contextlib.suppress(Exception):
-                    await sock.task
+        waits = [f for f in told if f is not None] + [s.task for s in self.sockets if s.task]
+        if waits:  # the objects have heard, and the browsers got their close frames
+            await asyncio.wait(waits, timeout=5)
 
 
 class _Socket:
@@ -385,17 +389,17 @@ class _Socket:
     A frame is written at once when nothing waits before it (``send_frame`` then
     finishes without suspending: see ``_write_now``); when the peer reads slowly the
     rest queue behind a writer task that waits for the transport to drain. Past
-    ``websocket_max_buffer`` bytes waiting, the socket is closed with 1008.
+    ``websocket_max_buffer`` bytes waiting (queued here or in the transport), the
+    socket is closed with 1008.
     """
 
-    __slots__ = ("gw", "ws", "writer", "channel", "transport", "queue", "held", "task",
-                 "closing", "__weakref__")
+    __slots__ = ("gw", "ws", "channel", "transport", "queue", "held", "task", "closing",
+                 "__weakref__")
 
-    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, writer: Any, channel: Channel,
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, channel: Channel,
                  transport: Any) -> None:
         self.gw = gw
         self.ws = ws
-        self.writer = writer
         self.channel = channel
         self.transport = transport
         self.queue: deque[tuple[WSMsgType, bytes, int]] = deque()
@@ -408,13 +412,12 @@ class _Socket:
             return
         opcode = WSMsgType.TEXT if kind == EV_TEXT else WSMsgType.BINARY
         if not self.queue and self.task is None:
-            if self._write_now(opcode, payload):
-                return
+            self._write_now(opcode, payload)
         else:
             self.queue.append((opcode, payload, 0))
             self.held += len(payload)
-        buffered = self.held + (self.transport.get_write_buffer_size()
-                                if self.transport is not None else 0)
+        transport = self.transport
+        buffered = self.held + (transport.get_write_buffer_size() if transport is not None else 0)
         if buffered > self.gw.websocket_max_buffer:
             log.warning("closing a WebSocket whose reader does not keep up: %d bytes wait for "
                         "it (http.websocket_max_buffer_kb = %d)", buffered,
@@ -432,14 +435,13 @@ class _Socket:
         drain wait is dropped: the writer task waits for the drain instead."""
         coro = self.ws.send_frame(payload, opcode)
         try:
-            coro.send(None)
+            waiting_on = coro.send(None)
         except StopIteration:
             return True
         except Exception as e:  # the connection is closing
             log.debug("a WebSocket write failed: %s", e)
             return True
-        coro.close()
-        self._start(drain=True)
+        self._start(_Resumed(coro, waiting_on))  # the writer task finishes it
         return False
 
     def on_close(self, code: int, reason: str) -> None:
@@ -449,14 +451,14 @@ class _Socket:
         self.queue.append((WSMsgType.CLOSE, reason.encode()[:123], code))
         self._start()
 
-    def _start(self, drain: bool = False) -> None:
+    def _start(self, first: Any = None) -> None:
         if self.task is None:
-            self.task = asyncio.create_task(self._drain(drain))
+            self.task = asyncio.create_task(self._drain(first))
 
-    async def _drain(self, drain: bool) -> None:
+    async def _drain(self, first: Any) -> None:
         try:
-            if drain:
-                await self.writer.drain()
+            if first is not None:
+                await first
             while self.queue:
                 opcode, payload, code = self.queue.popleft()
                 self.held -= len(payload)
@@ -469,6 +471,34 @@ class _Socket:
             self.queue.clear()
         finally:
             self.task = None
+
+
+class _Resumed:
+    """Await a coroutine that was already stepped once and suspended on ``waiting_on``
+    (``_Socket._write_now``): a task continues it exactly as if it had run it from the
+    start (the same future to wait on, then sends and throws passed through)."""
+
+    __slots__ = ("coro", "waiting_on")
+
+    def __init__(self, coro: Any, waiting_on: Any) -> None:
+        self.coro = coro
+        self.waiting_on = waiting_on
+
+    def __await__(self) -> Any:
+        pending = self.waiting_on
+        while True:
+            try:
+                value = yield pending
+            except BaseException as e:  # (a cancellation: the coroutine gets it)
+                try:
+                    pending = self.coro.throw(e)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    pending = self.coro.send(value)
+                except StopIteration as stop:
+                    return stop.value
 
 
 def _utf8(value: str) -> bool:

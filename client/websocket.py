@@ -28,6 +28,7 @@ from .gate import OUTPUT_GATE
 from .protocol.messages import (
     EV_BINARY,
     EV_CLOSE,
+    EV_ERROR,
     EV_TEXT,
     MAX_CLOSE_REASON,
     OUT_AUTO,
@@ -95,8 +96,10 @@ class WebSocket:
         """Send a text (``str``) or binary (``bytes``) message."""
         host = self._live()
         if isinstance(message, str):
-            kind, data = EV_TEXT, message.encode()
-        elif isinstance(message, (bytes, bytearray, memoryview)):
+            kind, data = EV_TEXT, host.encode(message)  # (one bytes for a broadcast's sends)
+        elif isinstance(message, bytes):
+            kind, data = EV_BINARY, message
+        elif isinstance(message, (bytearray, memoryview)):
             kind, data = EV_BINARY, bytes(message)
         else:
             raise TypeError(f"a WebSocket message is str or bytes, not {type(message).__name__}")
@@ -433,15 +436,16 @@ class Channel:
         if isinstance(err, StubBrokenError):
             self.lost(1012, "the object's process restarted")
 
-    def close_from_here(self, code: int, reason: str, *, clean: bool) -> None:
-        """This side closed (the browser, the Python caller): the object hears of it."""
+    def close_from_here(self, code: int, reason: str, *, clean: bool) -> asyncio.Future[Any] | None:
+        """This side closed (the browser, the Python caller): the object hears of it (the
+        future answers once it has)."""
         if self.state == CLOSED:
-            return
+            return None
         self._ended()
-        if self.stub is not None:
-            self.client._event(self, EV_CLOSE, b"", code=code, reason=reason, was_clean=clean)
+        if self.stub is None:
+            return None
+        return self.client._event(self, EV_CLOSE, b"", code=code, reason=reason, was_clean=clean)
 
     def error_from_here(self, message: str) -> None:
-        from .protocol.messages import EV_ERROR
         if self.state == OPEN and self.stub is not None:
             self.client._event(self, EV_ERROR, message.encode())

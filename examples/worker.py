@@ -2,8 +2,8 @@
 
     POST /counter/<name>           increment a counter
     GET  /counter/<name>           read it
-    POST /chat/<room>              post {"user", "text"}; rate limited per client
-    GET  /chat/<room>?after=N&wait=S   long-poll new messages
+    GET  /chat/<room>              the chat room's page; with Upgrade: websocket, join it
+                                   (joins are rate limited per client)
 """
 
 from durable import Request, Response
@@ -24,12 +24,10 @@ async def fetch(request: Request, env) -> Response:
         n = await (counter.increment() if request.method == "POST" else counter.value())
         return Response(str(n))
     if kind == "chat":
-        if request.method == "POST":
+        if request.is_websocket:
             verdict = await env.RATELIMIT.get_by_name(_client_key(request)).hit()
             if not verdict["allowed"]:
                 return Response.json(verdict, status=429)
-        room = env.CHAT.get(env.CHAT.id_from_name(name))
-        query = request.url.partition("?")[2]
-        return await room.fetch(f"http://do/messages?{query}", method=request.method,
-                                headers=request.headers, body=request.body)
+        # the request as it came, upgrade included: the room accepts the WebSocket itself
+        return await env.CHAT.get_by_name(name).fetch(request)
     return Response("routes: /counter/<name>, /chat/<room>", status=404)

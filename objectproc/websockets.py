@@ -122,6 +122,9 @@ class ObjectSockets:
     def max_message(self) -> int:
         return self.registry.max_message
 
+    def encode(self, text: str) -> bytes:
+        return self.registry.encode(text)
+
     def check_live(self) -> None:
         from .activation import CURRENT, Phase  # (activation imports this module)
 
@@ -226,6 +229,15 @@ class Sockets:
         #: client -> its objects with sockets (a client that leaves closes them all)
         self._by_client: dict[bytes, dict[tuple[str, str], int]] = {}
         self.streams: dict[tuple[bytes, int], _Stream] = {}
+        self._text: str | None = None
+        self._data = b""
+
+    def encode(self, text: str) -> bytes:
+        """``text`` as UTF-8; the same bytes object for the same str sent again (a broadcast
+        sends one str to every socket: the outbox batches sends of one payload object)."""
+        if text is not self._text:
+            self._text, self._data = text, text.encode()
+        return self._data
 
     def of(self, key: tuple[str, str]) -> ObjectSockets:
         obj = self.objects.get(key)

@@ -6,6 +6,7 @@
     python scripts/bench.py http [--quick] [--repeat N] [--slots N] [--http-processes N]
     python scripts/bench.py backup [--quick] [--repeat N] [--backup-mib 1024]
     python scripts/bench.py alarms [--quick] [--repeat N]
+    python scripts/bench.py websockets [--quick] [--repeat N]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
@@ -34,6 +35,15 @@ once (each handler a durable write that also deletes its alarm), and with
 1,000,000 alarms pending (written into the slot's file while the daemon is down):
 the object process's memory against the idle daemon's, its start-up time, and
 setting one more against a ``put``.
+
+``websockets`` runs ``durable serve`` (1 slot, 1 gateway process, objects evicted
+after 2 s idle) and drives it from a separate process of aiohttp WebSocket
+clients: 10,000 sockets over 100 rooms left idle until every room is evicted
+(hibernated), with the gateway's and the object process's memory per socket
+against the idle daemon's; the echo round trip (client -> object -> client) on
+an idle daemon, through the gateway and through the Python client; one message
+broadcast to 1,000 sockets of one room (until the last delivery); and
+sustained fan-out (messages delivered per second).
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -908,6 +918,174 @@ def alarms_suite(quick: bool) -> dict[str, Any]:
             daemon.close()
 
 
+# -- websockets -------------------------------------------------------------------------
+WS_CONFIG = """
+data_dir = "{data}"
+slots = 1
+idle_timeout = 2
+[http]
+listen = "127.0.0.1:{port}"
+[namespaces.WSROOM]
+class = "bench_objects:WsRoom"
+"""
+
+
+async def _ws_load(port: int, quick: bool, frontend: str) -> dict[str, Any]:
+    """Runs in its own process: the clients (and the clock for latencies)."""
+    import aiohttp
+
+    import durable
+
+    base = f"http://127.0.0.1:{port}/WSROOM"
+    out: dict[str, Any] = {}
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        # echo round trip, sequential, one socket
+        ws = await s.ws_connect(f"{base}/echo/")
+        n = 300 if quick else 3000
+        for _ in range(50):
+            await ws.send_str("warm")
+            await ws.receive()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await ws.send_str("x" * 32)
+            await ws.receive()
+            times.append(time.perf_counter() - t)
+        out["echo_gateway"] = {"messages": n, "p50_ms": ms(pct(times, 0.5)),
+                               "p99_ms": ms(pct(times, 0.99))}
+        await ws.close()
+        async with durable.connect(frontend, timeout=30) as client:
+            room = client.namespace("WSROOM").get_by_name("echo-py")
+            async with room.websocket("/") as pws:
+                for _ in range(50):
+                    await pws.send("warm")
+                    await pws.receive()
+                times = []
+                for _ in range(n):
+                    t = time.perf_counter()
+                    await pws.send("x" * 32)
+                    await pws.receive(timeout=10)
+                    times.append(time.perf_counter() - t)
+            out["echo_python_client"] = {"messages": n, "p50_ms": ms(pct(times, 0.5)),
+                                         "p99_ms": ms(pct(times, 0.99))}
+        # one message to 1,000 sockets of one room: until the last delivery
+        fan = 200 if quick else 1000
+        socks = [await s.ws_connect(f"{base}/fan/") for _ in range(fan)]
+        await asyncio.sleep(0.5)
+        sender = socks[0]
+
+        lasts = []
+        rounds = 20 if quick else 100
+        for k in range(rounds):
+            t = time.monotonic()
+            await sender.send_str(f"b:{t}:{k}")
+            got = await asyncio.gather(*[w.receive(timeout=30) for w in socks])
+            lasts.append(time.monotonic() - t)
+            assert all(g.data == f"b:{t}:{k}" for g in got)
+        out["broadcast"] = {"sockets": fan, "rounds": rounds,
+                            "last_delivery_p50_ms": ms(pct(lasts, 0.5)),
+                            "last_delivery_p99_ms": ms(pct(lasts, 0.99))}
+        # sustained fan-out: messages sent back to back, counted where they arrive
+        burst = 30 if quick else 200
+        counts = [0]
+
+        async def reader(w: Any) -> None:
+            for _ in range(burst):
+                await w.receive(timeout=60)
+                counts[0] += 1
+
+        readers = [asyncio.ensure_future(reader(w)) for w in socks]
+        t = time.perf_counter()
+        for k in range(burst):
+            await sender.send_str(f"b:{k}")
+        await asyncio.gather(*readers)
+        span = time.perf_counter() - t
+        out["fanout_sustained"] = {"sockets": fan, "messages_sent": burst,
+                                   "delivered": counts[0], "seconds": round(span, 3),
+                                   "delivered_per_s": round(counts[0] / span)}
+        for w in socks:
+            await w.close()
+    return out
+
+
+async def _ws_idle(port: int, total: int, rooms: int, hold: float) -> dict[str, Any]:
+    """Runs in its own process: ``total`` sockets over ``rooms`` rooms, held ``hold`` s."""
+    import aiohttp
+
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        t = time.perf_counter()
+        socks: list[Any] = []
+        for start in range(0, total, 500):
+            socks += await asyncio.gather(*[
+                s.ws_connect(f"http://127.0.0.1:{port}/WSROOM/r{i % rooms}/", autoping=False)
+                for i in range(start, min(total, start + 500))])
+        opened = time.perf_counter() - t
+        await asyncio.sleep(hold)
+        alive = sum(not w.closed for w in socks)
+        for w in socks:
+            await w.close()
+    return {"opened_s": round(opened, 2), "still_open_after_hold": alive}
+
+
+def websockets_suite(quick: bool) -> dict[str, Any]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    import psutil
+    from harness import serving
+
+    import durable
+
+    with serving(WS_CONFIG) as d:
+        kids = psutil.Process(d.proc.pid).children(recursive=True)
+        gateway = next(k for k in kids if "durable.broker.gateway" in " ".join(k.cmdline()))
+        objectproc = next(k for k in kids if "durable.objectproc" in " ".join(k.cmdline()))
+
+        async def evicted_and_active() -> tuple[int, int, int]:
+            async with durable.connect(d.frontend, timeout=30) as c:
+                slot = (await c.statistics())["slots"][0]["reported"]
+                return slot.get("evicted", 0), slot.get("active", 0), slot.get("websockets", 0)
+
+        out: dict[str, Any] = {}
+        with ProcessPoolExecutor(1) as pool:
+            out.update(pool.submit(_run, _ws_load, d.port, quick, d.frontend).result())
+            time.sleep(3.0)  # (the rooms of the measurements above are evicted)
+            rss_gw, rss_op = gateway.memory_info().rss, objectproc.memory_info().rss
+            total = 1000 if quick else 10_000
+            rooms = 100
+            hold = 15.0 if quick else 25.0
+            fut = pool.submit(_run, _ws_idle, d.port, total, rooms, hold)
+            deadline = time.monotonic() + hold + 120
+            sample: dict[str, Any] = {}
+            while time.monotonic() < deadline and not fut.done():
+                time.sleep(1.0)
+                evicted, active, open_ = asyncio.run(evicted_and_active())
+                if open_ == total and active == 0:  # every room hibernated, all sockets open
+                    sample = {"gateway": gateway.memory_info().rss,
+                              "objectproc": objectproc.memory_info().rss}
+                    break
+            held = fut.result()
+        if not sample:
+            raise RuntimeError(f"the {total} sockets were not all open with every room evicted")
+        out["hibernated"] = {
+            "sockets": total, "rooms": rooms, **held,
+            "gateway_rss_idle_mb": round(rss_gw / 2**20, 1),
+            "gateway_rss_with_sockets_mb": round(sample["gateway"] / 2**20, 1),
+            "gateway_bytes_per_socket": round((sample["gateway"] - rss_gw) / total),
+            "objectproc_bytes_per_socket": round((sample["objectproc"] - rss_op) / total),
+        }
+    return out
+
+
+def _run(fn: Any, *args: Any) -> Any:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return asyncio.run(fn(*args))
+
+
 def median_of(runs: list[Any]) -> Any:
     first = runs[0]
     if isinstance(first, dict):
@@ -926,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _echo_worker(sys.argv[2])
         return 0
-    p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms"])
+    p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets"])
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
     p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
@@ -949,6 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [rpc_suite(args.quick, args.slots) for _ in range(args.repeat)]
     elif args.suite == "alarms":
         runs = [alarms_suite(args.quick) for _ in range(args.repeat)]
+    elif args.suite == "websockets":
+        runs = [websockets_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "backup":
         runs = [backup_suite(args.quick, args.backup_mib) for _ in range(args.repeat)]
     else:

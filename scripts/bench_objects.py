@@ -42,3 +42,24 @@ class AlarmBench(DurableObject):
     async def result(self) -> dict | None:
         at = await self.state.storage.get("at")
         return None if at is None else {"at": at, "late": await self.state.storage.get("late")}
+
+
+class WsRoom(DurableObject):
+    """WebSockets: ``b:...`` is broadcast to every socket of the room (one str for all),
+    anything else is echoed to its sender."""
+
+    async def fetch(self, request: Request) -> Response:
+        if not request.is_websocket:
+            return Response("connect with a WebSocket", status=426)
+        from durable import WebSocketPair
+
+        client, server = WebSocketPair()
+        self.state.accept_websocket(server)
+        return Response(status=101, websocket=client)
+
+    async def websocket_message(self, ws, message) -> None:
+        if isinstance(message, str) and message.startswith("b:"):
+            for other in self.state.get_websockets():
+                other.send(message)
+        else:
+            ws.send(message)

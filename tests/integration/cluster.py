@@ -29,6 +29,7 @@ NAMESPACES = {
     "NAMED": "tests.integration.objects:Named",
     "ROOM": "tests.integration.objects:Room",
     "STREAMER": "tests.integration.objects:Streamer",
+    "WSCALLER": "tests.integration.objects:WsCaller",
 }
 
 

@@ -485,3 +485,15 @@ class Streamer(DurableObject):
 
     async def cancellations(self):
         return Streamer.cancelled.get(str(self.state.id), 0)
+
+
+class WsCaller(DurableObject):
+    """Opens a WebSocket to a ROOM from inside an object (env.ROOM stubs)."""
+
+    async def talk(self, room: str) -> list:
+        await self.state.storage.put("before", True)  # (the socket opens behind this write)
+        async with self.env.ROOM.get_by_name(room).websocket("/join?name=obj") as ws:
+            got = [await ws.receive(timeout=5)]
+            await ws.send("from an object")
+            got.append(await ws.receive(timeout=5))
+        return got

@@ -24,6 +24,8 @@ listen = "127.0.0.1:{port}"
 class = "durable.examples.counter:Counter"
 [namespaces.CHAT]
 class = "durable.examples.chat:ChatRoom"
+[namespaces.LONGPOLL]
+class = "durable.examples.longpoll:ChatRoom"
 [namespaces.RATELIMIT]
 class = "durable.examples.ratelimit:RateLimiter"
 [namespaces.SESSION]
@@ -32,6 +34,33 @@ class = "durable.examples.session:Session"
 ratelimit_limit = 3
 ratelimit_window = 60
 """
+
+
+async def websocket_chat(s, url):
+    """The WebSocket room: join, history, broadcast, leave, the page itself."""
+    async with s.get(url) as r:
+        assert r.status == 200 and "new WebSocket" in await r.text()
+    ann = await s.ws_connect(url + "?name=ann")
+    assert (await ann.receive_json(timeout=5)) == {"type": "history", "messages": []}
+    assert (await ann.receive_json(timeout=5)) == {"type": "join", "name": "ann"}
+    bob = await s.ws_connect(url + "?name=bob")
+    assert (await bob.receive_json(timeout=5))["type"] == "history"
+    assert (await ann.receive_json(timeout=5)) == {"type": "join", "name": "bob"}
+    assert (await bob.receive_json(timeout=5)) == {"type": "join", "name": "bob"}
+    await ann.send_str("hi bob")
+    for ws in (ann, bob):
+        m = await ws.receive_json(timeout=5)
+        assert (m["type"], m["seq"], m["name"], m["text"]) == ("message", 1, "ann", "hi bob")
+    await ann.send_str("ping")  # the gateway answers it
+    assert (await ann.receive_str(timeout=5)) == "pong"
+    await bob.close()
+    assert (await ann.receive_json(timeout=5)) == {"type": "leave", "name": "bob"}
+    carl = await s.ws_connect(url + "?name=carl")
+    history = (await carl.receive_json(timeout=5))["messages"]
+    assert [(m["name"], m["text"]) for m in history] == [("ann", "hi bob")]
+    assert (await ann.receive_json(timeout=5)) == {"type": "join", "name": "carl"}
+    await ann.close()
+    await carl.close()
 
 
 def test_counter_chat_and_rate_limiter_by_path(tmp_path):
@@ -43,22 +72,23 @@ def test_counter_chat_and_rate_limiter_by_path(tmp_path):
         async def main():
             async with aiohttp.ClientSession() as s:
                 assert (await request(s, "POST", f"{base}/COUNTER/c/inc?by=5"))[:2] == (200, "5")
-                # chat: a long poll returns as soon as a message is posted
-                poll = asyncio.ensure_future(s.get(f"{base}/CHAT/lobby/messages?after=0&wait=10"))
+                await websocket_chat(s, f"{base}/CHAT/lobby/")
+                # long-poll chat: a poll returns as soon as a message is posted
+                poll = asyncio.ensure_future(s.get(f"{base}/LONGPOLL/lobby/messages?after=0&wait=10"))
                 await asyncio.sleep(0.3)
                 assert not poll.done()
                 for i in range(5):
-                    st, text, _ = await request(s, "POST", f"{base}/CHAT/lobby/messages",
+                    st, text, _ = await request(s, "POST", f"{base}/LONGPOLL/lobby/messages",
                                                 json={"user": "ann", "text": f"hello {i}"})
                     assert st == 200, text
                 async with await poll as r:
                     first = await r.json()
                 assert first["messages"][0]["text"] == "hello 0"
-                async with s.get(f"{base}/CHAT/lobby/messages?after=0") as r:
+                async with s.get(f"{base}/LONGPOLL/lobby/messages?after=0") as r:
                     everything = await r.json()
                 assert [m["text"] for m in everything["messages"]] == [f"hello {i}" for i in range(5)]
                 assert [m["seq"] for m in everything["messages"]] == [1, 2, 3, 4, 5]
-                async with s.get(f"{base}/CHAT/lobby/messages?after=3") as r:
+                async with s.get(f"{base}/LONGPOLL/lobby/messages?after=3") as r:
                     assert [m["seq"] for m in (await r.json())["messages"]] == [4, 5]
                 # rate limiter: 3 per window (env.vars), one object per key
                 codes = [(await request(s, "POST", f"{base}/RATELIMIT/10.0.0.1/hit"))[0] for _ in range(5)]
@@ -78,17 +108,31 @@ def test_worker_routes_to_the_examples(tmp_path):
             async with aiohttp.ClientSession() as s:
                 assert (await request(s, "POST", f"{base}/counter/w"))[:2] == (200, "1")
                 assert (await request(s, "GET", f"{base}/counter/w"))[:2] == (200, "1")
-                hdr = {"X-Client": "bob"}
-                codes = []
-                for i in range(5):
-                    codes.append((await request(s, "POST", f"{base}/chat/room", headers=hdr,
-                                                json={"user": "bob", "text": f"m{i}"}))[0])
-                assert codes == [200, 200, 200, 429, 429]
-                async with s.get(f"{base}/chat/room?after=1") as r:
-                    assert [m["text"] for m in (await r.json())["messages"]] == ["m1", "m2"]
+                async with s.get(f"{base}/chat/room") as r:  # the page
+                    assert r.status == 200 and r.headers["content-type"].startswith("text/html")
+                hdr = {"X-Client": "bob"}  # joins are rate limited per client: 3 per window
+                joined = [await s.ws_connect(f"{base}/chat/room?name=b{i}", headers=hdr)
+                          for i in range(3)]
+                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                    await s.ws_connect(f"{base}/chat/room?name=b3", headers=hdr)
+                assert e.value.status == 429
+                await joined[0].receive_json(timeout=5)  # history
+                await joined[0].send_str("through the worker")
+                seen = [m async for m in _until(joined[2], "message")]
+                assert seen[-1]["text"] == "through the worker"
+                for ws in joined:
+                    await ws.close()
                 assert (await request(s, "GET", f"{base}/nowhere"))[0] == 404
 
         asyncio.run(main())
+
+
+async def _until(ws, kind):
+    while True:
+        m = await ws.receive_json(timeout=5)
+        yield m
+        if m["type"] == kind:
+            return
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ listen = "127.0.0.1:{port}"
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"
 [namespaces.CHAT]
-class = "durable.examples.chat:ChatRoom"
+class = "durable.examples.longpoll:ChatRoom"
 """
 
 

@@ -94,6 +94,14 @@ async def test_close_from_either_side_with_codes_and_reasons(client):
         await ws.send("after close")
 
 
+async def test_an_object_opens_a_websocket_to_another(client):
+    caller = client.namespace("WSCALLER").get_by_name("c1")
+    assert await caller.talk("r-obj") == ["welcome obj", "echo:from an object"]
+    room = client.namespace("ROOM").get_by_name("r-obj")
+    await async_wait_for(room.closes, 5, "the room heard the object's socket close")
+    assert await room.closes() == [["obj", 1000, "", True]]
+
+
 async def test_refused_and_wrong_upgrades(client):
     room = client.namespace("ROOM").get_by_name("r-refuse")
     with pytest.raises(durable.WebSocketError) as e:

@@ -414,3 +414,19 @@ def test_clients_that_leave_are_told_to_every_object_process():
         b.tick()
     gone = sorted((x[1], x[2].client) for x in b.take() if type(x[2]) is m.ClientGone)
     assert gone == [(b"w0", b"Fcli"), (b"w1", b"Fcli")]
+
+
+def test_a_draining_broker_still_lets_channel_events_in():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    oid = oid_on_slot(0)
+    b.on_client(call(1, 1, oid))
+    b.take()
+    b.on_control([b"", *m.Control("drain").encode()])
+    head, body = m.encode_event(m.EV_CLOSE, 5, code=1001, reason="going away", was_clean=True)
+    b.on_client([b"Fcli", *m.Call(2, 1, "NS", oid, 30_000, head, body).encode()])
+    b.on_client(call(3, 1, oid))  # a new call: refused
+    out = b.take()
+    assert [type(x[2]) for x in out] == [m.WorkerCall, m.Error]
+    assert out[0][2].head == head and out[1][2].code == "overloaded"
