@@ -58,14 +58,12 @@ from durable.objects import DurableObject
 from durable.protocol.messages import EV_CLOSE, EV_ERROR, MethodCall, builtin_ancestor
 
 from .alarms import AlarmCall, AlarmInfo
+from .context import CURRENT
 from .storage import ObjectStorage, SlotStore
 from .websockets import UPGRADE, ObjectSockets, SocketEvent, Sockets
 
 __all__ = ["Activation", "State", "Phase", "CURRENT", "CpuLimitExceeded"]
 
-#: The activation whose code is running (set in each of its tasks' contexts).
-CURRENT: contextvars.ContextVar[Activation | None] = contextvars.ContextVar(
-    "durable_activation", default=None)
 
 
 class CpuLimitExceeded(BaseException):
@@ -253,6 +251,11 @@ class Activation:
     def _step(self, event: str) -> None:
         self.phase = _TRANSITIONS.step(f"activation {self.namespace}/{self.object_id}",
                                        self.phase, event)
+
+    @property
+    def live(self) -> bool:
+        """Whether this instance may still act (not evicted, reset or broken)."""
+        return self.phase is Phase.ACTIVE or self.phase is Phase.BLOCKED
 
     @property
     def busy(self) -> bool:

@@ -248,6 +248,8 @@ class ObjectProcess:
     def _register(self) -> None:
         if self._sock is not None:
             self._sock.close()
+            if self.sockets is not None:  # a new incarnation: callers saw its sockets close
+                self._forget_sockets()
         self._sock = LoopSocket.dealer(self.config.backend, self._handle, self._ctx)
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1
@@ -407,6 +409,17 @@ class ObjectProcess:
             reply(None, e.error)
             return
         act.deliver(SocketEvent(ev, ws), reply)
+
+    def _forget_sockets(self) -> None:
+        """This process registers again (the broker lost it): its callers' sockets were
+        closed with 1012 (BROKEN) and its streams failed; each object hears of its sockets."""
+        for key, ws in self.sockets.forget_all():
+            try:
+                act = self._activation(*key)
+            except ConstructorError:
+                continue
+            act.deliver(SocketEvent(event_close(1012, "the object process reconnected"), ws),
+                        _ignore)
 
     def _client_gone(self, client: bytes) -> None:
         """A caller left without closing its sockets (a gateway process died): each object

@@ -42,6 +42,8 @@ from durable.protocol.messages import (
 from durable.streams import STREAM_WINDOW
 from durable.websocket import CLOSED, CLOSING, OPEN, WebSocket, check_tags
 
+from .context import CURRENT
+
 __all__ = ["ObjectSockets", "Sockets", "Outbox", "SocketEvent", "UPGRADE", "MAX_PER_OBJECT"]
 
 log = logging.getLogger("durable.objectproc")
@@ -126,11 +128,8 @@ class ObjectSockets:
         return self.registry.encode(text)
 
     def check_live(self) -> None:
-        from .activation import CURRENT, Phase  # (activation imports this module)
-
         act = CURRENT.get()
-        if act is not None and (act is not self.owner or act.phase not in (Phase.ACTIVE,
-                                                                           Phase.BLOCKED)):
+        if act is not None and (act is not self.owner or not act.live):
             raise ObjectEvictedError("this instance was evicted or reset: it can no longer send "
                                      "on the object's WebSockets (the next instance can)")
 
@@ -145,7 +144,7 @@ class ObjectSockets:
             raise WebSocketError("accept_websocket() works only while fetch() handles a "
                                  "WebSocket upgrade request (Upgrade: websocket) from the "
                                  "gateway or from stub.websocket()")
-        if any(s is not ws and s._key == key for s in self.sockets.values()) or key in self.sockets:
+        if key in self.sockets:
             raise WebSocketError("this upgrade request already accepted a WebSocket")
         if len(self.sockets) >= MAX_PER_OBJECT:
             raise WebSocketError(f"this object holds {len(self.sockets)} WebSockets (the limit "
@@ -285,6 +284,17 @@ class Sockets:
                     ws.ready_state = CLOSING
                     out.append((key, ws))
         for skey in [k for k in self.streams if k[0] == client]:
+            self.cancel_stream(skey)
+        return out
+
+    def forget_all(self) -> list[tuple[tuple[str, str], WebSocket]]:
+        """Every socket, dropped (the process re-registered), and every stream cancelled."""
+        out = []
+        for key, obj in list(self.objects.items()):
+            for ws in list(obj.sockets.values()):
+                obj.drop(ws)
+                out.append((key, ws))
+        for skey in list(self.streams):
             self.cancel_stream(skey)
         return out
 

@@ -51,3 +51,17 @@ def test_http_bench_quick_reports_every_figure():
     for section in ("noop_sequential", "noop_64_connections_100_objects", "counter_sequential",
                     "counter_64_connections_100_objects"):
         assert m[section]["requests"] > 0, section
+
+
+def test_websockets_bench_quick_reports_every_figure():
+    out = subprocess.run([sys.executable, str(BENCH), "websockets", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]
+    assert m["echo_gateway"]["messages"] == m["echo_python_client"]["messages"] > 0
+    assert m["broadcast"]["rounds"] > 0 and m["broadcast"]["last_delivery_p99_ms"] > 0
+    fan = m["fanout_sustained"]
+    assert fan["delivered"] == fan["sockets"] * fan["messages_sent"]
+    hib = m["hibernated"]
+    assert hib["still_open_after_hold"] == hib["sockets"] == 1000
+    assert hib["gateway_bytes_per_socket"] > 0

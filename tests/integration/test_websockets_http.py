@@ -136,6 +136,7 @@ def test_a_browser_that_does_not_read_is_closed_with_1008(tmp_path):
             sock.close()
 
 
+@pytest.mark.slow
 def test_killing_processes_closes_sockets_as_documented(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -188,6 +189,7 @@ async def _retry(connect, timeout: float = 20.0):
             await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_streamed_bodies_through_the_gateway(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -225,6 +227,7 @@ def test_streamed_bodies_through_the_gateway(tmp_path):
         asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_a_stop_closes_sockets_with_1001_and_the_objects_hear_it(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
