@@ -62,7 +62,7 @@ from .context import CURRENT
 from .storage import ObjectStorage, SlotStore
 from .websockets import UPGRADE, ObjectSockets, SocketEvent, Sockets
 
-__all__ = ["Activation", "State", "Phase", "CURRENT", "CpuLimitExceeded"]
+__all__ = ["Activation", "State", "Phase", "CURRENT", "CpuLimitExceeded", "InObject"]
 
 
 
@@ -154,8 +154,18 @@ class State:
         return act
 
 
+class InObject:
+    """``durable.testing``'s ``run_in_object``: ``fn(instance, state)`` as one call of the
+    object (in order with its other calls, inside its gates)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any, State], Any]) -> None:
+        self.fn = fn
+
+
 Reply = Callable[[Any, BaseException | None], None]  # (a Response, a method's result, None)
-Delivery = Request | MethodCall | AlarmCall | SocketEvent
+Delivery = Request | MethodCall | AlarmCall | SocketEvent | InObject
 
 
 class Activation:
@@ -312,6 +322,10 @@ class Activation:
                 await self._alarm(request)
             elif type(request) is SocketEvent:
                 await self._socket_event(request)
+            elif type(request) is InObject:
+                resp = request.fn(self.instance, self.state)
+                if inspect.isawaitable(resp):
+                    resp = await resp
             else:
                 upgrade = request._upgrade
                 if upgrade is not None:
@@ -417,7 +431,8 @@ class Activation:
             what = ("set-up" if request is None else f"{request.name}()"
                     if type(request) is MethodCall else f"alarm() (retry {request.retry_count})"
                     if type(request) is AlarmCall else "a WebSocket event"
-                    if type(request) is SocketEvent else f"{request.method} {request.url}")
+                    if type(request) is SocketEvent else "run_in_object()"
+                    if type(request) is InObject else f"{request.method} {request.url}")
             log.error("%s %s%s: %s raised %s during %s (%s)\n%s", self.namespace, self.object_id,
                       f" (name {self.name!r})" if self.name is not None else "",
                       type(self.instance).__name__ if self.instance is not None else "object",

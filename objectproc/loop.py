@@ -161,7 +161,8 @@ class ObjectProcess:
                                          "dropped_broker_messages": 0}
         self._in_flight = 0  # calls received and not yet answered
         self._inflight_bytes = 0  # their bodies' bytes
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[Any] | None = None  # (made when it registers: the testing
+        #                                             harness runs this class without one)
         self._sock: LoopSocket | None = None
         self._liveness: Liveness | None = None
         self._stopping = asyncio.Event()
@@ -250,6 +251,8 @@ class ObjectProcess:
             self._sock.close()
             if self.sockets is not None:  # a new incarnation: callers saw its sockets close
                 self._forget_sockets()
+        if self._ctx is None:
+            self._ctx = zmq.Context.instance()
         self._sock = LoopSocket.dealer(self.config.backend, self._handle, self._ctx)
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1

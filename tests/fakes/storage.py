@@ -12,6 +12,7 @@ from durable.objectproc.storage import (
     SlotStore,
     StorageLimits,
 )
+from durable.objectproc.storage.memory import MemorySlot
 
 
 class EngineBackend:
@@ -63,4 +64,31 @@ class ModelBackend:
         pass
 
 
-BACKENDS = {"duckdb": EngineBackend, "model": ModelBackend}
+class MemoryBackend:
+    """The in-memory slot of ``durable.testing`` under the real ObjectStorage."""
+
+    name = "memory"
+
+    def __init__(self, directory: Path, limits: StorageLimits = DEFAULT_LIMITS, **opts: Any) -> None:
+        self.limits = limits
+        self.slot: MemorySlot | None = None
+
+    async def open(self) -> None:
+        if self.slot is None:  # (a reopen keeps what was durable, as a restart does)
+            self.slot = MemorySlot(self.limits)
+        else:
+            self.slot.crash()
+
+    def object(self, object_id: str = "obj1", namespace: str = "NS") -> ObjectStorage:
+        assert self.slot is not None
+        return ObjectStorage(self.slot, namespace, object_id)
+
+    async def reopen(self) -> None:
+        await self.slot.close()
+        await self.open()
+
+    async def close(self) -> None:
+        pass
+
+
+BACKENDS = {"duckdb": EngineBackend, "model": ModelBackend, "memory": MemoryBackend}

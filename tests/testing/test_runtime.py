@@ -1,0 +1,190 @@
+"""durable.testing.Runtime: users' classes in-process, with the daemon's semantics (#16)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+
+import pytest
+
+import durable
+from durable.examples.chat import ChatRoom
+from durable.examples.counter import Counter
+from durable.examples.session import Session
+from durable.testing import Runtime
+from tests.testing.objects import Account, Flaky, Greeter
+
+CLASSES = {"COUNTER": Counter, "ACCOUNT": Account, "FLAKY": Flaky, "GREETER": Greeter,
+           "SESSION": Session, "CHAT": ChatRoom}
+
+
+@pytest.fixture(params=["memory", "disk"])
+async def rt(request):
+    async with Runtime(CLASSES, storage=request.param) as runtime:
+        yield runtime
+
+
+async def test_methods_fetch_and_what_was_stored(rt):
+    c = rt.namespace("COUNTER").get_by_name("a")
+    assert [await c.increment(), await c.increment(by=4)] == [1, 5]
+    resp = await c.fetch("http://do/inc", method="POST")
+    assert (resp.status, await resp.text()) == (200, "6")
+    assert dict(await rt.storage_of(c)) == {"n": 6}
+    assert [oid.name for oid in rt.list_objects("COUNTER")] == ["a"]
+    assert await rt.run_in_object(c, lambda inst, state: (type(inst).__name__, str(state.id))) \
+        == ("Counter", str(c.id))
+
+
+async def test_the_daemons_errors(rt):
+    acct = rt.namespace("ACCOUNT").get_by_name("e")
+    with pytest.raises(durable.ObjectError) as e:  # the object's own error, as a caller sees it
+        await acct.deposit(-5)
+    assert isinstance(e.value, ValueError) and e.value.remote_type == "ValueError"
+    with pytest.raises(AttributeError):
+        await acct.no_such_method()
+    with pytest.raises(TypeError):  # not a value that can be sent: fails before it leaves
+        await acct.deposit(object())
+    with pytest.raises(durable.ObjectError) as e:  # an id may be sent, not stored
+        await acct.stash(acct.id)
+    assert isinstance(e.value, TypeError)
+    with pytest.raises(durable.UnknownNamespaceError):
+        rt.namespace("NOPE")
+
+
+async def test_transactions_and_e_order(rt):
+    acct = rt.namespace("ACCOUNT").get_by_name("t")
+    results = await asyncio.gather(*[acct.deposit(1) for _ in range(50)])
+    assert results == list(range(1, 51))  # in the order sent
+    assert await acct.transfer_out(20) == 30
+    with pytest.raises(durable.ObjectError, match="insufficient"):
+        await acct.transfer_out(100)
+    assert dict(await rt.storage_of(acct)) == {"balance": 30, "last": 20}  # rolled back
+
+
+async def test_eviction_keeps_storage_and_drops_the_instance(rt):
+    acct = rt.namespace("ACCOUNT").get_by_name("v")
+    await acct.deposit(10)
+    await acct.remember("in memory")
+    assert await rt.evict(acct) is True
+    assert rt.active == []
+    assert await acct.recall() is None  # a new instance
+    assert (await rt.storage_of(acct))["balance"] == 10
+    assert await rt.evict_all() == 1
+
+
+async def test_an_object_calling_another(rt):
+    resp = await rt.fetch("http://x/GREETER/g1/")  # routed by path, as the gateway does
+    assert await resp.text() == "hello, balance 1"
+    greeter = rt.namespace("GREETER").get_by_name("g1")
+    assert (await rt.storage_of(greeter))["greeted"] is True
+
+
+async def test_alarms_run_on_the_fake_clock(rt):
+    s = rt.namespace("SESSION").get_by_name("s1")
+    await s.touch({"user": "ann"}, ttl=30)
+    assert await rt.advance(29) == 0
+    assert await s.get() is not None
+    assert await rt.advance(2) == 1  # due at 30 s: it ran, and the session is gone
+    assert await s.get() is None and await s.expires_at() is None
+
+
+async def test_alarm_retries_back_off_on_the_fake_clock(rt):
+    f = rt.namespace("FLAKY").get_by_name("f")
+    await f.arm(rt.clock.now_ms + 1000, fails=2)
+    await rt.advance(1)
+    assert await f.runs() == [0]
+    await rt.advance(1.9)  # first retry 2 s after the failure
+    assert await f.runs() == [0]
+    await rt.advance(0.2)
+    assert await f.runs() == [0, 1]
+    await rt.advance(4)  # then 4 s
+    assert await f.runs() == [0, 1, 2]
+    assert await rt.advance(3600) == 0  # it worked: the alarm is gone
+
+
+async def test_run_alarm_runs_it_now_and_raises_its_error(rt):
+    f = rt.namespace("FLAKY").get_by_name("g")
+    with pytest.raises(LookupError):
+        await rt.run_alarm(f)
+    await f.arm(rt.clock.now_ms + 3_600_000, fails=1)
+    with pytest.raises(durable.ObjectError, match="failing run 1"):
+        await rt.run_alarm(f)
+    await rt.run_alarm(f)
+    assert await f.runs() == [0, 0]
+
+
+async def test_websockets_with_hibernation(rt):
+    room = rt.namespace("CHAT").get_by_name("lobby")
+    async with room.websocket("/?name=ann") as ann, room.websocket("/?name=bob") as bob:
+        for ws, n in ((ann, 3), (bob, 2)):  # history, joins
+            [await ws.receive(timeout=2) for _ in range(n)]
+        assert await rt.evict(room) is True  # hibernated: the sockets stay open
+        await ann.send("hi bob")  # wakes the room: a new instance, the same sockets
+        msg = await bob.receive(timeout=2)
+        assert '"name":"ann"' in msg and '"text":"hi bob"' in msg
+
+
+def test_no_threads_or_tasks_left_behind():
+    before = threading.active_count()
+
+    async def main():
+        async with Runtime(CLASSES) as r:
+            c = r.namespace("COUNTER").get_by_name("x")
+            await c.increment()
+            await r.namespace("ACCOUNT").get_by_name("y").write_later(10)  # a long task
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(main()) == []
+    assert threading.active_count() == before
+
+
+async def test_a_crash_keeps_answered_writes_and_loses_the_rest():
+    async with Runtime(CLASSES) as rt:
+        acct = rt.namespace("ACCOUNT").get_by_name("c")
+        await acct.deposit(7)  # answered: durable
+        await acct.write_later(0.05)  # its task would write later
+        room = rt.namespace("CHAT").get_by_name("r")
+        ws = await room.websocket("/?name=ann")
+        await rt.crash()
+        with pytest.raises(durable.StubBrokenError):
+            await acct.deposit(1)
+        assert ws.closed and ws.close_code == 1012
+        acct = rt.namespace("ACCOUNT").get_by_name("c")
+        await asyncio.sleep(0.1)
+        assert dict(await rt.storage_of(acct)) == {"balance": 7}  # no "later": its task died
+        assert await acct.deposit(1) == 8
+
+
+async def test_the_worker_fronts_fetch():
+    from durable.examples.ratelimit import RateLimiter
+
+    async with Runtime({"COUNTER": Counter, "CHAT": ChatRoom, "RATELIMIT": RateLimiter},
+                       worker="durable.examples.worker:fetch") as rt:
+        assert await (await rt.fetch("http://x/counter/w", method="POST")).text() == "1"
+        page = await rt.fetch("http://x/chat/room")
+        assert page.headers.get("content-type").startswith("text/html")
+
+
+async def test_the_plugin_fixture(durable_runtime):
+    rt = await durable_runtime({"COUNTER": Counter})
+    assert await rt.namespace("COUNTER").get_by_name("p").increment() == 1
+
+
+def test_bad_arguments_say_what_is_wrong():
+    with pytest.raises(ValueError, match="at least one namespace"):
+        Runtime({})
+    with pytest.raises(ValueError, match="memory"):
+        Runtime({"C": Counter}, storage="cloud")
+    with pytest.raises(ValueError, match="cannot import"):
+        Runtime({"C": "nowhere.module:Thing"})
+    with pytest.raises(RuntimeError, match="async with"):
+        Runtime({"C": Counter}).namespace("C")
+
+
+async def test_alarm_times_in_the_past_fire_at_the_next_advance(rt):
+    s = rt.namespace("SESSION").get_by_name("past")
+    await s.touch(ttl=-10)
+    assert await rt.advance(0) == 1
+    assert await s.get() is None
+    assert dt.datetime.fromtimestamp(rt.clock.now, dt.UTC).year >= 2026
