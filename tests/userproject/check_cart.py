@@ -1,9 +1,9 @@
 """A user's tests of their object, with durable's pytest plugin (the durable_runtime fixture)."""
 
 import pytest
+from shop.cart import Cart
 
 import durable
-from shop.cart import Cart
 
 
 async def test_checkout(durable_runtime):
