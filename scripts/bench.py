@@ -7,6 +7,7 @@
     python scripts/bench.py backup [--quick] [--repeat N] [--backup-mib 1024]
     python scripts/bench.py alarms [--quick] [--repeat N]
     python scripts/bench.py websockets [--quick] [--repeat N]
+    python scripts/bench.py testing [--quick] [--repeat N]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
@@ -44,6 +45,11 @@ against the idle daemon's; the echo round trip (client -> object -> client) on
 an idle daemon, through the gateway and through the Python client; one message
 broadcast to 1,000 sockets of one room (until the last delivery); and
 sustained fan-out (messages delivered per second).
+
+``testing`` measures ``durable.testing`` in this process: how long a ``Runtime``
+takes to start (and close), sequential no-op method calls and durable counter
+increments per second, and a pytest run (a subprocess) of 1,000 small tests
+that each get a fresh runtime from the ``durable_runtime`` fixture.
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -1090,6 +1096,78 @@ def websockets_suite(quick: bool) -> dict[str, Any]:
     return out
 
 
+# -- testing ----------------------------------------------------------------------------
+THOUSAND_TESTS = """
+import pytest
+from durable.examples.counter import Counter
+
+
+@pytest.mark.parametrize("i", range({n}))
+async def test_counter(durable_runtime, i):
+    rt = await durable_runtime({{"COUNTER": Counter}})
+    stub = rt.namespace("COUNTER").get_by_name(f"c{{i}}")
+    assert await stub.increment(by=i) == i
+    assert await stub.value() == i
+"""
+
+
+async def _testing_in_process(quick: bool) -> dict[str, Any]:
+    from bench_objects import Noop
+
+    from durable.examples.counter import Counter
+    from durable.testing import Runtime
+
+    classes = {"NOOP": Noop, "COUNTER": Counter}
+    starts, closes = [], []
+    for _ in range(20 if quick else 200):
+        rt = Runtime(classes)
+        t = time.perf_counter()
+        await rt.start()
+        starts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        await rt.close()
+        closes.append(time.perf_counter() - t)
+    out: dict[str, Any] = {"start_p50_ms": ms(pct(starts, 0.5)),
+                           "start_p99_ms": ms(pct(starts, 0.99)),
+                           "close_p50_ms": ms(pct(closes, 0.5))}
+    n = 2_000 if quick else 20_000
+    async with Runtime(classes) as rt:
+        noop = rt.namespace("NOOP").get_by_name("n")
+        counter = rt.namespace("COUNTER").get_by_name("c")
+        await noop.noop()
+        t = time.perf_counter()
+        for _ in range(n):
+            await noop.noop()
+        out["noop_calls_per_s"] = round(n / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for _ in range(n // 2):
+            await counter.increment()
+        out["counter_increments_per_s"] = round(n // 2 / (time.perf_counter() - t))
+        assert await counter.value() == n // 2
+    return out
+
+
+def testing_suite(quick: bool) -> dict[str, Any]:
+    import subprocess
+
+    out = asyncio.run(_testing_in_process(quick))
+    n = 100 if quick else 1000
+    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+        Path(tmp, "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\n"
+                                           "asyncio_default_fixture_loop_scope = function\n")
+        Path(tmp, "test_many.py").write_text(THOUSAND_TESTS.format(n=n))
+        t = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "-c", str(Path(tmp, "pytest.ini")), "--rootdir", tmp, tmp],
+                             cwd=tmp, capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - t
+        if run.returncode != 0:
+            raise RuntimeError(f"the {n} tests failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+    out["pytest_fresh_runtime_tests"] = {"tests": n, "seconds": round(wall, 2),
+                                         "per_test_ms": round(wall / n * 1000, 2)}
+    return out
+
+
 def _run(fn: Any, *args: Any) -> Any:
     import resource
 
@@ -1116,7 +1194,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _echo_worker(sys.argv[2])
         return 0
-    p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets"])
+    p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
+                                     "testing"])
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
     p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
@@ -1141,6 +1220,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [alarms_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "websockets":
         runs = [websockets_suite(args.quick) for _ in range(args.repeat)]
+    elif args.suite == "testing":
+        runs = [testing_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "backup":
         runs = [backup_suite(args.quick, args.backup_mib) for _ in range(args.repeat)]
     else:

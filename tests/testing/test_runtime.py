@@ -19,7 +19,7 @@ CLASSES = {"COUNTER": Counter, "ACCOUNT": Account, "FLAKY": Flaky, "GREETER": Gr
            "SESSION": Session, "CHAT": ChatRoom}
 
 
-@pytest.fixture(params=["memory", "disk"])
+@pytest.fixture(params=["memory", pytest.param("disk", marks=pytest.mark.slow)])
 async def rt(request):
     async with Runtime(CLASSES, storage=request.param) as runtime:
         yield runtime

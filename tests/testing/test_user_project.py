@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 USER_PROJECT = Path(__file__).resolve().parents[1] / "userproject"
 
 
+@pytest.mark.slow  # (a pytest subprocess: the full suite runs it)
 def test_a_user_project_runs_its_tests_with_the_plugin(tmp_path):
     project = tmp_path / "project"  # a copy: nothing of this repository's conftest applies
     shutil.copytree(USER_PROJECT, project)
