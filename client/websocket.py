@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import codec
-from .errors import StubBrokenError, WebSocketError
+from .errors import CallTimeoutError, OverloadedError, StubBrokenError, WebSocketError
 from .gate import OUTPUT_GATE
 from .protocol.messages import (
     EV_BINARY,
@@ -435,6 +435,16 @@ class Channel:
         err = fut.exception()
         if isinstance(err, StubBrokenError):
             self.lost(1012, "the object's process restarted")
+        elif isinstance(err, (OverloadedError, CallTimeoutError)):
+            # The message may not have reached the object: never drop one silently. The
+            # socket closes (1013: try again later; 1011: it did not answer) and the object
+            # hears why; an error of the object's own handler leaves the socket open.
+            code, why = ((1013, "the object is overloaded; reconnect later")
+                         if isinstance(err, OverloadedError)
+                         else (1011, "the object did not answer in time"))
+            self.close_from_here(code, why, clean=False)
+            if self.sink is not None:
+                self.sink.on_close(code, why)
 
     def close_from_here(self, code: int, reason: str, *, clean: bool) -> asyncio.Future[Any] | None:
         """This side closed (the browser, the Python caller): the object hears of it (the
