@@ -23,6 +23,10 @@ class Counter(DurableObject):
     async def fetch(self, request: Request) -> Response:
         url = urlsplit(request.url)
         if request.method == "POST" and url.path.endswith("/inc"):
-            by = int(parse_qs(url.query).get("by", ["1"])[0])
+            raw = parse_qs(url.query).get("by", ["1"])[0]
+            try:
+                by = int(raw)
+            except ValueError:
+                return Response(f"by must be an integer, got {raw!r}\n", status=400)
             return Response(str(await self.increment(by)))
         return Response(str(await self.value()))

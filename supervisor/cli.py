@@ -48,8 +48,10 @@ def serve(args: argparse.Namespace) -> int:
     print(f"durable {__version__}: serving {', '.join(config.namespaces)} on {config.slots} slots "
           f"({config.source}); data in {config.data_path}", file=sys.stderr)
     if config.http is not None:
-        print(f"HTTP on http://{config.http.listen}/  (try: curl -X POST "
-              f"http://{config.http.listen}/{next(iter(config.namespaces))}/room-1/inc)", file=sys.stderr)
+        try_it = (f"curl http://{config.http.listen}/" if config.http.worker else
+                  f"curl -X POST http://{config.http.listen}/{next(iter(config.namespaces))}"
+                  "/room-1/inc")  # (a Worker decides its own routes)
+        print(f"HTTP on http://{config.http.listen}/  (try: {try_it})", file=sys.stderr)
     print(f"clients connect to {config.frontend()}\n"
           f"  python: async with durable.connect({config.frontend()!r}) as client: ...",
           file=sys.stderr)
@@ -60,7 +62,7 @@ def _daemon(args: argparse.Namespace) -> tuple[Any, Any]:
     """The config and a connected client, or a clear message and an exit status."""
     from .status import NotRunning, read
     try:
-        config = load(args.config)
+        config = _load(args)
     except ConfigError as e:
         raise SystemExit(_fail(f"configuration error: {e}", EXIT_CONFIG)) from None
     try:
@@ -73,6 +75,23 @@ def _daemon(args: argparse.Namespace) -> tuple[Any, Any]:
     except ConnectionError as e:
         raise SystemExit(_fail(str(e), 3)) from None
     return config, client
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The daemon's config: ``--config``, else the one ``$DURABLE_ENDPOINT`` points at (as the
+    client finds it: ``ipc://DATA_DIR/run/broker.sock`` of the built-in defaults), else the
+    built-in defaults (``./durable-data``)."""
+    if args.config is None:
+        endpoint = os.environ.get("DURABLE_ENDPOINT")
+        if endpoint:
+            if not (endpoint.startswith("ipc://") and endpoint.endswith("/run/broker.sock")):
+                raise ConfigError(f"DURABLE_ENDPOINT={endpoint} is not the local socket of a "
+                                  "daemon on the built-in defaults (ipc://DATA_DIR/run/"
+                                  "broker.sock): pass that daemon's --config")
+            config = load(None)
+            config.data_dir = os.path.dirname(os.path.dirname(endpoint[len("ipc://"):]))
+            return config
+    return load(args.config)
 
 
 def _fail(message: str, code: int) -> int:
@@ -203,7 +222,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 def _config_only(args: argparse.Namespace) -> Any:
     try:
-        return load(args.config)
+        return _load(args)
     except ConfigError as e:
         raise SystemExit(_fail(f"configuration error: {e}", EXIT_CONFIG)) from None
 
@@ -318,7 +337,20 @@ def restore_cmd(args: argparse.Namespace) -> int:
 def keygen_cmd(args: argparse.Namespace) -> int:
     import zmq.auth
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(args.dir, args.name)
+    public = os.path.join(args.dir, f"{args.name}.key")
+    secret = public + "_secret"
+    existing = [p for p in (public, secret) if os.path.exists(p)]
+    if existing and not args.force:
+        return _fail(f"keygen: {', '.join(existing)} already exist(s); keep the pair in use, or "
+                     "pass --force to replace it (clients with the old key are refused after)", 1)
+    for p in existing:
+        os.unlink(p)
+    old = os.umask(0o077)  # the secret key is 0600 from its first byte, not chmod-ed later
+    try:
+        public, secret = zmq.auth.create_certificates(args.dir, args.name)
+    finally:
+        os.umask(old)
+    os.chmod(public, 0o644)
     os.chmod(secret, 0o600)
     print(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it private)")
     print("broker: [broker] curve_secret_key = <the broker's .key_secret>, authorized_keys = "
@@ -376,11 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("keygen", help="write a CurveZMQ key pair (for clients on other machines)")
     p.add_argument("dir")
     p.add_argument("--name", default="client", help="file name: NAME.key and NAME.key_secret")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
     args = parser.parse_args(argv)
     commands = {"serve": serve, "status": status_cmd, "call": call_cmd, "inspect": inspect_cmd,
                 "keygen": keygen_cmd, "verify": verify_cmd, "repair": repair_cmd,
                 "backup": backup_cmd, "restore": restore_cmd}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's status for it
+        print(f"durable {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

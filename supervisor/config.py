@@ -215,7 +215,8 @@ _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_peri
 
 
 def from_dict(raw: dict[str, Any], source: str) -> Config:
-    cfg = Config(source=source, http=None)
+    # A file serves only what it names: the bundled examples are the no-file defaults.
+    cfg = Config(source=source, http=None, namespaces={})
     for key, value in raw.items():
         if key in _TOP:
             _check_type(source, key, value, _TOP[key])
@@ -391,6 +392,10 @@ def validate(cfg: Config) -> None:
         elif not endpoint.startswith("ipc://"):
             raise _err(src, key, f"{endpoint!r} is not an ipc:// or tcp:// endpoint",
                        'Use e.g. "ipc:///run/durable/broker.sock" or "tcp://127.0.0.1:7700".')
+    if not cfg.namespaces:
+        raise _err(src, "namespaces", "no namespace is configured (a config file serves only "
+                   "the namespaces it names; the bundled examples run without a file)",
+                   'Add for example:\n[namespaces.COUNTER]\nclass = "myapp.counter:Counter"')
 
 
 def to_raw(cfg: Config) -> dict[str, Any]:

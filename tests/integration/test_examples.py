@@ -103,6 +103,8 @@ def test_worker_routes_to_the_examples(tmp_path):
     base = f"http://127.0.0.1:{port}"
     with serving(tmp_path, config(port, worker=True)) as d:
         d.wait_ready()
+        # the banner's sample works with a Worker (its routes are its own)
+        assert f"(try: curl http://127.0.0.1:{port}/)" in d.log_text()
 
         async def main():
             async with aiohttp.ClientSession() as s:

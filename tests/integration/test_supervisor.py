@@ -238,11 +238,12 @@ def test_configuration_errors_name_file_key_and_exit_78(tmp_path, config, words)
         assert not (tmp_path / "durable-data").exists()  # nothing half-started
 
 
-def _cli(root, *args, timeout=30):
+def _cli(root, *args, timeout=30, env=None):
     import subprocess
     import sys
     return subprocess.run([sys.executable, "-m", "durable.supervisor.cli", *args], cwd=root,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def test_operator_commands_status_call_inspect(tmp_path):
@@ -273,6 +274,13 @@ def test_operator_commands_status_call_inspect(tmp_path):
         assert data["storage"]["bytes"] > 0
         r = _cli(tmp_path, "call", *args, "NOPE", "x")
         assert r.returncode == 2 and "known: COUNTER" in r.stderr
+        # no --config: DURABLE_ENDPOINT finds the daemon, as the client library does
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        r = _cli(elsewhere, "call", "COUNTER", "room-1", env={"DURABLE_ENDPOINT": d.frontend})
+        assert (r.returncode, r.stdout) == (0, "HTTP 200\n1\n"), r.stderr
+        r = _cli(elsewhere, "status", env={"DURABLE_ENDPOINT": "tcp://127.0.0.1:1"})
+        assert r.returncode == 78 and "pass that daemon's --config" in r.stderr
 
 
 @pytest.mark.slow

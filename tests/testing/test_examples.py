@@ -22,6 +22,8 @@ async def test_counter_by_method_and_by_http(durable_runtime):
     c = rt.namespace("COUNTER").get_by_name("c")
     assert await c.increment(by=2) == 2
     assert await (await c.fetch("http://do/inc?by=3", method="POST")).text() == "5"
+    bad = await c.fetch("http://do/inc?by=abc", method="POST")
+    assert bad.status == 400 and "by must be an integer" in await bad.text()
     assert await c.value() == 5
 
 

@@ -60,10 +60,20 @@ def test_watchdog_interval():
     assert systemd.watchdog_interval({"WATCHDOG_USEC": "5", "WATCHDOG_PID": "1"}) is None
 
 
+NS = {"namespaces": {"A": {"class": "m:C"}}}
+
+
+def test_a_file_serves_only_the_namespaces_it_names():
+    with pytest.raises(ConfigError, match="no namespace is configured") as e:
+        from_dict({"slots": 2}, "app.toml")  # not the bundled examples
+    assert "[namespaces.COUNTER]" in str(e.value)
+    assert set(from_dict(NS, "app.toml").namespaces) == {"A"}
+
+
 def test_defaults_are_valid_and_local():
     c = load(None)
     assert c.http is not None and c.http.listen == "127.0.0.1:8787"
-    assert from_dict({}, "f.toml").http is None  # a file without [http] runs no gateway
+    assert from_dict(NS, "f.toml").http is None  # a file without [http] runs no gateway
     assert c.frontend().startswith("ipc://") and c.frontend().endswith("durable-data/run/broker.sock")
     assert set(c.namespaces) == {"COUNTER", "CHAT", "RATELIMIT", "SESSION"}
 
@@ -76,7 +86,7 @@ def test_full_config_parses():
     assert (c.slots, c.idle_timeout, c.broker.heartbeat, c.limits.max_value_bytes) == (3, 5.0, 1.0, 1000)
     assert c.frontend() == "ipc:///tmp/x/b.sock" and c.vars == {"x": [1, 2]}
     assert isinstance(c, Config)
-    assert not c.low_latency_idle and from_dict({"low_latency_idle": True}, "f").low_latency_idle
+    assert not c.low_latency_idle and from_dict({"low_latency_idle": True, **NS}, "f").low_latency_idle
 
 
 def test_cpu_latency_request_is_written_or_warned_about(tmp_path, caplog):
@@ -158,7 +168,7 @@ def test_a_tcp_client_endpoint_is_curve_and_the_daemon_keeps_ipc(tmp_path):
     zmq.auth.create_certificates(str(clients), "app1")
     broker = {"endpoint": "tcp://127.0.0.1:7700", "public_endpoint": "tcp://0.0.0.0:7701",
               "curve_secret_key": secret, "authorized_keys": str(clients)}
-    c = from_dict({"data_dir": str(tmp_path / "d"), "broker": broker}, "f.toml")
+    c = from_dict({"data_dir": str(tmp_path / "d"), "broker": broker, **NS}, "f.toml")
     assert c.frontend() == f"ipc://{tmp_path / 'd' / 'run' / 'broker.sock'}"
     assert c.curve_endpoints() == ["tcp://0.0.0.0:7701", "tcp://127.0.0.1:7700"]
     assert c.admin().endswith("/run/admin.sock")
@@ -215,8 +225,8 @@ def test_children_get_the_whole_checked_config_through_one_settings_file(tmp_pat
         assert read_settings_fd(fd)[0] == cfg  # read again: the offset is not consumed
     finally:
         os.close(fd)
-    assert from_dict({}, "f").http is None  # and a config without [http] stays without one
-    c2, _ = read_settings(_written(tmp_path, from_dict({}, "f")))
+    assert from_dict(NS, "f").http is None  # and a config without [http] stays without one
+    c2, _ = read_settings(_written(tmp_path, from_dict(NS, "f")))
     assert c2.http is None
 
 
