@@ -89,6 +89,8 @@ from durable.websocket import MAX_MESSAGE, OPEN, Channel
 __all__ = ["Gateway", "main"]
 
 log = logging.getLogger("durable.gateway")
+#: one line per request with ``[http] access_log = true``
+access = logging.getLogger("durable.gateway.access")
 _HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
 _STUB_CACHE = 10_000
 _LARGE_RESPONSE = 64 << 10  # responses from this size count against the byte bound
@@ -143,8 +145,9 @@ class Gateway:
                  read_timeout: float = 30.0, debug: bool = False,
                  bounds: Bounds | None = None, max_websockets: int = 20_000,
                  websocket_max_message: int = MAX_MESSAGE,
-                 websocket_max_buffer: int = 4 << 20) -> None:
+                 websocket_max_buffer: int = 4 << 20, access_log: bool = False) -> None:
         self.client = client
+        self.access_log = access_log
         self.env = env
         self.worker = worker
         self.read_timeout = read_timeout
@@ -205,6 +208,27 @@ class Gateway:
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not self.access_log:
+            return await self._handle(request)
+        started = time.perf_counter()
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await self._handle(request)
+            return resp
+        finally:
+            status = resp.status if resp is not None else 500
+            size = 0
+            if resp is not None:  # (a Response is written after this: count its body)
+                body = resp.body if isinstance(resp, web.Response) else None
+                size = len(body) if isinstance(body, (bytes, bytearray)) else resp.body_length
+            parts = request.path.split("/", 3)  # the object, when routed by path
+            obj = f"{parts[1]}/{unquote(parts[2])}" if self.worker is None and len(parts) > 2 \
+                else "-"
+            access.info("%s %s %d %d %.1fms %s %s", request.method, request.path_qs, status,
+                        size, (time.perf_counter() - started) * 1000, obj,
+                        request.headers.get("x-forwarded-for") or request.remote or "-")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
             if request.content_length == 0 or (request.content_length is None
                                                and not request.body_exists):
@@ -554,7 +578,8 @@ async def run(cfg: Config, fd: int | None) -> None:
     gw = Gateway(client, env, worker=worker, read_timeout=h.read_timeout, debug=h.debug,
                  bounds=bounds, max_websockets=h.max_websockets,
                  websocket_max_message=cfg.websocket_max_message_kb << 10,
-                 websocket_max_buffer=h.websocket_max_buffer_kb << 10)
+                 websocket_max_buffer=h.websocket_max_buffer_kb << 10,
+                 access_log=h.access_log)
     app = web.Application(client_max_size=h.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", gw.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,

@@ -292,6 +292,8 @@ class Arbiter:
         # MiB stayed in the heap: 836 MiB RSS with nothing active), and at most 2 arenas.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         env.setdefault("MALLOC_ARENA_MAX", "2")
+        env["DURABLE_LOG_FORMAT"] = c.log_format  # (each child's logging, set up before it reads
+        #                                            its settings, takes the same shape)
         self.settings = settings_fd(c, data_dir_id=self.identity.id if self.identity else None)
         common = ["--settings-fd", str(self.settings), "--log-level", logging.getLevelName(
             logging.getLogger().getEffectiveLevel())]

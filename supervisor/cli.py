@@ -28,6 +28,9 @@ def serve(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         config = load(args.config)
+        if config.log_format != "text":
+            from .logs import setup
+            setup(args.log_level, f"supervisor pid={os.getpid()}", config.log_format)
         from .arbiter import Arbiter, PortInUse
         arbiter = Arbiter(config)
         arbiter.check()

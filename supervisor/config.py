@@ -85,6 +85,8 @@ class HttpSettings:
     websocket_max_buffer_kb: int = 4096
     #: include the object's error type and message in 500 bodies
     debug: bool = False
+    #: a log line per request: method, path, status, bytes, milliseconds, object
+    access_log: bool = False
 
 
 @dataclass
@@ -123,6 +125,8 @@ class Config:
     max_inflight_mb: int = 256
     #: the largest WebSocket message, either way (KiB; 1 MiB as Cloudflare's)
     websocket_max_message_kb: int = 1024
+    #: "text" (timestamps; under journald, syslog priorities instead) or "json" (a line each)
+    log_format: str = "text"
     #: restart an object process gracefully above this RSS (MiB); 0 = no limit
     memory_limit_mb: int = 0
     #: DuckDB's memory per slot (MiB): its cache of table pages and ART indexes
@@ -211,7 +215,7 @@ _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_peri
         "alarm_concurrency": int, "alarm_retries": int, "alarm_retry_base": (int, float),
         "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool,
         "checkpoint_wal_mb": int, "checkpoint_interval": (int, float),
-        "websocket_max_message_kb": int}
+        "websocket_max_message_kb": int, "log_format": str}
 
 
 def from_dict(raw: dict[str, Any], source: str) -> Config:
@@ -301,6 +305,9 @@ def validate(cfg: Config) -> None:
         raise _err(src, "memory_limit_mb", "must be 0 (no limit) or positive", "Use a size in MiB.")
     if cfg.max_inflight_mb < 1:
         raise _err(src, "max_inflight_mb", "must be at least 1", "Use a size in MiB.")
+    if cfg.log_format not in ("text", "json"):
+        raise _err(src, "log_format", f"must be \"text\" or \"json\", got {cfg.log_format!r}",
+                   'Use log_format = "json" for log shippers; "text" otherwise.')
     if not 1 <= cfg.websocket_max_message_kb <= 32 << 10:
         raise _err(src, "websocket_max_message_kb", "must be between 1 and 32768",
                    "Use a size in KiB (1024, Cloudflare's limit, is the default).")

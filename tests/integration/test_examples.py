@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.integration.daemon import serving
@@ -12,14 +13,16 @@ from tests.integration.procs import free_port
 from tests.integration.test_gateway import request
 
 
-def config(port, worker=False):
+def config(port, worker=False, top="", http=""):
     return f"""
 slots = 2
+{top}
 [broker]
 heartbeat = 0.2
 [http]
 listen = "127.0.0.1:{port}"
 {'worker = "durable.examples.worker:fetch"' if worker else ""}
+{http}
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"
 [namespaces.CHAT]
@@ -66,7 +69,7 @@ async def websocket_chat(s, url):
 def test_counter_chat_and_rate_limiter_by_path(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with serving(tmp_path, config(port)) as d:
+    with serving(tmp_path, config(port, top='log_format = "json"', http="access_log = true")) as d:
         d.wait_ready()
 
         async def main():
@@ -96,6 +99,14 @@ def test_counter_chat_and_rate_limiter_by_path(tmp_path):
                 assert (await request(s, "POST", f"{base}/RATELIMIT/10.0.0.2/hit"))[0] == 200
 
         asyncio.run(main())
+        # log_format = "json": every log line is one JSON object; the access log has each request
+        records = [orjson.loads(line) for line in d.log_text().splitlines() if line.startswith("{")]
+        assert {r["who"] for r in records} >= {"supervisor", "broker", "gateway"}
+        assert any(r["logger"] == "durable.gateway.access" and
+                   r["message"].startswith("POST /COUNTER/c/inc?by=5 200 1 ") and
+                   " COUNTER/c " in r["message"] for r in records), records[-5:]
+        assert not [line for line in d.log_text().splitlines()
+                    if line.startswith(("INFO", "WARNING", "ERROR"))]  # nothing in text shape
 
 
 def test_worker_routes_to_the_examples(tmp_path):
