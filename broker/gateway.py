@@ -571,7 +571,7 @@ async def run(cfg: Config, fd: int | None) -> None:
     client = durable.Client(cfg.frontend(), name=f"gateway-{os.getpid()}", namespaces=keys,
                             timeout=CALL_TIMEOUT, heartbeat=cfg.broker.heartbeat)
     await client.start(wait=False)
-    env = Env({n: client.namespace(n) for n in cfg.namespaces}, cfg.vars)
+    env = Env({n: client.namespace(n) for n in cfg.namespaces}, cfg.vars, cfg.secrets)
     worker = load_function(h.worker) if h.worker else None
     bounds = Bounds(h.max_inflight_per_namespace, h.max_inflight_per_object,
                     h.max_inflight_mb << 20)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from .http import Request, Response
@@ -22,11 +24,15 @@ class DurableObject:
 
 
 class Env:
-    """The bindings an object (or a Worker) sees: one attribute per namespace, and ``vars``."""
+    """The bindings an object (or a Worker) sees: one attribute per namespace, ``vars``, and
+    ``secrets`` (read-only; from ``[secrets]``: environment variables or files, never in the
+    config file, ``ps``, ``durable status`` or the logs)."""
 
-    def __init__(self, namespaces: dict[str, Any], vars: dict[str, Any] | None = None) -> None:
+    def __init__(self, namespaces: dict[str, Any], vars: dict[str, Any] | None = None,
+                 secrets: dict[str, str] | None = None) -> None:
         self._namespaces = dict(namespaces)
         self.vars: dict[str, Any] = dict(vars or {})
+        self.secrets: Mapping[str, str] = MappingProxyType(dict(secrets or {}))
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -27,7 +27,8 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
     """One object process's part of the daemon's configuration."""
     return ObjectProcessConfig(
         slot=slot, backend=cfg.backend(), frontend=cfg.frontend(), data_dir=str(cfg.data_path),
-        namespaces=dict(cfg.namespaces), vars=dict(cfg.vars), idle_timeout=cfg.idle_timeout,
+        namespaces=dict(cfg.namespaces), vars=dict(cfg.vars),
+        secrets=dict(cfg.secrets), idle_timeout=cfg.idle_timeout,
         heartbeat=cfg.broker.heartbeat,
         limits=StorageLimits(cfg.limits.max_key_bytes, cfg.limits.max_value_bytes,
                              cfg.limits.max_keys_per_call),

@@ -125,6 +125,7 @@ class ObjectProcessConfig:
     namespaces: dict[str, str]  # name -> "module:Class"
     # Defaults come from the daemon's settings (supervisor/config.py), the one place for them.
     vars: dict[str, Any] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
     idle_timeout: float = _SETTINGS.idle_timeout
     heartbeat: float = HEARTBEAT
     misses: int = MISSES
@@ -202,7 +203,8 @@ class ObjectProcess:
         self.client = Client(cfg.frontend, namespaces=keys, name=f"objectproc-{cfg.slot}",
                              heartbeat=cfg.heartbeat, misses=cfg.misses)
         await self.client.start(wait=False)
-        self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars)
+        self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars,
+                       cfg.secrets)
         self.sockets = Sockets(Outbox(self._send), cfg.websocket_max_message)
         self._register()
         self.alarms = AlarmScheduler(

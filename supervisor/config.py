@@ -147,6 +147,8 @@ class Config:
     #: namespace -> its own cpu_limit_ms (the others use cpu_limit_ms)
     namespace_cpu_limits: dict[str, int] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
+    #: [secrets], resolved at load: name -> value (from an environment variable or a file)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
     source: str = "built-in defaults"
 
     @property
@@ -236,11 +238,49 @@ def from_dict(raw: dict[str, Any], source: str) -> Config:
             cfg.vars = dict(value)
         elif key == "http":
             cfg.http = _section(source, "http", value, HttpSettings)
+        elif key == "secrets":
+            cfg.secrets = _secrets(source, value)
         else:
             raise _err(source, key, "unknown key", "Known top-level keys: " + ", ".join(
-                sorted([*_TOP, "broker", "http", "limits", "namespaces", "vars"])) + ".")
+                sorted([*_TOP, "broker", "http", "limits", "namespaces", "secrets", "vars"])) + ".")
     validate(cfg)
     return cfg
+
+
+def _secrets(source: str, raw: Any) -> dict[str, str]:
+    """``NAME = { env = "VAR" }`` or ``{ file = "/path" }``, read now (a missing one stops the
+    start with a message naming where it was looked for, never a value)."""
+    fix = 'Write NAME = { env = "API_TOKEN" } or NAME = { file = "/run/secrets/name" }.'
+    if not isinstance(raw, dict):
+        raise _err(source, "secrets", "must be a table", fix)
+    out = {}
+    for name, spec in raw.items():
+        key = f"secrets.{name}"
+        if not name.isidentifier():
+            raise _err(source, key, "a secret's name must be an identifier", fix)
+        if not isinstance(spec, dict) or len(spec) != 1 or not {"env", "file"} >= set(spec):
+            raise _err(source, key, "must say where the value is: one of env or file (a value "
+                       "written in the config file belongs in [vars])", fix)
+        (kind, where), = spec.items()
+        if not isinstance(where, str) or not where:
+            raise _err(source, key, f"{kind} must be a non-empty string", fix)
+        if kind == "env":
+            value = os.environ.get(where)
+            if value is None:
+                raise _err(source, key, f"the environment variable {where} is not set",
+                           f"Set {where} in the service's environment (systemd: "
+                           "Environment= or EnvironmentFile=).")
+        else:
+            try:
+                value = Path(where).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise _err(source, key, f"cannot read {where}: "
+                           f"{getattr(e, 'strerror', None) or type(e).__name__}",
+                           "Check the path and that the daemon's user may read it.") from None
+            if value.endswith("\n"):
+                value = value[:-1]  # (files written with echo end with one)
+        out[name] = value
+    return out
 
 
 def _namespaces(source: str, raw: Any) -> tuple[dict[str, str], dict[str, int]]:
@@ -422,7 +462,9 @@ def to_raw(cfg: Config) -> dict[str, Any]:
 
 
 def _settings_body(cfg: Config, runtime: dict[str, Any]) -> bytes:
-    return orjson.dumps({"source": cfg.source, "config": to_raw(cfg), "runtime": runtime})
+    # The secrets' values, as resolved at load (to_raw leaves them out: it is TOML-shaped).
+    return orjson.dumps({"source": cfg.source, "config": to_raw(cfg), "runtime": runtime,
+                         "secrets": cfg.secrets})
 
 
 def settings_fd(cfg: Config, **runtime: Any) -> int:
@@ -462,7 +504,9 @@ def read_settings(path: str | os.PathLike[str]) -> tuple[Config, dict[str, Any]]
 
 def _parse_settings(body: bytes) -> tuple[Config, dict[str, Any]]:
     data = orjson.loads(body)
-    return from_dict(data["config"], data["source"]), data["runtime"]
+    cfg = from_dict(data["config"], data["source"])
+    cfg.secrets = dict(data.get("secrets") or {})
+    return cfg, data["runtime"]
 
 
 def settings_from_args(path: str | None, fd: int | None) -> tuple[Config, dict[str, Any]]:

@@ -129,7 +129,8 @@ class _Process(ObjectProcess):
 class Runtime:
     """Object classes hosted in this process, as the daemon hosts them (see the module).
 
-    ``classes``: namespace name -> class, or ``"module:Class"``. ``vars``: ``env.vars``.
+    ``classes``: namespace name -> class, or ``"module:Class"``. ``vars``: ``env.vars``;
+    ``secrets``: ``env.secrets``.
     ``worker``: an ``async def fetch(request, env)`` (or ``"module:fetch"``) that
     ``rt.fetch`` goes through; without one, ``rt.fetch`` routes by path as the gateway
     does (``/<NAMESPACE>/<name>/...``). ``storage``: ``"memory"`` (default) or ``"disk"``
@@ -137,6 +138,7 @@ class Runtime:
     """
 
     def __init__(self, classes: dict[str, type | str], *, vars: dict[str, Any] | None = None,
+                 secrets: dict[str, str] | None = None,
                  worker: Callable[..., Any] | str | None = None, storage: str = "memory",
                  limits: StorageLimits = DEFAULT_LIMITS, timeout: float = 30.0,
                  debug: bool = True, alarm_retries: int = 6,
@@ -155,6 +157,7 @@ class Runtime:
                 raise TypeError(f"namespace {name}: {cls!r} is not a class")
         self.worker = load_function(worker) if isinstance(worker, str) else worker
         self.vars = dict(vars or {})
+        self.secrets = dict(secrets or {})
         self.storage_kind = storage
         self.limits = limits
         self.timeout = timeout
@@ -189,7 +192,8 @@ class Runtime:
         self._ids = {n: IdFactory(n, k) for n, k in keys.items()}
         self.client = _LocalClient(self, keys, self.timeout)
         await self.client.start()
-        self.env = Env({n: self.client.namespace(n) for n in self.classes}, self.vars)
+        self.env = Env({n: self.client.namespace(n) for n in self.classes}, self.vars,
+                       self.secrets)
         cfg = ObjectProcessConfig(slot=0, backend="inproc://none", frontend="inproc://none",
                                   data_dir="", namespaces={}, vars=self.vars, debug=self.debug,
                                   limits=self.limits, alarm_retries=self.alarm_retries,

@@ -497,3 +497,10 @@ class WsCaller(DurableObject):
             await ws.send("from an object")
             got.append(await ws.receive(timeout=5))
         return got
+
+
+class SecretReader(DurableObject):
+    """Returns what it sees in env.secrets (#19)."""
+
+    async def secrets(self) -> dict:
+        return dict(self.env.secrets)

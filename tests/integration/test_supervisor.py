@@ -399,3 +399,27 @@ def test_low_latency_idle_holds_cpu_dma_latency_while_serving(tmp_path):
             assert ns.get(ns.id_from_name("q")).fetch("http://do/inc", method="POST").text() == "1"
     if allowed:
         wait_for(lambda: current() == before, 5, "the PM QoS request to end with the daemon")
+
+
+def test_secrets_reach_objects_and_nothing_else(tmp_path):
+    token, filed = "tok-" + os.urandom(8).hex(), "file-" + os.urandom(8).hex()
+    (tmp_path / "api.key").write_text(filed + "\n")
+    config = FAST + f"""[namespaces.SECRETS]
+class = "tests.integration.objects:SecretReader"
+[secrets]
+TOKEN = {{ env = "DURABLE_T_TOKEN" }}
+API_KEY = {{ file = "{tmp_path / 'api.key'}" }}
+"""
+    with serving(tmp_path, config, env={"DURABLE_T_TOKEN": token}) as d:
+        d.wait_ready()
+        with durable.connect_sync(d.frontend) as c:
+            seen = c.namespace("SECRETS").get_by_name("s").secrets()
+        assert seen == {"TOKEN": token, "API_KEY": filed}
+        cmdlines = " ".join(" ".join(p.cmdline()) for p in d.children())
+        status = _cli(tmp_path, "status", "--config", str(tmp_path / "durable.toml"), "--json")
+        for value in (token, filed):
+            assert value not in cmdlines and value not in d.log_text()
+            assert value not in status.stdout + status.stderr
+    # a secret that is not there stops the start, naming where it was looked for
+    with serving(tmp_path / "again", config) as d:
+        assert_halts(d, 78, "secrets.TOKEN", "DURABLE_T_TOKEN is not set")

@@ -1,6 +1,7 @@
 """Restart policy, sd_notify and configuration: pure logic (plus a real AF_UNIX socket)."""
 
 import os
+import re
 import socket
 import sys
 
@@ -235,3 +236,25 @@ def _written(tmp_path, cfg):
     path = tmp_path / "s2.json"
     write_settings(cfg, path)
     return path
+
+
+def test_secrets_come_from_the_environment_or_files_never_the_config(tmp_path, monkeypatch):
+    (tmp_path / "key").write_text("from-a-file\n")
+    monkeypatch.setenv("DURABLE_T_TOKEN", "from-the-env")
+    cfg = from_dict({**NS, "secrets": {"TOKEN": {"env": "DURABLE_T_TOKEN"},
+                                       "KEY": {"file": str(tmp_path / "key")}}}, "f.toml")
+    assert cfg.secrets == {"TOKEN": "from-the-env", "KEY": "from-a-file"}
+    assert "from-the-env" not in repr(cfg)
+    from durable.supervisor.config import read_settings, to_raw, write_settings
+
+    assert "secrets" not in to_raw(cfg)  # never in the TOML-shaped config
+    write_settings(cfg, tmp_path / "settings.json")  # (0600; the supervisor's is a memfd)
+    assert read_settings(tmp_path / "settings.json")[0].secrets == cfg.secrets
+    bad = [({"T": {"env": "DURABLE_T_NOPE"}}, "DURABLE_T_NOPE is not set"),
+           ({"T": {"file": str(tmp_path / "nope")}}, "cannot read"),
+           ({"T": "plain"}, "belongs in [vars]"),
+           ({"T": {"env": "A", "file": "b"}}, "one of env or file")]
+    for secrets, words in bad:
+        with pytest.raises(ConfigError, match=re.escape(words)) as e:
+            from_dict({**NS, "secrets": secrets}, "f.toml")
+        assert "from-the-env" not in str(e.value)
