@@ -29,7 +29,7 @@ def broker_config(cfg: Config, secret: bytes) -> BrokerConfig:
         heartbeat=b.heartbeat, queue_limit=b.queue_limit, queue_deadline=b.queue_deadline,
         client_inflight_limit=b.client_inflight_limit, control=cfg.control(), admin=cfg.admin(),
         public=cfg.curve_endpoints(), curve_secret_key_file=b.curve_secret_key or None,
-        authorized_keys_dir=b.authorized_keys or None)
+        authorized_keys_dir=b.authorized_keys or None, socket_group=b.socket_group or None)
 
 
 def main(argv: list[str] | None = None) -> int:

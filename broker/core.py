@@ -126,6 +126,8 @@ class BrokerConfig:
     public: list[str] = field(default_factory=list)
     curve_secret_key_file: str | None = None  # the broker's key pair (durable keygen)
     authorized_keys_dir: str | None = None  # public keys of the clients allowed in
+    #: the group that may connect to the (ipc) client socket; every other socket stays 0600
+    socket_group: str | None = None
 
 
 class _Slot:

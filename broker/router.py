@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,24 @@ class Broker:
             self.ctl.setsockopt(zmq.LINGER, 0)
             self.ctl.setsockopt(zmq.MAXMSGSIZE, 4096)
             self.ctl.bind(self.config.control)
+        self._socket_modes()
+
+    def _socket_modes(self) -> None:
+        """Only the owner may connect to the ipc sockets (the run dir is 0700 too), except
+        the client socket for ``socket_group``'s members (0660, that group)."""
+        group = self.config.socket_group
+        for endpoint in (self.config.frontend, self.config.backend, self.config.control,
+                         self.config.admin):
+            if not endpoint or not endpoint.startswith("ipc://"):
+                continue
+            path = endpoint[len("ipc://"):]
+            if group and endpoint == self.config.frontend:
+                import grp
+
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+                os.chmod(path, 0o660)
+            else:
+                os.chmod(path, 0o600)
 
     def _public_socket(self) -> zmq.Socket:
         """The endpoint for other machines: CurveZMQ, only clients whose key is authorized."""

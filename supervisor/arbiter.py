@@ -280,6 +280,14 @@ class Arbiter:
         run = self.config.run_dir
         run.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(run, 0o700)
+        group = self.config.broker.socket_group
+        if group:  # the group may reach the client socket (the broker sets its mode), no more
+            import grp
+
+            gid = grp.getgrnam(group).gr_gid
+            for path, mode in ((self.config.data_path, 0o710), (run, 0o750)):
+                os.chown(path, -1, gid)
+                os.chmod(path, mode)
         for endpoint in (self.config.frontend(), self.config.backend()):
             if endpoint.startswith("ipc://"):  # e.g. /run/durable when not under systemd
                 Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True, mode=0o700)

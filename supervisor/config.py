@@ -56,6 +56,10 @@ class BrokerSettings:
     curve_secret_key: str = ""
     #: directory of the public key files of the clients allowed in
     authorized_keys: str = ""
+    #: a group whose members (applications running as other users) may connect to the local
+    #: client socket: the data dir becomes 0710, the run dir 0750, the client socket 0660, all
+    #: of that group; every other socket stays 0600
+    socket_group: str = ""
 
 
 @dataclass
@@ -439,6 +443,17 @@ def validate(cfg: Config) -> None:
         elif not endpoint.startswith("ipc://"):
             raise _err(src, key, f"{endpoint!r} is not an ipc:// or tcp:// endpoint",
                        'Use e.g. "ipc:///run/durable/broker.sock" or "tcp://127.0.0.1:7700".')
+    if cfg.broker.socket_group:
+        import grp
+
+        try:
+            grp.getgrnam(cfg.broker.socket_group)
+        except KeyError:
+            raise _err(src, "broker.socket_group", f"no group named {cfg.broker.socket_group!r}",
+                       "Create it (groupadd) and add the applications' users to it.") from None
+        if not cfg.frontend().startswith("ipc://"):
+            raise _err(src, "broker.socket_group", "applies to an ipc:// client endpoint",
+                       "Leave broker.endpoint unset (ipc in the run directory).")
     if not cfg.namespaces:
         raise _err(src, "namespaces", "no namespace is configured (a config file serves only "
                    "the namespaces it names; the bundled examples run without a file)",

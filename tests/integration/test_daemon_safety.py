@@ -258,14 +258,15 @@ def test_a_memory_limit_restart_escalates_to_sigkill(tmp_path):
 NOBODY = 65534
 
 
-def as_nobody(fn) -> dict:
-    """Run ``fn()`` in a forked child under uid/gid nobody; return what it returned (a dict)."""
+def as_nobody(fn, groups: tuple[int, ...] = ()) -> dict:
+    """Run ``fn()`` in a forked child under uid/gid nobody (and ``groups``); return what it
+    returned (a dict)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop to nobody, run, report, never return into pytest
         try:
             os.close(r)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             out = fn()
@@ -328,6 +329,69 @@ def test_other_local_users_cannot_reach_any_endpoint(tmp_path_factory):
     finally:
         import shutil
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a group and become another user")
+def test_a_socket_group_lets_its_members_reach_the_client_socket_only():
+    import grp
+    import shutil
+    import stat
+    import tempfile
+
+    subprocess.run(["groupadd", "-f", "durable-apps"], check=True, capture_output=True)
+    gid = grp.getgrnam("durable-apps").gr_gid
+    root = Path(tempfile.mkdtemp(prefix="durable-group-"))
+    os.chmod(root, 0o755)
+    try:
+        cfg = config(free_port()).replace("[broker]\n", '[broker]\nsocket_group = "durable-apps"\n')
+        with serving(root, cfg) as d:
+            d.wait_ready()
+            data, run = root / "durable-data", root / "durable-data" / "run"
+            modes = {p.name: (stat.S_IMODE(p.stat().st_mode), p.stat().st_gid)
+                     for p in (data, run, *run.glob("*.sock"))}
+            assert modes["durable-data"] == (0o710, gid) and modes["run"] == (0o750, gid)
+            assert modes["broker.sock"] == (0o660, gid)
+            assert all(modes[n][0] == 0o600 for n in ("workers.sock", "admin.sock", "control.sock"))
+
+            def probe() -> dict:
+                out = {}
+                for name in ("broker.sock", "workers.sock", "admin.sock", "control.sock"):
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    try:
+                        s.connect(str(run / name))
+                        out[name] = "connected"
+                    except OSError as e:
+                        out[name] = type(e).__name__
+                    finally:
+                        s.close()
+                try:
+                    (data / "secret").read_bytes()
+                    out["secret"] = "read"
+                except OSError as e:
+                    out["secret"] = type(e).__name__
+                out["count"] = count(d.frontend, "from-another-user")  # a real client
+                return out
+
+            member = as_nobody(probe, groups=(gid,))
+            assert member == {"broker.sock": "connected", "workers.sock": "PermissionError",
+                              "admin.sock": "PermissionError", "control.sock": "PermissionError",
+                              "secret": "PermissionError", "count": "1"}, member
+            stranger = as_nobody(lambda: {"broker": _try_connect(run / "broker.sock")})
+            assert stranger == {"broker": "PermissionError"}, stranger
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _try_connect(path: Path) -> str:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return "connected"
+    except OSError as e:
+        return type(e).__name__
+    finally:
+        s.close()
 
 
 @pytest.mark.slow
