@@ -40,7 +40,8 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         wait_until_limit=cfg.wait_until_limit, debug=cfg.debug, alarm_rate=cfg.alarm_rate,
         alarm_concurrency=cfg.alarm_concurrency, alarm_retries=cfg.alarm_retries,
         alarm_retry_base=cfg.alarm_retry_base,
-        websocket_max_message=cfg.websocket_max_message_kb << 10)
+        websocket_max_message=cfg.websocket_max_message_kb << 10,
+        metrics=bool(cfg.metrics.listen))
 
 
 def main(argv: list[str] | None = None) -> int:

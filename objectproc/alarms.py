@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .metrics import LATENESS_BUCKETS, Histogram
+
 __all__ = ["AlarmScheduler", "AlarmInfo", "AlarmCall"]
 
 log = logging.getLogger("durable.objectproc")
@@ -112,6 +114,7 @@ class AlarmScheduler:
         self.failed = 0
         self.dropped = 0
         self.lateness_ms: list[float] = []  # recent (due -> start) delays, for the stats
+        self.lateness = Histogram(LATENESS_BUCKETS)  # every one, for [metrics]
 
     # -- what is known ------------------------------------------------------------
     def start(self) -> None:
@@ -217,6 +220,7 @@ class AlarmScheduler:
         retry = self._retry.get(obj, 0)
         if retry == 0:
             self.lateness_ms.append(now - due)
+            self.lateness.observe(max(0, now - due) / 1000)
             if len(self.lateness_ms) > 4096:
                 del self.lateness_ms[:2048]
         self.fired += 1
@@ -260,4 +264,4 @@ class AlarmScheduler:
                 "alarms_dropped": self.dropped,
                 "alarm_lateness_p50_ms": late[len(late) // 2] if late else None,
                 "alarm_lateness_p99_ms": late[min(len(late) - 1, int(len(late) * 0.99))]
-                if late else None}
+                if late else None, "alarm_lateness": self.lateness.snapshot()}

@@ -131,6 +131,9 @@ class Watcher:
     started_at: float = 0.0
     start_due: float = 0.0
     restarts: int = 0
+    #: restarts by cause ("hang", "memory_limit", "killed": a signal, "exit"), for [metrics]
+    restart_causes: dict[str, int] = field(default_factory=dict)
+    memory_restart: bool = False
     last_exit: int | None = None
     ps: Any = None
     corrupt_file: tuple[int, int] | None = None  # (dev, ino) of the damaged DuckDB file
@@ -352,11 +355,33 @@ class Arbiter:
             return EXIT_STORAGE
         if moved:
             log.info("moved %d objects to their new slots", moved)
-        self._build_watchers()
-        with self._running() as turn:
-            while turn.once():
-                pass
-        return self.exit_code
+        server = None
+        if self.config.metrics.listen:
+            from . import metrics
+            try:
+                server = metrics.serve(self.config.metrics.listen, self._process_rows,
+                                       self.config.admin())
+            except OSError as e:
+                log.error("metrics.listen = %s: %s; use a free port", self.config.metrics.listen,
+                          e.strerror or e)
+                systemd.notify(f"STATUS=halted: metrics port {self.config.metrics.listen}: {e}")
+                return EXIT_CONFIG
+            log.info("metrics on http://%s/metrics", self.config.metrics.listen)
+        try:
+            self._build_watchers()
+            with self._running() as turn:
+                while turn.once():
+                    pass
+            return self.exit_code
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+    def _process_rows(self) -> list[dict[str, Any]]:
+        """What a metrics scrape reports of the children (read from the scrape's thread)."""
+        return [{"role": w.role, "slot": w.slot, "state": w.state.value, "rss": w.rss,
+                 "restart_causes": dict(w.restart_causes)} for w in list(self.watchers)]
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[_Turn]:
@@ -480,6 +505,7 @@ class Arbiter:
                             "(its writes are made durable first)", w.name, w.rss / 2**20,
                             self.config.memory_limit_mb)
                 w.terminate(self.clock(), self.config.grace_period)
+                w.memory_restart = True
                 w.ps = None  # one SIGTERM; the exit restarts it
         self._write_status({
             "supervisor": {"pid": os.getpid(), "started": self._started, "ready": self._ready,
@@ -575,6 +601,10 @@ class Arbiter:
         w.step("exit")
         w.start_due = now + decision.restart_in
         w.restarts += 1
+        cause = ("hang" if w.hung else "memory_limit" if w.memory_restart
+                 else "killed" if code < 0 else "exit")
+        w.restart_causes[cause] = w.restart_causes.get(cause, 0) + 1
+        w.memory_restart = False
         log.warning("%s %s", w.name, decision.reason)
 
     def _start_due(self) -> None:

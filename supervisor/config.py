@@ -94,6 +94,12 @@ class HttpSettings:
 
 
 @dataclass
+class MetricsSettings:
+    #: host:port for Prometheus's /metrics (the supervisor serves it); empty: off
+    listen: str = ""
+
+
+@dataclass
 class LimitsSettings:
     max_key_bytes: int = 2048
     max_value_bytes: int = 32768
@@ -151,6 +157,7 @@ class Config:
     #: namespace -> its own cpu_limit_ms (the others use cpu_limit_ms)
     namespace_cpu_limits: dict[str, int] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: [secrets], resolved at load: name -> value (from an environment variable or a file)
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     source: str = "built-in defaults"
@@ -244,9 +251,12 @@ def from_dict(raw: dict[str, Any], source: str) -> Config:
             cfg.http = _section(source, "http", value, HttpSettings)
         elif key == "secrets":
             cfg.secrets = _secrets(source, value)
+        elif key == "metrics":
+            cfg.metrics = _section(source, "metrics", value, MetricsSettings)
         else:
             raise _err(source, key, "unknown key", "Known top-level keys: " + ", ".join(
-                sorted([*_TOP, "broker", "http", "limits", "namespaces", "secrets", "vars"])) + ".")
+                sorted([*_TOP, "broker", "http", "limits", "metrics", "namespaces", "secrets",
+                        "vars"])) + ".")
     validate(cfg)
     return cfg
 
@@ -443,6 +453,15 @@ def validate(cfg: Config) -> None:
         elif not endpoint.startswith("ipc://"):
             raise _err(src, key, f"{endpoint!r} is not an ipc:// or tcp:// endpoint",
                        'Use e.g. "ipc:///run/durable/broker.sock" or "tcp://127.0.0.1:7700".')
+    if cfg.metrics.listen:
+        host, sep, port = cfg.metrics.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _err(src, "metrics.listen", f"must be host:port, got {cfg.metrics.listen!r}",
+                       'Write e.g. listen = "127.0.0.1:9787".')
+        if host.strip("[]") not in ("127.0.0.1", "::1", "localhost"):
+            raise _err(src, "metrics.listen", "must be a loopback address (the figures name "
+                       "your namespaces and their load)",
+                       "Use 127.0.0.1 and let Prometheus scrape through a proxy or tunnel.")
     if cfg.broker.socket_group:
         import grp
 
@@ -468,6 +487,7 @@ def to_raw(cfg: Config) -> dict[str, Any]:
     raw["limits"] = asdict(cfg.limits)
     if cfg.http is not None:
         raw["http"] = asdict(cfg.http)
+    raw["metrics"] = asdict(cfg.metrics)
     raw["namespaces"] = {
         name: {"class": cls, **({"cpu_limit_ms": cfg.namespace_cpu_limits[name]}
                                 if name in cfg.namespace_cpu_limits else {})}

@@ -53,10 +53,13 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..metrics import FSYNC_BUCKETS, Histogram
 
 __all__ = ["ALARM_KEEP", "ALARM_DELETE", "CommitLog", "Segment", "SegmentScan", "Damage", "LogFullError", "encode_record",
            "cut_segment",
@@ -373,6 +376,7 @@ class CommitLog:
         self.directory = directory
         self._segment_bytes = segment_bytes
         self._fsync = fsync
+        self.fsync_seconds = Histogram(FSYNC_BUCKETS)  # ([metrics]; written by this thread only)
         self._fallocate = fallocate
         self._trace = trace
         self._on_durable = on_durable
@@ -540,11 +544,13 @@ class CommitLog:
             else:
                 self._give_up(e)
             return False
+        started = time.perf_counter()
         try:
             self._fsync(self._fd)
         except BaseException as e:  # the group's fate on disk is unknown
             self._give_up(e)
             return False
+        self.fsync_seconds.observe(time.perf_counter() - started)
         self._size = size_before + len(data)
         self.durable_seq = last
         return True

@@ -1,0 +1,100 @@
+"""[metrics]: one scrape covers every process, parsed with prometheus_client's parser (#19)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import durable
+from tests.integration.daemon import serving
+from tests.integration.procs import free_port, wait_for
+
+
+def config(port, http_port):
+    return f"""
+slots = 2
+idle_timeout = 0.5
+[broker]
+heartbeat = 0.2
+[metrics]
+listen = "127.0.0.1:{port}"
+[http]
+listen = "127.0.0.1:{http_port}"
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+[namespaces.FAILING]
+class = "tests.integration.objects:Failing"
+[namespaces.ALARMED]
+class = "tests.integration.objects:Alarmed"
+"""
+
+
+def scrape(port: int) -> dict:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.mark.slow
+def test_one_scrape_covers_every_process(tmp_path):
+    port = free_port()
+    with serving(tmp_path, config(port, free_port())) as d:
+        d.wait_ready()
+        with durable.connect_sync(d.frontend) as c:
+            counter = c.namespace("COUNTER").get_by_name("m")
+            for _ in range(5):
+                counter.increment()
+            counter.fetch("http://do/inc", method="POST")
+            with pytest.raises(durable.ObjectError):
+                c.namespace("FAILING").get_by_name("f").fetch("http://do/", method="POST")
+            c.namespace("ALARMED").get_by_name("a").arm(time.time() * 1000)
+        wait_for(lambda: value(scrape(port), "durable_calls_total", namespace="ALARMED",
+                               kind="alarm", outcome="ok"), 20, "the alarm in the scrape",
+                 interval=0.3)
+        s = scrape(port)
+        assert value(s, "durable_calls_total", namespace="COUNTER", kind="method", outcome="ok") == 5
+        assert value(s, "durable_calls_total", namespace="COUNTER", kind="fetch", outcome="ok") == 1
+        assert value(s, "durable_calls_total", namespace="FAILING", kind="fetch",
+                     outcome="object_error") == 1
+        assert value(s, "durable_call_duration_seconds_count", namespace="COUNTER") == 6
+        assert value(s, "durable_call_duration_seconds_bucket", namespace="COUNTER",
+                     le="+Inf") == 6
+        assert value(s, "durable_call_duration_seconds_sum", namespace="COUNTER") > 0
+        for role, slot in (("broker", ""), ("objectproc", "0"), ("objectproc", "1"),
+                           ("gateway", "")):
+            assert value(s, "durable_process_up", role=role, slot=slot) == 1.0, (role, slot)
+        assert value(s, "durable_broker_up") == 1.0
+        assert sum(v for (n, _), v in s.items() if n == "durable_commit_fsync_seconds_count") > 0
+        assert sum(v for (n, _), v in s.items() if n == "durable_alarm_lateness_seconds_count") >= 1
+        wait_for(lambda: sum(v for (n, _), v in scrape(port).items()
+                             if n == "durable_storage_keys") >= 1, 20,
+                 "the stored keys counted (every 10 s)", interval=0.5)
+        # evictions
+        wait_for(lambda: sum(v for (n, _), v in scrape(port).items()
+                             if n == "durable_evictions_total") >= 1, 20, "an eviction",
+                 interval=0.3)
+        # a process that dies is counted as a restart, by cause
+        import os
+        import signal
+        victim = d.child("objectproc", 0)
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_for(lambda: value(scrape(port), "durable_process_restarts_total", role="objectproc",
+                               slot="0", cause="killed") == 1, 20, "the restart", interval=0.3)
+
+
+def test_metrics_listen_must_be_loopback(tmp_path):
+    from durable.supervisor.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="loopback"):
+        from_dict({"metrics": {"listen": "0.0.0.0:9787"},
+                   "namespaces": {"A": {"class": "m:C"}}}, "f.toml")
