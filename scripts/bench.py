@@ -8,6 +8,7 @@
     python scripts/bench.py alarms [--quick] [--repeat N]
     python scripts/bench.py websockets [--quick] [--repeat N]
     python scripts/bench.py testing [--quick] [--repeat N]
+    python scripts/bench.py metrics [--quick] [--repeat N]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
@@ -50,6 +51,11 @@ sustained fan-out (messages delivered per second).
 takes to start (and close), sequential no-op method calls and durable counter
 increments per second, and a pytest run (a subprocess) of 1,000 small tests
 that each get a fresh runtime from the ``durable_runtime`` fixture.
+
+``metrics`` runs two daemons side by side, one with ``[metrics]`` on (and scraped
+every second, as Prometheus would, faster), one without, and alternates rounds
+of sequential no-op method calls between them: p50 and calls/s of each, and
+their ratios.
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -1072,7 +1078,7 @@ def websockets_suite(quick: bool) -> dict[str, Any]:
             rss_gw, rss_op = gateway.memory_info().rss, objectproc.memory_info().rss
             total = 1000 if quick else 10_000
             rooms = 100
-            hold = 15.0 if quick else 25.0
+            hold = 6.0 if quick else 25.0
             fut = pool.submit(_run, _ws_idle, d.port, total, rooms, hold)
             deadline = time.monotonic() + hold + 120
             sample: dict[str, Any] = {}
@@ -1168,6 +1174,74 @@ def testing_suite(quick: bool) -> dict[str, Any]:
     return out
 
 
+METRICS_CONFIG = """
+data_dir = "{{data}}"
+slots = 1
+{metrics}
+[namespaces.NOOP]
+class = "bench_objects:Noop"
+"""
+
+
+async def _noop_rounds(frontends: list[str], rounds: int, n: int) -> list[dict[str, Any]]:
+    import durable
+
+    clients = [durable.connect(f, timeout=30) for f in frontends]
+    for c in clients:
+        await c.start()
+    try:
+        stubs = [c.namespace("NOOP").get_by_name("n") for c in clients]
+        times: list[list[float]] = [[] for _ in clients]
+        spans = [0.0 for _ in clients]
+        for s in stubs:
+            for _ in range(200):
+                await s.noop()
+        for _ in range(rounds):
+            for i, s in enumerate(stubs):  # alternate: the machine's noise falls on both
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    t = time.perf_counter()
+                    await s.noop()
+                    times[i].append(time.perf_counter() - t)
+                spans[i] += time.perf_counter() - t0
+        return [{"p50_ms": ms(pct(t, 0.5)), "calls_per_s": round(len(t) / sp)}
+                for t, sp in zip(times, spans, strict=True)]
+    finally:
+        for c in clients:
+            await c.close()
+
+
+def metrics_suite(quick: bool) -> dict[str, Any]:
+    import threading
+    import urllib.request
+
+    from harness import free_port, serving
+
+    port = free_port()
+    off = METRICS_CONFIG.format(metrics="")
+    on = METRICS_CONFIG.format(metrics=f'[metrics]\nlisten = "127.0.0.1:{port}"')
+    with serving(off) as a, serving(on) as b:
+        stop = threading.Event()
+        scrapes = [0]
+
+        def scraper() -> None:  # as Prometheus would, every second
+            while not stop.wait(1.0):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+                scrapes[0] += 1
+
+        t = threading.Thread(target=scraper, daemon=True)
+        t.start()
+        try:
+            without, with_ = asyncio.run(_noop_rounds([a.frontend, b.frontend],
+                                                      4 if quick else 10, 500 if quick else 3000))
+        finally:
+            stop.set()
+            t.join()
+    return {"without_metrics": without, "with_metrics": with_, "scrapes": scrapes[0],
+            "p50_ratio": round(with_["p50_ms"] / without["p50_ms"], 3),
+            "calls_per_s_ratio": round(with_["calls_per_s"] / without["calls_per_s"], 3)}
+
+
 def _run(fn: Any, *args: Any) -> Any:
     import resource
 
@@ -1195,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
             _echo_worker(sys.argv[2])
         return 0
     p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
-                                     "testing"])
+                                     "testing", "metrics"])
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
     p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
@@ -1222,6 +1296,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [websockets_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "testing":
         runs = [testing_suite(args.quick) for _ in range(args.repeat)]
+    elif args.suite == "metrics":
+        runs = [metrics_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "backup":
         runs = [backup_suite(args.quick, args.backup_mib) for _ in range(args.repeat)]
     else:

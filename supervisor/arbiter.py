@@ -347,8 +347,12 @@ class Arbiter:
             self.release()
 
     def _run(self) -> int:
+        def progress(line: str) -> None:  # each step of a long move extends systemd's patience
+            log.info("%s", line)
+            systemd.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
+
         try:
-            moved = migrate(self.config.data_path, self.config.slots, log=log.info)
+            moved = migrate(self.config.data_path, self.config.slots, log=progress)
         except Exception as e:
             log.exception("moving objects to the new slot count failed: %s", e)
             systemd.notify(f"STATUS=halted: moving objects to {self.config.slots} slots failed: {e}")
@@ -683,10 +687,18 @@ class _Turn:
         if now >= self.next_sample:
             self.next_sample = now + 1.0
             a._sample()
+            if not a._ready:  # a long recovery: ask systemd for more than TimeoutStartSec
+                systemd.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
         if self.watchdog is not None and a._ready and a.clock() >= self.next_watchdog:
             systemd.notify("WATCHDOG=1")
             self.next_watchdog = a.clock() + self.watchdog
         return True
+
+
+#: what each EXTEND_TIMEOUT_USEC asks for while the daemon is not ready yet (slot moves,
+#: log replays): sent every second, so a start that makes progress is never killed at
+#: TimeoutStartSec, and one that hangs is (the supervisor stops sending when it hangs)
+EXTEND_USEC = 30_000_000
 
 
 class PortInUse(Exception):

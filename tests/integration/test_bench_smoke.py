@@ -65,3 +65,20 @@ def test_websockets_bench_quick_reports_every_figure():
     hib = m["hibernated"]
     assert hib["still_open_after_hold"] == hib["sockets"] == 1000
     assert hib["gateway_bytes_per_socket"] > 0
+
+
+def test_testing_bench_quick_reports_every_figure():
+    out = subprocess.run([sys.executable, str(BENCH), "testing", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]
+    assert m["start_p50_ms"] > 0 and m["noop_calls_per_s"] > 0 and m["counter_increments_per_s"] > 0
+    assert m["pytest_fresh_runtime_tests"]["tests"] == 100
+
+
+def test_metrics_bench_quick_reports_every_figure():
+    out = subprocess.run([sys.executable, str(BENCH), "metrics", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]
+    assert m["scrapes"] >= 1 and m["p50_ratio"] > 0 and m["calls_per_s_ratio"] > 0

@@ -52,6 +52,9 @@ def test_changing_slot_count_keeps_every_objects_data(tmp_path):
         with serving(tmp_path, CONFIG.format(slots=slots)) as d:
             d.wait_ready()
             assert read_all(d) == want, f"after moving to {slots} slots"
+            # each step of the move asked systemd for more time than TimeoutStartSec
+            assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in
+                       d.messages[:d.messages.index("READY=1")]), d.messages
             stop(d)
         files = sorted(p.name for p in (tmp_path / "durable-data").glob("slot-*.duckdb"))
         assert files == [f"slot-{i}.duckdb" for i in range(slots)]
