@@ -71,7 +71,7 @@ from durable.protocol.messages import (
 )
 
 from . import cpu_latency, lifeline, status, systemd
-from .config import EXIT_CONFIG, Config, ConfigError, settings_fd
+from .config import EXIT_CONFIG, Config, ConfigError, load, settings_fd
 from .datadir import DataDirError, Identity, lock_data_dir, open_data_dir
 from .migrate import migrate
 from .restart_policy import EXIT_STORAGE, Decision, RestartPolicy
@@ -147,6 +147,7 @@ class Watcher:
     hung: bool = False
     pass_fds: tuple[int, ...] = ()
     hang_timeout: float | None = None  # None: the config's
+    rolling: bool = False  # stopped by a reload: started again at once, on the new settings
 
     def step(self, event: str) -> None:
         self.state = _TRANSITIONS.step(f"watcher {self.name}", self.state, event)
@@ -245,6 +246,11 @@ class Arbiter:
         self.lock_fd: int | None = None
         self.settings: int | None = None  # the children's settings (a memfd they inherit)
         self.http_socket: socket.socket | None = None
+        #: a reload (SIGHUP, `durable reload`): the children still to roll, the one rolling
+        self._roll: deque[Watcher] = deque()
+        self._rolling: Watcher | None = None
+        self._old_settings: int | None = None
+        self.reload_state: dict[str, Any] = {"generation": 0, "state": "none"}
 
     # -- set-up ---------------------------------------------------------------------------
     def check(self) -> None:
@@ -513,7 +519,8 @@ class Arbiter:
                 w.ps = None  # one SIGTERM; the exit restarts it
         self._write_status({
             "supervisor": {"pid": os.getpid(), "started": self._started, "ready": self._ready,
-                           "config": self.config.source, "frontend": self.config.frontend()},
+                           "config": self.config.source, "frontend": self.config.frontend(),
+                           "reload": self.reload_state},
             "processes": [{
                 "role": w.role, "slot": w.slot, "pid": w.pid, "state": self._state_shown(w),
                 "lag": round(w.lag, 3),
@@ -546,10 +553,108 @@ class Arbiter:
                 log.info("received %s: stopping", signal.Signals(sig).name)
                 self._stop(immediate=False)
                 return True
-            if sig == signal.SIGHUP:  # its default action would kill the daemon without a word
-                log.warning("received SIGHUP: ignored. The configuration is read once, at start; "
-                            "restart the daemon (`systemctl restart durable`) to apply changes")
+            if sig == signal.SIGHUP:  # `durable reload`, `systemctl reload durable`
+                self._reload()
         return False
+
+    # -- reload ---------------------------------------------------------------------------
+    def _reload(self) -> None:
+        """Re-read the config; if it is valid and its classes import, roll the children onto
+        it one at a time (each drains, then starts again). A bad config keeps the old one."""
+        gen = self.reload_state["generation"] + 1
+        if self._rolling is not None or self._roll:
+            self.reload_state = {"generation": gen, "state": "refused",
+                                 "error": "a reload is already rolling; wait for it to finish"}
+            log.warning("reload: %s", self.reload_state["error"])
+            return
+        source = self.config.source
+        try:
+            new = load(None if source == "built-in defaults" else source)
+            self._same_shape(new)
+            self._check_imports(new)
+        except ConfigError as e:
+            self.reload_state = {"generation": gen, "state": "refused", "error": str(e)}
+            log.error("reload refused, the running configuration stays: %s", e)
+            systemd.notify(f"STATUS=reload refused: {e}")
+            return
+        namespaces_changed = set(new.namespaces) != set(self.config.namespaces)
+        self.config = new
+        self._old_settings = self.settings
+        self.settings = settings_fd(new, data_dir_id=self.identity.id if self.identity else None)
+        for w in self.watchers:
+            w.argv = [str(self.settings) if a == str(self._old_settings) and
+                      w.argv[i - 1] == "--settings-fd" else a for i, a in enumerate(w.argv)]
+            w.pass_fds = tuple(self.settings if fd == self._old_settings else fd
+                               for fd in w.pass_fds)
+            w.env = {**w.env, "DURABLE_LOG_FORMAT": new.log_format}
+        order = [w for w in self.watchers if w.role == "objectproc"] + \
+                [w for w in self.watchers if w.role == "gateway"] + \
+                ([w for w in self.watchers if w.role == "broker"] if namespaces_changed else [])
+        self._roll = deque(w for w in order if w.state is WatcherState.RUNNING)
+        self.reload_state = {"generation": gen, "state": "rolling", "total": len(self._roll),
+                             "done": 0}
+        log.info("reload: rolling %d processes onto the new configuration, one at a time",
+                 len(self._roll))
+        systemd.notify("RELOADING=1")
+
+    def _same_shape(self, new: Config) -> None:
+        """What a reload cannot change (a restart can): the slots, the files, the sockets."""
+        old = self.config
+        fixed = {"slots": (old.slots, new.slots),
+                 "data_dir": (old.data_path, new.data_path),
+                 "broker.endpoint": (old.frontend(), new.frontend()),
+                 "broker.workers_endpoint": (old.backend(), new.backend()),
+                 "broker.public_endpoint": (old.broker.public_endpoint, new.broker.public_endpoint),
+                 "broker.socket_group": (old.broker.socket_group, new.broker.socket_group),
+                 "http": (old.http and (old.http.listen, old.http.processes),
+                          new.http and (new.http.listen, new.http.processes)),
+                 "metrics.listen": (old.metrics.listen, new.metrics.listen)}
+        changed = [k for k, (a, b) in fixed.items() if a != b]
+        if changed:
+            raise ConfigError(f"{new.source}: {', '.join(changed)} changed; a reload cannot "
+                              "change these. Restart the daemon (`systemctl restart durable`)")
+
+    def _check_imports(self, new: Config) -> None:
+        """Import every class in a fresh interpreter (this one has the old code loaded)."""
+        code = ("import sys\nfrom durable.objects import load_class, load_function\n"
+                "for spec in sys.argv[2:]:\n    load_class(spec)\n"
+                "if sys.argv[1]:\n    load_function(sys.argv[1])\n")
+        worker = new.http.worker if new.http is not None else ""
+        out = subprocess.run([self.python, "-c", code, worker, *new.namespaces.values()],
+                             capture_output=True, text=True, timeout=120,
+                             env=self.watchers[0].env if self.watchers else None)
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise ConfigError(f"{new.source}: the new code does not import: {last}")
+
+    def _roll_next(self) -> None:
+        """One step of a reload: stop the next child; once its successor is ready, go on."""
+        now = self.clock()
+        w = self._rolling
+        if w is not None:
+            if w.state is WatcherState.RUNNING and not w.rolling and w.ready:
+                self.reload_state["done"] += 1
+                self._rolling = None
+            elif w.state in (WatcherState.FAILED, WatcherState.CORRUPT):
+                self._rolling = None  # (its own failure is logged and shown)
+            else:
+                return
+        if not self._roll:
+            if self.reload_state.get("state") == "rolling":
+                self.reload_state["state"] = "done"
+                if self._old_settings is not None:
+                    os.close(self._old_settings)
+                    self._old_settings = None
+                log.info("reload: done")
+                systemd.notify("READY=1")
+            return
+        w = self._roll.popleft()
+        if w.state is not WatcherState.RUNNING:
+            return
+        w.rolling = True
+        self._rolling = w
+        log.info("reload: restarting %s (pid %s) on the new configuration", w.name, w.pid)
+        w.terminate(now, self.config.grace_period)
 
     def _reap(self) -> None:
         while True:
@@ -584,6 +689,11 @@ class Arbiter:
         if self._stopping or w.state is WatcherState.STOPPING:
             if w.state is WatcherState.STOPPING:
                 w.step("exit")
+            return
+        if w.rolling:  # a reload stopped it: its successor starts now, on the new settings
+            w.rolling = False
+            w.step("exit")
+            w.start_due = now
             return
         decision: Decision = w.policy.on_exit(now, code, now - w.started_at)
         if decision.corrupt and w.role == "objectproc":
@@ -683,6 +793,8 @@ class _Turn:
         a._start_due()
         if not a._ready:
             a._announce_ready(self.probe)
+        elif a._rolling is not None or a._roll:
+            a._roll_next()
         now = a.clock()
         if now >= self.next_sample:
             self.next_sample = now + 1.0

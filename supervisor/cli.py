@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import os
 import sys
 from typing import Any
@@ -58,7 +59,42 @@ def serve(args: argparse.Namespace) -> int:
     print(f"clients connect to {config.frontend()}\n"
           f"  python: async with durable.connect({config.frontend()!r}) as client: ...",
           file=sys.stderr)
-    return arbiter.run()
+    watcher = _watch_sources(args.config) if args.reload else None
+    try:
+        return arbiter.run()
+    finally:
+        if watcher is not None:
+            watcher.set()
+
+
+def _watch_sources(config_path: str | None) -> Any:
+    """``serve --reload`` (development, like ``wrangler dev``): a change to a .py file under
+    the working directory, or to the config, reloads the daemon (SIGHUP to itself)."""
+    import signal
+    import threading
+
+    try:
+        import watchfiles
+    except ImportError:
+        raise SystemExit(_fail("serve --reload needs watchfiles: pip install 'durable[reload]'",
+                               EXIT_CONFIG)) from None
+    stop = threading.Event()
+    paths = [os.getcwd(), *([os.path.abspath(config_path)] if config_path else [])]
+
+    def relevant(_change: Any, path: str) -> bool:
+        return path.endswith(".py") or (config_path is not None and
+                                        os.path.abspath(path) == os.path.abspath(config_path))
+
+    def watch() -> None:
+        for changes in watchfiles.watch(*paths, watch_filter=relevant, stop_event=stop,
+                                        debounce=300, raise_interrupt=False):
+            names = sorted({os.path.relpath(p) for _, p in changes})
+            logging.getLogger("durable.supervisor").info(
+                "changed: %s; reloading", ", ".join(names[:5]))
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    threading.Thread(target=watch, name="durable-reload", daemon=True).start()
+    return stop
 
 
 def _daemon(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -337,6 +373,48 @@ def restore_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def reload_cmd(args: argparse.Namespace) -> int:
+    """SIGHUP to the supervisor, then follow the reload to its end (progress on stderr)."""
+    import signal
+    import time
+
+    from .status import NotRunning, read
+    config = _config_only(args)
+    try:
+        before = read(config)
+    except NotRunning as e:
+        return _fail(str(e), 3)
+    pid = before["supervisor"]["pid"]
+    gen = (before["supervisor"].get("reload") or {}).get("generation", 0)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + args.timeout
+    shown = None
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            state = read(config)["supervisor"].get("reload") or {}
+        except NotRunning as e:
+            return _fail(str(e), 3)
+        if state.get("generation", 0) <= gen:
+            continue
+        if state["state"] == "rolling" and not args.json:
+            step = f"{state['done']}/{state['total']}"
+            if step != shown:
+                shown = step
+                print(f"reload: {step} processes restarted", file=sys.stderr, flush=True)
+        elif state["state"] in ("done", "refused"):
+            if args.json:
+                print(orjson.dumps(state).decode())
+            if state["state"] == "refused":
+                return _fail(f"reload refused (the running configuration stays): "
+                             f"{state['error']}", 1)
+            if not args.json:
+                print(f"reload: done ({state['total']} processes on the new configuration)")
+            return 0
+    return _fail(f"the reload did not finish within {args.timeout:g} s; see `durable status` "
+                 "and the log", 1)
+
+
 def keygen_cmd(args: argparse.Namespace) -> int:
     import zmq.auth
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
@@ -369,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the daemon (built-in defaults without --config)")
     p.add_argument("--config", help="TOML configuration file (docs/configuration.md)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--reload", action="store_true", help="development: reload when a .py file "
+                   "under the working directory (or the config) changes (needs watchfiles)")
     p = sub.add_parser("status", help="processes, objects, queues and storage of the running daemon")
     p.add_argument("--config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -408,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config")
     p.add_argument("src", help="a directory written by `durable backup`")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("reload", help="re-read the config and roll the object processes and "
+                       "gateways onto it (and onto new code) one at a time")
+    p.add_argument("--config")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the end")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("keygen", help="write a CurveZMQ key pair (for clients on other machines)")
     p.add_argument("dir")
     p.add_argument("--name", default="client", help="file name: NAME.key and NAME.key_secret")
@@ -415,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"serve": serve, "status": status_cmd, "call": call_cmd, "inspect": inspect_cmd,
                 "keygen": keygen_cmd, "verify": verify_cmd, "repair": repair_cmd,
-                "backup": backup_cmd, "restore": restore_cmd}
+                "backup": backup_cmd, "restore": restore_cmd, "reload": reload_cmd}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's status for it
