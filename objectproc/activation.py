@@ -55,7 +55,14 @@ from durable.fsm import Transitions
 from durable.http import Request, Response
 from durable.ids import ObjectId
 from durable.objects import DurableObject
-from durable.protocol.messages import EV_CLOSE, EV_ERROR, MethodCall, builtin_ancestor
+from durable.protocol.messages import (
+    EV_BINARY,
+    EV_CLOSE,
+    EV_ERROR,
+    EV_TEXT,
+    MethodCall,
+    builtin_ancestor,
+)
 
 from .alarms import AlarmCall, AlarmInfo
 from .context import CURRENT
@@ -274,7 +281,11 @@ class Activation:
     def deliver(self, request: Delivery, reply: Reply) -> None:
         self.last_used = self.clock()
         self.retiring_since, self.cancelled_tasks = None, False
-        if len(self._tasks) + len(self._waiting) >= self.max_pending:
+        if len(self._tasks) + len(self._waiting) >= self.max_pending and not (
+                type(request) is SocketEvent and request.event.kind != EV_TEXT
+                and request.event.kind != EV_BINARY):
+            # (a socket's close or error always goes in: it is not a request that can be
+            # retried, sockets per object are bounded, and a thousand sockets may close at once)
             reply(None, OverloadedError(
                 f"{self.namespace} {self.object_id} has {len(self._tasks) + len(self._waiting)} "
                 f"calls waiting or running (the limit is {self.max_pending}); retry later"))

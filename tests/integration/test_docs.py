@@ -79,7 +79,11 @@ def test_readme_runs_as_written(tmp_path):
                 for line in body.splitlines() if line.startswith("durable call") or line.startswith("durable status")]
     # Its own data dir (tmp_path is the cwd of every command) and its own port: the
     # built-in defaults otherwise, so a daemon the reader runs is never touched.
-    (tmp_path / "durable.toml").write_text(f'[http]\nlisten = "127.0.0.1:{free_port()}"\n')
+    # the built-in defaults but for the port (a file names its namespaces: the bundled ones)
+    from durable.supervisor.config import DEFAULT_NAMESPACES
+    namespaces = "".join(f'[namespaces.{n}]\nclass = "{c}"\n' for n, c in DEFAULT_NAMESPACES.items())
+    (tmp_path / "durable.toml").write_text(f'[http]\nlisten = "127.0.0.1:{free_port()}"\n'
+                                           + namespaces)
     with serving(tmp_path, command=[DURABLE, "serve", "--config", "durable.toml"]) as d:
         d.wait_ready()
         results = [run_sh(line, tmp_path) for line in sh_calls]

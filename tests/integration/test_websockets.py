@@ -269,8 +269,15 @@ async def test_a_thousand_sockets_join_broadcast_and_leave(wclient):
     assert await resp.text() == "sent"
     assert [await ws.receive(timeout=10) for ws in sockets] == ["to all"] * 1000
     await asyncio.gather(*[ws.close() for ws in sockets])
-    await async_wait_for(lambda: _count_is(room, "0"), 10, "every socket left")
-    assert len(await room.closes()) == 1000
+    # (while 1,000 closes wait their turn, a request may be told the object is busy)
+    await async_wait_for(lambda: _count_is(room, "0"), 20, "every socket left",
+                         ignore=(durable.OverloadedError,))
+    await async_wait_for(lambda: _closes_are(room, 1000), 20, "every close was heard",
+                         ignore=(durable.OverloadedError,))
+
+
+async def _closes_are(room, n: int) -> bool:
+    return len(await room.closes()) == n
 
 
 async def _count_is(room, n: str) -> bool:
@@ -289,7 +296,8 @@ async def test_the_first_chunk_arrives_before_the_producer_finishes(wclient):
         times.append(time.monotonic() - started)
         chunks.append(chunk)
     assert chunks == [f"chunk {i}\n".encode() for i in range(5)]
-    assert times[0] < 0.6 < 1.1 < times[-1]  # the first long before the last (1.2 s of sleeps)
+    # each chunk as it was made: the first came long before the last (1.2 s of sleeps between)
+    assert times[-1] - times[0] > 0.9 and times[-1] > 1.1, times
 
 
 async def test_a_large_stream_arrives_whole_and_in_order(wclient):

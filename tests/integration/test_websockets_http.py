@@ -209,7 +209,8 @@ def test_streamed_bodies_through_the_gateway(tmp_path):
                             first = first or time.monotonic() - started
                             events.append(line[6:].strip().decode())
                 assert events == [f"event {i}" for i in range(4)]
-                assert first < 0.6 < 0.9 < time.monotonic() - started
+                # the first event long before the last (0.9 s of sleeps between them)
+                assert time.monotonic() - started - first > 0.7, first
                 # a client that goes away cancels the producer
                 async with s.get(f"{base}/STREAMER/s2/count?n=1000&delay=0.05") as r:
                     assert (await r.content.readline()) == b"chunk 0\n"
