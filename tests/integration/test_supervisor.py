@@ -401,6 +401,7 @@ def test_low_latency_idle_holds_cpu_dma_latency_while_serving(tmp_path):
         wait_for(lambda: current() == before, 5, "the PM QoS request to end with the daemon")
 
 
+@pytest.mark.slow
 def test_secrets_reach_objects_and_nothing_else(tmp_path):
     token, filed = "tok-" + os.urandom(8).hex(), "file-" + os.urandom(8).hex()
     (tmp_path / "api.key").write_text(filed + "\n")

@@ -42,6 +42,7 @@ async def closes(d, name):
         return await c.namespace("ROOM").get_by_name(name).closes()
 
 
+@pytest.mark.slow
 def test_websockets_through_the_gateway(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
