@@ -34,6 +34,9 @@ def test_wheel_holds_every_package_and_imports(tmp_path):
     (wheel,) = tmp_path.glob("durable-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ["durable/__init__.py", "durable/codec.py", "durable/py.typed",
+                 "durable/testing/__init__.py", "durable/testing/plugin.py",
+                 "durable-0.1.0.data/data/share/doc/durable/operating.md",
+                 "durable-0.1.0.data/data/share/doc/durable/durable.service",
                  "durable/objectproc/storage/slot.py", "durable/supervisor/cli.py",
                  "durable/broker/__init__.py", "durable/protocol/__init__.py"]:
         assert path in names, f"{path} missing from the wheel"
@@ -49,3 +52,14 @@ def test_cli_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "--version"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "durable" in out.stdout
+
+
+def test_the_units_documentation_is_what_the_install_puts_there():
+    """Documentation= names files the wheel installs under the venv the unit runs from."""
+    unit = (REPO / "scripts" / "durable.service").read_text()
+    docs = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("Documentation=")]
+    prefix = "file:///opt/durable/venv/share/doc/durable/"
+    assert docs and all(d.startswith(prefix) for d in docs), docs
+    assert "/opt/durable/venv/bin/durable" in unit  # (the same venv)
+    for d in docs:
+        assert (REPO / "docs" / d[len(prefix):]).exists(), d
