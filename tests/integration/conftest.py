@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 import durable
@@ -14,8 +16,9 @@ def cluster(tmp_path):
         yield c
 
 
-@pytest.fixture
-async def client(cluster):
+@contextlib.asynccontextmanager
+async def connected(cluster):
+    """A client of ``cluster`` once every slot is up; its processes' log tails if it fails."""
     try:
         async with durable.connect(cluster.frontend, timeout=10) as c:
             await all_slots_up(c)
@@ -23,3 +26,9 @@ async def client(cluster):
     except BaseException:
         print(cluster.log_tail())
         raise
+
+
+@pytest.fixture
+async def client(cluster):
+    async with connected(cluster) as c:
+        yield c

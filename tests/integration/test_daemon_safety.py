@@ -299,21 +299,8 @@ def test_other_local_users_cannot_reach_any_endpoint(tmp_path_factory):
             assert {"broker.sock", "workers.sock", "admin.sock", "control.sock"} <= set(socks)
 
             def probe() -> dict:
-                out = {"root_visible": os.path.isdir(root)}
-                for name in socks:
-                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    try:
-                        s.connect(str(run / name))
-                        out[name] = "connected"
-                    except OSError as e:
-                        out[name] = type(e).__name__
-                    finally:
-                        s.close()
-                try:
-                    (root / "durable-data" / "secret").read_bytes()
-                    out["secret"] = "read"
-                except OSError as e:
-                    out["secret"] = type(e).__name__
+                out = {"root_visible": os.path.isdir(root),
+                       **_reach(run, socks, root / "durable-data" / "secret")}
                 try:
                     with durable.connect_sync(d.frontend, connect_timeout=1.5):
                         out["client"] = "connected"
@@ -355,21 +342,8 @@ def test_a_socket_group_lets_its_members_reach_the_client_socket_only():
             assert all(modes[n][0] == 0o600 for n in ("workers.sock", "admin.sock", "control.sock"))
 
             def probe() -> dict:
-                out = {}
-                for name in ("broker.sock", "workers.sock", "admin.sock", "control.sock"):
-                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    try:
-                        s.connect(str(run / name))
-                        out[name] = "connected"
-                    except OSError as e:
-                        out[name] = type(e).__name__
-                    finally:
-                        s.close()
-                try:
-                    (data / "secret").read_bytes()
-                    out["secret"] = "read"
-                except OSError as e:
-                    out["secret"] = type(e).__name__
+                out = _reach(run, ["broker.sock", "workers.sock", "admin.sock", "control.sock"],
+                             data / "secret")
                 out["count"] = count(d.frontend, "from-another-user")  # a real client
                 return out
 
@@ -381,6 +355,17 @@ def test_a_socket_group_lets_its_members_reach_the_client_socket_only():
             assert stranger == {"broker": "PermissionError"}, stranger
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _reach(run: Path, socks: list[str], secret: Path) -> dict:
+    """What this process may do with each socket of ``run`` and with the id secret."""
+    out = {name: _try_connect(run / name) for name in socks}
+    try:
+        secret.read_bytes()
+        out["secret"] = "read"
+    except OSError as e:
+        out["secret"] = type(e).__name__
+    return out
 
 
 def _try_connect(path: Path) -> str:

@@ -16,6 +16,7 @@ import pytest
 import durable
 from durable.broker.ring import Ring
 from tests.integration.cluster import all_slots_up, running_cluster
+from tests.integration.conftest import connected
 from tests.integration.procs import async_wait_for
 
 
@@ -29,13 +30,8 @@ def shared(tmp_path_factory):
 
 @pytest.fixture
 async def wclient(shared):
-    try:
-        async with durable.connect(shared.frontend, timeout=10) as c:
-            await all_slots_up(c)
-            yield c
-    except BaseException:
-        print(shared.log_tail())
-        raise
+    async with connected(shared) as c:
+        yield c
 
 
 @pytest.fixture
@@ -47,13 +43,8 @@ def evicting(tmp_path):
 
 @pytest.fixture
 async def eclient(evicting):
-    try:
-        async with durable.connect(evicting.frontend, timeout=10) as c:
-            await all_slots_up(c)
-            yield c
-    except BaseException:
-        print(evicting.log_tail())
-        raise
+    async with connected(evicting) as c:
+        yield c
 
 
 async def reported(client, figure: str) -> int:
