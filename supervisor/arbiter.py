@@ -756,8 +756,10 @@ class Arbiter:
                 elif w.state is WatcherState.BACKOFF:
                     w.step("stop")
             while any(w.state is WatcherState.STOPPING for w in group):
+                # (a snapshot: a signal handler may append while a generator walks the deque;
+                # CI saw "deque mutated during iteration" when a SIGCHLD came in between)
                 if self.clock() >= deadline or any(s in (signal.SIGTERM, signal.SIGINT)
-                                                   for s in self._signals):
+                                                   for s in tuple(self._signals)):
                     for w in group:
                         if w.state is WatcherState.STOPPING:
                             log.warning("%s did not stop in time: SIGKILL", w.name)
