@@ -165,13 +165,13 @@ def preload(directory: Path, rows: int, objects_with_100_keys: int) -> list[str]
     for oid in cold:
         obj = f"BENCH/{oid}".encode()
         for k in range(100):
-            batch[obj + f"/key{k:03d}".encode()] = (obj, value)
+            batch[obj + f"/key{k:03d}".encode()] = (obj, value, None)
     done = len(batch)
     i = 0
     while done < rows:
         obj = f"BENCH/filler{i}".encode()
         for k in range(10):
-            batch[obj + f"/k{k}".encode()] = (obj, value)
+            batch[obj + f"/k{k}".encode()] = (obj, value, None)
         done += 10
         i += 1
         if len(batch) >= 100_000:

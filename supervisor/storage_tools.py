@@ -160,7 +160,7 @@ def _salvage_rows(path: Path, progress: Callable[[str], None]) -> tuple[list[tup
         with contextlib.suppress(duckdb.Error, IndexError):
             ident = con.execute("SELECT v FROM meta_text WHERE k = 'data_dir_id'").fetchall()[0][0]
         try:
-            rows = con.execute("SELECT pk, obj, v FROM kv").fetchall()
+            rows = con.execute(f"SELECT pk, obj, v, {_t(con)} FROM kv").fetchall()
             return rows, applied, 0, ident
         except duckdb.Error:
             pass
@@ -170,7 +170,8 @@ def _salvage_rows(path: Path, progress: Callable[[str], None]) -> tuple[list[tup
             top = 1 << 24
         for lo in range(0, top + 1, _SALVAGE_CHUNK):
             try:
-                rows += con.execute("SELECT pk, obj, v FROM kv WHERE rowid >= $1 AND rowid < $2",
+                rows += con.execute(f"SELECT pk, obj, v, {_t(con)} FROM kv "
+                                    "WHERE rowid >= $1 AND rowid < $2",
                                     [lo, lo + _SALVAGE_CHUNK]).fetchall()
             except duckdb.Error:
                 lost += 1
@@ -179,6 +180,15 @@ def _salvage_rows(path: Path, progress: Callable[[str], None]) -> tuple[list[tup
         return rows, applied, lost * _SALVAGE_CHUNK, ident
     finally:
         con.close()
+
+
+def _t(con: duckdb.DuckDBPyConnection) -> str:
+    """The write-time column, or NULL for a file from before durable 0.7 (which has none)."""
+    try:
+        con.execute("SELECT t FROM kv LIMIT 0").fetchall()
+        return "t"
+    except duckdb.Error:
+        return "NULL"
 
 
 def repair_slot(data: Path, slot: int, *, identity: str | None,
@@ -213,7 +223,7 @@ def repair_slot(data: Path, slot: int, *, identity: str | None,
         rows, applied, rows_lost, ident = _salvage_rows(duck_path, progress)
         store = DuckStore(new_path)
         if rows:
-            batch = {pk: (obj, v) for pk, obj, v in rows}
+            batch = {pk: (obj, v, t) for pk, obj, v, t in rows}
             store.apply(batch, set(), applied)
         else:
             store.apply({}, set(), applied)

@@ -2,11 +2,12 @@
 
 Layout (measured on DuckDB 2.0, 1M rows, 2 cores; see docs/storage.md):
 
-* ``kv(pk BLOB PRIMARY KEY, obj BLOB, v BLOB)``: ``pk = obj ‖ "/" ‖ key``
+* ``kv(pk BLOB PRIMARY KEY, obj BLOB, v BLOB, t BIGINT)``: ``pk = obj ‖ "/" ‖ key``
   and ``obj = namespace ‖ "/" ‖ object id``; neither part may hold "/", so the
   join is unambiguous. A single-column key: a composite one makes every upsert
   a full-table merge. BLOB compares bytewise, i.e. in UTF-8 (= code point)
-  order.
+  order. ``t`` is when the row was last written (epoch ms, from its log
+  record; NULL for rows written before durable 0.7).
 * A secondary index on ``obj``: DuckDB does not use the primary key's index
   for range filters (a 100-key range at 1M rows is a 29 ms scan), but an
   equality on ``obj`` is an index lookup (~0.3–0.9 ms for a whole object).
@@ -62,10 +63,11 @@ INSERT INTO meta VALUES ('applied_seq', 0) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS meta_text (k VARCHAR PRIMARY KEY, v VARCHAR);
 CREATE TABLE IF NOT EXISTS alarms (obj BLOB PRIMARY KEY, due BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS alarms_due ON alarms (due);
+ALTER TABLE kv ADD COLUMN IF NOT EXISTS t BIGINT;
 """
 
-_UPSERT = ("INSERT INTO kv SELECT unnest($1), unnest($2), unnest($3) "
-           "ON CONFLICT DO UPDATE SET v = excluded.v")
+_UPSERT = ("INSERT INTO kv SELECT unnest($1), unnest($2), unnest($3), unnest($4) "
+           "ON CONFLICT DO UPDATE SET v = excluded.v, t = excluded.t")
 
 
 class DuckStore:
@@ -146,11 +148,12 @@ class DuckStore:
                                     "(SELECT rowid FROM kv WHERE obj = $1)", [obj]).fetchall()
 
     # -- writes (applier thread) --------------------------------------------------
-    def apply(self, rows: dict[bytes, tuple[bytes, bytes | None]], clears: set[bytes],
+    def apply(self, rows: dict[bytes, tuple[bytes, bytes | None, int | None]], clears: set[bytes],
               applied_seq: int, alarms: dict[bytes, int] | None = None, *,
               purge_over: int = 20_000) -> None:
         """Apply one deduplicated batch and record ``applied_seq``, all in one transaction.
 
+        ``rows``: pk -> (obj, value or None for a tombstone, write time epoch ms or None).
         ``alarms``: obj -> due (epoch ms) to set, or a negative number to delete.
         """
         w = self._writer
@@ -171,7 +174,7 @@ class DuckStore:
                 pks = list(rows)
                 objs = [r[0] for r in rows.values()]
                 vals = [r[1] for r in rows.values()]
-                w.execute(_UPSERT, [pks, objs, vals])
+                w.execute(_UPSERT, [pks, objs, vals, [r[2] for r in rows.values()]])
                 self.tombstones += vals.count(None)
             if self.tombstones > purge_over:
                 w.execute("DELETE FROM kv WHERE v IS NULL")
@@ -230,7 +233,7 @@ class DuckStore:
         try:
             for k in range(0, len(objs), batch):
                 part = objs[k:k + batch]
-                for sql in ("INSERT OR REPLACE INTO target.kv SELECT pk, obj, v FROM kv "
+                for sql in ("INSERT OR REPLACE INTO target.kv SELECT pk, obj, v, t FROM kv "
                             "WHERE obj IN (SELECT unnest($1)) AND v IS NOT NULL",
                             "INSERT OR REPLACE INTO target.alarms SELECT obj, due FROM alarms "
                             "WHERE obj IN (SELECT unnest($1))",

@@ -7,8 +7,10 @@ multi-key call, one transaction, or everything an object wrote in one turn)::
 
     record  = header payload
     header  = u32 payload length | u32 crc32(seq ‖ payload) | u64 seq      (little endian)
-    payload = u16 len(obj) obj | u8 flags (1 = delete_all first) | u32 n |
+    payload = u16 len(obj) obj | u8 flags | [i64 alarm] | [i64 time] | u32 n |
               n × ( u32 len(key) key | i32 len(value), -1 = delete | value )
+    flags   = 1: delete_all first | 2: an alarm change follows | 4: the write's time follows
+              (epoch ms; records of durable < 0.7 have none)
 
 Records are appended to *segments* (``<first seq, 20 digits>.seg`` in the
 slot's log directory) by one writer thread that does *natural group commit*:
@@ -86,6 +88,8 @@ ALARM_KEEP = -2
 ALARM_DELETE = -1
 _FLAG_CLEAR = 0x01
 _FLAG_ALARM = 0x02  # an i64 follows the flags: the alarm's due time (epoch ms) or ALARM_DELETE
+_FLAG_TIME = 0x04  # an i64 follows (after the alarm's): when the write was made, epoch ms
+_FLAGS = _FLAG_CLEAR | _FLAG_ALARM | _FLAG_TIME
 _I64 = struct.Struct("<q")
 
 
@@ -94,21 +98,27 @@ class WriteSet:
     """One record's content: an object's atomic set of writes (``None`` value = delete).
 
     ``alarm`` is ``ALARM_KEEP``, ``ALARM_DELETE`` or the due time in epoch
-    milliseconds: the alarm changes atomically with the entries.
+    milliseconds: the alarm changes atomically with the entries. ``time``: when
+    the write was made (epoch ms; 0 = not recorded), shown as ``updated_at`` by
+    ``durable sql`` and ``list_objects``.
     """
 
     obj: bytes
     clear: bool
     entries: dict[str, bytes | None]
     alarm: int = ALARM_KEEP
+    time: int = 0
 
 
 def encode_writeset(obj: bytes, clear: bool, entries: dict[str, bytes | None],
-                    alarm: int = ALARM_KEEP) -> bytes:
-    flags = (_FLAG_CLEAR if clear else 0) | (_FLAG_ALARM if alarm != ALARM_KEEP else 0)
+                    alarm: int = ALARM_KEEP, time: int = 0) -> bytes:
+    flags = ((_FLAG_CLEAR if clear else 0) | (_FLAG_ALARM if alarm != ALARM_KEEP else 0)
+             | (_FLAG_TIME if time else 0))
     parts = [_U16.pack(len(obj)), obj, bytes((flags,))]
     if alarm != ALARM_KEEP:
         parts.append(_I64.pack(alarm))
+    if time:
+        parts.append(_I64.pack(time))
     parts.append(_U32.pack(len(entries)))
     for key, value in entries.items():
         kb = key.encode("utf-8")
@@ -136,6 +146,10 @@ def decode_writeset(payload: bytes | memoryview) -> WriteSet:
         if flags & _FLAG_ALARM:
             (alarm,) = _I64.unpack_from(mv, pos)
             pos += 8
+        when = 0
+        if flags & _FLAG_TIME:
+            (when,) = _I64.unpack_from(mv, pos)
+            pos += 8
         (n,) = _U32.unpack_from(mv, pos)
         pos += 4
         entries: dict[str, bytes | None] = {}
@@ -155,10 +169,10 @@ def decode_writeset(payload: bytes | memoryview) -> WriteSet:
                 pos += vlen
     except (struct.error, IndexError, UnicodeDecodeError) as e:
         raise ValueError(f"malformed write set: {e}") from None
-    if pos != len(mv) or len(obj) != olen or flags > 3 or alarm < ALARM_KEEP or (
-            flags & _FLAG_ALARM and alarm == ALARM_KEEP):
+    if pos != len(mv) or len(obj) != olen or flags & ~_FLAGS or alarm < ALARM_KEEP or (
+            flags & _FLAG_ALARM and alarm == ALARM_KEEP) or (flags & _FLAG_TIME and when <= 0):
         raise ValueError("malformed write set: trailing bytes or bad flags")
-    return WriteSet(obj, bool(flags & _FLAG_CLEAR), entries, alarm)
+    return WriteSet(obj, bool(flags & _FLAG_CLEAR), entries, alarm, when)
 
 
 def encode_record(seq: int, payload: bytes) -> bytes:

@@ -151,7 +151,7 @@ def object_key(namespace: str, object_id: str) -> bytes:
     return f"{namespace}/{object_id}".encode()
 
 
-def fold(records: list[WriteSet], rows: dict[bytes, tuple[bytes, bytes | None]],
+def fold(records: list[WriteSet], rows: dict[bytes, tuple[bytes, bytes | None, int | None]],
          clears: set[bytes], alarms: dict[bytes, int] | None = None) -> None:
     """Fold write sets, in order, into last-write-wins rows plus objects to clear first,
     and each object's last alarm change (due ms, or ALARM_DELETE) into ``alarms``."""
@@ -167,7 +167,7 @@ def fold(records: list[WriteSet], rows: dict[bytes, tuple[bytes, bytes | None]],
         pks = by_obj.setdefault(ws.obj, [])
         for key, value in ws.entries.items():
             pk = prefix + key.encode("utf-8")
-            rows[pk] = (ws.obj, value)
+            rows[pk] = (ws.obj, value, ws.time or None)
             pks.append(pk)
 
 
@@ -259,7 +259,7 @@ class SlotStore:
         return result.next_seq
 
     def _apply_writesets(self, batch: list[WriteSet], last_seq: int) -> None:
-        rows: dict[bytes, tuple[bytes, bytes | None]] = {}
+        rows: dict[bytes, tuple[bytes, bytes | None, int | None]] = {}
         clears: set[bytes] = set()
         alarms: dict[bytes, int] = {}
         fold(batch, rows, clears, alarms)
@@ -290,8 +290,9 @@ class SlotStore:
         alarm changes with the entries (due ms, or ALARM_DELETE).
         """
         self.check_writable()
-        ws = WriteSet(obj, clear, entries, alarm)
-        payload = encode_writeset(obj, clear, entries, alarm)
+        now = int(time.time() * 1000)
+        ws = WriteSet(obj, clear, entries, alarm, now)
+        payload = encode_writeset(obj, clear, entries, alarm, now)
         seq = self.log.append(payload, kick=kick)
         rec = _Record(seq, ws, len(payload))
         self._remember(rec)

@@ -23,6 +23,26 @@ def test_writeset_roundtrip(obj, clear, ents):
     assert (ws.obj, ws.clear, ws.entries) == (obj, clear, ents)
 
 
+@given(st.binary(min_size=1, max_size=40), st.booleans(), entries,
+       st.one_of(st.just(-2), st.just(-1), st.integers(0, 2**62)), st.integers(0, 2**62))
+def test_writeset_roundtrip_with_alarm_and_time(obj, clear, ents, alarm, when):
+    ws = decode_writeset(encode_writeset(obj, clear, ents, alarm, when))
+    assert (ws.obj, ws.clear, ws.entries, ws.alarm, ws.time) == (obj, clear, ents, alarm, when)
+
+
+def test_a_record_from_before_write_times_decodes_with_time_zero():
+    old = b"\x04\x00NS/o\x00\x01\x00\x00\x00\x01\x00\x00\x00k\x01\x00\x00\x00v"  # 0.6 layout
+    assert decode_writeset(old).time == 0
+    assert encode_writeset(b"NS/o", False, {"k": b"v"}) == old
+
+
+def test_a_time_flag_without_a_positive_time_is_refused():
+    bad = bytearray(encode_writeset(b"NS/o", False, {"k": b"v"}, time=5))
+    bad[7:15] = (0).to_bytes(8, "little")  # u16 len, "NS/o", flags, then the time
+    with pytest.raises(ValueError, match="bad flags"):
+        decode_writeset(bytes(bad))
+
+
 @given(st.binary(max_size=80))
 def test_writeset_decoder_rejects_garbage_with_value_error(data):
     try:
