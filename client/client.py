@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import zmq
@@ -64,6 +64,9 @@ from .protocol.messages import (
 from .streams import StreamBody
 from .transport import LoopSocket
 from .websocket import MAX_MESSAGE, OPEN, Channel, WebSocketConnect
+
+if TYPE_CHECKING:
+    from .query import ObjectInfo, QueryResult
 
 __all__ = ["Client", "Namespace", "TypedNamespace", "Stub", "connect", "default_endpoint"]
 
@@ -294,6 +297,19 @@ class Namespace:
         return self.get(self._ids.from_name(name))
 
 
+    def list_objects(self, *, prefix: str | None = None, limit: int | None = None,
+                     start_after: str | None = None, page: int = 1000,
+                     timeout: float = 60.0) -> AsyncIterator[ObjectInfo]:
+        """This namespace's objects that hold a key or an alarm, by id (``async for``).
+
+        ``prefix`` filters by name; ``start_after`` resumes after an id. Needs a
+        client of the operator endpoint (docs/query.md).
+        """
+        from .query import list_objects
+        return list_objects(self._client, self.name, prefix=prefix, limit=limit,
+                            start_after=start_after, page=page, timeout=timeout)
+
+
 class TypedNamespace(Namespace, Generic[T]):
     """``client.namespace(name, Counter)``: the same namespace, whose stubs a type checker
     sees as ``Counter`` (so ``await stub.increment(5)`` is checked against
@@ -417,6 +433,16 @@ class Client:
     @property
     def namespaces(self) -> list[str]:
         return sorted(self._keys)
+
+    async def sql(self, query: str, *, namespace: str | None = None, timeout: float = 60.0,
+                  memory_limit: str = "2GB", threads: int = 1) -> QueryResult:
+        """Run one read-only SQL statement over every object's storage (views ``kv``,
+        ``objects``, ``alarms``; docs/query.md). Needs a client of the operator endpoint.
+        The query runs in this process, bounded by ``timeout``, ``memory_limit`` and
+        ``threads``; ``namespace`` narrows the rows fetched to one namespace."""
+        from .query import sql
+        return await sql(self, query, namespace=namespace, timeout=timeout,
+                         memory_limit=memory_limit, threads=threads)
 
     async def statistics(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's counters and per-slot state."""

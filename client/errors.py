@@ -32,6 +32,7 @@ __all__ = [
     "TransactionClosedError",
     "TransactionConflictError",
     "WebSocketError",
+    "QueryError",
 ]
 
 
@@ -219,6 +220,13 @@ class WebSocketError(DurableError):
         super().__init__(message)
         self.status = status
         self.body = body
+
+
+class QueryError(DurableError, ValueError):
+    """A SQL query was refused (not one read-only statement, file access) or failed; the
+    message says which and what to change."""
+
+    code = "query"
 
 
 def _all_errors(cls: type[DurableError]) -> list[type[DurableError]]:

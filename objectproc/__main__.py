@@ -41,7 +41,7 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         alarm_concurrency=cfg.alarm_concurrency, alarm_retries=cfg.alarm_retries,
         alarm_retry_base=cfg.alarm_retry_base,
         websocket_max_message=cfg.websocket_max_message_kb << 10,
-        metrics=bool(cfg.metrics.listen))
+        metrics=bool(cfg.metrics.listen), run_dir=str(cfg.run_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

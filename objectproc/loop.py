@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -69,6 +70,8 @@ from .activation import CURRENT, Activation, Phase
 from .alarms import AlarmCall, AlarmScheduler
 from .cpulimit import CpuWatch
 from .metrics import CallMetrics
+from .query import MAX_SNAPSHOTS, NAME_PREFIX, QUERY_METHOD, QUERY_URL, Overlay, SnapshotStream
+from .query import list_objects as _list_objects
 from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
 from .storage.log import ALARM_DELETE
 from .storage.slot import object_key
@@ -84,7 +87,9 @@ INSPECT_URL = "durable:inspect"
 #: `durable backup` pins and unpins a slot's files (sent to any object the slot hosts).
 BACKUP_METHOD = "BACKUP"
 BACKUP_URL = "durable:backup"
-_OPERATOR_METHODS = (INSPECT_METHOD, BACKUP_METHOD)
+_OPERATOR_METHODS = (INSPECT_METHOD, BACKUP_METHOD, QUERY_METHOD)
+#: How long a query waits for one of the slot's MAX_SNAPSHOTS before it is refused.
+QUERY_QUEUE_SECONDS = 30.0
 #: The longest a backup may hold a slot's files still (the log grows meanwhile).
 MAX_PIN_SECONDS = 3600.0
 
@@ -94,9 +99,9 @@ def name_key(namespace: str, object_id: str) -> bytes:
     return object_key(f"{NAME_PREFIX}{namespace}", object_id)
 
 
-#: Names of objects are stored under ``_durable_name_<NAMESPACE>/<id>`` (slot moves keep them
-#: with their object, as they go by id); configured namespaces may not start with "_durable".
-NAME_PREFIX = "_durable_name_"
+#: Names of objects are stored under ``_durable_name_<NAMESPACE>/<id>`` (NAME_PREFIX: slot moves
+#: keep them with their object, as they go by id); configured namespaces may not start with
+#: "_durable".
 
 
 class ConstructorError(Exception):
@@ -154,6 +159,8 @@ class ObjectProcessConfig:
     websocket_max_message: int = _SETTINGS.websocket_max_message_kb << 10
     #: count calls by namespace, kind and outcome, with latency histograms ([metrics] on)
     metrics: bool = False
+    #: the daemon's 0700 run dir: query snapshots bind their sockets there ("": the data dir)
+    run_dir: str = ""
 
 
 class ObjectProcess:
@@ -172,6 +179,7 @@ class ObjectProcess:
         self._stopping = asyncio.Event()
         self.store: SlotStore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._snapshots: asyncio.Semaphore | None = None  # (made in the loop: MAX_SNAPSHOTS)
         self.client: Client | None = None
         self.env: Env | None = None
         self.lifeline: Any = None  # the supervisor's (lifeline.Lifeline); ready once registered
@@ -389,6 +397,9 @@ class ObjectProcess:
                 if request.method == BACKUP_METHOD and request.url.startswith(BACKUP_URL):
                     self._backup(request, reply)
                     return
+                if request.method == QUERY_METHOD and request.url.startswith(QUERY_URL):
+                    self._query(request, reply)
+                    return
             act = self._activation(call.namespace, call.object_id, call.name)
             if request._upgrade is not None:  # the caller's id for the socket, and who it is
                 request._upgrade = (client, request._upgrade)
@@ -525,6 +536,94 @@ class ObjectProcess:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _query(self, request: Any, reply: Any) -> None:
+        """`durable sql` / `export` / `objects`: a snapshot of this slot, streamed from a thread
+        (``op=snapshot``), or one page of its objects (``op=objects``). See objectproc/query.py."""
+        q = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        op = q.get("op", "")
+        namespace = q.get("ns") or None
+        if namespace is not None and namespace not in self.classes:
+            raise UnknownNamespaceError(f"namespace {namespace!r} is not configured")
+        if op == "ping":  # (a query that reads no rows still proves the caller is an operator)
+            reply(Response.json({"slot": self.config.slot}), None)
+        elif op == "objects":
+            if namespace is None:
+                raise ValueError("op=objects needs ns=NAMESPACE")
+            limit = int(q.get("limit", "1000"))
+            if not 1 <= limit <= 10_000:
+                raise ValueError(f"limit must be between 1 and 10000, got {limit}")
+            self._spawn(self._objects_page(namespace, q.get("after") or None, limit,
+                                           q.get("prefix") or None, reply))
+        elif op == "snapshot":
+            what = q.get("what", "kv")
+            if what not in ("kv", "alarms"):
+                raise ValueError(f"what must be kv or alarms, got {what!r}")
+            timeout = min(float(q.get("timeout", "60")), 3600.0)
+            self._spawn(self._snapshot(what, namespace, timeout, reply))
+        else:
+            raise ValueError(f"op must be snapshot, objects or ping, got {op!r}")
+
+    async def _snapshot_turn(self) -> None:
+        """Wait for one of this process's MAX_SNAPSHOTS (queued queries wait here)."""
+        if self._snapshots is None:
+            self._snapshots = asyncio.Semaphore(MAX_SNAPSHOTS)
+        try:
+            await asyncio.wait_for(self._snapshots.acquire(), QUERY_QUEUE_SECONDS)
+        except TimeoutError:
+            raise OverloadedError(
+                f"slot {self.config.slot} is busy with {MAX_SNAPSHOTS} queries and this one "
+                f"waited {QUERY_QUEUE_SECONDS:g} s for its turn; try again later") from None
+
+    async def _snapshot(self, what: str, namespace: str | None, timeout: float,
+                        reply: Any) -> None:
+        try:
+            await self._snapshot_turn()
+        except Exception as e:
+            reply(None, e)
+            return
+        loop = asyncio.get_running_loop()
+
+        def done(stream: SnapshotStream, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(self._snapshots.release)
+            if error is not None:
+                log.warning("slot %d: a query's snapshot ended early after %d rows: %s",
+                            self.config.slot, stream.rows, error)
+
+        try:
+            run_dir = Path(self.config.run_dir or self.config.data_dir)
+            stream = SnapshotStream(self.store, self._ctx or zmq.Context.instance(), run_dir,
+                                    what, namespace, timeout=timeout)
+        except Exception as e:
+            self._snapshots.release()
+            reply(None, e)
+            return
+        stream.start(done)
+        reply(Response.json({"endpoint": stream.endpoint, "slot": self.config.slot,
+                             "applied_seq": stream.applied_seq, "cut_seq": stream.cut_seq}), None)
+
+    async def _objects_page(self, namespace: str, after: str | None, limit: int,
+                            prefix: str | None, reply: Any) -> None:
+        try:
+            await self._snapshot_turn()
+        except Exception as e:
+            reply(None, e)
+            return
+        try:
+            cur = self.store.duck._con.cursor()
+            try:
+                overlay = Overlay.of(self.store.capture(cur)[0])
+                rows = await asyncio.to_thread(_list_objects, cur, overlay, namespace,
+                                               start_after=after, limit=limit, prefix=prefix)
+            finally:
+                with contextlib.suppress(Exception):
+                    cur.execute("ROLLBACK")
+                cur.close()
+            reply(Response.json({"objects": rows}), None)
+        except Exception as e:
+            reply(None, e)
+        finally:
+            self._snapshots.release()
 
     def _backup(self, request: Any, reply: Any) -> None:
         """`durable backup`: pin the slot's files (nothing applied, none deleted) or release them."""

@@ -373,6 +373,112 @@ def restore_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def objects_cmd(args: argparse.Namespace) -> int:
+    """`durable objects NS`: the namespace's objects, a page at a time (docs/query.md)."""
+    _config, client = _daemon(args)
+    out: list[Any] = []
+    try:
+        agen = client._client.namespace(args.namespace).list_objects(
+            prefix=args.prefix, limit=args.limit, start_after=args.start_after)
+        while True:
+            try:
+                info = client._run(agen.__anext__())
+            except StopAsyncIteration:
+                break
+            out.append(info)
+            if not args.json:
+                print(f"{info.id}  {info.name if info.name is not None else '-'}  "
+                      f"keys={info.keys} bytes={info.bytes} "
+                      f"updated={_iso(info.updated_at)} alarm={_iso(info.alarm)}", flush=True)
+    except Exception as e:
+        return _fail(f"{type(e).__name__}: {e}", 1)
+    finally:
+        client.close()
+    if args.json:
+        print(orjson.dumps([{"id": o.id, "name": o.name, "keys": o.keys, "bytes": o.bytes,
+                             "updated_at": o.updated_at, "alarm": o.alarm} for o in out],
+                           option=orjson.OPT_INDENT_2).decode())
+    elif not out:
+        print("(no objects)", file=sys.stderr)
+    return 0
+
+
+def _iso(when: dt.datetime | None) -> str:
+    return "-" if when is None else when.isoformat(timespec="milliseconds")
+
+
+def sql_cmd(args: argparse.Namespace) -> int:
+    """`durable sql "SELECT ..."`: read-only SQL over every object's storage."""
+    from durable.query import to_json_rows
+    _config, client = _daemon(args)
+    try:
+        result = client._run(client._client.sql(args.query, namespace=args.namespace,
+                                                timeout=args.timeout,
+                                                memory_limit=args.memory_limit))
+    except Exception as e:
+        return _fail(f"{type(e).__name__}: {e}", 1)
+    finally:
+        client.close()
+    if args.json:
+        sys.stdout.buffer.write(to_json_rows(result) + b"\n")
+    elif args.csv:
+        import csv
+        w = csv.writer(sys.stdout)
+        w.writerow(result.columns)
+        w.writerows(result.rows)
+    else:
+        _table(result.columns, result.rows)
+    return 0
+
+
+def _table(columns: list[str], rows: list[tuple]) -> None:
+    cells = [[("NULL" if v is None else str(v)) for v in row] for row in rows]
+    width = [max([len(c)] + [min(len(r[i]), 60) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, width, strict=True)).rstrip())
+    print("  ".join("-" * w for w in width))
+    for r in cells:
+        print("  ".join((v if len(v) <= 60 else v[:59] + "…").ljust(w)
+                        for v, w in zip(r, width, strict=True)).rstrip())
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})", file=sys.stderr)
+
+
+def export_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from durable.query import export
+    config, client = _daemon(args)
+    try:
+        secret = (config.data_path / "secret").read_bytes()
+        manifest = client._run(export(client._client, Path(args.dest), namespace=args.namespace,
+                                      file_format=args.format, secret=secret,
+                                      say=_say(args)))
+    except Exception as e:
+        return _fail(f"export failed: {type(e).__name__}: {e}", 1)
+    finally:
+        client.close()
+    _emit(args, manifest, f"exported {manifest['rows']:,} rows of {manifest['objects']:,} objects "
+                          f"and {manifest['alarms']:,} alarms to {args.dest}; load them into an "
+                          f"empty data dir with: durable import {args.dest}")
+    return 0
+
+
+def import_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .datadir import DataDirError
+    from .dataio import ImportError_, import_export
+    config = _config_only(args)
+    try:
+        result = import_export(config, Path(args.src), say=_say(args))
+    except (ImportError_, DataDirError) as e:
+        return _fail(f"{e}; the data dir was left empty", 1)
+    text = [f"imported {result['rows']:,} rows of {result['objects']:,} objects and "
+            f"{result['alarms']:,} alarms into {result['data_dir']} in {result['seconds']:.1f} s; "
+            "start the daemon with `durable serve`", *result["notes"]]
+    _emit(args, result, "\n".join(text))
+    return 0
+
+
 def reload_cmd(args: argparse.Namespace) -> int:
     """SIGHUP to the supervisor, then follow the reload to its end (progress on stderr)."""
     import signal
@@ -488,6 +594,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config")
     p.add_argument("src", help="a directory written by `durable backup`")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("objects", help="list a namespace's objects (id, name, keys, bytes, "
+                       "last write, alarm), by id")
+    p.add_argument("--config")
+    p.add_argument("namespace")
+    p.add_argument("--prefix", help="only objects whose name starts with this")
+    p.add_argument("--limit", type=int, help="at most this many")
+    p.add_argument("--start-after", help="resume after this object id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("sql", help="run one read-only SQL query over every object's storage "
+                       "(views kv, objects, alarms; docs/query.md)")
+    p.add_argument("--config")
+    p.add_argument("query")
+    p.add_argument("--namespace", help="fetch only this namespace's rows (faster)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before it is stopped")
+    p.add_argument("--memory-limit", default="2GB", help="DuckDB's memory limit for the query")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="rows as a JSON array of objects")
+    form.add_argument("--csv", action="store_true", help="rows as CSV with a header")
+    form.add_argument("--table", action="store_true", help="an aligned table (the default)")
+    p = sub.add_parser("export", help="write every object's rows and alarms to DEST (online, "
+                       "one consistent point per slot)")
+    p.add_argument("--config")
+    p.add_argument("dest", help="a new or empty directory")
+    p.add_argument("--namespace", help="only this namespace")
+    p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("import", help="load an export into the (empty) configured data dir")
+    p.add_argument("--config")
+    p.add_argument("src", help="a directory written by `durable export`")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("reload", help="re-read the config and roll the object processes and "
                        "gateways onto it (and onto new code) one at a time")
     p.add_argument("--config")
@@ -500,7 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"serve": serve, "status": status_cmd, "call": call_cmd, "inspect": inspect_cmd,
                 "keygen": keygen_cmd, "verify": verify_cmd, "repair": repair_cmd,
-                "backup": backup_cmd, "restore": restore_cmd, "reload": reload_cmd}
+                "backup": backup_cmd, "restore": restore_cmd, "reload": reload_cmd,
+                "objects": objects_cmd, "sql": sql_cmd, "export": export_cmd,
+                "import": import_cmd}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's status for it

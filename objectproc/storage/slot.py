@@ -225,6 +225,9 @@ class SlotStore:
         self._pin_timer: asyncio.TimerHandle | None = None
         self._overlay: dict[bytes, _Pending] = {}
         self._unapplied: deque[_Record] = deque()
+        #: the batch the applier took from ``_unapplied`` and has not finished applying
+        #: (both change under ``_apply_cond``, so that :meth:`capture` misses no record)
+        self._in_flight: list[_Record] = []
         #: records that change an alarm, not yet durable (``on_alarm`` hears of each once it is)
         self._alarm_records: deque[_Record] = deque()
         #: set by the object process's alarm scheduler: ``on_alarm(obj, due_ms or None)``
@@ -609,18 +612,24 @@ class SlotStore:
         durable = self.log.durable_seq
         cap = _LIVE_BATCH if len(self._unapplied) < _BACKLOG else _REPLAY_BATCH
         size = 0
-        while (self._unapplied and self._unapplied[0].seq <= durable and len(batch) < cap
-               and size < _BATCH_BYTES):
-            rec = self._unapplied.popleft()
-            batch.append(rec)
-            size += rec.size
+        with self._apply_cond:
+            while (self._unapplied and self._unapplied[0].seq <= durable and len(batch) < cap
+                   and size < _BATCH_BYTES):
+                rec = self._unapplied.popleft()
+                batch.append(rec)
+                size += rec.size
+            self._in_flight = batch
         if not batch:
             return
         try:
             self._apply_writesets([r.ws for r in batch], batch[-1].seq)
         except duckdb.Error as e:
-            self._unapplied.extendleft(reversed(batch))  # still durable in the log
+            with self._apply_cond:
+                self._unapplied.extendleft(reversed(batch))  # still durable in the log
+                self._in_flight = []
             self._duck_write_failed(e)
+        with self._apply_cond:
+            self._in_flight = []
         self.applied_seq = batch[-1].seq
         self._clear_duck_full()
         self.loop.call_soon_threadsafe(self._forget, batch)
@@ -764,6 +773,29 @@ class SlotStore:
         finally:
             with self._apply_cond:
                 self._urgent -= 1
+
+    def capture(self, cursor: duckdb.DuckDBPyConnection) -> tuple[list[WriteSet], int, int]:
+        """Begin a read-only snapshot of the slot on ``cursor`` (a cursor of ``self.duck``).
+
+        Returns the write sets DuckDB's snapshot may lack, oldest first, and the
+        snapshot's ``(applied_seq, cut_seq)``. Folding those write sets over the
+        snapshot's rows gives the slot as of record ``cut_seq``: every write
+        acknowledged before this call, and no write that is not durable. (Write
+        sets the snapshot already holds may be among them: folding a record again
+        changes nothing, as long as every later one is folded after it.)
+        """
+        self.check_usable()
+        with self._apply_cond:  # the applier takes batches and sets _in_flight under it
+            cut = self.log.durable_seq
+            records = [r.ws for r in self._in_flight]
+            for rec in list(self._unapplied):  # (list(): atomic against the loop's appends)
+                if rec.seq > cut:
+                    break
+                records.append(rec.ws)
+            cursor.execute("BEGIN TRANSACTION")
+            # (DuckDB starts a transaction's snapshot at its first read: read now, under the lock)
+            applied = cursor.execute("SELECT v FROM meta WHERE k = 'applied_seq'").fetchall()[0][0]
+        return records, applied, cut
 
     def statistics(self) -> dict[str, Any]:
         """Figures for `durable status` (cheap: a few stat calls)."""

@@ -504,3 +504,26 @@ class SecretReader(DurableObject):
 
     async def secrets(self) -> dict:
         return dict(self.env.secrets)
+
+
+class Store(DurableObject):
+    """Storage by method: any value, any keys, alarms (the query and export tests)."""
+
+    async def put(self, entries: dict) -> int:
+        await self.state.storage.put(entries)
+        return len(entries)
+
+    async def get(self, key: str):
+        return await self.state.storage.get(key)
+
+    async def everything(self) -> dict:
+        return await self.state.storage.list()
+
+    async def delete_all(self) -> None:
+        await self.state.storage.delete_all()
+
+    async def arm(self, at_ms: float) -> None:
+        await self.state.storage.set_alarm(at_ms)
+
+    async def alarm(self, info=None) -> None:  # armed far ahead in the tests: never runs
+        await self.state.storage.put("alarm ran", True)

@@ -1,0 +1,452 @@
+"""See and query every object: ``list_objects``, read-only SQL, export (docs/query.md).
+
+Each slot streams a consistent snapshot of its rows (``objectproc/query.py``)
+to the process that asked; that process runs the SQL in a DuckDB of its own,
+in memory, over these views:
+
+* ``kv(namespace, object_id, object_name, key, value JSON, updated_at)``
+* ``objects(namespace, object_id, object_name, keys, bytes, updated_at, alarm)``
+* ``alarms(namespace, object_id, object_name, scheduled_at)``
+
+So a query never touches the daemon's files, costs the daemon only the
+streaming of rows (a thread per slot, at most two at once), and its own CPU
+and memory are bounded here (``threads``, ``memory_limit``, ``timeout``).
+What a query may do is checked twice: one statement, of type SELECT (which
+covers WITH, DESCRIBE, SHOW, SUMMARIZE, FROM and VALUES), and a DuckDB with
+external access and extension loading off and its settings locked, so no
+function can reach a file (``read_csv``, ``COPY``, ``ATTACH``, ``INSTALL``).
+
+Only the daemon's operator endpoint (``ipc://RUN_DIR/admin.sock``, 0700)
+accepts these requests: connect with ``durable.connect(config.admin())``,
+which only the daemon's user can open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+import zmq
+
+from .errors import CallTimeoutError, QueryError
+
+__all__ = ["QueryResult", "ObjectInfo", "check_query", "sql", "list_objects", "snapshot",
+           "Snapshot", "views", "NAME_PREFIX"]
+
+QUERY_METHOD = "QUERY"
+QUERY_URL = "durable:query"
+NAME_PREFIX = "_durable_name_"  # (objectproc/query.py: where object names are stored)
+
+KV_SCHEMA = pa.schema([("namespace", pa.string()), ("object_id", pa.string()),
+                       ("key", pa.string()), ("value", pa.string()), ("t", pa.int64())])
+ALARMS_SCHEMA = pa.schema([("namespace", pa.string()), ("object_id", pa.string()),
+                           ("due", pa.int64())])
+
+# The views over the raw rows (durable_kv_raw, durable_alarms_raw). Times are UTC.
+_VIEWS = f"""
+CREATE VIEW durable_names AS
+  SELECT namespace[{len(NAME_PREFIX) + 1}:] AS namespace, object_id,
+         json_extract_string(value, '$') AS name
+  FROM durable_kv_raw WHERE starts_with(namespace, '{NAME_PREFIX}') AND key = 'name';
+CREATE VIEW kv AS
+  SELECT r.namespace, r.object_id, n.name AS object_name, r.key, r.value::JSON AS value,
+         make_timestamp(r.t * 1000) AS updated_at
+  FROM durable_kv_raw r LEFT JOIN durable_names n
+    ON r.namespace = n.namespace AND r.object_id = n.object_id
+  WHERE NOT starts_with(r.namespace, '{NAME_PREFIX}');
+CREATE VIEW alarms AS
+  SELECT a.namespace, a.object_id, n.name AS object_name,
+         make_timestamp(a.due * 1000) AS scheduled_at
+  FROM durable_alarms_raw a LEFT JOIN durable_names n
+    ON a.namespace = n.namespace AND a.object_id = n.object_id;
+CREATE VIEW objects AS
+  WITH k AS (SELECT namespace, object_id, any_value(object_name) AS object_name,
+                    count(*) AS keys,
+                    sum(octet_length(encode(key)) + octet_length(encode(value::VARCHAR))) AS bytes,
+                    max(updated_at) AS updated_at
+             FROM kv GROUP BY namespace, object_id)
+  SELECT coalesce(k.namespace, a.namespace) AS namespace,
+         coalesce(k.object_id, a.object_id) AS object_id,
+         coalesce(k.object_name, a.object_name) AS object_name,
+         coalesce(k.keys, 0) AS keys, coalesce(k.bytes, 0)::BIGINT AS bytes, k.updated_at,
+         a.scheduled_at AS alarm
+  FROM k FULL OUTER JOIN alarms a ON k.namespace = a.namespace AND k.object_id = a.object_id;
+"""
+_NEEDS = {"kv": {"kv"}, "objects": {"kv", "alarms"}, "alarms": {"alarms"}}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """A query's answer: column names and rows (tuples of Python values)."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+    #: per slot, the log record the snapshot stands at (every write acknowledged before is in)
+    cut: dict[int, int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.rows)
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as ``list_objects`` sees it (``keys``/``bytes``: its stored keys and their
+    key + value bytes; ``updated_at``: its last write still stored, UTC)."""
+
+    namespace: str
+    id: str
+    name: str | None
+    keys: int
+    bytes: int
+    updated_at: dt.datetime | None
+    alarm: dt.datetime | None
+
+
+def _utc(ms: int | None) -> dt.datetime | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+def check_query(query: str) -> set[str]:
+    """Refuse anything but one read-only statement; return the views it reads."""
+    if not isinstance(query, str) or not query.strip():
+        raise QueryError("the query is empty; give one SELECT statement")
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise QueryError(f"the query does not parse: {e}") from None
+    if len(statements) != 1:
+        raise QueryError(f"the query holds {len(statements)} statements; give exactly one "
+                         "read-only statement (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE)")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise QueryError(f"only read-only statements may run (SELECT, WITH, DESCRIBE, SHOW, "
+                         f"SUMMARIZE); this one is {kind.name}")
+    try:
+        names = {n.lower() for n in duckdb.connect().get_table_names(query)}
+    except duckdb.Error:
+        names = set()
+    words = {w.lower() for w in re.findall(r"[A-Za-z_]+", query)}
+    needed: set[str] = set()
+    for view, raw in _NEEDS.items():
+        if view in names or view in words:
+            needed |= raw
+    return needed
+
+
+def views(con: duckdb.DuckDBPyConnection, kv: pa.Table | None, alarms: pa.Table | None) -> None:
+    """Lay the views over raw rows (None: none of that kind) on ``con``."""
+    con.register("durable_kv_raw", kv if kv is not None else KV_SCHEMA.empty_table())
+    con.register("durable_alarms_raw",
+                 alarms if alarms is not None else ALARMS_SCHEMA.empty_table())
+    con.execute(_VIEWS)
+
+
+def locked_engine(*, memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that can reach no file and load nothing, its settings locked."""
+    return duckdb.connect(config={
+        "threads": threads, "memory_limit": memory_limit,
+        "enable_external_access": False, "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False, "allow_community_extensions": False,
+        "lock_configuration": True})
+
+
+# -- talking to the slots ---------------------------------------------------------------
+async def _slot_stubs(client: Any, namespace: str | None) -> list[Any]:
+    """A stub per slot (an object id the ring puts there): operator requests for a slot go
+    to its process through any object it hosts."""
+    from durable.broker.ring import Ring
+    stats = await client.statistics()
+    slots = len(stats["slots"])
+    names = [namespace] if namespace else client.namespaces
+    if not names:
+        raise QueryError("the daemon serves no namespace")
+    ns = client.namespace(names[0])
+    ring = Ring(slots)
+    found: dict[int, Any] = {}
+    for i in range(100_000):
+        oid = ns.id_from_name(f"durable-query-{i}")
+        found.setdefault(ring.slot_for(str(oid)), oid)
+        if len(found) == slots:
+            break
+    return [ns.get(found[s]) for s in range(slots)]
+
+
+async def _ask(stub: Any, url: str, timeout: float) -> dict[str, Any]:
+    from .errors import DurableError
+    try:
+        resp = await stub.fetch(url, method=QUERY_METHOD, timeout=timeout)
+    except PermissionError as e:
+        raise QueryError(f"{e}. Queries are for local operators: connect to the daemon's "
+                         "operator endpoint (durable.connect(config.admin()))") from None
+    except DurableError as e:
+        if "operator request" in str(e):
+            raise QueryError(f"{e}. Queries are for local operators: connect to the daemon's "
+                             "operator endpoint (durable.connect(config.admin()))") from None
+        raise
+    if resp.status != 200:
+        raise QueryError(f"slot refused the query: {resp.status} {await resp.text()}")
+    return await resp.json()
+
+
+@dataclass
+class Snapshot:
+    """Every slot's rows as of one point per slot (``cut``: slot -> log record)."""
+
+    kv: pa.Table | None
+    alarms: pa.Table | None
+    cut: dict[int, int]
+    bytes: int
+
+
+async def snapshot(client: Any, what: set[str], *, namespace: str | None = None,
+                   timeout: float = 60.0, max_bytes: int = 4 << 30,
+                   progress: Callable[[int, int], None] | None = None) -> Snapshot:
+    """Fetch ``what`` (``kv``, ``alarms``) from every slot; ``progress(rows, bytes)``."""
+    deadline = time.monotonic() + timeout
+    stubs = await _slot_stubs(client, namespace)
+    opened: list[tuple[str, dict[str, Any]]] = []
+    q = f"&ns={namespace}" if namespace else ""
+    if not what:  # nothing to fetch: still only for operators
+        await _ask(stubs[0], f"{QUERY_URL}?op=ping", timeout)
+    for kind in sorted(what):
+        replies = await asyncio.gather(*(
+            _ask(s, f"{QUERY_URL}?op=snapshot&what={kind}&timeout={timeout:g}{q}", timeout)
+            for s in stubs))
+        opened.extend((kind, r) for r in replies)
+    batches, cut, size = await asyncio.to_thread(_receive, opened, deadline, max_bytes, progress)
+    tables: dict[str, pa.Table | None] = {"kv": None, "alarms": None}
+    for kind in what:
+        schema = KV_SCHEMA if kind == "kv" else ALARMS_SCHEMA
+        got = [b.cast(schema) if b.schema != schema else b for b in batches[kind]]
+        tables[kind] = pa.Table.from_batches(got, schema=schema)
+    return Snapshot(tables["kv"], tables["alarms"], cut, size)
+
+
+def _receive(opened: list[tuple[str, dict[str, Any]]], deadline: float, max_bytes: int,
+             progress: Callable[[int, int], None] | None
+             ) -> tuple[dict[str, list[pa.RecordBatch]], dict[int, int], int]:
+    ctx = zmq.Context.instance()
+    socks: dict[zmq.Socket[Any], tuple[str, dict[str, Any]]] = {}
+    poller = zmq.Poller()
+    out: dict[str, list[pa.RecordBatch]] = {"kv": [], "alarms": []}
+    cut: dict[int, int] = {}
+    size = rows = 0
+    try:
+        for kind, reply in opened:
+            s = ctx.socket(zmq.PULL)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVHWM, 4)
+            s.connect(reply["endpoint"])
+            socks[s] = (kind, reply)
+            poller.register(s, zmq.POLLIN)
+            cut[reply["slot"]] = reply["cut_seq"]
+        last = 0.0
+        while socks:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CallTimeoutError("the query's time ran out while the slots sent their rows; "
+                                       "give it a longer timeout or narrow it to a namespace")
+            for s, _ in poller.poll(min(left, 1.0) * 1000):
+                tag, data = s.recv_multipart(copy=False)
+                kind, reply = socks[s]
+                if tag.bytes == b"D":
+                    buf = data.buffer
+                    size += len(buf)
+                    if size > max_bytes:
+                        raise QueryError(
+                            f"the rows to query passed {max_bytes / 2**20:.0f} MiB; narrow the "
+                            "query to a namespace or allow more memory")
+                    for batch in pa.ipc.open_stream(pa.py_buffer(buf)):
+                        out[kind].append(batch)
+                        rows += batch.num_rows
+                elif tag.bytes == b"E":
+                    poller.unregister(s)
+                    s.close()
+                    del socks[s]
+                else:
+                    raise QueryError(f"slot {reply['slot']} could not send its rows: "
+                                     f"{data.bytes.decode(errors='replace')}")
+            if progress is not None and time.monotonic() - last >= 0.5:
+                last = time.monotonic()
+                progress(rows, size)
+        if progress is not None:
+            progress(rows, size)
+    finally:
+        for s in socks:
+            s.close()
+    return out, cut, size
+
+
+def _run(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> tuple[list[str], list[tuple]]:
+    """Run ``query``, interrupted once ``timeout`` seconds pass."""
+    timer = threading.Timer(max(timeout, 0.001), con.interrupt)
+    timer.start()
+    try:
+        cur = con.execute(query)
+        rows = cur.fetchall()
+        columns = [d[0] for d in cur.description or []]
+    except duckdb.InterruptException:
+        raise CallTimeoutError(f"the query ran past its timeout ({timeout:.1f} s left) and was "
+                               "stopped; give it a longer timeout or narrow it") from None
+    except duckdb.PermissionException as e:
+        raise QueryError(f"queries may not reach files or extensions: {e}") from None
+    except duckdb.OutOfMemoryException as e:
+        raise QueryError(f"the query needs more memory than its limit: {e}") from None
+    except duckdb.Error as e:
+        raise QueryError(f"{type(e).__name__}: {e}") from None
+    finally:
+        timer.cancel()
+    return columns, rows
+
+
+async def sql(client: Any, query: str, *, namespace: str | None = None, timeout: float = 60.0,
+              memory_limit: str = "2GB", threads: int = 1) -> QueryResult:
+    """Run one read-only SQL statement over every object's storage (see the module doc)."""
+    needed = check_query(query)
+    deadline = time.monotonic() + timeout
+    snap = await snapshot(client, needed, namespace=namespace, timeout=timeout)
+
+    def run() -> tuple[list[str], list[tuple]]:
+        con = locked_engine(memory_limit=memory_limit, threads=threads)
+        try:
+            views(con, snap.kv, snap.alarms)
+            return _run(con, query, deadline - time.monotonic())
+        finally:
+            con.close()
+
+    columns, rows = await asyncio.to_thread(run)
+    return QueryResult(columns, rows, snap.cut)
+
+
+async def list_objects(client: Any, namespace: str, *, prefix: str | None = None,
+                       limit: int | None = None, start_after: str | None = None,
+                       page: int = 1000, timeout: float = 60.0) -> AsyncIterator[ObjectInfo]:
+    """Objects of ``namespace`` holding a key or an alarm, by id; names filtered by ``prefix``.
+
+    Fetched ``page`` at a time from every slot (each page is consistent per
+    slot; pages are taken at successive points, as a paginated listing is).
+    """
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    if type(page) is not int or not 1 <= page <= 10_000:
+        raise ValueError(f"page must be between 1 and 10000, got {page!r}")
+    client.namespace(namespace)  # (an unknown namespace raises here, with the known ones)
+    stubs = await _slot_stubs(client, namespace)
+    after = start_after
+    given = 0
+    from urllib.parse import quote
+    while True:
+        want = page if limit is None else min(page, limit - given)
+        url = (f"{QUERY_URL}?op=objects&ns={namespace}&limit={want}"
+               + (f"&after={quote(after)}" if after else "")
+               + (f"&prefix={quote(prefix)}" if prefix else ""))
+        replies = await asyncio.gather(*(_ask(s, url, timeout) for s in stubs))
+        merged = sorted((row for r in replies for row in r["objects"]), key=lambda row: row[0])
+        for oid, name, keys, nbytes, t, due in merged[:want]:
+            yield ObjectInfo(namespace, oid, name, keys, nbytes, _utc(t), _utc(due))
+            given += 1
+        more = len(merged) > want or any(len(r["objects"]) == want for r in replies)
+        if not merged or not more or (limit is not None and given >= limit):
+            return
+        after = merged[min(want, len(merged)) - 1][0]  # the last one given
+
+
+def to_json_rows(result: QueryResult) -> bytes:
+    """The rows as a JSON array of objects (datetimes ISO 8601, decimals and the rest as text)."""
+    return orjson.dumps(result.dicts(), default=str, option=orjson.OPT_NON_STR_KEYS)
+
+
+EXPORT_FORMAT = "durable export v1"
+
+
+def _new_dir(dest: Any) -> Any:
+    dest = dest.absolute()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise QueryError(f"export destination {dest} is not a new or empty directory")
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return dest
+EXPORT_MANIFEST = "manifest.json"
+
+
+async def export(client: Any, dest: Any, *, namespace: str | None = None,
+                 file_format: str = "parquet", secret: bytes | None = None,
+                 timeout: float = 3600.0, max_bytes: int = 16 << 30,
+                 say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Write every object's rows (as the ``kv`` view has them) and alarms into the new or
+    empty directory ``dest``, from one snapshot per slot; return the manifest.
+
+    ``secret``: the daemon's id secret, kept beside the rows (0600) so that an import
+    gives every object its old id. The rows are held in memory on the way (~100 bytes
+    each); for data larger than memory, use ``durable backup``.
+    """
+    import os
+    from pathlib import Path
+
+    from . import __version__
+    from .fsutil import write_durably
+    if file_format not in ("parquet", "jsonl"):
+        raise ValueError(f"format must be parquet or jsonl, got {file_format!r}")
+    dest = await asyncio.to_thread(_new_dir, Path(dest))
+    started = time.time()
+    last = [0.0]
+
+    def progress(rows: int, size: int) -> None:
+        if time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            say(f"received {rows:,} rows ({size / 2**20:.0f} MiB)")
+
+    snap = await snapshot(client, {"kv", "alarms"}, namespace=namespace, timeout=timeout,
+                          max_bytes=max_bytes, progress=progress)
+    say(f"received every slot's rows ({snap.bytes / 2**20:.0f} MiB); writing {file_format}")
+    ext = "parquet" if file_format == "parquet" else "jsonl"
+    options = "FORMAT parquet, COMPRESSION zstd" if ext == "parquet" else "FORMAT json"
+
+    def write() -> dict[str, int]:
+        con = duckdb.connect(config={"threads": 2, "autoinstall_known_extensions": False,
+                                     "autoload_known_extensions": False})
+        try:
+            views(con, snap.kv, snap.alarms)
+            counts = {}
+            for name, sql_text in (
+                    ("kv", "SELECT namespace, object_id, object_name, key, value, updated_at "
+                           "FROM kv"),
+                    ("alarms", "SELECT namespace, object_id, object_name, scheduled_at "
+                               "FROM alarms")):
+                path = str(dest / f"{name}.{ext}").replace("'", "''")
+                con.execute(f"COPY ({sql_text}) TO '{path}' ({options})")
+                os.chmod(dest / f"{name}.{ext}", 0o600)
+                counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
+            counts["objects"] = con.execute(
+                "SELECT count(*) FROM (SELECT DISTINCT namespace, object_id FROM kv)").fetchall()[0][0]
+            return counts
+        finally:
+            con.close()
+
+    counts = await asyncio.to_thread(write)
+    if secret is not None:
+        write_durably(dest / "secret", secret)
+        os.chmod(dest / "secret", 0o600)
+    manifest = {"format": EXPORT_FORMAT, "durable": __version__, "file_format": file_format,
+                "created": started, "finished": time.time(), "namespace": namespace,
+                "rows": counts["kv"], "objects": counts["objects"], "alarms": counts["alarms"],
+                "files": [f"kv.{ext}", f"alarms.{ext}"] + (["secret"] if secret else []),
+                "cut": {str(k): v for k, v in sorted(snap.cut.items())}}
+    write_durably(dest / EXPORT_MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return manifest
