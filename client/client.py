@@ -435,7 +435,7 @@ class Client:
         return sorted(self._keys)
 
     async def sql(self, query: str, *, namespace: str | None = None, timeout: float = 60.0,
-                  memory_limit: str = "2GB", threads: int = 1) -> QueryResult:
+                  memory_limit: str = "2GB", threads: int = 2) -> QueryResult:
         """Run one read-only SQL statement over every object's storage (views ``kv``,
         ``objects``, ``alarms``; docs/query.md). Needs a client of the operator endpoint.
         The query runs in this process, bounded by ``timeout``, ``memory_limit`` and

@@ -557,8 +557,8 @@ class ObjectProcess:
                                            q.get("prefix") or None, reply))
         elif op == "snapshot":
             what = q.get("what", "kv")
-            if what not in ("kv", "alarms"):
-                raise ValueError(f"what must be kv or alarms, got {what!r}")
+            if what not in ("kv", "names", "alarms"):
+                raise ValueError(f"what must be kv, names or alarms, got {what!r}")
             timeout = min(float(q.get("timeout", "60")), 3600.0)
             self._spawn(self._snapshot(what, namespace, timeout, reply))
         else:

@@ -68,6 +68,7 @@ import asyncio
 import gc
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -1242,6 +1243,136 @@ def metrics_suite(quick: bool) -> dict[str, Any]:
             "calls_per_s_ratio": round(with_["calls_per_s"] / without["calls_per_s"], 3)}
 
 
+QUERY_CONFIG = """
+data_dir = "{data}"
+slots = 2
+[broker]
+heartbeat = 1.0
+[namespaces.KV]
+class = "tests.integration.objects:KV"
+[namespaces.Other]
+class = "tests.integration.objects:KV"
+"""
+
+
+def make_export(dest: Path, objects: int) -> float:
+    """An export of ``objects`` named objects of 3 keys each (half in KV, half in Other), as
+    `durable export --format parquet` writes it, with its id secret; return the seconds."""
+    import secrets as _secrets
+
+    import duckdb
+    import pyarrow as pa
+
+    from durable.ids import IdFactory, namespace_key
+    from durable.query import EXPORT_FORMAT
+    t = time.perf_counter()
+    dest.mkdir(mode=0o700)
+    secret = _secrets.token_bytes(32)
+    (dest / "secret").write_bytes(secret)
+    ids = {ns: IdFactory(ns, namespace_key(secret, ns)) for ns in ("KV", "Other")}
+    nss, oids, names = [], [], []
+    for i in range(objects):
+        ns = "KV" if i % 2 else "Other"
+        name = f"object-{i}"
+        nss.append(ns)
+        oids.append(str(ids[ns].from_name(name)))
+        names.append(name)
+    base = pa.table({"namespace": nss, "object_id": oids, "object_name": names,
+                     "i": pa.array(range(objects), pa.int64())})
+    con = duckdb.connect()
+    con.register("base", base)
+    con.execute(
+        "COPY (SELECT namespace, object_id, object_name, k AS key, "
+        "(CASE k WHEN 'count' THEN (i % 1000)::VARCHAR WHEN 'name' THEN to_json(object_name)::VARCHAR "
+        "ELSE '{\"score\":' || i || ',\"tags\":[\"l\",\"a\",\"b\"]}' END)::JSON AS value, "
+        "make_timestamp(1764460800000000 + i * 1000) AS updated_at "
+        "FROM base, (VALUES ('count'), ('name'), ('meta')) ks(k)) "
+        f"TO '{dest / 'kv.parquet'}' (FORMAT parquet, COMPRESSION zstd)")
+    con.execute("COPY (SELECT 'KV' AS namespace, '' AS object_id, '' AS object_name, "
+                "now()::TIMESTAMP AS scheduled_at WHERE false) "
+                f"TO '{dest / 'alarms.parquet'}' (FORMAT parquet)")
+    con.close()
+    (dest / "manifest.json").write_bytes(orjson.dumps({
+        "format": EXPORT_FORMAT, "file_format": "parquet", "rows": objects * 3,
+        "objects": objects, "alarms": 0}))
+    return time.perf_counter() - t
+
+
+def query_suite(quick: bool, objects: int) -> dict[str, Any]:
+    """#17's targets: SQL, listing and export over ``objects`` objects of 3 keys each, and how
+    object calls fare during a full scan."""
+    from harness import serving
+
+    import durable
+
+    objects = 20_000 if quick else objects
+    out: dict[str, Any] = {"objects": objects, "rows": objects * 3}
+    with tempfile.TemporaryDirectory(prefix="durable-query-") as tmp:
+        src = Path(tmp) / "export"
+        out["generate_s"] = round(make_export(src, objects), 2)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
+
+        def prepare(root: Path) -> None:
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "import",
+                                str(src), "--json", "--config", str(root / "durable.toml")],
+                               env=env, capture_output=True, text=True, timeout=1800)
+            if r.returncode != 0:
+                raise RuntimeError(f"durable import failed: {r.stderr}")
+            out["import_s"] = round(time.perf_counter() - t, 2)
+
+        with serving(QUERY_CONFIG, prepare=prepare) as d:
+            async def run() -> None:
+                admin = f"ipc://{d.root / 'data' / 'run' / 'admin.sock'}"
+                async with durable.connect(admin, timeout=120) as c:
+                    async def timed(fn: Any, n: int = 3) -> tuple[float, Any]:
+                        times, last = [], None
+                        for _ in range(n):
+                            t = time.perf_counter()
+                            last = await fn()
+                            times.append(time.perf_counter() - t)
+                        return round(statistics.median(times), 3), last
+
+                    s, r = await timed(lambda: c.sql("SELECT count(*) FROM kv", timeout=300))
+                    assert r.rows[0][0] == objects * 3, r.rows
+                    out["count_s"] = s
+                    s, r = await timed(lambda: c.sql(
+                        "SELECT namespace, count(*) AS rows, count(DISTINCT object_id) AS objects, "
+                        "sum(CAST(value->>'$.score' AS BIGINT)) AS score FROM kv "
+                        "GROUP BY namespace ORDER BY namespace", timeout=300))
+                    out["group_by_namespace_s"] = s
+                    out["group_by_rows"] = [list(x) for x in r.rows]
+
+                    async def first_page() -> list[Any]:
+                        return [o async for o in c.namespace("KV").list_objects(limit=1000)]
+                    s, page = await timed(first_page)
+                    assert len(page) == 1000
+                    out["list_first_1000_s"] = s
+
+                    async def export_once() -> dict[str, Any]:
+                        dest = Path(tmp) / f"out-{time.monotonic_ns()}"
+                        try:
+                            return await durable.query.export(c, dest, timeout=600)
+                        finally:
+                            import shutil
+                            shutil.rmtree(dest, ignore_errors=True)
+                    s, manifest = await timed(export_once)
+                    assert manifest["rows"] == objects * 3
+                    out["export_parquet_s"] = s
+
+                    async def scans() -> None:
+                        for _ in range(3):
+                            await c.sql("SELECT count(*), max(updated_at) FROM kv", timeout=300)
+                    before = await _probe_during(d.frontend, asyncio.ensure_future(asyncio.sleep(5)))
+                    during = await _probe_during(d.frontend, asyncio.ensure_future(scans()))
+                    out["calls_before"], out["calls_during_scan"] = before, during
+                    out["p99_ratio"] = round(during["p99_ms"] / before["p99_ms"], 2)
+
+            import durable.query  # noqa: F401
+            asyncio.run(run())
+    return out
+
+
 def _run(fn: Any, *args: Any) -> Any:
     import resource
 
@@ -1269,7 +1400,8 @@ def main(argv: list[str] | None = None) -> int:
             _echo_worker(sys.argv[2])
         return 0
     p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
-                                     "testing", "metrics"])
+                                     "testing", "metrics", "query"])
+    p.add_argument("--objects", type=int, default=1_000_000, help="query: objects of 3 keys")
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
     p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
@@ -1300,6 +1432,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [metrics_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "backup":
         runs = [backup_suite(args.quick, args.backup_mib) for _ in range(args.repeat)]
+    elif args.suite == "query":
+        runs = [query_suite(args.quick, args.objects) for _ in range(args.repeat)]
     else:
         runs = [http_suite(args.quick, args.slots, args.http_processes) for _ in range(args.repeat)]
     if held is not None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +45,16 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def serving(config: str, *, ready_timeout: float = 60.0, log_level: str = "WARNING") -> Iterator[Daemon]:
-    """``config`` may use {data} (the data dir) and {port} (a free port for [http])."""
+def serving(config: str, *, ready_timeout: float = 60.0, log_level: str = "WARNING",
+            prepare: Callable[[Path], None] | None = None) -> Iterator[Daemon]:
+    """``config`` may use {data} (the data dir) and {port} (a free port for [http]);
+    ``prepare(root)`` runs before the daemon starts (its config is ``root/durable.toml``)."""
     with tempfile.TemporaryDirectory(prefix="durable-script-") as tmp:
         root = Path(tmp)
         port = free_port()
         (root / "durable.toml").write_text(config.format(data=root / "data", port=port))
+        if prepare is not None:
+            prepare(root)
         notify_path = root / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))

@@ -411,9 +411,10 @@ def sql_cmd(args: argparse.Namespace) -> int:
     """`durable sql "SELECT ..."`: read-only SQL over every object's storage."""
     from durable.query import to_json_rows
     _config, client = _daemon(args)
+    os.nice(5)  # (an operator's query on the daemon's machine yields to the daemon)
     try:
         result = client._run(client._client.sql(args.query, namespace=args.namespace,
-                                                timeout=args.timeout,
+                                                timeout=args.timeout, threads=args.threads,
                                                 memory_limit=args.memory_limit))
     except Exception as e:
         return _fail(f"{type(e).__name__}: {e}", 1)
@@ -609,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--namespace", help="fetch only this namespace's rows (faster)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before it is stopped")
     p.add_argument("--memory-limit", default="2GB", help="DuckDB's memory limit for the query")
+    p.add_argument("--threads", type=int, default=2, help="DuckDB threads for the query")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="rows as a JSON array of objects")
     form.add_argument("--csv", action="store_true", help="rows as CSV with a header")

@@ -22,6 +22,7 @@ from typing import Any
 
 import duckdb
 import orjson
+import pyarrow as pa
 
 from durable import codec
 from durable.broker.ring import Ring
@@ -60,6 +61,62 @@ def _rows_sql(src: Path, manifest: dict[str, Any], name: str) -> str:
         return ("SELECT namespace, object_id, object_name, key, value::VARCHAR, "
                 f"epoch_ms(updated_at) FROM {source}")
     return f"SELECT namespace, object_id, object_name, epoch_ms(scheduled_at) FROM {source}"
+
+
+class _Batch:
+    """Rows for one slot's DuckDB file, inserted together through Arrow (no per-row SQL)."""
+
+    def __init__(self) -> None:
+        self.pk: list[bytes] = []
+        self.obj: list[bytes] = []
+        self.v: list[bytes] = []
+        self.t: list[int | None] = []
+
+    def add(self, obj: bytes, key: bytes, value: bytes, t: int | None) -> None:
+        self.pk.append(obj + b"/" + key)
+        self.obj.append(obj)
+        self.v.append(value)
+        self.t.append(t)
+
+    def flush(self, store: DuckStore) -> None:
+        if not self.pk:
+            return
+        table = pa.table({"pk": pa.array(self.pk, pa.binary()),
+                          "obj": pa.array(self.obj, pa.binary()),
+                          "v": pa.array(self.v, pa.binary()), "t": pa.array(self.t, pa.int64())})
+        try:
+            store.insert_new(table)
+        except duckdb.ConstraintException as e:
+            raise ImportError_(f"the export holds a key twice ({e}); it was not written by "
+                               "`durable export`, or was changed since") from None
+        self.__init__()
+
+
+def _key(src: str, row: int, key: Any, limits: Any) -> bytes:
+    if type(key) is not str:
+        raise ImportError_(f"{src} row {row}: key {key!r} is not text")
+    try:
+        kb = key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ImportError_(f"{src} row {row}: key {key!r} is not UTF-8: {e}") from None
+    if len(kb) > limits.max_key_bytes:
+        raise ImportError_(f"{src} row {row}: key is {len(kb)} bytes; keys are limited to "
+                           f"{limits.max_key_bytes} bytes")
+    return kb
+
+
+def _value(src: str, row: int, value: Any, limits: Any) -> bytes:
+    # (SQL NULL: a JSON null that read_json gave as NULL; exported rows all have values)
+    try:
+        raw = b"null" if value is None else value.encode("utf-8")
+        v = codec.encode(codec.decode(raw))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ImportError_(f"{src} row {row}: the value is not one durable stores: "
+                           f"{e}") from None
+    if len(v) > limits.max_value_bytes:
+        raise ImportError_(f"{src} row {row}: value is {len(v)} bytes; values are limited "
+                           f"to {limits.max_value_bytes} bytes")
+    return v
 
 
 def _check_object(where: str, namespace: Any, object_id: Any) -> None:
@@ -129,8 +186,8 @@ def _import(config: Config, src: Path, manifest: dict[str, Any], data: Path,
     reader = duckdb.connect(config={"threads": 2, "autoinstall_known_extensions": False,
                                     "autoload_known_extensions": False})
     try:
-        batches: list[dict[bytes, tuple[bytes, bytes | None, int | None]]] = [
-            {} for _ in range(config.slots)]
+        batches = [_Batch() for _ in range(config.slots)]
+        label = str(src / f"kv.{'parquet' if manifest.get('file_format') == 'parquet' else 'jsonl'}")
         last = time.monotonic()
         try:
             result = reader.execute(_rows_sql(src, manifest, "kv")).fetchmany
@@ -145,45 +202,30 @@ def _import(config: Config, src: Path, manifest: dict[str, Any], data: Path,
                 break
             for namespace, object_id, name, key, value, t in chunk:
                 rows += 1
-                where = f"{src.name} row {rows}"
-                _check_object(where, namespace, object_id)
-                if type(key) is not str:
-                    raise ImportError_(f"{where}: key {key!r} is not text")
-                try:
-                    kb = key.encode("utf-8")
-                    # (SQL NULL: a JSON null that read_json gave as NULL; stored rows have values)
-                    raw = b"null" if value is None else value.encode("utf-8")
-                    v = codec.encode(codec.decode(raw))
-                except (ValueError, TypeError, AttributeError) as e:
-                    raise ImportError_(f"{where}: the value of {namespace} {object_id} key "
-                                       f"{key!r} is not a stored value: {e}") from None
-                if len(kb) > limits.max_key_bytes:
-                    raise ImportError_(f"{where}: key is {len(kb)} bytes; keys are limited to "
-                                       f"{limits.max_key_bytes} bytes")
-                if len(v) > limits.max_value_bytes:
-                    raise ImportError_(f"{where}: value is {len(v)} bytes; values are limited "
-                                       f"to {limits.max_value_bytes} bytes")
                 slot = slot_of.get(object_id)
                 if slot is None:
+                    _check_object(f"{label} row {rows}", namespace, object_id)
                     slot = slot_of[object_id] = ring.slot_for(object_id)
                     objects_seen += 1
-                namespaces.add(namespace)
+                    namespaces.add(namespace)
+                elif namespace not in namespaces:
+                    _check_object(f"{label} row {rows}", namespace, object_id)
+                    namespaces.add(namespace)
                 obj = f"{namespace}/{object_id}".encode()
-                batches[slot][obj + b"/" + kb] = (obj, v, t)
+                batches[slot].add(obj, _key(label, rows, key, limits),
+                                  _value(label, rows, value, limits), t)
                 if name is not None and obj not in named:
                     named.add(obj)
                     nobj = f"{NAME_PREFIX}{namespace}/{object_id}".encode()
-                    batches[slot][nobj + b"/name"] = (nobj, codec.encode(name), t)
+                    batches[slot].add(nobj, b"name", codec.encode(name), t)
             for n, batch in enumerate(batches):
-                if len(batch) >= _BATCH:
-                    stores[n].apply(batch, set(), 0)
-                    batches[n] = {}
+                if len(batch.pk) >= _BATCH:
+                    batch.flush(stores[n])
             if time.monotonic() - last >= 1.0:
                 last = time.monotonic()
                 say(f"imported {rows:,} rows of {objects_seen:,} objects")
         for n, batch in enumerate(batches):
-            if batch:
-                stores[n].apply(batch, set(), 0)
+            batch.flush(stores[n])
         alarms = _import_alarms(reader, src, manifest, ring, stores)
     finally:
         reader.close()

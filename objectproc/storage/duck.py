@@ -36,6 +36,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -187,6 +188,16 @@ class DuckStore:
             with contextlib.suppress(duckdb.Error):
                 w.execute("ROLLBACK")
             raise
+
+    def insert_new(self, table: Any) -> None:
+        """Bulk-load rows ``(pk, obj, v, t)`` from an Arrow table into a new file (`durable
+        import`): one INSERT, no upsert; a key already there raises ConstraintException."""
+        w = self._writer
+        w.register("durable_import", table)
+        try:
+            w.execute("INSERT INTO kv SELECT pk, obj, v, t FROM durable_import")
+        finally:
+            w.unregister("durable_import")
 
     # -- alarms ---------------------------------------------------------------------
     def read_alarm(self, obj: bytes) -> int | None:

@@ -1,0 +1,224 @@
+"""The query feature's pure parts: what a query may do, the snapshot's overlay against a
+model of storage, one slot's object listing, and the views (no sockets, no daemon)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import duckdb
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from durable import QueryError, codec
+from durable.objectproc.query import Overlay, list_objects, snapshot_sql
+from durable.objectproc.storage.duck import DuckStore
+from durable.objectproc.storage.log import ALARM_DELETE, ALARM_KEEP, WriteSet
+from durable.objectproc.storage.slot import fold
+from durable.query import ALARMS_SCHEMA, KV_SCHEMA, check_query, locked_engine, views
+
+# -- what a query may do ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1", "WITH a AS (SELECT 1) SELECT * FROM a", "DESCRIBE kv", "SHOW TABLES",
+    "SUMMARIZE kv", "FROM kv", "VALUES (1)", "select * from objects; ", "(SELECT 1) UNION (SELECT 2)"])
+def test_read_only_statements_pass(sql):
+    check_query(sql)
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY"),
+    ("ATTACH '/tmp/x.db'", "ATTACH"),
+    ("INSTALL httpfs", "LOAD"),
+    ("LOAD httpfs", "LOAD"),
+    ("CREATE TABLE x (a INT)", "CREATE"),
+    ("INSERT INTO kv VALUES (1)", "INSERT"),
+    ("DELETE FROM kv", "DELETE"),
+    ("SET threads = 8", "SET"),
+    ("PRAGMA enable_profiling", "PRAGMA"),
+    ("EXPORT DATABASE '/tmp/x'", "EXPORT"),
+    ("SELECT 1; SELECT 2", "2 statements"),
+    ("SELECT 1; DROP TABLE kv", "2 statements"),
+    ("", "empty"),
+    ("SELEC 1", "does not parse"),
+])
+def test_everything_else_is_refused_by_name(sql, says):
+    with pytest.raises(QueryError, match=says):
+        check_query(sql)
+
+
+def test_views_needed_are_found_from_the_query():
+    assert check_query("SELECT count(*) FROM kv") == {"kv"}
+    assert check_query("SELECT * FROM alarms") == {"alarms", "names"}
+    assert check_query("SELECT * FROM objects") == {"kv", "alarms"}
+    assert check_query("SELECT 1") == set()
+    assert check_query("WITH x AS (SELECT * FROM KV) SELECT * FROM x") == {"kv"}
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM read_csv_auto('/etc/passwd')", "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM glob('/etc/*')", "SELECT * FROM read_parquet('/tmp/x.parquet')",
+    "COPY (SELECT 1) TO '/tmp/durable-should-not-exist.csv'", "ATTACH '/tmp/durable-x.db' AS x",
+    "INSTALL httpfs", "LOAD httpfs", "SET enable_external_access = true",
+    "SET lock_configuration = false"])
+def test_the_engine_itself_reaches_no_file_and_changes_no_setting(sql, tmp_path):
+    con = locked_engine(memory_limit="256MB", threads=1)
+    with pytest.raises(duckdb.Error):
+        con.execute(sql).fetchall()
+
+
+# -- the snapshot: DuckDB's rows with the overlay laid over them, against a model --------
+
+OBJS = [b"NS/a", b"NS/b", b"NS/c", b"OTHER/a"]
+KEYS = ["k", "k/2", "", "é"]
+writesets = st.builds(
+    lambda obj, clear, entries, alarm: WriteSet(obj, clear, entries, alarm, 1_700_000_000_000),
+    st.sampled_from(OBJS), st.booleans(),
+    st.dictionaries(st.sampled_from(KEYS), st.one_of(st.none(), st.sampled_from(
+        [b"1", b'"x"', b'["l",1]', b"null"])), max_size=3),
+    st.sampled_from([ALARM_KEEP, ALARM_KEEP, ALARM_DELETE, 5_000, 9_000]))
+
+
+def model(records: list[WriteSet]) -> tuple[dict[bytes, bytes], dict[bytes, int]]:
+    kv: dict[bytes, bytes] = {}
+    alarms: dict[bytes, int] = {}
+    for ws in records:
+        if ws.clear:
+            for pk in [pk for pk in kv if pk.startswith(ws.obj + b"/")]:
+                del kv[pk]
+        for key, value in ws.entries.items():
+            pk = ws.obj + b"/" + key.encode()
+            if value is None:
+                kv.pop(pk, None)
+            else:
+                kv[pk] = value
+        if ws.alarm == ALARM_DELETE:
+            alarms.pop(ws.obj, None)
+        elif ws.alarm != ALARM_KEEP:
+            alarms[ws.obj] = ws.alarm
+    return kv, alarms
+
+
+def applied_store(path, records: list[WriteSet]) -> DuckStore:
+    store = DuckStore(path)
+    rows: dict = {}
+    clears: set = set()
+    alarms: dict = {}
+    fold(records, rows, clears, alarms)
+    store.apply(rows, clears, len(records), alarms)
+    return store
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(writesets, max_size=25), st.data())
+def test_snapshot_is_duckdb_plus_overlay_replayed(tmp_path_factory, records, data):
+    """DuckDB holds records 1..A, the overlay A0+1..D with A0 <= A (records applied while the
+    snapshot was captured are folded again): the stream is the state after record D."""
+    d = len(records)
+    a = data.draw(st.integers(0, d))
+    a0 = data.draw(st.integers(0, a))
+    store = applied_store(tmp_path_factory.mktemp("s") / "s.duckdb", records[:a])
+    try:
+        ov = Overlay.of(records[a0:d])
+        cur = store._con.cursor()
+        ov.register(cur)
+        sql, params = snapshot_sql("kv", ov, None)
+        got = {bytes(pk): bytes(v) for pk, v, _t in cur.execute(sql, params).fetchall()}
+        sql, params = snapshot_sql("alarms", ov, None)
+        got_alarms = {bytes(o): due for o, due in cur.execute(sql, params).fetchall()}
+        want, want_alarms = model(records[:d])
+        assert got == want
+        assert got_alarms == want_alarms
+        sql, params = snapshot_sql("kv", ov, "NS")  # a namespace's rows only
+        assert {bytes(r[0]) for r in cur.execute(sql, params).fetchall()} == {
+            pk for pk in want if pk.startswith(b"NS/")}
+    finally:
+        store.close()
+
+
+# -- one slot's page of objects ------------------------------------------------------------
+
+def _name(ns: str, oid: str, name: str, t: int = 1) -> WriteSet:
+    return WriteSet(f"_durable_name_{ns}/{oid}".encode(), False, {"name": codec.encode(name)},
+                    ALARM_KEEP, t)
+
+
+def test_list_objects_counts_keys_bytes_names_alarms_and_skips_deleted(tmp_path):
+    recs = [WriteSet(b"NS/o1", False, {"a": b"1", "bb": b'"xy"'}, ALARM_KEEP, 10),
+            WriteSet(b"NS/o2", False, {"a": b"1"}, ALARM_KEEP, 20),
+            WriteSet(b"NS/o3", False, {}, 7_000, 30),  # an alarm only
+            WriteSet(b"NS/o4", False, {"a": b"1"}, ALARM_KEEP, 40),
+            WriteSet(b"NS/o4", True, {}, ALARM_KEEP, 41),  # deleted: not listed
+            WriteSet(b"NS0/x", False, {"a": b"1"}, ALARM_KEEP, 50),  # another namespace
+            _name("NS", "o1", "first"), _name("NS", "o4", "gone")]
+    store = applied_store(tmp_path / "s.duckdb", recs[:3])
+    try:
+        cur = store._con.cursor()
+        page = list_objects(cur, Overlay.of(recs[3:]), "NS", start_after=None, limit=10,
+                            prefix=None)
+        assert page == [["o1", "first", 2, 1 + 1 + 2 + 4, 10, None],
+                        ["o2", None, 1, 2, 20, None],
+                        ["o3", None, 0, 0, None, 7_000]]
+        assert [r[0] for r in list_objects(cur, Overlay.of(recs[3:]), "NS", start_after="o1",
+                                           limit=1, prefix=None)] == ["o2"]
+        assert [r[0] for r in list_objects(cur, Overlay.of(recs[3:]), "NS", start_after=None,
+                                           limit=10, prefix="fi")] == ["o1"]
+        assert list_objects(cur, Overlay.of(recs[3:]), "NS", start_after=None, limit=10,
+                            prefix="gone") == []  # named, but deleted
+    finally:
+        store.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 4)), max_size=60),
+       st.integers(1, 7))
+def test_pages_of_any_size_list_every_object_once_in_id_order(tmp_path_factory, writes, page):
+    """Objects with many keys and few, whole pages and cut ones: paging gives each once."""
+    recs = [WriteSet(f"NS/o{n:02d}".encode(), False, {f"k{k}": b"1"}, ALARM_KEEP, 1)
+            for n, k in writes]
+    store = applied_store(tmp_path_factory.mktemp("p") / "s.duckdb", recs)
+    try:
+        cur = store._con.cursor()
+        seen, after = [], None
+        while True:
+            rows = list_objects(cur, Overlay.of([]), "NS", start_after=after, limit=page,
+                                prefix=None)
+            seen += rows
+            if len(rows) < page:
+                break
+            after = rows[-1][0]
+        want = sorted({f"o{n:02d}" for n, _ in writes})
+        assert [r[0] for r in seen] == want
+        keys = {f"o{n:02d}": set() for n, _ in writes}
+        for n, k in writes:
+            keys[f"o{n:02d}"].add(k)
+        assert {r[0]: r[2] for r in seen} == {o: len(ks) for o, ks in keys.items()}
+    finally:
+        store.close()
+
+
+# -- the views ---------------------------------------------------------------------------
+
+def test_views_split_ids_keep_slashes_in_keys_and_join_names():
+    kv = pa.table({"pk": [b"NS/o1/a/b", b"NS/o1/", b"NS/o2/x", b"_durable_name_NS/o1/name"],
+                   "v": [b"1", b'{"count": 3}', b'"s"', b'"Alice"'],
+                   "t": pa.array([1_700_000_000_000, None, 5, 1], pa.int64())}, schema=KV_SCHEMA)
+    alarms = pa.table({"obj": [b"NS/o3"], "due": pa.array([1_800_000_000_000], pa.int64())},
+                      schema=ALARMS_SCHEMA)
+    con = locked_engine(memory_limit="256MB", threads=1)
+    views(con, kv, alarms)
+    rows = con.execute("SELECT namespace, object_id, object_name, key, value->>'$.count', "
+                       "CAST(value AS VARCHAR), updated_at FROM kv ORDER BY object_id, key").fetchall()
+    assert rows == [("NS", "o1", "Alice", "", "3", '{"count": 3}', None),
+                    ("NS", "o1", "Alice", "a/b", None, "1",
+                     dt.datetime(2023, 11, 14, 22, 13, 20)),
+                    ("NS", "o2", None, "x", None, '"s"', dt.datetime(1970, 1, 1, 0, 0, 0, 5000))]
+    assert con.execute("SELECT CAST(value AS INTEGER) FROM kv WHERE key = 'a/b'").fetchall() == [(1,)]
+    objects = con.execute("SELECT object_id, object_name, keys, bytes, alarm IS NOT NULL "
+                          "FROM objects ORDER BY object_id").fetchall()
+    assert objects == [("o1", "Alice", 2, len("a/b1") + len('{"count": 3}'), False),
+                       ("o2", None, 1, 4, False), ("o3", None, 0, 0, True)]
+    assert con.execute("SELECT object_id, scheduled_at FROM alarms").fetchall() == [
+        ("o3", dt.datetime(2027, 1, 15, 8, 0))]
