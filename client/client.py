@@ -435,14 +435,15 @@ class Client:
         return sorted(self._keys)
 
     async def sql(self, query: str, *, namespace: str | None = None, timeout: float = 60.0,
-                  memory_limit: str = "2GB", threads: int = 2) -> QueryResult:
+                  memory_limit: str = "2GB", threads: int = 2,
+                  max_bytes: int = 4 << 30) -> QueryResult:
         """Run one read-only SQL statement over every object's storage (views ``kv``,
         ``objects``, ``alarms``; docs/query.md). Needs a client of the operator endpoint.
         The query runs in this process, bounded by ``timeout``, ``memory_limit`` and
         ``threads``; ``namespace`` narrows the rows fetched to one namespace."""
         from .query import sql
         return await sql(self, query, namespace=namespace, timeout=timeout,
-                         memory_limit=memory_limit, threads=threads)
+                         memory_limit=memory_limit, threads=threads, max_bytes=max_bytes)
 
     async def statistics(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's counters and per-slot state."""

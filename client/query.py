@@ -342,11 +342,13 @@ def _run(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> tuple[li
 
 
 async def sql(client: Any, query: str, *, namespace: str | None = None, timeout: float = 60.0,
-              memory_limit: str = "2GB", threads: int = 2) -> QueryResult:
+              memory_limit: str = "2GB", threads: int = 2,
+              max_bytes: int = 4 << 30) -> QueryResult:
     """Run one read-only SQL statement over every object's storage (see the module doc)."""
     needed = check_query(query)
     deadline = time.monotonic() + timeout
-    snap = await snapshot(client, needed, namespace=namespace, timeout=timeout)
+    snap = await snapshot(client, needed, namespace=namespace, timeout=timeout,
+                          max_bytes=max_bytes)
 
     def run() -> tuple[list[str], list[tuple]]:
         con = locked_engine(memory_limit=memory_limit, threads=threads)

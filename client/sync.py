@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import orjson
@@ -113,6 +113,15 @@ class SyncNamespace:
         """``get(id_from_name(name))``, as Cloudflare's ``getByName``."""
         return self.get(self._ns.id_from_name(name))
 
+    def list_objects(self, **kwargs: Any) -> Iterator[Any]:
+        """This namespace's objects (``Namespace.list_objects``), fetched a page at a time."""
+        pages = self._ns.list_objects(**kwargs)
+        while True:
+            try:
+                yield self._client._run(pages.__anext__())
+            except StopAsyncIteration:
+                return
+
 
 class SyncClient:
     def __init__(self, endpoint: str | None = None, **kwargs: Any) -> None:
@@ -144,6 +153,10 @@ class SyncClient:
 
     def statistics(self) -> dict[str, Any]:
         return self._run(self._client.statistics())
+
+    def sql(self, query: str, **kwargs: Any) -> Any:
+        """``Client.sql``: one read-only query over every object's storage (docs/query.md)."""
+        return self._run(self._client.sql(query, **kwargs))
 
     def close(self) -> None:
         if self._loop.is_closed():

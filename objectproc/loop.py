@@ -180,6 +180,7 @@ class ObjectProcess:
         self.store: SlotStore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._snapshots: asyncio.Semaphore | None = None  # (made in the loop: MAX_SNAPSHOTS)
+        self._streams: set[SnapshotStream] = set()
         self.client: Client | None = None
         self.env: Env | None = None
         self.lifeline: Any = None  # the supervisor's (lifeline.Lifeline); ready once registered
@@ -255,6 +256,10 @@ class ObjectProcess:
             await act.drain()
         if self._tasks:  # inspect requests in flight: nothing runs unowned
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for stream in list(self._streams):  # queries' snapshots: ended before the files close
+            stream.cancel()
+            if stream.thread is not None:
+                await asyncio.to_thread(stream.thread.join, 10.0)
         if self.client is not None:
             await self.client.close()
         if self.store is not None:
@@ -584,8 +589,13 @@ class ObjectProcess:
             return
         loop = asyncio.get_running_loop()
 
+        def ended(stream: SnapshotStream) -> None:
+            self._snapshots.release()
+            self._streams.discard(stream)
+
         def done(stream: SnapshotStream, error: BaseException | None) -> None:
-            loop.call_soon_threadsafe(self._snapshots.release)
+            with contextlib.suppress(RuntimeError):  # (a loop already closed: nothing waits)
+                loop.call_soon_threadsafe(ended, stream)
             if error is not None:
                 log.warning("slot %d: a query's snapshot ended early after %d rows: %s",
                             self.config.slot, stream.rows, error)
@@ -598,6 +608,7 @@ class ObjectProcess:
             self._snapshots.release()
             reply(None, e)
             return
+        self._streams.add(stream)
         stream.start(done)
         reply(Response.json({"endpoint": stream.endpoint, "slot": self.config.slot,
                              "applied_seq": stream.applied_seq, "cut_seq": stream.cut_seq}), None)

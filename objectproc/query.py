@@ -251,13 +251,15 @@ class SnapshotStream:
                  namespace: str | None, *, timeout: float, stall: float = 30.0) -> None:
         self.what, self.namespace = what, namespace
         self.deadline = time.monotonic() + timeout
+        self.stall = stall
+        self.cancelled = False
+        self.thread: threading.Thread | None = None
         self.cursor = store.duck._con.cursor()
         try:
             records, self.applied_seq, self.cut_seq = store.capture(self.cursor)
             self.overlay = Overlay.of(records)
             self.sock = ctx.socket(zmq.PUSH)
             self.sock.setsockopt(zmq.SNDHWM, _HWM)
-            self.sock.setsockopt(zmq.SNDTIMEO, int(stall * 1000))
             self.sock.setsockopt(zmq.LINGER, int(stall * 1000))
             self.endpoint = _bind(self.sock, run_dir, store.slot)
         except BaseException:
@@ -267,8 +269,25 @@ class SnapshotStream:
         self.rows = 0
 
     def start(self, done: Callable[[SnapshotStream, BaseException | None], None]) -> None:
-        threading.Thread(target=self._run, args=(done,), name="durable-snapshot",
-                         daemon=True).start()
+        self.thread = threading.Thread(target=self._run, args=(done,), name="durable-snapshot",
+                                       daemon=True)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        """End it soon (the process stops): from any thread; join ``thread`` after."""
+        self.cancelled = True
+        with contextlib.suppress(Exception):
+            self.cursor.interrupt()
+
+    def _send(self, frames: list[Any]) -> None:
+        """Send once the reader has room; give up if it takes nothing for ``stall`` s."""
+        since = time.monotonic()
+        while not self.sock.poll(100, zmq.POLLOUT):
+            if self.cancelled:
+                raise RuntimeError("the object process is stopping")
+            if time.monotonic() - since > self.stall:
+                raise TimeoutError(f"the reader took nothing for {self.stall:g} s")
+        self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
 
     def _run(self, done: Callable[[SnapshotStream, BaseException | None], None]) -> None:
         error: BaseException | None = None
@@ -281,16 +300,15 @@ class SnapshotStream:
             for batch in reader:
                 if time.monotonic() > self.deadline:
                     raise TimeoutError("the query's time ran out while its rows were sent")
-                self.sock.send_multipart([b"D", _ipc(batch)], copy=False)
+                self._send([b"D", _ipc(batch)])
                 self.rows += batch.num_rows
-            self.sock.send_multipart([b"E", orjson.dumps(
+            self._send([b"E", orjson.dumps(
                 {"rows": self.rows, "applied_seq": self.applied_seq, "cut_seq": self.cut_seq})])
         except BaseException as e:  # noqa: BLE001  (reported to the reader, then to done())
             error = e
-            if not isinstance(e, zmq.Again):  # (a reader that stopped reading hears nothing)
-                with contextlib.suppress(zmq.ZMQError):
-                    self.sock.send_multipart([b"X", f"{type(e).__name__}: {e}".encode()],
-                                             flags=zmq.NOBLOCK)
+            with contextlib.suppress(zmq.ZMQError):  # (a reader that stopped reading: dropped)
+                self.sock.send_multipart([b"X", f"{type(e).__name__}: {e}".encode()],
+                                         flags=zmq.NOBLOCK)
         finally:
             with contextlib.suppress(duckdb.Error):
                 self.cursor.execute("ROLLBACK")

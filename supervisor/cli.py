@@ -378,13 +378,8 @@ def objects_cmd(args: argparse.Namespace) -> int:
     _config, client = _daemon(args)
     out: list[Any] = []
     try:
-        agen = client._client.namespace(args.namespace).list_objects(
-            prefix=args.prefix, limit=args.limit, start_after=args.start_after)
-        while True:
-            try:
-                info = client._run(agen.__anext__())
-            except StopAsyncIteration:
-                break
+        for info in client.namespace(args.namespace).list_objects(
+                prefix=args.prefix, limit=args.limit, start_after=args.start_after):
             out.append(info)
             if not args.json:
                 print(f"{info.id}  {info.name if info.name is not None else '-'}  "
@@ -413,9 +408,8 @@ def sql_cmd(args: argparse.Namespace) -> int:
     _config, client = _daemon(args)
     os.nice(5)  # (an operator's query on the daemon's machine yields to the daemon)
     try:
-        result = client._run(client._client.sql(args.query, namespace=args.namespace,
-                                                timeout=args.timeout, threads=args.threads,
-                                                memory_limit=args.memory_limit))
+        result = client.sql(args.query, namespace=args.namespace, timeout=args.timeout,
+                            threads=args.threads, memory_limit=args.memory_limit)
     except Exception as e:
         return _fail(f"{type(e).__name__}: {e}", 1)
     finally:

@@ -150,6 +150,15 @@ def test_list_objects_pages_names_and_deleted(shared):
     assert dt.timedelta(0) <= age < dt.timedelta(minutes=10)
 
 
+def test_the_sync_client_lists_and_queries(shared):
+    d, _ = shared
+    with durable.connect_sync(admin(d)) as op:
+        ids = [o.id for o in op.namespace("Store").list_objects(prefix="obj-0", page=3)]
+        r = op.sql("SELECT object_id FROM kv WHERE key = 'n' AND object_name LIKE 'obj-0%' "
+                   "ORDER BY 1")
+    assert len(ids) == 10 and ids == [row[0] for row in r.rows]
+
+
 def test_cli_objects_sql_csv_json(shared):
     d, _ = shared
     out = orjson.loads(cli(d.root, "objects", "Store", "--prefix", "obj-2", "--json").stdout)
@@ -215,6 +224,19 @@ def test_a_query_past_its_timeout_is_stopped_and_calls_go_on(shared):
             r = await op.sql("SELECT count(*) FROM kv WHERE key = 'n'")  # and so do queries
             assert r.rows[0][0] == 31
     asyncio.run(main())
+
+
+def test_queries_beyond_the_slots_limit_wait_their_turn(shared):
+    """Each object process streams at most two snapshots at once; six queries at once all
+    finish (the others were queued), with the same answer."""
+    d, _ = shared
+
+    async def main():
+        async with durable.connect(admin(d)) as op:
+            return await asyncio.gather(*(op.sql("SELECT count(*) FROM kv WHERE key = 'n'")
+                                          for _ in range(6)))
+    results = asyncio.run(main())
+    assert len({r.rows[0][0] for r in results}) == 1 and results[0].rows[0][0] >= 31
 
 
 def _names_on(ns, slot: int, n: int) -> list[str]:
@@ -378,3 +400,32 @@ def test_export_import_round_trip_of_100k_objects(tmp_path):
     assert con.execute(f"SELECT count(*) FROM ({one})").fetchall() == [(300_000 - 3 + len(EVERY_TYPE),)]
     assert con.execute(f"SELECT count(*) FROM (({one}) EXCEPT ALL ({two}))").fetchall() == [(0,)]
     assert con.execute(f"SELECT count(*) FROM (({two}) EXCEPT ALL ({one}))").fetchall() == [(0,)]
+
+
+def test_the_daemon_stops_cleanly_while_a_reader_holds_a_snapshot(tmp_path):
+    """A reader that asked for rows and never reads them: SIGTERM still ends every process
+    (the snapshot thread is cancelled before the slot's files close), with exit 0."""
+    import signal
+
+    from durable.query import QUERY_METHOD, QUERY_URL, _slot_stubs
+    with serving(tmp_path, CONFIG) as d:
+        d.wait_ready()
+
+        async def hold() -> list:
+            async with durable.connect(d.frontend) as c:
+                await c.namespace("Store").get_by_name("x").put({f"k{i}": "v" * 1000 for i in range(100)})
+            async with durable.connect(admin(d)) as op:
+                stubs = await _slot_stubs(op, None)
+                replies = []
+                for s in stubs:
+                    r = await s.fetch(f"{QUERY_URL}?op=snapshot&what=kv", method=QUERY_METHOD)
+                    replies.append(await r.json())
+                return replies
+
+        replies = asyncio.run(hold())
+        assert all(r["endpoint"].startswith("ipc://") for r in replies)
+        started = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=30) == 0, d.log_text()[-3000:]
+        assert time.monotonic() - started < 15
+        assert "Traceback" not in d.log_text()
