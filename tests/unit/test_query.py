@@ -3,12 +3,16 @@ model of storage, one slot's object listing, and the views (no sockets, no daemo
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
+import shutil
+import tempfile
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from durable import QueryError, codec
@@ -81,6 +85,27 @@ writesets = st.builds(
     st.sampled_from([ALARM_KEEP, ALARM_KEEP, ALARM_DELETE, 5_000, 9_000]))
 
 
+_SHARED: list[DuckStore] = []
+
+
+def _reused(records: list[WriteSet]) -> DuckStore:
+    """One DuckDB file for every example, emptied each time (opening a new file per example
+    cost ~40 ms, most of these tests' time); in /dev/shm where there is one."""
+    if not _SHARED:
+        shm = Path("/dev/shm")
+        d = Path(tempfile.mkdtemp(prefix="durable-query-", dir=shm if shm.is_dir() else None))
+        atexit.register(shutil.rmtree, d, True)
+        _SHARED.append(DuckStore(d / "s.duckdb"))
+    store = _SHARED[0]
+    store._writer.execute("DELETE FROM kv; DELETE FROM alarms")
+    rows: dict = {}
+    clears: set = set()
+    alarms: dict = {}
+    fold(records, rows, clears, alarms)
+    store.apply(rows, clears, len(records), alarms)
+    return store
+
+
 def model(records: list[WriteSet]) -> tuple[dict[bytes, bytes], dict[bytes, int]]:
     kv: dict[bytes, bytes] = {}
     alarms: dict[bytes, int] = {}
@@ -102,7 +127,7 @@ def model(records: list[WriteSet]) -> tuple[dict[bytes, bytes], dict[bytes, int]
 
 
 def applied_store(path, records: list[WriteSet]) -> DuckStore:
-    store = DuckStore(path)
+    store = DuckStore(path)  # (in /dev/shm where there is one: fsyncs cost nothing there)
     rows: dict = {}
     clears: set = set()
     alarms: dict = {}
@@ -111,18 +136,18 @@ def applied_store(path, records: list[WriteSet]) -> DuckStore:
     return store
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None)
 @given(st.lists(writesets, max_size=25), st.data())
-def test_snapshot_is_duckdb_plus_overlay_replayed(tmp_path_factory, records, data):
+def test_snapshot_is_duckdb_plus_overlay_replayed(records, data):
     """DuckDB holds records 1..A, the overlay A0+1..D with A0 <= A (records applied while the
     snapshot was captured are folded again): the stream is the state after record D."""
     d = len(records)
     a = data.draw(st.integers(0, d))
     a0 = data.draw(st.integers(0, a))
-    store = applied_store(tmp_path_factory.mktemp("s") / "s.duckdb", records[:a])
+    store = _reused(records[:a])
+    cur = store._con.cursor()
     try:
         ov = Overlay.of(records[a0:d])
-        cur = store._con.cursor()
         ov.register(cur)
         sql, params = snapshot_sql("kv", ov, None)
         got = {bytes(pk): bytes(v) for pk, v, _t in cur.execute(sql, params).fetchall()}
@@ -135,7 +160,7 @@ def test_snapshot_is_duckdb_plus_overlay_replayed(tmp_path_factory, records, dat
         assert {bytes(r[0]) for r in cur.execute(sql, params).fetchall()} == {
             pk for pk in want if pk.startswith(b"NS/")}
     finally:
-        store.close()
+        cur.close()
 
 
 # -- one slot's page of objects ------------------------------------------------------------
@@ -171,16 +196,16 @@ def test_list_objects_counts_keys_bytes_names_alarms_and_skips_deleted(tmp_path)
         store.close()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 4)), max_size=60),
        st.integers(1, 7))
-def test_pages_of_any_size_list_every_object_once_in_id_order(tmp_path_factory, writes, page):
+def test_pages_of_any_size_list_every_object_once_in_id_order(writes, page):
     """Objects with many keys and few, whole pages and cut ones: paging gives each once."""
     recs = [WriteSet(f"NS/o{n:02d}".encode(), False, {f"k{k}": b"1"}, ALARM_KEEP, 1)
             for n, k in writes]
-    store = applied_store(tmp_path_factory.mktemp("p") / "s.duckdb", recs)
+    store = _reused(recs)
+    cur = store._con.cursor()
     try:
-        cur = store._con.cursor()
         seen, after = [], None
         while True:
             rows = list_objects(cur, Overlay.of([]), "NS", start_after=after, limit=page,
@@ -196,7 +221,7 @@ def test_pages_of_any_size_list_every_object_once_in_id_order(tmp_path_factory, 
             keys[f"o{n:02d}"].add(k)
         assert {r[0]: r[2] for r in seen} == {o: len(ks) for o, ks in keys.items()}
     finally:
-        store.close()
+        cur.close()
 
 
 # -- the views ---------------------------------------------------------------------------
