@@ -1360,9 +1360,16 @@ def query_suite(quick: bool, objects: int) -> dict[str, Any]:
                     assert manifest["rows"] == objects * 3
                     out["export_parquet_s"] = s
 
-                    async def scans() -> None:
+                    async def scans() -> None:  # as an operator would: `durable sql`, its own process
                         for _ in range(3):
-                            await c.sql("SELECT count(*), max(updated_at) FROM kv", timeout=300)
+                            proc = await asyncio.create_subprocess_exec(
+                                sys.executable, "-m", "durable.supervisor.cli", "sql", "--json",
+                                "SELECT count(*), max(updated_at) FROM kv", "--config",
+                                str(d.root / "durable.toml"), env=env,
+                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                            _, err = await proc.communicate()
+                            if proc.returncode != 0:
+                                raise RuntimeError(f"durable sql failed: {err.decode()}")
                     before = await _probe_during(d.frontend, asyncio.ensure_future(asyncio.sleep(5)))
                     during = await _probe_during(d.frontend, asyncio.ensure_future(scans()))
                     out["calls_before"], out["calls_during_scan"] = before, during
