@@ -277,7 +277,7 @@ def _receive(opened: list[tuple[str, dict[str, Any]]], deadline: float, max_byte
         for kind, reply in opened:
             s = ctx.socket(zmq.PULL)
             s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RCVHWM, 4)
+            s.setsockopt(zmq.RCVHWM, 8)
             s.connect(reply["endpoint"])
             socks[s] = (kind, reply)
             poller.register(s, zmq.POLLIN)

@@ -404,9 +404,9 @@ def _iso(when: dt.datetime | None) -> str:
 
 def sql_cmd(args: argparse.Namespace) -> int:
     """`durable sql "SELECT ..."`: read-only SQL over every object's storage."""
+    os.nice(10)  # (an operator's query on the daemon's machine yields to the daemon)
     from durable.query import to_json_rows
     _config, client = _daemon(args)
-    os.nice(5)  # (an operator's query on the daemon's machine yields to the daemon)
     try:
         result = client.sql(args.query, namespace=args.namespace, timeout=args.timeout,
                             threads=args.threads, memory_limit=args.memory_limit)
