@@ -98,6 +98,10 @@ def _reused(records: list[WriteSet]) -> DuckStore:
         _SHARED.append(DuckStore(d / "s.duckdb"))
     store = _SHARED[0]
     store._writer.execute("DELETE FROM kv; DELETE FROM alarms")
+    return _apply(store, records)
+
+
+def _apply(store: DuckStore, records: list[WriteSet]) -> DuckStore:
     rows: dict = {}
     clears: set = set()
     alarms: dict = {}
@@ -127,13 +131,7 @@ def model(records: list[WriteSet]) -> tuple[dict[bytes, bytes], dict[bytes, int]
 
 
 def applied_store(path, records: list[WriteSet]) -> DuckStore:
-    store = DuckStore(path)  # (in /dev/shm where there is one: fsyncs cost nothing there)
-    rows: dict = {}
-    clears: set = set()
-    alarms: dict = {}
-    fold(records, rows, clears, alarms)
-    store.apply(rows, clears, len(records), alarms)
-    return store
+    return _apply(DuckStore(path), records)
 
 
 @settings(max_examples=100, deadline=None)
