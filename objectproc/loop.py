@@ -564,7 +564,7 @@ class ObjectProcess:
             what = q.get("what", "kv")
             if what not in ("kv", "names", "alarms"):
                 raise ValueError(f"what must be kv, names or alarms, got {what!r}")
-            timeout = min(float(q.get("timeout", "60")), 3600.0)
+            timeout = min(float(q.get("timeout", "60")), 900.0)  # (checkpoints wait for it)
             self._spawn(self._snapshot(what, namespace, timeout, reply))
         else:
             raise ValueError(f"op must be snapshot, objects or ping, got {op!r}")

@@ -215,6 +215,11 @@ class SlotStore:
         self._count_alarms(writer=False)
         self.checkpointed_seq = next_seq - 1
         self.checkpoints = 0
+        self.checkpoints_refused = 0  # DuckDB said another transaction holds its lock: retried
+        self._ckpt_backoff = 0.0
+        self._ckpt_retry_at = 0.0
+        self._ckpt_refused_since: float | None = None
+        self._ckpt_warned = False
         self._last_checkpoint = time.monotonic()
         #: Why DuckDB cannot take writes now (a full disk); set and cleared by the applier.
         self._duck_full: BaseException | None = None
@@ -583,6 +588,8 @@ class SlotStore:
                         # or to count the alarms that changed.
                         wait = (self._ckpt_interval if self.checkpointed_seq < self.applied_seq
                                 else None)
+                        if wait is not None and self._ckpt_retry_at > now:  # (a refused one)
+                            wait = min(wait, self._ckpt_retry_at - now + 0.001)
                         if self._alarms_changed:
                             wait = min(wait or 5.0, 5.0)
                         self._apply_cond.wait(wait)
@@ -635,7 +642,7 @@ class SlotStore:
         self.loop.call_soon_threadsafe(self._forget, batch)
 
     def _checkpoint_due(self, now: float) -> bool:
-        if self.checkpointed_seq >= self.applied_seq:
+        if self.checkpointed_seq >= self.applied_seq or now < self._ckpt_retry_at:
             return False
         return (now - self._last_checkpoint >= self._ckpt_interval
                 or self.duck.wal_bytes() >= self._ckpt_bytes)
@@ -654,13 +661,40 @@ class SlotStore:
             raise _Retry()
         try:
             self.duck.checkpoint()
+        except duckdb.TransactionException as e:
+            if "Cannot CHECKPOINT" not in str(e):
+                self._duck_write_failed(e)
+            self._checkpoint_refused(e)
+            return
         except duckdb.Error as e:
             self._duck_write_failed(e)
         self.checkpoints += 1
         self._last_checkpoint = time.monotonic()
+        self._ckpt_backoff = 0.0
+        self._ckpt_retry_at = 0.0
+        self._ckpt_refused_since = None
+        self._ckpt_warned = False
         self.checkpointed_seq = applied
         self.log.drop_through(applied)
         self._clear_duck_full()
+
+    def _checkpoint_refused(self, exc: BaseException) -> None:
+        """DuckDB refused the checkpoint because another transaction holds its lock: try
+        again soon (backing off to 5 s). Nothing is lost meanwhile: segments go only behind a
+        checkpoint. Seen when a read that began before the applier's last commit is still
+        running (that commit cannot be cleaned up yet: 2 of 300 checkpoints beside a thread of
+        point reads, measured), and for as long as a query's snapshot stays open."""
+        now = time.monotonic()
+        self.checkpoints_refused += 1
+        self._ckpt_backoff = min(5.0, max(0.05, self._ckpt_backoff * 2))
+        self._ckpt_retry_at = now + self._ckpt_backoff
+        if self._ckpt_refused_since is None:
+            self._ckpt_refused_since = now
+        elif now - self._ckpt_refused_since >= 60 and not self._ckpt_warned:
+            self._ckpt_warned = True
+            log.warning("slot %d: DuckDB has refused checkpoints for %.0f s (%s); the WAL and "
+                        "the log grow until one succeeds (a long query holds a snapshot?)",
+                        self.slot, now - self._ckpt_refused_since, exc)
 
     def _duck_write_failed(self, e: duckdb.Error) -> None:
         """A DuckDB write failed: reopen after a fatal one; a full disk is retried; else raise."""
@@ -805,6 +839,7 @@ class SlotStore:
                 log_bytes += seg.path.stat().st_size
         return {"durable_seq": self.durable_seq, "applied_seq": self.applied_seq,
                 "checkpointed_seq": self.checkpointed_seq, "checkpoints": self.checkpoints,
+                "checkpoints_refused": self.checkpoints_refused,
                 "wal_bytes": self.duck.wal_bytes(), "log_bytes": log_bytes,
                 "storage_full": self.full is not None}
 
