@@ -206,8 +206,9 @@ class ObjectProcess:
                                data_dir_id=cfg.data_dir_id,
                                checkpoint_wal_bytes=cfg.checkpoint_wal_bytes,
                                checkpoint_interval=cfg.checkpoint_interval)
-        log.info("slot %d: storage open in %.3f s (%d log records replayed in %.3f s)", cfg.slot,
-                 time.monotonic() - started, self.store.replayed, self.store.recovery_seconds)
+        log.info("slot %d: storage open in %.3f s (%d log records replayed in %.3f s; the filter "
+                 "of stored objects built in %.3f s)", cfg.slot, time.monotonic() - started,
+                 self.store.replayed, self.store.recovery_seconds, self.store.stored_seconds)
         self.store.commit_inline_when = self._quiet
         tune_gc()
         keys = {n: namespace_key(secret, n) for n in cfg.namespaces}

@@ -1380,6 +1380,51 @@ def query_suite(quick: bool, objects: int) -> dict[str, Any]:
     return out
 
 
+def cold_suite(quick: bool, objects: int) -> dict[str, Any]:
+    """#18's cold path: requests to objects never seen before, beside ``objects`` stored ones
+    (made by `durable import`): sequential latency, and the rate at 64 in flight."""
+    from harness import serving
+
+    import durable
+
+    objects = 20_000 if quick else objects
+    n, burst = (300, 3000) if quick else (2000, 20_000)
+    out: dict[str, Any] = {"stored_objects": objects}
+    with tempfile.TemporaryDirectory(prefix="durable-cold-") as tmp:
+        src = Path(tmp) / "export"
+        make_export(src, objects)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
+
+        def prepare(root: Path) -> None:
+            subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "import", str(src),
+                            "--config", str(root / "durable.toml")], env=env, check=True,
+                           capture_output=True, timeout=1800)
+
+        with serving(QUERY_CONFIG, prepare=prepare) as d:
+            async def run() -> None:
+                async with durable.connect(d.frontend, timeout=60) as c:
+                    ns = c.namespace("KV")
+                    for label, names in (("existing", [f"object-{2 * i + 1}" for i in range(n)]),
+                                         ("new", [f"new-{i}" for i in range(n)])):
+                        lat = []
+                        for name in names:
+                            t = time.perf_counter()
+                            await ns.get_by_name(name).fetch("http://do/?k=count")
+                            lat.append(time.perf_counter() - t)
+                        out[f"{label}_sequential_p50_ms"] = ms(pct(lat, 0.5))
+                        out[f"{label}_sequential_p90_ms"] = ms(pct(lat, 0.9))
+                    it = iter(range(burst))
+
+                    async def worker() -> None:
+                        for i in it:
+                            await ns.get_by_name(f"burst-{i}").fetch("http://do/?k=count")
+                    t = time.perf_counter()
+                    await asyncio.gather(*(worker() for _ in range(64)))
+                    out["new_objects_per_s_64_in_flight"] = round(burst / (time.perf_counter() - t))
+            asyncio.run(run())
+    return out
+
+
 def _run(fn: Any, *args: Any) -> Any:
     import resource
 
@@ -1407,8 +1452,9 @@ def main(argv: list[str] | None = None) -> int:
             _echo_worker(sys.argv[2])
         return 0
     p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
-                                     "testing", "metrics", "query"])
-    p.add_argument("--objects", type=int, default=1_000_000, help="query: objects of 3 keys")
+                                     "testing", "metrics", "query", "cold"])
+    p.add_argument("--objects", type=int, default=1_000_000,
+                   help="query, cold: objects of 3 keys stored first")
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
     p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
@@ -1441,6 +1487,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [backup_suite(args.quick, args.backup_mib) for _ in range(args.repeat)]
     elif args.suite == "query":
         runs = [query_suite(args.quick, args.objects) for _ in range(args.repeat)]
+    elif args.suite == "cold":
+        runs = [cold_suite(args.quick, args.objects) for _ in range(args.repeat)]
     else:
         runs = [http_suite(args.quick, args.slots, args.http_processes) for _ in range(args.repeat)]
     if held is not None:

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from rbloom import Bloom
 
 from durable.errors import StorageCommitError, StorageCorruptError, StorageFullError
 
@@ -102,6 +103,45 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+
+
+class StoredObjects:
+    """The objects that may have rows in the slot's DuckDB file (keys or an alarm), so that
+    a new object's reads do no I/O: a DuckDB point read that finds nothing costs ~0.3 ms of
+    the event loop (measured at 2M rows), and a new named object made three of them.
+
+    Bloom filters (rbloom) at 1% false positives: 1.2 MB per million objects. Filled at start
+    from DuckDB (every row and alarm there got there from a record submitted since, or was
+    there at start) and by every submitted write set before it is logged, so a stored object
+    is never missed; a false positive only costs the read it would have cost anyway. When
+    one filter is full, another twice its size is added (lookups ask each).
+    """
+
+    __slots__ = ("_filters", "_room", "_capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self._filters = [Bloom(capacity, 0.01)]
+        self._room = self._capacity = capacity
+
+    @classmethod
+    def of(cls, duck: DuckStore, minimum: int = 1 << 20) -> StoredObjects:
+        rows = duck.object_count_bound()
+        stored = cls(max(minimum, 2 * rows))
+        for chunk in duck.iter_objects():
+            stored._filters[-1].update(chunk)
+            stored._room -= len(chunk)
+        return stored
+
+    def add(self, obj: bytes) -> None:
+        if self._room <= 0:
+            self._capacity *= 2
+            self._filters.append(Bloom(self._capacity, 0.01))
+            self._room = self._capacity
+        self._filters[-1].add(obj)
+        self._room -= 1
+
+    def __contains__(self, obj: bytes) -> bool:
+        return any(obj in f for f in self._filters)
 
 
 class _Retry(Exception):
@@ -213,6 +253,9 @@ class SlotStore:
         next_seq = self._recover(log_dir)
         self.recovery_seconds = time.perf_counter() - started
         self._count_alarms(writer=False)
+        started = time.perf_counter()
+        self.stored = StoredObjects.of(self.duck)  # (before the applier: nothing else reads)
+        self.stored_seconds = time.perf_counter() - started
         self.checkpointed_seq = next_seq - 1
         self.checkpoints = 0
         self.checkpoints_refused = 0  # DuckDB said another transaction holds its lock: retried
@@ -302,6 +345,7 @@ class SlotStore:
         ws = WriteSet(obj, clear, entries, alarm, now)
         payload = encode_writeset(obj, clear, entries, alarm, now)
         seq = self.log.append(payload, kick=kick)
+        self.stored.add(obj)  # (before it can reach DuckDB: the filter never misses a row)
         rec = _Record(seq, ws, len(payload))
         self._remember(rec)
         self._unapplied.append(rec)
@@ -500,6 +544,8 @@ class SlotStore:
                 return rec.ws.entries[key]
             if pending.clear is not None:
                 return None
+        if obj not in self.stored:  # a new object: DuckDB has nothing of it (no I/O)
+            return None
         try:
             return self.duck.read_key(obj + b"/" + key.encode("utf-8"))
         except duckdb.Error as e:
@@ -511,6 +557,8 @@ class SlotStore:
         if pending is not None and pending.alarm is not None:
             due = pending.alarm.ws.alarm
             return None if due == ALARM_DELETE else due
+        if obj not in self.stored:
+            return None
         try:
             return self.duck.read_alarm(obj)
         except duckdb.Error as e:
@@ -540,7 +588,7 @@ class SlotStore:
         """Every stored key of an object, unapplied writes included."""
         pending = self._overlay.get(obj)
         out: dict[str, bytes] = {}
-        if pending is None or pending.clear is None:
+        if (pending is None or pending.clear is None) and obj in self.stored:
             cut = len(obj) + 1
             try:
                 rows = self.duck.read_object(obj)

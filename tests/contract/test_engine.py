@@ -492,3 +492,42 @@ async def test_a_checkpoint_refused_beside_an_older_read_is_retried_not_fatal(tm
     finally:
         reader.close()
         await slot.close()
+
+
+async def test_stored_objects_filter_never_misses_and_spares_new_objects_a_read(tmp_path):
+    slot = SlotStore(tmp_path, apply_min_records=1, apply_max_delay=0.0)
+    try:
+        await ObjectStorage(slot, "NS", "keys").put("k", 1)
+        alarm_only = ObjectStorage(slot, "NS", "alarm")
+        await alarm_only.set_alarm(4_000_000_000_000)
+        await alarm_only.sync()
+    finally:
+        await slot.close()
+    slot = SlotStore(tmp_path, apply_min_records=1, apply_max_delay=0.0)  # rebuilt from DuckDB
+    reads = []
+    real = slot.duck.read_key
+    slot.duck.read_key = lambda pk: reads.append(pk) or real(pk)
+    try:
+        assert await ObjectStorage(slot, "NS", "keys").get("k") == 1
+        assert await ObjectStorage(slot, "NS", "alarm").get_alarm() == 4_000_000_000_000
+        assert reads == [b"NS/keys/k"]
+        fresh = ObjectStorage(slot, "NS", "fresh")
+        assert await fresh.get("k") is None and await fresh.get_alarm() is None
+        assert await fresh.list() == {}
+        assert reads == [b"NS/keys/k"]  # a new object: no read of DuckDB
+        await fresh.put("k", 2)
+        await fresh.sync()
+        await slot.flush()
+        assert await ObjectStorage(slot, "NS", "fresh").get("k") == 2
+    finally:
+        await slot.close()
+
+
+def test_stored_objects_grows_past_its_capacity_without_losing_any():
+    from durable.objectproc.storage.slot import StoredObjects
+    stored = StoredObjects(8)
+    objs = [f"NS/{i}".encode() for i in range(1000)]
+    for o in objs:
+        stored.add(o)
+    assert all(o in stored for o in objs)
+    assert sum(f"OTHER/{i}".encode() in stored for i in range(1000)) < 100  # few false positives
