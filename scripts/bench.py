@@ -65,8 +65,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -646,12 +648,12 @@ async def _http_conn(host: str, port: int, paths: list[str], method: str, stop: 
 
 
 def _http_load(host: str, port: int, ns: str, path: str, method: str, conns: int, objects: int,
-               secs: float, n: int | None) -> dict[str, Any]:
+               secs: float, n: int | None, prefix: str = "") -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         times: list[float] = []
         stop = time.monotonic() + secs
-        per = [[f"/{ns}/o{(k + j * conns) % objects}{path}" for j in range(max(1, objects // conns + 1))]
-               for k in range(conns)]
+        per = [[f"/{ns}/{prefix}o{(k + j * conns) % objects}{path}"
+                for j in range(max(1, objects // conns + 1))] for k in range(conns)]
         t0 = time.perf_counter()
         await asyncio.gather(*[_http_conn(host, port, per[k], method, stop, n, times)
                                for k in range(conns)])
@@ -1425,6 +1427,121 @@ def cold_suite(quick: bool, objects: int) -> dict[str, Any]:
     return out
 
 
+WORKERD_CONFIG = """using Workerd = import "/workerd/workerd.capnp";
+const config :Workerd.Config = (
+  services = [ (name = "main", worker = .w),
+               (name = "disk", disk = (path = "{disk}", writable = true)) ],
+  sockets = [ (name = "http", address = "127.0.0.1:{port}", http = (), service = "main") ],
+);
+const w :Workerd.Worker = (
+  modules = [ (name = "worker.js", esModule = embed "worker.js") ],
+  compatibilityDate = "2026-11-17",
+  durableObjectNamespaces = [ (className = "Noop", uniqueKey = "noop-key"),
+                              (className = "Counter", uniqueKey = "counter-key") ],
+  durableObjectStorage = (localDisk = "disk"),
+  bindings = [ (name = "NOOP", durableObjectNamespace = "Noop"),
+               (name = "COUNTER", durableObjectNamespace = "Counter") ],
+);
+"""
+
+
+@contextlib.contextmanager
+def _workerd(path: str) -> Any:
+    """workerd serving scripts/workerd/counter.js with on-disk Durable Objects: (port, pids)."""
+    from harness import free_port
+    with tempfile.TemporaryDirectory(prefix="durable-workerd-") as tmp:
+        root, port = Path(tmp), free_port()
+        (root / "worker.js").write_text((REPO / "scripts" / "workerd" / "counter.js").read_text())
+        (root / "disk").mkdir()
+        (root / "config.capnp").write_text(WORKERD_CONFIG.format(disk=root / "disk", port=port))
+        proc = subprocess.Popen([path, "serve", str(root / "config.capnp")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"workerd ({path}) did not listen on {port}") from None
+                    time.sleep(0.05)
+            yield port, [proc.pid]
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes and all their children, so far."""
+    import psutil
+    total = 0.0
+    for pid in pids:
+        try:
+            procs = [psutil.Process(pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+def _vs_round(port: int, pids: list[int], quick: bool, tag: str) -> dict[str, Any]:
+    """One round of #18's table against one server (the load generator is its own process)."""
+    from concurrent.futures import ProcessPoolExecutor
+    n, secs = (200, 1.0) if quick else (3000, 4.0)
+    out: dict[str, Any] = {}
+    with ProcessPoolExecutor(1) as pool:
+        def load(*a: Any) -> dict[str, Any]:
+            return pool.submit(_http_load, "127.0.0.1", port, *a).result()
+        load("NOOP", "/", "GET", 1, 1, 0, 50)  # warm-up
+        out["noop_sequential_p50_ms"] = load("NOOP", "/", "GET", 1, 1, 0, n)["p50_ms"]
+        out["counter_sequential_p50_ms"] = load("COUNTER", "/inc", "POST", 1, 1, 0, n)["p50_ms"]
+        cpu = _cpu_seconds(pids)
+        r = load("NOOP", "/", "GET", 64, 100, secs, None)
+        out["server_cpu_per_noop_ms"] = round((_cpu_seconds(pids) - cpu) / r["requests"] * 1000, 4)
+        out["noop_64_per_s"], out["noop_64_p99_ms"] = r["per_s"], r["p99_ms"]
+        out["counter_64_per_s"] = load("COUNTER", "/inc", "POST", 64, 100, secs, None)["per_s"]
+        # every request to a new object: names are never repeated within a round
+        out["new_object_64_per_s"] = load("COUNTER", "/inc", "POST", 64,
+                                          20_000 if quick else 400_000, secs, None, tag)["per_s"]
+    return out
+
+
+def vs_workerd_suite(quick: bool, workerd: str | None, rounds: int) -> dict[str, Any]:
+    """#18's side-by-side table: workerd and durable serve (2 slots) in alternating rounds,
+    the same load generator; medians of the rounds and durable ÷ workerd ratios. Without
+    ``workerd`` only durable's half runs (CI's smoke test)."""
+    from harness import serving
+    config = """
+data_dir = "{data}"
+slots = 2
+[http]
+listen = "127.0.0.1:{port}"
+[namespaces.NOOP]
+class = "bench_objects:Noop"
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+"""
+    runs: dict[str, list[dict[str, Any]]] = {"durable": [], "workerd": []}
+    with contextlib.ExitStack() as stack:
+        d = stack.enter_context(serving(config))
+        w = stack.enter_context(_workerd(workerd)) if workerd else None
+        for i in range(rounds):
+            runs["durable"].append(_vs_round(d.port, [d.proc.pid], quick, f"d{i}"))
+            if w is not None:
+                runs["workerd"].append(_vs_round(w[0], w[1], quick, f"w{i}"))
+    out: dict[str, Any] = {k: median_of(v) for k, v in runs.items() if v}
+    if workerd:
+        out["durable_over_workerd"] = {k: round(out["durable"][k] / out["workerd"][k], 2)
+                                       for k in out["durable"] if out["workerd"][k]}
+    out["rounds"] = runs
+    return out
+
+
 def _run(fn: Any, *args: Any) -> Any:
     import resource
 
@@ -1452,7 +1569,10 @@ def main(argv: list[str] | None = None) -> int:
             _echo_worker(sys.argv[2])
         return 0
     p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
-                                     "testing", "metrics", "query", "cold"])
+                                     "testing", "metrics", "query", "cold", "vs-workerd"])
+    p.add_argument("--workerd", help="vs-workerd: the workerd binary (npm install "
+                   "workerd@1.20261117.1); without it, only durable's half runs")
+    p.add_argument("--rounds", type=int, default=3, help="vs-workerd: alternating rounds")
     p.add_argument("--objects", type=int, default=1_000_000,
                    help="query, cold: objects of 3 keys stored first")
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
@@ -1489,6 +1609,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [query_suite(args.quick, args.objects) for _ in range(args.repeat)]
     elif args.suite == "cold":
         runs = [cold_suite(args.quick, args.objects) for _ in range(args.repeat)]
+    elif args.suite == "vs-workerd":
+        runs = [vs_workerd_suite(args.quick, args.workerd, args.rounds) for _ in range(args.repeat)]
     else:
         runs = [http_suite(args.quick, args.slots, args.http_processes) for _ in range(args.repeat)]
     if held is not None:

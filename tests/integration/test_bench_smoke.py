@@ -82,3 +82,16 @@ def test_metrics_bench_quick_reports_every_figure():
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout)["median"]
     assert m["scrapes"] >= 1 and m["p50_ratio"] > 0 and m["calls_per_s_ratio"] > 0
+
+
+def test_vs_workerd_bench_quick_runs_durables_half():
+    """CI has no workerd: the durable half of `bench.py vs-workerd` runs and reports every
+    figure of #18's table."""
+    out = subprocess.run([sys.executable, str(BENCH), "vs-workerd", "--quick", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]["durable"]
+    for figure in ("noop_sequential_p50_ms", "counter_sequential_p50_ms", "noop_64_per_s",
+                   "noop_64_p99_ms", "counter_64_per_s", "new_object_64_per_s",
+                   "server_cpu_per_noop_ms"):
+        assert m[figure] > 0, figure
