@@ -58,6 +58,7 @@ async def test_a_time_in_the_past_fires_at_once_and_delete_cancels(client):
     assert await cancelled.runs() == [] and await cancelled.alarm_at() is None
 
 
+@pytest.mark.slow  # (2.5 s of waiting for alarms: the full suite runs it)
 async def test_an_alarm_replaced_before_it_ran_never_runs_early(client):
     """Found by the chaos soak: the old alarm came due while its replacement was not yet
     durable; its handler ran and saw the new alarm, seconds before that one's time."""

@@ -105,7 +105,8 @@ def test_stub_broken_is_503_with_retry_after(tmp_path):
         asyncio.run(main())
 
 
-@pytest.mark.parametrize("debug", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.slow  # (3 s each; test_examples' Worker routing stays in the fast subset)
+@pytest.mark.parametrize("debug", [False, True])
 def test_worker_entry_point(tmp_path, debug):
     port = free_port()
     extra = 'worker = "tests.integration.worker_fn:fetch"' + ("\ndebug = true" if debug else "")

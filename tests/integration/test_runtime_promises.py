@@ -266,6 +266,7 @@ def test_a_32_kib_bytes_value_fits(tmp_path):
 
 # -- 7. errors are logged and labelled -----------------------------------------------------
 
+@pytest.mark.slow  # (a daemon of its own, 2.5 s: the full suite runs it)
 def test_object_errors_are_logged_with_their_traceback_and_labelled(tmp_path):
     port = free_port()
     with serving(tmp_path, config(port, top="debug = true")) as d:
