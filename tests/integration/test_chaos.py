@@ -1,4 +1,4 @@
-"""The chaos soak, 45 seconds: kills and hangs of every kind of process, second daemons
+"""The chaos soak, 40 seconds: kills and hangs of every kind of process, second daemons
 started on the live data dir; no acknowledged write lost, every second daemon refused."""
 
 import json
@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite ru
 CHAOS = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
 
 
-def test_chaos_soak_45_seconds_loses_nothing():
-    out = subprocess.run([sys.executable, str(CHAOS), "--seconds", "45", "--json", "--seed", "7"],
+def test_chaos_soak_40_seconds_loses_nothing():
+    out = subprocess.run([sys.executable, str(CHAOS), "--seconds", "40", "--json", "--seed", "7"],
                          capture_output=True, text=True, timeout=300)
     result = json.loads(out.stdout)
     print(json.dumps({k: result[k] for k in ("kills", "second_daemons", "calls", "acknowledged",
