@@ -67,8 +67,21 @@ CREATE INDEX IF NOT EXISTS alarms_due ON alarms (due);
 ALTER TABLE kv ADD COLUMN IF NOT EXISTS t BIGINT;
 """
 
-_UPSERT = ("INSERT INTO kv SELECT unnest($1), unnest($2), unnest($3), unnest($4) "
-           "ON CONFLICT DO UPDATE SET v = excluded.v, t = excluded.t")
+_INSERT = "INSERT INTO kv SELECT unnest($1), unnest($2), unnest($3), unnest($4)"
+#: Keys per ``DELETE ... IN ($1, ...)``. A list of parameters is looked up in the table's
+#: index while the rows it matches stay under DuckDB's ``index_scan_max_count`` (2,048);
+#: ``IN (SELECT unnest($1))`` and ``INSERT ... ON CONFLICT DO UPDATE`` (a MERGE since DuckDB
+#: 2.0) are joins that scan the whole table instead: 0.38 s to upsert 60 rows among 2M,
+#: against 7 ms to delete them by key and insert them again (measured).
+_IN_CHUNK = 1000
+
+
+def _delete_keys(cur: duckdb.DuckDBPyConnection, table: str, column: str, keys: list[bytes]) -> None:
+    """Delete the rows whose ``column`` is one of ``keys``, through the column's index."""
+    for k in range(0, len(keys), _IN_CHUNK):
+        part = keys[k:k + _IN_CHUNK]
+        marks = ", ".join(f"${i}" for i in range(1, len(part) + 1))
+        cur.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", part)
 
 
 class DuckStore:
@@ -161,13 +174,10 @@ class DuckStore:
         w.execute("BEGIN")
         try:
             if alarms:
-                gone = [obj for obj, due in alarms.items() if due < 0]
-                if gone:
-                    w.execute("DELETE FROM alarms WHERE obj IN (SELECT unnest($1))", [gone])
+                _delete_keys(w, "alarms", "obj", list(alarms))  # (then set again: an upsert)
                 due = [(obj, d) for obj, d in alarms.items() if d >= 0]
                 if due:
-                    w.execute("INSERT INTO alarms SELECT unnest($1), unnest($2) "
-                              "ON CONFLICT DO UPDATE SET due = excluded.due",
+                    w.execute("INSERT INTO alarms SELECT unnest($1), unnest($2)",
                               [[o for o, _ in due], [d for _, d in due]])
             for obj in clears:
                 w.execute("DELETE FROM kv WHERE obj = $1", [obj])
@@ -175,7 +185,8 @@ class DuckStore:
                 pks = list(rows)
                 objs = [r[0] for r in rows.values()]
                 vals = [r[1] for r in rows.values()]
-                w.execute(_UPSERT, [pks, objs, vals, [r[2] for r in rows.values()]])
+                _delete_keys(w, "kv", "pk", pks)  # (an upsert, as a delete and an insert)
+                w.execute(_INSERT, [pks, objs, vals, [r[2] for r in rows.values()]])
                 self.tombstones += vals.count(None)
             if self.tombstones > purge_over:
                 w.execute("DELETE FROM kv WHERE v IS NULL")

@@ -531,3 +531,75 @@ def test_stored_objects_grows_past_its_capacity_without_losing_any():
         stored.add(o)
     assert all(o in stored for o in objs)
     assert sum(f"OTHER/{i}".encode() in stored for i in range(1000)) < 100  # few false positives
+
+
+class _Recorder:
+    """Stands in for DuckStore's writer cursor: runs each statement and keeps it."""
+
+    def __init__(self, cur):
+        self.cur, self.statements = cur, []
+
+    def execute(self, sql, params=None):
+        self.statements.append((sql, params))
+        return self.cur.execute(sql, params) if params is not None else self.cur.execute(sql)
+
+
+def _table_scans(cur, sql, params):
+    """(table, scan type) of each table read by ``sql``: as DuckDB ran it (rolled back) for a
+    DELETE or UPDATE (it picks an index scan as it starts), as planned for an INSERT."""
+    import json
+    how = "ANALYZE, " if sql.split()[0] != "INSERT" else ""
+    cur.execute("BEGIN")
+    try:
+        plan = json.loads(cur.execute(f"EXPLAIN ({how}FORMAT json) " + sql,
+                                      params).fetchall()[0][1])
+    finally:
+        cur.execute("ROLLBACK")
+    found = []
+
+    def walk(node):
+        info = node.get("extra_info") or {}
+        if "Table" in info:
+            found.append((info["Table"].rsplit(".", 1)[-1], info.get("Type")))
+        for child in node.get("children", []):
+            walk(child)
+    for node in plan["operator"] if isinstance(plan, dict) else plan:
+        walk(node)
+    return found
+
+
+def test_applying_a_batch_finds_its_rows_by_index_not_by_scanning_the_table(tmp_path):
+    """An upsert written as ``INSERT ... ON CONFLICT`` is a MERGE in DuckDB 2.0 that scans the
+    whole table: 0.38 s for 60 rows among 2M, every batch. The applier must look rows up by
+    key instead (deletes by a list of keys, then inserts)."""
+    import pyarrow as pa
+
+    from durable.objectproc.storage.duck import DuckStore
+    duck = DuckStore(tmp_path / "slot-0.duckdb")
+    try:
+        n = 20_000
+        pks = [f"NS/o{i}/k".encode() for i in range(n)]
+        duck.insert_new(pa.table({"pk": pks, "obj": [p[:-2] for p in pks],
+                                  "v": [b"1"] * n, "t": [0] * n}))
+        duck.apply({b"NS/o1": (b"NS/o1", b"x", 1)}, set(), 1, {b"NS/o1": 5, b"NS/o2": 6})
+        rec = duck._writer = _Recorder(duck._writer)
+        rows = {pks[i]: (pks[i][:-2], b"2", 7) for i in range(0, n, 200)}  # existing keys
+        rows[b"NS/new/k"] = (b"NS/new", b"3", 7)
+        rows[pks[5]] = (pks[5][:-2], None, 7)  # a delete
+        duck.apply(rows, {b"NS/o9"}, 2, {b"NS/o1": 9, b"NS/o2": -1})
+        duck._writer = rec.cur
+        checked = 0
+        for sql, params in rec.statements:
+            if sql.split()[0] in ("INSERT", "DELETE", "UPDATE"):
+                for table, how in _table_scans(duck._writer, sql, params):
+                    if table in ("kv", "alarms"):
+                        checked += 1
+                        assert how == "Index Scan", (sql[:80], table, how)
+        assert checked >= 3  # the rows, the cleared object and the alarms were looked up
+        assert sum(s.startswith("INSERT") for s, _ in rec.statements) == 2
+        got = dict(duck._reader.execute("SELECT pk, v FROM kv").fetchall())
+        assert got[pks[200]] == b"2" and got[pks[5]] is None and got[b"NS/new/k"] == b"3"
+        assert got[pks[1]] == b"1" and pks[9] not in got and len(got) == n + 1
+        assert duck._reader.execute("SELECT obj, due FROM alarms").fetchall() == [(b"NS/o1", 9)]
+    finally:
+        duck.close()
