@@ -40,6 +40,8 @@ import orjson
 import pyarrow as pa
 import zmq
 
+from durable import codec
+
 from .storage.log import ALARM_DELETE, WriteSet
 from .storage.slot import SlotStore, fold
 
@@ -52,6 +54,7 @@ QUERY_METHOD = "QUERY"
 QUERY_URL = "durable:query"
 #: Where object names are kept (objectproc/loop.py stores them there, beside each object).
 NAME_PREFIX = "_durable_name_"
+_NAME_BYTES = NAME_PREFIX.encode()
 #: Snapshots one object process streams at once; more wait (see loop.py) or are refused.
 MAX_SNAPSHOTS = 2
 _HWM = 8  # batches queued towards a reader (~2 MB each): bounds the slot's memory per query
@@ -153,67 +156,74 @@ def list_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay, namespace: str, *,
                  start_after: str | None, limit: int, prefix: str | None) -> list[list[Any]]:
     """One slot's first ``limit`` objects of ``namespace`` after ``start_after`` (by id), as
     ``[id, name, keys, bytes, last write ms, alarm due ms]``; only objects holding a key or
-    an alarm (a deleted object holds neither). ``prefix``: only names starting with it."""
+    an alarm (a deleted object holds neither). ``prefix``: only names starting with it.
+
+    From the ``objects`` table the applier keeps (objectproc/storage/duck.py): a top-N of
+    one small row per object, rather than of every key's row. The objects the overlay
+    touches are counted again from their rows, as the overlay leaves them.
+    """
     ov.register(cur)
-    nlo, nhi = _name_range(namespace)
-    params: dict[str, Any] = {"lo": f"{namespace}/{start_after or ''}".encode(),
-                              "hi": f"{namespace}0".encode()}
-    rng = "obj > $lo AND obj < $hi"
-    rows_sql = (f"SELECT obj, octet_length(pk) - octet_length(obj) - 1 + octet_length(v) AS size, "
-                f"t, NULL::BIGINT AS due FROM ({_live_kv(ov, rng)}) "
-                f"UNION ALL SELECT obj, NULL, NULL, due FROM ({_live_alarms(ov, rng)})")
+    lo, hi = f"{namespace}/{start_after or ''}".encode(), f"{namespace}0".encode()
+    touched = sorted(o for o in _overlay_objects(ov) if lo < o < hi)
+    fresh = _count_objects(cur, ov, touched)
+    params: dict[str, Any] = {"lo": lo, "hi": hi, "m": limit + len(touched)}
+    cond = ""
     if prefix:
-        params.update(nlo=nlo, nhi=nhi, prefix=prefix)
-        rows_sql = (f"WITH named AS (SELECT obj FROM ({_names_sql(ov, 'obj >= $nlo AND obj < $nhi')}) "
-                    "WHERE starts_with(name, $prefix)) "
-                    f"SELECT * FROM ({rows_sql}) WHERE obj IN (SELECT obj FROM named)")
-    # The first `limit` objects by id are among the first rows by obj, however many keys each
-    # has: a top-N of rows (~110 ms at 2M rows) rather than a GROUP BY over every object of
-    # the namespace first (~250 ms with the names), widened until it holds `limit` whole
-    # objects (the last object of a full top-N may go on past it).
-    want = limit * 4
-    while True:
-        params["m"] = want
-        rows = cur.execute(f"SELECT * FROM ({rows_sql}) ORDER BY obj LIMIT $m", params).fetchall()
-        objects: dict[bytes, list[Any]] = {}
-        for obj, size, t, due in rows:
-            o = objects.get(obj)
-            if o is None:
-                o = objects[obj] = [0, 0, None, None]
-            if size is not None:
-                o[0] += 1
-                o[1] += size
-                if t is not None and (o[2] is None or t > o[2]):
-                    o[2] = t
-            if due is not None:
-                o[3] = due
-        whole = list(objects.items())
-        if len(rows) == want:
-            whole = whole[:-1]
-        if len(whole) >= limit or len(rows) < want:
-            break
-        want *= 4
-    whole = whole[:limit]
-    names: dict[bytes, str] = {}
+        params["prefix"] = prefix
+        cond = "AND starts_with(json_extract_string(decode(name), '$'), $prefix)"
+    base = cur.execute(
+        "SELECT obj, keys, bytes, t, due, name FROM objects WHERE obj > $lo AND obj < $hi "
+        f"AND (keys > 0 OR due IS NOT NULL) {cond} ORDER BY obj LIMIT $m", params).fetchall()
+    skip = set(touched)
+    rows = [r for r in base if bytes(r[0]) not in skip]
+    rows += [r for r in fresh if r[1] > 0 or r[4] is not None]
+    if prefix:
+        rows = [r for r in rows if _name(r[5]) is not None and _name(r[5]).startswith(prefix)]
+    rows.sort(key=lambda r: bytes(r[0]))
     cut = len(namespace) + 1
-    if whole:  # the names stored between the first object and the last: a narrow range
-        p = {"nlo": nlo + whole[0][0][cut:], "nhi": nlo + whole[-1][0][cut:] + b"0"}
-        names = {bytes(o): n for o, n in cur.execute(
-            f"SELECT obj, name FROM ({_names_sql(ov, 'obj >= $nlo AND obj < $nhi')})", p
-        ).fetchall()}
-    return [[bytes(o)[cut:].decode(), names.get(bytes(o)), *stats] for o, stats in whole]
+    return [[bytes(obj)[cut:].decode(), _name(name), keys, nbytes, t, due]
+            for obj, keys, nbytes, t, due, name in rows[:limit]]
 
 
-def _name_range(namespace: str) -> tuple[bytes, bytes]:
-    return f"{NAME_PREFIX}{namespace}/".encode(), f"{NAME_PREFIX}{namespace}0".encode()
+def _name(stored: bytes | None) -> str | None:
+    """A stored name (the codec's form of a str: JSON text)."""
+    return None if stored is None else codec.decode(stored)
 
 
-def _names_sql(ov: Overlay, where: str) -> str:
-    """``(obj, name)`` for the stored names whose ``obj`` matches ``where``, with ``obj``
-    the named object's own."""
-    return (f"SELECT encode(decode(obj)[{len(NAME_PREFIX) + 1}:]) AS obj, "
-            "json_extract_string(decode(v), '$') AS name "
-            f"FROM ({_live_kv(ov, where, 'pk, obj, v, t')})")
+def _overlay_objects(ov: Overlay) -> set[bytes]:
+    """The objects whose rows, alarm or name the overlay changes."""
+    out: set[bytes] = set()
+    for col in (ov.rows.column("obj"), ov.clears.column("obj"), ov.alarms.column("obj")):
+        for obj in col.to_pylist():
+            out.add(obj[len(NAME_PREFIX):] if obj.startswith(_NAME_BYTES) else obj)
+    return out
+
+
+def _count_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay,
+                   objs: list[bytes]) -> list[tuple[Any, ...]]:
+    """``(obj, keys, bytes, t, due, name)`` of these objects, from their rows with the overlay
+    laid over them (as the ``objects`` table would hold them once the overlay is applied)."""
+    if not objs:
+        return []
+    params = {f"o{i}": o for i, o in enumerate(objs)}
+    names = {f"o{i}": _NAME_BYTES + o for i, o in enumerate(objs)}
+    inlist = ", ".join(f"$o{i}" for i in range(len(objs)))
+    stats = {o: [0, 0, None, None, None] for o in objs}
+    for obj, size, t in cur.execute(
+            "SELECT obj, octet_length(pk) - octet_length(obj) - 1 + octet_length(v), t "
+            f"FROM ({_live_kv(ov, f'obj IN ({inlist})')})", params).fetchall():
+        st = stats[bytes(obj)]
+        st[0] += 1
+        st[1] += size
+        if t is not None and (st[2] is None or t > st[2]):
+            st[2] = t
+    for obj, due in cur.execute(f"SELECT obj, due FROM ({_live_alarms(ov, f'obj IN ({inlist})')})",
+                                params).fetchall():
+        stats[bytes(obj)][3] = due
+    for obj, v in cur.execute(f"SELECT obj, v FROM ({_live_kv(ov, f'obj IN ({inlist})')}) "
+                              "WHERE octet_length(pk) = octet_length(obj) + 5", names).fetchall():
+        stats[bytes(obj)[len(NAME_PREFIX):]][4] = v
+    return [(o, *st) for o, st in stats.items()]
 
 
 def _ipc(batch: pa.RecordBatch) -> pa.Buffer:

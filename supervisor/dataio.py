@@ -230,6 +230,8 @@ def _import(config: Config, src: Path, manifest: dict[str, Any], data: Path,
     finally:
         reader.close()
     for n, store in enumerate(stores):
+        say(f"slot {n}: listing its objects")
+        store.rebuild_objects()
         store.checkpoint()
         store.close()
         say(f"slot {n}: written")

@@ -123,14 +123,14 @@ def _run(data: Path, old: int, new: int, marker: Path) -> int:
     _flush_logs(data, existing)
     ring = Ring(new)
     for j in range(new):  # every target file exists with the schema
-        DuckStore(data / f"slot-{j}.duckdb").close()
+        DuckStore(data / f"slot-{j}.duckdb", objects=False).close()
     plans: dict[int, dict[int, list[bytes]]] = {}
     total = 0
     for i in sorted(set(existing) | set(range(new))):
         path = data / f"slot-{i}.duckdb"
         if not path.exists():
             continue
-        store = DuckStore(path)
+        store = DuckStore(path, objects=False)
         try:
             objs = store.object_keys()
         finally:
@@ -144,7 +144,7 @@ def _run(data: Path, old: int, new: int, marker: Path) -> int:
         total += sum(len(v) for v in moves.values())
     progress = _Progress(total)
     for i, moves in plans.items():
-        store = DuckStore(data / f"slot-{i}.duckdb")
+        store = DuckStore(data / f"slot-{i}.duckdb", objects=False)
         try:
             for j, objs in sorted(moves.items()):
                 store.move_objects(data / f"slot-{j}.duckdb", objs, batch=BATCH, moved=progress.step)

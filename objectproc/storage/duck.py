@@ -11,9 +11,15 @@ Layout (measured on DuckDB 2.0, 1M rows, 2 cores; see docs/storage.md):
 * A secondary index on ``obj``: DuckDB does not use the primary key's index
   for range filters (a 100-key range at 1M rows is a 29 ms scan), but an
   equality on ``obj`` is an index lookup (~0.3–0.9 ms for a whole object).
-* ``v IS NULL`` is a tombstone. A delete by key list costs ~90 ms per 1,000
-  keys as a DELETE, while a tombstone rides in the same single upsert as the
-  puts; tombstones are purged in bulk now and then.
+* ``v IS NULL`` is a tombstone; tombstones are purged in bulk now and then.
+* A batch is upserted as a delete by a list of keys and an insert: DuckDB 2.0
+  runs ``INSERT ... ON CONFLICT`` as a MERGE that scans the whole table.
+* ``objects(obj, keys, bytes, t, due, name)``: one row per object holding a
+  key, an alarm or a name, kept by every batch in its transaction (the delete
+  returns the rows it replaces, so nothing is read twice). ``durable objects``
+  lists from it: a slot of 500k objects in 0.1 s rather than a scan of every
+  row. ``meta_text('objects')`` says it is complete; bulk writers that do not
+  keep it (import, migration, repair) clear that, and the next open rebuilds it.
 * ``meta(k, v)`` holds ``applied_seq``: the last log record the table covers,
   committed in the same transaction as the batch.
 
@@ -65,7 +71,31 @@ CREATE TABLE IF NOT EXISTS meta_text (k VARCHAR PRIMARY KEY, v VARCHAR);
 CREATE TABLE IF NOT EXISTS alarms (obj BLOB PRIMARY KEY, due BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS alarms_due ON alarms (due);
 ALTER TABLE kv ADD COLUMN IF NOT EXISTS t BIGINT;
+CREATE TABLE IF NOT EXISTS objects (obj BLOB PRIMARY KEY, keys BIGINT NOT NULL,
+                                    bytes BIGINT NOT NULL, t BIGINT, due BIGINT, name BLOB);
 """
+
+#: Where object names are kept (objectproc/loop.py stores them as objects of their own:
+#: ``NAME_PREFIX ‖ namespace/id``, key ``name``). The ``objects`` row of the named object
+#: holds the name; the name's own object has no row there.
+NAME_PREFIX = b"_durable_name_"
+_NAMES = (NAME_PREFIX, NAME_PREFIX[:-1] + b"`")  # ("`" follows "_")
+OBJECTS_VERSION = "1"
+
+_REBUILD_OBJECTS = f"""
+INSERT INTO objects
+WITH r AS (SELECT obj, count(v) AS keys,
+                  coalesce(sum(octet_length(pk) - octet_length(obj) - 1 + octet_length(v)), 0)
+                    AS bytes, max(t) AS t
+           FROM kv WHERE NOT (obj >= $nlo AND obj < $nhi) GROUP BY obj),
+     n AS (SELECT obj[{len(NAME_PREFIX) + 1}:] AS obj, v AS name FROM kv
+           WHERE obj >= $nlo AND obj < $nhi AND v IS NOT NULL
+             AND octet_length(pk) = octet_length(obj) + 5)
+SELECT obj, coalesce(r.keys, 0), coalesce(r.bytes, 0), r.t, a.due, n.name
+FROM r FULL JOIN n USING (obj) FULL JOIN alarms a USING (obj)
+WHERE coalesce(r.keys, 0) > 0 OR a.due IS NOT NULL OR n.name IS NOT NULL
+"""
+_OBJECT_COLS = "obj, keys, bytes, t, due, name"
 
 _INSERT = "INSERT INTO kv SELECT unnest($1), unnest($2), unnest($3), unnest($4)"
 #: Keys per ``DELETE ... IN ($1, ...)``. A list of parameters is looked up in the table's
@@ -76,12 +106,25 @@ _INSERT = "INSERT INTO kv SELECT unnest($1), unnest($2), unnest($3), unnest($4)"
 _IN_CHUNK = 1000
 
 
-def _delete_keys(cur: duckdb.DuckDBPyConnection, table: str, column: str, keys: list[bytes]) -> None:
-    """Delete the rows whose ``column`` is one of ``keys``, through the column's index."""
+def _delete_keys(cur: duckdb.DuckDBPyConnection, table: str, column: str, keys: list[bytes],
+                 returning: str | None = None) -> list[tuple[Any, ...]]:
+    """Delete the rows whose ``column`` is one of ``keys``, through the column's index;
+    with ``returning``, the deleted rows' columns."""
+    out: list[tuple[Any, ...]] = []
     for k in range(0, len(keys), _IN_CHUNK):
         part = keys[k:k + _IN_CHUNK]
         marks = ", ".join(f"${i}" for i in range(1, len(part) + 1))
-        cur.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", part)
+        sql = f"DELETE FROM {table} WHERE {column} IN ({marks})"
+        if returning:
+            out += cur.execute(f"{sql} RETURNING {returning}", part).fetchall()
+        else:
+            cur.execute(sql, part)
+    return out
+
+
+def _target(obj: bytes) -> bytes:
+    """The object a stored object stands for (a name's object: the named one)."""
+    return obj[len(NAME_PREFIX):] if obj.startswith(NAME_PREFIX) else obj
 
 
 class DuckStore:
@@ -91,7 +134,8 @@ class DuckStore:
     applier thread only (a DuckDB cursor must not be shared across threads).
     """
 
-    def __init__(self, path: Path, *, memory_limit: str = "512MB", read_only: bool = False) -> None:
+    def __init__(self, path: Path, *, memory_limit: str = "512MB", read_only: bool = False,
+                 objects: bool = True) -> None:
         self.path = path
         config = {"threads": 1, "memory_limit": memory_limit}
         if not read_only:
@@ -105,6 +149,8 @@ class DuckStore:
             self._reader = self._con.cursor()
             self._writer = self._con.cursor()
             self.tombstones = self._one("SELECT count(*) FROM kv WHERE v IS NULL")
+            if objects and not read_only and self.meta_text("objects") != OBJECTS_VERSION:
+                self.rebuild_objects()
         except duckdb.Error as e:
             if new:  # a file this call began (a full disk): never leave it half made
                 with contextlib.suppress(AttributeError, duckdb.Error):
@@ -132,6 +178,26 @@ class DuckStore:
     def set_meta_text(self, key: str, value: str) -> None:
         self._reader.execute("INSERT INTO meta_text VALUES ($1, $2) ON CONFLICT DO UPDATE "
                              "SET v = excluded.v", [key, value])
+
+    def rebuild_objects(self) -> None:
+        """Make ``objects`` anew from ``kv`` and ``alarms`` (a file of an older version, or
+        after a bulk write that did not keep it): one GROUP BY of every row."""
+        w = self._writer
+        w.execute("BEGIN")
+        try:
+            w.execute("DELETE FROM objects")
+            w.execute(_REBUILD_OBJECTS, {"nlo": _NAMES[0], "nhi": _NAMES[1]})
+            w.execute("INSERT INTO meta_text VALUES ('objects', $1) ON CONFLICT DO UPDATE "
+                      "SET v = excluded.v", [OBJECTS_VERSION])
+            w.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                w.execute("ROLLBACK")
+            raise
+
+    def objects_stale(self) -> None:
+        """``objects`` no longer matches ``kv`` (a bulk write): the next open rebuilds it."""
+        self._writer.execute("DELETE FROM meta_text WHERE k = 'objects'")
 
     def wal_bytes(self) -> int:
         try:
@@ -173,21 +239,59 @@ class DuckStore:
         w = self._writer
         w.execute("BEGIN")
         try:
+            touched = {_target(r[0]) for r in rows.values()}
+            touched.update(_target(obj) for obj in clears)
+            touched.update(alarms or ())
+            # obj -> [keys, bytes, t, due, name], as the batch leaves it
+            stats = {r[0]: list(r[1:]) for r in _delete_keys(
+                w, "objects", "obj", list(touched), returning=_OBJECT_COLS)}
+            for obj in touched:
+                stats.setdefault(obj, [0, 0, None, None, None])
             if alarms:
                 _delete_keys(w, "alarms", "obj", list(alarms))  # (then set again: an upsert)
                 due = [(obj, d) for obj, d in alarms.items() if d >= 0]
                 if due:
                     w.execute("INSERT INTO alarms SELECT unnest($1), unnest($2)",
                               [[o for o, _ in due], [d for _, d in due]])
+                for obj, d in alarms.items():
+                    stats[obj][3] = d if d >= 0 else None
             for obj in clears:
                 w.execute("DELETE FROM kv WHERE obj = $1", [obj])
+                st = stats[_target(obj)]
+                if obj.startswith(NAME_PREFIX):
+                    st[4] = None
+                else:
+                    st[0], st[1], st[2] = 0, 0, None
             if rows:
                 pks = list(rows)
                 objs = [r[0] for r in rows.values()]
                 vals = [r[1] for r in rows.values()]
-                _delete_keys(w, "kv", "pk", pks)  # (an upsert, as a delete and an insert)
+                # (an upsert, as a delete and an insert; the deleted rows' sizes keep `objects`)
+                old = dict(_delete_keys(w, "kv", "pk", pks, returning="pk, octet_length(v)"))
                 w.execute(_INSERT, [pks, objs, vals, [r[2] for r in rows.values()]])
                 self.tombstones += vals.count(None)
+                for pk, (obj, v, t) in rows.items():
+                    if obj.startswith(NAME_PREFIX):
+                        if pk == obj + b"/name":
+                            stats[_target(obj)][4] = v
+                        continue
+                    st = stats[obj]
+                    key = len(pk) - len(obj) - 1
+                    was = old.get(pk)
+                    if was is not None:
+                        st[0] -= 1
+                        st[1] -= key + was
+                    if v is not None:
+                        st[0] += 1
+                        st[1] += key + len(v)
+                    if t is not None and (st[2] is None or t > st[2]):
+                        st[2] = t
+            keep = [(obj, *st) for obj, st in stats.items()
+                    if st[0] > 0 or st[3] is not None or st[4] is not None]
+            if keep:
+                w.execute("INSERT INTO objects SELECT unnest($1), unnest($2), unnest($3), "
+                          "unnest($4), unnest($5), unnest($6)",
+                          [list(col) for col in zip(*keep, strict=True)])
             if self.tombstones > purge_over:
                 w.execute("DELETE FROM kv WHERE v IS NULL")
                 self.tombstones = 0
@@ -202,7 +306,9 @@ class DuckStore:
 
     def insert_new(self, table: Any) -> None:
         """Bulk-load rows ``(pk, obj, v, t)`` from an Arrow table into a new file (`durable
-        import`): one INSERT, no upsert; a key already there raises ConstraintException."""
+        import`): one INSERT, no upsert; a key already there raises ConstraintException.
+        Leaves ``objects`` to :meth:`rebuild_objects` (once, after the last load)."""
+        self.objects_stale()
         w = self._writer
         w.register("durable_import", table)
         try:
@@ -253,6 +359,8 @@ class DuckStore:
         quoted = str(target).replace("'", "''")  # (ATTACH takes no parameters)
         w.execute(f"ATTACH '{quoted}' AS target")
         try:
+            self.objects_stale()  # (both files' `objects` are rebuilt as they next open)
+            w.execute("DELETE FROM target.meta_text WHERE k = 'objects'")
             for k in range(0, len(objs), batch):
                 part = objs[k:k + batch]
                 for sql in ("INSERT OR REPLACE INTO target.kv SELECT pk, obj, v, t FROM kv "

@@ -592,11 +592,11 @@ def test_applying_a_batch_finds_its_rows_by_index_not_by_scanning_the_table(tmp_
         for sql, params in rec.statements:
             if sql.split()[0] in ("INSERT", "DELETE", "UPDATE"):
                 for table, how in _table_scans(duck._writer, sql, params):
-                    if table in ("kv", "alarms"):
+                    if table in ("kv", "alarms", "objects"):
                         checked += 1
                         assert how == "Index Scan", (sql[:80], table, how)
-        assert checked >= 3  # the rows, the cleared object and the alarms were looked up
-        assert sum(s.startswith("INSERT") for s, _ in rec.statements) == 2
+        assert checked >= 4  # the rows, the cleared object, the alarms and `objects` looked up
+        assert sum(s.startswith("INSERT") for s, _ in rec.statements) == 3
         got = dict(duck._reader.execute("SELECT pk, v FROM kv").fetchall())
         assert got[pks[200]] == b"2" and got[pks[5]] is None and got[b"NS/new/k"] == b"3"
         assert got[pks[1]] == b"1" and pks[9] not in got and len(got) == n + 1

@@ -97,7 +97,7 @@ def _reused(records: list[WriteSet]) -> DuckStore:
         atexit.register(shutil.rmtree, d, True)
         _SHARED.append(DuckStore(d / "s.duckdb"))
     store = _SHARED[0]
-    store._writer.execute("DELETE FROM kv; DELETE FROM alarms")
+    store._writer.execute("DELETE FROM kv; DELETE FROM alarms; DELETE FROM objects")
     return _apply(store, records)
 
 
@@ -220,6 +220,51 @@ def test_pages_of_any_size_list_every_object_once_in_id_order(writes, page):
         assert {r[0]: r[2] for r in seen} == {o: len(ks) for o, ks in keys.items()}
     finally:
         cur.close()
+
+
+def _objects_rows(store: DuckStore) -> list[tuple]:
+    return store._reader.execute("SELECT * FROM objects ORDER BY obj").fetchall()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(writesets, writesets, st.builds(
+           lambda obj, name: WriteSet(b"_durable_name_" + obj, False, {"name": codec.encode(name)},
+                                      ALARM_KEEP, 0),
+           st.sampled_from(OBJS), st.sampled_from(["n1", "n2é"]))), max_size=25),
+       st.lists(st.integers(0, 25), max_size=3), st.integers(0, 25))
+def test_objects_table_matches_the_rows_after_any_batches_and_lists_with_any_overlay(
+        records, cuts, applied):
+    """The applier keeps ``objects`` as a rebuild from the rows would make it, batch after
+    batch; a listing from it, with any overlay of records not applied yet, matches a model."""
+    records = [WriteSet(r.obj, r.clear, r.entries, r.alarm, 1000 + i)  # (times go forward)
+               for i, r in enumerate(records)]
+    applied = min(applied, len(records))
+    points = sorted({min(c, applied) for c in cuts} | {applied})
+    store = _reused([])
+    prev = 0
+    for p in points:
+        _apply(store, records[prev:p])
+        prev = p
+        kept = _objects_rows(store)
+        store.rebuild_objects()
+        assert kept == _objects_rows(store)
+    kv, alarms = model(records)
+    want = []
+    for oid in ("a", "b", "c"):
+        obj = f"NS/{oid}".encode()
+        live = {pk: v for pk, v in kv.items() if pk.startswith(obj + b"/")}
+        if live or obj in alarms:
+            name = kv.get(b"_durable_name_" + obj + b"/name")
+            want.append([oid, None if name is None else codec.decode(name), len(live),
+                         sum(len(pk) - len(obj) - 1 + len(v) for pk, v in live.items()),
+                         alarms.get(obj)])
+    cur = store._con.cursor()
+    try:
+        got = list_objects(cur, Overlay.of(records[points[0]:]), "NS", start_after=None,
+                           limit=10, prefix=None)
+    finally:
+        cur.close()
+    assert [[oid, name, keys, nbytes, due] for oid, name, keys, nbytes, _t, due in got] == want
 
 
 # -- the views ---------------------------------------------------------------------------
