@@ -118,13 +118,16 @@ def _where(ranges: list[tuple[bytes, bytes]], params: dict[str, Any], col: str =
     return "(" + " OR ".join(parts) + ")"
 
 
-def _live_kv(ov: Overlay, where: str, cols: str = "pk, obj, v, t") -> str:
-    """Live rows of the snapshot with the overlay laid over them."""
+def _live_kv(ov: Overlay, where: str, cols: str = "pk, obj, v, t", *,
+             tombstones: bool = False) -> str:
+    """Live rows of the snapshot with the overlay laid over them (and deleted keys' rows,
+    ``v`` NULL, with ``tombstones``)."""
+    where = where if tombstones else f"v IS NOT NULL AND {where}"
     if ov.empty:
-        return f"SELECT {cols} FROM kv WHERE v IS NOT NULL AND {where}"
-    return (f"SELECT {cols} FROM kv WHERE v IS NOT NULL AND {where} "
+        return f"SELECT {cols} FROM kv WHERE {where}"
+    return (f"SELECT {cols} FROM kv WHERE {where} "
             "AND pk NOT IN (SELECT pk FROM durable_ov) AND obj NOT IN (SELECT obj FROM durable_ovc) "
-            f"UNION ALL SELECT {cols} FROM durable_ov WHERE v IS NOT NULL AND {where}")
+            f"UNION ALL SELECT {cols} FROM durable_ov WHERE {where}")
 
 
 def _live_alarms(ov: Overlay, where: str) -> str:
@@ -209,12 +212,13 @@ def _count_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay,
     names = {f"o{i}": _NAME_BYTES + o for i, o in enumerate(objs)}
     inlist = ", ".join(f"$o{i}" for i in range(len(objs)))
     stats = {o: [0, 0, None, None, None] for o in objs}
-    for obj, size, t in cur.execute(
+    for obj, size, t in cur.execute(  # (a deleted key's write is a write: its time counts)
             "SELECT obj, octet_length(pk) - octet_length(obj) - 1 + octet_length(v), t "
-            f"FROM ({_live_kv(ov, f'obj IN ({inlist})')})", params).fetchall():
+            f"FROM ({_live_kv(ov, f'obj IN ({inlist})', tombstones=True)})", params).fetchall():
         st = stats[bytes(obj)]
-        st[0] += 1
-        st[1] += size
+        if size is not None:
+            st[0] += 1
+            st[1] += size
         if t is not None and (st[2] is None or t > st[2]):
             st[2] = t
     for obj, due in cur.execute(f"SELECT obj, due FROM ({_live_alarms(ov, f'obj IN ({inlist})')})",
