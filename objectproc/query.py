@@ -42,6 +42,7 @@ import zmq
 
 from durable import codec
 
+from .storage.duck import order_key
 from .storage.log import ALARM_DELETE, WriteSet
 from .storage.slot import SlotStore, fold
 
@@ -169,14 +170,7 @@ def list_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay, namespace: str, *,
     lo, hi = f"{namespace}/{start_after or ''}".encode(), f"{namespace}0".encode()
     touched = sorted(o for o in _overlay_objects(ov) if lo < o < hi)
     fresh = _count_objects(cur, ov, touched)
-    params: dict[str, Any] = {"lo": lo, "hi": hi, "m": limit + len(touched)}
-    cond = ""
-    if prefix:
-        params["prefix"] = prefix
-        cond = "AND starts_with(json_extract_string(decode(name), '$'), $prefix)"
-    base = cur.execute(
-        "SELECT obj, keys, bytes, t, due, name FROM objects WHERE obj > $lo AND obj < $hi "
-        f"AND (keys > 0 OR due IS NOT NULL) {cond} ORDER BY obj LIMIT $m", params).fetchall()
+    base = _objects_page(cur, namespace, lo, limit + len(touched), prefix)
     skip = set(touched)
     rows = [r for r in base if bytes(r[0]) not in skip]
     rows += [r for r in fresh if r[1] > 0 or r[4] is not None]
@@ -186,6 +180,38 @@ def list_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay, namespace: str, *,
     cut = len(namespace) + 1
     return [[bytes(obj)[cut:].decode(), _name(name), keys, nbytes, t, due]
             for obj, keys, nbytes, t, due, name in rows[:limit]]
+
+
+def _objects_page(cur: duckdb.DuckDBPyConnection, namespace: str, lo: bytes, want: int,
+                  prefix: str | None) -> list[tuple[Any, ...]]:
+    """The first ``want`` rows of ``objects`` after ``lo`` in ``namespace`` (holding a key or
+    an alarm; named with ``prefix``), by ``obj``.
+
+    In two steps: a top-N of the order key ``k`` alone, then the rows from the first ``k``
+    to the last, so that only those rows are read whole (a top-N of the rows themselves
+    reads every row of the namespace whole). Equal ``k`` (ids alike in their first bytes)
+    only widen the second step; rows at or before ``lo`` are dropped after it.
+    """
+    live = "(keys > 0 OR due IS NOT NULL)"
+    params: dict[str, Any] = {"ns": namespace, "ka": order_key(lo)[1]}
+    if prefix:
+        live += " AND starts_with(json_extract_string(decode(name), '$'), $prefix)"
+        params["prefix"] = prefix
+    m = want + 1
+    while True:
+        params["m"] = m
+        ks = cur.execute(f"SELECT k FROM objects WHERE ns = $ns AND k >= $ka AND {live} "
+                         "ORDER BY k LIMIT $m", params).fetchall()
+        if not ks:
+            return []
+        rows = cur.execute(
+            "SELECT obj, keys, bytes, t, due, name FROM objects WHERE ns = $ns "
+            f"AND k >= $ka AND k <= $kz AND {live}",
+            {**{k: v for k, v in params.items() if k != "m"}, "kz": ks[-1][0]}).fetchall()
+        rows = sorted((r for r in rows if bytes(r[0]) > lo), key=lambda r: bytes(r[0]))
+        if len(rows) >= want or len(ks) < m:
+            return rows[:want]
+        m *= 4  # (the rows at `lo`'s own k took places: rare)
 
 
 def _name(stored: bytes | None) -> str | None:

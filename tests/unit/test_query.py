@@ -222,6 +222,28 @@ def test_pages_of_any_size_list_every_object_once_in_id_order(writes, page):
         cur.close()
 
 
+def test_pages_through_ids_alike_in_their_first_bytes():
+    """The listing's order key holds an id's first 7 bytes: ids alike in those still come
+    once each, in order, whatever the page size and wherever a page ends."""
+    ids = sorted([f"abcdefg{n:02d}" for n in range(12)] + ["abcdef", "abcdeg0", "b", "a"])
+    store = _reused([WriteSet(f"NS/{i}".encode(), False, {"k": b"1"}, ALARM_KEEP, 1)
+                     for i in ids])
+    cur = store._con.cursor()
+    try:
+        for page in (1, 2, 3, 5, 16):
+            seen, after = [], None
+            while True:
+                rows = list_objects(cur, Overlay.of([]), "NS", start_after=after, limit=page,
+                                    prefix=None)
+                seen += [r[0] for r in rows]
+                if len(rows) < page:
+                    break
+                after = rows[-1][0]
+            assert seen == ids, page
+    finally:
+        cur.close()
+
+
 def _objects_rows(store: DuckStore) -> list[tuple]:
     return store._reader.execute("SELECT * FROM objects ORDER BY obj").fetchall()
 
