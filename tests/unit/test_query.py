@@ -244,6 +244,29 @@ def test_pages_through_ids_alike_in_their_first_bytes():
         cur.close()
 
 
+def test_objects_table_is_rebuilt_after_writes_that_did_not_keep_it(tmp_path):
+    """A version without the table (rows and applied_seq moved, objects not), and a slot
+    migration (rows moved between files): the next open counts the rows again."""
+    path = tmp_path / "slot-0.duckdb"
+    store = applied_store(path, [WriteSet(b"NS/a", False, {"k": b"1"}, ALARM_KEEP, 5)])
+    store._writer.execute("INSERT INTO kv VALUES ('NS/b/k', 'NS/b', '22', 6); "
+                          "UPDATE meta SET v = v + 1 WHERE k = 'applied_seq'")
+    store.close()
+    store = DuckStore(path)
+    assert [r[0] for r in _objects_rows(store)] == [b"NS/a", b"NS/b"]
+    other = DuckStore(tmp_path / "slot-1.duckdb")
+    other.close()
+    store.move_objects(tmp_path / "slot-1.duckdb", [b"NS/b"], batch=10)
+    store.close()
+    store, other = DuckStore(path), DuckStore(tmp_path / "slot-1.duckdb")
+    try:
+        assert [r[:5] for r in _objects_rows(store)] == [(b"NS/a", "NS", 0x61 << 48, 1, 2)]
+        assert [r[0] for r in _objects_rows(other)] == [b"NS/b"]
+    finally:
+        store.close()
+        other.close()
+
+
 def _objects_rows(store: DuckStore) -> list[tuple]:
     return store._reader.execute("SELECT * FROM objects ORDER BY obj").fetchall()
 
