@@ -303,6 +303,41 @@ async def activation_memory(directory: Path, n: int) -> dict[str, float]:
             "bytes_per_idle_activation_after_evict": round(idle / n)}
 
 
+def apply_batches(directory: Path, rows: int, reps: int = 9) -> dict[str, float]:
+    """The applier's batch (upsert of existing keys, one new key, objects kept) over a slot of
+    ``rows`` rows: ms per batch by size, medians of ``reps``. DuckDB 2.0's ON CONFLICT was a
+    scan of the whole table per batch; a delete by key list and an insert are not."""
+    import random
+
+    import pyarrow as pa
+
+    from durable.objectproc.storage.duck import DuckStore
+    duck = DuckStore(directory / "slot-0.duckdb")
+    try:
+        objs = [f"NS/{i:064x}".encode() for i in range(rows // 3)]
+        pks = [o + b"/" + k for o in objs for k in (b"a", b"b", b"c")]
+        duck.insert_new(pa.table({"pk": pks, "obj": [p[:-2] for p in pks],
+                                  "v": [b"1"] * len(pks), "t": [0] * len(pks)}))
+        duck.rebuild_objects()
+        duck.checkpoint()
+        rng = random.Random(1)
+        out: dict[str, float] = {}
+        seq = 1
+        for size in (1, 100, 1000):
+            times = []
+            for _ in range(reps):
+                batch = {p: (p[:-2], b"42", 1) for p in rng.sample(pks, size)}
+                batch[b"NS/new%d/a" % seq] = (b"NS/new%d" % seq, b"1", 1)
+                t = time.perf_counter()
+                duck.apply(batch, set(), seq)
+                times.append(time.perf_counter() - t)
+                seq += 1
+            out[f"batch_{size}_existing_keys_ms"] = ms(statistics.median(times))
+        return out
+    finally:
+        duck.close()
+
+
 def storage_suite(quick: bool) -> dict[str, Any]:
     from durable.objectproc.storage import tune_gc
 
@@ -321,6 +356,8 @@ def storage_suite(quick: bool) -> dict[str, Any]:
         out["floor_fsync_100b_preallocated"] = floor_fsync(
             fresh("fsync-pre"), 200 if quick else 2000, size=100, preallocated=True)
         out["floor_duckdb_single_row_commit"] = floor_duckdb_commit(fresh("duck"), 50 if quick else 300)
+        out["apply_batches"] = {"rows": 30_000 if quick else big_rows, **apply_batches(
+            fresh("apply"), 30_000 if quick else big_rows, 3 if quick else 9)}
         out["sequential_durable_put"] = asyncio.run(sequential_put(fresh("seq"), 300 if quick else 3000))
         out["sequential_durable_put_inline"] = asyncio.run(
             sequential_put(fresh("seq-inline"), 300 if quick else 3000, inline=True))

@@ -19,8 +19,10 @@ def test_storage_bench_quick_reports_every_figure():
     m = json.loads(out.stdout)["median"]
     for section in ("floor_fsync_4k", "floor_duckdb_single_row_commit", "sequential_durable_put",
                     "concurrent_durable_puts_10k_rows", "concurrent_durable_puts_100k_rows",
-                    "reads_at_100k_rows", "recovery_replay", "activation_memory"):
+                    "reads_at_100k_rows", "recovery_replay", "activation_memory",
+                    "apply_batches"):
         assert section in m, f"{section} missing from {sorted(m)}"
+    assert m["apply_batches"]["batch_1000_existing_keys_ms"] > 0
     assert m["concurrent_durable_puts_10k_rows"]["puts"] > 0
     assert m["concurrent_durable_puts_100k_rows"]["stored_rows"] >= 100_000
     assert m["recovery_replay"]["records"] == m["recovery_replay"]["logged"] > 0
