@@ -341,3 +341,19 @@ def test_views_split_ids_keep_slashes_in_keys_and_join_names():
                        ("o2", None, 1, 4, False), ("o3", None, 0, 0, True)]
     assert con.execute("SELECT object_id, scheduled_at FROM alarms").fetchall() == [
         ("o3", dt.datetime(2027, 1, 15, 8, 0))]
+
+
+@pytest.mark.parametrize("pks, objects", [
+    ([f"NS/{'a' * 64}/k", f"NS/{'a' * 64}/j", f"NS/{'b' * 64}/k", f"OT/{'a' * 64}/k",
+      f"_durable_name_NS/{'a' * 64}/name"], 3),
+    (["NS/a/k", "NS/a/j", "NS/b/k", "OT/a/k"], 3),  # ids of another length: the long way
+    ([f"NS/{'a' * 64}/k", "NS/short/k"], 2),
+    ([], 0)])
+def test_export_counts_objects_by_namespace_and_id(pks, objects):
+    from durable.query import _count_objects
+    con = duckdb.connect()
+    n = len(pks)
+    views(con, pa.table({"pk": pa.array([p.encode() for p in pks], pa.binary()),
+                         "v": pa.array([b"1"] * n, pa.binary()),
+                         "t": pa.array([1] * n, pa.int64())}), None)
+    assert _count_objects(con) == objects
