@@ -14,7 +14,7 @@ Layout (measured on DuckDB 2.0, 1M rows, 2 cores; see docs/storage.md):
 * ``v IS NULL`` is a tombstone; tombstones are purged in bulk now and then.
 * A batch is upserted as a delete by a list of keys and an insert: DuckDB 2.0
   runs ``INSERT ... ON CONFLICT`` as a MERGE that scans the whole table.
-* ``objects(obj, keys, bytes, t, due, name)``: one row per object holding a
+* ``objects(obj, ns, k, keys, bytes, t, due, name)``: one row per object holding a
   key, an alarm or a name, kept by every batch in its transaction (the delete
   returns the rows it replaces, so nothing is read twice). ``durable objects``
   lists from it: a slot of 500k objects in 0.05 s rather than a scan of every
