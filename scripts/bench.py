@@ -1464,33 +1464,18 @@ def cold_suite(quick: bool, objects: int) -> dict[str, Any]:
     return out
 
 
-WORKERD_CONFIG = """using Workerd = import "/workerd/workerd.capnp";
-const config :Workerd.Config = (
-  services = [ (name = "main", worker = .w),
-               (name = "disk", disk = (path = "{disk}", writable = true)) ],
-  sockets = [ (name = "http", address = "127.0.0.1:{port}", http = (), service = "main") ],
-);
-const w :Workerd.Worker = (
-  modules = [ (name = "worker.js", esModule = embed "worker.js") ],
-  compatibilityDate = "2026-11-17",
-  durableObjectNamespaces = [ (className = "Noop", uniqueKey = "noop-key"),
-                              (className = "Counter", uniqueKey = "counter-key") ],
-  durableObjectStorage = (localDisk = "disk"),
-  bindings = [ (name = "NOOP", durableObjectNamespace = "Noop"),
-               (name = "COUNTER", durableObjectNamespace = "Counter") ],
-);
-"""
-
-
 @contextlib.contextmanager
 def _workerd(path: str) -> Any:
     """workerd serving scripts/workerd/counter.js with on-disk Durable Objects: (port, pids)."""
     from harness import free_port
+    from workerd_config import workerd_config
     with tempfile.TemporaryDirectory(prefix="durable-workerd-") as tmp:
         root, port = Path(tmp), free_port()
         (root / "worker.js").write_text((REPO / "scripts" / "workerd" / "counter.js").read_text())
         (root / "disk").mkdir()
-        (root / "config.capnp").write_text(WORKERD_CONFIG.format(disk=root / "disk", port=port))
+        (root / "config.capnp").write_text(workerd_config(
+            disk=root / "disk", port=port, date="2026-11-17",
+            classes={"NOOP": "Noop", "COUNTER": "Counter"}))
         proc = subprocess.Popen([path, "serve", str(root / "config.capnp")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

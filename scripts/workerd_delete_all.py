@@ -18,23 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from workerd_config import workerd_config
+
 HERE = Path(__file__).resolve().parent
-
-CONFIG = """using Workerd = import "/workerd/workerd.capnp";
-const config :Workerd.Config = (
-  services = [ (name = "main", worker = .w),
-               (name = "disk", disk = (path = "{disk}", writable = true)) ],
-  sockets = [ (name = "http", address = "127.0.0.1:{port}", http = (), service = "main") ],
-);
-const w :Workerd.Worker = (
-  modules = [ (name = "worker.js", esModule = embed "worker.js") ],
-  compatibilityDate = "{date}",
-  durableObjectNamespaces = [ (className = "Obj", uniqueKey = "obj-key") ],
-  durableObjectStorage = (localDisk = "disk"),
-  bindings = [ (name = "OBJ", durableObjectNamespace = "Obj") ],
-);
-"""
-
 
 def main() -> int:
     workerd = sys.argv[1] if len(sys.argv) > 1 else "workerd"
@@ -46,8 +32,8 @@ def main() -> int:
             root = Path(tmp)
             (root / "worker.js").write_text((HERE / "workerd" / "delete_all_alarm.js").read_text())
             (root / "disk").mkdir()
-            (root / "config.capnp").write_text(CONFIG.format(disk=root / "disk", port=port,
-                                                             date=date))
+            (root / "config.capnp").write_text(workerd_config(
+                disk=root / "disk", port=port, date=date, classes={"OBJ": "Obj"}))
             proc = subprocess.Popen([workerd, "serve", str(root / "config.capnp")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
