@@ -400,7 +400,7 @@ def to_json_rows(result: QueryResult) -> bytes:
     return orjson.dumps(result.dicts(), default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
-def _count_objects(con: duckdb.DuckDBPyConnection) -> int:
+def _manifest_objects(con: duckdb.DuckDBPyConnection) -> int:
     """Objects holding a key, for the manifest. Ids are 64 characters, so an object is its
     row's first ``len(namespace) + 65`` characters: counting those costs half what the view's
     split does (1.2 s against 2.4 s for 3M rows, measured); checked, else counted the long way."""
@@ -474,7 +474,7 @@ async def export(client: Any, dest: Any, *, namespace: str | None = None,
                 con.execute(f"COPY ({sql_text}) TO '{path}' ({options})")
                 os.chmod(dest / f"{name}.{ext}", 0o600)
                 counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
-            counts["objects"] = _count_objects(con)
+            counts["objects"] = _manifest_objects(con)
             return counts
         finally:
             con.close()

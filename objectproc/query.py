@@ -42,6 +42,7 @@ import zmq
 
 from durable import codec
 
+from .storage.duck import NAME_PREFIX as _NAME_BYTES
 from .storage.duck import order_key
 from .storage.log import ALARM_DELETE, WriteSet
 from .storage.slot import SlotStore, fold
@@ -54,8 +55,7 @@ __all__ = ["QUERY_METHOD", "QUERY_URL", "NAME_PREFIX", "SnapshotStream", "list_o
 QUERY_METHOD = "QUERY"
 QUERY_URL = "durable:query"
 #: Where object names are kept (objectproc/loop.py stores them there, beside each object).
-NAME_PREFIX = "_durable_name_"
-_NAME_BYTES = NAME_PREFIX.encode()
+NAME_PREFIX = _NAME_BYTES.decode()
 #: Snapshots one object process streams at once; more wait (see loop.py) or are refused.
 MAX_SNAPSHOTS = 2
 _HWM = 8  # batches queued towards a reader (~2 MB each): bounds the slot's memory per query

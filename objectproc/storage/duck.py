@@ -114,7 +114,7 @@ SELECT obj, split_part(decode(obj), '/', 1),
        ('0x' || rpad(hex(encode(split_part(decode(obj), '/', 2))[:{K_BYTES}]), {2 * K_BYTES}, '0'))::BIGINT,
        coalesce(r.keys, 0), coalesce(r.bytes, 0), r.t, a.due, n.name
 FROM r FULL JOIN n USING (obj) FULL JOIN alarms a USING (obj)
-WHERE coalesce(r.keys, 0) > 0 OR a.due IS NOT NULL OR n.name IS NOT NULL
+WHERE coalesce(r.keys, 0) > 0 OR r.t IS NOT NULL OR a.due IS NOT NULL OR n.name IS NOT NULL
 """
 _OBJECT_COLS = "obj, keys, bytes, t, due, name"
 
@@ -324,14 +324,17 @@ class DuckStore:
                         st[1] += key + len(v)
                     if t is not None and (st[2] is None or t > st[2]):
                         st[2] = t
+            # (an object whose keys are all deleted keeps its last write time while its
+            # tombstones last, as a rebuild from the rows would find it)
             keep = [(obj, *order_key(obj), *st) for obj, st in stats.items()
-                    if st[0] > 0 or st[3] is not None or st[4] is not None]
+                    if st[0] > 0 or any(x is not None for x in st[2:])]
             if keep:
                 w.execute("INSERT INTO objects SELECT unnest($1), unnest($2), unnest($3), "
                           "unnest($4), unnest($5), unnest($6), unnest($7), unnest($8)",
                           [list(col) for col in zip(*keep, strict=True)])
             if self.tombstones > purge_over:
                 w.execute("DELETE FROM kv WHERE v IS NULL")
+                w.execute("DELETE FROM objects WHERE keys = 0 AND due IS NULL AND name IS NULL")
                 self.tombstones = 0
             w.execute("UPDATE meta SET v = $1 WHERE k IN ('applied_seq', 'objects_seq')",
                       [applied_seq])
