@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 
 import duckdb
+import setproctitle
 
 from durable.errors import StorageCorruptError
 from durable.exitcodes import EXIT_CONFIG, EXIT_CORRUPT, EXIT_DISK_FULL, EXIT_STORAGE
+from durable.objects import load_class
 from durable.supervisor import lifeline, logs
 from durable.supervisor.config import Config, ConfigError, settings_from_args
 
@@ -44,13 +47,55 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         metrics=bool(cfg.metrics.listen), run_dir=str(cfg.run_dir))
 
 
+def _stand_by(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """A warm spare: everything imported (ours and the namespaces' classes), then wait for
+    the supervisor to name the slot to serve (a line on stdin). A slot killed at any moment
+    then serves again without paying for an interpreter and its imports (~0.9 s of a 1.3 s
+    restart on a slow 2-core VM). None: serve the slot now in ``args.slot``; else exit."""
+    log = logging.getLogger("durable.objectproc")
+    logs.setup(args.log_level, f"objectproc standby pid={os.getpid()}")
+    try:
+        cfg, _ = settings_from_args(args.settings, args.settings_fd)
+        for spec in cfg.namespaces.values():
+            load_class(spec)
+    except (ConfigError, ValueError, OSError) as e:
+        log.error("standby: configuration error: %s", e)
+        return EXIT_CONFIG
+    fd = os.environ.get("DURABLE_LIFELINE_FD")
+    if fd:  # the supervisor shows the spare as ready (`durable status`)
+        with contextlib.suppress(OSError, ValueError):
+            os.write(int(fd), b"standby\n")
+    line = sys.stdin.buffer.readline()  # EOF: the supervisor no longer needs a spare
+    if not line.strip():
+        return 0
+    try:
+        args.slot = int(line)
+    except ValueError:
+        log.error("standby: the supervisor sent %r, not a slot number", line[:40])
+        return EXIT_CONFIG
+    rest = [a for a in argv if a != "--standby"]
+    # As if started for that slot: `ps`, `durable status` and operators' scripts find it so.
+    setproctitle.setproctitle(" ".join([sys.executable, "-m", "durable.objectproc", *rest,
+                                        "--slot", str(args.slot)]))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m durable.objectproc")
     p.add_argument("--settings-fd", type=int, help="the supervisor's settings (an inherited fd)")
     p.add_argument("--settings", help="a settings file (write_settings), without a supervisor")
-    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--slot", type=int)
+    p.add_argument("--standby", action="store_true",
+                   help="import everything, then serve the slot whose number comes on stdin")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    if args.standby == (args.slot is not None):
+        p.error("give exactly one of --slot N and --standby")
+    if args.standby:
+        code = _stand_by(args, argv)
+        if code is not None:
+            return code
     logs.setup(args.log_level, f"objectproc slot={args.slot} pid={os.getpid()}")
     try:
         cfg, runtime = settings_from_args(args.settings, args.settings_fd)

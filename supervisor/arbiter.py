@@ -118,6 +118,59 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return setup
 
 
+def _spawn(argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...], *,
+           stdin: int = subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
+    """Start a child with a lifeline pipe; return it and the pipe's read end."""
+    r, w = os.pipe()  # the lifeline (both ends close-on-exec; the child gets w)
+    os.set_blocking(r, False)
+    env = dict(env, DURABLE_LIFELINE_FD=str(w), DURABLE_PARENT=str(os.getpid()))
+    try:
+        proc = subprocess.Popen(argv, env=env, stdin=stdin, pass_fds=(w, *pass_fds),
+                                preexec_fn=_die_with_parent(os.getpid()))
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return proc, r
+
+
+@dataclass
+class Spare:
+    """The warm spare: an object process started with ``--standby``, its imports done,
+    waiting for a slot number on its stdin (objectproc/__main__.py)."""
+
+    proc: subprocess.Popen
+    beat_fd: int
+    started_at: float
+    rss: int = 0
+    ready: bool = False  # its imports are done (it said "standby" on its lifeline)
+
+    def read_beats(self) -> None:
+        with contextlib.suppress(OSError):
+            if b"standby" in os.read(self.beat_fd, 4096):
+                self.ready = True
+
+    def hand(self, slot: int) -> bool:
+        """Give it a slot; False if it is gone already (its exit is reaped as a spare's)."""
+        try:
+            self.proc.stdin.write(b"%d\n" % slot)
+            self.proc.stdin.close()
+        except OSError:
+            return False
+        return True
+
+    def drop(self) -> None:
+        """No slot for it: EOF on its stdin ends it, SIGTERM in case it is still importing."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(OSError):
+            os.close(self.beat_fd)
+
+
 @dataclass
 class Watcher:
     name: str
@@ -156,20 +209,13 @@ class Watcher:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def start(self, now: float) -> None:
+    def start(self, now: float, spare: Spare | None = None) -> None:
+        """Start a new process, or become the given spare (already handed this slot)."""
         self.step("start")
-        r, w = os.pipe()  # the lifeline (both ends close-on-exec; the child gets w)
-        os.set_blocking(r, False)
-        env = dict(self.env, DURABLE_LIFELINE_FD=str(w), DURABLE_PARENT=str(os.getpid()))
-        try:
-            self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
-                                         pass_fds=(w, *self.pass_fds),
-                                         preexec_fn=_die_with_parent(os.getpid()))
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)
+        if spare is not None:
+            self.proc, r = spare.proc, spare.beat_fd
+        else:
+            self.proc, r = _spawn(self.argv, self.env, self.pass_fds)
         self.close_beat()
         self.beat_fd = r
         self.last_beat, self.lag, self.ready, self.kill_at, self.hung = now, 0.0, False, None, False
@@ -180,7 +226,8 @@ class Watcher:
             self.ps.cpu_percent(None)  # the first call only sets the baseline
         except psutil.Error:
             self.ps = None
-        log.info("started %s (pid %d)", self.name, self.proc.pid)
+        log.info("started %s (pid %d)%s", self.name, self.proc.pid,
+                 " from the warm spare" if spare is not None else "")
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -251,6 +298,8 @@ class Arbiter:
         self._rolling: Watcher | None = None
         self._old_settings: int | None = None
         self.reload_state: dict[str, Any] = {"generation": 0, "state": "none"}
+        self.spare: Spare | None = None
+        self._spare_due = 0.0  # no new spare before (after one died unused)
 
     # -- set-up ---------------------------------------------------------------------------
     def check(self) -> None:
@@ -426,6 +475,12 @@ class Arbiter:
             signal.set_wakeup_fd(-1)
             os.close(rfd)
             os.close(wfd)
+            spare, self.spare = self.spare, None
+            if spare is not None:
+                spare.drop()
+                with contextlib.suppress(Exception):
+                    spare.proc.kill()
+                    spare.proc.wait(timeout=5)
             for w in self.watchers:
                 w.signal(signal.SIGKILL)
                 if w.proc is not None:
@@ -439,9 +494,13 @@ class Arbiter:
         due = [w.start_due for w in self.watchers if w.state is WatcherState.BACKOFF]
         timeout = max(0.0, min([0.2, *[d - now for d in due]]))
         beats = {w.beat_fd: w for w in self.watchers if w.beat_fd is not None}
+        spare = self.spare if self.spare is not None and not self.spare.ready else None
         readable: list[int] = []
         with contextlib.suppress(InterruptedError):
-            readable, _, _ = select.select([wakeup_fd, *beats], [], [], timeout)
+            readable, _, _ = select.select(
+                [wakeup_fd, *beats, *([spare.beat_fd] if spare else [])], [], [], timeout)
+        if spare is not None and spare.beat_fd in readable:
+            spare.read_beats()
         with contextlib.suppress(BlockingIOError):
             while os.read(wakeup_fd, 4096):
                 pass
@@ -527,7 +586,17 @@ class Arbiter:
                 "uptime": round(self.clock() - w.started_at, 1) if w.state is WatcherState.RUNNING else None,
                 "restarts": w.restarts, "rss": w.rss, "cpu": w.cpu, "last_exit": w.last_exit,
             } for w in self.watchers],
+            "spare": self._spare_row(),
         })
+
+    def _spare_row(self) -> dict[str, Any] | None:
+        spare = self.spare
+        if spare is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            spare.rss = psutil.Process(spare.proc.pid).memory_info().rss
+        return {"pid": spare.proc.pid, "ready": spare.ready, "rss": spare.rss,
+                "uptime": round(self.clock() - spare.started_at, 1)}
 
     def _state_shown(self, w: Watcher) -> str:
         """``hung`` once a running child looks stuck (killed at hang_timeout)."""
@@ -579,6 +648,7 @@ class Arbiter:
             return
         namespaces_changed = set(new.namespaces) != set(self.config.namespaces)
         self.config = new
+        self._drop_spare()  # it holds the old settings and code
         self._old_settings = self.settings
         self.settings = settings_fd(new, data_dir_id=self.identity.id if self.identity else None)
         for w in self.watchers:
@@ -665,6 +735,15 @@ class Arbiter:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
+            if self.spare is not None and self.spare.proc.pid == pid:
+                self.spare.proc.returncode = code
+                self.spare.drop()
+                self.spare = None
+                if not self._stopping:  # (a spare killed at once: a config error shows at
+                    self._spare_due = self.clock() + 5.0  # a slot's own start)
+                    log.warning("the warm spare (pid %d) exited with status %d; another starts "
+                                "in 5 s", pid, code)
+                continue
             for w in self.watchers:
                 if w.pid == pid:
                     w.proc.returncode = code
@@ -725,12 +804,46 @@ class Arbiter:
         now = self.clock()
         for w in self.watchers:
             if w.state is WatcherState.BACKOFF and now >= w.start_due:
-                w.start(now)
+                w.start(now, self._take_spare(w))
             elif (w.state is WatcherState.CORRUPT and not self._stopping
                   and self._slot_file(w.slot) != w.corrupt_file):
                 log.warning("%s: slot %d's DuckDB file was replaced (durable repair): starting it "
                             "again", w.name, w.slot)
-                w.start(now)
+                w.start(now, self._take_spare(w))
+
+    # -- the warm spare -------------------------------------------------------------------
+    def _take_spare(self, w: Watcher) -> Spare | None:
+        """The spare, handed ``w``'s slot, if there is one for an object process."""
+        spare, self.spare = self.spare, None
+        if spare is None or w.role != "objectproc":
+            self.spare = spare
+            return None
+        if spare.proc.returncode is None and spare.hand(w.slot):
+            return spare
+        spare.drop()  # it died: its exit is reaped as a stranger's; start cold
+        return None
+
+    def _keep_spare(self) -> None:
+        """One spare while serving, started once every slot is up (never competing with the
+        slots' own start) and on the current settings (a reload drops the old one)."""
+        if (self.spare is not None or not self.config.warm_spare or self._stopping
+                or not self._ready or self.clock() < self._spare_due):
+            return
+        model = next((w for w in self.watchers if w.role == "objectproc"), None)
+        if model is None or any(w.role == "objectproc" and not w.ready for w in self.watchers):
+            return
+        argv = [self.python, "-m", "durable.objectproc", "--settings-fd", str(self.settings),
+                "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                "--standby"]
+        proc, r = _spawn(argv, model.env, (self.lock_fd, self.settings), stdin=subprocess.PIPE)
+        self.spare = Spare(proc, r, self.clock())
+        log.info("started the warm spare object process (pid %d)", proc.pid)
+
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.drop()
+            # (reaped by _reap, which finds no spare and no watcher for it: ignored)
+            self.spare = None
 
     def _slot_file(self, slot: int | None) -> tuple[int, int] | None:
         try:
@@ -741,6 +854,7 @@ class Arbiter:
 
     def _stop(self, *, immediate: bool) -> None:
         self._stopping = True
+        self._drop_spare()
         systemd.notify("STOPPING=1")
         systemd.notify("STATUS=stopping: finishing calls in flight and making writes durable")
         deadline = self.clock() + (0 if immediate else self.config.grace_period)
@@ -793,6 +907,7 @@ class _Turn:
             a._stop(immediate=False)
             return False
         a._start_due()
+        a._keep_spare()
         if not a._ready:
             a._announce_ready(self.probe)
         elif a._rolling is not None or a._roll:

@@ -13,7 +13,7 @@ import orjson
 
 from durable import __version__
 
-from .config import EXIT_CONFIG, ConfigError, load
+from .config import EXIT_CONFIG, Config, ConfigError, load, validate
 
 
 def _logging(level: str) -> None:
@@ -127,8 +127,10 @@ def _load(args: argparse.Namespace) -> Any:
                 raise ConfigError(f"DURABLE_ENDPOINT={endpoint} is not the local socket of a "
                                   "daemon on the built-in defaults (ipc://DATA_DIR/run/"
                                   "broker.sock): pass that daemon's --config")
-            config = load(None)
-            config.data_dir = os.path.dirname(os.path.dirname(endpoint[len("ipc://"):]))
+            # The defaults with that data dir, checked as such (the current directory's
+            # ./durable-data may not even make a valid ipc path).
+            config = Config(data_dir=os.path.dirname(os.path.dirname(endpoint[len("ipc://"):])))
+            validate(config)
             return config
     return load(args.config)
 

@@ -149,6 +149,9 @@ class Config:
     #: hold /dev/cpu_dma_latency at 0 while serving: CPUs poll instead of halting when idle
     #: (about half the call latency on a VM, at the cost of idle CPUs spinning)
     low_latency_idle: bool = False
+    #: keep one object process started and imported, waiting: a killed or crashed slot is
+    #: handed to it and serves again without an interpreter's start (docs/operating.md)
+    warm_spare: bool = True
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     #: the HTTP gateway; on in the built-in defaults, off in a file without [http]
@@ -227,7 +230,7 @@ _TOP = {"data_dir": str, "slots": int, "idle_timeout": (int, float), "grace_peri
         "wait_until_limit": (int, float), "debug": bool, "alarm_rate": (int, float),
         "alarm_concurrency": int, "alarm_retries": int, "alarm_retry_base": (int, float),
         "memory_limit_mb": int, "duckdb_memory_mb": int, "low_latency_idle": bool,
-        "checkpoint_wal_mb": int, "checkpoint_interval": (int, float),
+        "warm_spare": bool, "checkpoint_wal_mb": int, "checkpoint_interval": (int, float),
         "websocket_max_message_kb": int, "log_format": str}
 
 

@@ -138,6 +138,10 @@ def render(data: dict[str, Any]) -> str:
     lines.append(f"supervisor pid {sup['pid']}, {'ready' if sup['ready'] else 'starting'}; "
                  f"clients connect to {sup['frontend']}")
     lines.append(f"storage: {_size(data['storage']['bytes'])} in {data['storage']['dir']}")
+    spare = data.get("spare")
+    if spare:
+        lines.append(f"warm spare object process: pid {spare['pid']}, "
+                     f"{'ready' if spare['ready'] else 'importing'}, {_size(spare['rss'])}")
     for p in data["processes"]:
         if p["state"] == "corrupt":
             lines.append(f"slot {p['slot']} is CORRUPT and out of service: run `durable verify "

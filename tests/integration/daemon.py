@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import psutil
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +30,18 @@ class Daemon:
     @property
     def frontend(self) -> str:
         return f"ipc://{self.root / 'durable-data' / 'run' / 'broker.sock'}"
+
+    def status(self) -> dict:
+        """The supervisor's status file (rewritten each second); {} before the first."""
+        try:
+            return orjson.loads((self.root / "durable-data" / "run" / "status.json").read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return {}
+
+    def spare_ready(self) -> int | None:
+        """The warm spare's pid once it has imported everything and waits for a slot."""
+        spare = self.status().get("spare") or {}
+        return spare.get("pid") if spare.get("ready") else None
 
     def read_notify(self) -> list[str]:
         while True:

@@ -41,8 +41,10 @@ def assert_halts(d, status: int, *words: str) -> None:
 def test_serve_on_defaults_in_an_empty_folder(tmp_path):
     with serving(tmp_path) as d:
         ready_in = d.wait_ready()
+        wait_for(d.spare_ready, 30, "the warm spare")
         kids = d.children()
-        assert len(kids) == 2 + (os.cpu_count() or 1)  # broker, object processes, gateway
+        # broker, object processes, gateway, the warm spare
+        assert len(kids) == 3 + (os.cpu_count() or 1), [k.cmdline() for k in kids]
         with durable.connect_sync(d.frontend) as c:
             ns = c.namespace("COUNTER")
             assert ns.get(ns.id_from_name("x")).fetch("http://do/inc", method="POST").text() == "1"
@@ -112,6 +114,10 @@ def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, r
                     for _ in range(kills):
                         await asyncio.sleep(0.3)
                         victim = d.child(role, 0 if role == "objectproc" else None)
+                        if role == "objectproc":  # a slot killed in steady state: the warm
+                            # spare has imported everything (a cold start: ~1.3 s on a slow VM)
+                            await async_wait_for(lambda v=victim: d.spare_ready() not in (
+                                None, v.pid), 30, "the warm spare", 0.05)
                         t = time.monotonic()
                         victim.kill()
 
@@ -165,11 +171,47 @@ async def _wait_serving(client):
                          ignore=(StubBrokenError, durable.CallTimeoutError))
 
 
+def test_the_warm_spare_takes_a_dead_slot_and_is_itself_replaced(tmp_path):
+    with serving(tmp_path, FAST) as d:
+        d.wait_ready()
+        first = wait_for(d.spare_ready, 30, "the warm spare")
+        os.kill(first, signal.SIGKILL)  # a spare that dies unused is replaced (after 5 s)
+        second = wait_for(lambda: d.spare_ready() not in (None, first) and d.spare_ready(), 30,
+                          "a new warm spare")
+        victim = d.child("objectproc", 1)
+        victim.kill()
+
+        def slot_1() -> int | None:
+            p = next(p for p in d.status().get("processes", []) if p["slot"] == 1)
+            return p["pid"] if p["state"] == "running" else None
+        assert wait_for(lambda: slot_1() not in (None, victim.pid) and slot_1(), 15,
+                        "slot 1 again") == second
+        assert " --slot 1" in " ".join(psutil.Process(second).cmdline())  # as `ps` shows it
+        with durable.connect_sync(d.frontend) as c:
+            ns = c.namespace("COUNTER")
+            for i in range(10):  # both slots serve
+                assert ns.get(ns.id_from_name(f"s{i}")).fetch("http://do/inc", method="POST").ok
+        assert "from the warm spare" in d.log_text()
+    with serving(tmp_path / "off", FAST.replace("slots = 2", "slots = 2\nwarm_spare = false")) as d:
+        d.wait_ready()
+        time.sleep(2)  # (a spare would have started by now)
+        assert d.status().get("spare") is None and len(d.children()) == 3
+        victim = d.child("objectproc", 0)
+        victim.kill()
+
+        def slot_0() -> int | None:
+            p = next(p for p in d.status().get("processes", []) if p["slot"] == 0)
+            return p["pid"] if p["state"] == "running" else None
+        wait_for(lambda: slot_0() not in (None, victim.pid), 15, "slot 0 again")
+        assert "from the warm spare" not in d.log_text()
+
+
 def test_sigkill_of_the_supervisor_takes_every_child_down(tmp_path):
     with serving(tmp_path, FAST) as d:
         d.wait_ready()
+        spare = wait_for(d.spare_ready, 30, "the warm spare")
         kids = d.children()
-        assert len(kids) == 3
+        assert len(kids) == 4 and spare in [k.pid for k in kids]  # broker, 2 slots, the spare
         d.proc.kill()
         d.proc.wait(timeout=10)
         t = time.monotonic()
@@ -274,8 +316,9 @@ def test_operator_commands_status_call_inspect(tmp_path):
         assert data["storage"]["bytes"] > 0
         r = _cli(tmp_path, "call", *args, "NOPE", "x")
         assert r.returncode == 2 and "known: COUNTER" in r.stderr
-        # no --config: DURABLE_ENDPOINT finds the daemon, as the client library does
-        elsewhere = tmp_path / "elsewhere"
+        # no --config: DURABLE_ENDPOINT finds the daemon, as the client library does, from
+        # a directory so deep that its own ./durable-data could not hold an ipc socket
+        elsewhere = tmp_path / ("elsewhere-" + "d" * 100)
         elsewhere.mkdir()
         r = _cli(elsewhere, "call", "COUNTER", "room-1", env={"DURABLE_ENDPOINT": d.frontend})
         assert (r.returncode, r.stdout) == (0, "HTTP 200\n1\n"), r.stderr
