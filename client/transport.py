@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -38,6 +39,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _ZERO_COPY_FROM = zmq.COPY_THRESHOLD  # 64 KiB: below it pyzmq copies even with copy=False
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+#: the longest one drain of a socket holds the event loop before letting the rest run
+DRAIN_SLICE = 0.05
 
 log = logging.getLogger("durable.transport")
 
@@ -101,6 +104,8 @@ class LoopSocket:
         if self._backlog:
             self.flush()
         sock = self.sock
+        n = 0
+        until = time.monotonic() + DRAIN_SLICE
         while not self._closed:
             try:
                 if not sock.getsockopt(_EVENTS) & _POLLIN:
@@ -114,6 +119,13 @@ class LoopSocket:
                 self.on_message(frames)
             except Exception:  # a bug must cost one message, never the receive path
                 log.exception("internal error while handling a message; it was dropped")
+            n += 1
+            if not n & 7 and time.monotonic() > until:
+                # A flood (100,000 replies on a slow CPU: > 15 s) must not hold the loop:
+                # the rest of it (heartbeats, other sockets, timers) runs, then we go on.
+                self._scheduled = True
+                self.loop.call_soon(self._drain)
+                return
 
     def drain(self) -> None:
         """Handle whatever is waiting now (e.g. before concluding that the peer fell silent)."""

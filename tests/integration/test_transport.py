@@ -55,3 +55,41 @@ def test_router_send_to_an_unknown_peer_fails_whole(pair):
     send_frames(router, [b"D", b"reply", b"x" * 100_000])
     wait_input(dealer)
     assert recv_frames(dealer) == [b"reply", b"x" * 100_000]  # nothing of the failed send
+
+
+def test_a_flood_of_input_does_not_hold_the_event_loop(pair):
+    """100,000 replies took > 15 s to handle on a slow VM in one drain: the client's other
+    connections sent no heartbeat meanwhile and the broker forgot them."""
+    import asyncio
+
+    from durable.transport import LoopSocket
+
+    router, dealer = pair
+    n = 900  # (under the pipe's high-water mark)
+    for i in range(n):
+        send_frames(router, [b"D", b"%d" % i])
+
+    async def main() -> tuple[int, float]:
+        handled = []
+
+        def on_message(frames: list[bytes]) -> None:  # ~3 ms each: 2.7 s in all
+            until = time.perf_counter() + 0.003
+            while time.perf_counter() < until:
+                pass
+            handled.append(frames[0])
+
+        loop = asyncio.get_running_loop()
+        wait_input(dealer)
+        sock = LoopSocket(dealer, on_message, loop)
+        sock._check_input()
+        gaps, last = [], loop.time()
+        while len(handled) < n:
+            await asyncio.sleep(0.005)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+        sock.loop.remove_reader(sock._fd)
+        return len(handled), max(gaps)
+
+    handled, longest = asyncio.run(main())
+    assert handled == n
+    assert longest < 0.3, f"the loop was held {longest:.2f} s"  # (DRAIN_SLICE is 0.05)
