@@ -1104,7 +1104,8 @@ def websockets_suite(quick: bool) -> dict[str, Any]:
     with serving(WS_CONFIG) as d:
         kids = psutil.Process(d.proc.pid).children(recursive=True)
         gateway = next(k for k in kids if "durable.broker.gateway" in " ".join(k.cmdline()))
-        objectproc = next(k for k in kids if "durable.objectproc" in " ".join(k.cmdline()))
+        objectproc = next(k for k in kids if "durable.objectproc" in " ".join(k.cmdline())
+                          and "--standby" not in k.cmdline())  # (not the warm spare)
 
         async def evicted_and_active() -> tuple[int, int, int]:
             async with durable.connect(d.frontend, timeout=30) as c:

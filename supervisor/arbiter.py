@@ -275,6 +275,11 @@ class Watcher:
         return max(silence - 2 * lifeline.INTERVAL, lag)
 
 
+#: seconds after the daemon is ready before its first warm spare starts (later ones start
+#: as soon as the slot they replaced serves again)
+SPARE_AFTER_READY = 5.0
+
+
 class Arbiter:
     def __init__(self, config: Config, *, python: str = sys.executable,
                  clock: Any = time.monotonic) -> None:
@@ -515,6 +520,8 @@ class Arbiter:
         gateways_up = all(w.ready for w in self.watchers if w.role == "gateway")
         if gateways_up and probe.all_slots_up(self.config.slots, corrupt):
             self._ready = True
+            # The first spare waits a little: it would compete with clients coming back.
+            self._spare_due = max(self._spare_due, self.clock() + SPARE_AFTER_READY)
             systemd.notify("READY=1")
             systemd.notify(f"STATUS=serving {len(self.config.namespaces)} namespaces on "
                            f"{self.config.slots} slots at {self.config.frontend()}")

@@ -15,7 +15,8 @@ import pytest
 import durable
 from tests.integration.daemon import serving
 
-pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
+# real processes, seconds each: the full suite runs it; it measures, so it runs alone
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 CONFIG = """
 slots = 2

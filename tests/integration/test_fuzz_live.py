@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
+# real processes, seconds each: the full suite runs it; it measures, so it runs alone
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 FUZZ = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_live.py"
 

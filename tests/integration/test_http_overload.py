@@ -62,6 +62,7 @@ FLOOD = 10_500  # the report's: more long-polls than the gateway's client may ha
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # (10,500 connections from one process: its own pace decides what fails)
 def test_a_long_poll_flood_on_one_namespace_leaves_the_others_served(tmp_path):
     port = free_port()
     cfg = config(port)  # the defaults: 10,000 calls per client, 4,000 per namespace, 1,000 per object

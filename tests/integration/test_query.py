@@ -352,7 +352,7 @@ def test_import_refuses_a_bad_export_and_leaves_the_data_dir_empty(shared, tmp_p
     row = orjson.loads(lines[0])
     row["value"] = ["x", 1]  # not a value the codec wrote
     (dest / "kv.jsonl").write_bytes(b"\n".join([*lines, orjson.dumps(row)]) + b"\n")
-    target = tmp_path / "target"
+    target = tmp_path / "t"  # (short: its run/workers.sock must fit an ipc path under xdist)
     target.mkdir()
     shutil.copy(d.root / "durable.toml", target / "durable.toml")
     r = cli(target, "import", str(dest), check=False)

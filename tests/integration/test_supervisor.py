@@ -99,6 +99,7 @@ async def _increments(client, name, n, acked):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # (it times restarts)
 @pytest.mark.parametrize("role", ["objectproc", "broker"])
 def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, role):
     kills = 20
@@ -194,7 +195,7 @@ def test_the_warm_spare_takes_a_dead_slot_and_is_itself_replaced(tmp_path):
         assert "from the warm spare" in d.log_text()
     with serving(tmp_path / "off", FAST.replace("slots = 2", "slots = 2\nwarm_spare = false")) as d:
         d.wait_ready()
-        time.sleep(2)  # (a spare would have started by now)
+        time.sleep(6)  # (a spare would have started by now: SPARE_AFTER_READY is 5 s)
         assert d.status().get("spare") is None and len(d.children()) == 3
         victim = d.child("objectproc", 0)
         victim.kill()
