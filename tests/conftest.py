@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -21,3 +22,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     base = getattr(session.config, "_durable_short_base", None)
     if base is not None and exitstatus == 0:  # (kept after a failure: the daemons' logs)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker more than CPUs. Most integration tests wait on real processes
+    (a hang timeout, a restart, a soak's clock); measured on 2 cores: 602 s with 3 workers
+    against 697 s with 2 for the tests not marked serial."""
+    return (os.cpu_count() or 1) + 1

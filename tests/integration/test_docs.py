@@ -69,6 +69,16 @@ def test_getting_started_runs_as_written(tmp_path):
         assert "objectproc" in out["durable status"]
 
 
+def test_ci_runs_the_readmes_test_command():
+    """CI runs what the README tells a new user to run, part for part."""
+    line = BLOCK.search((REPO / "README.md").read_text()).group(2).splitlines()[1]
+    parts = [p.split("#")[0].strip() for p in line.split("&&") if p.strip().startswith("pytest")]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert parts, line
+    for part in parts:
+        assert f"run {part[len('pytest '):]}" in ci, (part, "not in .ci/run")
+
+
 def test_readme_runs_as_written(tmp_path):
     text = (REPO / "README.md").read_text()
     first_sh = BLOCK.search(text).group(2).splitlines()

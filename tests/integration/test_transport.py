@@ -59,7 +59,8 @@ def test_router_send_to_an_unknown_peer_fails_whole(pair):
 
 def test_a_flood_of_input_does_not_hold_the_event_loop(pair):
     """100,000 replies took > 15 s to handle on a slow VM in one drain: the client's other
-    connections sent no heartbeat meanwhile and the broker forgot them."""
+    connections sent no heartbeat meanwhile and the broker forgot them. Now the rest of the
+    loop runs between slices of the drain (counted, not timed: the CPU may be shared)."""
     import asyncio
 
     from durable.transport import LoopSocket
@@ -69,7 +70,7 @@ def test_a_flood_of_input_does_not_hold_the_event_loop(pair):
     for i in range(n):
         send_frames(router, [b"D", b"%d" % i])
 
-    async def main() -> tuple[int, float]:
+    async def main() -> tuple[int, int]:
         handled = []
 
         def on_message(frames: list[bytes]) -> None:  # ~3 ms each: 2.7 s in all
@@ -82,14 +83,13 @@ def test_a_flood_of_input_does_not_hold_the_event_loop(pair):
         wait_input(dealer)
         sock = LoopSocket(dealer, on_message, loop)
         sock._check_input()
-        gaps, last = [], loop.time()
+        turns_meanwhile = 0  # turns of another task while part of the backlog was handled
         while len(handled) < n:
-            await asyncio.sleep(0.005)
-            gaps.append(loop.time() - last)
-            last = loop.time()
+            await asyncio.sleep(0)
+            turns_meanwhile += 0 < len(handled) < n
         sock.loop.remove_reader(sock._fd)
-        return len(handled), max(gaps)
+        return len(handled), turns_meanwhile
 
-    handled, longest = asyncio.run(main())
+    handled, turns = asyncio.run(main())
     assert handled == n
-    assert longest < 0.3, f"the loop was held {longest:.2f} s"  # (DRAIN_SLICE is 0.05)
+    assert turns >= 10, f"the loop turned {turns} times in a 2.7 s drain"  # (~54 slices)
