@@ -1,6 +1,6 @@
 """scripts/soak_disk.py: DuckDB's WAL stays bounded and the main file grows under sustained writes.
 
-CI runs 40 s of it; the 10-minute figures are in docs/operating.md ("Disk use").
+CI runs 30 s of it; the 10-minute figures are in docs/operating.md ("Disk use").
 """
 
 import json
@@ -14,8 +14,8 @@ SOAK = Path(__file__).resolve().parents[2] / "scripts" / "soak_disk.py"
 
 
 @pytest.mark.slow
-def test_wal_and_log_stay_bounded_for_40_seconds_of_writes():
-    out = subprocess.run([sys.executable, str(SOAK), "--seconds", "40"], capture_output=True,
+def test_wal_and_log_stay_bounded_for_30_seconds_of_writes():
+    out = subprocess.run([sys.executable, str(SOAK), "--seconds", "30"], capture_output=True,
                          text=True, timeout=300)
     r = json.loads(out.stdout)
     summary = {k: v for k, v in r.items() if k != "samples"}
@@ -24,4 +24,4 @@ def test_wal_and_log_stay_bounded_for_40_seconds_of_writes():
     assert r["peak_wal_mb"] <= r["wal_bound_mb"]
     assert r["main_mb_end"] > r["main_mb_start"]  # checkpoints move the data into the file
     assert r["writes"] > 10_000 and r["errors"] == 0
-    assert len(r["samples"]) >= 30
+    assert len(r["samples"]) >= 20  # (one a second, while the writers run)
