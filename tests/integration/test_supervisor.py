@@ -332,7 +332,10 @@ def test_memory_limit_restarts_object_processes_gracefully(tmp_path):
     # Deterministic: the limit sits between an idle object process (~85 MiB) and one that an
     # object made grow, so exactly one restart happens (a limit of 1 MiB restarted the
     # processes every second, and the test raced that loop).
-    config = FAST.replace("grace_period = 10", "grace_period = 10\nmemory_limit_mb = 300") + \
+    # (the default heartbeat: filling 400 MiB holds the GIL, and on a slow CPU shared with
+    # other tests that outlasted FAST's 0.2 s heartbeats twice in CI-like runs)
+    config = FAST.replace("grace_period = 10", "grace_period = 10\nmemory_limit_mb = 300") \
+        .replace("heartbeat = 0.2", "heartbeat = 1.0") + \
         '[namespaces.HOG]\nclass = "tests.integration.objects:Hog"\n'
     with serving(tmp_path, config) as d:
         d.wait_ready()
