@@ -26,7 +26,7 @@ heartbeat = 0.5
 class = "tests.integration.objects:Noop"
 """
 FLOOD = 100_000
-RSS_BOUND = 680 * 2**20  # the whole daemon (broker, 2 object processes, the warm spare
+RSS_BOUND = 800 * 2**20  # (594-724 MiB seen on a slow VM; per-call growth would be GiBs)  # the whole daemon (broker, 2 object processes, the warm spare
 #                          (~70 MiB), supervisor)
 
 
