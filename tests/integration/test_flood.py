@@ -26,8 +26,9 @@ heartbeat = 0.5
 class = "tests.integration.objects:Noop"
 """
 FLOOD = 100_000
-RSS_BOUND = 800 * 2**20  # (594-724 MiB seen on a slow VM; per-call growth would be GiBs)  # the whole daemon (broker, 2 object processes, the warm spare
-#                          (~70 MiB), supervisor)
+# The whole daemon (broker, 2 object processes, the warm spare, supervisor): 594-724 MiB
+# seen on a slow VM; memory that grew per call would be GiBs.
+RSS_BOUND = 800 * 2**20
 
 
 def daemon_rss(d) -> int:
