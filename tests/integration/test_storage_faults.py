@@ -24,7 +24,7 @@ import durable
 from durable.broker.ring import Ring
 from durable.errors import StorageCorruptError
 from durable.objectproc.storage.log import SEGMENT_HEADER_SIZE, list_segments
-from tests.integration.daemon import REPO, serving
+from tests.integration.daemon import REPO, read_status, serving
 from tests.integration.procs import wait_for
 
 pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite runs it
@@ -126,16 +126,11 @@ def status(root: Path) -> dict:
 
 
 def slot_state(root: Path, slot: int) -> str:
-    """From the supervisor's status file: polled, a `durable status` each time costs ~0.5 s of
-    CPU on a slow machine (the CLI's own view is checked once per test)."""
-    try:
-        data = orjson.loads((root / "durable-data" / "run" / "status.json").read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return "unknown"
-    for p in data["processes"]:
+    """From the status file (the CLI's own view is checked once per test)."""
+    for p in read_status(root).get("processes", []):
         if p["role"] == "objectproc" and p["slot"] == slot:
             return p["state"]
-    raise AssertionError("no such slot")
+    return "unknown"  # (no status file yet, or no such slot: wait_for reports it)
 
 
 def damage_log(data: Path, kind: str) -> None:
