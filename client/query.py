@@ -50,7 +50,7 @@ KV_SCHEMA = pa.schema([("pk", pa.binary()), ("v", pa.binary()), ("t", pa.int64()
 ALARMS_SCHEMA = pa.schema([("obj", pa.binary()), ("due", pa.int64())])
 # What the views read: the same columns as text (a zero-copy view of the bytes, which are
 # UTF-8 as written: keys by Python, values by orjson).
-_RAW_KV = pa.schema([("pk", pa.string()), ("value", pa.string()), ("t", pa.int64())])
+_RAW_KV = pa.schema([("pk", pa.string()), ("value", pa.json_()), ("t", pa.int64())])
 _RAW_ALARMS = pa.schema([("obj", pa.string()), ("due", pa.int64())])
 
 # The views over the raw rows: ``pk`` is NAMESPACE/OBJECT_ID/KEY (neither of the first two
@@ -69,7 +69,7 @@ CREATE VIEW durable_names AS
   GROUP BY ALL;
 CREATE VIEW kv AS
   SELECT r.namespace, r.object_id, n.name AS object_name,
-         r.pk[strlen(r.namespace) + strlen(r.object_id) + 3:] AS key, r.value::JSON AS value,
+         r.pk[strlen(r.namespace) + strlen(r.object_id) + 3:] AS key, r.value,
          make_timestamp(r.t * 1000) AS updated_at
   FROM (SELECT split_part(pk, '/', 1) AS namespace, split_part(pk, '/', 2) AS object_id,
                pk, value, t
@@ -167,9 +167,15 @@ def _as_text(table: pa.Table | None, schema: pa.Schema) -> pa.Table:
     if table is None:
         return schema.empty_table()
     return pa.Table.from_arrays(
-        [pa.chunked_array([c.view(field.type) for c in col.chunks], field.type)
+        [pa.chunked_array([_view(c, field.type) for c in col.chunks], field.type)
          if col.type != field.type else col
          for col, field in zip(table.columns, schema, strict=True)], schema=schema)
+
+
+def _view(chunk: pa.Array, to: pa.DataType) -> pa.Array:
+    if isinstance(to, pa.ExtensionType):  # (JSON: DuckDB takes it as its JSON type, unparsed)
+        return pa.ExtensionArray.from_storage(to, chunk.view(to.storage_type))
+    return chunk.view(to)
 
 
 def views(con: duckdb.DuckDBPyConnection, kv: pa.Table | None, alarms: pa.Table | None) -> None:
