@@ -19,7 +19,9 @@ them through the async client: sequential no-op fetch, no-op fetch with 64 in
 flight over 100 objects, a durable counter increment (get + put, response
 after durability) both ways, and in the same run two floors: the bare 2-hop
 zmq echo (DEALER -> ROUTER/ROUTER broker loop -> DEALER worker, sync loops)
-and the commit log's fsync (100 bytes into a preallocated file).
+the 1-hop one (DEALER -> ROUTER worker: what a call straight to the object process
+would cost), each with the CPU of every process per round trip, and the commit log's
+fsync (100 bytes into a preallocated file).
 
 ``http`` runs ``durable serve`` with its HTTP gateway and drives it from a
 separate load-generator process (asyncio, raw keep-alive sockets, one request
@@ -425,14 +427,32 @@ def _echo_worker(back: str) -> None:
         s.send_multipart(s.recv_multipart())
 
 
-def zmq_echo_floor(tmp: Path, n: int) -> dict[str, float]:
-    import subprocess
-
+def _echo_direct(front: str) -> None:
+    """The 1-hop echo: a worker that binds its own ROUTER (a call straight to the object
+    process, no broker between)."""
     import zmq
 
-    front, back = f"ipc://{tmp}/echo-f.sock", f"ipc://{tmp}/echo-b.sock"
-    procs = [subprocess.Popen([sys.executable, __file__, "_echo-broker", front, back]),
-             subprocess.Popen([sys.executable, __file__, "_echo-worker", back])]
+    s = zmq.Context.instance().socket(zmq.ROUTER)
+    s.bind(front)
+    while True:
+        s.send_multipart(s.recv_multipart())
+
+
+def zmq_echo_floor(tmp: Path, n: int, hops: int = 2) -> dict[str, float]:
+    """Sequential round trips of a 40-byte message through ``hops`` zmq hops each way (2:
+    DEALER -> ROUTER broker loop -> DEALER worker, as calls travel today; 1: DEALER ->
+    ROUTER worker), with the CPU every process spent per round trip."""
+    import subprocess
+
+    import psutil
+    import zmq
+
+    front, back = f"ipc://{tmp}/echo-f{hops}.sock", f"ipc://{tmp}/echo-b{hops}.sock"
+    if hops == 2:
+        procs = [subprocess.Popen([sys.executable, __file__, "_echo-broker", front, back]),
+                 subprocess.Popen([sys.executable, __file__, "_echo-worker", back])]
+    else:
+        procs = [subprocess.Popen([sys.executable, __file__, "_echo-direct", front])]
     try:
         s = zmq.Context.instance().socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
@@ -453,17 +473,21 @@ def zmq_echo_floor(tmp: Path, n: int) -> dict[str, float]:
             except zmq.Again:
                 break
         times = []
+        watched = [psutil.Process(), *(psutil.Process(p.pid) for p in procs)]
+        cpu = sum(sum(p.cpu_times()[:2]) for p in watched)
         for _ in range(n):
             t = time.perf_counter()
             s.send_multipart([b"call", b"x" * 40])
             s.recv_multipart()
             times.append(time.perf_counter() - t)
+        cpu = sum(sum(p.cpu_times()[:2]) for p in watched) - cpu
         s.close(linger=0)
     finally:
         for p in procs:
             p.kill()
             p.wait()
-    return {"p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99))}
+    return {"p50_ms": ms(pct(times, 0.5)), "p99_ms": ms(pct(times, 0.99)),
+            "cpu_ms_per_round_trip": round(cpu / n * 1000, 4)}
 
 
 class Daemon:
@@ -630,6 +654,7 @@ def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
         root = Path(tmp)
         out: dict[str, Any] = {"slots": slots}
         out["floor_zmq_2hop_echo"] = zmq_echo_floor(root, 500 if quick else 5000)
+        out["floor_zmq_1hop_echo"] = zmq_echo_floor(root, 500 if quick else 5000, hops=1)
         fdir = root / "fsync"
         fdir.mkdir()
         out["floor_fsync_100b_preallocated"] = floor_fsync(fdir, 300 if quick else 3000, size=100,
@@ -1588,6 +1613,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_echo-"):
         if sys.argv[1] == "_echo-broker":
             _echo_broker(sys.argv[2], sys.argv[3])
+        elif sys.argv[1] == "_echo-direct":
+            _echo_direct(sys.argv[2])
         else:
             _echo_worker(sys.argv[2])
         return 0
