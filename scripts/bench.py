@@ -1522,8 +1522,22 @@ def _workerd(path: str) -> Any:
 
 def _cpu_seconds(pids: list[int]) -> float:
     """User + system CPU of these processes and all their children, so far."""
+    return sum(_cpu_by_role(pids).values())
+
+
+def _role(cmdline: list[str]) -> str:
+    text = " ".join(cmdline)
+    for role in ("gateway", "objectproc", "broker"):
+        if f"durable.{role}" in text or f"broker.{role}" in text:
+            return role
+    return "supervisor" if "durable" in text else Path(cmdline[0]).name if cmdline else "?"
+
+
+def _cpu_by_role(pids: list[int]) -> dict[str, float]:
+    """User + system CPU so far of these processes and their children, by role (a durable
+    process by its module: gateway, broker, objectproc, supervisor; others by program)."""
     import psutil
-    total = 0.0
+    out: dict[str, float] = {}
     for pid in pids:
         try:
             procs = [psutil.Process(pid)]
@@ -1533,8 +1547,9 @@ def _cpu_seconds(pids: list[int]) -> float:
         for p in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 t = p.cpu_times()
-                total += t.user + t.system
-    return total
+                role = _role(p.cmdline())
+                out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
 
 
 def _vs_round(port: int, pids: list[int], quick: bool, tag: str) -> dict[str, Any]:
@@ -1548,9 +1563,13 @@ def _vs_round(port: int, pids: list[int], quick: bool, tag: str) -> dict[str, An
         load("NOOP", "/", "GET", 1, 1, 0, 50)  # warm-up
         out["noop_sequential_p50_ms"] = load("NOOP", "/", "GET", 1, 1, 0, n)["p50_ms"]
         out["counter_sequential_p50_ms"] = load("COUNTER", "/inc", "POST", 1, 1, 0, n)["p50_ms"]
-        cpu = _cpu_seconds(pids)
+        cpu = _cpu_by_role(pids)
         r = load("NOOP", "/", "GET", 64, 100, secs, None)
-        out["server_cpu_per_noop_ms"] = round((_cpu_seconds(pids) - cpu) / r["requests"] * 1000, 4)
+        spent = {k: (v - cpu.get(k, 0.0)) / r["requests"] * 1000
+                 for k, v in _cpu_by_role(pids).items()}
+        out["server_cpu_per_noop_ms"] = round(sum(spent.values()), 4)
+        for role, v in sorted(spent.items()):  # where it goes (durable: by process)
+            out[f"server_cpu_per_noop_ms_{role}"] = round(v, 4)
         out["noop_64_per_s"], out["noop_64_p99_ms"] = r["per_s"], r["p99_ms"]
         out["counter_64_per_s"] = load("COUNTER", "/inc", "POST", 64, 100, secs, None)["per_s"]
         # every request to a new object: names are never repeated within a round
@@ -1585,7 +1604,7 @@ class = "durable.examples.counter:Counter"
     out: dict[str, Any] = {k: median_of(v) for k, v in runs.items() if v}
     if workerd:
         out["durable_over_workerd"] = {k: round(out["durable"][k] / out["workerd"][k], 2)
-                                       for k in out["durable"] if out["workerd"][k]}
+                                       for k in out["durable"] if out["workerd"].get(k)}
     out["rounds"] = runs
     return out
 

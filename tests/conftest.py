@@ -7,8 +7,12 @@ import tempfile
 
 import pytest
 
+from tests import budget
+
 
 def pytest_configure(config: pytest.Config) -> None:
+    if "not slow" in (config.option.markexpr or ""):  # the fast subset: fewer examples
+        budget.FAST = True
     # An ipc socket's path holds at most 107 bytes, and xdist puts each worker's tmp_path a
     # level deeper (/tmp/pytest-of-USER/pytest-N/popen-gwK/...): start from a short base.
     if (getattr(config.option, "numprocesses", None) and config.option.basetemp is None

@@ -34,7 +34,7 @@ def test_rpc_bench_quick_reports_every_figure():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout)["median"]
-    for section in ("floor_zmq_2hop_echo", "noop_sequential", "noop_64_in_flight_100_objects",
+    for section in ("floor_zmq_2hop_echo", "floor_zmq_1hop_echo", "noop_sequential", "noop_64_in_flight_100_objects",
                     "counter_sequential", "counter_64_in_flight_100_objects",
                     "method_noop_sequential", "method_counter_sequential",
                     "method_vs_fetch_noop_p50", "call_codec_1kb_dict"):
@@ -43,6 +43,8 @@ def test_rpc_bench_quick_reports_every_figure():
     assert m["counter_64_in_flight_100_objects"]["calls"] > 0
     assert m["method_noop_64_in_flight_100_objects"]["calls"] > 0
     assert m["call_codec_1kb_dict"]["bytes"] >= 1000
+    for hops in ("1hop", "2hop"):
+        assert m[f"floor_zmq_{hops}_echo"]["cpu_ms_per_round_trip"] > 0
 
 
 def test_http_bench_quick_reports_every_figure():
@@ -97,3 +99,7 @@ def test_vs_workerd_bench_quick_runs_durables_half():
                    "noop_64_p99_ms", "counter_64_per_s", "new_object_64_per_s",
                    "server_cpu_per_noop_ms"):
         assert m[figure] > 0, figure
+    split = {k: v for k, v in m.items() if k.startswith("server_cpu_per_noop_ms_")}
+    for role in ("gateway", "broker", "objectproc"):  # every process on the path spent some
+        assert split[f"server_cpu_per_noop_ms_{role}"] > 0, role
+    assert abs(sum(split.values()) - m["server_cpu_per_noop_ms"]) < 0.01

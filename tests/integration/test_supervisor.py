@@ -172,6 +172,7 @@ async def _wait_serving(client):
                          ignore=(StubBrokenError, durable.CallTimeoutError))
 
 
+@pytest.mark.slow  # (8-27 s of daemon waits: the full suite runs it)
 def test_the_warm_spare_takes_a_dead_slot_and_is_itself_replaced(tmp_path):
     with serving(tmp_path, FAST) as d:
         d.wait_ready()
@@ -207,6 +208,7 @@ def test_the_warm_spare_takes_a_dead_slot_and_is_itself_replaced(tmp_path):
         assert "from the warm spare" not in d.log_text()
 
 
+@pytest.mark.slow  # (8-27 s of daemon waits: the full suite runs it)
 def test_sigkill_of_the_supervisor_takes_every_child_down(tmp_path):
     with serving(tmp_path, FAST) as d:
         d.wait_ready()
@@ -289,6 +291,7 @@ def _cli(root, *args, timeout=30, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # (8-27 s of daemon waits: the full suite runs it)
 def test_operator_commands_status_call_inspect(tmp_path):
     out = _cli(tmp_path, "status")
     assert out.returncode == 3 and "no durable daemon is running" in out.stderr

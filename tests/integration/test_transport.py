@@ -66,6 +66,9 @@ def test_a_flood_of_input_does_not_hold_the_event_loop(pair):
     from durable.transport import LoopSocket
 
     router, dealer = pair
+    send_frames(dealer, [b"hello"])  # the router learns the dealer (else EHOSTUNREACH while
+    wait_input(router)               # the connection is still being made: seen once)
+    assert recv_frames(router) == [b"D", b"hello"]
     n = 900  # (under the pipe's high-water mark)
     for i in range(n):
         send_frames(router, [b"D", b"%d" % i])

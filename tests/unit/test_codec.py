@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from durable import codec
 from durable.codec import MAX_DEPTH, MalformedValueError, decode, encode
+from tests.budget import examples
 
 timezones = st.one_of(
     st.none(),
@@ -60,7 +61,7 @@ def same(a, b):
     return a == b
 
 
-@settings(max_examples=400)
+@settings(max_examples=examples(400))
 @given(values)
 def test_roundtrip_keeps_exact_types(v):
     assert same(decode(encode(v)), v)
@@ -174,7 +175,7 @@ def test_malformed_input_raises_malformed_value_error(data):
 
 
 @pytest.mark.slow  # (2,000 examples, ~5 s; the full suite runs it)
-@settings(max_examples=int(os.environ.get("DURABLE_FUZZ_EXAMPLES", "2000")))
+@settings(max_examples=int(os.environ.get("DURABLE_FUZZ_EXAMPLES", examples(2000))))
 @given(st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=5),
               st.sampled_from(["l", "t", "d", "s", "f", "b", "B", "i", "F", "D", "u", "dt", "da", "tm", "td", "r"])),

@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from durable.errors import ProtocolError
 from durable.http import Request, Response
 from durable.protocol import messages as m
+from tests.budget import examples
 
 #: thousands of cases in CI; DURABLE_FUZZ_EXAMPLES=200000 for a long run
-FUZZ_EXAMPLES = int(os.environ.get("DURABLE_FUZZ_EXAMPLES", "3000"))
+FUZZ_EXAMPLES = int(os.environ.get("DURABLE_FUZZ_EXAMPLES", examples(3000)))
 
 CLIENT_MSGS = [
     m.Hello(123, "me"), m.Call(1, 2, "NS", "ab" * 32, 5000, b'["GET","http://x/",[]]', b"body"),

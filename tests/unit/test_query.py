@@ -21,6 +21,7 @@ from durable.objectproc.storage.duck import DuckStore
 from durable.objectproc.storage.log import ALARM_DELETE, ALARM_KEEP, WriteSet
 from durable.objectproc.storage.slot import fold
 from durable.query import ALARMS_SCHEMA, KV_SCHEMA, check_query, locked_engine, views
+from tests.budget import examples
 
 # -- what a query may do ------------------------------------------------------------------
 
@@ -134,7 +135,7 @@ def applied_store(path, records: list[WriteSet]) -> DuckStore:
     return _apply(DuckStore(path), records)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(writesets, max_size=25), st.data())
 def test_snapshot_is_duckdb_plus_overlay_replayed(records, data):
     """DuckDB holds records 1..A, the overlay A0+1..D with A0 <= A (records applied while the
@@ -194,7 +195,7 @@ def test_list_objects_counts_keys_bytes_names_alarms_and_skips_deleted(tmp_path)
         store.close()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 4)), max_size=60),
        st.integers(1, 7))
 def test_pages_of_any_size_list_every_object_once_in_id_order(writes, page):
@@ -271,7 +272,7 @@ def _objects_rows(store: DuckStore) -> list[tuple]:
     return store._reader.execute("SELECT * FROM objects ORDER BY obj").fetchall()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.one_of(writesets, writesets, st.builds(
            lambda obj, name: WriteSet(b"_durable_name_" + obj, False, {"name": codec.encode(name)},
                                       ALARM_KEEP, 0),

@@ -12,12 +12,13 @@ from durable.http import Request, Response
 from durable.ids import ObjectId
 from durable.objectproc.activation import callable_method, callable_methods
 from durable.protocol import messages as m
+from tests.budget import examples
 from tests.unit.test_codec import same, values
 
 OID = ObjectId("ab" * 32, "room-1")
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.lists(values, max_size=4).map(tuple), st.dictionaries(st.from_regex(r"[a-z_]\w{0,8}", fullmatch=True), values, max_size=3))
 def test_every_codec_type_round_trips_as_arguments_and_result(args, kwargs):
     head, body = m.encode_method_call("increment", args, kwargs)

@@ -22,11 +22,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from durable.broker.ring import Ring
 from durable.protocol import messages as m
+from tests.budget import examples
 from tests.unit.wire import IDS, Wire
 
 SLOTS = 2
 OBJECTS = [str(IDS.from_name(f"obj{i}")) for i in range(4)]
-EXAMPLES = int(os.environ.get("DURABLE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("DURABLE_FUZZ_EXAMPLES", examples(150)))
 
 
 class Delivery(RuleBasedStateMachine):
