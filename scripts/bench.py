@@ -1530,7 +1530,9 @@ def _role(cmdline: list[str]) -> str:
     for role in ("gateway", "objectproc", "broker"):
         if f"durable.{role}" in text or f"broker.{role}" in text:
             return role
-    return "supervisor" if "durable" in text else Path(cmdline[0]).name if cmdline else "?"
+    if "durable.supervisor" in text:
+        return "supervisor"
+    return Path(cmdline[0]).name if cmdline else "?"
 
 
 def _cpu_by_role(pids: list[int]) -> dict[str, float]:
