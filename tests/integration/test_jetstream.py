@@ -1,0 +1,135 @@
+"""What cluster mode (issue #21, docs/cluster.md) takes from NATS JetStream, checked against a
+real 3-node cluster of Debian's nats-server on loopback: slot ownership changes only by
+compare-and-set, a deposed owner cannot append to a slot's log, a replicated write survives
+the loss of one node, and with two lost no write is acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.integration.natscluster import connect, jetstream_ready, nats_cluster
+
+pytestmark = pytest.mark.slow  # three real servers per test
+
+EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
+
+
+def test_slot_ownership_changes_only_by_compare_and_set(tmp_path):
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    async def main(urls: list[str]) -> None:
+        await jetstream_ready(urls)
+        a, b = await connect(urls), await connect(urls)
+        try:
+            kv_a = await a.jetstream().create_key_value(bucket="slots", replicas=3)
+            kv_b = await b.jetstream().key_value("slots")
+            rev = await kv_a.create("slot/0", b'{"host": "a", "epoch": 1}')
+            with pytest.raises(KeyWrongLastSequenceError):  # a second claim of a held slot
+                await kv_b.create("slot/0", b'{"host": "b", "epoch": 1}')
+            renewed = await kv_a.update("slot/0", b'{"host": "a", "epoch": 1}', last=rev)
+            assert renewed > rev
+            with pytest.raises(KeyWrongLastSequenceError):  # b saw an older revision
+                await kv_b.update("slot/0", b'{"host": "b", "epoch": 2}', last=rev)
+            taken = await kv_b.update("slot/0", b'{"host": "b", "epoch": 2}', last=renewed)
+            with pytest.raises(KeyWrongLastSequenceError):  # a's renewal after the takeover
+                await kv_a.update("slot/0", b'{"host": "a", "epoch": 1}', last=renewed)
+            entry = await kv_a.get("slot/0")
+            assert (entry.value, entry.revision) == (b'{"host": "b", "epoch": 2}', taken)
+        finally:
+            await a.close()
+            await b.close()
+
+    with nats_cluster(tmp_path) as cluster:
+        asyncio.run(main(cluster.urls))
+
+
+def test_a_deposed_owner_cannot_append_to_the_slots_log(tmp_path):
+    from nats.js.errors import BadRequestError
+
+    async def main(urls: list[str]) -> None:
+        await jetstream_ready(urls)
+        nc = await connect(urls)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="SLOTLOG", subjects=["slotlog.*"], num_replicas=3)
+            last = 0  # what the old owner believes the slot's last record is
+            for i in range(3):
+                ack = await js.publish("slotlog.0", b"a%d" % i, headers={EXPECT_LAST: str(last)})
+                last = ack.seq
+            taken_at = last  # the new owner replays to here, then appends
+            ack = await js.publish("slotlog.0", b"b0", headers={EXPECT_LAST: str(taken_at)})
+            with pytest.raises(BadRequestError) as refused:  # the old owner's next write
+                await js.publish("slotlog.0", b"a3", headers={EXPECT_LAST: str(last)})
+            assert refused.value.err_code == 10071, refused.value  # wrong last sequence
+            await js.publish("slotlog.1", b"x", headers={EXPECT_LAST: "0"})  # per slot
+            info = await js.stream_info("SLOTLOG")
+            assert info.state.messages == 5
+            got = await js.get_last_msg("SLOTLOG", "slotlog.0")
+            assert (got.data, got.seq) == (b"b0", ack.seq)
+        finally:
+            await nc.close()
+
+    with nats_cluster(tmp_path) as cluster:
+        asyncio.run(main(cluster.urls))
+
+
+def test_one_node_lost_keeps_writes_and_two_lost_acknowledge_none(tmp_path):
+    from nats.errors import Error as NatsError
+
+    async def publish_until_acked(js, subject: str, data: bytes, within: float) -> int:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return (await js.publish(subject, data, timeout=1)).seq
+            except (TimeoutError, NatsError):  # a new stream leader being elected
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def main(cluster) -> None:
+        urls = cluster.urls
+        await jetstream_ready(urls)
+        nc = await connect(urls)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="SLOTLOG", subjects=["slotlog.*"], num_replicas=3)
+            acked = [await publish_until_acked(js, "slotlog.0", b"r0", 10)]
+            cluster.kill(cluster.nodes[0])  # quorum (2 of 3) kept
+            acked.append(await publish_until_acked(js, "slotlog.0", b"r1", 20))
+            cluster.kill(cluster.nodes[1])  # 1 of 3: no quorum
+            refused = 0
+            for i in range(3):
+                try:
+                    await js.publish("slotlog.0", b"lost%d" % i, timeout=2)
+                except (TimeoutError, NatsError):
+                    refused += 1
+            assert refused == 3, "a write was acknowledged without a quorum"
+        finally:
+            await nc.close()
+        for node in cluster.nodes[:2]:  # back: every acknowledged write is there
+            cluster.start(node)
+        await jetstream_ready(urls)
+        nc = await connect(urls)
+        try:
+            js = nc.jetstream()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    got = [(await js.get_msg("SLOTLOG", seq)).data for seq in acked]
+                    break
+                except (TimeoutError, NatsError):
+                    assert time.monotonic() < deadline, "the stream did not come back"
+                    await asyncio.sleep(0.3)
+            assert got == [b"r0", b"r1"]
+        finally:
+            await nc.close()
+
+    with nats_cluster(tmp_path) as cluster:
+        try:
+            asyncio.run(main(cluster))
+        except BaseException:
+            print(cluster.logs())
+            raise
