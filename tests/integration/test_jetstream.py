@@ -133,3 +133,59 @@ def test_one_node_lost_keeps_writes_and_two_lost_acknowledge_none(tmp_path):
         except BaseException:
             print(cluster.logs())
             raise
+
+
+def test_two_hosts_share_the_slots_and_take_over_from_a_stopped_one(tmp_path):
+    """supervisor/cluster.py on a real bucket: two hosts split 4 slots; one stops (it sends
+    nothing: what SIGSTOP does to a host) and the other takes all 4 once its leases lapse;
+    the stopped one serves none of them by then; continued, it gets 2 back. Sampled every
+    50 ms throughout: no slot is ever served by both."""
+    from durable.supervisor.cluster import SlotOwnership
+    from durable.supervisor.leases import Leases
+
+    lease = 2.0
+
+    async def main(urls: list[str]) -> None:
+        await jetstream_ready(urls)
+        conns = [await connect(urls), await connect(urls)]
+        a, b = (SlotOwnership(c.jetstream(), Leases(name, 4, lease=lease))
+                for c, name in zip(conns, "ab", strict=True))
+        try:
+            for h in (a, b):
+                await h.start()
+            both_served = []
+
+            async def run(hosts, until, done):
+                deadline = time.monotonic() + until
+                while time.monotonic() < deadline:
+                    for h in hosts:
+                        await h.step()
+                    both_served.extend(set(a.owned()) & set(b.owned()))
+                    if done():
+                        return True
+                    await asyncio.sleep(0.05)
+                return False
+
+            assert await run([a, b], 15, lambda: sorted(a.owned() + b.owned()) == [0, 1, 2, 3]
+                             and len(a.owned()) == 2), (a.owned(), b.owned())
+            held_by_a = a.owned()
+            stopped = time.monotonic()
+            assert await run([b], 15, lambda: len(b.owned()) == 4), b.owned()
+            took = time.monotonic() - stopped
+            assert lease * 0.5 <= took < lease * 3, took  # not before a's leases lapse (renewed every third)
+            assert a.owned() == [] and held_by_a  # a's clock ran on: it serves nothing
+            assert await run([a, b], 20, lambda: len(a.owned()) == len(b.owned()) == 2), \
+                (a.owned(), b.owned())
+            assert both_served == []
+        finally:
+            for h in (a, b):
+                await h.close()
+            for c in conns:
+                await c.close()
+
+    with nats_cluster(tmp_path) as cluster:
+        try:
+            asyncio.run(main(cluster.urls))
+        except BaseException:
+            print(cluster.logs())
+            raise

@@ -1,0 +1,155 @@
+"""Cluster mode's slot ownership on a JetStream key-value bucket (docs/cluster.md).
+
+:class:`SlotOwnership` drives :class:`~durable.supervisor.leases.Leases` (the pure rules)
+against a real bucket: it reads every ``slot/N`` key at start, watches the bucket for other
+hosts' writes, and sends the writes the rules ask for as compare-and-set operations (a
+``create``, or an ``update`` from the revision the rules saw). Needs the ``cluster`` extra
+(``nats-py``); single-host mode never imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from .leases import Action, Leases
+
+__all__ = ["SlotOwnership", "BUCKET"]
+
+log = logging.getLogger("durable.cluster")
+
+BUCKET = "durable_slots"
+
+
+def _key(slot: int) -> str:
+    return f"slot/{slot}"
+
+
+def _decode(value: bytes | None) -> tuple[str | None, int]:
+    try:
+        doc = orjson.loads(value or b"null")
+        return doc.get("host"), int(doc.get("epoch", 0))
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None, 0  # a value no host wrote: treated as free (a write from it is a CAS)
+
+
+class SlotOwnership:
+    """This host's leases, kept on the bucket. Call :meth:`step` often (a few times a
+    second); ask :meth:`serving` before serving a slot.
+
+    Membership is kept in the same bucket: each host rewrites ``host/NAME`` every third of
+    a lease, and a host counts as live while its key changes within a lease as this host
+    sees it (the rule the slot leases follow); the fair share is over the live hosts."""
+
+    def __init__(self, js: Any, leases: Leases, *, replicas: int = 3,
+                 clock: Callable[[], float] = time.monotonic, timeout: float = 2.0) -> None:
+        self.js = js
+        self.leases = leases
+        self.replicas = replicas
+        self.clock = clock
+        self.timeout = timeout
+        self.kv: Any = None
+        self._watch: asyncio.Task[None] | None = None
+        self._members: dict[str, tuple[int, float]] = {}  # host -> (revision, first seen)
+        self._announced = -float("inf")
+
+    def hosts(self) -> int:
+        """Live hosts as this host sees them (itself included)."""
+        now = self.clock()
+        return len({self.leases.host} | {h for h, (_, since) in self._members.items()
+                                         if now - since < self.leases.lease})
+
+    async def start(self) -> None:
+        self.kv = await self.js.create_key_value(bucket=BUCKET, replicas=self.replicas,
+                                                 history=1)
+        watcher = await self.kv.watchall()
+        for slot in range(self.leases.slots):
+            try:
+                entry = await self.kv.get(_key(slot))
+            except KeyNotFoundError:
+                self.leases.observe(slot, 0, None, 0, self.clock())
+            else:
+                host, epoch = _decode(entry.value)
+                self.leases.observe(slot, entry.revision, host, epoch, self.clock())
+        self._watch = asyncio.create_task(self._follow(watcher))
+
+    async def _follow(self, watcher: Any) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue  # (the initial values have all been delivered)
+                if entry.key.startswith("host/"):
+                    host = entry.key[5:]
+                    known = self._members.get(host)
+                    if entry.operation in ("DEL", "PURGE"):
+                        self._members.pop(host, None)
+                    elif known is None or entry.revision > known[0]:
+                        self._members[host] = (entry.revision, self.clock())
+                    continue
+                if not entry.key.startswith("slot/"):
+                    continue
+                try:
+                    slot = int(entry.key[5:])
+                except ValueError:
+                    continue
+                if not 0 <= slot < self.leases.slots:
+                    continue
+                if entry.operation in ("DEL", "PURGE"):
+                    self.leases.observe(slot, entry.revision, None, 0, self.clock())
+                else:
+                    host, epoch = _decode(entry.value)
+                    self.leases.observe(slot, entry.revision, host, epoch, self.clock())
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def step(self) -> None:
+        """Send what the rules ask for now, and record each outcome."""
+        now = self.clock()
+        if now - self._announced >= self.leases.lease / 3:
+            try:
+                await asyncio.wait_for(self.kv.put(f"host/{self.leases.host}", b"{}"),
+                                       self.timeout)
+                self._announced = now
+            except Exception as e:  # noqa: BLE001  (no quorum: the slots' writes fail too)
+                log.warning("could not announce host %s: %s", self.leases.host, e)
+        actions = self.leases.plan(now, self.hosts())
+        if actions:
+            await asyncio.gather(*(self._send(a, now) for a in actions))
+
+    async def _send(self, action: Action, sent: float) -> None:
+        value = orjson.dumps({"host": action.host, "epoch": action.epoch})
+        try:
+            if action.kind == "create":
+                rev = await asyncio.wait_for(self.kv.create(_key(action.slot), value),
+                                             self.timeout)
+            else:
+                rev = await asyncio.wait_for(
+                    self.kv.update(_key(action.slot), value, last=action.revision), self.timeout)
+        except KeyWrongLastSequenceError:
+            self.leases.failed(action)  # another host wrote first
+        except Exception as e:  # noqa: BLE001  (a timeout or a lost quorum: outcome unknown)
+            log.warning("slot %d: lease write failed (%s); not serving it until one succeeds",
+                        action.slot, e)
+            self.leases.failed(action)
+        else:
+            self.leases.succeeded(action, rev, sent)
+
+    def serving(self, slot: int) -> bool:
+        return self.leases.serving(slot, self.clock())
+
+    def owned(self) -> list[int]:
+        return self.leases.owned(self.clock())
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch

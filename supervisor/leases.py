@@ -1,0 +1,140 @@
+"""Slot leases for cluster mode (docs/cluster.md): one host's view of who owns each slot.
+
+Pure logic, no sockets: the host feeds it what it sees of the JetStream key-value bucket
+(``slot/N`` → ``{host, epoch}``, each change a new revision) and the outcome of its own
+compare-and-set writes, and asks it what to write next and whether it may serve a slot.
+
+No host compares its clock with another's. An owner renews by rewriting its key from the
+revision it holds, which makes a new revision. Another host counts a lease as expired when
+*it* has seen the same revision for ``lease`` seconds of its own monotonic clock; it then
+takes the slot by a write from that revision, which fails if the owner renewed meanwhile.
+The owner serves only until ``lease - margin`` seconds, on its own clock, after it *sent*
+its last successful write. That write reached the bucket after it was sent, and anyone who
+saw it saw it later still, so the owner stops before anyone may take over, as long as the
+two clocks' rates differ by less than ``margin / lease`` (10% by default): clock offsets
+do not matter, only rates, and monotonic clocks drift by parts per million.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Action", "Leases"]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A write to make: ``create`` (the key does not exist) or ``update`` from ``revision``,
+    of the value ``{host, epoch}``. ``sent`` must be passed back with its outcome."""
+
+    kind: str  # "create" | "update"
+    slot: int
+    revision: int
+    host: str | None  # None: give the slot back
+    epoch: int
+
+
+@dataclass(slots=True)
+class _Seen:
+    revision: int  # 0: the key does not exist
+    host: str | None
+    epoch: int
+    since: float  # our clock when this revision was first seen
+
+
+class Leases:
+    """One host's leases over ``slots`` slots."""
+
+    def __init__(self, host: str, slots: int, *, lease: float = 5.0,
+                 margin: float | None = None) -> None:
+        if slots < 1 or lease <= 0:
+            raise ValueError("slots must be >= 1 and lease > 0")
+        self.host = host
+        self.slots = slots
+        self.lease = lease
+        self.margin = lease / 10 if margin is None else margin
+        if not 0 < self.margin < lease / 2:
+            raise ValueError("margin must be between 0 and half the lease")
+        self._seen: dict[int, _Seen] = {}
+        self._held: dict[int, float] = {}  # slot -> when our last successful write was sent
+        self._pending: set[int] = set()  # slots with a write of ours in flight
+
+    # -- what the host sees --------------------------------------------------------------
+    def observe(self, slot: int, revision: int, host: str | None, epoch: int,
+                now: float) -> None:
+        """A key's value as read or watched (revision 0: it does not exist / was deleted)."""
+        seen = self._seen.get(slot)
+        if seen is not None and revision < seen.revision:
+            return  # an older view arriving late
+        if seen is None or revision != seen.revision:
+            self._seen[slot] = _Seen(revision, host, epoch, now)
+            if host != self.host and slot in self._held and slot not in self._pending:
+                del self._held[slot]  # someone else wrote it: ours no more
+
+    def succeeded(self, action: Action, revision: int, sent: float) -> None:
+        """Our write was accepted and made ``revision``; ``sent``: when it was sent."""
+        self._pending.discard(action.slot)
+        self.observe(action.slot, revision, action.host, action.epoch, sent)
+        if action.host == self.host and self._seen[action.slot].revision == revision:
+            self._held[action.slot] = sent
+        else:  # given back, or another host's later write was seen first: not ours
+            self._held.pop(action.slot, None)
+
+    def failed(self, action: Action) -> None:
+        """Our write was refused (another revision is current) or its outcome is unknown:
+        the slot is not ours until a later write of ours succeeds."""
+        self._pending.discard(action.slot)
+        self._held.pop(action.slot, None)
+
+    # -- what the host does --------------------------------------------------------------
+    def serving(self, slot: int, now: float) -> bool:
+        """Whether this host may serve ``slot`` at ``now`` (its own clock)."""
+        sent = self._held.get(slot)
+        return sent is not None and now < sent + self.lease - self.margin
+
+    def owned(self, now: float) -> list[int]:
+        return [s for s in range(self.slots) if self.serving(s, now)]
+
+    def plan(self, now: float, hosts: int) -> list[Action]:
+        """The writes to send now (mark them sent by sending them): renew what is ours when a
+        third of the lease has passed, claim free or expired slots up to a fair share of the
+        slots among ``hosts`` live hosts, and give back what is over it."""
+        share = math.ceil(self.slots / max(1, hosts))
+        actions: list[Action] = []
+        for slot in [s for s in self._held if not self.serving(s, now)]:
+            del self._held[slot]  # lapsed (this host was stopped): claimed again below
+        mine = list(self._held)
+        for slot in sorted(mine):
+            if slot in self._pending:
+                continue
+            seen = self._seen[slot]
+            if len(mine) > share and slot == max(mine):
+                # Given back: this host stops serving it now, before anyone can see it free.
+                actions.append(Action("update", slot, seen.revision, None, seen.epoch))
+                mine.remove(slot)
+                del self._held[slot]
+            elif now - self._held[slot] >= self.lease / 3:
+                actions.append(Action("update", slot, seen.revision, self.host, seen.epoch))
+        room = share - len(mine)
+        for slot in range(self.slots):
+            if room <= 0:
+                break
+            if slot in self._held or slot in self._pending:
+                continue
+            seen = self._seen.get(slot)
+            if seen is None:
+                continue  # not read yet
+            if seen.revision == 0:
+                actions.append(Action("create", slot, 0, self.host, 1))
+            elif seen.host == self.host:  # ours as last seen (lapsed, or a write whose
+                # outcome was unknown): from that revision, so it fails if anyone wrote since
+                actions.append(Action("update", slot, seen.revision, self.host, seen.epoch))
+            elif seen.host is None or now - seen.since >= self.lease:
+                actions.append(Action("update", slot, seen.revision, self.host, seen.epoch + 1))
+            else:
+                continue
+            room -= 1
+        for a in actions:
+            self._pending.add(a.slot)
+        return actions

@@ -1,0 +1,157 @@
+"""supervisor/leases.py in a simulated cluster: hosts whose clocks run at different rates,
+a bucket that accepts a write only from the current revision, messages delayed at random,
+hosts paused (SIGSTOP) for longer than a lease. At no moment do two hosts serve one slot,
+and once nothing is paused every slot is served again."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from durable.supervisor.leases import Action, Leases
+from tests.budget import examples
+
+LEASE = 5.0
+
+
+class Sim:
+    def __init__(self, hosts: int, slots: int, rates: list[float], latency: float,
+                 pauses: list[tuple[int, float, float]], seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.latency = latency
+        self.rates = rates
+        self.pauses = pauses
+        self.kv: dict[int, tuple[int, str | None, int]] = {}  # slot -> (revision, host, epoch)
+        self.revision = itertools.count(1)
+        self.events: list = []
+        self.order = itertools.count()
+        self.t = 0.0
+        self.hosts = [Leases(f"h{i}", slots, lease=LEASE) for i in range(hosts)]
+        for i, h in enumerate(self.hosts):
+            for slot in range(slots):
+                h.observe(slot, 0, None, 0, self.local(i))
+            self.at(self.rng.uniform(0, 0.25), i, self.tick)
+
+    def local(self, i: int) -> float:
+        return 1000.0 * i + self.t * self.rates[i]  # offsets differ too: they must not matter
+
+    def paused_until(self, i: int) -> float | None:
+        for host, start, end in self.pauses:
+            if host == i and start <= self.t < end:
+                return end
+        return None
+
+    def at(self, when: float, i: int, fn, *args) -> None:
+        heapq.heappush(self.events, (when, next(self.order), i, fn, args))
+
+    def delay(self) -> float:
+        return self.rng.uniform(0, self.latency)
+
+    def tick(self, i: int) -> None:
+        for a in self.hosts[i].plan(self.local(i), len(self.hosts)):
+            self.at(self.t + self.delay(), i, self.arrive, a, self.local(i))
+        self.at(self.t + 0.25, i, self.tick)
+
+    def arrive(self, i: int, a: Action, sent: float) -> None:  # at the bucket (never paused)
+        current = self.kv.get(a.slot, (0, None, 0))
+        if current[0] != a.revision:
+            self.at(self.t + self.delay(), i, self.answer, a, sent, None)
+            return
+        rev = next(self.revision)
+        self.kv[a.slot] = (rev, a.host, a.epoch)
+        for j in range(len(self.hosts)):
+            self.at(self.t + self.delay(), j, self.watched, a.slot, rev, a.host, a.epoch)
+        self.at(self.t + self.delay(), i, self.answer, a, sent, rev)
+
+    def answer(self, i: int, a: Action, sent: float, rev: int | None) -> None:
+        if rev is None:
+            self.hosts[i].failed(a)
+        else:
+            self.hosts[i].succeeded(a, rev, sent)
+
+    def watched(self, i: int, slot: int, rev: int, host: str | None, epoch: int) -> None:
+        self.hosts[i].observe(slot, rev, host, epoch, self.local(i))
+
+    def serving(self, slot: int) -> list[int]:
+        return [i for i, h in enumerate(self.hosts) if h.serving(slot, self.local(i))]
+
+    def run(self, until: float) -> None:
+        while self.events and self.events[0][0] <= until:
+            when, _, i, fn, args = heapq.heappop(self.events)
+            self.t = when
+            for slot in range(self.hosts[0].slots):  # (before and after every event)
+                assert len(self.serving(slot)) <= 1, (self.t, slot, self.serving(slot))
+            end = self.paused_until(i) if fn is not self.arrive else None
+            if end is not None:  # a stopped host handles nothing until it is continued
+                self.at(end, i, fn, *args)
+                continue
+            fn(i, *args)
+            for slot in range(self.hosts[0].slots):
+                assert len(self.serving(slot)) <= 1, (self.t, slot, self.serving(slot))
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.data())
+def test_no_two_hosts_serve_a_slot_and_every_slot_is_served_again(hosts, slots, data):
+    rates = [data.draw(st.floats(0.96, 1.04)) for _ in range(hosts)]  # (a 10% margin)
+    latency = data.draw(st.floats(0.001, 0.5))
+    pauses = data.draw(st.lists(st.tuples(st.integers(0, hosts - 1), st.floats(0, 30),
+                                          st.floats(0.1, 12)), max_size=4))
+    pauses = [(h, start, start + length) for h, start, length in pauses]
+    sim = Sim(hosts, slots, rates, latency, pauses, data.draw(st.integers(0, 2**32)))
+    sim.run(60.0)  # pauses end by 42 s; then every slot is served by exactly one host
+    for slot in range(slots):
+        assert len(sim.serving(slot)) == 1, (slot, sim.kv.get(slot))
+    share = -(-slots // hosts)
+    assert all(len(h.owned(sim.local(i))) <= share for i, h in enumerate(sim.hosts))
+
+
+def test_a_host_stops_serving_before_another_may_take_over():
+    a, b = Leases("a", 1, lease=5.0), Leases("b", 1, lease=5.0)
+    for h in (a, b):
+        h.observe(0, 0, None, 0, 0.0)
+    [claim] = a.plan(0.0, 2)
+    assert claim == Action("create", 0, 0, "a", 1)
+    assert b.plan(0.0, 2) == [Action("create", 0, 0, "b", 1)]  # both try: one wins
+    a.succeeded(claim, 7, sent=0.0)
+    b.observe(0, 7, "a", 1, 0.1)
+    b.failed(Action("create", 0, 0, "b", 1))
+    assert a.serving(0, 4.4) and not a.serving(0, 4.5)  # lease - margin after sending
+    assert b.plan(5.0, 2) == []  # b saw revision 7 at 0.1: not expired until 5.1
+    [take] = b.plan(5.1, 2)
+    assert take == Action("update", 0, 7, "b", 2)  # a new epoch, from the revision seen
+    b.succeeded(take, 9, sent=5.1)
+    assert b.serving(0, 5.2)
+    a.observe(0, 9, "b", 2, 5.3)
+    assert not a.serving(0, 1.0) and a.plan(5.3, 2) == []
+
+
+def test_an_owner_renews_and_gives_back_what_is_over_its_share():
+    a = Leases("a", 4, lease=3.0)
+    for s in range(4):
+        a.observe(s, 0, None, 0, 0.0)
+    claims = a.plan(0.0, 1)
+    assert [c.slot for c in claims] == [0, 1, 2, 3]
+    for rev, c in enumerate(claims, 1):
+        a.succeeded(c, rev, 0.0)
+    assert a.plan(0.5, 1) == []  # renewals wait a third of the lease
+    renew = a.plan(1.0, 1)
+    assert [(r.slot, r.revision, r.host) for r in renew] == [(s, s + 1, "a") for s in range(4)]
+    for rev, r in enumerate(renew, 10):
+        a.succeeded(r, rev, 1.0)
+    [back] = a.plan(1.1, 2)[:1]  # a second host joined: 2 each; one given back per plan
+    assert (back.slot, back.host) == (3, None)
+    a.succeeded(back, 20, 1.1)
+    assert a.owned(1.2) == [0, 1, 2]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="slots"):
+        Leases("a", 0)
+    with pytest.raises(ValueError, match="margin"):
+        Leases("a", 2, lease=1.0, margin=0.6)
