@@ -17,15 +17,23 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 
 from .leases import Action, Leases
 
-__all__ = ["SlotOwnership", "BUCKET"]
+__all__ = ["SlotOwnership", "SlotLog", "Deposed", "BUCKET", "STREAM", "ensure_log_stream"]
 
 log = logging.getLogger("durable.cluster")
 
 BUCKET = "durable_slots"
+STREAM = "DURABLE_LOG"
+#: JetStream's answer to an append whose expected last subject sequence is not the last
+_WRONG_LAST_SEQUENCE = 10071
 
 
 def _key(slot: int) -> str:
@@ -153,3 +161,68 @@ class SlotOwnership:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch
+
+
+class Deposed(Exception):
+    """An append was refused because another owner appended to the slot's log since: this
+    host no longer owns the slot, and the write was not stored."""
+
+
+async def ensure_log_stream(js: Any, *, replicas: int = 3) -> None:
+    """The stream holding every slot's log, one subject per slot (``slotlog.N``)."""
+    try:
+        await js.stream_info(STREAM)
+    except NotFoundError:
+        await js.add_stream(name=STREAM, subjects=["slotlog.*"], num_replicas=replicas)
+
+
+class SlotLog:
+    """One slot's commit log on JetStream, as its owner writes it: each append names the
+    last record the owner knows of (``Nats-Expected-Last-Subject-Sequence``), so an owner
+    that was deposed has every append refused, whatever it still believes."""
+
+    def __init__(self, js: Any, slot: int, *, timeout: float = 2.0) -> None:
+        self.js = js
+        self.slot = slot
+        self.subject = f"slotlog.{slot}"
+        self.timeout = timeout
+        self.last = 0  # the last record's stream sequence, as this owner knows it
+
+    async def open(self) -> int:
+        """Learn the slot's last record (0: none); call after taking the slot."""
+        try:
+            msg = await self.js.get_last_msg(STREAM, self.subject)
+        except NotFoundError:
+            self.last = 0
+        else:
+            self.last = msg.seq
+        return self.last
+
+    async def append(self, payload: bytes) -> int:
+        """Store one record; its stream sequence once a quorum of replicas has it. Raises
+        :class:`Deposed` if another owner appended since; any other error leaves the outcome
+        unknown (as an fsync that fails), and the caller must not acknowledge the write."""
+        try:
+            ack = await self.js.publish(self.subject, payload, timeout=self.timeout,
+                                        headers={"Nats-Expected-Last-Subject-Sequence":
+                                                 str(self.last)})
+        except BadRequestError as e:
+            if e.err_code == _WRONG_LAST_SEQUENCE:
+                raise Deposed(f"slot {self.slot}: another host appended to its log after "
+                              f"record {self.last}; this host no longer owns it") from None
+            raise
+        self.last = ack.seq
+        return ack.seq
+
+    async def replay(self, after: int = 0):  # noqa: ANN201  (an async iterator)
+        """Every record after stream sequence ``after``, in order, as ``(seq, payload)``.
+        One request per record: fine for a log's tail after a snapshot, not for a whole
+        history (an ordered consumer would be the next step)."""
+        seq = after + 1
+        while True:
+            try:
+                msg = await self.js.get_msg(STREAM, seq=seq, subject=self.subject, next=True)
+            except NotFoundError:
+                return
+            yield msg.seq, msg.data
+            seq = msg.seq + 1

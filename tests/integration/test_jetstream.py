@@ -189,3 +189,40 @@ def test_two_hosts_share_the_slots_and_take_over_from_a_stopped_one(tmp_path):
         except BaseException:
             print(cluster.logs())
             raise
+
+
+def test_a_slot_log_refuses_a_deposed_owner_and_replays_in_order(tmp_path):
+    """supervisor/cluster.py's SlotLog: two owners in turn (the second opens the log after
+    taking the slot); the first one's next append raises Deposed and is not stored; a replay
+    gives every stored record of the slot, in order, and none of another slot's."""
+    from durable.supervisor.cluster import Deposed, SlotLog, ensure_log_stream
+
+    async def main(urls: list[str]) -> None:
+        await jetstream_ready(urls)
+        conns = [await connect(urls), await connect(urls)]
+        try:
+            js_a, js_b = (c.jetstream() for c in conns)
+            await ensure_log_stream(js_a)
+            await ensure_log_stream(js_b)  # (idempotent)
+            old = SlotLog(js_a, 3)
+            assert await old.open() == 0
+            for i in range(5):
+                await old.append(b"a%d" % i)
+            await SlotLog(js_a, 4).append(b"other slot")
+            new = SlotLog(js_b, 3)
+            assert await new.open() == old.last  # after the takeover
+            await new.append(b"b0")
+            with pytest.raises(Deposed, match="no longer owns"):
+                await old.append(b"a5")
+            await new.append(b"b1")
+            got = [(seq, data) async for seq, data in new.replay()]
+            assert [d for _, d in got] == [b"a0", b"a1", b"a2", b"a3", b"a4", b"b0", b"b1"]
+            assert [s for s, _ in got] == sorted(s for s, _ in got)
+            tail = [d async for _, d in new.replay(after=got[4][0])]
+            assert tail == [b"b0", b"b1"]
+        finally:
+            for c in conns:
+                await c.close()
+
+    with nats_cluster(tmp_path) as cluster:
+        asyncio.run(main(cluster.urls))
