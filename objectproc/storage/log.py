@@ -66,7 +66,7 @@ from ..metrics import FSYNC_BUCKETS, Histogram
 __all__ = ["ALARM_KEEP", "ALARM_DELETE", "CommitLog", "Segment", "SegmentScan", "Damage", "LogFullError", "encode_record",
            "cut_segment",
            "scan_segment", "list_segments", "encode_writeset", "decode_writeset", "WriteSet",
-           "is_disk_full"]
+           "is_disk_full", "iter_records"]
 
 _HEADER = struct.Struct("<IIQ")
 _SEQ = struct.Struct("<Q")
@@ -178,6 +178,20 @@ def decode_writeset(payload: bytes | memoryview) -> WriteSet:
 def encode_record(seq: int, payload: bytes) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
     return _HEADER.pack(len(payload), crc, seq) + payload
+
+
+def iter_records(data: bytes | memoryview | None, where: str) -> list[tuple[int, memoryview]]:
+    """``(seq, payload)`` of each record of a group as written (cluster mode's log messages);
+    ValueError naming ``where`` if any record is damaged."""
+    mv = memoryview(data or b"")
+    pos, out = 0, []
+    while pos < len(mv):
+        got = _record_at(mv, pos, len(mv))
+        if isinstance(got, str):
+            raise ValueError(f"{where}: {got} at offset {pos}")
+        seq, pos, _start, payload = got
+        out.append((seq, payload))
+    return out
 
 
 def mark_group_start(record: bytes) -> bytes:
@@ -386,8 +400,12 @@ class CommitLog:
                  on_discard: Callable[[BaseException, int, int], None] | None = None,
                  segment_bytes: int = 4 << 20, fsync: Callable[[int], None] = os.fdatasync,
                  trace: Callable[[str], None] | None = None,
-                 fallocate: Callable[[int, int, int], None] = os.posix_fallocate) -> None:
+                 fallocate: Callable[[int, int, int], None] = os.posix_fallocate,
+                 replicate: Callable[[list[bytes]], None] | None = None) -> None:
         self.directory = directory
+        #: cluster mode: stores a group in the slot's replicated log before it is written
+        #: here, and raises if it was not stored there (docs/cluster.md)
+        self._replicate = replicate
         self._segment_bytes = segment_bytes
         self._fsync = fsync
         self.fsync_seconds = Histogram(FSYNC_BUCKETS)  # ([metrics]; written by this thread only)
@@ -537,11 +555,21 @@ class CommitLog:
             return False  # everything after a failure is failed too; the slot must restart
         size_before = -1
         written = 0
+        replicated = False
         try:
             if self._size >= self._segment_bytes or self._fd < 0:
                 self._open_segment(last - len(group) + 1)
             size_before = self._size
             group[0] = mark_group_start(group[0])
+            if self._replicate is not None:
+                # The replicated log first: a record is here only if it is there too, so a
+                # host's files are always a prefix of the slot's log (docs/cluster.md).
+                try:
+                    self._replicate(group)
+                except BaseException as e:  # refused (deposed) or unknown: the slot restarts
+                    self._give_up(e)
+                    return False
+                replicated = True
             data = b"".join(group)
             view = memoryview(data)
             pos = size_before
@@ -553,7 +581,9 @@ class CommitLog:
             if self._trace:
                 self._trace("fsync")
         except BaseException as e:  # nothing of the group was synced: undo what was written
-            if self._undo(size_before, written) and is_disk_full(e):
+            if replicated:  # stored in the cluster's log: not discarded, whatever happens here
+                self._give_up(e)
+            elif self._undo(size_before, written) and is_disk_full(e):
                 self._discard(e)
             else:
                 self._give_up(e)

@@ -68,6 +68,7 @@ from .log import (
     CommitLog,
     Damage,
     WriteSet,
+    decode_writeset,
     encode_writeset,
     is_disk_full,
 )
@@ -223,7 +224,8 @@ class SlotStore:
                  checkpoint_wal_bytes: int = 8 << 20, checkpoint_interval: float = 30.0,
                  data_dir_id: str | None = None,
                  fallocate: Callable[[int, int, int], None] = os.posix_fallocate,
-                 free_bytes: Callable[[Path], int] | None = None) -> None:
+                 free_bytes: Callable[[Path], int] | None = None,
+                 replication: Any = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.limits = limits
         self.slot = slot
@@ -251,6 +253,11 @@ class SlotStore:
         self.torn: Damage | None = None  # the torn tail recovery dropped, if any
         started = time.perf_counter()
         next_seq = self._recover(log_dir)
+        #: cluster mode (objectproc/replication.py): records of the slot's replicated log
+        #: that this host's files lacked, applied before serving
+        self.caught_up = 0
+        if replication is not None:
+            next_seq = self._catch_up(replication, next_seq)
         self.recovery_seconds = time.perf_counter() - started
         self._count_alarms(writer=False)
         started = time.perf_counter()
@@ -291,7 +298,8 @@ class SlotStore:
         self.log = CommitLog(log_dir, next_seq, on_durable=self._durable_from_thread,
                              on_error=self._error_from_thread, on_discard=self._discard_from_thread,
                              segment_bytes=segment_bytes, fsync=fsync, trace=trace,
-                             fallocate=fallocate)
+                             fallocate=fallocate,
+                             replicate=replication.append_group if replication else None)
         self._applier = threading.Thread(target=self._apply_loop, name="durable-applier",
                                          daemon=True)
         self._applier.start()
@@ -308,6 +316,25 @@ class SlotStore:
                             batch=_REPLAY_BATCH, quarantine=self.directory / "quarantine")
         self.replayed, self.torn = result.replayed, result.torn
         return result.next_seq
+
+    def _catch_up(self, replication: Any, next_seq: int) -> int:
+        """Apply the replicated log's records from ``next_seq`` on (each checked whole by
+        its checksum), checkpoint; return the next sequence number."""
+        pending: list[WriteSet] = []
+        last = next_seq - 1
+        for seq, payload in replication.catch_up(next_seq):
+            pending.append(decode_writeset(payload))
+            last = seq
+            if len(pending) >= _REPLAY_BATCH:
+                self._apply_writesets(pending, last)
+                self.caught_up += len(pending)
+                pending = []
+        if pending:
+            self._apply_writesets(pending, last)
+            self.caught_up += len(pending)
+        if self.caught_up:
+            self.duck.checkpoint()
+        return last + 1
 
     def _apply_writesets(self, batch: list[WriteSet], last_seq: int) -> None:
         rows: dict[bytes, tuple[bytes, bytes | None, int | None]] = {}
