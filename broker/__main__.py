@@ -29,7 +29,8 @@ def broker_config(cfg: Config, secret: bytes) -> BrokerConfig:
         heartbeat=b.heartbeat, queue_limit=b.queue_limit, queue_deadline=b.queue_deadline,
         client_inflight_limit=b.client_inflight_limit, control=cfg.control(), admin=cfg.admin(),
         public=cfg.curve_endpoints(), curve_secret_key_file=b.curve_secret_key or None,
-        authorized_keys_dir=b.authorized_keys or None, socket_group=b.socket_group or None)
+        authorized_keys_dir=b.authorized_keys or None, socket_group=b.socket_group or None,
+        backend_extra=[f"tcp://{cfg.cluster.listen}"] if cfg.cluster.enabled else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     broker.bind()
     beat.mark_ready()
     log.info("listening: clients on %s, object processes on %s, %d slots", config.frontend,
-             config.backend, config.slots)
+             " and ".join([config.backend, *config.backend_extra]), config.slots)
     try:
         broker.run()
     finally:

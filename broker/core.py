@@ -128,6 +128,8 @@ class BrokerConfig:
     authorized_keys_dir: str | None = None  # public keys of the clients allowed in
     #: the group that may connect to the (ipc) client socket; every other socket stays 0600
     socket_group: str | None = None
+    #: cluster mode: where the other hosts' object processes register (docs/cluster.md)
+    backend_extra: list[str] = field(default_factory=list)
 
 
 class _Slot:

@@ -101,6 +101,8 @@ class Broker:
             s = self._router()
             s.bind(endpoint)
             setattr(self, attr, s)
+        for endpoint in self.config.backend_extra:
+            self.back.bind(endpoint)
         if self.config.public:
             self.pub = self._public_socket()
         if self.config.admin:

@@ -6,7 +6,7 @@ disagree about what a number means (sysexits.h names where they fit).
 
 from __future__ import annotations
 
-__all__ = ["EXIT_CONFIG", "EXIT_STORAGE", "EXIT_CORRUPT", "EXIT_DISK_FULL"]
+__all__ = ["EXIT_CONFIG", "EXIT_STORAGE", "EXIT_CORRUPT", "EXIT_DISK_FULL", "EXIT_LEASE_LOST"]
 
 #: EX_CONFIG: bad configuration; restarting will not help (the daemon halts).
 EXIT_CONFIG = 78
@@ -17,3 +17,7 @@ EXIT_STORAGE = 74
 EXIT_CORRUPT = 65
 #: EX_TEMPFAIL: the disk is full at start; the slot is restarted every few seconds.
 EXIT_DISK_FULL = 75
+#: EX_PROTOCOL: cluster mode, this host's lease on the slot ended (another host may serve it
+#: now): the object process exits at once; the supervisor runs it again only if the host
+#: holds the slot again.
+EXIT_LEASE_LOST = 76

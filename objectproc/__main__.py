@@ -44,7 +44,10 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         alarm_concurrency=cfg.alarm_concurrency, alarm_retries=cfg.alarm_retries,
         alarm_retry_base=cfg.alarm_retry_base,
         websocket_max_message=cfg.websocket_max_message_kb << 10,
-        metrics=bool(cfg.metrics.listen), run_dir=str(cfg.run_dir))
+        metrics=bool(cfg.metrics.listen), run_dir=str(cfg.run_dir),
+        cluster_servers=cfg.cluster.servers(), cluster_replicas=cfg.cluster.replicas,
+        cluster_endpoint=f"tcp://{cfg.cluster.listen}" if cfg.cluster.enabled else "",
+        slots=cfg.slots)
 
 
 def _stand_by(args: argparse.Namespace, argv: list[str]) -> int | None:
@@ -129,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("slot %d is corrupt and stays down; every file was kept as it is. %s",
                   args.slot, e)
         return EXIT_CORRUPT
+    except (TimeoutError, ConnectionError) as e:
+        if not config.cluster_servers:
+            log.error("slot %d: storage in %s cannot be opened: %s: %s", args.slot,
+                      config.data_dir, type(e).__name__, e)
+            return EXIT_STORAGE
+        log.error("slot %d: the cluster's log did not answer (%s: %s); exiting, to be started "
+                  "again while this host holds the slot", args.slot, type(e).__name__, e)
+        return 1
     except (OSError, duckdb.Error) as e:
         if is_disk_full(e):
             log.error("slot %d: storage in %s cannot be opened, the disk is full: %s", args.slot,

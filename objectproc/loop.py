@@ -37,6 +37,7 @@ from durable.errors import (
     StorageCorruptError,
     UnknownNamespaceError,
 )
+from durable.exitcodes import EXIT_LEASE_LOST
 from durable.http import Response
 from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.objects import Env, load_class
@@ -161,6 +162,12 @@ class ObjectProcessConfig:
     metrics: bool = False
     #: the daemon's 0700 run dir: query snapshots bind their sockets there ("": the data dir)
     run_dir: str = ""
+    #: cluster mode (docs/cluster.md): the NATS servers (empty: one host), the JetStream
+    #: replicas, this host's broker endpoint for the others, and the daemon's slot count
+    cluster_servers: list[str] = field(default_factory=list)
+    cluster_replicas: int = 3
+    cluster_endpoint: str = ""
+    slots: int = 1
 
 
 class ObjectProcess:
@@ -195,21 +202,31 @@ class ObjectProcess:
         self.metrics = CallMetrics()
         self._storage_figures: dict[str, Any] = {}  # bytes and keys, refreshed every minute
         self._storage_figures_at = 0.0
+        self.replicator: Any = None  # cluster mode: replication.Replicator
+        self.links: Any = None  # cluster mode: links.RemoteLinks
+        self._lease: Any = None  # cluster mode: host.LeaseFile (until when it may serve)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
         cfg = self.config
         started = time.monotonic()
         secret = load_or_create_secret(cfg.data_dir, create=False)  # before any file is made
+        if cfg.cluster_servers:
+            await self._join_cluster()
         self.store = SlotStore(cfg.data_dir, cfg.slot, limits=cfg.limits,
                                memory_limit=f"{cfg.duckdb_memory_mb}MB",
                                data_dir_id=cfg.data_dir_id,
                                checkpoint_wal_bytes=cfg.checkpoint_wal_bytes,
-                               checkpoint_interval=cfg.checkpoint_interval)
+                               checkpoint_interval=cfg.checkpoint_interval,
+                               replication=self.replicator)
+        if self.replicator is not None:
+            log.info("slot %d: %d records of the cluster's log replayed", cfg.slot,
+                     self.store.caught_up)
         log.info("slot %d: storage open in %.3f s (%d log records replayed in %.3f s; the filter "
                  "of stored objects built in %.3f s)", cfg.slot, time.monotonic() - started,
                  self.store.replayed, self.store.recovery_seconds, self.store.stored_seconds)
-        self.store.commit_inline_when = self._quiet
+        if self.replicator is None:  # (cluster mode: a commit waits on the network, never inline)
+            self.store.commit_inline_when = self._quiet
         tune_gc()
         keys = {n: namespace_key(secret, n) for n in cfg.namespaces}
         self.ids = {n: IdFactory(n, k) for n, k in keys.items()}
@@ -223,6 +240,15 @@ class ObjectProcess:
                        cfg.secrets)
         self.sockets = Sockets(Outbox(self._send), cfg.websocket_max_message)
         self._register()
+        if cfg.cluster_servers:
+            from durable.supervisor.host import HOSTS
+
+            from .links import RemoteLinks
+            self.links = RemoteLinks(cfg.slot, Path(cfg.run_dir) / HOSTS, cfg.cluster_endpoint,
+                                     heartbeat=cfg.heartbeat, misses=cfg.misses,
+                                     on_call=self._call, on_client_gone=self._client_gone,
+                                     stats=self.stats, context=self._ctx)
+            self.links.refresh()
         self.alarms = AlarmScheduler(
             loop, self._load_alarms, self.store.pending_alarms, self._fire_alarm,
             self._alarm_given_up, rate=cfg.alarm_rate, concurrency=cfg.alarm_concurrency,
@@ -252,6 +278,28 @@ class ObjectProcess:
         """Finish the calls in flight, make every write durable, exit (signal-safe via loop)."""
         self._stopping.set()
 
+    async def _join_cluster(self) -> None:
+        """Cluster mode: the lease this host holds on the slot, and the slot's log."""
+        from durable.supervisor.host import LEASES, LeaseFile
+
+        from .replication import Replicator
+        cfg = self.config
+        self._lease = LeaseFile(Path(cfg.run_dir) / LEASES, cfg.slots)
+        self._check_lease()
+        self.replicator = Replicator(cfg.cluster_servers, cfg.slot,
+                                     replicas=cfg.cluster_replicas)
+        await asyncio.to_thread(self.replicator.connect, 30.0)
+        self._check_lease()  # (replaying the log takes time too: checked again on each send)
+
+    def _check_lease(self) -> None:
+        """Cluster mode: past this host's lease on the slot, another host may serve it now:
+        this process exits at once, without a reply or a write more (docs/cluster.md)."""
+        if self._lease is not None and self._lease.get(self.config.slot) <= time.monotonic():
+            log.error("slot %d: this host's lease on the slot ended; exiting without serving "
+                      "anything more", self.config.slot)
+            logging.shutdown()
+            os._exit(EXIT_LEASE_LOST)
+
     async def _shutdown(self) -> None:
         for act in list(self.catalog.values()):
             await act.drain()
@@ -265,6 +313,10 @@ class ObjectProcess:
             await self.client.close()
         if self.store is not None:
             await self.store.close()
+        if self.replicator is not None:
+            await asyncio.to_thread(self.replicator.close)
+        if self.links is not None:
+            self.links.close()
         if self._sock is not None:
             self._sock.close()
 
@@ -293,15 +345,35 @@ class ObjectProcess:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 4)
         sock.connect(self.config.backend)
+        remote: dict[str, zmq.Socket[Any]] = {}  # cluster mode: the other hosts' brokers
         try:
             while not self._beat_stop.wait(self.config.heartbeat / 2):
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send_multipart(Beat(self.config.slot, self._incarnation).encode(),
                                         zmq.NOBLOCK)
+                links = self.links.beats() if self.links is not None else []
+                for endpoint in [e for e in remote if e not in dict(links)]:
+                    remote.pop(endpoint).close(linger=0)
+                for endpoint, incarnation in links:
+                    s = remote.get(endpoint)
+                    if s is None:
+                        s = remote[endpoint] = self._ctx.socket(zmq.DEALER)
+                        s.setsockopt(zmq.LINGER, 0)
+                        s.setsockopt(zmq.SNDHWM, 4)
+                        s.connect(endpoint)
+                    with contextlib.suppress(zmq.ZMQError):
+                        s.send_multipart(Beat(self.config.slot, incarnation).encode(),
+                                         zmq.NOBLOCK)
         finally:
             sock.close(linger=0)
+            for s in remote.values():
+                s.close(linger=0)
 
     def _send(self, frames: list[bytes]) -> None:
+        if self._lease is not None:
+            self._check_lease()
+            if self.links is not None and self.links.route(frames):
+                return
         try:
             self._sock.send(frames)
         except zmq.ZMQError as e:
@@ -742,6 +814,12 @@ class ObjectProcess:
                 # at least once a second even when busy: `durable status` shows these figures
                 next_stats = time.monotonic() + 1.0
                 self._send(WorkerHeartbeat(self.stats()).encode())
+                if self.links is not None:
+                    self.links.tick(True)
+            elif self.links is not None:
+                self.links.tick(False)
+            if self._lease is not None:
+                self._check_lease()
             if time.monotonic() >= next_evict:
                 next_evict = time.monotonic() + self.config.idle_timeout / 4
                 self.evict_idle()

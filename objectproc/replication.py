@@ -18,8 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from durable.errors import StorageCorruptError
 from durable.supervisor.cluster import Deposed, SlotLog, ensure_log_stream
@@ -56,6 +60,20 @@ class Replicator:
     def _run(self, coro: Any, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(
             timeout if timeout is not None else self.timeout + 5.0)
+
+    def _patient(self, make: Any, timeout: float = 60.0) -> Any:
+        """Run ``make()`` until it does not time out (a stream whose leader is being elected
+        answers nothing for a few seconds), for at most ``timeout`` seconds. Only for reads,
+        and for the fence, whose outcome a retry settles (a second fence is harmless)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._run(make(), None)
+            except (TimeoutError, NoRespondersError, NatsTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                log.info("slot %d: the cluster's log did not answer in time; asking again",
+                         self.slot)
 
     def connect(self, timeout: float = 30.0) -> None:
         """Connect and make sure the stream exists (raises if the cluster does not answer)."""
@@ -118,8 +136,8 @@ class Replicator:
         after = 0  # stream sequence read through
         newest = 0  # the newest record the log holds
         for _ in range(_FENCE_ATTEMPTS):
-            last = self._run(self.slot_log.open())
-            for stream_seq, data in self._run(self._read(after, last), None):
+            last = self._patient(self.slot_log.open)
+            for stream_seq, data in self._patient(lambda a=after, b=last: self._read(a, b)):
                 where = f"slot {self.slot}'s log message {stream_seq}"
                 try:
                     records = iter_records(data, where)
@@ -144,8 +162,8 @@ class Replicator:
                     f"but the cluster's log only up to {newest}: this data dir was not made in "
                     "this cluster (or the cluster's stream was deleted). Start cluster mode with "
                     "an empty data dir (`durable import` an export to bring data in)")
-            try:
-                self._run(self.slot_log.append(b""))  # the fence (a message with no records)
+            try:  # the fence (a message with no records)
+                self._patient(lambda: self.slot_log.append(b""))
             except Deposed:
                 log.info("slot %d: another owner appended while this host caught up; "
                          "reading on", self.slot)

@@ -305,6 +305,7 @@ class Arbiter:
         self.reload_state: dict[str, Any] = {"generation": 0, "state": "none"}
         self.spare: Spare | None = None
         self._spare_due = 0.0  # no new spare before (after one died unused)
+        self.host: Any = None  # cluster mode: host.ClusterHost (which slots to run)
 
     # -- set-up ---------------------------------------------------------------------------
     def check(self) -> None:
@@ -411,8 +412,20 @@ class Arbiter:
             log.info("%s", line)
             systemd.notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}")
 
+        if self.config.cluster.enabled:
+            from .host import ClusterError, ClusterHost
+            systemd.notify(f"STATUS=joining the cluster ({self.config.cluster.nats})")
+            try:
+                self.host = ClusterHost(self.config)
+                self.host.join()
+            except ClusterError as e:
+                log.error("%s", e)
+                systemd.notify(f"STATUS=halted: {e}")
+                return EXIT_CONFIG
         try:
-            moved = migrate(self.config.data_path, self.config.slots, log=progress)
+            # (cluster mode: every host has the same slot count, and nothing moves here)
+            moved = 0 if self.host else migrate(self.config.data_path, self.config.slots,
+                                                log=progress)
         except Exception as e:
             log.exception("moving objects to the new slot count failed: %s", e)
             systemd.notify(f"STATUS=halted: moving objects to {self.config.slots} slots failed: {e}")
@@ -438,6 +451,8 @@ class Arbiter:
                     pass
             return self.exit_code
         finally:
+            if self.host is not None:
+                self.host.close()
             if server is not None:
                 server.shutdown()
                 server.server_close()
@@ -462,7 +477,8 @@ class Arbiter:
         systemd.notify("STATUS=starting the broker and object processes")
         now = self.clock()
         for w in self.watchers:
-            w.start(now)
+            if self.host is None or w.role != "objectproc":  # (cluster: the slots it holds)
+                w.start(now)
         probe = _Probe(self.config.frontend())
         self._control = zmq.Context.instance().socket(zmq.PUSH)
         self._control.setsockopt(zmq.LINGER, 0)
@@ -594,6 +610,7 @@ class Arbiter:
                 "restarts": w.restarts, "rss": w.rss, "cpu": w.cpu, "last_exit": w.last_exit,
             } for w in self.watchers],
             "spare": self._spare_row(),
+            **({"cluster": self.host.status()} if self.host is not None else {}),
         })
 
     def _spare_row(self) -> dict[str, Any] | None:
@@ -807,6 +824,28 @@ class Arbiter:
         w.memory_restart = False
         log.warning("%s %s", w.name, decision.reason)
 
+    def _cluster_turn(self) -> None:
+        """Cluster mode: run the object processes of the slots this host holds, and only
+        those. A slot lost (its lease lapsed, or given back) is SIGKILLed at once: it may not
+        serve anything more (it would also exit by itself at its lease's end)."""
+        if self._stopping:
+            return
+        wanted = self.host.wanted()
+        now = self.clock()
+        for w in self.watchers:
+            if w.role != "objectproc":
+                continue
+            if w.slot in wanted:
+                if w.state is WatcherState.STOPPED:
+                    log.info("slot %d: this host holds it now; starting it", w.slot)
+                    w.start(now)
+            elif w.state is WatcherState.RUNNING:
+                log.warning("slot %d: this host no longer holds it; stopping it now", w.slot)
+                w.step("stop")
+                w.signal(signal.SIGKILL)
+            elif w.state is WatcherState.BACKOFF:
+                w.step("stop")
+
     def _start_due(self) -> None:
         now = self.clock()
         for w in self.watchers:
@@ -889,6 +928,8 @@ class Arbiter:
                     deadline = self.clock()
                 time.sleep(0.01)
                 self._reap()
+            if group is objectprocs and self.host is not None:
+                self.host.close(release=True)  # the others take its slots now
         log.info("stopped")
 
 
@@ -913,6 +954,8 @@ class _Turn:
         if a.exit_code:
             a._stop(immediate=False)
             return False
+        if a.host is not None:
+            a._cluster_turn()
         a._start_due()
         a._keep_spare()
         if not a._ready:

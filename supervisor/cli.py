@@ -29,6 +29,15 @@ def serve(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         config = load(args.config)
+        if args.cluster or args.host_id or args.cluster_listen:
+            from dataclasses import replace
+
+            from .config import validate
+            c = config.cluster
+            config.cluster = replace(c, nats=args.cluster or c.nats,
+                                     host_id=args.host_id or c.host_id,
+                                     listen=args.cluster_listen or c.listen)
+            validate(config)
         if config.log_format != "text":
             from .logs import setup
             setup(args.log_level, f"supervisor pid={os.getpid()}", config.log_format)
@@ -552,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--reload", action="store_true", help="development: reload when a .py file "
                    "under the working directory (or the config) changes (needs watchfiles)")
+    p.add_argument("--cluster", metavar="NATS_URLS", help="cluster mode: the NATS JetStream "
+                   "servers, comma-separated (docs/cluster.md; [cluster] nats)")
+    p.add_argument("--host-id", help="cluster mode: this host's unique name ([cluster] host_id)")
+    p.add_argument("--cluster-listen", metavar="HOST:PORT", help="cluster mode: where the other "
+                   "hosts reach this host's broker ([cluster] listen)")
     p = sub.add_parser("status", help="processes, objects, queues and storage of the running daemon")
     p.add_argument("--config")
     p.add_argument("--json", action="store_true", help="machine-readable output")

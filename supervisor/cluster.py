@@ -57,8 +57,12 @@ class SlotOwnership:
     sees it (the rule the slot leases follow); the fair share is over the live hosts."""
 
     def __init__(self, js: Any, leases: Leases, *, replicas: int = 3,
-                 clock: Callable[[], float] = time.monotonic, timeout: float = 2.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, timeout: float = 2.0,
+                 announce: bytes = b"{}") -> None:
         self.js = js
+        self.announce = announce  # this host's membership value (where its broker listens)
+        #: host -> its membership value, as last seen
+        self.values: dict[str, bytes] = {}
         self.leases = leases
         self.replicas = replicas
         self.clock = clock
@@ -98,8 +102,10 @@ class SlotOwnership:
                     known = self._members.get(host)
                     if entry.operation in ("DEL", "PURGE"):
                         self._members.pop(host, None)
+                        self.values.pop(host, None)
                     elif known is None or entry.revision > known[0]:
                         self._members[host] = (entry.revision, self.clock())
+                        self.values[host] = entry.value or b"{}"
                     continue
                 if not entry.key.startswith("slot/"):
                     continue
@@ -123,7 +129,7 @@ class SlotOwnership:
         now = self.clock()
         if now - self._announced >= self.leases.lease / 3:
             try:
-                await asyncio.wait_for(self.kv.put(f"host/{self.leases.host}", b"{}"),
+                await asyncio.wait_for(self.kv.put(f"host/{self.leases.host}", self.announce),
                                        self.timeout)
                 self._announced = now
             except Exception as e:  # noqa: BLE001  (no quorum: the slots' writes fail too)
@@ -152,6 +158,24 @@ class SlotOwnership:
 
     def serving(self, slot: int) -> bool:
         return self.leases.serving(slot, self.clock())
+
+    def live_values(self) -> dict[str, bytes]:
+        """The membership value of each live host (this one included)."""
+        now = self.clock()
+        out = {h: self.values.get(h, b"{}") for h, (_, since) in self._members.items()
+               if now - since < self.leases.lease}
+        out[self.leases.host] = self.announce
+        return out
+
+    async def release_all(self) -> None:
+        """Give back every slot this host holds (a graceful stop, after its object processes
+        stopped): the others take them at once instead of after the lease."""
+        for slot, revision, epoch in self.leases.held():
+            self.leases.drop(slot)
+            value = orjson.dumps({"host": None, "epoch": epoch})
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.kv.update(_key(slot), value, last=revision),
+                                       self.timeout)
 
     def owned(self) -> list[int]:
         return self.leases.owned(self.clock())

@@ -9,6 +9,7 @@ documented in docs/configuration.md; ``Config()`` is the built-in default that
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -100,6 +101,30 @@ class MetricsSettings:
 
 
 @dataclass
+class ClusterSettings:
+    """Cluster mode (docs/cluster.md); off while ``nats`` is empty."""
+
+    #: the NATS JetStream servers, comma-separated (nats://HOST:4222,...); empty: one host
+    nats: str = ""
+    #: this host's name in the cluster: unique and the same across restarts
+    host_id: str = ""
+    #: host:port where the other hosts' object processes reach this host's broker (loopback
+    #: or a private network: this link has no CurveZMQ yet)
+    listen: str = ""
+    #: seconds a slot's lease lasts: a dead host's slots are taken over after about this long
+    lease: float = 5.0
+    #: JetStream replicas of the slots' logs and of the slot table
+    replicas: int = 3
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.nats)
+
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.nats.split(",") if s.strip()]
+
+
+@dataclass
 class LimitsSettings:
     max_key_bytes: int = 2048
     max_value_bytes: int = 32768
@@ -161,6 +186,7 @@ class Config:
     namespace_cpu_limits: dict[str, int] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     #: [secrets], resolved at load: name -> value (from an environment variable or a file)
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     source: str = "built-in defaults"
@@ -256,10 +282,12 @@ def from_dict(raw: dict[str, Any], source: str) -> Config:
             cfg.secrets = _secrets(source, value)
         elif key == "metrics":
             cfg.metrics = _section(source, "metrics", value, MetricsSettings)
+        elif key == "cluster":
+            cfg.cluster = _section(source, "cluster", value, ClusterSettings)
         else:
             raise _err(source, key, "unknown key", "Known top-level keys: " + ", ".join(
-                sorted([*_TOP, "broker", "http", "limits", "metrics", "namespaces", "secrets",
-                        "vars"])) + ".")
+                sorted([*_TOP, "broker", "cluster", "http", "limits", "metrics", "namespaces",
+                        "secrets", "vars"])) + ".")
     validate(cfg)
     return cfg
 
@@ -476,10 +504,37 @@ def validate(cfg: Config) -> None:
         if not cfg.frontend().startswith("ipc://"):
             raise _err(src, "broker.socket_group", "applies to an ipc:// client endpoint",
                        "Leave broker.endpoint unset (ipc in the run directory).")
+    if cfg.cluster.enabled:
+        _validate_cluster(cfg, src)
     if not cfg.namespaces:
         raise _err(src, "namespaces", "no namespace is configured (a config file serves only "
                    "the namespaces it names; the bundled examples run without a file)",
                    'Add for example:\n[namespaces.COUNTER]\nclass = "myapp.counter:Counter"')
+
+
+def _validate_cluster(cfg: Config, src: str) -> None:
+    c = cfg.cluster
+    for url in c.servers():
+        if not url.startswith(("nats://", "tls://")):
+            raise _err(src, "cluster.nats", f"{url!r} is not a NATS URL",
+                       "Write nats://HOST:4222 (several: comma-separated).")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", c.host_id or ""):
+        raise _err(src, "cluster.host_id", f"{c.host_id!r} is not a host name for the cluster",
+                   "Give each host a unique name of letters, digits, '-' and '_' "
+                   "(--host-id NAME).")
+    host, _, port = c.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _err(src, "cluster.listen", f"{c.listen!r} is not HOST:PORT",
+                   "Give the address the other hosts reach this host's broker at, e.g. "
+                   "--cluster-listen 10.0.0.5:7710.")
+    if c.lease < 1.0 or c.replicas not in (1, 3, 5):
+        raise _err(src, "cluster", "lease must be at least 1 s and replicas 1, 3 or 5",
+                   "The defaults: lease = 5.0, replicas = 3.")
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        raise _err(src, "cluster.nats", "cluster mode needs the NATS client",
+                   "pip install 'durable[cluster]'") from None
 
 
 def to_raw(cfg: Config) -> dict[str, Any]:
@@ -491,6 +546,8 @@ def to_raw(cfg: Config) -> dict[str, Any]:
     if cfg.http is not None:
         raw["http"] = asdict(cfg.http)
     raw["metrics"] = asdict(cfg.metrics)
+    if cfg.cluster.enabled:
+        raw["cluster"] = asdict(cfg.cluster)
     raw["namespaces"] = {
         name: {"class": cls, **({"cpu_limit_ms": cfg.namespace_cpu_limits[name]}
                                 if name in cfg.namespace_cpu_limits else {})}

@@ -93,6 +93,20 @@ class Leases:
         sent = self._held.get(slot)
         return sent is not None and now < sent + self.lease - self.margin
 
+    def deadline(self, slot: int) -> float | None:
+        """Until when (this host's clock) it may serve ``slot``, if it holds it."""
+        sent = self._held.get(slot)
+        return None if sent is None else sent + self.lease - self.margin
+
+    def held(self) -> list[tuple[int, int, int]]:
+        """``(slot, revision, epoch)`` of each slot this host holds (to give them back)."""
+        return [(s, self._seen[s].revision, self._seen[s].epoch) for s in sorted(self._held)
+                if s in self._seen]
+
+    def drop(self, slot: int) -> None:
+        """Stop serving ``slot`` at once (it is being given back)."""
+        self._held.pop(slot, None)
+
     def owned(self, now: float) -> list[int]:
         return [s for s in range(self.slots) if self.serving(s, now)]
 

@@ -138,6 +138,11 @@ def render(data: dict[str, Any]) -> str:
     lines.append(f"supervisor pid {sup['pid']}, {'ready' if sup['ready'] else 'starting'}; "
                  f"clients connect to {sup['frontend']}")
     lines.append(f"storage: {_size(data['storage']['bytes'])} in {data['storage']['dir']}")
+    cluster = data.get("cluster")
+    if cluster:
+        lines.append(f"cluster host {cluster['host']}: serves slots "
+                     f"{', '.join(map(str, cluster['slots'])) or 'none'}; live hosts: "
+                     f"{', '.join(sorted(cluster['hosts'])) or 'none seen yet'}")
     spare = data.get("spare")
     if spare:
         lines.append(f"warm spare object process: pid {spare['pid']}, "
