@@ -93,6 +93,21 @@ class Leases:
         sent = self._held.get(slot)
         return sent is not None and now < sent + self.lease - self.margin
 
+    def _most_loaded(self, now: float, hosts: int, count: int) -> bool:
+        """Whether this host should give one slot back although it is within the fair share:
+        it holds at least two more than the least loaded live host (a host that joined holds
+        none: 4 slots on 2 hosts are 2 + 2, and a third host would get none by the ceiling
+        alone), and it is the most loaded (ties: the greatest name), so that one host at a
+        time gives back."""
+        counts: dict[str, int] = {}
+        for seen in self._seen.values():
+            if seen.host is not None and seen.host != self.host and now - seen.since < self.lease:
+                counts[seen.host] = counts.get(seen.host, 0) + 1
+        counts[self.host] = count
+        least = 0 if len(counts) < hosts else min(counts.values())
+        top = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        return count >= least + 2 and top == self.host
+
     def deadline(self, slot: int) -> float | None:
         """Until when (this host's clock) it may serve ``slot``, if it holds it."""
         sent = self._held.get(slot)
@@ -119,11 +134,12 @@ class Leases:
         for slot in [s for s in self._held if not self.serving(s, now)]:
             del self._held[slot]  # lapsed (this host was stopped): claimed again below
         mine = list(self._held)
+        over = len(mine) > share or self._most_loaded(now, hosts, len(mine))
         for slot in sorted(mine):
             if slot in self._pending:
                 continue
             seen = self._seen[slot]
-            if len(mine) > share and slot == max(mine):
+            if over and slot == max(mine):
                 # Given back: this host stops serving it now, before anyone can see it free.
                 actions.append(Action("update", slot, seen.revision, None, seen.epoch))
                 mine.remove(slot)

@@ -75,9 +75,24 @@ def wait_all_ready(daemons: list[Daemon], timeout: float = 90.0) -> None:
         d.wait_ready(max(1.0, deadline - time.monotonic()))
 
 
+def wait_balanced(daemons: list[Daemon], slots: int = 4, timeout: float = 60.0) -> list[list[int]]:
+    """Until the hosts' status files show every slot served once, each host at most its
+    fair share; returns each host's slots."""
+    deadline = time.monotonic() + timeout
+    share = -(-slots // len(daemons))
+    while True:
+        owned = [sorted(d.status().get("cluster", {}).get("slots", [])) for d in daemons]
+        if sorted(s for o in owned for s in o) == list(range(slots)) and all(
+                len(o) <= share for o in owned):
+            return owned
+        if time.monotonic() > deadline:
+            raise AssertionError(f"slots not spread over the hosts within {timeout} s: {owned}")
+        time.sleep(0.2)
+
+
 def host_log(daemons: list[Daemon]) -> str:
     return "\n".join(f"--- {d.root.name}\n{d.log_text()[-4000:]}" for d in daemons)
 
 
-__all__ = ["cluster_hosts", "kill_host", "stop_host", "wait_all_ready", "host_log",
+__all__ = ["cluster_hosts", "wait_balanced", "kill_host", "stop_host", "wait_all_ready", "host_log",
            "host_config", "os"]

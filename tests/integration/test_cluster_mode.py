@@ -5,12 +5,19 @@ JetStream cluster, on loopback."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
 
 import durable
-from tests.integration.clusterhosts import cluster_hosts, host_log, kill_host, wait_all_ready
+from tests.integration.clusterhosts import (
+    cluster_hosts,
+    host_log,
+    kill_host,
+    wait_all_ready,
+    wait_balanced,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
@@ -49,8 +56,7 @@ def test_calls_through_any_host_reach_one_object(tmp_path):
                         await c.__aexit__(None, None, None)
 
             asyncio.run(main())
-            owners = [sorted(h.status().get("cluster", {}).get("slots", [])) for h in hosts]
-            assert sorted(s for o in owners for s in o) == [0, 1, 2, 3], owners
+            wait_balanced(hosts)
         except BaseException:
             print(host_log(hosts))
             raise
@@ -89,6 +95,125 @@ def test_a_killed_host_loses_no_acknowledged_write(tmp_path):
                         await c.__aexit__(None, None, None)
 
             asyncio.run(main())
+        except BaseException:
+            print(host_log(hosts))
+            raise
+
+
+class Register:
+    """Per-object checker for counters: an increment's answer must be the last acknowledged
+    value + 1 (or more, after increments whose outcome was unknown), and a read never less
+    than the last acknowledged value."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.acked = {n: 0 for n in names}
+        self.unknown = {n: 0 for n in names}  # increments that failed: applied or not
+
+    async def inc(self, client, name: str, timeout: float = 5.0) -> bool:  # noqa: ANN001
+        before = self.acked[name]
+        try:
+            got = await _inc(client, name, timeout)
+        except durable.errors.DurableError:
+            self.unknown[name] += 1
+            return False
+        assert before + 1 <= got <= before + 1 + self.unknown[name], (name, before, got)
+        self.unknown[name] -= got - before - 1
+        self.acked[name] = got
+        return True
+
+    async def read(self, client, name: str, timeout: float = 5.0) -> None:  # noqa: ANN001
+        before = self.acked[name]
+        try:
+            got = await _get(client, name, timeout)
+        except durable.errors.DurableError:
+            return
+        assert before <= got <= before + self.unknown[name], (name, before, got)
+
+
+def test_a_stopped_host_serves_nothing_after_its_lease(tmp_path):
+    from tests.integration.clusterhosts import stop_host
+
+    lease = 2.0
+    with cluster_hosts(tmp_path, lease=lease) as (_nats, hosts):
+        try:
+            wait_all_ready(hosts)
+            wait_balanced(hosts)
+            frozen = hosts[0]
+            assert frozen.status()["cluster"]["slots"], "the host to stop holds no slot"
+
+            async def main() -> None:
+                clients = [await durable.connect(h.frontend, timeout=30).__aenter__()
+                           for h in hosts]
+                try:
+                    names = [f"obj-{i}" for i in range(16)]
+                    reg = Register(names)
+                    for n in names:
+                        assert await reg.inc(clients[1], n)
+                    stop_host(frozen, signal.SIGSTOP)
+                    stopped = time.monotonic()
+                    while time.monotonic() - stopped < 3 * lease:  # the others take over
+                        await asyncio.gather(*(reg.inc(clients[1 + i % 2], n, 3.0)
+                                               for i, n in enumerate(names)))
+                    stop_host(frozen, signal.SIGCONT)
+                    resumed = time.monotonic()
+                    while time.monotonic() - resumed < 3.0:  # every host, the old one too
+                        for i, n in enumerate(names):
+                            c = clients[i % 3]
+                            await reg.inc(c, n, 5.0)
+                            await reg.read(c, n, 5.0)
+                    for n in names:  # a last round that must succeed, through the old host
+                        for _ in range(20):
+                            if await reg.inc(clients[0], n, 5.0):
+                                break
+                        else:
+                            raise AssertionError(f"{n}: not served through the resumed host")
+                        await reg.read(clients[0], n)
+                    assert all(reg.acked[n] >= 3 for n in names), reg.acked
+                finally:
+                    for c in clients:
+                        await c.__aexit__(None, None, None)
+
+            asyncio.run(main())
+            log = frozen.log_text()
+            assert "lease on the slot ended" in log or "no longer holds it" in log, log[-3000:]
+        except BaseException:
+            print(host_log(hosts))
+            raise
+
+
+def test_a_joining_host_takes_slots_with_their_data(tmp_path):
+    from tests.integration.clusterhosts import host_config
+    from tests.integration.daemon import serving
+
+    with cluster_hosts(tmp_path, hosts=2) as (nats_, hosts):
+        try:
+            wait_all_ready(hosts)
+
+            async def main(phase: int, frontends: list[str]) -> None:
+                clients = [await durable.connect(f, timeout=30).__aenter__() for f in frontends]
+                try:
+                    for i in range(24):
+                        got = await _inc(clients[i % len(clients)], f"obj-{i}")
+                        assert got == phase, (i, got)
+                finally:
+                    for c in clients:
+                        await c.__aexit__(None, None, None)
+
+            asyncio.run(main(1, [h.frontend for h in hosts]))
+            with serving(tmp_path / "h3", host_config(nats_, "h3", slots=4, lease=2.0)) as h3:
+                all_hosts = [*hosts, h3]
+                try:
+                    deadline = time.monotonic() + 60
+                    while not h3.status().get("cluster", {}).get("slots"):
+                        assert time.monotonic() < deadline, "the new host took no slot"
+                        time.sleep(0.2)
+                    h3.wait_ready(60)
+                    asyncio.run(main(2, [h.frontend for h in all_hosts]))
+                    owned = wait_balanced(all_hosts)
+                    assert all(owned), owned
+                except BaseException:
+                    print(host_log([h3]))
+                    raise
         except BaseException:
             print(host_log(hosts))
             raise

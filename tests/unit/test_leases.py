@@ -108,7 +108,23 @@ def test_no_two_hosts_serve_a_slot_and_every_slot_is_served_again(hosts, slots, 
     for slot in range(slots):
         assert len(sim.serving(slot)) == 1, (slot, sim.kv.get(slot))
     share = -(-slots // hosts)
-    assert all(len(h.owned(sim.local(i))) <= share for i, h in enumerate(sim.hosts))
+    counts = [len(h.owned(sim.local(i))) for i, h in enumerate(sim.hosts)]
+    assert all(c <= share for c in counts)
+    assert max(counts) - min(counts) <= 1, counts  # a host that joined (or came back) got its part
+
+
+def test_a_joining_host_gets_slots_although_the_others_are_within_the_ceiling():
+    a, b = Leases("a", 4, lease=3.0), Leases("b", 4, lease=3.0)
+    for s in range(4):
+        a.observe(s, s + 1, "a" if s < 2 else "b", 1, 0.0)
+        b.observe(s, s + 1, "a" if s < 2 else "b", 1, 0.0)
+    for s in range(2):
+        a.succeeded(Action("update", s, s + 1, "a", 1), s + 1, 0.0)
+        b.succeeded(Action("update", s + 2, s + 3, "b", 1), s + 3, 0.0)
+    # A third host is live: 2 + 2 + 0. Only the most loaded (ties: the greatest name) gives back.
+    assert [x for x in a.plan(0.1, 3) if x.host is None] == []
+    [back] = [x for x in b.plan(0.1, 3) if x.host is None]
+    assert back.slot == 3 and not b.serving(3, 0.1)
 
 
 def test_a_host_stops_serving_before_another_may_take_over():
