@@ -217,3 +217,55 @@ def test_a_joining_host_takes_slots_with_their_data(tmp_path):
         except BaseException:
             print(host_log(hosts))
             raise
+
+
+def test_nats_nodes_lost_one_keeps_writes_two_acknowledge_none(tmp_path):
+    with cluster_hosts(tmp_path) as (nats_, hosts):
+        try:
+            wait_all_ready(hosts)
+            wait_balanced(hosts)
+
+            async def rounds(reg: Register, clients, names, seconds: float) -> int:  # noqa: ANN001
+                ok, end = 0, time.monotonic() + seconds
+                while time.monotonic() < end:
+                    got = await asyncio.gather(*(reg.inc(clients[i % 3], n, 3.0)
+                                                 for i, n in enumerate(names)))
+                    ok += sum(got)
+                return ok
+
+            async def main() -> None:
+                clients = [await durable.connect(h.frontend, timeout=30).__aenter__()
+                           for h in hosts]
+                try:
+                    names = [f"obj-{i}" for i in range(8)]
+                    reg = Register(names)
+                    assert await rounds(reg, clients, names, 2.0) > 0
+                    nats_.kill(nats_.nodes[0])  # quorum kept: writes go on (after an election)
+                    await rounds(reg, clients, names, 8.0)
+                    assert await rounds(reg, clients, names, 3.0) > 0, "no write after one loss"
+                    acked_before = dict(reg.acked)
+                    nats_.kill(nats_.nodes[1])  # no quorum: nothing may be acknowledged
+                    await asyncio.sleep(1.0)  # (writes in flight at the loss settle)
+                    settled = dict(reg.acked)
+                    assert await rounds(reg, clients, names, 6.0) == 0
+                    assert reg.acked == settled and all(
+                        settled[n] >= acked_before[n] for n in names)
+                    for node in nats_.nodes[:2]:  # back: every acknowledged write is there
+                        nats_.start(node)
+                    for n in names:
+                        for _ in range(120):
+                            if await reg.inc(clients[0], n, 5.0):
+                                break
+                            await asyncio.sleep(0.5)
+                        else:
+                            raise AssertionError(f"{n} not served after the nodes came back")
+                        await reg.read(clients[1], n)
+                finally:
+                    for c in clients:
+                        await c.__aexit__(None, None, None)
+
+            asyncio.run(main())
+        except BaseException:
+            print(host_log(hosts))
+            print(nats_.logs())
+            raise
