@@ -1611,6 +1611,118 @@ class = "durable.examples.counter:Counter"
     return out
 
 
+CLUSTER_SINGLE = """
+data_dir = "{data}"
+slots = 4
+warm_spare = false
+[broker]
+heartbeat = 0.5
+[namespaces.COUNTER]
+class = "tests.integration.objects:Counter"
+"""
+
+
+async def _counter_figures(frontend: str, quick: bool) -> dict[str, Any]:
+    """Sequential durable counter p50 over 32 objects (every slot), and calls/s with 64 in
+    flight over 100 objects, through one host's client endpoint."""
+    import durable
+
+    n = 300 if quick else 2000
+    async with durable.connect(frontend, timeout=30) as client:
+        ns = client.namespace("COUNTER")
+        stubs = [ns.get_by_name(f"bench-{i}") for i in range(100)]
+        for s in stubs:  # activated, and each slot's path warm
+            await s.fetch("http://o/", method="POST")
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            await stubs[i % 32].fetch("http://o/", method="POST")
+            times.append(time.perf_counter() - t)
+        calls = 0
+        end = time.perf_counter() + (2.0 if quick else 8.0)
+
+        async def worker(k: int) -> None:
+            nonlocal calls
+            while time.perf_counter() < end:
+                await stubs[(k * 7 + calls) % 100].fetch("http://o/", method="POST")
+                calls += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(64)))
+        return {"counter_p50_ms": ms(pct(times, 0.5)), "counter_p99_ms": ms(pct(times, 0.99)),
+                "counter_64_per_s": round(calls / (time.perf_counter() - t0))}
+
+
+async def _all_served(frontends: list[str], names: list[str], timeout: float) -> float:
+    """Seconds until every object in ``names`` answered an increment through the first
+    endpoint (each call retried until the deadline)."""
+    import durable
+
+    start = time.monotonic()
+    async with durable.connect(frontends[0], timeout=30) as client:
+        ns = client.namespace("COUNTER")
+        pending = set(names)
+        while pending and time.monotonic() - start < timeout:
+            async def one(name: str) -> str | None:
+                try:
+                    await ns.get_by_name(name).fetch("http://o/", method="POST", timeout=2.0)
+                    return name
+                except durable.errors.DurableError:
+                    return None
+            done = await asyncio.gather(*(one(n) for n in pending))
+            pending -= {d for d in done if d}
+            if pending:
+                await asyncio.sleep(0.05)
+    if pending:
+        raise RuntimeError(f"{len(pending)} objects not served {timeout} s after the kill")
+    return time.monotonic() - start
+
+
+def cluster_suite(quick: bool, kills: int, lease: float) -> dict[str, Any]:
+    """Cluster mode (docs/cluster.md): the durable counter through a 3-host cluster against
+    one host, and how long a SIGKILLed host's slots take to serve again."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from harness import serving as serving_one
+
+    from tests.integration.clusterhosts import (
+        cluster_hosts,
+        host_config,
+        kill_host,
+        wait_all_ready,
+        wait_balanced,
+    )
+    from tests.integration.daemon import serving
+
+    with serving_one(CLUSTER_SINGLE) as one:
+        single = asyncio.run(_counter_figures(one.frontend, quick))
+    failover: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="durable-cluster-bench-") as tmp:
+        root = Path(tmp)
+        with cluster_hosts(root, lease=lease) as (nats_, hosts):
+            wait_all_ready(hosts)
+            wait_balanced(hosts)
+            cluster = asyncio.run(_counter_figures(hosts[0].frontend, quick))
+            names = [f"probe-{i}" for i in range(32)]  # (every slot, with near certainty)
+            asyncio.run(_all_served([hosts[0].frontend], names, 60))
+            with contextlib.ExitStack() as stack:
+                for k in range(kills):
+                    i = 1 + k % 2  # a host other than the one the probes go through
+                    kill_host(hosts[i])
+                    failover.append(asyncio.run(_all_served([hosts[0].frontend], names, 60)))
+                    name = hosts[i].root.name
+                    hosts[i] = stack.enter_context(serving(  # back, on its old data dir
+                        hosts[i].root, host_config(nats_, name, slots=4, lease=lease)))
+                    hosts[i].wait_ready(90)
+                    wait_balanced(hosts)
+    return {"single_host": single, "cluster_3_hosts": cluster, "lease_s": lease,
+            "kills": kills, "failover_s": [round(x, 2) for x in failover],
+            "failover_p50_s": round(pct(failover, 0.5), 2) if failover else None,
+            "failover_p99_s": round(pct(failover, 0.99), 2) if failover else None,
+            "counter_p50_ratio": round(cluster["counter_p50_ms"] / single["counter_p50_ms"], 2),
+            "counter_64_ratio": round(cluster["counter_64_per_s"] / single["counter_64_per_s"],
+                                      2)}
+
+
 def _run(fn: Any, *args: Any) -> Any:
     import resource
 
@@ -1640,10 +1752,13 @@ def main(argv: list[str] | None = None) -> int:
             _echo_worker(sys.argv[2])
         return 0
     p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
-                                     "testing", "metrics", "query", "cold", "vs-workerd"])
+                                     "testing", "metrics", "query", "cold", "vs-workerd",
+                                     "cluster"])
     p.add_argument("--workerd", help="vs-workerd: the workerd binary (npm install "
                    "workerd@1.20261117.1); without it, only durable's half runs")
     p.add_argument("--rounds", type=int, default=3, help="vs-workerd: alternating rounds")
+    p.add_argument("--kills", type=int, default=20, help="cluster: hosts SIGKILLed, one by one")
+    p.add_argument("--lease", type=float, default=5.0, help="cluster: the slot lease (s)")
     p.add_argument("--objects", type=int, default=1_000_000,
                    help="query, cold: objects of 3 keys stored first")
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
@@ -1680,6 +1795,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = [query_suite(args.quick, args.objects) for _ in range(args.repeat)]
     elif args.suite == "cold":
         runs = [cold_suite(args.quick, args.objects) for _ in range(args.repeat)]
+    elif args.suite == "cluster":
+        runs = [cluster_suite(args.quick, 2 if args.quick else args.kills, args.lease)
+                for _ in range(args.repeat)]
     elif args.suite == "vs-workerd":
         runs = [vs_workerd_suite(args.quick, args.workerd, args.rounds) for _ in range(args.repeat)]
     else:
