@@ -30,7 +30,9 @@ def broker_config(cfg: Config, secret: bytes) -> BrokerConfig:
         client_inflight_limit=b.client_inflight_limit, control=cfg.control(), admin=cfg.admin(),
         public=cfg.curve_endpoints(), curve_secret_key_file=b.curve_secret_key or None,
         authorized_keys_dir=b.authorized_keys or None, socket_group=b.socket_group or None,
-        backend_extra=[f"tcp://{cfg.cluster.listen}"] if cfg.cluster.enabled else [])
+        backend_extra=[f"tcp://{cfg.cluster.listen}"] if cfg.cluster.enabled else [],
+        cluster_key_file=cfg.cluster.curve_key if cfg.cluster.enabled else None,
+        cluster_keys_dir=str(cfg.run_dir / "cluster-keys"))
 
 
 def main(argv: list[str] | None = None) -> int:

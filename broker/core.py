@@ -130,6 +130,10 @@ class BrokerConfig:
     socket_group: str | None = None
     #: cluster mode: where the other hosts' object processes register (docs/cluster.md)
     backend_extra: list[str] = field(default_factory=list)
+    #: cluster mode: the cluster's key pair; the backend then takes only object processes
+    #: that present it (CurveZMQ, checked by ZAP), and keeps a copy of its public key here
+    cluster_key_file: str | None = None
+    cluster_keys_dir: str | None = None
 
 
 class _Slot:

@@ -30,6 +30,9 @@ from durable.transport import has_input, recv_frames, send_frames
 
 from .core import BrokerConfig, RouterCore
 
+#: the ZAP domain of a cluster-mode backend (its own list of keys: the cluster's one)
+CLUSTER_DOMAIN = "durable-cluster"
+
 __all__ = ["Broker", "BrokerConfig", "load_permissions"]
 
 log = logging.getLogger("durable.broker")
@@ -99,6 +102,8 @@ class Broker:
                                                            mode=0o700)
         for attr, endpoint in (("front", self.config.frontend), ("back", self.config.backend)):
             s = self._router()
+            if attr == "back" and self.config.cluster_key_file:
+                self._cluster_curve(s)
             s.bind(endpoint)
             setattr(self, attr, s)
         for endpoint in self.config.backend_extra:
@@ -132,18 +137,40 @@ class Broker:
             else:
                 os.chmod(path, 0o600)
 
+    def _authenticator(self) -> Any:
+        if self._auth is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+        return self._auth
+
+    def _cluster_curve(self, s: zmq.Socket) -> None:
+        """Cluster mode: the backend (ipc and TCP alike) is a CurveZMQ server that admits only
+        peers presenting the cluster's own key (every host's object processes have it)."""
+        from zmq.auth import load_certificate
+
+        public, secret = load_certificate(self.config.cluster_key_file)
+        keys = Path(self.config.cluster_keys_dir)
+        keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (keys / "cluster.key").write_text(  # (the ZAP handler's list: this key only)
+            f'metadata\ncurve\n    public-key = "{public.decode()}"\n')
+        self._authenticator().configure_curve(domain=CLUSTER_DOMAIN, location=str(keys))
+        s.curve_secretkey = secret
+        s.curve_publickey = public
+        s.curve_server = True
+        s.zap_domain = CLUSTER_DOMAIN.encode()
+
     def _public_socket(self) -> zmq.Socket:
         """The endpoint for other machines: CurveZMQ, only clients whose key is authorized."""
         s = self._router()
         if self.config.curve_secret_key_file:
             from zmq.auth import load_certificate
-            from zmq.auth.thread import ThreadAuthenticator
 
             self.core.permissions = load_permissions(self.config.authorized_keys_dir)
             public, secret = load_certificate(self.config.curve_secret_key_file)
-            self._auth = ThreadAuthenticator(self._ctx)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=self.config.authorized_keys_dir)
+            self._authenticator().configure_curve(domain="*",
+                                                  location=self.config.authorized_keys_dir)
             s.curve_secretkey = secret
             s.curve_publickey = public
             s.curve_server = True

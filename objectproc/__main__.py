@@ -47,7 +47,7 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         metrics=bool(cfg.metrics.listen), run_dir=str(cfg.run_dir),
         cluster_servers=cfg.cluster.servers(), cluster_replicas=cfg.cluster.replicas,
         cluster_endpoint=f"tcp://{cfg.cluster.listen}" if cfg.cluster.enabled else "",
-        slots=cfg.slots)
+        slots=cfg.slots, cluster_key_file=cfg.cluster.curve_key if cfg.cluster.enabled else "")
 
 
 def _stand_by(args: argparse.Namespace, argv: list[str]) -> int | None:

@@ -66,13 +66,14 @@ class RemoteLinks:
     def __init__(self, slot: int, hosts_file: Path, own_endpoint: str, *, heartbeat: float,
                  misses: int, on_call: Callable[[WorkerCall], None],
                  on_client_gone: Callable[[bytes], None], stats: Callable[[], dict[str, Any]],
-                 context: zmq.Context) -> None:
+                 context: zmq.Context, curve: tuple[bytes, bytes, bytes] | None) -> None:
         self.slot = slot
         self.hosts_file = hosts_file
         self.own = own_endpoint
         self.heartbeat, self.misses = heartbeat, misses
         self.on_call, self.on_client_gone, self.stats = on_call, on_client_gone, stats
         self.ctx = context
+        self.curve = curve  # the cluster's key: the other brokers admit only it
         self.links: dict[bytes, _Link] = {}  # tag -> link
         self._by_endpoint: dict[str, _Link] = {}
         self._mtime = 0
@@ -114,7 +115,7 @@ class RemoteLinks:
         if link.sock is not None:
             link.sock.close()
         link.sock = LoopSocket.dealer(link.endpoint, lambda f, lk=link: self._handle(lk, f),
-                                      self.ctx)
+                                      self.ctx, curve=self.curve)
         link.liveness = Liveness(self.heartbeat, self.misses)
         link.incarnation = secrets.randbits(62) | 1
         self._send_on(link, Ready(self.slot, os.getpid(), link.incarnation).encode())

@@ -168,6 +168,8 @@ class ObjectProcessConfig:
     cluster_replicas: int = 3
     cluster_endpoint: str = ""
     slots: int = 1
+    #: the cluster's CurveZMQ key pair file: every backend connection presents it
+    cluster_key_file: str = ""
 
 
 class ObjectProcess:
@@ -205,6 +207,13 @@ class ObjectProcess:
         self.replicator: Any = None  # cluster mode: replication.Replicator
         self.links: Any = None  # cluster mode: links.RemoteLinks
         self._lease: Any = None  # cluster mode: host.LeaseFile (until when it may serve)
+        #: cluster mode: (server public, our public, our secret) for every backend socket
+        self.curve: tuple[bytes, bytes, bytes] | None = None
+        if config.cluster_key_file:
+            from zmq.auth import load_certificate
+
+            public, secret = load_certificate(config.cluster_key_file)
+            self.curve = (public, public, secret)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -247,7 +256,7 @@ class ObjectProcess:
             self.links = RemoteLinks(cfg.slot, Path(cfg.run_dir) / HOSTS, cfg.cluster_endpoint,
                                      heartbeat=cfg.heartbeat, misses=cfg.misses,
                                      on_call=self._call, on_client_gone=self._client_gone,
-                                     stats=self.stats, context=self._ctx)
+                                     stats=self.stats, context=self._ctx, curve=self.curve)
             self.links.refresh()
         self.alarms = AlarmScheduler(
             loop, self._load_alarms, self.store.pending_alarms, self._fire_alarm,
@@ -327,7 +336,8 @@ class ObjectProcess:
                 self._forget_sockets()
         if self._ctx is None:
             self._ctx = zmq.Context.instance()
-        self._sock = LoopSocket.dealer(self.config.backend, self._handle, self._ctx)
+        self._sock = LoopSocket.dealer(self.config.backend, self._handle, self._ctx,
+                                       curve=self.curve)
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1
         self._incarnation = incarnation
@@ -341,10 +351,16 @@ class ObjectProcess:
         so a long call does not break the stubs of every other object of the slot. A loop
         blocked for good is the supervisor's to find (``hang_timeout``).
         """
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 4)
-        sock.connect(self.config.backend)
+        def dealer(endpoint: str) -> zmq.Socket[Any]:
+            s = self._ctx.socket(zmq.DEALER)
+            if self.curve is not None:
+                s.curve_serverkey, s.curve_publickey, s.curve_secretkey = self.curve
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 4)
+            s.connect(endpoint)
+            return s
+
+        sock = dealer(self.config.backend)
         remote: dict[str, zmq.Socket[Any]] = {}  # cluster mode: the other hosts' brokers
         try:
             while not self._beat_stop.wait(self.config.heartbeat / 2):
@@ -357,10 +373,7 @@ class ObjectProcess:
                 for endpoint, incarnation in links:
                     s = remote.get(endpoint)
                     if s is None:
-                        s = remote[endpoint] = self._ctx.socket(zmq.DEALER)
-                        s.setsockopt(zmq.LINGER, 0)
-                        s.setsockopt(zmq.SNDHWM, 4)
-                        s.connect(endpoint)
+                        s = remote[endpoint] = dealer(endpoint)
                     with contextlib.suppress(zmq.ZMQError):
                         s.send_multipart(Beat(self.config.slot, incarnation).encode(),
                                          zmq.NOBLOCK)

@@ -29,14 +29,15 @@ def serve(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         config = load(args.config)
-        if args.cluster or args.host_id or args.cluster_listen:
+        if args.cluster or args.host_id or args.cluster_listen or args.cluster_key:
             from dataclasses import replace
 
             from .config import validate
             c = config.cluster
             config.cluster = replace(c, nats=args.cluster or c.nats,
                                      host_id=args.host_id or c.host_id,
-                                     listen=args.cluster_listen or c.listen)
+                                     listen=args.cluster_listen or c.listen,
+                                     curve_key=args.cluster_key or c.curve_key)
             validate(config)
         if config.log_format != "text":
             from .logs import setup
@@ -566,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-id", help="cluster mode: this host's unique name ([cluster] host_id)")
     p.add_argument("--cluster-listen", metavar="HOST:PORT", help="cluster mode: where the other "
                    "hosts reach this host's broker ([cluster] listen)")
+    p.add_argument("--cluster-key", metavar="PATH", help="cluster mode: the cluster's CurveZMQ "
+                   "key pair, the same on every host ([cluster] curve_key)")
     p = sub.add_parser("status", help="processes, objects, queues and storage of the running daemon")
     p.add_argument("--config")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -115,6 +115,10 @@ class ClusterSettings:
     lease: float = 5.0
     #: JetStream replicas of the slots' logs and of the slot table
     replicas: int = 3
+    #: the cluster's CurveZMQ key pair (`durable keygen DIR --name cluster`: the .key_secret
+    #: file), the same file on every host: object processes register with a broker only
+    #: with it, so no one else (another local user, another machine) can pose as a slot
+    curve_key: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -527,6 +531,20 @@ def _validate_cluster(cfg: Config, src: str) -> None:
         raise _err(src, "cluster.listen", f"{c.listen!r} is not HOST:PORT",
                    "Give the address the other hosts reach this host's broker at, e.g. "
                    "--cluster-listen 10.0.0.5:7710.")
+    if not c.curve_key:
+        raise _err(src, "cluster.curve_key", "cluster mode needs the cluster's CurveZMQ key pair",
+                   "Make one with `durable keygen /etc/durable --name cluster`, copy it to every "
+                   "host, and set curve_key = \"/etc/durable/cluster.key_secret\" (or "
+                   "--cluster-key).")
+    try:
+        from zmq.auth import load_certificate
+        _, secret = load_certificate(c.curve_key)
+    except (OSError, ValueError) as e:
+        raise _err(src, "cluster.curve_key", f"cannot read a key pair from {c.curve_key}: {e}",
+                   "Give the .key_secret file `durable keygen` wrote.") from None
+    if not secret:
+        raise _err(src, "cluster.curve_key", f"{c.curve_key} holds no secret key",
+                   "Give the .key_secret file, not the public .key.")
     if c.lease < 1.0 or c.replicas not in (1, 3, 5):
         raise _err(src, "cluster", "lease must be at least 1 s and replicas 1, 3 or 5",
                    "The defaults: lease = 5.0, replicas = 3.")

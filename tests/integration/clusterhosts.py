@@ -32,12 +32,23 @@ nats = "{nats}"
 host_id = "{host}"
 listen = "127.0.0.1:{port}"
 lease = {lease}
+curve_key = "{key}"
 """
+
+
+def cluster_key(root: Path) -> Path:
+    """The cluster's CurveZMQ key pair (as `durable keygen DIR --name cluster` makes it)."""
+    import zmq.auth
+
+    secret = root / "cluster.key_secret"
+    if not secret.exists():
+        zmq.auth.create_certificates(root, "cluster")
+    return secret
 
 
 def host_config(cluster: NatsCluster, host: str, *, slots: int, lease: float) -> str:
     return CONFIG.format(slots=slots, nats=",".join(cluster.urls), host=host,
-                         port=free_port(), lease=lease)
+                         port=free_port(), lease=lease, key=cluster_key(cluster.root))
 
 
 def kill_host(d: Daemon) -> None:

@@ -40,6 +40,7 @@ def test_calls_through_any_host_reach_one_object(tmp_path):
     with cluster_hosts(tmp_path) as (_nats, hosts):
         try:
             wait_all_ready(hosts)
+            wait_balanced(hosts)  # (a stub breaks when its slot moves, as documented)
 
             async def main() -> None:
                 clients = [await durable.connect(h.frontend, timeout=30).__aenter__()
@@ -51,21 +52,58 @@ def test_calls_through_any_host_reach_one_object(tmp_path):
                             assert await _inc(clients[(i + round_) % 3], name) == round_ + 1
                     for c in clients:
                         assert [await _get(c, n) for n in names] == [3] * len(names)
+                    strangers = _pose_as_slots(hosts)  # no key, and a key of their own
+                    await asyncio.sleep(1.0)
+                    for i, name in enumerate(names):  # still the real slots, data intact
+                        assert await _inc(clients[i % 3], name) == 4
+                    for s in strangers:
+                        s.close(linger=0)
                 finally:
                     for c in clients:
                         await c.__aexit__(None, None, None)
 
             asyncio.run(main())
             wait_balanced(hosts)
+            for h in hosts:  # the strangers (pid 1) were never registered as a slot
+                assert "registered (pid 1," not in h.log_text(), h.log_text()[-3000:]
         except BaseException:
             print(host_log(hosts))
             raise
+
+
+def _pose_as_slots(hosts) -> list:  # noqa: ANN001
+    """DEALERs that try to register as every slot with each host's broker, over its cluster
+    TCP endpoint: one without CurveZMQ, one with a key pair of its own (not the cluster's).
+    The brokers must admit neither (a stranger on the port cannot take calls)."""
+    import zmq
+    import zmq.auth  # noqa: F401
+
+    from durable.protocol.messages import Ready
+
+    ctx = zmq.Context.instance()
+    out = []
+    for h in hosts:
+        endpoint = h.status()["cluster"]["hosts"][h.root.name]
+        for keyed in (False, True):
+            s = ctx.socket(zmq.DEALER)
+            if keyed:
+                public, secret = zmq.curve_keypair()
+                server = open(h.root / "durable.toml").read().split('curve_key = "')[1]
+                from zmq.auth import load_certificate
+                s.curve_serverkey = load_certificate(server.split('"')[0])[0]
+                s.curve_publickey, s.curve_secretkey = public, secret
+            s.connect(endpoint)
+            for slot in range(4):
+                s.send_multipart(Ready(slot, 1, 12345 + slot).encode(), zmq.NOBLOCK)
+            out.append(s)
+    return out
 
 
 def test_a_killed_host_loses_no_acknowledged_write(tmp_path):
     with cluster_hosts(tmp_path) as (_nats, hosts):
         try:
             wait_all_ready(hosts)
+            wait_balanced(hosts)
             survivors = hosts[1:]
 
             async def main() -> None:
