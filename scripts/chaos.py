@@ -426,7 +426,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-gap", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=int(time.time()))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cluster", action="store_true", help="the cluster run instead: 3 hosts on "
+                   "a 3-node NATS cluster, hosts killed and stopped, NATS nodes killed "
+                   "(scripts/chaos_cluster.py)")
+    p.add_argument("--lease", type=float, default=2.0, help="--cluster: the slot lease (s)")
     args = p.parse_args(argv)
+    if args.cluster:
+        from chaos_cluster import run
+        result = run(args.seconds, args.objects, min(args.writers, 16), args.seed, args.lease)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"cluster chaos: {result['seconds']:g} s, faults {result['faults']}, "
+                  f"{result['calls']} calls, {result['acknowledged']} acknowledged, "
+                  f"lost or stale = {result['lost_or_stale']}, "
+                  f"{'OK' if result['ok'] else 'PROBLEMS: ' + '; '.join(result['problems'])}")
+        return 0 if result["ok"] else 1
     with serving(CONFIG % (args.slots, HANG_TIMEOUT)) as d:
         result = asyncio.run(soak(args, d.root, d.port, d.proc))
         result["daemon_alive"] = d.proc.poll() is None

@@ -1,0 +1,178 @@
+"""The cluster chaos run (``python scripts/chaos.py --cluster``; docs/cluster.md).
+
+Three ``durable serve --cluster`` hosts on a 3-node NATS JetStream cluster, all on this
+machine (loopback). For a bounded time, writers increment counters through every host
+while faults come one after another: a whole host SIGKILLed (started again on its data dir
+a few seconds later), a whole host SIGSTOPped for up to three leases and continued, a NATS
+node SIGKILLed (started again later; at most one down at a time, so JetStream keeps its
+quorum). Each object's answers are checked as they come, as a register:
+
+* an increment answers the last acknowledged value + 1, or more only by increments whose
+  outcome was unknown (a call that failed may have run): an answer at or below the last
+  acknowledged value is an acknowledged write lost, or a write acknowledged by a deposed
+  owner (it could not see the newer writes);
+* at the end, with every fault healed, each counter lies between its acknowledged and its
+  attempted increments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import durable  # noqa: E402
+from tests.integration.clusterhosts import (  # noqa: E402
+    cluster_hosts,
+    host_config,
+    kill_host,
+    stop_host,
+    wait_all_ready,
+    wait_balanced,
+)
+from tests.integration.daemon import serving  # noqa: E402
+
+SLOTS = 4
+
+
+class Checker:
+    def __init__(self, names: list[str]) -> None:
+        self.acked = {n: 0 for n in names}
+        self.unknown = {n: 0 for n in names}
+        self.calls = self.acknowledged = self.failed = 0
+        self.problems: list[str] = []
+        self.errors: dict[str, int] = {}
+
+    async def inc(self, client: durable.Client, name: str) -> None:
+        before = self.acked[name]
+        self.calls += 1
+        try:
+            resp = await client.namespace("COUNTER").get_by_name(name).fetch(
+                "http://o/", method="POST", timeout=4.0)
+            if resp.status != 200:
+                raise durable.errors.DurableError(f"status {resp.status}")
+            got = int(await resp.text())
+        except (TimeoutError, durable.errors.DurableError, ConnectionError) as e:
+            self.unknown[name] += 1
+            self.failed += 1
+            self.errors[type(e).__name__] = self.errors.get(type(e).__name__, 0) + 1
+            await asyncio.sleep(0.1)  # (a host down answers at once: no busy loop)
+            return
+        if not before + 1 <= got <= before + 1 + self.unknown[name]:
+            self.problems.append(f"{name}: answered {got} after {before} acknowledged "
+                                 f"({self.unknown[name]} unknown)")
+            return
+        self.unknown[name] -= got - before - 1
+        self.acked[name] = max(before, got)
+        self.acknowledged += 1
+
+
+async def _clients(frontends: list[str]) -> list[Any]:
+    out = []
+    for f in frontends:
+        c = durable.connect(f, timeout=10)
+        await c.start()
+        out.append(c)
+    return out
+
+
+async def _writers(check: Checker, clients: list[Any], up: list[bool], names: list[str],
+                   stop: float, writers: int, rng: random.Random) -> None:
+    async def one(k: int) -> None:
+        mine = names[k::writers]
+        while time.monotonic() < stop:
+            live = [c for c, u in zip(clients, up, strict=True) if u]
+            if not live or not mine:
+                await asyncio.sleep(0.1)
+                continue
+            await check.inc(rng.choice(live), rng.choice(mine))
+    await asyncio.gather(*(one(k) for k in range(writers)))
+
+
+def run(seconds: float, objects: int, writers: int, seed: int, lease: float) -> dict[str, Any]:
+    rng = random.Random(seed)
+    names = [f"c{i}" for i in range(objects)]
+    check = Checker(names)
+    faults: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="durable-chaos-cluster-") as tmp, \
+            cluster_hosts(Path(tmp), lease=lease, slots=SLOTS) as (nats_, hosts), \
+            contextlib.ExitStack() as restarted:
+        wait_all_ready(hosts)
+        wait_balanced(hosts, SLOTS)
+        up = [True] * len(hosts)
+
+        async def faulter(stop: float) -> None:
+            while time.monotonic() < stop - 2 * lease:
+                await asyncio.sleep(rng.uniform(1.0, 3.0))
+                kind = rng.choice(["host_killed", "host_stopped", "nats_node_killed"])
+                faults[kind] = faults.get(kind, 0) + 1
+                i = rng.randrange(len(hosts))
+                if kind == "host_killed":
+                    up[i] = False
+                    await asyncio.to_thread(kill_host, hosts[i])
+                    await asyncio.sleep(rng.uniform(1.0, 2 * lease))
+                    name = hosts[i].root.name
+                    hosts[i] = restarted.enter_context(serving(
+                        hosts[i].root, host_config(nats_, name, slots=SLOTS, lease=lease)))
+                    await asyncio.to_thread(hosts[i].wait_ready, 120)
+                    up[i] = True
+                elif kind == "host_stopped":
+                    stop_host(hosts[i], signal.SIGSTOP)
+                    await asyncio.sleep(rng.uniform(0.2, 3 * lease))
+                    stop_host(hosts[i], signal.SIGCONT)
+                else:
+                    node = nats_.nodes[rng.randrange(len(nats_.nodes))]
+                    await asyncio.to_thread(nats_.kill, node)
+                    await asyncio.sleep(rng.uniform(1.0, 2 * lease))
+                    nats_.start(node)
+                # let the cluster settle a little between faults
+                await asyncio.sleep(rng.uniform(0.5, lease))
+
+        async def main() -> dict[str, Any]:
+            clients = await _clients([h.frontend for h in hosts])
+            try:
+                stop = time.monotonic() + seconds
+                await asyncio.gather(faulter(stop),
+                                     _writers(check, clients, up, names, stop, writers, rng))
+                await asyncio.to_thread(wait_balanced, hosts, SLOTS, 120)
+                final = {}
+                for n in names:  # every fault healed: each object is served and read back
+                    for _ in range(60):
+                        try:
+                            resp = await clients[0].namespace("COUNTER").get_by_name(n).fetch(
+                                "http://o/", timeout=5.0)
+                            final[n] = int(await resp.text())
+                            break
+                        except durable.errors.DurableError:
+                            await asyncio.sleep(0.5)
+                    else:
+                        check.problems.append(f"{n}: not served after the faults healed")
+                return final
+            finally:
+                for c in clients:
+                    with contextlib.suppress(Exception):
+                        await c.close()
+
+        final = asyncio.run(main())
+    lost = 0
+    for n, v in final.items():
+        if not check.acked[n] <= v <= check.acked[n] + check.unknown[n]:
+            lost += 1
+            check.problems.append(f"{n}: holds {v}, acknowledged {check.acked[n]} "
+                                  f"(+{check.unknown[n]} unknown)")
+    lost += sum(1 for p in check.problems if "answered" in p)
+    return {"seconds": seconds, "seed": seed, "lease": lease, "faults": faults,
+            "faults_total": sum(faults.values()), "calls": check.calls,
+            "acknowledged": check.acknowledged, "failed_calls": check.failed,
+            "failures": check.errors,
+            "lost_or_stale": lost, "problems": check.problems[:20],
+            "ok": not check.problems}
