@@ -126,6 +126,16 @@ def test_cpu_latency_request_is_written_or_warned_about(tmp_path, caplog):
     ({"http": {"procs": 2}}, ["http.procs", "unknown key"]),
     ({"http": {"worker": "nocolon"}}, ["http.worker"]),
     ({"low_latency_idle": "yes"}, ["low_latency_idle", "must be bool"]),
+    ({"cluster": {"nats": "nats://127.0.0.1:4222"}}, ["cluster.host_id", "--host-id"]),
+    ({"cluster": {"nats": "http://x:1", "host_id": "a"}}, ["cluster.nats", "not a NATS URL"]),
+    ({"cluster": {"nats": "nats://h:1", "host_id": "a", "listen": "x"}},
+     ["cluster.listen", "HOST:PORT"]),
+    ({"cluster": {"nats": "nats://h:1", "host_id": "a", "listen": "127.0.0.1:7710"}},
+     ["cluster.curve_key", "durable keygen"]),
+    ({"cluster": {"nats": "nats://h:1", "host_id": "a", "listen": "127.0.0.1:7710",
+                  "curve_key": "/nonexistent/cluster.key_secret"}},
+     ["cluster.curve_key", "cannot read"]),
+    ({"cluster": {"nats": "nats://h:1", "host_id": "a b"}}, ["cluster.host_id", "unique name"]),
 ])
 def test_bad_configs_name_key_and_fix(raw, words):
     with pytest.raises(ConfigError) as e:
