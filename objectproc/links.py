@@ -96,6 +96,7 @@ class RemoteLinks:
             log.warning("slot %d: cannot read %s: %s", self.slot, self.hosts_file, e)
             return
         want = {ep: h for h, ep in hosts.items() if isinstance(ep, str) and ep != self.own}
+        log.info("slot %d: live hosts %s", self.slot, ", ".join(sorted(hosts)) or "none")
         for ep in [ep for ep in self._by_endpoint if ep not in want]:
             link = self._by_endpoint.pop(ep)
             self.links.pop(link.tag, None)

@@ -229,8 +229,8 @@ class ObjectProcess:
                                checkpoint_interval=cfg.checkpoint_interval,
                                replication=self.replicator)
         if self.replicator is not None:
-            log.info("slot %d: %d records of the cluster's log replayed", cfg.slot,
-                     self.store.caught_up)
+            log.info("slot %d: %d records of the cluster's log replayed (read from message %d "
+                     "on)", cfg.slot, self.store.caught_up, self.replicator.read_from + 1)
         log.info("slot %d: storage open in %.3f s (%d log records replayed in %.3f s; the filter "
                  "of stored objects built in %.3f s)", cfg.slot, time.monotonic() - started,
                  self.store.replayed, self.store.recovery_seconds, self.store.stored_seconds)
@@ -296,7 +296,8 @@ class ObjectProcess:
         self._lease = LeaseFile(Path(cfg.run_dir) / LEASES, cfg.slots)
         self._check_lease()
         self.replicator = Replicator(cfg.cluster_servers, cfg.slot,
-                                     replicas=cfg.cluster_replicas)
+                                     replicas=cfg.cluster_replicas,
+                                     hint=Path(cfg.data_dir) / f"slot-{cfg.slot}.stream")
         await asyncio.to_thread(self.replicator.connect, 30.0)
         self._check_lease()  # (replaying the log takes time too: checked again on each send)
 

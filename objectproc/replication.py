@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from nats.errors import NoRespondersError
@@ -28,7 +30,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from durable.errors import StorageCorruptError
 from durable.supervisor.cluster import Deposed, SlotLog, ensure_log_stream
 
-from .storage.log import iter_records
+from .storage.log import first_record_seq, iter_records
 
 __all__ = ["Replicator", "Deposed"]
 
@@ -42,7 +44,7 @@ class Replicator:
     """The slot's replicated log, with a synchronous API for the storage's threads."""
 
     def __init__(self, servers: list[str], slot: int, *, timeout: float = 5.0,
-                 replicas: int = 3, name: str = "") -> None:
+                 replicas: int = 3, name: str = "", hint: Path | None = None) -> None:
         self.servers = servers
         self.slot = slot
         self.timeout = timeout
@@ -56,6 +58,13 @@ class Replicator:
         self.slot_log: SlotLog | None = None
         self.max_payload = 1 << 20
         self.appended = 0  # messages appended by this process
+        #: where a taking-over process may start reading the log: "R S" says that message S
+        #: begins with record R, so every earlier message holds only records before R (a
+        #: hint, rewritten at most once a second: an older one only costs a longer read)
+        self.hint = hint
+        self._hint_written = 0.0
+        self.read_from = 0  # the stream sequence the last catch-up started after
+        self._last = (0, 0)  # (first record, stream sequence) of the last message appended
 
     def _run(self, coro: Any, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(
@@ -124,8 +133,28 @@ class Replicator:
             self._append(b"".join(chunk))
 
     def _append(self, data: bytes) -> None:
-        self._run(self.slot_log.append(data))
+        seq = self._run(self.slot_log.append(data))
         self.appended += 1
+        self._last = (first_record_seq(data), seq)
+        if self.hint is not None and time.monotonic() - self._hint_written >= 1.0:
+            self._hint_written = time.monotonic()
+            self._write_hint(*self._last)
+
+    def _write_hint(self, record: int, stream_seq: int) -> None:
+        tmp = self.hint.with_name(self.hint.name + ".tmp")
+        try:
+            tmp.write_text(f"{record} {stream_seq}\n")
+            os.replace(tmp, self.hint)
+        except OSError as e:  # (a hint: the next catch-up reads from the start instead)
+            log.debug("slot %d: could not write %s: %s", self.slot, self.hint, e)
+
+    def _read_hint(self, next_seq: int) -> int:
+        """The stream sequence to read after, from the hint if it applies to ``next_seq``."""
+        try:
+            record, stream_seq = map(int, self.hint.read_text().split())
+        except (OSError, ValueError, AttributeError):
+            return 0
+        return stream_seq - 1 if 0 < record <= next_seq and stream_seq > 0 else 0
 
     # -- taking the slot ------------------------------------------------------------------
     def catch_up(self, next_seq: int) -> Iterator[tuple[int, memoryview]]:
@@ -133,7 +162,7 @@ class Replicator:
         empty append naming its last message), so that a previous owner's appends are refused
         from here on. Raises StorageCorruptError if this host's files and the log disagree."""
         expect = next_seq
-        after = 0  # stream sequence read through
+        after = self.read_from = self._read_hint(next_seq)  # stream sequence read through
         newest = 0  # the newest record the log holds
         for _ in range(_FENCE_ATTEMPTS):
             last = self._patient(self.slot_log.open)
@@ -181,6 +210,9 @@ class Replicator:
         return out
 
     def close(self) -> None:
+        if self.hint is not None and self._last[1]:
+            self._write_hint(*self._last)
+
         async def stop() -> None:
             if self.nc is not None:
                 await self.nc.close()

@@ -1686,8 +1686,8 @@ def cluster_suite(quick: bool, kills: int, lease: float) -> dict[str, Any]:
 
     from tests.integration.clusterhosts import (
         cluster_hosts,
-        host_config,
         kill_host,
+        restart_config,
         wait_all_ready,
         wait_balanced,
     )
@@ -1709,9 +1709,8 @@ def cluster_suite(quick: bool, kills: int, lease: float) -> dict[str, Any]:
                     i = 1 + k % 2  # a host other than the one the probes go through
                     kill_host(hosts[i])
                     failover.append(asyncio.run(_all_served([hosts[0].frontend], names, 60)))
-                    name = hosts[i].root.name
                     hosts[i] = stack.enter_context(serving(  # back, on its old data dir
-                        hosts[i].root, host_config(nats_, name, slots=4, lease=lease)))
+                        hosts[i].root, restart_config(hosts[i])))
                     hosts[i].wait_ready(90)
                     wait_balanced(hosts)
     return {"single_host": single, "cluster_3_hosts": cluster, "lease_s": lease,

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 import durable  # noqa: E402
 from tests.integration.clusterhosts import (  # noqa: E402
     cluster_hosts,
-    host_config,
     kill_host,
+    restart_config,
     stop_host,
     wait_all_ready,
     wait_balanced,
@@ -120,10 +120,14 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float) -> 
                     up[i] = False
                     await asyncio.to_thread(kill_host, hosts[i])
                     await asyncio.sleep(rng.uniform(1.0, 2 * lease))
-                    name = hosts[i].root.name
-                    hosts[i] = restarted.enter_context(serving(
-                        hosts[i].root, host_config(nats_, name, slots=SLOTS, lease=lease)))
-                    await asyncio.to_thread(hosts[i].wait_ready, 120)
+                    hosts[i] = restarted.enter_context(serving(hosts[i].root,
+                                                               restart_config(hosts[i])))
+                    try:
+                        await asyncio.to_thread(hosts[i].wait_ready, 120)
+                    except AssertionError:
+                        for h in hosts:
+                            print(f"--- {h.root.name}\n{h.log_text()[-20000:]}", file=sys.stderr)
+                        raise
                     up[i] = True
                 elif kind == "host_stopped":
                     stop_host(hosts[i], signal.SIGSTOP)

@@ -150,9 +150,9 @@ class SlotOwnership:
         except KeyWrongLastSequenceError:
             self.leases.failed(action)  # another host wrote first
         except Exception as e:  # noqa: BLE001  (a timeout or a lost quorum: outcome unknown)
-            log.warning("slot %d: lease write failed (%s); not serving it until one succeeds",
+            log.warning("slot %d: lease write failed (%s); served at most until its lease ends",
                         action.slot, e)
-            self.leases.failed(action)
+            self.leases.failed(action, unknown=True)
         else:
             self.leases.succeeded(action, rev, sent)
 

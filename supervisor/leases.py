@@ -81,11 +81,16 @@ class Leases:
         else:  # given back, or another host's later write was seen first: not ours
             self._held.pop(action.slot, None)
 
-    def failed(self, action: Action) -> None:
-        """Our write was refused (another revision is current) or its outcome is unknown:
-        the slot is not ours until a later write of ours succeeds."""
+    def failed(self, action: Action, *, unknown: bool = False) -> None:
+        """Our write was refused (another revision is current: the slot is not ours until a
+        later write of ours succeeds), or, with ``unknown``, its outcome is unknown (a timeout,
+        a lost quorum). A renewal of unknown outcome leaves the slot held until the deadline
+        of the last write that did succeed: a later revision, ours or not, was made after
+        that one, so no one can count the lease expired sooner. (Dropping it at once turned
+        every slow answer of an overloaded NATS into a restart of the slot.)"""
         self._pending.discard(action.slot)
-        self._held.pop(action.slot, None)
+        if not (unknown and action.host == self.host):
+            self._held.pop(action.slot, None)
 
     # -- what the host does --------------------------------------------------------------
     def serving(self, slot: int, now: float) -> bool:

@@ -66,7 +66,7 @@ from ..metrics import FSYNC_BUCKETS, Histogram
 __all__ = ["ALARM_KEEP", "ALARM_DELETE", "CommitLog", "Segment", "SegmentScan", "Damage", "LogFullError", "encode_record",
            "cut_segment",
            "scan_segment", "list_segments", "encode_writeset", "decode_writeset", "WriteSet",
-           "is_disk_full", "iter_records"]
+           "is_disk_full", "iter_records", "first_record_seq"]
 
 _HEADER = struct.Struct("<IIQ")
 _SEQ = struct.Struct("<Q")
@@ -192,6 +192,11 @@ def iter_records(data: bytes | memoryview | None, where: str) -> list[tuple[int,
         seq, pos, _start, payload = got
         out.append((seq, payload))
     return out
+
+
+def first_record_seq(data: bytes | memoryview) -> int:
+    """The sequence number of the first record of a group as written (0: no record)."""
+    return _HEADER.unpack_from(data, 0)[2] if len(data) >= _HEADER.size else 0
 
 
 def mark_group_start(record: bytes) -> bytes:

@@ -46,9 +46,16 @@ def cluster_key(root: Path) -> Path:
     return secret
 
 
-def host_config(cluster: NatsCluster, host: str, *, slots: int, lease: float) -> str:
+def host_config(cluster: NatsCluster, host: str, *, slots: int, lease: float,
+                port: int | None = None) -> str:
     return CONFIG.format(slots=slots, nats=",".join(cluster.urls), host=host,
-                         port=free_port(), lease=lease, key=cluster_key(cluster.root))
+                         port=port or free_port(), lease=lease, key=cluster_key(cluster.root))
+
+
+def restart_config(d: Daemon) -> str:
+    """The config a host was started with (a host restarts on its own settings: the same
+    name, data dir and cluster port)."""
+    return (d.root / "durable.toml").read_text()
 
 
 def kill_host(d: Daemon) -> None:
@@ -105,5 +112,5 @@ def host_log(daemons: list[Daemon]) -> str:
     return "\n".join(f"--- {d.root.name}\n{d.log_text()[-4000:]}" for d in daemons)
 
 
-__all__ = ["cluster_hosts", "wait_balanced", "kill_host", "stop_host", "wait_all_ready", "host_log",
+__all__ = ["cluster_hosts", "wait_balanced", "restart_config", "kill_host", "stop_host", "wait_all_ready", "host_log",
            "host_config", "os"]

@@ -5,6 +5,7 @@ JetStream cluster, on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -20,6 +21,17 @@ from tests.integration.clusterhosts import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
+
+
+@contextlib.asynccontextmanager
+async def _connected(frontends: list[str]):  # noqa: ANN202
+    """A client on each host's endpoint."""
+    clients = [await durable.connect(f, timeout=30).__aenter__() for f in frontends]
+    try:
+        yield clients
+    finally:
+        for c in clients:
+            await c.__aexit__(None, None, None)
 
 
 async def _inc(client, name: str, timeout: float = 30.0) -> int:  # noqa: ANN001
@@ -43,9 +55,7 @@ def test_calls_through_any_host_reach_one_object(tmp_path):
             wait_balanced(hosts)  # (a stub breaks when its slot moves, as documented)
 
             async def main() -> None:
-                clients = [await durable.connect(h.frontend, timeout=30).__aenter__()
-                           for h in hosts]
-                try:
+                async with _connected([h.frontend for h in hosts]) as clients:
                     names = [f"obj-{i}" for i in range(24)]
                     for round_ in range(3):
                         for i, name in enumerate(names):  # each round through another host
@@ -58,9 +68,6 @@ def test_calls_through_any_host_reach_one_object(tmp_path):
                         assert await _inc(clients[i % 3], name) == 4
                     for s in strangers:
                         s.close(linger=0)
-                finally:
-                    for c in clients:
-                        await c.__aexit__(None, None, None)
 
             asyncio.run(main())
             wait_balanced(hosts)
@@ -107,9 +114,7 @@ def test_a_killed_host_loses_no_acknowledged_write(tmp_path):
             survivors = hosts[1:]
 
             async def main() -> None:
-                clients = [await durable.connect(h.frontend, timeout=30).__aenter__()
-                           for h in survivors]
-                try:
+                async with _connected([h.frontend for h in survivors]) as clients:
                     names = [f"obj-{i}" for i in range(16)]
                     acked = {n: 0 for n in names}
                     for i, n in enumerate(names):
@@ -128,9 +133,6 @@ def test_a_killed_host_loses_no_acknowledged_write(tmp_path):
                     for n in names:
                         assert await _get(clients[0], n) == acked[n] == 2, n
                     assert max(served_again.values()) < 30, served_again
-                finally:
-                    for c in clients:
-                        await c.__aexit__(None, None, None)
 
             asyncio.run(main())
         except BaseException:
@@ -180,9 +182,7 @@ def test_a_stopped_host_serves_nothing_after_its_lease(tmp_path):
             assert frozen.status()["cluster"]["slots"], "the host to stop holds no slot"
 
             async def main() -> None:
-                clients = [await durable.connect(h.frontend, timeout=30).__aenter__()
-                           for h in hosts]
-                try:
+                async with _connected([h.frontend for h in hosts]) as clients:
                     names = [f"obj-{i}" for i in range(16)]
                     reg = Register(names)
                     for n in names:
@@ -207,9 +207,6 @@ def test_a_stopped_host_serves_nothing_after_its_lease(tmp_path):
                             raise AssertionError(f"{n}: not served through the resumed host")
                         await reg.read(clients[0], n)
                     assert all(reg.acked[n] >= 3 for n in names), reg.acked
-                finally:
-                    for c in clients:
-                        await c.__aexit__(None, None, None)
 
             asyncio.run(main())
             log = frozen.log_text()
@@ -228,14 +225,10 @@ def test_a_joining_host_takes_slots_with_their_data(tmp_path):
             wait_all_ready(hosts)
 
             async def main(phase: int, frontends: list[str]) -> None:
-                clients = [await durable.connect(f, timeout=30).__aenter__() for f in frontends]
-                try:
+                async with _connected(frontends) as clients:
                     for i in range(24):
                         got = await _inc(clients[i % len(clients)], f"obj-{i}")
                         assert got == phase, (i, got)
-                finally:
-                    for c in clients:
-                        await c.__aexit__(None, None, None)
 
             asyncio.run(main(1, [h.frontend for h in hosts]))
             with serving(tmp_path / "h3", host_config(nats_, "h3", slots=4, lease=2.0)) as h3:
@@ -272,9 +265,7 @@ def test_nats_nodes_lost_one_keeps_writes_two_acknowledge_none(tmp_path):
                 return ok
 
             async def main() -> None:
-                clients = [await durable.connect(h.frontend, timeout=30).__aenter__()
-                           for h in hosts]
-                try:
+                async with _connected([h.frontend for h in hosts]) as clients:
                     names = [f"obj-{i}" for i in range(8)]
                     reg = Register(names)
                     assert await rounds(reg, clients, names, 2.0) > 0
@@ -298,9 +289,6 @@ def test_nats_nodes_lost_one_keeps_writes_two_acknowledge_none(tmp_path):
                         else:
                             raise AssertionError(f"{n} not served after the nodes came back")
                         await reg.read(clients[1], n)
-                finally:
-                    for c in clients:
-                        await c.__aexit__(None, None, None)
 
             asyncio.run(main())
         except BaseException:

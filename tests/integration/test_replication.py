@@ -21,7 +21,8 @@ OBJ = b"Counter/obj-1"
 
 
 async def _open(path, urls, slot=0):  # noqa: ANN001, ANN202
-    rep = Replicator(urls, slot, timeout=5.0)
+    path.mkdir(parents=True, exist_ok=True)
+    rep = Replicator(urls, slot, timeout=5.0, hint=path / f"slot-{slot}.stream")
     await asyncio.to_thread(rep.connect, 30.0)
     return SlotStore(path, slot, replication=rep), rep
 
@@ -65,8 +66,16 @@ def test_a_new_owner_replays_the_log_and_the_old_one_is_fenced(tmp_path):
         assert a2.read(OBJ, "k001") == b"from b"
         assert a2.read(OBJ, "k000") == b"0"  # the refused write is nowhere
         assert a2.caught_up == 1
+        await _write(a2, "k002", b"from a2")
         await a2.close()
         rep_a2.close()
+
+        b2, rep_b2 = await _open(tmp_path / "b", urls)  # b again: its hint skips what it has
+        assert rep_b2.read_from > 0
+        assert b2.caught_up == 1 and b2.read(OBJ, "k002") == b"from a2"
+        assert b2.read(OBJ, "k001") == b"from b" and b2.read(OBJ, "k049") == b"49"
+        await b2.close()
+        rep_b2.close()
 
     with nats_cluster(tmp_path / "nats") as cluster:
         asyncio.run(main(cluster.urls))

@@ -59,18 +59,23 @@ class Sim:
 
     def arrive(self, i: int, a: Action, sent: float) -> None:  # at the bucket (never paused)
         current = self.kv.get(a.slot, (0, None, 0))
-        if current[0] != a.revision:
-            self.at(self.t + self.delay(), i, self.answer, a, sent, None)
+        if current[0] != a.revision:  # refused (and that answer may be lost too)
+            lost = self.rng.random() < 0.1
+            self.at(self.t + self.delay(), i, self.answer, a, sent, "lost" if lost else None)
             return
         rev = next(self.revision)
         self.kv[a.slot] = (rev, a.host, a.epoch)
         for j in range(len(self.hosts)):
             self.at(self.t + self.delay(), j, self.watched, a.slot, rev, a.host, a.epoch)
-        self.at(self.t + self.delay(), i, self.answer, a, sent, rev)
+        # one answer in ten is lost: the writer hears a timeout, its write applied or not
+        lost = self.rng.random() < 0.1
+        self.at(self.t + self.delay(), i, self.answer, a, sent, "lost" if lost else rev)
 
-    def answer(self, i: int, a: Action, sent: float, rev: int | None) -> None:
+    def answer(self, i: int, a: Action, sent: float, rev: int | str | None) -> None:
         if rev is None:
             self.hosts[i].failed(a)
+        elif rev == "lost":
+            self.hosts[i].failed(a, unknown=True)
         else:
             self.hosts[i].succeeded(a, rev, sent)
 
