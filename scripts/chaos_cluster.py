@@ -76,6 +76,33 @@ class Checker:
         self.acknowledged += 1
 
 
+async def replicas_current(urls: list[str], timeout: float) -> None:
+    """Until every replica of the cluster's streams (the slot logs, the slot table) is current."""
+    from tests.integration.natscluster import connect
+
+    deadline = time.monotonic() + timeout
+    nc = await connect(urls)
+    try:
+        js = nc.jetstream(timeout=2.0)
+        while True:
+            try:
+                ok = True
+                for stream in ("DURABLE_LOG", "KV_durable_slots"):
+                    info = await js.stream_info(stream)
+                    c = info.cluster
+                    ok = ok and c is not None and c.leader is not None and all(
+                        r.current for r in (c.replicas or []))
+                if ok:
+                    return
+            except Exception:  # noqa: BLE001  (no leader yet)
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the NATS streams' replicas not current in {timeout} s")
+            await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
+
+
 async def _clients(frontends: list[str]) -> list[Any]:
     out = []
     for f in frontends:
@@ -127,6 +154,7 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float) -> 
                     except AssertionError:
                         for h in hosts:
                             print(f"--- {h.root.name}\n{h.log_text()[-20000:]}", file=sys.stderr)
+                        print(nats_.logs(), file=sys.stderr)
                         raise
                     up[i] = True
                 elif kind == "host_stopped":
@@ -138,6 +166,13 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float) -> 
                     await asyncio.to_thread(nats_.kill, node)
                     await asyncio.sleep(rng.uniform(1.0, 2 * lease))
                     nats_.start(node)
+                    # One node at a time: the next fault waits until every replica of the
+                    # slot logs and the slot table is current again (else two "down" at once).
+                    try:
+                        await replicas_current(nats_.urls, 120)
+                    except AssertionError:
+                        print(nats_.logs(), file=sys.stderr)
+                        raise
                 # let the cluster settle a little between faults
                 await asyncio.sleep(rng.uniform(0.5, lease))
 
