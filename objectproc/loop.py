@@ -265,6 +265,9 @@ class ObjectProcess:
         self.store.on_alarm = self.alarms.on_alarm
         self.alarms.start()
         if self.lifeline is not None:
+            # (the loop has not turned since run() began: opening storage may have taken
+            # longer than hang_timeout, which is no hang; the loop turns from here on)
+            self.loop_mark[0], self.loop_mark[1] = time.monotonic(), time.thread_time()
             self.lifeline.mark_ready()  # from here, a loop that stops turning is a hang
         watch.start()
         beats = threading.Thread(target=self._beat_thread, name="durable-beat", daemon=True)

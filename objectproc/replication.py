@@ -166,7 +166,8 @@ class Replicator:
         newest = 0  # the newest record the log holds
         for _ in range(_FENCE_ATTEMPTS):
             last = self._patient(self.slot_log.open)
-            for stream_seq, data in self._patient(lambda a=after, b=last: self._read(a, b)):
+            for stream_seq, data in self._patient(
+                    lambda a=after, b=last: self.slot_log.read(a, b, self.timeout * 6)):
                 where = f"slot {self.slot}'s log message {stream_seq}"
                 try:
                     records = iter_records(data, where)
@@ -200,14 +201,6 @@ class Replicator:
             return
         raise ConnectionError(f"slot {self.slot}: could not fence the log after "
                               f"{_FENCE_ATTEMPTS} attempts (other owners kept appending)")
-
-    async def _read(self, after: int, last: int) -> list[tuple[int, bytes]]:
-        out = []
-        async for stream_seq, data in self.slot_log.replay(after):
-            if stream_seq > last:
-                break
-            out.append((stream_seq, data))
-        return out
 
     def close(self) -> None:
         if self.hint is not None and self._last[1]:

@@ -238,6 +238,33 @@ class SlotLog:
         self.last = ack.seq
         return ack.seq
 
+    async def read(self, after: int, last: int, timeout: float = 30.0) -> list[tuple[int, bytes]]:
+        """The records after stream sequence ``after`` through ``last``, in order, through an
+        ordered consumer (one stream of messages with flow control: ~100x faster than a
+        request per message on a busy machine)."""
+        if after >= last:
+            return []
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                opt_start_seq=after + 1)
+        sub = await self.js.subscribe(self.subject, stream=STREAM, ordered_consumer=True,
+                                      config=config)
+        out: list[tuple[int, bytes]] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=timeout)
+                seq = msg.metadata.sequence.stream
+                if seq > last:
+                    break
+                out.append((seq, msg.data))
+                if seq >= last:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return out
+
     async def replay(self, after: int = 0):  # noqa: ANN201  (an async iterator)
         """Every record after stream sequence ``after``, in order, as ``(seq, payload)``.
         One request per record: fine for a log's tail after a snapshot, not for a whole
