@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", action="store_true", help="the cluster run instead: 3 hosts on "
                    "a 3-node NATS cluster, hosts killed and stopped, NATS nodes killed "
                    "(scripts/chaos_cluster.py)")
-    p.add_argument("--lease", type=float, default=4.0, help="--cluster: the slot lease (s)")
+    p.add_argument("--lease", type=float, default=5.0, help="--cluster: the slot lease (s)")
     args = p.parse_args(argv)
     if args.cluster:
         from chaos_cluster import run

@@ -71,6 +71,7 @@ class SlotOwnership:
         self._watch: asyncio.Task[None] | None = None
         self._members: dict[str, tuple[int, float]] = {}  # host -> (revision, first seen)
         self._announced = -float("inf")
+        self._announcing = False
 
     def hosts(self) -> int:
         """Live hosts as this host sees them (itself included)."""
@@ -125,18 +126,26 @@ class SlotOwnership:
                 await watcher.stop()
 
     async def step(self) -> None:
-        """Send what the rules ask for now, and record each outcome."""
+        """Send what the rules ask for now, each write on its own (a slow membership write
+        must not hold the renewals up), and record each outcome."""
         now = self.clock()
-        if now - self._announced >= self.leases.lease / 3:
-            try:
-                await asyncio.wait_for(self.kv.put(f"host/{self.leases.host}", self.announce),
-                                       self.timeout)
-                self._announced = now
-            except Exception as e:  # noqa: BLE001  (no quorum: the slots' writes fail too)
-                log.warning("could not announce host %s: %s", self.leases.host, e)
-        actions = self.leases.plan(now, self.hosts())
-        if actions:
-            await asyncio.gather(*(self._send(a, now) for a in actions))
+        tasks = []
+        if now - self._announced >= self.leases.lease / 3 and not self._announcing:
+            self._announcing = True
+            tasks.append(self._announce(now))
+        tasks += [self._send(a, now) for a in self.leases.plan(now, self.hosts())]
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def _announce(self, now: float) -> None:
+        try:
+            await asyncio.wait_for(self.kv.put(f"host/{self.leases.host}", self.announce),
+                                   self.timeout)
+            self._announced = now
+        except Exception as e:  # noqa: BLE001  (no quorum: the slots' writes fail too)
+            log.warning("could not announce host %s: %s", self.leases.host, e)
+        finally:
+            self._announcing = False
 
     async def _send(self, action: Action, sent: float) -> None:
         value = orjson.dumps({"host": action.host, "epoch": action.epoch})
@@ -149,6 +158,7 @@ class SlotOwnership:
                     self.kv.update(_key(action.slot), value, last=action.revision), self.timeout)
         except KeyWrongLastSequenceError:
             self.leases.failed(action)  # another host wrote first
+            await self._reread(action.slot)  # (in case the watch missed that write)
         except Exception as e:  # noqa: BLE001  (a timeout or a lost quorum: outcome unknown)
             log.warning("slot %d: lease write failed (%s); served at most until its lease ends",
                         action.slot, e)
@@ -158,6 +168,41 @@ class SlotOwnership:
 
     def serving(self, slot: int) -> bool:
         return self.leases.serving(slot, self.clock())
+
+    async def _reread(self, slot: int) -> None:
+        try:
+            entry = await asyncio.wait_for(self.kv.get(_key(slot)), self.timeout)
+        except KeyNotFoundError:
+            self.leases.observe(slot, 0, None, 0, self.clock())
+        except Exception as e:  # noqa: BLE001  (the next resync reads it again)
+            log.debug("slot %d: reading its key failed: %s", slot, e)
+        else:
+            host, epoch = _decode(entry.value)
+            self.leases.observe(slot, entry.revision, host, epoch, self.clock())
+
+    async def resync(self) -> None:
+        """Read every key again. The watch is how changes arrive, but nats-py's watcher drops
+        an update whose callback times out (a busy machine), and a slot given back and never
+        written again would then look held forever: no host would claim it. Run every lease."""
+        for slot in range(self.leases.slots):
+            await self._reread(slot)
+        try:
+            keys = await asyncio.wait_for(self.kv.keys(), self.timeout * 2)
+        except Exception as e:  # noqa: BLE001  (NoKeysError, a timeout: next time)
+            log.debug("listing the cluster's hosts failed: %s", e)
+            return
+        for key in keys:
+            if not key.startswith("host/"):
+                continue
+            try:
+                entry = await asyncio.wait_for(self.kv.get(key), self.timeout)
+            except Exception:  # noqa: BLE001  (deleted meanwhile, or slow)
+                continue
+            host = key[5:]
+            known = self._members.get(host)
+            if known is None or entry.revision > known[0]:
+                self._members[host] = (entry.revision, self.clock())
+                self.values[host] = entry.value or b"{}"
 
     def live_values(self) -> dict[str, bytes]:
         """The membership value of each live host (this one included)."""

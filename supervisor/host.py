@@ -170,16 +170,24 @@ class ClusterHost:
                         raise
                     await asyncio.sleep(0.5)
             announce = orjson.dumps({"broker": self.endpoint, "pid": os.getpid()})
-            self.own = SlotOwnership(js, self.leases, replicas=c.replicas, announce=announce)
+            # Each lease write may take a quarter of the lease: a renewal that times out leaves
+            # time for two more before the deadline (lease - lease/10 after the last success).
+            self.own = SlotOwnership(js, self.leases, replicas=c.replicas, announce=announce,
+                                     timeout=min(2.0, c.lease / 4))
             await self._start_ownership()
             await self._agree_on_secret()
             self._joined.set()
             log.info("joined the cluster as %s (lease %.1f s); this host's broker for the "
                      "others: %s", c.host_id, c.lease, self.endpoint)
+            resync: asyncio.Task[None] | None = None
+            next_resync = time.monotonic() + c.lease
             while not self._stop.is_set():
                 await self.own.step()
                 self._publish()
-                await asyncio.sleep(0.1)
+                if time.monotonic() >= next_resync and (resync is None or resync.done()):
+                    next_resync = time.monotonic() + c.lease
+                    resync = asyncio.ensure_future(self.own.resync())
+                await asyncio.sleep(0.05)
         finally:
             await self.own.close() if self.own is not None else None
             await self.nc.close()
