@@ -59,14 +59,19 @@ class Leases:
         self._seen: dict[int, _Seen] = {}
         self._held: dict[int, float] = {}  # slot -> when our last successful write was sent
         self._pending: set[int] = set()  # slots with a write of ours in flight
+        # Slots whose key a write of ours was refused on: the next view of the key is the
+        # truth even with a lower revision (a JetStream whose majority was SIGKILLed can come
+        # back without a write it acknowledged).
+        self._refused: set[int] = set()
 
     # -- what the host sees --------------------------------------------------------------
     def observe(self, slot: int, revision: int, host: str | None, epoch: int,
                 now: float) -> None:
         """A key's value as read or watched (revision 0: it does not exist / was deleted)."""
         seen = self._seen.get(slot)
-        if seen is not None and revision < seen.revision:
+        if seen is not None and revision < seen.revision and slot not in self._refused:
             return  # an older view arriving late
+        self._refused.discard(slot)
         if seen is None or revision != seen.revision:
             self._seen[slot] = _Seen(revision, host, epoch, now)
             if host != self.host and slot in self._held and slot not in self._pending:
@@ -91,6 +96,8 @@ class Leases:
         self._pending.discard(action.slot)
         if not (unknown and action.host == self.host):
             self._held.pop(action.slot, None)
+        if not unknown:
+            self._refused.add(action.slot)
 
     # -- what the host does --------------------------------------------------------------
     def serving(self, slot: int, now: float) -> bool:
@@ -103,11 +110,18 @@ class Leases:
         it holds at least two more than the least loaded live host (a host that joined holds
         none: 4 slots on 2 hosts are 2 + 2, and a third host would get none by the ceiling
         alone), and it is the most loaded (ties: the greatest name), so that one host at a
-        time gives back."""
+        time gives back. Never while a slot is free or lapsed: the others take that one
+        first (giving one back then only made this host take it again, over and over)."""
         counts: dict[str, int] = {}
-        for seen in self._seen.values():
-            if seen.host is not None and seen.host != self.host and now - seen.since < self.lease:
-                counts[seen.host] = counts.get(seen.host, 0) + 1
+        for slot in range(self.slots):
+            seen = self._seen.get(slot)
+            if seen is None or seen.host is None:
+                return False
+            if seen.host == self.host:
+                continue
+            if now - seen.since >= self.lease:
+                return False
+            counts[seen.host] = counts.get(seen.host, 0) + 1
         counts[self.host] = count
         least = 0 if len(counts) < hosts else min(counts.values())
         top = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]

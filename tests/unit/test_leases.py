@@ -145,6 +145,38 @@ def test_a_joining_host_gets_slots_although_the_others_are_within_the_ceiling():
     assert back.slot == 3 and not b.serving(3, 0.1)
 
 
+def test_a_host_with_free_slots_around_does_not_give_one_back():
+    """Giving back is for a host that joined while every slot was held; with slots free, the
+    others can take those. (CI saw a host give a slot back and take it again every few
+    seconds for minutes, restarting its object process each time.)"""
+    a = Leases("a", 4, lease=3.0)
+    for s in range(4):
+        a.observe(s, s + 1, "a" if s < 2 else None, 1, 0.0)
+    for s in range(2):
+        a.succeeded(Action("update", s, s + 1, "a", 1), s + 1, 0.0)
+    assert [x for x in a.plan(0.1, 3) if x.host is None] == []  # 3 live hosts, 2 slots free
+    assert a.owned(0.2) == [0, 1]
+
+
+def test_a_bucket_that_went_back_a_revision_is_believed_after_a_refused_write():
+    """A JetStream whose nodes were SIGKILLed can come back without a write it acknowledged
+    (nats-server 2.9, seen in CI: slot 2 stood free at revision 743 while a host had seen its
+    own claim at a later revision). The host's writes from that revision are refused; the
+    key read after a refusal is the truth, though its revision is lower. (Before, the host
+    took it for a late view and the slot stood free for good.)"""
+    a = Leases("a", 1, lease=3.0)
+    a.observe(0, 0, None, 0, 0.0)
+    [claim] = a.plan(0.0, 1)
+    a.succeeded(claim, 760, 0.0)
+    [renew] = a.plan(1.0, 1)
+    assert renew == Action("update", 0, 760, "a", 1)
+    a.failed(renew)  # the bucket holds revision 743 ("wrong last sequence")
+    a.observe(0, 743, None, 1, 1.1)  # read again after the refusal
+    assert a.plan(1.2, 1) == [Action("update", 0, 743, "a", 2)]
+    a.observe(0, 700, "b", 1, 1.3)  # but a late view, with no refusal since: ignored
+    assert a._seen[0].revision == 743
+
+
 def test_a_host_stops_serving_before_another_may_take_over():
     a, b = Leases("a", 1, lease=5.0), Leases("b", 1, lease=5.0)
     for h in (a, b):
