@@ -39,7 +39,7 @@ import zmq
 
 from .errors import CallTimeoutError, QueryError
 
-__all__ = ["QueryResult", "ObjectInfo", "check_query", "sql", "list_objects", "snapshot",
+__all__ = ["QueryResult", "ObjectInfo", "check_query", "needs_names", "sql", "list_objects", "snapshot",
            "Snapshot", "views", "NAME_PREFIX"]
 
 QUERY_METHOD = "QUERY"
@@ -57,9 +57,11 @@ _RAW_ALARMS = pa.schema([("obj", pa.string()), ("due", pa.int64())])
 # holds "/", both are ASCII, so character and byte positions agree); names are stored as
 # rows of namespace _durable_name_NAMESPACE. durable_names is grouped, and the join is on
 # columns of subqueries (not on expressions), so that DuckDB knows the join cannot change
-# the row count and drops it from queries that do not read object_name (a count(*) over 3M
-# rows: 40 ms against 1.1 s, measured). Times are UTC.
-_VIEWS = f"""
+# the row count and drops it from a query that does not read object_name (a count(*) over
+# 3M rows: 40 ms against 1.1 s, measured). DuckDB cannot drop it from every such query (not
+# from one with count(DISTINCT ...): 3 s of a 4.4 s GROUP BY over 3M rows, measured), so a
+# query that never names object_name gets views without it (``needs_names``). Times are UTC.
+_NAMES_VIEW = f"""
 CREATE VIEW durable_names AS
   SELECT split_part(pk, '/', 1)[{len(NAME_PREFIX) + 1}:] AS namespace,
          split_part(pk, '/', 2) AS object_id,
@@ -67,33 +69,47 @@ CREATE VIEW durable_names AS
   FROM durable_kv_raw
   WHERE starts_with(pk, '{NAME_PREFIX}') AND ends_with(pk, '/name')
   GROUP BY ALL;
+"""
+_VIEWS_TEMPLATE = f"""
 CREATE VIEW kv AS
-  SELECT r.namespace, r.object_id, n.name AS object_name,
+  SELECT r.namespace, r.object_id, {{kv_name}}
          r.pk[strlen(r.namespace) + strlen(r.object_id) + 3:] AS key, r.value,
          make_timestamp(r.t * 1000) AS updated_at
   FROM (SELECT split_part(pk, '/', 1) AS namespace, split_part(pk, '/', 2) AS object_id,
                pk, value, t
         FROM durable_kv_raw WHERE NOT starts_with(pk, '{NAME_PREFIX}')) r
-  LEFT JOIN durable_names n ON r.namespace = n.namespace AND r.object_id = n.object_id;
+  {{kv_join}};
 CREATE VIEW alarms AS
-  SELECT a.namespace, a.object_id, n.name AS object_name,
+  SELECT a.namespace, a.object_id, {{alarm_name}}
          make_timestamp(a.due * 1000) AS scheduled_at
   FROM (SELECT split_part(obj, '/', 1) AS namespace, split_part(obj, '/', 2) AS object_id, due
         FROM durable_alarms_raw) a
-  LEFT JOIN durable_names n ON a.namespace = n.namespace AND a.object_id = n.object_id;
+  {{alarm_join}};
 CREATE VIEW objects AS
-  WITH k AS (SELECT namespace, object_id, any_value(object_name) AS object_name,
+  WITH k AS (SELECT namespace, object_id, {{k_name}}
                     count(*) AS keys,
                     sum(strlen(key) + strlen(value::VARCHAR)) AS bytes,
                     max(updated_at) AS updated_at
              FROM kv GROUP BY namespace, object_id)
   SELECT coalesce(k.namespace, a.namespace) AS namespace,
          coalesce(k.object_id, a.object_id) AS object_id,
-         coalesce(k.object_name, a.object_name) AS object_name,
+         {{objects_name}}
          coalesce(k.keys, 0) AS keys, coalesce(k.bytes, 0)::BIGINT AS bytes, k.updated_at,
          a.scheduled_at AS alarm
   FROM k FULL OUTER JOIN alarms a ON k.namespace = a.namespace AND k.object_id = a.object_id;
 """
+_JOIN = "LEFT JOIN durable_names n ON {0}.namespace = n.namespace AND {0}.object_id = n.object_id"
+_VIEWS = _NAMES_VIEW + _VIEWS_TEMPLATE.format(
+    kv_name="n.name AS object_name,", kv_join=_JOIN.format("r"),
+    alarm_name="n.name AS object_name,", alarm_join=_JOIN.format("a"),
+    k_name="any_value(object_name) AS object_name,",
+    objects_name="coalesce(k.object_name, a.object_name) AS object_name,")
+_VIEWS_NO_NAMES = _NAMES_VIEW + _VIEWS_TEMPLATE.format(
+    kv_name="", kv_join="", alarm_name="", alarm_join="", k_name="", objects_name="")
+# Columns of the views other than object_name: a query whose every column reference ends in
+# one of these (or in an alias of its own) does not need the names.
+_PLAIN_COLUMNS = {"namespace", "object_id", "key", "value", "updated_at", "keys", "bytes",
+                  "alarm", "scheduled_at"}
 _NEEDS = {"kv": {"kv"}, "objects": {"kv", "alarms"}, "alarms": {"alarms", "names"}}
 
 
@@ -163,6 +179,53 @@ def check_query(query: str) -> set[str]:
     return needed
 
 
+def needs_names(query: str) -> bool:
+    """Whether ``query`` may read ``object_name``; True unless its syntax tree shows it cannot.
+
+    It can only through a column reference, a ``*`` (``SELECT *``, ``COLUMNS(...)``, ``FROM
+    kv``, ``DESCRIBE``), a row used as a value (``SELECT k FROM kv k``) or a join that matches
+    columns by name (``NATURAL``, ``USING``). Anything not understood counts as "may"; a
+    reference missed would fail to bind (the views then lack the column), not answer wrong."""
+    try:
+        tree = orjson.loads(duckdb.connect().execute(
+            "SELECT json_serialize_sql(?::VARCHAR)", [query]).fetchone()[0])
+    except (duckdb.Error, orjson.JSONDecodeError, TypeError):
+        return True
+    if tree.get("error", True):
+        return True
+    refs: list[list[str]] = []
+    aliases: set[str] = set()
+    tables: set[str] = set()
+    stack: list[Any] = [tree["statements"]]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        if kind == "STAR" or node.get("class") == "STAR":
+            return True
+        if kind == "JOIN" and (node.get("ref_type") == "NATURAL" or node.get("using_columns")):
+            return True
+        if kind in ("BASE_TABLE", "SUBQUERY", "TABLE_FUNCTION", "EXPRESSION_LIST"):
+            tables.add(str(node.get("table_name", "")).lower())
+            tables.add(str(node.get("alias", "")).lower())
+        elif node.get("alias"):
+            aliases.add(str(node["alias"]).lower())
+        if kind == "COLUMN_REF":
+            refs.append([str(n).lower() for n in node.get("column_names", [])])
+        stack.extend(v for v in node.values() if isinstance(v, dict | list))
+    aliases -= tables
+    for names in refs:
+        if not names or "object_name" in names:
+            return True
+        if names[-1] not in _PLAIN_COLUMNS and not (len(names) == 1 and names[0] in aliases):
+            return True
+    return False
+
+
 def _as_text(table: pa.Table | None, schema: pa.Schema) -> pa.Table:
     if table is None:
         return schema.empty_table()
@@ -178,11 +241,13 @@ def _view(chunk: pa.Array, to: pa.DataType) -> pa.Array:
     return chunk.view(to)
 
 
-def views(con: duckdb.DuckDBPyConnection, kv: pa.Table | None, alarms: pa.Table | None) -> None:
-    """Lay the views over raw rows (None: none of that kind) on ``con``."""
+def views(con: duckdb.DuckDBPyConnection, kv: pa.Table | None, alarms: pa.Table | None,
+          *, names: bool = True) -> None:
+    """Lay the views over raw rows (None: none of that kind) on ``con``; without ``names``,
+    they have no ``object_name`` column (and cost no join)."""
     con.register("durable_kv_raw", _as_text(kv, _RAW_KV))
     con.register("durable_alarms_raw", _as_text(alarms, _RAW_ALARMS))
-    con.execute(_VIEWS)
+    con.execute(_VIEWS if names else _VIEWS_NO_NAMES)
 
 
 def locked_engine(*, memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
@@ -347,6 +412,26 @@ def _run(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> tuple[li
     return columns, rows
 
 
+def run_over(kv: pa.Table | None, alarms: pa.Table | None, query: str, *, deadline: float,
+             memory_limit: str, threads: int, names: bool | None = None
+             ) -> tuple[list[str], list[tuple]]:
+    """Run ``query`` over raw rows in a locked engine of its own; the views carry
+    ``object_name`` if the query may read it (``needs_names``, unless ``names`` says)."""
+    if names is None:
+        names = needs_names(query)
+    while True:
+        con = locked_engine(memory_limit=memory_limit, threads=threads)
+        try:
+            views(con, kv, alarms, names=names)
+            return _run(con, query, deadline - time.monotonic())
+        except QueryError as e:
+            if names or "object_name" not in str(e):
+                raise
+            names = True  # (a reference needs_names missed: none known, but cheap to mend)
+        finally:
+            con.close()
+
+
 async def sql(client: Any, query: str, *, namespace: str | None = None, timeout: float = 60.0,
               memory_limit: str = "2GB", threads: int = 2,
               max_bytes: int = 4 << 30) -> QueryResult:
@@ -356,15 +441,9 @@ async def sql(client: Any, query: str, *, namespace: str | None = None, timeout:
     snap = await snapshot(client, needed, namespace=namespace, timeout=timeout,
                           max_bytes=max_bytes)
 
-    def run() -> tuple[list[str], list[tuple]]:
-        con = locked_engine(memory_limit=memory_limit, threads=threads)
-        try:
-            views(con, snap.kv, snap.alarms)
-            return _run(con, query, deadline - time.monotonic())
-        finally:
-            con.close()
-
-    columns, rows = await asyncio.to_thread(run)
+    columns, rows = await asyncio.to_thread(
+        run_over, snap.kv, snap.alarms, query, deadline=deadline, memory_limit=memory_limit,
+        threads=threads)
     return QueryResult(columns, rows, snap.cut)
 
 

@@ -7,6 +7,7 @@ import atexit
 import datetime as dt
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import duckdb
@@ -363,3 +364,69 @@ def test_export_counts_objects_by_namespace_and_id(pks, objects):
                          "v": pa.array([b"1"] * n, pa.binary()),
                          "t": pa.array([1] * n, pa.int64())}), None)
     assert _manifest_objects(con) == objects
+
+
+# -- views without names: for queries that cannot read object_name ---------------------------
+
+@pytest.mark.parametrize("sql", [
+    "SELECT namespace, count(*) AS rows, count(DISTINCT object_id) FROM kv GROUP BY namespace",
+    "SELECT count(*) AS n FROM kv ORDER BY n",
+    "SELECT k.key, k.value FROM kv k WHERE k.namespace = 'NS'",
+    "WITH x AS (SELECT namespace ns FROM kv) SELECT ns FROM x",
+    "SELECT namespace, sum(keys) FROM objects GROUP BY ALL",
+    "SELECT count(*) FILTER (WHERE key = 'a') FROM kv",
+])
+def test_needs_names_false_only_when_no_column_can_be_object_name(sql):
+    from durable.query import needs_names
+    assert needs_names(sql) is False
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT object_name FROM kv", "SELECT \"Object_Name\" FROM kv", "SELECT kv.object_name FROM kv",
+    "SELECT * FROM kv", "FROM kv", "SELECT kv.* FROM kv", "SELECT * EXCLUDE (value) FROM kv",
+    "SELECT COLUMNS('name') FROM kv", "DESCRIBE kv", "SUMMARIZE kv", "SHOW kv",
+    "SELECT k FROM kv k", "SELECT to_json(kv) FROM kv", "SELECT x FROM (SELECT k AS x FROM kv k)",
+    "SELECT namespace AS k FROM kv k ORDER BY k",  # an alias that is also a row
+    "SELECT a.key FROM kv a NATURAL JOIN objects b",
+    "SELECT a.key FROM kv a JOIN alarms b USING (object_id)",
+    "SELECT (SELECT object_name FROM alarms LIMIT 1)",
+    "SELECT list_transform([1], x -> x + 1)",  # a name it does not know: assume the worst
+    "this does not parse",
+])
+def test_needs_names_true_whenever_object_name_may_be_read(sql):
+    from durable.query import needs_names
+    assert needs_names(sql) is True
+
+
+def _names_fixture() -> tuple[pa.Table, pa.Table]:
+    kv = pa.table({"pk": [b"NS/o1/a", b"NS/o1/b", b"NS/o2/a", b"_durable_name_NS/o1/name",
+                          b"_durable_name_NS/o3/name"],
+                   "v": [b"1", b"2", b"3", b'"Alice"', b'"Carol"'],
+                   "t": pa.array([1, 2, 3, 1, 1], pa.int64())}, schema=KV_SCHEMA)
+    alarms = pa.table({"obj": [b"NS/o3"], "due": pa.array([5], pa.int64())}, schema=ALARMS_SCHEMA)
+    return kv, alarms
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT namespace, count(*), count(DISTINCT object_id), sum(CAST(value AS INTEGER)) "
+    "FROM kv GROUP BY ALL",
+    "SELECT object_id, keys, bytes, alarm FROM objects ORDER BY object_id",
+    "SELECT namespace, object_id, scheduled_at FROM alarms",
+])
+def test_views_without_names_answer_as_the_views_with_them(sql):
+    from durable.query import run_over
+    kv, alarms = _names_fixture()
+    answers = [run_over(kv, alarms, sql, deadline=time.monotonic() + 30, memory_limit="256MB",
+                        threads=1, names=names) for names in (True, False)]
+    assert answers[0] == answers[1] and answers[0][1]
+
+
+def test_a_name_reference_missed_is_mended_not_answered_wrong():
+    """Were needs_names ever wrong about a reference, the views without the column fail to
+    bind and the query runs again with names: the answer is the same."""
+    from durable.query import run_over
+    kv, alarms = _names_fixture()
+    sql = "SELECT object_id, object_name FROM objects ORDER BY object_id"
+    got = run_over(kv, alarms, sql, deadline=time.monotonic() + 30, memory_limit="256MB",
+                   threads=1, names=False)
+    assert got == (["object_id", "object_name"], [("o1", "Alice"), ("o2", None), ("o3", "Carol")])
