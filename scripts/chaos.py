@@ -430,10 +430,13 @@ def main(argv: list[str] | None = None) -> int:
                    "a 3-node NATS cluster, hosts killed and stopped, NATS nodes killed "
                    "(scripts/chaos_cluster.py)")
     p.add_argument("--lease", type=float, default=5.0, help="--cluster: the slot lease (s)")
+    p.add_argument("--keep", type=Path, help="--cluster: run in this directory and leave it "
+                   "(every host's and NATS node's whole log)")
     args = p.parse_args(argv)
     if args.cluster:
         from chaos_cluster import run
-        result = run(args.seconds, args.objects, min(args.writers, 16), args.seed, args.lease)
+        result = run(args.seconds, args.objects, min(args.writers, 16), args.seed, args.lease,
+                     keep=args.keep)
         if args.json:
             print(json.dumps(result, indent=2))
         else:

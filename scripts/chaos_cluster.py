@@ -125,12 +125,17 @@ async def _writers(check: Checker, clients: list[Any], up: list[bool], names: li
     await asyncio.gather(*(one(k) for k in range(writers)))
 
 
-def run(seconds: float, objects: int, writers: int, seed: int, lease: float) -> dict[str, Any]:
+def run(seconds: float, objects: int, writers: int, seed: int, lease: float,
+        keep: Path | None = None) -> dict[str, Any]:
+    """``keep``: run in this directory and leave it (every host's and node's whole log)."""
     rng = random.Random(seed)
     names = [f"c{i}" for i in range(objects)]
     check = Checker(names)
     faults: dict[str, int] = {}
-    with tempfile.TemporaryDirectory(prefix="durable-chaos-cluster-") as tmp, \
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(keep)) if keep is not None else
+          tempfile.TemporaryDirectory(prefix="durable-chaos-cluster-")) as tmp, \
             cluster_hosts(Path(tmp), lease=lease, slots=SLOTS) as (nats_, hosts), \
             contextlib.ExitStack() as restarted:
         wait_all_ready(hosts)
