@@ -313,8 +313,8 @@ class Snapshot:
 async def snapshot(client: Any, what: set[str], *, namespace: str | None = None,
                    timeout: float = 60.0, max_bytes: int = 4 << 30,
                    progress: Callable[[int, int], None] | None = None) -> Snapshot:
-    """Fetch ``what`` (``kv``, ``names``: the name rows only, ``alarms``) from every slot;
-    ``progress(rows, bytes)``."""
+    """Fetch ``what`` (``kv``, ``data``: kv without the name rows, ``names``: the name rows
+    only, ``alarms``) from every slot; ``progress(rows, bytes)``."""
     deadline = time.monotonic() + timeout
     stubs = await _slot_stubs(client, namespace)
     opened: list[tuple[str, dict[str, Any]]] = []
@@ -341,7 +341,7 @@ def _receive(opened: list[tuple[str, dict[str, Any]]], deadline: float, max_byte
     ctx = zmq.Context.instance()
     socks: dict[zmq.Socket[Any], tuple[str, dict[str, Any]]] = {}
     poller = zmq.Poller()
-    out: dict[str, list[pa.RecordBatch]] = {"kv": [], "names": [], "alarms": []}
+    out: dict[str, list[pa.RecordBatch]] = {"kv": [], "data": [], "names": [], "alarms": []}
     cut: dict[int, int] = {}
     size = rows = 0
     try:
@@ -412,11 +412,17 @@ def _run(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> tuple[li
     return columns, rows
 
 
+class _NamesMissed(Exception):
+    """The query read object_name after all; its rows were fetched without the names."""
+
+
 def run_over(kv: pa.Table | None, alarms: pa.Table | None, query: str, *, deadline: float,
-             memory_limit: str, threads: int, names: bool | None = None
-             ) -> tuple[list[str], list[tuple]]:
+             memory_limit: str, threads: int, names: bool | None = None,
+             mend: bool = True) -> tuple[list[str], list[tuple]]:
     """Run ``query`` over raw rows in a locked engine of its own; the views carry
-    ``object_name`` if the query may read it (``needs_names``, unless ``names`` says)."""
+    ``object_name`` if the query may read it (``needs_names``, unless ``names`` says). A
+    reference to it that ``needs_names`` missed fails to bind; with ``mend`` the query runs
+    again with names (the rows hold them), else ``_NamesMissed`` says to fetch them."""
     if names is None:
         names = needs_names(query)
     while True:
@@ -427,9 +433,18 @@ def run_over(kv: pa.Table | None, alarms: pa.Table | None, query: str, *, deadli
         except QueryError as e:
             if names or "object_name" not in str(e):
                 raise
+            if not mend:
+                raise _NamesMissed() from None
             names = True  # (a reference needs_names missed: none known, but cheap to mend)
         finally:
             con.close()
+
+
+def _kinds(needed: set[str], names: bool) -> set[str]:
+    """What to fetch: without names, neither the name rows nor kv's share of them."""
+    if names:
+        return needed
+    return {"data" if k == "kv" else k for k in needed if k != "names"}
 
 
 async def sql(client: Any, query: str, *, namespace: str | None = None, timeout: float = 60.0,
@@ -437,13 +452,18 @@ async def sql(client: Any, query: str, *, namespace: str | None = None, timeout:
               max_bytes: int = 4 << 30) -> QueryResult:
     """Run one read-only SQL statement over every object's storage (see the module doc)."""
     needed = check_query(query)
+    names = needs_names(query)
     deadline = time.monotonic() + timeout
-    snap = await snapshot(client, needed, namespace=namespace, timeout=timeout,
-                          max_bytes=max_bytes)
-
-    columns, rows = await asyncio.to_thread(
-        run_over, snap.kv, snap.alarms, query, deadline=deadline, memory_limit=memory_limit,
-        threads=threads)
+    while True:
+        snap = await snapshot(client, _kinds(needed, names), namespace=namespace,
+                              timeout=deadline - time.monotonic(), max_bytes=max_bytes)
+        try:
+            columns, rows = await asyncio.to_thread(
+                run_over, snap.kv, snap.alarms, query, deadline=deadline,
+                memory_limit=memory_limit, threads=threads, names=names, mend=False)
+            break
+        except _NamesMissed:
+            names = True
     return QueryResult(columns, rows, snap.cut)
 
 

@@ -652,8 +652,8 @@ class ObjectProcess:
                                            q.get("prefix") or None, reply))
         elif op == "snapshot":
             what = q.get("what", "kv")
-            if what not in ("kv", "names", "alarms"):
-                raise ValueError(f"what must be kv, names or alarms, got {what!r}")
+            if what not in ("kv", "data", "names", "alarms"):
+                raise ValueError(f"what must be kv, data, names or alarms, got {what!r}")
             timeout = min(float(q.get("timeout", "60")), 900.0)  # (checkpoints wait for it)
             self._spawn(self._snapshot(what, namespace, timeout, reply))
         else:

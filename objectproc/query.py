@@ -140,12 +140,17 @@ def _live_alarms(ov: Overlay, where: str) -> str:
 
 
 def snapshot_sql(what: str, ov: Overlay, namespace: str | None) -> tuple[str, dict[str, Any]]:
-    """The query a slot streams for ``what``: ``kv`` rows as ``(pk, v, t)``, ``alarms`` as
+    """The query a slot streams for ``what``: ``kv`` rows as ``(pk, v, t)`` (``data``: without
+    the name rows), ``alarms`` as
     ``(obj, due)``, bytes as stored. The reader splits them (``durable.query``): doing it
     here would cost the slot ~3x the CPU (UTF-8 checks and string splits, measured)."""
     params: dict[str, Any] = {}
     where = _where(namespace_ranges(namespace), params)
     if what == "kv":
+        return f"SELECT pk, v, t FROM ({_live_kv(ov, where)})", params
+    if what == "data":  # (kv without the name rows: for a query that reads no names)
+        params["nlo"], params["nhi"] = NAME_PREFIX.encode(), NAME_PREFIX[:-1].encode() + b"`"
+        where = f"NOT (obj >= $nlo AND obj < $nhi) AND {where}"
         return f"SELECT pk, v, t FROM ({_live_kv(ov, where)})", params
     if what == "names":  # (the name rows only: what the alarms view needs besides alarms)
         ranges = (namespace_ranges(namespace)[1:] if namespace else
@@ -153,7 +158,7 @@ def snapshot_sql(what: str, ov: Overlay, namespace: str | None) -> tuple[str, di
         return f"SELECT pk, v, t FROM ({_live_kv(ov, _where(ranges, params))})", params
     if what == "alarms":
         return f"SELECT obj, due FROM ({_live_alarms(ov, where)})", params
-    raise ValueError(f"what must be kv, names or alarms, got {what!r}")
+    raise ValueError(f"what must be kv, data, names or alarms, got {what!r}")
 
 
 def list_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay, namespace: str, *,

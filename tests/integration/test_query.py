@@ -121,6 +121,38 @@ def test_sql_sees_every_value_type_names_and_no_deleted_object(shared):
     assert r.rows == [(1,)]
 
 
+def test_queries_without_names_fetch_none_and_a_missed_name_is_fetched(shared, monkeypatch):
+    """A query that reads no names gets rows without the name rows (the same answer, fewer
+    rows sent); were needs_names ever wrong, the names are fetched and the answer is right."""
+    d, _info = shared
+    import durable.query as q
+    counted = "SELECT namespace, count(*), count(DISTINCT object_id) FROM kv {} GROUP BY ALL ORDER BY 1"
+    r = asyncio.run(_sql(d, counted.format("")))
+    assert [row[0] for row in r.rows] == ["Other", "Store"] and r.rows[1][2] == 31
+    forced = asyncio.run(_sql(d, counted.format("WHERE object_name IS NULL OR object_name <> ''")))
+    assert r.rows == forced.rows  # (the same rows, read through the names join)
+    named = "SELECT count(*) FROM kv WHERE object_name = 'obj-00'"
+    want = asyncio.run(_sql(d, named)).rows
+    assert want[0][0] >= len(EVERY_TYPE)
+    asked: list[set[str]] = []
+    real = q.snapshot
+
+    async def spy(client, what, **kw):  # noqa: ANN001, ANN003, ANN202
+        asked.append(set(what))
+        return await real(client, what, **kw)
+
+    monkeypatch.setattr(q, "snapshot", spy)
+    assert asyncio.run(_sql(d, counted.format(""))).rows == r.rows
+    assert asked == [{"data"}]  # no name rows sent
+    asked.clear()
+    monkeypatch.setattr(q, "needs_names", lambda _query: False)  # wrong on purpose
+    assert asyncio.run(_sql(d, "SELECT object_name FROM alarms")).rows == [("obj-05",)]
+    assert asked == [{"alarms"}, {"alarms", "names"}]
+    asked.clear()
+    assert asyncio.run(_sql(d, named)).rows == want
+    assert asked == [{"data"}, {"kv"}]
+
+
 def codec_value(text: str):
     return durable.codec.decode(text.encode())
 

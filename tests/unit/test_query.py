@@ -77,7 +77,7 @@ def test_the_engine_itself_reaches_no_file_and_changes_no_setting(sql, tmp_path)
 
 # -- the snapshot: DuckDB's rows with the overlay laid over them, against a model --------
 
-OBJS = [b"NS/a", b"NS/b", b"NS/c", b"OTHER/a"]
+OBJS = [b"NS/a", b"NS/b", b"NS/c", b"OTHER/a", b"_durable_name_NS/a"]
 KEYS = ["k", "k/2", "", "é"]
 writesets = st.builds(
     lambda obj, clear, entries, alarm: WriteSet(obj, clear, entries, alarm, 1_700_000_000_000),
@@ -156,7 +156,13 @@ def test_snapshot_is_duckdb_plus_overlay_replayed(records, data):
         want, want_alarms = model(records[:d])
         assert got == want
         assert got_alarms == want_alarms
-        sql, params = snapshot_sql("kv", ov, "NS")  # a namespace's rows only
+        sql, params = snapshot_sql("kv", ov, "NS")  # a namespace's rows, and its names
+        assert {bytes(r[0]) for r in cur.execute(sql, params).fetchall()} == {
+            pk for pk in want if pk.startswith((b"NS/", b"_durable_name_NS/"))}
+        sql, params = snapshot_sql("data", ov, None)  # every row but the names
+        assert {bytes(r[0]): bytes(r[1]) for r in cur.execute(sql, params).fetchall()} == {
+            pk: v for pk, v in want.items() if not pk.startswith(b"_durable_name_")}
+        sql, params = snapshot_sql("data", ov, "NS")
         assert {bytes(r[0]) for r in cur.execute(sql, params).fetchall()} == {
             pk for pk in want if pk.startswith(b"NS/")}
     finally:
