@@ -67,8 +67,12 @@ class Replicator:
         self._last = (0, 0)  # (first record, stream sequence) of the last message appended
 
     def _run(self, coro: Any, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(
-            timeout if timeout is not None else self.timeout + 5.0)
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout if timeout is not None else self.timeout + 5.0)
+        except TimeoutError:
+            fut.cancel()  # (else it runs on beside the retry: a second consumer, and so on)
+            raise
 
     def _patient(self, make: Any, timeout: float = 60.0) -> Any:
         """Run ``make()`` until it does not time out (a stream whose leader is being elected
@@ -157,6 +161,31 @@ class Replicator:
         return stream_seq - 1 if 0 < record <= next_seq and stream_seq > 0 else 0
 
     # -- taking the slot ------------------------------------------------------------------
+    def _read(self, after: int, last: int, stall: float = 60.0) -> list[tuple[int, bytes]]:
+        """The slot's messages after ``after`` through ``last``. A read cut short (a leader
+        election, a busy machine) goes on from the last message it got: the whole read once
+        had to fit in 10 s, and a host that had to catch up on a long absence never did (it
+        read the same first part again and again; seen in a 10-minute chaos run). Raises
+        once ``stall`` seconds pass with no message."""
+        got: list[tuple[int, bytes]] = []
+        progress = time.monotonic()
+        while True:
+            start = got[-1][0] if got else after
+            chunk: list[tuple[int, bytes]] = []  # (one per try: a cancelled one may add more)
+            try:
+                self._run(self.slot_log.read(start, last, self.timeout * 2, chunk),
+                          self.timeout * 2 + stall + 600.0)
+                return got + chunk
+            except (TimeoutError, NoRespondersError, NatsTimeoutError):
+                taken = list(chunk)
+                got += taken
+                if taken:
+                    progress = time.monotonic()
+                elif time.monotonic() - progress > stall:
+                    raise
+                log.info("slot %d: the cluster's log did not answer in time; reading on from "
+                         "message %d", self.slot, got[-1][0] if got else after)
+
     def catch_up(self, next_seq: int) -> Iterator[tuple[int, memoryview]]:
         """The slot's records from sequence ``next_seq`` on, in order; then fence the log (an
         empty append naming its last message), so that a previous owner's appends are refused
@@ -166,8 +195,7 @@ class Replicator:
         newest = 0  # the newest record the log holds
         for _ in range(_FENCE_ATTEMPTS):
             last = self._patient(self.slot_log.open)
-            for stream_seq, data in self._patient(
-                    lambda a=after, b=last: self.slot_log.read(a, b, self.timeout * 6)):
+            for stream_seq, data in self._read(after, last):
                 where = f"slot {self.slot}'s log message {stream_seq}"
                 try:
                     records = iter_records(data, where)

@@ -95,3 +95,41 @@ def test_a_data_dir_ahead_of_the_clusters_log_is_refused(tmp_path):
 
     with nats_cluster(tmp_path / "nats") as cluster:
         asyncio.run(main(cluster.urls))
+
+
+def test_a_catch_up_cut_short_reads_on_from_where_it_stopped(tmp_path, monkeypatch):
+    """A long absence means a long read; each try that is cut short (a leader election, a
+    busy machine) keeps what it got. Before, the whole read had to fit in 10 s, and a host
+    back from a long absence read the same first part again and again (a chaos run)."""
+    from nats.errors import TimeoutError as NatsTimeoutError
+
+    from durable.supervisor.cluster import SlotLog
+
+    async def main(urls: list[str]) -> None:
+        await jetstream_ready(urls)
+        a, rep_a = await _open(tmp_path / "a", urls, slot=5)
+        for i in range(120):
+            await _write(a, f"k{i:03d}", b"%d" % i)
+        await a.close()
+        rep_a.close()
+
+        real, calls = SlotLog.read, []
+
+        async def short(self, after, last, timeout=30.0, out=None):  # noqa: ANN001, ANN202
+            calls.append(after)  # each try gets 25 messages at most, then "times out"
+            part: list = []
+            await real(self, after, min(last, after + 1_000_000), timeout, part)
+            out.extend(part[:25])
+            if len(part) > 25:
+                raise NatsTimeoutError()
+            return out
+
+        monkeypatch.setattr(SlotLog, "read", short)
+        b, rep_b = await _open(tmp_path / "b", urls, slot=5)  # (no files: reads it all)
+        assert [b.read(OBJ, f"k{i:03d}") for i in range(120)] == [b"%d" % i for i in range(120)]
+        assert len(calls) >= 5 and calls == sorted(calls) and len(set(calls)) == len(calls)
+        await b.close()
+        rep_b.close()
+
+    with nats_cluster(tmp_path / "nats") as cluster:
+        asyncio.run(main(cluster.urls))
