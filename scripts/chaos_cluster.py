@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -139,6 +141,8 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float,
     check = Checker(names)
     faults: dict[str, int] = {}
     restarts: list[float | None] = []  # seconds until a restarted host was ready (None: > 60)
+    events: list[tuple[float, str, int]] = []  # (seconds in, fault, host index)
+    began = time.monotonic()
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
     with (contextlib.nullcontext(str(keep)) if keep is not None else
@@ -155,6 +159,7 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float,
                 kind = rng.choice(["host_killed", "host_stopped", "nats_node_killed"])
                 faults[kind] = faults.get(kind, 0) + 1
                 i = rng.randrange(len(hosts))
+                events.append((round(time.monotonic() - began, 1), kind, i))
                 if kind == "host_killed":
                     up[i] = False
                     await asyncio.to_thread(kill_host, hosts[i])
@@ -197,10 +202,20 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float,
                 stop = time.monotonic() + seconds
                 await asyncio.gather(faulter(stop),
                                      _writers(check, clients, up, names, stop, writers, rng))
-                await asyncio.to_thread(wait_balanced, hosts, SLOTS, 120)
+                try:
+                    await asyncio.to_thread(wait_balanced, hosts, SLOTS, 120)
+                except AssertionError as e:  # (reported with each host's state; reads go on)
+                    states = []
+                    for h in hosts:
+                        try:
+                            states.append(psutil.Process(h.proc.pid).status())
+                        except psutil.Error as err:
+                            states.append(type(err).__name__)
+                    check.problems.append(f"{e} (the hosts' supervisors: {states})")
                 final = {}
+                deadline = time.monotonic() + 120  # (for all: a slot never served fails soon)
                 for n in names:  # every fault healed: each object is served and read back
-                    for _ in range(60):
+                    while time.monotonic() < deadline:
                         try:
                             resp = await clients[0].namespace("COUNTER").get_by_name(n).fetch(
                                 "http://o/", timeout=5.0)
@@ -230,5 +245,5 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float,
             "failures": check.errors,
             "lost_or_stale": lost, "problems": check.problems[:20],
             "max_seconds_without_ack": round(check.max_gap, 1),
-            "host_restarts_ready_s": restarts,
+            "host_restarts_ready_s": restarts, "events": events,
             "ok": not check.problems}
