@@ -63,6 +63,9 @@ class Leases:
         # truth even with a lower revision (a JetStream whose majority was SIGKILLed can come
         # back without a write it acknowledged).
         self._refused: set[int] = set()
+        # Slots this host gave back, and when: not taken again for a lease, so that the host
+        # they were given back for can take them (it sees them free later than the giver).
+        self._given: dict[int, float] = {}
 
     # -- what the host sees --------------------------------------------------------------
     def observe(self, slot: int, revision: int, host: str | None, epoch: int,
@@ -163,6 +166,7 @@ class Leases:
                 actions.append(Action("update", slot, seen.revision, None, seen.epoch))
                 mine.remove(slot)
                 del self._held[slot]
+                self._given[slot] = now
             elif now - self._held[slot] >= self.lease / 3:
                 actions.append(Action("update", slot, seen.revision, self.host, seen.epoch))
         room = share - len(mine)
@@ -171,6 +175,9 @@ class Leases:
                 break
             if slot in self._held or slot in self._pending:
                 continue
+            if now - self._given.get(slot, -math.inf) < self.lease:
+                continue  # given back: the others' turn (else this host took it back at once,
+                # again and again, restarting its object process each time: a chaos run)
             seen = self._seen.get(slot)
             if seen is None:
                 continue  # not read yet

@@ -158,6 +158,38 @@ def test_a_host_with_free_slots_around_does_not_give_one_back():
     assert a.owned(0.2) == [0, 1]
 
 
+def test_a_slot_given_back_is_left_to_the_others_for_a_lease():
+    """The giver sees its slot free before anyone else does; taking it again at once made a
+    host give back and take the same slot for minutes (a 10-minute chaos run)."""
+    b = Leases("b", 4, lease=3.0)
+    for s in range(4):
+        b.observe(s, s + 1, "a" if s < 2 else "b", 1, 0.0)
+    for s in (2, 3):
+        b.succeeded(Action("update", s, s + 1, "b", 1), s + 1, 0.0)
+    [back] = [x for x in b.plan(0.1, 3) if x.host is None]  # a third host joined with none
+    assert back.slot == 3
+    b.succeeded(back, 10, 0.1)
+    rev = 100
+    for step in range(1, 33):  # a renews its two slots; b renews slot 2; nobody takes slot 3
+        now = 0.1 + step * 0.1
+        for s in (0, 1):
+            rev += 1
+            b.observe(s, rev, "a", 1, now)
+        actions = b.plan(now, 3)
+        for x in actions:
+            if x.slot == 2:
+                rev += 1
+                b.succeeded(x, rev, now)
+        claims = [x for x in actions if x.slot == 3]
+        if now < 3.1 - 1e-9:
+            assert claims == [], now  # the joining host's turn
+        else:
+            assert [(x.host, x.revision) for x in claims] == [("b", 10)]  # anyone's now
+            break
+    else:
+        raise AssertionError("slot 3 was never claimable again")
+
+
 def test_a_bucket_that_went_back_a_revision_is_believed_after_a_refused_write():
     """A JetStream whose nodes were SIGKILLed can come back without a write it acknowledged
     (nats-server 2.9, seen in CI: slot 2 stood free at revision 743 while a host had seen its
