@@ -311,16 +311,3 @@ class SlotLog:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         return out
-
-    async def replay(self, after: int = 0):  # noqa: ANN201  (an async iterator)
-        """Every record after stream sequence ``after``, in order, as ``(seq, payload)``.
-        One request per record: fine for a log's tail after a snapshot, not for a whole
-        history (an ordered consumer would be the next step)."""
-        seq = after + 1
-        while True:
-            try:
-                msg = await self.js.get_msg(STREAM, seq=seq, subject=self.subject, next=True)
-            except NotFoundError:
-                return
-            yield msg.seq, msg.data
-            seq = msg.seq + 1
