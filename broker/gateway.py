@@ -612,6 +612,7 @@ async def run(cfg: Config, fd: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    lifeline.bind_to_parent()  # (the supervisor's child: die with it)
     p = argparse.ArgumentParser(prog="python -m durable.broker.gateway")
     p.add_argument("--settings-fd", type=int, help="the supervisor's settings (an inherited fd)")
     p.add_argument("--settings", help="a settings file (write_settings), without a supervisor")

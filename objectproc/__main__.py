@@ -84,6 +84,7 @@ def _stand_by(args: argparse.Namespace, argv: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    lifeline.bind_to_parent()  # (the supervisor's child: die with it)
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m durable.objectproc")
     p.add_argument("--settings-fd", type=int, help="the supervisor's settings (an inherited fd)")

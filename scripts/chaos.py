@@ -432,11 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lease", type=float, default=5.0, help="--cluster: the slot lease (s)")
     p.add_argument("--keep", type=Path, help="--cluster: run in this directory and leave it "
                    "(every host's and NATS node's whole log)")
+    p.add_argument("--min-faults", type=int, default=0, help="--cluster: go on past --seconds "
+                   "(by at most 180 s) until this many faults are done")
     args = p.parse_args(argv)
     if args.cluster:
         from chaos_cluster import run
         result = run(args.seconds, args.objects, min(args.writers, 16), args.seed, args.lease,
-                     keep=args.keep)
+                     keep=args.keep, min_faults=args.min_faults)
         if args.json:
             print(json.dumps(result, indent=2))
         else:

@@ -121,10 +121,11 @@ async def _clients(frontends: list[str]) -> list[Any]:
 
 
 async def _writers(check: Checker, clients: list[Any], up: list[bool], names: list[str],
-                   stop: float, writers: int, rng: random.Random) -> None:
+                   stop: list[float], writers: int, rng: random.Random) -> None:
+    """``stop[0]``: when to stop (the faulter may put it later, to reach its faults)."""
     async def one(k: int) -> None:
         mine = names[k::writers]
-        while time.monotonic() < stop:
+        while time.monotonic() < stop[0]:
             live = [c for c, u in zip(clients, up, strict=True) if u]
             if not live or not mine:
                 await asyncio.sleep(0.1)
@@ -134,8 +135,10 @@ async def _writers(check: Checker, clients: list[Any], up: list[bool], names: li
 
 
 def run(seconds: float, objects: int, writers: int, seed: int, lease: float,
-        keep: Path | None = None) -> dict[str, Any]:
-    """``keep``: run in this directory and leave it (every host's and node's whole log)."""
+        keep: Path | None = None, min_faults: int = 0) -> dict[str, Any]:
+    """``keep``: run in this directory and leave it (every host's and node's whole log).
+    ``min_faults``: go on past ``seconds`` (by at most 180 s) until that many faults are done:
+    on a slow machine one fault and its healing can take most of a minute."""
     rng = random.Random(seed)
     names = [f"c{i}" for i in range(objects)]
     check = Checker(names)
@@ -153,8 +156,10 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float,
         wait_balanced(hosts, SLOTS)
         up = [True] * len(hosts)
 
-        async def faulter(stop: float) -> None:
-            while time.monotonic() < stop - 2 * lease:
+        async def faulter(stop: list[float]) -> None:
+            cap = stop[0] + 180
+            while (time.monotonic() < stop[0] - 2 * lease
+                   or (sum(faults.values()) < min_faults and time.monotonic() < cap)):
                 await asyncio.sleep(rng.uniform(1.0, 3.0))
                 kind = rng.choice(["host_killed", "host_stopped", "nats_node_killed"])
                 faults[kind] = faults.get(kind, 0) + 1
@@ -195,11 +200,12 @@ def run(seconds: float, objects: int, writers: int, seed: int, lease: float,
                         raise
                 # let the cluster settle a little between faults
                 await asyncio.sleep(rng.uniform(0.5, lease))
+            stop[0] = max(stop[0], time.monotonic() + lease)  # (writes after the last fault)
 
         async def main() -> dict[str, Any]:
             clients = await _clients([h.frontend for h in hosts])
             try:
-                stop = time.monotonic() + seconds
+                stop = [time.monotonic() + seconds]
                 await asyncio.gather(faulter(stop),
                                      _writers(check, clients, up, names, stop, writers, rng))
                 try:

@@ -40,7 +40,6 @@ Watcher lifecycle::
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import enum
 import errno
 import logging
@@ -52,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,18 +105,6 @@ _TRANSITIONS = Transitions({
 })
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """The child's set-up between fork and exec: die with the supervisor, own process group."""
-    def setup() -> None:
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the supervisor died between fork and prctl: no
-                os._exit(1)             # signal will come, so do not start at all
-        os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only; it stops the children
-    return setup
-
-
 def _spawn(argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...], *,
            stdin: int = subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
     """Start a child with a lifeline pipe; return it and the pipe's read end."""
@@ -125,8 +112,12 @@ def _spawn(argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...], *,
     os.set_blocking(r, False)
     env = dict(env, DURABLE_LIFELINE_FD=str(w), DURABLE_PARENT=str(os.getpid()))
     try:
+        # Its own process group (a terminal's Ctrl-C reaches the supervisor only; it stops
+        # the children). No preexec_fn: Python code between fork and exec can deadlock on a
+        # lock another thread held at fork (the cluster thread), and Popen waits for the exec
+        # forever. The child binds its life to ours itself (lifeline.bind_to_parent).
         proc = subprocess.Popen(argv, env=env, stdin=stdin, pass_fds=(w, *pass_fds),
-                                preexec_fn=_die_with_parent(os.getpid()))
+                                process_group=0)
     except BaseException:
         os.close(r)
         raise
@@ -828,6 +819,7 @@ class Arbiter:
         """Cluster mode: run the object processes of the slots this host holds, and only
         those. A slot lost (its lease lapsed, or given back) is SIGKILLed at once: it may not
         serve anything more (it would also exit by itself at its lease's end)."""
+        self.host.turned()
         if self._stopping:
             return
         wanted = self.host.wanted()

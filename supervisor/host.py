@@ -86,11 +86,17 @@ class ClusterHost:
         self._thread: threading.Thread | None = None
         self.own: Any = None
         self.nc: Any = None
+        # When the supervisor's main loop last turned (turned()). A host whose loop stopped
+        # turning cannot start or stop its object processes: it must not keep its leases
+        # (it would hold slots it never serves), so the thread stops renewing.
+        self._turned = time.monotonic()
+        self.patience = max(0.5, c.lease / 2)
 
     # -- the supervisor's side ------------------------------------------------------------
     def join(self, timeout: float = 60.0) -> None:
         """Connect, agree on the id secret, start keeping leases; raise ClusterError."""
         self._thread = threading.Thread(target=self._main, name="durable-cluster", daemon=True)
+        self._turned = time.monotonic() + timeout  # (the loop starts turning after the join)
         self._thread.start()
         if not self._joined.wait(timeout) and self._error is None:
             self._error = ClusterError(f"the cluster's NATS servers ({self.config.cluster.nats}) "
@@ -100,6 +106,11 @@ class ClusterHost:
             self.close()
             raise self._error if isinstance(self._error, ClusterError) else ClusterError(
                 f"joining the cluster failed: {type(self._error).__name__}: {self._error}")
+        self._turned = time.monotonic()
+
+    def turned(self) -> None:
+        """The supervisor's main loop turned (it calls this every turn)."""
+        self._turned = time.monotonic()
 
     def wanted(self) -> frozenset[int]:
         """The slots this host serves now (its object processes for the others must stop)."""
@@ -181,8 +192,21 @@ class ClusterHost:
                      "others: %s", c.host_id, c.lease, self.endpoint)
             resync: asyncio.Task[None] | None = None
             next_resync = time.monotonic() + c.lease
+            stalled_since: float | None = None
             while not self._stop.is_set():
-                await self.own.step()
+                stalled = time.monotonic() - self._turned
+                if stalled <= self.patience:
+                    if stalled_since is not None:
+                        log.warning("the supervisor's main loop turns again (after %.1f s): "
+                                    "keeping leases again", time.monotonic() - stalled_since)
+                        stalled_since = None
+                    await self.own.step()
+                elif stalled_since is None:
+                    stalled_since = self._turned
+                    log.error("the supervisor's main loop has not turned for %.1f s: this host "
+                              "no longer renews its leases, so that the other hosts take its "
+                              "slots (py-spy dump --pid %d shows where it waits)", stalled,
+                              os.getpid())
                 self._publish()
                 if time.monotonic() >= next_resync and (resync is None or resync.done()):
                     next_resync = time.monotonic() + c.lease

@@ -11,8 +11,12 @@ The supervisor starts each child with three things in its environment:
   A stopped process (SIGSTOP), a loop blocked in Python or C, a thread wedged
   holding the GIL: each shows as a growing lag or as silence, and the
   supervisor replaces the process after ``hang_timeout``.
-* ``DURABLE_PARENT``: the supervisor's pid. ``PR_SET_PDEATHSIG`` sends
-  SIGTERM when the supervisor dies, but a blocked loop never runs its handler:
+* ``DURABLE_PARENT``: the supervisor's pid. The child asks for
+  ``PR_SET_PDEATHSIG`` (SIGTERM when the supervisor dies) first thing
+  (``bind_to_parent``; not between fork and exec, where Python code can
+  deadlock on a lock another of the supervisor's threads held at fork), and
+  exits if the supervisor is already gone. A blocked loop never runs the
+  SIGTERM handler:
   the same thread sees the parent gone and, after ``DURABLE_ORPHAN_GRACE``
   seconds, SIGKILLs its own process, so no orphan keeps the lock.
 
@@ -25,13 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["Lifeline", "start", "tick_forever", "parse_beat"]
+__all__ = ["Lifeline", "bind_to_parent", "start", "tick_forever", "parse_beat"]
 
 INTERVAL = 1.0
 
@@ -82,6 +88,20 @@ class Lifeline:
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value and value.lstrip("-").isdigit() else None
+
+
+def bind_to_parent(parent: int | None = None) -> None:
+    """Die with the supervisor: SIGTERM when it dies (Linux's PR_SET_PDEATHSIG), and exit
+    now if it died already (before the request, no signal would ever come). ``parent``:
+    the supervisor's pid (default ``DURABLE_PARENT``; without it, nothing to bind to)."""
+    parent = _env_int("DURABLE_PARENT") if parent is None else parent
+    if parent is None:
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def start(last_turn: Callable[[], float]) -> Lifeline:

@@ -43,7 +43,8 @@ def test_cluster_chaos_60_seconds_loses_nothing():
     and restarted, SIGSTOPped past their lease, NATS nodes killed; every answer checked as
     a register (no acknowledged write lost, none acknowledged by a deposed owner)."""
     out = subprocess.run([sys.executable, str(CHAOS), "--cluster", "--seconds", "60", "--json",
-                          "--seed", "11"], capture_output=True, text=True, timeout=600)
+                          "--seed", "11", "--min-faults", "3"], capture_output=True, text=True,
+                         timeout=600)
     result = json.loads(out.stdout)
     print(json.dumps({k: result[k] for k in ("faults", "calls", "acknowledged", "failures",
                                              "lost_or_stale")}))

@@ -101,7 +101,10 @@ def _pose_as_slots(hosts) -> list:  # noqa: ANN001
                 s.curve_publickey, s.curve_secretkey = public, secret
             s.connect(endpoint)
             for slot in range(4):
-                s.send_multipart(Ready(slot, 1, 12345 + slot).encode(), zmq.NOBLOCK)
+                try:  # a refused handshake drops the pipe: nothing more can be sent
+                    s.send_multipart(Ready(slot, 1, 12345 + slot).encode(), zmq.NOBLOCK)
+                except zmq.Again:
+                    break
             out.append(s)
     return out
 

@@ -157,12 +157,12 @@ def test_missing_and_malformed_files(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_child_whose_supervisor_died_before_prctl_does_not_start():
     """PR_SET_PDEATHSIG set after the parent is gone never fires: the child must see that."""
-    from durable.supervisor.arbiter import _die_with_parent
+    from durable.supervisor.lifeline import bind_to_parent
     for parent, want in ((os.getpid(), 0), (os.getpid() + 10**6, 1)):  # the real one, a gone one
         pid = os.fork()
         if pid == 0:
             try:
-                _die_with_parent(parent)()
+                bind_to_parent(parent)
             finally:
                 os._exit(0)
         _, status = os.waitpid(pid, 0)

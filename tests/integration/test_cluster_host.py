@@ -1,0 +1,93 @@
+"""The supervisor's side of cluster mode (supervisor/host.py) on a real NATS JetStream
+server, without the rest of the daemon: the test plays the supervisor's main loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from durable.ids import load_or_create_secret
+from durable.supervisor.config import Config, from_dict
+from durable.supervisor.host import ClusterHost
+from tests.integration.clusterhosts import cluster_key
+from tests.integration.natscluster import jetstream_ready, nats_cluster
+from tests.integration.procs import free_port
+
+pytestmark = pytest.mark.slow  # a real nats-server
+
+SLOTS = 2
+LEASE = 1.0
+
+
+def _config(root: Path, urls: list[str], host: str) -> Config:
+    data = root / host
+    raw = {"data_dir": str(data), "slots": SLOTS,
+           "namespaces": {"COUNTER": {"class": "tests.integration.objects:Counter"}},
+           "cluster": {"nats": ",".join(urls), "host_id": host, "replicas": 1, "lease": LEASE,
+                       "listen": f"127.0.0.1:{free_port()}",
+                       "curve_key": str(cluster_key(root))}}
+    config = from_dict(raw, f"{host}.toml")
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    load_or_create_secret(data, create=True)
+    return config
+
+
+@contextlib.contextmanager
+def _turning(host: ClusterHost) -> Iterator[threading.Event]:
+    """The supervisor's main loop, turning every 0.1 s until the event is set."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            host.turned()
+            time.sleep(0.1)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        t.join()
+
+
+def _until(check, seconds: float) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_host_whose_main_loop_stopped_turning_lets_its_slots_go(tmp_path):
+    """A supervisor whose main loop hangs cannot start or stop object processes; if its
+    cluster thread went on renewing, its slots would be held and never served."""
+    with nats_cluster(tmp_path / "nats") as nats:
+        asyncio.run(jetstream_ready(nats.urls, 60))
+        a = ClusterHost(_config(tmp_path, nats.urls, "a"))
+        b = ClusterHost(_config(tmp_path, nats.urls, "b"))
+        try:
+            with _turning(a) as a_loop:
+                a.join(30)
+                assert _until(lambda: a.wanted() == frozenset(range(SLOTS)), 10), a.status()
+                with _turning(b):
+                    b.join(30)
+                    # Both turn: each holds one slot once b asked for its share.
+                    assert _until(lambda: len(a.wanted()) == len(b.wanted()) == 1, 20), (
+                        a.status(), b.status())
+                    a_loop.set()  # a's loop hangs from here (its cluster thread runs on)
+                    hung = time.monotonic()
+                    assert _until(lambda: b.wanted() == frozenset(range(SLOTS)), 10 * LEASE), (
+                        a.status(), b.status())
+                    assert time.monotonic() - hung < 6 * LEASE
+                    assert a.wanted() == frozenset()  # (its lease file ran out as well)
+        finally:
+            a.close()
+            b.close()
