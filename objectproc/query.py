@@ -33,11 +33,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import orjson
-import pyarrow as pa
 import zmq
 
 from durable import codec
@@ -46,6 +45,9 @@ from .storage.duck import NAME_PREFIX as _NAME_BYTES
 from .storage.duck import order_key
 from .storage.log import ALARM_DELETE, WriteSet
 from .storage.slot import SlotStore, fold
+
+if TYPE_CHECKING:  # (imported where used: pyarrow costs an object process ~0.3 s to start)
+    import pyarrow as pa
 
 log = logging.getLogger("durable.objectproc")
 
@@ -62,10 +64,6 @@ _HWM = 8  # batches queued towards a reader (~2 MB each): bounds the slot's memo
 _BATCH_ROWS = 16_384  # (65,536: twice the time, and the GIL held up to 4 ms at a time, measured)
 _NICE = 10
 
-_EMPTY_ROWS = pa.schema([("pk", pa.binary()), ("obj", pa.binary()), ("v", pa.binary()),
-                         ("t", pa.int64())])
-
-
 @dataclass(frozen=True, slots=True)
 class Overlay:
     """Records DuckDB's snapshot may lack, folded: rows to lay over it, objects it cleared,
@@ -81,11 +79,14 @@ class Overlay:
         clears: set[bytes] = set()
         alarms: dict[bytes, int] = {}
         fold(records, rows, clears, alarms)
+        import pyarrow as pa
+        schema = pa.schema([("pk", pa.binary()), ("obj", pa.binary()), ("v", pa.binary()),
+                            ("t", pa.int64())])
         return cls(
             pa.table([pa.array(list(rows), pa.binary()),
                       pa.array([r[0] for r in rows.values()], pa.binary()),
                       pa.array([r[1] for r in rows.values()], pa.binary()),
-                      pa.array([r[2] for r in rows.values()], pa.int64())], schema=_EMPTY_ROWS),
+                      pa.array([r[2] for r in rows.values()], pa.int64())], schema=schema),
             pa.table({"obj": pa.array(sorted(clears), pa.binary())}),
             pa.table({"obj": pa.array(list(alarms), pa.binary()),
                       "due": pa.array([ALARM_DELETE if d < 0 else d for d in alarms.values()],
@@ -262,6 +263,7 @@ def _count_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay,
 
 
 def _ipc(batch: pa.RecordBatch) -> pa.Buffer:
+    import pyarrow as pa
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)

@@ -21,8 +21,10 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,14 @@ class LeaseFile:
 
     def close(self) -> None:
         self.map.close()
+
+
+def _main_stack() -> str:
+    """Where the main thread is now (what a hung loop waits on), innermost call last."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    if frame is None:
+        return "  (no main thread)"
+    return "".join(traceback.format_stack(frame)[-12:]).rstrip()
 
 
 class ClusterHost:
@@ -193,9 +203,14 @@ class ClusterHost:
             resync: asyncio.Task[None] | None = None
             next_resync = time.monotonic() + c.lease
             stalled_since: float | None = None
+            last_round = paused_until = time.monotonic()
             while not self._stop.is_set():
-                stalled = time.monotonic() - self._turned
-                if stalled <= self.patience:
+                now = time.monotonic()
+                if now - last_round > self.patience:  # this thread stood still as well (the
+                    paused_until = now + self.patience  # whole process was SIGSTOPped, the VM
+                last_round = now                        # paused): the loop turns first
+                stalled = now - self._turned
+                if stalled <= self.patience or now < paused_until:
                     if stalled_since is not None:
                         log.warning("the supervisor's main loop turns again (after %.1f s): "
                                     "keeping leases again", time.monotonic() - stalled_since)
@@ -205,8 +220,7 @@ class ClusterHost:
                     stalled_since = self._turned
                     log.error("the supervisor's main loop has not turned for %.1f s: this host "
                               "no longer renews its leases, so that the other hosts take its "
-                              "slots (py-spy dump --pid %d shows where it waits)", stalled,
-                              os.getpid())
+                              "slots. The main thread is at:\n%s", stalled, _main_stack())
                 self._publish()
                 if time.monotonic() >= next_resync and (resync is None or resync.done()):
                     next_resync = time.monotonic() + c.lease

@@ -9,18 +9,37 @@ from collections.abc import Mapping
 __all__ = ["notify", "watchdog_interval"]
 
 
+#: messages systemd must get, in order: kept when the socket is full, sent before the next
+_MUST = ("READY=", "STOPPING=", "RELOADING=", "MAINPID=")
+_pending: dict[str, list[str]] = {}  # by socket address
+
+
 def notify(message: str, env: Mapping[str, str] | None = None) -> bool:
-    """Send e.g. ``"READY=1"`` or ``"STATUS=..."``; return whether a socket was there."""
+    """Send e.g. ``"READY=1"`` or ``"STATUS=..."``; return whether it was sent.
+
+    Never waits: a reader that stopped reading (a stuck systemd, a harness) once hung the
+    supervisor's main loop in a blocking send. When the socket is full, a message systemd
+    must get (READY=1, STOPPING=1, ...) waits and goes first with the next call that
+    finds room; the others (STATUS, EXTEND_TIMEOUT_USEC, WATCHDOG) are dropped, since
+    the next one says the same."""
     addr = (env if env is not None else os.environ).get("NOTIFY_SOCKET")
     if not addr:
         return False
     if addr.startswith("@"):
         addr = "\0" + addr[1:]  # abstract namespace
+    queue = [*_pending.pop(addr, ()), message]
+    sent = 0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
             s.connect(addr)
-            s.sendall(message.encode())
-    except OSError:
+            for m in queue:
+                s.send(m.encode())
+                sent += 1
+    except BlockingIOError:  # full: what must arrive waits (the last few, if it stays full)
+        _pending[addr] = [m for m in queue[sent:] if m.startswith(_MUST)][-16:]
+        return False
+    except OSError:  # no socket there (not under systemd any more): nothing to keep
         return False
     return True
 

@@ -66,7 +66,7 @@ def _until(check, seconds: float) -> bool:  # noqa: ANN001
     return False
 
 
-def test_a_host_whose_main_loop_stopped_turning_lets_its_slots_go(tmp_path):
+def test_a_host_whose_main_loop_stopped_turning_lets_its_slots_go(tmp_path, caplog):
     """A supervisor whose main loop hangs cannot start or stop object processes; if its
     cluster thread went on renewing, its slots would be held and never served."""
     with nats_cluster(tmp_path / "nats") as nats:
@@ -88,6 +88,9 @@ def test_a_host_whose_main_loop_stopped_turning_lets_its_slots_go(tmp_path):
                         a.status(), b.status())
                     assert time.monotonic() - hung < 6 * LEASE
                     assert a.wanted() == frozenset()  # (its lease file ran out as well)
+                    # and the log says where the main thread waits (here: the test's own)
+                    said = [r.getMessage() for r in caplog.records if "not turned" in r.getMessage()]
+                    assert said and "test_cluster_host.py" in said[0], said
         finally:
             a.close()
             b.close()

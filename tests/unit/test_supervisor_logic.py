@@ -1,9 +1,11 @@
 """Restart policy, sd_notify and configuration: pure logic (plus a real AF_UNIX socket)."""
 
+import contextlib
 import os
 import re
 import socket
 import sys
+import threading
 
 import pytest
 
@@ -53,6 +55,37 @@ def test_notify_sends_datagrams_to_a_real_socket(tmp_path):
         assert [s.recv(100), s.recv(100)] == [b"READY=1", b"STATUS=hi there"]
     assert systemd.notify("READY=1", {}) is False
     assert systemd.notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "missing")}) is False
+
+
+def test_notify_never_blocks_on_a_socket_nobody_reads(tmp_path):
+    """A notify socket whose reader stopped reading (a stuck systemd, a test harness) once
+    hung the supervisor's main loop in sendall: messages that matter wait for the next send,
+    the rest are dropped, and no call waits."""
+    path = tmp_path / "n.sock"
+    env = {"NOTIFY_SOCKET": str(path)}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.setblocking(False)
+        done = threading.Event()
+
+        def fill() -> None:
+            for i in range(100_000):  # (the queue holds a few hundred datagrams)
+                if not systemd.notify(f"STATUS=filling {i}", env):
+                    break
+            systemd.notify("READY=1", env)  # queued behind the full socket
+            done.set()
+
+        t = threading.Thread(target=fill, daemon=True)
+        t.start()
+        t.join(30)
+        assert done.is_set(), "notify blocked on a full socket"
+        got = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(s.recv(200))
+        assert got and b"READY=1" not in got
+        assert systemd.notify("STATUS=after", env)
+        assert [s.recv(200), s.recv(200)] == [b"READY=1", b"STATUS=after"]
 
 
 def test_watchdog_interval():
