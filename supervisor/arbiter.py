@@ -939,6 +939,7 @@ class _Turn:
         """One turn; False when the supervisor is to stop."""
         a = self.a
         a._wait(self.wakeup_fd)
+        systemd.flush()  # (a READY=1 that found systemd's socket full)
         a._reap()
         a._check_liveness()
         if a._handle_signals():

@@ -6,7 +6,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-__all__ = ["notify", "watchdog_interval"]
+__all__ = ["flush", "notify", "watchdog_interval"]
 
 
 #: messages systemd must get, in order: kept when the socket is full, sent before the next
@@ -42,6 +42,19 @@ def notify(message: str, env: Mapping[str, str] | None = None) -> bool:
     except OSError:  # no socket there (not under systemd any more): nothing to keep
         return False
     return True
+
+
+def flush(env: Mapping[str, str] | None = None) -> bool:
+    """Send what waited for room (the supervisor calls this every turn: a READY=1 that found
+    the socket full must not wait for a next notification that may never come). Return
+    whether nothing waits any more."""
+    addr = (env if env is not None else os.environ).get("NOTIFY_SOCKET", "")
+    key = "\0" + addr[1:] if addr.startswith("@") else addr
+    waiting = _pending.pop(key, None)
+    if not waiting:
+        return True
+    _pending[key] = waiting[:-1]
+    return notify(waiting[-1], env)
 
 
 def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:

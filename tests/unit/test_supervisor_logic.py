@@ -84,8 +84,19 @@ def test_notify_never_blocks_on_a_socket_nobody_reads(tmp_path):
             while True:
                 got.append(s.recv(200))
         assert got and b"READY=1" not in got
-        assert systemd.notify("STATUS=after", env)
-        assert [s.recv(200), s.recv(200)] == [b"READY=1", b"STATUS=after"]
+        assert systemd.flush(env)  # (the supervisor's next turn)
+        assert s.recv(200) == b"READY=1"
+        assert systemd.flush(env) and systemd.notify("STATUS=after", env)
+        assert s.recv(200) == b"STATUS=after"
+        for i in range(100):  # full again: READY=1 then STOPPING=1 wait, in that order
+            if not systemd.notify(f"STATUS=again {i}", env):
+                break
+        assert not systemd.notify("READY=1", env) and not systemd.notify("STOPPING=1", env)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                s.recv(200)
+        assert systemd.flush(env)
+        assert [s.recv(200), s.recv(200)] == [b"READY=1", b"STOPPING=1"]
 
 
 def test_watchdog_interval():
