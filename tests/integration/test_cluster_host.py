@@ -17,7 +17,7 @@ from durable.supervisor.config import Config, from_dict
 from durable.supervisor.host import ClusterHost
 from tests.integration.clusterhosts import cluster_key
 from tests.integration.natscluster import jetstream_ready, nats_cluster
-from tests.integration.procs import free_port
+from tests.integration.procs import free_port, wait_for
 
 pytestmark = pytest.mark.slow  # a real nats-server
 
@@ -57,15 +57,6 @@ def _turning(host: ClusterHost) -> Iterator[threading.Event]:
         t.join()
 
 
-def _until(check, seconds: float) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_host_whose_main_loop_stopped_turning_lets_its_slots_go(tmp_path, caplog):
     """A supervisor whose main loop hangs cannot start or stop object processes; if its
     cluster thread went on renewing, its slots would be held and never served."""
@@ -76,16 +67,16 @@ def test_a_host_whose_main_loop_stopped_turning_lets_its_slots_go(tmp_path, capl
         try:
             with _turning(a) as a_loop:
                 a.join(30)
-                assert _until(lambda: a.wanted() == frozenset(range(SLOTS)), 10), a.status()
+                wait_for(lambda: a.wanted() == frozenset(range(SLOTS)), 10, "a holding every slot")
                 with _turning(b):
                     b.join(30)
                     # Both turn: each holds one slot once b asked for its share.
-                    assert _until(lambda: len(a.wanted()) == len(b.wanted()) == 1, 20), (
-                        a.status(), b.status())
+                    wait_for(lambda: len(a.wanted()) == len(b.wanted()) == 1, 20,
+                             "one slot each")
                     a_loop.set()  # a's loop hangs from here (its cluster thread runs on)
                     hung = time.monotonic()
-                    assert _until(lambda: b.wanted() == frozenset(range(SLOTS)), 10 * LEASE), (
-                        a.status(), b.status())
+                    wait_for(lambda: b.wanted() == frozenset(range(SLOTS)), 10 * LEASE,
+                             "b holding every slot once a's loop hung", 0.05)
                     assert time.monotonic() - hung < 6 * LEASE
                     assert a.wanted() == frozenset()  # (its lease file ran out as well)
                     # and the log says where the main thread waits (here: the test's own)
