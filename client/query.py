@@ -37,6 +37,7 @@ import orjson
 import pyarrow as pa
 import zmq
 
+from . import pushdown
 from .errors import CallTimeoutError, QueryError
 
 __all__ = ["QueryResult", "ObjectInfo", "check_query", "needs_names", "sql", "list_objects", "snapshot",
@@ -157,7 +158,7 @@ def check_query(query: str) -> set[str]:
     if not isinstance(query, str) or not query.strip():
         raise QueryError("the query is empty; give one SELECT statement")
     try:
-        statements = duckdb.extract_statements(query)
+        statements = pushdown.parser().extract_statements(query)
     except duckdb.Error as e:
         raise QueryError(f"the query does not parse: {e}") from None
     if len(statements) != 1:
@@ -168,7 +169,7 @@ def check_query(query: str) -> set[str]:
         raise QueryError(f"only read-only statements may run (SELECT, WITH, DESCRIBE, SHOW, "
                          f"SUMMARIZE); this one is {kind.name}")
     try:
-        names = {n.lower() for n in duckdb.connect().get_table_names(query)}
+        names = {n.lower() for n in pushdown.parser().get_table_names(query)}
     except duckdb.Error:
         names = set()
     words = {w.lower() for w in re.findall(r"[A-Za-z_]+", query)}
@@ -186,12 +187,8 @@ def needs_names(query: str) -> bool:
     kv``, ``DESCRIBE``), a row used as a value (``SELECT k FROM kv k``) or a join that matches
     columns by name (``NATURAL``, ``USING``). Anything not understood counts as "may"; a
     reference missed would fail to bind (the views then lack the column), not answer wrong."""
-    try:
-        tree = orjson.loads(duckdb.connect().execute(
-            "SELECT json_serialize_sql(?::VARCHAR)", [query]).fetchone()[0])
-    except (duckdb.Error, orjson.JSONDecodeError, TypeError):
-        return True
-    if tree.get("error", True):
+    tree = pushdown.syntax_tree(query)
+    if tree is None or tree.get("error", True):
         return True
     refs: list[list[str]] = []
     aliases: set[str] = set()
@@ -308,13 +305,17 @@ class Snapshot:
     alarms: pa.Table | None
     cut: dict[int, int]
     bytes: int
+    #: objects holding a key, counted by the slots (only when asked: ``count_objects``)
+    objects: int | None = None
 
 
 async def snapshot(client: Any, what: set[str], *, namespace: str | None = None,
                    timeout: float = 60.0, max_bytes: int = 4 << 30,
-                   progress: Callable[[int, int], None] | None = None) -> Snapshot:
+                   progress: Callable[[int, int], None] | None = None,
+                   count_objects: bool = False) -> Snapshot:
     """Fetch ``what`` (``kv``, ``data``: kv without the name rows, ``names``: the name rows
-    only, ``alarms``) from every slot; ``progress(rows, bytes)``."""
+    only, ``alarms``) from every slot; ``progress(rows, bytes)``; ``count_objects``: each
+    slot also counts its objects holding a key (with ``kv``)."""
     deadline = time.monotonic() + timeout
     stubs = await _slot_stubs(client, namespace)
     opened: list[tuple[str, dict[str, Any]]] = []
@@ -322,26 +323,33 @@ async def snapshot(client: Any, what: set[str], *, namespace: str | None = None,
     if "kv" in what:
         what = what - {"names"}  # (kv holds the name rows too)
     for kind in sorted(what):
+        count = "&count=objects" if count_objects and kind == "kv" else ""
         replies = await asyncio.gather(*(
-            _ask(s, f"{QUERY_URL}?op=snapshot&what={kind}&timeout={timeout:g}{q}", timeout)
-            for s in stubs))
+            _ask(s, f"{QUERY_URL}?op=snapshot&what={kind}&timeout={timeout:g}{q}{count}",
+                 timeout) for s in stubs))
         opened.extend((kind, r) for r in replies)
-    batches, cut, size = await asyncio.to_thread(_receive, opened, deadline, max_bytes, progress)
+    ends: list[dict[str, Any]] = []
+    batches, cut, size = await asyncio.to_thread(_receive, opened, deadline, max_bytes, progress,
+                                                 ends)
     tables: dict[str, pa.Table | None] = {"kv": None, "alarms": None}
     for kind in what:
         schema = ALARMS_SCHEMA if kind == "alarms" else KV_SCHEMA
         got = [b.cast(schema) if b.schema != schema else b for b in batches[kind]]
         tables["alarms" if kind == "alarms" else "kv"] = pa.Table.from_batches(got, schema=schema)
-    return Snapshot(tables["kv"], tables["alarms"], cut, size)
+    counted = [e["objects"] for e in ends if "objects" in e]
+    objects = sum(counted) if count_objects and "kv" in what and len(counted) == len(stubs) \
+        else None
+    return Snapshot(tables["kv"], tables["alarms"], cut, size, objects)
 
 
 def _receive(opened: list[tuple[str, dict[str, Any]]], deadline: float, max_bytes: int,
-             progress: Callable[[int, int], None] | None
+             progress: Callable[[int, int], None] | None, ends: list[dict[str, Any]] | None = None
              ) -> tuple[dict[str, list[pa.RecordBatch]], dict[int, int], int]:
     ctx = zmq.Context.instance()
     socks: dict[zmq.Socket[Any], tuple[str, dict[str, Any]]] = {}
     poller = zmq.Poller()
-    out: dict[str, list[pa.RecordBatch]] = {"kv": [], "data": [], "names": [], "alarms": []}
+    out: dict[str, list[pa.RecordBatch]] = {"kv": [], "data": [], "names": [], "alarms": [],
+                                            "agg": []}
     cut: dict[int, int] = {}
     size = rows = 0
     try:
@@ -373,6 +381,8 @@ def _receive(opened: list[tuple[str, dict[str, Any]]], deadline: float, max_byte
                         out[kind].append(batch)
                         rows += batch.num_rows
                 elif tag.bytes == b"E":
+                    if ends is not None:
+                        ends.append(orjson.loads(data.bytes))
                     poller.unregister(s)
                     s.close()
                     del socks[s]
@@ -447,13 +457,85 @@ def _kinds(needed: set[str], names: bool) -> set[str]:
     return {"data" if k == "kv" else k for k in needed if k != "names"}
 
 
+def fold_sql(query: str, split: pushdown.Plan, *, memory_limit: str
+              ) -> tuple[str, list[str]] | None:
+    """The SQL that folds the slots' partial rows into ``query``'s answer, and its column
+    names; None if the folded form would not bind (an ORDER BY naming no output column,
+    say): the query then runs as any other. Each column is named and typed as the query
+    gives it when run over no rows."""
+    con = locked_engine(memory_limit=memory_limit, threads=1)
+    try:
+        views(con, None, None, names=False)
+        cur = con.execute(query)
+        names = [d[0] for d in cur.description]
+        combine = split.combine_sql(names, [str(d[1]) for d in cur.description])
+        con.execute(f"CREATE TABLE durable_final AS SELECT * FROM ({query}) LIMIT 0")
+        con.execute(split.final_sql).fetchall()
+    except (duckdb.Error, ValueError):
+        return None
+    finally:
+        con.close()
+    return combine, names
+
+
+async def _aggregate(client: Any, query: str, split: pushdown.Plan, *,
+                     namespace: str | None, deadline: float, memory_limit: str
+                     ) -> QueryResult | None:
+    """Ask each slot for its partial rows of ``query`` and fold them (None: they cannot be
+    folded after all; run it the general way)."""
+    from urllib.parse import quote
+    folding_task = asyncio.ensure_future(asyncio.to_thread(  # (while the slots work)
+        fold_sql, query, split, memory_limit=memory_limit))
+    try:
+        stubs = await _slot_stubs(client, namespace)
+        left = deadline - time.monotonic()
+        q = f"&ns={namespace}" if namespace else ""
+        replies = await asyncio.gather(*(
+            _ask(s, f"{QUERY_URL}?op=snapshot&what=agg&timeout={left:g}{q}&q={quote(query)}",
+                 left) for s in stubs))
+        batches, cut, _size = await asyncio.to_thread(
+            _receive, [("agg", r) for r in replies], deadline, 64 << 20, None)
+    finally:
+        folding = await folding_task
+    if folding is None:
+        return None
+    columns, rows = await asyncio.to_thread(fold_partials, split, folding, batches["agg"],
+                                            deadline=deadline, memory_limit=memory_limit)
+    return QueryResult(columns, rows, cut)
+
+
+def fold_partials(split: pushdown.Plan, folding: tuple[str, list[str]],
+                  partials: list[pa.RecordBatch], *, deadline: float, memory_limit: str
+                  ) -> tuple[list[str], list[tuple]]:
+    """The answer from every slot's partial rows (``folding``: from :func:`fold_sql`)."""
+    combine, names = folding
+    if not partials:  # (no slot has a group: only a grouped query gets no row)
+        return names, []
+    con = locked_engine(memory_limit=memory_limit, threads=1)
+    try:
+        con.register(pushdown.PARTIALS, pa.Table.from_batches(partials))
+        con.execute(f"CREATE VIEW durable_final AS {combine}")
+        return _run(con, split.final_sql, deadline - time.monotonic())
+    finally:
+        con.close()
+
+
 async def sql(client: Any, query: str, *, namespace: str | None = None, timeout: float = 60.0,
               memory_limit: str = "2GB", threads: int = 2,
-              max_bytes: int = 4 << 30) -> QueryResult:
-    """Run one read-only SQL statement over every object's storage (see the module doc)."""
+              max_bytes: int = 4 << 30, split: bool = True) -> QueryResult:
+    """Run one read-only SQL statement over every object's storage (see the module doc).
+
+    An aggregate of the shape ``durable.pushdown`` describes is computed in each slot and
+    folded here (``split=False``: never; the answer is the same, only slower)."""
     needed = check_query(query)
     names = needs_names(query)
     deadline = time.monotonic() + timeout
+    plan = pushdown.plan(query) if split and not names else None
+    if plan is not None:
+        done = await _aggregate(client, query, plan, namespace=namespace, deadline=deadline,
+                                memory_limit=memory_limit)
+        if done is not None:
+            return done
     while True:
         snap = await snapshot(client, _kinds(needed, names), namespace=namespace,
                               timeout=deadline - time.monotonic(), max_bytes=max_bytes)
@@ -559,10 +641,12 @@ async def export(client: Any, dest: Any, *, namespace: str | None = None,
             say(f"received {rows:,} rows ({size / 2**20:.0f} MiB)")
 
     snap = await snapshot(client, {"kv", "alarms"}, namespace=namespace, timeout=timeout,
-                          max_bytes=max_bytes, progress=progress)
+                          max_bytes=max_bytes, progress=progress, count_objects=True)
     say(f"received every slot's rows ({snap.bytes / 2**20:.0f} MiB); writing {file_format}")
     ext = "parquet" if file_format == "parquet" else "jsonl"
-    options = "FORMAT parquet, COMPRESSION zstd" if ext == "parquet" else "FORMAT json"
+    # (zstd at level 1: files ~5% larger than at its default 3, written ~1 s sooner per 3M rows)
+    options = ("FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1" if ext == "parquet"
+               else "FORMAT json")
 
     def write() -> dict[str, int]:
         con = duckdb.connect(config={"threads": 2, "autoinstall_known_extensions": False,
@@ -579,7 +663,8 @@ async def export(client: Any, dest: Any, *, namespace: str | None = None,
                 con.execute(f"COPY ({sql_text}) TO '{path}' ({options})")
                 os.chmod(dest / f"{name}.{ext}", 0o600)
                 counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
-            counts["objects"] = _manifest_objects(con)
+            counts["objects"] = (snap.objects if snap.objects is not None
+                                 else _manifest_objects(con))
             return counts
         finally:
             con.close()

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import zmq
 
-from durable import codec
+from durable import codec, pushdown
 from durable.client import Client
 from durable.errors import (
     ObjectError,
@@ -652,10 +652,15 @@ class ObjectProcess:
                                            q.get("prefix") or None, reply))
         elif op == "snapshot":
             what = q.get("what", "kv")
-            if what not in ("kv", "data", "names", "alarms"):
-                raise ValueError(f"what must be kv, data, names or alarms, got {what!r}")
+            if what not in ("kv", "data", "names", "alarms", "agg"):
+                raise ValueError(f"what must be kv, data, names, alarms or agg, got {what!r}")
+            query = q.get("q")
+            if what == "agg" and pushdown.plan(query or "") is None:
+                raise ValueError("what=agg needs q=QUERY, a query that a slot aggregates "
+                                 "(docs/query.md)")
             timeout = min(float(q.get("timeout", "60")), 900.0)  # (checkpoints wait for it)
-            self._spawn(self._snapshot(what, namespace, timeout, reply))
+            count = q.get("count") == "objects"  # (the E message says how many hold a key)
+            self._spawn(self._snapshot(what, namespace, timeout, reply, query, count))
         else:
             raise ValueError(f"op must be snapshot, objects or ping, got {op!r}")
 
@@ -671,7 +676,7 @@ class ObjectProcess:
                 f"waited {QUERY_QUEUE_SECONDS:g} s for its turn; try again later") from None
 
     async def _snapshot(self, what: str, namespace: str | None, timeout: float,
-                        reply: Any) -> None:
+                        reply: Any, query: str | None = None, count: bool = False) -> None:
         try:
             await self._snapshot_turn()
         except Exception as e:
@@ -693,7 +698,8 @@ class ObjectProcess:
         try:
             run_dir = Path(self.config.run_dir or self.config.data_dir)
             stream = SnapshotStream(self.store, self._ctx or zmq.Context.instance(), run_dir,
-                                    what, namespace, timeout=timeout)
+                                    what, namespace, timeout=timeout, query=query,
+                                    count_objects=count)
         except Exception as e:
             self._snapshots.release()
             reply(None, e)

@@ -126,7 +126,8 @@ def test_queries_without_names_fetch_none_and_a_missed_name_is_fetched(shared, m
     rows sent); were needs_names ever wrong, the names are fetched and the answer is right."""
     d, _info = shared
     import durable.query as q
-    counted = "SELECT namespace, count(*), count(DISTINCT object_id) FROM kv {} GROUP BY ALL ORDER BY 1"
+    counted = ("SELECT namespace, count(*), count(DISTINCT object_id), count(DISTINCT key) "
+               "FROM kv {} GROUP BY ALL ORDER BY 1")  # (a distinct key count: not split)
     r = asyncio.run(_sql(d, counted.format("")))
     assert [row[0] for row in r.rows] == ["Other", "Store"] and r.rows[1][2] == 31
     forced = asyncio.run(_sql(d, counted.format("WHERE object_name IS NULL OR object_name <> ''")))
@@ -330,6 +331,105 @@ def test_a_query_during_a_write_burst_sees_a_prefix_of_each_slot(shared):
                 stop.set()
                 await asyncio.gather(*writers)
             assert checks == 12 and min(acked.values()) > 20
+    asyncio.run(main())
+
+
+SPLIT_QUERIES = [
+    "SELECT count(*) FROM kv",
+    "SELECT namespace, count(*) AS rows, count(DISTINCT object_id) AS objects, "
+    "sum(CAST(value->>'$.count' AS BIGINT)) AS counts, min(key), max(updated_at) "
+    "FROM kv GROUP BY namespace ORDER BY namespace",
+    "SELECT count(value), max(value::VARCHAR) FROM kv WHERE key = 'n'",
+    "SELECT namespace, count(*) FROM kv WHERE key = 'nope' GROUP BY ALL",  # (no group at all)
+]
+
+
+@pytest.mark.parametrize("query", SPLIT_QUERIES)
+def test_aggregates_computed_in_each_slot_answer_as_shipped_rows(shared, query, monkeypatch):
+    """The same query, split across the slots and run the general way: the same answer; and
+    the split one really was split (the slots sent partial rows, not rows)."""
+    d, _ = shared
+    import durable.query as dq
+    asked: list[str] = []
+    real = dq._receive
+
+    def spy(opened, *a, **kw):
+        asked.extend(kind for kind, _ in opened)
+        return real(opened, *a, **kw)
+    monkeypatch.setattr(dq, "_receive", spy)
+
+    async def main():
+        async with durable.connect(admin(d)) as op:
+            split = await dq.sql(op, query)
+            kinds = set(asked)
+            whole = await dq.sql(op, query, split=False)
+            return split, kinds, whole
+    split, kinds, whole = asyncio.run(main())
+    assert kinds == {"agg"}
+    assert split.columns == whole.columns
+    assert split.rows == whole.rows
+    assert set(split.cut) == {0, 1}
+
+
+def test_a_slot_refuses_to_aggregate_a_query_that_does_not_split(shared):
+    d, _ = shared
+    from urllib.parse import quote
+
+    from durable.query import QUERY_METHOD, QUERY_URL
+
+    async def main():
+        async with durable.connect(admin(d)) as op:
+            stub = op.namespace("Store").get_by_name("obj-01")
+            q = quote("SELECT count(*) FROM kv WHERE length(read_text('/etc/hostname')) > 0")
+            with pytest.raises(durable.ObjectError, match="a query that a slot aggregates"):
+                await stub.fetch(f"{QUERY_URL}?op=snapshot&what=agg&q={q}",
+                                 method=QUERY_METHOD, timeout=10)
+            assert (await op.sql("SELECT count(*) FROM kv WHERE key = 'n'")).rows[0][0] >= 31
+    asyncio.run(main())
+
+
+def test_an_aggregate_during_a_write_burst_holds_every_acknowledged_write(shared):
+    """One writer per slot puts keys x{i} and y{i} in one write set; a split count during the
+    burst sees as many x as y (nothing partial) and at least every write acknowledged before."""
+    d, _ = shared
+
+    async def main():
+        async with durable.connect(admin(d)) as op, durable.connect(d.frontend) as c:
+            ns = c.namespace("Other")
+            acked = [0, 0]
+            stop = asyncio.Event()
+
+            async def writer(k: int) -> None:
+                stub = ns.get_by_name(f"agg-burst-{k}")
+                i = 0
+                deadline = time.monotonic() + 30
+                while not stop.is_set() and time.monotonic() < deadline:
+                    i += 1
+                    await stub.put({f"x{i}": i, f"y{i}": i})
+                    acked[k] = i
+
+            writers = [asyncio.ensure_future(writer(k)) for k in (0, 1)]
+            await asyncio.sleep(0.3)
+            try:
+                for _ in range(5):
+                    before = sum(acked)
+                    r = await op.sql(
+                        "SELECT count(*) FILTER (WHERE 1 = 1) IS NULL, "  # (general way)
+                        "1 FROM kv LIMIT 0")  # a general query between, as users mix them
+                    assert r.rows == []
+                    r = await op.sql(
+                        "SELECT sum(CASE WHEN starts_with(key, 'x') THEN 1 ELSE 0 END), "
+                        "sum(CASE WHEN starts_with(key, 'y') THEN 1 ELSE 0 END) FROM kv "
+                        "WHERE namespace = 'Other' AND starts_with(key, 'x') OR "
+                        "namespace = 'Other' AND starts_with(key, 'y')")
+                    xs, ys = r.rows[0]
+                    assert xs == ys and xs >= before, (xs, ys, before)
+                    assert xs <= sum(acked) + 2  # (at most the writes in flight besides)
+                    await asyncio.sleep(0.1)
+            finally:
+                stop.set()
+                await asyncio.gather(*writers)
+            assert min(acked) > 10
     asyncio.run(main())
 
 
