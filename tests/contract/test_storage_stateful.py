@@ -205,5 +205,5 @@ class TestEngineMatchesModel(EngineMatchesModel.TestCase):
 class TestEngineMatchesModelQuick(EngineMatchesModel.TestCase):
     """A short run for the fast subset (``pytest -m "not slow"``)."""
 
-    settings = settings(max_examples=12, stateful_step_count=30, deadline=None,
+    settings = settings(max_examples=8, stateful_step_count=30, deadline=None,
                         suppress_health_check=[HealthCheck.too_slow])

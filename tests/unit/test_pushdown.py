@@ -144,11 +144,11 @@ def _apply(store: DuckStore, records: list[WriteSet]) -> None:
     store.apply(rows, clears, len(records), alarms, purge_over=20_000)
 
 
-@settings(max_examples=examples(20), deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(writesets, max_size=30), st.data())
 def test_split_answers_equal_the_general_way(records, data):
-    """Two slots, each DuckDB plus an overlay of later records: every query of SPLITS gives
-    the same columns and rows split as from the rows shipped whole."""
+    """Two slots, each DuckDB plus an overlay of later records: queries of SPLITS (up to
+    three an example) give the same columns and rows split as from the rows shipped whole."""
     stores = _stores()
     cut = data.draw(st.integers(0, len(records)))
     per_slot = [[(n, r) for n, r in enumerate(records)
@@ -170,7 +170,8 @@ def test_split_answers_equal_the_general_way(records, data):
         deadline = time.monotonic() + 60
         general = locked_engine(memory_limit="256MB", threads=1)
         views(general, rows, None, names=False)  # (as run_over lays them)
-        for query in SPLITS:
+        for query in data.draw(st.lists(st.sampled_from(SPLITS), min_size=1, max_size=3,
+                                        unique=True)):  # (every query: ~1.5 s an example)
             cur_ = general.execute(query)
             want = ([d[0] for d in cur_.description], cur_.fetchall())
             split = pushdown.plan(query)

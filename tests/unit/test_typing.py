@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # (mypy takes ~5 s: the full suite runs it)
+
 REPO = Path(__file__).resolve().parents[2]
 
 MISUSE = """\
