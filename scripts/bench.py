@@ -1425,20 +1425,26 @@ def query_suite(quick: bool, objects: int) -> dict[str, Any]:
                     assert manifest["rows"] == objects * 3
                     out["export_parquet_s"] = s
 
-                    async def scans() -> None:  # as an operator would: `durable sql`, its own process
+                    async def scans(query: str) -> None:  # as an operator would: `durable sql`
                         for _ in range(3):
                             proc = await asyncio.create_subprocess_exec(
                                 sys.executable, "-m", "durable.supervisor.cli", "sql", "--json",
-                                "SELECT count(*), max(updated_at) FROM kv", "--config",
+                                query, "--config",
                                 str(d.root / "durable.toml"), env=env,
                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
                             _, err = await proc.communicate()
                             if proc.returncode != 0:
                                 raise RuntimeError(f"durable sql failed: {err.decode()}")
                     before = await _probe_during(d.frontend, asyncio.ensure_future(asyncio.sleep(5)))
-                    during = await _probe_during(d.frontend, asyncio.ensure_future(scans()))
+                    # (split: each slot scans its rows itself; shipped: each slot sends every row)
+                    during = await _probe_during(d.frontend, asyncio.ensure_future(
+                        scans("SELECT count(*), max(updated_at) FROM kv")))
+                    shipped = await _probe_during(d.frontend, asyncio.ensure_future(
+                        scans("SELECT count(DISTINCT key), max(updated_at) FROM kv")))
                     out["calls_before"], out["calls_during_scan"] = before, during
+                    out["calls_during_shipped_scan"] = shipped
                     out["p99_ratio"] = round(during["p99_ms"] / before["p99_ms"], 2)
+                    out["p99_ratio_shipped"] = round(shipped["p99_ms"] / before["p99_ms"], 2)
 
             import durable.query  # noqa: F401
             asyncio.run(run())
