@@ -654,13 +654,13 @@ class ObjectProcess:
             what = q.get("what", "kv")
             if what not in ("kv", "data", "names", "alarms", "agg"):
                 raise ValueError(f"what must be kv, data, names, alarms or agg, got {what!r}")
-            query = q.get("q")
-            if what == "agg" and pushdown.plan(query or "") is None:
+            split = None  # (planned here, once: a query that does not split costs no snapshot)
+            if what == "agg" and (split := pushdown.plan(q.get("q") or "")) is None:
                 raise ValueError("what=agg needs q=QUERY, a query that a slot aggregates "
                                  "(docs/query.md)")
             timeout = min(float(q.get("timeout", "60")), 900.0)  # (checkpoints wait for it)
             count = q.get("count") == "objects"  # (the E message says how many hold a key)
-            self._spawn(self._snapshot(what, namespace, timeout, reply, query, count))
+            self._spawn(self._snapshot(what, namespace, timeout, reply, split, count))
         else:
             raise ValueError(f"op must be snapshot, objects or ping, got {op!r}")
 
@@ -676,7 +676,8 @@ class ObjectProcess:
                 f"waited {QUERY_QUEUE_SECONDS:g} s for its turn; try again later") from None
 
     async def _snapshot(self, what: str, namespace: str | None, timeout: float,
-                        reply: Any, query: str | None = None, count: bool = False) -> None:
+                        reply: Any, split: pushdown.Plan | None = None,
+                        count: bool = False) -> None:
         try:
             await self._snapshot_turn()
         except Exception as e:
@@ -698,7 +699,7 @@ class ObjectProcess:
         try:
             run_dir = Path(self.config.run_dir or self.config.data_dir)
             stream = SnapshotStream(self.store, self._ctx or zmq.Context.instance(), run_dir,
-                                    what, namespace, timeout=timeout, query=query,
+                                    what, namespace, timeout=timeout, split=split,
                                     count_objects=count)
         except Exception as e:
             self._snapshots.release()

@@ -140,26 +140,32 @@ def _live_alarms(ov: Overlay, where: str) -> str:
             f"UNION ALL SELECT obj, due FROM durable_ova WHERE due >= 0 AND {where}")
 
 
+def _data_where(namespace: str | None, params: dict[str, Any]) -> str:
+    """Rows of ``namespace`` (all, for None) but not the name rows."""
+    params["nlo"], params["nhi"] = NAME_PREFIX.encode(), NAME_PREFIX[:-1].encode() + b"`"
+    return f"NOT (obj >= $nlo AND obj < $nhi) AND {_where(namespace_ranges(namespace), params)}"
+
+
 def snapshot_sql(what: str, ov: Overlay, namespace: str | None,
-                 query: str | None = None) -> tuple[str, dict[str, Any]]:
+                 split: pushdown.Plan | None = None) -> tuple[str, dict[str, Any]]:
     """The query a slot streams for ``what``: ``kv`` rows as ``(pk, v, t)`` (``data``: without
     the name rows), ``alarms`` as
     ``(obj, due)``, bytes as stored. The reader splits them (``durable.query``): doing it
     here would cost the slot ~3x the CPU (UTF-8 checks and string splits, measured).
-    ``agg``: the partial rows of ``query``'s per-slot aggregates (``durable.pushdown``),
-    which needs the split columns, but only reads them here, once."""
+    ``agg``: the partial rows of a query's per-slot aggregates (``split``, planned by
+    ``durable.pushdown``), which needs the split columns, but only reads them here, once."""
     params: dict[str, Any] = {}
     where = _where(namespace_ranges(namespace), params)
     if what == "kv":
         return f"SELECT pk, v, t FROM ({_live_kv(ov, where)})", params
     if what in ("data", "agg"):  # (kv without the name rows: for a query that reads no names)
-        params["nlo"], params["nhi"] = NAME_PREFIX.encode(), NAME_PREFIX[:-1].encode() + b"`"
-        where = f"NOT (obj >= $nlo AND obj < $nhi) AND {where}"
+        params.clear()
+        where = _data_where(namespace, params)
         if what == "data":
             return f"SELECT pk, v, t FROM ({_live_kv(ov, where)})", params
-        plan = pushdown.plan(query or "")
-        if plan is None:
-            raise ValueError("the query is not one that a slot aggregates (docs/query.md)")
+        if split is None:
+            raise ValueError("what=agg needs q=QUERY, a query that a slot aggregates "
+                             "(docs/query.md)")
         # The columns as durable.query's kv view has them (ids and namespaces are ASCII, so
         # the key starts at the same character as byte); durable_obj: namespace/id as stored;
         # durable_text: the value's JSON text, for JSON functions (durable.pushdown).
@@ -169,7 +175,7 @@ def snapshot_sql(what: str, ov: Overlay, namespace: str | None,
                 "make_timestamp(t * 1000) AS updated_at, obj AS durable_obj, "
                 "decode(v) AS durable_text "
                 f"FROM ({_live_kv(ov, where)})")
-        return f"WITH {pushdown.SLOT_VIEW} AS ({view}) {plan.slot_sql}", params
+        return f"WITH {pushdown.SLOT_VIEW} AS ({view}) {split.slot_sql}", params
     if what == "names":  # (the name rows only: what the alarms view needs besides alarms)
         ranges = (namespace_ranges(namespace)[1:] if namespace else
                   [(NAME_PREFIX.encode(), NAME_PREFIX[:-1].encode() + b"`")])  # "`" follows "_"
@@ -183,8 +189,8 @@ def objects_sql(ov: Overlay, namespace: str | None) -> tuple[str, dict[str, Any]
     """How many objects hold a key in the snapshot (for an export's manifest: counting them
     here, beside their rows, costs the slot ~0.3 s per million rows; the reader would
     spend ~1.2 s on the same 3M rows as text)."""
-    params: dict[str, Any] = {"nlo": NAME_PREFIX.encode(), "nhi": NAME_PREFIX[:-1].encode() + b"`"}
-    where = f"NOT (obj >= $nlo AND obj < $nhi) AND {_where(namespace_ranges(namespace), params)}"
+    params: dict[str, Any] = {}
+    where = _data_where(namespace, params)
     return f"SELECT count(DISTINCT obj) FROM ({_live_kv(ov, where, 'obj')})", params
 
 
@@ -322,8 +328,8 @@ class SnapshotStream:
 
     def __init__(self, store: SlotStore, ctx: zmq.Context[Any], run_dir: Path, what: str,
                  namespace: str | None, *, timeout: float, stall: float = 30.0,
-                 query: str | None = None, count_objects: bool = False) -> None:
-        self.what, self.namespace, self.query = what, namespace, query
+                 split: pushdown.Plan | None = None, count_objects: bool = False) -> None:
+        self.what, self.namespace, self.split = what, namespace, split
         self.count_objects = count_objects
         self.deadline = time.monotonic() + timeout
         self.stall = stall
@@ -370,7 +376,7 @@ class SnapshotStream:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
         try:
             self.overlay.register(self.cursor)
-            sql, params = snapshot_sql(self.what, self.overlay, self.namespace, self.query)
+            sql, params = snapshot_sql(self.what, self.overlay, self.namespace, self.split)
             reader = self.cursor.sql(sql, params=params).to_arrow_reader(_BATCH_ROWS)
             for batch in reader:
                 if time.monotonic() > self.deadline:
