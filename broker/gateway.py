@@ -86,7 +86,7 @@ from durable.supervisor import lifeline, logs
 from durable.supervisor.config import Config, ConfigError, settings_from_args
 from durable.websocket import MAX_MESSAGE, OPEN, Channel
 
-__all__ = ["Gateway", "main"]
+__all__ = ["Front", "Gateway", "main"]
 
 log = logging.getLogger("durable.gateway")
 #: one line per request with ``[http] access_log = true``
@@ -540,6 +540,11 @@ class _Resumed:
                     return stop.value
 
 
+def _adopted(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:  # (it closed meanwhile)
+        log.debug("an HTTP connection could not be served: %s", task.exception())
+
+
 def _utf8(value: str) -> bool:
     try:
         value.encode()
@@ -560,9 +565,65 @@ def _loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> No
     loop.default_exception_handler(context)
 
 
+class Front:
+    """An HTTP front on a client: the gateway's server, in a gateway process or (``[http]
+    front = "slots"``) in each object process, on the supervisor's listening socket."""
+
+    def __init__(self, gateway: Gateway, runner: web.AppRunner) -> None:
+        self.gateway = gateway
+        self.runner = runner
+        self.acceptor: Any = None  # (front = "slots": objectproc.httpfront.SlotFront)
+
+    def adopt(self, conn: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (front = "slots": this process's own accept
+        loop, or another object process's hand-off)."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(self.runner.server, sock=conn))
+        task.add_done_callback(_adopted)
+
+    @classmethod
+    async def start(cls, cfg: Config, client: durable.Client, env: Env,
+                    fd: int | None, *, accept: bool = True) -> Front:
+        """``accept``: serve the listening socket ``fd`` (or bind the port) with aiohttp's
+        own accept loop; else connections come only through ``adopt``."""
+        h = cfg.http
+        assert h is not None
+        worker = load_function(h.worker) if h.worker else None
+        bounds = Bounds(h.max_inflight_per_namespace, h.max_inflight_per_object,
+                        h.max_inflight_mb << 20)
+        gw = Gateway(client, env, worker=worker, read_timeout=h.read_timeout, debug=h.debug,
+                     bounds=bounds, max_websockets=h.max_websockets,
+                     websocket_max_message=cfg.websocket_max_message_kb << 10,
+                     websocket_max_buffer=h.websocket_max_buffer_kb << 10,
+                     access_log=h.access_log)
+        app = web.Application(client_max_size=h.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", gw.handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               keepalive_timeout=h.idle_timeout, max_field_size=16384)
+        await runner.setup()
+        if not accept:
+            return cls(gw, runner)
+        host, _, port = h.listen.rpartition(":")
+        if fd is not None:  # the supervisor's socket: it owns the port
+            site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=fd),
+                                              shutdown_timeout=cfg.grace_period)
+        else:  # run by hand: bind it here, exclusively
+            site = web.TCPSite(runner, host.strip("[]"), int(port), backlog=1024,
+                               shutdown_timeout=cfg.grace_period)
+        await site.start()
+        log.info("listening on http://%s%s", h.listen, f" (worker {h.worker})" if worker else "")
+        return cls(gw, runner)
+
+    async def close(self) -> None:
+        """Stop accepting; WebSockets close with 1001; requests in flight finish."""
+        if self.acceptor is not None:
+            self.acceptor.close()
+        await self.gateway.close_websockets()
+        await self.runner.cleanup()
+
+
 async def run(cfg: Config, fd: int | None) -> None:
     asyncio.get_running_loop().set_exception_handler(_loop_errors)
-    h = cfg.http
     mark = [time.monotonic()]
     beat = lifeline.start(lambda: mark[0])
     ticker = asyncio.create_task(lifeline.tick_forever(mark))
@@ -572,41 +633,19 @@ async def run(cfg: Config, fd: int | None) -> None:
                             timeout=CALL_TIMEOUT, heartbeat=cfg.broker.heartbeat)
     await client.start(wait=False)
     env = Env({n: client.namespace(n) for n in cfg.namespaces}, cfg.vars, cfg.secrets)
-    worker = load_function(h.worker) if h.worker else None
-    bounds = Bounds(h.max_inflight_per_namespace, h.max_inflight_per_object,
-                    h.max_inflight_mb << 20)
-    gw = Gateway(client, env, worker=worker, read_timeout=h.read_timeout, debug=h.debug,
-                 bounds=bounds, max_websockets=h.max_websockets,
-                 websocket_max_message=cfg.websocket_max_message_kb << 10,
-                 websocket_max_buffer=h.websocket_max_buffer_kb << 10,
-                 access_log=h.access_log)
-    app = web.Application(client_max_size=h.max_body_bytes)
-    app.router.add_route("*", "/{tail:.*}", gw.handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           keepalive_timeout=h.idle_timeout, max_field_size=16384)
-    await runner.setup()
-    host, _, port = h.listen.rpartition(":")
-    if fd is not None:  # the supervisor's socket: it owns the port
-        site: web.BaseSite = web.SockSite(runner, socket.socket(fileno=fd),
-                                          shutdown_timeout=cfg.grace_period)
-    else:  # run by hand: bind it here, exclusively
-        site = web.TCPSite(runner, host.strip("[]"), int(port), backlog=1024,
-                           shutdown_timeout=cfg.grace_period)
-    await site.start()
+    front = await Front.start(cfg, client, env, fd)
     # Thousands of open WebSockets are tens of thousands of long-lived objects: with the
     # default thresholds a full collection walked them all every few hundred requests
     # (a broadcast's p99 doubled). Freeze what start-up made; collect less often.
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
     beat.mark_ready()
-    log.info("listening on http://%s%s", h.listen, f" (worker {h.worker})" if worker else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     await stop.wait()
-    await gw.close_websockets()
-    await runner.cleanup()  # stops accepting, lets requests in flight finish
+    await front.close()
     await client.close()
     ticker.cancel()
 

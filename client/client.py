@@ -189,7 +189,8 @@ class Stub:
     and a method the object does not have fails at call time). Both kinds share one order.
     """
 
-    __slots__ = ("_client", "namespace", "id", "_stub_id", "_generation", "_broken", "__weakref__")
+    __slots__ = ("_client", "namespace", "id", "_stub_id", "_generation", "_broken", "_local",
+                 "__weakref__")
 
     def __init__(self, client: Client, namespace: str, oid: ObjectId) -> None:
         self._client = client
@@ -198,7 +199,13 @@ class Stub:
         self._stub_id = next(client._stub_ids)
         self._generation = client._generation
         self._broken: StubBrokenError | None = None
-        weakref.finalize(self, client._dropped.append, self._stub_id)
+        local = client.local
+        #: the incarnation of this process's own slot that serves the object in-process, or 0:
+        #: through the broker. Fixed for the stub's life, so its calls keep one path (E-order).
+        self._local = (local.incarnation if local is not None and local.incarnation
+                       and local.owns(oid) else 0)
+        if not self._local:  # (the broker binds only the stubs it carries)
+            weakref.finalize(self, client._dropped.append, self._stub_id)
 
     async def fetch(self, url_or_request: str | Request, *, method: str = "GET",
                     headers: Any = None, body: bytes | str | None = None,
@@ -354,6 +361,9 @@ class Client:
         self._closed = False
         #: WebSockets and streamed bodies this client reads, by channel id
         self._channels: dict[int, Any] = {}
+        #: set by an object process for its own client: calls to objects of its own slot
+        #: are served in-process (``LocalRoute``), not through the broker
+        self.local: LocalRoute | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Client:
@@ -479,8 +489,14 @@ class Client:
         fut = loop.create_future()
         self._pending[call_id] = (fut, stub)
         try:
-            self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
-                            int(timeout * 1000), head, body, stub.id.name).encode())
+            if stub._local:
+                self._local_call(stub, call_id, head, body)
+            else:
+                self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
+                                int(timeout * 1000), head, body, stub.id.name).encode())
+        except StubBrokenError:
+            self._pending.pop(call_id, None)
+            raise
         except zmq.ZMQError as e:
             self._pending.pop(call_id, None)
             raise StubBrokenError(f"could not send to the broker: {e}") from None
@@ -509,8 +525,14 @@ class Client:
         fut = loop.create_future()
         self._pending[call_id] = (fut, stub)
         try:
-            self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
-                            int(self.timeout * 1000), head, body, stub.id.name).encode())
+            if stub._local:
+                self._local_call(stub, call_id, head, body)
+            else:
+                self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
+                                int(self.timeout * 1000), head, body, stub.id.name).encode())
+        except StubBrokenError as e:
+            self._pending.pop(call_id, None)
+            fut.set_exception(e)
         except zmq.ZMQError as e:
             self._pending.pop(call_id, None)
             fut.set_exception(StubBrokenError(f"could not send to the broker: {e}"))
@@ -524,6 +546,26 @@ class Client:
 
         fut.add_done_callback(done)
         return fut
+
+    def _local_call(self, stub: Stub, call_id: int, head: bytes, body: bytes) -> None:
+        local = self.local
+        if local is None or stub._local != local.incarnation:
+            stub._broken = StubBrokenError(
+                "stub lost its object: this process registered again with the broker after "
+                "this stub was made; get a new stub with namespace.get(id)")
+            raise stub._broken
+        local.call(call_id, stub.namespace, str(stub.id), head, body, stub.id.name)
+
+    def _local_lost(self) -> None:
+        """This process's slot has a new incarnation: its in-process stubs and their
+        channels end as the broker's do for callers elsewhere (1012)."""
+        err = StubBrokenError("stub lost its object: this process registered again with the "
+                              "broker; get a new stub with namespace.get(id)")
+        for ch in list(self._channels.values()):
+            if ch.stub is not None and ch.stub._local:
+                if ch.stub._broken is None:
+                    ch.stub._broken = err
+                ch.lost(1012, "the object's process registered again")
 
     @staticmethod
     def _expire(fut: asyncio.Future[Any], stub: Stub, timeout: float) -> None:
@@ -645,6 +687,22 @@ class Client:
                 self._send(Drop(ids).encode())
             if self._liveness.send_due():
                 self._send(Ping().encode())
+
+
+class LocalRoute:
+    """How an object process serves its own client's calls to its own slot in-process.
+
+    The object process sets ``client.local``. ``owns(oid)`` places the id on the ring;
+    ``call(...)`` hands the call to the process as if the broker had delivered it, and the
+    process answers through ``client._handle`` with the frames the broker would have sent.
+    ``incarnation`` is the slot incarnation the process registered (0: not yet).
+    """
+
+    def __init__(self, owns: Callable[[ObjectId], bool],
+                 call: Callable[[int, str, str, bytes, bytes, str | None], None]) -> None:
+        self.owns = owns
+        self.call = call
+        self.incarnation = 0
 
 
 def connect(endpoint: str | None = None, **kwargs: Any) -> Client:

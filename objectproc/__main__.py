@@ -61,6 +61,8 @@ def _stand_by(args: argparse.Namespace, argv: list[str]) -> int | None:
         cfg, _ = settings_from_args(args.settings, args.settings_fd)
         for spec in cfg.namespaces.values():
             load_class(spec)
+        if args.http_fd is not None:  # (the HTTP front's imports too)
+            import durable.broker.gateway  # noqa: F401
     except (ConfigError, ValueError, OSError) as e:
         log.error("standby: configuration error: %s", e)
         return EXIT_CONFIG
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings-fd", type=int, help="the supervisor's settings (an inherited fd)")
     p.add_argument("--settings", help="a settings file (write_settings), without a supervisor")
     p.add_argument("--slot", type=int)
+    p.add_argument("--http-fd", type=int,
+                   help='the listening socket to serve HTTP on ([http] front = "slots")')
     p.add_argument("--standby", action="store_true",
                    help="import everything, then serve the slot whose number comes on stdin")
     p.add_argument("--log-level", default="INFO")
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.slot < cfg.slots:
             raise ConfigError(f"--slot {args.slot}: the daemon has {cfg.slots} slots")
         config = process_config(cfg, args.slot, runtime.get("data_dir_id") or None)
+        if args.http_fd is not None and cfg.http is not None:
+            config.http_fd, config.daemon = args.http_fd, cfg
         proc = ObjectProcess(config)
     except (ConfigError, ValueError, OSError) as e:
         logging.getLogger("durable.objectproc").error("configuration error: %s", e)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import secrets
@@ -29,7 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 import zmq
 
 from durable import codec, pushdown
-from durable.client import Client
+from durable.broker.ring import Ring
+from durable.client import Client, LocalRoute
 from durable.errors import (
     ObjectError,
     OverloadedError,
@@ -47,6 +49,7 @@ from durable.protocol.messages import (
     EV_CLOSE,
     EV_CREDIT,
     EVENT,
+    LOCAL,
     METHOD,
     Beat,
     BrokerHeartbeat,
@@ -63,6 +66,7 @@ from durable.protocol.messages import (
     encode_response,
     encode_result,
     parse_from_broker_to_worker,
+    to_client,
 )
 from durable.supervisor.config import Config as _SETTINGS
 from durable.transport import LoopSocket
@@ -170,6 +174,10 @@ class ObjectProcessConfig:
     slots: int = 1
     #: the cluster's CurveZMQ key pair file: every backend connection presents it
     cluster_key_file: str = ""
+    #: [http] front = "slots": the supervisor's listening socket, served here too, and the
+    #: daemon's settings for it
+    http_fd: int | None = None
+    daemon: Any = None
 
 
 class ObjectProcess:
@@ -186,6 +194,8 @@ class ObjectProcess:
         self._sock: LoopSocket | None = None
         self._liveness: Liveness | None = None
         self._stopping = asyncio.Event()
+        self._closing = False  # shutting down: the activations have drained
+        self.front: Any = None  # [http] front = "slots": this process's HTTP server
         self.store: SlotStore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._snapshots: asyncio.Semaphore | None = None  # (made in the loop: MAX_SNAPSHOTS)
@@ -245,6 +255,10 @@ class ObjectProcess:
         self.client = Client(cfg.frontend, namespaces=keys, name=f"objectproc-{cfg.slot}",
                              heartbeat=cfg.heartbeat, misses=cfg.misses)
         await self.client.start(wait=False)
+        if not cfg.cluster_servers:  # (cluster mode: every call goes by the broker and lease)
+            ring = Ring(cfg.slots)
+            self.client.local = LocalRoute(lambda oid: ring.slot_for(str(oid)) == cfg.slot,
+                                           self._local_call)
         self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars,
                        cfg.secrets)
         self.sockets = Sockets(Outbox(self._send), cfg.websocket_max_message)
@@ -268,10 +282,13 @@ class ObjectProcess:
             # (the loop has not turned since run() began: opening storage may have taken
             # longer than hang_timeout, which is no hang; the loop turns from here on)
             self.loop_mark[0], self.loop_mark[1] = time.monotonic(), time.thread_time()
-            self.lifeline.mark_ready()  # from here, a loop that stops turning is a hang
         watch.start()
         beats = threading.Thread(target=self._beat_thread, name="durable-beat", daemon=True)
         beats.start()
+        if cfg.http_fd is not None:  # (before it counts as ready: READY=1 means served)
+            self.front = await self._start_front(cfg)
+        if self.lifeline is not None:
+            self.lifeline.mark_ready()  # from here, a loop that stops turning is a hang
         try:
             async with asyncio.TaskGroup() as tg:
                 timers = tg.create_task(self._timer_loop())
@@ -285,6 +302,25 @@ class ObjectProcess:
             await self._shutdown()
         if isinstance(self.store.failed, StorageCorruptError):
             raise self.store.failed  # the slot stays down as corrupt (exit status 65)
+
+    async def _start_front(self, cfg: ObjectProcessConfig) -> Any:
+        """[http] front = "slots": serve HTTP here; each connection goes to the process that
+        owns its first request's object (objectproc/httpfront.py)."""
+        import socket
+
+        from durable.broker.gateway import Front
+
+        from .httpfront import SlotFront, slot_of_request
+        front = await Front.start(cfg.daemon, self.client, self.env, None, accept=False)
+        ring = Ring(cfg.slots)
+        ids = self.ids
+
+        def place(head: bytes) -> int | None:
+            return None if cfg.daemon.http.worker else slot_of_request(head, ids, ring.slot_for)
+        front.acceptor = SlotFront(socket.socket(fileno=cfg.http_fd), cfg.slot, cfg.slots,
+                                   cfg.run_dir or cfg.data_dir, place, front.adopt)
+        log.info("slot %d: serving HTTP on %s", cfg.slot, cfg.daemon.http.listen)
+        return front
 
     def stop(self) -> None:
         """Finish the calls in flight, make every write durable, exit (signal-safe via loop)."""
@@ -314,6 +350,8 @@ class ObjectProcess:
             os._exit(EXIT_LEASE_LOST)
 
     async def _shutdown(self) -> None:
+        if self.front is not None:  # first: no new requests; those in flight finish
+            await self.front.close()
         for act in list(self.catalog.values()):
             await act.drain()
         if self._tasks:  # inspect requests in flight: nothing runs unowned
@@ -322,6 +360,7 @@ class ObjectProcess:
             stream.cancel()
             if stream.thread is not None:
                 await asyncio.to_thread(stream.thread.join, 10.0)
+        self._closing = True
         if self.client is not None:
             await self.client.close()
         if self.store is not None:
@@ -345,6 +384,11 @@ class ObjectProcess:
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1
         self._incarnation = incarnation
+        local = self.client.local if self.client is not None else None
+        if local is not None:  # in-process stubs of the old incarnation break as others do
+            if local.incarnation:
+                self.client._local_lost()
+            local.incarnation = incarnation
         self._send(Ready(self.config.slot, os.getpid(), incarnation).encode())
         log.info("slot %d: registering with the broker (incarnation %x)", self.config.slot, incarnation)
 
@@ -387,6 +431,12 @@ class ObjectProcess:
                 s.close(linger=0)
 
     def _send(self, frames: list[bytes]) -> None:
+        if len(frames) > 1 and frames[1] == LOCAL:  # to this process's own client
+            out = to_client(frames)
+            if out is not None and self.client is not None:
+                asyncio.get_running_loop().call_soon(self.client._handle, out,
+                                                     context=contextvars.Context())
+            return
         if self._lease is not None:
             self._check_lease()
             if self.links is not None and self.links.route(frames):
@@ -396,6 +446,22 @@ class ObjectProcess:
         except zmq.ZMQError as e:
             log.warning("slot %d: could not send to the broker: %s", self.config.slot, e)
         self._liveness.sent()
+
+    def _local_call(self, call_id: int, namespace: str, object_id: str, head: bytes,
+                    body: bytes, name: str | None) -> None:
+        """A call of this process's own client to an object of its slot: served here, as if
+        the broker had delivered it, in a context of its own (never the caller's object's)."""
+        call = WorkerCall(LOCAL, call_id, namespace, object_id, head, body, name)
+        asyncio.get_running_loop().call_soon(self._local_deliver, call,
+                                             context=contextvars.Context())
+
+    def _local_deliver(self, call: WorkerCall) -> None:
+        self.counters["local_calls"] = self.counters.get("local_calls", 0) + 1
+        if self._closing:  # (storage closes next: as if the process had gone)
+            self._send(WorkerError.of(LOCAL, call.call_id, OverloadedError(
+                f"slot {self.config.slot} is stopping; retry shortly")).encode())
+            return
+        self._call(call)
 
     # -- incoming (called by the LoopSocket for each message) --------------------------
     def _handle(self, frames: list[bytes]) -> None:
@@ -883,7 +949,9 @@ class ObjectProcess:
                 **(self.alarms.stats() if self.alarms else {}),
                 "alarms": self.store.alarm_counts if self.store else {},
                 "websockets": self.sockets.count if self.sockets else 0,
-                "websocket_messages_sent": self.sockets.outbox.sent if self.sockets else 0}
+                "websocket_messages_sent": self.sockets.outbox.sent if self.sockets else 0,
+                **({"http_connections": dict(self.front.acceptor.counters)}
+                   if self.front is not None else {})}
 
 
 def _ignore(_resp: Any, _error: BaseException | None) -> None:

@@ -366,11 +366,13 @@ class Arbiter:
         # A call may hold the loop up to its CPU limit, and is interrupted then: only a hold
         # well past that is a hang.
         longest = max([c.cpu_limit_ms, *c.namespace_cpu_limits.values()]) / 1000
+        front = self._slots_front()  # [http] front = "slots": object processes serve HTTP
         for slot in range(c.slots):
-            argv = [self.python, "-m", "durable.objectproc", *common, "--slot", str(slot)]
+            argv = [self.python, "-m", "durable.objectproc", *common, *front, "--slot", str(slot)]
             self.watchers.append(Watcher(f"objectproc-{slot}", "objectproc", slot, argv, env,
-                                         hang_timeout=max(c.hang_timeout, longest + 5)))
-        if c.http is not None:
+                                         hang_timeout=max(c.hang_timeout, longest + 5),
+                                         pass_fds=(int(front[1]),) if front else ()))
+        if c.http is not None and not front:
             fd = self.http_socket.fileno()
             argv = [self.python, "-m", "durable.broker.gateway", *common, "--fd", str(fd)]
             for i in range(c.http.processes):
@@ -378,6 +380,13 @@ class Arbiter:
                                              pass_fds=(fd,)))
         for w in self.watchers:  # every child holds the lock: an orphan is seen by the next start
             w.pass_fds = (*w.pass_fds, self.lock_fd, self.settings)
+
+    def _slots_front(self) -> list[str]:
+        """``--http-fd FD`` for object processes that serve HTTP themselves, else nothing."""
+        h = self.config.http
+        if h is None or h.front != "slots":
+            return []
+        return ["--http-fd", str(self.http_socket.fileno())]
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> int:
@@ -522,9 +531,12 @@ class Arbiter:
                 beats[fd].read_beats(now)
 
     def _announce_ready(self, probe: _Probe) -> None:
-        """READY=1 once every gateway serves and every slot that can be up is registered."""
+        """READY=1 once every gateway serves and every slot that can be up is registered
+        (with front = "slots", once every object process that can be up serves HTTP too)."""
         corrupt = {w.slot for w in self.watchers if w.state is WatcherState.CORRUPT}
-        gateways_up = all(w.ready for w in self.watchers if w.role == "gateway")
+        fronts = ("gateway", "objectproc") if self._slots_front() else ("gateway",)
+        gateways_up = all(w.ready for w in self.watchers
+                          if w.role in fronts and w.slot not in corrupt)
         if gateways_up and probe.all_slots_up(self.config.slots, corrupt):
             self._ready = True
             # The first spare waits a little: it would compete with clients coming back.
@@ -870,10 +882,13 @@ class Arbiter:
         model = next((w for w in self.watchers if w.role == "objectproc"), None)
         if model is None or any(w.role == "objectproc" and not w.ready for w in self.watchers):
             return
+        front = self._slots_front()
         argv = [self.python, "-m", "durable.objectproc", "--settings-fd", str(self.settings),
                 "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
-                "--standby"]
-        proc, r = _spawn(argv, model.env, (self.lock_fd, self.settings), stdin=subprocess.PIPE)
+                *front, "--standby"]
+        proc, r = _spawn(argv, model.env, (self.lock_fd, self.settings,
+                                           *((int(front[1]),) if front else ())),
+                         stdin=subprocess.PIPE)
         self.spare = Spare(proc, r, self.clock())
         log.info("started the warm spare object process (pid %d)", proc.pid)
 

@@ -100,7 +100,7 @@ __all__ = [
     "METHOD", "MethodCall", "encode_method_call", "decode_method_call", "encode_result",
     "decode_result", "WorkerSend", "ChannelSend", "Broken", "ClientGone", "ChannelEvent",
     "encode_event", "decode_event", "pack_channels", "unpack_channels", "EVENT", "STREAM",
-    "WEBSOCKET", "STREAMED", "UPGRADED",
+    "WEBSOCKET", "STREAMED", "UPGRADED", "LOCAL", "to_client",
 ]
 
 #: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
@@ -966,3 +966,19 @@ def parse_from_broker_to_worker(frames: list[bytes]) -> Any:
 
 def parse_control(frames: list[bytes]) -> Control:
     return parse(frames, CONTROL)
+
+
+#: The client frame of calls an object process serves for its own client, in-process
+#: (``durable.client.LocalRoute``). The broker's client ids are a prefix and ZeroMQ's 5-byte
+#: routing id, so one byte never names a client of the broker.
+LOCAL = b"L"
+_TO_CLIENT = {header(Cmd.WREPLY): header(Cmd.REPLY), header(Cmd.WERROR): header(Cmd.ERROR),
+              header(Cmd.WSEND): header(Cmd.CHANNEL)}
+
+
+def to_client(frames: list[bytes]) -> list[bytes] | None:
+    """A reply, error or channel send of an object process (WREPLY, WERROR, WSEND) as the
+    client gets it from the broker (REPLY, ERROR, CHANNEL): the same frames without the
+    client's. None for any other message."""
+    cmd = _TO_CLIENT.get(frames[0]) if len(frames) > 1 else None
+    return None if cmd is None else [cmd, *frames[2:]]
