@@ -154,14 +154,17 @@ class Gateway:
         self.debug = debug
         self.bounds = bounds or Bounds()
         self._stubs: OrderedDict[tuple[str, str], durable.Stub] = OrderedDict()
+        #: (namespace, name or id, by name) as the path has them -> the namespace and id
+        self._routes: dict[tuple[str, str, bool], tuple[durable.Namespace, Any, str]] = {}
         self.max_websockets = max_websockets
         self.websocket_max_message = websocket_max_message
         self.websocket_max_buffer = websocket_max_buffer
         self.sockets: set[_Socket] = set()
         self._upgrading: set[Channel] = set()  # upgrade requests not yet answered
 
-    def _stub(self, ns: durable.Namespace, oid: durable.ObjectId) -> durable.Stub:
-        key = (ns.name, str(oid))
+    def _stub(self, ns: durable.Namespace, oid: durable.ObjectId,
+              hex_id: str | None = None) -> durable.Stub:
+        key = (ns.name, hex_id or str(oid))
         stub = self._stubs.get(key)
         if stub is None or stub._broken is not None:
             stub = self._stubs[key] = ns.get(oid)
@@ -175,13 +178,18 @@ class Gateway:
             raise UnknownNamespaceError(
                 f"no such route {path!r}: use /<NAMESPACE>/<name>/... or /<NAMESPACE>/id/<id>/... "
                 f"(namespaces: {', '.join(self.client.namespaces)})")
-        ns = self.client.namespace(unquote(parts[1]))
-        if parts[2] == "id" and len(parts) > 3:
-            oid = ns.id_from_string(parts[3].split("/", 1)[0])
-        else:
-            oid = ns.id_from_name(unquote(parts[2]))
-        with self.bounds.call(ns.name, str(oid)):
-            return await self._stub(ns, oid).fetch(req)
+        named = parts[2] != "id" or len(parts) < 4
+        key = (parts[1], parts[2] if named else parts[3].split("/", 1)[0], named)
+        route = self._routes.get(key)
+        if route is None:  # (an HMAC and a namespace lookup: done once per object)
+            ns = self.client.namespace(unquote(parts[1]))
+            oid = ns.id_from_name(unquote(key[1])) if named else ns.id_from_string(key[1])
+            if len(self._routes) >= _STUB_CACHE:
+                self._routes.clear()
+            route = self._routes[key] = (ns, oid, str(oid))
+        ns, oid, hex_id = route
+        with self.bounds.call(ns.name, hex_id):
+            return await self._stub(ns, oid, hex_id).fetch(req)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The body, counted against the byte bound as it arrives (chunked bodies too)."""

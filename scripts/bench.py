@@ -1002,6 +1002,7 @@ slots = 1
 idle_timeout = 2
 [http]
 listen = "127.0.0.1:{port}"
+front = "gateways"  # (its figures are a gateway process's memory per socket)
 [namespaces.WSROOM]
 class = "bench_objects:WsRoom"
 """
@@ -1586,33 +1587,42 @@ def _vs_round(port: int, pids: list[int], quick: bool, tag: str) -> dict[str, An
     return out
 
 
-def vs_workerd_suite(quick: bool, workerd: str | None, rounds: int) -> dict[str, Any]:
+def vs_workerd_suite(quick: bool, workerd: str | None, rounds: int,
+                     fronts: tuple[str, ...] = ("slots",)) -> dict[str, Any]:
     """#18's side-by-side table: workerd and durable serve (2 slots) in alternating rounds,
     the same load generator; medians of the rounds and durable ÷ workerd ratios. Without
-    ``workerd`` only durable's half runs (CI's smoke test)."""
+    ``workerd`` only durable's half runs (CI's smoke test). ``fronts``: [http] front values
+    to measure, each its own daemon ("durable" is the first; the others are reported as
+    "durable_<front>", with their ratios)."""
     from harness import serving
     config = """
 data_dir = "{data}"
 slots = 2
 [http]
 listen = "127.0.0.1:{port}"
+front = "FRONT"
 [namespaces.NOOP]
 class = "bench_objects:Noop"
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"
 """
-    runs: dict[str, list[dict[str, Any]]] = {"durable": [], "workerd": []}
+    names = ["durable" if i == 0 else f"durable_{f}" for i, f in enumerate(fronts)]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in [*names, "workerd"]}
     with contextlib.ExitStack() as stack:
-        d = stack.enter_context(serving(config))
+        ds = [stack.enter_context(serving(config.replace("FRONT", f))) for f in fronts]
         w = stack.enter_context(_workerd(workerd)) if workerd else None
         for i in range(rounds):
-            runs["durable"].append(_vs_round(d.port, [d.proc.pid], quick, f"d{i}"))
+            for name, d in zip(names, ds, strict=True):
+                runs[name].append(_vs_round(d.port, [d.proc.pid], quick, f"{name}{i}"))
             if w is not None:
                 runs["workerd"].append(_vs_round(w[0], w[1], quick, f"w{i}"))
-    out: dict[str, Any] = {k: median_of(v) for k, v in runs.items() if v}
+    out: dict[str, Any] = {"fronts": dict(zip(names, fronts, strict=True))}
+    out.update({k: median_of(v) for k, v in runs.items() if v})
     if workerd:
-        out["durable_over_workerd"] = {k: round(out["durable"][k] / out["workerd"][k], 2)
-                                       for k in out["durable"] if out["workerd"].get(k)}
+        for name in names:
+            out[f"{name}_over_workerd"] = {
+                k: round(out[name][k] / out["workerd"][k], 2)
+                for k in out[name] if out["workerd"].get(k)}
     out["rounds"] = runs
     return out
 
@@ -1762,6 +1772,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workerd", help="vs-workerd: the workerd binary (npm install "
                    "workerd@1.20261117.1); without it, only durable's half runs")
     p.add_argument("--rounds", type=int, default=3, help="vs-workerd: alternating rounds")
+    p.add_argument("--front", default="slots",
+                   help='vs-workerd: [http] front values to measure, comma-separated (e.g. '
+                        '"slots,gateways"; the first is reported as "durable")')
     p.add_argument("--kills", type=int, default=20, help="cluster: hosts SIGKILLed, one by one")
     p.add_argument("--lease", type=float, default=5.0, help="cluster: the slot lease (s)")
     p.add_argument("--objects", type=int, default=1_000_000,
@@ -1804,7 +1817,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = [cluster_suite(args.quick, 2 if args.quick else args.kills, args.lease)
                 for _ in range(args.repeat)]
     elif args.suite == "vs-workerd":
-        runs = [vs_workerd_suite(args.quick, args.workerd, args.rounds) for _ in range(args.repeat)]
+        fronts = tuple(f.strip() for f in args.front.split(",") if f.strip())
+        runs = [vs_workerd_suite(args.quick, args.workerd, args.rounds, fronts)
+                for _ in range(args.repeat)]
     else:
         runs = [http_suite(args.quick, args.slots, args.http_processes) for _ in range(args.repeat)]
     if held is not None:

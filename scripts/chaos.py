@@ -411,6 +411,7 @@ wait_until_limit = 1
 heartbeat = 0.2
 [http]
 listen = "127.0.0.1:{port}"
+front = "%s"
 [namespaces.CHAOS]
 class = "chaos_objects:Chaos"
 """
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-gap", type=float, default=0.3, help="seconds between kills, at least")
     p.add_argument("--max-gap", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=int(time.time()))
+    p.add_argument("--front", default="auto", choices=("auto", "slots", "gateways"),
+                   help="[http] front: who serves HTTP (auto: the object processes)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--cluster", action="store_true", help="the cluster run instead: 3 hosts on "
                    "a 3-node NATS cluster, hosts killed and stopped, NATS nodes killed "
@@ -447,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"lost or stale = {result['lost_or_stale']}, "
                   f"{'OK' if result['ok'] else 'PROBLEMS: ' + '; '.join(result['problems'])}")
         return 0 if result["ok"] else 1
-    with serving(CONFIG % (args.slots, HANG_TIMEOUT)) as d:
+    with serving(CONFIG % (args.slots, HANG_TIMEOUT, args.front)) as d:
         result = asyncio.run(soak(args, d.root, d.port, d.proc))
         result["daemon_alive"] = d.proc.poll() is None
         result["ok"] = result["ok"] and result["daemon_alive"]

@@ -71,10 +71,11 @@ class HttpSettings:
     worker: str = ""
     #: gateway processes serving the supervisor's listening socket
     processes: int = 1
-    #: "gateways": gateway processes serve HTTP and call objects through the broker;
     #: "slots": each object process serves HTTP itself, and answers requests for its own
-    #: slot's objects in-process (docs/messaging.md, "HTTP in the object processes")
-    front: str = "gateways"
+    #: slot's objects in-process; "gateways": gateway processes serve HTTP and call objects
+    #: through the broker; "auto": slots, except in cluster mode or with processes > 1
+    #: (docs/messaging.md, "HTTP in the object processes")
+    front: str = "auto"
     #: larger request bodies get 413
     max_body_bytes: int = 32 << 20
     #: seconds to receive a request body (else 408)
@@ -417,12 +418,18 @@ def validate(cfg: Config) -> None:
                        'Write e.g. listen = "127.0.0.1:8787".')
         if h.processes < 1 or h.processes > 64:
             raise _err(src, "http.processes", "must be between 1 and 64", "Use one per core at most.")
-        if h.front not in ("gateways", "slots"):
-            raise _err(src, "http.front", f'must be "gateways" or "slots", got {h.front!r}',
-                       'Write front = "slots" to serve HTTP in the object processes.')
+        if h.front not in ("auto", "gateways", "slots"):
+            raise _err(src, "http.front", f'must be "auto", "slots" or "gateways", got '
+                       f'{h.front!r}', 'Leave it out ("auto") unless you measured otherwise.')
         if h.front == "slots" and cfg.cluster.enabled:
             raise _err(src, "http.front", '"slots" is not available in cluster mode yet',
-                       'Leave front = "gateways" (the default) when [cluster] nats is set.')
+                       'Leave it out ("auto": gateways in cluster mode).')
+        if h.front == "slots" and h.processes != 1:
+            raise _err(src, "http.processes", 'counts gateway processes, and front = "slots" '
+                       "has none: every object process serves HTTP",
+                       'Remove processes, or set front = "gateways".')
+        if h.front == "auto":  # (resolved once: every process reads the same settings)
+            h.front = "gateways" if cfg.cluster.enabled or h.processes > 1 else "slots"
         if min(h.max_inflight_per_namespace, h.max_inflight_per_object, h.max_inflight_mb) < 1:
             raise _err(src, "http.max_inflight_*", "must be positive", "Use positive integers.")
         if h.max_inflight_per_namespace >= cfg.broker.client_inflight_limit:

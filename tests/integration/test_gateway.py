@@ -21,6 +21,7 @@ grace_period = 10
 heartbeat = 0.2
 [http]
 listen = "127.0.0.1:{port}"
+front = "gateways"  # (the slots front: tests/integration/test_slots_front.py)
 max_body_bytes = 1000
 read_timeout = 1.0
 {extra_http}

@@ -30,6 +30,7 @@ heartbeat = 0.5
 {broker}
 [http]
 listen = "127.0.0.1:{port}"
+front = "gateways"  # (what a gateway process holds is measured here)
 {http}
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"

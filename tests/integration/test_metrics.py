@@ -23,6 +23,7 @@ heartbeat = 0.2
 listen = "127.0.0.1:{port}"
 [http]
 listen = "127.0.0.1:{http_port}"
+front = "gateways"  # (so that every kind of process is scraped)
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"
 [namespaces.FAILING]

@@ -40,15 +40,17 @@ async def _broker_calls(c: durable.Client) -> int:
     return (await c.statistics())["broker"]["counters"].get("calls", 0)
 
 
-async def _slot_stats(c: durable.Client, key: str, want: int, timeout: float = 5.0) -> int:
-    """The sum over slots of a counter the processes report with heartbeats, once >= want."""
+async def _handoffs(c: durable.Client, timeout: float = 5.0) -> tuple[int, int]:
+    """Connections handed off and taken over, summed over the slots, once both counts (which
+    the processes report with their heartbeats) agree and are not zero."""
     deadline = time.monotonic() + timeout
     while True:
         slots = (await c.statistics())["slots"]
-        total = sum((s.get("reported") or {}).get("http_connections", {}).get(key, 0)
-                    for s in slots)
-        if total >= want or time.monotonic() > deadline:
-            return total
+        conns = [(s.get("reported") or {}).get("http_connections", {}) for s in slots]
+        out = (sum(x.get("handed_off", 0) for x in conns),
+               sum(x.get("taken_over", 0) for x in conns))
+        if (out[0] and out[0] == out[1]) or time.monotonic() > deadline:
+            return out
         await asyncio.sleep(0.1)
 
 
@@ -79,8 +81,8 @@ def test_connections_are_served_by_their_objects_process(tmp_path):
                     # every request reached its object in the process that accepted it or
                     # was handed its connection: none crossed the broker
                     assert await _broker_calls(c) == before
-                    moved = await _slot_stats(c, "handed_off", 1)
-                    assert moved >= 1 and await _slot_stats(c, "taken_over", moved) == moved
+                    moved, taken = await _handoffs(c)
+                    assert moved >= 1 and taken == moved, (moved, taken)
 
                     # an object calling one of its own slot's objects: in-process too
                     slot = RING.slot_for(str(c.namespace("CALLER").id_from_name("c")))

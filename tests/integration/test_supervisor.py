@@ -43,8 +43,9 @@ def test_serve_on_defaults_in_an_empty_folder(tmp_path):
         ready_in = d.wait_ready()
         wait_for(d.spare_ready, 30, "the warm spare")
         kids = d.children()
-        # broker, object processes, gateway, the warm spare
-        assert len(kids) == 3 + (os.cpu_count() or 1), [k.cmdline() for k in kids]
+        # broker, object processes (serving HTTP too: front = "auto"), the warm spare
+        assert len(kids) == 2 + (os.cpu_count() or 1), [k.cmdline() for k in kids]
+        assert not any("durable.broker.gateway" in " ".join(k.cmdline()) for k in kids)
         with durable.connect_sync(d.frontend) as c:
             ns = c.namespace("COUNTER")
             assert ns.get(ns.id_from_name("x")).fetch("http://do/inc", method="POST").text() == "1"

@@ -29,6 +29,7 @@ idle_timeout = 0.5
 heartbeat = 0.2
 [http]
 listen = "127.0.0.1:{port}"
+front = "gateways"  # (WebSockets with front = "slots": test_slots_front.py)
 {extra_http}
 [namespaces.ROOM]
 class = "tests.integration.objects:Room"
