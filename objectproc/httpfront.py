@@ -93,26 +93,37 @@ class SlotFront:
         path = handoff_path(run_dir, slot)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        self._inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._inbox.bind(path)
-        os.chmod(path, 0o600)
-        self._inbox.setblocking(False)
+        self._inbox: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._inbox.bind(path)
+            os.chmod(path, 0o600)
+        except OSError as e:  # (a path over the 108 bytes of AF_UNIX, say): serve, unhanded
+            log.warning("slot %d: no hand-off socket at %s (%s): connections other processes "
+                        "place here are served where they arrive, through the broker",
+                        slot, path, e)
+            self._inbox.close()
+            self._inbox = None
+        else:
+            self._inbox.setblocking(False)
+            self._loop.add_reader(self._inbox.fileno(), self._taken)
         self._outbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._outbox.setblocking(False)
-        self._loop.add_reader(self._inbox.fileno(), self._taken)
         self._loop.add_reader(listener.fileno(), self._accept)
 
     def close(self) -> None:
         """Stop accepting and taking connections over; those waiting are served here."""
-        for fd in (self.listener.fileno(), self._inbox.fileno()):
-            self._loop.remove_reader(fd)
-        for conn, timer in list(self._waiting.values()):
+        self._loop.remove_reader(self.listener.fileno())
+        for fd, (conn, timer) in list(self._waiting.items()):
             timer.cancel()
+            self._loop.remove_reader(fd)
             self._serve_here(conn)
-        self._inbox.close()
+        self._waiting.clear()
+        if self._inbox is not None:
+            self._loop.remove_reader(self._inbox.fileno())
+            self._inbox.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(handoff_path(self.run_dir, self.slot))
         self._outbox.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(handoff_path(self.run_dir, self.slot))
 
     # -- accepting ------------------------------------------------------------------------
     def _accept(self) -> None:
