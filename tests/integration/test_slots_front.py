@@ -178,3 +178,47 @@ def test_a_killed_slot_loses_nothing_and_the_other_keeps_serving(tmp_path):
                         await asyncio.sleep(0.2)
 
         asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_process_that_registers_again_breaks_its_in_process_stubs(tmp_path):
+    """SIGSTOP an object process past its heartbeats (not past hang_timeout): the broker ends
+    its incarnation, the process registers again on SIGCONT, and what was bound in-process to
+    the old incarnation ends as it would through the broker: its WebSockets close with 1012,
+    and a cached stub's next call is refused undelivered (503) before a new stub serves."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with serving(tmp_path, CONFIG.format(port=port)) as d:
+        d.wait_ready()
+
+        async def main() -> None:
+            async with durable.connect(d.frontend) as c:
+                counter = "x"
+                slot = RING.slot_for(str(c.namespace("COUNTER").id_from_name(counter)))
+                room = _names(c, "ROOM", slot, 1, "room")[0]
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+                    async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
+                        assert (r.status, await r.text()) == (200, "1")
+                    ws = await s.ws_connect(f"{base}/ROOM/{room}/?name=a")
+                    assert await ws.receive_str(timeout=5) == "welcome a"
+                    victim = d.child("objectproc", slot)
+                    expired = (await c.statistics())["broker"]["counters"].get(
+                        "clients_expired", 0)
+                    victim.suspend()
+                    await asyncio.sleep(2.0)  # > 5 heartbeats of 0.2 s, < hang_timeout
+                    victim.resume()
+                    deadline = time.monotonic() + 10
+                    while (await c.statistics())["slots"][slot]["registrations"] < 2:
+                        assert time.monotonic() < deadline, "the process did not register again"
+                        await asyncio.sleep(0.1)
+                    # (its client kept its broker connection: only the incarnation changed)
+                    stats = await c.statistics()
+                    assert stats["broker"]["counters"].get("clients_expired", 0) == expired
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1012, msg
+                    async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
+                        assert r.status == 503, await r.text()
+                    async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
+                        assert (r.status, await r.text()) == (200, "2")  # the 503 never ran
+
+        asyncio.run(main())
