@@ -67,7 +67,6 @@ from durable.protocol.messages import (
     Broken,
     BrokerHeartbeat,
     Call,
-    ChannelSend,
     ClientGone,
     Direction,
     Disconnect,
@@ -77,7 +76,6 @@ from durable.protocol.messages import (
     Ping,
     Pong,
     Ready,
-    Reply,
     Stats,
     StatsReply,
     Welcome,
@@ -88,6 +86,7 @@ from durable.protocol.messages import (
     WorkerReply,
     WorkerSend,
     parse,
+    to_client,
 )
 from durable.supervisor.config import BrokerSettings as _SETTINGS
 
@@ -360,6 +359,13 @@ class RouterCore:
                     "namespace.get(id) and retry if the call is safe to repeat")
 
     # -- object processes ---------------------------------------------------------------
+    def _forward(self, client: bytes, frames: list[bytes]) -> None:
+        """A parsed reply, error or channel send, as the client gets it (its frames as they
+        came, less the client's: nothing decoded is encoded again)."""
+        out = to_client(frames)
+        if out is not None:
+            self._to_client(client, out)
+
     def worker_message(self, ident: bytes, frames: list[bytes]) -> None:
         msg = self._parse(frames, FROM_WORKER, "worker")
         if msg is None:
@@ -384,20 +390,20 @@ class RouterCore:
             if slot.inflight.pop((msg.client, msg.call_id), None) is not None:
                 self.counters["replies"] += 1
                 self._done(msg.client)
-                self._to_client(msg.client, Reply(msg.call_id, msg.head, msg.body).encode())
+                self._forward(msg.client, frames)
             else:
                 self.counters["stray_replies"] += 1
         elif type(msg) is WorkerError:
             if slot.inflight.pop((msg.client, msg.call_id), None) is not None:
                 self.counters["object_errors"] += 1
                 self._done(msg.client)
-                self._to_client(msg.client, msg.to_client().encode())
+                self._forward(msg.client, frames)
             else:
                 self.counters["stray_replies"] += 1
         elif type(msg) is WorkerSend:
             if msg.client in self.clients:
                 self.counters["channel_messages"] += 1
-                self._to_client(msg.client, ChannelSend(msg.channels, msg.kind, msg.payload).encode())
+                self._forward(msg.client, frames)
             else:  # it left before the process heard: tell it (once per message is cheap)
                 self.counters["channel_messages_dropped"] += 1
                 self._to_worker(ident, ClientGone(msg.client).encode())
