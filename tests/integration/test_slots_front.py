@@ -36,6 +36,15 @@ class = "tests.integration.objects:Room"
 RING = Ring(2)
 
 
+@pytest.fixture
+def daemon(tmp_path):
+    """The daemon with the slots front, ready: (its handle, its HTTP base URL)."""
+    port = free_port()
+    with serving(tmp_path, CONFIG.format(port=port)) as d:
+        d.wait_ready()
+        yield d, f"http://127.0.0.1:{port}"
+
+
 async def _broker_calls(c: durable.Client) -> int:
     return (await c.statistics())["broker"]["counters"].get("calls", 0)
 
@@ -61,164 +70,155 @@ def _names(c: durable.Client, ns: str, slot: int, n: int, prefix: str) -> list[s
     return [x for x in out if RING.slot_for(str(space.id_from_name(x))) == slot][:n]
 
 
-def test_connections_are_served_by_their_objects_process(tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with serving(tmp_path, CONFIG.format(port=port)) as d:
-        d.wait_ready()
-        cmds = [" ".join(k.cmdline()) for k in d.children()]
-        assert not any("durable.broker.gateway" in x for x in cmds)
-        assert sum("durable.objectproc" in x and "--http-fd" in x for x in cmds) == 2
+def test_connections_are_served_by_their_objects_process(daemon):
+    d, base = daemon
+    cmds = [" ".join(k.cmdline()) for k in d.children()]
+    assert not any("durable.broker.gateway" in x for x in cmds)
+    assert sum("durable.objectproc" in x and "--http-fd" in x for x in cmds) == 2
 
-        async def main() -> None:
-            async with durable.connect(d.frontend) as c:
-                fresh = aiohttp.TCPConnector(force_close=True)  # a connection per request
-                async with aiohttp.ClientSession(connector=fresh) as s:
-                    before = await _broker_calls(c)
-                    for i in range(30):
-                        async with s.post(f"{base}/COUNTER/n{i}/inc") as r:
-                            assert (r.status, await r.text()) == (200, "1")
-                    # every request reached its object in the process that accepted it or
-                    # was handed its connection: none crossed the broker
-                    assert await _broker_calls(c) == before
-                    moved, taken = await _handoffs(c)
-                    assert moved >= 1 and taken == moved, (moved, taken)
+    async def main() -> None:
+        async with durable.connect(d.frontend) as c:
+            fresh = aiohttp.TCPConnector(force_close=True)  # a connection per request
+            async with aiohttp.ClientSession(connector=fresh) as s:
+                before = await _broker_calls(c)
+                for i in range(30):
+                    async with s.post(f"{base}/COUNTER/n{i}/inc") as r:
+                        assert (r.status, await r.text()) == (200, "1")
+                # every request reached its object in the process that accepted it or
+                # was handed its connection: none crossed the broker
+                assert await _broker_calls(c) == before
+                moved, taken = await _handoffs(c)
+                assert moved >= 1 and taken == moved, (moved, taken)
 
-                    # an object calling one of its own slot's objects: in-process too
-                    slot = RING.slot_for(str(c.namespace("CALLER").id_from_name("c")))
-                    same = _names(c, "COUNTER", slot, 1, "same")[0]
-                    other = _names(c, "COUNTER", 1 - slot, 1, "other")[0]
-                    before = await _broker_calls(c)
-                    async with s.get(f"{base}/CALLER/c/?name={same}") as r:
-                        assert (r.status, await r.text()) == (200, "via env: 1 None")
-                    assert await _broker_calls(c) == before
-                    async with s.get(f"{base}/CALLER/c/?name={other}") as r:
-                        assert (r.status, await r.text()) == (200, "via env: 1 None")
-                    assert await _broker_calls(c) == before + 1
+                # an object calling one of its own slot's objects: in-process too
+                slot = RING.slot_for(str(c.namespace("CALLER").id_from_name("c")))
+                same = _names(c, "COUNTER", slot, 1, "same")[0]
+                other = _names(c, "COUNTER", 1 - slot, 1, "other")[0]
+                before = await _broker_calls(c)
+                async with s.get(f"{base}/CALLER/c/?name={same}") as r:
+                    assert (r.status, await r.text()) == (200, "via env: 1 None")
+                assert await _broker_calls(c) == before
+                async with s.get(f"{base}/CALLER/c/?name={other}") as r:
+                    assert (r.status, await r.text()) == (200, "via env: 1 None")
+                assert await _broker_calls(c) == before + 1
 
-                    # routing errors as the gateway answers them
-                    async with s.get(f"{base}/NOPE/x/") as r:
-                        assert r.status == 404 and "COUNTER" in await r.text()
-                    async with s.get(f"{base}/COUNTER/id/{'0' * 64}/") as r:
-                        assert r.status == 400
+                # routing errors as the gateway answers them
+                async with s.get(f"{base}/NOPE/x/") as r:
+                    assert r.status == 404 and "COUNTER" in await r.text()
+                async with s.get(f"{base}/COUNTER/id/{'0' * 64}/") as r:
+                    assert r.status == 400
 
-                # one keep-alive connection naming objects of both slots, alternately: its
-                # process serves its first object's slot, the other's requests go by the broker
-                a = _names(c, "COUNTER", 0, 1, "ka")[0]
-                b = _names(c, "COUNTER", 1, 1, "kb")[0]
-                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
-                    before = await _broker_calls(c)
-                    for i in range(1, 6):
-                        for name in (a, b):
-                            async with s.post(f"{base}/COUNTER/{name}/inc") as r:
-                                assert (r.status, await r.text()) == (200, str(i))
-                    assert await _broker_calls(c) == before + 5
+            # one keep-alive connection naming objects of both slots, alternately: its
+            # process serves its first object's slot, the other's requests go by the broker
+            a = _names(c, "COUNTER", 0, 1, "ka")[0]
+            b = _names(c, "COUNTER", 1, 1, "kb")[0]
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+                before = await _broker_calls(c)
+                for i in range(1, 6):
+                    for name in (a, b):
+                        async with s.post(f"{base}/COUNTER/{name}/inc") as r:
+                            assert (r.status, await r.text()) == (200, str(i))
+                assert await _broker_calls(c) == before + 5
 
-                # WebSockets: the upgrade places the socket with its object; messages and
-                # broadcasts flow in-process
-                async with aiohttp.ClientSession() as s:
-                    async with s.ws_connect(f"{base}/ROOM/r1/?name=a") as w1, \
-                            s.ws_connect(f"{base}/ROOM/r1/?name=b") as w2:
-                        assert await w1.receive_str(timeout=5) == "welcome a"
-                        assert await w2.receive_str(timeout=5) == "welcome b"
-                        await w1.send_str("hi")
-                        assert await w1.receive_str(timeout=5) == "echo:hi"
-                        await w2.send_str("all:both")
-                        assert await w1.receive_str(timeout=5) == "both"
-                        assert await w2.receive_str(timeout=5) == "both"
-
-        asyncio.run(main())
-
-
-@pytest.mark.slow
-def test_a_killed_slot_loses_nothing_and_the_other_keeps_serving(tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with serving(tmp_path, CONFIG.format(port=port)) as d:
-        d.wait_ready()
-
-        async def main() -> None:
-            async with durable.connect(d.frontend) as c:
-                names = {s: _names(c, "COUNTER", s, 4, f"k{s}-") for s in (0, 1)}
-            acked = {n: 0 for ns in names.values() for n in ns}
-            errors = []
-
-            async def hammer(name: str, until: float) -> None:
-                conn = aiohttp.TCPConnector(force_close=True)
-                async with aiohttp.ClientSession(connector=conn) as s:
-                    while time.monotonic() < until:
-                        try:
-                            async with s.post(f"{base}/COUNTER/{name}/inc",
-                                              timeout=aiohttp.ClientTimeout(total=10)) as r:
-                                if r.status == 200:
-                                    acked[name] = int(await r.text())
-                                else:
-                                    errors.append(r.status)
-                        except aiohttp.ClientError as e:  # its connection died with slot 0
-                            errors.append(type(e).__name__)
-                        await asyncio.sleep(0.01)
-
-            until = time.monotonic() + 4.0
-            load = [asyncio.ensure_future(hammer(n, until)) for n in acked]
-            await asyncio.sleep(1.0)
-            os.kill(d.child("objectproc", 0).pid, signal.SIGKILL)
-            survivor_before = {n: acked[n] for n in names[1]}
-            await asyncio.gather(*load)
-            assert all(acked[n] > survivor_before[n] for n in names[1]), (acked, errors)
-            # slot 0 serves again, and no acknowledged increment was lost anywhere
-            deadline = time.monotonic() + 20
+            # WebSockets: the upgrade places the socket with its object; messages and
+            # broadcasts flow in-process
             async with aiohttp.ClientSession() as s:
-                for name, seen in acked.items():
-                    while True:
-                        async with s.get(f"{base}/COUNTER/{name}/") as r:
-                            if r.status == 200:
-                                assert int(await r.text()) >= seen > 0, (name, seen)
-                                break
-                        assert time.monotonic() < deadline, f"{name} not served again"
-                        await asyncio.sleep(0.2)
+                async with s.ws_connect(f"{base}/ROOM/r1/?name=a") as w1, \
+                        s.ws_connect(f"{base}/ROOM/r1/?name=b") as w2:
+                    assert await w1.receive_str(timeout=5) == "welcome a"
+                    assert await w2.receive_str(timeout=5) == "welcome b"
+                    await w1.send_str("hi")
+                    assert await w1.receive_str(timeout=5) == "echo:hi"
+                    await w2.send_str("all:both")
+                    assert await w1.receive_str(timeout=5) == "both"
+                    assert await w2.receive_str(timeout=5) == "both"
 
-        asyncio.run(main())
+    asyncio.run(main())
 
 
 @pytest.mark.slow
-def test_a_process_that_registers_again_breaks_its_in_process_stubs(tmp_path):
+def test_a_killed_slot_loses_nothing_and_the_other_keeps_serving(daemon):
+    d, base = daemon
+
+    async def main() -> None:
+        async with durable.connect(d.frontend) as c:
+            names = {s: _names(c, "COUNTER", s, 4, f"k{s}-") for s in (0, 1)}
+        acked = {n: 0 for ns in names.values() for n in ns}
+        errors = []
+
+        async def hammer(name: str, until: float) -> None:
+            conn = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=conn) as s:
+                while time.monotonic() < until:
+                    try:
+                        async with s.post(f"{base}/COUNTER/{name}/inc",
+                                          timeout=aiohttp.ClientTimeout(total=10)) as r:
+                            if r.status == 200:
+                                acked[name] = int(await r.text())
+                            else:
+                                errors.append(r.status)
+                    except aiohttp.ClientError as e:  # its connection died with slot 0
+                        errors.append(type(e).__name__)
+                    await asyncio.sleep(0.01)
+
+        until = time.monotonic() + 4.0
+        load = [asyncio.ensure_future(hammer(n, until)) for n in acked]
+        await asyncio.sleep(1.0)
+        os.kill(d.child("objectproc", 0).pid, signal.SIGKILL)
+        survivor_before = {n: acked[n] for n in names[1]}
+        await asyncio.gather(*load)
+        assert all(acked[n] > survivor_before[n] for n in names[1]), (acked, errors)
+        # slot 0 serves again, and no acknowledged increment was lost anywhere
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as s:
+            for name, seen in acked.items():
+                while True:
+                    async with s.get(f"{base}/COUNTER/{name}/") as r:
+                        if r.status == 200:
+                            assert int(await r.text()) >= seen > 0, (name, seen)
+                            break
+                    assert time.monotonic() < deadline, f"{name} not served again"
+                    await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_process_that_registers_again_breaks_its_in_process_stubs(daemon):
     """SIGSTOP an object process past its heartbeats (not past hang_timeout): the broker ends
     its incarnation, the process registers again on SIGCONT, and what was bound in-process to
     the old incarnation ends as it would through the broker: its WebSockets close with 1012,
     and a cached stub's next call is refused undelivered (503) before a new stub serves."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with serving(tmp_path, CONFIG.format(port=port)) as d:
-        d.wait_ready()
+    d, base = daemon
 
-        async def main() -> None:
-            async with durable.connect(d.frontend) as c:
-                counter = "x"
-                slot = RING.slot_for(str(c.namespace("COUNTER").id_from_name(counter)))
-                room = _names(c, "ROOM", slot, 1, "room")[0]
-                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
-                    async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
-                        assert (r.status, await r.text()) == (200, "1")
-                    ws = await s.ws_connect(f"{base}/ROOM/{room}/?name=a")
-                    assert await ws.receive_str(timeout=5) == "welcome a"
-                    victim = d.child("objectproc", slot)
-                    expired = (await c.statistics())["broker"]["counters"].get(
-                        "clients_expired", 0)
-                    victim.suspend()
-                    await asyncio.sleep(2.0)  # > 5 heartbeats of 0.2 s, < hang_timeout
-                    victim.resume()
-                    deadline = time.monotonic() + 10
-                    while (await c.statistics())["slots"][slot]["registrations"] < 2:
-                        assert time.monotonic() < deadline, "the process did not register again"
-                        await asyncio.sleep(0.1)
-                    # (its client kept its broker connection: only the incarnation changed)
-                    stats = await c.statistics()
-                    assert stats["broker"]["counters"].get("clients_expired", 0) == expired
-                    msg = await ws.receive(timeout=10)
-                    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1012, msg
-                    async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
-                        assert r.status == 503, await r.text()
-                    async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
-                        assert (r.status, await r.text()) == (200, "2")  # the 503 never ran
+    async def main() -> None:
+        async with durable.connect(d.frontend) as c:
+            counter = "x"
+            slot = RING.slot_for(str(c.namespace("COUNTER").id_from_name(counter)))
+            room = _names(c, "ROOM", slot, 1, "room")[0]
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+                async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
+                    assert (r.status, await r.text()) == (200, "1")
+                ws = await s.ws_connect(f"{base}/ROOM/{room}/?name=a")
+                assert await ws.receive_str(timeout=5) == "welcome a"
+                victim = d.child("objectproc", slot)
+                expired = (await c.statistics())["broker"]["counters"].get(
+                    "clients_expired", 0)
+                victim.suspend()
+                await asyncio.sleep(2.0)  # > 5 heartbeats of 0.2 s, < hang_timeout
+                victim.resume()
+                deadline = time.monotonic() + 10
+                while (await c.statistics())["slots"][slot]["registrations"] < 2:
+                    assert time.monotonic() < deadline, "the process did not register again"
+                    await asyncio.sleep(0.1)
+                # (its client kept its broker connection: only the incarnation changed)
+                stats = await c.statistics()
+                assert stats["broker"]["counters"].get("clients_expired", 0) == expired
+                msg = await ws.receive(timeout=10)
+                assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1012, msg
+                async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
+                    assert r.status == 503, await r.text()
+                async with s.post(f"{base}/COUNTER/{counter}/inc") as r:
+                    assert (r.status, await r.text()) == (200, "2")  # the 503 never ran
 
-        asyncio.run(main())
+    asyncio.run(main())
