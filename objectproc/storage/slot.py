@@ -60,7 +60,7 @@ from rbloom import Bloom
 
 from durable.errors import StorageCommitError, StorageCorruptError, StorageFullError
 
-from .duck import DuckStore, is_corruption
+from .duck import DuckStore, is_corruption, name_twin, named_target
 from .limits import DEFAULT_LIMITS, StorageLimits
 from .log import (
     ALARM_DELETE,
@@ -164,12 +164,18 @@ def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -
 class _Record:
     """A submitted write set; its identity marks which overlay entries it still owns."""
 
-    __slots__ = ("seq", "ws", "size")
+    __slots__ = ("seq", "ws", "size", "first", "first_of_family")
 
-    def __init__(self, seq: int, ws: WriteSet, size: int = 0) -> None:
+    def __init__(self, seq: int, ws: WriteSet, size: int = 0, first: bool = False,
+                 first_of_family: bool = False) -> None:
         self.seq = seq
         self.ws = ws
         self.size = size  # bytes in the log: bounds the applier's batches
+        #: the object's first record ever (it was not in ``stored``): DuckDB holds no row or
+        #: alarm of it before the batch this record is applied in
+        self.first = first
+        #: and the first of its family (the object and its name record): no ``objects`` row
+        self.first_of_family = first_of_family
 
 
 class _Pending:
@@ -336,14 +342,18 @@ class SlotStore:
             self.duck.checkpoint()
         return last + 1
 
-    def _apply_writesets(self, batch: list[WriteSet], last_seq: int) -> None:
+    def _apply_writesets(self, batch: list[WriteSet], last_seq: int,
+                         new: tuple[set[bytes], set[bytes]] | None = None) -> None:
+        """``new``: objects without rows, and objects without an ``objects`` row, before this
+        batch (a live batch's first records; replayed ones are not known so)."""
         rows: dict[bytes, tuple[bytes, bytes | None, int | None]] = {}
         clears: set[bytes] = set()
         alarms: dict[bytes, int] = {}
         fold(batch, rows, clears, alarms)
         if self._trace:
             self._trace("apply_begin")
-        self.duck.apply(rows, clears, last_seq, alarms)
+        self.duck.apply(rows, clears, last_seq, alarms,
+                        new_objects=new[0] if new else None, new_stats=new[1] if new else None)
         if alarms:
             self._alarms_changed = True
         if self._alarms_changed and time.monotonic() - self._alarms_counted >= 5.0:
@@ -372,8 +382,11 @@ class SlotStore:
         ws = WriteSet(obj, clear, entries, alarm, now)
         payload = encode_writeset(obj, clear, entries, alarm, now)
         seq = self.log.append(payload, kick=kick)
-        self.stored.add(obj)  # (before it can reach DuckDB: the filter never misses a row)
-        rec = _Record(seq, ws, len(payload))
+        stored = self.stored
+        first = obj not in stored
+        family = first and (name_twin(obj) not in stored)
+        stored.add(obj)  # (before it can reach DuckDB: the filter never misses a row)
+        rec = _Record(seq, ws, len(payload), first, family)
         self._remember(rec)
         self._unapplied.append(rec)
         if alarm != ALARM_KEEP:
@@ -703,9 +716,13 @@ class SlotStore:
             self._in_flight = batch
         if not batch:
             return
+        new_objects = {r.ws.obj for r in batch if r.first}
+        new_stats = {named_target(r.ws.obj) for r in batch if r.first_of_family}
         try:
-            self._apply_writesets([r.ws for r in batch], batch[-1].seq)
+            self._apply_writesets([r.ws for r in batch], batch[-1].seq, (new_objects, new_stats))
         except duckdb.Error as e:
+            for r in batch:  # (after a failed commit, assume nothing of what it held)
+                r.first = r.first_of_family = False
             with self._apply_cond:
                 self._unapplied.extendleft(reversed(batch))  # still durable in the log
                 self._in_flight = []
