@@ -180,7 +180,8 @@ class Activation:
                  env: Any, clock: Callable[[], float] = time.monotonic,
                  max_pending: int = 1000, name: str | None = None,
                  cpu_limit: float = 30.0, debug: bool = False,
-                 sockets: Sockets | None = None) -> None:
+                 sockets: Sockets | None = None,
+                 warm: tuple[dict[str, bytes | None], bool] | None = None) -> None:
         self.namespace = namespace
         self.object_id = object_id
         self.phase = Phase.ACTIVE
@@ -188,6 +189,8 @@ class Activation:
         self.cpu_limit = cpu_limit
         self.debug = debug
         self.storage = ObjectStorage(store, namespace, object_id)
+        if warm is not None:  # (its rows, read off the loop before this first call)
+            self.storage.warm(*warm)
         self.storage.alarm_handler = callable(getattr(cls, "alarm", None))
         self.state = State(ObjectId(object_id, name), self.storage, self)
         self._waiting: deque[tuple[Delivery, Reply]] = deque()

@@ -109,6 +109,25 @@ def name_key(namespace: str, object_id: str) -> bytes:
 #: "_durable".
 
 
+#: a stored name not read yet
+_UNREAD: Any = object()
+
+
+class _Warming:
+    """An existing object's calls while its rows are read off the loop (ObjectProcess._target):
+    its input gate, in the order they came."""
+
+    __slots__ = ("name", "parked", "task")
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.parked: list[tuple[Any, Any]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def deliver(self, request: Any, reply: Any) -> None:
+        self.parked.append((request, reply))
+
+
 class ConstructorError(Exception):
     """The object's constructor raised (``error`` is what the caller gets)."""
 
@@ -185,6 +204,8 @@ class ObjectProcess:
         self.config = config
         self.classes = {name: load_class(spec) for name, spec in config.namespaces.items()}
         self.catalog: dict[tuple[str, str], Activation] = {}
+        #: existing objects whose rows are being read for their first call (``_target``)
+        self._warming: dict[tuple[str, str], _Warming] = {}
         self.counters: dict[str, int] = {"calls": 0, "errors": 0, "evicted": 0,
                                          "dropped_broker_messages": 0}
         self._in_flight = 0  # calls received and not yet answered
@@ -352,6 +373,9 @@ class ObjectProcess:
     async def _shutdown(self) -> None:
         if self.front is not None:  # first: no new requests; those in flight finish
             await self.front.close()
+        while self._warming:  # (their calls go in, and are drained with the rest)
+            await asyncio.gather(*[w.task for w in self._warming.values() if w.task],
+                                 return_exceptions=True)
         for act in list(self.catalog.values()):
             await act.drain()
         if self._tasks:  # inspect requests in flight: nothing runs unowned
@@ -542,7 +566,7 @@ class ObjectProcess:
                 return
             if method:
                 request = decode_method_call(call.head, call.body)
-                act = self._activation(call.namespace, call.object_id, call.name)
+                act = self._target(call.namespace, call.object_id, call.name)
                 act.deliver(request, reply)
                 return
             request = decode_request(call.head, call.body)
@@ -561,7 +585,7 @@ class ObjectProcess:
                 if request.method == QUERY_METHOD and request.url.startswith(QUERY_URL):
                     self._query(request, reply)
                     return
-            act = self._activation(call.namespace, call.object_id, call.name)
+            act = self._target(call.namespace, call.object_id, call.name)
             if request._upgrade is not None:  # the caller's id for the socket, and who it is
                 request._upgrade = (client, request._upgrade)
         except ConstructorError as e:  # logged with its traceback; the next call tries again
@@ -593,7 +617,7 @@ class ObjectProcess:
         if ev.kind == EV_CLOSE:  # gone from get_websockets() at once
             self.sockets.of(key).drop(ws)
         try:
-            act = self._activation(call.namespace, call.object_id, call.name)
+            act = self._target(call.namespace, call.object_id, call.name)
         except ConstructorError as e:
             reply(None, e.error)
             return
@@ -604,7 +628,7 @@ class ObjectProcess:
         closed with 1012 (BROKEN) and its streams failed; each object hears of its sockets."""
         for key, ws in self.sockets.forget_all():
             try:
-                act = self._activation(*key)
+                act = self._target(*key)
             except ConstructorError:
                 continue
             act.deliver(SocketEvent(event_close(1012, "the object process reconnected"), ws),
@@ -616,7 +640,7 @@ class ObjectProcess:
         for key, ws in self.sockets.client_gone(client):
             self.sockets.of(key).drop(ws)
             try:
-                act = self._activation(*key)
+                act = self._target(*key)
             except ConstructorError:
                 continue
             act.deliver(SocketEvent(event_close(1006, "the connection was lost"), ws), _ignore)
@@ -640,7 +664,7 @@ class ObjectProcess:
             done(None)  # kept in storage: it fires after a restart with the namespace back
             return
         try:
-            act = self._activation(namespace, object_id)
+            act = self._target(namespace, object_id)
         except ConstructorError as e:
             done(e.error)
             return
@@ -818,7 +842,59 @@ class ObjectProcess:
 
         self._spawn(run())
 
-    def _activation(self, namespace: str, object_id: str, name: str | None = None) -> Activation:
+    def _target(self, namespace: str, object_id: str, name: str | None = None
+                ) -> Activation | _Warming:
+        """Where a call for this object goes: its activation, made now; or, for an existing
+        object that has none, a waiting room while its rows are read off the loop (then the
+        activation starts with them, and the calls go in, in their order)."""
+        key = (namespace, object_id)
+        warming = self._warming.get(key)
+        if warming is not None:
+            if warming.name is None:
+                warming.name = name
+            return warming
+        filter_ = getattr(self.store, "stored", None)  # (durable.testing's memory has none)
+        if key not in self.catalog and namespace in self.classes and filter_ is not None \
+                and self.store.failed is None:
+            try:
+                stored = object_key(namespace, object_id) in filter_
+            except ValueError:
+                stored = False
+            if stored:
+                warming = self._warming[key] = _Warming(name)
+                warming.task = asyncio.create_task(self._warm(key, warming),
+                                                   context=contextvars.Context())
+                return warming
+        return self._activation(namespace, object_id, name)
+
+    async def _warm(self, key: tuple[str, str], warming: _Warming) -> None:
+        namespace, object_id = key
+        rows: dict[bytes, Any] | None = None
+        try:
+            rows = await self.store.warm([object_key(namespace, object_id),
+                                          name_key(namespace, object_id)])
+        except Exception as e:  # (a damaged file): the call reads again and meets it
+            log.debug("warming %s %s failed: %s", namespace, object_id, e)
+        finally:
+            del self._warming[key]
+        try:
+            act = self._activation(namespace, object_id, warming.name, rows)
+        except ConstructorError as e:
+            for _, reply in warming.parked:
+                reply(None, e.error)
+            return
+        except Exception as e:
+            for _, reply in warming.parked:
+                reply(None, e)
+            return
+        for request, reply in warming.parked:
+            act.deliver(request, reply)
+
+    def _activation(self, namespace: str, object_id: str, name: str | None = None,
+                    warm: dict[bytes, tuple[dict[str, bytes | None], bool]] | None = None
+                    ) -> Activation:
+        """The object's activation, made now if it has none (``warm``: what
+        ``SlotStore.warm`` read of it and its name)."""
         key = (namespace, object_id)
         act = self.catalog.get(key)
         if act is None or act.phase is Phase.RESET or (
@@ -828,11 +904,15 @@ class ObjectProcess:
             if cls is None:
                 raise UnknownNamespaceError(f"this object process does not host namespace {namespace!r}")
             cfg = self.config
-            known = self._known_name(namespace, object_id, name)
+            stored_name: Any = _UNREAD
+            if warm is not None:
+                stored_name = warm[name_key(namespace, object_id)][0].get("name")
+            known = self._known_name(namespace, object_id, name, stored_name)
             try:
                 act = Activation(self.store, namespace, object_id, cls, self.env, name=known,
                                  cpu_limit=cfg.cpu_limits.get(namespace, cfg.cpu_limit),
-                                 debug=cfg.debug, sockets=self.sockets)
+                                 debug=cfg.debug, sockets=self.sockets,
+                                 warm=warm[object_key(namespace, object_id)] if warm else None)
             except Exception as e:
                 raise ConstructorError(self._constructor_failed(namespace, object_id, known, cls, e)) from e
             self.catalog[key] = act
@@ -846,21 +926,25 @@ class ObjectProcess:
         ids = self.ids.get(namespace)
         return ids is not None and str(ids.from_name(name)) == object_id
 
-    def _known_name(self, namespace: str, object_id: str, name: str | None) -> str | None:
-        """The object's name: from this call (checked), else as stored by an earlier one."""
+    def _known_name(self, namespace: str, object_id: str, name: str | None,
+                    stored: Any = _UNREAD) -> str | None:
+        """The object's name: from this call (checked), else as stored by an earlier one
+        (``stored``: as read already)."""
         if name is not None and self._name_matches(namespace, object_id, name):
-            self._store_name(namespace, object_id, name)
+            self._store_name(namespace, object_id, name, stored)
             return name
         try:
-            data = self.store.read(name_key(namespace, object_id), "name")
+            data = self.store.read(name_key(namespace, object_id), "name") \
+                if stored is _UNREAD else stored
+            return None if data is None else codec.decode(data)
         except Exception:  # a name is a nicety: never fail a call for it
             return None
-        return None if data is None else codec.decode(data)
 
-    def _store_name(self, namespace: str, object_id: str, name: str) -> None:
+    def _store_name(self, namespace: str, object_id: str, name: str,
+                    stored: Any = _UNREAD) -> None:
         obj = name_key(namespace, object_id)
         try:
-            if self.store.read(obj, "name") is None:
+            if (self.store.read(obj, "name") if stored is _UNREAD else stored) is None:
                 # Not kicked now: it rides with the call's own commit (inline when the process
                 # is otherwise idle) rather than cost a write of its own. A call that writes
                 # nothing commits nothing, so the log is kicked a little later in any case

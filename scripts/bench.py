@@ -1485,14 +1485,37 @@ def cold_suite(quick: bool, objects: int) -> dict[str, Any]:
                             lat.append(time.perf_counter() - t)
                         out[f"{label}_sequential_p50_ms"] = ms(pct(lat, 0.5))
                         out[f"{label}_sequential_p90_ms"] = ms(pct(lat, 0.9))
-                    it = iter(range(burst))
+                    hot_stub = ns.get_by_name("object-0")
+                    await hot_stub.fetch("http://do/?k=count")  # (active from here on)
+                    # 64 in flight: new objects, then stored ones not yet read (each
+                    # activation's first read: the slot's reader thread, off the loop),
+                    # and the latency of an active object's calls meanwhile
+                    for label, names in (("new", [f"burst-{i}" for i in range(burst)]),
+                                         ("existing", [f"object-{2 * i + 1}"
+                                                       for i in range(n, n + burst)])):
+                        it = iter(names)
 
-                    async def worker() -> None:
-                        for i in it:
-                            await ns.get_by_name(f"burst-{i}").fetch("http://do/?k=count")
-                    t = time.perf_counter()
-                    await asyncio.gather(*(worker() for _ in range(64)))
-                    out["new_objects_per_s_64_in_flight"] = round(burst / (time.perf_counter() - t))
+                        async def worker(it: Any = it) -> None:
+                            for name in it:
+                                await ns.get_by_name(name).fetch("http://do/?k=count")
+                        hot_lat: list[float] = []
+                        busy = [True]
+
+                        async def hot(busy: list[bool] = busy, hot_lat: list[float] = hot_lat
+                                      ) -> None:  # one active object's calls meanwhile
+                            while busy[0]:
+                                t1 = time.perf_counter()
+                                await hot_stub.fetch("http://do/?k=count")
+                                hot_lat.append(time.perf_counter() - t1)
+                        hot_task = asyncio.create_task(hot())
+                        t = time.perf_counter()
+                        await asyncio.gather(*(worker() for _ in range(64)))
+                        out[f"{label}_objects_per_s_64_in_flight"] = round(
+                            len(names) / (time.perf_counter() - t))
+                        busy[0] = False
+                        await hot_task
+                        out[f"hot_object_p50_ms_during_{label}"] = ms(pct(hot_lat, 0.5))
+                        out[f"hot_object_p99_ms_during_{label}"] = ms(pct(hot_lat, 0.99))
             asyncio.run(run())
     return out
 

@@ -258,18 +258,29 @@ class DuckStore:
         self._writer.execute("CHECKPOINT")
 
     # -- reads (event loop thread) ------------------------------------------------
-    def read_key(self, pk: bytes) -> bytes | None:
-        rows = self._reader.execute("SELECT v FROM kv WHERE pk = $1", [pk]).fetchall()
+    def read_key(self, pk: bytes, cursor: duckdb.DuckDBPyConnection | None = None
+                 ) -> bytes | None:
+        rows = (cursor or self._reader).execute("SELECT v FROM kv WHERE pk = $1",
+                                                [pk]).fetchall()
         return rows[0][0] if rows else None
 
-    def read_object(self, obj: bytes) -> list[tuple[bytes, bytes | None]]:
-        """All rows of one object, tombstones included, as ``(pk, v)``."""
-        # Not ``WHERE obj = $1``: an index scan that also fetches ``v`` costs ~0.4 ms a row
-        # once the table holds large values (1.9 s for a 734-key object among 20 KB values,
-        # measured), while rows picked by rowid cost ~0.03 ms (19 ms), and 0.8 ms against
-        # 3.7 ms for 100 keys at 1M small rows. One statement: one snapshot.
-        return self._reader.execute("SELECT pk, v FROM kv WHERE rowid IN "
-                                    "(SELECT rowid FROM kv WHERE obj = $1)", [obj]).fetchall()
+    def read_object(self, obj: bytes, *, limit: int | None = None,
+                    cursor: duckdb.DuckDBPyConnection | None = None
+                    ) -> list[tuple[bytes, bytes | None]]:
+        """All rows of one object (at most ``limit``), tombstones included, as ``(pk, v)``;
+        ``cursor``: another thread's own (a cursor is not shared across threads)."""
+        # ``WHERE obj = $1`` through the kv_obj index. (Rows picked by rowid from a subquery
+        # were faster on DuckDB 1.x, where the index scan fetching ``v`` cost ~0.4 ms a row
+        # among large values; on 2.0 the subquery is the slower one: 149 against 36 ms for
+        # 10 keys of 20 KB among 200k rows in no order, 1.8-3.4 against 1.1 ms for 3 small
+        # keys among 600k rows, measured.) One statement: one snapshot.
+        cut = "" if limit is None else f" LIMIT {int(limit)}"
+        return (cursor or self._reader).execute(
+            f"SELECT pk, v FROM kv WHERE obj = $1{cut}", [obj]).fetchall()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor for another thread (the slot's reader thread)."""
+        return self._con.cursor()
 
     # -- writes (applier thread) --------------------------------------------------
     def apply(self, rows: dict[bytes, tuple[bytes, bytes | None, int | None]], clears: set[bytes],

@@ -17,7 +17,9 @@ The rules this file keeps:
   durable; the object process awaits it before a response leaves.
   :meth:`unsynced` tells whether there is anything to wait for.
 * **Input gate.** Holds by construction: a read miss blocks the loop, so no
-  other event reaches any object while storage I/O is in flight.
+  other event reaches any object while storage I/O is in flight. The one read
+  that leaves the loop is an existing object's first (``SlotStore.warm``, up to
+  256 rows, before its constructor): its calls wait for it, other objects run.
 * **Failure.** If the slot cannot make a write durable, :meth:`sync` raises
   :class:`~durable.errors.StorageCommitError`, every later call raises it,
   and the activation must be reset (its cache may hold writes that never
@@ -89,6 +91,14 @@ class ObjectStorage:
         if self.broken is not None:
             raise self.broken
         self._slot.check_writable()
+
+    def warm(self, vals: dict[str, bytes | None], complete: bool) -> None:
+        """Start with what :meth:`SlotStore.warm` read off the loop (before the first call)."""
+        for k, v in vals.items():
+            self._vals.setdefault(k, v)
+        if complete:
+            self._complete = True
+            self._sorted = None
 
     # -- internal helpers (synchronous) ---------------------------------------
     def _data(self, key: str) -> bytes | None:

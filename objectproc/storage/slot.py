@@ -40,6 +40,7 @@ Disk faults (docs/storage.md, "Faults"):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import gc
@@ -60,7 +61,7 @@ from rbloom import Bloom
 
 from durable.errors import StorageCommitError, StorageCorruptError, StorageFullError
 
-from .duck import DuckStore, is_corruption, name_twin, named_target
+from .duck import NAME_PREFIX, DuckStore, is_corruption, name_twin, named_target
 from .limits import DEFAULT_LIMITS, StorageLimits
 from .log import (
     ALARM_DELETE,
@@ -92,6 +93,9 @@ _BACKLOG = 16_384
 # that starts during a checkpoint waits for it (~11 ms per MB of WAL, measured). 50,000
 # records of 24 KB made one checkpoint stall the slot for 1.4 s.
 _BATCH_BYTES = 4 << 20
+#: rows an activation's first read (``warm``) takes off the loop; a bigger object is cached
+#: this far and read on by key (on the loop) as before
+WARM_ROWS = 256
 
 
 def tune_gc() -> None:
@@ -285,6 +289,12 @@ class SlotStore:
         self._pinned = False
         self._pin_timer: asyncio.TimerHandle | None = None
         self._overlay: dict[bytes, _Pending] = {}
+        #: DuckDB reads made on the loop thread, and objects whose first read left it (warm)
+        self.loop_reads = 0
+        self.warmed = 0
+        #: the slot's reader thread and its DuckDB cursor (``warm``), made on first use
+        self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_local = threading.local()
         self._unapplied: deque[_Record] = deque()
         #: the batch the applier took from ``_unapplied`` and has not finished applying
         #: (both change under ``_apply_cond``, so that :meth:`capture` misses no record)
@@ -586,6 +596,7 @@ class SlotStore:
                 return None
         if obj not in self.stored:  # a new object: DuckDB has nothing of it (no I/O)
             return None
+        self.loop_reads += 1
         try:
             return self.duck.read_key(obj + b"/" + key.encode("utf-8"))
         except duckdb.Error as e:
@@ -599,6 +610,7 @@ class SlotStore:
             return None if due == ALARM_DELETE else due
         if obj not in self.stored:
             return None
+        self.loop_reads += 1
         try:
             return self.duck.read_alarm(obj)
         except duckdb.Error as e:
@@ -624,12 +636,81 @@ class SlotStore:
         return StorageCommitError(f"slot {self.slot}: reading storage failed: {exc}",
                                   outcome="discarded")
 
+    async def warm(self, objs: list[bytes], limit: int = WARM_ROWS
+                   ) -> dict[bytes, tuple[dict[str, bytes | None], bool]]:
+        """Existing objects' rows (up to ``limit`` each), read by the slot's reader thread so
+        that the loop serves other objects meanwhile, unapplied writes included: obj ->
+        (key -> value or None for deleted, whether that is every key of the object).
+
+        Consistent without a lock: the writes not yet applied are taken before the read
+        starts (any applied after that are in the read's snapshot or in what was taken), and
+        those written or still unapplied when it ends are laid over both."""
+        taken = {obj: self._capture(obj) for obj in objs}
+        if self._reader_pool is None:
+            self._reader_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"slot-{self.slot}-reader")
+        try:
+            rows = await self.loop.run_in_executor(self._reader_pool, self._read_rows, objs,
+                                                   limit)
+        except duckdb.Error as e:
+            raise self._read_failed(e) from e
+        out: dict[bytes, tuple[dict[str, bytes | None], bool]] = {}
+        self.warmed += 1
+        for obj in objs:
+            got, more = rows[obj]
+            vals: dict[str, bytes | None] = {}
+            complete = not more
+            for layer in (taken[obj], self._capture(obj)):
+                if layer is None:
+                    continue
+                cleared, entries = layer
+                if cleared:
+                    vals, got, complete = {}, [], True
+                vals.update(entries)
+            cut = len(obj) + 1
+            for pk, v in got:
+                vals.setdefault(pk[cut:].decode("utf-8"), v)
+            out[obj] = (vals, complete)
+        return out
+
+    def _capture(self, obj: bytes) -> tuple[bool, dict[str, bytes | None]] | None:
+        """An object's unapplied writes now: (cleared first, key -> value or None)."""
+        pending = self._overlay.get(obj)
+        if pending is None:
+            return None
+        return pending.clear is not None, {k: r.ws.entries[k] for k, r in pending.entries.items()}
+
+    def _read_rows(self, objs: list[bytes], limit: int
+                   ) -> dict[bytes, tuple[list[tuple[bytes, bytes | None]], bool]]:
+        """(reader thread) Each object's rows, and whether it has more than ``limit``."""
+        cur = getattr(self._reader_local, "cursor", None)
+        if cur is None:
+            cur = self._reader_local.cursor = self.duck.cursor()
+        out = {}
+        for obj in objs:
+            if obj not in self.stored:
+                out[obj] = ([], False)
+            elif obj.startswith(NAME_PREFIX):  # (a name record has one key: a point read)
+                v = self.duck.read_key(obj + b"/name", cursor=cur)
+                out[obj] = ([] if v is None else [(obj + b"/name", v)], False)
+            else:
+                rows = self.duck.read_object(obj, limit=limit + 1, cursor=cur)
+                out[obj] = (rows[:limit], len(rows) > limit)
+        return out
+
+    def _close_reader(self) -> None:
+        cur = getattr(self._reader_local, "cursor", None)
+        if cur is not None:
+            cur.close()
+            self._reader_local.cursor = None
+
     def read_all(self, obj: bytes) -> dict[str, bytes]:
         """Every stored key of an object, unapplied writes included."""
         pending = self._overlay.get(obj)
         out: dict[str, bytes] = {}
         if (pending is None or pending.clear is None) and obj in self.stored:
             cut = len(obj) + 1
+            self.loop_reads += 1
             try:
                 rows = self.duck.read_object(obj)
             except duckdb.Error as e:
@@ -933,7 +1014,8 @@ class SlotStore:
                 "checkpointed_seq": self.checkpointed_seq, "checkpoints": self.checkpoints,
                 "checkpoints_refused": self.checkpoints_refused,
                 "wal_bytes": self.duck.wal_bytes(), "log_bytes": log_bytes,
-                "storage_full": self.full is not None}
+                "storage_full": self.full is not None,
+                "reads": {"on_loop": self.loop_reads, "warmed_objects": self.warmed}}
 
     async def pin(self, timeout: float = 300.0) -> dict[str, Any]:
         """Hold the slot's files still for a backup: nothing applied, no segment deleted.
@@ -987,6 +1069,10 @@ class SlotStore:
             self._stopping = True
             self._apply_cond.notify()
         await asyncio.to_thread(self._applier.join)
+        if self._reader_pool is not None:
+            with contextlib.suppress(Exception):
+                await self.loop.run_in_executor(self._reader_pool, self._close_reader)
+            self._reader_pool.shutdown(wait=False)
         self._forget(list(self._unapplied))
         self._closed = True
         if self.failed is None and self._duck_full is None and self.applied_seq == self.log.last_seq:

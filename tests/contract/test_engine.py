@@ -715,3 +715,71 @@ def test_a_batch_of_new_objects_deletes_nothing(tmp_path):
         finally:
             await slot.close()
     asyncio.run(run())
+
+
+async def test_warm_reads_off_the_loop_and_misses_no_write_applied_meanwhile(tmp_path):
+    """``SlotStore.warm`` (an existing object's first read, on the reader thread) against the
+    applier: a write applied (and dropped from the overlay) after the read's snapshot, or
+    before it, is in the result either way; unapplied writes, deletes and a clear too."""
+    import threading
+
+    slot = SlotStore(tmp_path, **NEVER)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put({"a": 1, "b": 2, "c": 3})
+        await s.sync()
+        await slot.flush()  # in DuckDB
+        for when in ("after", "before"):
+            await s.put({"a": 10, "n": when})
+            await s.delete("b")
+            await s.sync()  # durable, not applied: only in the overlay
+            gate, read = threading.Event(), threading.Event()
+            real = slot._read_rows
+
+            def slow(objs, limit, real=real, when=when, gate=gate, read=read):
+                if when == "before":
+                    gate.wait(10)  # the records are applied and forgotten first
+                    return real(objs, limit)
+                out = real(objs, limit)  # the snapshot without them...
+                read.set()
+                gate.wait(10)  # ...then they are applied and forgotten
+                return out
+            slot._read_rows = slow
+            task = asyncio.create_task(slot.warm([b"NS/o"]))
+            if when == "after":
+                await asyncio.to_thread(read.wait, 10)
+            await slot.flush()
+            assert b"NS/o" not in slot._overlay  # nothing left to lay over the read
+            gate.set()
+            vals, complete = (await task)[b"NS/o"]
+            slot._read_rows = real
+            assert complete
+            assert {k: v for k, v in vals.items() if v is not None} == {
+                "a": b"10", "c": b"3", "n": f'"{when}"'.encode()}, when
+            assert vals.get("b", b"?") is None  # known deleted
+        await s.delete_all()
+        await s.put("z", 26)
+        await s.sync()
+        assert (await slot.warm([b"NS/o"]))[b"NS/o"] == ({"z": b"26"}, True)  # a clear, unapplied
+        assert (await slot.warm([b"NS/new"]))[b"NS/new"] == ({}, True)
+    finally:
+        await slot.close()
+
+
+async def test_warm_caps_what_it_reads_and_the_rest_is_read_by_key(tmp_path):
+    from durable.objectproc.storage.slot import WARM_ROWS
+    slot = SlotStore(tmp_path, **NEVER)
+    try:
+        s = ObjectStorage(slot, "NS", "big")
+        for i in range(0, WARM_ROWS + 10, 100):
+            await s.put({f"k{j:04}": j for j in range(i, min(i + 100, WARM_ROWS + 10))})
+        await s.sync()
+        await slot.flush()
+        vals, complete = (await slot.warm([b"NS/big"]))[b"NS/big"]
+        assert not complete and len(vals) == WARM_ROWS
+        again = ObjectStorage(slot, "NS", "big")
+        again.warm(vals, complete)
+        assert len(await again.list()) == WARM_ROWS + 10  # the whole object, read on the loop
+        assert await again.get(f"k{WARM_ROWS + 5:04}") == WARM_ROWS + 5
+    finally:
+        await slot.close()

@@ -33,3 +33,42 @@ async def test_idle_activations_are_evicted_and_reactivate_with_their_data(tmp_p
             assert evicted >= 20
             values = await asyncio.gather(*[s.fetch("http://do/inc", method="POST") for s in stubs])
             assert [await v.text() for v in values] == ["2"] * 20
+
+
+def reads(stats):
+    """(DuckDB reads on the slots' loops, objects whose first read left the loop)."""
+    r = [s["reported"].get("reads", {}) for s in stats["slots"]]
+    return sum(x.get("on_loop", 0) for x in r), sum(x.get("warmed_objects", 0) for x in r)
+
+
+async def test_an_evicted_objects_first_read_leaves_the_loop_and_its_calls_keep_their_order(
+        tmp_path):
+    """An existing object's activation reads its rows on the slot's reader thread, not on
+    the loop (other objects are served meanwhile); its calls wait for it and go in, in order."""
+    with running_cluster(tmp_path, slots=2, idle_timeout=0.4) as cluster:
+        async with durable.connect(cluster.frontend, timeout=10) as client:
+            await all_slots_up(client)
+            ns = client.namespace("RECORDER")
+            stubs = [ns.get_by_name(f"w{i}") for i in range(20)]
+            await asyncio.gather(*[s.fetch("http://do/?n=0", method="POST") for s in stubs])
+
+            async def all_evicted():
+                return active(await client.statistics()) == 0
+            await async_wait_for(all_evicted, 5, "every object to be evicted", 0.1)
+            await asyncio.sleep(1.5)  # (the slots report their figures every second)
+            loop_before, warmed_before = reads(await client.statistics())
+            # each cold object gets five calls at once from its stub: they wait for its rows
+            # and run in the order they were sent
+            await asyncio.gather(*[s.fetch(f"http://do/?n={n}", method="POST")
+                                   for s in stubs for n in range(1, 6)])
+            got = await asyncio.gather(*[s.fetch("http://do/") for s in stubs])
+            assert {await g.text() for g in got} == {"[0,1,2,3,4,5]"}
+            seen = []
+
+            async def reported():
+                seen.append(reads(await client.statistics()))
+                return seen[-1][1] - warmed_before >= 20
+            await async_wait_for(reported, 5, "the warmed objects to be reported", 0.2)
+            loop_after, warmed_after = seen[-1]
+            assert warmed_after - warmed_before == 20, (warmed_before, warmed_after)
+            assert loop_after == loop_before, "an activation read DuckDB on the loop"
