@@ -59,7 +59,6 @@ import socket
 import sys
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -120,8 +119,8 @@ class Bounds:
                 f"limit, http.max_inflight_mb, is {self.max_bytes >> 20} MiB); retry shortly")
         self.bytes += n
 
-    @contextlib.contextmanager
-    def call(self, namespace: str, object_id: str) -> Iterator[None]:
+    def enter(self, namespace: str, object_id: str) -> tuple[str, str]:
+        """Count a request in (OverloadedError past a bound); :meth:`leave` counts it out."""
         key = (namespace, object_id)
         if self.namespaces[namespace] >= self.per_namespace:
             raise OverloadedError(f"namespace {namespace} has {self.per_namespace} requests in "
@@ -131,13 +130,15 @@ class Bounds:
                                   "this gateway (http.max_inflight_per_object)")
         self.namespaces[namespace] += 1
         self.objects[key] += 1
-        try:
-            yield
-        finally:
-            for counter, k in ((self.namespaces, namespace), (self.objects, key)):
-                counter[k] -= 1
-                if not counter[k]:
-                    del counter[k]
+        return key
+
+    def leave(self, key: tuple[str, str]) -> None:
+        for counter, k in ((self.namespaces, key[0]), (self.objects, key)):
+            n = counter[k] - 1
+            if n:
+                counter[k] = n
+            else:
+                del counter[k]
 
 
 class Gateway:
@@ -188,8 +189,11 @@ class Gateway:
                 self._routes.clear()
             route = self._routes[key] = (ns, oid, str(oid))
         ns, oid, hex_id = route
-        with self.bounds.call(ns.name, hex_id):
+        key = self.bounds.enter(ns.name, hex_id)  # (not a context manager: per request)
+        try:
             return await self._stub(ns, oid, hex_id).fetch(req)
+        finally:
+            self.bounds.leave(key)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The body, counted against the byte bound as it arrives (chunked bodies too)."""

@@ -11,6 +11,7 @@ WebSocket upgrade (``durable.websocket``).
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +19,9 @@ from urllib.parse import urlsplit
 import orjson
 
 __all__ = ["Headers", "Request", "Response"]
+
+#: what a header name may not hold (a regex: the gateway checks every request's headers)
+_BAD_NAME = re.compile(r"[ \t\r\n:]")
 
 
 
@@ -34,16 +38,17 @@ class Headers:
             self._items = list(init._items)
             return
         pairs = init.items() if isinstance(init, Mapping) else init
-        for pair in pairs:
-            name, value = pair
-            self.append(name, value)
+        items, check = self._items, self._check
+        for name, value in pairs:
+            items.append(check(name, value))
 
     @staticmethod
     def _check(name: Any, value: Any) -> tuple[str, str]:
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise TypeError(f"header names and values are str, got {name!r}: {value!r}")
-        name, value = str(name), str(value)  # plain str, also for subclasses (aiohttp's istr)
-        if not name or any(c in name for c in " \t\r\n:") or "\n" in value or "\r" in value:
+        if type(name) is not str or type(value) is not str:
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(f"header names and values are str, got {name!r}: {value!r}")
+            name, value = str(name), str(value)  # plain str for subclasses (aiohttp's istr)
+        if not name or _BAD_NAME.search(name) or "\n" in value or "\r" in value:
             raise ValueError(f"invalid header {name!r}: {value!r}")
         return name, value
 
