@@ -175,10 +175,28 @@ Reply = Callable[[Any, BaseException | None], None]  # (a Response, a method's r
 Delivery = Request | MethodCall | AlarmCall | SocketEvent | InObject
 
 
+#: calls an object may have waiting or running before more are refused (503)
+MAX_PENDING = 1000
+
+
+def refused(request: Delivery, reply: Reply, pending: int, limit: int, namespace: str,
+            object_id: str) -> bool:
+    """Refuse a call past an object's bound of calls in flight (OverloadedError); True if so.
+
+    A socket's close or error always goes in: it is not a request that can be retried,
+    sockets per object are bounded, and a thousand sockets may close at once."""
+    if pending < limit or (type(request) is SocketEvent and request.event.kind != EV_TEXT
+                           and request.event.kind != EV_BINARY):
+        return False
+    reply(None, OverloadedError(f"{namespace} {object_id} has {pending} calls waiting or "
+                                f"running (the limit is {limit}); retry later"))
+    return True
+
+
 class Activation:
     def __init__(self, store: SlotStore, namespace: str, object_id: str, cls: type,
                  env: Any, clock: Callable[[], float] = time.monotonic,
-                 max_pending: int = 1000, name: str | None = None,
+                 max_pending: int = MAX_PENDING, name: str | None = None,
                  cpu_limit: float = 30.0, debug: bool = False,
                  sockets: Sockets | None = None,
                  warm: tuple[dict[str, bytes | None], bool] | None = None) -> None:
@@ -284,14 +302,8 @@ class Activation:
     def deliver(self, request: Delivery, reply: Reply) -> None:
         self.last_used = self.clock()
         self.retiring_since, self.cancelled_tasks = None, False
-        if len(self._tasks) + len(self._waiting) >= self.max_pending and not (
-                type(request) is SocketEvent and request.event.kind != EV_TEXT
-                and request.event.kind != EV_BINARY):
-            # (a socket's close or error always goes in: it is not a request that can be
-            # retried, sockets per object are bounded, and a thousand sockets may close at once)
-            reply(None, OverloadedError(
-                f"{self.namespace} {self.object_id} has {len(self._tasks) + len(self._waiting)} "
-                f"calls waiting or running (the limit is {self.max_pending}); retry later"))
+        if refused(request, reply, len(self._tasks) + len(self._waiting), self.max_pending,
+                   self.namespace, self.object_id):
             return
         if self.phase is Phase.BLOCKED or self._waiting:
             self._waiting.append((request, reply))

@@ -71,7 +71,7 @@ from durable.protocol.messages import (
 from durable.supervisor.config import Config as _SETTINGS
 from durable.transport import LoopSocket
 
-from .activation import CURRENT, Activation, Phase
+from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
 from .alarms import AlarmCall, AlarmScheduler
 from .cpulimit import CpuWatch
 from .metrics import CallMetrics
@@ -117,15 +117,17 @@ class _Warming:
     """An existing object's calls while its rows are read off the loop (ObjectProcess._target):
     its input gate, in the order they came."""
 
-    __slots__ = ("name", "parked", "task")
+    __slots__ = ("key", "name", "parked", "task")
 
-    def __init__(self, name: str | None) -> None:
+    def __init__(self, key: tuple[str, str], name: str | None) -> None:
+        self.key = key
         self.name = name
         self.parked: list[tuple[Any, Any]] = []
         self.task: asyncio.Task[None] | None = None
 
     def deliver(self, request: Any, reply: Any) -> None:
-        self.parked.append((request, reply))
+        if not refused(request, reply, len(self.parked), MAX_PENDING, *self.key):
+            self.parked.append((request, reply))
 
 
 class ConstructorError(Exception):
@@ -861,7 +863,7 @@ class ObjectProcess:
             except ValueError:
                 stored = False
             if stored:
-                warming = self._warming[key] = _Warming(name)
+                warming = self._warming[key] = _Warming(key, name)
                 warming.task = asyncio.create_task(self._warm(key, warming),
                                                    context=contextvars.Context())
                 return warming
