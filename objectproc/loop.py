@@ -875,8 +875,10 @@ class ObjectProcess:
         try:
             rows = await self.store.warm([object_key(namespace, object_id),
                                           name_key(namespace, object_id)])
-        except Exception as e:  # (a damaged file): the call reads again and meets it
-            log.debug("warming %s %s failed: %s", namespace, object_id, e)
+        except Exception as e:  # (a damaged file): the calls get what their read would have
+            for _, reply in warming.parked:
+                reply(None, e)
+            return
         finally:
             del self._warming[key]
         try:
