@@ -74,17 +74,24 @@ async def connect(urls: list[str]) -> Any:
 
 
 async def jetstream_ready(urls: list[str], timeout: float = 30.0) -> None:
-    """Until JetStream answers with a meta leader elected (a 3-node cluster takes ~2-5 s)."""
+    """Until JetStream can place a stream on every node: a meta leader elected and every peer
+    known to it (a 3-node cluster takes ~2-5 s; a meta leader alone still answered "no
+    suitable peers for placement" to a 3-replica stream under load, seen in CI)."""
     import nats
 
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
+    probe = f"READY_{os.getpid()}_{time.monotonic_ns()}"
     while time.monotonic() < deadline:
         try:
             nc = await nats.connect(servers=urls, connect_timeout=1, max_reconnect_attempts=0,
                                     error_cb=quiet)
             try:
-                await nc.jetstream().account_info()
+                js = nc.jetstream()
+                await js.account_info()
+                await js.add_stream(name=probe, subjects=[f"{probe}.x"],
+                                    num_replicas=min(3, len(urls)))
+                await js.delete_stream(probe)
                 return
             finally:
                 await nc.close()
