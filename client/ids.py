@@ -79,6 +79,13 @@ def load_or_create_secret(data_dir: str | os.PathLike[str], *, create: bool = Tr
     return data
 
 
+#: (namespace key, name) -> id of the names seen lately, by every IdFactory of this process: a
+#: name's id is made twice in one process when HTTP is served in the object process (the
+#: route, then the check of the name on activation), and each costs two HMACs (~5 µs)
+_NAMED: dict[tuple[bytes, str], str] = {}
+_NAMED_MAX = 4096
+
+
 class IdFactory:
     """Makes and checks the ids of one namespace."""
 
@@ -94,8 +101,17 @@ class IdFactory:
     def from_name(self, name: str) -> ObjectId:
         if type(name) is not str:
             raise TypeError(f"id_from_name takes a str, not {type(name).__name__}")
-        a = hmac.new(self._key, name.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:16]
-        return ObjectId((a + self._mac(a)).hex(), name)
+        memo = (self._key, name)
+        hex_id = _NAMED.get(memo)
+        if hex_id is None:
+            a = hmac.new(self._key, name.encode("utf-8", "surrogatepass"),
+                         hashlib.sha256).digest()[:16]
+            hex_id = (a + self._mac(a)).hex()
+            if len(name) <= 256:  # (the memo's memory stays bounded: a few MiB at most)
+                if len(_NAMED) >= _NAMED_MAX:
+                    _NAMED.clear()
+                _NAMED[memo] = hex_id
+        return ObjectId(hex_id, name)
 
     def new_unique(self) -> ObjectId:
         a = secrets.token_bytes(16)

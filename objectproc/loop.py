@@ -208,6 +208,7 @@ class ObjectProcess:
         self.catalog: dict[tuple[str, str], Activation] = {}
         #: existing objects whose rows are being read for their first call (``_target``)
         self._warming: dict[tuple[str, str], _Warming] = {}
+        self._name_kick = False  # a kick of the log for the names stored lately is due
         self.counters: dict[str, int] = {"calls": 0, "errors": 0, "evicted": 0,
                                          "dropped_broker_messages": 0}
         self._in_flight = 0  # calls received and not yet answered
@@ -955,9 +956,15 @@ class ObjectProcess:
                 # (without that, the name waited for the next write of anyone: a restart
                 # after SIGKILL lost it, seen once in CI).
                 self.store.submit(obj, False, {"name": codec.encode(name)}, kick=False)
-                asyncio.get_running_loop().call_later(0.02, self.store.log.kick)
+                if not self._name_kick:  # (one timer for every name of the next 20 ms)
+                    self._name_kick = True
+                    asyncio.get_running_loop().call_later(0.02, self._kick_names)
         except Exception as e:  # (a full disk): learnt again from the next named call
             log.debug("could not store the name of %s %s: %s", namespace, object_id, e)
+
+    def _kick_names(self) -> None:
+        self._name_kick = False
+        self.store.log.kick()
 
     def _constructor_failed(self, namespace: str, object_id: str, name: str | None, cls: type,
                             e: Exception) -> BaseException:

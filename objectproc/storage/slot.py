@@ -146,7 +146,10 @@ class StoredObjects:
         self._room -= 1
 
     def __contains__(self, obj: bytes) -> bool:
-        return any(obj in f for f in self._filters)
+        for f in self._filters:  # (a loop, not any(genexpr): asked once per new object)
+            if obj in f:
+                return True
+        return False
 
 
 class _Retry(Exception):

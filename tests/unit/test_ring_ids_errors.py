@@ -91,6 +91,27 @@ def test_ids_from_names_are_deterministic_and_per_namespace():
     assert factory("A", b"t" * 32).from_name("x") != a.from_name("x")  # another daemon's secret
 
 
+def test_remembered_ids_of_names_match_a_fresh_hmac_and_the_memo_stays_bounded():
+    import hashlib
+    import hmac
+
+    from durable import ids as ids_module
+    key = namespace_key(b"s" * 32, "A")
+
+    def fresh(name):  # the id by its definition, without the memo
+        a = hmac.new(key, name.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:16]
+        return (a + hmac.new(key, a, hashlib.sha256).digest()[:16]).hex()
+
+    f, g = IdFactory("A", key), IdFactory("A", key)  # (the memo is shared per key)
+    names = [f"n{i}" for i in range(ids_module._NAMED_MAX + 10)] + ["x" * 300, "\udcff"]
+    for name in names:
+        assert str(f.from_name(name)) == fresh(name)
+        assert str(g.from_name(name)) == fresh(name) and g.from_name(name).name == name
+    assert len(ids_module._NAMED) <= ids_module._NAMED_MAX
+    assert ("x" * 300) not in {n for _, n in ids_module._NAMED}  # long names are not kept
+    assert str(factory("B").from_name("n1")) != fresh("n1")  # another namespace's key
+
+
 def test_100000_unique_ids_never_repeat_and_all_validate():
     f = factory()
     ids = {str(f.new_unique()) for _ in range(100_000)}
