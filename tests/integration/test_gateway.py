@@ -71,6 +71,38 @@ def test_routing_errors_and_limits(tmp_path):
 
         asyncio.run(main())
 
+        def raw(head: bytes, body: bytes | None = None) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                c.sendall(head)
+                got = b""
+                if body is not None:  # as curl does: the body only after "100 Continue"
+                    while b"\r\n\r\n" not in got:
+                        got += c.recv(4096)
+                    assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), got
+                    c.sendall(body)
+                while not got.endswith(b"\r\n\r\n") and b"\r\n\r\n" not in got[30:]:
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    got += chunk
+                time.sleep(0.1)
+                c.setblocking(False)
+                try:
+                    got += c.recv(65536)
+                except BlockingIOError:
+                    pass
+                return got
+
+        def post(length: int, expect: str) -> bytes:
+            return (f"POST /COUNTER/expect/inc HTTP/1.1\r\nHost: x\r\nContent-Length: {length}"
+                    f"\r\nExpect: {expect}\r\n\r\n").encode()
+
+        out = raw(post(10, "100-continue"), b"0123456789")
+        assert b"HTTP/1.1 200" in out and out.endswith(b"\r\n\r\n1"), out
+        assert raw(post(10, "something-else")).startswith(b"HTTP/1.1 417"), "unknown Expect"
+        # over max_body_bytes: refused before the client sends the body
+        assert raw(post(1001, "100-continue")).startswith(b"HTTP/1.1 413"), "too large"
+
 
 @pytest.mark.slow
 def test_slow_body_gets_408(tmp_path):
