@@ -872,25 +872,17 @@ class ObjectProcess:
 
     async def _warm(self, key: tuple[str, str], warming: _Warming) -> None:
         namespace, object_id = key
-        rows: dict[bytes, Any] | None = None
         try:
-            rows = await self.store.warm([object_key(namespace, object_id),
-                                          name_key(namespace, object_id)])
-        except Exception as e:  # (a damaged file): the calls get what their read would have
-            for _, reply in warming.parked:
-                reply(None, e)
-            return
-        finally:
-            del self._warming[key]
-        try:
+            try:
+                rows = await self.store.warm([object_key(namespace, object_id),
+                                              name_key(namespace, object_id)])
+            finally:
+                del self._warming[key]
             act = self._activation(namespace, object_id, warming.name, rows)
-        except ConstructorError as e:
+        except Exception as e:  # (a damaged file, a constructor that raised): the calls get
+            error = e.error if isinstance(e, ConstructorError) else e  # what theirs would have
             for _, reply in warming.parked:
-                reply(None, e.error)
-            return
-        except Exception as e:
-            for _, reply in warming.parked:
-                reply(None, e)
+                reply(None, error)
             return
         for request, reply in warming.parked:
             act.deliver(request, reply)

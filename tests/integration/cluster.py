@@ -30,6 +30,7 @@ NAMESPACES = {
     "ROOM": "tests.integration.objects:Room",
     "STREAMER": "tests.integration.objects:Streamer",
     "WSCALLER": "tests.integration.objects:WsCaller",
+    "RETURNS": "tests.integration.objects:FailsOnReturn",
 }
 
 

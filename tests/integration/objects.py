@@ -250,6 +250,23 @@ class FlakyConstructor(DurableObject):
         return Response("constructed")
 
 
+class FailsOnReturn(DurableObject):
+    """Its constructor raises the second time (per process): when it comes back after an
+    eviction, with rows to read first. POST stores ``v``; GET answers it."""
+
+    def __init__(self, state, env):
+        super().__init__(state, env)
+        key = "return/" + str(state.id)
+        _constructions[key] = _constructions.get(key, 0) + 1
+        if _constructions[key] == 2:
+            raise KeyError("no such setting (on return)")
+
+    async def fetch(self, request: Request) -> Response:
+        if request.method == "POST":
+            await self.state.storage.put("v", "kept")
+        return Response(str(await self.state.storage.get("v")))
+
+
 class Hog(DurableObject):
     """Keeps ?mb= MiB of touched memory for as long as its process lives."""
 

@@ -72,3 +72,27 @@ async def test_an_evicted_objects_first_read_leaves_the_loop_and_its_calls_keep_
             loop_after, warmed_after = seen[-1]
             assert warmed_after - warmed_before == 20, (warmed_before, warmed_after)
             assert loop_after == loop_before, "an activation read DuckDB on the loop"
+
+
+async def test_a_constructor_that_raises_after_the_read_off_the_loop_fails_every_waiting_call(
+        tmp_path):
+    """The calls that waited for an evicted object's rows get its constructor's error (as a
+    call to an activation that fails to construct does); the next call constructs anew."""
+    with running_cluster(tmp_path, slots=2, idle_timeout=0.4) as cluster:
+        async with durable.connect(cluster.frontend, timeout=10) as client:
+            await all_slots_up(client)
+            ns = client.namespace("RETURNS")
+            stub = ns.get_by_name("r")
+            assert await (await stub.fetch("http://do/", method="POST")).text() == "kept"
+
+            async def evicted():  # (not "none active": the figures may predate the call)
+                return sum(s["reported"].get("evicted", 0)
+                           for s in (await client.statistics())["slots"]) >= 1
+            await async_wait_for(evicted, 5, "the object to be evicted", 0.1)
+            got = await asyncio.gather(*[stub.fetch("http://do/") for _ in range(3)],
+                                       return_exceptions=True)
+            assert all(isinstance(e, durable.ObjectError) and e.type_name == "KeyError"
+                       for e in got), got
+            assert await (await stub.fetch("http://do/")).text() == "kept"
+            await asyncio.sleep(1.5)  # (the slots report their figures every second)
+            assert reads(await client.statistics())[1] >= 2  # both returns read off the loop
