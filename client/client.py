@@ -28,6 +28,7 @@ import zmq
 from .errors import (
     CallTimeoutError,
     DurableError,
+    OverloadedError,
     ProtocolError,
     StubBrokenError,
     UnknownNamespaceError,
@@ -36,6 +37,7 @@ from .errors import (
 from .gate import OUTPUT_GATE
 from .http import Request, Response
 from .ids import IdFactory, ObjectId
+from .peers import PEER_INFLIGHT, PeerLink, PeerRoutes
 from .protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from .protocol.messages import (
     METHOD,
@@ -48,6 +50,7 @@ from .protocol.messages import (
     Drop,
     Error,
     Hello,
+    PeerCall,
     Ping,
     Pong,
     Reply,
@@ -190,7 +193,7 @@ class Stub:
     """
 
     __slots__ = ("_client", "namespace", "id", "_stub_id", "_generation", "_broken", "_local",
-                 "__weakref__")
+                 "_peer", "_peer_inc", "__weakref__")
 
     def __init__(self, client: Client, namespace: str, oid: ObjectId) -> None:
         self._client = client
@@ -204,8 +207,17 @@ class Stub:
         #: through the broker. Fixed for the stub's life, so its calls keep one path (E-order).
         self._local = (local.incarnation if local is not None and local.incarnation
                        and local.owns(oid) else 0)
-        if not self._local:  # (the broker binds only the stubs it carries)
-            weakref.finalize(self, client._dropped.append, self._stub_id)
+        #: else the link to another slot's process of this host and the incarnation it
+        #: served when the stub was made (the peer path, ``durable.peers``), or None
+        self._peer: PeerLink | None = None
+        self._peer_inc = 0
+        if not self._local:
+            peers = client.peers
+            link = None if peers is None else peers.link_for(str(oid))
+            if link is not None:
+                self._peer, self._peer_inc = link, link.incarnation
+            else:  # (the broker binds only the stubs it carries)
+                weakref.finalize(self, client._dropped.append, self._stub_id)
 
     async def fetch(self, url_or_request: str | Request, *, method: str = "GET",
                     headers: Any = None, body: bytes | str | None = None,
@@ -362,8 +374,10 @@ class Client:
         #: WebSockets and streamed bodies this client reads, by channel id
         self._channels: dict[int, Any] = {}
         #: set by an object process for its own client: calls to objects of its own slot
-        #: are served in-process (``LocalRoute``), not through the broker
+        #: are served in-process (``LocalRoute``), not through the broker, and calls to
+        #: the other slots of its host go straight to their processes (``PeerRoutes``)
         self.local: LocalRoute | None = None
+        self.peers: PeerRoutes | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Client:
@@ -421,6 +435,8 @@ class Client:
         if self._sock is not None:
             self._sock.close(linger=500 if told else 0)  # (the closes leave first)
             self._sock = None
+        if self.peers is not None:
+            self.peers.close(linger=500 if told else 0)
 
     # -- namespaces ---------------------------------------------------------------------
     @overload
@@ -488,13 +504,16 @@ class Client:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending[call_id] = (fut, stub)
+        peer = stub._peer
         try:
             if stub._local:
                 self._local_call(stub, call_id, head, body)
+            elif peer is not None:
+                self._peer_call(stub, peer, call_id, head, body)
             else:
                 self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
                                 int(timeout * 1000), head, body, stub.id.name).encode())
-        except StubBrokenError:
+        except (StubBrokenError, OverloadedError):
             self._pending.pop(call_id, None)
             raise
         except zmq.ZMQError as e:
@@ -507,6 +526,8 @@ class Client:
         finally:
             timer.cancel()
             self._pending.pop(call_id, None)
+            if peer is not None:
+                peer.inflight -= 1
 
     def open_channel(self, max_message: int = MAX_MESSAGE) -> Channel:
         """A channel for a WebSocket upgrade (set as ``request._upgrade`` before the fetch)."""
@@ -524,13 +545,17 @@ class Client:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending[call_id] = (fut, stub)
+        peer, sent = stub._peer, False
         try:
             if stub._local:
                 self._local_call(stub, call_id, head, body)
+            elif peer is not None:
+                self._peer_call(stub, peer, call_id, head, body)
+                sent = True
             else:
                 self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
                                 int(self.timeout * 1000), head, body, stub.id.name).encode())
-        except StubBrokenError as e:
+        except (StubBrokenError, OverloadedError) as e:
             self._pending.pop(call_id, None)
             fut.set_exception(e)
         except zmq.ZMQError as e:
@@ -541,6 +566,8 @@ class Client:
         def done(f: asyncio.Future[Any]) -> None:
             timer.cancel()
             self._pending.pop(call_id, None)
+            if sent:
+                peer.inflight -= 1
             if not f.cancelled():
                 f.exception()  # (its outcome is the channel's business)
 
@@ -555,6 +582,24 @@ class Client:
                 "this stub was made; get a new stub with namespace.get(id)")
             raise stub._broken
         local.call(call_id, stub.namespace, str(stub.id), head, body, stub.id.name)
+
+    def _peer_call(self, stub: Stub, link: PeerLink, call_id: int, head: bytes,
+                   body: bytes) -> None:
+        """Send on the stub's link (counted in ``link.inflight`` once sent)."""
+        if link.incarnation != stub._peer_inc or link.sock is None:
+            if stub._broken is None:
+                stub._broken = StubBrokenError(
+                    f"stub lost its object: the process of slot {link.slot} went away or "
+                    "registered again after this stub was made; get a new stub with "
+                    "namespace.get(id)")
+            raise stub._broken
+        if link.inflight >= PEER_INFLIGHT:
+            raise OverloadedError(f"{link.inflight} calls wait on slot {link.slot}'s process "
+                                  f"(the limit is {PEER_INFLIGHT}); wait for some to finish")
+        link.sock.send(PeerCall(stub._peer_inc, call_id, stub.namespace, str(stub.id), head,
+                                body, stub.id.name).encode())
+        link.inflight += 1
+        self.peers.counters["peer_calls"] += 1
 
     def _local_lost(self) -> None:
         """This process's slot has a new incarnation: its in-process stubs and their
@@ -582,6 +627,19 @@ class Client:
         except ProtocolError as e:
             log.warning("dropped a malformed message from the broker: %s", e)
             return
+        self._dispatch(msg)
+
+    def _handle_answer(self, frames: list[bytes]) -> None:
+        """A reply, error or channel message that came on a peer link (``durable.peers``)."""
+        try:
+            msg = parse_from_broker_to_client(frames)
+        except ProtocolError as e:
+            log.warning("dropped a malformed message from a peer object process: %s", e)
+            return
+        if type(msg) in (Reply, Error, ChannelSend):
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: Any) -> None:
         t = type(msg)
         if t is ChannelSend:
             channels = self._channels

@@ -29,7 +29,8 @@ from collections.abc import Callable
 
 import zmq
 
-__all__ = ["LoopSocket", "MAX_MESSAGE_BYTES", "send_frames", "recv_frames", "has_input"]
+__all__ = ["LoopSocket", "MAX_MESSAGE_BYTES", "configure", "send_frames", "recv_frames",
+           "has_input"]
 
 #: the largest message any durable socket accepts (a 32 MiB body plus headroom)
 MAX_MESSAGE_BYTES = 64 << 20
@@ -43,6 +44,15 @@ _POLLIN = int(zmq.POLLIN)
 DRAIN_SLICE = 0.05
 
 log = logging.getLogger("durable.transport")
+
+
+def configure(sock: zmq.Socket) -> zmq.Socket:
+    """The options every durable peer socket uses: no linger, deep queues, bounded messages."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    return sock
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
@@ -87,15 +97,22 @@ def has_input(sock: zmq.Socket) -> bool:
 
 class LoopSocket:
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None],
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 on_unreachable: Callable[[list[bytes]], None] | None = None) -> None:
         self.sock = sock
         self.on_message = on_message
+        #: a ROUTER_MANDATORY socket's: a message for a peer that is gone is dropped and
+        #: handed here (queued or not), instead of raising EHOSTUNREACH
+        self.on_unreachable = on_unreachable
         self.loop = loop or asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
         self._backlog: deque[list[bytes]] = deque()
         self._closed = False
         self.loop.add_reader(self._fd, self._drain)
+        # Ask ZMQ_EVENTS once now: until a socket's input is first checked, its pipes do not
+        # signal new messages (a socket that never sends, like a monitor's, never heard one).
+        self._check_input()
 
     def _drain(self) -> None:
         self._scheduled = False
@@ -150,6 +167,10 @@ class LoopSocket:
                 self._backlog.append(frames)
                 if len(self._backlog) == 1:
                     self.loop.call_later(0.001, self.flush)
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH or self.on_unreachable is None:
+                    raise
+                self.on_unreachable(frames)
         self._check_input()
 
     def flush(self) -> None:
@@ -159,6 +180,11 @@ class LoopSocket:
             except zmq.Again:
                 self.loop.call_later(0.001, self.flush)
                 break
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH or self.on_unreachable is None:
+                    raise
+                self.on_unreachable(self._backlog.popleft())
+                continue
             self._backlog.popleft()
         self._check_input()
 
@@ -173,10 +199,7 @@ class LoopSocket:
         sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         if curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        configure(sock)
         sock.connect(endpoint)
         return cls(sock, on_message)
 

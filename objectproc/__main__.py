@@ -45,6 +45,7 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         alarm_retry_base=cfg.alarm_retry_base,
         websocket_max_message=cfg.websocket_max_message_kb << 10,
         metrics=bool(cfg.metrics.listen), run_dir=str(cfg.run_dir),
+        peer_calls=cfg.broker.peer_calls,
         cluster_servers=cfg.cluster.servers(), cluster_replicas=cfg.cluster.replicas,
         cluster_endpoint=f"tcp://{cfg.cluster.listen}" if cfg.cluster.enabled else "",
         slots=cfg.slots, cluster_key_file=cfg.cluster.curve_key if cfg.cluster.enabled else "")

@@ -43,6 +43,7 @@ from durable.exitcodes import EXIT_LEASE_LOST
 from durable.http import Response
 from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.objects import Env, load_class
+from durable.peers import PeerRoutes, peer_endpoint
 from durable.protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from durable.protocol.messages import (
     EV_CANCEL,
@@ -51,6 +52,7 @@ from durable.protocol.messages import (
     EVENT,
     LOCAL,
     METHOD,
+    PEER,
     Beat,
     BrokerHeartbeat,
     ClientGone,
@@ -75,6 +77,7 @@ from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
 from .alarms import AlarmCall, AlarmScheduler
 from .cpulimit import CpuWatch
 from .metrics import CallMetrics
+from .peers import PeerServer
 from .query import MAX_SNAPSHOTS, NAME_PREFIX, QUERY_METHOD, QUERY_URL, Overlay, SnapshotStream
 from .query import list_objects as _list_objects
 from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
@@ -187,6 +190,8 @@ class ObjectProcessConfig:
     metrics: bool = False
     #: the daemon's 0700 run dir: query snapshots bind their sockets there ("": the data dir)
     run_dir: str = ""
+    #: calls to the host's other slots go straight to their processes ([broker] peer_calls)
+    peer_calls: bool = True
     #: cluster mode (docs/cluster.md): the NATS servers (empty: one host), the JetStream
     #: replicas, this host's broker endpoint for the others, and the daemon's slot count
     cluster_servers: list[str] = field(default_factory=list)
@@ -240,6 +245,7 @@ class ObjectProcess:
         self._storage_figures_at = 0.0
         self.replicator: Any = None  # cluster mode: replication.Replicator
         self.links: Any = None  # cluster mode: links.RemoteLinks
+        self.peer_server: PeerServer | None = None  # calls from the host's other slots
         self._lease: Any = None  # cluster mode: host.LeaseFile (until when it may serve)
         #: cluster mode: (server public, our public, our secret) for every backend socket
         self.curve: tuple[bytes, bytes, bytes] | None = None
@@ -283,6 +289,21 @@ class ObjectProcess:
             ring = Ring(cfg.slots)
             self.client.local = LocalRoute(lambda oid: ring.slot_for(str(oid)) == cfg.slot,
                                            self._local_call)
+            if cfg.run_dir and cfg.slots > 1 and cfg.peer_calls:  # (docs/messaging.md)
+                self._ctx = self._ctx or zmq.Context.instance()
+                try:
+                    self.peer_server = PeerServer(cfg.run_dir, cfg.slot, ring, self.ids,
+                                                  lambda: self._incarnation, self._peer_deliver,
+                                                  self._client_gone, self._ctx)
+                except zmq.ZMQError as e:  # (a run dir that is not there: the broker's path)
+                    log.warning("slot %d: calls from the other slots go through the broker: "
+                                "could not bind %s: %s", cfg.slot, peer_endpoint(cfg.run_dir,
+                                                                                 cfg.slot), e)
+            if self.peer_server is not None:
+                self.client.peers = PeerRoutes(
+                    self.client, ring.slot_for, cfg.slot,
+                    {s: peer_endpoint(cfg.run_dir, s) for s in range(cfg.slots)}, self._ctx)
+                self.client.peers.start()
         self.env = Env({n: self.client.namespace(n) for n in cfg.namespaces}, cfg.vars,
                        cfg.secrets)
         self.sockets = Sockets(Outbox(self._send), cfg.websocket_max_message)
@@ -396,6 +417,8 @@ class ObjectProcess:
             await asyncio.to_thread(self.replicator.close)
         if self.links is not None:
             self.links.close()
+        if self.peer_server is not None:
+            self.peer_server.close()
         if self._sock is not None:
             self._sock.close()
 
@@ -417,6 +440,8 @@ class ObjectProcess:
                 self.client._local_lost()
             local.incarnation = incarnation
         self._send(Ready(self.config.slot, os.getpid(), incarnation).encode())
+        if self.peer_server is not None:  # its callers' stubs of the old one break too
+            self.peer_server.welcome_all()
         log.info("slot %d: registering with the broker (incarnation %x)", self.config.slot, incarnation)
 
     def _beat_thread(self) -> None:
@@ -458,12 +483,18 @@ class ObjectProcess:
                 s.close(linger=0)
 
     def _send(self, frames: list[bytes]) -> None:
-        if len(frames) > 1 and frames[1] == LOCAL:  # to this process's own client
-            out = to_client(frames)
-            if out is not None and self.client is not None:
-                asyncio.get_running_loop().call_soon(self.client._handle, out,
-                                                     context=contextvars.Context())
-            return
+        if len(frames) > 1:
+            to = frames[1][:1]
+            if to == LOCAL:  # to this process's own client
+                out = to_client(frames)
+                if out is not None and self.client is not None:
+                    asyncio.get_running_loop().call_soon(self.client._handle, out,
+                                                         context=contextvars.Context())
+                return
+            if to == PEER:  # to a caller in another slot's process, on the peer path
+                if self.peer_server is not None:
+                    self.peer_server.send(frames)
+                return
         if self._lease is not None:
             self._check_lease()
             if self.links is not None and self.links.route(frames):
@@ -481,6 +512,13 @@ class ObjectProcess:
         call = WorkerCall(LOCAL, call_id, namespace, object_id, head, body, name)
         asyncio.get_running_loop().call_soon(self._local_deliver, call,
                                              context=contextvars.Context())
+
+    def _peer_deliver(self, call: WorkerCall) -> None:
+        if self._closing:
+            self._send(WorkerError.of(call.client, call.call_id, OverloadedError(
+                f"slot {self.config.slot} is stopping; retry shortly")).encode())
+            return
+        self._call(call)
 
     def _local_deliver(self, call: WorkerCall) -> None:
         self.counters["local_calls"] = self.counters.get("local_calls", 0) + 1
@@ -1036,6 +1074,8 @@ class ObjectProcess:
                 **(self.alarms.stats() if self.alarms else {}),
                 "alarms": self.store.alarm_counts if self.store else {},
                 "websockets": self.sockets.count if self.sockets else 0,
+                **(self.peer_server.counters if self.peer_server else {}),
+                **(self.client.peers.statistics() if self.client and self.client.peers else {}),
                 "websocket_messages_sent": self.sockets.outbox.sent if self.sockets else 0,
                 **({"http_connections": dict(self.front.acceptor.counters)}
                    if self.front is not None else {})}

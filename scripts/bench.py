@@ -1610,6 +1610,16 @@ def _vs_round(port: int, pids: list[int], quick: bool, tag: str) -> dict[str, An
     return out
 
 
+def _front_config(config: str, front: str) -> str:
+    """``front`` is an [http] front value, optionally with ``:broker`` (``slots:broker``:
+    calls between object processes go through the broker, ``[broker] peer_calls = false``)."""
+    front, _, path = front.partition(":")
+    if path not in ("", "broker"):
+        raise SystemExit(f"--front {front}:{path}: the only suffix is ':broker'")
+    out = config.replace("FRONT", front)
+    return out + "[broker]\npeer_calls = false\n" if path else out
+
+
 def vs_workerd_suite(quick: bool, workerd: str | None, rounds: int,
                      fronts: tuple[str, ...] = ("slots",)) -> dict[str, Any]:
     """#18's side-by-side table: workerd and durable serve (2 slots) in alternating rounds,
@@ -1632,7 +1642,7 @@ class = "durable.examples.counter:Counter"
     names = ["durable" if i == 0 else f"durable_{f}" for i, f in enumerate(fronts)]
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in [*names, "workerd"]}
     with contextlib.ExitStack() as stack:
-        ds = [stack.enter_context(serving(config.replace("FRONT", f))) for f in fronts]
+        ds = [stack.enter_context(serving(_front_config(config, f))) for f in fronts]
         w = stack.enter_context(_workerd(workerd)) if workerd else None
         for i in range(rounds):
             for name, d in zip(names, ds, strict=True):
@@ -1797,7 +1807,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="vs-workerd: alternating rounds")
     p.add_argument("--front", default="slots",
                    help='vs-workerd: [http] front values to measure, comma-separated (e.g. '
-                        '"slots,gateways"; the first is reported as "durable")')
+                        '"slots,gateways"; "slots:broker": slots with [broker] peer_calls = '
+                        'false; the first is reported as "durable")')
     p.add_argument("--kills", type=int, default=20, help="cluster: hosts SIGKILLed, one by one")
     p.add_argument("--lease", type=float, default=5.0, help="cluster: the slot lease (s)")
     p.add_argument("--objects", type=int, default=1_000_000,

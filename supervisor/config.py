@@ -51,6 +51,9 @@ class BrokerSettings:
     queue_deadline: float = 10.0
     #: calls one client connection (a gateway process, a program) may have in flight
     client_inflight_limit: int = 10_000
+    #: calls from an object process (an object, the slots front) to another slot of this
+    #: host go straight to that slot's process, not through the broker (docs/messaging.md)
+    peer_calls: bool = True
     #: a second client endpoint for other machines, e.g. "tcp://0.0.0.0:7700"
     public_endpoint: str = ""
     #: the broker's CurveZMQ key pair file (`durable keygen DIR --name broker`)

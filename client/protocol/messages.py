@@ -51,6 +51,17 @@ Broker → object process (``TO_WORKER``)::
     WDISCONNECT [hdr, reason]                  "register again (READY)"
     WGONE       [hdr, client]                  that client is gone: its channels are closed
 
+Object process → object process of another slot (the peer path, docs/messaging.md: a
+caller's DEALER to the callee's ROUTER at ``ipc://RUN_DIR/peer-<slot>.sock``)::
+
+    PHELLO    [hdr]                                 caller -> callee: which incarnation serves?
+    PWELCOME  [hdr, slot(u64), incarnation(u64)]     callee -> caller: this one (again whenever
+                                                    it registers anew)
+    PCALL     [hdr, incarnation(u64), call_id, [namespace, object_id(, name)], request_head,
+               body]                                a stub's call; refused (StubBrokenError)
+                                                    unless ``incarnation`` is the callee's
+    and back to the caller, as from the broker: REPLY, ERROR, CHANNEL.
+
 Supervisor → broker (``CONTROL``; a PUSH to the broker's PULL socket in the 0700 run dir)::
 
     CONTROL [hdr, {"op": "slot_down", "slot": int, "pid": int}]   the process exited: end it now
@@ -100,7 +111,8 @@ __all__ = [
     "METHOD", "MethodCall", "encode_method_call", "decode_method_call", "encode_result",
     "decode_result", "WorkerSend", "ChannelSend", "Broken", "ClientGone", "ChannelEvent",
     "encode_event", "decode_event", "pack_channels", "unpack_channels", "EVENT", "STREAM",
-    "WEBSOCKET", "STREAMED", "UPGRADED", "LOCAL", "to_client",
+    "WEBSOCKET", "STREAMED", "UPGRADED", "LOCAL", "to_client", "PeerHello", "PeerWelcome",
+    "PeerCall", "FROM_PEER", "TO_PEER", "PEER",
 ]
 
 #: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
@@ -134,6 +146,9 @@ class Cmd(IntEnum):
     WDISCONNECT = 0x33
     WGONE = 0x34
     CONTROL = 0x41
+    PHELLO = 0x51
+    PWELCOME = 0x52
+    PCALL = 0x53
 
 
 _HEADERS = {c: bytes((0x44, VERSION, c)) for c in Cmd}
@@ -183,6 +198,18 @@ def _name(v: Any) -> str:
     if type(v) is not str or len(v) > 4096:
         raise ProtocolError("an object name must be a str of at most 4096 characters")
     return v
+
+
+def _pack_target(namespace: str, object_id: str, name: str | None) -> bytes:
+    """The meta frame of WCALL and PCALL: ``[namespace, object_id(, name)]``."""
+    return orjson.dumps([namespace, object_id] if name is None else [namespace, object_id, name])
+
+
+def _unpack_target(frame: bytes, cmd: str) -> tuple[str, str, str | None]:
+    m = _json(frame, f"{cmd} meta")
+    if type(m) is not list or len(m) not in (2, 3):
+        raise ProtocolError(f"{cmd} meta must be [namespace, object_id(, name)]")
+    return _str(m[0], "namespace"), _str(m[1], "object_id"), _name(m[2]) if len(m) == 3 else None
 
 
 def _text(frame: bytes) -> str:
@@ -738,20 +765,14 @@ class WorkerCall(Message):
     name: str | None = None
 
     def encode(self) -> list[bytes]:
-        m = [self.namespace, self.object_id]
-        if self.name is not None:
-            m.append(self.name)
-        return [header(Cmd.WCALL), self.client, pack_u64(self.call_id), orjson.dumps(m),
-                self.head, self.body]
+        return [header(Cmd.WCALL), self.client, pack_u64(self.call_id),
+                _pack_target(self.namespace, self.object_id, self.name), self.head, self.body]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> WorkerCall:
-        m = _json(frames[3], "WCALL meta")
-        if type(m) is not list or len(m) not in (2, 3):
-            raise ProtocolError("WCALL meta must be [namespace, object_id(, name)]")
-        return cls(frames[1], unpack_u64(frames[2], "call_id"), _str(m[0], "namespace"),
-                   _str(m[1], "object_id"), frames[4], frames[5],
-                   _name(m[2]) if len(m) == 3 else None)
+        namespace, object_id, name = _unpack_target(frames[3], "WCALL")
+        return cls(frames[1], unpack_u64(frames[2], "call_id"), namespace, object_id,
+                   frames[4], frames[5], name)
 
 
 @dataclass(slots=True)
@@ -860,6 +881,65 @@ class ClientGone(Message):
         return cls(frames[1])
 
 
+@dataclass(slots=True)
+class PeerHello(Message):
+    CMD: ClassVar[Cmd] = Cmd.PHELLO
+    FRAMES: ClassVar[int] = 1
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.PHELLO)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> PeerHello:
+        return cls()
+
+
+@dataclass(slots=True)
+class PeerWelcome(Message):
+    """The incarnation a slot's process serves peer calls under (0 is never one)."""
+
+    CMD: ClassVar[Cmd] = Cmd.PWELCOME
+    FRAMES: ClassVar[int] = 3
+    slot: int
+    incarnation: int
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.PWELCOME), pack_u64(self.slot), pack_u64(self.incarnation)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> PeerWelcome:
+        inc = unpack_u64(frames[2], "incarnation")
+        if not inc:
+            raise ProtocolError("PWELCOME incarnation must not be 0")
+        return cls(unpack_u64(frames[1], "slot"), inc)
+
+
+@dataclass(slots=True)
+class PeerCall(Message):
+    """A call straight to the object process that owns the object, bound to the
+    incarnation the caller's stub was made for."""
+
+    CMD: ClassVar[Cmd] = Cmd.PCALL
+    FRAMES: ClassVar[int] = 6
+    incarnation: int
+    call_id: int
+    namespace: str
+    object_id: str
+    head: bytes
+    body: bytes
+    name: str | None = None
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.PCALL), pack_u64(self.incarnation), pack_u64(self.call_id),
+                _pack_target(self.namespace, self.object_id, self.name), self.head, self.body]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> PeerCall:
+        namespace, object_id, name = _unpack_target(frames[3], "PCALL")
+        return cls(unpack_u64(frames[1], "incarnation"), unpack_u64(frames[2], "call_id"),
+                   namespace, object_id, frames[4], frames[5], name)
+
+
 _CONTROL_OPS = ("slot_down", "slot_failed", "drain", "client_exit")
 
 
@@ -924,6 +1004,8 @@ FROM_WORKER = Direction("from an object process", Ready, WorkerReply, WorkerErro
 TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, WorkerDisconnect,
                       ClientGone)
 CONTROL = Direction("on the control socket", Control)
+FROM_PEER = Direction("from a peer object process", PeerHello, PeerCall)
+TO_PEER = Direction("to a peer object process", PeerWelcome, Reply, Error, ChannelSend)
 _NAMES = {c.value: c.name for c in Cmd}
 
 
@@ -972,6 +1054,10 @@ def parse_control(frames: list[bytes]) -> Control:
 #: (``durable.client.LocalRoute``). The broker's client ids are a prefix and ZeroMQ's 5-byte
 #: routing id, so one byte never names a client of the broker.
 LOCAL = b"L"
+#: The first byte of the client frame of calls that came from another slot's process on the
+#: peer path (then that peer's 5-byte routing id on the callee's ROUTER): no broker client id
+#: starts with it, and it is not ``A`` (an operator).
+PEER = b"Q"
 _TO_CLIENT = {header(Cmd.WREPLY): header(Cmd.REPLY), header(Cmd.WERROR): header(Cmd.ERROR),
               header(Cmd.WSEND): header(Cmd.CHANNEL)}
 

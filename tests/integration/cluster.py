@@ -31,6 +31,9 @@ NAMESPACES = {
     "STREAMER": "tests.integration.objects:Streamer",
     "WSCALLER": "tests.integration.objects:WsCaller",
     "RETURNS": "tests.integration.objects:FailsOnReturn",
+    "PIPE": "tests.integration.objects:Pipeliner",
+    "SLOW": "tests.integration.objects:Slow",
+    "WSHOLDER": "tests.integration.objects:WsHolder",
 }
 
 
@@ -52,6 +55,8 @@ class Cluster:
         self.frontend = f"ipc://{run}/broker.sock"
         self.backend = f"ipc://{run}/workers.sock"
         self.data = self.root / "data"
+        # (as `durable serve` makes it: the object processes' peer sockets live there)
+        (self.data / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
         # The processes read one settings file, as under `durable serve`: the supervisor's own
         # config type, checked by its own code (no second list of flags or defaults here).
         config = from_dict({

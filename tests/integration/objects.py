@@ -516,6 +516,31 @@ class WsCaller(DurableObject):
         return got
 
 
+class WsHolder(DurableObject):
+    """Holds a WebSocket to a ROOM open in its process between calls (the peer path's ends)."""
+
+    held: ClassVar[dict[str, object]] = {}
+
+    async def hold_open(self, room: str) -> str:
+        ws = await self.env.ROOM.get_by_name(room).websocket("/join?name=holder")
+        WsHolder.held[room] = ws
+        return await ws.receive(timeout=5)
+
+    async def ended(self, room: str) -> list:
+        """How the held socket ended: [code, reason], or [] while it is open."""
+        ws = WsHolder.held[room]
+        try:
+            while True:
+                await ws.receive(timeout=0.05)
+        except TimeoutError:
+            return []
+        except Exception as e:
+            return [getattr(ws, "close_code", None), f"{type(e).__name__}: {e}"]
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
 class SecretReader(DurableObject):
     """Returns what it sees in env.secrets (#19)."""
 
@@ -544,3 +569,47 @@ class Store(DurableObject):
 
     async def alarm(self, info=None) -> None:  # armed far ahead in the tests: never runs
         await self.state.storage.put("alarm ran", True)
+
+
+class Pipeliner(DurableObject):
+    """Calls from an object to objects of another slot: the peer path (docs/messaging.md)."""
+
+    kept: ClassVar[dict[str, object]] = {}
+
+    async def pipeline(self, recorder: str, n: int) -> list:
+        """``n`` calls to one RECORDER, all sent before the first answer: its list is their
+        order of arrival."""
+        stub = self.env.RECORDER.get_by_name(recorder)
+        await asyncio.gather(*(stub.fetch(f"http://r/?n={i}", method="POST") for i in range(n)))
+        return await (await stub.fetch("http://r/")).json()
+
+    async def hold(self, name: str, seconds: float) -> str:
+        """A long call to SLOW ``name``: what became of it, and after how long."""
+        started = time.monotonic()
+        try:
+            await self.env.SLOW.get_by_name(name).fetch(f"http://s/?s={seconds}", timeout=60)
+            outcome = "answered"
+        except Exception as e:
+            outcome = f"{type(e).__name__}: {e}"
+        return f"{time.monotonic() - started:.3f} {outcome}"
+
+    async def keep(self, name: str) -> str:
+        """Make a COUNTER stub and keep it in this process (a stub outlives its call)."""
+        stub = Pipeliner.kept[name] = self.env.COUNTER.get_by_name(name)
+        return await (await stub.fetch("http://c/", method="POST")).text()
+
+    async def use_kept(self, name: str) -> str:
+        try:
+            return await (await Pipeliner.kept[name].fetch("http://c/", method="POST")).text()
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    async def stream(self, name: str) -> list:
+        """A streamed body read from STREAMER ``name``, chunk by chunk."""
+        resp = await self.env.STREAMER.get_by_name(name).fetch("http://s/?n=5&delay=0.01")
+        return [chunk.decode() async for chunk in resp.iter_chunks()]
+
+    async def peers(self) -> dict:
+        """This process's peer figures (``durable.peers``)."""
+        peers = self.env.RECORDER._client.peers
+        return {} if peers is None else peers.statistics()

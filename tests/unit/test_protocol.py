@@ -145,6 +145,40 @@ def test_malformed_frames_to_worker_are_protocol_errors(frames):
         m.parse_from_broker_to_worker(frames)
 
 
+FROM_PEER = [m.PeerHello(), m.PeerCall(2**62 + 1, 5, "NS", "ab" * 32, b"[]", b"body"),
+             m.PeerCall(1, 2**64 - 1, "NS", "oid", b"@inc", b"", "room-1")]
+TO_PEER = [m.PeerWelcome(1, 2**62 + 3), m.Reply(3, b"[200,[]]", b"ok"),
+           m.Error(4, "stub_broken", "gone", None), m.ChannelSend([7], m.EV_TEXT, b"hi")]
+
+
+@pytest.mark.parametrize("msg", FROM_PEER + TO_PEER, ids=lambda x: type(x).__name__)
+def test_peer_messages_round_trip(msg):
+    assert m.parse(msg.encode(), m.FROM_PEER if msg in FROM_PEER else m.TO_PEER) == msg
+
+
+BAD_FROM_PEER = [
+    [H(C.PHELLO), b"x"], [H(C.PCALL), ID, ID, b'["NS"]', b"h", b"b"],
+    [H(C.PCALL), ID, b"1234567", b'["NS","o"]', b"h", b"b"], [H(C.PCALL), ID, ID, b"[", b"h", b"b"],
+    [H(C.PCALL), ID, ID, b'["NS","o",7]', b"h", b"b"],  # a name must be a str
+    [H(C.PWELCOME), ID, ID],  # callee -> caller only
+    m.Call(1, 2, "NS", "ab" * 32, 5000, b"[]", b"").encode(),  # the broker's, not a peer's
+]
+BAD_TO_PEER = [[H(C.PWELCOME), ID, bytes(8)],  # incarnation 0 is never one
+               [H(C.PWELCOME), ID], m.Welcome(7, {}).encode(), m.Broken([1]).encode()]
+
+
+@pytest.mark.parametrize("frames", BAD_FROM_PEER)
+def test_malformed_peer_calls_are_protocol_errors(frames):
+    with pytest.raises(ProtocolError):
+        m.parse(frames, m.FROM_PEER)
+
+
+@pytest.mark.parametrize("frames", BAD_TO_PEER)
+def test_malformed_peer_answers_are_protocol_errors(frames):
+    with pytest.raises(ProtocolError):
+        m.parse(frames, m.TO_PEER)
+
+
 def test_upgrade_requests_carry_their_channel():
     head, body = m.encode_request(Request("http://x/ws", headers={"Upgrade": "websocket"}), 77)
     req = m.decode_request(head, body)

@@ -312,3 +312,10 @@ def test_secrets_come_from_the_environment_or_files_never_the_config(tmp_path, m
         with pytest.raises(ConfigError, match=re.escape(words)) as e:
             from_dict({**NS, "secrets": secrets}, "f.toml")
         assert "from-the-env" not in str(e.value)
+
+
+def test_peer_calls_are_on_by_default_and_can_be_turned_off():
+    assert from_dict(NS, "f.toml").broker.peer_calls is True
+    assert from_dict({**NS, "broker": {"peer_calls": False}}, "f.toml").broker.peer_calls is False
+    with pytest.raises(ConfigError, match="broker.peer_calls"):
+        from_dict({**NS, "broker": {"peer_calls": "no"}}, "f.toml")

@@ -1,0 +1,222 @@
+"""Calls between object processes without the broker: the peer path (docs/messaging.md).
+
+Real broker and object processes on ipc; the callee is SIGKILLed and the broker restarted
+with calls and stubs on the path; a raw DEALER plays a stale or hostile peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import zmq
+
+from durable.broker.ring import Ring
+from durable.errors import InvalidIdError, StubBrokenError
+from durable.http import Request
+from durable.peers import peer_endpoint
+from durable.protocol.messages import (
+    TO_PEER,
+    Error,
+    PeerCall,
+    PeerHello,
+    PeerWelcome,
+    Reply,
+    encode_request,
+    parse,
+)
+from tests.integration.cluster import all_slots_up
+from tests.integration.conftest import connected
+from tests.integration.procs import async_wait_for
+
+
+def name_on(client, namespace: str, slot: int, prefix: str) -> str:
+    """A name whose object the ring places on ``slot`` (of 2)."""
+    ns = client.namespace(namespace)
+    for i in range(1000):
+        if Ring(2).slot_for(str(ns.id_from_name(f"{prefix}{i}"))) == slot:
+            return f"{prefix}{i}"
+    raise AssertionError("no name found")
+
+
+async def broker_calls(client) -> int:
+    return (await client.statistics())["broker"]["counters"].get("calls", 0)
+
+
+async def test_calls_to_another_slot_skip_the_broker_and_keep_their_order(client):
+    pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "order-p"))
+    recorder = name_on(client, "RECORDER", 1, "order-r")
+    await async_wait_for(lambda: _link_up(pipe), 10, "slot 0's link to slot 1")
+    before = await broker_calls(client)
+    seen = await pipe.pipeline(recorder, 300)
+    assert seen == list(range(300))  # sent before any answer came: E-order on the path
+    # 302 calls went from slot 0 to slot 1; the broker carried only this test's one
+    assert await broker_calls(client) - before == 1
+    figures = await pipe.peers()
+    assert figures["peer_calls"] >= 301 and figures["peer_inflight"] == 0
+
+
+async def _link_up(pipe) -> bool:
+    return (await pipe.peers()).get("peer_links_up") == 1
+
+
+async def test_the_callee_killed_fails_calls_in_flight_at_once_and_new_stubs_work(cluster):
+    async with connected(cluster) as client:
+        pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "kill-p"))
+        slow = name_on(client, "SLOW", 1, "kill-s")
+        await async_wait_for(lambda: _link_up(pipe), 10, "slot 0's link to slot 1")
+        held = asyncio.ensure_future(pipe.hold(slow, 30))
+        await asyncio.sleep(0.5)  # the call is in slot 1's process now
+        killed = time.monotonic()
+        os.kill(cluster.workers[1].pid, signal.SIGKILL)
+        outcome = await asyncio.wait_for(held, 10)
+        seconds, _, what = outcome.partition(" ")
+        # the link's monitor saw the connection drop: no waiting for a timeout (60 s)
+        assert what.startswith("StubBrokenError"), outcome
+        assert time.monotonic() - killed < 3 and float(seconds) < 5, outcome
+        cluster.workers[1].wait(timeout=10)
+        cluster.start_worker(1)
+        await all_slots_up(client)
+        await async_wait_for(lambda: _link_up(pipe), 10, "the link to the new process")
+        before = await broker_calls(client)
+        recorder = name_on(client, "RECORDER", 1, "kill-r")
+        assert await pipe.pipeline(recorder, 20) == list(range(20))
+        assert await broker_calls(client) - before == 1  # the new stubs took the peer path
+
+
+async def test_a_broker_restart_breaks_stubs_made_before_it_and_new_ones_work(cluster):
+    async with connected(cluster) as client:
+        pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "brk-p"))
+        counter = name_on(client, "COUNTER", 1, "brk-c")
+        await async_wait_for(lambda: _link_up(pipe), 10, "slot 0's link to slot 1")
+        assert await pipe.keep(counter) == "1"
+        assert await pipe.use_kept(counter) == "2"
+    cluster.broker.send_signal(signal.SIGKILL)
+    cluster.broker.wait(timeout=10)
+    cluster.start_broker()
+    async with connected(cluster) as client:
+        pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "brk-p"))
+        # both processes registered anew: the kept stub's incarnation is gone
+        outcome = await pipe.use_kept(counter)
+        assert outcome.startswith("StubBrokenError"), outcome
+        await async_wait_for(lambda: _link_up(pipe), 10, "the link's new incarnation")
+        assert await pipe.keep(counter) == "3"  # a new stub: the object kept its count
+
+
+async def test_a_stream_read_across_slots_on_the_peer_path(client):
+    pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "stream-p"))
+    await async_wait_for(lambda: _link_up(pipe), 10, "slot 0's link to slot 1")
+    before = await broker_calls(client)
+    chunks = await pipe.stream(name_on(client, "STREAMER", 1, "stream-s"))
+    assert "".join(chunks) == "".join(f"chunk {i}\n" for i in range(5))
+    assert await broker_calls(client) - before == 1
+
+
+async def test_a_websocket_opened_from_an_object_across_slots(client):
+    caller = client.namespace("WSCALLER").get_by_name(name_on(client, "WSCALLER", 0, "ws-c"))
+    pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "ws-p"))
+    await async_wait_for(lambda: _link_up(pipe), 10, "slot 0's link to slot 1")
+    before = (await pipe.peers())["peer_calls"]
+    room = name_on(client, "ROOM", 1, "ws-r")
+    assert await caller.talk(room) == ["welcome obj", "echo:from an object"]
+    # the upgrade, the message and the close went on the link
+    assert (await pipe.peers())["peer_calls"] - before >= 3
+
+
+def _dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(endpoint)
+    return sock
+
+
+async def test_the_callee_refuses_stale_misplaced_and_malformed_peer_calls(client, cluster):
+    endpoint = peer_endpoint(str(cluster.data / "run"), 1)
+    counter = client.namespace("COUNTER")
+    mine = str(counter.id_from_name(name_on(client, "COUNTER", 1, "raw-c")))
+    other = str(counter.id_from_name(name_on(client, "COUNTER", 0, "raw-o")))
+    head, body = encode_request(Request("http://c/", method="POST"))
+
+    def exchange() -> dict:
+        ctx = zmq.Context.instance()
+        sock = _dealer(ctx, endpoint)
+        try:
+            for junk in ([b"junk"], [b"D\x02\x53", b"x"], [b""], PeerCall(1, 1, "COUNTER", mine,
+                                                                          b"[", b"").encode()):
+                sock.send_multipart(junk)  # nothing of this may stop the process
+            sock.send_multipart(PeerHello().encode())
+            out: dict = {}
+            while "welcome" not in out:
+                msg = parse(sock.recv_multipart(), TO_PEER)
+                if type(msg) is PeerWelcome:
+                    out["welcome"] = msg
+            inc = out["welcome"].incarnation
+            for key, call in (("stale", PeerCall(inc ^ 2, 7, "COUNTER", mine, head, body)),
+                              ("misplaced", PeerCall(inc, 8, "COUNTER", other, head, body)),
+                              ("forged", PeerCall(inc, 9, "COUNTER", "ab" * 32, head, body)),
+                              ("good", PeerCall(inc, 10, "COUNTER", mine, head, body))):
+                sock.send_multipart(call.encode())
+                while True:
+                    msg = parse(sock.recv_multipart(), TO_PEER)
+                    if getattr(msg, "call_id", None) == call.call_id:
+                        out[key] = msg
+                        break
+            return out
+        finally:
+            sock.close()
+
+    out = await asyncio.to_thread(exchange)
+    assert out["welcome"].slot == 1
+    assert type(out["stale"]) is Error and out["stale"].code == StubBrokenError.code
+    assert type(out["misplaced"]) is Error and out["misplaced"].code == StubBrokenError.code
+    assert "not placed on slot 1" in out["misplaced"].message
+    assert type(out["forged"]) is Error and out["forged"].code == InvalidIdError.code
+    assert type(out["good"]) is Reply and out["good"].body == b"1"
+    # the object was served once, by its own slot's process
+    assert await (await counter.get(counter.id_from_string(mine)).fetch("http://c/")).text() == "1"
+    assert cluster.workers[1].poll() is None
+
+
+async def test_a_websocket_held_across_slots_ends_when_either_process_dies(cluster):
+    """The callee dies: the caller's socket ends with 1012 at once. The caller dies: the
+    callee's object hears websocket_close with 1006 (its send to the gone caller, or the
+    probe after its connection dropped, finds it gone)."""
+    async with connected(cluster) as client:
+        holder_ns, room_ns = client.namespace("WSHOLDER"), client.namespace("ROOM")
+        holder = holder_ns.get_by_name(name_on(client, "WSHOLDER", 0, "held-h"))
+        pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "held-p"))
+        await async_wait_for(lambda: _link_up(pipe), 10, "slot 0's link to slot 1")
+        # 1. the callee (slot 1, the room) is killed
+        room = name_on(client, "ROOM", 1, "held-r")
+        assert await holder.hold_open(room) == "welcome holder"
+        assert await holder.ended(room) == []
+        os.kill(cluster.workers[1].pid, signal.SIGKILL)
+        cluster.workers[1].wait(timeout=10)
+        ended: list = []
+
+        async def end_seen() -> bool:
+            ended[:] = await holder.ended(room)
+            return bool(ended)
+
+        await async_wait_for(end_seen, 5, "the held socket to end")
+        assert ended[0] == 1012, ended
+        cluster.start_worker(1)
+        await all_slots_up(client)
+        await async_wait_for(lambda: _link_up(pipe), 10, "the link to the new process")
+        # 2. the caller (slot 0, the holder) is killed: the room hears 1006
+        room2 = name_on(client, "ROOM", 1, "held-s")
+        holder = holder_ns.get_by_name(name_on(client, "WSHOLDER", 0, "held-h"))
+        assert await holder.hold_open(room2) == "welcome holder"
+        os.kill(cluster.workers[0].pid, signal.SIGKILL)
+        cluster.workers[0].wait(timeout=10)
+        closes = room_ns.get_by_name(room2)
+
+        async def heard() -> bool:
+            return await closes.closes() == [["holder", 1006, "the connection was lost", False]]
+
+        # well before the broker would forget the process's client (5 missed heartbeats)
+        await async_wait_for(heard, 3, "the room to hear its caller's process died")
+
