@@ -141,6 +141,9 @@ class PeerRoutes:
             if link.sock is not None:  # answers sent before it went are answers
                 link.sock.drain()
             self.counters["peer_links_lost"] += 1
+            # (Should this loop have stalled long enough for a new process's PWELCOME to be
+            # read first, the stubs made since then break too: a spurious StubBrokenError,
+            # never a call served by the wrong incarnation, which the callee refuses.)
             if link.incarnation:
                 self._lost(link, f"its process (slot {link.slot}) went away")
             link.incarnation = 0

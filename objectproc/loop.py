@@ -295,7 +295,7 @@ class ObjectProcess:
                     self.peer_server = PeerServer(cfg.run_dir, cfg.slot, ring, self.ids,
                                                   lambda: self._incarnation, self._peer_deliver,
                                                   self._client_gone, self._ctx)
-                except zmq.ZMQError as e:  # (a run dir that is not there: the broker's path)
+                except (zmq.ZMQError, OSError) as e:  # (no run dir: the broker's path)
                     log.warning("slot %d: calls from the other slots go through the broker: "
                                 "could not bind %s: %s", cfg.slot, peer_endpoint(cfg.run_dir,
                                                                                  cfg.slot), e)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -70,7 +71,9 @@ class PeerServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             sock.bind(self.endpoint)
-        except zmq.ZMQError:
+            # only this user's processes: with broker.socket_group the run dir is the group's
+            os.chmod(self.endpoint[len("ipc://"):], 0o600)
+        except (zmq.ZMQError, OSError):
             sock.close(linger=0)
             raise
         mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)

@@ -123,9 +123,14 @@ class DaemonCollector(Collector):
                            ("storage_file_bytes", "the slot's DuckDB file and WAL"),
                            ("commit_log_bytes", "the slot's commit log segments"),
                            ("apply_lag_records", "durable records not yet in DuckDB"),
-                           ("alarms_in_memory", "alarms due within the scheduler's window"))}
+                           ("alarms_in_memory", "alarms due within the scheduler's window"),
+                           ("peer_links_up", "the slot process's links to the host's other "
+                                             "slots that are up (docs/messaging.md)"))}
         evicted = CounterMetricFamily("durable_evictions", "objects evicted (idle)",
                                       labels=["slot"])
+        peer_calls = CounterMetricFamily("durable_peer_calls", "calls the slot served that came "
+                                         "straight from the host's other slots, not through "
+                                         "the broker", labels=["slot"])
         overloaded = CounterMetricFamily("durable_slot_overloaded_calls", "calls an object "
                                          "process refused (bodies over max_inflight_mb)",
                                          labels=["slot"])
@@ -143,12 +148,14 @@ class DaemonCollector(Collector):
                       "commit_log_bytes": r.get("log_bytes"),
                       "apply_lag_records": (r["durable_seq"] - r["applied_seq"])
                       if "durable_seq" in r and "applied_seq" in r else None,
-                      "alarms_in_memory": r.get("alarms_in_memory")}
+                      "alarms_in_memory": r.get("alarms_in_memory"),
+                      "peer_links_up": r.get("peer_links_up")}
             for name, v in values.items():
                 if v is not None:
                     slot_gauges[name].add_metric([slot], float(v))
             evicted.add_metric([slot], r.get("evicted", 0))
             overloaded.add_metric([slot], r.get("overloaded", 0))
+            peer_calls.add_metric([slot], r.get("peer_calls_served", 0))
             m = r.get("metrics") or {}
             for ns, kind, outcome, n in m.get("calls", []):
                 call_counts[(ns, kind, outcome)] = call_counts.get((ns, kind, outcome), 0) + n
@@ -173,7 +180,7 @@ class DaemonCollector(Collector):
                          "process to its answer (output gate included)", ["namespace"],
                          CALL_BUCKETS, latency)
         yield from slot_gauges.values()
-        yield from (evicted, overloaded, pending)
+        yield from (evicted, overloaded, peer_calls, pending)
         yield _histogram("durable_commit_fsync_seconds", "one group commit's fdatasync of the "
                          "commit log", ["slot"], FSYNC_BUCKETS, fsync)
         yield _histogram("durable_alarm_lateness_seconds", "from an alarm's due time to its "

@@ -331,7 +331,8 @@ def test_a_socket_group_lets_its_members_reach_the_client_socket_only():
     root = Path(tempfile.mkdtemp(prefix="durable-group-"))
     os.chmod(root, 0o755)
     try:
-        cfg = config(free_port()).replace("[broker]\n", '[broker]\nsocket_group = "durable-apps"\n')
+        cfg = config(free_port(), slots=2).replace("[broker]\n",
+                                                   '[broker]\nsocket_group = "durable-apps"\n')
         with serving(root, cfg) as d:
             d.wait_ready()
             data, run = root / "durable-data", root / "durable-data" / "run"
@@ -339,18 +340,20 @@ def test_a_socket_group_lets_its_members_reach_the_client_socket_only():
                      for p in (data, run, *run.glob("*.sock"))}
             assert modes["durable-data"] == (0o710, gid) and modes["run"] == (0o750, gid)
             assert modes["broker.sock"] == (0o660, gid)
-            assert all(modes[n][0] == 0o600 for n in ("workers.sock", "admin.sock", "control.sock"))
+            assert all(modes[n][0] == 0o600 for n in ("workers.sock", "admin.sock", "control.sock",
+                                                      "peer-0.sock", "peer-1.sock"))
 
             def probe() -> dict:
-                out = _reach(run, ["broker.sock", "workers.sock", "admin.sock", "control.sock"],
-                             data / "secret")
+                out = _reach(run, ["broker.sock", "workers.sock", "admin.sock", "control.sock",
+                                   "peer-1.sock"], data / "secret")
                 out["count"] = count(d.frontend, "from-another-user")  # a real client
                 return out
 
             member = as_nobody(probe, groups=(gid,))
             assert member == {"broker.sock": "connected", "workers.sock": "PermissionError",
                               "admin.sock": "PermissionError", "control.sock": "PermissionError",
-                              "secret": "PermissionError", "count": "1"}, member
+                              "peer-1.sock": "PermissionError", "secret": "PermissionError",
+                              "count": "1"}, member
             stranger = as_nobody(lambda: {"broker": _try_connect(run / "broker.sock")})
             assert stranger == {"broker": "PermissionError"}, stranger
     finally:

@@ -75,6 +75,10 @@ def test_one_scrape_covers_every_process(tmp_path):
                            ("gateway", "")):
             assert value(s, "durable_process_up", role=role, slot=slot) == 1.0, (role, slot)
         assert value(s, "durable_broker_up") == 1.0
+        # each object process's link to the other slot (the peer path), and its calls counted
+        wait_for(lambda: [value(scrape(port), "durable_peer_links_up", slot=x) for x in "01"]
+                 == [1.0, 1.0], 20, "both slots' peer links", interval=0.3)
+        assert value(s, "durable_peer_calls_total", slot="1") is not None
         assert sum(v for (n, _), v in s.items() if n == "durable_commit_fsync_seconds_count") > 0
         assert sum(v for (n, _), v in s.items() if n == "durable_alarm_lateness_seconds_count") >= 1
         wait_for(lambda: sum(v for (n, _), v in scrape(port).items()
