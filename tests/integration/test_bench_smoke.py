@@ -90,14 +90,17 @@ def test_metrics_bench_quick_reports_every_figure():
 
 def test_vs_workerd_bench_quick_runs_durables_half():
     """CI has no workerd: the durable half of `bench.py vs-workerd` runs and reports every
-    figure of #18's table, for both HTTP fronts."""
+    figure of #18's table, for both HTTP fronts, and for slots with the broker path."""
     out = subprocess.run([sys.executable, str(BENCH), "vs-workerd", "--quick", "--rounds", "1",
-                          "--front", "slots,gateways"],
+                          "--front", "slots,gateways,slots:broker"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     median = json.loads(out.stdout)["median"]
-    assert median["fronts"] == {"durable": "slots", "durable_gateways": "gateways"}
-    for name, roles in (("durable", ("broker", "objectproc")),
+    assert median["fronts"] == {"durable": "slots", "durable_gateways": "gateways",
+                                "durable_slots:broker": "slots:broker"}
+    # (slots: cross-slot requests take the peer path, so the broker may spend nothing)
+    for name, roles in (("durable", ("objectproc",)),
+                        ("durable_slots:broker", ("broker", "objectproc")),
                         ("durable_gateways", ("gateway", "broker", "objectproc"))):
         m = median[name]
         for figure in ("noop_sequential_p50_ms", "counter_sequential_p50_ms", "noop_64_per_s",
