@@ -80,10 +80,13 @@ from durable.errors import (
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
 from durable.objects import Env, load_function
+from durable.peers import PeerRoutes, peer_endpoint
 from durable.protocol.messages import EV_BINARY, EV_TEXT
 from durable.supervisor import lifeline, logs
 from durable.supervisor.config import Config, ConfigError, settings_from_args
 from durable.websocket import MAX_MESSAGE, OPEN, Channel
+
+from .ring import Ring
 
 __all__ = ["Front", "Gateway", "main"]
 
@@ -677,6 +680,10 @@ async def run(cfg: Config, fd: int | None) -> None:
     client = durable.Client(cfg.frontend(), name=f"gateway-{os.getpid()}", namespaces=keys,
                             timeout=CALL_TIMEOUT, heartbeat=cfg.broker.heartbeat)
     await client.start(wait=False)
+    if cfg.broker.peer_calls and not cfg.cluster.enabled:  # straight to the object processes
+        client.peers = PeerRoutes(client, Ring(cfg.slots).slot_for, -1, {
+            s: peer_endpoint(str(cfg.run_dir), s) for s in range(cfg.slots)})
+        client.peers.start()
     env = Env({n: client.namespace(n) for n in cfg.namespaces}, cfg.vars, cfg.secrets)
     front = await Front.start(cfg, client, env, fd)
     # Thousands of open WebSockets are tens of thousands of long-lived objects: with the

@@ -289,7 +289,7 @@ class ObjectProcess:
             ring = Ring(cfg.slots)
             self.client.local = LocalRoute(lambda oid: ring.slot_for(str(oid)) == cfg.slot,
                                            self._local_call)
-            if cfg.run_dir and cfg.slots > 1 and cfg.peer_calls:  # (docs/messaging.md)
+            if cfg.run_dir and cfg.peer_calls:  # (docs/messaging.md)
                 self._ctx = self._ctx or zmq.Context.instance()
                 try:
                     self.peer_server = PeerServer(cfg.run_dir, cfg.slot, ring, self.ids,
@@ -299,7 +299,7 @@ class ObjectProcess:
                     log.warning("slot %d: calls from the other slots go through the broker: "
                                 "could not bind %s: %s", cfg.slot, peer_endpoint(cfg.run_dir,
                                                                                  cfg.slot), e)
-            if self.peer_server is not None:
+            if self.peer_server is not None and cfg.slots > 1:
                 self.client.peers = PeerRoutes(
                     self.client, ring.slot_for, cfg.slot,
                     {s: peer_endpoint(cfg.run_dir, s) for s in range(cfg.slots)}, self._ctx)

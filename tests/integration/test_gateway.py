@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.integration.daemon import serving
-from tests.integration.procs import free_port
+from tests.integration.procs import async_wait_for, free_port
 
 
 def config(port, extra_http="", extra=""):
@@ -132,8 +132,39 @@ def test_stub_broken_is_503_with_retry_after(tmp_path):
                 async with durable.connect(d.frontend) as c:
                     slot = Ring(2).slot_for(str(c.namespace("SLOW").id_from_name("s")))
                 d.child("objectproc", slot).kill()
+                killed = time.monotonic()
                 status, _, headers = await slow
                 assert status == 503 and headers.get("Retry-After") == "1"
+                assert time.monotonic() - killed < 4  # at once, not when SLOW would have answered
+
+        asyncio.run(main())
+
+
+def test_gateway_processes_call_the_object_processes_directly(tmp_path):
+    """The peer path (docs/messaging.md): a gateway process sends its calls straight to the
+    object processes; the broker carries none of them."""
+    import durable
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with serving(tmp_path, config(port)) as d:
+        d.wait_ready()
+
+        async def main():
+            async with aiohttp.ClientSession() as s, durable.connect(d.frontend) as c:
+                async def calls() -> int:
+                    return (await c.statistics())["broker"]["counters"].get("calls", 0)
+
+                async def direct() -> bool:  # (its links come up moments after it starts)
+                    before = await calls()
+                    assert (await request(s, "POST", f"{base}/COUNTER/direct/inc"))[0] == 200
+                    return await calls() == before
+
+                await async_wait_for(direct, 10, "a request that skips the broker")
+                before = await calls()
+                for i in range(20):
+                    assert (await request(s, "POST", f"{base}/COUNTER/d{i}/inc"))[:2] == (200, "1")
+                assert await calls() == before
 
         asyncio.run(main())
 
