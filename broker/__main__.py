@@ -14,6 +14,7 @@ import sys
 
 from durable.exitcodes import EXIT_CONFIG
 from durable.ids import load_or_create_secret, namespace_key
+from durable.peers import peer_endpoint
 from durable.supervisor import lifeline, logs
 from durable.supervisor.config import Config, ConfigError, settings_from_args
 
@@ -32,7 +33,9 @@ def broker_config(cfg: Config, secret: bytes) -> BrokerConfig:
         authorized_keys_dir=b.authorized_keys or None, socket_group=b.socket_group or None,
         backend_extra=[f"tcp://{cfg.cluster.listen}"] if cfg.cluster.enabled else [],
         cluster_key_file=cfg.cluster.curve_key if cfg.cluster.enabled else None,
-        cluster_keys_dir=str(cfg.run_dir / "cluster-keys"))
+        cluster_keys_dir=str(cfg.run_dir / "cluster-keys"),
+        peer_endpoint=peer_endpoint(str(cfg.run_dir), "{slot}")
+        if b.peer_calls and not cfg.cluster.enabled else "")
 
 
 def main(argv: list[str] | None = None) -> int:

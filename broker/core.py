@@ -133,6 +133,9 @@ class BrokerConfig:
     #: that present it (CurveZMQ, checked by ZAP), and keeps a copy of its public key here
     cluster_key_file: str | None = None
     cluster_keys_dir: str | None = None
+    #: the object processes' peer sockets, told to local clients (``{slot}`` in it), or ""
+    #: (cluster mode, ``[broker] peer_calls = false``): their calls come through here
+    peer_endpoint: str = ""
 
 
 class _Slot:
@@ -229,7 +232,10 @@ class RouterCore:
             self.counters["hellos"] += 1
             names = {n: key.hex() for n, key in self.config.namespaces.items()
                      if allowed is None or n in allowed}
-            self._to_client(ident, Welcome(self.incarnation, names).encode())
+            # (not for other machines, nor for the operator socket: its calls must arrive here)
+            peers = (self.config.slots, self.config.peer_endpoint) \
+                if self.config.peer_endpoint and ident[:1] not in (b"P", b"A") else None
+            self._to_client(ident, Welcome(self.incarnation, names, peers).encode())
             return
         if client is None:
             self.counters["unknown_client_messages"] += 1

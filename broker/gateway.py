@@ -678,7 +678,7 @@ async def run(cfg: Config, fd: int | None) -> None:
     secret = load_or_create_secret(cfg.data_path, create=False)
     keys = {n: namespace_key(secret, n) for n in cfg.namespaces}
     client = durable.Client(cfg.frontend(), name=f"gateway-{os.getpid()}", namespaces=keys,
-                            timeout=CALL_TIMEOUT, heartbeat=cfg.broker.heartbeat)
+                            timeout=CALL_TIMEOUT, heartbeat=cfg.broker.heartbeat, direct=False)
     await client.start(wait=False)
     if cfg.broker.peer_calls and not cfg.cluster.enabled:  # straight to the object processes
         client.peers = PeerRoutes(client, Ring(cfg.slots).slot_for, -1, {

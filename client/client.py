@@ -349,8 +349,11 @@ class Client:
                  heartbeat: float = HEARTBEAT, misses: int = MISSES, name: str = "client",
                  namespaces: dict[str, bytes] | None = None,
                  connect_timeout: float = 5.0, server_key: str | None = None,
-                 client_key: str | None = None) -> None:
+                 client_key: str | None = None, direct: bool = True) -> None:
         self.endpoint = endpoint or default_endpoint()
+        #: on the daemon's machine, call the object processes straight (the peer path, as
+        #: the broker's WELCOME offers it) rather than through the broker
+        self._direct = direct
         self.timeout = timeout
         self._heartbeat = heartbeat
         self._misses = misses
@@ -589,8 +592,8 @@ class Client:
         if link.incarnation != stub._peer_inc or link.sock is None:
             if stub._broken is None:
                 stub._broken = StubBrokenError(
-                    f"stub lost its object: the process of slot {link.slot} went away or "
-                    "registered again after this stub was made; get a new stub with "
+                    f"stub lost its object: the process of slot {link.slot} stopped, went away "
+                    "or registered again after this stub was made; get a new stub with "
                     "namespace.get(id)")
             raise stub._broken
         if link.inflight >= PEER_INFLIGHT:
@@ -677,6 +680,8 @@ class Client:
                 self._broken_generation("the broker restarted")
             self._broker = msg.broker
             self._keys.update({n: bytes.fromhex(k) for n, k in msg.namespaces.items()})
+            if msg.peers is not None and self.peers is None and self._direct:
+                self._start_peers(*msg.peers)
             self._welcomed.set()
         elif t is Disconnect:
             self._reset(f"the broker did not know this client ({msg.reason})")
@@ -686,6 +691,17 @@ class Client:
                 entry[0].set_result(msg.stats)
         elif t is Broken:
             self._stubs_broken(set(msg.stub_ids))
+
+    def _start_peers(self, slots: int, endpoint: str) -> None:
+        """Links to every slot's process, if this process may reach their sockets (another
+        user's may not: its calls keep going through the broker)."""
+        run_dir = os.path.dirname(endpoint[len("ipc://"):])
+        if not os.access(run_dir, os.X_OK):
+            return
+        from .ring import Ring
+        self.peers = PeerRoutes(self, Ring(slots).slot_for, -1, {
+            s: endpoint.replace("{slot}", str(s)) for s in range(slots)}, self._ctx)
+        self.peers.start()
 
     def _stubs_broken(self, ids: set[int]) -> None:
         """The broker says these stubs' process is gone: their channels end now (1012)."""

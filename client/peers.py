@@ -13,6 +13,9 @@ process serves a slot; the link learns it from the callee itself:
   incarnation, else the broker. A peer stub is bound to that incarnation: the caller refuses to
   send once the link's incarnation changed, and the callee refuses (``StubBrokenError``) a
   PCALL bound to another one, so a stale stub never reaches a new process;
+- a callee that stops gracefully (SIGTERM, a reload) says PBYE first: new stubs go by the
+  broker (which queues their calls until the next process registers), the calls in flight
+  are answered, and stubs bound to it break at their next call;
 - the link's socket monitor sees the callee's connection drop (at once on ipc when it dies):
   the link has no incarnation until a new PWELCOME, the calls in flight on it fail with
   ``StubBrokenError`` and the WebSockets and streams of its stubs end (1012), as the broker
@@ -47,19 +50,21 @@ log = logging.getLogger("durable.client")
 #: calls in flight on one link at most (as the broker bounds one client's)
 PEER_INFLIGHT = 10_000
 _WELCOME = header(Cmd.PWELCOME)
+_BYE = header(Cmd.PBYE)
 #: what a callee may send a caller besides PWELCOME: the client's own answers
 _ANSWERS = frozenset((header(Cmd.REPLY), header(Cmd.ERROR), header(Cmd.CHANNEL)))
 _EVENT = struct.Struct("=HI")
 
 
-def peer_endpoint(run_dir: str, slot: int) -> str:
+def peer_endpoint(run_dir: str, slot: int | str) -> str:
     return f"ipc://{run_dir}/peer-{slot}.sock"
 
 
 class PeerLink:
     """This process's DEALER to one other slot's process, and what it knows of it."""
 
-    __slots__ = ("slot", "endpoint", "sock", "monitor", "incarnation", "inflight", "dropped")
+    __slots__ = ("slot", "endpoint", "sock", "monitor", "incarnation", "stopping", "inflight",
+                 "dropped")
 
     def __init__(self, slot: int, endpoint: str) -> None:
         self.slot = slot
@@ -68,6 +73,7 @@ class PeerLink:
         self.monitor: LoopSocket | None = None
         #: the callee's incarnation as it last said (0: no answer yet, or its connection dropped)
         self.incarnation = 0
+        self.stopping = 0  # the incarnation that said PBYE: its calls in flight are answered
         self.inflight = 0
         self.dropped = 0  # messages from the callee that were not answers (never expected)
 
@@ -114,21 +120,26 @@ class PeerRoutes:
         if frames[0] in _ANSWERS:
             self.client._handle_answer(frames)
             return
-        if frames[0] == _WELCOME:
+        if frames[0] == _WELCOME or frames[0] == _BYE:
             try:
                 msg = parse(frames, TO_PEER)
             except Exception as e:
                 link.dropped += 1
-                log.warning("dropped a malformed PWELCOME from slot %d: %s", link.slot, e)
+                log.warning("dropped a malformed message from slot %d: %s", link.slot, e)
                 return
             if msg.slot != link.slot:
                 link.dropped += 1
                 log.warning("the process at %s says it serves slot %d, not %d: ignored",
                             link.endpoint, msg.slot, link.slot)
                 return
+            if frames[0] == _BYE:
+                if msg.incarnation == link.incarnation:
+                    link.stopping, link.incarnation = link.incarnation, 0
+                return
             if link.incarnation and msg.incarnation != link.incarnation:
                 # the same process registered again (a new broker): what was bound ends
-                self._lost(link, "the object's process registered again with the broker")
+                self._lost(link, link.incarnation,
+                           "the object's process registered again with the broker")
             link.incarnation = msg.incarnation
             return
         link.dropped += 1
@@ -144,18 +155,17 @@ class PeerRoutes:
             # (Should this loop have stalled long enough for a new process's PWELCOME to be
             # read first, the stubs made since then break too: a spurious StubBrokenError,
             # never a call served by the wrong incarnation, which the callee refuses.)
-            if link.incarnation:
-                self._lost(link, f"its process (slot {link.slot}) went away")
-            link.incarnation = 0
+            for inc in {link.incarnation, link.stopping} - {0}:
+                self._lost(link, inc, f"its process (slot {link.slot}) went away")
+            link.incarnation = link.stopping = 0
             if link.sock is not None:  # ask whoever serves the slot next
                 link.sock.send(PeerHello().encode())
 
-    def _lost(self, link: PeerLink, why: str) -> None:
-        """The stubs bound to the link's incarnation break: their calls in flight fail now,
-        their WebSockets and streams end with 1012."""
+    def _lost(self, link: PeerLink, old: int, why: str) -> None:
+        """The stubs bound to the link's incarnation ``old`` break: their calls in flight fail
+        now, their WebSockets and streams end with 1012."""
         err = StubBrokenError(f"stub lost its object ({why}); get a new stub with "
                               "namespace.get(id) and retry if the call is safe to repeat")
-        old = link.incarnation
         client = self.client
         for fut, stub in list(client._pending.values()):
             if stub is not None and stub._peer is link and stub._peer_inc == old:

@@ -37,6 +37,7 @@ from durable.errors import (
     OverloadedError,
     ProtocolError,
     StorageCorruptError,
+    StubBrokenError,
     UnknownNamespaceError,
 )
 from durable.exitcodes import EXIT_LEASE_LOST
@@ -283,7 +284,7 @@ class ObjectProcess:
         loop.set_task_factory(_task_factory)
         watch = CpuWatch(self.loop_mark, min([cfg.cpu_limit, *cfg.cpu_limits.values()]))
         self.client = Client(cfg.frontend, namespaces=keys, name=f"objectproc-{cfg.slot}",
-                             heartbeat=cfg.heartbeat, misses=cfg.misses)
+                             heartbeat=cfg.heartbeat, misses=cfg.misses, direct=False)
         await self.client.start(wait=False)
         if not cfg.cluster_servers:  # (cluster mode: every call goes by the broker and lease)
             ring = Ring(cfg.slots)
@@ -395,6 +396,8 @@ class ObjectProcess:
             os._exit(EXIT_LEASE_LOST)
 
     async def _shutdown(self) -> None:
+        if self.peer_server is not None:  # other processes' new calls wait in the broker
+            self.peer_server.bye()
         if self.front is not None:  # first: no new requests; those in flight finish
             await self.front.close()
         while self._warming:  # (their calls go in, and are drained with the rest)
@@ -514,9 +517,11 @@ class ObjectProcess:
                                              context=contextvars.Context())
 
     def _peer_deliver(self, call: WorkerCall) -> None:
-        if self._closing:
-            self._send(WorkerError.of(call.client, call.call_id, OverloadedError(
-                f"slot {self.config.slot} is stopping; retry shortly")).encode())
+        if self._closing:  # (sent before the caller heard PBYE: its stub ends with it)
+            self._send(WorkerError.of(call.client, call.call_id, StubBrokenError(
+                f"stub lost its object (slot {self.config.slot}: its process is stopping); get "
+                "a new stub with namespace.get(id) and retry if the call is safe to repeat"
+            )).encode())
             return
         self._call(call)
 

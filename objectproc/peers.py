@@ -34,6 +34,7 @@ from durable.protocol.messages import (
     FROM_PEER,
     PEER,
     Error,
+    PeerBye,
     PeerCall,
     PeerHello,
     PeerWelcome,
@@ -64,6 +65,7 @@ class PeerServer:
         self.on_gone = on_gone
         self.endpoint = peer_endpoint(run_dir, slot)
         self.peers: set[bytes] = set()  # routing ids of the callers that said PHELLO
+        self.stopping = False  # said PBYE: no more PWELCOMEs
         self._checked: set[tuple[str, str]] = set()
         self.counters = {"peer_calls_served": 0, "peer_calls_refused": 0,
                          "dropped_peer_messages": 0, "peer_callers_gone": 0}
@@ -108,10 +110,19 @@ class PeerServer:
         # (later, not inside the send that found it: its sockets' closes send too)
         self.sock.loop.call_soon(self.on_gone, PEER + rid, context=contextvars.Context())
 
+    def bye(self) -> None:
+        """This process is stopping: callers make no new stubs on their links to it (their
+        new calls wait in the broker for the next process); calls already sent are served."""
+        self.stopping = True
+        if self.incarnation():
+            bye = PeerBye(self.slot, self.incarnation()).encode()
+            for rid in list(self.peers):
+                self._to(PEER + rid, bye)
+
     def welcome_all(self) -> None:
         """Each caller hears the incarnation again: after this process registered anew, and
         as the probe that finds callers that went away."""
-        if self.sock._closed or not self.incarnation():
+        if self.sock._closed or not self.incarnation() or self.stopping:
             return
         welcome = PeerWelcome(self.slot, self.incarnation()).encode()
         for rid in list(self.peers):
@@ -128,7 +139,7 @@ class PeerServer:
             return
         if type(msg) is PeerHello:
             self.peers.add(rid)
-            if self.incarnation():  # (else it hears once this process has registered)
+            if self.incarnation() and not self.stopping:  # (else: once it has registered)
                 self._to(PEER + rid, PeerWelcome(self.slot, self.incarnation()).encode())
             return
         self._call(rid, msg)

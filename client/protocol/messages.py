@@ -22,7 +22,9 @@ Client → broker (``FROM_CLIENT``)::
 
 Broker → client (``TO_CLIENT``)::
 
-    WELCOME     [hdr, {"broker": incarnation, "namespaces": {name: key_hex}}]
+    WELCOME     [hdr, {"broker": incarnation, "namespaces": {name: key_hex}(, "peers":
+                      {"slots": n, "endpoint": "ipc://.../peer-{slot}.sock"})}]
+                                               (peers: to local clients, for the peer path)
     REPLY       [hdr, call_id, response_head, body]
     ERROR       [hdr, call_id, {"code", "message", "remote_type"(, "traceback")}]
     PONG        [hdr, broker incarnation(u64)]
@@ -57,6 +59,9 @@ caller's DEALER to the callee's ROUTER at ``ipc://RUN_DIR/peer-<slot>.sock``)::
     PHELLO    [hdr]                                 caller -> callee: which incarnation serves?
     PWELCOME  [hdr, slot(u64), incarnation(u64)]     callee -> caller: this one (again whenever
                                                     it registers anew)
+    PBYE      [hdr, slot(u64), incarnation(u64)]     callee -> caller: this incarnation is
+                                                    stopping: no new stubs on the link (calls
+                                                    in flight are answered)
     PCALL     [hdr, incarnation(u64), call_id, [namespace, object_id(, name)], request_head,
                body]                                a stub's call; refused (StubBrokenError)
                                                     unless ``incarnation`` is the callee's
@@ -112,7 +117,7 @@ __all__ = [
     "decode_result", "WorkerSend", "ChannelSend", "Broken", "ClientGone", "ChannelEvent",
     "encode_event", "decode_event", "pack_channels", "unpack_channels", "EVENT", "STREAM",
     "WEBSOCKET", "STREAMED", "UPGRADED", "LOCAL", "to_client", "PeerHello", "PeerWelcome",
-    "PeerCall", "FROM_PEER", "TO_PEER", "PEER",
+    "PeerCall", "PeerBye", "FROM_PEER", "TO_PEER", "PEER",
 ]
 
 #: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
@@ -149,6 +154,7 @@ class Cmd(IntEnum):
     PHELLO = 0x51
     PWELCOME = 0x52
     PCALL = 0x53
+    PBYE = 0x54
 
 
 _HEADERS = {c: bytes((0x44, VERSION, c)) for c in Cmd}
@@ -559,9 +565,15 @@ class Welcome(Message):
     FRAMES: ClassVar[int] = 2
     broker: int
     namespaces: dict[str, str]
+    #: (slot count, endpoint with ``{slot}``) of the object processes' peer sockets, for a
+    #: client on the daemon's machine (``durable.peers``); None: calls go by the broker
+    peers: tuple[int, str] | None = None
 
     def encode(self) -> list[bytes]:
-        return [header(Cmd.WELCOME), orjson.dumps({"broker": self.broker, "namespaces": self.namespaces})]
+        w: dict[str, Any] = {"broker": self.broker, "namespaces": self.namespaces}
+        if self.peers is not None:
+            w["peers"] = {"slots": self.peers[0], "endpoint": self.peers[1]}
+        return [header(Cmd.WELCOME), orjson.dumps(w)]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> Welcome:
@@ -569,7 +581,15 @@ class Welcome(Message):
         if type(w.get("namespaces")) is not dict:
             raise ProtocolError("WELCOME body must hold namespaces")
         ns = {_str(k, "namespace"): _str(v, "namespace key") for k, v in w["namespaces"].items()}
-        return cls(_int(w.get("broker"), "broker incarnation"), ns)
+        peers = w.get("peers")
+        if peers is not None:
+            if type(peers) is not dict:
+                raise ProtocolError("WELCOME peers must be an object")
+            endpoint = _str(peers.get("endpoint"), "peers endpoint", 4096)
+            if not endpoint.startswith("ipc://") or "{slot}" not in endpoint:
+                raise ProtocolError("WELCOME peers endpoint must be ipc:// with {slot}")
+            peers = (_int(peers.get("slots"), "peers slots", 1, 65536), endpoint)
+        return cls(_int(w.get("broker"), "broker incarnation"), ns, peers)
 
 
 @dataclass(slots=True)
@@ -915,6 +935,16 @@ class PeerWelcome(Message):
 
 
 @dataclass(slots=True)
+class PeerBye(PeerWelcome):
+    """The incarnation is stopping (a graceful stop, a reload): new stubs go by the broker."""
+
+    CMD: ClassVar[Cmd] = Cmd.PBYE
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.PBYE), pack_u64(self.slot), pack_u64(self.incarnation)]
+
+
+@dataclass(slots=True)
 class PeerCall(Message):
     """A call straight to the object process that owns the object, bound to the
     incarnation the caller's stub was made for."""
@@ -1005,7 +1035,7 @@ TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, Worke
                       ClientGone)
 CONTROL = Direction("on the control socket", Control)
 FROM_PEER = Direction("from a peer object process", PeerHello, PeerCall)
-TO_PEER = Direction("to a peer object process", PeerWelcome, Reply, Error, ChannelSend)
+TO_PEER = Direction("to a peer object process", PeerWelcome, PeerBye, Reply, Error, ChannelSend)
 _NAMES = {c.value: c.name for c in Cmd}
 
 

@@ -136,8 +136,22 @@ def running_cluster(root: Path, slots: int = 2, heartbeat: float = 0.2,
 
 
 async def all_slots_up(c, timeout: float = 15.0) -> None:
-    """Wait until every slot's object process has registered with the broker."""
+    """Wait until every slot's object process has registered with the broker (a question
+    asked while the client starts over with a new broker is asked again)."""
+    from durable.errors import StubBrokenError
+
     async def up():
         return all(s["up"] for s in (await c.statistics())["slots"])
 
-    await async_wait_for(lambda: up(), timeout, "every slot to register")
+    await async_wait_for(lambda: up(), timeout, "every slot to register",
+                         ignore=(StubBrokenError,))
+
+
+async def slot_seen_down(c, slot: int, timeout: float = 15.0) -> None:
+    """Wait until the broker has ended a killed slot's incarnation. Without a supervisor to
+    tell it, it notices by a failed send or missed heartbeats; calls on the peer path no longer
+    cross it, so a test that kills a process and restarts it waits for this in between."""
+    async def down():
+        return not (await c.statistics())["slots"][slot]["up"]
+
+    await async_wait_for(down, timeout, f"the broker to see slot {slot} down")

@@ -8,6 +8,7 @@ import pytest
 
 import durable
 from tests.integration.cluster import all_slots_up, running_cluster
+from tests.integration.procs import async_wait_for
 
 
 @pytest.fixture
@@ -22,6 +23,9 @@ async def connected(cluster):
     try:
         async with durable.connect(cluster.frontend, timeout=10) as c:
             await all_slots_up(c)
+            if c.peers is not None:  # (so that every stub the test makes takes one path)
+                await async_wait_for(lambda: c.peers.statistics()["peer_links_up"]
+                                     == len(c.peers.links), 10, "the client's peer links")
             yield c
     except BaseException:
         print(cluster.log_tail())

@@ -13,6 +13,7 @@ import time
 
 import zmq
 
+import durable
 from durable.broker.ring import Ring
 from durable.errors import InvalidIdError, StubBrokenError
 from durable.http import Request
@@ -27,7 +28,7 @@ from durable.protocol.messages import (
     encode_request,
     parse,
 )
-from tests.integration.cluster import all_slots_up
+from tests.integration.cluster import all_slots_up, slot_seen_down
 from tests.integration.conftest import connected
 from tests.integration.procs import async_wait_for
 
@@ -52,8 +53,8 @@ async def test_calls_to_another_slot_skip_the_broker_and_keep_their_order(client
     before = await broker_calls(client)
     seen = await pipe.pipeline(recorder, 300)
     assert seen == list(range(300))  # sent before any answer came: E-order on the path
-    # 302 calls went from slot 0 to slot 1; the broker carried only this test's one
-    assert await broker_calls(client) - before == 1
+    # 302 calls went from slot 0 to slot 1, and this test's own went straight to slot 0
+    assert await broker_calls(client) - before == 0
     figures = await pipe.peers()
     assert figures["peer_calls"] >= 301 and figures["peer_inflight"] == 0
 
@@ -83,7 +84,7 @@ async def test_the_callee_killed_fails_calls_in_flight_at_once_and_new_stubs_wor
         before = await broker_calls(client)
         recorder = name_on(client, "RECORDER", 1, "kill-r")
         assert await pipe.pipeline(recorder, 20) == list(range(20))
-        assert await broker_calls(client) - before == 1  # the new stubs took the peer path
+        assert await broker_calls(client) - before == 0  # the new stubs took the peer path
 
 
 async def test_a_broker_restart_breaks_stubs_made_before_it_and_new_ones_work(cluster):
@@ -117,7 +118,7 @@ async def test_a_stream_read_across_slots_on_the_peer_path(client):
     before = await broker_calls(client)
     chunks = await pipe.stream(name_on(client, "STREAMER", 1, "stream-s"))
     assert "".join(chunks) == "".join(f"chunk {i}\n" for i in range(5))
-    assert await broker_calls(client) - before == 1
+    assert await broker_calls(client) - before == 0
 
 
 async def test_a_websocket_opened_from_an_object_across_slots(client):
@@ -226,3 +227,48 @@ async def test_a_websocket_held_across_slots_ends_when_either_process_dies(clust
         # well before the broker would forget the process's client (5 missed heartbeats)
         await async_wait_for(heard, 3, "the room to hear its caller's process died")
 
+
+
+async def test_a_local_program_calls_the_object_processes_straight(cluster):
+    """A client on the daemon's machine (the same user) learns the peer sockets from WELCOME:
+    its calls skip the broker; with ``direct=False`` they go through it as before."""
+    async with connected(cluster) as client:
+        assert client.peers is not None
+
+        async def links_up() -> bool:
+            return client.peers.statistics()["peer_links_up"] == 2
+
+        await async_wait_for(links_up, 10, "the client's links to both slots")
+        counter = client.namespace("COUNTER")
+        names = [name_on(client, "COUNTER", s, f"local-{s}-") for s in (0, 1)]
+        before = await broker_calls(client)
+        for name in names:
+            stub = counter.get_by_name(name)
+            for i in range(1, 6):
+                assert await (await stub.fetch("http://c/", method="POST")).text() == str(i)
+        assert await broker_calls(client) == before
+        async with durable.connect(cluster.frontend, timeout=10, direct=False) as other:
+            assert other.peers is None
+            stub = other.namespace("COUNTER").get_by_name(names[0])
+            assert await (await stub.fetch("http://c/", method="POST")).text() == "6"
+        assert await broker_calls(client) == before + 1
+
+
+async def test_a_graceful_stop_of_the_callee_answers_calls_in_flight_and_queues_new_ones(cluster):
+    """SIGTERM (a stop, a reload): the callee says PBYE, serves what it was sent, and new
+    stubs' calls wait in the broker for the next process instead of failing."""
+    async with connected(cluster) as client:
+        pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "bye-p"))
+        held = asyncio.ensure_future(pipe.hold(name_on(client, "SLOW", 1, "bye-s"), 1.0))
+        await asyncio.sleep(0.3)
+        cluster.workers[1].terminate()
+        seconds, _, outcome = (await asyncio.wait_for(held, 10)).partition(" ")
+        assert outcome == "answered", outcome  # drained, not failed
+        assert (await pipe.peers())["peer_links_up"] == 0  # PBYE: no new stubs on the link
+        cluster.workers[1].wait(timeout=10)
+        await slot_seen_down(client, 1)  # (no supervisor here to tell the broker at once)
+        later = asyncio.ensure_future(pipe.pipeline(name_on(client, "RECORDER", 1, "bye-r"), 3))
+        await asyncio.sleep(0.3)
+        assert not later.done()  # waiting in the broker's queue for slot 1
+        cluster.start_worker(1)
+        assert await asyncio.wait_for(later, 20) == [0, 1, 2]

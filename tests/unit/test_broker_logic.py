@@ -430,3 +430,17 @@ def test_a_draining_broker_still_lets_channel_events_in():
     out = b.take()
     assert [type(x[2]) for x in out] == [m.WorkerCall, m.Error]
     assert out[0][2].head == head and out[1][2].code == "overloaded"
+
+
+def test_local_clients_are_told_the_peer_sockets_remote_ones_are_not():
+    b = FakeBroker(peer_endpoint="ipc:///run/durable/peer-{slot}.sock")
+    b.on_client([b"Fcli", *m.Hello(1, "t").encode()])
+    b.on_client([b"Pabcde", *m.Hello(1, "t").encode()])
+    b.on_client([b"Aabcde", *m.Hello(1, "t").encode()])
+    (_, _, local), (_, _, remote), (_, _, operator) = b.take()
+    assert local.peers == (2, "ipc:///run/durable/peer-{slot}.sock")
+    assert remote.peers is None  # (another machine: ipc is not for it)
+    assert operator.peers is None  # (operator requests are accepted only from its socket)
+    b = FakeBroker()  # cluster mode, or [broker] peer_calls = false
+    b.on_client([b"Fcli", *m.Hello(1, "t").encode()])
+    assert b.take()[0][2].peers is None

@@ -20,7 +20,7 @@ CLIENT_MSGS = [
     m.Ping(), m.Drop([1, 2, 3]), m.Stats(9),
 ]
 TO_CLIENT = [
-    m.Welcome(7, {"NS": "00ff"}), m.Reply(3, b"[200,[]]", b"ok"), m.Error(4, "timeout", "slow", None),
+    m.Welcome(7, {"NS": "00ff"}), m.Welcome(7, {}, (3, "ipc:///r/peer-{slot}.sock")), m.Reply(3, b"[200,[]]", b"ok"), m.Error(4, "timeout", "slow", None),
     m.Pong(7), m.Disconnect("who?"), m.StatsReply(5, {"a": 1}),
     m.Error(4, "object_error", "boom", "ValueError", "Traceback (most recent call last): ..."),
     m.ChannelSend([7], m.EV_TEXT, b"hi"), m.ChannelSend([1, 2, 2**64 - 1], m.OUT_DATA, b"\x00"),
@@ -122,6 +122,9 @@ def test_malformed_worker_frames_are_protocol_errors(frames):
 BAD_TO_CLIENT = [
     [H(C.REPLY), b"1234567", b"h", b"b"], [H(C.ERROR), b"12345678", b"[]"], [H(C.PONG), b""],
     [H(C.WELCOME), b'{"broker": 1}'], [H(C.WELCOME), b'{"broker": 1, "namespaces": {"": "x"}}'],
+    [H(C.WELCOME), b'{"broker": 1, "namespaces": {}, "peers": {"slots": 2, "endpoint": "tcp://x"}}'],
+    [H(C.WELCOME), b'{"broker": 1, "namespaces": {}, "peers": {"slots": 0, "endpoint": "ipc://{slot}"}}'],
+    [H(C.WELCOME), b'{"broker": 1, "namespaces": {}, "peers": []}'],
     [H(C.STATS_REPLY), b"12345678", b"[]"], [H(C.HELLO), b"{}"], [H(C.DISCONNECT)],
 ]
 
@@ -147,7 +150,7 @@ def test_malformed_frames_to_worker_are_protocol_errors(frames):
 
 FROM_PEER = [m.PeerHello(), m.PeerCall(2**62 + 1, 5, "NS", "ab" * 32, b"[]", b"body"),
              m.PeerCall(1, 2**64 - 1, "NS", "oid", b"@inc", b"", "room-1")]
-TO_PEER = [m.PeerWelcome(1, 2**62 + 3), m.Reply(3, b"[200,[]]", b"ok"),
+TO_PEER = [m.PeerWelcome(1, 2**62 + 3), m.PeerBye(0, 5), m.Reply(3, b"[200,[]]", b"ok"),
            m.Error(4, "stub_broken", "gone", None), m.ChannelSend([7], m.EV_TEXT, b"hi")]
 
 
