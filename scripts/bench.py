@@ -2,7 +2,7 @@
 """Benchmarks for durable; JSON on stdout.
 
     python scripts/bench.py storage [--quick] [--repeat N]
-    python scripts/bench.py rpc [--quick] [--repeat N] [--slots N]
+    python scripts/bench.py rpc [--quick] [--repeat N] [--slots N] [--broker-path]
     python scripts/bench.py http [--quick] [--repeat N] [--slots N] [--http-processes N]
     python scripts/bench.py backup [--quick] [--repeat N] [--backup-mib 1024]
     python scripts/bench.py alarms [--quick] [--repeat N]
@@ -502,6 +502,7 @@ class Daemon:
         run.mkdir(mode=0o700)
         data = tmp / "data"
         load_or_create_secret(data)
+        (data / "run").mkdir(mode=0o700)  # (as `durable serve` makes it: the peer sockets)
         self.frontend, backend = f"ipc://{run}/broker.sock", f"ipc://{run}/workers.sock"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "scripts")]))
         ns = {"NOOP": "bench_objects:Noop", "COUNTER": "durable.examples.counter:Counter",
@@ -541,13 +542,15 @@ class Daemon:
             p.wait()
 
 
-async def rpc_measure(endpoint: str, quick: bool) -> dict[str, Any]:
+async def rpc_measure(endpoint: str, quick: bool, direct: bool = True) -> dict[str, Any]:
     import durable
 
     out: dict[str, Any] = {}
-    async with durable.connect(endpoint, timeout=30) as client:
+    async with durable.connect(endpoint, timeout=30, direct=direct) as client:
         deadline = time.monotonic() + 30
-        while not all(s["up"] for s in (await client.statistics())["slots"]):
+        while not all(s["up"] for s in (await client.statistics())["slots"]) or (
+                client.peers is not None and client.peers.statistics()["peer_links_up"]
+                < len(client.peers.links)):  # (stubs made before the links keep the broker)
             if time.monotonic() > deadline:
                 raise RuntimeError("object processes did not register")
             await asyncio.sleep(0.05)
@@ -649,10 +652,10 @@ def codec_call_cost(n: int) -> dict[str, float]:
             "decode_p50_us": us(pct(dec, 0.5))}
 
 
-def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
+def rpc_suite(quick: bool, slots: int, direct: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
         root = Path(tmp)
-        out: dict[str, Any] = {"slots": slots}
+        out: dict[str, Any] = {"slots": slots, "direct": direct}
         out["floor_zmq_2hop_echo"] = zmq_echo_floor(root, 500 if quick else 5000)
         out["floor_zmq_1hop_echo"] = zmq_echo_floor(root, 500 if quick else 5000, hops=1)
         fdir = root / "fsync"
@@ -661,7 +664,7 @@ def rpc_suite(quick: bool, slots: int) -> dict[str, Any]:
                                                            preallocated=True)
         daemon = Daemon(root, slots)
         try:
-            out.update(asyncio.run(rpc_measure(daemon.frontend, quick)))
+            out.update(asyncio.run(rpc_measure(daemon.frontend, quick, direct)))
         finally:
             daemon.close()
         # What a durable increment adds to a no-op call; the fsync floor above is its bulk.
@@ -1816,6 +1819,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backup-mib", type=int, default=1024, help="backup: data to write first")
     p.add_argument("--http-processes", type=int, default=1, help="http: gateway processes")
     p.add_argument("--slots", type=int, default=1, help="rpc: object processes to start")
+    p.add_argument("--broker-path", action="store_true",
+                   help="rpc: the client calls through the broker (durable.connect(direct="
+                        "False)), not straight to the object processes")
     p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke runs")
     p.add_argument("--repeat", type=int, default=1, help="run N times; report medians")
     p.add_argument("--low-latency-idle", action="store_true",
@@ -1832,7 +1838,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == "storage":
         runs = [storage_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "rpc":
-        runs = [rpc_suite(args.quick, args.slots) for _ in range(args.repeat)]
+        runs = [rpc_suite(args.quick, args.slots, not args.broker_path)
+                for _ in range(args.repeat)]
     elif args.suite == "alarms":
         runs = [alarms_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "websockets":
