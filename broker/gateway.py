@@ -170,7 +170,11 @@ class Gateway:
               hex_id: str | None = None) -> durable.Stub:
         key = (ns.name, hex_id or str(oid))
         stub = self._stubs.get(key)
-        if stub is None or stub._broken is not None:
+        if stub is None or stub._broken is not None or (
+                stub._peer is None and not stub._local and self.client.peers is not None
+                and self.client.peers.link_for(key[1]) is not None):
+            # (a stub made before its slot's link was up: requests are independent, so the
+            # next one may take the link)
             stub = self._stubs[key] = ns.get(oid)
             if len(self._stubs) > _STUB_CACHE:
                 self._stubs.popitem(last=False)

@@ -348,7 +348,12 @@ def test_supervisor_survives_a_status_file_it_cannot_write(tmp_path):
     with serving(tmp_path, CONFIG) as d:
         d.wait_ready()
         run = tmp_path / "durable-data" / "run"
-        (run / "status.tmp").mkdir()  # every write of the status file now fails
+        for _ in range(200):  # every write of the status file now fails (the supervisor's own
+            try:  # status.tmp exists for a moment during each write: try again then)
+                (run / "status.tmp").mkdir()
+                break
+            except FileExistsError:
+                time.sleep(0.01)
         wait_for(lambda: "cannot write the status file" in d.log_text(), 10, "the failure logged")
         time.sleep(1.5)
         assert d.proc.poll() is None
