@@ -718,7 +718,7 @@ class Client:
         for ch in list(self._channels.values()):
             ch.lost(1012, f"the connection to the daemon was lost ({why})")
         self._fail_all(StubBrokenError(f"stub lost its object: {why}; get a new stub with "
-                                       "namespace.get(id)"))
+                                       "namespace.get(id)"), keep_linked=True)
 
     def _reset(self, why: str) -> None:
         """Break every stub and start over on a fresh socket (the broker lost our state)."""
@@ -727,10 +727,17 @@ class Client:
         self._broker = None
         self._open_socket()
 
-    def _fail_all(self, err: DurableError) -> None:
+    def _fail_all(self, err: DurableError, keep_linked: bool = False) -> None:
+        """``keep_linked``: calls sent on a peer link that is still up stay pending. The broker
+        went away, not their process: it answers them (or refuses them, if it registered anew
+        meanwhile), and failing them here would let a retry by another path overtake a call
+        that still runs (the chaos soak saw exactly that)."""
         for fut, stub in list(self._pending.values()):
             if stub is not None and stub._broken is None and isinstance(err, StubBrokenError):
                 stub._broken = err
+            if keep_linked and stub is not None and stub._peer is not None \
+                    and (stub._peer.incarnation or stub._peer.stopping):  # (still connected)
+                continue
             if not fut.done():
                 fut.set_exception(err)
 

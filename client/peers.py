@@ -137,9 +137,10 @@ class PeerRoutes:
                     link.stopping, link.incarnation = link.incarnation, 0
                 return
             if link.incarnation and msg.incarnation != link.incarnation:
-                # the same process registered again (a new broker): what was bound ends
+                # the same process registered again (a new broker): what was bound ends, but
+                # its calls in flight are answered by it (run, or refused if they came late)
                 self._lost(link, link.incarnation,
-                           "the object's process registered again with the broker")
+                           "the object's process registered again with the broker", calls=False)
             link.incarnation = msg.incarnation
             return
         link.dropped += 1
@@ -155,27 +156,28 @@ class PeerRoutes:
             # (Should this loop have stalled long enough for a new process's PWELCOME to be
             # read first, the stubs made since then break too: a spurious StubBrokenError,
             # never a call served by the wrong incarnation, which the callee refuses.)
-            for inc in {link.incarnation, link.stopping} - {0}:
-                self._lost(link, inc, f"its process (slot {link.slot}) went away")
+            # (every call on the link: those of an incarnation it replaced are unanswered too)
+            self._lost(link, None, f"its process (slot {link.slot}) went away")
             link.incarnation = link.stopping = 0
             if link.sock is not None:  # ask whoever serves the slot next
                 link.sock.send(PeerHello().encode())
 
-    def _lost(self, link: PeerLink, old: int, why: str) -> None:
-        """The stubs bound to the link's incarnation ``old`` break: their calls in flight fail
-        now, their WebSockets and streams end with 1012."""
+    def _lost(self, link: PeerLink, old: int | None, why: str, calls: bool = True) -> None:
+        """The stubs bound to the link's incarnation ``old`` (None: any) break: their calls in
+        flight fail now (``calls``: the process is gone), their WebSockets and streams end
+        with 1012."""
         err = StubBrokenError(f"stub lost its object ({why}); get a new stub with "
                               "namespace.get(id) and retry if the call is safe to repeat")
         client = self.client
-        for fut, stub in list(client._pending.values()):
-            if stub is not None and stub._peer is link and stub._peer_inc == old:
+        for fut, stub in list(client._pending.values()) if calls else ():
+            if stub is not None and stub._peer is link and old in (None, stub._peer_inc):
                 if stub._broken is None:
                     stub._broken = err
                 if not fut.done():
                     fut.set_exception(err)
         for ch in list(client._channels.values()):
             stub = ch.stub
-            if stub is not None and stub._peer is link and stub._peer_inc == old:
+            if stub is not None and stub._peer is link and old in (None, stub._peer_inc):
                 if stub._broken is None:
                     stub._broken = err
                 ch.lost(1012, "the object's process restarted")

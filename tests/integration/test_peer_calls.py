@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+import pytest
 import zmq
 
 import durable
@@ -272,3 +273,21 @@ async def test_a_graceful_stop_of_the_callee_answers_calls_in_flight_and_queues_
         assert not later.done()  # waiting in the broker's queue for slot 1
         cluster.start_worker(1)
         assert await asyncio.wait_for(later, 20) == [0, 1, 2]
+
+
+async def test_a_broker_restart_leaves_calls_on_a_live_link_to_be_answered(cluster):
+    """The broker went away, not the callee: a call in flight on the link is answered by the
+    process that runs it (failing it would let a retry by another path overtake it while it
+    still runs; the chaos soak caught that). The stub itself is broken for later calls."""
+    async with connected(cluster) as client:
+        stub = client.namespace("SLOW").get_by_name(name_on(client, "SLOW", 1, "keep-s"))
+        assert stub._peer is not None
+        held = asyncio.ensure_future(stub.fetch("http://s/?s=1.5"))
+        await asyncio.sleep(0.3)
+        cluster.kill(cluster.broker)
+        cluster.start_broker()
+        resp = await asyncio.wait_for(held, 10)
+        assert (resp.status, await resp.text()) == (200, "slept")
+        await all_slots_up(client)
+        with pytest.raises(StubBrokenError):  # (made before the restart)
+            await stub.fetch("http://s/?s=0")
