@@ -62,6 +62,11 @@ def test_one_scrape_covers_every_process(tmp_path):
         wait_for(lambda: value(scrape(port), "durable_calls_total", namespace="ALARMED",
                                kind="alarm", outcome="ok"), 20, "the alarm in the scrape",
                  interval=0.3)
+        # (each slot reports with its heartbeat, at least once a second: the other slot's
+        # figures may be a moment behind the alarm's)
+        wait_for(lambda: value(scrape(port), "durable_calls_total", namespace="COUNTER",
+                               kind="method", outcome="ok") == 5, 20, "the counter's calls",
+                 interval=0.3)
         s = scrape(port)
         assert value(s, "durable_calls_total", namespace="COUNTER", kind="method", outcome="ok") == 5
         assert value(s, "durable_calls_total", namespace="COUNTER", kind="fetch", outcome="ok") == 1
