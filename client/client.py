@@ -202,18 +202,25 @@ class Stub:
         self._stub_id = next(client._stub_ids)
         self._generation = client._generation
         self._broken: StubBrokenError | None = None
-        local = client.local
-        #: the incarnation of this process's own slot that serves the object in-process, or 0:
-        #: through the broker. Fixed for the stub's life, so its calls keep one path (E-order).
-        self._local = (local.incarnation if local is not None and local.incarnation
-                       and local.owns(oid) else 0)
+        local, peers = client.local, client.peers
         #: else the link to another slot's process of this host and the incarnation it
         #: served when the stub was made (the peer path, ``durable.peers``), or None
         self._peer: PeerLink | None = None
         self._peer_inc = 0
+        link = None
+        if local is not None and local.incarnation and peers is not None and peers.own_slot >= 0:
+            # an object process's own client: one placement on the ring decides both paths
+            slot = peers.slot_for(str(oid))
+            self._local = local.incarnation if slot == peers.own_slot else 0
+            link = None if self._local else peers.link_at(slot)
+        else:
+            #: the incarnation of this process's own slot that serves the object in-process,
+            #: or 0. Fixed for the stub's life, so its calls keep one path (E-order).
+            self._local = (local.incarnation if local is not None and local.incarnation
+                           and local.owns(oid) else 0)
+            if not self._local and peers is not None:
+                link = peers.link_for(str(oid))
         if not self._local:
-            peers = client.peers
-            link = None if peers is None else peers.link_for(str(oid))
             if link is not None:
                 self._peer, self._peer_inc = link, link.incarnation
             else:  # (the broker binds only the stubs it carries)

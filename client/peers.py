@@ -112,7 +112,10 @@ class PeerRoutes:
 
     def link_for(self, object_id: str) -> PeerLink | None:
         """The live link to the process serving this object's slot, if there is one."""
-        link = self.links.get(self.slot_for(object_id))
+        return self.link_at(self.slot_for(object_id))
+
+    def link_at(self, slot: int) -> PeerLink | None:
+        link = self.links.get(slot)
         return link if link is not None and link.incarnation else None
 
     # -- from the callee ------------------------------------------------------------------
