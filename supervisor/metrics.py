@@ -122,6 +122,11 @@ class DaemonCollector(Collector):
                            ("storage_keys", "live keys stored in the slot (counted every 10 s)"),
                            ("storage_file_bytes", "the slot's DuckDB file and WAL"),
                            ("commit_log_bytes", "the slot's commit log segments"),
+                           ("duckdb_memory_limit_bytes", "the slot's DuckDB memory limit (grows "
+                                                         "past duckdb_memory_mb if the indexes "
+                                                         "need it)"),
+                           ("duckdb_index_bytes", "memory the slot's DuckDB indexes hold "
+                                                  "(checked every 2 s while it writes)"),
                            ("apply_lag_records", "durable records not yet in DuckDB"),
                            ("alarms_in_memory", "alarms due within the scheduler's window"),
                            ("peer_links_up", "the slot process's links to the host's other "
@@ -146,6 +151,8 @@ class DaemonCollector(Collector):
                       "storage_keys": r.get("storage_keys"),
                       "storage_file_bytes": r.get("storage_file_bytes"),
                       "commit_log_bytes": r.get("log_bytes"),
+                      "duckdb_memory_limit_bytes": r.get("duckdb_memory_limit"),
+                      "duckdb_index_bytes": r.get("duckdb_index_bytes"),
                       "apply_lag_records": (r["durable_seq"] - r["applied_seq"])
                       if "durable_seq" in r and "applied_seq" in r else None,
                       "alarms_in_memory": r.get("alarms_in_memory"),

@@ -73,7 +73,9 @@ def collect(config: Config, broker_stats: dict[str, Any] | None) -> dict[str, An
             p["queued_calls"] = s.get("queued")
             p["inflight_calls"] = s.get("inflight")
             p["storage"] = {k: reported.get(k) for k in ("storage_full", "wal_bytes", "log_bytes",
-                                                          "checkpoints", "durable_seq", "applied_seq")}
+                                                          "checkpoints", "durable_seq", "applied_seq",
+                                                          "duckdb_memory_limit",
+                                                          "duckdb_index_bytes")}
             if reported.get("storage_full") and p["state"] == "running":
                 p["state"] = "storage-full"  # serving reads, refusing writes
     data["storage"] = {"dir": str(config.data_path), "bytes": _dir_size(config.data_path)}

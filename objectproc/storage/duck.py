@@ -25,6 +25,11 @@ Layout (measured on DuckDB 2.0, 1M rows, 2 cores; see docs/storage.md):
 * ``meta(k, v)`` holds ``applied_seq``: the last log record the table covers,
   committed in the same transaction as the batch.
 
+Memory: DuckDB keeps its ART indexes (the three above) in memory, inside its
+``memory_limit``, and cannot evict them: ~650 bytes per named object with one
+key (measured, 2.0). A slot that outgrows the limit fails every commit and then
+its open, so the limit grows instead (see :meth:`DuckStore.grow_memory`).
+
 Checkpoints are ours, not DuckDB's (see docs/storage.md, "Disk use"):
 
 * Every result is fetched whole (``fetchall``): a result left open by
@@ -43,16 +48,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import psutil
 
 from durable.errors import StorageCorruptError
 
-__all__ = ["DuckStore", "is_corruption", "NEVER_CHECKPOINT"]
+__all__ = ["DuckStore", "is_corruption", "is_out_of_memory", "NEVER_CHECKPOINT"]
 
 log = logging.getLogger("durable.objectproc")
 
@@ -67,6 +74,39 @@ def is_corruption(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.Error) and any(
         w in text for w in ("checksum", "corrupt", "not a valid duckdb database",
                             "invalid block", "failed to read database header"))
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether DuckDB ran into its ``memory_limit`` (a commit that could not pin a block of
+    its indexes says so only in its message)."""
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return True
+    text = str(exc)
+    return isinstance(exc, duckdb.Error) and any(
+        w in text for w in ("Out of Memory Error", "failed to pin block",
+                            "could not allocate block"))
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MB"`` (DuckDB's units: MB = 10**6, MiB = 2**20) as a number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory limit {text!r} is not a size such as '512MB' or '1GiB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_memory_ceiling() -> int:
+    """How far a slot's DuckDB limit may grow on its own: half the machine's memory."""
+    return psutil.virtual_memory().total // 2
+
+
+#: ART memory per ``kv`` row (its key, and its object in ``kv_obj``) and per ``objects`` row,
+#: for keys of ~80 bytes (measured on DuckDB 2.0: ~147 bytes an entry)
+_INDEX_BYTES_PER_ROW = 300
+_INDEX_BYTES_PER_OBJECT = 150
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (pk BLOB PRIMARY KEY, obj BLOB NOT NULL, v BLOB);
@@ -162,9 +202,29 @@ class DuckStore:
     """
 
     def __init__(self, path: Path, *, memory_limit: str = "512MB", read_only: bool = False,
-                 objects: bool = True) -> None:
+                 objects: bool = True, memory_ceiling: int | None = None) -> None:
         self.path = path
-        config = {"threads": 1, "memory_limit": memory_limit}
+        #: DuckDB's memory_limit now (bytes): the configured one, or more once the indexes
+        #: needed it (:meth:`grow_memory`), up to ``memory_ceiling``
+        self.memory_limit = parse_bytes(memory_limit)
+        self.memory_ceiling = max(self.memory_limit, memory_ceiling if memory_ceiling is not None
+                                  else default_memory_ceiling())
+        self.index_bytes_seen = 0  # (as last measured, for `durable status`)
+        while True:
+            try:
+                self._open(read_only, objects)
+                return
+            except duckdb.Error as e:
+                # (its indexes outgrew the limit: a commit replayed from DuckDB's WAL, or the
+                # first statements, cannot load them; open again with more room)
+                if not is_out_of_memory(e) or not self._raise_limit(e, "opening the file"):
+                    raise
+                with contextlib.suppress(AttributeError, duckdb.Error):
+                    self._con.close()
+
+    def _open(self, read_only: bool, objects: bool) -> None:
+        path = self.path
+        config = {"threads": 1, "memory_limit": f"{self.memory_limit}B"}
         if not read_only:
             config["checkpoint_threshold"] = NEVER_CHECKPOINT
         new = not read_only and not path.exists()
@@ -175,6 +235,8 @@ class DuckStore:
                 self._con.execute(_SCHEMA + _OBJECTS_TABLE)
             self._reader = self._con.cursor()
             self._writer = self._con.cursor()
+            if not read_only:
+                self._fit_indexes()
             self.tombstones = self._one("SELECT count(*) FROM kv WHERE v IS NULL")
             if objects and not read_only and not self._objects_current():
                 started = time.monotonic()
@@ -192,6 +254,62 @@ class DuckStore:
             elif is_corruption(e):
                 raise StorageCorruptError(f"DuckDB file {path} is damaged: {e}") from e
             raise
+
+    # -- memory -------------------------------------------------------------------
+    def index_bytes(self) -> int:
+        """Memory DuckDB's ART indexes hold now (writer cursor: the applier's thread)."""
+        rows = self._writer.execute("SELECT memory_usage_bytes FROM duckdb_memory() "
+                                    "WHERE tag = 'ART_INDEX'").fetchall()
+        self.index_bytes_seen = int(rows[0][0]) if rows else 0
+        return self.index_bytes_seen
+
+    def _fit_indexes(self) -> None:
+        """Room at open for the indexes that the rows will need once loaded (they load
+        lazily, so memory says nothing yet): estimated from the row counts, DuckDB's
+        metadata. Without it a replay or checkpoint at open fails, fatally, halfway."""
+        kv, objects = self._reader.execute(
+            "SELECT (SELECT count(*) FROM kv), (SELECT count(*) FROM objects)").fetchall()[0]
+        need = kv * _INDEX_BYTES_PER_ROW + objects * _INDEX_BYTES_PER_OBJECT
+        if need > self.memory_limit * 0.6 and self._raise_limit(
+                f"~{need >> 20} MiB for the indexes of {kv} rows", "opening the file",
+                at_least=2 * need):
+            self._con.execute(f"SET memory_limit = '{self.memory_limit}B'")
+
+    def grow_memory(self, exc: BaseException | None = None) -> bool:
+        """Raise DuckDB's memory limit because its indexes need it (``exc``: the error that
+        said so; else a check found them above 60% of it). False at the ceiling.
+
+        DuckDB cannot evict an ART index, so a slot with more objects than the limit holds
+        would fail every write and then every open: serving on with more memory, and
+        telling the operator, is the better deal."""
+        if exc is None:
+            need = self.index_bytes()
+            if need <= self.memory_limit * 0.6:
+                return False
+            exc_text = f"its indexes hold {need >> 20} MiB"
+        else:
+            exc_text = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        if not self._raise_limit(exc_text, "serving"):
+            return False
+        self._writer.execute(f"SET memory_limit = '{self.memory_limit}B'")
+        return True
+
+    def _raise_limit(self, why: BaseException | str, doing: str, at_least: int = 0) -> bool:
+        old = self.memory_limit
+        new = min(self.memory_ceiling, max(old * 2, at_least))
+        if new <= old:
+            log.error("%s: DuckDB's memory limit is at its ceiling (%d MiB, half the machine's "
+                      "memory) and its indexes need more (%s); give the daemon more slots or "
+                      "a machine with more memory", self.path.name, old >> 20,
+                      str(why).splitlines()[0])
+            return False
+        self.memory_limit = new
+        log.warning("%s: DuckDB needs more memory than its limit of %d MiB while %s (%s): its "
+                    "indexes stay in memory, ~650 bytes per stored object. The limit is now "
+                    "%d MiB in this process; set duckdb_memory_mb = %d or more in the config "
+                    "(docs/operating.md, \"Memory\")", self.path.name, old >> 20, doing,
+                    str(why).splitlines()[0], new >> 20, -(-new // 10**6))
+        return True
 
     def _one(self, sql: str, params: list | None = None):  # noqa: ANN202
         rows = self._reader.execute(sql, params or []).fetchall()  # never leave a result open
@@ -253,9 +371,21 @@ class DuckStore:
         """Fold the WAL into the main file (writer cursor: the applier's thread).
 
         Raises ``duckdb.FatalException`` if it fails: the connection is then
-        unusable and must be reopened (the file and WAL are intact).
+        unusable and must be reopened (the file and WAL are intact; an open with
+        :attr:`memory_limit`, raised first if memory was what it lacked).
         """
-        self._writer.execute("CHECKPOINT")
+        while True:
+            try:
+                self._writer.execute("CHECKPOINT")
+                return
+            except duckdb.Error as e:
+                if not is_out_of_memory(e):
+                    raise
+                if isinstance(e, duckdb.FatalException):
+                    self._raise_limit(e, "checkpointing")  # (for the reopen)
+                    raise
+                if not self.grow_memory(e):
+                    raise
 
     # -- reads (event loop thread) ------------------------------------------------
     def read_key(self, pk: bytes, cursor: duckdb.DuckDBPyConnection | None = None
@@ -287,6 +417,21 @@ class DuckStore:
               applied_seq: int, alarms: dict[bytes, int] | None = None, *,
               purge_over: int = 20_000, new_objects: set[bytes] | None = None,
               new_stats: set[bytes] | None = None) -> None:
+        """:meth:`_apply`, again with a higher memory limit while DuckDB's indexes need one
+        (a failed commit has rolled the whole batch back)."""
+        while True:
+            try:
+                self._apply(rows, clears, applied_seq, alarms, purge_over=purge_over,
+                            new_objects=new_objects, new_stats=new_stats)
+                return
+            except duckdb.Error as e:
+                if not is_out_of_memory(e) or not self.grow_memory(e):
+                    raise
+
+    def _apply(self, rows: dict[bytes, tuple[bytes, bytes | None, int | None]], clears: set[bytes],
+               applied_seq: int, alarms: dict[bytes, int] | None = None, *,
+               purge_over: int = 20_000, new_objects: set[bytes] | None = None,
+               new_stats: set[bytes] | None = None) -> None:
         """Apply one deduplicated batch and record ``applied_seq``, all in one transaction.
 
         ``rows``: pk -> (obj, value or None for a tombstone, write time epoch ms or None).
@@ -298,6 +443,7 @@ class DuckStore:
         new_objects = new_objects or set()
         new_stats = new_stats or set()
         w = self._writer
+        tombstones = 0  # (counted once committed: a batch may be tried again)
         w.execute("BEGIN")
         try:
             touched = {named_target(r[0]) for r in rows.values()}
@@ -333,7 +479,7 @@ class DuckStore:
                                         [pk for pk, r in rows.items() if r[0] not in new_objects],
                                         returning="pk, octet_length(v)"))
                 w.execute(_INSERT, [pks, objs, vals, [r[2] for r in rows.values()]])
-                self.tombstones += vals.count(None)
+                tombstones += vals.count(None)
                 for pk, (obj, v, t) in rows.items():
                     if obj.startswith(NAME_PREFIX):
                         if pk == obj + b"/name":
@@ -358,13 +504,14 @@ class DuckStore:
                 w.execute("INSERT INTO objects SELECT unnest($1), unnest($2), unnest($3), "
                           "unnest($4), unnest($5), unnest($6), unnest($7), unnest($8)",
                           [list(col) for col in zip(*keep, strict=True)])
-            if self.tombstones > purge_over:
+            purged = self.tombstones + tombstones > purge_over
+            if purged:
                 w.execute("DELETE FROM kv WHERE v IS NULL")
                 w.execute("DELETE FROM objects WHERE keys = 0 AND due IS NULL AND name IS NULL")
-                self.tombstones = 0
             w.execute("UPDATE meta SET v = $1 WHERE k IN ('applied_seq', 'objects_seq')",
                       [applied_seq])
             w.execute("COMMIT")
+            self.tombstones = 0 if purged else self.tombstones + tombstones
         except BaseException:
             # A failed COMMIT has already ended the transaction ("cannot rollback - no
             # transaction is active"): that must not mask the real error (e.g. ENOSPC).

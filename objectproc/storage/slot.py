@@ -61,7 +61,7 @@ from rbloom import Bloom
 
 from durable.errors import StorageCommitError, StorageCorruptError, StorageFullError
 
-from .duck import NAME_PREFIX, DuckStore, is_corruption, name_twin, named_target
+from .duck import NAME_PREFIX, DuckStore, is_corruption, is_out_of_memory, name_twin, named_target
 from .limits import DEFAULT_LIMITS, StorageLimits
 from .log import (
     ALARM_DELETE,
@@ -251,8 +251,8 @@ class SlotStore:
         self._ckpt_bytes = checkpoint_wal_bytes
         self._ckpt_interval = checkpoint_interval
         self._free_bytes = free_bytes or _free_bytes
-        self._memory_limit = memory_limit
         self.duck = DuckStore(self.directory / f"slot-{slot}.duckdb", memory_limit=memory_limit)
+        self._opened_limit = self.duck.memory_limit
         if data_dir_id is not None:
             check_identity(self.duck, data_dir_id)
         self._applier: threading.Thread | None = None
@@ -265,7 +265,19 @@ class SlotStore:
         self.replayed = 0
         self.torn: Damage | None = None  # the torn tail recovery dropped, if any
         started = time.perf_counter()
-        next_seq = self._recover(log_dir)
+        while True:
+            try:
+                next_seq = self._recover(log_dir)
+                break
+            except duckdb.FatalException as e:  # (a checkpoint that lacked memory: the file
+                limit = self.duck.memory_limit   # and WAL are intact, the limit grew)
+                with contextlib.suppress(duckdb.Error):
+                    self.duck.close()
+                if not is_out_of_memory(e) or limit <= self._opened_limit:
+                    raise
+                self._opened_limit = limit
+                self.duck = DuckStore(self.duck.path, memory_limit=f"{limit}B",
+                                      memory_ceiling=self.duck.memory_ceiling)
         #: cluster mode (objectproc/replication.py): records of the slot's replicated log
         #: that this host's files lacked, applied before serving
         self.caught_up = 0
@@ -274,7 +286,15 @@ class SlotStore:
         self.recovery_seconds = time.perf_counter() - started
         self._count_alarms(writer=False)
         started = time.perf_counter()
-        self.stored = StoredObjects.of(self.duck)  # (before the applier: nothing else reads)
+        while True:  # (before the applier: nothing else reads)
+            try:
+                self.stored = StoredObjects.of(self.duck)
+                break
+            except duckdb.Error as e:  # (a scan of every object, beside the indexes)
+                if not is_out_of_memory(e) or not self.duck.grow_memory(e):
+                    raise
+        self.duck.grow_memory()  # (room for the indexes, if replay filled them)
+        self._memory_checked = time.monotonic()
         self.stored_seconds = time.perf_counter() - started
         self.checkpointed_seq = next_seq - 1
         self.checkpoints = 0
@@ -772,6 +792,9 @@ class SlotStore:
                     continue
                 self._apply_ready()
                 self._maybe_checkpoint(force=self._duck_full is not None)
+                if time.monotonic() - self._memory_checked >= 2.0:  # (~0.3 ms a check)
+                    self._memory_checked = time.monotonic()
+                    self.duck.grow_memory()
                 if self._alarms_changed and time.monotonic() - self._alarms_counted >= 5.0:
                     self._count_alarms(writer=True)
             except _Retry:
@@ -905,7 +928,9 @@ class SlotStore:
             try:
                 with contextlib.suppress(duckdb.Error):
                     self.duck.close()
-                self.duck = DuckStore(self.duck.path, memory_limit=self._memory_limit)
+                # (the limit as grown: the indexes that needed it are still there)
+                self.duck = DuckStore(self.duck.path, memory_limit=f"{self.duck.memory_limit}B",
+                                      memory_ceiling=self.duck.memory_ceiling)
             except BaseException as e:  # noqa: BLE001  (reported to the applier)
                 box.append(e)
             finally:
@@ -1017,6 +1042,8 @@ class SlotStore:
                 "checkpointed_seq": self.checkpointed_seq, "checkpoints": self.checkpoints,
                 "checkpoints_refused": self.checkpoints_refused,
                 "wal_bytes": self.duck.wal_bytes(), "log_bytes": log_bytes,
+                "duckdb_memory_limit": self.duck.memory_limit,
+                "duckdb_index_bytes": self.duck.index_bytes_seen,
                 "storage_full": self.full is not None,
                 "reads": {"on_loop": self.loop_reads, "warmed_objects": self.warmed}}
 
