@@ -783,3 +783,25 @@ async def test_warm_caps_what_it_reads_and_the_rest_is_read_by_key(tmp_path):
         assert await again.get(f"k{WARM_ROWS + 5:04}") == WARM_ROWS + 5
     finally:
         await slot.close()
+
+
+async def test_the_checkpoint_wal_threshold_follows_a_large_file(tmp_path, monkeypatch):
+    """A checkpoint costs in proportion to the file: past 128 MiB the WAL may grow to 1/16."""
+    slot = SlotStore(tmp_path, checkpoint_wal_bytes=8 << 20)
+    try:
+        real, fake = os.path.getsize, {}
+        monkeypatch.setattr(os.path, "getsize", lambda p: fake.get(str(p)) or real(p))
+        assert slot.checkpoint_wal_threshold() == 8 << 20  # a new file: the setting
+        fake[str(slot.duck.path)] = 127 << 20
+        assert slot.checkpoint_wal_threshold() == 8 << 20
+        fake[str(slot.duck.path)] = 1 << 30
+        assert slot.checkpoint_wal_threshold() == 64 << 20
+        fake[f"{slot.duck.path}.wal"] = 20 << 20
+        slot.applied_seq = slot.checkpointed_seq + 1  # (as if a batch were applied)
+        assert not slot._checkpoint_due(slot._last_checkpoint + 1)
+        fake[str(slot.duck.path)] = 200 << 20  # 1/16 = 12.5 MiB < 20 MiB of WAL
+        assert slot._checkpoint_due(slot._last_checkpoint + 1)
+        slot.applied_seq = slot.checkpointed_seq
+    finally:
+        monkeypatch.undo()
+        await slot.close()
