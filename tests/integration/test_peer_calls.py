@@ -260,12 +260,17 @@ async def test_a_graceful_stop_of_the_callee_answers_calls_in_flight_and_queues_
     stubs' calls wait in the broker for the next process instead of failing."""
     async with connected(cluster) as client:
         pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "bye-p"))
-        held = asyncio.ensure_future(pipe.hold(name_on(client, "SLOW", 1, "bye-s"), 1.0))
+        held = asyncio.ensure_future(pipe.hold(name_on(client, "SLOW", 1, "bye-s"), 2.0))
         await asyncio.sleep(0.3)
         cluster.workers[1].terminate()
+        deadline = time.monotonic() + 1.2
+        while (await pipe.peers())["peer_links_up"] != 0:  # PBYE: no new stubs on the link ...
+            assert time.monotonic() < deadline, "no PBYE within 1.2 s of SIGTERM"
+            await asyncio.sleep(0.05)
+        # ... said while the callee still drains (its exit cannot be what took the link down)
+        assert not held.done() and cluster.workers[1].poll() is None
         seconds, _, outcome = (await asyncio.wait_for(held, 10)).partition(" ")
         assert outcome == "answered", outcome  # drained, not failed
-        assert (await pipe.peers())["peer_links_up"] == 0  # PBYE: no new stubs on the link
         cluster.workers[1].wait(timeout=10)
         await slot_seen_down(client, 1)  # (no supervisor here to tell the broker at once)
         later = asyncio.ensure_future(pipe.pipeline(name_on(client, "RECORDER", 1, "bye-r"), 3))
