@@ -83,10 +83,20 @@ class Setup(DurableObject):
 
 
 class Slow(DurableObject):
-    """Sleeps ?s= seconds before answering (a call that keeps a graceful stop waiting)."""
+    """Sleeps ?s= seconds before answering (a call that keeps a graceful stop waiting);
+    ?sleeping=1 answers how many calls of this process sleep now."""
+
+    sleeping = 0
 
     async def fetch(self, request: Request) -> Response:
-        await asyncio.sleep(float(query(request).get("s", "1")))
+        q = query(request)
+        if "sleeping" in q:
+            return Response(str(Slow.sleeping))
+        Slow.sleeping += 1
+        try:
+            await asyncio.sleep(float(q.get("s", "1")))
+        finally:
+            Slow.sleeping -= 1
         return Response("slept")
 
 

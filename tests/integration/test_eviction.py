@@ -1,8 +1,10 @@
 """Idle activations are evicted once their writes are durable; their data stays reachable."""
 
 import asyncio
+import signal
 
 import durable
+from durable.ring import Ring
 from tests.integration.cluster import all_slots_up, running_cluster
 from tests.integration.procs import async_wait_for
 
@@ -89,8 +91,17 @@ async def test_a_constructor_that_raises_after_the_read_off_the_loop_fails_every
                 return sum(s["reported"].get("evicted", 0)
                            for s in (await client.statistics())["slots"]) >= 1
             await async_wait_for(evicted, 5, "the object to be evicted", 0.1)
-            got = await asyncio.gather(*[stub.fetch("http://do/") for _ in range(3)],
-                                       return_exceptions=True)
+            # The three calls reach the process together (it is stopped while they are sent):
+            # sent freely on a loaded machine, a later one could come after the failed
+            # constructor, and then construct anew (seen in CI).
+            owner = cluster.workers[Ring(2).slot_for(str(stub.id))]
+            owner.send_signal(signal.SIGSTOP)
+            try:
+                calls = [asyncio.ensure_future(stub.fetch("http://do/")) for _ in range(3)]
+                await asyncio.sleep(0.3)
+            finally:
+                owner.send_signal(signal.SIGCONT)
+            got = await asyncio.gather(*calls, return_exceptions=True)
             assert all(isinstance(e, durable.ObjectError) and e.type_name == "KeyError"
                        for e in got), got
             assert await (await stub.fetch("http://do/")).text() == "kept"

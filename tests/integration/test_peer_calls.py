@@ -260,8 +260,14 @@ async def test_a_graceful_stop_of_the_callee_answers_calls_in_flight_and_queues_
     stubs' calls wait in the broker for the next process instead of failing."""
     async with connected(cluster) as client:
         pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "bye-p"))
-        held = asyncio.ensure_future(pipe.hold(name_on(client, "SLOW", 1, "bye-s"), 2.0))
-        await asyncio.sleep(0.3)
+        slow = name_on(client, "SLOW", 1, "bye-s")
+        held = asyncio.ensure_future(pipe.hold(slow, 2.0))
+        probe = client.namespace("SLOW").get_by_name(slow)
+        deadline = time.monotonic() + 5
+        # (the call runs before SIGTERM: one still unread then is refused, as designed)
+        while await (await probe.fetch("http://s/?sleeping=1")).text() == "0":
+            assert time.monotonic() < deadline, "the held call never started"
+            await asyncio.sleep(0.02)
         cluster.workers[1].terminate()
         deadline = time.monotonic() + 1.2
         while (await pipe.peers())["peer_links_up"] != 0:  # PBYE: no new stubs on the link ...
