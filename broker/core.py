@@ -140,7 +140,7 @@ class BrokerConfig:
 
 class _Slot:
     __slots__ = ("number", "identity", "incarnation", "pid", "liveness", "queue", "inflight",
-                 "registrations", "up_since", "reported", "failed")
+                 "registrations", "up_since", "reported", "failed", "stopping")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -155,6 +155,8 @@ class _Slot:
         self.up_since: float | None = None
         self.reported: dict[str, Any] = {}
         self.failed: str | None = None  # why the slot stays down until an operator acts
+        #: its process drains to stop (a stop, a reload): new calls wait for the next one
+        self.stopping = False
 
 
 @dataclass
@@ -329,7 +331,11 @@ class RouterCore:
             self._broken(ident, call.call_id, number, "the object's process has restarted since "
                          "this stub's first call")
             return
-        if slot.identity is None or slot.queue:
+        if slot.stopping and bound is not None:  # (bound to the incarnation that drains)
+            self._broken(ident, call.call_id, number, "its process is stopping (a stop or a "
+                         "reload) and answers only the calls it already has")
+            return
+        if slot.identity is None or slot.queue or slot.stopping:
             if slot.failed is not None and slot.identity is None:
                 self._error(ident, call.call_id, StorageCorruptError, f"slot {number}: {slot.failed}")
                 return
@@ -415,6 +421,10 @@ class RouterCore:
                 self._to_worker(ident, ClientGone(msg.client).encode())
         elif type(msg) is WorkerHeartbeat:
             slot.reported = msg.stats
+            if msg.stats.get("stopping") is True and not slot.stopping:
+                slot.stopping = True  # (until the next process registers)
+                log.info("slot %d (pid %s) is stopping: new calls wait for the next process",
+                         slot.number, slot.pid)
 
     def register(self, ident: bytes, ready: Ready) -> None:
         if ready.slot >= len(self.slots):
@@ -430,6 +440,7 @@ class RouterCore:
             self.end_incarnation(ready.slot, "a new process registered for it")
         slot.identity = ident
         slot.failed = None  # repaired: it serves again
+        slot.stopping = False
         slot.incarnation = ready.incarnation
         slot.pid = ready.pid
         slot.liveness = Liveness(self.config.heartbeat, self.config.misses, self.clock)
@@ -471,6 +482,7 @@ class RouterCore:
             if stubs:
                 self._to_client(ident, Broken(stubs).encode())
         slot.identity = slot.incarnation = slot.liveness = slot.up_since = None
+        slot.stopping = False
         self.counters["incarnations_ended"] += 1
 
     # -- timers -------------------------------------------------------------------------

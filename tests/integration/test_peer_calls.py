@@ -302,3 +302,22 @@ async def test_a_broker_restart_leaves_calls_on_a_live_link_to_be_answered(clust
         await all_slots_up(client)
         with pytest.raises(StubBrokenError):  # (made before the restart)
             await stub.fetch("http://s/?s=0")
+
+
+async def test_a_drain_longer_than_the_heartbeat_window_answers_broker_path_calls(cluster):
+    """A graceful stop whose drain outlasts the broker's liveness window (1 s here, 5 s on
+    the defaults): the process still beats while it answers, so the broker does not fail
+    its calls in flight (it did: the beats stopped when the drain began, and a call still
+    running got StubBrokenError while a retry could run beside it)."""
+    async with durable.connect(cluster.frontend, timeout=10, direct=False) as client:
+        await all_slots_up(client)
+        slow = client.namespace("SLOW").get_by_name(name_on(client, "SLOW", 1, "drain-s"))
+        held = asyncio.ensure_future(slow.fetch("http://s/?s=2.5"))
+        deadline = time.monotonic() + 5
+        while await (await slow.fetch("http://s/?sleeping=1")).text() == "0":
+            assert time.monotonic() < deadline, "the held call never started"
+            await asyncio.sleep(0.02)
+        cluster.workers[1].terminate()
+        resp = await asyncio.wait_for(held, 10)
+        assert (resp.status, await resp.text()) == (200, "slept")
+        cluster.workers[1].wait(timeout=10)

@@ -444,3 +444,31 @@ def test_local_clients_are_told_the_peer_sockets_remote_ones_are_not():
     b = FakeBroker()  # cluster mode, or [broker] peer_calls = false
     b.on_client([b"Fcli", *m.Hello(1, "t").encode()])
     assert b.take()[0][2].peers is None
+
+
+def test_a_stopping_slot_finishes_its_calls_while_new_ones_wait_for_the_next_process():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0, inc=7)
+    oid = oid_on_slot(0)
+    b.on_client(call(1, 1, oid))  # in flight when the stop begins
+    b.take()
+    b.on_worker([b"w0", *m.WorkerHeartbeat({"stopping": True}).encode()])
+    for _ in range(10):  # a drain past the liveness window: the beat thread goes on
+        b.clock_.now += 1.0
+        b.on_worker([b"beat-socket", *m.Beat(0, 7).encode()])
+        b.tick()
+    b.on_client(call(2, 1, oid))  # a stub bound to the stopping process: broken at once
+    b.on_client(call(3, 2, oid))  # a new stub: waits for the next process
+    out = b.take()
+    assert [(x[2].call_id, x[2].code) for x in out if isinstance(x[2], m.Error)] == [
+        (2, "stub_broken")], out
+    assert not [x for x in out if isinstance(x[2], m.WorkerCall)]
+    b.on_worker([b"w0", *m.WorkerReply(b"Fcli", 1, b"[200,[]]", b"ok").encode()])
+    assert [x[2] for x in b.take()] == [m.Reply(1, b"[200,[]]", b"ok")]  # answered, not failed
+    b.on_control([b"", *m.Control("slot_down", 0, 100).encode()])
+    ready(b, 0, ident=b"w0-new", inc=8)
+    (what, ident, msg), = [x for x in b.take() if isinstance(x[2], m.WorkerCall)]
+    assert (ident, msg.call_id) == (b"w0-new", 3)
+    b.on_client(call(4, 3, oid))  # the next process is not stopping
+    assert [(x[1], x[2].call_id) for x in b.take()] == [(b"w0-new", 4)]
