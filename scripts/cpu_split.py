@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Where the CPU of a call goes: per process and thread, new objects against existing ones.
+
+    python scripts/cpu_split.py [--calls 50000] [--existing 0] [--json]
+
+Starts `durable serve` (2 slots, the Counter example), then one program increments
+``--calls`` objects, 64 calls in flight (the many_objects workload): every call to a new
+object, or with ``--existing K`` round-robin over K objects. Reports the rate and the CPU
+each thread of each process spent per call (from /proc: user + system), so that the cost of
+a new object (its activation, its name, its rows in DuckDB) can be told from a call's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from harness import serving  # noqa: E402
+
+import durable  # noqa: E402
+
+CONFIG = """
+data_dir = "{data}"
+slots = 2
+idle_timeout = 5
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+"""
+
+
+def thread_cpu(procs: list[psutil.Process]) -> dict[tuple[str, str], float]:
+    """(role, thread) -> CPU seconds so far; the process's main thread is "main"."""
+    out: dict[tuple[str, str], float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in procs:
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        role = ("program" if p.pid == os.getpid() else "objectproc" if "durable.objectproc" in cmd
+                else "broker" if "durable.broker" in cmd else "supervisor")
+        for tid in os.listdir(f"/proc/{p.pid}/task"):
+            try:
+                stat = Path(f"/proc/{p.pid}/task/{tid}/stat").read_text()
+                comm = Path(f"/proc/{p.pid}/task/{tid}/comm").read_text().strip()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            name = "main" if tid == str(p.pid) else comm
+            key = (role, name)
+            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+async def drive(frontend: str, calls: int, existing: int) -> float:
+    async with durable.connect(frontend, timeout=60) as c:
+        await asyncio.sleep(1)  # (the client's links to the slots)
+        ns = c.namespace("COUNTER")
+        todo = iter(range(calls))
+
+        async def worker() -> None:
+            for i in todo:
+                name = f"obj-{i % existing if existing else i}"
+                await ns.get(ns.id_from_name(name)).fetch("http://do/inc", method="POST")
+
+        started = time.monotonic()
+        await asyncio.gather(*[worker() for _ in range(64)])
+        return time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=50_000)
+    p.add_argument("--existing", type=int, default=0,
+                   help="round-robin over this many objects (0: every call to a new object)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    with serving(CONFIG) as d:
+        time.sleep(1)
+        procs = [psutil.Process(os.getpid()), psutil.Process(d.proc.pid),
+                 *psutil.Process(d.proc.pid).children(recursive=True)]
+        before = thread_cpu(procs)
+        seconds = asyncio.run(drive(d.frontend, args.calls, args.existing))
+        after = thread_cpu(procs)
+    per_call = {f"{role}/{name}": round((v - before.get((role, name), 0.0)) * 1e6 / args.calls, 1)
+                for (role, name), v in after.items()}
+    per_call = {k: v for k, v in sorted(per_call.items(), key=lambda kv: -kv[1]) if v >= 0.1}
+    result = {"calls": args.calls, "existing": args.existing or None,
+              "per_s": round(args.calls / seconds), "cpu_us_per_call": per_call,
+              "cpu_us_per_call_total": round(sum(per_call.values()), 1)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['per_s']} calls/s; CPU per call {result['cpu_us_per_call_total']} µs:")
+        for k, v in per_call.items():
+            print(f"  {v:8.1f} µs  {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
