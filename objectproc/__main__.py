@@ -25,6 +25,10 @@ from .storage import StorageLimits
 from .storage.log import is_disk_full
 from .storage.recovery import DataDirMismatchError
 
+#: an object process's own memory beside DuckDB's (Python, its modules, the filter): the part
+#: of ``memory_limit_mb`` DuckDB's limit does not grow into (docs/operating.md, "Memory")
+_PYTHON_MB = 160
+
 
 def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectProcessConfig:
     """One object process's part of the daemon's configuration."""
@@ -36,6 +40,9 @@ def process_config(cfg: Config, slot: int, data_dir_id: str | None) -> ObjectPro
         limits=StorageLimits(cfg.limits.max_key_bytes, cfg.limits.max_value_bytes,
                              cfg.limits.max_keys_per_call),
         duckdb_memory_mb=cfg.duckdb_memory_mb, data_dir_id=data_dir_id,
+        # (an RSS limit caps DuckDB's growth: under it, not a restart at every open)
+        duckdb_memory_ceiling_mb=max(cfg.duckdb_memory_mb, cfg.memory_limit_mb - _PYTHON_MB)
+        if cfg.memory_limit_mb else 0,
         checkpoint_wal_bytes=cfg.checkpoint_wal_mb << 20,
         checkpoint_interval=cfg.checkpoint_interval,
         max_inflight_bytes=cfg.max_inflight_mb << 20, cpu_limit=cfg.cpu_limit_ms / 1000,

@@ -167,6 +167,8 @@ class ObjectProcessConfig:
     misses: int = MISSES
     limits: StorageLimits = field(default_factory=StorageLimits)
     duckdb_memory_mb: int = _SETTINGS.duckdb_memory_mb
+    #: how far DuckDB's limit may grow for its indexes (0: half the machine's memory)
+    duckdb_memory_ceiling_mb: int = 0
     data_dir_id: str | None = None
     checkpoint_wal_bytes: int = _SETTINGS.checkpoint_wal_mb << 20
     checkpoint_interval: float = _SETTINGS.checkpoint_interval
@@ -265,6 +267,7 @@ class ObjectProcess:
             await self._join_cluster()
         self.store = SlotStore(cfg.data_dir, cfg.slot, limits=cfg.limits,
                                memory_limit=f"{cfg.duckdb_memory_mb}MB",
+                               memory_ceiling=cfg.duckdb_memory_ceiling_mb << 20 or None,
                                data_dir_id=cfg.data_dir_id,
                                checkpoint_wal_bytes=cfg.checkpoint_wal_bytes,
                                checkpoint_interval=cfg.checkpoint_interval,

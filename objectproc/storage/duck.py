@@ -298,10 +298,11 @@ class DuckStore:
         old = self.memory_limit
         new = min(self.memory_ceiling, max(old * 2, at_least))
         if new <= old:
-            log.error("%s: DuckDB's memory limit is at its ceiling (%d MiB, half the machine's "
-                      "memory) and its indexes need more (%s); give the daemon more slots or "
-                      "a machine with more memory", self.path.name, old >> 20,
-                      str(why).splitlines()[0])
+            log.error("%s: DuckDB's memory limit is at its ceiling (%d MiB: memory_limit_mb "
+                      "less 160, or half the machine's memory) and its indexes need more (%s); "
+                      "writes to the slot fail until it has more: raise memory_limit_mb, give "
+                      "the daemon more slots or a machine with more memory", self.path.name,
+                      old >> 20, str(why).splitlines()[0])
             return False
         self.memory_limit = new
         log.warning("%s: DuckDB needs more memory than its limit of %d MiB while %s (%s): its "

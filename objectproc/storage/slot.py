@@ -233,7 +233,7 @@ class SlotStore:
                  apply_min_records: int = 512, apply_max_delay: float = 0.1,
                  fsync: Callable[[int], None] = os.fdatasync,
                  trace: Callable[[str], None] | None = None,
-                 memory_limit: str = "512MB",
+                 memory_limit: str = "512MB", memory_ceiling: int | None = None,
                  checkpoint_wal_bytes: int = 8 << 20, checkpoint_interval: float = 30.0,
                  data_dir_id: str | None = None,
                  fallocate: Callable[[int, int, int], None] = os.posix_fallocate,
@@ -251,7 +251,8 @@ class SlotStore:
         self._ckpt_bytes = checkpoint_wal_bytes
         self._ckpt_interval = checkpoint_interval
         self._free_bytes = free_bytes or _free_bytes
-        self.duck = DuckStore(self.directory / f"slot-{slot}.duckdb", memory_limit=memory_limit)
+        self.duck = DuckStore(self.directory / f"slot-{slot}.duckdb", memory_limit=memory_limit,
+                              memory_ceiling=memory_ceiling)
         self._opened_limit = self.duck.memory_limit
         if data_dir_id is not None:
             check_identity(self.duck, data_dir_id)

@@ -319,3 +319,13 @@ def test_peer_calls_are_on_by_default_and_can_be_turned_off():
     assert from_dict({**NS, "broker": {"peer_calls": False}}, "f.toml").broker.peer_calls is False
     with pytest.raises(ConfigError, match="broker.peer_calls"):
         from_dict({**NS, "broker": {"peer_calls": "no"}}, "f.toml")
+
+
+def test_an_rss_limit_caps_how_far_duckdb_may_grow_for_its_indexes():
+    from durable.objectproc.__main__ import process_config
+    free = process_config(from_dict(NS, "app.toml"), 0, None)
+    assert free.duckdb_memory_ceiling_mb == 0  # no RSS limit: half the machine
+    capped = process_config(from_dict({**NS, "memory_limit_mb": 1000}, "app.toml"), 0, None)
+    assert capped.duckdb_memory_ceiling_mb == 840  # (Python's share stays out of it)
+    tight = process_config(from_dict({**NS, "memory_limit_mb": 300}, "app.toml"), 0, None)
+    assert tight.duckdb_memory_ceiling_mb == 512  # never below duckdb_memory_mb
