@@ -210,6 +210,7 @@ class DuckStore:
         self.memory_ceiling = max(self.memory_limit, memory_ceiling if memory_ceiling is not None
                                   else default_memory_ceiling())
         self.index_bytes_seen = 0  # (as last measured, for `durable status`)
+        self._ceiling_logged = False
         while True:
             try:
                 self._open(read_only, objects)
@@ -298,10 +299,13 @@ class DuckStore:
         old = self.memory_limit
         new = min(self.memory_ceiling, max(old * 2, at_least))
         if new <= old:
+            if self._ceiling_logged:  # (the applier checks every 2 s: said once)
+                return False
+            self._ceiling_logged = True
             log.error("%s: DuckDB's memory limit is at its ceiling (%d MiB: memory_limit_mb "
                       "less 160, or half the machine's memory) and its indexes need more (%s); "
-                      "writes to the slot fail until it has more: raise memory_limit_mb, give "
-                      "the daemon more slots or a machine with more memory", self.path.name,
+                      "once they fill it the slot fails and cannot open: raise memory_limit_mb, "
+                      "give the daemon more slots or a machine with more memory", self.path.name,
                       old >> 20, str(why).splitlines()[0])
             return False
         self.memory_limit = new
