@@ -126,7 +126,8 @@ class DaemonCollector(Collector):
                                                          "past duckdb_memory_mb if the indexes "
                                                          "need it)"),
                            ("duckdb_index_bytes", "memory the slot's DuckDB indexes hold "
-                                                  "(checked every 2 s while it writes)"),
+                                                  "(checked every 2 s while it writes; low "
+                                                  "just after a checkpoint)"),
                            ("apply_lag_records", "durable records not yet in DuckDB"),
                            ("alarms_in_memory", "alarms due within the scheduler's window"),
                            ("peer_links_up", "the slot process's links to the host's other "

@@ -26,8 +26,9 @@ Layout (measured on DuckDB 2.0, 1M rows, 2 cores; see docs/storage.md):
   committed in the same transaction as the batch.
 
 Memory: DuckDB keeps its ART indexes (the three above) in memory, inside its
-``memory_limit``, and cannot evict them: ~650 bytes per named object with one
-key (measured, 2.0). A slot that outgrows the limit fails every commit and then
+``memory_limit``, and cannot evict them to make room (a checkpoint writes them
+out; writes load them back): ~650 bytes per named object with one key
+(measured, 2.0). A slot that outgrows the limit fails every commit and then
 its open, so the limit grows instead (see :meth:`DuckStore.grow_memory`).
 
 Checkpoints are ours, not DuckDB's (see docs/storage.md, "Disk use"):
