@@ -304,7 +304,7 @@ class DuckStore:
                 return False
             self._ceiling_logged = True
             log.error("%s: DuckDB's memory limit is at its ceiling (%d MiB: memory_limit_mb "
-                      "less 160, or half the machine's memory) and its indexes need more (%s); "
+                      "less Python's share, or half the machine's memory) and its indexes need more (%s); "
                       "once they fill it the slot fails and cannot open: raise memory_limit_mb, "
                       "give the daemon more slots or a machine with more memory", self.path.name,
                       old >> 20, str(why).splitlines()[0])
