@@ -532,6 +532,8 @@ class Activation:
 
         Returns whether the activation may be evicted now (no task of its own left).
         """
+        if not self.owned:
+            return True
         self.owned = {t for t in self.owned if not t.done()}
         if not self.owned:
             return True

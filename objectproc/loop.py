@@ -1062,7 +1062,11 @@ class ObjectProcess:
     def evict_idle(self) -> int:
         """Evict idle objects; one whose own tasks still run gets ``wait_until_limit`` first."""
         idle, limit = self.config.idle_timeout, self.config.wait_until_limit
-        gone = [k for k, a in self.catalog.items() if a.evictable(idle) and a.retire(limit)]
+        # (``last_used`` first: a slot taking new objects holds idle_timeout's worth of them,
+        # and this scan, four times per timeout, cost ~6 µs per new object in full)
+        cutoff = time.monotonic() - idle
+        gone = [k for k, a in self.catalog.items()
+                if a.last_used <= cutoff and a.evictable(idle) and a.retire(limit)]
         for k in gone:
             self.catalog.pop(k).evict()
         self.counters["evicted"] += len(gone)
