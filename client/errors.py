@@ -81,10 +81,12 @@ class StorageCommitError(StorageError):
 
 
 class StorageFullError(StorageCommitError):
-    """The slot's disk is full: the write was refused or discarded, certainly not stored.
+    """The slot cannot take writes: the write was refused or discarded, certainly not stored.
 
-    The slot keeps serving reads and calls that do not write, and accepts
-    writes again by itself within seconds once space is freed. Retry later.
+    Its disk is full (writes are accepted again by itself within seconds once space is
+    freed: retry later), or DuckDB's indexes fill the memory the slot may give them (until
+    the operator raises ``memory_limit_mb`` or adds slots; the message says which). The slot
+    keeps serving reads and calls that do not write.
     """
 
     code = "storage_full"

@@ -45,6 +45,7 @@ import contextlib
 import errno
 import gc
 import logging
+import math
 import os
 import re
 import shutil
@@ -88,6 +89,8 @@ _REPLAY_BATCH = 50_000
 # grow to _REPLAY_BATCH: bigger batches cost far less CPU per row at 1M rows
 # (~6 µs vs ~35 µs), so DuckDB catches up instead of falling further behind.
 _LIVE_BATCH = 2048
+#: memory DuckDB keeps beside its indexes at its ceiling (see SlotStore._check_memory_room)
+_MEMORY_RESERVE = 6 << 20
 _BACKLOG = 16_384
 # ...and by bytes: the WAL grows by about a batch between two checkpoint checks, and a read
 # that starts during a checkpoint waits for it (~11 ms per MB of WAL, measured). 50,000
@@ -307,6 +310,16 @@ class SlotStore:
         self._last_checkpoint = time.monotonic()
         #: Why DuckDB cannot take writes now (a full disk); set and cleared by the applier.
         self._duck_full: BaseException | None = None
+        #: Set by the applier while DuckDB's indexes fill its memory ceiling (writes refused
+        #: before a commit fails for memory, which DuckDB answers by invalidating the file)
+        self._memory_full: MemoryError | None = None
+        self._memory_near = False  # (then checked after every batch, not every 2 s)
+        #: bytes the indexes may still grow by before writes are refused (at the ceiling),
+        #: and rows applied since the last check: a check is due once they could have
+        #: taken half of it (at ~800 bytes a row, two long keys' entries), or every 2 s
+        self._memory_headroom = math.inf
+        self._rows_since_check = 0
+        self._check_memory_room()  # (a slot reopened at its ceiling refuses writes at once)
         self._probe: asyncio.TimerHandle | None = None
         self._storages: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
         self._pin: asyncio.Future[int] | None = None
@@ -473,13 +486,18 @@ class SlotStore:
 
     @property
     def full(self) -> BaseException | None:
-        """Why writes are refused now (a full disk), or ``None``."""
-        return self.log.full or self._duck_full
+        """Why writes are refused now (a full disk, or DuckDB's memory ceiling), or ``None``."""
+        return self.log.full or self._duck_full or self._memory_full
 
     def check_writable(self) -> None:
         """Raise before anything is written if the slot cannot take writes."""
         self.check_usable()
         why = self.full
+        if why is not None and why is self._memory_full:
+            raise StorageFullError(
+                f"slot {self.slot}: {why}; the write was not stored. Reads still work. Raise "
+                "memory_limit_mb (or remove it: the ceiling is then half the machine's memory), "
+                "or give the daemon more slots, and restart it (docs/operating.md, \"Memory\")")
         if why is not None:
             raise StorageFullError(
                 f"slot {self.slot}: the disk holding {self.directory} is full "
@@ -793,9 +811,14 @@ class SlotStore:
                     continue
                 self._apply_ready()
                 self._maybe_checkpoint(force=self._duck_full is not None)
-                if time.monotonic() - self._memory_checked >= 2.0:  # (~0.3 ms a check)
+                # (~0.3 ms a check; ~1-5 ms near the ceiling, where each batch is checked)
+                if (self._memory_near or time.monotonic() - self._memory_checked >= 2.0
+                        or self._rows_since_check * 800 >= self._memory_headroom / 2
+                        or (self._memory_headroom == math.inf  # (it just reached the ceiling)
+                            and self.duck.memory_limit >= self.duck.memory_ceiling)):
                     self._memory_checked = time.monotonic()
                     self.duck.grow_memory()
+                    self._check_memory_room()
                 if self._alarms_changed and time.monotonic() - self._alarms_counted >= 5.0:
                     self._count_alarms(writer=True)
             except _Retry:
@@ -809,11 +832,43 @@ class SlotStore:
                 self.loop.call_soon_threadsafe(self._fail, e)
                 return
 
+    def _check_memory_room(self) -> None:
+        """At DuckDB's memory ceiling, refuse writes while the indexes fill 85% of it, and
+        leave at least ``_MEMORY_RESERVE`` and the WAL's worth (take them again 10% below): a
+        commit that then ran out of memory would invalidate the file, and the slot would fail
+        and not open again. What is left covers what was accepted before (the applier's
+        backlog), the rows not checkpointed yet and the blocks a commit pins (measured at a
+        20 MB ceiling: a commit failed beside 12.6 MB of indexes; at 64 MB, a checkpoint
+        passed beside 91% and a commit failed beside 95%)."""
+        duck = self.duck
+        self._rows_since_check = 0
+        if duck.memory_limit < duck.memory_ceiling:  # (it can still grow)
+            self._memory_near = False
+            self._memory_full = None
+            self._memory_headroom = math.inf
+            return
+        need, ceiling = duck.index_need(), duck.memory_ceiling
+        refuse_at = min(ceiling * 0.85,
+                        ceiling - _MEMORY_RESERVE - self.checkpoint_wal_threshold())
+        self._memory_near = need >= refuse_at * 0.6
+        self._memory_headroom = max(0.0, refuse_at - need)
+        if self._memory_full is None and need >= refuse_at:
+            self._memory_full = MemoryError(
+                f"DuckDB's indexes need ~{need >> 20} MiB of the {ceiling >> 20} MiB its memory "
+                "may grow to (they cannot be evicted: ~650 bytes per stored object)")
+            log.error("slot %d: writes refused: %s; raise memory_limit_mb or add slots, and "
+                      "restart (docs/operating.md, \"Memory\")", self.slot, self._memory_full)
+        elif self._memory_full is not None and need < refuse_at - ceiling * 0.1:
+            self._memory_full = None
+            log.warning("slot %d: DuckDB's indexes need ~%d MiB of %d MiB: writes accepted again",
+                        self.slot, need >> 20, ceiling >> 20)
+
     def _apply_ready(self) -> None:
         """Apply one batch of durable records (a full disk puts them back and raises _Retry)."""
         batch: list[_Record] = []
         durable = self.log.durable_seq
-        cap = _LIVE_BATCH if len(self._unapplied) < _BACKLOG else _REPLAY_BATCH
+        cap = (_LIVE_BATCH if len(self._unapplied) < _BACKLOG or self._memory_near
+               else _REPLAY_BATCH)  # (near DuckDB's memory ceiling, checked batch by batch)
         size = 0
         with self._apply_cond:
             while (self._unapplied and self._unapplied[0].seq <= durable and len(batch) < cap
@@ -824,6 +879,7 @@ class SlotStore:
             self._in_flight = batch
         if not batch:
             return
+        self._rows_since_check += sum(len(r.ws.entries) + 1 for r in batch)
         new_objects = {r.ws.obj for r in batch if r.first}
         new_stats = {named_target(r.ws.obj) for r in batch if r.first_of_family}
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import orjson
 import pytest
@@ -83,3 +84,72 @@ def test_a_slot_whose_indexes_outgrow_duckdb_memory_keeps_serving_and_reopens(tm
         assert asyncio.run(read_back()) == ["1"] * len(sample) + ["1"]
         proc = storage(root)
         assert proc["restarts"] == 0 and proc["state"] == "running", (proc, d.log_text()[-3000:])
+
+
+CEILING = """
+slots = 1
+duckdb_memory_mb = 16
+memory_limit_mb = 180
+checkpoint_wal_mb = 2
+idle_timeout = 1
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+"""
+
+
+async def write_until_refused(frontend: str, limit: int) -> tuple[list[int], str | None]:
+    """New objects, 8 calls in flight, until a write is refused; returns the acknowledged
+    ones and the refusal's message."""
+    async with durable.connect(frontend, timeout=60) as c:
+        ns = c.namespace("COUNTER")
+        todo = iter(range(limit))
+        done: list[int] = []
+        refused: list[str] = []
+
+        async def worker() -> None:
+            for i in todo:
+                if refused:
+                    return
+                try:
+                    r = await ns.get(ns.id_from_name(f"obj-{i}")).fetch("http://do/inc",
+                                                                        method="POST")
+                except durable.StorageFullError as e:
+                    refused.append(str(e))
+                    return
+                assert r.status == 200 and await r.text() == "1"
+                done.append(i)
+
+        await asyncio.gather(*[worker() for _ in range(8)])
+        return done, refused[0] if refused else None
+
+
+def test_at_its_memory_ceiling_a_slot_refuses_writes_and_keeps_serving(tmp_path):
+    """``memory_limit_mb = 180`` caps DuckDB's memory at 20 MB. Before, the indexes filled it,
+    a commit failed, DuckDB invalidated the file and the slot failed and could not open
+    again. Now writes are refused with what to do, reads go on, and after SIGKILL every
+    acknowledged write is there."""
+    root = tmp_path / "root"
+    with serving(root, CEILING) as d:
+        d.wait_ready()
+        done, refusal = asyncio.run(write_until_refused(d.frontend, 200_000))
+        assert refusal is not None and "memory_limit_mb" in refusal, (refusal, len(done))
+        for _ in range(30):  # (status is as of the slot's last heartbeat: each second)
+            proc = storage(root)
+            if proc["state"] != "running":
+                break
+            time.sleep(0.2)
+        assert proc["restarts"] == 0 and proc["state"] == "storage-full", (proc, d.log_text()[-3000:])
+        assert "storage failed" not in d.log_text(), d.log_text()[-3000:]
+        kill_hard(d)
+    with serving(root, CEILING) as d:
+        d.wait_ready(timeout=60)
+        sample = random.Random(7).sample(done, 200)
+
+        async def read_back() -> list[str]:
+            async with durable.connect(d.frontend, timeout=60) as c:
+                ns = c.namespace("COUNTER")
+                return [await (await ns.get(ns.id_from_name(f"obj-{i}")).fetch("http://do/")).text()
+                        for i in sample]
+        assert asyncio.run(read_back()) == ["1"] * len(sample)
+        proc = storage(root)
+        assert proc["restarts"] == 0, (proc, d.log_text()[-3000:])
