@@ -817,7 +817,11 @@ class SlotStore:
                         or (self._memory_headroom == math.inf  # (it just reached the ceiling)
                             and self.duck.memory_limit >= self.duck.memory_ceiling)):
                     self._memory_checked = time.monotonic()
-                    self.duck.grow_memory()
+                    try:
+                        self.duck.grow_memory()
+                    except duckdb.Error as e:  # (its query of DuckDB's memory: out of memory?)
+                        if not (is_out_of_memory(e) and self.duck.grow_memory(e)):
+                            log.warning("slot %d: DuckDB's memory check failed: %s", self.slot, e)
                     self._check_memory_room()
                 if self._alarms_changed and time.monotonic() - self._alarms_counted >= 5.0:
                     self._count_alarms(writer=True)
@@ -847,7 +851,14 @@ class SlotStore:
             self._memory_full = None
             self._memory_headroom = math.inf
             return
-        need, ceiling = duck.index_need(), duck.memory_ceiling
+        ceiling = duck.memory_ceiling
+        try:
+            need = duck.index_need()
+        except duckdb.Error as e:  # (a figure: never a reason to fail the slot)
+            if not is_out_of_memory(e):
+                log.warning("slot %d: could not size DuckDB's indexes: %s", self.slot, e)
+                return
+            need = ceiling  # (out of memory to count them: full)
         refuse_at = min(ceiling * 0.85,
                         ceiling - _MEMORY_RESERVE - self.checkpoint_wal_threshold())
         self._memory_near = need >= refuse_at * 0.6

@@ -172,3 +172,28 @@ async def test_at_the_ceiling_a_slot_refuses_writes_before_duckdb_fails(tmp_path
         assert await s.get("k") == 1
     finally:
         await slot.close()
+
+
+async def test_a_failed_memory_check_never_fails_the_slot(tmp_path, monkeypatch, caplog):
+    """The check's queries may fail too (at the ceiling, for memory): a figure is never a
+    reason to fail the slot; out of memory even to count, writes are refused."""
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+    slot = SlotStore(tmp_path, memory_limit="16MB", memory_ceiling=16 * 10**6)
+    try:
+        def broken() -> int:
+            raise duckdb.IOException("IO Error: something else")
+        monkeypatch.setattr(slot.duck, "index_need", broken)
+        slot._check_memory_room()
+        assert slot.full is None and "could not size" in caplog.text
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("k", 1)
+
+        def no_memory() -> int:
+            raise duckdb.OutOfMemoryException("Out of Memory Error: failed to pin block")
+        monkeypatch.setattr(slot.duck, "index_need", no_memory)
+        slot._check_memory_room()
+        assert slot.full is not None and slot.failed is None
+        assert await s.get("k") == 1
+    finally:
+        monkeypatch.undo()
+        await slot.close()
