@@ -72,7 +72,8 @@ def collect(config: Config, broker_stats: dict[str, Any] | None) -> dict[str, An
             p["active_objects"] = reported.get("active")
             p["queued_calls"] = s.get("queued")
             p["inflight_calls"] = s.get("inflight")
-            p["storage"] = {k: reported.get(k) for k in ("storage_full", "wal_bytes", "log_bytes",
+            p["storage"] = {k: reported.get(k) for k in ("storage_full", "storage_full_why",
+                                                          "wal_bytes", "log_bytes",
                                                           "checkpoints", "durable_seq", "applied_seq",
                                                           "duckdb_memory_limit",
                                                           "duckdb_index_bytes")}
@@ -153,6 +154,11 @@ def render(data: dict[str, Any]) -> str:
         if p["state"] == "corrupt":
             lines.append(f"slot {p['slot']} is CORRUPT and out of service: run `durable verify "
                          f"--slot {p['slot']}`, then `durable repair --slot {p['slot']} --yes`")
+        elif p["state"] == "storage-full" and (p.get("storage") or {}).get(
+                "storage_full_why") == "memory":
+            lines.append(f"slot {p['slot']}: DuckDB's indexes fill the memory it may use; it "
+                         "serves reads and refuses writes: raise memory_limit_mb or add slots, "
+                         "and restart (docs/operating.md, \"Memory\")")
         elif p["state"] == "storage-full":
             lines.append(f"slot {p['slot']}: the disk is full; it serves reads and refuses writes "
                          "until space is freed")

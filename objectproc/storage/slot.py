@@ -1128,6 +1128,8 @@ class SlotStore:
                 "duckdb_memory_limit": self.duck.memory_limit,
                 "duckdb_index_bytes": self.duck.index_bytes_seen,
                 "storage_full": self.full is not None,
+                "storage_full_why": None if self.full is None else
+                "memory" if self.full is self._memory_full else "disk",
                 "reads": {"on_loop": self.loop_reads, "warmed_objects": self.warmed}}
 
     async def pin(self, timeout: float = 300.0) -> dict[str, Any]:

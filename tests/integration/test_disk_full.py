@@ -111,6 +111,11 @@ def test_disk_full_refuses_writes_serves_reads_and_recovers_by_itself(tmp_path, 
                     root, "status", "--json").stdout)["processes"] if p["role"] == "objectproc"}
             wait_for(lambda: "storage-full" in states().values(), 5, "status: storage-full")
             assert "the disk is full" in cli(root, "status").stdout
+            def whys() -> list:
+                return [p["storage"]["storage_full_why"] for p in orjson.loads(cli(
+                    root, "status", "--json").stdout)["processes"] if p["role"] == "objectproc"]
+            wait_for(lambda: "disk" in whys(), 5, "status: why the storage is full")
+            assert "memory" not in whys()
             assert all(p.is_running() for p in d.children())
             restarts = [p["restarts"] for p in orjson.loads(
                 cli(root, "status", "--json").stdout)["processes"]]

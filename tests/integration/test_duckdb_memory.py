@@ -89,7 +89,7 @@ def test_a_slot_whose_indexes_outgrow_duckdb_memory_keeps_serving_and_reopens(tm
 CEILING = """
 slots = 1
 duckdb_memory_mb = 16
-memory_limit_mb = 180
+memory_limit_mb = 220
 checkpoint_wal_mb = 2
 idle_timeout = 1
 [namespaces.COUNTER]
@@ -124,7 +124,7 @@ async def write_until_refused(frontend: str, limit: int) -> tuple[list[int], str
 
 
 def test_at_its_memory_ceiling_a_slot_refuses_writes_and_keeps_serving(tmp_path):
-    """``memory_limit_mb = 180`` caps DuckDB's memory at 20 MB. Before, the indexes filled it,
+    """``memory_limit_mb = 220`` caps DuckDB's memory at 20 MB. Before, the indexes filled it,
     a commit failed, DuckDB invalidated the file and the slot failed and could not open
     again. Now writes are refused with what to do, reads go on, and after SIGKILL every
     acknowledged write is there."""
@@ -138,7 +138,11 @@ def test_at_its_memory_ceiling_a_slot_refuses_writes_and_keeps_serving(tmp_path)
             if proc["state"] != "running":
                 break
             time.sleep(0.2)
-        assert proc["restarts"] == 0 and proc["state"] == "storage-full", (proc, d.log_text()[-3000:])
+        why = [line for line in d.log_text().splitlines()
+               if any(w in line for w in ("exited", "over memory_limit", "failed", "restart"))]
+        assert proc["restarts"] == 0 and proc["state"] == "storage-full", (proc, why)
+        assert proc["storage"]["storage_full_why"] == "memory"
+        assert "raise memory_limit_mb" in cli(root, "status").stdout
         assert "storage failed" not in d.log_text(), d.log_text()[-3000:]
         kill_hard(d)
     with serving(root, CEILING) as d:

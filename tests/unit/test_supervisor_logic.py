@@ -326,6 +326,6 @@ def test_an_rss_limit_caps_how_far_duckdb_may_grow_for_its_indexes():
     free = process_config(from_dict(NS, "app.toml"), 0, None)
     assert free.duckdb_memory_ceiling_mb == 0  # no RSS limit: half the machine
     capped = process_config(from_dict({**NS, "memory_limit_mb": 1000}, "app.toml"), 0, None)
-    assert capped.duckdb_memory_ceiling_mb == 840  # (Python's share stays out of it)
+    assert capped.duckdb_memory_ceiling_mb == 800  # (Python's share stays out of it)
     tight = process_config(from_dict({**NS, "memory_limit_mb": 300}, "app.toml"), 0, None)
     assert tight.duckdb_memory_ceiling_mb == 512  # never below duckdb_memory_mb
