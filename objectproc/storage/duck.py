@@ -83,9 +83,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, duckdb.OutOfMemoryException):
         return True
     text = str(exc)
-    return isinstance(exc, duckdb.Error) and any(
+    return isinstance(exc, duckdb.Error) and (any(
         w in text for w in ("Out of Memory Error", "failed to pin block",
-                            "could not allocate block"))
+                            "could not allocate block", "failed to allocate data"))
+        or _MEMORY_USED.search(text) is not None)
+
+
+#: what DuckDB's memory errors end with, whatever the operation: "(15.2 MiB/15.2 MiB used)"
+_MEMORY_USED = re.compile(r"\(\d+(?:\.\d+)? [KMGT]?i?B/\d+(?:\.\d+)? [KMGT]?i?B used\)")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -503,8 +508,8 @@ class DuckStore:
                               [[o for o, _ in due], [d for _, d in due]])
                 for obj, d in alarms.items():
                     stats[obj][3] = d if d >= 0 else None
+            _delete_keys(w, "kv", "obj", list(clears))  # (one statement a chunk, not each)
             for obj in clears:
-                w.execute("DELETE FROM kv WHERE obj = $1", [obj])
                 st = stats[named_target(obj)]
                 if obj.startswith(NAME_PREFIX):
                     st[4] = None

@@ -52,6 +52,20 @@ def test_sizes_parse_as_duckdb_reads_them():
         parse_bytes("lots")
 
 
+def test_every_form_of_duckdbs_memory_error_is_known():
+    """Each was seen failing a commit (the last one failed a slot in a CI-like run, before
+    it was known: a commit out of memory must grow the limit, not fail the slot)."""
+    for text in ("Out of Memory Error: failed to pin block of size 256.0 KiB (15.0 MiB/15.2 MiB used)",
+                 "TransactionContext Error: Failed to commit: failed to pin block of size 256.0 "
+                 "KiB (15.0 MiB/15.2 MiB used)",
+                 "TransactionContext Error: Failed to commit: failed to allocate data of size "
+                 "128.0 KiB (15.2 MiB/15.2 MiB used)",
+                 "TransactionContext Error: Failed to commit: something new (19.9 GiB/20.0 GiB used)"):
+        assert is_out_of_memory(duckdb.TransactionException(text)), text
+    assert not is_out_of_memory(duckdb.TransactionException("Failed to commit: disk I/O error"))
+    assert not is_out_of_memory(ValueError("(1.0 MiB/2.0 MiB used)"))
+
+
 def test_an_index_entry_costs_by_its_key_length_as_measured():
     assert art_entry_bytes(8) == art_entry_bytes(16) == 48.5  # (the smallest entry)
     assert art_entry_bytes(64) == 121.9 and art_entry_bytes(200) == 357.8
@@ -151,6 +165,8 @@ async def test_at_the_ceiling_a_slot_refuses_writes_before_duckdb_fails(tmp_path
             await ObjectStorage(slot, "NS", "late").put("k", 1)
         assert await ObjectStorage(slot, "NS", oid(42)).get("k") == 1  # reads work
         await slot.wait_durable(slot.log.last_seq)
+        with pytest.raises(StorageFullError):  # deletes too (they need memory as well)
+            await ObjectStorage(slot, "NS", oid(41)).delete("k")
     finally:
         await slot.close()
     assert "writes refused" in caplog.text
@@ -197,3 +213,4 @@ async def test_a_failed_memory_check_never_fails_the_slot(tmp_path, monkeypatch,
     finally:
         monkeypatch.undo()
         await slot.close()
+
