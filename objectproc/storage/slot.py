@@ -490,7 +490,9 @@ class SlotStore:
         return self.log.full or self._duck_full or self._memory_full
 
     def check_writable(self) -> None:
-        """Raise before anything is written if the slot cannot take writes."""
+        """Raise before anything is written if the slot cannot take writes (deletes too: at
+        DuckDB's memory ceiling a batch of deletes needs memory as well, and at a 16 MB
+        ceiling one failed the slot, tried)."""
         self.check_usable()
         why = self.full
         if why is not None and why is self._memory_full:
