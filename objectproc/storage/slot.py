@@ -859,6 +859,7 @@ class SlotStore:
         except duckdb.Error as e:  # (a figure: never a reason to fail the slot)
             if not is_out_of_memory(e):
                 log.warning("slot %d: could not size DuckDB's indexes: %s", self.slot, e)
+                self._memory_headroom = ceiling * 0.05  # (asked again soon, not every batch)
                 return
             need = ceiling  # (out of memory to count them: full)
         refuse_at = min(ceiling * 0.85,
