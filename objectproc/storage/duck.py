@@ -110,10 +110,6 @@ def default_memory_ceiling() -> int:
     return psutil.virtual_memory().total // 2
 
 
-#: ART memory per ``kv`` row (its key, and its object in ``kv_obj``) and per ``objects`` row,
-#: for keys of ~80 bytes (measured on DuckDB 2.0: ~147 bytes an entry)
-_INDEX_BYTES_PER_ROW = 300
-_INDEX_BYTES_PER_OBJECT = 150
 #: ART memory per entry by key length in bytes (measured on DuckDB 2.0, 200k random keys; a
 #: shared prefix costs the same), interpolated between the points, beyond the last by its slope
 _ART_ENTRY = ((0, 48.5), (16, 48.5), (32, 72.1), (64, 121.9), (100, 194.0), (200, 357.8))
@@ -284,21 +280,24 @@ class DuckStore:
         self.index_bytes_seen = int(rows[0][0]) if rows else 0
         return self.index_bytes_seen
 
-    def index_need(self) -> int:
-        """The indexes' memory, as the larger of DuckDB's figure and the estimate from the row
-        counts (the figure drops once a checkpoint writes them out, until writes load them
-        back; the counts do not). Writer cursor: the applier's thread."""
-        w = self._writer
-        kv, objects, alarms = w.execute(
+    def _index_estimate(self, cur: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+        """(bytes the indexes take once loaded, kv rows), from the row counts and the keys'
+        mean length (DuckDB's metadata and a sample: ~3 ms at 2M rows, a full scan 60-100)."""
+        kv, objects, alarms = cur.execute(
             "SELECT (SELECT count(*) FROM kv), (SELECT count(*) FROM objects), "
             "(SELECT count(*) FROM alarms)").fetchall()[0]
-        # (the keys' lengths from a sample of the rows: ~3 ms at 2M rows, a full scan 60-100)
         sample = " USING SAMPLE 1 PERCENT (system)" if kv >= 200_000 else ""
-        pk, obj = w.execute("SELECT avg(octet_length(pk)), avg(octet_length(obj)) "
-                            f"FROM kv{sample}").fetchall()[0]
+        pk, obj = cur.execute("SELECT avg(octet_length(pk)), avg(octet_length(obj)) "
+                              f"FROM kv{sample}").fetchall()[0]
         pk, obj = pk or 0.0, obj or 0.0
-        estimate = (kv * (art_entry_bytes(pk) + art_entry_bytes(obj))
-                    + objects * art_entry_bytes(obj) + alarms * (art_entry_bytes(obj) + 48.5))
+        return int(kv * (art_entry_bytes(pk) + art_entry_bytes(obj))
+                   + objects * art_entry_bytes(obj) + alarms * (art_entry_bytes(obj) + 48.5)), kv
+
+    def index_need(self) -> int:
+        """The indexes' memory, as the larger of DuckDB's figure and the estimate from the rows
+        (the figure drops once a checkpoint writes them out, until writes load them back; the
+        rows do not). Writer cursor: the applier's thread."""
+        estimate, _ = self._index_estimate(self._writer)
         seen = self.index_bytes()
         if seen >= 1 << 20 and estimate:  # (small indexes cost more an entry: learnt here)
             self._estimate_scale = max(self._estimate_scale, seen / estimate)
@@ -306,11 +305,9 @@ class DuckStore:
 
     def _fit_indexes(self) -> None:
         """Room at open for the indexes that the rows will need once loaded (they load
-        lazily, so memory says nothing yet): estimated from the row counts, DuckDB's
-        metadata. Without it a replay or checkpoint at open fails, fatally, halfway."""
-        kv, objects = self._reader.execute(
-            "SELECT (SELECT count(*) FROM kv), (SELECT count(*) FROM objects)").fetchall()[0]
-        need = kv * _INDEX_BYTES_PER_ROW + objects * _INDEX_BYTES_PER_OBJECT
+        lazily, so memory says nothing yet). Without it a replay or checkpoint at open
+        fails, fatally, halfway."""
+        need, kv = self._index_estimate(self._reader)
         if need > self.memory_limit * 0.6 and self._raise_limit(
                 f"~{need >> 20} MiB for the indexes of {kv} rows", "opening the file",
                 at_least=2 * need):
