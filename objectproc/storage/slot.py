@@ -233,7 +233,7 @@ class SlotStore:
 
     def __init__(self, directory: str | os.PathLike[str], slot: int = 0, *,
                  limits: StorageLimits = DEFAULT_LIMITS, segment_bytes: int = 4 << 20,
-                 apply_min_records: int = 2048, apply_max_delay: float = 0.25,
+                 apply_min_records: int = 512, apply_max_delay: float = 0.1,
                  fsync: Callable[[int], None] = os.fdatasync,
                  trace: Callable[[str], None] | None = None,
                  memory_limit: str = "512MB", memory_ceiling: int | None = None,
@@ -319,7 +319,6 @@ class SlotStore:
         #: taken half of it (at ~800 bytes a row, two long keys' entries), or every 2 s
         self._memory_headroom = math.inf
         self._rows_since_check = 0
-        self._check_memory_room()  # (a slot reopened at its ceiling refuses writes at once)
         self._probe: asyncio.TimerHandle | None = None
         self._storages: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
         self._pin: asyncio.Future[int] | None = None
@@ -353,6 +352,7 @@ class SlotStore:
                              segment_bytes=segment_bytes, fsync=fsync, trace=trace,
                              fallocate=fallocate,
                              replicate=replication.append_group if replication else None)
+        self._check_memory_room()  # (a slot reopened at its ceiling refuses writes at once)
         self._applier = threading.Thread(target=self._apply_loop, name="durable-applier",
                                          daemon=True)
         self._applier.start()
@@ -786,8 +786,10 @@ class SlotStore:
                         return
                     now = time.monotonic()
                     if self._duck_full is not None or self._checkpoint_due(now) or (
-                            self._alarms_changed and now - self._alarms_counted >= 5.0):
-                        break  # retry the full disk / a checkpoint or an alarm count is due
+                            self._alarms_changed and now - self._alarms_counted >= 5.0) or (
+                            self._memory_full is not None and now - self._memory_checked >= 2.0):
+                        break  # retry the full disk / a checkpoint, an alarm count or a
+                        # memory check is due (writes refused: no batch would wake it)
                     if ready:
                         if deadline is None:
                             deadline = now + self._apply_delay
@@ -805,6 +807,8 @@ class SlotStore:
                             wait = min(wait, self._ckpt_retry_at - now + 0.001)
                         if self._alarms_changed:
                             wait = min(wait or 5.0, 5.0)
+                        if self._memory_full is not None:
+                            wait = min(wait or 2.0, 2.0)
                         self._apply_cond.wait(wait)
                         self._applier_idle = False
             try:
@@ -862,6 +866,9 @@ class SlotStore:
                 self._memory_headroom = ceiling * 0.05  # (asked again soon, not every batch)
                 return
             need = ceiling  # (out of memory to count them: full)
+        # (what was acknowledged and is not applied yet goes in too: under load the applier
+        # trails by thousands of records, and the indexes then grew past the threshold)
+        need += len(self._unapplied) * 600
         refuse_at = min(ceiling * 0.85,
                         ceiling - _MEMORY_RESERVE - self.checkpoint_wal_threshold())
         self._memory_near = need >= refuse_at * 0.6

@@ -10,6 +10,7 @@ import logging
 import duckdb
 import pytest
 
+from durable.errors import StorageFullError
 from durable.objectproc.storage.duck import (
     NAME_PREFIX,
     DuckStore,
@@ -133,7 +134,6 @@ def oid(n: int) -> str:
 async def fill_slot(slot, start: int, limit: int) -> int:
     """New objects of one key each until the slot refuses writes (or ``limit`` of them);
     returns how many it took."""
-    from durable.errors import StorageFullError
     n = start
     while n < limit:
         try:
@@ -151,7 +151,6 @@ async def test_at_the_ceiling_a_slot_refuses_writes_before_duckdb_fails(tmp_path
     """Before, the indexes filled the ceiling, a commit failed for memory, DuckDB invalidated
     the file and the slot failed, and could not open again. Now writes are refused first
     (reads go on), also after a reopen, and accepted again with a higher ceiling."""
-    from durable.errors import StorageFullError
     from durable.objectproc.storage import ObjectStorage, SlotStore
     opts = {"memory_limit": "16MB", "memory_ceiling": 16 * 10**6,
             "apply_min_records": 500, "apply_max_delay": 0.01}
@@ -213,4 +212,5 @@ async def test_a_failed_memory_check_never_fails_the_slot(tmp_path, monkeypatch,
     finally:
         monkeypatch.undo()
         await slot.close()
+
 
