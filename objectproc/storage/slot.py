@@ -578,14 +578,19 @@ class SlotStore:
             "this write was not stored and the object was reset. Writes are accepted again by "
             "themselves within seconds once space is freed")
         dropped: list[_Record] = []
-        while self._unapplied and self._unapplied[-1].seq >= first:
-            dropped.append(self._unapplied.pop())
+        with self._apply_cond:  # (the applier's batch is in _in_flight or back in _unapplied)
+            while self._unapplied and self._unapplied[-1].seq >= first:
+                dropped.append(self._unapplied.pop())
+            remaining = [*self._in_flight, *self._unapplied]
         while self._alarm_records and self._alarm_records[-1].seq >= first:
             self._alarm_records.pop()  # never durable: the scheduler never hears of them
         objs = {r.ws.obj for r in dropped}
-        for obj in objs:  # rebuild their overlay from what remains
+        for obj in objs:  # rebuild their overlay from what remains, in order
             self._overlay.pop(obj, None)
-        for rec in self._unapplied:
+        # (the batch the applier holds too: it was durable, and DuckDB may not have it yet.
+        # Without it, an object whose older writes were in that batch lost sight of them
+        # while the disk stayed full: the disk-full test, once the applier waited 250 ms)
+        for rec in remaining:
             if rec.ws.obj in objs:
                 self._remember(rec)
         kept: deque[tuple[int, asyncio.Future[None]]] = deque()
