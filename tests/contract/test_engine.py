@@ -805,3 +805,35 @@ async def test_the_checkpoint_wal_threshold_follows_a_large_file(tmp_path, monke
     finally:
         monkeypatch.undo()
         await slot.close()
+
+
+async def test_a_discard_keeps_the_writes_of_the_batch_the_applier_holds(tmp_path, monkeypatch):
+    """A full disk discards a write while the applier holds (and fails to apply) an earlier,
+    durable batch of the same object: the object must still see that batch's writes. Before,
+    the overlay was rebuilt from the records not taken by the applier only, and the object
+    lost sight of them until the disk had room (the disk-full test, with bigger batches)."""
+    import threading
+
+    import duckdb
+    slot = SlotStore(tmp_path, apply_min_records=1, apply_max_delay=0.0)
+    try:
+        holding, release = threading.Event(), threading.Event()
+
+        def stuck_apply(*args, **kwargs):
+            holding.set()
+            release.wait(10)
+            raise duckdb.IOException("IO Error: Could not write file: No space left on device")
+        monkeypatch.setattr(slot.duck, "apply", stuck_apply)
+        obj = b"NS/o"
+        first = slot.submit(obj, False, {"first": b"1"})
+        await slot.wait_durable(first)
+        assert await asyncio.to_thread(holding.wait, 10)  # the applier holds it
+        later = slot.submit(obj, False, {"later": b"2"})
+        slot._discard(OSError(errno.ENOSPC, "full"), later, later)  # as the log would
+        assert slot.read(obj, "first") == b"1"
+        assert slot.read(obj, "later") is None
+        release.set()
+    finally:
+        release.set()
+        monkeypatch.undo()
+        await slot.close()
