@@ -313,6 +313,9 @@ class SlotStore:
         #: Set by the applier while DuckDB's indexes fill its memory ceiling (writes refused
         #: before a commit fails for memory, which DuckDB answers by invalidating the file)
         self._memory_full: MemoryError | None = None
+        #: set when DuckDB ran out of memory at its ceiling: writes stay refused (see
+        #: :meth:`_refuse_for_memory`)
+        self._memory_oom: MemoryError | None = None
         self._memory_near = False  # (then checked after every batch, not every 2 s)
         #: bytes the indexes may still grow by before writes are refused (at the ceiling),
         #: and rows applied since the last check: a check is due once they could have
@@ -857,6 +860,9 @@ class SlotStore:
         passed beside 91% and a commit failed beside 95%)."""
         duck = self.duck
         self._rows_since_check = 0
+        if self._memory_oom is not None:  # (refused until a restart)
+            self._memory_full = self._memory_oom
+            return
         if duck.memory_limit < duck.memory_ceiling:  # (it can still grow)
             self._memory_near = False
             self._memory_full = None
@@ -997,10 +1003,30 @@ class SlotStore:
         """A DuckDB write failed: reopen after a fatal one; a full disk is retried; else raise."""
         if isinstance(e, duckdb.FatalException):
             self._reopen(e)
+        if is_out_of_memory(e):  # (at the ceiling: below it, DuckStore.apply grew the limit)
+            self._refuse_for_memory(e)
+            raise _Retry() from e
         if is_disk_full(e) or isinstance(e, duckdb.FatalException):
             self._set_duck_full(e)
             raise _Retry() from e
         raise e
+
+    def _refuse_for_memory(self, exc: BaseException) -> None:
+        """A commit or checkpoint ran out of memory at DuckDB's ceiling, before the estimate
+        of :meth:`_check_memory_room` refused writes (it is rough right after an open, and a
+        commit pins more than the indexes). Writes are refused until the daemon restarts
+        (with more memory, the limit is then higher): the estimate proved short, so it cannot
+        say when there is room again. Nothing is lost: the batch stays durable in the log and
+        is applied again (after a reopen, DuckDB holds less of its indexes in memory)."""
+        if self._memory_oom is None:
+            log.error("slot %d: DuckDB ran out of memory at its ceiling of %d MiB (%s); writes "
+                      "are refused until a restart: raise memory_limit_mb or add slots, and "
+                      "restart (docs/operating.md, \"Memory\"). Every acknowledged write is kept",
+                      self.slot, self.duck.memory_ceiling >> 20, str(exc).splitlines()[0])
+        self._memory_oom = MemoryError(
+            f"DuckDB ran out of memory at the {self.duck.memory_ceiling >> 20} MiB its memory "
+            "may grow to (its indexes cannot be evicted: ~650 bytes per stored object)")
+        self._memory_full = self._memory_oom
 
     def _set_duck_full(self, exc: BaseException) -> None:
         if self._duck_full is None:

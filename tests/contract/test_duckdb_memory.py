@@ -214,3 +214,59 @@ async def test_a_failed_memory_check_never_fails_the_slot(tmp_path, monkeypatch,
         await slot.close()
 
 
+
+
+@pytest.mark.parametrize("fatal", [False, True], ids=["commit-failed", "file-invalidated"])
+async def test_a_commit_out_of_memory_at_the_ceiling_refuses_writes_and_loses_nothing(
+        tmp_path, monkeypatch, caplog, fatal):
+    """The refusal's estimate can be short (right after an open it is rough): a commit may
+    still run out of memory at the ceiling. Before, that failed the slot (a commit error) or
+    reopened DuckDB and refused writes as if the disk were full. Now the slot refuses writes
+    for memory, says so, keeps the failed batch (durable in the log) and applies it later."""
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+    opts = {"memory_limit": "16MB", "memory_ceiling": 16 * 10**6,
+            "apply_min_records": 1, "apply_max_delay": 0.0}
+    slot = SlotStore(tmp_path, **opts)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("a", 1)
+        failed: list[int] = []
+        real = DuckStore._apply
+        error = duckdb.FatalException if fatal else duckdb.OutOfMemoryException
+
+        def out_of_memory(self, *a, **kw):
+            if not failed:
+                failed.append(1)
+                raise error("TransactionContext Error: Failed to commit: failed to allocate "
+                            "data of size 128.0 KiB (15.2 MiB/15.2 MiB used)")
+            return real(self, *a, **kw)
+        monkeypatch.setattr(DuckStore, "_apply", out_of_memory)
+        await s.put("b", 2)  # acknowledged: durable in the log, whatever DuckDB says
+        seq = slot.log.last_seq
+        for _ in range(200):
+            if failed and slot.full is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert failed and slot.failed is None and slot.full is not None
+        assert slot.statistics()["storage_full_why"] == "memory"
+        with pytest.raises(StorageFullError, match="memory_limit_mb"):
+            await ObjectStorage(slot, "NS", "p").put("k", 1)
+        assert await s.get("b") == 2 and await s.get("a") == 1  # reads go on
+        for _ in range(500):  # the batch is applied again (a second later)
+            if slot.applied_seq >= seq:
+                break
+            await asyncio.sleep(0.01)
+        assert slot.applied_seq >= seq and slot.failed is None
+        assert slot.full is not None  # (until a restart with more memory)
+    finally:
+        monkeypatch.undo()
+        await slot.close()
+    assert "ran out of memory" in caplog.text and "memory_limit_mb" in caplog.text
+    slot = SlotStore(tmp_path, **{**opts, "memory_ceiling": 64 * 10**6})
+    try:
+        assert slot.full is None
+        s = ObjectStorage(slot, "NS", "o")
+        assert await s.get("a") == 1 and await s.get("b") == 2
+        await s.put("c", 3)
+    finally:
+        await slot.close()
