@@ -63,7 +63,7 @@ def thread_cpu(procs: list[psutil.Process]) -> dict[tuple[str, str], float]:
     return out
 
 
-async def drive(frontend: str, calls: int, existing: int) -> float:
+async def drive(frontend: str, calls: int, existing: int, rpc: bool = False) -> float:
     async with durable.connect(frontend, timeout=60) as c:
         await asyncio.sleep(1)  # (the client's links to the slots)
         ns = c.namespace("COUNTER")
@@ -72,7 +72,11 @@ async def drive(frontend: str, calls: int, existing: int) -> float:
         async def worker() -> None:
             for i in todo:
                 name = f"obj-{i % existing if existing else i}"
-                await ns.get(ns.id_from_name(name)).fetch("http://do/inc", method="POST")
+                stub = ns.get(ns.id_from_name(name))
+                if rpc:
+                    await stub.increment()
+                else:
+                    await stub.fetch("http://do/inc", method="POST")
 
         started = time.monotonic()
         await asyncio.gather(*[worker() for _ in range(64)])
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=50_000)
     p.add_argument("--existing", type=int, default=0,
                    help="round-robin over this many objects (0: every call to a new object)")
+    p.add_argument("--rpc", action="store_true",
+                   help="call the Counter's increment() method on the stub instead of fetch")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     with serving(CONFIG) as d:
@@ -91,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         procs = [psutil.Process(os.getpid()), psutil.Process(d.proc.pid),
                  *psutil.Process(d.proc.pid).children(recursive=True)]
         before = thread_cpu(procs)
-        seconds = asyncio.run(drive(d.frontend, args.calls, args.existing))
+        seconds = asyncio.run(drive(d.frontend, args.calls, args.existing, args.rpc))
         after = thread_cpu(procs)
     per_call = {f"{role}/{name}": round((v - before.get((role, name), 0.0)) * 1e6 / args.calls, 1)
                 for (role, name), v in after.items()}
     per_call = {k: v for k, v in sorted(per_call.items(), key=lambda kv: -kv[1]) if v >= 0.1}
     result = {"calls": args.calls, "existing": args.existing or None,
+              "call": "increment()" if args.rpc else "fetch POST /inc",
               "per_s": round(args.calls / seconds), "cpu_us_per_call": per_call,
               "cpu_us_per_call_total": round(sum(per_call.values()), 1)}
     if args.json:
