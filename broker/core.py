@@ -85,6 +85,7 @@ from durable.protocol.messages import (
     WorkerHeartbeat,
     WorkerReply,
     WorkerSend,
+    WorkerStopping,
     parse,
     to_client,
 )
@@ -421,7 +422,8 @@ class RouterCore:
                 self._to_worker(ident, ClientGone(msg.client).encode())
         elif type(msg) is WorkerHeartbeat:
             slot.reported = msg.stats
-            if msg.stats.get("stopping") is True and not slot.stopping:
+        elif type(msg) is WorkerStopping:
+            if not slot.stopping:
                 slot.stopping = True  # (until the next process registers)
                 log.info("slot %d (pid %s) is stopping: new calls wait for the next process",
                          slot.number, slot.pid)

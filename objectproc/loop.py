@@ -63,6 +63,7 @@ from durable.protocol.messages import (
     WorkerError,
     WorkerHeartbeat,
     WorkerReply,
+    WorkerStopping,
     decode_event,
     decode_method_call,
     decode_request,
@@ -406,7 +407,7 @@ class ObjectProcess:
         if self._sock is not None:  # and so do the broker's (it hears this process still
             # beats while it drains, and must not send it more: a call to an object not
             # drained here would be cut off by the close)
-            self._send(WorkerHeartbeat({**self.stats(), "stopping": True}).encode())
+            self._send(WorkerStopping().encode())
         if self.front is not None:  # first: no new requests; those in flight finish
             await self.front.close()
         while self._warming:  # (their calls go in, and are drained with the rest)

@@ -45,6 +45,8 @@ Object process → broker (``FROM_WORKER``)::
                                                    a socket of its own: alive even while
                                                    its loop runs a long call
     WSEND      [hdr, client, channels(u64...), kind, payload]  to that client's channels
+    WSTOPPING  [hdr]                           this process drains and exits: send it no new
+                                               calls (they wait for the next process)
 
 Broker → object process (``TO_WORKER``)::
 
@@ -108,7 +110,7 @@ from ..http import Request, Response
 __all__ = [
     "VERSION", "Cmd", "Message", "Hello", "Call", "Ping", "Drop", "Stats", "Welcome", "Reply",
     "Error", "Pong", "Disconnect", "StatsReply", "Ready", "WorkerReply", "WorkerError",
-    "WorkerHeartbeat", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect", "Beat", "Control",
+    "WorkerHeartbeat", "WorkerStopping", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect", "Beat", "Control",
     "FROM_CLIENT", "TO_CLIENT", "FROM_WORKER", "TO_WORKER", "CONTROL", "parse",
     "parse_from_client", "parse_from_broker_to_client", "parse_from_worker",
     "parse_from_broker_to_worker", "parse_control", "encode_request", "decode_request",
@@ -146,6 +148,7 @@ class Cmd(IntEnum):
     WHEARTBEAT = 0x24
     WBEAT = 0x25
     WSEND = 0x26
+    WSTOPPING = 0x27
     WCALL = 0x31
     BHEARTBEAT = 0x32
     WDISCONNECT = 0x33
@@ -756,6 +759,21 @@ class WorkerHeartbeat(Message):
 
 
 @dataclass(slots=True)
+class WorkerStopping(Message):
+    """The process is shutting down: it finishes the calls it holds and takes no new ones."""
+
+    CMD: ClassVar[Cmd] = Cmd.WSTOPPING
+    FRAMES: ClassVar[int] = 1
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.WSTOPPING)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> WorkerStopping:
+        return cls()
+
+
+@dataclass(slots=True)
 class Beat(Message):
     """An object process's heartbeat thread: this slot's incarnation is alive."""
 
@@ -1030,7 +1048,7 @@ FROM_CLIENT = Direction("from a client", Hello, Call, Ping, Drop, Stats)
 TO_CLIENT = Direction("to a client", Welcome, Reply, Error, Pong, Disconnect, StatsReply,
                       ChannelSend, Broken)
 FROM_WORKER = Direction("from an object process", Ready, WorkerReply, WorkerError,
-                        WorkerHeartbeat, Beat, WorkerSend)
+                        WorkerHeartbeat, Beat, WorkerSend, WorkerStopping)
 TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, WorkerDisconnect,
                       ClientGone)
 CONTROL = Direction("on the control socket", Control)

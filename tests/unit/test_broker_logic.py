@@ -453,7 +453,7 @@ def test_a_stopping_slot_finishes_its_calls_while_new_ones_wait_for_the_next_pro
     oid = oid_on_slot(0)
     b.on_client(call(1, 1, oid))  # in flight when the stop begins
     b.take()
-    b.on_worker([b"w0", *m.WorkerHeartbeat({"stopping": True}).encode()])
+    b.on_worker([b"w0", *m.WorkerStopping().encode()])
     for _ in range(10):  # a drain past the liveness window: the beat thread goes on
         b.clock_.now += 1.0
         b.on_worker([b"beat-socket", *m.Beat(0, 7).encode()])

@@ -30,7 +30,7 @@ FROM_WORKER = [
     m.Ready(0, 42, 99), m.WorkerReply(b"cli", 3, b"[200,[]]", b"x"),
     m.WorkerError(b"cli", 3, "object_error", "m", "ValueError"),
     m.WorkerError(b"cli", 3, "cpu_limit", "m", None, "Traceback ..."),
-    m.WorkerHeartbeat({"active": 3}), m.Beat(3, 2**62 + 1),
+    m.WorkerHeartbeat({"active": 3}), m.WorkerStopping(), m.Beat(3, 2**62 + 1),
     m.WorkerSend(b"cli", [5, 6], m.OUT_CLOSE, b"[1000,\"bye\"]"),
 ]
 TO_WORKER = [m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b""), m.WorkerDisconnect("again"),
