@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import secrets
 import threading
@@ -241,6 +242,13 @@ class ObjectProcess:
         self.ids: dict[str, IdFactory] = {}
         self._incarnation = 0
         self._beat_stop = threading.Event()
+        #: when the beat thread last beat (monotonic; inf while it does not run), and whether
+        #: it found that the whole process had stood still: see :meth:`_after_stall`
+        self._beat_at = math.inf
+        self._stalled = False
+        #: a pause of the whole process this long may have outlasted the broker's window
+        #: (heartbeat x misses): the broker then ended this incarnation
+        self._stall_after = config.heartbeat * config.misses * 0.75
         self.alarms: AlarmScheduler | None = None
         self._orphan_namespaces: set[str] = set()  # alarms of namespaces no longer configured
         self.sockets: Sockets | None = None  # WebSocket records and streams (hibernation)
@@ -481,8 +489,14 @@ class ObjectProcess:
 
         sock = dealer(self.config.backend)
         remote: dict[str, zmq.Socket[Any]] = {}  # cluster mode: the other hosts' brokers
+        stall_after = self._stall_after
+        self._beat_at = time.monotonic()
         try:
             while not self._beat_stop.wait(self.config.heartbeat / 2):
+                now = time.monotonic()
+                if now - self._beat_at > stall_after:  # (this thread stood still too)
+                    self._stalled = True
+                self._beat_at = now
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send_multipart(Beat(self.config.slot, self._incarnation).encode(),
                                         zmq.NOBLOCK)
@@ -497,9 +511,29 @@ class ObjectProcess:
                         s.send_multipart(Beat(self.config.slot, incarnation).encode(),
                                          zmq.NOBLOCK)
         finally:
+            self._beat_at = math.inf  # (stopped on purpose: a drain is no stall)
             sock.close(linger=0)
             for s in remote.values():
                 s.close(linger=0)
+
+    def _after_stall(self) -> None:
+        """The whole process stood still (SIGSTOP, a paused VM, a starved machine) long
+        enough for the broker to end this incarnation and tell the callers of its calls in
+        flight that their stubs broke ("may have run"); they may have gone on with new stubs.
+        Calls sent to this incarnation meanwhile (queued by the broker, over peer links, by
+        this process's own stubs) must not run now, after calls those callers made since:
+        register anew before serving anything (the broker's socket and what it queued go;
+        peer and local stubs of the old incarnation break). A call that blocks the loop is
+        no stall: the beat thread beats on beside it."""
+        gap = time.monotonic() - self._beat_at
+        self._stalled = False
+        self._beat_at = time.monotonic()
+        self.counters["stalls"] = self.counters.get("stalls", 0) + 1
+        log.warning("slot %d: this process stood still for %s (stopped or starved) past the "
+                    "broker's window; registering anew, so that nothing sent to it meanwhile "
+                    "runs after what its callers did since (their stubs broke)",
+                    self.config.slot, f"{gap:.1f} s" if gap < math.inf else "a while")
+        self._register()
 
     def _send(self, frames: list[bytes]) -> None:
         if len(frames) > 1:
@@ -576,6 +610,14 @@ class ObjectProcess:
         return self._in_flight <= 1
 
     def _call(self, call: WorkerCall) -> None:
+        if (self._stalled or time.monotonic() - self._beat_at > self._stall_after) \
+                and not self._closing:
+            self._after_stall()  # (sent to the incarnation that just ended: refused)
+            self._send(WorkerError.of(call.client, call.call_id, StubBrokenError(
+                f"stub lost its object (slot {self.config.slot}: its process stood still past "
+                "the broker's window and registered anew); get a new stub with "
+                "namespace.get(id) and retry if the call is safe to repeat")).encode())
+            return
         self.counters["calls"] += 1
         client, call_id, size = call.client, call.call_id, len(call.body)
         if size and self._in_flight and self._inflight_bytes + size > self.config.max_inflight_bytes:

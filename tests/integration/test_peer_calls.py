@@ -321,3 +321,49 @@ async def test_a_drain_longer_than_the_heartbeat_window_answers_broker_path_call
         resp = await asyncio.wait_for(held, 10)
         assert (resp.status, await resp.text()) == (200, "slept")
         cluster.workers[1].wait(timeout=10)
+
+
+async def test_calls_sent_to_a_stalled_process_never_run_after_it_resumes(cluster):
+    """A process stopped whole (SIGSTOP, a paused VM) past the broker's window (1 s here):
+    the broker ends its incarnation and fails its calls in flight with StubBrokenError ("may
+    have run"), and their callers go on with new stubs. Before, the process served on resume
+    whatever had been sent to it meanwhile, from whichever socket its loop read first, so a
+    call whose caller had heard it broke could run after that caller's next call (seen once
+    in a 15-minute chaos soak: a writer's token out of its order). Now, before serving
+    anything, it registers anew: what was sent to the old incarnation is refused or dropped."""
+    async with connected(cluster) as direct, \
+            durable.connect(cluster.frontend, timeout=10, direct=False) as brokered:
+        await all_slots_up(brokered)
+        name = name_on(direct, "RECORDER", 1, "stall-")
+        by_link = direct.namespace("RECORDER").get_by_name(name)
+        by_broker = brokered.namespace("RECORDER").get_by_name(name)
+        assert by_link._peer is not None  # (the two paths the test needs)
+        await by_link.fetch("http://r/?n=1", method="POST")
+        await by_broker.fetch("http://r/?n=2", method="POST")
+        victim = cluster.workers[1]
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            first = asyncio.ensure_future(by_broker.fetch("http://r/?n=3", method="POST"))
+            with pytest.raises(StubBrokenError):  # the broker ended the incarnation
+                await asyncio.wait_for(first, 10)
+            later_stub = direct.namespace("RECORDER").get_by_name(name)
+            later = asyncio.ensure_future(later_stub.fetch("http://r/?n=4", method="POST"))
+            await asyncio.sleep(0.3)  # (in the stopped process's peer socket)
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        try:
+            await asyncio.wait_for(later, 10)
+            outcome = "ran"
+        except StubBrokenError:
+            outcome = "refused"
+        await all_slots_up(direct)
+        seen = None
+        for _ in range(50):  # (a new stub once the process has registered anew)
+            try:
+                resp = await direct.namespace("RECORDER").get_by_name(name).fetch("http://r/")
+                seen = await resp.json()
+                break
+            except StubBrokenError:
+                await asyncio.sleep(0.1)
+        assert outcome == "refused" and seen == [1, 2], (outcome, seen)
+        assert "stood still" in (cluster.root / "objectproc-1.log").read_text()
