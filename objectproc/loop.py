@@ -242,10 +242,12 @@ class ObjectProcess:
         self.ids: dict[str, IdFactory] = {}
         self._incarnation = 0
         self._beat_stop = threading.Event()
-        #: when the beat thread last beat (monotonic; inf while it does not run), and whether
-        #: it found that the whole process had stood still: see :meth:`_after_stall`
+        #: when the beat thread last beat (monotonic; inf while it does not run); when the
+        #: pause it found began, if the whole process stood still; and when this process last
+        #: registered: see :meth:`_after_stall`
         self._beat_at = math.inf
-        self._stalled = False
+        self._stall_from: float | None = None
+        self._registered_at = -math.inf
         #: a pause of the whole process this long may have outlasted the broker's window
         #: (heartbeat x misses): the broker then ended this incarnation
         self._stall_after = config.heartbeat * config.misses * 0.75
@@ -461,6 +463,7 @@ class ObjectProcess:
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1
         self._incarnation = incarnation
+        self._registered_at = time.monotonic()
         local = self.client.local if self.client is not None else None
         if local is not None:  # in-process stubs of the old incarnation break as others do
             if local.incarnation:
@@ -495,7 +498,7 @@ class ObjectProcess:
             while not self._beat_stop.wait(self.config.heartbeat / 2):
                 now = time.monotonic()
                 if now - self._beat_at > stall_after:  # (this thread stood still too)
-                    self._stalled = True
+                    self._stall_from = self._beat_at
                 self._beat_at = now
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send_multipart(Beat(self.config.slot, self._incarnation).encode(),
@@ -516,24 +519,29 @@ class ObjectProcess:
             for s in remote.values():
                 s.close(linger=0)
 
-    def _after_stall(self) -> None:
-        """The whole process stood still (SIGSTOP, a paused VM, a starved machine) long
-        enough for the broker to end this incarnation and tell the callers of its calls in
-        flight that their stubs broke ("may have run"); they may have gone on with new stubs.
-        Calls sent to this incarnation meanwhile (queued by the broker, over peer links, by
-        this process's own stubs) must not run now, after calls those callers made since:
-        register anew before serving anything (the broker's socket and what it queued go;
-        peer and local stubs of the old incarnation break). A call that blocks the loop is
-        no stall: the beat thread beats on beside it."""
-        gap = time.monotonic() - self._beat_at
-        self._stalled = False
-        self._beat_at = time.monotonic()
+    def _after_stall(self) -> bool:
+        """Whether calls sent before now went to an incarnation the broker has ended: the
+        whole process stood still (SIGSTOP, a paused VM, a starved machine) long enough for
+        the broker to end it and tell the callers of its calls in flight that their stubs
+        broke ("may have run"), and it has not registered since. Those callers may have gone
+        on with new stubs, so what was sent to it meanwhile (queued by the broker, over peer
+        links, by this process's own stubs) must not run now, after their later calls: it
+        registers anew first (the broker's socket and what it queued go; peer and local
+        stubs of the old incarnation break). A call that blocks the loop is no stall: the
+        beat thread beats on beside it."""
+        began = self._stall_from
+        if began is None:  # (the loop got here before the beat thread ran again)
+            began = self._beat_at
+        self._stall_from = None
+        if self._registered_at >= began + self._stall_after:
+            return False  # (registered again since, when the broker said so: nothing stale)
         self.counters["stalls"] = self.counters.get("stalls", 0) + 1
-        log.warning("slot %d: this process stood still for %s (stopped or starved) past the "
-                    "broker's window; registering anew, so that nothing sent to it meanwhile "
-                    "runs after what its callers did since (their stubs broke)",
-                    self.config.slot, f"{gap:.1f} s" if gap < math.inf else "a while")
+        log.warning("slot %d: this process stood still for %.1f s (stopped or starved) past "
+                    "the broker's window; registering anew, so that nothing sent to it "
+                    "meanwhile runs after what its callers did since (their stubs broke)",
+                    self.config.slot, time.monotonic() - began)
         self._register()
+        return True
 
     def _send(self, frames: list[bytes]) -> None:
         if len(frames) > 1:
@@ -610,9 +618,9 @@ class ObjectProcess:
         return self._in_flight <= 1
 
     def _call(self, call: WorkerCall) -> None:
-        if (self._stalled or time.monotonic() - self._beat_at > self._stall_after) \
-                and not self._closing:
-            self._after_stall()  # (sent to the incarnation that just ended: refused)
+        if (self._stall_from is not None or time.monotonic() - self._beat_at > self._stall_after
+                ) and not self._closing and self._after_stall():
+            # (sent to the incarnation that just ended: refused)
             self._send(WorkerError.of(call.client, call.call_id, StubBrokenError(
                 f"stub lost its object (slot {self.config.slot}: its process stood still past "
                 "the broker's window and registered anew); get a new stub with "
