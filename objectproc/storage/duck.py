@@ -227,6 +227,9 @@ class DuckStore:
         self.index_bytes_seen = 0  # (as last measured, for `durable status`)
         self._estimate_scale = 1.0  # (index_need's estimate against DuckDB's figure, at most)
         self._ceiling_logged = False
+        #: set once the limit could not grow for want of room (it is at the ceiling): an
+        #: out-of-memory failure after that is one that more memory would not have avoided
+        self.at_ceiling = False
         while True:
             try:
                 self._open(read_only, objects)
@@ -336,6 +339,7 @@ class DuckStore:
         old = self.memory_limit
         new = min(self.memory_ceiling, max(old * 2, at_least))
         if new <= old:
+            self.at_ceiling = True
             if self._ceiling_logged:  # (the applier checks every 2 s: said once)
                 return False
             self._ceiling_logged = True

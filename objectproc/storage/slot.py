@@ -1000,11 +1000,14 @@ class SlotStore:
                         self.slot, now - self._ckpt_refused_since, exc)
 
     def _duck_write_failed(self, e: duckdb.Error) -> None:
-        """A DuckDB write failed: reopen after a fatal one; a full disk is retried; else raise."""
+        """A DuckDB write failed: reopen after a fatal one; a full disk is retried; out of
+        memory at the ceiling refuses writes; else raise."""
+        at_ceiling = self.duck.at_ceiling  # (read before a reopen makes a new DuckStore)
         if isinstance(e, duckdb.FatalException):
             self._reopen(e)
-        if is_out_of_memory(e):  # (at the ceiling: below it, DuckStore.apply grew the limit)
-            self._refuse_for_memory(e)
+        if is_out_of_memory(e):
+            if at_ceiling:  # (below it, the limit grew: the retry has the room it lacked)
+                self._refuse_for_memory(e)
             raise _Retry() from e
         if is_disk_full(e) or isinstance(e, duckdb.FatalException):
             self._set_duck_full(e)

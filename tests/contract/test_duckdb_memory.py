@@ -270,3 +270,39 @@ async def test_a_commit_out_of_memory_at_the_ceiling_refuses_writes_and_loses_no
         await s.put("c", 3)
     finally:
         await slot.close()
+
+
+async def test_a_checkpoint_out_of_memory_below_the_ceiling_grows_the_limit_and_refuses_nothing(
+        tmp_path, monkeypatch):
+    """A checkpoint that runs out of memory below the ceiling raises the limit and fails
+    fatally (DuckDB invalidates the file); the slot reopens with the higher limit and tries
+    again. That is no reason to refuse writes: only at the ceiling are they refused."""
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+    slot = SlotStore(tmp_path, memory_limit="16MB", memory_ceiling=64 * 10**6,
+                     apply_min_records=1, apply_max_delay=0.0, checkpoint_interval=0.0)
+    try:
+        failed: list[int] = []
+        real = DuckStore.checkpoint
+
+        def out_of_memory(self):
+            if not failed:
+                failed.append(1)
+                e = duckdb.FatalException("Out of Memory Error: failed to pin block of size "
+                                          "256.0 KiB (15.0 MiB/15.2 MiB used)")
+                self._raise_limit(e, "checkpointing")  # (as DuckStore.checkpoint does)
+                raise e
+            return real(self)
+        monkeypatch.setattr(DuckStore, "checkpoint", out_of_memory)
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("a", 1)
+        for _ in range(300):
+            if failed and slot.checkpoints:
+                break
+            await asyncio.sleep(0.01)
+        assert failed and slot.checkpoints and slot.failed is None
+        assert slot.full is None and slot.duck.memory_limit > 16 * 10**6
+        await s.put("b", 2)  # writes were never refused
+        assert await s.get("a") == 1 and await s.get("b") == 2
+    finally:
+        monkeypatch.undo()
+        await slot.close()
