@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +18,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # level deeper (/tmp/pytest-of-USER/pytest-N/popen-gwK/...): start from a short base.
     if (getattr(config.option, "numprocesses", None) and config.option.basetemp is None
             and not hasattr(config, "workerinput")):
-        config.option.basetemp = tempfile.mkdtemp(prefix="dt", dir="/tmp")
+        parent = Path("/tmp/dt")
+        parent.mkdir(exist_ok=True)
+        config.option.basetemp = tempfile.mkdtemp(prefix="", dir=parent)
         config._durable_short_base = config.option.basetemp
+        _prune(parent, keep=KEEP_BASES)
+
+
+#: failed runs whose folders are kept (pytest's own default for its numbered folders)
+KEEP_BASES = 3
+
+
+def _prune(parent: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` bases of earlier runs: a failed run keeps its
+    folder for its logs, and without a bound they filled the disk (56 GB of /tmp, seen)."""
+    bases = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in bases[:-keep - 1]:  # (the newest is this run's own)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
