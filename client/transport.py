@@ -22,10 +22,12 @@ is retried on the next drain or ``flush()``, so the order on the wire is kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -109,6 +111,9 @@ class LoopSocket:
         self._scheduled = False
         self._backlog: deque[list[bytes]] = deque()
         self._closed = False
+        self._flush_due = False  # (a flush of the backlog is scheduled this turn)
+        #: the loop's callbacks still to run this turn (CPython's asyncio keeps them in a deque)
+        self._ready: Any = getattr(self.loop, "_ready", ())
         self.loop.add_reader(self._fd, self._drain)
         # Ask ZMQ_EVENTS once now: until a socket's input is first checked, its pipes do not
         # signal new messages (a socket that never sends, like a monitor's, never heard one).
@@ -154,31 +159,50 @@ class LoopSocket:
             self.loop.call_soon(self._drain)
 
     def send(self, frames: list[bytes]) -> None:
-        """Send now, or queue behind earlier sends if the peer is not keeping up."""
+        """Send now if nothing else is ready on the loop; else queue it, and the turn's
+        messages leave back to back once that work has run, in order.
+
+        Why: each message that finds ZMQ's I/O thread asleep wakes it, and then the peer's
+        I/O thread and event loop. Sent back to back (~4 at a time under load, measured),
+        messages share those wake-ups: 5-9% less CPU per HTTP counter call. A lone call's
+        message still leaves at once (docs/messaging.md).
+        """
         if self._closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
-        if self._backlog:
-            self._backlog.append(frames)
-            self.flush()
-        else:
+        if not self._backlog and not self._ready:  # (the turn's last work: no one to wait for)
             try:
                 send_frames(self.sock, frames)
             except zmq.Again:
-                self._backlog.append(frames)
-                if len(self._backlog) == 1:
-                    self.loop.call_later(0.001, self.flush)
+                pass
             except zmq.ZMQError as e:
                 if e.errno != zmq.EHOSTUNREACH or self.on_unreachable is None:
                     raise
                 self.on_unreachable(frames)
-        self._check_input()
+                self._check_input()
+                return
+            else:
+                self._check_input()
+                return
+        self._backlog.append(frames)
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_due = False
+        try:
+            self.flush()
+        except zmq.ZMQError as e:  # (not Again, nor a gone peer: the socket itself failed)
+            if not self._closed:
+                log.warning("send failed, %d message(s) dropped: %s", len(self._backlog), e)
+            self._backlog.clear()
 
     def flush(self) -> None:
         while self._backlog and not self._closed:
             try:
                 send_frames(self.sock, self._backlog[0])
             except zmq.Again:
-                self.loop.call_later(0.001, self.flush)
+                self.loop.call_later(0.001, self._flush_soon)
                 break
             except zmq.ZMQError as e:
                 if e.errno != zmq.EHOSTUNREACH or self.on_unreachable is None:
@@ -211,6 +235,8 @@ class LoopSocket:
         """``linger``: ms that messages still queued may take to leave (else dropped)."""
         if self._closed:
             return
+        with contextlib.suppress(zmq.ZMQError):  # (what this turn sent leaves, as it would
+            self.flush()                          # have before sends waited for the turn's end)
         self._closed = True
         self.loop.remove_reader(self._fd)
         self.sock.close(linger=linger)

@@ -96,3 +96,76 @@ def test_a_flood_of_input_does_not_hold_the_event_loop(pair):
     handled, turns = asyncio.run(main())
     assert handled == n
     assert turns >= 10, f"the loop turned {turns} times in a 2.7 s drain"  # (~54 slices)
+
+
+def test_sends_wait_for_the_loops_other_ready_work_then_leave_together_in_order(pair):
+    """LoopSocket.send: with nothing else ready on the loop, a message leaves at once (a
+    lone call pays no extra turn); with other work ready, it queues and the turn's messages
+    leave back to back after it, in order (they share ZMQ's wake-ups). A close in the same
+    turn still sends what is queued."""
+    import asyncio
+
+    from durable.transport import LoopSocket
+
+    router, dealer = pair
+
+    async def main() -> list[list[bytes]]:
+        ls = LoopSocket(dealer, lambda f: None)
+        await asyncio.sleep(0)  # (the constructor's own input check has run)
+        ls.send([b"alone"])
+        assert ls.backlog == 0  # sent, not queued
+        got = []
+        wait_input(router)
+        got.append(recv_frames(router))
+        asyncio.get_running_loop().call_soon(lambda: None)  # other work is ready
+        for i in range(3):
+            ls.send([b"m%d" % i, b"x" * i])
+        assert ls.backlog == 3 and not has_input(router)  # nothing left yet
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert ls.backlog == 0
+        for _ in range(3):
+            wait_input(router)
+            got.append(recv_frames(router))
+        asyncio.get_running_loop().call_soon(lambda: None)
+        ls.send([b"last"])
+        assert ls.backlog == 1
+        ls.close(linger=1000)  # (the queued message leaves before the socket closes)
+        wait_input(router)
+        got.append(recv_frames(router))
+        with pytest.raises(zmq.ZMQError):
+            ls.send([b"after close"])
+        return got
+
+    assert asyncio.run(main()) == [[b"D", b"alone"], [b"D", b"m0", b""], [b"D", b"m1", b"x"],
+                                   [b"D", b"m2", b"xx"], [b"D", b"last"]]
+
+
+def test_a_queued_send_to_a_gone_peer_goes_to_on_unreachable_and_the_rest_leave(pair):
+    import asyncio
+
+    from durable.transport import LoopSocket
+
+    router, dealer = pair
+    send_frames(dealer, [b"hello"])
+    wait_input(router)
+    recv_frames(router)
+
+    async def main() -> list[list[bytes]]:
+        gone: list[list[bytes]] = []
+        ls = LoopSocket(router, lambda f: None, on_unreachable=gone.append)
+        asyncio.get_running_loop().call_soon(lambda: None)  # (so that the sends queue)
+        ls.send([b"D", b"one"])
+        ls.send([b"nobody", b"lost"])
+        ls.send([b"D", b"two"])
+        assert ls.backlog == 3
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        got = []
+        for _ in range(2):
+            wait_input(dealer)
+            got.append(recv_frames(dealer))
+        assert gone == [[b"nobody", b"lost"]]
+        return got
+
+    assert asyncio.run(main()) == [[b"one"], [b"two"]]
