@@ -164,8 +164,8 @@ class LoopSocket:
 
         Why: each message that finds ZMQ's I/O thread asleep wakes it, and then the peer's
         I/O thread and event loop. Sent back to back (~4 at a time under load, measured),
-        messages share those wake-ups: 5-9% less CPU per HTTP counter call. A lone call's
-        message still leaves at once (docs/messaging.md).
+        messages share those wake-ups: calls with 64 in flight 3-11% faster, ~5% less CPU per
+        HTTP counter request. A lone call's message still leaves at once (docs/messaging.md).
         """
         if self._closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
