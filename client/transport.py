@@ -112,6 +112,7 @@ class LoopSocket:
         self._backlog: deque[list[bytes]] = deque()
         self._closed = False
         self._flush_due = False  # (a flush of the backlog is scheduled this turn)
+        self._retry_due = False  # (a flush is scheduled after the peer refused one: zmq.Again)
         #: the loop's callbacks still to run this turn (CPython's asyncio keeps them in a deque)
         self._ready: Any = getattr(self.loop, "_ready", ())
         self.loop.add_reader(self._fd, self._drain)
@@ -188,6 +189,10 @@ class LoopSocket:
             self._flush_due = True
             self.loop.call_soon(self._flush_soon)
 
+    def _retry(self) -> None:
+        self._retry_due = False
+        self._flush_soon()
+
     def _flush_soon(self) -> None:
         self._flush_due = False
         try:
@@ -201,8 +206,10 @@ class LoopSocket:
         while self._backlog and not self._closed:
             try:
                 send_frames(self.sock, self._backlog[0])
-            except zmq.Again:
-                self.loop.call_later(0.001, self._flush_soon)
+            except zmq.Again:  # (the peer is not keeping up: try again in a millisecond,
+                if not self._retry_due:  # one timer however many sends wait)
+                    self._retry_due = True
+                    self.loop.call_later(0.001, self._retry)
                 break
             except zmq.ZMQError as e:
                 if e.errno != zmq.EHOSTUNREACH or self.on_unreachable is None:

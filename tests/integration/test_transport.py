@@ -169,3 +169,45 @@ def test_a_queued_send_to_a_gone_peer_goes_to_on_unreachable_and_the_rest_leave(
         return got
 
     assert asyncio.run(main()) == [[b"one"], [b"two"]]
+
+
+def test_sends_the_peer_refuses_for_now_wait_and_leave_in_order(tmp_path):
+    """Past the high-water mark ZMQ refuses a send (zmq.Again): the message and every later
+    one wait in the backlog, retried by one timer, and reach a slow reader whole and in order."""
+    import asyncio
+
+    from durable.transport import LoopSocket
+
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for s, opt in ((router, zmq.RCVHWM), (dealer, zmq.SNDHWM)):
+        s.setsockopt(opt, 4)
+    router.bind(f"ipc://{tmp_path}/hwm.sock")
+    dealer.connect(f"ipc://{tmp_path}/hwm.sock")
+    n, body = 300, b"x" * 65_536
+
+    async def main() -> list[bytes]:
+        ls = LoopSocket(dealer, lambda f: None)
+        for i in range(n):
+            ls.send([b"%d" % i, body])
+        await asyncio.sleep(0.05)
+        assert ls.backlog > 0  # (the reader has not read: the peer refused some)
+        got: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while len(got) < n:
+            assert time.monotonic() < deadline, f"{len(got)} of {n} arrived"
+            while has_input(router):
+                frames = recv_frames(router)
+                assert frames[2] == body
+                got.append(frames[1])
+            await asyncio.sleep(0.002)
+        assert ls.backlog == 0 and not ls._retry_due
+        ls.close()
+        return got
+
+    try:
+        assert asyncio.run(main()) == [b"%d" % i for i in range(n)]
+    finally:
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
