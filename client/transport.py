@@ -15,8 +15,10 @@ The module's ``send_frames`` / ``recv_frames`` / ``has_input`` are the hot
 path for every durable socket (the broker's too): pyzmq's multipart helpers
 spend more time in IntFlag arithmetic than in libzmq.
 
-Sends never block: past the high-water mark a message waits in a backlog that
-is retried on the next drain or ``flush()``, so the order on the wire is kept.
+Sends never block, and the order on the wire is kept: a message waits in a backlog
+while other work is ready on the loop (the turn's messages then leave together, see
+``LoopSocket.send``), or past the high-water mark (retried every millisecond by one
+timer, and on the next drain or ``flush()``).
 """
 
 from __future__ import annotations
