@@ -69,6 +69,8 @@ class SlotOwnership:
         self.timeout = timeout
         self.kv: Any = None
         self._watch: asyncio.Task[None] | None = None
+        self._watched_at = -float("inf")  # when the watch last delivered an entry
+        self.rewatches = 0
         self._members: dict[str, tuple[int, float]] = {}  # host -> (revision, first seen)
         self._announced = -float("inf")
         self._announcing = False
@@ -91,11 +93,13 @@ class SlotOwnership:
             else:
                 host, epoch = _decode(entry.value)
                 self.leases.observe(slot, entry.revision, host, epoch, self.clock())
+        self._watched_at = self.clock()
         self._watch = asyncio.create_task(self._follow(watcher))
 
     async def _follow(self, watcher: Any) -> None:
         try:
             async for entry in watcher:
+                self._watched_at = self.clock()
                 if entry is None:
                     continue  # (the initial values have all been delivered)
                 if entry.key.startswith("host/"):
@@ -192,9 +196,21 @@ class SlotOwnership:
     async def resync(self) -> None:
         """Read every key again. The watch is how changes arrive, but nats-py's watcher drops
         an update whose callback times out (a busy machine), and a slot given back and never
-        written again would then look held forever: no host would claim it. Run every lease."""
+        written again would then look held forever: no host would claim it. Run every lease.
+
+        A watch can also stand still without ending: while the NATS server its consumer was on
+        is down, and for seconds after (measured: nothing in 8 s of a dead server, then 5-10 s
+        more after it came back, while writes went on). Every lease then looked expired just
+        before each resync, and the hosts' shares swung with it (the flapping slot of
+        docs/cluster.md). So when this read finds a change the watch did not deliver, and the
+        watch has delivered nothing for a lease, it is started anew."""
+        missed = False
         for slot in range(self.leases.slots):
+            before = self.leases.revision(slot)
             await self._reread(slot)
+            missed |= self.leases.revision(slot) > before
+        if missed and self.clock() - self._watched_at > self.leases.lease:
+            await self._rewatch()
         try:
             keys = await asyncio.wait_for(self.kv.keys(), self.timeout * 2)
         except Exception as e:  # noqa: BLE001  (NoKeysError, a timeout: next time)
@@ -212,6 +228,21 @@ class SlotOwnership:
             if known is None or entry.revision > known[0]:
                 self._members[host] = (entry.revision, self.clock())
                 self.values[host] = entry.value or b"{}"
+
+    async def _rewatch(self) -> None:
+        log.warning("the watch of the cluster's keys delivered nothing for %.1f s while keys "
+                    "changed (its NATS server went away?): watching anew",
+                    self.clock() - self._watched_at)
+        try:
+            watcher = await asyncio.wait_for(self.kv.watchall(), self.timeout * 2)
+        except Exception as e:  # noqa: BLE001  (the next resync tries again)
+            log.warning("watching the cluster's keys anew failed (%s); trying again in a lease", e)
+            return
+        if self._watch is not None:
+            self._watch.cancel()  # (not awaited: stopping a consumer on a dead server may hang)
+        self.rewatches += 1
+        self._watched_at = self.clock()
+        self._watch = asyncio.create_task(self._follow(watcher))
 
     def live_values(self) -> dict[str, bytes]:
         """The membership value of each live host (this one included)."""

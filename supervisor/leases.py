@@ -102,6 +102,11 @@ class Leases:
         if not unknown:
             self._refused.add(action.slot)
 
+    def revision(self, slot: int) -> int:
+        """The revision of ``slot``'s key last seen (0: none, or the key does not exist)."""
+        seen = self._seen.get(slot)
+        return 0 if seen is None else seen.revision
+
     # -- what the host does --------------------------------------------------------------
     def serving(self, slot: int, now: float) -> bool:
         """Whether this host may serve ``slot`` at ``now`` (its own clock)."""

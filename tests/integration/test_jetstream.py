@@ -6,6 +6,7 @@ the loss of one node, and with two lost no write is acknowledged."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -235,3 +236,94 @@ def test_a_slot_log_refuses_a_deposed_owner_and_replays_in_order(tmp_path):
 
     with nats_cluster(tmp_path) as cluster:
         asyncio.run(main(cluster.urls))
+
+
+def test_a_watch_that_stands_still_when_its_server_dies_is_started_anew(tmp_path):
+    """nats-py's watch of the bucket stood still, without ending or failing, while the NATS
+    server its host was connected to was down (nothing in 8 s while writes went on, then 5-10 s
+    more after it came back: measured). Every lease then looked expired just before each
+    resync, and shares swung with it (the flapping slot of docs/cluster.md, seen in a CI run).
+    A resync that finds a change the watch did not deliver, after a lease of silence, watches
+    anew: entries arrive again while the server is still down."""
+    import nats
+
+    from durable.supervisor.cluster import SlotOwnership
+    from durable.supervisor.leases import Leases
+    from tests.integration.natscluster import quiet
+
+    lease = 2.0
+
+    async def main(cluster) -> None:  # noqa: ANN001
+        urls = cluster.urls
+        await jetstream_ready(urls)
+        # (a's connection is to n1 first, b's to n3)
+        ca = await nats.connect(servers=urls, dont_randomize=True, error_cb=quiet,
+                                connect_timeout=2, reconnect_time_wait=0.2,
+                                max_reconnect_attempts=-1)
+        cb = await nats.connect(servers=urls[::-1], dont_randomize=True, error_cb=quiet,
+                                connect_timeout=2, reconnect_time_wait=0.2,
+                                max_reconnect_attempts=-1)
+        a = SlotOwnership(ca.jetstream(timeout=2.0), Leases("a", 4, lease=lease),
+                          timeout=lease / 4)
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # (as the host does: the bucket's replicas are being placed)
+                try:
+                    await a.start()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            kv_b = await cb.jetstream(timeout=2.0).key_value("durable_slots")
+
+            async def write_for(seconds: float, resync: bool) -> int:
+                ok, end, next_resync = 0, time.monotonic() + seconds, time.monotonic() + lease
+                while time.monotonic() < end:
+                    with contextlib.suppress(Exception):  # (no quorum for a moment: next one)
+                        await asyncio.wait_for(kv_b.put("slot/0", b'{"host": "b", "epoch": 1}'),
+                                               0.5)
+                        ok += 1
+                    if resync and time.monotonic() >= next_resync:
+                        next_resync = time.monotonic() + lease
+                        await a.resync()
+                    await asyncio.sleep(0.3)
+                return ok
+
+            async def delivered(revision: int) -> bool:  # by the watch alone, within 1.5 s
+                deadline = time.monotonic() + 1.5
+                while a.leases.revision(0) < revision:
+                    if time.monotonic() > deadline:
+                        return False
+                    await asyncio.sleep(0.05)
+                return True
+
+            await write_for(2.0, resync=False)
+            assert await delivered(await kv_b.put("slot/0", b'{"host": "b", "epoch": 1}'))
+            # the server holding the watch's consumer (ephemeral, one replica) dies
+            (consumer,) = await ca.jetstream().consumers_info("KV_durable_slots")
+            (node,) = [n for n in cluster.nodes if n.name == consumer.cluster.leader]
+            cluster.kill(node)
+            # quorum kept: writes go on (after an election, if the server led the bucket)
+            assert await write_for(6 * lease, resync=True) > 0
+            revision = None
+            for _ in range(5):
+                with contextlib.suppress(Exception):
+                    revision = await asyncio.wait_for(
+                        kv_b.put("slot/0", b'{"host": "b", "epoch": 1}'), 2.0)
+                    break
+            assert revision is not None, "no write was acknowledged after the election"
+            assert await delivered(revision), \
+                f"the watch stands still ({getattr(a, 'rewatches', 0)} new watches)"
+        finally:
+            await a.close()
+            for c in (ca, cb):
+                with contextlib.suppress(Exception):
+                    await c.close()
+
+    with nats_cluster(tmp_path) as cluster:
+        try:
+            asyncio.run(main(cluster))
+        except BaseException:
+            print(cluster.logs())
+            raise
