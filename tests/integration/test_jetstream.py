@@ -18,6 +18,31 @@ pytestmark = pytest.mark.slow  # three real servers per test
 EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
 
 
+def run_showing_logs(root, main, *, urls: bool = True) -> None:  # noqa: ANN001
+    """``asyncio.run(main(cluster.urls or cluster))`` on a new cluster; its servers' logs are
+    printed if it fails."""
+    with nats_cluster(root) as cluster:
+        try:
+            asyncio.run(main(cluster.urls if urls else cluster))
+        except BaseException:
+            print(cluster.logs())
+            raise
+
+
+async def start_retrying(ownership) -> None:  # noqa: ANN001
+    """``SlotOwnership.start``, retried as the host does (`_start_ownership`): placing the
+    bucket's 3 replicas timed out once under load."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await ownership.start()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 def test_slot_ownership_changes_only_by_compare_and_set(tmp_path):
     from nats.js.errors import KeyWrongLastSequenceError
 
@@ -128,12 +153,7 @@ def test_one_node_lost_keeps_writes_and_two_lost_acknowledge_none(tmp_path):
         finally:
             await nc.close()
 
-    with nats_cluster(tmp_path) as cluster:
-        try:
-            asyncio.run(main(cluster))
-        except BaseException:
-            print(cluster.logs())
-            raise
+    run_showing_logs(tmp_path, main, urls=False)
 
 
 def test_two_hosts_share_the_slots_and_take_over_from_a_stopped_one(tmp_path):
@@ -152,16 +172,8 @@ def test_two_hosts_share_the_slots_and_take_over_from_a_stopped_one(tmp_path):
         a, b = (SlotOwnership(c.jetstream(), Leases(name, 4, lease=lease))
                 for c, name in zip(conns, "ab", strict=True))
         try:
-            for h in (a, b):  # retried as the host does (`_start_ownership`): placing the
-                deadline = time.monotonic() + 30  # bucket's 3 replicas timed out once under load
-                while True:
-                    try:
-                        await h.start()
-                        break
-                    except Exception:
-                        if time.monotonic() > deadline:
-                            raise
-                        await asyncio.sleep(0.5)
+            for h in (a, b):
+                await start_retrying(h)
             both_served = []
 
             async def run(hosts, until, done):
@@ -192,12 +204,7 @@ def test_two_hosts_share_the_slots_and_take_over_from_a_stopped_one(tmp_path):
             for c in conns:
                 await c.close()
 
-    with nats_cluster(tmp_path) as cluster:
-        try:
-            asyncio.run(main(cluster.urls))
-        except BaseException:
-            print(cluster.logs())
-            raise
+    run_showing_logs(tmp_path, main)
 
 
 def test_a_slot_log_refuses_a_deposed_owner_and_replays_in_order(tmp_path):
@@ -266,15 +273,7 @@ def test_a_watch_that_stands_still_when_its_server_dies_is_started_anew(tmp_path
         a = SlotOwnership(ca.jetstream(timeout=2.0), Leases("a", 4, lease=lease),
                           timeout=lease / 4)
         try:
-            deadline = time.monotonic() + 30
-            while True:  # (as the host does: the bucket's replicas are being placed)
-                try:
-                    await a.start()
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.5)
+            await start_retrying(a)
             kv_b = await cb.jetstream(timeout=2.0).key_value("durable_slots")
 
             async def write_for(seconds: float, resync: bool) -> int:
@@ -321,9 +320,4 @@ def test_a_watch_that_stands_still_when_its_server_dies_is_started_anew(tmp_path
                 with contextlib.suppress(Exception):
                     await c.close()
 
-    with nats_cluster(tmp_path) as cluster:
-        try:
-            asyncio.run(main(cluster))
-        except BaseException:
-            print(cluster.logs())
-            raise
+    run_showing_logs(tmp_path, main, urls=False)
