@@ -93,7 +93,10 @@ class SlotOwnership:
             else:
                 host, epoch = _decode(entry.value)
                 self.leases.observe(slot, entry.revision, host, epoch, self.clock())
-        self._watched_at = self.clock()
+        self._follow_soon(watcher)
+
+    def _follow_soon(self, watcher: Any) -> None:
+        self._watched_at = self.clock()  # (a new watch gets a lease before it is suspect)
         self._watch = asyncio.create_task(self._follow(watcher))
 
     async def _follow(self, watcher: Any) -> None:
@@ -128,7 +131,7 @@ class SlotOwnership:
         except Exception as e:  # noqa: BLE001  (logged, as below)
             log.warning("the watch of the cluster's keys failed (%r): this host hears of "
                         "changes only by its resyncs, once a lease", e)
-        else:  # (a suspect for the flapping slot of docs/cluster.md, so it is logged)
+        else:  # (logged: the resyncs alone make every lease look old, see resync())
             log.warning("the watch of the cluster's keys ended: this host hears of changes "
                         "only by its resyncs, once a lease")
         finally:
@@ -167,7 +170,7 @@ class SlotOwnership:
                 rev = await asyncio.wait_for(
                     self.kv.update(_key(action.slot), value, last=action.revision), self.timeout)
         except KeyWrongLastSequenceError:
-            # (logged: a slot that flaps under faults is not explained yet, docs/cluster.md)
+            # (logged: the flapping slot of docs/cluster.md is not wholly explained yet)
             log.info("slot %d: lease write from revision %d refused: another write came first",
                      action.slot, action.revision)
             self.leases.failed(action)  # another host wrote first
@@ -241,8 +244,7 @@ class SlotOwnership:
         if self._watch is not None:
             self._watch.cancel()  # (not awaited: stopping a consumer on a dead server may hang)
         self.rewatches += 1
-        self._watched_at = self.clock()
-        self._watch = asyncio.create_task(self._follow(watcher))
+        self._follow_soon(watcher)
 
     def live_values(self) -> dict[str, bytes]:
         """The membership value of each live host (this one included)."""
