@@ -102,6 +102,24 @@ class Leases:
         if not unknown:
             self._refused.add(action.slot)
 
+    def refused(self, action: Action, revision: int, host: str | None, epoch: int,
+                now: float) -> bool:
+        """Our write was refused, and the key now reads ``revision``, ``host``, ``epoch``.
+        When that is our own renewal's value at a later revision, an earlier renewal whose
+        outcome was unknown (a timeout) did land, unseen by the watch: the slot is still ours,
+        until the deadline of the last write known to have succeeded (sent before that one,
+        so no host can count the lease expired sooner), and the next renewal goes from
+        ``revision``. True then; else it is :meth:`failed` and the key as read is observed.
+        (Counting it lost restarted the slot's object process for nothing.)"""
+        if (action.host == self.host and host == self.host and epoch == action.epoch
+                and revision > action.revision and action.slot in self._held):
+            self._pending.discard(action.slot)
+            self.observe(action.slot, revision, host, epoch, now)
+            return True
+        self.failed(action)
+        self.observe(action.slot, revision, host, epoch, now)
+        return False
+
     def revision(self, slot: int) -> int:
         """The revision of ``slot``'s key last seen (0: none, or the key does not exist)."""
         seen = self._seen.get(slot)

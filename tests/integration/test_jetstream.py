@@ -321,3 +321,53 @@ def test_a_watch_that_stands_still_when_its_server_dies_is_started_anew(tmp_path
                     await c.close()
 
     run_showing_logs(tmp_path, main, urls=False)
+
+
+def test_a_renewal_that_landed_unseen_keeps_the_slot_when_the_next_is_refused(tmp_path):
+    """A lease renewal whose answer timed out can land all the same, unseen when the watch
+    drops it (nats-py does, now and then). The host's next renewal, from the revision before,
+    is refused; the key then holds this host's own value. The slot is still its own: it keeps
+    serving and renews from that revision. (Before, the refusal dropped the slot, and the host
+    stopped its object process and claimed the slot again at once.)"""
+    import orjson
+
+    from durable.supervisor.cluster import SlotOwnership
+    from durable.supervisor.leases import Leases
+
+    lease = 3.0
+
+    async def main(urls: list[str]) -> None:
+        await jetstream_ready(urls)
+        ca, cb = await connect(urls), await connect(urls)
+        a = SlotOwnership(ca.jetstream(timeout=2.0), Leases("a", 1, lease=lease),
+                          timeout=lease / 4)
+        try:
+            await start_retrying(a)
+            deadline = time.monotonic() + 10
+            while not a.serving(0):
+                assert time.monotonic() < deadline, "the slot was never claimed"
+                await a.step()
+                await asyncio.sleep(0.05)
+            a._watch.cancel()  # the watch hears nothing more (as when it drops an update)
+            with contextlib.suppress(asyncio.CancelledError):
+                await a._watch
+            # the renewal that landed, its answer lost: this host's value, a revision later
+            [(_, revision, epoch)] = a.leases.held()
+            kv = await cb.jetstream(timeout=2.0).key_value("durable_slots")
+            landed = await kv.update("slot/0", orjson.dumps({"host": "a", "epoch": epoch}),
+                                     last=revision)
+            end = time.monotonic() + lease
+            while time.monotonic() < end:  # a renewal is due after a third of the lease
+                await a.step()
+                assert a.serving(0), "the slot was dropped when the renewal was refused"
+                await asyncio.sleep(0.1)
+            assert a.leases.revision(0) > landed, "not renewed from the revision that landed"
+            entry = await kv.get("slot/0")
+            assert orjson.loads(entry.value) == {"host": "a", "epoch": epoch}
+        finally:
+            await a.close()
+            for c in (ca, cb):
+                with contextlib.suppress(Exception):
+                    await c.close()
+
+    run_showing_logs(tmp_path, main)

@@ -1,6 +1,7 @@
 """supervisor/leases.py in a simulated cluster: hosts whose clocks run at different rates,
-a bucket that accepts a write only from the current revision, messages delayed at random,
-hosts paused (SIGSTOP) for longer than a lease. At no moment do two hosts serve one slot,
+a bucket that accepts a write only from the current revision, messages delayed at random
+(answers lost: the write landed or not), a watch that drops an update in ten (hosts resync
+once a lease, as cluster.py does), hosts paused (SIGSTOP) for longer than a lease. At no moment do two hosts serve one slot,
 and once nothing is paused every slot is served again."""
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Sim:
             for slot in range(slots):
                 h.observe(slot, 0, None, 0, self.local(i))
             self.at(self.rng.uniform(0, 0.25), i, self.tick)
+            self.at(self.rng.uniform(0, LEASE), i, self.resync)
 
     def local(self, i: int) -> float:
         return 1000.0 * i + self.t * self.rates[i]  # offsets differ too: they must not matter
@@ -57,6 +59,17 @@ class Sim:
             self.at(self.t + self.delay(), i, self.arrive, a, self.local(i))
         self.at(self.t + 0.25, i, self.tick)
 
+    def resync(self, i: int) -> None:  # every key read again, once a lease (cluster.py)
+        for slot in range(self.hosts[i].slots):
+            self.at(self.t + self.delay(), i, self.read, slot, self.hosts[i].observe)
+        self.at(self.t + LEASE, i, self.resync)
+
+    def read(self, i: int, slot: int, then) -> None:  # at the bucket: the key as it is now
+        self.at(self.t + self.delay(), i, self.deliver, then, slot, *self.kv.get(slot, (0, None, 0)))
+
+    def deliver(self, i: int, then, slot: int, *value) -> None:
+        then(slot, *value, self.local(i))
+
     def arrive(self, i: int, a: Action, sent: float) -> None:  # at the bucket (never paused)
         current = self.kv.get(a.slot, (0, None, 0))
         if current[0] != a.revision:  # refused (and that answer may be lost too)
@@ -65,15 +78,17 @@ class Sim:
             return
         rev = next(self.revision)
         self.kv[a.slot] = (rev, a.host, a.epoch)
-        for j in range(len(self.hosts)):
-            self.at(self.t + self.delay(), j, self.watched, a.slot, rev, a.host, a.epoch)
+        for j in range(len(self.hosts)):  # (nats-py's watch drops an update now and then)
+            if self.rng.random() >= 0.1:
+                self.at(self.t + self.delay(), j, self.watched, a.slot, rev, a.host, a.epoch)
         # one answer in ten is lost: the writer hears a timeout, its write applied or not
         lost = self.rng.random() < 0.1
         self.at(self.t + self.delay(), i, self.answer, a, sent, "lost" if lost else rev)
 
     def answer(self, i: int, a: Action, sent: float, rev: int | str | None) -> None:
-        if rev is None:
-            self.hosts[i].failed(a)
+        if rev is None:  # refused: the key is read (cluster.py's _refused)
+            self.at(self.t + self.delay(), i, self.read, a.slot,
+                    lambda slot, *value: self.hosts[i].refused(a, *value))
         elif rev == "lost":
             self.hosts[i].failed(a, unknown=True)
         else:
@@ -253,3 +268,31 @@ def test_bad_settings_are_refused():
         Leases("a", 0)
     with pytest.raises(ValueError, match="margin"):
         Leases("a", 2, lease=1.0, margin=0.6)
+
+
+def test_a_renewal_that_landed_unseen_keeps_the_slot_when_the_next_is_refused():
+    """A renewal whose answer timed out can land all the same, and the watch can miss it
+    (nats-py drops an update now and then). The next renewal, from the revision before, is
+    refused; the key read then is this host's own value at a later revision: the slot is
+    still ours. (Before, the refusal dropped it: the slot's object process was stopped and
+    started again at once, for nothing.)"""
+    a = Leases("a", 1, lease=3.0)
+    a.observe(0, 0, None, 0, 0.0)
+    [claim] = a.plan(0.0, 1)
+    a.succeeded(claim, 5, 0.0)
+    [renew] = a.plan(1.0, 1)
+    a.failed(renew, unknown=True)  # timed out; it made revision 6, unseen
+    assert a.serving(0, 2.0)
+    [again] = a.plan(2.0, 1)
+    assert again == Action("update", 0, 5, "a", 1)
+    assert a.refused(again, 6, "a", 1, 2.1)  # "wrong last sequence"; the key reads 6, ours
+    assert a.serving(0, 2.5) and not a.serving(0, 3.0)  # the deadline of the write known
+    assert a.plan(2.2, 1) == [Action("update", 0, 6, "a", 1)]  # renewed from 6
+
+    b = Leases("b", 1, lease=3.0)  # but another host's value, or a new epoch: not ours
+    b.observe(0, 0, None, 0, 0.0)
+    [claim] = b.plan(0.0, 1)
+    b.succeeded(claim, 5, 0.0)
+    [renew] = b.plan(1.0, 1)
+    assert not b.refused(renew, 6, "c", 2, 1.1)
+    assert not b.serving(0, 1.2) and b.plan(1.2, 1) == []
