@@ -200,9 +200,10 @@ async def test_segments_are_truncated_after_a_checkpoint(tmp_path):
             await s.put(f"k{i}", "x" * 50)
             await s.sync()
         await slot.flush()
-        await wait_until(lambda: slot.checkpointed_seq == 200)
-        segs = list_segments(log_dir(tmp_path))
-        assert len(segs) <= 2, segs
+        # (the applier drops the segments just after it marks the checkpoint: a read
+        # between the two saw 3 segments once, in a CI-like run)
+        await wait_until(lambda: slot.checkpointed_seq == 200
+                         and len(list_segments(log_dir(tmp_path))) <= 2)
         assert slot.checkpoints > 0
         assert await ObjectStorage(slot, "NS", "o").get("k199") == "x" * 50
     finally:
