@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Where the CPU of a call goes: per process and thread, new objects against existing ones.
 
-    python scripts/cpu_split.py [--calls 50000] [--existing 0] [--json]
+    python scripts/cpu_split.py [--calls 50000] [--existing 0] [--unnamed] [--json]
 
 Starts `durable serve` (2 slots, the Counter example), then one program increments
 ``--calls`` objects, 64 calls in flight (the many_objects workload): every call to a new
-object, or with ``--existing K`` round-robin over K objects. Reports the rate and the CPU
-each thread of each process spent per call (from /proc: user + system), so that the cost of
-a new object (its activation, its name, its rows in DuckDB) can be told from a call's own.
+object, or with ``--existing K`` round-robin over K objects; by name, or with ``--unnamed``
+by unique id. Reports the rate and the CPU each thread of each process spent per call (from
+/proc: user + system), so that the cost of a new object (its activation, its name, its rows
+in DuckDB) can be told from a call's own.
 """
 
 from __future__ import annotations
@@ -63,16 +64,20 @@ def thread_cpu(procs: list[psutil.Process]) -> dict[tuple[str, str], float]:
     return out
 
 
-async def drive(frontend: str, calls: int, existing: int, rpc: bool = False) -> float:
+async def drive(frontend: str, calls: int, existing: int, rpc: bool = False,
+                unnamed: bool = False) -> float:
     async with durable.connect(frontend, timeout=60) as c:
         await asyncio.sleep(1)  # (the client's links to the slots)
         ns = c.namespace("COUNTER")
         todo = iter(range(calls))
+        ids = [ns.new_unique_id() for _ in range(existing)] if unnamed else []
 
         async def worker() -> None:
             for i in todo:
-                name = f"obj-{i % existing if existing else i}"
-                stub = ns.get(ns.id_from_name(name))
+                if unnamed:
+                    stub = ns.get(ids[i % existing] if existing else ns.new_unique_id())
+                else:
+                    stub = ns.get(ns.id_from_name(f"obj-{i % existing if existing else i}"))
                 if rpc:
                     await stub.increment()
                 else:
@@ -90,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="round-robin over this many objects (0: every call to a new object)")
     p.add_argument("--rpc", action="store_true",
                    help="call the Counter's increment() method on the stub instead of fetch")
+    p.add_argument("--unnamed", action="store_true",
+                   help="objects by unique id (newUniqueId), not by name: no name is stored, "
+                        "so the difference with a named run is what names cost")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     with serving(CONFIG) as d:
@@ -97,13 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         procs = [psutil.Process(os.getpid()), psutil.Process(d.proc.pid),
                  *psutil.Process(d.proc.pid).children(recursive=True)]
         before = thread_cpu(procs)
-        seconds = asyncio.run(drive(d.frontend, args.calls, args.existing, args.rpc))
+        seconds = asyncio.run(drive(d.frontend, args.calls, args.existing, args.rpc,
+                                         args.unnamed))
         after = thread_cpu(procs)
     per_call = {f"{role}/{name}": round((v - before.get((role, name), 0.0)) * 1e6 / args.calls, 1)
                 for (role, name), v in after.items()}
     per_call = {k: v for k, v in sorted(per_call.items(), key=lambda kv: -kv[1]) if v >= 0.1}
     result = {"calls": args.calls, "existing": args.existing or None,
               "call": "increment()" if args.rpc else "fetch POST /inc",
+              "objects": "by unique id" if args.unnamed else "by name",
               "per_s": round(args.calls / seconds), "cpu_us_per_call": per_call,
               "cpu_us_per_call_total": round(sum(per_call.values()), 1)}
     if args.json:
