@@ -71,6 +71,8 @@ class SlotOwnership:
         self._watch: asyncio.Task[None] | None = None
         self._watched_at = -float("inf")  # when the watch last delivered an entry
         self.rewatches = 0
+        self._reading: dict[int, asyncio.Task[None]] = {}  # slot -> its key's read from the leader
+        self._read_again: set[int] = set()  # slots whose key changed while being read
         self._members: dict[str, tuple[int, float]] = {}  # host -> (revision, first seen)
         self._announced = -float("inf")
         self._announcing = False
@@ -123,11 +125,14 @@ class SlotOwnership:
                     continue
                 if not 0 <= slot < self.leases.slots:
                     continue
-                if entry.operation in ("DEL", "PURGE"):
-                    self.leases.observe(slot, entry.revision, None, 0, self.clock())
-                else:
-                    host, epoch = _decode(entry.value)
-                    self.leases.observe(slot, entry.revision, host, epoch, self.clock())
+                # The watch says when a slot's key changed, not its revision: a read from the
+                # stream's leader does. The revision a write is checked against is the
+                # leader's, and after NATS nodes were SIGKILLed a watch's consumer, on
+                # another replica, delivered each write 3 revisions above the leader's
+                # number for it (nats-server 2.9.10, a cluster chaos run): every renewal
+                # from that number was refused and the slot flapped, and another host's
+                # claim from such a number could match a later write's revision.
+                self._read_soon(slot)
         except Exception as e:  # noqa: BLE001  (logged, as below)
             log.warning("the watch of the cluster's keys failed (%r): this host hears of "
                         "changes only by its resyncs, once a lease", e)
@@ -180,6 +185,24 @@ class SlotOwnership:
 
     def serving(self, slot: int) -> bool:
         return self.leases.serving(slot, self.clock())
+
+    def _read_soon(self, slot: int) -> None:
+        """Read ``slot``'s key from the leader; changes that come while a read is out are
+        covered by one read more after it."""
+        if slot in self._reading:
+            self._read_again.add(slot)
+            return
+        self._reading[slot] = asyncio.create_task(self._read_while_changed(slot))
+
+    async def _read_while_changed(self, slot: int) -> None:
+        try:
+            while True:
+                self._read_again.discard(slot)
+                await self._reread(slot)
+                if slot not in self._read_again:
+                    return
+        finally:
+            del self._reading[slot]
 
     async def _refused(self, action: Action) -> None:
         """Another write came first: read the key (the watch may have missed that write,
@@ -288,10 +311,11 @@ class SlotOwnership:
         return self.leases.owned(self.clock())
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch
+        for task in [self._watch, *self._reading.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 class Deposed(Exception):

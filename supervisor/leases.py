@@ -104,16 +104,26 @@ class Leases:
 
     def refused(self, action: Action, revision: int, host: str | None, epoch: int,
                 now: float) -> bool:
-        """Our write was refused, and the key now reads ``revision``, ``host``, ``epoch``.
-        When that is our own renewal's value at a later revision, an earlier renewal whose
-        outcome was unknown (a timeout) did land, unseen by the watch: the slot is still ours,
-        until the deadline of the last write known to have succeeded (sent before that one,
-        so no host can count the lease expired sooner), and the next renewal goes from
-        ``revision``. True then; else it is :meth:`failed` and the key as read is observed.
-        (Counting it lost restarted the slot's object process for nothing.)"""
+        """Our write was refused, and the key, read from the stream's leader, holds
+        ``revision``, ``host``, ``epoch``. When that is this host's own value and the slot is
+        held, no other host wrote since our last write that landed: the slot is still ours,
+        until the deadline of the last write known to have succeeded (sent no later than the
+        one the key holds, so no host can count the lease expired sooner), and the next
+        renewal goes from ``revision``. True then; else it is :meth:`failed` and the key as
+        read is observed. Two ways to get here, both seen, both restarted the slot's object
+        process for nothing when the refusal dropped the slot:
+
+        - a renewal whose answer timed out landed all the same, unseen by the watch (the key
+          holds a later revision than ours);
+        - a revision that was not the leader's: after NATS nodes were SIGKILLed, a host's
+          watch delivered each write 3 revisions above the leader's number for it
+          (nats-server 2.9.10), and every renewal from the watch's number was refused (the
+          key holds an earlier revision than ours). cluster.py now takes revisions only from
+          the leader; a leader that lost writes in a failover can still answer lower."""
         if (action.host == self.host and host == self.host and epoch == action.epoch
-                and revision > action.revision and action.slot in self._held):
+                and action.slot in self._held):
             self._pending.discard(action.slot)
+            self._refused.add(action.slot)  # (the leader's revision, though it may be lower)
             self.observe(action.slot, revision, host, epoch, now)
             return True
         self.failed(action)

@@ -371,3 +371,78 @@ def test_a_renewal_that_landed_unseen_keeps_the_slot_when_the_next_is_refused(tm
                     await c.close()
 
     run_showing_logs(tmp_path, main)
+
+
+class _SkewedWatch:
+    """A watch whose consumer's replica numbers each write 3 above the stream leader: what
+    nats-server 2.9.10 did after NATS nodes were SIGKILLed in a cluster chaos run."""
+
+    def __init__(self, watcher) -> None:  # noqa: ANN001
+        self.watcher = watcher
+
+    def __aiter__(self):  # noqa: ANN204
+        return self
+
+    async def __anext__(self):  # noqa: ANN204
+        import dataclasses
+        entry = await self.watcher.__anext__()
+        if entry is None or entry.revision is None:
+            return entry
+        return dataclasses.replace(entry, revision=entry.revision + 3)
+
+    async def stop(self) -> None:
+        await self.watcher.stop()
+
+
+def test_a_watch_whose_revisions_are_not_the_leaders_does_not_make_the_slot_flap(
+        tmp_path, caplog):
+    """After NATS nodes were SIGKILLed, a host's watch delivered each write 3 revisions above
+    the stream leader's number for it (nats-server 2.9.10; a 10-minute cluster chaos run:
+    "lease write from revision 1603 refused: h1 wrote revision 1600", then 1604/1601,
+    1605/1602...). The host renewed from the watch's number, was refused, dropped the slot
+    and took it back, restarting its object process every ~2 s (139 times in 10 minutes on
+    one host). Revisions now come from the leader only (the watch says which key changed):
+    the slot is served throughout, and no renewal is refused."""
+    import logging
+
+    from durable.supervisor.cluster import SlotOwnership
+    from durable.supervisor.leases import Leases
+
+    lease = 2.0
+
+    async def main(urls: list[str]) -> None:
+        await jetstream_ready(urls)
+        c = await connect(urls)
+        a = SlotOwnership(c.jetstream(timeout=2.0), Leases("a", 1, lease=lease),
+                          timeout=lease / 4)
+        try:
+            await start_retrying(a)
+            deadline = time.monotonic() + 10
+            while not a.serving(0):
+                assert time.monotonic() < deadline, "the slot was never claimed"
+                await a.step()
+                await asyncio.sleep(0.05)
+            a._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await a._watch
+            a._follow_soon(_SkewedWatch(await a.kv.watchall()))
+            first = a.leases.revision(0)
+            caplog.clear()
+            end = time.monotonic() + 3 * lease  # ~9 renewals
+            while time.monotonic() < end:
+                await a.step()
+                assert a.serving(0), "the slot was dropped"
+                await asyncio.sleep(0.1)
+            refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+            assert not refused, refused
+            entry = await a.kv.get("slot/0")
+            assert entry.revision > first
+            assert a.leases.revision(0) == entry.revision, \
+                (a.leases.revision(0), entry.revision)
+        finally:
+            await a.close()
+            with contextlib.suppress(Exception):
+                await c.close()
+
+    caplog.set_level(logging.INFO, logger="durable.cluster")
+    run_showing_logs(tmp_path, main)

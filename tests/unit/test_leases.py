@@ -1,7 +1,8 @@
 """supervisor/leases.py in a simulated cluster: hosts whose clocks run at different rates,
 a bucket that accepts a write only from the current revision, messages delayed at random
-(answers lost: the write landed or not), a watch that drops an update in ten (hosts resync
-once a lease, as cluster.py does), hosts paused (SIGSTOP) for longer than a lease. At no moment do two hosts serve one slot,
+(answers lost: the write landed or not), a watch that drops an update in ten and whose news
+of a change the host reads from the bucket (as cluster.py does; hosts also read every key
+once a lease), hosts paused (SIGSTOP) for longer than a lease. At no moment do two hosts serve one slot,
 and once nothing is paused every slot is served again."""
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class Sim:
         rev = next(self.revision)
         self.kv[a.slot] = (rev, a.host, a.epoch)
         for j in range(len(self.hosts)):  # (nats-py's watch drops an update now and then)
-            if self.rng.random() >= 0.1:
-                self.at(self.t + self.delay(), j, self.watched, a.slot, rev, a.host, a.epoch)
+            if self.rng.random() >= 0.1:  # the watch says the key changed; the host reads it
+                self.at(self.t + self.delay(), j, self.read, a.slot, self.hosts[j].observe)
         # one answer in ten is lost: the writer hears a timeout, its write applied or not
         lost = self.rng.random() < 0.1
         self.at(self.t + self.delay(), i, self.answer, a, sent, "lost" if lost else rev)
@@ -93,9 +94,6 @@ class Sim:
             self.hosts[i].failed(a, unknown=True)
         else:
             self.hosts[i].succeeded(a, rev, sent)
-
-    def watched(self, i: int, slot: int, rev: int, host: str | None, epoch: int) -> None:
-        self.hosts[i].observe(slot, rev, host, epoch, self.local(i))
 
     def serving(self, slot: int) -> list[int]:
         return [i for i, h in enumerate(self.hosts) if h.serving(slot, self.local(i))]
@@ -296,3 +294,4 @@ def test_a_renewal_that_landed_unseen_keeps_the_slot_when_the_next_is_refused():
     [renew] = b.plan(1.0, 1)
     assert not b.refused(renew, 6, "c", 2, 1.1)
     assert not b.serving(0, 1.2) and b.plan(1.2, 1) == []
+
