@@ -43,6 +43,19 @@ async def start_retrying(ownership) -> None:  # noqa: ANN001
             await asyncio.sleep(0.5)
 
 
+async def _claim_then_stop_watching(a) -> None:  # noqa: ANN001
+    """Start a one-slot SlotOwnership, step it until it serves the slot, end its watch."""
+    await start_retrying(a)
+    deadline = time.monotonic() + 10
+    while not a.serving(0):
+        assert time.monotonic() < deadline, "the slot was never claimed"
+        await a.step()
+        await asyncio.sleep(0.05)
+    a._watch.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await a._watch
+
+
 def test_slot_ownership_changes_only_by_compare_and_set(tmp_path):
     from nats.js.errors import KeyWrongLastSequenceError
 
@@ -342,15 +355,7 @@ def test_a_renewal_that_landed_unseen_keeps_the_slot_when_the_next_is_refused(tm
         a = SlotOwnership(ca.jetstream(timeout=2.0), Leases("a", 1, lease=lease),
                           timeout=lease / 4)
         try:
-            await start_retrying(a)
-            deadline = time.monotonic() + 10
-            while not a.serving(0):
-                assert time.monotonic() < deadline, "the slot was never claimed"
-                await a.step()
-                await asyncio.sleep(0.05)
-            a._watch.cancel()  # the watch hears nothing more (as when it drops an update)
-            with contextlib.suppress(asyncio.CancelledError):
-                await a._watch
+            await _claim_then_stop_watching(a)  # (as when the watch drops an update)
             # the renewal that landed, its answer lost: this host's value, a revision later
             [(_, revision, epoch)] = a.leases.held()
             kv = await cb.jetstream(timeout=2.0).key_value("durable_slots")
@@ -416,15 +421,7 @@ def test_a_watch_whose_revisions_are_not_the_leaders_does_not_make_the_slot_flap
         a = SlotOwnership(c.jetstream(timeout=2.0), Leases("a", 1, lease=lease),
                           timeout=lease / 4)
         try:
-            await start_retrying(a)
-            deadline = time.monotonic() + 10
-            while not a.serving(0):
-                assert time.monotonic() < deadline, "the slot was never claimed"
-                await a.step()
-                await asyncio.sleep(0.05)
-            a._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await a._watch
+            await _claim_then_stop_watching(a)
             a._follow_soon(_SkewedWatch(await a.kv.watchall()))
             first = a.leases.revision(0)
             caplog.clear()
