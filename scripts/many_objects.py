@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Many objects: write N distinct objects once each; watch memory, eviction and `durable status`.
 
-    python scripts/many_objects.py [--objects 1000000] [--idle-timeout 5] [--rpc] [--json]
+    python scripts/many_objects.py [--objects 1000000] [--idle-timeout 5] [--rpc] [--unnamed]
+                                   [--json]
 
 Starts `durable serve`, writes one key into each of N objects (64 calls in
 flight), samples the RSS of every process and times `durable status` as it
 goes, then reports the peak RSS, the active objects at the peak and the
 memory per active and per evicted object (from the object processes' RSS
-against their active and evicted counts).
+against their active and evicted counts). Objects are reached by name (``id_from_name``,
+whose name is stored with each object), or with ``--unnamed`` by unique id.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def rss_by_role(pid: int) -> dict[str, int]:
 
 
 async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, samples: list,
-                    rpc: bool = False) -> float:
+                    rpc: bool = False, unnamed: bool = False) -> float:
     async with durable.connect(frontend, timeout=60) as c:
         ns = c.namespace("COUNTER")
         next_i = 0
@@ -57,7 +59,8 @@ async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, sample
                 next_i += 1
                 for _ in range(20):
                     try:
-                        stub = ns.get(ns.id_from_name(f"obj-{i}"))
+                        stub = ns.get(ns.new_unique_id() if unnamed
+                                      else ns.id_from_name(f"obj-{i}"))
                         if rpc:
                             await stub.increment()
                         else:
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", type=float, default=5.0)
     p.add_argument("--rpc", action="store_true",
                    help="write through the Counter's increment() method on the stub, not fetch")
+    p.add_argument("--unnamed", action="store_true",
+                   help="objects by unique id, not by name: no name is stored with them")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     config = f"""
@@ -103,7 +108,7 @@ class = "durable.examples.counter:Counter"
         time.sleep(1)
         base = rss_by_role(d.proc.pid)
         elapsed = asyncio.run(write_all(d.frontend, args.objects, d.proc.pid, d.config, samples,
-                                       args.rpc))
+                                       args.rpc, args.unnamed))
         time.sleep(args.idle_timeout * 1.5 + 1)
         after = rss_by_role(d.proc.pid)
         status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
@@ -116,6 +121,7 @@ class = "durable.examples.counter:Counter"
         per_active = round((peak["rss"].get("objectproc", 0) - base.get("objectproc", 0)) / peak["active"])
     result = {
         "objects": args.objects, "call": "increment()" if args.rpc else "fetch POST /inc",
+        "by": "unique id" if args.unnamed else "name",
         "seconds": round(elapsed, 1), "writes_per_s": round(args.objects / elapsed),
         "rss_start_mib": round(sum(base.values()) / 2**20, 1),
         "rss_peak_mib": round(sum(peak["rss"].values()) / 2**20, 1) if peak else None,

@@ -12,10 +12,13 @@ pytestmark = pytest.mark.slow  # real processes, seconds each: the full suite ru
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "many_objects.py"
 
 
-def test_many_objects_are_evicted_and_status_stays_responsive():
+@pytest.mark.parametrize("by", ["name", "unique id"])
+def test_many_objects_are_evicted_and_status_stays_responsive(by):
     out = subprocess.run([sys.executable, str(SCRIPT), "--objects", "5000", "--idle-timeout", "1",
-                          "--json"], capture_output=True, text=True, timeout=300)
+                          "--json", *(["--unnamed"] if by == "unique id" else [])],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
+    assert result["by"] == by and result["objects"] == 5000, result
     assert result["daemon_alive"] and result["active_after"] == 0, result
     assert result["status_seconds_max"] is None or result["status_seconds_max"] < 5
