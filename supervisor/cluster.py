@@ -195,10 +195,20 @@ class SlotOwnership:
         self._reading[slot] = asyncio.create_task(self._read_while_changed(slot))
 
     async def _read_while_changed(self, slot: int) -> None:
+        """A failed read is tried again (0.05 s later, doubling to 0.5 s) for up to a lease:
+        the watch does not say the key changed twice, and waiting for the next resync left a
+        change unseen for a lease (a read timed out during a NATS election, seen in a CI-like
+        run). Past a lease, the resync reads it."""
+        give_up, delay = self.clock() + self.leases.lease, 0.05
         try:
             while True:
                 self._read_again.discard(slot)
-                await self._reread(slot)
+                if not await self._reread(slot):
+                    if self.clock() + delay > give_up:
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 0.5)
+                    self._read_again.add(slot)
                 if slot not in self._read_again:
                     return
         finally:
@@ -228,16 +238,19 @@ class SlotOwnership:
             log.info("slot %d: lease write from revision %d refused: %s wrote revision %d",
                      action.slot, action.revision, host or "nobody (given back)", revision)
 
-    async def _reread(self, slot: int) -> None:
+    async def _reread(self, slot: int) -> bool:
+        """Read ``slot``'s key from the leader; False if the read failed."""
         try:
             entry = await asyncio.wait_for(self.kv.get(_key(slot)), self.timeout)
         except KeyNotFoundError:
             self.leases.observe(slot, 0, None, 0, self.clock())
-        except Exception as e:  # noqa: BLE001  (the next resync reads it again)
-            log.debug("slot %d: reading its key failed: %s", slot, e)
+        except Exception as e:  # noqa: BLE001  (read again by the caller or the next resync)
+            log.debug("slot %d: reading its key failed: %r", slot, e)
+            return False
         else:
             host, epoch = _decode(entry.value)
             self.leases.observe(slot, entry.revision, host, epoch, self.clock())
+        return True
 
     async def resync(self) -> None:
         """Read every key again. The watch is how changes arrive, but nats-py's watcher drops
