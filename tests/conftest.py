@@ -14,6 +14,12 @@ from tests import budget
 def pytest_configure(config: pytest.Config) -> None:
     if "not slow" in (config.option.markexpr or ""):  # the fast subset: fewer examples
         budget.FAST = True
+    # xdist's default (`load`) hands each worker a fixed run of tests: in a CI-like run two
+    # workers still had 200 s of tests queued when the other two were done. `worksteal` lets
+    # an idle worker take half of a busy one's queue. (Unless --dist was given.)
+    if (getattr(config.option, "dist", "no") == "load"
+            and not any(a.startswith("--dist") or a == "-d" for a in config.invocation_params.args)):
+        config.option.dist = "worksteal"
     # An ipc socket's path holds at most 107 bytes, and xdist puts each worker's tmp_path a
     # level deeper (/tmp/pytest-of-USER/pytest-N/popen-gwK/...): start from a short base.
     if (getattr(config.option, "numprocesses", None) and config.option.basetemp is None
@@ -52,3 +58,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if quick and any(n.endswith("TestEngineMatchesModel::runTest") for n in names):
         config.hook.pytest_deselected(items=quick)
         items[:] = [i for i in items if i not in quick]
+    # The long tests first (a stable sort, the same on every xdist worker), so that the end of
+    # a run is short tests that the workers share out, not a 45-s test begun last.
+    items.sort(key=lambda i: i.get_closest_marker("slow") is None)
