@@ -89,6 +89,9 @@ def test_ids_from_names_are_deterministic_and_per_namespace():
     oid = str(a.from_name("x"))
     assert len(oid) == 64 and oid == oid.lower() and int(oid, 16) >= 0
     assert factory("A", b"t" * 32).from_name("x") != a.from_name("x")  # another daemon's secret
+    # Pinned: a change of derivation would orphan every stored object of every data dir.
+    assert str(IdFactory("NS", b"k" * 32).from_name("room-1")) == \
+        "3d464e3f5c464b6182408b858e71965b1317faf199a97f1e42d0ec7c62df0046"
 
 
 def test_remembered_ids_of_names_match_a_fresh_hmac_and_the_memo_stays_bounded():
