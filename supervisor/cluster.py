@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,18 @@ _WRONG_LAST_SEQUENCE = 10071
 
 def _key(slot: int) -> str:
     return f"slot/{slot}"
+
+
+def _mark(value: bytes | None) -> tuple[str, int] | None:
+    """A membership value's (boot, beat), if it has them."""
+    try:
+        doc = orjson.loads(value or b"null")
+        boot, beat = doc["boot"], doc["beat"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if type(boot) is not str or type(beat) is not int:
+        return None
+    return boot, beat
 
 
 def _decode(value: bytes | None) -> tuple[str | None, int]:
@@ -73,14 +86,17 @@ class SlotOwnership:
         self.rewatches = 0
         self._reading: dict[int, asyncio.Task[None]] = {}  # slot -> its key's read from the leader
         self._read_again: set[int] = set()  # slots whose key changed while being read
-        self._members: dict[str, tuple[int, float]] = {}  # host -> (revision, first seen)
+        #: host -> (revision, last seen new, its (boot, beat) if its value has them)
+        self._members: dict[str, tuple[int, float, tuple[str, int] | None]] = {}
+        self._boot = secrets.token_hex(8)  # (this process's announcements: see _saw_member)
+        self._beat = 0
         self._announced = -float("inf")
         self._announcing = False
 
     def hosts(self) -> int:
         """Live hosts as this host sees them (itself included)."""
         now = self.clock()
-        return len({self.leases.host} | {h for h, (_, since) in self._members.items()
+        return len({self.leases.host} | {h for h, (_, since, _) in self._members.items()
                                          if now - since < self.leases.lease})
 
     async def start(self) -> None:
@@ -109,13 +125,11 @@ class SlotOwnership:
                     continue  # (the initial values have all been delivered)
                 if entry.key.startswith("host/"):
                     host = entry.key[5:]
-                    known = self._members.get(host)
                     if entry.operation in ("DEL", "PURGE"):
                         self._members.pop(host, None)
                         self.values.pop(host, None)
-                    elif known is None or entry.revision > known[0]:
-                        self._members[host] = (entry.revision, self.clock())
-                        self.values[host] = entry.value or b"{}"
+                    else:
+                        self._saw_member(host, entry.revision, entry.value)
                     continue
                 if not entry.key.startswith("slot/"):
                     continue
@@ -157,7 +171,8 @@ class SlotOwnership:
 
     async def _announce(self, now: float) -> None:
         try:
-            await asyncio.wait_for(self.kv.put(f"host/{self.leases.host}", self.announce),
+            self._beat += 1
+            await asyncio.wait_for(self.kv.put(f"host/{self.leases.host}", self._announcement()),
                                    self.timeout)
             self._announced = now
         except Exception as e:  # noqa: BLE001  (no quorum: the slots' writes fail too)
@@ -282,11 +297,34 @@ class SlotOwnership:
                 entry = await asyncio.wait_for(self.kv.get(key), self.timeout)
             except Exception:  # noqa: BLE001  (deleted meanwhile, or slow)
                 continue
-            host = key[5:]
-            known = self._members.get(host)
-            if known is None or entry.revision > known[0]:
-                self._members[host] = (entry.revision, self.clock())
-                self.values[host] = entry.value or b"{}"
+            self._saw_member(key[5:], entry.revision, entry.value)
+
+    def _announcement(self) -> bytes:
+        """This host's membership value: ``announce`` plus a mark that changes each time."""
+        try:
+            doc = orjson.loads(self.announce)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            doc = {}
+        return orjson.dumps({**doc, "boot": self._boot, "beat": self._beat})
+
+    def _saw_member(self, host: str, revision: int, value: bytes | None) -> None:
+        """A host's key as the watch or a read gave it. It is news, and the host live for a
+        lease more, when its mark (``boot``, ``beat``) is new: revisions from the watch and
+        from reads are not comparable (a watch numbered every write 3 above the stream
+        leader, docs/cluster.md), so a read could not refresh a host the watch had seen at a
+        higher number. Values without a mark (hosts of an older version) go by revision."""
+        mark = _mark(value)
+        known = self._members.get(host)
+        if known is not None:
+            if mark is not None and known[2] is not None:
+                if mark[0] == known[2][0] and mark[1] <= known[2][1]:
+                    return  # (seen: a dead host's last value, read again, keeps it no longer)
+            elif revision <= known[0]:
+                return
+        self._members[host] = (revision, self.clock(), mark)
+        self.values[host] = value or b"{}"
 
     async def _rewatch(self) -> None:
         log.warning("the watch of the cluster's keys delivered nothing for %.1f s while keys "
@@ -305,7 +343,7 @@ class SlotOwnership:
     def live_values(self) -> dict[str, bytes]:
         """The membership value of each live host (this one included)."""
         now = self.clock()
-        out = {h: self.values.get(h, b"{}") for h, (_, since) in self._members.items()
+        out = {h: self.values.get(h, b"{}") for h, (_, since, _) in self._members.items()
                if now - since < self.leases.lease}
         out[self.leases.host] = self.announce
         return out

@@ -1,16 +1,19 @@
-"""SlotOwnership's reads of slot keys (supervisor/cluster.py) against an in-memory bucket: the
-watch says which key changed, a read from the leader says its revision, and a read that fails
-is tried again rather than left to the next resync, a lease later."""
+"""SlotOwnership (supervisor/cluster.py) against an in-memory bucket: the watch says which slot
+key changed, a read from the leader says its revision, and a read that fails is tried again
+rather than left to the next resync, a lease later; a host is live while its membership value
+changes, whatever numbering the watch or the reads give it."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 
 pytest.importorskip("nats")
 
+import orjson  # noqa: E402
 from nats.js.errors import KeyNotFoundError  # noqa: E402
 from nats.js.kv import KeyValue  # noqa: E402
 
@@ -57,6 +60,9 @@ class _Bucket:
         if key not in self.entries:
             raise KeyNotFoundError
         return self.entries[key]
+
+    async def put(self, key: str, value: bytes) -> int:
+        return self.write(key, value).revision
 
     async def watchall(self) -> _Watch:
         return self.watch
@@ -125,6 +131,71 @@ def test_reads_that_keep_failing_stop_after_a_lease_and_the_resync_reads_the_key
             bucket.failing = 0
             await own.resync()
             assert own.leases.revision(0) == 2
+        finally:
+            await own.close()
+    asyncio.run(main())
+
+
+def _member(beat: int, boot: str = "B") -> bytes:
+    return b'{"broker": "tcp://127.0.0.1:1", "boot": "%s", "beat": %d}' % (boot.encode(), beat)
+
+
+def test_a_host_read_at_a_lower_revision_than_the_watch_gave_is_still_live():
+    """A watch numbered every write 3 above the stream leader (nats-server 2.9.10 after NATS
+    nodes were SIGKILLed, docs/cluster.md). Membership went by revision, so once that watch
+    stood still, the resync's reads (the leader's numbers, lower) did not count as news, and
+    a host announcing every third of a lease was dropped from the fair share. Each
+    announcement now carries a mark that changes, and the mark decides."""
+    async def main() -> None:
+        bucket, now = _Bucket(), [100.0]
+        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=2.0), timeout=0.5,
+                            clock=lambda: now[0])
+        await own.start()
+        try:
+            bucket.revision = 16
+            seen = bucket.write("host/b", _member(5))  # (the leader's 17)
+            await bucket.watch.queue.put(dataclasses.replace(seen, revision=seen.revision + 3))
+            assert await _until(lambda: own.hosts() == 2, 1.0)
+            await bucket.put("host/b", _member(6))  # the watch stands still from here
+            await bucket.put("host/b", _member(7))
+            now[0] += 1.5
+            await own.resync()  # (reads 19: below the watch's 20)
+            now[0] += 1.5  # a lease after the watch's news, not after the read's
+            assert own.hosts() == 2, own._members
+            # b dies: its last value, read again, is no news, and a lease later b is gone
+            await own.resync()
+            assert own.hosts() == 2
+            now[0] += 0.6
+            assert own.hosts() == 1, own._members
+            assert set(own.live_values()) == {"a"}
+        finally:
+            await own.close()
+    asyncio.run(main())
+
+
+def test_announcements_carry_a_changing_mark_and_unmarked_values_go_by_revision():
+    async def main() -> None:
+        bucket, now = _Bucket(), [100.0]
+        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=2.0), timeout=0.5,
+                            clock=lambda: now[0], announce=b'{"broker": "tcp://127.0.0.1:7"}')
+        await own.start()
+        try:
+            await own._announce(now[0])
+            first = orjson.loads(bucket.entries["host/a"].value)
+            await own._announce(now[0])
+            second = orjson.loads(bucket.entries["host/a"].value)
+            assert first["broker"] == second["broker"] == "tcp://127.0.0.1:7"
+            assert first["boot"] == second["boot"] and second["beat"] == first["beat"] + 1
+            assert own.live_values()["a"] == b'{"broker": "tcp://127.0.0.1:7"}'
+            # a host of an older version writes the same value each time: revisions decide
+            old = b'{"broker": "tcp://127.0.0.1:9"}'
+            own._saw_member("c", 10, old)
+            now[0] += 1.5
+            own._saw_member("c", 10, old)  # (the same write again: no news)
+            now[0] += 0.6
+            assert "c" not in own.live_values()
+            own._saw_member("c", 12, old)
+            assert own.live_values()["c"] == old
         finally:
             await own.close()
     asyncio.run(main())
