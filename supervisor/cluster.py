@@ -89,6 +89,11 @@ class SlotOwnership:
         #: host -> (revision, last seen new, its (boot, beat) if its value has them)
         self._members: dict[str, tuple[int, float, tuple[str, int] | None]] = {}
         self._boot = secrets.token_hex(8)  # (this process's announcements: see _saw_member)
+        try:  # (announce is host.py's JSON object; the mark is added to it)
+            doc = orjson.loads(announce)
+        except orjson.JSONDecodeError:
+            doc = None
+        self._announce_doc: dict[str, Any] = doc if isinstance(doc, dict) else {}
         self._beat = 0
         self._announced = -float("inf")
         self._announcing = False
@@ -301,13 +306,7 @@ class SlotOwnership:
 
     def _announcement(self) -> bytes:
         """This host's membership value: ``announce`` plus a mark that changes each time."""
-        try:
-            doc = orjson.loads(self.announce)
-        except orjson.JSONDecodeError:
-            doc = None
-        if not isinstance(doc, dict):
-            doc = {}
-        return orjson.dumps({**doc, "boot": self._boot, "beat": self._beat})
+        return orjson.dumps({**self._announce_doc, "boot": self._boot, "beat": self._beat})
 
     def _saw_member(self, host: str, revision: int, value: bytes | None) -> None:
         """A host's key as the watch or a read gave it. It is news, and the host live for a
