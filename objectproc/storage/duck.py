@@ -173,7 +173,11 @@ WHERE coalesce(r.keys, 0) > 0 OR r.t IS NOT NULL OR a.due IS NOT NULL OR n.name 
 """
 _OBJECT_COLS = "obj, keys, bytes, t, due, name"
 
-_INSERT = "INSERT INTO kv SELECT unnest($1), unnest($2), unnest($3), unnest($4)"
+#: Each table's columns as the applier inserts them (in the table's order), as Arrow types.
+_KV_COLUMNS = (("pk", "binary"), ("obj", "binary"), ("v", "binary"), ("t", "int64"))
+_OBJECTS_COLUMNS = (("obj", "binary"), ("ns", "string"), ("k", "int64"), ("keys", "int64"),
+                    ("bytes", "int64"), ("t", "int64"), ("due", "int64"), ("name", "binary"))
+_ALARMS_COLUMNS = (("obj", "binary"), ("due", "int64"))
 #: Keys per ``DELETE ... IN ($1, ...)``. A list of parameters is looked up in the table's
 #: index while the rows it matches stay under DuckDB's ``index_scan_max_count`` (2,048);
 #: ``IN (SELECT unnest($1))`` and ``INSERT ... ON CONFLICT DO UPDATE`` (a MERGE since DuckDB
@@ -196,6 +200,22 @@ def _delete_keys(cur: duckdb.DuckDBPyConnection, table: str, column: str, keys: 
         else:
             cur.execute(sql, part)
     return out
+
+
+def _insert(cur: duckdb.DuckDBPyConnection, table: str,
+            columns: tuple[tuple[str, str], ...], values: list[list[Any]]) -> None:
+    """Insert rows given as columns, handed to DuckDB as one Arrow table.
+
+    DuckDB converts Python list parameters (``INSERT ... SELECT unnest($1), ...``) value by
+    value: 3.9 ms of CPU for 300 rows of ``kv`` against 1.5 ms from Arrow (measured, DuckDB
+    2.0, an unindexed table), and a batch of new objects inserts every row. (pyarrow is
+    imported here, not at start: an object process that never writes does not load it.)
+    """
+    import pyarrow as pa
+
+    table_ = pa.table({name: pa.array(col, getattr(pa, kind)())
+                       for (name, kind), col in zip(columns, values, strict=True)})
+    cur.from_arrow(table_).insert_into(table)
 
 
 def named_target(obj: bytes) -> bytes:
@@ -505,8 +525,8 @@ class DuckStore:
                 _delete_keys(w, "alarms", "obj", [o for o in alarms if o not in new_objects])
                 due = [(obj, d) for obj, d in alarms.items() if d >= 0]
                 if due:
-                    w.execute("INSERT INTO alarms SELECT unnest($1), unnest($2)",
-                              [[o for o, _ in due], [d for _, d in due]])
+                    _insert(w, "alarms", _ALARMS_COLUMNS,
+                            [[o for o, _ in due], [d for _, d in due]])
                 for obj, d in alarms.items():
                     stats[obj][3] = d if d >= 0 else None
             _delete_keys(w, "kv", "obj", list(clears))  # (one statement a chunk, not each)
@@ -524,7 +544,7 @@ class DuckStore:
                 old = dict(_delete_keys(w, "kv", "pk",
                                         [pk for pk, r in rows.items() if r[0] not in new_objects],
                                         returning="pk, octet_length(v)"))
-                w.execute(_INSERT, [pks, objs, vals, [r[2] for r in rows.values()]])
+                _insert(w, "kv", _KV_COLUMNS, [pks, objs, vals, [r[2] for r in rows.values()]])
                 tombstones += vals.count(None)
                 for pk, (obj, v, t) in rows.items():
                     if obj.startswith(NAME_PREFIX):
@@ -547,9 +567,8 @@ class DuckStore:
             keep = [(obj, *order_key(obj), *st) for obj, st in stats.items()
                     if st[0] > 0 or any(x is not None for x in st[2:])]
             if keep:
-                w.execute("INSERT INTO objects SELECT unnest($1), unnest($2), unnest($3), "
-                          "unnest($4), unnest($5), unnest($6), unnest($7), unnest($8)",
-                          [list(col) for col in zip(*keep, strict=True)])
+                _insert(w, "objects", _OBJECTS_COLUMNS,
+                        [list(col) for col in zip(*keep, strict=True)])
             purged = self.tombstones + tombstones > purge_over
             if purged:
                 w.execute("DELETE FROM kv WHERE v IS NULL")
