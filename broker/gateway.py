@@ -191,7 +191,14 @@ class Gateway:
         route = self._routes.get(key)
         if route is None:  # (an HMAC and a namespace lookup: done once per object)
             ns = self.client.namespace(unquote(parts[1]))
-            oid = ns.id_from_name(unquote(key[1])) if named else ns.id_from_string(key[1])
+            try:
+                oid = ns.id_from_name(unquote(key[1])) if named else ns.id_from_string(key[1])
+            except InvalidIdError as e:
+                # (the segment `id` followed by a path is the by-id form, whatever comes next)
+                raise InvalidIdError(
+                    f"{e}. /{parts[1]}/id/<id>/... names an object by its id; an object named "
+                    f"\"id\" is reached at /{parts[1]}/id/<its id>/... (or /{parts[1]}/id alone)"
+                ) from None
             if len(self._routes) >= _STUB_CACHE:
                 self._routes.clear()
             route = self._routes[key] = (ns, oid, str(oid))

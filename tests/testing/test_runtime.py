@@ -188,3 +188,12 @@ async def test_alarm_times_in_the_past_fire_at_the_next_advance(rt):
     assert await rt.advance(0) == 1
     assert await s.get() is None
     assert dt.datetime.fromtimestamp(rt.clock.now, dt.UTC).year >= 2026
+
+
+async def test_a_path_whose_second_segment_is_id_names_an_object_by_id(rt):
+    """``/NS/id/<id>/...`` is the by-id form: a segment after it that is not an id is refused
+    with the way to reach an object named "id" (as the gateway answers, 400)."""
+    with pytest.raises(durable.InvalidIdError, match=r'named "id" is reached at /GREETER/id/<its id>'):
+        await rt.fetch("http://x/GREETER/id/g1/")
+    oid = rt.namespace("GREETER").id_from_name("id")
+    assert await (await rt.fetch(f"http://x/GREETER/id/{oid}/")).text() == "hello, balance 1"

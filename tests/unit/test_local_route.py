@@ -47,14 +47,26 @@ def test_local_never_names_a_broker_client() -> None:
 
 
 @settings(max_examples=examples(100), deadline=None)
-@given(st.text(min_size=1, max_size=40).filter(lambda s: "/" not in s),
+@given(st.text(min_size=1, max_size=40).filter(lambda s: "/" not in s and s != "id"),
        st.sampled_from(["", "/inc", "/a/b?x=1", "?q=/ROOMS/other"]))
 def test_a_name_places_as_its_id_does(name: str, rest: str) -> None:
+    # (the name "id" followed by a path is the by-id form: the test below; found by this test)
     oid = IDS["ROOMS"].from_name(name)
     want = RING.slot_for(str(oid))
     assert slot_of_request(_line(f"/ROOMS/{quote(name, safe='')}{rest}"), IDS,
                            RING.slot_for) == want
     assert slot_of_request(_line(f"/ROOMS/id/{oid}{rest}", "POST"), IDS, RING.slot_for) == want
+
+
+def test_the_segment_id_followed_by_a_path_names_an_id_as_the_gateway_reads_it() -> None:
+    """``/NS/id/<rest>`` is the by-id form, so an object named "id" is placed by name only at
+    ``/NS/id`` itself; with a path, the gateway refuses a segment that is not an id."""
+    want = RING.slot_for(str(IDS["ROOMS"].from_name("id")))
+    assert slot_of_request(_line("/ROOMS/id"), IDS, RING.slot_for) == want
+    assert slot_of_request(_line("/ROOMS/id?x=1"), IDS, RING.slot_for) == want
+    assert slot_of_request(_line("/ROOMS/id/inc"), IDS, RING.slot_for) is None
+    oid = IDS["ROOMS"].from_name("id")
+    assert slot_of_request(_line(f"/ROOMS/id/{oid}/inc"), IDS, RING.slot_for) == want
 
 
 def test_quoted_namespace() -> None:
