@@ -121,12 +121,15 @@ def main() -> int:
     writes = task_result["hot"] + task_result["unique"]
     peak_wal = max(s["wal"] for s in samples)
     peak_log = max(s["log"] for s in samples)
+    # A checkpoint shows as the WAL shrinking between two samples.
+    wal_drops = sum(1 for a, b in zip(samples, samples[1:]) if b["wal"] < a["wal"])
     live_keys = task_result["unique"] + 8 * 100  # every unique key, and at most 8 hot per object
     result = {
         "seconds": args.seconds, "inflight": args.inflight, "value_bytes": args.value_bytes,
         "checkpoint_wal_mb": args.checkpoint_wal_mb, "wal_bound_mb": args.wal_bound_mb,
         "writes": writes, "writes_per_s": round(writes / args.seconds), **task_result,
         "peak_wal_mb": round(peak_wal / 2**20, 2), "peak_log_mb": round(peak_log / 2**20, 2),
+        "wal_drops": wal_drops,
         "main_mb_start": round(start["main"] / 2**20, 2),
         "main_mb_end": round(end["main"] / 2**20, 2),
         "live_keys_at_most": live_keys,
