@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import secrets
 import sys
@@ -122,7 +123,7 @@ def main() -> int:
     peak_wal = max(s["wal"] for s in samples)
     peak_log = max(s["log"] for s in samples)
     # A checkpoint shows as the WAL shrinking between two samples.
-    wal_drops = sum(1 for a, b in zip(samples, samples[1:]) if b["wal"] < a["wal"])
+    wal_drops = sum(1 for a, b in itertools.pairwise(samples) if b["wal"] < a["wal"])
     live_keys = task_result["unique"] + 8 * 100  # every unique key, and at most 8 hot per object
     result = {
         "seconds": args.seconds, "inflight": args.inflight, "value_bytes": args.value_bytes,
