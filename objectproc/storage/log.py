@@ -89,7 +89,10 @@ ALARM_DELETE = -1
 _FLAG_CLEAR = 0x01
 _FLAG_ALARM = 0x02  # an i64 follows the flags: the alarm's due time (epoch ms) or ALARM_DELETE
 _FLAG_TIME = 0x04  # an i64 follows (after the alarm's): when the write was made, epoch ms
-_FLAGS = _FLAG_CLEAR | _FLAG_ALARM | _FLAG_TIME
+#: a u32 length and the object's name record's value follow (after the time): the name rides in
+#: the object's write set instead of a record of its own (older versions refuse it: docs/storage.md)
+_FLAG_NAME = 0x08
+_FLAGS = _FLAG_CLEAR | _FLAG_ALARM | _FLAG_TIME | _FLAG_NAME
 _I64 = struct.Struct("<q")
 
 
@@ -100,7 +103,8 @@ class WriteSet:
     ``alarm`` is ``ALARM_KEEP``, ``ALARM_DELETE`` or the due time in epoch
     milliseconds: the alarm changes atomically with the entries. ``time``: when
     the write was made (epoch ms; 0 = not recorded), shown as ``updated_at`` by
-    ``durable sql`` and ``list_objects``.
+    ``durable sql`` and ``list_objects``. ``name``: the value of the object's name record
+    (its ``name_twin``'s key ``name``), written with these entries; None: no name.
     """
 
     obj: bytes
@@ -108,17 +112,21 @@ class WriteSet:
     entries: dict[str, bytes | None]
     alarm: int = ALARM_KEEP
     time: int = 0
+    name: bytes | None = None
 
 
 def encode_writeset(obj: bytes, clear: bool, entries: dict[str, bytes | None],
-                    alarm: int = ALARM_KEEP, time: int = 0) -> bytes:
+                    alarm: int = ALARM_KEEP, time: int = 0, name: bytes | None = None) -> bytes:
     flags = ((_FLAG_CLEAR if clear else 0) | (_FLAG_ALARM if alarm != ALARM_KEEP else 0)
-             | (_FLAG_TIME if time else 0))
+             | (_FLAG_TIME if time else 0) | (_FLAG_NAME if name is not None else 0))
     parts = [_U16.pack(len(obj)), obj, bytes((flags,))]
     if alarm != ALARM_KEEP:
         parts.append(_I64.pack(alarm))
     if time:
         parts.append(_I64.pack(time))
+    if name is not None:
+        parts.append(_U32.pack(len(name)))
+        parts.append(name)
     parts.append(_U32.pack(len(entries)))
     for key, value in entries.items():
         kb = key.encode("utf-8")
@@ -150,6 +158,14 @@ def decode_writeset(payload: bytes | memoryview) -> WriteSet:
         if flags & _FLAG_TIME:
             (when,) = _I64.unpack_from(mv, pos)
             pos += 8
+        name = None
+        if flags & _FLAG_NAME:
+            (nlen,) = _U32.unpack_from(mv, pos)
+            pos += 4
+            if pos + nlen > len(mv):
+                raise ValueError("name runs past the record")
+            name = bytes(mv[pos:pos + nlen])
+            pos += nlen
         (n,) = _U32.unpack_from(mv, pos)
         pos += 4
         entries: dict[str, bytes | None] = {}
@@ -172,7 +188,7 @@ def decode_writeset(payload: bytes | memoryview) -> WriteSet:
     if pos != len(mv) or len(obj) != olen or flags & ~_FLAGS or alarm < ALARM_KEEP or (
             flags & _FLAG_ALARM and alarm == ALARM_KEEP) or (flags & _FLAG_TIME and when <= 0):
         raise ValueError("malformed write set: trailing bytes or bad flags")
-    return WriteSet(obj, bool(flags & _FLAG_CLEAR), entries, alarm, when)
+    return WriteSet(obj, bool(flags & _FLAG_CLEAR), entries, alarm, when, name)
 
 
 def encode_record(seq: int, payload: bytes) -> bytes:

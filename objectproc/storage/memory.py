@@ -18,6 +18,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from .duck import name_twin
 from .limits import DEFAULT_LIMITS, StorageLimits
 from .log import ALARM_DELETE, ALARM_KEEP
 
@@ -63,9 +64,12 @@ class MemorySlot:
 
     # -- writes -------------------------------------------------------------------------
     def submit(self, obj: bytes, clear: bool, entries: dict[str, bytes | None], *,
-               kick: bool = True, alarm: int = ALARM_KEEP) -> int:
+               kick: bool = True, alarm: int = ALARM_KEEP, name: bytes | None = None) -> int:
         self._seq += 1
         self._pending.append(_Record(self._seq, obj, clear, dict(entries), alarm))
+        if name is not None:  # (the name rides in the same write set: one sequence number)
+            self._pending.append(_Record(self._seq, name_twin(obj), False, {"name": name},
+                                         ALARM_KEEP))
         if kick:
             self._schedule_commit()
         return self._seq
@@ -110,7 +114,7 @@ class MemorySlot:
 
     def crash(self) -> int:
         """Discard what is not durable yet; returns how many write sets were lost."""
-        lost = len(self._pending)
+        lost = len({rec.seq for rec in self._pending})
         self._pending.clear()
         return lost
 

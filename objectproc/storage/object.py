@@ -30,6 +30,7 @@ The rules this file keeps:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from durable.errors import (
     TransactionConflictError,
 )
 
+from .duck import name_twin
 from .limits import alarm_time, check_key, check_keys, encode_entries, encode_value, list_range
 from .log import ALARM_DELETE, ALARM_KEEP, LogFullError
 from .slot import SlotStore, object_key
@@ -76,6 +78,9 @@ class ObjectStorage:
         self.alarm_handler: bool | None = None
         self._flush_scheduled = False
         self._last_seq = 0
+        #: the object's name record's value, to be stored with its next write (set by the
+        #: object process when it learns a name not stored yet); see :meth:`store_name`
+        self._name: bytes | None = None
         self._writes = 0  # bumped on every write; transactions use it to detect conflicts
         #: Set when writes of this object were discarded (a full disk): the cache is wrong and
         #: the activation must be reset; every operation raises it.
@@ -165,8 +170,10 @@ class ObjectStorage:
             return
         turn, clear, alarm = self._turn, self._turn_clear, self._turn_alarm
         self._turn, self._turn_clear, self._turn_alarm = {}, False, ALARM_KEEP
+        name, self._name = self._name, None
         try:
-            self._last_seq = self._slot.submit(self._obj, clear, turn, kick=kick, alarm=alarm)
+            self._last_seq = self._slot.submit(self._obj, clear, turn, kick=kick, alarm=alarm,
+                                               name=name)
         except (LogFullError, StorageFullError) as e:  # the disk filled since the write
             self.broken = e if isinstance(e, StorageFullError) else StorageFullError(
                 f"{self.namespace}/{self.object_id}: the disk is full; this turn's writes were "
@@ -315,6 +322,21 @@ class ObjectStorage:
             await self._slot.wait_durable(self._last_seq)
 
     # -- hooks for the object process ------------------------------------------
+    def store_name(self, value: bytes) -> None:
+        """Store the object's name (its name record's value) with its next write: one record
+        instead of two for a new object's first call. A caller that must have it stored
+        anyway calls :meth:`flush_name` a little later."""
+        self._name = value
+
+    def flush_name(self) -> bool:
+        """Log the name not stored yet, alone (no write carried it); whether one was. It
+        is not waited for: a call that wrote nothing answers without it."""
+        if self._name is None or self.broken is not None:
+            return False
+        name, self._name = self._name, None
+        self._slot.submit(name_twin(self._obj), False, {"name": name}, kick=False)
+        return True
+
     def unsynced(self) -> bool:
         """Whether some write of this object is not durable yet (the output gate is shut)."""
         return self._pending_turn() or self._last_seq > self._slot.durable_seq
@@ -327,6 +349,9 @@ class ObjectStorage:
         """
         if self.broken is None and self._pending_turn():
             self._flush()
+        if self.broken is None and self._name is not None:
+            with contextlib.suppress(LogFullError, StorageError):  # (learnt again later)
+                self.flush_name()
         self.broken = error
 
     def evict(self) -> bool:

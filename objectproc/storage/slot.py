@@ -174,10 +174,10 @@ def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -
 class _Record:
     """A submitted write set; its identity marks which overlay entries it still owns."""
 
-    __slots__ = ("seq", "ws", "size", "first", "first_of_family")
+    __slots__ = ("seq", "ws", "size", "first", "first_of_family", "name_first")
 
     def __init__(self, seq: int, ws: WriteSet, size: int = 0, first: bool = False,
-                 first_of_family: bool = False) -> None:
+                 first_of_family: bool = False, name_first: bool = False) -> None:
         self.seq = seq
         self.ws = ws
         self.size = size  # bytes in the log: bounds the applier's batches
@@ -186,6 +186,13 @@ class _Record:
         self.first = first
         #: and the first of its family (the object and its name record): no ``objects`` row
         self.first_of_family = first_of_family
+        #: it carries the object's name (``ws.name``) and the name record is new too
+        self.name_first = name_first
+
+    def value(self, obj: bytes, key: str) -> bytes | None:
+        """What this record wrote to ``obj``'s ``key`` (``obj``: its object, or the object's
+        name record, for a record that carries the name)."""
+        return self.ws.entries[key] if obj == self.ws.obj else self.ws.name
 
 
 class _Pending:
@@ -226,6 +233,11 @@ def fold(records: list[WriteSet], rows: dict[bytes, tuple[bytes, bytes | None, i
             pk = prefix + key.encode("utf-8")
             rows[pk] = (ws.obj, value, ws.time or None)
             pks.append(pk)
+        if ws.name is not None:  # (the object's name record, as if a record of its own)
+            twin = name_twin(ws.obj)
+            pk = twin + b"/name"
+            rows[pk] = (twin, ws.name, ws.time or None)
+            by_obj.setdefault(twin, []).append(pk)
 
 
 class SlotStore:
@@ -420,41 +432,56 @@ class SlotStore:
 
     # -- writes (loop thread) -----------------------------------------------------
     def submit(self, obj: bytes, clear: bool, entries: dict[str, bytes | None], *,
-               kick: bool = True, alarm: int = ALARM_KEEP) -> int:
+               kick: bool = True, alarm: int = ALARM_KEEP, name: bytes | None = None) -> int:
         """Log one atomic write set; return its sequence number (durable later).
 
         ``kick=False`` is for a caller that calls :meth:`wait_durable` at once,
         which then decides whether to commit on this thread. ``alarm``: the object's
-        alarm changes with the entries (due ms, or ALARM_DELETE).
+        alarm changes with the entries (due ms, or ALARM_DELETE). ``name``: the value of
+        the object's name record, written in this record (not one of its own).
         """
         self.check_writable()
         now = int(time.time() * 1000)
-        ws = WriteSet(obj, clear, entries, alarm, now)
-        payload = encode_writeset(obj, clear, entries, alarm, now)
+        ws = WriteSet(obj, clear, entries, alarm, now, name)
+        payload = encode_writeset(obj, clear, entries, alarm, now, name)
         seq = self.log.append(payload, kick=kick)
         stored = self.stored
         first = obj not in stored
-        family = first and (name_twin(obj) not in stored)
+        twin = name_twin(obj)
+        twin_new = twin not in stored
+        family = first and twin_new
         stored.add(obj)  # (before it can reach DuckDB: the filter never misses a row)
-        rec = _Record(seq, ws, len(payload), first, family)
+        if name is not None and twin_new:
+            stored.add(twin)
+        rec = _Record(seq, ws, len(payload), first, family, name is not None and twin_new)
         self._remember(rec)
         self._unapplied.append(rec)
         if alarm != ALARM_KEEP:
             self._alarm_records.append(rec)
         return seq
 
-    def _remember(self, rec: _Record) -> None:
-        """Put a record's writes in the overlay (they shadow DuckDB until applied)."""
-        pending = self._overlay.get(rec.ws.obj)
-        if pending is None:
-            pending = self._overlay[rec.ws.obj] = _Pending()
-        if rec.ws.clear:
-            pending.entries.clear()
-            pending.clear = rec
-        for key in rec.ws.entries:
-            pending.entries[key] = rec
-        if rec.ws.alarm != ALARM_KEEP:
-            pending.alarm = rec
+    def _remember(self, rec: _Record, only: set[bytes] | None = None) -> None:
+        """Put a record's writes in the overlay (they shadow DuckDB until applied); ``only``:
+        of these objects only (the record's object, or its name record's)."""
+        obj = rec.ws.obj
+        if only is None or obj in only:
+            pending = self._overlay.get(obj)
+            if pending is None:
+                pending = self._overlay[obj] = _Pending()
+            if rec.ws.clear:
+                pending.entries.clear()
+                pending.clear = rec
+            for key in rec.ws.entries:
+                pending.entries[key] = rec
+            if rec.ws.alarm != ALARM_KEEP:
+                pending.alarm = rec
+        if rec.ws.name is not None:
+            twin = name_twin(obj)
+            if only is None or twin in only:
+                pending = self._overlay.get(twin)
+                if pending is None:
+                    pending = self._overlay[twin] = _Pending()
+                pending.entries["name"] = rec
 
     @property
     def durable_seq(self) -> int:
@@ -588,14 +615,16 @@ class SlotStore:
         while self._alarm_records and self._alarm_records[-1].seq >= first:
             self._alarm_records.pop()  # never durable: the scheduler never hears of them
         objs = {r.ws.obj for r in dropped}
-        for obj in objs:  # rebuild their overlay from what remains, in order
+        touched = objs | {name_twin(r.ws.obj) for r in dropped if r.ws.name is not None}
+        for obj in touched:  # rebuild their overlay from what remains, in order
             self._overlay.pop(obj, None)
         # (the batch the applier holds too: it was durable, and DuckDB may not have it yet.
         # Without it, an object whose older writes were in that batch lost sight of them
         # while the disk stayed full: the disk-full test, once the applier waited 250 ms)
         for rec in remaining:
-            if rec.ws.obj in objs:
-                self._remember(rec)
+            if rec.ws.obj in touched or (rec.ws.name is not None
+                                         and name_twin(rec.ws.obj) in touched):
+                self._remember(rec, touched)
         kept: deque[tuple[int, asyncio.Future[None]]] = deque()
         for seq, fut in self._waiters:
             if seq >= first:
@@ -643,7 +672,7 @@ class SlotStore:
         if pending is not None:
             rec = pending.entries.get(key)
             if rec is not None:
-                return rec.ws.entries[key]
+                return rec.value(obj, key)
             if pending.clear is not None:
                 return None
         if obj not in self.stored:  # a new object: DuckDB has nothing of it (no I/O)
@@ -730,7 +759,7 @@ class SlotStore:
         pending = self._overlay.get(obj)
         if pending is None:
             return None
-        return pending.clear is not None, {k: r.ws.entries[k] for k, r in pending.entries.items()}
+        return pending.clear is not None, {k: r.value(obj, k) for k, r in pending.entries.items()}
 
     def _read_rows(self, objs: list[bytes], limit: int
                    ) -> dict[bytes, tuple[list[tuple[bytes, bytes | None]], bool]]:
@@ -772,7 +801,7 @@ class SlotStore:
                     out[pk[cut:].decode("utf-8")] = v
         if pending is not None:
             for key, rec in pending.entries.items():
-                v = rec.ws.entries[key]
+                v = rec.value(obj, key)
                 if v is None:
                     out.pop(key, None)
                 else:
@@ -911,14 +940,16 @@ class SlotStore:
             self._in_flight = batch
         if not batch:
             return
-        self._rows_since_check += sum(len(r.ws.entries) + 1 for r in batch)
+        self._rows_since_check += sum(len(r.ws.entries) + 1 + (r.ws.name is not None)
+                                      for r in batch)
         new_objects = {r.ws.obj for r in batch if r.first}
+        new_objects.update(name_twin(r.ws.obj) for r in batch if r.name_first)
         new_stats = {named_target(r.ws.obj) for r in batch if r.first_of_family}
         try:
             self._apply_writesets([r.ws for r in batch], batch[-1].seq, (new_objects, new_stats))
         except duckdb.Error as e:
             for r in batch:  # (after a failed commit, assume nothing of what it held)
-                r.first = r.first_of_family = False
+                r.first = r.first_of_family = r.name_first = False
             with self._apply_cond:
                 self._unapplied.extendleft(reversed(batch))  # still durable in the log
                 self._in_flight = []
@@ -1098,6 +1129,13 @@ class SlotStore:
         """Drop overlay entries that DuckDB now has (unless a later write took them)."""
         overlay = self._overlay
         for rec in batch:
+            if rec.ws.name is not None:
+                twin = name_twin(rec.ws.obj)
+                pending = overlay.get(twin)
+                if pending is not None and pending.entries.get("name") is rec:
+                    del pending.entries["name"]
+                    if not pending.entries and pending.clear is None and pending.alarm is None:
+                        del overlay[twin]
             pending = overlay.get(rec.ws.obj)
             if pending is None:
                 continue

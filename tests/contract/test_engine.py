@@ -626,8 +626,15 @@ def _apply_ops():
     write = st.tuples(st.just("write"), st.sampled_from(_FAMILY), st.booleans(),
                       st.dictionaries(st.sampled_from(["a", "b", "name"]),
                                       st.sampled_from([b"1", b"22", None]), max_size=2),
-                      st.sampled_from([ALARM_KEEP, ALARM_KEEP, ALARM_DELETE, 5_000_000_000_000]))
-    return st.lists(st.one_of(write, write, write, st.just(("flush",)), st.just(("reopen",))),
+                      st.sampled_from([ALARM_KEEP, ALARM_KEEP, ALARM_DELETE, 5_000_000_000_000]),
+                      st.just(None))
+    # (a write of an object that carries its name: the name record rides in it)
+    named = st.tuples(st.just("write"), st.sampled_from(_FAMILY[:2]), st.booleans(),
+                      st.dictionaries(st.sampled_from(["a", "b"]),
+                                      st.sampled_from([b"1", b"22", None]), max_size=2),
+                      st.sampled_from([ALARM_KEEP, ALARM_DELETE, 5_000_000_000_000]),
+                      st.sampled_from([b"n1", b"n22"]))
+    return st.lists(st.one_of(write, write, named, st.just(("flush",)), st.just(("reopen",))),
                     max_size=25)
 
 
@@ -642,6 +649,7 @@ def test_upserts_of_new_objects_skip_the_delete_and_match_a_model_and_a_rebuild(
     say, across batches, reopenings (the filter rebuilt from DuckDB) and names."""
     from hypothesis import example, given, settings
 
+    from durable.objectproc.storage.duck import name_twin
     from durable.objectproc.storage.log import ALARM_DELETE, ALARM_KEEP
     name, x, keep = _FAMILY[2], _FAMILY[0], ALARM_KEEP
 
@@ -651,12 +659,17 @@ def test_upserts_of_new_objects_skip_the_delete_and_match_a_model_and_a_rebuild(
     @settings(max_examples=40, deadline=None)
     @given(_apply_ops())
     # (an object's name stored before its first write, and after: one `objects` row for both)
-    @example([("write", name, False, {"name": b"1"}, keep), ("flush",),
-              ("write", x, False, {"a": b"1"}, keep)])
-    @example([("write", x, False, {"a": b"1"}, keep), ("flush",),
-              ("write", name, False, {"name": b"1"}, keep)])
-    @example([("write", x, False, {}, 5_000_000_000_000), ("reopen",),
-              ("write", x, False, {"a": b"1"}, ALARM_DELETE)])
+    @example([("write", name, False, {"name": b"1"}, keep, None), ("flush",),
+              ("write", x, False, {"a": b"1"}, keep, None)])
+    @example([("write", x, False, {"a": b"1"}, keep, None), ("flush",),
+              ("write", name, False, {"name": b"1"}, keep, None)])
+    @example([("write", x, False, {}, 5_000_000_000_000, None), ("reopen",),
+              ("write", x, False, {"a": b"1"}, ALARM_DELETE, None)])
+    # (the name in the object's first write; then cleared by a record of the name alone)
+    @example([("write", x, True, {"a": b"1"}, keep, b"n1"),
+              ("write", name, True, {}, keep, None), ("flush",)])
+    @example([("write", x, False, {}, keep, b"n1"), ("reopen",),
+              ("write", x, False, {"a": None}, keep, b"n22")])
     def check(ops):
         root = tmp_path / f"r{next(runs)}"
         model: dict[bytes, bytes | None] = {}
@@ -672,14 +685,20 @@ def test_upserts_of_new_objects_skip_the_delete_and_match_a_model_and_a_rebuild(
                         await slot.close()
                         slot = SlotStore(root, **opts)
                     else:
-                        _, obj, clear, entries, alarm = op
-                        seq = slot.submit(obj, clear, entries, alarm=alarm)
+                        _, obj, clear, entries, alarm, named = op
+                        seq = slot.submit(obj, clear, entries, alarm=alarm, name=named)
                         await slot.wait_durable(seq)
                         if clear:
                             for pk in [pk for pk in model if pk.startswith(obj + b"/")]:
                                 del model[pk]
                         for k, v in entries.items():
                             model[obj + b"/" + k.encode()] = v
+                        if named is not None:
+                            model[name_twin(obj) + b"/name"] = named
+                        for o in (obj, name_twin(obj)):  # (through the overlay, or DuckDB)
+                            for k in ("a", "name"):
+                                assert slot.read(o, k) == model.get(o + b"/" + k.encode()), \
+                                    (o, k)
                         if alarm == ALARM_DELETE:
                             alarms.pop(obj, None)
                         elif alarm != ALARM_KEEP:
@@ -835,14 +854,18 @@ async def test_a_discard_keeps_the_writes_of_the_batch_the_applier_holds(tmp_pat
             release.wait(10)
             raise duckdb.IOException("IO Error: Could not write file: No space left on device")
         monkeypatch.setattr(slot.duck, "apply", stuck_apply)
-        obj = b"NS/o"
-        first = slot.submit(obj, False, {"first": b"1"})
+        obj, other = b"NS/o", b"NS/p"
+        first = slot.submit(obj, False, {"first": b"1"}, name=b"o-name")
         await slot.wait_durable(first)
         assert await asyncio.to_thread(holding.wait, 10)  # the applier holds it
         later = slot.submit(obj, False, {"later": b"2"})
-        slot._discard(OSError(errno.ENOSPC, "full"), later, later)  # as the log would
+        named = slot.submit(other, False, {"k": b"3"}, name=b"p-name")  # (its name rode)
+        slot._discard(OSError(errno.ENOSPC, "full"), later, named)  # as the log would
         assert slot.read(obj, "first") == b"1"
         assert slot.read(obj, "later") is None
+        assert slot.read(b"_durable_name_NS/o", "name") == b"o-name"  # (the held batch's)
+        assert slot.read(other, "k") is None
+        assert slot.read(b"_durable_name_NS/p", "name") is None  # discarded with its write
         release.set()
     finally:
         release.set()

@@ -30,6 +30,27 @@ def test_writeset_roundtrip_with_alarm_and_time(obj, clear, ents, alarm, when):
     assert (ws.obj, ws.clear, ws.entries, ws.alarm, ws.time) == (obj, clear, ents, alarm, when)
 
 
+@given(st.binary(min_size=1, max_size=40), st.booleans(), entries, st.integers(0, 2**62),
+       st.binary(max_size=300))
+def test_writeset_roundtrip_with_a_name(obj, clear, ents, when, name):
+    """An object's name can ride in its write set (flag 8): one record, not two."""
+    ws = decode_writeset(encode_writeset(obj, clear, ents, time=when, name=name))
+    assert (ws.obj, ws.clear, ws.entries, ws.time, ws.name) == (obj, clear, ents, when, name)
+    assert decode_writeset(encode_writeset(obj, clear, ents, time=when)).name is None
+
+
+def test_a_name_flag_whose_name_runs_past_the_record_is_refused():
+    good = encode_writeset(b"NS/o", False, {"k": b"v"}, name=b"alice")
+    for cut in range(8, len(good)):
+        with pytest.raises(ValueError):
+            decode_writeset(good[:cut])
+    flags_at = 2 + len(b"NS/o")
+    bad = bytearray(good)
+    bad[flags_at] |= 0x10  # an unknown flag
+    with pytest.raises(ValueError, match="bad flags"):
+        decode_writeset(bytes(bad))
+
+
 def test_a_record_from_before_write_times_decodes_with_time_zero():
     old = b"\x04\x00NS/o\x00\x01\x00\x00\x00\x01\x00\x00\x00k\x01\x00\x00\x00v"  # 0.6 layout
     assert decode_writeset(old).time == 0
