@@ -73,6 +73,10 @@ class Ledger:
         self.failures = collections.Counter()
         self.relay_from: dict[str, str] = {}  # token -> the object that sent it on
         self.bg_acked: dict[str, set[str]] = collections.defaultdict(set)
+        #: token -> how it was sent and how it ended ("stub by link, StubBrokenError at 41.2 s"), for
+        #: a problem's message: an out-of-order token names its call and the one before it
+        self.token_fate: dict[str, str] = {}
+        self.t0 = time.monotonic()
 
 
 async def writer(wid: int, client: durable.Client, http: aiohttp.ClientSession, port: int,
@@ -97,6 +101,7 @@ async def writer(wid: int, client: durable.Client, http: aiohttp.ClientSession, 
             path = "/inc"
             ledger.inc_attempted[name] += 1
         ledger.calls += 1
+        how = "http"
         try:
             if via_http:
                 async with http.post(f"http://127.0.0.1:{port}/CHAOS/{name}{path}",
@@ -104,18 +109,28 @@ async def writer(wid: int, client: durable.Client, http: aiohttp.ClientSession, 
                     await r.read()
                     if r.status != 200:
                         ledger.failures[f"http_{r.status}"] += 1
+                        if append:
+                            ledger.token_fate[token] = (f"http, {r.status} at "
+                                                        f"{time.monotonic() - ledger.t0:.1f} s")
                         continue
             else:
                 stub = stubs.get(name)
                 if stub is None:
                     stub = stubs[name] = ns.get(ns.id_from_name(name))
+                # (the stub's path, fixed when it was made: a direct link, or the broker)
+                how = "stub by link" if getattr(stub, "_peer", None) is not None else \
+                    "stub by broker"
                 await stub.fetch(f"http://do{path}", method="POST", timeout=10)
         except RETRYABLE as e:
             ledger.failures[type(e).__name__] += 1
+            if append:
+                ledger.token_fate[token] = (f"{how}, {type(e).__name__} at "
+                                            f"{time.monotonic() - ledger.t0:.1f} s")
             stubs.pop(name, None)  # a new stub next time; this call's outcome is unknown
             await asyncio.sleep(0.02)
             continue
         if append:
+            ledger.token_fate[token] = f"{how}, acknowledged at {time.monotonic() - ledger.t0:.1f} s"
             ledger.tokens_acked[name].add(token)
         else:
             ledger.inc_acked[name] += 1
@@ -339,7 +354,11 @@ def check(ledger: Ledger, final: dict[str, dict]) -> list[str]:
         for token in entries:
             w, s = token.rsplit("-", 1)
             if int(s) <= last.get(w, 0):
-                problems.append(f"{name}: {token} is out of its writer's order")
+                before = f"{w}-{last[w]}"
+                problems.append(
+                    f"{name}: {token} is out of its writer's order ({token}: "
+                    f"{ledger.token_fate.get(token, 'no outcome')}; stored after {before}: "
+                    f"{ledger.token_fate.get(before, 'no outcome')})")
             last[w] = int(s)
     return problems
 
