@@ -447,8 +447,9 @@ class SlotStore:
         seq = self.log.append(payload, kick=kick)
         stored = self.stored
         first = obj not in stored
-        twin = name_twin(obj)
-        twin_new = twin not in stored
+        # (the name record's filter entry is asked only when it matters: not on every write)
+        twin = name_twin(obj) if first or name is not None else None
+        twin_new = twin is not None and twin not in stored
         family = first and twin_new
         stored.add(obj)  # (before it can reach DuckDB: the filter never misses a row)
         if name is not None and twin_new:
