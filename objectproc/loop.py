@@ -84,6 +84,7 @@ from .peers import PeerServer
 from .query import MAX_SNAPSHOTS, NAME_PREFIX, QUERY_METHOD, QUERY_URL, Overlay, SnapshotStream
 from .query import list_objects as _list_objects
 from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
+from .storage.duck import NAME_KEY
 from .storage.log import ALARM_DELETE
 from .storage.slot import object_key
 from .websockets import Outbox, SocketEvent, Sockets, event_close
@@ -1014,7 +1015,7 @@ class ObjectProcess:
             cfg = self.config
             stored_name: Any = _UNREAD
             if warm is not None:
-                stored_name = warm[name_key(namespace, object_id)][0].get("name")
+                stored_name = warm[name_key(namespace, object_id)][0].get(NAME_KEY)
             known = self._known_name(namespace, object_id, name, stored_name)
             try:
                 act = Activation(self.store, namespace, object_id, cls, self.env, name=known,
@@ -1043,7 +1044,7 @@ class ObjectProcess:
         if name is not None and self._name_matches(namespace, object_id, name):
             return name
         try:
-            data = self.store.read(name_key(namespace, object_id), "name") \
+            data = self.store.read(name_key(namespace, object_id), NAME_KEY) \
                 if stored is _UNREAD else stored
             return None if data is None else codec.decode(data)
         except Exception:  # a name is a nicety: never fail a call for it
@@ -1062,7 +1063,7 @@ class ObjectProcess:
         """
         try:
             obj = name_key(act.namespace, act.object_id)
-            if (self.store.read(obj, "name") if stored is _UNREAD else stored) is None:
+            if (self.store.read(obj, NAME_KEY) if stored is _UNREAD else stored) is None:
                 act.storage.store_name(codec.encode(name))
                 self._names.append(act.storage)
                 if not self._name_kick:

@@ -18,7 +18,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from .duck import name_twin
+from .duck import NAME_KEY, name_twin
 from .limits import DEFAULT_LIMITS, StorageLimits
 from .log import ALARM_DELETE, ALARM_KEEP
 
@@ -68,7 +68,7 @@ class MemorySlot:
         self._seq += 1
         self._pending.append(_Record(self._seq, obj, clear, dict(entries), alarm))
         if name is not None:  # (the name rides in the same write set: one sequence number)
-            self._pending.append(_Record(self._seq, name_twin(obj), False, {"name": name},
+            self._pending.append(_Record(self._seq, name_twin(obj), False, {NAME_KEY: name},
                                          ALARM_KEEP))
         if kick:
             self._schedule_commit()

@@ -42,7 +42,7 @@ from durable.errors import (
     TransactionConflictError,
 )
 
-from .duck import name_twin
+from .duck import NAME_KEY, name_twin
 from .limits import alarm_time, check_key, check_keys, encode_entries, encode_value, list_range
 from .log import ALARM_DELETE, ALARM_KEEP, LogFullError
 from .slot import SlotStore, object_key
@@ -334,7 +334,7 @@ class ObjectStorage:
         if self._name is None or self.broken is not None:
             return
         name, self._name = self._name, None
-        self._slot.submit(name_twin(self._obj), False, {"name": name}, kick=False)
+        self._slot.submit(name_twin(self._obj), False, {NAME_KEY: name}, kick=False)
 
     def unsynced(self) -> bool:
         """Whether some write of this object is not durable yet (the output gate is shut)."""

@@ -62,7 +62,15 @@ from rbloom import Bloom
 
 from durable.errors import StorageCommitError, StorageCorruptError, StorageFullError
 
-from .duck import NAME_PREFIX, DuckStore, is_corruption, is_out_of_memory, name_twin, named_target
+from .duck import (
+    NAME_KEY,
+    NAME_PREFIX,
+    DuckStore,
+    is_corruption,
+    is_out_of_memory,
+    name_twin,
+    named_target,
+)
 from .limits import DEFAULT_LIMITS, StorageLimits
 from .log import (
     ALARM_DELETE,
@@ -235,7 +243,7 @@ def fold(records: list[WriteSet], rows: dict[bytes, tuple[bytes, bytes | None, i
             pks.append(pk)
         if ws.name is not None:  # (the object's name record, as if a record of its own)
             twin = name_twin(ws.obj)
-            pk = twin + b"/name"
+            pk = twin + b"/" + NAME_KEY.encode()
             rows[pk] = (twin, ws.name, ws.time or None)
             by_obj.setdefault(twin, []).append(pk)
 
@@ -482,7 +490,7 @@ class SlotStore:
                 pending = self._overlay.get(twin)
                 if pending is None:
                     pending = self._overlay[twin] = _Pending()
-                pending.entries["name"] = rec
+                pending.entries[NAME_KEY] = rec
 
     @property
     def durable_seq(self) -> int:
@@ -773,8 +781,9 @@ class SlotStore:
             if obj not in self.stored:
                 out[obj] = ([], False)
             elif obj.startswith(NAME_PREFIX):  # (a name record has one key: a point read)
-                v = self.duck.read_key(obj + b"/name", cursor=cur)
-                out[obj] = ([] if v is None else [(obj + b"/name", v)], False)
+                pk = obj + b"/" + NAME_KEY.encode()
+                v = self.duck.read_key(pk, cursor=cur)
+                out[obj] = ([] if v is None else [(pk, v)], False)
             else:
                 rows = self.duck.read_object(obj, limit=limit + 1, cursor=cur)
                 out[obj] = (rows[:limit], len(rows) > limit)
@@ -1133,8 +1142,8 @@ class SlotStore:
             if rec.ws.name is not None:
                 twin = name_twin(rec.ws.obj)
                 pending = overlay.get(twin)
-                if pending is not None and pending.entries.get("name") is rec:
-                    del pending.entries["name"]
+                if pending is not None and pending.entries.get(NAME_KEY) is rec:
+                    del pending.entries[NAME_KEY]
                     if not pending.entries and pending.clear is None and pending.alarm is None:
                         del overlay[twin]
             pending = overlay.get(rec.ws.obj)
