@@ -145,7 +145,7 @@ CREATE TABLE IF NOT EXISTS objects (obj BLOB PRIMARY KEY, ns VARCHAR NOT NULL, k
 NAME_PREFIX = b"_durable_name_"
 #: ...under this key (its row's pk: ``NAME_PREFIX ‖ namespace/id/name``)
 NAME_KEY = "name"
-_NAME_PK_SUFFIX = b"/" + NAME_KEY.encode()
+NAME_PK_SUFFIX = b"/" + NAME_KEY.encode()
 _NAMES = (NAME_PREFIX, NAME_PREFIX[:-1] + b"`")  # ("`" follows "_")
 OBJECTS_VERSION = "2"  # (1: without ns and k, never released)
 #: ``objects.k``: the first bytes of the object's id as a number, in the same order as the ids.
@@ -551,7 +551,7 @@ class DuckStore:
                 tombstones += vals.count(None)
                 for pk, (obj, v, t) in rows.items():
                     if obj.startswith(NAME_PREFIX):
-                        if pk == obj + _NAME_PK_SUFFIX:
+                        if pk == obj + NAME_PK_SUFFIX:
                             stats[named_target(obj)][4] = v
                         continue
                     st = stats[obj]

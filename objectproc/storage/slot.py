@@ -64,6 +64,7 @@ from durable.errors import StorageCommitError, StorageCorruptError, StorageFullE
 
 from .duck import (
     NAME_KEY,
+    NAME_PK_SUFFIX,
     NAME_PREFIX,
     DuckStore,
     is_corruption,
@@ -243,7 +244,7 @@ def fold(records: list[WriteSet], rows: dict[bytes, tuple[bytes, bytes | None, i
             pks.append(pk)
         if ws.name is not None:  # (the object's name record, as if a record of its own)
             twin = name_twin(ws.obj)
-            pk = twin + b"/" + NAME_KEY.encode()
+            pk = twin + NAME_PK_SUFFIX
             rows[pk] = (twin, ws.name, ws.time or None)
             by_obj.setdefault(twin, []).append(pk)
 
@@ -781,7 +782,7 @@ class SlotStore:
             if obj not in self.stored:
                 out[obj] = ([], False)
             elif obj.startswith(NAME_PREFIX):  # (a name record has one key: a point read)
-                pk = obj + b"/" + NAME_KEY.encode()
+                pk = obj + NAME_PK_SUFFIX
                 v = self.duck.read_key(pk, cursor=cur)
                 out[obj] = ([] if v is None else [(pk, v)], False)
             else:
