@@ -516,6 +516,24 @@ class RouterCore:
                 self.counters["clients_expired"] += 1
                 self._client_gone(ident)
 
+    def stood_still(self, seconds: float) -> None:
+        """The broker's loop did not run for ``seconds`` (SIGSTOP, a paused VM): long enough
+        for clients to have given it up, heard StubBrokenError ("may have run") and gone on
+        by another path (a peer link needs no broker). What they sent before must not run
+        after that: forget every client (its next message gets DISCONNECT and it says HELLO
+        again) and drop the calls still queued for a down slot. Calls already dispatched
+        left before the stop; their replies go on as before."""
+        dropped = sum(len(slot.queue) for slot in self.slots)
+        log.warning("the broker stood still for %.1f s (stopped or starved); forgetting its "
+                    "%d clients, so that no call they may have given up on runs late; "
+                    "%d queued calls dropped", seconds, len(self.clients), dropped)
+        self.counters["stood_still"] += 1
+        for ident in list(self.clients):
+            self._client_gone(ident)
+        self.clients.clear()
+        for slot in self.slots:
+            slot.queue.clear()
+
     def _client_gone(self, ident: bytes) -> None:
         """Object processes close the channels (WebSockets, streams) of a client that left."""
         for slot in self.slots:

@@ -82,6 +82,10 @@ class Broker:
         self._auth: Any = None
         self._stopping = False
         self.last_turn = time.monotonic()  # the supervisor's lifeline reports its age
+        #: a gap this long between two messages or turns is a stall (RouterCore.stood_still):
+        #: half the window after which clients of the same heartbeat give the broker up
+        self.stall_after = max(0.25, config.heartbeat * config.misses / 2)
+        self._alive_at = time.monotonic()
 
     # -- sockets ----------------------------------------------------------------------
     def _router(self) -> zmq.Socket:
@@ -236,11 +240,21 @@ class Broker:
         timeout_ms = max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
         while not self._stopping:
             self.last_turn = time.monotonic()
+            self._awake()
             events = dict(poller.poll(timeout_ms))
+            self._awake()
             for s in order:
                 if s in events:
                     handlers[s](burst)
             self._guarded("in the broker's timers", self.core.tick)
+
+    def _awake(self) -> None:
+        """Before a message or a turn: if the loop stood still (the process was stopped),
+        the core forgets its clients before it reads anything they sent before the stop."""
+        now = time.monotonic()
+        if now - self._alive_at > self.stall_after:
+            self._guarded("after a stall", self.core.stood_still, now - self._alive_at)
+        self._alive_at = now
 
     def _guarded(self, where: str, step: Callable[..., None], *args: Any) -> None:
         """Run one core step and send its outbox: a bug costs one message, never the broker."""
@@ -257,6 +271,7 @@ class Broker:
             if not has_input(sock):
                 return
             frames = recv_frames(sock)
+            self._awake()
             self._guarded("handling a client message", client, prefix + frames[0], frames[1:])
 
     def _drain_workers(self, burst: int) -> None:
@@ -265,6 +280,7 @@ class Broker:
             if not has_input(self.back):
                 return
             frames = recv_frames(self.back)
+            self._awake()
             self._guarded("handling a worker message", worker, frames[0], frames[1:])
 
     def _drain_control(self, burst: int) -> None:
@@ -272,6 +288,7 @@ class Broker:
             if not has_input(self.ctl):
                 return
             frames = recv_frames(self.ctl)
+            self._awake()
             self._guarded("handling a control message", self.core.control_message, frames)
 
     def _drain_public(self, burst: int) -> None:
@@ -280,6 +297,7 @@ class Broker:
             if not has_input(self.pub):
                 return
             frame = self.pub.recv(zmq.NOBLOCK, copy=False)
+            self._awake()
             frames, user = [frame.bytes], None
             while frame.more:
                 frame = self.pub.recv(zmq.NOBLOCK, copy=False)

@@ -472,3 +472,27 @@ def test_a_stopping_slot_finishes_its_calls_while_new_ones_wait_for_the_next_pro
     assert (ident, msg.call_id) == (b"w0-new", 3)
     b.on_client(call(4, 3, oid))  # the next process is not stopping
     assert [(x[1], x[2].call_id) for x in b.take()] == [(b"w0-new", 4)]
+
+
+def test_a_broker_that_stood_still_forgets_its_clients_and_their_queued_calls():
+    """Its clients may have given it up and gone on by a peer link: a call they sent before
+    must not run after that (tests/integration/test_peer_calls.py shows the whole case)."""
+    b = FakeBroker()
+    hello(b)
+    ready(b, 1)
+    b.take()
+    queued = oid_on_slot(0)
+    b.on_client(call(1, 1, queued))  # (slot 0 is down: the call waits in its queue)
+    assert b.take() == []
+    b.core.stood_still(2.0)
+    gone = b.take()
+    assert [(to, type(msg)) for to, _, msg in gone] == [("worker", m.ClientGone)]
+    assert b.clients == {} and b.counters["stood_still"] == 1
+    b.on_client(call(2, 2, oid_on_slot(1)))  # held in the socket through the stop
+    [(to, ident, msg)] = b.take()
+    assert (to, ident, type(msg)) == ("client", b"Fcli", m.Disconnect)
+    ready(b, 0)
+    assert b.take() == []  # the queued call is not dispatched either
+    hello(b)  # the client says HELLO again and goes on
+    b.on_client(call(3, 3, queued))
+    assert [type(x[2]) for x in b.take()] == [m.WorkerCall]
