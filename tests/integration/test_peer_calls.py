@@ -47,6 +47,16 @@ async def broker_calls(client) -> int:
     return (await client.statistics())["broker"]["counters"].get("calls", 0)
 
 
+async def recorded(client, name: str) -> list | None:
+    """A RECORDER's list, on a new stub each try (until its process has registered anew)."""
+    for _ in range(50):
+        try:
+            return await (await client.namespace("RECORDER").get_by_name(name).fetch("http://r/")).json()
+        except StubBrokenError:
+            await asyncio.sleep(0.1)
+    return None
+
+
 async def test_calls_to_another_slot_skip_the_broker_and_keep_their_order(client):
     pipe = client.namespace("PIPE").get_by_name(name_on(client, "PIPE", 0, "order-p"))
     recorder = name_on(client, "RECORDER", 1, "order-r")
@@ -357,14 +367,7 @@ async def test_calls_sent_to_a_stalled_process_never_run_after_it_resumes(cluste
         except StubBrokenError:
             outcome = "refused"
         await all_slots_up(direct)
-        seen = None
-        for _ in range(50):  # (a new stub once the process has registered anew)
-            try:
-                resp = await direct.namespace("RECORDER").get_by_name(name).fetch("http://r/")
-                seen = await resp.json()
-                break
-            except StubBrokenError:
-                await asyncio.sleep(0.1)
+        seen = await recorded(direct, name)
         assert outcome == "refused" and seen == [1, 2], (outcome, seen)
         assert "stood still" in (cluster.root / "objectproc-1.log").read_text()
 
@@ -406,13 +409,6 @@ async def test_calls_held_by_a_stopped_broker_never_run_after_it_resumes(cluster
         assert ran, "no call went over the peer link while the broker was stopped"
         await asyncio.sleep(1.0)  # (the resumed broker reads what it held)
         await all_slots_up(brokered)
-        seen = None
-        for _ in range(50):
-            try:
-                resp = await direct.namespace("RECORDER").get_by_name(name).fetch("http://r/")
-                seen = await resp.json()
-                break
-            except StubBrokenError:
-                await asyncio.sleep(0.1)
+        seen = await recorded(direct, name)
         assert seen == [1, *ran], seen
         assert "stood still" in (cluster.root / "broker.log").read_text()
