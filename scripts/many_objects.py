@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -79,7 +80,8 @@ async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, sample
                 took = time.monotonic() - t
                 data = json.loads(st.stdout)
                 active = sum(p.get("active_objects") or 0 for p in data["processes"])
-                samples.append({"written": next_i, "rss": rss_by_role(daemon_pid),
+                samples.append({"at": round(t - t0, 1), "written": next_i,
+                                "rss": rss_by_role(daemon_pid),
                                 "active": active, "status_seconds": round(took, 2)})
 
         await asyncio.gather(sampler(), *[worker() for _ in range(64)])
@@ -134,6 +136,10 @@ class = "durable.examples.counter:Counter"
         "active_after": sum(p.get("active_objects") or 0 for p in final["processes"]),
         "status_seconds_max": max((s["status_seconds"] for s in samples), default=None),
         "daemon_alive": alive,
+        # (the rate between samples: does it fall as the files and their indexes grow?)
+        "rate_per_s_over_time": [
+            [b["at"], round((b["written"] - a["written"]) / max(0.1, b["at"] - a["at"]))]
+            for a, b in itertools.pairwise([{"at": 0.0, "written": 0}, *samples])],
     }
     print(json.dumps(result, indent=2) if args.json else result)
     return 0 if alive else 1

@@ -269,6 +269,18 @@ class Watcher:
 #: seconds after the daemon is ready before its first warm spare starts (later ones start
 #: as soon as the slot they replaced serves again)
 SPARE_AFTER_READY = 5.0
+#: seconds from start during which the supervisor turns at 50 Hz until ready; after that,
+#: 5 Hz (a slot that never comes up, or a long recovery, must not cost a probe every 20 ms)
+FAST_TURNS_SECONDS = 30.0
+
+
+def turn_timeout(now: float, ready: bool, fast_until: float, due: list[float]) -> float:
+    """How long the supervisor's turn may sleep: 0.02 s until ready, when each turn asks the
+    broker whether every slot is up (a start waited ~0.4 s past the slots' registration
+    for two turns, measured), but only for ``FAST_TURNS_SECONDS``; else 0.2 s; never past
+    a due restart (``due``)."""
+    fast = not ready and now < fast_until
+    return max(0.0, min([0.02 if fast else 0.2, *[d - now for d in due]]))
 
 
 class Arbiter:
@@ -281,6 +293,7 @@ class Arbiter:
         self._signals: deque[int] = deque()
         self._stopping = False
         self._ready = False
+        self._fast_until = 0.0  # (set at start: FAST_TURNS_SECONDS on)
         self.exit_code = 0
         self.control_endpoint = config.control()
         self._control: zmq.Socket | None = None
@@ -476,6 +489,7 @@ class Arbiter:
         self._started = time.time()
         systemd.notify("STATUS=starting the broker and object processes")
         now = self.clock()
+        self._fast_until = now + FAST_TURNS_SECONDS
         for w in self.watchers:
             if self.host is None or w.role != "objectproc":  # (cluster: the slots it holds)
                 w.start(now)
@@ -510,12 +524,10 @@ class Arbiter:
                 w.close_beat()
 
     def _wait(self, wakeup_fd: int) -> None:
-        """Sleep until a signal, a child's lifeline, or the next due restart (at most 0.2 s;
-        0.02 s until ready, when each turn asks the broker whether every slot is up: a start
-        waited ~0.4 s past the slots' registration for two turns, measured)."""
+        """Sleep until a signal, a child's lifeline, or the next due restart (turn_timeout)."""
         now = self.clock()
         due = [w.start_due for w in self.watchers if w.state is WatcherState.BACKOFF]
-        timeout = max(0.0, min([0.2 if self._ready else 0.02, *[d - now for d in due]]))
+        timeout = turn_timeout(now, self._ready, self._fast_until, due)
         beats = {w.beat_fd: w for w in self.watchers if w.beat_fd is not None}
         spare = self.spare if self.spare is not None and not self.spare.ready else None
         readable: list[int] = []

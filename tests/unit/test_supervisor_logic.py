@@ -329,3 +329,17 @@ def test_an_rss_limit_caps_how_far_duckdb_may_grow_for_its_indexes():
     assert capped.duckdb_memory_ceiling_mb == 800  # (Python's share stays out of it)
     tight = process_config(from_dict({**NS, "memory_limit_mb": 300}, "app.toml"), 0, None)
     assert tight.duckdb_memory_ceiling_mb == 512  # never below duckdb_memory_mb
+
+
+def test_the_supervisor_turns_fast_only_until_ready_and_for_a_bounded_time():
+    """50 Hz while it waits for every slot (each turn asks the broker), but a slot that never
+    comes up must not keep it asking every 20 ms for good; a due restart cuts any sleep."""
+    from durable.supervisor.arbiter import FAST_TURNS_SECONDS, turn_timeout
+
+    start = 100.0
+    fast_until = start + FAST_TURNS_SECONDS
+    assert turn_timeout(start + 1, False, fast_until, []) == 0.02
+    assert turn_timeout(start + FAST_TURNS_SECONDS + 1, False, fast_until, []) == 0.2
+    assert turn_timeout(start + 1, True, fast_until, []) == 0.2
+    assert turn_timeout(start + 1, True, fast_until, [start + 1.05]) == pytest.approx(0.05)
+    assert turn_timeout(start + 1, True, fast_until, [start]) == 0.0  # (overdue: no sleep)
