@@ -238,6 +238,7 @@ class Broker:
             poller.register(s, zmq.POLLIN)
         burst = self.config.burst
         timeout_ms = max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
+        self._alive_at = time.monotonic()  # (binding and start-up are no stall)
         while not self._stopping:
             self.last_turn = time.monotonic()
             self._awake()
