@@ -526,7 +526,9 @@ class RouterCore:
         dropped = sum(len(slot.queue) for slot in self.slots)
         log.warning("the broker stood still for %.1f s (stopped or starved); forgetting its "
                     "%d clients, so that no call they may have given up on runs late; "
-                    "%d queued calls dropped", seconds, len(self.clients), dropped)
+                    "%d queued calls dropped. The clients reconnect by themselves; if this "
+                    "recurs with no pause or SIGSTOP, the machine is starved (check its load, "
+                    "swap and `durable status`)", seconds, len(self.clients), dropped)
         self.counters["stood_still"] += 1
         for ident in list(self.clients):
             self._client_gone(ident)
