@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import zmq
+import zmq.utils.monitor
 
 from durable import codec, pushdown
 from durable.broker.ring import Ring
@@ -74,7 +75,7 @@ from durable.protocol.messages import (
     to_client,
 )
 from durable.supervisor.config import Config as _SETTINGS
-from durable.transport import LoopSocket
+from durable.transport import LoopSocket, has_input
 
 from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
 from .alarms import AlarmCall, AlarmScheduler
@@ -229,6 +230,8 @@ class ObjectProcess:
         self._ctx: zmq.Context[Any] | None = None  # (made when it registers: the testing
         #                                             harness runs this class without one)
         self._sock: LoopSocket | None = None
+        #: the broker socket's monitor (DISCONNECTED): see _broker_dropped
+        self._monitor: zmq.Socket[Any] | None = None
         self._liveness: Liveness | None = None
         self._stopping = asyncio.Event()
         self._closing = False  # shutting down: the activations have drained
@@ -452,17 +455,44 @@ class ObjectProcess:
         if self.peer_server is not None:
             self.peer_server.close()
         if self._sock is not None:
-            self._sock.close()
+            self._close_broker_socket()
+
+    def _close_broker_socket(self) -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        self._sock.close()
+
+    def _broker_dropped(self) -> bool:
+        """Whether the connection to the broker closed (it died or stopped) since the last
+        look. Asked before each message from it is handled: what is still queued came from
+        the broker that is gone, and its callers may have heard StubBrokenError ("may have
+        run") already and gone on by a peer link. That happens when this loop was held by a
+        long call meanwhile (the beat thread kept the process registered): the call must then
+        not run after what they did since (``test_peer_calls.py``, a blocked callee)."""
+        mon = self._monitor
+        dropped = False
+        while mon is not None and has_input(mon):
+            try:
+                event = zmq.utils.monitor.parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except (zmq.ZMQError, ValueError):
+                break
+            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
+        return dropped
 
     def _register(self) -> None:
         if self._sock is not None:
-            self._sock.close()
+            self._close_broker_socket()
             if self.sockets is not None:  # a new incarnation: callers saw its sockets close
                 self._forget_sockets()
         if self._ctx is None:
             self._ctx = zmq.Context.instance()
         self._sock = LoopSocket.dealer(self.config.backend, self._handle, self._ctx,
                                        curve=self.curve)
+        if not self.config.cluster_servers:  # (cluster mode has no peer path to overtake by)
+            self._monitor = self._sock.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
         incarnation = secrets.randbits(62) | 1
         self._incarnation = incarnation
@@ -596,6 +626,12 @@ class ObjectProcess:
 
     # -- incoming (called by the LoopSocket for each message) --------------------------
     def _handle(self, frames: list[bytes]) -> None:
+        if self._monitor is not None and self._broker_dropped():
+            log.warning("slot %d: the connection to the broker closed; registering again "
+                        "(what the old broker sent and this process had not read is dropped: "
+                        "its callers heard StubBrokenError)", self.config.slot)
+            self._register()
+            return
         self._liveness.heard()
         try:
             msg = parse_from_broker_to_worker(frames)

@@ -34,6 +34,7 @@ NAMESPACES = {
     "PIPE": "tests.integration.objects:Pipeliner",
     "SLOW": "tests.integration.objects:Slow",
     "WSHOLDER": "tests.integration.objects:WsHolder",
+    "BUSY": "tests.integration.objects:Busy",
 }
 
 

@@ -7,6 +7,7 @@ with calls and stubs on the path; a raw DEALER plays a stale or hostile peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -415,3 +416,49 @@ async def test_calls_held_by_a_stopped_broker_never_run_after_it_resumes(cluster
         seen = await recorded(direct, name)
         assert seen == [1, *ran], seen
         assert "stood still" in (cluster.root / "broker.log").read_text()
+
+
+async def test_a_call_left_by_a_dead_broker_never_runs_after_the_callers_next_one(cluster):
+    """The callee's loop is held by a long call (its beat thread keeps it registered) when a
+    call comes by the broker and the broker dies: the call waits in the callee's broker
+    socket, its client gives the broker up (StubBrokenError, "may have run") and goes on by
+    the peer link. Before, the callee then read both sockets in either order: 1 run in 3 gave
+    [1, 3, 2]. Now the broker socket's monitor tells it the connection closed, and it
+    registers anew before it handles anything the dead broker left: that call is dropped, and
+    the link's call (bound to the old incarnation) runs before or is refused."""
+    async with connected(cluster) as direct, \
+            durable.connect(cluster.frontend, timeout=10, direct=False, heartbeat=0.15) as brokered:
+        await all_slots_up(brokered)
+        name = name_on(direct, "RECORDER", 1, "dead-")
+        busy = brokered.namespace("BUSY").get_by_name(name_on(direct, "BUSY", 1, "hold-"))
+        by_broker = brokered.namespace("RECORDER").get_by_name(name)
+        await by_broker.fetch("http://r/?n=1", method="POST")
+        hold = asyncio.ensure_future(busy.fetch("http://b/?sleep=3"))  # (the loop, held)
+        await asyncio.sleep(0.3)
+        # (the peer socket has input first, so the held loop reads it first: without this
+        # the order the loop finds its sockets in was left to chance)
+        other = direct.namespace("RECORDER").get_by_name(name_on(direct, "RECORDER", 1, "o-"))
+        first = asyncio.ensure_future(other.fetch("http://r/?n=0", method="POST"))
+        await asyncio.sleep(0.1)
+        left = asyncio.ensure_future(by_broker.fetch("http://r/?n=2", method="POST"))
+        await asyncio.sleep(0.3)  # (forwarded: in the held process's broker socket)
+        cluster.kill(cluster.broker)
+        with pytest.raises(StubBrokenError):
+            await asyncio.wait_for(left, 10)
+        stub = direct.namespace("RECORDER").get_by_name(name)
+        assert stub._peer is not None
+        try:
+            await asyncio.wait_for(stub.fetch("http://r/?n=3", method="POST"), 10)
+            ran = True
+        except StubBrokenError:
+            ran = False
+        hold.cancel()
+        with contextlib.suppress(StubBrokenError):
+            await asyncio.wait_for(first, 10)
+        cluster.start_broker()
+        await all_slots_up(direct)
+        seen = await recorded(direct, name)
+        assert seen is not None and seen[0] == 1 and (3 in seen) == ran, (ran, seen)
+        assert not (2 in seen and 3 in seen and seen.index(2) > seen.index(3)), seen
+        log = (cluster.root / "objectproc-1.log").read_text()
+        assert "the connection to the broker closed" in log, cluster.log_tail()
