@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.daemon import serving
 from tests.integration.procs import async_wait_for, free_port
+from tests.integration.test_peer_calls import name_on
 
 
 def config(port, extra_http="", extra=""):
@@ -155,16 +156,18 @@ def test_gateway_processes_call_the_object_processes_directly(tmp_path):
                 async def calls() -> int:
                     return (await c.statistics())["broker"]["counters"].get("calls", 0)
 
-                # The first request may come before the gateway's links are up: its object's
-                # stub then takes the broker, and the next request's stub takes the link.
-                assert (await request(s, "POST", f"{base}/COUNTER/direct/inc"))[0] == 200
+                # The first requests may come before the gateway's links are up: their
+                # objects' stubs then take the broker, and later requests' stubs take the
+                # links. The links to the two slots come up apart: wait for both.
+                names = [name_on(c, "COUNTER", slot, "direct-") for slot in (0, 1)]
 
                 async def direct() -> bool:
                     before = await calls()
-                    assert (await request(s, "POST", f"{base}/COUNTER/direct/inc"))[0] == 200
+                    for name in names:
+                        assert (await request(s, "POST", f"{base}/COUNTER/{name}/inc"))[0] == 200
                     return await calls() == before
 
-                await async_wait_for(direct, 10, "a request that skips the broker")
+                await async_wait_for(direct, 10, "requests to both slots that skip the broker")
                 before = await calls()
                 for i in range(20):
                     assert (await request(s, "POST", f"{base}/COUNTER/d{i}/inc"))[:2] == (200, "1")
