@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from durable.broker.ring import Ring
 from durable.supervisor.config import from_dict, write_settings
 from tests.integration.procs import async_wait_for
 
@@ -156,3 +157,18 @@ async def slot_seen_down(c, slot: int, timeout: float = 15.0) -> None:
         return not (await c.statistics())["slots"][slot]["up"]
 
     await async_wait_for(down, timeout, f"the broker to see slot {slot} down")
+
+
+def name_on(client, namespace: str, slot: int, prefix: str) -> str:
+    """A name whose object the ring places on ``slot`` (of 2): a test puts a caller and its
+    callee on different slots."""
+    ns = client.namespace(namespace)
+    for i in range(1000):
+        if Ring(2).slot_for(str(ns.id_from_name(f"{prefix}{i}"))) == slot:
+            return f"{prefix}{i}"
+    raise AssertionError("no name found")
+
+
+async def broker_calls(client) -> int:
+    """Calls the broker has forwarded: a test sees whether a call skipped it."""
+    return (await client.statistics())["broker"]["counters"].get("calls", 0)

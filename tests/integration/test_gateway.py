@@ -9,9 +9,9 @@ import time
 import aiohttp
 import pytest
 
+from tests.integration.cluster import name_on
 from tests.integration.daemon import serving
 from tests.integration.procs import async_wait_for, free_port
-from tests.integration.test_peer_calls import name_on
 
 
 def config(port, extra_http="", extra=""):

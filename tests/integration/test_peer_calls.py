@@ -16,7 +16,6 @@ import pytest
 import zmq
 
 import durable
-from durable.broker.ring import Ring
 from durable.errors import InvalidIdError, StubBrokenError
 from durable.http import Request
 from durable.peers import peer_endpoint
@@ -30,22 +29,9 @@ from durable.protocol.messages import (
     encode_request,
     parse,
 )
-from tests.integration.cluster import all_slots_up, slot_seen_down
+from tests.integration.cluster import all_slots_up, broker_calls, name_on, slot_seen_down
 from tests.integration.conftest import connected
 from tests.integration.procs import async_wait_for
-
-
-def name_on(client, namespace: str, slot: int, prefix: str) -> str:
-    """A name whose object the ring places on ``slot`` (of 2)."""
-    ns = client.namespace(namespace)
-    for i in range(1000):
-        if Ring(2).slot_for(str(ns.id_from_name(f"{prefix}{i}"))) == slot:
-            return f"{prefix}{i}"
-    raise AssertionError("no name found")
-
-
-async def broker_calls(client) -> int:
-    return (await client.statistics())["broker"]["counters"].get("calls", 0)
 
 
 async def recorded(client, name: str) -> list | None:

@@ -15,6 +15,7 @@ import pytest
 
 import durable
 from durable.broker.ring import Ring
+from tests.integration.cluster import broker_calls
 from tests.integration.daemon import serving
 from tests.integration.procs import free_port
 
@@ -43,10 +44,6 @@ def daemon(tmp_path):
     with serving(tmp_path, CONFIG.format(port=port)) as d:
         d.wait_ready()
         yield d, f"http://127.0.0.1:{port}"
-
-
-async def _broker_calls(c: durable.Client) -> int:
-    return (await c.statistics())["broker"]["counters"].get("calls", 0)
 
 
 async def _handoffs(c: durable.Client, timeout: float = 5.0) -> tuple[int, int]:
@@ -80,13 +77,13 @@ def test_connections_are_served_by_their_objects_process(daemon):
         async with durable.connect(d.frontend) as c:
             fresh = aiohttp.TCPConnector(force_close=True)  # a connection per request
             async with aiohttp.ClientSession(connector=fresh) as s:
-                before = await _broker_calls(c)
+                before = await broker_calls(c)
                 for i in range(30):
                     async with s.post(f"{base}/COUNTER/n{i}/inc") as r:
                         assert (r.status, await r.text()) == (200, "1")
                 # every request reached its object in the process that accepted it or
                 # was handed its connection: none crossed the broker
-                assert await _broker_calls(c) == before
+                assert await broker_calls(c) == before
                 moved, taken = await _handoffs(c)
                 assert moved >= 1 and taken == moved, (moved, taken)
 
@@ -94,14 +91,14 @@ def test_connections_are_served_by_their_objects_process(daemon):
                 slot = RING.slot_for(str(c.namespace("CALLER").id_from_name("c")))
                 same = _names(c, "COUNTER", slot, 1, "same")[0]
                 other = _names(c, "COUNTER", 1 - slot, 1, "other")[0]
-                before = await _broker_calls(c)
+                before = await broker_calls(c)
                 async with s.get(f"{base}/CALLER/c/?name={same}") as r:
                     assert (r.status, await r.text()) == (200, "via env: 1 None")
-                assert await _broker_calls(c) == before
+                assert await broker_calls(c) == before
                 # and one of the other slot's: straight to that slot's process (the peer path)
                 async with s.get(f"{base}/CALLER/c/?name={other}") as r:
                     assert (r.status, await r.text()) == (200, "via env: 1 None")
-                assert await _broker_calls(c) == before
+                assert await broker_calls(c) == before
 
                 # routing errors as the gateway answers them
                 async with s.get(f"{base}/NOPE/x/") as r:
@@ -115,12 +112,12 @@ def test_connections_are_served_by_their_objects_process(daemon):
             a = _names(c, "COUNTER", 0, 1, "ka")[0]
             b = _names(c, "COUNTER", 1, 1, "kb")[0]
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
-                before = await _broker_calls(c)
+                before = await broker_calls(c)
                 for i in range(1, 6):
                     for name in (a, b):
                         async with s.post(f"{base}/COUNTER/{name}/inc") as r:
                             assert (r.status, await r.text()) == (200, str(i))
-                assert await _broker_calls(c) == before
+                assert await broker_calls(c) == before
 
             # WebSockets: the upgrade places the socket with its object; messages and
             # broadcasts flow in-process

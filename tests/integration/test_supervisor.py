@@ -8,6 +8,7 @@ import signal
 import statistics
 import time
 
+import orjson
 import psutil
 import pytest
 
@@ -16,6 +17,7 @@ from durable.broker.ring import Ring
 from durable.errors import StubBrokenError
 from tests.integration.daemon import serving
 from tests.integration.procs import async_wait_for, wait_for
+from tests.integration.test_storage_faults import cli
 
 FAST = """
 slots = 2
@@ -361,6 +363,9 @@ def test_memory_limit_restarts_object_processes_gracefully(tmp_path):
             assert wait_for(lambda: _answer(ns, "m"), 10, "the counter again") == "1"
         time.sleep(2.5)  # the new process is under the limit: no second restart
         assert d.log_text().count("over memory_limit_mb") == 1, d.log_text()
+        status = orjson.loads(cli(tmp_path, "status", "--json").stdout)
+        row = next(p for p in status["processes"] if p["role"] == "objectproc" and p["slot"] == slot)
+        assert row["restarts"] == 1 and row["restart_causes"] == {"memory_limit": 1}, row
 
 
 def _pid_of(d, slot):
