@@ -715,14 +715,18 @@ async def _http_conn(host: str, port: int, reqs: list[bytes], stop: float,
 
 
 def _http_load(host: str, port: int, ns: str, path: str, method: str, conns: int, objects: int,
-               secs: float, n: int | None, prefix: str = "") -> dict[str, Any]:
+               secs: float, n: int | None, prefix: str = "", per_conn: int | None = None
+               ) -> dict[str, Any]:
+    """Connection ``k`` cycles through objects ``k + j * conns`` (mod ``objects``) for ``j`` in
+    ``range(per_conn)``: by default just enough to cover ``objects`` (with 100 objects over 64
+    connections, two objects each)."""
     async def run() -> dict[str, Any]:
         times: list[float] = []
         # (made before the clock starts: 400,000 new objects' requests take ~0.15 s to build,
         # which the rate of new objects used to pay inside its window)
         per = [[f"{method} /{ns}/{prefix}o{(k + j * conns) % objects}{path} HTTP/1.1\r\n"
                 f"Host: bench\r\nContent-Length: 0\r\n\r\n".encode()
-                for j in range(max(1, objects // conns + 1))] for k in range(conns)]
+                for j in range(per_conn or max(1, objects // conns + 1))] for k in range(conns)]
         stop = time.monotonic() + secs
         t0 = time.perf_counter()
         await asyncio.gather(*[_http_conn(host, port, per[k], stop, n, times)
@@ -1614,10 +1618,24 @@ def _vs_round(port: int, pids: list[int], quick: bool, tag: str) -> dict[str, An
         for role, v in sorted(spent.items()):  # where it goes (durable: by process)
             out[f"server_cpu_per_noop_ms_{role}"] = round(v, 4)
         out["noop_64_per_s"], out["noop_64_p99_ms"] = r["per_s"], r["p99_ms"]
-        out["counter_64_per_s"] = load("COUNTER", "/inc", "POST", 64, 100, secs, None)["per_s"]
+
+        def timed(figure: str, *a: Any) -> None:
+            """The load's rate, and the server's CPU per request in it."""
+            before = _cpu_seconds(pids)
+            r = load(*a)
+            out[f"{figure}_per_s"] = r["per_s"]
+            out[f"server_cpu_per_{figure}_ms"] = round(
+                (_cpu_seconds(pids) - before) / r["requests"] * 1000, 4)
+
+        timed("counter_64", "COUNTER", "/inc", "POST", 64, 100, secs, None)
+        # the same 100 counters, each connection cycling through 25 of them, on both slots as
+        # a connection to new objects is (two objects a connection often share one slot, and
+        # a request for the other slot takes the peer path): separates what routing costs
+        # from what a new object costs (docs/messaging.md)
+        timed("counter_spread_64", "COUNTER", "/inc", "POST", 64, 100, secs, None, "", 25)
         # every request to a new object: names are never repeated within a round
-        out["new_object_64_per_s"] = load("COUNTER", "/inc", "POST", 64,
-                                          5_000 if quick else 400_000, secs, None, tag)["per_s"]
+        timed("new_object_64", "COUNTER", "/inc", "POST", 64, 5_000 if quick else 400_000,
+              secs, None, tag)
     return out
 
 
@@ -1662,6 +1680,13 @@ class = "durable.examples.counter:Counter"
                 runs["workerd"].append(_vs_round(w[0], w[1], quick, f"w{i}"))
     out: dict[str, Any] = {"fronts": dict(zip(names, fronts, strict=True))}
     out.update({k: median_of(v) for k, v in runs.items() if v})
+    for name in [*names, "workerd"]:  # each server's new objects against its own counter
+        m = out.get(name)
+        if m and m.get("counter_64_per_s") and m.get("counter_spread_64_per_s"):
+            out[f"{name}_new_object_over_counter"] = {
+                "counter_64": round(m["new_object_64_per_s"] / m["counter_64_per_s"], 2),
+                "counter_spread_64": round(m["new_object_64_per_s"]
+                                           / m["counter_spread_64_per_s"], 2)}
     if workerd:
         for name in names:
             out[f"{name}_over_workerd"] = {
