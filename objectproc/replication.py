@@ -38,6 +38,12 @@ log = logging.getLogger("durable.replication")
 
 #: attempts at fencing the log after catching up, each after another owner's appends
 _FENCE_ATTEMPTS = 20
+#: seconds a catch-up read waits for its next message before it subscribes again from where
+#: it stopped. A read started while the stream elects a leader gets nothing until it asks
+#: again: at 10 s (twice the request timeout) a slot restarted by a NATS node's loss served
+#: again ~11 s after it, 5 s after the election (seen in a CI-like run); messages that flow
+#: come within milliseconds, and a read cut short loses nothing.
+_READ_WAIT = 3.0
 
 
 class Replicator:
@@ -173,8 +179,8 @@ class Replicator:
             start = got[-1][0] if got else after
             chunk: list[tuple[int, bytes]] = []  # (one per try: a cancelled one may add more)
             try:
-                self._run(self.slot_log.read(start, last, self.timeout * 2, chunk),
-                          self.timeout * 2 + stall + 600.0)
+                self._run(self.slot_log.read(start, last, _READ_WAIT, chunk),
+                          _READ_WAIT + stall + 600.0)
                 return got + chunk
             except (TimeoutError, NoRespondersError, NatsTimeoutError):
                 taken = list(chunk)

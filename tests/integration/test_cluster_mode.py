@@ -273,8 +273,13 @@ def test_nats_nodes_lost_one_keeps_writes_two_acknowledge_none(tmp_path):
                     reg = Register(names)
                     assert await rounds(reg, clients, names, 2.0) > 0
                     nats_.kill(nats_.nodes[0])  # quorum kept: writes go on (after an election)
-                    await rounds(reg, clients, names, 8.0)
-                    assert await rounds(reg, clients, names, 3.0) > 0, "no write after one loss"
+                    # (when the node led the log's and the leases' streams, its slots restart
+                    # and read the log again after the elections: 9-18 s measured, so a fixed
+                    # 11-s window failed a CI-like run; writes must come back within 30 s)
+                    lost = time.monotonic()
+                    while await rounds(reg, clients, names, 1.0) == 0:
+                        assert time.monotonic() - lost < 30, "no write within 30 s of one loss"
+                    assert await rounds(reg, clients, names, 3.0) > 0, "writes stopped again"
                     acked_before = dict(reg.acked)
                     nats_.kill(nats_.nodes[1])  # no quorum: nothing may be acknowledged
                     await asyncio.sleep(1.0)  # (writes in flight at the loss settle)
