@@ -90,6 +90,13 @@ class Phase(enum.Enum):
     RESET = "reset"
 
 
+#: Shared empty stand-ins for an activation's rarely used containers, made on first use: a new
+#: object is ~10 tracked containers, each traversed by the young collections it survives
+#: (~1 µs of CPU each, docs/messaging.md), and most objects never queue a call, start a task
+#: of their own or log an error.
+_NO_WAITING: tuple[()] = ()
+_NO_TASKS: frozenset[Any] = frozenset()
+
 _TRANSITIONS = Transitions({
     (Phase.ACTIVE, "block"): Phase.BLOCKED,
     (Phase.BLOCKED, "unblock"): Phase.ACTIVE,
@@ -211,15 +218,16 @@ class Activation:
             self.storage.warm(*warm)
         self.storage.alarm_handler = callable(getattr(cls, "alarm", None))
         self.state = State(ObjectId(object_id, name), self.storage, self)
-        self._waiting: deque[tuple[Delivery, Reply]] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: deque[tuple[Delivery, Reply]] | tuple[()] = _NO_WAITING
+        self._tasks: set[asyncio.Task[None]] | frozenset[Any] = _NO_TASKS  # its calls running
         #: tasks the object's code started (create_task, wait_until): eviction waits for them
-        self.owned: set[asyncio.Task[Any]] = set()
+        self.owned: set[asyncio.Task[Any]] | frozenset[Any] = _NO_TASKS
         self.retiring_since: float | None = None  # idle, waiting for owned tasks to end
         self.cancelled_tasks = False  # retire() cancelled them: evict at the next check
         self.last_used = clock()
         self.max_pending = max_pending
-        self.errors_logged: deque[float] = deque()  # when object errors were logged (rate)
+        #: when object errors were logged (rate)
+        self.errors_logged: deque[float] | tuple[()] = _NO_WAITING
         self._registry = sockets
         self._sockets: ObjectSockets | None = None
         if sockets is not None:
@@ -306,6 +314,8 @@ class Activation:
                    self.namespace, self.object_id):
             return
         if self.phase is Phase.BLOCKED or self._waiting:
+            if type(self._waiting) is tuple:
+                self._waiting = deque()
             self._waiting.append((request, reply))
             return
         self._start(request, reply)
@@ -313,10 +323,19 @@ class Activation:
     def _own(self, coro: Any) -> asyncio.Task[Any]:
         """A task of this activation's machinery (not counted as the object's own)."""
         task = asyncio.create_task(coro)
-        self.owned.discard(task)
+        if self.owned:
+            self.owned.discard(task)
+        if type(self._tasks) is frozenset:
+            self._tasks = set()
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if self._tasks:
+            self._tasks.discard(task)
+        if not self._tasks:  # (an idle object holds no empty set)
+            self._tasks = _NO_TASKS
 
     def _start(self, request: Delivery, reply: Reply) -> None:
         self._own(self._run(request, reply))
@@ -453,6 +472,8 @@ class Activation:
             self.errors_logged.popleft()
         tb = "".join(traceback.format_exception(cause))
         if len(self.errors_logged) < 5:
+            if type(self.errors_logged) is tuple:
+                self.errors_logged = deque()
             self.errors_logged.append(now)
             what = ("set-up" if request is None else f"{request.name}()"
                     if type(request) is MethodCall else f"alarm() (retry {request.retry_count})"
@@ -505,6 +526,8 @@ class Activation:
 
     def adopt(self, task: asyncio.Task[Any]) -> None:
         """A task started in this object's context (the process's task factory calls this)."""
+        if type(self.owned) is frozenset:
+            self.owned = set()
         self.owned.add(task)
         task.add_done_callback(self._owned_done)
 
