@@ -1683,10 +1683,16 @@ class = "durable.examples.counter:Counter"
     for name in [*names, "workerd"]:  # each server's new objects against its own counter
         m = out.get(name)
         if m and m.get("counter_64_per_s") and m.get("counter_spread_64_per_s"):
+            # (the ratio of the medians, and the median of each round's ratio: the loads of
+            # one round run back to back, so a slow spell of the machine moves both of them,
+            # where the medians of each figure may come from different rounds)
             out[f"{name}_new_object_over_counter"] = {
                 "counter_64": round(m["new_object_64_per_s"] / m["counter_64_per_s"], 2),
                 "counter_spread_64": round(m["new_object_64_per_s"]
-                                           / m["counter_spread_64_per_s"], 2)}
+                                           / m["counter_spread_64_per_s"], 2),
+                **{f"{k}_by_round": round(statistics.median(
+                    r["new_object_64_per_s"] / r[f"{k}_per_s"] for r in runs[name]), 2)
+                   for k in ("counter_64", "counter_spread_64")}}
     if workerd:
         for name in names:
             out[f"{name}_over_workerd"] = {

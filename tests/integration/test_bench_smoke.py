@@ -116,3 +116,4 @@ def test_vs_workerd_bench_quick_runs_durables_half():
         assert ("server_cpu_per_noop_ms_gateway" in split) == (name == "durable_gateways")
         assert abs(sum(split.values()) - m["server_cpu_per_noop_ms"]) < 0.01
         assert 0 < median[f"{name}_new_object_over_counter"]["counter_spread_64"] < 5, median
+        assert 0 < median[f"{name}_new_object_over_counter"]["counter_64_by_round"] < 5, median

@@ -242,7 +242,7 @@ async def test_an_idle_object_is_a_handful_of_tracked_containers():
     """What each live object costs the garbage collector (and memory): its instance, the
     activation, its storage, state, id and the slot's weak reference to the storage. The
     queues, task sets and error log it rarely uses are made on first use (each empty deque is
-    760 bytes; 10 containers and ~4.3 KB an object before, docs/messaging.md)."""
+    760 bytes; 10 containers and 5.0 KB an object before, docs/messaging.md)."""
     import gc
 
     async with Runtime({"COUNTER": Counter}) as rt:
