@@ -276,9 +276,7 @@ class RouterCore:
             self.draining = True
             log.info("draining: new calls are refused, calls in flight finish")
         elif msg.op == "client_exit":  # a gateway process died: its WebSockets are gone now
-            for ident in [i for i, c in self.clients.items() if c.pid == msg.pid and i[:1] != b"P"]:
-                del self.clients[ident]
-                self._client_gone(ident)
+            self._forget_clients_of(msg.pid)
         elif msg.slot < len(self.slots) and msg.op == "slot_failed":
             slot = self.slots[msg.slot]
             if slot.pid == msg.pid:
@@ -289,8 +287,21 @@ class RouterCore:
                 _, ident, call = slot.queue.popleft()
                 self._done(ident)
                 self._error(ident, call.call_id, StorageCorruptError, f"slot {msg.slot}: {msg.reason}")
-        elif msg.slot < len(self.slots) and self.slots[msg.slot].pid == msg.pid:
-            self.end_incarnation(msg.slot, f"the supervisor saw its process (pid {msg.pid}) exit")
+            self._forget_clients_of(msg.pid)
+        elif msg.slot < len(self.slots):  # slot_down: an object process exited
+            if self.slots[msg.slot].pid == msg.pid:
+                self.end_incarnation(msg.slot, f"the supervisor saw its process (pid {msg.pid}) exit")
+            self._forget_clients_of(msg.pid)
+
+    def _forget_clients_of(self, pid: int) -> None:
+        """A process of this machine exited: its clients (a gateway's; an object process's, for
+        its HTTP front's and its objects' calls) are gone. Their calls still queued for a
+        slot that is down are dropped when it comes back (``_drain_queue``): their callers
+        heard the process go ("may have run") and may have gone on by another path, which
+        such a call must not follow (the chaos soak saw a writer's tokens out of order)."""
+        for ident in [i for i, c in self.clients.items() if c.pid == pid and i[:1] != b"P"]:
+            del self.clients[ident]
+            self._client_gone(ident)
 
     def route(self, ident: bytes, client: _Client, call: Call) -> None:
         self.counters["calls"] += 1

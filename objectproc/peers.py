@@ -12,6 +12,14 @@ A caller that went away is noticed as the broker notices one: a send to it fails
 (``ROUTER_MANDATORY``), or, when a peer's connection drops (the socket monitor), each peer
 that said PHELLO is asked again; one that is gone ends its WebSockets and streams here
 (``on_gone``).
+
+What a caller sent before its connection closed is not run once this process knows of the
+close (the monitor's DISCONNECTED, asked before each message, against the connection each
+message came by): the caller heard its link break ("may have run") and went on, perhaps by
+another path (a gateway's client by a link of its own, after the HTTP front that relayed
+its request died). Read late, by a loop held meanwhile, such a call ran after the next one
+(the chaos soak saw a writer's tokens out of order). A message read before the close is
+known still runs; so may one whose connection's descriptor a new connection took already.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from durable.protocol.messages import (
     parse,
     to_client,
 )
-from durable.transport import LoopSocket, configure
+from durable.transport import LoopSocket, configure, has_input
 
 __all__ = ["PeerServer"]
 
@@ -68,7 +76,10 @@ class PeerServer:
         self.stopping = False  # said PBYE: no more PWELCOMEs
         self._checked: set[tuple[str, str]] = set()
         self.counters = {"peer_calls_served": 0, "peer_calls_refused": 0,
-                         "dropped_peer_messages": 0, "peer_callers_gone": 0}
+                         "dropped_peer_messages": 0, "peer_callers_gone": 0,
+                         "peer_calls_of_closed_links": 0}
+        #: descriptors of this socket's connections that closed (until a new one takes one)
+        self._closed_fds: set[int] = set()
         sock = configure(context.socket(zmq.ROUTER))
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
@@ -78,8 +89,9 @@ class PeerServer:
         except (zmq.ZMQError, OSError):
             sock.close(linger=0)
             raise
-        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.sock = LoopSocket(sock, self._message, on_unreachable=self._unreachable)
+        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
+        self.sock = LoopSocket(sock, self._message, on_unreachable=self._unreachable,
+                               note_source=True)
         self.monitor = LoopSocket(mon, self._event)
 
     def close(self) -> None:
@@ -130,6 +142,17 @@ class PeerServer:
 
     # -- in -------------------------------------------------------------------------------
     def _message(self, frames: list[bytes]) -> None:
+        mon = self.monitor.sock
+        while has_input(mon):  # (what the monitor knows now: closes the loop has not seen)
+            try:
+                self._event(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.ZMQError:
+                break
+        if self._closed_fds and self.sock.source is not None \
+                and self.sock.source[0] in self._closed_fds:
+            self.counters["peer_calls_of_closed_links"] += 1
+            log.debug("dropped a message of a peer connection that closed before it was read")
+            return
         rid = frames[0]
         try:
             msg = parse(frames[1:], FROM_PEER)
@@ -183,8 +206,11 @@ class PeerServer:
     def _event(self, frames: list[bytes]) -> None:
         if not frames or len(frames[0]) != 6:
             return
-        event, _ = _EVENT.unpack(frames[0])
-        if event == zmq.EVENT_DISCONNECTED:  # whose? ask each caller: a gone one fails
+        event, fd = _EVENT.unpack(frames[0])
+        if event == zmq.EVENT_ACCEPTED:
+            self._closed_fds.discard(fd)  # (a new connection has that descriptor now)
+        elif event == zmq.EVENT_DISCONNECTED:  # whose? ask each caller: a gone one fails
+            self._closed_fds.add(fd)
             self.welcome_all()
             # (the socket may learn of the lost pipe a moment after its monitor does)
             self.sock.loop.call_later(0.2, self.welcome_all)

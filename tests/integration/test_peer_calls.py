@@ -448,3 +448,45 @@ async def test_a_call_left_by_a_dead_broker_never_runs_after_the_callers_next_on
         assert not (2 in seen and 3 in seen and seen.index(2) > seen.index(3)), seen
         log = (cluster.root / "objectproc-1.log").read_text()
         assert "the connection to the broker closed" in log, cluster.log_tail()
+
+
+async def test_a_call_left_by_a_closed_link_never_runs_after_the_callers_next_one(client, cluster):
+    """A relay (a peer of the callee: another slot's HTTP front, say) sends a call and its
+    connection closes before the callee reads it: the callee's loop is held by a long call.
+    The relay's caller heard the break ("may have run") and goes on by a link of its own.
+    Before, the held loop then read both connections' calls in either order (the chaos soak
+    saw a writer's tokens stored out of order); now a call whose connection the monitor says
+    closed is dropped, and the caller's next call runs alone."""
+    name = name_on(client, "RECORDER", 1, "closed-")
+    recorder = client.namespace("RECORDER").get_by_name(name)
+    await recorder.fetch("http://r/?n=1", method="POST")
+    assert recorder._peer is not None  # (this test's own calls go by its link)
+    busy = client.namespace("BUSY").get_by_name(name_on(client, "BUSY", 1, "closed-hold-"))
+    head, body = encode_request(Request("http://r/?n=2", method="POST"))
+    ctx = zmq.Context()
+    relay = _dealer(ctx, peer_endpoint(str(cluster.data / "run"), 1))
+    try:
+        relay.send_multipart(PeerHello().encode())
+        incarnation = None
+        while incarnation is None:
+            msg = parse(relay.recv_multipart(), TO_PEER)
+            if type(msg) is PeerWelcome:
+                incarnation = msg.incarnation
+        hold = asyncio.ensure_future(busy.fetch("http://b/?sleep=2.5"))
+        await asyncio.sleep(0.5)  # (the loop, held)
+        relay.send_multipart(PeerCall(incarnation, 1, "RECORDER", str(recorder.id), head,
+                                      body).encode())
+        relay.close(linger=2000)  # (sent, then closed: the relay is gone)
+        await asyncio.sleep(0.3)
+        nxt = asyncio.ensure_future(recorder.fetch("http://r/?n=3", method="POST"))
+        await asyncio.wait_for(hold, 15)
+        await asyncio.wait_for(nxt, 15)
+    finally:
+        relay.close(linger=0)
+        ctx.term()
+    assert await recorded(client, name) == [1, 3]
+
+    async def dropped() -> bool:  # (the slots' statistics come with their heartbeats)
+        slot = (await client.statistics())["slots"][1]
+        return slot["reported"].get("peer_calls_of_closed_links", 0) >= 1
+    await async_wait_for(dropped, 10, "slot 1 to count the closed link's call")

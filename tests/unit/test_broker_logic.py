@@ -496,3 +496,25 @@ def test_a_broker_that_stood_still_forgets_its_clients_and_their_queued_calls():
     hello(b)  # the client says HELLO again and goes on
     b.on_client(call(3, 3, queued))
     assert [type(x[2]) for x in b.take()] == [m.WorkerCall]
+
+
+def test_calls_queued_by_an_object_process_that_exits_are_not_delivered_later():
+    """An object process's own client (its HTTP front's relays, its objects' calls) queued a
+    call for a slot that is down, then the process died: the HTTP client heard its connection
+    close ("may have run") and may go on by another path. The call must not run when the
+    slot comes back (the chaos soak saw it run after the writer's next write)."""
+    b = FakeBroker()
+    ready(b, 1)
+    b.on_client([b"Fslot1", *m.Hello(101, "objectproc-1").encode()])  # slot 1's process, pid 101
+    hello(b)  # another client, pid 1
+    b.take()
+    queued = oid_on_slot(0)
+    b.on_client([b"Fslot1", *m.Call(1, 1, "NS", queued, 30_000, b"[]", b"").encode()])
+    b.on_client(call(2, 2, queued))
+    assert b.take() == []  # (slot 0 is down: both wait in its queue)
+    b.on_control([b"", *m.Control("slot_down", 1, 101).encode()])
+    assert b"Fslot1" not in b.clients and b"Fcli" in b.clients
+    b.take()
+    ready(b, 0)
+    assert [(x[1], x[2].client, x[2].call_id) for x in b.take()
+            if type(x[2]) is m.WorkerCall] == [(b"w0", b"Fcli", 2)]
