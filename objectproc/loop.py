@@ -75,7 +75,7 @@ from durable.protocol.messages import (
     to_client,
 )
 from durable.supervisor.config import Config as _SETTINGS
-from durable.transport import LoopSocket, has_input
+from durable.transport import LoopSocket, has_input, recv_frames
 
 from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
 from .alarms import AlarmCall, AlarmScheduler
@@ -103,6 +103,8 @@ BACKUP_URL = "durable:backup"
 _OPERATOR_METHODS = (INSPECT_METHOD, BACKUP_METHOD, QUERY_METHOD)
 #: How long a query waits for one of the slot's MAX_SNAPSHOTS before it is refused.
 QUERY_QUEUE_SECONDS = 30.0
+#: The most broker messages read ahead of a call (``ObjectProcess._handle_batch``).
+_READ_AHEAD = 256
 #: The longest a backup may hold a slot's files still (the log grows meanwhile).
 MAX_PIN_SECONDS = 3600.0
 
@@ -627,18 +629,63 @@ class ObjectProcess:
     # -- incoming (called by the LoopSocket for each message) --------------------------
     def _handle(self, frames: list[bytes]) -> None:
         if self._monitor is not None and self._broker_dropped():
-            log.warning("slot %d: the connection to the broker closed; registering again "
-                        "(what the old broker sent and this process had not read is dropped: "
-                        "its callers heard StubBrokenError)", self.config.slot)
-            self._register()
+            self._broker_closed()
             return
         self._liveness.heard()
+        msg = self._parse_broker(frames)
+        if type(msg) is WorkerCall and msg.head[:1] != EVENT and has_input(self._sock.sock):
+            self._handle_batch(msg)
+        elif msg is not None:
+            self._dispatch(msg)
+
+    def _broker_closed(self) -> None:
+        log.warning("slot %d: the connection to the broker closed; registering again "
+                    "(what the old broker sent and this process had not read is dropped: "
+                    "its callers heard StubBrokenError)", self.config.slot)
+        self._register()
+
+    def _parse_broker(self, frames: list[bytes]) -> Any:
         try:
-            msg = parse_from_broker_to_worker(frames)
+            return parse_from_broker_to_worker(frames)
         except ProtocolError as e:
             self.counters["dropped_broker_messages"] += 1
             log.debug("dropped a malformed broker message: %s", e)
+            return None
+
+    def _handle_batch(self, first: WorkerCall) -> None:
+        """A call, and what the broker sent after it (read now): a call whose client the
+        broker says is gone further on is dropped. Its client was a relay (an HTTP front,
+        a gateway) that died after the broker forwarded the call; the relay's caller heard
+        its connection close ("may have run") and may have gone on by a link of its own,
+        whose call this loop, held meanwhile, may have run already. Nobody waits for the
+        dropped call's answer."""
+        sock, batch = self._sock.sock, [first]
+        while len(batch) < _READ_AHEAD and has_input(sock):
+            try:
+                msg = self._parse_broker(recv_frames(sock))
+            except zmq.ZMQError:
+                break
+            if msg is not None:
+                batch.append(msg)
+        if self._monitor is not None and self._broker_dropped():
+            self._broker_closed()
             return
+        gone: set[bytes] = set()  # (clients whose ClientGone comes later in the batch)
+        keep = []
+        for msg in reversed(batch):
+            if type(msg) is ClientGone:
+                gone.add(msg.client)
+            elif type(msg) is WorkerCall and msg.client in gone and msg.head[:1] != EVENT:
+                self.counters["calls_of_gone_clients"] = \
+                    self.counters.get("calls_of_gone_clients", 0) + 1
+                continue
+            keep.append(msg)
+        for msg in reversed(keep):
+            self._dispatch(msg)
+            if type(msg) is WorkerDisconnect:
+                return  # (the rest came by the socket it closed)
+
+    def _dispatch(self, msg: Any) -> None:
         if type(msg) is WorkerCall:
             self._call(msg)
         elif type(msg) is ClientGone:

@@ -20,12 +20,17 @@ from durable.errors import InvalidIdError, StubBrokenError
 from durable.http import Request
 from durable.peers import peer_endpoint
 from durable.protocol.messages import (
+    TO_CLIENT,
     TO_PEER,
+    Call,
+    Control,
     Error,
+    Hello,
     PeerCall,
     PeerHello,
     PeerWelcome,
     Reply,
+    Welcome,
     encode_request,
     parse,
 )
@@ -450,6 +455,26 @@ async def test_a_call_left_by_a_dead_broker_never_runs_after_the_callers_next_on
         assert "the connection to the broker closed" in log, cluster.log_tail()
 
 
+
+async def _relay_left_a_call(client, prefix: str, leave) -> list | None:
+    """A RECORDER on slot 1 holds [1]; slot 1's loop is held by a long call while
+    ``leave(object id, head, body)`` has a relay send it n=2 and go away; then this client's
+    next call by its link (n=3), once the loop is free: what the RECORDER holds after."""
+    name = name_on(client, "RECORDER", 1, prefix)
+    recorder = client.namespace("RECORDER").get_by_name(name)
+    await recorder.fetch("http://r/?n=1", method="POST")
+    assert recorder._peer is not None  # (this test's own calls go by its link)
+    busy = client.namespace("BUSY").get_by_name(name_on(client, "BUSY", 1, f"{prefix}hold-"))
+    head, body = encode_request(Request("http://r/?n=2", method="POST"))
+    hold = asyncio.ensure_future(busy.fetch("http://b/?sleep=2.5"))
+    await asyncio.sleep(0.5)  # (the loop, held)
+    await leave(str(recorder.id), head, body)
+    nxt = asyncio.ensure_future(recorder.fetch("http://r/?n=3", method="POST"))
+    await asyncio.wait_for(hold, 15)
+    await asyncio.wait_for(nxt, 15)
+    return await recorded(client, name)
+
+
 async def test_a_call_left_by_a_closed_link_never_runs_after_the_callers_next_one(client, cluster):
     """A relay (a peer of the callee: another slot's HTTP front, say) sends a call and its
     connection closes before the callee reads it: the callee's loop is held by a long call.
@@ -457,36 +482,56 @@ async def test_a_call_left_by_a_closed_link_never_runs_after_the_callers_next_on
     Before, the held loop then read both connections' calls in either order (the chaos soak
     saw a writer's tokens stored out of order); now a call whose connection the monitor says
     closed is dropped, and the caller's next call runs alone."""
-    name = name_on(client, "RECORDER", 1, "closed-")
-    recorder = client.namespace("RECORDER").get_by_name(name)
-    await recorder.fetch("http://r/?n=1", method="POST")
-    assert recorder._peer is not None  # (this test's own calls go by its link)
-    busy = client.namespace("BUSY").get_by_name(name_on(client, "BUSY", 1, "closed-hold-"))
-    head, body = encode_request(Request("http://r/?n=2", method="POST"))
     ctx = zmq.Context()
     relay = _dealer(ctx, peer_endpoint(str(cluster.data / "run"), 1))
     try:
-        relay.send_multipart(PeerHello().encode())
+        relay.send_multipart(PeerHello().encode())  # (answered before the loop is held)
         incarnation = None
         while incarnation is None:
             msg = parse(relay.recv_multipart(), TO_PEER)
             if type(msg) is PeerWelcome:
                 incarnation = msg.incarnation
-        hold = asyncio.ensure_future(busy.fetch("http://b/?sleep=2.5"))
-        await asyncio.sleep(0.5)  # (the loop, held)
-        relay.send_multipart(PeerCall(incarnation, 1, "RECORDER", str(recorder.id), head,
-                                      body).encode())
-        relay.close(linger=2000)  # (sent, then closed: the relay is gone)
-        await asyncio.sleep(0.3)
-        nxt = asyncio.ensure_future(recorder.fetch("http://r/?n=3", method="POST"))
-        await asyncio.wait_for(hold, 15)
-        await asyncio.wait_for(nxt, 15)
+
+        async def leave(oid: str, head: bytes, body: bytes) -> None:
+            relay.send_multipart(PeerCall(incarnation, 1, "RECORDER", oid, head, body).encode())
+            relay.close(linger=2000)  # (sent, then closed: the relay is gone)
+            await asyncio.sleep(0.3)
+
+        assert await _relay_left_a_call(client, "closed-", leave) == [1, 3]
     finally:
         relay.close(linger=0)
         ctx.term()
-    assert await recorded(client, name) == [1, 3]
 
     async def dropped() -> bool:  # (the slots' statistics come with their heartbeats)
         slot = (await client.statistics())["slots"][1]
         return slot["reported"].get("peer_calls_of_closed_links", 0) >= 1
     await async_wait_for(dropped, 10, "slot 1 to count the closed link's call")
+
+
+async def test_a_call_the_broker_forwarded_for_a_relay_that_died_never_runs_late(client, cluster):
+    """A relay (a broker client: an HTTP front, a gateway) has a call forwarded to a callee
+    whose loop is held, then dies; the supervisor tells the broker, which tells the callee
+    (CLIENTGONE, behind the call in its socket). The relay's caller goes on by a link of its
+    own. Before, the held loop ran the relay's call whenever it read it, after the link's
+    call or before; now it reads on past a call and drops one whose client is gone."""
+    fake_pid = 4_000_000  # (no process of this machine: the relay is gone once "exited")
+    ctx = zmq.Context()
+    relay = _dealer(ctx, cluster.frontend)
+    control = ctx.socket(zmq.PUSH)
+    control.setsockopt(zmq.LINGER, 1000)
+    control.connect(f"ipc://{cluster.data / 'run' / 'control.sock'}")
+    try:
+        relay.send_multipart(Hello(fake_pid, "relay").encode())
+        assert type(parse(relay.recv_multipart(), TO_CLIENT)) is Welcome
+
+        async def leave(oid: str, head: bytes, body: bytes) -> None:
+            relay.send_multipart(Call(1, 1, "RECORDER", oid, 30_000, head, body).encode())
+            await asyncio.sleep(0.3)  # (forwarded: in the held process's broker socket)
+            control.send_multipart(Control("client_exit", pid=fake_pid).encode())
+            await asyncio.sleep(0.3)
+
+        assert await _relay_left_a_call(client, "relay-gone-", leave) == [1, 3]
+    finally:
+        relay.close(linger=0)
+        control.close(linger=0)
+        ctx.term()
