@@ -680,10 +680,11 @@ class ObjectProcess:
                     self.counters.get("calls_of_gone_clients", 0) + 1
                 continue
             keep.append(msg)
+        current = self._sock
         for msg in reversed(keep):
+            if self._sock is not current:
+                return  # (registered anew meanwhile: the rest came by the socket it closed)
             self._dispatch(msg)
-            if type(msg) is WorkerDisconnect:
-                return  # (the rest came by the socket it closed)
 
     def _dispatch(self, msg: Any) -> None:
         if type(msg) is WorkerCall:
