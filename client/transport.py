@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -105,6 +106,31 @@ def recv_frames(sock: zmq.Socket, source: list[int] | None = None) -> list[bytes
 def has_input(sock: zmq.Socket) -> bool:
     """Whether a whole message can be received now (``ZMQ_EVENTS`` has ``POLLIN``)."""
     return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+
+
+_MONITOR_EVENT = struct.Struct("=HI")
+
+
+def monitor_event(frames: list[bytes]) -> tuple[int, int] | None:
+    """A socket monitor's message as ``(event, value)`` (the value of ``DISCONNECTED`` and
+    ``ACCEPTED`` is the connection's file descriptor); None if it is not one."""
+    if not frames or len(frames[0]) != _MONITOR_EVENT.size:
+        return None
+    return _MONITOR_EVENT.unpack(frames[0])
+
+
+def pending_events(mon: zmq.Socket) -> list[tuple[int, int]]:
+    """The monitor's events waiting now: asked before a message is handled, so that the
+    loop knows of a connection that closed even when its own reader has not run yet."""
+    out = []
+    while has_input(mon):
+        try:
+            event = monitor_event(mon.recv_multipart(zmq.NOBLOCK))
+        except zmq.ZMQError:
+            break
+        if event is not None:
+            out.append(event)
+    return out
 
 
 class LoopSocket:

@@ -29,7 +29,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import zmq
-import zmq.utils.monitor
 
 from durable import codec, pushdown
 from durable.broker.ring import Ring
@@ -75,7 +74,7 @@ from durable.protocol.messages import (
     to_client,
 )
 from durable.supervisor.config import Config as _SETTINGS
-from durable.transport import LoopSocket, has_input, recv_frames
+from durable.transport import LoopSocket, has_input, pending_events, recv_frames
 
 from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
 from .alarms import AlarmCall, AlarmScheduler
@@ -474,15 +473,8 @@ class ObjectProcess:
         run") already and gone on by a peer link. That happens when this loop was held by a
         long call meanwhile (the beat thread kept the process registered): the call must then
         not run after what they did since (``test_peer_calls.py``, a blocked callee)."""
-        mon = self._monitor
-        dropped = False
-        while mon is not None and has_input(mon):
-            try:
-                event = zmq.utils.monitor.parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
-            except (zmq.ZMQError, ValueError):
-                break
-            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
-        return dropped
+        return self._monitor is not None and any(
+            event == zmq.EVENT_DISCONNECTED for event, _ in pending_events(self._monitor))
 
     def _register(self) -> None:
         if self._sock is not None:

@@ -28,7 +28,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -50,13 +49,12 @@ from durable.protocol.messages import (
     parse,
     to_client,
 )
-from durable.transport import LoopSocket, configure, has_input
+from durable.transport import LoopSocket, configure, monitor_event, pending_events
 
 __all__ = ["PeerServer"]
 
 log = logging.getLogger("durable.objectproc")
 
-_EVENT = struct.Struct("=HI")
 #: ids already checked (MAC and ring): cleared when full, as the broker's
 _CHECKED_MAX = 65_536
 
@@ -142,12 +140,8 @@ class PeerServer:
 
     # -- in -------------------------------------------------------------------------------
     def _message(self, frames: list[bytes]) -> None:
-        mon = self.monitor.sock
-        while has_input(mon):  # (what the monitor knows now: closes the loop has not seen)
-            try:
-                self._event(mon.recv_multipart(zmq.NOBLOCK))
-            except zmq.ZMQError:
-                break
+        for event, fd in pending_events(self.monitor.sock):  # (closes the loop has not seen)
+            self._on_event(event, fd)
         if self._closed_fds and self.sock.source is not None \
                 and self.sock.source[0] in self._closed_fds:
             self.counters["peer_calls_of_closed_links"] += 1
@@ -204,9 +198,11 @@ class PeerServer:
         return None
 
     def _event(self, frames: list[bytes]) -> None:
-        if not frames or len(frames[0]) != 6:
-            return
-        event, fd = _EVENT.unpack(frames[0])
+        event = monitor_event(frames)
+        if event is not None:
+            self._on_event(*event)
+
+    def _on_event(self, event: int, fd: int) -> None:
         if event == zmq.EVENT_ACCEPTED:
             self._closed_fds.discard(fd)  # (a new connection has that descriptor now)
         elif event == zmq.EVENT_DISCONNECTED:  # whose? ask each caller: a gone one fails
