@@ -1,0 +1,32 @@
+"""scripts/cpu_split.py at a small size: the rate and each thread's CPU per call, as JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # a real daemon: the full suite runs it
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "cpu_split.py"
+
+
+def test_cpu_split_reports_each_processs_cpu_per_call_at_the_concurrency_asked():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--calls", "600", "--existing", "20",
+                          "--concurrency", "8", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert (result["calls"], result["existing"], result["concurrency"]) == (600, 20, 8), result
+    assert result["per_s"] > 0, result
+    per_call = result["cpu_us_per_call"]
+    # the calls ran in the object processes, and were sent by this program
+    assert per_call.get("objectproc/main", 0) > 0 and per_call.get("program/main", 0) > 0, result
+    assert result["cpu_us_per_call_total"] >= per_call["objectproc/main"], result
+
+
+def test_cpu_split_refuses_no_calls_in_flight_by_name():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--concurrency", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--concurrency 0" in out.stderr, out.stderr
