@@ -106,9 +106,9 @@ def test_vs_workerd_bench_quick_runs_durables_half():
         m = median[name]
         for figure in ("noop_sequential_p50_ms", "counter_sequential_p50_ms", "noop_64_per_s",
                        "noop_64_p99_ms", "counter_64_per_s", "counter_spread_64_per_s",
-                       "new_object_64_per_s", "server_cpu_per_noop_ms",
+                       "counter_wide_64_per_s", "new_object_64_per_s", "server_cpu_per_noop_ms",
                        "server_cpu_per_counter_64_ms", "server_cpu_per_counter_spread_64_ms",
-                       "server_cpu_per_new_object_64_ms"):
+                       "server_cpu_per_counter_wide_64_ms", "server_cpu_per_new_object_64_ms"):
             assert m[figure] > 0, (name, figure)
         split = {k: v for k, v in m.items() if k.startswith("server_cpu_per_noop_ms_")}
         for role in roles:  # every process on the path spent some
@@ -117,3 +117,4 @@ def test_vs_workerd_bench_quick_runs_durables_half():
         assert abs(sum(split.values()) - m["server_cpu_per_noop_ms"]) < 0.01
         assert 0 < median[f"{name}_new_object_over_counter"]["counter_spread_64"] < 5, median
         assert 0 < median[f"{name}_new_object_over_counter"]["counter_64_by_round"] < 5, median
+        assert 0 < median[f"{name}_new_object_over_counter"]["counter_wide_64_by_round"] < 5, median
