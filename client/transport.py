@@ -113,7 +113,11 @@ _MONITOR_EVENT = struct.Struct("=HI")
 
 def monitor_event(frames: list[bytes]) -> tuple[int, int] | None:
     """A socket monitor's message as ``(event, value)`` (the value of ``DISCONNECTED`` and
-    ``ACCEPTED`` is the connection's file descriptor); None if it is not one."""
+    ``ACCEPTED`` is the connection's file descriptor); None if it is not one.
+
+    (Not ``zmq.utils.monitor.parse_monitor_message``: pyzmq 27 returns the value as a
+    ``zmq.Event`` flag, a descriptor of 7 reading as ``CONNECTED|CONNECT_DELAYED|...``, and
+    it raises RuntimeError for a malformed message, where one frame is all this needs.)"""
     if not frames or len(frames[0]) != _MONITOR_EVENT.size:
         return None
     return _MONITOR_EVENT.unpack(frames[0])

@@ -40,7 +40,7 @@ def watch_period(smallest_limit: float) -> float:
 
     A hold is noticed at most one period late, so a limit is overrun by at most ~3%
     (less for limits under 1.5 s). The thread's every look costs a wake-up and the GIL:
-    at 20 a second (0.05 s, whatever the limit) it was ~1 ms of CPU a second per object
+    at 20 a second (0.05 s, whatever the limit) it was ~2 ms of CPU a second per object
     process, the largest share of an idle daemon's CPU after the loops (measured); at the
     default 30-s limit it now looks once a second."""
     return min(1.0, max(0.05, smallest_limit / 30))
