@@ -225,6 +225,8 @@ class Activation:
         self.retiring_since: float | None = None  # idle, waiting for owned tasks to end
         self.cancelled_tasks = False  # retire() cancelled them: evict at the next check
         self.last_used = clock()
+        #: when the object process last put it at its catalog's end (≤ ``last_used``)
+        self.placed = self.last_used
         self.max_pending = max_pending
         #: when object errors were logged (rate)
         self.errors_logged: deque[float] | tuple[()] = _NO_WAITING

@@ -1,0 +1,118 @@
+"""Eviction reads the catalog's oldest entries only, and evicts exactly the idle objects.
+
+The object process keeps its catalog in order of each activation's ``placed`` time (a call's
+activation goes back to the end at most 8 times per ``idle_timeout``), so ``evict_idle``
+stops at the first entry placed since the cutoff. These tests check the result against the
+plain rule (idle for ``idle_timeout``, nothing running) and count the entries it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+from durable.examples.counter import Counter
+from durable.testing import Runtime
+
+IDLE = 0.3
+
+
+class _Counting(dict):
+    """A catalog that counts the entries a scan of ``items()`` reads."""
+
+    read = 0
+
+    def items(self):  # noqa: ANN201
+        for kv in super().items():
+            self.read += 1
+            yield kv
+
+
+def _counting(proc) -> _Counting:  # noqa: ANN001
+    proc.catalog = _Counting(proc.catalog)
+    return proc.catalog
+
+
+def _idle_by_rule(proc) -> set[tuple[str, str]]:  # noqa: ANN001
+    """What a scan of every entry would evict (no object here starts tasks of its own)."""
+    cutoff = time.monotonic() - proc.config.idle_timeout
+    return {k for k, a in dict.items(proc.catalog)
+            if a.last_used <= cutoff and a.evictable(proc.config.idle_timeout)}
+
+
+async def test_eviction_reads_only_the_entries_placed_before_the_cutoff():
+    async with Runtime({"COUNTER": Counter}) as rt:
+        proc = rt._proc
+        proc.config.idle_timeout = IDLE
+        ns = rt.namespace("COUNTER")
+        for i in range(50):
+            await ns.get_by_name(f"old{i}").increment()
+        await asyncio.sleep(IDLE + 0.05)
+        for i in range(10):  # used again: back to the end
+            assert await ns.get_by_name(f"old{i}").increment() == 2
+        for i in range(200):  # placed since the cutoff: never read
+            await ns.get_by_name(f"new{i}").increment()
+        catalog = _counting(proc)
+        expected = _idle_by_rule(proc)
+        assert expected == {("COUNTER", str(ns.id_from_name(f"old{i}"))) for i in range(10, 50)}
+        assert proc.evict_idle() == 40
+        assert not expected & set(catalog)
+        assert len(catalog) == 210
+        # the 40 idle entries, and the first one placed since the cutoff
+        assert catalog.read == 41, f"read {catalog.read} of 250 entries"
+        # and the objects kept and evicted still answer, with their state
+        assert await ns.get_by_name("old3").increment() == 3
+        assert await ns.get_by_name("old30").increment() == 2
+
+
+async def test_an_object_busy_past_the_cutoff_is_kept_and_evicted_once_idle():
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(instance, state):  # noqa: ANN001, ANN202
+        started.set()
+        await release.wait()
+
+    async with Runtime({"COUNTER": Counter}) as rt:
+        proc = rt._proc
+        proc.config.idle_timeout = IDLE
+        ns = rt.namespace("COUNTER")
+        busy = ns.get_by_name("busy")
+        await busy.increment()
+        for i in range(5):
+            await ns.get_by_name(f"o{i}").increment()
+        held = asyncio.ensure_future(rt.run_in_object(busy, hold))
+        await started.wait()
+        await asyncio.sleep(IDLE + 0.05)
+        key = ("COUNTER", str(busy.id))
+        assert proc.evict_idle() == 5  # (the five behind it were read past it)
+        assert key in proc.catalog
+        release.set()
+        await held
+        await asyncio.sleep(IDLE + 0.05)
+        assert _idle_by_rule(proc) == {key}
+        assert proc.evict_idle() == 1
+        assert not proc.catalog
+        assert await busy.increment() == 2
+
+
+async def test_a_hot_object_goes_back_to_the_end_at_most_eight_times_per_idle_timeout():
+    async with Runtime({"COUNTER": Counter}) as rt:
+        proc = rt._proc
+        proc.config.idle_timeout = IDLE
+        ns = rt.namespace("COUNTER")
+        hot = ns.get_by_name("hot")
+        await hot.increment()
+        key = ("COUNTER", str(hot.id))
+        act = proc.catalog[key]
+        placed = [act.placed]
+        until = time.monotonic() + IDLE
+        while time.monotonic() < until:
+            await hot.increment()
+            if act.placed != placed[-1]:
+                placed.append(act.placed)
+            await asyncio.sleep(0.002)
+        assert 1 <= len(placed) - 1 <= 8, placed
+        assert all(b - a >= IDLE / 8 for a, b in itertools.pairwise(placed)), placed
+        assert act.placed <= act.last_used
+        assert list(proc.catalog)[-1] == key
