@@ -9,6 +9,7 @@ plain rule (idle for ``idle_timeout``, nothing running) and count the entries it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 
@@ -34,6 +35,14 @@ def _counting(proc) -> _Counting:  # noqa: ANN001
     return proc.catalog
 
 
+@contextlib.asynccontextmanager
+async def _runtime():  # noqa: ANN202
+    """A runtime whose objects go idle after ``IDLE`` seconds: (its process, the namespace)."""
+    async with Runtime({"COUNTER": Counter}) as rt:
+        rt._proc.config.idle_timeout = IDLE
+        yield rt, rt._proc, rt.namespace("COUNTER")
+
+
 def _idle_by_rule(proc) -> set[tuple[str, str]]:  # noqa: ANN001
     """What a scan of every entry would evict (no object here starts tasks of its own)."""
     cutoff = time.monotonic() - proc.config.idle_timeout
@@ -42,10 +51,7 @@ def _idle_by_rule(proc) -> set[tuple[str, str]]:  # noqa: ANN001
 
 
 async def test_eviction_reads_only_the_entries_placed_before_the_cutoff():
-    async with Runtime({"COUNTER": Counter}) as rt:
-        proc = rt._proc
-        proc.config.idle_timeout = IDLE
-        ns = rt.namespace("COUNTER")
+    async with _runtime() as (rt, proc, ns):
         for i in range(50):
             await ns.get_by_name(f"old{i}").increment()
         await asyncio.sleep(IDLE + 0.05)
@@ -73,10 +79,7 @@ async def test_an_object_busy_past_the_cutoff_is_kept_and_evicted_once_idle():
         started.set()
         await release.wait()
 
-    async with Runtime({"COUNTER": Counter}) as rt:
-        proc = rt._proc
-        proc.config.idle_timeout = IDLE
-        ns = rt.namespace("COUNTER")
+    async with _runtime() as (rt, proc, ns):
         busy = ns.get_by_name("busy")
         await busy.increment()
         for i in range(5):
@@ -97,10 +100,7 @@ async def test_an_object_busy_past_the_cutoff_is_kept_and_evicted_once_idle():
 
 
 async def test_a_hot_object_goes_back_to_the_end_at_most_eight_times_per_idle_timeout():
-    async with Runtime({"COUNTER": Counter}) as rt:
-        proc = rt._proc
-        proc.config.idle_timeout = IDLE
-        ns = rt.namespace("COUNTER")
+    async with _runtime() as (rt, proc, ns):
         hot = ns.get_by_name("hot")
         await hot.increment()
         key = ("COUNTER", str(hot.id))
