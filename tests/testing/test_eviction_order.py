@@ -3,7 +3,9 @@
 The object process keeps its catalog in order of each activation's ``placed`` time (a call's
 activation goes back to the end at most 8 times per ``idle_timeout``), so ``evict_idle``
 stops at the first entry placed since the cutoff. These tests check the result against the
-plain rule (idle for ``idle_timeout``, nothing running) and count the entries it reads.
+plain rule (idle for ``idle_timeout``, nothing running) and count the entries it reads; the
+last one does so for any interleaving of calls, time and scans (hypothesis, on a clock of its
+own).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import asyncio
 import contextlib
 import itertools
 import time
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from durable.examples.counter import Counter
 from durable.testing import Runtime
@@ -45,7 +51,9 @@ async def _runtime():  # noqa: ANN202
 
 def _idle_by_rule(proc) -> set[tuple[str, str]]:  # noqa: ANN001
     """What a scan of every entry would evict (no object here starts tasks of its own)."""
-    cutoff = time.monotonic() - proc.config.idle_timeout
+    import durable.objectproc.loop as loop
+
+    cutoff = loop.time.monotonic() - proc.config.idle_timeout  # (the process's clock)
     return {k for k, a in dict.items(proc.catalog)
             if a.last_used <= cutoff and a.evictable(proc.config.idle_timeout)}
 
@@ -116,3 +124,65 @@ async def test_a_hot_object_goes_back_to_the_end_at_most_eight_times_per_idle_ti
         assert all(b - a >= IDLE / 8 for a, b in itertools.pairwise(placed)), placed
         assert act.placed <= act.last_used
         assert list(proc.catalog)[-1] == key
+
+
+class _FakeTime:
+    """The object process's and its activations' clock, moved by the test (the rest of the
+    time module, and the event loop's clock, stay real)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(time, name)
+
+
+_OPS = st.lists(st.one_of(st.tuples(st.just("call"), st.integers(0, 11)),
+                          # (steps around the move interval, IDLE / 8, and the timeout)
+                          st.tuples(st.just("advance"), st.one_of(
+                              st.sampled_from([IDLE / 32, IDLE / 16, IDLE / 8, IDLE / 2,
+                                               IDLE * 7 / 8, IDLE]),
+                              st.floats(0, 1.5 * IDLE))),
+                          st.just(("evict",))), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS)
+# (an object used again too soon to move, ahead of one that went idle: a scan that stopped at
+# the first entry used since the cutoff, not placed since it, would keep the idle one)
+@example(ops=[("call", 0), ("advance", 0.01), ("call", 1), ("advance", 0.01), ("call", 0),
+              ("advance", IDLE - 0.005), ("evict",)])
+def test_eviction_in_placed_order_evicts_what_a_full_scan_would(ops):
+    """Against the plain rule over every entry, for any interleaving of calls, time and scans;
+    and the catalog stays in order of ``placed``, none after its ``last_used``."""
+    import durable.objectproc.activation as activation
+    import durable.objectproc.loop as loop
+
+    fake = _FakeTime()
+    defaults = activation.Activation.__init__.__defaults__
+    assert defaults[0] is time.monotonic  # (the activations' clock)
+
+    async def run() -> None:
+        async with _runtime() as (_rt, proc, ns):
+            for op in ops:
+                if op[0] == "call":
+                    await ns.get_by_name(f"o{op[1]}").increment()
+                elif op[0] == "advance":
+                    fake.now += op[1]
+                else:
+                    expected = _idle_by_rule(proc)
+                    before = set(proc.catalog)
+                    assert proc.evict_idle() == len(expected)
+                    assert set(proc.catalog) == before - expected
+                acts = list(proc.catalog.values())
+                assert all(a.placed <= a.last_used for a in acts)
+                assert all(a.placed <= b.placed for a, b in itertools.pairwise(acts))
+
+    with pytest.MonkeyPatch.context() as patch:  # (each example its own clock)
+        patch.setattr(loop, "time", fake)
+        patch.setattr(activation.Activation.__init__, "__defaults__",
+                      (fake.monotonic, *defaults[1:]))
+        asyncio.run(run())
