@@ -1217,9 +1217,10 @@ class ObjectProcess:
     def evict_idle(self) -> int:
         """Evict idle objects; one whose own tasks still run gets ``wait_until_limit`` first.
 
-        The catalog is in order of ``placed``, which no entry's ``last_used`` precedes (a
-        call's activation is placed anew before it is delivered), so no entry after the first
-        one placed since the cutoff can be idle: the scan stops there. A slot taking new
+        The catalog is in order of ``placed``, which no entry's ``last_used`` precedes (an
+        activation is placed when it is made, and again, at most 8 times per timeout, just
+        before a call is delivered to it), so no entry after the first one placed since the
+        cutoff can be idle: the scan stops there. A slot taking new
         objects holds ``idle_timeout``'s worth of them, and reading each of them at each of
         the four scans per timeout cost ~5 µs of the loop per new object (py-spy; the entries
         are out of the CPU's caches).
