@@ -91,8 +91,37 @@ async def async_wait_for(predicate: Callable[[], Any], timeout: float, what: str
         await asyncio.sleep(interval)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: Each pytest-xdist worker takes its ports from a block of its own, below the kernel's
+#: ephemeral range: a port the kernel picked (bind to port 0) could be given to another
+#: connection's source port before the server bound it, and was (CI: a NATS node's client
+#: port became the source port of another node's route connection, "address already in use").
+_PORT_BLOCK = 1500
+_PORTS_FROM = 10_000 + _PORT_BLOCK * int(
+    os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_next_port = [0]
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
+    """A TCP port on loopback that nothing listens on now, from this test process's block
+    below the ephemeral range (the kernel's own choice when no such block fits)."""
+    if _PORTS_FROM + _PORT_BLOCK <= _ephemeral_low():
+        for _ in range(_PORT_BLOCK):
+            port = _PORTS_FROM + _next_port[0] % _PORT_BLOCK
+            _next_port[0] += 1
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # (in use, or a connection of an earlier test in TIME_WAIT)
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
