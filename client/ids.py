@@ -89,14 +89,30 @@ _NAMED_MAX = 4096
 class IdFactory:
     """Makes and checks the ids of one namespace."""
 
-    __slots__ = ("namespace", "_key")
+    __slots__ = ("namespace", "_key", "_inner", "_outer")
 
     def __init__(self, namespace: str, key: bytes) -> None:
         self.namespace = namespace
         self._key = key
+        # HMAC's two padded keys, hashed once (RFC 2104): each MAC then copies the states
+        # instead of hashing them again: 0.63 µs a MAC against 1.58 µs for hmac.new() on the
+        # project's VM. A call to a new named object makes four: two where its id is made
+        # (the caller, or the HTTP front), two where the owner checks it (a peer's call).
+        block = key if len(key) <= 64 else hashlib.sha256(key).digest()
+        block = block.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def _hmac(self, msg: bytes) -> bytes:
+        """HMAC-SHA256 of ``msg`` under the namespace key (all 32 bytes)."""
+        inner = self._inner.copy()
+        inner.update(msg)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def _mac(self, a: bytes) -> bytes:
-        return hmac.new(self._key, a, hashlib.sha256).digest()[:16]
+        return self._hmac(a)[:16]
 
     def from_name(self, name: str) -> ObjectId:
         if type(name) is not str:
@@ -104,8 +120,7 @@ class IdFactory:
         memo = (self._key, name)
         hex_id = _NAMED.get(memo)
         if hex_id is None:
-            a = hmac.new(self._key, name.encode("utf-8", "surrogatepass"),
-                         hashlib.sha256).digest()[:16]
+            a = self._hmac(name.encode("utf-8", "surrogatepass"))[:16]
             hex_id = (a + self._mac(a)).hex()
             if len(name) <= 256:  # (the memo's memory stays bounded: a few MiB at most)
                 if len(_NAMED) >= _NAMED_MAX:

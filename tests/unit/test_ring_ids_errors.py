@@ -5,6 +5,8 @@ import stat
 from collections import Counter
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from durable.broker.ring import Ring, stable_hash
 from durable.errors import (
@@ -113,6 +115,27 @@ def test_remembered_ids_of_names_match_a_fresh_hmac_and_the_memo_stays_bounded()
     assert len(ids_module._NAMED) <= ids_module._NAMED_MAX
     assert ("x" * 300) not in {n for _, n in ids_module._NAMED}  # long names are not kept
     assert str(factory("B").from_name("n1")) != fresh("n1")  # another namespace's key
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.one_of(st.binary(max_size=64), st.binary(min_size=65, max_size=200)),
+       msg=st.binary(max_size=300))
+@example(key=b"k" * 65, msg=b"m")
+def test_the_factorys_hmac_from_hashed_pads_is_hmac_sha256(key, msg):
+    """Keys up to and over SHA-256's 64-byte block (hashed first, RFC 2104)."""
+    import hashlib
+    import hmac
+
+    assert IdFactory("A", key)._hmac(msg) == hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def test_the_factorys_hmac_gives_rfc_4231s_answers():
+    # RFC 4231, test cases 2 and 6 (a key longer than the block)
+    assert IdFactory("A", b"Jefe")._hmac(b"what do ya want for nothing?").hex() == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    assert IdFactory("A", b"\xaa" * 131)._hmac(
+        b"Test Using Larger Than Block-Size Key - Hash Key First").hex() == (
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54")
 
 
 def test_100000_unique_ids_never_repeat_and_all_validate():
