@@ -494,6 +494,56 @@ def zmq_echo_floor(tmp: Path, n: int, hops: int = 2) -> dict[str, float]:
             "cpu_ms_per_round_trip": round(cpu / n * 1000, 4)}
 
 
+def _sink(front: str) -> None:
+    """A ROUTER that reads and drops every message (for :func:`zmq_send_floor`)."""
+    import zmq
+
+    s = zmq.Context.instance().socket(zmq.ROUTER)
+    s.setsockopt(zmq.RCVHWM, 0)
+    s.bind(front)
+    while True:
+        s.recv_multipart()
+
+
+def zmq_send_floor(tmp: Path, n: int) -> dict[str, float]:
+    """The sending thread's CPU for one 3-frame message on a DEALER (to another process's
+    ROUTER over ipc): sent back to back, and alone, 1 ms after the last (ZMQ's I/O thread
+    has gone to sleep and the send wakes it). Each hop of a call pays the second on its way
+    out, and a call to another slot's object makes two such hops (docs/messaging.md)."""
+    import subprocess
+
+    import zmq
+
+    front = f"ipc://{tmp}/sink.sock"
+    proc = subprocess.Popen([sys.executable, __file__, "_echo-sink", front])
+    try:
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.connect(front)
+        time.sleep(0.3)  # (connected)
+        frames = [b"c" * 20, b"h" * 100, b"b" * 50]
+        out: dict[str, float] = {}
+        for label, pause in (("back_to_back", 0.0), ("alone", 0.001)):
+            spent = []
+            for _ in range(n):
+                if pause:
+                    until = time.perf_counter() + pause
+                    while time.perf_counter() < until:  # (spinning: the thread stays awake)
+                        pass
+                t = time.thread_time()
+                s.send(frames[0], zmq.SNDMORE)
+                s.send(frames[1], zmq.SNDMORE)
+                s.send(frames[2])
+                spent.append(time.thread_time() - t)
+            out[f"{label}_cpu_us"] = us(pct(spent, 0.5))
+        s.close(linger=0)
+    finally:
+        proc.kill()
+        proc.wait()
+    return out
+
+
 class Daemon:
     """A broker and object processes, as ``durable serve`` will run them (killed on exit)."""
 
@@ -662,6 +712,7 @@ def rpc_suite(quick: bool, slots: int, direct: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"slots": slots, "direct": direct}
         out["floor_zmq_2hop_echo"] = zmq_echo_floor(root, 500 if quick else 5000)
         out["floor_zmq_1hop_echo"] = zmq_echo_floor(root, 500 if quick else 5000, hops=1)
+        out["floor_zmq_send"] = zmq_send_floor(root, 300 if quick else 3000)
         fdir = root / "fsync"
         fdir.mkdir()
         out["floor_fsync_100b_preallocated"] = floor_fsync(fdir, 300 if quick else 3000, size=100,
@@ -1867,6 +1918,8 @@ def main(argv: list[str] | None = None) -> int:
             _echo_broker(sys.argv[2], sys.argv[3])
         elif sys.argv[1] == "_echo-direct":
             _echo_direct(sys.argv[2])
+        elif sys.argv[1] == "_echo-sink":
+            _sink(sys.argv[2])
         else:
             _echo_worker(sys.argv[2])
         return 0

@@ -34,7 +34,7 @@ def test_rpc_bench_quick_reports_every_figure():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout)["median"]
-    for section in ("floor_zmq_2hop_echo", "floor_zmq_1hop_echo", "noop_sequential", "noop_64_in_flight_100_objects",
+    for section in ("floor_zmq_2hop_echo", "floor_zmq_1hop_echo", "floor_zmq_send", "noop_sequential", "noop_64_in_flight_100_objects",
                     "counter_sequential", "counter_64_in_flight_100_objects",
                     "method_noop_sequential", "method_counter_sequential",
                     "method_vs_fetch_noop_p50", "call_codec_1kb_dict"):
@@ -45,6 +45,8 @@ def test_rpc_bench_quick_reports_every_figure():
     assert m["call_codec_1kb_dict"]["bytes"] >= 1000
     for hops in ("1hop", "2hop"):
         assert m[f"floor_zmq_{hops}_echo"]["cpu_ms_per_round_trip"] > 0
+    assert m["floor_zmq_send"]["back_to_back_cpu_us"] > 0
+    assert m["floor_zmq_send"]["alone_cpu_us"] > 0
 
 
 def test_http_bench_quick_reports_every_figure():
