@@ -95,6 +95,9 @@ log = logging.getLogger("durable.gateway")
 access = logging.getLogger("durable.gateway.access")
 _HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"}
 _STUB_CACHE = 10_000
+#: the longest name or request target the route and URL memories keep (a longer one is worked
+#: out each time: 10,000 entries of up to 8 KB each would be ~160 MB)
+_REMEMBERED_MAX = 512
 _LARGE_RESPONSE = 64 << 10  # responses from this size count against the byte bound
 CALL_TIMEOUT = 30.0  # seconds a request waits for its object (then 504)
 
@@ -201,9 +204,11 @@ class Gateway:
                     f"{e}. /{parts[1]}/id/<id>/... names an object by its id; an object named "
                     f"\"id\" is reached at /{parts[1]}/id/<its id>/... (or /{parts[1]}/id alone)"
                 ) from None
-            if len(self._routes) >= _STUB_CACHE:
-                self._routes.clear()
-            route = self._routes[key] = (ns, oid, str(oid))
+            route = (ns, oid, str(oid))
+            if len(key[1]) <= _REMEMBERED_MAX:  # (a long name is not kept: bounded bytes)
+                if len(self._routes) >= _STUB_CACHE:
+                    self._routes.clear()
+                self._routes[key] = route
         ns, oid, hex_id = route
         key = self.bounds.enter(ns.name, hex_id)  # (not a context manager: per request)
         try:
@@ -306,7 +311,10 @@ class Gateway:
         a fiftieth of a no-op request's CPU), and a connection's requests repeat it. The
         URL is a function of the key (aiohttp parses the target by the method, for
         CONNECT's authority form)."""
-        key = (request.scheme, request.host, request.method, request.raw_path)
+        target = request.raw_path
+        if len(target) > _REMEMBERED_MAX:  # (the memory's bytes stay bounded: ~10 MB)
+            return str(request.url)
+        key = (request.scheme, request.host, request.method, target)
         url = self._urls.get(key)
         if url is None:
             url = str(request.url)

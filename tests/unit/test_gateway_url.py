@@ -59,3 +59,10 @@ def test_the_memory_stays_bounded(monkeypatch):
     for i in range(120):
         assert gw._url(_request("GET", f"/C/o{i}/", "h")) == f"http://h/C/o{i}/"
         assert len(gw._urls) <= 50
+
+
+def test_a_long_target_is_answered_but_not_kept():
+    gw = _gateway()
+    target = "/C/" + "x" * (gateway._REMEMBERED_MAX + 1)
+    assert gw._url(_request("GET", target, "h")) == "http://h" + target
+    assert gw._urls == {}
