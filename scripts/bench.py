@@ -1778,7 +1778,23 @@ class = "durable.examples.counter:Counter"
             out[f"{name}_over_workerd"] = {
                 k: round(out[name][k] / out["workerd"][k], 2)
                 for k in out[name] if out["workerd"].get(k)}
+            out[f"{name}_over_workerd_by_round"] = ratios_by_round(runs[name], runs["workerd"])
     out["rounds"] = runs
+    return out
+
+
+def ratios_by_round(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, float]:
+    """For each figure both sides have in every round, the median of round ``i``'s ratio
+    ``a[i] / b[i]``. Why: the two servers of one round run back to back, so a slow spell of
+    this shared VM moves both, where the medians of each figure may come from different
+    rounds (one run's no-op with 64 connections was 1.63x as a ratio of medians and 1.35x by
+    round: 1.82, 1.33, 1.35)."""
+    out: dict[str, float] = {}
+    for k in a[0] if a else ():
+        pairs = [(x.get(k), y.get(k)) for x, y in zip(a, b, strict=True)]
+        if all(isinstance(x, (int, float)) and isinstance(y, (int, float)) and y
+               for x, y in pairs):
+            out[k] = round(statistics.median(x / y for x, y in pairs), 2)
     return out
 
 
