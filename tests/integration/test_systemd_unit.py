@@ -101,14 +101,20 @@ class = "tests.integration.objects:Alarmed"
     try:
         frontend = f"ipc://{tmp_path}/durable-data/run/broker.sock"
 
+        class Restarted(Exception):
+            """A slot was replaced under strace's slowness (its stubs broke): go again."""
+
         async def workload():
             async with durable.connect(frontend, timeout=30, connect_timeout=30) as c:
                 counter = c.namespace("COUNTER").get_by_name("c")
-                assert await counter.increment() == 1
+                first = await counter.increment()
+                assert first >= 1
                 await c.namespace("ALARMED").get_by_name("a").arm(time.time() * 1000)
                 async with aiohttp.ClientSession() as s:
                     async with s.post(f"http://127.0.0.1:{port}/COUNTER/c/inc") as r:
-                        assert await r.text() == "2"
+                        if r.status == 503:
+                            raise Restarted(await r.text())
+                        assert await r.text() == str(first + 1)
                     ws = await s.ws_connect(f"http://127.0.0.1:{port}/CHAT/lobby/?name=a")
                     await ws.receive(timeout=10)
                     await ws.send_str("hi")
@@ -120,7 +126,18 @@ class = "tests.integration.objects:Alarmed"
                     await asyncio.sleep(0.1)
 
         wait_for(lambda: (tmp_path / "durable-data/run/status.json").exists(), 60, "the daemon")
-        asyncio.run(workload())
+        # (each process runs traced, slowly, with a 0.2-s heartbeat: on a loaded CI machine a
+        # slot was once taken as hung and replaced mid-workload, breaking its stubs. The system
+        # calls are the point here, so the workload runs again with new stubs, three times at
+        # most; each run checks its HTTP increment against its own first one.)
+        for attempt in range(3):
+            try:
+                asyncio.run(workload())
+                break
+            except (durable.StubBrokenError, Restarted):
+                if attempt == 2:
+                    raise
+                time.sleep(1)
         supervisor = psutil.Process(proc.pid).children()[0]
         supervisor.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
