@@ -437,11 +437,19 @@ class Client:
         if self._closed:
             return
         told = False
+        heard: list[asyncio.Future[Any]] = []
         for ch in list(self._channels.values()):  # the objects hear that we left
             if type(ch) is Channel and ch.stub is not None and ch.state == OPEN:
-                ch.close_from_here(1001, "the client closed", clean=False)
+                fut = ch.close_from_here(1001, "the client closed", clean=False)
+                if fut is not None:
+                    heard.append(fut)
                 told = True
             ch.lost(1001, "the client closed")
+        if heard:
+            # (until they have heard it, a second at most: an object process drops what a
+            # connection sent once it knows the connection closed, so a close it reads after
+            # that is lost and the object hears 1006 instead; seen in a loaded test run)
+            await asyncio.wait(heard, timeout=1.0)
         self._closed = True
         for task in list(self._tasks):
             task.cancel()
