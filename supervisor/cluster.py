@@ -84,6 +84,7 @@ class SlotOwnership:
         self._watch: asyncio.Task[None] | None = None
         self._watched_at = -float("inf")  # when the watch last delivered an entry
         self.rewatches = 0
+        self._rewatching: asyncio.Task[None] | None = None  # a new watch being made
         self._reading: dict[int, asyncio.Task[None]] = {}  # slot -> its key's read from the leader
         self._read_again: set[int] = set()  # slots whose key changed while being read
         #: host -> (revision, last seen new, its (boot, beat) if its value has them)
@@ -282,14 +283,18 @@ class SlotOwnership:
         more after it came back, while writes went on). Every lease then looked expired just
         before each resync, and the hosts' shares swung with it (the flapping slot of
         docs/cluster.md). So when this read finds a change the watch did not deliver, and the
-        watch has delivered nothing for a lease, it is started anew."""
+        watch has delivered nothing for a lease, it is started anew, in the background: making
+        a watch takes two requests of the cluster, which took over a second each on a loaded
+        machine just after an election (the consumers were made on the server, and the client
+        had given up: seen in CI-like runs)."""
         missed = False
         for slot in range(self.leases.slots):
             before = self.leases.revision(slot)
             await self._reread(slot)
             missed |= self.leases.revision(slot) > before
-        if missed and self.clock() - self._watched_at > self.leases.lease:
-            await self._rewatch()
+        if (missed and self.clock() - self._watched_at > self.leases.lease
+                and (self._rewatching is None or self._rewatching.done())):
+            self._rewatching = asyncio.create_task(self._rewatch())
         try:
             keys = await asyncio.wait_for(self.kv.keys(), self.timeout * 2)
         except Exception as e:  # noqa: BLE001  (NoKeysError, a timeout: next time)
@@ -326,14 +331,30 @@ class SlotOwnership:
         self.values[host] = value or b"{}"
 
     async def _rewatch(self) -> None:
+        """Watch anew. Making a watch makes a consumer, which needs the cluster's metadata
+        leader: while the dead server's place is being elected, each try fails after the
+        JetStream context's timeout (seen for 6-8 s in quiet runs). A failed try is made again
+        (0.05 s later, doubling to half a second) for up to two leases; then the next resync
+        starts over if the watch still stands still."""
         log.warning("the watch of the cluster's keys delivered nothing for %.1f s while keys "
                     "changed (its NATS server went away?): watching anew",
                     self.clock() - self._watched_at)
-        try:
-            watcher = await asyncio.wait_for(self.kv.watchall(), self.timeout * 2)
-        except Exception as e:  # noqa: BLE001  (the next resync tries again)
-            log.warning("watching the cluster's keys anew failed (%s); trying again in a lease", e)
-            return
+        limit = 2 * max(self.leases.lease, 2 * self.timeout)
+        give_up, delay, tries = time.monotonic() + limit, 0.05, 0
+        while True:
+            tries += 1
+            try:  # (each request has the context's timeout: this bounds one never answered)
+                watcher = await asyncio.wait_for(self.kv.watchall(),
+                                                  max(give_up - time.monotonic(), delay))
+                break
+            except Exception as e:  # noqa: BLE001  (tried again, as below)
+                if time.monotonic() + delay > give_up:
+                    log.warning("watching the cluster's keys anew failed %d times in %.1f s "
+                                "(last: %r); the next resync tries again", tries, limit, e)
+                    return
+                log.debug("watching the cluster's keys anew failed (%r): trying again", e)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
         if self._watch is not None:
             self._watch.cancel()  # (not awaited: stopping a consumer on a dead server may hang)
         self.rewatches += 1
@@ -361,6 +382,10 @@ class SlotOwnership:
         return self.leases.owned(self.clock())
 
     async def close(self) -> None:
+        if self._rewatching is not None:  # (first: it may start a watch)
+            self._rewatching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rewatching
         for task in [self._watch, *self._reading.values()]:
             if task is not None:
                 task.cancel()
