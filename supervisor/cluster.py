@@ -282,8 +282,10 @@ class SlotOwnership:
         is down, and for seconds after (measured: nothing in 8 s of a dead server, then 5-10 s
         more after it came back, while writes went on). Every lease then looked expired just
         before each resync, and the hosts' shares swung with it (the flapping slot of
-        docs/cluster.md). So when this read finds a change the watch did not deliver, and the
-        watch has delivered nothing for a lease, it is started anew, in the background: making
+        docs/cluster.md). So when this read finds a change the watch did not deliver, or this
+        host's own announcement was acknowledged and not delivered (the reads can all time out
+        for 8 s of an election, measured), and the watch has delivered nothing for a lease, it
+        is started anew, in the background: making
         a watch takes two requests of the cluster, which took over a second each on a loaded
         machine just after an election (the consumers were made on the server, and the client
         had given up: seen in CI-like runs)."""
@@ -292,7 +294,8 @@ class SlotOwnership:
             before = self.leases.revision(slot)
             await self._reread(slot)
             missed |= self.leases.revision(slot) > before
-        if (missed and self.clock() - self._watched_at > self.leases.lease
+        unseen = self._announced > self._watched_at  # (sent after the last delivery, acked)
+        if ((missed or unseen) and self.clock() - self._watched_at > self.leases.lease
                 and (self._rewatching is None or self._rewatching.done())):
             self._rewatching = asyncio.create_task(self._rewatch())
         try:

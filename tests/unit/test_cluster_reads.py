@@ -264,6 +264,41 @@ def test_a_new_watch_that_fails_is_tried_again_before_the_next_resync():
     asyncio.run(main())
 
 
+def test_a_watch_that_missed_this_hosts_own_announcement_is_made_anew_without_reads():
+    """The resync's reads all timed out for 8 s of an election (a quiet run of the jetstream
+    test), so no change the watch missed was found, while this host's own writes went on. An
+    announcement acknowledged and not delivered after a lease is such a change too."""
+    async def main() -> None:
+        bucket, now = _Bucket(), [100.0]
+        lease = 1.0
+        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=lease), timeout=0.1,
+                            clock=lambda: now[0])
+        await own.start()
+        try:
+            bucket.failing = 10**6  # every read times out
+            now[0] += 0.2
+            await own._announce(now[0])  # acknowledged; the watch stands still
+            now[0] += lease / 2
+            await own.resync()
+            await asyncio.sleep(0.1)
+            assert own.rewatches == 0  # (not a lease of silence yet)
+            now[0] += lease
+            await own.resync()
+            assert await _until(lambda: own.rewatches == 1, 1.0), own.rewatches
+            # a watch that delivers the announcement is not made anew
+            entry = bucket.entries["host/a"]
+            await own._announce(now[0])
+            await bucket.watch.queue.put(entry)
+            assert await _until(lambda: own._watched_at == now[0], 1.0)
+            now[0] += lease + 0.1  # (a lease of silence, but nothing acknowledged unseen)
+            await own.resync()
+            await asyncio.sleep(0.1)
+            assert own.rewatches == 1
+        finally:
+            await own.close()
+    asyncio.run(main())
+
+
 def test_closing_while_a_watch_is_made_anew_leaves_no_task():
     async def main() -> None:
         bucket, now = _Bucket(), [100.0]
