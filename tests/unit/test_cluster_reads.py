@@ -98,6 +98,17 @@ async def _until(check, seconds: float) -> bool:  # noqa: ANN001
     return True
 
 
+async def _started(lease: float, timeout: float, **kw: object
+                   ) -> tuple[_Bucket, list[float], SlotOwnership]:
+    """A started one-slot SlotOwnership of host "a" on an empty bucket, on a clock the test
+    moves (``now[0]``)."""
+    bucket, now = _Bucket(), [100.0]
+    own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=lease), timeout=timeout,
+                        clock=lambda: now[0], **kw)
+    await own.start()
+    return bucket, now, own
+
+
 def test_a_changed_key_whose_read_fails_is_read_again_until_it_is_seen():
     """A read after the watch's news that timed out (a NATS election; seen in a CI-like run)
     left the change unseen until the next resync, a lease later. It is read again at once."""
@@ -157,10 +168,7 @@ def test_a_host_read_at_a_lower_revision_than_the_watch_gave_is_still_live():
     a host announcing every third of a lease was dropped from the fair share. Each
     announcement now carries a mark that changes, and the mark decides."""
     async def main() -> None:
-        bucket, now = _Bucket(), [100.0]
-        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=2.0), timeout=0.5,
-                            clock=lambda: now[0])
-        await own.start()
+        bucket, now, own = await _started(2.0, 0.5)
         try:
             bucket.revision = 16
             seen = bucket.write("host/b", _member(5))  # (the leader's 17)
@@ -185,10 +193,7 @@ def test_a_host_read_at_a_lower_revision_than_the_watch_gave_is_still_live():
 
 def test_announcements_carry_a_changing_mark_and_unmarked_values_go_by_revision():
     async def main() -> None:
-        bucket, now = _Bucket(), [100.0]
-        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=2.0), timeout=0.5,
-                            clock=lambda: now[0], announce=b'{"broker": "tcp://127.0.0.1:7"}')
-        await own.start()
+        bucket, now, own = await _started(2.0, 0.5, announce=b'{"broker": "tcp://127.0.0.1:7"}')
         try:
             await own._announce(now[0])
             first = orjson.loads(bucket.entries["host/a"].value)
@@ -219,11 +224,8 @@ def test_a_standing_watch_is_made_anew_even_when_making_it_is_slow():
     It is now made in the background of the resyncs, for up to two leases, and not twice at
     once."""
     async def main() -> None:
-        bucket, now = _Bucket(), [100.0]
         lease, timeout = 0.4, 0.1  # (the old limit: 0.2 s)
-        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=lease), timeout=timeout,
-                            clock=lambda: now[0])
-        await own.start()
+        bucket, now, own = await _started(lease, timeout)
         try:
             old = own._watch
             bucket.watch_delay = 0.5
@@ -247,10 +249,7 @@ def test_a_new_watch_that_fails_is_tried_again_before_the_next_resync():
     every try to make a watch failed after the request timeout, for 6-8 s in quiet runs,
     and tries came once a resync (a lease). They now come again at once, spaced."""
     async def main() -> None:
-        bucket, now = _Bucket(), [100.0]
-        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=1.0), timeout=0.1,
-                            clock=lambda: now[0])
-        await own.start()
+        bucket, now, own = await _started(1.0, 0.1)
         try:
             bucket.watch_failing = 4
             await bucket.put("slot/0", b'{"host": "b", "epoch": 1}')
@@ -269,11 +268,8 @@ def test_a_watch_that_missed_this_hosts_own_announcement_is_made_anew_without_re
     test), so no change the watch missed was found, while this host's own writes went on. An
     announcement acknowledged and not delivered after a lease is such a change too."""
     async def main() -> None:
-        bucket, now = _Bucket(), [100.0]
         lease = 1.0
-        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=lease), timeout=0.1,
-                            clock=lambda: now[0])
-        await own.start()
+        bucket, now, own = await _started(lease, 0.1)
         try:
             bucket.failing = 10**6  # every read times out
             now[0] += 0.2
@@ -301,10 +297,7 @@ def test_a_watch_that_missed_this_hosts_own_announcement_is_made_anew_without_re
 
 def test_closing_while_a_watch_is_made_anew_leaves_no_task():
     async def main() -> None:
-        bucket, now = _Bucket(), [100.0]
-        own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=0.4), timeout=0.1,
-                            clock=lambda: now[0])
-        await own.start()
+        bucket, now, own = await _started(0.4, 0.1)
         bucket.watch_delay = 5.0
         await bucket.put("slot/0", b'{"host": "b", "epoch": 1}')
         now[0] += 0.5
