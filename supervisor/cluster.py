@@ -85,6 +85,7 @@ class SlotOwnership:
         self._watched_at = -float("inf")  # when the watch last delivered an entry
         self.rewatches = 0
         self._rewatching: asyncio.Task[None] | None = None  # a new watch being made
+        self._closed = False
         self._reading: dict[int, asyncio.Task[None]] = {}  # slot -> its key's read from the leader
         self._read_again: set[int] = set()  # slots whose key changed while being read
         #: host -> (revision, last seen new, its (boot, beat) if its value has them)
@@ -285,10 +286,10 @@ class SlotOwnership:
         docs/cluster.md). So when this read finds a change the watch did not deliver, or this
         host's own announcement was acknowledged and not delivered (the reads can all time out
         for 8 s of an election, measured), and the watch has delivered nothing for a lease, it
-        is started anew, in the background: making
-        a watch takes two requests of the cluster, which took over a second each on a loaded
-        machine just after an election (the consumers were made on the server, and the client
-        had given up: seen in CI-like runs)."""
+        is started anew, in the background: making a watch takes two requests of the cluster,
+        which took over a second each on a loaded machine just after an election (the
+        consumers were made on the server, and the client had given up: seen in CI-like
+        runs)."""
         missed = False
         for slot in range(self.leases.slots):
             before = self.leases.revision(slot)
@@ -296,6 +297,7 @@ class SlotOwnership:
             missed |= self.leases.revision(slot) > before
         unseen = self._announced > self._watched_at  # (sent after the last delivery, acked)
         if ((missed or unseen) and self.clock() - self._watched_at > self.leases.lease
+                and not self._closed
                 and (self._rewatching is None or self._rewatching.done())):
             self._rewatching = asyncio.create_task(self._rewatch())
         try:
@@ -385,6 +387,7 @@ class SlotOwnership:
         return self.leases.owned(self.clock())
 
     async def close(self) -> None:
+        self._closed = True  # (a resync still running starts no new watch)
         if self._rewatching is not None:  # (first: it may start a watch)
             self._rewatching.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

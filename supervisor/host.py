@@ -17,6 +17,7 @@ The supervisor's loop asks :meth:`ClusterHost.wanted` which slots to run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mmap
 import os
@@ -179,6 +180,7 @@ class ClusterHost:
         self.nc = await nats.connect(servers=c.servers(), name=f"durable-host-{c.host_id}",
                                      error_cb=quiet, connect_timeout=5,
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        resync: asyncio.Task[None] | None = None
         try:
             js = self.nc.jetstream(timeout=2.0)
             deadline = time.monotonic() + 60
@@ -200,7 +202,6 @@ class ClusterHost:
             self._joined.set()
             log.info("joined the cluster as %s (lease %.1f s); this host's broker for the "
                      "others: %s", c.host_id, c.lease, self.endpoint)
-            resync: asyncio.Task[None] | None = None
             next_resync = time.monotonic() + c.lease
             stalled_since: float | None = None
             last_round = paused_until = time.monotonic()
@@ -227,6 +228,10 @@ class ClusterHost:
                     resync = asyncio.ensure_future(self.own.resync())
                 await asyncio.sleep(0.05)
         finally:
+            if resync is not None and not resync.done():
+                resync.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await resync
             await self.own.close() if self.own is not None else None
             await self.nc.close()
 

@@ -307,3 +307,21 @@ def test_closing_while_a_watch_is_made_anew_leaves_no_task():
         await own.close()
         assert making.cancelled() and own._watch.done() and own.rewatches == 0
     asyncio.run(main())
+
+
+def test_a_resync_that_ends_after_close_starts_no_watch():
+    """The host's resync runs as a task of its own; one still reading when the ownership is
+    closed (the host stopping) must not leave a new watch behind it."""
+    async def main() -> None:
+        bucket, now, own = await _started(1.0, 0.1)
+        bucket.failing = 10**6  # (each read takes a moment, then fails)
+        now[0] += 0.1
+        await own._announce(now[0])  # acknowledged, not delivered
+        now[0] += 1.1
+        resync = asyncio.create_task(own.resync())
+        await asyncio.sleep(0.005)  # (reading)
+        await own.close()
+        await resync
+        await asyncio.sleep(0.05)
+        assert own._rewatching is None and bucket.watches == 1
+    asyncio.run(main())
