@@ -344,7 +344,7 @@ class SlotOwnership:
         log.warning("the watch of the cluster's keys delivered nothing for %.1f s while keys "
                     "changed (its NATS server went away?): watching anew",
                     self.clock() - self._watched_at)
-        limit = 2 * max(self.leases.lease, 2 * self.timeout)
+        limit = 2 * self.leases.lease
         give_up, delay, tries = time.monotonic() + limit, 0.05, 0
         while True:
             tries += 1
