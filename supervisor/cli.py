@@ -336,7 +336,7 @@ def repair_cmd(args: argparse.Namespace) -> int:
                              progress=_say(args))
     except RepairError as e:
         return _fail(str(e), 1)
-    if not result["repaired"]:
+    if not result["repaired"] or "put_back" in result:
         _emit(args, result, result["message"])
         return 0
     lost = result["records_lost"]

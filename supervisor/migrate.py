@@ -153,8 +153,8 @@ def _run(data: Path, old: int, new: int, marker: Path) -> int:
     progress.finish()
     for i in existing:
         if i >= new:  # its objects all moved out
-            (data / f"slot-{i}.duckdb").unlink(missing_ok=True)
-            (data / f"slot-{i}.duckdb.wal").unlink(missing_ok=True)
+            for suffix in ("", ".wal", ".before-checkpoint", ".torn"):
+                (data / f"slot-{i}.duckdb{suffix}").unlink(missing_ok=True)
             shutil.rmtree(data / f"slot-{i}.log", ignore_errors=True)
     _write_json(data / "layout.json", {"slots": new})
     marker.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ import duckdb
 
 from durable.errors import StorageCorruptError
 from durable.fsutil import fsync_dir
+from durable.objectproc.storage import preimage
 from durable.objectproc.storage.duck import DuckStore
 from durable.objectproc.storage.log import decode_writeset, list_segments, scan_segment
 from durable.objectproc.storage.slot import fold
@@ -78,7 +79,10 @@ def _log_dir(data: Path, slot: int) -> Path:
 
 
 def _in_use(e: BaseException) -> bool:
-    return "lock" in str(e).lower()
+    """DuckDB could not take its file lock (not just any message with "lock" in it: a damaged
+    block's error names the "block", and was once reported as "in use")."""
+    text = str(e).lower()
+    return "could not set lock" in text or "conflicting lock" in text
 
 
 def _check_duckdb(path: Path, report: SlotReport) -> None:
@@ -139,6 +143,14 @@ def verify_slot(data: Path, slot: int) -> SlotReport:
     """Check one slot's DuckDB file and commit log; change nothing."""
     report = SlotReport(slot)
     _check_duckdb(_duck_path(data, slot), report)
+    if report.duckdb_ok is False:
+        cut = preimage.recover(_duck_path(data, slot), dry_run=True)
+        if cut is not None:
+            report.duckdb_error = (
+                f"{report.duckdb_error} (a checkpoint was cut short here: `durable repair --slot "
+                f"{slot} --yes`, or the daemon's next start, puts back the {len(cut.blocks)} "
+                f"block(s) it left half written from "
+                f"{preimage.image_path(_duck_path(data, slot)).name}, losing nothing)")
     _scan_log(data, slot, report.applied_seq or 0, report)
     report.ok = (report.duckdb_ok is not False and not report.damage and not report.missing)
     return report
@@ -202,6 +214,15 @@ def repair_slot(data: Path, slot: int, *, identity: str | None,
     if before.ok:
         return {"slot": slot, "repaired": False, "report": before.as_dict(),
                 "message": f"slot {slot} is sound; nothing to repair"}
+    put_back = preimage.recover(duck_path)  # (a checkpoint cut short: nothing need be lost)
+    if put_back is not None:
+        after = verify_slot(data, slot)
+        if after.ok:
+            return {"slot": slot, "repaired": True, "put_back": put_back.blocks,
+                    "kept": str(put_back.kept), "rows": after.rows, "report": before.as_dict(),
+                    "message": put_back.describe(duck_path)}
+        progress(f"{put_back.describe(duck_path)}; the file still fails verification")
+        before = after
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     quarantine = data / "quarantine" / f"{stamp}-slot-{slot}"
     quarantine.mkdir(parents=True, mode=0o700)
@@ -246,7 +267,8 @@ def repair_slot(data: Path, slot: int, *, identity: str | None,
     store.close()
 
     moved = []
-    for src in (duck_path, Path(f"{duck_path}.wal"), log_dir):
+    for src in (duck_path, Path(f"{duck_path}.wal"), preimage.image_path(duck_path),
+                preimage.kept_path(duck_path), log_dir):
         if src.exists():
             os.replace(src, quarantine / src.name)
             moved.append(src.name)

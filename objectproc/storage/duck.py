@@ -42,6 +42,10 @@ Checkpoints are ours, not DuckDB's (see docs/storage.md, "Disk use"):
   would fail the commit too. The applier checkpoints when the WAL passes a
   size or an age, after checking free space; a failed commit (``ENOSPC`` in
   the WAL) leaves the database usable, a failed checkpoint means reopening it.
+* Nor does DuckDB checkpoint at close (``disable_checkpoint_on_shutdown``): every
+  checkpoint goes through :meth:`DuckStore.checkpoint`, which first keeps the
+  metadata blocks DuckDB rewrites in place (``preimage``), so a checkpoint cut
+  short by SIGKILL or a power cut cannot damage what the file already held.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ import duckdb
 import psutil
 
 from durable.errors import StorageCorruptError
+from durable.objectproc.storage import preimage
 
 __all__ = ["DuckStore", "is_corruption", "is_out_of_memory", "NEVER_CHECKPOINT"]
 
@@ -253,6 +258,13 @@ class DuckStore:
         #: set once the limit could not grow for want of room (it is at the ceiling): an
         #: out-of-memory failure after that is one that more memory would not have avoided
         self.at_ceiling = False
+        #: a checkpoint cut short that this open put right (None: the last one finished)
+        self.recovered: preimage.Recovered | None = None
+        self._raw: int | None = None  # (see preimage.save: open as long as DuckDB's connection)
+        if not read_only and path.exists():
+            self.recovered = preimage.recover(path)
+            if self.recovered is not None:
+                log.warning("%s", self.recovered.describe(path))
         while True:
             try:
                 self._open(read_only, objects)
@@ -262,8 +274,7 @@ class DuckStore:
                 # first statements, cannot load them; open again with more room)
                 if not is_out_of_memory(e) or not self._raise_limit(e, "opening the file"):
                     raise
-                with contextlib.suppress(AttributeError, duckdb.Error):
-                    self._con.close()
+                self._close_connection()
 
     def _open(self, read_only: bool, objects: bool) -> None:
         path = self.path
@@ -274,7 +285,11 @@ class DuckStore:
         try:
             self._con = duckdb.connect(str(path), read_only=read_only, config=config)
             if not read_only:
+                self._raw = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 os.chmod(path, 0o600)  # holds every object's data
+                self._con.execute("PRAGMA disable_checkpoint_on_shutdown")
+                self._block_size = int(self._con.execute(
+                    "SELECT block_size FROM pragma_database_size()").fetchall()[0][0])
                 self._con.execute(_SCHEMA + _OBJECTS_TABLE)
             self._reader = self._con.cursor()
             self._writer = self._con.cursor()
@@ -290,13 +305,22 @@ class DuckStore:
                              path.name, time.monotonic() - started)
         except duckdb.Error as e:
             if new:  # a file this call began (a full disk): never leave it half made
-                with contextlib.suppress(AttributeError, duckdb.Error):
-                    self._con.close()
+                self._close_connection()
                 for leftover in (path, Path(f"{path}.wal")):
                     leftover.unlink(missing_ok=True)
             elif is_corruption(e):
+                self._close_connection()
                 raise StorageCorruptError(f"DuckDB file {path} is damaged: {e}") from e
             raise
+
+    def _close_connection(self) -> None:
+        """DuckDB's connection, then our descriptor of its file (never the other way round:
+        closing ours first would drop DuckDB's ``fcntl`` lock while it still writes)."""
+        with contextlib.suppress(AttributeError, duckdb.Error):
+            self._con.close()
+        if self._raw is not None:
+            os.close(self._raw)
+            self._raw = None
 
     # -- memory -------------------------------------------------------------------
     def index_bytes(self) -> int:
@@ -444,6 +468,11 @@ class DuckStore:
         :attr:`memory_limit`, raised first if memory was what it lacked).
         """
         while True:
+            if self._raw is not None:  # (what this checkpoint rewrites in place, kept first)
+                blocks = [int(r[0]) for r in self._writer.execute(
+                    "SELECT block_id FROM pragma_metadata_info()").fetchall()]
+                if blocks:
+                    preimage.save(self.path, self._raw, blocks, self._block_size)
             try:
                 self._writer.execute("CHECKPOINT")
                 return
@@ -680,6 +709,8 @@ class DuckStore:
         return self._one("SELECT count(*) FROM kv WHERE v IS NOT NULL")
 
     def close(self) -> None:
-        self._reader.close()
-        self._writer.close()
-        self._con.close()
+        try:
+            self._reader.close()
+            self._writer.close()
+        finally:
+            self._close_connection()

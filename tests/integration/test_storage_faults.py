@@ -303,6 +303,59 @@ def test_damaged_duckdb_file_marks_the_slot_corrupt_and_repair_reports_the_loss(
         assert all(got[n] <= acked[n] for n in acked)
 
 
+def test_a_checkpoint_cut_short_loses_nothing(tmp_path):
+    """The CI failure of 2026-12-04: a SIGKILL during a checkpoint cut DuckDB's in-place
+    rewrite of its metadata block short, and the next start found the file damaged (every
+    row of the slot unreadable). Here the files are left as such a kill leaves them: the
+    checkpoint kept its pre-image, wrote its data blocks and the first pages of the
+    metadata block, and died before the header; the WAL and commit log are still there."""
+    from durable.objectproc.storage.duck import DuckStore
+    from durable.objectproc.storage.preimage import HEADERS, image_path, kept_path
+    data = tmp_path / "durable-data"
+    with serving(tmp_path, CONFIG) as d:
+        d.wait_ready()
+        acked = write(d, 0, 20, body=3000)
+        d.proc.send_signal(signal.SIGTERM)  # checkpointed: the file now has metadata blocks
+        assert d.proc.wait(timeout=30) == 0
+    with serving(tmp_path, CONFIG) as d:
+        d.wait_ready()
+        more = write(d, 0, 20, body=3000)
+        wal = data / "slot-0.duckdb.wal"
+        wait_for(lambda: wal.exists() and wal.stat().st_size > 20 * 3000, 20, "the applier")
+        kill_hard(d)  # no checkpoint since: these writes are in the WAL and the log only
+    path = data / "slot-0.duckdb"
+    before, wal = path.read_bytes(), Path(f"{path}.wal").read_bytes()
+    store = DuckStore(path)  # the checkpoint a kill will cut short, run here to its end
+    store.checkpoint()
+    store.close()
+    after = path.read_bytes()
+    assert image_path(path).exists() and after[:HEADERS] != before[:HEADERS]
+    block = HEADERS  # block 0: the metadata block the CI failure named ("location 12288")
+    assert before[block:block + 8] != after[block:block + 8], "block 0 was not rewritten"
+    torn = bytearray(after)
+    torn[:HEADERS] = before[:HEADERS]  # the header is written last: still the old one
+    torn[block + 3 * 4096:block + 256 * 1024] = before[block + 3 * 4096:block + 256 * 1024]
+    path.write_bytes(torn)
+    Path(f"{path}.wal").write_bytes(wal)
+    con = None
+    with pytest.raises(duckdb.Error, match="checksum"):  # what DuckDB alone makes of it
+        con = duckdb.connect(str(path), read_only=True)
+        con.execute("SELECT count(*) FROM kv").fetchall()
+    if con is not None:
+        con.close()
+    v = orjson.loads(cli(tmp_path, "verify", "--json", check=False).stdout)
+    assert "a checkpoint was cut short" in v["slots"][0]["duckdb_error"], v
+    with serving(tmp_path, CONFIG) as d:
+        d.wait_ready()
+        want = {n: acked.get(n, set()) | more.get(n, set()) for n in {*acked, *more}}
+        assert stored(d, want) == want
+        assert slot_state(tmp_path, 0) == "running"
+        assert "its last checkpoint was cut short" in (tmp_path / "serve.log").read_text()
+    assert kept_path(path).exists()
+    v = orjson.loads(cli(tmp_path, "verify", "--json").stdout)
+    assert all(s["ok"] for s in v["slots"]), v
+
+
 def test_data_dir_removed_while_serving_stops_the_daemon_and_nothing_starts_silently(tmp_path):
     with serving(tmp_path, CONFIG) as d:
         d.wait_ready()
