@@ -262,19 +262,26 @@ class DuckStore:
         self.recovered: preimage.Recovered | None = None
         self._raw: int | None = None  # (see preimage.save: open as long as DuckDB's connection)
         if not read_only and path.exists():
-            self.recovered = preimage.recover(path)
-            if self.recovered is not None:
-                log.warning("%s", self.recovered.describe(path))
+            # Under DuckDB's own lock: another process that has the file open (a second
+            # daemon refused a moment later) may be checkpointing it; leave it alone.
+            self._raw = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            if preimage.lock(self._raw):
+                self.recovered = preimage.recover(path, self._raw)
+                if self.recovered is not None:
+                    log.warning("%s", self.recovered.describe(path))
         while True:
             try:
                 self._open(read_only, objects)
                 return
             except duckdb.Error as e:
+                self._close_connection()
                 # (its indexes outgrew the limit: a commit replayed from DuckDB's WAL, or the
                 # first statements, cannot load them; open again with more room)
                 if not is_out_of_memory(e) or not self._raise_limit(e, "opening the file"):
                     raise
+            except BaseException:
                 self._close_connection()
+                raise
 
     def _open(self, read_only: bool, objects: bool) -> None:
         path = self.path
@@ -285,7 +292,8 @@ class DuckStore:
         try:
             self._con = duckdb.connect(str(path), read_only=read_only, config=config)
             if not read_only:
-                self._raw = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                if self._raw is None:
+                    self._raw = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 os.chmod(path, 0o600)  # holds every object's data
                 self._con.execute("PRAGMA disable_checkpoint_on_shutdown")
                 self._block_size = int(self._con.execute(

@@ -26,13 +26,15 @@ DuckDB's storage format, which ``pyproject.toml`` pins (2.0.x).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HEADERS", "Image", "Recovered", "image_path", "kept_path", "load", "recover", "save"]
+__all__ = ["HEADERS", "Image", "Recovered", "image_path", "kept_path", "load", "lock", "recover",
+           "save"]
 
 HEADERS = 3 * 4096  # DuckDB's main header and its two database headers
 _MAGIC = b"DURABLE-PREIMAGE"
@@ -140,18 +142,36 @@ class Recovered:
                 "Nothing is lost: the writes since are in DuckDB's WAL and the commit log")
 
 
-def recover(db: Path, *, dry_run: bool = False) -> Recovered | None:
+def lock(fd: int) -> bool:
+    """Take the lock DuckDB takes (``fcntl``, the whole file, exclusive) without waiting;
+    False if another process holds it (DuckDB there may be mid-checkpoint: hands off).
+    Within this process it merges with DuckDB's own, so DuckDB may open the file after."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def recover(db: Path, fd: int | None = None, *, dry_run: bool = False) -> Recovered | None:
     """Put back the blocks a cut-short checkpoint left half rewritten; None if none was.
 
-    Call only while no connection has the file open. ``dry_run``: say, change nothing.
+    ``fd``: the file, open for writing and :func:`lock`-ed by the caller, who keeps it open
+    as long as its DuckDB connection. Without one, the file is opened and locked here, and
+    nothing is done if another process holds it. ``dry_run``: say, change nothing.
     """
     image = load(db)
     if image is None or not image.blocks:
         return None
-    try:
-        fd = os.open(db, os.O_RDONLY if dry_run else os.O_RDWR)
-    except FileNotFoundError:
-        return None
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(db, os.O_RDONLY if dry_run else os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        if not dry_run and not lock(fd):
+            os.close(fd)
+            return None
     try:
         if _read(fd, HEADERS, 0) != image.headers:
             return None  # a checkpoint finished after the image: it no longer applies
@@ -170,4 +190,5 @@ def recover(db: Path, *, dry_run: bool = False) -> Recovered | None:
         os.fsync(fd)
         return Recovered(differ, kept)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)

@@ -18,6 +18,8 @@ page boundary (after up to the cut, before beyond it), and the WAL as before.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from hypothesis import strategies as st
 
 from durable.errors import StorageCorruptError
 from durable.objectproc.storage.duck import DuckStore
+from durable.objectproc.storage.preimage import recover
 
 HEADERS = 3 * 4096  # DuckDB's file header and its two database headers
 BLOCK = 256 * 1024
@@ -190,5 +193,34 @@ def test_verify_names_the_cut_short_checkpoint_and_repair_puts_it_back(checkpoin
     store = DuckStore(where / "slot-0.duckdb")
     try:
         assert store.recovered is None and _rows(store) == c.rows
+    finally:
+        store.close()
+
+
+def test_a_file_another_process_holds_is_left_alone(checkpointed):
+    """A second opener (a second daemon, a repair while serving) runs into DuckDB's lock. It
+    must not put anything back first: the holder may be mid-checkpoint, and old bytes under
+    its new header would be the damage this guards against."""
+    c = checkpointed
+    where = _left(c, bytes(_torn(c, {off: 0 for off in c.changed} | {c.changed[0]: 2})))
+    path = where / "slot-0.duckdb"
+    found = path.read_bytes()
+    holder = subprocess.Popen(  # takes the lock DuckDB takes (fcntl, whole file, exclusive)
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR); fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True); time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(duckdb.Error, match="lock"):
+            DuckStore(path).close()
+        assert recover(path) is None  # (as `durable repair` calls it)
+        assert path.read_bytes() == found, "a block was put back under another process's lock"
+    finally:
+        holder.kill()
+        holder.wait()
+    store = DuckStore(path)  # the holder gone, the next open puts it right
+    try:
+        assert store.recovered is not None and _rows(store) == c.rows
     finally:
         store.close()
