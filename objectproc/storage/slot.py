@@ -1013,6 +1013,11 @@ class SlotStore:
             return
         except duckdb.Error as e:
             self._duck_write_failed(e)
+        except OSError as e:  # (its pre-image: the disk filled since the check above)
+            if not is_disk_full(e):
+                raise
+            self._set_duck_full(e)
+            raise _Retry() from e
         self.checkpoints += 1
         self._last_checkpoint = time.monotonic()
         self._ckpt_backoff = 0.0
@@ -1286,7 +1291,7 @@ class SlotStore:
         if self.failed is None and self._duck_full is None and self.applied_seq == self.log.last_seq:
             try:
                 self.duck.checkpoint()
-            except duckdb.Error as e:  # the records stay in the log: recovery replays them
+            except (duckdb.Error, OSError) as e:  # the records stay in the log: recovery replays them
                 log.warning("slot %d: checkpoint at close failed: %s", self.slot, e)
             else:
                 self.log.drop_through(self.applied_seq)

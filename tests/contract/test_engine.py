@@ -463,6 +463,45 @@ async def test_duckdb_without_room_to_checkpoint_refuses_writes_until_space_retu
         await slot.close()
 
 
+async def test_a_disk_that_fills_before_the_checkpoints_pre_image_is_a_full_disk(tmp_path, monkeypatch):
+    """The pre-image of a checkpoint (docs/storage.md, "Faults on disk") is written after the
+    free-space check: a disk that fills in between fails that write with ENOSPC, which must
+    be a full disk like any other (writes refused, retried), not a dead applier."""
+    from durable.objectproc.storage import preimage
+    disk, save = Disk(), preimage.save
+
+    def saving(*args):
+        if disk.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(*args)
+
+    monkeypatch.setattr(preimage, "save", saving)
+    slot = SlotStore(tmp_path, apply_min_records=1, apply_max_delay=0.0, checkpoint_wal_bytes=1)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("a", 1)
+        await s.sync()
+        await wait_until(lambda: slot.checkpoints >= 1, 5)  # (the next one has metadata to keep)
+        disk.full = True
+        await s.put("b", 2)
+        await s.sync()
+        await wait_until(lambda: slot.full is not None, 5)
+        with pytest.raises(StorageFullError):
+            await s.put("c", 3)
+        disk.full = False
+        await wait_until(lambda: slot.full is None, 5)
+        await s.put("c", 3)
+        await s.sync()
+        assert await s.list() == {"a": 1, "b": 2, "c": 3}
+    finally:
+        await slot.close()
+    reopened = SlotStore(tmp_path)
+    try:
+        assert await ObjectStorage(reopened, "NS", "o").list() == {"a": 1, "b": 2, "c": 3}
+    finally:
+        await reopened.close()
+
+
 async def test_a_checkpoint_refused_beside_an_older_read_is_retried_not_fatal(tmp_path):
     """DuckDB refuses an explicit CHECKPOINT while a read transaction that began before the
     applier's last commit is open ("there are other write transactions active": the commit
