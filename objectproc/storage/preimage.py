@@ -33,6 +33,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from durable.fsutil import fsync_dir
+
 __all__ = ["HEADERS", "Image", "Recovered", "image_path", "kept_path", "load", "lock", "recover",
            "save"]
 
@@ -105,11 +107,7 @@ def save(db: Path, fd: int, blocks: list[int], block_size: int) -> None:
     new = not path.exists()
     _write_synced(path, image.encode())
     if new:  # its name must outlive a power cut as surely as its bytes
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
