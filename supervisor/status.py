@@ -74,7 +74,8 @@ def collect(config: Config, broker_stats: dict[str, Any] | None) -> dict[str, An
             p["inflight_calls"] = s.get("inflight")
             p["storage"] = {k: reported.get(k) for k in ("storage_full", "storage_full_why",
                                                           "wal_bytes", "log_bytes",
-                                                          "checkpoints", "durable_seq", "applied_seq",
+                                                          "checkpoints", "checkpoints_put_back",
+                                                          "durable_seq", "applied_seq",
                                                           "duckdb_memory_limit",
                                                           "duckdb_index_bytes")}
             if reported.get("storage_full") and p["state"] == "running":

@@ -278,6 +278,8 @@ class SlotStore:
         self.duck = DuckStore(self.directory / f"slot-{slot}.duckdb", memory_limit=memory_limit,
                               memory_ceiling=memory_ceiling)
         self._opened_limit = self.duck.memory_limit
+        #: opens that found a checkpoint cut short and put its blocks back (docs/storage.md)
+        self.checkpoints_put_back = int(self.duck.recovered is not None)
         if data_dir_id is not None:
             check_identity(self.duck, data_dir_id)
         self._applier: threading.Thread | None = None
@@ -303,6 +305,7 @@ class SlotStore:
                 self._opened_limit = limit
                 self.duck = DuckStore(self.duck.path, memory_limit=f"{limit}B",
                                       memory_ceiling=self.duck.memory_ceiling)
+                self.checkpoints_put_back += self.duck.recovered is not None
         #: cluster mode (objectproc/replication.py): records of the slot's replicated log
         #: that this host's files lacked, applied before serving
         self.caught_up = 0
@@ -1105,6 +1108,7 @@ class SlotStore:
                 # (the limit as grown: the indexes that needed it are still there)
                 self.duck = DuckStore(self.duck.path, memory_limit=f"{self.duck.memory_limit}B",
                                       memory_ceiling=self.duck.memory_ceiling)
+                self.checkpoints_put_back += self.duck.recovered is not None
             except BaseException as e:  # noqa: BLE001  (reported to the applier)
                 box.append(e)
             finally:
@@ -1222,6 +1226,7 @@ class SlotStore:
         return {"durable_seq": self.durable_seq, "applied_seq": self.applied_seq,
                 "checkpointed_seq": self.checkpointed_seq, "checkpoints": self.checkpoints,
                 "checkpoints_refused": self.checkpoints_refused,
+                "checkpoints_put_back": self.checkpoints_put_back,
                 "wal_bytes": self.duck.wal_bytes(), "log_bytes": log_bytes,
                 "duckdb_memory_limit": self.duck.memory_limit,
                 "duckdb_index_bytes": self.duck.index_bytes_seen,

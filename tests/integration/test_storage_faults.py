@@ -351,6 +351,13 @@ def test_a_checkpoint_cut_short_loses_nothing(tmp_path):
         assert stored(d, want) == want
         assert slot_state(tmp_path, 0) == "running"
         assert "its last checkpoint was cut short" in (tmp_path / "serve.log").read_text()
+        with durable.connect_sync(d.frontend) as c:
+            def put_back():
+                got = {s["slot"]: s["reported"].get("checkpoints_put_back")
+                       for s in c.statistics()["slots"]}
+                return got if None not in got.values() else None
+            put_back = wait_for(put_back, 10, "every slot's statistics")
+        assert put_back == {0: 1, 1: 0}, put_back
     assert kept_path(path).exists()
     v = orjson.loads(cli(tmp_path, "verify", "--json").stdout)
     assert all(s["ok"] for s in v["slots"]), v
