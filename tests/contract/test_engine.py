@@ -438,6 +438,27 @@ async def test_full_disk_at_a_new_segment_discards_certainly_and_resumes_by_itse
         await reopened.close()
 
 
+async def _fill(slot, s, disk) -> None:
+    """The disk fills after "a": "b" is still acknowledged (the log has room), then the slot
+    shows full and refuses "c"; reads go on."""
+    disk.full = True
+    await s.put("b", 2)
+    await s.sync()  # durable in the log: acknowledged
+    await wait_until(lambda: slot.full is not None, 5)
+    with pytest.raises(StorageFullError):
+        await s.put("c", 3)
+    assert await s.list() == {"a": 1, "b": 2}
+
+
+async def _free(slot, s, disk) -> None:
+    """Space returns: the slot resumes by itself and "c" is written."""
+    disk.full = False
+    await wait_until(lambda: slot.full is None, 5)
+    await s.put("c", 3)
+    await s.sync()
+    assert await s.list() == {"a": 1, "b": 2, "c": 3}
+
+
 async def test_duckdb_without_room_to_checkpoint_refuses_writes_until_space_returns(tmp_path):
     disk = Disk()
     slot = SlotStore(tmp_path, apply_min_records=1, apply_max_delay=0.0, checkpoint_wal_bytes=1,
@@ -446,19 +467,9 @@ async def test_duckdb_without_room_to_checkpoint_refuses_writes_until_space_retu
         s = ObjectStorage(slot, "NS", "o")
         await s.put("a", 1)
         await s.sync()
-        disk.full = True
-        await s.put("b", 2)
-        await s.sync()  # durable in the log: acknowledged
-        await wait_until(lambda: slot.full is not None, 5)
-        with pytest.raises(StorageFullError):
-            await s.put("c", 3)
-        assert await s.list() == {"a": 1, "b": 2}
+        await _fill(slot, s, disk)
         assert len(list_segments(log_dir(tmp_path))) >= 1  # nothing deleted without a checkpoint
-        disk.full = False
-        await wait_until(lambda: slot.full is None, 5)
-        await s.put("c", 3)
-        await s.sync()
-        assert await s.list() == {"a": 1, "b": 2, "c": 3}
+        await _free(slot, s, disk)
     finally:
         await slot.close()
 
@@ -482,17 +493,8 @@ async def test_a_disk_that_fills_before_the_checkpoints_pre_image_is_a_full_disk
         await s.put("a", 1)
         await s.sync()
         await wait_until(lambda: slot.checkpoints >= 1, 5)  # (the next one has metadata to keep)
-        disk.full = True
-        await s.put("b", 2)
-        await s.sync()
-        await wait_until(lambda: slot.full is not None, 5)
-        with pytest.raises(StorageFullError):
-            await s.put("c", 3)
-        disk.full = False
-        await wait_until(lambda: slot.full is None, 5)
-        await s.put("c", 3)
-        await s.sync()
-        assert await s.list() == {"a": 1, "b": 2, "c": 3}
+        await _fill(slot, s, disk)
+        await _free(slot, s, disk)
     finally:
         await slot.close()
     reopened = SlotStore(tmp_path)
