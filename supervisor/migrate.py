@@ -153,7 +153,8 @@ def _run(data: Path, old: int, new: int, marker: Path) -> int:
     progress.finish()
     for i in existing:
         if i >= new:  # its objects all moved out
-            for suffix in ("", ".wal", ".before-checkpoint", ".torn"):
+            for suffix in ("", ".wal", ".before-checkpoint", ".before-checkpoint.tmp", ".torn",
+                           ".torn.tmp"):
                 (data / f"slot-{i}.duckdb{suffix}").unlink(missing_ok=True)
             shutil.rmtree(data / f"slot-{i}.log", ignore_errors=True)
     _write_json(data / "layout.json", {"slots": new})

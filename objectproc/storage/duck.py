@@ -316,8 +316,7 @@ class DuckStore:
                 self._close_connection()
                 for leftover in (path, Path(f"{path}.wal")):
                     leftover.unlink(missing_ok=True)
-            elif is_corruption(e):
-                self._close_connection()
+            elif is_corruption(e):  # (__init__ closes the connection)
                 raise StorageCorruptError(f"DuckDB file {path} is damaged: {e}") from e
             raise
 

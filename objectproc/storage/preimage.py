@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from durable.fsutil import fsync_dir
+from durable.fsutil import write_durably
 
 __all__ = ["HEADERS", "Image", "Recovered", "image_path", "kept_path", "load", "lock", "recover",
            "save"]
@@ -72,7 +72,7 @@ class Image:
 
     @classmethod
     def decode(cls, data: bytes) -> Image | None:
-        """None for anything but a whole image (a save cut short: its checkpoint never began)."""
+        """None for anything but a whole, intact image (the digest: a damaged one is no guide)."""
         if len(data) < _HEAD.size + HEADERS + _DIGEST:
             return None
         body, digest = data[:-_DIGEST], data[-_DIGEST:]
@@ -103,22 +103,7 @@ def save(db: Path, fd: int, blocks: list[int], block_size: int) -> None:
     """
     image = Image(_read(fd, HEADERS, 0), block_size,
                   {b: _read(fd, block_size, HEADERS + b * block_size) for b in blocks})
-    path = image_path(db)
-    new = not path.exists()
-    _write_synced(path, image.encode())
-    if new:  # its name must outlive a power cut as surely as its bytes
-        fsync_dir(path.parent)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_durably(image_path(db), image.encode())  # (the old image or the new, never torn)
 
 
 def load(db: Path) -> Image | None:
@@ -178,7 +163,7 @@ def recover(db: Path, fd: int | None = None, *, dry_run: bool = False) -> Recove
         if not differ or dry_run:
             return Recovered(differ, kept_path(db)) if differ else None
         kept = kept_path(db)
-        _write_synced(kept, Image(image.headers, image.block_size,
+        write_durably(kept, Image(image.headers, image.block_size,
                                   {b: found[b] for b in differ}).encode())
         for b in differ:  # (cut short in turn, the next open puts them back again)
             view, at = memoryview(image.blocks[b]), image.offset(b)
