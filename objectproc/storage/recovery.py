@@ -11,7 +11,9 @@ Rules this file keeps (docs/storage.md, "Faults on disk"):
   its segment moves to ``quarantine/`` instead of being deleted.
 * A torn tail (see ``log.scan_segment``) is dropped and said in the log.
 * The replayed records are checkpointed into DuckDB's main file before any
-  segment is deleted.
+  segment is deleted. If that checkpoint cannot run (out of memory at the
+  slot's ceiling), every segment stays: the records are in DuckDB's WAL and in
+  the log, and the next open that checkpoints deletes them.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from durable.errors import StorageCorruptError, StorageError
+from durable.fsutil import fsync_dir, write_durably
 
 from .duck import DuckStore
-from .log import Damage, WriteSet, decode_writeset, list_segments, scan_segment
+from .log import Damage, WriteSet, cut_segment, decode_writeset, list_segments, scan_segment
 
 __all__ = ["DataDirMismatchError", "check_identity", "replay_log", "Recovered"]
 
@@ -98,8 +101,11 @@ def _verify(segments: list, applied: int, slot: int) -> tuple[list[tuple[Path, D
 
 def replay_log(duck: DuckStore, log_dir: Path, *, slot: int,
                apply: Callable[[list[WriteSet], int], None], batch: int,
-               quarantine: Path) -> Recovered:
-    """Verify the log tail after DuckDB's position, replay it, checkpoint, then delete it."""
+               quarantine: Path, checkpoint: bool = True) -> Recovered:
+    """Verify the log tail after DuckDB's position, replay it, checkpoint, then delete it.
+
+    ``checkpoint=False``: the slot's checkpoint at open ran out of memory at its ceiling;
+    the replayed records stay in DuckDB's WAL and every segment stays too."""
     applied = duck.applied_seq()
     segments = list_segments(log_dir)
     damaged, torn = _verify(segments, applied, slot)
@@ -129,6 +135,10 @@ def replay_log(duck: DuckStore, log_dir: Path, *, slot: int,
     if pending or expect - 1 != applied:
         apply(pending, expect - 1)
         replayed += len(pending)
+    if not checkpoint:
+        if torn is not None:  # (cut off: the segments written after it must not make it damage)
+            _cut_torn_tail(segments[-1].path, expect - 1)
+        return Recovered(expect, replayed, torn)
     duck.checkpoint()  # the records are in the main file: now, and only now, delete them
     if damaged:
         where = quarantine / (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -139,3 +149,14 @@ def replay_log(duck: DuckStore, log_dir: Path, *, slot: int,
     for seg in segments:
         seg.path.unlink(missing_ok=True)
     return Recovered(expect, replayed, torn)
+
+
+def _cut_torn_tail(path: Path, last_seq: int) -> None:
+    """The last segment without its torn tail, for a log that keeps it and writes on in a
+    new segment: only the last segment may end in a tear, any other such end is damage."""
+    cut = cut_segment(path.read_bytes(), last_seq)
+    if cut is None:  # (nothing in it before the tear: nothing acknowledged)
+        path.unlink()
+        fsync_dir(path.parent)
+    else:
+        write_durably(path, cut)

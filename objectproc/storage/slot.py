@@ -292,20 +292,30 @@ class SlotStore:
         self.replayed = 0
         self.torn: Damage | None = None  # the torn tail recovery dropped, if any
         started = time.perf_counter()
+        #: the checkpoint at open ran out of memory at the ceiling: opened on DuckDB's WAL,
+        #: writes refused until a restart with more memory (set once, then a second try)
+        no_checkpoint: BaseException | None = None
+        applied = self.duck.applied_seq()
         while True:
             try:
-                next_seq = self._recover(log_dir)
+                next_seq = self._recover(log_dir, checkpoint=no_checkpoint is None)
                 break
             except duckdb.FatalException as e:  # (a checkpoint that lacked memory: the file
                 limit = self.duck.memory_limit   # and WAL are intact, the limit grew)
                 with contextlib.suppress(duckdb.Error):
                     self.duck.close()
-                if not is_out_of_memory(e) or limit <= self._opened_limit:
+                if not is_out_of_memory(e):
                     raise
-                self._opened_limit = limit
+                if limit > self._opened_limit:
+                    self._opened_limit = limit
+                elif no_checkpoint is None:  # (at the ceiling: a replay that failed too raises)
+                    no_checkpoint = e
+                else:
+                    raise
                 self.duck = DuckStore(self.duck.path, memory_limit=f"{limit}B",
                                       memory_ceiling=self.duck.memory_ceiling)
                 self.checkpoints_put_back += self.duck.recovered is not None
+        self.replayed = next_seq - 1 - applied  # (records follow each other: else it raised)
         #: cluster mode (objectproc/replication.py): records of the slot's replicated log
         #: that this host's files lacked, applied before serving
         self.caught_up = 0
@@ -324,7 +334,7 @@ class SlotStore:
         self.duck.grow_memory()  # (room for the indexes, if replay filled them)
         self._memory_checked = time.monotonic()
         self.stored_seconds = time.perf_counter() - started
-        self.checkpointed_seq = next_seq - 1
+        self.checkpointed_seq = next_seq - 1 if no_checkpoint is None else 0
         self.checkpoints = 0
         self.checkpoints_refused = 0  # DuckDB said another transaction holds its lock: retried
         self._ckpt_backoff = 0.0
@@ -379,6 +389,8 @@ class SlotStore:
                              segment_bytes=segment_bytes, fsync=fsync, trace=trace,
                              fallocate=fallocate,
                              replicate=replication.append_group if replication else None)
+        if no_checkpoint is not None:
+            self._refuse_for_memory(no_checkpoint)
         self._check_memory_room()  # (a slot reopened at its ceiling refuses writes at once)
         self._applier = threading.Thread(target=self._apply_loop, name="durable-applier",
                                          daemon=True)
@@ -390,11 +402,12 @@ class SlotStore:
         self.inline_commits = 0  # syncs that wrote and synced on the loop thread
 
     # -- recovery -----------------------------------------------------------------
-    def _recover(self, log_dir: Path) -> int:
+    def _recover(self, log_dir: Path, *, checkpoint: bool = True) -> int:
         """Verify and replay the log (``recovery.replay_log``); return the next sequence number."""
         result = replay_log(self.duck, log_dir, slot=self.slot, apply=self._apply_writesets,
-                            batch=_REPLAY_BATCH, quarantine=self.directory / "quarantine")
-        self.replayed, self.torn = result.replayed, result.torn
+                            batch=_REPLAY_BATCH, quarantine=self.directory / "quarantine",
+                            checkpoint=checkpoint)
+        self.torn = result.torn
         return result.next_seq
 
     def _catch_up(self, replication: Any, next_seq: int) -> int:
@@ -976,6 +989,8 @@ class SlotStore:
 
     def _checkpoint_due(self, now: float) -> bool:
         if self.checkpointed_seq >= self.applied_seq or now < self._ckpt_retry_at:
+            return False
+        if self._memory_oom is not None:  # (at the ceiling, each would fail and reopen DuckDB)
             return False
         return (now - self._last_checkpoint >= self._ckpt_interval
                 or self.duck.wal_bytes() >= self.checkpoint_wal_threshold())

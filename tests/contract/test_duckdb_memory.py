@@ -306,3 +306,98 @@ async def test_a_checkpoint_out_of_memory_below_the_ceiling_grows_the_limit_and_
     finally:
         monkeypatch.undo()
         await slot.close()
+
+
+def checkpoints_run_out_of_memory(monkeypatch) -> list[int]:
+    """Every checkpoint fails as DuckDB's did at its ceiling in CI; returns the tries."""
+    tried: list[int] = []
+
+    def out_of_memory(self):
+        tried.append(1)
+        e = duckdb.FatalException("FATAL Error: Failed to create checkpoint because of error: "
+                                  "failed to allocate data of size 3.0 MiB (15.0 MiB/15.2 MiB used)")
+        self._raise_limit(e, "checkpointing")  # (as DuckStore.checkpoint does: at the ceiling)
+        raise e
+    monkeypatch.setattr(DuckStore, "checkpoint", out_of_memory)
+    return tried
+
+
+async def test_a_checkpoint_at_open_out_of_memory_at_the_ceiling_opens_with_writes_refused(
+        tmp_path, monkeypatch, caplog):
+    """Found by CI (tests/integration/test_duckdb_memory.py, at its ceiling): a daemon killed
+    at its memory ceiling left rows in DuckDB's WAL, and the next open's checkpoint ran out of
+    memory at the same ceiling. The slot exited "its storage cannot be opened; restarting
+    will not help" and served nothing. Now it opens on DuckDB's WAL, keeps its log (the
+    checkpoint that would let it go never happened), serves reads and refuses writes for
+    memory; a start with more memory checkpoints and takes writes again."""
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+    opts = {"memory_limit": "16MB", "memory_ceiling": 16 * 10**6,
+            "apply_min_records": 1, "apply_max_delay": 0.0}
+    slot = SlotStore(tmp_path, **opts)
+    try:
+        s = ObjectStorage(slot, "NS", "o")
+        await s.put("a", 1)
+        await s.put("b", 2)
+        await s.sync()
+        for _ in range(300):
+            if slot.applied_seq >= slot.log.last_seq:
+                break
+            await asyncio.sleep(0.01)
+        assert slot.applied_seq == slot.log.last_seq
+    finally:
+        slot.abandon()  # (killed: the rows are in DuckDB's WAL and in the log)
+    segments = sorted(p.name for p in (tmp_path / "slot-0.log").iterdir())
+    tried = checkpoints_run_out_of_memory(monkeypatch)
+    slot = SlotStore(tmp_path, **opts)
+    try:
+        assert tried and slot.failed is None
+        assert slot.statistics()["storage_full_why"] == "memory"
+        s = ObjectStorage(slot, "NS", "o")
+        assert await s.get("a") == 1 and await s.get("b") == 2
+        with pytest.raises(StorageFullError, match="memory_limit_mb"):
+            await s.put("c", 3)
+        await asyncio.sleep(0.3)
+        assert len(tried) == 1  # (no checkpoint again: each would fail and reopen DuckDB)
+    finally:
+        await slot.close()
+    assert "memory_limit_mb" in caplog.text
+    assert set(segments) <= {p.name for p in (tmp_path / "slot-0.log").iterdir()}  # kept
+    monkeypatch.undo()
+    slot = SlotStore(tmp_path, **{**opts, "memory_ceiling": 64 * 10**6})
+    try:
+        assert slot.full is None
+        s = ObjectStorage(slot, "NS", "o")
+        assert await s.get("a") == 1 and await s.get("b") == 2
+        await s.put("c", 3)
+    finally:
+        await slot.close()
+    assert not set(segments) & {p.name for p in (tmp_path / "slot-0.log").iterdir()}
+
+
+async def test_a_log_kept_for_want_of_memory_loses_its_torn_tail_and_reads_cleanly(
+        tmp_path, monkeypatch):
+    """The kept log's last segment ends in a torn write; the log writes on in a new segment,
+    and a torn end anywhere but in the last segment is damage: without cutting it off, the
+    next open called the log damaged ("record 3 ... lost") and refused to serve."""
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+    from tests.contract.test_engine import log_dir, rec, write_segment
+    write_segment(log_dir(tmp_path), 1, [rec(1, "a"), rec(2, "b"), rec(3, "c")[:-3]])
+    opts = {"memory_limit": "16MB", "memory_ceiling": 16 * 10**6}
+    tried = checkpoints_run_out_of_memory(monkeypatch)
+    slot = SlotStore(tmp_path, **opts)
+    try:
+        assert tried and slot.replayed == 2 and slot.torn is not None
+        assert await ObjectStorage(slot, "NS", "o").list() == {"a": 1, "b": 1}
+    finally:
+        await slot.close()
+    monkeypatch.undo()
+    slot = SlotStore(tmp_path, **{**opts, "memory_ceiling": 64 * 10**6})
+    try:
+        assert slot.torn is None and slot.full is None
+        s = ObjectStorage(slot, "NS", "o")
+        assert await s.list() == {"a": 1, "b": 1}
+        await s.put("d", 2)
+        await s.sync()
+        assert slot.durable_seq == 3
+    finally:
+        await slot.close()
