@@ -54,11 +54,18 @@ def _mark(value: bytes | None) -> tuple[str, int] | None:
 
 
 def _decode(value: bytes | None) -> tuple[str | None, int]:
+    host, epoch, _ = _decode_write(value)
+    return host, epoch
+
+
+def _decode_write(value: bytes | None) -> tuple[str | None, int, int | None]:
+    """``host, epoch`` and the mark of the write that made the value (None: none)."""
     try:
         doc = orjson.loads(value or b"null")
-        return doc.get("host"), int(doc.get("epoch", 0))
+        write = doc.get("write")
+        return doc.get("host"), int(doc.get("epoch", 0)), write if isinstance(write, int) else None
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return None, 0  # a value no host wrote: treated as free (a write from it is a CAS)
+        return None, 0, None  # a value no host wrote: treated as free (a write from it is a CAS)
 
 
 class SlotOwnership:
@@ -188,7 +195,7 @@ class SlotOwnership:
             self._announcing = False
 
     async def _send(self, action: Action, sent: float) -> None:
-        value = orjson.dumps({"host": action.host, "epoch": action.epoch})
+        value = orjson.dumps({"host": action.host, "epoch": action.epoch, "write": action.write})
         try:
             if action.kind == "create":
                 rev = await asyncio.wait_for(self.kv.create(_key(action.slot), value),
@@ -199,11 +206,31 @@ class SlotOwnership:
         except KeyWrongLastSequenceError:
             await self._refused(action)
         except Exception as e:  # noqa: BLE001  (a timeout or a lost quorum: outcome unknown)
-            log.warning("slot %d: lease write failed (%s); served at most until its lease ends",
-                        action.slot, e)
-            self.leases.failed(action, unknown=True)
+            await self._unknown(action, sent, e)
         else:
             self.leases.succeeded(action, rev, sent)
+
+    async def _unknown(self, action: Action, sent: float, why: BaseException) -> None:
+        """A write whose answer did not come: read the key from the leader, which says
+        whether this write landed (its mark is there: Leases.landed)."""
+        try:
+            entry = await asyncio.wait_for(self.kv.get(_key(action.slot)), self.timeout)
+        except KeyNotFoundError:
+            revision, host, epoch, write = 0, None, 0, None
+        except Exception as e:  # noqa: BLE001  (the next resync reads it again)
+            log.warning("slot %d: lease write failed (%s) and reading the key failed (%s); "
+                        "served at most until its lease ends", action.slot, why, e)
+            self.leases.failed(action, unknown=True)
+            return
+        else:
+            revision = entry.revision
+            host, epoch, write = _decode_write(entry.value)
+        if self.leases.landed(action, sent, revision, host, epoch, write, self.clock()):
+            log.info("slot %d: lease write failed (%s), but the key holds it: it landed",
+                     action.slot, why)
+        else:
+            log.warning("slot %d: lease write failed (%s); served at most until its lease ends",
+                        action.slot, why)
 
     def serving(self, slot: int) -> bool:
         return self.leases.serving(slot, self.clock())

@@ -1,6 +1,7 @@
 """supervisor/leases.py in a simulated cluster: hosts whose clocks run at different rates,
 a bucket that accepts a write only from the current revision, messages delayed at random
-(answers lost: the write landed or not), a watch that drops an update in ten and whose news
+(answers lost: the write landed or not, which the writer then reads the key for, as
+cluster.py does; that read fails one time in ten), a watch that drops an update in ten and whose news
 of a change the host reads from the bucket (as cluster.py does; hosts also read every key
 once a lease), hosts paused (SIGSTOP) for longer than a lease. At no moment do two hosts serve one slot,
 and once nothing is paused every slot is served again."""
@@ -28,7 +29,8 @@ class Sim:
         self.latency = latency
         self.rates = rates
         self.pauses = pauses
-        self.kv: dict[int, tuple[int, str | None, int]] = {}  # slot -> (revision, host, epoch)
+        #: slot -> (revision, host, epoch, the write's mark)
+        self.kv: dict[int, tuple[int, str | None, int, int | None]] = {}
         self.revision = itertools.count(1)
         self.events: list = []
         self.order = itertools.count()
@@ -62,26 +64,31 @@ class Sim:
 
     def resync(self, i: int) -> None:  # every key read again, once a lease (cluster.py)
         for slot in range(self.hosts[i].slots):
-            self.at(self.t + self.delay(), i, self.read, slot, self.hosts[i].observe)
+            self.at(self.t + self.delay(), i, self.read, slot, self.observer(i))
         self.at(self.t + LEASE, i, self.resync)
 
+    def observer(self, i: int):
+        return lambda slot, rev, host, epoch, _write, now: self.hosts[i].observe(
+            slot, rev, host, epoch, now)
+
     def read(self, i: int, slot: int, then) -> None:  # at the bucket: the key as it is now
-        self.at(self.t + self.delay(), i, self.deliver, then, slot, *self.kv.get(slot, (0, None, 0)))
+        self.at(self.t + self.delay(), i, self.deliver, then, slot,
+                *self.kv.get(slot, (0, None, 0, None)))
 
     def deliver(self, i: int, then, slot: int, *value) -> None:
         then(slot, *value, self.local(i))
 
     def arrive(self, i: int, a: Action, sent: float) -> None:  # at the bucket (never paused)
-        current = self.kv.get(a.slot, (0, None, 0))
+        current = self.kv.get(a.slot, (0, None, 0, None))
         if current[0] != a.revision:  # refused (and that answer may be lost too)
             lost = self.rng.random() < 0.1
             self.at(self.t + self.delay(), i, self.answer, a, sent, "lost" if lost else None)
             return
         rev = next(self.revision)
-        self.kv[a.slot] = (rev, a.host, a.epoch)
+        self.kv[a.slot] = (rev, a.host, a.epoch, a.write)
         for j in range(len(self.hosts)):  # (nats-py's watch drops an update now and then)
             if self.rng.random() >= 0.1:  # the watch says the key changed; the host reads it
-                self.at(self.t + self.delay(), j, self.read, a.slot, self.hosts[j].observe)
+                self.at(self.t + self.delay(), j, self.read, a.slot, self.observer(j))
         # one answer in ten is lost: the writer hears a timeout, its write applied or not
         lost = self.rng.random() < 0.1
         self.at(self.t + self.delay(), i, self.answer, a, sent, "lost" if lost else rev)
@@ -89,9 +96,14 @@ class Sim:
     def answer(self, i: int, a: Action, sent: float, rev: int | str | None) -> None:
         if rev is None:  # refused: the key is read (cluster.py's _refused)
             self.at(self.t + self.delay(), i, self.read, a.slot,
-                    lambda slot, *value: self.hosts[i].refused(a, *value))
-        elif rev == "lost":
-            self.hosts[i].failed(a, unknown=True)
+                    lambda slot, rev, host, epoch, _write, now: self.hosts[i].refused(
+                        a, rev, host, epoch, now))
+        elif rev == "lost":  # timed out: the key is read (cluster.py's _unknown), or that fails
+            if self.rng.random() < 0.1:
+                self.hosts[i].failed(a, unknown=True)
+            else:
+                self.at(self.t + self.delay(), i, self.read, a.slot,
+                        lambda slot, *value: self.hosts[i].landed(a, sent, *value))
         else:
             self.hosts[i].succeeded(a, rev, sent)
 
@@ -295,3 +307,45 @@ def test_a_renewal_that_landed_unseen_keeps_the_slot_when_the_next_is_refused():
     assert not b.refused(renew, 6, "c", 2, 1.1)
     assert not b.serving(0, 1.2) and b.plan(1.2, 1) == []
 
+
+
+def test_a_renewal_whose_answer_was_lost_is_confirmed_by_its_mark_in_the_key():
+    """A renewal timed out; the key read from the leader then holds this write's own mark:
+    it landed, and the lease runs from its sending. (Before, the slot was served only until
+    the deadline of the last write whose answer came, and lapsed when a few answers in a row
+    were lost: the lease simulation found a slot unserved for 4 s.)"""
+    a = Leases("a", 1, lease=3.0)
+    a.observe(0, 0, None, 0, 0.0)
+    [claim] = a.plan(0.0, 1)
+    a.succeeded(claim, 5, 0.0)
+    [renew] = a.plan(1.0, 1)
+    assert a.plan(1.1, 1) == []  # (one write at a time: none while the key is read)
+    assert a.landed(renew, 1.0, 6, "a", 1, renew.write, 1.2)
+    assert a.serving(0, 3.5) and not a.serving(0, 3.7)  # 1.0 + lease - margin
+    assert a.plan(2.0, 1) == [Action("update", 0, 6, "a", 1)]
+
+
+def test_an_earlier_write_with_the_same_host_and_epoch_confirms_nothing():
+    """Two renewals in a row lost their answers: the first landed (unseen), the second,
+    from the revision before it, was refused. The key holds this host's value, but the
+    first write's mark: the lease may run only from the first one's sending, never the
+    second's (another host counts it from when it saw the first)."""
+    a = Leases("a", 1, lease=3.0)
+    a.observe(0, 0, None, 0, 0.0)
+    [claim] = a.plan(0.0, 1)
+    a.succeeded(claim, 5, 0.0)
+    [first] = a.plan(1.0, 1)
+    a.failed(first, unknown=True)  # (its read failed too: it made revision 6, unseen)
+    [second] = a.plan(2.0, 1)
+    assert second == Action("update", 0, 5, "a", 1) and second.write != first.write
+    assert not a.landed(second, 2.0, 6, "a", 1, first.write, 2.1)
+    assert a.serving(0, 2.6) and not a.serving(0, 2.8)  # the claim's deadline: 0.0 + 2.7
+    assert a.plan(2.2, 1) == [Action("update", 0, 6, "a", 1)]  # from the revision read
+
+    b = Leases("b", 1, lease=3.0)  # another host's value: not ours, and observed
+    b.observe(0, 0, None, 0, 0.0)
+    [claim] = b.plan(0.0, 1)
+    b.succeeded(claim, 5, 0.0)
+    [renew] = b.plan(1.0, 1)
+    assert not b.landed(renew, 1.0, 7, "c", 2, 99, 1.1)
+    assert not b.serving(0, 1.2) and b.revision(0) == 7
