@@ -269,6 +269,7 @@ class DuckStore:
                 self.recovered = preimage.recover(path, self._raw)
                 if self.recovered is not None:
                     log.warning("%s", self.recovered.describe(path))
+        again_at_ceiling = True
         while True:
             try:
                 self._open(read_only, objects)
@@ -277,8 +278,15 @@ class DuckStore:
                 self._close_connection()
                 # (its indexes outgrew the limit: a commit replayed from DuckDB's WAL, or the
                 # first statements, cannot load them; open again with more room)
-                if not is_out_of_memory(e) or not self._raise_limit(e, "opening the file"):
+                if not is_out_of_memory(e):
                     raise
+                if not self._raise_limit(e, "opening the file"):
+                    # At the ceiling, once more: a checkpoint after the table of objects was
+                    # made anew may be what failed; that table is committed, and the next
+                    # open neither makes it nor checkpoints.
+                    if not again_at_ceiling:
+                        raise
+                    again_at_ceiling = False
             except BaseException:
                 self._close_connection()
                 raise

@@ -300,27 +300,20 @@ class SlotStore:
             try:
                 next_seq = self._recover(log_dir, checkpoint=no_checkpoint is None)
                 break
-            except duckdb.FatalException as e:  # (a checkpoint that lacked memory: the file
-                limit = self.duck.memory_limit   # and WAL are intact, the limit grew)
-                with contextlib.suppress(duckdb.Error):
-                    self.duck.close()
-                if not is_out_of_memory(e):
-                    raise
-                if limit > self._opened_limit:
-                    self._opened_limit = limit
-                elif no_checkpoint is None:  # (at the ceiling: a replay that failed too raises)
-                    no_checkpoint = e
-                else:
-                    raise
-                self.duck = DuckStore(self.duck.path, memory_limit=f"{limit}B",
-                                      memory_ceiling=self.duck.memory_ceiling)
-                self.checkpoints_put_back += self.duck.recovered is not None
+            except duckdb.FatalException as e:
+                no_checkpoint = self._reopen_at_open(e, no_checkpoint)
         self.replayed = next_seq - 1 - applied  # (records follow each other: else it raised)
         #: cluster mode (objectproc/replication.py): records of the slot's replicated log
         #: that this host's files lacked, applied before serving
         self.caught_up = 0
-        if replication is not None:
-            next_seq = self._catch_up(replication, next_seq)
+        while replication is not None:
+            try:
+                next_seq = self._catch_up(replication, next_seq,
+                                          checkpoint=no_checkpoint is None)
+                break
+            except duckdb.FatalException as e:
+                no_checkpoint = self._reopen_at_open(e, no_checkpoint)
+                next_seq = self.duck.applied_seq() + 1  # (the batches committed are kept)
         self.recovery_seconds = time.perf_counter() - started
         self._count_alarms(writer=False)
         started = time.perf_counter()
@@ -410,9 +403,33 @@ class SlotStore:
         self.torn = result.torn
         return result.next_seq
 
-    def _catch_up(self, replication: Any, next_seq: int) -> int:
+    def _reopen_at_open(self, e: duckdb.FatalException, no_checkpoint: BaseException | None
+                        ) -> BaseException | None:
+        """DuckDB failed fatally while the slot opened (the file and WAL are intact): open
+        it again, with the limit grown if memory was what it lacked. At the ceiling, the
+        next try checkpoints nothing (``no_checkpoint``: returned) and a second failure
+        there raises: a replay or catch-up that cannot commit cannot serve the slot."""
+        limit = self.duck.memory_limit
+        with contextlib.suppress(duckdb.Error):
+            self.duck.close()
+        if not is_out_of_memory(e):
+            raise e
+        if limit > self._opened_limit:
+            self._opened_limit = limit
+        elif no_checkpoint is None:
+            no_checkpoint = e
+        else:
+            raise e
+        self.duck = DuckStore(self.duck.path, memory_limit=f"{limit}B",
+                              memory_ceiling=self.duck.memory_ceiling)
+        self.checkpoints_put_back += self.duck.recovered is not None
+        return no_checkpoint
+
+    def _catch_up(self, replication: Any, next_seq: int, *, checkpoint: bool = True) -> int:
         """Apply the replicated log's records from ``next_seq`` on (each checked whole by
-        its checksum), checkpoint; return the next sequence number."""
+        its checksum), checkpoint (unless out of memory at the ceiling made that fail once:
+        the records stay in DuckDB's WAL, and in the replicated log); return the next
+        sequence number."""
         pending: list[WriteSet] = []
         last = next_seq - 1
         for seq, payload in replication.catch_up(next_seq):
@@ -425,7 +442,7 @@ class SlotStore:
         if pending:
             self._apply_writesets(pending, last)
             self.caught_up += len(pending)
-        if self.caught_up:
+        if self.caught_up and checkpoint:
             self.duck.checkpoint()
         return last + 1
 

@@ -308,11 +308,17 @@ async def test_a_checkpoint_out_of_memory_below_the_ceiling_grows_the_limit_and_
         await slot.close()
 
 
-def checkpoints_run_out_of_memory(monkeypatch) -> list[int]:
-    """Every checkpoint fails as DuckDB's did at its ceiling in CI; returns the tries."""
+def checkpoints_run_out_of_memory(monkeypatch, after: int = 0) -> list[int]:
+    """Every checkpoint after the first ``after`` fails as DuckDB's did at its ceiling in CI;
+    returns the tries that failed."""
     tried: list[int] = []
+    real = DuckStore.checkpoint
+    passed = [0]
 
     def out_of_memory(self):
+        if passed[0] < after:
+            passed[0] += 1
+            return real(self)
         tried.append(1)
         e = duckdb.FatalException("FATAL Error: Failed to create checkpoint because of error: "
                                   "failed to allocate data of size 3.0 MiB (15.0 MiB/15.2 MiB used)")
@@ -401,3 +407,69 @@ async def test_a_log_kept_for_want_of_memory_loses_its_torn_tail_and_reads_clean
         assert slot.durable_seq == 3
     finally:
         await slot.close()
+
+
+class _Replicated:
+    """A cluster slot's replicated log (objectproc/replication.py) as the slot uses it at
+    open: records this host's files lack, handed over in order."""
+
+    def __init__(self, records: list[tuple[int, bytes]]) -> None:
+        self.records = records
+
+    def catch_up(self, next_seq: int):  # noqa: ANN201
+        return iter([r for r in self.records if r[0] >= next_seq])
+
+    def append_group(self, group: list[bytes]) -> None:
+        pass
+
+
+@pytest.mark.parametrize("after", [0, 1], ids=["replay-failed-first", "catch-up-failed"])
+async def test_a_catch_up_whose_checkpoint_runs_out_of_memory_at_the_ceiling_still_opens(
+        tmp_path, monkeypatch, after):
+    """Cluster mode: the records a host's files lacked, applied from the replicated log at
+    open, are checkpointed before the slot serves. At the ceiling that checkpoint failed as
+    the replay's did, and the slot exited "restarting will not help"; now the records stay in
+    DuckDB's WAL (and the replicated log), reads are served and writes refused for memory."""
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+    from durable.objectproc.storage.log import encode_writeset
+    opts = {"memory_limit": "16MB", "memory_ceiling": 16 * 10**6}
+    records = [(seq, encode_writeset(b"NS/o", False, {k: b"1"}))
+               for seq, k in ((1, "a"), (2, "b"), (3, "c"))]
+    tried = checkpoints_run_out_of_memory(monkeypatch, after)  # (1: the replay's passes)
+    slot = SlotStore(tmp_path, replication=_Replicated(records), **opts)
+    try:
+        assert tried and slot.caught_up == 3 and slot.failed is None
+        assert slot.statistics()["storage_full_why"] == "memory"
+        s = ObjectStorage(slot, "NS", "o")
+        assert await s.list() == {"a": 1, "b": 1, "c": 1}
+        with pytest.raises(StorageFullError, match="memory_limit_mb"):
+            await s.put("d", 2)
+    finally:
+        await slot.close()
+    monkeypatch.undo()
+    slot = SlotStore(tmp_path, replication=_Replicated(records),
+                     **{**opts, "memory_ceiling": 64 * 10**6})
+    try:
+        assert slot.caught_up == 0 and slot.full is None  # (DuckDB kept what it caught up)
+        assert await ObjectStorage(slot, "NS", "o").list() == {"a": 1, "b": 1, "c": 1}
+    finally:
+        await slot.close()
+
+
+def test_a_table_of_objects_made_anew_at_the_ceiling_opens_without_its_checkpoint(
+        tmp_path, monkeypatch):
+    """An open that makes the table of objects anew (after `durable import` or a migration)
+    checkpoints it. At the ceiling that checkpoint's failure stopped the open ("restarting
+    will not help"); the table is committed by then, so the open is tried once more, and
+    finds it made."""
+    duck = DuckStore(tmp_path / "s.duckdb", memory_limit="16MB", memory_ceiling=16 * 10**6)
+    fill(duck, 1000)
+    duck.objects_stale()  # (as a bulk write leaves it)
+    duck.close()
+    tried = checkpoints_run_out_of_memory(monkeypatch)
+    duck = DuckStore(tmp_path / "s.duckdb", memory_limit="16MB", memory_ceiling=16 * 10**6)
+    try:
+        assert tried == [1] and duck._objects_current()
+        assert count(duck) == 2000
+    finally:
+        duck.close()
