@@ -42,6 +42,11 @@ def fill(duck: DuckStore, objects: int, start: int = 0) -> int:
     return seq
 
 
+#: a slot at a ceiling of 16 MB that applies each record at once
+AT_16MB = {"memory_limit": "16MB", "memory_ceiling": 16 * 10**6,
+           "apply_min_records": 1, "apply_max_delay": 0.0}
+
+
 def count(duck: DuckStore) -> int:
     return duck._reader.execute("SELECT count(*) FROM kv").fetchall()[0][0]
 
@@ -216,6 +221,19 @@ async def test_a_failed_memory_check_never_fails_the_slot(tmp_path, monkeypatch,
 
 
 
+async def takes_writes_with_more_memory(tmp_path, opts: dict) -> None:
+    """The slot opened again with a ceiling of 64 MB: "a" and "b" read back, and writes go."""
+    from durable.objectproc.storage import ObjectStorage, SlotStore
+    slot = SlotStore(tmp_path, **{**opts, "memory_ceiling": 64 * 10**6})
+    try:
+        assert slot.full is None
+        s = ObjectStorage(slot, "NS", "o")
+        assert await s.get("a") == 1 and await s.get("b") == 2
+        await s.put("c", 3)
+    finally:
+        await slot.close()
+
+
 @pytest.mark.parametrize("fatal", [False, True], ids=["commit-failed", "file-invalidated"])
 async def test_a_commit_out_of_memory_at_the_ceiling_refuses_writes_and_loses_nothing(
         tmp_path, monkeypatch, caplog, fatal):
@@ -224,8 +242,7 @@ async def test_a_commit_out_of_memory_at_the_ceiling_refuses_writes_and_loses_no
     reopened DuckDB and refused writes as if the disk were full. Now the slot refuses writes
     for memory, says so, keeps the failed batch (durable in the log) and applies it later."""
     from durable.objectproc.storage import ObjectStorage, SlotStore
-    opts = {"memory_limit": "16MB", "memory_ceiling": 16 * 10**6,
-            "apply_min_records": 1, "apply_max_delay": 0.0}
+    opts = AT_16MB
     slot = SlotStore(tmp_path, **opts)
     try:
         s = ObjectStorage(slot, "NS", "o")
@@ -262,14 +279,7 @@ async def test_a_commit_out_of_memory_at_the_ceiling_refuses_writes_and_loses_no
         monkeypatch.undo()
         await slot.close()
     assert "ran out of memory" in caplog.text and "memory_limit_mb" in caplog.text
-    slot = SlotStore(tmp_path, **{**opts, "memory_ceiling": 64 * 10**6})
-    try:
-        assert slot.full is None
-        s = ObjectStorage(slot, "NS", "o")
-        assert await s.get("a") == 1 and await s.get("b") == 2
-        await s.put("c", 3)
-    finally:
-        await slot.close()
+    await takes_writes_with_more_memory(tmp_path, opts)
 
 
 async def test_a_checkpoint_out_of_memory_below_the_ceiling_grows_the_limit_and_refuses_nothing(
@@ -337,8 +347,7 @@ async def test_a_checkpoint_at_open_out_of_memory_at_the_ceiling_opens_with_writ
     checkpoint that would let it go never happened), serves reads and refuses writes for
     memory; a start with more memory checkpoints and takes writes again."""
     from durable.objectproc.storage import ObjectStorage, SlotStore
-    opts = {"memory_limit": "16MB", "memory_ceiling": 16 * 10**6,
-            "apply_min_records": 1, "apply_max_delay": 0.0}
+    opts = AT_16MB
     slot = SlotStore(tmp_path, **opts)
     try:
         s = ObjectStorage(slot, "NS", "o")
@@ -369,14 +378,7 @@ async def test_a_checkpoint_at_open_out_of_memory_at_the_ceiling_opens_with_writ
     assert "memory_limit_mb" in caplog.text
     assert set(segments) <= {p.name for p in (tmp_path / "slot-0.log").iterdir()}  # kept
     monkeypatch.undo()
-    slot = SlotStore(tmp_path, **{**opts, "memory_ceiling": 64 * 10**6})
-    try:
-        assert slot.full is None
-        s = ObjectStorage(slot, "NS", "o")
-        assert await s.get("a") == 1 and await s.get("b") == 2
-        await s.put("c", 3)
-    finally:
-        await slot.close()
+    await takes_writes_with_more_memory(tmp_path, opts)
     assert not set(segments) & {p.name for p in (tmp_path / "slot-0.log").iterdir()}
 
 

@@ -43,14 +43,19 @@ async def start_retrying(ownership) -> None:  # noqa: ANN001
             await asyncio.sleep(0.5)
 
 
-async def _claim_then_stop_watching(a) -> None:  # noqa: ANN001
-    """Start a one-slot SlotOwnership, step it until it serves the slot, end its watch."""
+async def _claim(a) -> None:  # noqa: ANN001
+    """Start a one-slot SlotOwnership and step it until it serves the slot."""
     await start_retrying(a)
     deadline = time.monotonic() + 10
     while not a.serving(0):
         assert time.monotonic() < deadline, "the slot was never claimed"
         await a.step()
         await asyncio.sleep(0.05)
+
+
+async def _claim_then_stop_watching(a) -> None:  # noqa: ANN001
+    """:func:`_claim`, then end its watch."""
+    await _claim(a)
     a._watch.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await a._watch
@@ -416,12 +421,7 @@ def test_renewals_whose_answers_are_lost_keep_the_slot_when_they_landed(tmp_path
         a = SlotOwnership(ca.jetstream(timeout=2.0), Leases("a", 1, lease=lease),
                           timeout=lease / 4)
         try:
-            await start_retrying(a)
-            deadline = time.monotonic() + 10
-            while not a.serving(0):
-                assert time.monotonic() < deadline, "the slot was never claimed"
-                await a.step()
-                await asyncio.sleep(0.05)
+            await _claim(a)
             a.kv = lossy = _AnswersLost(a.kv)
             end = time.monotonic() + 2.5 * lease
             while time.monotonic() < end:
