@@ -94,6 +94,7 @@ class SlotOwnership:
         self._rewatching: asyncio.Task[None] | None = None  # a new watch being made
         self._closed = False
         self._reading: dict[int, asyncio.Task[None]] = {}  # slot -> its key's read from the leader
+        self._unknowns: set[asyncio.Task[None]] = set()  # reads after a write's answer was lost
         self._read_again: set[int] = set()  # slots whose key changed while being read
         #: host -> (revision, last seen new, its (boot, beat) if its value has them)
         self._members: dict[str, tuple[int, float, tuple[str, int] | None]] = {}
@@ -206,7 +207,11 @@ class SlotOwnership:
         except KeyWrongLastSequenceError:
             await self._refused(action)
         except Exception as e:  # noqa: BLE001  (a timeout or a lost quorum: outcome unknown)
-            await self._unknown(action, sent, e)
+            # (read apart from this step: a NATS slow to answer may be slow to read too, and
+            # the step's other renewals must not wait for it; the slot stays pending meanwhile)
+            task = asyncio.create_task(self._unknown(action, sent, e))
+            self._unknowns.add(task)
+            task.add_done_callback(self._unknowns.discard)
         else:
             self.leases.succeeded(action, rev, sent)
 
@@ -419,7 +424,7 @@ class SlotOwnership:
             self._rewatching.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._rewatching
-        for task in [self._watch, *self._reading.values()]:
+        for task in [self._watch, *self._reading.values(), *self._unknowns]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

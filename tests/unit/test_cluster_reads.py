@@ -325,3 +325,45 @@ def test_a_resync_that_ends_after_close_starts_no_watch():
         await asyncio.sleep(0.05)
         assert own._rewatching is None and bucket.watches == 1
     asyncio.run(main())
+
+
+class _Unanswered(_Bucket):
+    """Writes land, but their answers come only after ``hang`` seconds; with ``reads_hang``,
+    reads too (a NATS under load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = 0.0
+        self.reads_hang = False
+
+    async def create(self, key: str, value: bytes) -> int:
+        revision = self.write(key, value).revision
+        await asyncio.sleep(self.hang)
+        return revision
+
+    async def get(self, key: str) -> KeyValue.Entry:
+        if self.reads_hang:
+            await asyncio.sleep(self.hang)
+        return await super().get(key)
+
+
+@pytest.mark.parametrize("reads_hang", [False, True], ids=["read-answers", "read-hangs"])
+async def test_a_write_whose_answer_is_lost_is_read_for_apart_from_the_step(reads_hang):
+    """A claim lands and its answer times out: the key is read to learn whether it landed
+    (its mark is there: the slot is served), and that read does not hold up the step, whose
+    other writes (renewals of other slots) must not wait for a slow NATS twice over."""
+    bucket = _Unanswered()
+    own = SlotOwnership(_JetStream(bucket), Leases("a", 1, lease=2.0), timeout=0.2)
+    await own.start()
+    try:
+        bucket.hang, bucket.reads_hang = 1.0, reads_hang
+        began = time.monotonic()
+        await own.step()
+        assert time.monotonic() - began < 0.35  # the write's timeout, not the read's too
+        assert own.leases.plan(time.monotonic(), 1) == []  # (pending while the key is read)
+        assert await _until(lambda: not own._unknowns, 2.0)
+        assert own.serving(0) is not reads_hang  # (a read that timed out proves nothing)
+        value = orjson.loads(bucket.entries["slot/0"].value)
+        assert value["host"] == "a" and isinstance(value["write"], int)
+    finally:
+        await own.close()
