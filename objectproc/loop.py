@@ -548,6 +548,12 @@ class ObjectProcess:
             for s in remote.values():
                 s.close(linger=0)
 
+    def _stood_still(self) -> bool:
+        """Whether the beat thread saw the process stand still, or has not beaten for that long
+        (the loop got here first): asked before a call runs and when the broker falls silent."""
+        return (self._stall_from is not None
+                or time.monotonic() - self._beat_at > self._stall_after) and not self._closing
+
     def _after_stall(self) -> bool:
         """Whether calls sent before now went to an incarnation the broker has ended: the
         whole process stood still (SIGSTOP, a paused VM, a starved machine) long enough for
@@ -699,8 +705,7 @@ class ObjectProcess:
         return self._in_flight <= 1
 
     def _call(self, call: WorkerCall) -> None:
-        if (self._stall_from is not None or time.monotonic() - self._beat_at > self._stall_after
-                ) and not self._closing and self._after_stall():
+        if self._stood_still() and self._after_stall():
             # (sent to the incarnation that just ended: refused)
             self._send(WorkerError.of(call.client, call.call_id, StubBrokenError(
                 f"stub lost its object (slot {self.config.slot}: its process stood still past "
@@ -1198,8 +1203,11 @@ class ObjectProcess:
             if not self._liveness.alive():
                 self._sock.drain()  # a long call may have stalled the loop with messages waiting
             if not self._liveness.alive():
-                log.warning("slot %d: the broker is silent; registering again", self.config.slot)
-                self._register()
+                # (silent because this process stood still: said so, as a call would find it)
+                if not (self._stood_still() and self._after_stall()):
+                    log.warning("slot %d: the broker is silent; registering again",
+                                self.config.slot)
+                    self._register()
             elif self._liveness.send_due() or time.monotonic() >= next_stats:
                 # at least once a second even when busy: `durable status` shows these figures
                 next_stats = time.monotonic() + 1.0

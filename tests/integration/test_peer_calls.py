@@ -361,7 +361,8 @@ async def test_calls_sent_to_a_stalled_process_never_run_after_it_resumes(cluste
         await all_slots_up(direct)
         seen = await recorded(direct, name)
         assert outcome == "refused" and seen == [1, 2], (outcome, seen)
-        assert "stood still" in (cluster.root / "objectproc-1.log").read_text()
+        text = (cluster.root / "objectproc-1.log").read_text()
+        assert "stood still" in text, text[-6000:]  # (found by a call or by the timer)
 
 
 async def test_calls_held_by_a_stopped_broker_never_run_after_it_resumes(cluster):
