@@ -550,7 +550,8 @@ class ObjectProcess:
 
     def _stood_still(self) -> bool:
         """Whether the beat thread saw the process stand still, or has not beaten for that long
-        (the loop got here first): asked before a call runs and when the broker falls silent."""
+        (the loop got here first): asked before a call runs, when the broker falls silent and
+        when it asks this process to register again (whichever the loop finds first)."""
         return (self._stall_from is not None
                 or time.monotonic() - self._beat_at > self._stall_after) and not self._closing
 
@@ -692,8 +693,11 @@ class ObjectProcess:
         elif type(msg) is ClientGone:
             self._client_gone(msg.client)
         elif type(msg) is WorkerDisconnect:
-            log.warning("slot %d: broker asked to register again (%s)", self.config.slot, msg.reason)
-            self._register()
+            # (asked because this process stood still: said so, as a call would find it)
+            if not (self._stood_still() and self._after_stall()):
+                log.warning("slot %d: broker asked to register again (%s)", self.config.slot,
+                            msg.reason)
+                self._register()
         elif type(msg) is BrokerHeartbeat:
             pass
 

@@ -365,6 +365,31 @@ async def test_calls_sent_to_a_stalled_process_never_run_after_it_resumes(cluste
         assert "stood still" in text, text[-6000:]  # (found by a call or by the timer)
 
 
+async def test_a_stall_with_no_call_waiting_is_logged_as_one(cluster):
+    """The process stopped whole past the broker's window with nothing sent to it meanwhile:
+    on resume the broker's answer to its beat ("unknown object process: send READY"), or its
+    own timer finding the broker silent, comes before any call. Either way it registers anew
+    as after any stall and says it stood still. Before, it said only "broker asked to register
+    again" or "the broker is silent", which hid the stall (and failed the test above's log
+    check whenever one of them came before the queued call)."""
+    async with connected(cluster) as client:
+        await all_slots_up(client)
+        victim = cluster.workers[1]
+        log_file = cluster.root / "objectproc-1.log"
+        before = len(log_file.read_text())
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.0)  # (twice the broker's window of 1 s)
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        await async_wait_for(lambda: "registering with the broker" in log_file.read_text()[before:],
+                             10, "slot 1 registering anew")
+        await all_slots_up(client)
+        text = log_file.read_text()[before:]
+        assert "stood still" in text, text
+        assert "the broker is silent" not in text, text
+
+
 async def test_calls_held_by_a_stopped_broker_never_run_after_it_resumes(cluster):
     """The broker stopped whole (SIGSTOP, a paused VM) past a client's window with a call of
     that client unread in its socket: the client hears StubBrokenError ("may have run") and
