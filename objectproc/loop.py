@@ -555,6 +555,14 @@ class ObjectProcess:
         return (self._stall_from is not None
                 or time.monotonic() - self._beat_at > self._stall_after) and not self._closing
 
+    def _register_anew(self, why: str) -> None:
+        """Register again, logged as a stall if this process stood still (the broker's silence
+        or its request is then the stall's doing, whichever the loop found first)."""
+        if self._stood_still() and self._after_stall():
+            return
+        log.warning("slot %d: %s", self.config.slot, why)
+        self._register()
+
     def _after_stall(self) -> bool:
         """Whether calls sent before now went to an incarnation the broker has ended: the
         whole process stood still (SIGSTOP, a paused VM, a starved machine) long enough for
@@ -693,11 +701,7 @@ class ObjectProcess:
         elif type(msg) is ClientGone:
             self._client_gone(msg.client)
         elif type(msg) is WorkerDisconnect:
-            # (asked because this process stood still: said so, as a call would find it)
-            if not (self._stood_still() and self._after_stall()):
-                log.warning("slot %d: broker asked to register again (%s)", self.config.slot,
-                            msg.reason)
-                self._register()
+            self._register_anew(f"broker asked to register again ({msg.reason})")
         elif type(msg) is BrokerHeartbeat:
             pass
 
@@ -1207,11 +1211,7 @@ class ObjectProcess:
             if not self._liveness.alive():
                 self._sock.drain()  # a long call may have stalled the loop with messages waiting
             if not self._liveness.alive():
-                # (silent because this process stood still: said so, as a call would find it)
-                if not (self._stood_still() and self._after_stall()):
-                    log.warning("slot %d: the broker is silent; registering again",
-                                self.config.slot)
-                    self._register()
+                self._register_anew("the broker is silent; registering again")
             elif self._liveness.send_due() or time.monotonic() >= next_stats:
                 # at least once a second even when busy: `durable status` shows these figures
                 next_stats = time.monotonic() + 1.0
