@@ -127,17 +127,27 @@ class StoredObjects:
     a new object's reads do no I/O: a DuckDB point read that finds nothing costs ~0.3 ms of
     the event loop (measured at 2M rows), and a new named object made three of them.
 
-    Bloom filters (rbloom) at 1% false positives: 1.2 MB per million objects. Filled at start
-    from DuckDB (every row and alarm there got there from a record submitted since, or was
-    there at start) and by every submitted write set before it is logged, so a stored object
-    is never missed; a false positive only costs the read it would have cost anyway. When
-    one filter is full, another twice its size is added (lookups ask each).
+    Bloom filters (rbloom) at 1 false positive in 10,000 (``FALSE_POSITIVES``): 2.4 MB per
+    million entries (a named object is two), beside DuckDB's ~650 bytes of index an object.
+    Filled at start from DuckDB (every row and alarm there got there from a record submitted
+    since, or was there at start) and by every submitted write set before it is logged, so a
+    stored object is never missed; a false positive only costs the read it would have cost
+    anyway. When one filter is full, another twice its size is added (lookups ask each).
     """
 
     __slots__ = ("_filters", "_room", "_capacity")
 
+    #: A false positive costs a new object a read of DuckDB off the loop and its applier
+    #: batch a delete. At 1% (1.2 MB per million entries), a slot filled toward its capacity
+    #: (500,000 named objects are a million entries: the object and its name) took 0.2-0.8%
+    #: of its new objects for stored ones, and most batches of a thousand deleted: ~20 us
+    #: more per new object late in `many_objects.py --objects 1000000` (py-spy). 1 in 10,000
+    #: costs 1.2 MB more per million entries; that run's second half went from 4,646-4,654
+    #: to 5,196-5,212 new objects/s (2 alternating pairs, docs/storage.md).
+    FALSE_POSITIVES = 0.0001
+
     def __init__(self, capacity: int) -> None:
-        self._filters = [Bloom(capacity, 0.01)]
+        self._filters = [Bloom(capacity, self.FALSE_POSITIVES)]
         self._room = self._capacity = capacity
 
     @classmethod
@@ -152,7 +162,7 @@ class StoredObjects:
     def add(self, obj: bytes) -> None:
         if self._room <= 0:
             self._capacity *= 2
-            self._filters.append(Bloom(self._capacity, 0.01))
+            self._filters.append(Bloom(self._capacity, self.FALSE_POSITIVES))
             self._room = self._capacity
         self._filters[-1].add(obj)
         self._room -= 1
