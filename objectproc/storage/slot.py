@@ -140,8 +140,8 @@ class StoredObjects:
     #: A false positive costs a new object a read of DuckDB off the loop and its applier
     #: batch a delete. At 1% (1.2 MB per million entries), a slot filled toward its capacity
     #: (500,000 named objects are a million entries: the object and its name) took 0.2-0.8%
-    #: of its new objects for stored ones, and most batches of a thousand deleted: ~20 us
-    #: more per new object late in `many_objects.py --objects 1000000` (py-spy). 1 in 10,000
+    #: of its new objects for stored ones; late in `many_objects.py --objects 1000000` the
+    #: applier's deletes cost 9.1 us a new object and the reads 4.8 (py-spy). 1 in 10,000
     #: costs 1.2 MB more per million entries; that run's second half went from 4,646-4,654
     #: to 5,196-5,212 new objects/s (2 alternating pairs, docs/storage.md).
     FALSE_POSITIVES = 0.0001
