@@ -380,6 +380,7 @@ class SlotStore:
         #: set by the object process's alarm scheduler: ``on_alarm(obj, due_ms or None)``
         self.on_alarm: Callable[[bytes, int | None], None] | None = None
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._kick_due = False
         self.failed: BaseException | None = None
         self.applied_seq = next_seq - 1
         self._apply_cond = threading.Condition()
@@ -553,10 +554,19 @@ class SlotStore:
                 self._wake_applier()
             if seq <= self.log.durable_seq and not self._waiters:
                 return
-        self.log.kick()
+        # The writer is woken once, at the end of this loop turn: woken by the turn's first
+        # sync, it took a group each time the loop let go of the GIL (a socket send does), and
+        # one turn's records went out as several groups, each an fdatasync and two wake-ups.
+        if not self._kick_due:
+            self._kick_due = True
+            self.loop.call_soon(self._kick)
         fut = self.loop.create_future()
         self._waiters.append((seq, fut))
         await fut
+
+    def _kick(self) -> None:
+        self._kick_due = False
+        self.log.kick()
 
     def check_usable(self) -> None:
         if self.failed is not None:

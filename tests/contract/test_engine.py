@@ -357,6 +357,38 @@ async def test_inline_commit_makes_a_lone_write_durable_on_the_loop_thread(tmp_p
         await reopened.close()
 
 
+async def test_the_syncs_of_one_loop_turn_make_one_commit_group(tmp_path):
+    """The writer thread is woken once a turn, not by the turn's first sync: woken at once,
+    it took a group whenever the loop let go of the GIL mid-turn (a socket send does), and
+    the turn's records went out in several groups, each an fdatasync and a wake-up."""
+    import time
+
+    syncs = []
+
+    def counting_fsync(fd):
+        syncs.append(fd)
+        os.fdatasync(fd)
+
+    slot = SlotStore(tmp_path, fsync=counting_fsync)
+    slot.commit_inline_when = lambda: False
+    try:
+        async def call(i):
+            s = ObjectStorage(slot, "NS", f"o{i}")
+            await s.put("n", i)
+            time.sleep(0.002)  # noqa: ASYNC251 (the rest of the turn, GIL released: a send)
+            await s.sync()
+
+        await asyncio.gather(*(call(i) for i in range(16)))
+        assert len(syncs) == 1
+    finally:
+        await slot.close()
+    reopened = SlotStore(tmp_path)
+    try:
+        assert [await ObjectStorage(reopened, "NS", f"o{i}").get("n") for i in range(16)] == list(range(16))
+    finally:
+        await reopened.close()
+
+
 async def test_inline_commit_leaves_a_busy_writer_alone_and_keeps_sync_order(tmp_path):
     import threading
 
