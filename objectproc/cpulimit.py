@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from durable.osthread import name_os_thread
+
 from .activation import CURRENT, CpuLimitExceeded
 
 __all__ = ["CpuWatch", "watch_period"]
@@ -71,6 +73,7 @@ class CpuWatch:
         return max(0.0, time.clock_gettime(self._main_clock) - self.mark[1])
 
     def _run(self) -> None:
+        name_os_thread()
         next_signal = 0.0
         while not self._stop.wait(self.period):
             if self.held_for() >= self.smallest and time.monotonic() >= next_signal:

@@ -45,6 +45,7 @@ from durable.exitcodes import EXIT_LEASE_LOST
 from durable.http import Response
 from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.objects import Env, load_class
+from durable.osthread import name_os_thread
 from durable.peers import PeerRoutes, peer_endpoint
 from durable.protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from durable.protocol.messages import (
@@ -510,6 +511,8 @@ class ObjectProcess:
         so a long call does not break the stubs of every other object of the slot. A loop
         blocked for good is the supervisor's to find (``hang_timeout``).
         """
+        name_os_thread()
+
         def dealer(endpoint: str) -> zmq.Socket[Any]:
             s = self._ctx.socket(zmq.DEALER)
             if self.curve is not None:

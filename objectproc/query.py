@@ -40,6 +40,7 @@ import orjson
 import zmq
 
 from durable import codec, pushdown
+from durable.osthread import name_os_thread
 
 from .storage.duck import NAME_PREFIX as _NAME_BYTES
 from .storage.duck import order_key
@@ -371,6 +372,7 @@ class SnapshotStream:
         self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
 
     def _run(self, done: Callable[[SnapshotStream, BaseException | None], None]) -> None:
+        name_os_thread()
         error: BaseException | None = None
         with contextlib.suppress(OSError):  # (this thread only: objects' calls keep priority)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)

@@ -37,6 +37,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from durable.osthread import name_os_thread
+
 __all__ = ["Lifeline", "bind_to_parent", "start", "tick_forever", "parse_beat"]
 
 INTERVAL = 1.0
@@ -65,6 +67,7 @@ class Lifeline:
         return self
 
     def _run(self) -> None:
+        name_os_thread()
         orphaned_at: float | None = None
         while True:
             now = time.monotonic()

@@ -61,6 +61,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from durable.osthread import name_os_thread
+
 from ..metrics import FSYNC_BUCKETS, Histogram
 
 __all__ = ["ALARM_KEEP", "ALARM_DELETE", "CommitLog", "Segment", "SegmentScan", "Damage", "LogFullError", "encode_record",
@@ -647,6 +649,7 @@ class CommitLog:
         self._on_error(exc)
 
     def _run(self) -> None:
+        name_os_thread()
         try:
             self._loop()
         except BaseException as e:  # a bug here must fail the slot loudly, never hang its waiters

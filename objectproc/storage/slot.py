@@ -61,6 +61,7 @@ import duckdb
 from rbloom import Bloom
 
 from durable.errors import StorageCommitError, StorageCorruptError, StorageFullError
+from durable.osthread import name_os_thread
 
 from .duck import (
     NAME_KEY,
@@ -874,6 +875,7 @@ class SlotStore:
 
     # -- applier (its own thread) -----------------------------------------------
     def _apply_loop(self) -> None:
+        name_os_thread()
         while True:
             deadline = None
             with self._apply_cond:
