@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .errors import StubBrokenError
-from .protocol.messages import TO_PEER, Cmd, PeerHello, header, parse
+from .protocol.messages import TO_PEER, Cmd, PeerBatches, PeerHello, header, parse
 from .transport import LoopSocket, configure
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ log = logging.getLogger("durable.client")
 PEER_INFLIGHT = 10_000
 _WELCOME = header(Cmd.PWELCOME)
 _BYE = header(Cmd.PBYE)
+_BATCHES = header(Cmd.PBATCHES)
 #: what a callee may send a caller besides PWELCOME: the client's own answers
 _ANSWERS = frozenset((header(Cmd.REPLY), header(Cmd.ERROR), header(Cmd.CHANNEL)))
 _EVENT = struct.Struct("=HI")
@@ -99,7 +100,15 @@ class PeerRoutes:
             sock.connect(link.endpoint)
             link.sock = LoopSocket(sock, lambda f, link=link: self._message(link, f))
             link.monitor = LoopSocket(mon, lambda f, link=link: self._event(link, f))
-            link.sock.send(PeerHello().encode())  # (queued until the callee is there)
+            self._hello(link)  # (queued until the callee is there)
+
+    @staticmethod
+    def _hello(link: PeerLink) -> None:
+        """PHELLO, and that this side reads batches: the callee's own PBATCHES answer lets
+        this side send them (a callee of an older release never answers it)."""
+        link.sock.batches = False
+        link.sock.send(PeerHello().encode())
+        link.sock.send(PeerBatches().encode())
 
     def close(self, linger: int = 0) -> None:
         for link in self.links.values():
@@ -122,6 +131,9 @@ class PeerRoutes:
     def _message(self, link: PeerLink, frames: list[bytes]) -> None:
         if frames[0] in _ANSWERS:
             self.client._handle_answer(frames)
+            return
+        if frames[0] == _BATCHES and len(frames) == 1:
+            link.sock.batches = True
             return
         if frames[0] == _WELCOME or frames[0] == _BYE:
             try:
@@ -163,7 +175,7 @@ class PeerRoutes:
             self._lost(link, None, f"its process (slot {link.slot}) went away")
             link.incarnation = link.stopping = 0
             if link.sock is not None:  # ask whoever serves the slot next
-                link.sock.send(PeerHello().encode())
+                self._hello(link)
 
     def _lost(self, link: PeerLink, old: int | None, why: str, calls: bool = True) -> None:
         """The stubs bound to the link's incarnation ``old`` (None: any) break: their calls in

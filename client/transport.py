@@ -35,6 +35,9 @@ from typing import Any
 
 import zmq
 
+from .errors import ProtocolError
+from .protocol.messages import BATCH, MAX_BATCH, pack_batch, unpack_batch
+
 __all__ = ["LoopSocket", "MAX_MESSAGE_BYTES", "configure", "send_frames", "recv_frames",
            "has_input"]
 
@@ -159,6 +162,13 @@ class LoopSocket:
         #: handed here (queued or not), instead of raising EHOSTUNREACH
         self.on_unreachable = on_unreachable
         self.loop = loop or asyncio.get_running_loop()
+        #: To whom a turn's messages leave as one batch (``PBATCH``): for a DEALER, True once
+        #: its peer said it reads them; for a ROUTER, the routing ids of the peers that did.
+        #: Received batches are read whatever this says.
+        self.batches: bool | set[bytes] = False
+        self._router = sock.getsockopt(zmq.TYPE) == zmq.ROUTER
+        #: batches received whose counts did not match their frames (dropped whole)
+        self.malformed_batches = 0
         self._fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
         self._backlog: deque[list[bytes]] = deque()
@@ -195,7 +205,10 @@ class LoopSocket:
                     log.warning("receive failed: %s", e)
                 return
             try:
-                self.on_message(frames)
+                if frames[0] == BATCH or (self._router and len(frames) > 1 and frames[1] == BATCH):
+                    self._unbatch(frames)
+                else:
+                    self.on_message(frames)
             except Exception:  # a bug must cost one message, never the receive path
                 log.exception("internal error while handling a message; it was dropped")
             n += 1
@@ -205,6 +218,23 @@ class LoopSocket:
                 self._scheduled = True
                 self.loop.call_soon(self._drain)
                 return
+
+    def _unbatch(self, frames: list[bytes]) -> None:
+        """Each message of a received batch, in its order (a ROUTER's with the sender's id)."""
+        try:
+            msgs = unpack_batch(frames[1:] if frames[0] != BATCH else frames)
+        except ProtocolError as e:
+            self.malformed_batches += 1
+            log.debug("dropped a malformed batch: %s", e)
+            return
+        rid = frames[0] if frames[0] != BATCH else None
+        for m in msgs:
+            if self._closed:
+                return
+            try:
+                self.on_message(m if rid is None else [rid, *m])
+            except Exception:
+                log.exception("internal error while handling a message; it was dropped")
 
     def drain(self) -> None:
         """Handle whatever is waiting now (e.g. before concluding that the peer fell silent)."""
@@ -259,6 +289,8 @@ class LoopSocket:
             self._backlog.clear()
 
     def flush(self) -> None:
+        if self.batches and len(self._backlog) > 1 and not self._closed:
+            self._flush_batches()
         while self._backlog and not self._closed:
             try:
                 send_frames(self.sock, self._backlog[0])
@@ -274,6 +306,40 @@ class LoopSocket:
                 continue
             self._backlog.popleft()
         self._check_input()
+
+    def _flush_batches(self) -> None:
+        """Send the backlog with each peer's messages as batches (its order kept; the order
+        between peers is no one's to see). What ZeroMQ refuses (``zmq.Again``) goes back to
+        the backlog's front as it was, for the retry."""
+        msgs, router, to = list(self._backlog), self._router, self.batches
+        self._backlog.clear()
+        groups: dict[bytes | None, list[list[bytes]]] = {}
+        for m in msgs:
+            groups.setdefault(m[0] if router else None, []).append(m)
+        parts: list[list[list[bytes]]] = []  # (each sent as one message)
+        for rid, group in groups.items():
+            if len(group) == 1 or (router and rid not in to):  # type: ignore[operator]
+                parts.extend([m] for m in group)
+                continue
+            parts.extend(group[i:i + MAX_BATCH] for i in range(0, len(group), MAX_BATCH))
+        for i, part in enumerate(parts):
+            if len(part) == 1:
+                frames = part[0]
+            elif router:
+                frames = [part[0][0], *pack_batch([m[1:] for m in part])]
+            else:
+                frames = pack_batch(part)
+            try:
+                send_frames(self.sock, frames)
+            except zmq.Again:
+                self._backlog.extendleft(reversed([m for p in parts[i:] for m in p]))
+                return
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH or self.on_unreachable is None:
+                    self._backlog.extendleft(reversed([m for p in parts[i + 1:] for m in p]))
+                    raise
+                for m in part:
+                    self.on_unreachable(m)
 
     @classmethod
     def dealer(cls, endpoint: str, on_message: Callable[[list[bytes]], None],

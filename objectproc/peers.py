@@ -41,6 +41,7 @@ from durable.protocol.messages import (
     FROM_PEER,
     PEER,
     Error,
+    PeerBatches,
     PeerBye,
     PeerCall,
     PeerHello,
@@ -71,6 +72,7 @@ class PeerServer:
         self.on_gone = on_gone
         self.endpoint = peer_endpoint(run_dir, slot)
         self.peers: set[bytes] = set()  # routing ids of the callers that said PHELLO
+        self.batched: set[bytes] = set()  # ...and of those that read batches (PBATCHES)
         self.stopping = False  # said PBYE: no more PWELCOMEs
         self._checked: set[tuple[str, str]] = set()
         self.counters = {"peer_calls_served": 0, "peer_calls_refused": 0,
@@ -90,6 +92,7 @@ class PeerServer:
         mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
         self.sock = LoopSocket(sock, self._message, on_unreachable=self._unreachable,
                                note_source=True)
+        self.sock.batches = self.batched  # (a turn's answers to one of them leave as one)
         self.monitor = LoopSocket(mon, self._event)
 
     def close(self) -> None:
@@ -114,6 +117,7 @@ class PeerServer:
     def _unreachable(self, frames: list[bytes]) -> None:
         """A send to a caller that is gone (``ROUTER_MANDATORY``): it went away."""
         rid = frames[0]
+        self.batched.discard(rid)
         if rid in self.peers:
             self.peers.discard(rid)
             self.counters["peer_callers_gone"] += 1
@@ -153,6 +157,10 @@ class PeerServer:
         except Exception as e:  # (ProtocolError; or no frames after the routing id)
             self.counters["dropped_peer_messages"] += 1
             log.debug("dropped a malformed peer message: %s", e)
+            return
+        if type(msg) is PeerBatches:
+            self.batched.add(rid)
+            self._to(PEER + rid, PeerBatches().encode())
             return
         if type(msg) is PeerHello:
             self.peers.add(rid)

@@ -119,7 +119,8 @@ __all__ = [
     "decode_result", "WorkerSend", "ChannelSend", "Broken", "ClientGone", "ChannelEvent",
     "encode_event", "decode_event", "pack_channels", "unpack_channels", "EVENT", "STREAM",
     "WEBSOCKET", "STREAMED", "UPGRADED", "LOCAL", "to_client", "PeerHello", "PeerWelcome",
-    "PeerCall", "PeerBye", "FROM_PEER", "TO_PEER", "PEER",
+    "PeerCall", "PeerBye", "PeerBatches", "FROM_PEER", "TO_PEER", "PEER", "BATCH",
+    "MAX_BATCH", "pack_batch", "unpack_batch",
 ]
 
 #: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
@@ -158,6 +159,8 @@ class Cmd(IntEnum):
     PWELCOME = 0x52
     PCALL = 0x53
     PBYE = 0x54
+    PBATCHES = 0x55
+    PBATCH = 0x56
 
 
 _HEADERS = {c: bytes((0x44, VERSION, c)) for c in Cmd}
@@ -988,6 +991,60 @@ class PeerCall(Message):
                    namespace, object_id, frames[4], frames[5], name)
 
 
+@dataclass(slots=True)
+class PeerBatches(Message):
+    """"This side reads batches" (``PBATCH``): a caller says it after PHELLO, and the callee
+    answers it once it reads them too. Each side batches only to a side that said it, so a
+    peer of an older release never gets a batch it cannot read."""
+
+    CMD: ClassVar[Cmd] = Cmd.PBATCHES
+    FRAMES: ClassVar[int] = 1
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.PBATCHES)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> PeerBatches:
+        return cls()
+
+
+#: The first frame of a batch: several messages to one peer as one ZeroMQ message,
+#: ``[BATCH, counts, frames...]``, ``counts`` one byte per message (its frames). Each
+#: message that finds ZeroMQ's I/O thread asleep wakes it, and then the peer's I/O thread
+#: and loop: a loop turn's messages to one peer as one share those wake-ups.
+BATCH = header(Cmd.PBATCH)
+#: messages in one batch at most (a count is one byte)
+MAX_BATCH = 255
+
+
+def pack_batch(msgs: list[list[bytes]]) -> list[bytes]:
+    """Messages (each a list of frames, at most 255 of them) as one batch."""
+    if not 1 <= len(msgs) <= MAX_BATCH:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH} messages, not {len(msgs)}")
+    out = [BATCH, bytes(len(m) for m in msgs)]
+    for m in msgs:
+        out.extend(m)
+    return out
+
+
+def unpack_batch(frames: list[bytes]) -> list[list[bytes]]:
+    """The messages of a batch (``frames[0]`` is ``BATCH``); ProtocolError, naming what is
+    wrong, if its counts do not match its frames."""
+    if len(frames) < 2:
+        raise ProtocolError("PBATCH has no counts frame")
+    counts = frames[1]
+    if not counts or 0 in counts:
+        raise ProtocolError("PBATCH counts must be one byte of at least 1 per message")
+    if sum(counts) != len(frames) - 2:
+        raise ProtocolError(f"PBATCH counts say {sum(counts)} frames, the batch has "
+                            f"{len(frames) - 2}")
+    out, at = [], 2
+    for n in counts:
+        out.append(frames[at:at + n])
+        at += n
+    return out
+
+
 _CONTROL_OPS = ("slot_down", "slot_failed", "drain", "client_exit")
 
 
@@ -1052,8 +1109,9 @@ FROM_WORKER = Direction("from an object process", Ready, WorkerReply, WorkerErro
 TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, WorkerDisconnect,
                       ClientGone)
 CONTROL = Direction("on the control socket", Control)
-FROM_PEER = Direction("from a peer object process", PeerHello, PeerCall)
-TO_PEER = Direction("to a peer object process", PeerWelcome, PeerBye, Reply, Error, ChannelSend)
+FROM_PEER = Direction("from a peer object process", PeerHello, PeerCall, PeerBatches)
+TO_PEER = Direction("to a peer object process", PeerWelcome, PeerBye, Reply, Error, ChannelSend,
+                    PeerBatches)
 _NAMES = {c.value: c.name for c in Cmd}
 
 

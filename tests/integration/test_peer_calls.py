@@ -20,12 +20,14 @@ from durable.errors import InvalidIdError, StubBrokenError
 from durable.http import Request
 from durable.peers import peer_endpoint
 from durable.protocol.messages import (
+    BATCH,
     TO_CLIENT,
     TO_PEER,
     Call,
     Control,
     Error,
     Hello,
+    PeerBatches,
     PeerCall,
     PeerHello,
     PeerWelcome,
@@ -33,6 +35,7 @@ from durable.protocol.messages import (
     Welcome,
     encode_request,
     parse,
+    unpack_batch,
 )
 from tests.integration.cluster import all_slots_up, broker_calls, name_on, slot_seen_down
 from tests.integration.conftest import connected
@@ -232,6 +235,53 @@ async def test_a_websocket_held_across_slots_ends_when_either_process_dies(clust
 
 
 
+async def test_answers_come_in_batches_only_to_a_caller_that_said_it_reads_them(client, cluster):
+    """A caller of an older release says PHELLO only: each answer is a message of its own. A
+    caller that says PBATCHES too hears PBATCHES back, and a burst of calls' answers (one
+    loop turn's to it) arrive as batches: each answer once, whole, in order."""
+    endpoint = peer_endpoint(str(cluster.data / "run"), 1)
+    counter = client.namespace("COUNTER")
+    mine = str(counter.id_from_name(name_on(client, "COUNTER", 1, "batch-c")))
+    head, body = encode_request(Request("http://c/", method="POST"))
+
+    def exchange(batches: bool, first: int, n: int) -> tuple[int, bool, list[bytes]]:
+        sock = _dealer(zmq.Context.instance(), endpoint)
+        try:
+            sock.send_multipart(PeerHello().encode())
+            if batches:
+                sock.send_multipart(PeerBatches().encode())
+            inc, acked, answers, raw_batches = 0, False, {}, 0
+            while not inc or (batches and not acked):  # (these may come as a batch too)
+                frames = sock.recv_multipart()
+                for m in unpack_batch(frames) if frames[0] == BATCH else [frames]:
+                    msg = parse(m, TO_PEER)
+                    inc = msg.incarnation if type(msg) is PeerWelcome else inc
+                    acked = acked or type(msg) is PeerBatches
+            for i in range(n):
+                sock.send_multipart(PeerCall(inc, first + i, "COUNTER", mine, head, body).encode())
+            while len(answers) < n:
+                frames = sock.recv_multipart()
+                raw_batches += frames[0] == BATCH
+                for m in unpack_batch(frames) if frames[0] == BATCH else [frames]:
+                    msg = parse(m, TO_PEER)
+                    assert type(msg) is Reply and msg.call_id not in answers, msg
+                    answers[msg.call_id] = msg.body
+            return raw_batches, acked, [answers[first + i] for i in range(n)]
+        finally:
+            sock.close()
+
+    old = await asyncio.to_thread(exchange, False, 1000, 100)
+    assert old == (0, False, [b"%d" % i for i in range(1, 101)])
+    for attempt in range(5):  # (a turn's answers are a batch: the burst makes several turns)
+        new = await asyncio.to_thread(exchange, True, 2000 + 1000 * attempt, 100)
+        start = 101 + 100 * attempt
+        assert new[1:] == (True, [b"%d" % i for i in range(start, start + 100)])
+        if new[0]:
+            break
+    assert new[0] >= 1, "no answer came in a batch"
+    assert cluster.workers[1].poll() is None
+
+
 async def test_a_local_program_calls_the_object_processes_straight(cluster):
     """A client on the daemon's machine (the same user) learns the peer sockets from WELCOME:
     its calls skip the broker; with ``direct=False`` they go through it as before."""
@@ -242,6 +292,11 @@ async def test_a_local_program_calls_the_object_processes_straight(cluster):
             return client.peers.statistics()["peer_links_up"] == 2
 
         await async_wait_for(links_up, 10, "the client's links to both slots")
+
+        async def batching() -> bool:  # (each callee answered PBATCHES: a turn's calls to it
+            return all(k.sock.batches is True for k in client.peers.links.values())  # go as one
+
+        await async_wait_for(batching, 10, "the callees to say they read batches")
         counter = client.namespace("COUNTER")
         names = [name_on(client, "COUNTER", s, f"local-{s}-") for s in (0, 1)]
         before = await broker_calls(client)

@@ -211,3 +211,66 @@ def test_sends_the_peer_refuses_for_now_wait_and_leave_in_order(tmp_path):
         router.close(0)
         dealer.close(0)
         ctx.term()
+
+
+def test_a_turns_messages_to_a_peer_that_reads_batches_leave_as_one_and_arrive_as_each(pair):
+    """A ROUTER's turn of answers: to a peer in ``batches``, one ZeroMQ message (one wake-up
+    of each side's I/O thread instead of one per answer), to another one by one; a LoopSocket
+    reading a batch hands on each message in order, and drops a malformed batch whole."""
+    import asyncio
+    import contextlib
+
+    from durable.protocol.messages import BATCH, pack_batch
+    from durable.transport import LoopSocket
+
+    router, dealer = pair
+    ctx = zmq.Context.instance()
+    other = ctx.socket(zmq.DEALER)
+    other.setsockopt(zmq.IDENTITY, b"O")
+    other.connect(router.getsockopt_string(zmq.LAST_ENDPOINT))
+    for s in (dealer, other):
+        send_frames(s, [b"hello"])
+    for _ in range(2):
+        wait_input(router)
+        recv_frames(router)
+
+    async def main() -> tuple[list[list[bytes]], list[list[bytes]], list[list[bytes]], int]:
+        ls = LoopSocket(router, lambda f: None)
+        ls.batches = {b"D"}
+        asyncio.get_running_loop().call_soon(lambda: None)  # (so that the sends queue)
+        for i in range(3):
+            ls.send([b"D", b"a%d" % i, b"x" * i])
+            ls.send([b"O", b"b%d" % i])
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        raw_d, raw_o = [], []
+        wait_input(dealer)
+        while has_input(dealer):
+            raw_d.append(recv_frames(dealer))
+        for _ in range(3):
+            wait_input(other)
+            raw_o.append(recv_frames(other))
+        # what a reading LoopSocket makes of a batch, and of a malformed one
+        got: list[list[bytes]] = []
+        three = asyncio.Event()
+
+        def on_message(frames: list[bytes]) -> None:
+            got.append(frames)
+            if len(got) == 3:
+                three.set()
+
+        reader = LoopSocket(dealer, on_message)
+        send_frames(router, [b"D", *pack_batch([[b"p"], [b"q", b"r"]])])
+        send_frames(router, [b"D", BATCH, bytes([2, 2]), b"only", b"three", b"frames"])
+        send_frames(router, [b"D", b"after"])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(three.wait(), 5)
+        return raw_d, raw_o, got, reader.malformed_batches
+
+    try:
+        raw_d, raw_o, got, malformed = asyncio.run(main())
+    finally:
+        other.close(0)
+    assert raw_d == [[BATCH, bytes([2, 2, 2]), b"a0", b"", b"a1", b"x", b"a2", b"xx"]]
+    assert raw_o == [[b"b0"], [b"b1"], [b"b2"]]
+    assert got == [[b"p"], [b"q", b"r"], [b"after"]] and malformed == 1

@@ -268,3 +268,34 @@ def test_parsers_raise_only_protocol_errors(frames):
             m.parse(frames, direction)
         except ProtocolError:
             pass
+
+
+_FRAMES = st.lists(st.binary(max_size=8), min_size=1, max_size=6)
+
+
+@settings(max_examples=examples(200))
+@given(st.lists(_FRAMES, min_size=1, max_size=m.MAX_BATCH))
+def test_a_batch_gives_back_its_messages_in_order(msgs):
+    frames = m.pack_batch(msgs)
+    assert frames[0] == m.BATCH and len(frames) == 2 + sum(map(len, msgs))
+    assert m.unpack_batch(frames) == msgs
+
+
+@pytest.mark.parametrize(("frames", "says"), [
+    ([m.BATCH], "no counts frame"),
+    ([m.BATCH, b"", b"a"], "at least 1 per message"),
+    ([m.BATCH, bytes([1, 0]), b"a"], "at least 1 per message"),
+    ([m.BATCH, bytes([2]), b"a"], "say 2 frames, the batch has 1"),
+    ([m.BATCH, bytes([1]), b"a", b"b"], "say 1 frames, the batch has 2"),
+])
+def test_a_malformed_batch_is_refused_saying_what_is_wrong(frames, says):
+    with pytest.raises(ProtocolError, match=says):
+        m.unpack_batch(frames)
+
+
+def test_a_batch_holds_one_to_255_messages():
+    for n in (0, m.MAX_BATCH + 1):
+        with pytest.raises(ValueError, match="1 to 255 messages"):
+            m.pack_batch([[b"x"]] * n)
+    assert m.parse([m.header(m.Cmd.PBATCHES)], m.FROM_PEER) == m.PeerBatches()
+    assert m.parse([m.header(m.Cmd.PBATCHES)], m.TO_PEER) == m.PeerBatches()
