@@ -1280,6 +1280,8 @@ class ObjectProcess:
                 "alarms": self.store.alarm_counts if self.store else {},
                 "websockets": self.sockets.count if self.sockets else 0,
                 **(self.peer_server.counters if self.peer_server else {}),
+                "malformed_peer_batches": self.peer_server.sock.malformed_batches
+                if self.peer_server else 0,
                 **(self.client.peers.statistics() if self.client and self.client.peers else {}),
                 "websocket_messages_sent": self.sockets.outbox.sent if self.sockets else 0,
                 **({"http_connections": dict(self.front.acceptor.counters)}

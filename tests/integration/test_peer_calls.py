@@ -279,6 +279,18 @@ async def test_answers_come_in_batches_only_to_a_caller_that_said_it_reads_them(
         if new[0]:
             break
     assert new[0] >= 1, "no answer came in a batch"
+
+    def malformed() -> None:  # (counts that do not match its frames: dropped whole)
+        sock = _dealer(zmq.Context.instance(), endpoint)
+        sock.send_multipart([BATCH, bytes([5]), PeerHello().encode()[0]])
+        sock.close(linger=1000)
+
+    await asyncio.to_thread(malformed)
+
+    async def counted() -> bool:  # (the slots' statistics come with their heartbeats)
+        slot = (await client.statistics())["slots"][1]
+        return slot["reported"].get("malformed_peer_batches", 0) >= 1
+    await async_wait_for(counted, 10, "slot 1 to count the malformed batch")
     assert cluster.workers[1].poll() is None
 
 
