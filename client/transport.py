@@ -169,6 +169,9 @@ class LoopSocket:
         self._router = sock.getsockopt(zmq.TYPE) == zmq.ROUTER
         #: batches received whose counts did not match their frames (dropped whole)
         self.malformed_batches = 0
+        #: while ``on_message`` runs: the message's place in its batch (0: the first, or a
+        #: message alone). The rest of a batch came with the first, by the same connection.
+        self.in_batch = 0
         self._fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
         self._backlog: deque[list[bytes]] = deque()
@@ -228,13 +231,17 @@ class LoopSocket:
             log.debug("dropped a malformed batch: %s", e)
             return
         rid = frames[0] if frames[0] != BATCH else None
-        for m in msgs:
-            if self._closed:
-                return
-            try:
-                self.on_message(m if rid is None else [rid, *m])
-            except Exception:
-                log.exception("internal error while handling a message; it was dropped")
+        try:
+            for i, m in enumerate(msgs):
+                if self._closed:
+                    return
+                self.in_batch = i
+                try:
+                    self.on_message(m if rid is None else [rid, *m])
+                except Exception:
+                    log.exception("internal error while handling a message; it was dropped")
+        finally:
+            self.in_batch = 0
 
     def drain(self) -> None:
         """Handle whatever is waiting now (e.g. before concluding that the peer fell silent)."""

@@ -144,8 +144,9 @@ class PeerServer:
 
     # -- in -------------------------------------------------------------------------------
     def _message(self, frames: list[bytes]) -> None:
-        for event, fd in pending_events(self.monitor.sock):  # (closes the loop has not seen)
-            self._on_event(event, fd)
+        if not self.sock.in_batch:  # (a batch's messages came together: asked at its first)
+            for event, fd in pending_events(self.monitor.sock):  # (closes the loop has not seen)
+                self._on_event(event, fd)
         if self._closed_fds and self.sock.source is not None \
                 and self.sock.source[0] in self._closed_fds:
             self.counters["peer_calls_of_closed_links"] += 1

@@ -252,10 +252,12 @@ def test_a_turns_messages_to_a_peer_that_reads_batches_leave_as_one_and_arrive_a
             raw_o.append(recv_frames(other))
         # what a reading LoopSocket makes of a batch, and of a malformed one
         got: list[list[bytes]] = []
+        places: list[int] = []  # (each message's place in its batch, as the reader tells it)
         three = asyncio.Event()
 
         def on_message(frames: list[bytes]) -> None:
             got.append(frames)
+            places.append(reader.in_batch)
             if len(got) == 3:
                 three.set()
 
@@ -265,6 +267,7 @@ def test_a_turns_messages_to_a_peer_that_reads_batches_leave_as_one_and_arrive_a
         send_frames(router, [b"D", b"after"])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(three.wait(), 5)
+        assert places == [0, 1, 0] and reader.in_batch == 0
         return raw_d, raw_o, got, reader.malformed_batches
 
     try:
