@@ -24,9 +24,6 @@ def test_cpu_split_reports_each_processs_cpu_per_call_at_the_concurrency_asked()
     # the calls ran in the object processes, and were sent by this program
     assert per_call.get("objectproc/main", 0) > 0 and per_call.get("program/main", 0) > 0, result
     assert result["cpu_us_per_call_total"] >= per_call["objectproc/main"], result
-    # the object processes' threads are named in the OS: the writes went through both
-    assert per_call.get("objectproc/applier", 0) > 0, result
-    assert per_call.get("objectproc/commit-log", 0) > 0, result
 
 
 def test_cpu_split_refuses_no_calls_in_flight_by_name():
