@@ -277,3 +277,53 @@ def test_a_turns_messages_to_a_peer_that_reads_batches_leave_as_one_and_arrive_a
     assert raw_d == [[BATCH, bytes([2, 2, 2]), b"a0", b"", b"a1", b"x", b"a2", b"xx"]]
     assert raw_o == [[b"b0"], [b"b1"], [b"b2"]]
     assert got == [[b"p"], [b"q", b"r"], [b"after"]] and malformed == 1
+
+
+def test_batches_the_peer_refuses_for_now_wait_and_arrive_whole_and_in_order(tmp_path):
+    """Past the high-water mark with batches on: what ZeroMQ refused goes back to the
+    backlog's front as it was, and every message reaches a slow reader once, in order."""
+    import asyncio
+
+    from durable.protocol.messages import BATCH, unpack_batch
+    from durable.transport import LoopSocket
+
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for s, opt in ((router, zmq.RCVHWM), (dealer, zmq.SNDHWM)):
+        s.setsockopt(opt, 2)
+    router.bind(f"ipc://{tmp_path}/hwm-batch.sock")
+    dealer.connect(f"ipc://{tmp_path}/hwm-batch.sock")
+    n, body = 2000, b"x" * 65_536
+
+    async def main() -> tuple[list[bytes], int]:
+        ls = LoopSocket(dealer, lambda f: None)
+        ls.batches = True
+        for turn in range(n // 50):  # (a turn's sends leave as batches; nobody reads yet)
+            asyncio.get_running_loop().call_soon(lambda: None)
+            for i in range(50):
+                ls.send([b"%d" % (turn * 50 + i), body])
+            await asyncio.sleep(0.001)
+        assert ls.backlog > 0  # (the peer refused some: they wait, batched again later)
+        batches = 0
+        got: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(got) < n:
+            assert time.monotonic() < deadline, f"{len(got)} of {n} arrived"
+            while has_input(router):
+                frames = recv_frames(router)[1:]
+                batches += frames[0] == BATCH
+                for m in unpack_batch(frames) if frames[0] == BATCH else [frames]:
+                    assert m[1] == body
+                    got.append(m[0])
+            await asyncio.sleep(0.002)
+        assert ls.backlog == 0
+        ls.close()
+        return got, batches
+
+    try:
+        got, batches = asyncio.run(main())
+    finally:
+        router.close(0)
+        dealer.close(0)
+        ctx.term()
+    assert got == [b"%d" % i for i in range(n)] and batches >= 1
