@@ -120,7 +120,7 @@ __all__ = [
     "encode_event", "decode_event", "pack_channels", "unpack_channels", "EVENT", "STREAM",
     "WEBSOCKET", "STREAMED", "UPGRADED", "LOCAL", "to_client", "PeerHello", "PeerWelcome",
     "PeerCall", "PeerBye", "PeerBatches", "FROM_PEER", "TO_PEER", "PEER", "BATCH",
-    "MAX_BATCH", "pack_batch", "unpack_batch",
+    "MAX_BATCH", "MAX_BATCH_BYTES", "pack_batch", "unpack_batch",
 ]
 
 #: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
@@ -1008,40 +1008,52 @@ class PeerBatches(Message):
         return cls()
 
 
-#: The first frame of a batch: several messages to one peer as one ZeroMQ message,
-#: ``[BATCH, counts, frames...]``, ``counts`` one byte per message (its frames). Each
-#: message that finds ZeroMQ's I/O thread asleep wakes it, and then the peer's I/O thread
-#: and loop: a loop turn's messages to one peer as one share those wake-ups.
+#: The first frame of a batch: several messages to one peer as one ZeroMQ message of four
+#: frames, ``[BATCH, counts, lengths, blob]``: ``counts`` one byte per message (its frames),
+#: ``lengths`` each frame's length (u32 little-endian), ``blob`` the frames end to end. Each
+#: message that finds ZeroMQ's I/O thread asleep wakes it, and then the peer's I/O thread and
+#: loop: a loop turn's messages to one peer as one share those wake-ups. One frame instead of
+#: one per message's frame: a frame costs each side ~0.6 µs to send and ~0.9 µs to receive.
 BATCH = header(Cmd.PBATCH)
 #: messages in one batch at most (a count is one byte)
 MAX_BATCH = 255
+#: a batch's blob stops growing past this (each socket's MAXMSGSIZE bounds one frame)
+MAX_BATCH_BYTES = 1 << 20
 
 
 def pack_batch(msgs: list[list[bytes]]) -> list[bytes]:
     """Messages (each a list of frames, at most 255 of them) as one batch."""
     if not 1 <= len(msgs) <= MAX_BATCH:
         raise ValueError(f"a batch holds 1 to {MAX_BATCH} messages, not {len(msgs)}")
-    out = [BATCH, bytes(len(m) for m in msgs)]
-    for m in msgs:
-        out.extend(m)
-    return out
+    flat = [f for m in msgs for f in m]
+    return [BATCH, bytes(len(m) for m in msgs),
+            struct.pack(f"<{len(flat)}I", *map(len, flat)), b"".join(flat)]
 
 
 def unpack_batch(frames: list[bytes]) -> list[list[bytes]]:
     """The messages of a batch (``frames[0]`` is ``BATCH``); ProtocolError, naming what is
-    wrong, if its counts do not match its frames."""
-    if len(frames) < 2:
-        raise ProtocolError("PBATCH has no counts frame")
-    counts = frames[1]
+    wrong, if its parts do not agree."""
+    if len(frames) != 4:
+        raise ProtocolError(f"PBATCH has {len(frames)} frames, expected 4")
+    _, counts, lengths, blob = frames
     if not counts or 0 in counts:
         raise ProtocolError("PBATCH counts must be one byte of at least 1 per message")
-    if sum(counts) != len(frames) - 2:
-        raise ProtocolError(f"PBATCH counts say {sum(counts)} frames, the batch has "
-                            f"{len(frames) - 2}")
-    out, at = [], 2
-    for n in counts:
-        out.append(frames[at:at + n])
-        at += n
+    n = sum(counts)
+    if len(lengths) != 4 * n:
+        raise ProtocolError(f"PBATCH counts say {n} frames, its lengths are {len(lengths)} "
+                            "bytes (4 a frame)")
+    sizes = struct.unpack(f"<{n}I", lengths)
+    if sum(sizes) != len(blob):
+        raise ProtocolError(f"PBATCH lengths add up to {sum(sizes)} bytes, its blob has "
+                            f"{len(blob)}")
+    out, at, k = [], 0, 0
+    for c in counts:
+        m = []
+        for size in sizes[k:k + c]:
+            m.append(blob[at:at + size])
+            at += size
+        k += c
+        out.append(m)
     return out
 
 

@@ -274,7 +274,8 @@ def test_a_turns_messages_to_a_peer_that_reads_batches_leave_as_one_and_arrive_a
         raw_d, raw_o, got, malformed = asyncio.run(main())
     finally:
         other.close(0)
-    assert raw_d == [[BATCH, bytes([2, 2, 2]), b"a0", b"", b"a1", b"x", b"a2", b"xx"]]
+    assert raw_d == [pack_batch([[b"a0", b""], [b"a1", b"x"], [b"a2", b"xx"]])]
+    assert raw_d[0][0] == BATCH and len(raw_d[0]) == 4
     assert raw_o == [[b"b0"], [b"b1"], [b"b2"]]
     assert got == [[b"p"], [b"q", b"r"], [b"after"]] and malformed == 1
 
@@ -293,7 +294,7 @@ def test_batches_the_peer_refuses_for_now_wait_and_arrive_whole_and_in_order(tmp
         s.setsockopt(opt, 2)
     router.bind(f"ipc://{tmp_path}/hwm-batch.sock")
     dealer.connect(f"ipc://{tmp_path}/hwm-batch.sock")
-    n, body = 2000, b"x" * 65_536
+    n, body, big = 2000, b"x" * 60_000, b"y" * 70_000  # (a frame of 64 KiB leaves alone)
 
     async def main() -> tuple[list[bytes], int]:
         ls = LoopSocket(dealer, lambda f: None)
@@ -301,7 +302,7 @@ def test_batches_the_peer_refuses_for_now_wait_and_arrive_whole_and_in_order(tmp
         for turn in range(n // 50):  # (a turn's sends leave as batches; nobody reads yet)
             asyncio.get_running_loop().call_soon(lambda: None)
             for i in range(50):
-                ls.send([b"%d" % (turn * 50 + i), body])
+                ls.send([b"%d" % (turn * 50 + i), big if i % 10 == 3 else body])
             await asyncio.sleep(0.001)
         assert ls.backlog > 0  # (the peer refused some: they wait, batched again later)
         batches = 0
@@ -313,7 +314,8 @@ def test_batches_the_peer_refuses_for_now_wait_and_arrive_whole_and_in_order(tmp
                 frames = recv_frames(router)[1:]
                 batches += frames[0] == BATCH
                 for m in unpack_batch(frames) if frames[0] == BATCH else [frames]:
-                    assert m[1] == body
+                    assert m[1] == (big if int(m[0]) % 10 == 3 else body)
+                    assert frames[0] != BATCH or m[1] != big  # (never in a batch)
                     got.append(m[0])
             await asyncio.sleep(0.002)
         assert ls.backlog == 0
