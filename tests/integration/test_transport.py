@@ -171,6 +171,17 @@ def test_a_queued_send_to_a_gone_peer_goes_to_on_unreachable_and_the_rest_leave(
     assert asyncio.run(main()) == [[b"one"], [b"two"]]
 
 
+def _hwm_pair(path, hwm: int) -> tuple[zmq.Context, zmq.Socket, zmq.Socket]:
+    """A ROUTER and a DEALER over ipc whose queues hold ``hwm`` messages each way."""
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for s, opt in ((router, zmq.RCVHWM), (dealer, zmq.SNDHWM)):
+        s.setsockopt(opt, hwm)
+    router.bind(f"ipc://{path}")
+    dealer.connect(f"ipc://{path}")
+    return ctx, router, dealer
+
+
 def test_sends_the_peer_refuses_for_now_wait_and_leave_in_order(tmp_path):
     """Past the high-water mark ZMQ refuses a send (zmq.Again): the message and every later
     one wait in the backlog, retried by one timer, and reach a slow reader whole and in order."""
@@ -178,12 +189,7 @@ def test_sends_the_peer_refuses_for_now_wait_and_leave_in_order(tmp_path):
 
     from durable.transport import LoopSocket
 
-    ctx = zmq.Context()
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    for s, opt in ((router, zmq.RCVHWM), (dealer, zmq.SNDHWM)):
-        s.setsockopt(opt, 4)
-    router.bind(f"ipc://{tmp_path}/hwm.sock")
-    dealer.connect(f"ipc://{tmp_path}/hwm.sock")
+    ctx, router, dealer = _hwm_pair(tmp_path / "hwm.sock", 4)
     n, body = 300, b"x" * 65_536
 
     async def main() -> list[bytes]:
@@ -288,12 +294,7 @@ def test_batches_the_peer_refuses_for_now_wait_and_arrive_whole_and_in_order(tmp
     from durable.protocol.messages import BATCH, unpack_batch
     from durable.transport import LoopSocket
 
-    ctx = zmq.Context()
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    for s, opt in ((router, zmq.RCVHWM), (dealer, zmq.SNDHWM)):
-        s.setsockopt(opt, 2)
-    router.bind(f"ipc://{tmp_path}/hwm-batch.sock")
-    dealer.connect(f"ipc://{tmp_path}/hwm-batch.sock")
+    ctx, router, dealer = _hwm_pair(tmp_path / "hwm-batch.sock", 2)
     n, body, big = 2000, b"x" * 60_000, b"y" * 70_000  # (a frame of 64 KiB leaves alone)
 
     async def main() -> tuple[list[bytes], int]:
