@@ -160,8 +160,9 @@ class PeerServer:
             log.debug("dropped a malformed peer message: %s", e)
             return
         if type(msg) is PeerBatches:
-            self.batched.add(rid)
-            self._to(PEER + rid, PeerBatches().encode())
+            if rid in self.peers:  # (after its PHELLO: pruned with it when it goes away)
+                self.batched.add(rid)
+                self._to(PEER + rid, PeerBatches().encode())
             return
         if type(msg) is PeerHello:
             self.peers.add(rid)

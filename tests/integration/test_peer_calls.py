@@ -270,6 +270,21 @@ async def test_answers_come_in_batches_only_to_a_caller_that_said_it_reads_them(
         finally:
             sock.close()
 
+    def batches_first() -> bool:  # (PBATCHES before PHELLO: not heard, nothing kept)
+        sock = _dealer(zmq.Context.instance(), endpoint)
+        try:
+            sock.send_multipart(PeerBatches().encode())
+            sock.send_multipart(PeerHello().encode())
+            while True:
+                frames = sock.recv_multipart()
+                if frames[0] == BATCH or type(parse(frames, TO_PEER)) is PeerBatches:
+                    return False
+                if type(parse(frames, TO_PEER)) is PeerWelcome:
+                    return True
+        finally:
+            sock.close()
+
+    assert await asyncio.to_thread(batches_first)
     old = await asyncio.to_thread(exchange, False, 1000, 100)
     assert old == (0, False, [b"%d" % i for i in range(1, 101)])
     for attempt in range(5):  # (a turn's answers are a batch: the burst makes several turns)
