@@ -2,12 +2,14 @@
 """Where the CPU of a call goes: per process and thread, new objects against existing ones.
 
     python scripts/cpu_split.py [--calls 50000] [--existing 0] [--unnamed] [--concurrency 64]
-                                [--json]
+                                [--via-broker] [--json]
 
 Starts `durable serve` (2 slots, the Counter example), then one program increments
 ``--calls`` objects, ``--concurrency`` calls in flight (64: the many_objects workload):
 every call to a new object, or with ``--existing K`` round-robin over K objects; by name,
-or with ``--unnamed`` by unique id. Reports the rate and the CPU each thread of each process
+or with ``--unnamed`` by unique id; with ``--via-broker`` through the broker, as a
+client on another machine or without access to the run directory calls (not by the peer
+links). Reports the rate and the CPU each thread of each process
 spent per call (from /proc: user + system), so that the cost of a new object (its
 activation, its name, its rows in DuckDB) can be told from a call's own.
 
@@ -70,8 +72,8 @@ def thread_cpu(procs: list[psutil.Process]) -> dict[tuple[str, str], float]:
 
 
 async def drive(frontend: str, calls: int, existing: int, rpc: bool = False,
-                unnamed: bool = False, concurrency: int = 64) -> float:
-    async with durable.connect(frontend, timeout=60) as c:
+                unnamed: bool = False, concurrency: int = 64, via_broker: bool = False) -> float:
+    async with durable.connect(frontend, timeout=60, direct=not via_broker) as c:
         await asyncio.sleep(1)  # (the client's links to the slots)
         ns = c.namespace("COUNTER")
         todo = iter(range(calls))
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="objects by unique id (newUniqueId), not by name: no name is stored, "
                         "so the difference with a named run is what names cost")
     p.add_argument("--concurrency", type=int, default=64, help="calls in flight (64)")
+    p.add_argument("--via-broker", action="store_true",
+                   help="call through the broker, not by the peer links (a remote client's path)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.concurrency < 1:
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                  *psutil.Process(d.proc.pid).children(recursive=True)]
         before = thread_cpu(procs)
         seconds = asyncio.run(drive(d.frontend, args.calls, args.existing, args.rpc,
-                                         args.unnamed, args.concurrency))
+                                    args.unnamed, args.concurrency, args.via_broker))
         after = thread_cpu(procs)
     per_call = {f"{role}/{name}": round((v - before.get((role, name), 0.0)) * 1e6 / args.calls, 1)
                 for (role, name), v in after.items()}
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               "concurrency": args.concurrency,
               "call": "increment()" if args.rpc else "fetch POST /inc",
               "objects": "by unique id" if args.unnamed else "by name",
+              "path": "broker" if args.via_broker else "peer links",
               "per_s": round(args.calls / seconds), "cpu_us_per_call": per_call,
               "cpu_us_per_call_total": round(sum(per_call.values()), 1)}
     if args.json:

@@ -30,3 +30,15 @@ def test_cpu_split_refuses_no_calls_in_flight_by_name():
     out = subprocess.run([sys.executable, str(SCRIPT), "--concurrency", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--concurrency 0" in out.stderr, out.stderr
+
+
+def test_cpu_split_via_the_broker_puts_the_calls_on_the_brokers_path():
+    """``--via-broker``: no peer links, so the broker's loop carries every call (its CPU per
+    call is that of a relay, not of the heartbeats alone)."""
+    out = subprocess.run([sys.executable, str(SCRIPT), "--calls", "600", "--existing", "20",
+                          "--concurrency", "8", "--via-broker", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["path"] == "broker", result
+    assert result["cpu_us_per_call"].get("broker/main", 0) >= 5, result
