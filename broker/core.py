@@ -35,6 +35,10 @@ Rules this file keeps:
   prefix: ``F`` the local ipc endpoint, ``A`` the operator endpoint, ``P``
   the CurveZMQ endpoints. A ``P`` client gets the id keys of, and may call,
   only the namespaces its key is allowed, and gets no statistics.
+* **Batches.** A client that says PBATCHES after HELLO, and an object process
+  that says it after READY, hear PBATCHES back; the socket loop may then send
+  it several messages as one (``reads_batches``). The mark goes with the
+  client's or the incarnation's state: a HELLO or READY again starts without it.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from durable.protocol.messages import (
     Drop,
     Error,
     Hello,
+    PeerBatches,
     Ping,
     Pong,
     Ready,
@@ -168,6 +173,7 @@ class _Client:
     stubs: dict[int, tuple[int, int]] = field(default_factory=dict)
     inflight: int = 0
     allowed: frozenset[str] | None = None  # namespaces a CurveZMQ client may call (None: all)
+    batches: bool = False  # it said PBATCHES: it reads batches
 
 
 class RouterCore:
@@ -184,6 +190,8 @@ class RouterCore:
         self.incarnation = secrets.randbits(63) | 1
         self.slots = [_Slot(i) for i in range(config.slots)]
         self.workers: dict[bytes, int] = {}
+        #: registered object processes that said PBATCHES (they read batches)
+        self.batch_workers: set[bytes] = set()
         self.clients: dict[bytes, _Client] = {}
         self.counters: Counter[str] = Counter()
         #: CurveZMQ client key (z85) -> allowed namespaces (None: all)
@@ -220,6 +228,13 @@ class RouterCore:
         if number is not None:
             self.end_incarnation(number, "its connection closed")
 
+    def reads_batches(self, to_worker: bool, ident: bytes) -> bool:
+        """Whether that peer said it reads batches (PBATCHES) since it said HELLO or READY."""
+        if to_worker:
+            return ident in self.batch_workers
+        client = self.clients.get(ident)
+        return client is not None and client.batches
+
     # -- clients --------------------------------------------------------------------------
     def client_message(self, ident: bytes, frames: list[bytes], user: str | None = None) -> None:
         """``ident`` carries its socket's prefix; ``user`` is a CurveZMQ client's key."""
@@ -252,6 +267,10 @@ class RouterCore:
         elif type(msg) is Drop:
             for stub_id in msg.stub_ids:
                 client.stubs.pop(stub_id, None)
+        elif type(msg) is PeerBatches:
+            if not client.batches:
+                client.batches = True
+                self._to_client(ident, PeerBatches().encode())
         elif type(msg) is Stats:
             if ident[:1] == b"P":  # pids, counters, other clients' load: for this machine only
                 self._error(ident, msg.call_id, ProtocolError, "statistics are for local "
@@ -410,6 +429,11 @@ class RouterCore:
             return
         slot = self.slots[number]
         slot.liveness.heard()
+        if type(msg) is PeerBatches:
+            if ident not in self.batch_workers:
+                self.batch_workers.add(ident)
+                self._to_worker(ident, PeerBatches().encode())
+            return
         if type(msg) is WorkerReply:
             if slot.inflight.pop((msg.client, msg.call_id), None) is not None:
                 self.counters["replies"] += 1
@@ -446,6 +470,7 @@ class RouterCore:
                 f"slot {ready.slot} does not exist (this broker has {len(self.slots)})").encode())
             return
         old = self.workers.pop(ident, None)
+        self.batch_workers.discard(ident)  # (it says PBATCHES again after this READY)
         if old is not None and old != ready.slot:
             self.end_incarnation(old, "its process registered for another slot")
         slot = self.slots[ready.slot]
@@ -485,6 +510,7 @@ class RouterCore:
         log.warning("slot %d (pid %s) is gone: %s; %d calls in flight fail", number, slot.pid,
                     reason, len(slot.inflight))
         self.workers.pop(slot.identity, None)
+        self.batch_workers.discard(slot.identity)
         for ident, call_id in slot.inflight:
             self._done(ident)
             self._broken(ident, call_id, number, f"its process (pid {slot.pid}) went away: {reason}")
@@ -583,6 +609,7 @@ class RouterCore:
                 "slot": s.number, "up": s.identity is not None, "pid": s.pid,
                 "incarnation": s.incarnation, "queued": len(s.queue), "inflight": len(s.inflight),
                 "registrations": s.registrations,
+                "batches": s.identity is not None and s.identity in self.batch_workers,
                 "uptime": None if s.up_since is None else round(now - s.up_since, 3),
                 "reported": s.reported,
             } for s in self.slots],

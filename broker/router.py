@@ -12,6 +12,12 @@ the core's outbox holds.
   than waiting for its heartbeats to lapse.
 * **Thin loop.** Poll, drain each socket until it is empty (at most ``burst``
   messages a turn, so neither side starves), run the timers, flush.
+* **Batches.** What a socket's drain made leaves when the drain ends (or every
+  ``_FLUSH_AT`` messages), each peer's messages in their order; to a peer that
+  said PBATCHES, several at a time as one PBATCH. Each message that finds
+  ZeroMQ's I/O thread asleep wakes it, then the peer's I/O thread and loop: a
+  batch shares those wake-ups (docs/messaging.md). A received batch is handled
+  message by message, as if they had come one by one.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import Any
 
 import zmq
 
+from durable.errors import ProtocolError
+from durable.protocol.messages import BATCH, batch_runs, pack_batch, unpack_batch
 from durable.transport import has_input, recv_frames, send_frames
 
 from .core import BrokerConfig, RouterCore
@@ -36,6 +44,10 @@ CLUSTER_DOMAIN = "durable-cluster"
 __all__ = ["Broker", "BrokerConfig", "load_permissions"]
 
 log = logging.getLogger("durable.broker")
+
+#: a drain flushes what it made so far once this many messages wait (else at its end):
+#: the first answers of a long burst do not wait for its last message
+_FLUSH_AT = 256
 
 
 def load_permissions(keys_dir: str) -> dict[str, frozenset[str] | None]:
@@ -196,29 +208,55 @@ class Broker:
         self._stopping = True
 
     def flush(self) -> None:
-        """Send what the core wants sent, in order. A send that fails is counted (a peer
-        gone, or not reading); an object process that cannot be reached is ended, and
-        the errors that makes go out in this same flush."""
-        out = self.core.outbox
-        counters = self.core.counters
-        i = 0
-        while i < len(out):
-            to_worker, ident, frames = out[i]
-            i += 1
+        """Send what the core wants sent: each peer's messages in their order, several at a
+        time as one batch to a peer that reads them. A send that fails is counted (a peer
+        gone, or not reading); an object process that cannot be reached is ended, and the
+        errors that makes go out in this same flush."""
+        core = self.core
+        out = core.outbox
+        while out:
+            if len(out) == 1:  # (the usual case when not busy)
+                to_worker, ident, frames = out.pop()
+                self._send(to_worker, ident, frames, 1)
+                continue
+            groups: dict[tuple[bool, bytes], list[list[bytes]]] = {}
+            for to_worker, ident, frames in out:
+                groups.setdefault((to_worker, ident), []).append(frames)
+            out.clear()
+            for (to_worker, ident), msgs in groups.items():
+                runs = batch_runs(msgs) if len(msgs) > 1 and core.reads_batches(
+                    to_worker, ident) else [[m] for m in msgs]
+                for i, run in enumerate(runs):
+                    if len(run) > 1:
+                        core.counters["batches_sent"] += 1
+                        core.counters["batched_messages_sent"] += len(run)
+                    if not self._send(to_worker, ident,
+                                      run[0] if len(run) == 1 else pack_batch(run), len(run)):
+                        # (the rest would fail as well: counted, not tried)
+                        left = sum(len(r) for r in runs[i + 1:])
+                        if left:
+                            core.counters["undeliverable_worker" if to_worker
+                                          else "undeliverable_client"] += left
+                        break
+
+    def _send(self, to_worker: bool, ident: bytes, frames: list[bytes], count: int) -> bool:
+        """Send one message (``count``: the messages it carries); False if it failed."""
+        if to_worker:
+            sock, dest = self.back, ident
+        else:
+            kind = ident[:1]
+            sock = self.front if kind == b"F" else self.pub if kind == b"P" else self.adm
+            dest = ident[1:]
+        try:
+            send_frames(sock, [dest, *frames])
+            return True
+        except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
+            self.core.counters["undeliverable_worker" if to_worker
+                               else "undeliverable_client"] += count
+            log.debug("could not send to %r: %s", ident, e)
             if to_worker:
-                sock, dest = self.back, ident
-            else:
-                kind = ident[:1]
-                sock = self.front if kind == b"F" else self.pub if kind == b"P" else self.adm
-                dest = ident[1:]
-            try:
-                send_frames(sock, [dest, *frames])
-            except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
-                counters["undeliverable_worker" if to_worker else "undeliverable_client"] += 1
-                log.debug("could not send to %r: %s", ident, e)
-                if to_worker:
-                    self.core.worker_unreachable(ident)
-        out.clear()
+                self.core.worker_unreachable(ident)
+            return False
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> None:
@@ -259,30 +297,57 @@ class Broker:
 
     def _guarded(self, where: str, step: Callable[..., None], *args: Any) -> None:
         """Run one core step and send its outbox: a bug costs one message, never the broker."""
+        self._step(where, step, *args)
+        self.flush()
+
+    def _step(self, where: str, step: Callable[..., None], *args: Any) -> None:
+        """Run one core step (its sends wait in the outbox for the drain's flush)."""
         try:
             step(*args)
         except Exception:
             self.core.counters["internal_errors"] += 1
             log.exception("internal error %s; the message was dropped", where)
-        self.flush()
+
+    def _messages(self, frames: list[bytes]) -> list[list[bytes]]:
+        """What a ROUTER received: one message, or each message of a batch (each with the
+        sender's identity first). A malformed batch is dropped whole and counted."""
+        if len(frames) < 2 or frames[1] != BATCH:
+            return [frames]
+        try:
+            msgs = unpack_batch(frames[1:])
+        except ProtocolError as e:
+            self.core.counters["malformed_batches"] += 1
+            log.debug("dropped a malformed batch: %s", e)
+            return []
+        self.core.counters["batches_received"] += 1
+        rid = frames[0]
+        return [[rid, *m] for m in msgs]
 
     def _drain(self, sock: zmq.Socket, prefix: bytes, burst: int) -> None:
-        client = self.core.client_message
+        client, out = self.core.client_message, self.core.outbox
         for _ in range(burst):
             if not has_input(sock):
-                return
+                break
             frames = recv_frames(sock)
             self._awake()
-            self._guarded("handling a client message", client, prefix + frames[0], frames[1:])
+            for m in self._messages(frames):
+                self._step("handling a client message", client, prefix + m[0], m[1:])
+            if len(out) >= _FLUSH_AT:
+                self.flush()
+        self.flush()
 
     def _drain_workers(self, burst: int) -> None:
-        worker = self.core.worker_message
+        worker, out = self.core.worker_message, self.core.outbox
         for _ in range(burst):
             if not has_input(self.back):
-                return
+                break
             frames = recv_frames(self.back)
             self._awake()
-            self._guarded("handling a worker message", worker, frames[0], frames[1:])
+            for m in self._messages(frames):
+                self._step("handling a worker message", worker, m[0], m[1:])
+            if len(out) >= _FLUSH_AT:
+                self.flush()
+        self.flush()
 
     def _drain_control(self, burst: int) -> None:
         for _ in range(burst):
@@ -294,9 +359,10 @@ class Broker:
 
     def _drain_public(self, burst: int) -> None:
         """Like ``_drain``, keeping each message's CurveZMQ key (ZAP's User-Id) for HELLO."""
+        out = self.core.outbox
         for _ in range(burst):
             if not has_input(self.pub):
-                return
+                break
             frame = self.pub.recv(zmq.NOBLOCK, copy=False)
             self._awake()
             frames, user = [frame.bytes], None
@@ -306,5 +372,9 @@ class Broker:
                 if user is None:
                     with contextlib.suppress(zmq.ZMQError, KeyError):
                         user = frame.get("User-Id")
-            self._guarded("handling a client message", self.core.client_message,
-                          b"P" + frames[0], frames[1:], user)
+            for m in self._messages(frames):
+                self._step("handling a client message", self.core.client_message,
+                           b"P" + m[0], m[1:], user)
+            if len(out) >= _FLUSH_AT:
+                self.flush()
+        self.flush()

@@ -50,6 +50,7 @@ from .protocol.messages import (
     Drop,
     Error,
     Hello,
+    PeerBatches,
     PeerCall,
     Ping,
     Pong,
@@ -432,6 +433,8 @@ class Client:
         self._liveness = Liveness(self._heartbeat, self._misses)
         self._welcomed.clear()
         self._send(Hello(os.getpid(), self._name).encode())
+        # (it reads batches; once the broker says it does too, so does this socket)
+        self._send(PeerBatches().encode())
 
     async def close(self) -> None:
         if self._closed:
@@ -772,6 +775,8 @@ class Client:
                 entry[0].set_result(msg.stats)
         elif t is Broken:
             self._stubs_broken(set(msg.stub_ids))
+        elif t is PeerBatches:  # the broker reads batches: a turn's calls to it go as one
+            self._sock.batches = True
 
     def _start_peers(self, slots: int, endpoint: str) -> None:
         """Links to every slot's process, if this process may reach their sockets (another

@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 
 from .errors import ProtocolError
-from .protocol.messages import BATCH, MAX_BATCH, MAX_BATCH_BYTES, pack_batch, unpack_batch
+from .protocol.messages import BATCH, batch_runs, pack_batch, unpack_batch
 
 __all__ = ["LoopSocket", "MAX_MESSAGE_BYTES", "configure", "send_frames", "recv_frames",
            "has_input"]
@@ -158,6 +158,9 @@ class LoopSocket:
         #: with ``note_source``: ``[fd]`` of the connection the message being handled came by
         self.source: list[int] | None = [-1] if note_source else None
         self.on_message = on_message
+        #: if set, a received batch's messages are handed over together, as a list (a
+        #: reader that looks at what came after a message: the object process's ClientGone)
+        self.on_batch: Callable[[list[list[bytes]]], None] | None = None
         #: a ROUTER_MANDATORY socket's: a message for a peer that is gone is dropped and
         #: handed here (queued or not), instead of raising EHOSTUNREACH
         self.on_unreachable = on_unreachable
@@ -231,6 +234,12 @@ class LoopSocket:
             log.debug("dropped a malformed batch: %s", e)
             return
         rid = frames[0] if frames[0] != BATCH else None
+        if self.on_batch is not None:
+            try:
+                self.on_batch(msgs if rid is None else [[rid, *m] for m in msgs])
+            except Exception:
+                log.exception("internal error while handling a batch; it was dropped")
+            return
         try:
             for i, m in enumerate(msgs):
                 if self._closed:
@@ -329,26 +338,8 @@ class LoopSocket:
         for rid, group in groups.items():
             if len(group) == 1 or (router and rid not in to):  # type: ignore[operator]
                 parts.extend([m] for m in group)
-                continue
-            run: list[list[bytes]] = []
-            size = 0
-            for m in group:
-                big = False
-                n = 0
-                for f in m:
-                    n += len(f)
-                    big = big or len(f) >= _ZERO_COPY_FROM
-                if big or len(run) == MAX_BATCH or size + n > MAX_BATCH_BYTES:
-                    if run:
-                        parts.append(run)
-                    run, size = [], 0
-                    if big:
-                        parts.append([m])
-                        continue
-                run.append(m)
-                size += n
-            if run:
-                parts.append(run)
+            else:
+                parts += batch_runs(group)
         for i, part in enumerate(parts):
             if len(part) == 1:
                 frames = part[0]

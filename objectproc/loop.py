@@ -49,6 +49,7 @@ from durable.osthread import name_os_thread
 from durable.peers import PeerRoutes, peer_endpoint
 from durable.protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from durable.protocol.messages import (
+    BATCH,
     EV_CANCEL,
     EV_CLOSE,
     EV_CREDIT,
@@ -59,6 +60,7 @@ from durable.protocol.messages import (
     Beat,
     BrokerHeartbeat,
     ClientGone,
+    PeerBatches,
     Ready,
     WorkerCall,
     WorkerDisconnect,
@@ -73,6 +75,7 @@ from durable.protocol.messages import (
     encode_result,
     parse_from_broker_to_worker,
     to_client,
+    unpack_batch,
 )
 from durable.supervisor.config import Config as _SETTINGS
 from durable.transport import LoopSocket, has_input, pending_events, recv_frames
@@ -488,6 +491,7 @@ class ObjectProcess:
             self._ctx = zmq.Context.instance()
         self._sock = LoopSocket.dealer(self.config.backend, self._handle, self._ctx,
                                        curve=self.curve)
+        self._sock.on_batch = self._handle_received_batch
         if not self.config.cluster_servers:  # (cluster mode has no peer path to overtake by)
             self._monitor = self._sock.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._liveness = Liveness(self.config.heartbeat, self.config.misses)
@@ -500,6 +504,7 @@ class ObjectProcess:
                 self.client._local_lost()
             local.incarnation = incarnation
         self._send(Ready(self.config.slot, os.getpid(), incarnation).encode())
+        self._send(PeerBatches().encode())  # (it reads batches: the broker answers if it does)
         if self.peer_server is not None:  # its callers' stubs of the old one break too
             self.peer_server.welcome_all()
         log.info("slot %d: registering with the broker (incarnation %x)", self.config.slot, incarnation)
@@ -646,9 +651,18 @@ class ObjectProcess:
         self._liveness.heard()
         msg = self._parse_broker(frames)
         if type(msg) is WorkerCall and msg.head[:1] != EVENT and has_input(self._sock.sock):
-            self._handle_batch(msg)
+            self._handle_batch([msg])
         elif msg is not None:
             self._dispatch(msg)
+
+    def _handle_received_batch(self, received: list[list[bytes]]) -> None:
+        """The messages of a batch from the broker (``LoopSocket.on_batch``), together: a
+        ClientGone behind a call in it must be seen before the call runs."""
+        if self._monitor is not None and self._broker_dropped():
+            self._broker_closed()
+            return
+        self._liveness.heard()
+        self._handle_batch([m for m in map(self._parse_broker, received) if m is not None])
 
     def _broker_closed(self) -> None:
         log.warning("slot %d: the connection to the broker closed; registering again "
@@ -664,21 +678,31 @@ class ObjectProcess:
             log.debug("dropped a malformed broker message: %s", e)
             return None
 
-    def _handle_batch(self, first: WorkerCall) -> None:
-        """A call, and what the broker sent after it (read now): a call whose client the
-        broker says is gone further on is dropped. Its client was a relay (an HTTP front,
+    def _handle_batch(self, batch: list[Any]) -> None:
+        """Messages from the broker (a call, or a batch's), and what the broker sent after
+        them (read now, batches unpacked): a call whose client the broker says is gone further
+        on is dropped. Its client was a relay (an HTTP front,
         a gateway) that died after the broker forwarded the call; the relay's caller heard
         its connection close ("may have run") and may have gone on by a link of its own,
         whose call this loop, held meanwhile, may have run already. Nobody waits for the
         dropped call's answer."""
-        sock, batch = self._sock.sock, [first]
-        while len(batch) < _READ_AHEAD and has_input(sock):
+        sock = self._sock.sock
+        read = 0
+        while read < _READ_AHEAD and has_input(sock):
             try:
-                msg = self._parse_broker(recv_frames(sock))
+                frames = recv_frames(sock)
             except zmq.ZMQError:
                 break
-            if msg is not None:
-                batch.append(msg)
+            more = [frames]
+            if frames[0] == BATCH:
+                try:
+                    more = unpack_batch(frames)
+                except ProtocolError as e:
+                    self._sock.malformed_batches += 1
+                    log.debug("dropped a malformed batch from the broker: %s", e)
+                    continue
+            read += len(more)
+            batch.extend(m for m in map(self._parse_broker, more) if m is not None)
         if self._monitor is not None and self._broker_dropped():
             self._broker_closed()
             return
@@ -707,6 +731,8 @@ class ObjectProcess:
             self._register_anew(f"broker asked to register again ({msg.reason})")
         elif type(msg) is BrokerHeartbeat:
             pass
+        elif type(msg) is PeerBatches:  # the broker reads batches: a turn's sends go as one
+            self._sock.batches = True
 
     def _quiet(self) -> bool:
         """Whether a call's sync may block the loop for one fsync: no other call would wait.
@@ -1282,6 +1308,7 @@ class ObjectProcess:
                 **(self.peer_server.counters if self.peer_server else {}),
                 "malformed_peer_batches": self.peer_server.sock.malformed_batches
                 if self.peer_server else 0,
+                "malformed_broker_batches": self._sock.malformed_batches if self._sock else 0,
                 **(self.client.peers.statistics() if self.client and self.client.peers else {}),
                 "websocket_messages_sent": self.sockets.outbox.sent if self.sockets else 0,
                 **({"http_connections": dict(self.front.acceptor.counters)}

@@ -69,6 +69,16 @@ caller's DEALER to the callee's ROUTER at ``ipc://RUN_DIR/peer-<slot>.sock``)::
                                                     unless ``incarnation`` is the callee's
     and back to the caller, as from the broker: REPLY, ERROR, CHANNEL.
 
+Batches, on the peer links and the broker's (docs/messaging.md)::
+
+    PBATCHES  [hdr]                                 "this side reads batches": a caller says it
+                                                    after PHELLO, a client after HELLO, an
+                                                    object process after READY; the other side
+                                                    answers it once it reads them too
+    PBATCH    [hdr, counts, lengths, blob]          several messages to one peer as one
+                                                    (``pack_batch``), only to a side that said
+                                                    PBATCHES
+
 Supervisor → broker (``CONTROL``; a PUSH to the broker's PULL socket in the 0700 run dir)::
 
     CONTROL [hdr, {"op": "slot_down", "slot": int, "pid": int}]   the process exited: end it now
@@ -120,7 +130,7 @@ __all__ = [
     "encode_event", "decode_event", "pack_channels", "unpack_channels", "EVENT", "STREAM",
     "WEBSOCKET", "STREAMED", "UPGRADED", "LOCAL", "to_client", "PeerHello", "PeerWelcome",
     "PeerCall", "PeerBye", "PeerBatches", "FROM_PEER", "TO_PEER", "PEER", "BATCH",
-    "MAX_BATCH", "MAX_BATCH_BYTES", "pack_batch", "unpack_batch",
+    "MAX_BATCH", "MAX_BATCH_BYTES", "BIG_FRAME", "batch_runs", "pack_batch", "unpack_batch",
 ]
 
 #: 2: call ids are u64 frames in CALL and WCALL too (1 carried them in the JSON meta)
@@ -993,9 +1003,11 @@ class PeerCall(Message):
 
 @dataclass(slots=True)
 class PeerBatches(Message):
-    """"This side reads batches" (``PBATCH``): a caller says it after PHELLO, and the callee
-    answers it once it reads them too. Each side batches only to a side that said it, so a
-    peer of an older release never gets a batch it cannot read."""
+    """"This side reads batches" (``PBATCH``): a peer-link caller says it after PHELLO, a
+    broker's client after HELLO, an object process after READY; the other side answers it
+    once it reads them too. Each side batches only to a side that said it, so a peer of an
+    older release never gets a batch it cannot read (an older broker drops the PBATCHES it
+    does not know, and never answers)."""
 
     CMD: ClassVar[Cmd] = Cmd.PBATCHES
     FRAMES: ClassVar[int] = 1
@@ -1030,6 +1042,38 @@ def pack_batch(msgs: list[list[bytes]]) -> list[bytes]:
             struct.pack(f"<{len(flat)}I", *map(len, flat)), b"".join(flat)]
 
 
+#: a message with a frame this big leaves alone, not in a batch: ZeroMQ sends it without a
+#: copy (pyzmq's zero-copy threshold), where a batch's blob would copy it
+BIG_FRAME = 1 << 16
+
+
+def batch_runs(msgs: list[list[bytes]]) -> list[list[list[bytes]]]:
+    """One peer's messages, in their order, as the runs to send: each run of two or more as
+    one batch, a run of one alone (a message with a ``BIG_FRAME`` is always alone; a run
+    closes at ``MAX_BATCH`` messages or ``MAX_BATCH_BYTES``)."""
+    runs: list[list[list[bytes]]] = []
+    run: list[list[bytes]] = []
+    size = 0
+    for m in msgs:
+        big = False
+        n = 0
+        for f in m:
+            n += len(f)
+            big = big or len(f) >= BIG_FRAME
+        if big or len(run) == MAX_BATCH or size + n > MAX_BATCH_BYTES:
+            if run:
+                runs.append(run)
+            run, size = [], 0
+            if big:
+                runs.append([m])
+                continue
+        run.append(m)
+        size += n
+    if run:
+        runs.append(run)
+    return runs
+
+
 def unpack_batch(frames: list[bytes]) -> list[list[bytes]]:
     """The messages of a batch (``frames[0]`` is ``BATCH``); ProtocolError, naming what is
     wrong, if its parts do not agree."""
@@ -1038,6 +1082,8 @@ def unpack_batch(frames: list[bytes]) -> list[list[bytes]]:
     _, counts, lengths, blob = frames
     if not counts or 0 in counts:
         raise ProtocolError("PBATCH counts must be one byte of at least 1 per message")
+    if len(counts) > MAX_BATCH:  # (what one batch may make its reader do is bounded)
+        raise ProtocolError(f"PBATCH holds {len(counts)} messages, at most {MAX_BATCH}")
     n = sum(counts)
     if len(lengths) != 4 * n:
         raise ProtocolError(f"PBATCH counts say {n} frames, its lengths are {len(lengths)} "
@@ -1113,13 +1159,13 @@ class Direction:
         self.table = {cls.CMD.value: cls for cls in classes}
 
 
-FROM_CLIENT = Direction("from a client", Hello, Call, Ping, Drop, Stats)
+FROM_CLIENT = Direction("from a client", Hello, Call, Ping, Drop, Stats, PeerBatches)
 TO_CLIENT = Direction("to a client", Welcome, Reply, Error, Pong, Disconnect, StatsReply,
-                      ChannelSend, Broken)
+                      ChannelSend, Broken, PeerBatches)
 FROM_WORKER = Direction("from an object process", Ready, WorkerReply, WorkerError,
-                        WorkerHeartbeat, Beat, WorkerSend, WorkerStopping)
+                        WorkerHeartbeat, Beat, WorkerSend, WorkerStopping, PeerBatches)
 TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, WorkerDisconnect,
-                      ClientGone)
+                      ClientGone, PeerBatches)
 CONTROL = Direction("on the control socket", Control)
 FROM_PEER = Direction("from a peer object process", PeerHello, PeerCall, PeerBatches)
 TO_PEER = Direction("to a peer object process", PeerWelcome, PeerBye, Reply, Error, ChannelSend,
@@ -1148,7 +1194,7 @@ def parse(frames: list[bytes], direction: Direction) -> Any:
     return cls.decode(frames)
 
 
-def parse_from_client(frames: list[bytes]) -> Hello | Call | Ping | Drop | Stats:
+def parse_from_client(frames: list[bytes]) -> Hello | Call | Ping | Drop | Stats | PeerBatches:
     return parse(frames, FROM_CLIENT)
 
 

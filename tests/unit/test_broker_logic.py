@@ -518,3 +518,36 @@ def test_calls_queued_by_an_object_process_that_exits_are_not_delivered_later():
     ready(b, 0)
     assert [(x[1], x[2].client, x[2].call_id) for x in b.take()
             if type(x[2]) is m.WorkerCall] == [(b"w0", b"Fcli", 2)]
+
+
+def test_a_client_reads_batches_once_it_says_so_after_each_hello():
+    """PBATCHES after HELLO is answered once; a HELLO again starts without it; before HELLO
+    it is traffic from an unknown client."""
+    b = FakeBroker()
+    b.on_client([b"Fcli", *m.PeerBatches().encode()])
+    assert [type(x[2]) for x in b.take()] == [m.Disconnect]
+    hello(b)
+    assert not b.reads_batches(False, b"Fcli")
+    b.on_client([b"Fcli", *m.PeerBatches().encode()])
+    b.on_client([b"Fcli", *m.PeerBatches().encode()])
+    assert b.take() == [("client", b"Fcli", m.PeerBatches())]
+    assert b.reads_batches(False, b"Fcli") and not b.reads_batches(False, b"Fother")
+    hello(b)
+    assert not b.reads_batches(False, b"Fcli")
+
+
+def test_an_object_process_reads_batches_until_its_incarnation_ends():
+    b = FakeBroker()
+    b.on_worker([b"w0", *m.PeerBatches().encode()])  # (before READY: unknown)
+    assert [type(x[2]) for x in b.take()] == [m.WorkerDisconnect]
+    ready(b, 0)
+    b.take()
+    b.on_worker([b"w0", *m.PeerBatches().encode()])
+    assert b.take() == [("worker", b"w0", m.PeerBatches())]
+    assert b.reads_batches(True, b"w0") and b.statistics()["slots"][0]["batches"]
+    ready(b, 0, inc=9)  # (registered anew: it says PBATCHES again after READY)
+    assert not b.reads_batches(True, b"w0")
+    b.on_worker([b"w0", *m.PeerBatches().encode()])
+    assert b.reads_batches(True, b"w0")
+    b.core.end_incarnation(0, "test")
+    assert not b.reads_batches(True, b"w0") and not b.statistics()["slots"][0]["batches"]

@@ -289,6 +289,7 @@ def test_a_batch_gives_back_its_messages_in_order(msgs):
     ([m.BATCH, bytes([2]), b"\x01\x00\x00\x00", b"a"], "say 2 frames, its lengths are 4 bytes"),
     ([m.BATCH, bytes([1]), b"\x05\x00\x00\x00", b"abc"], "add up to 5 bytes, its blob has 3"),
     ([m.BATCH, bytes([1]), b"\x01\x00\x00\x00", b"ab"], "add up to 1 bytes, its blob has 2"),
+    ([m.BATCH, bytes([1]) * 256, b"\x00" * 4 * 256, b""], "holds 256 messages, at most 255"),
 ])
 def test_a_malformed_batch_is_refused_saying_what_is_wrong(frames, says):
     with pytest.raises(ProtocolError, match=says):
@@ -299,5 +300,35 @@ def test_a_batch_holds_one_to_255_messages():
     for n in (0, m.MAX_BATCH + 1):
         with pytest.raises(ValueError, match="1 to 255 messages"):
             m.pack_batch([[b"x"]] * n)
-    assert m.parse([m.header(m.Cmd.PBATCHES)], m.FROM_PEER) == m.PeerBatches()
-    assert m.parse([m.header(m.Cmd.PBATCHES)], m.TO_PEER) == m.PeerBatches()
+    for direction in (m.FROM_PEER, m.TO_PEER, m.FROM_CLIENT, m.TO_CLIENT, m.FROM_WORKER,
+                      m.TO_WORKER):  # (the broker's links batch too)
+        assert m.parse([m.header(m.Cmd.PBATCHES)], direction) == m.PeerBatches()
+    with pytest.raises(ProtocolError, match="PBATCHES is not valid on the control socket"):
+        m.parse([m.header(m.Cmd.PBATCHES)], m.CONTROL)
+
+
+# (sizes around the limits: a big frame, and messages that fill a batch's bytes)
+_SIZES = st.sampled_from([0, 1, 7, m.BIG_FRAME - 1, m.BIG_FRAME, 300_000])
+
+
+@settings(max_examples=examples(200))
+@given(st.lists(st.lists(_SIZES, min_size=1, max_size=3), min_size=1, max_size=600))
+def test_batch_runs_keep_the_order_and_every_bound(sizes):
+    """Each run is sent as one message: runs of two or more as a batch within its bounds, a
+    message with a big frame alone (zero-copy), nothing lost or reordered."""
+    msgs = [[bytes([i % 256]) * n for n in frames] for i, frames in enumerate(sizes)]
+    runs = m.batch_runs(msgs)
+    assert [x for run in runs for x in run] == msgs
+    for run in runs:
+        big = any(len(f) >= m.BIG_FRAME for x in run for f in x)
+        assert run and (len(run) == 1 or not big)
+        if len(run) > 1:
+            assert len(run) <= m.MAX_BATCH
+            assert sum(len(f) for x in run for f in x) <= m.MAX_BATCH_BYTES
+            assert m.unpack_batch(m.pack_batch(run)) == run
+    # (greedy: a run closes only when the next message would break a bound or is big)
+    for a, b in zip(runs, runs[1:], strict=False):
+        nxt = b[0]
+        assert (len(a) == m.MAX_BATCH or len(a) == 1 and any(len(f) >= m.BIG_FRAME for f in a[0])
+                or any(len(f) >= m.BIG_FRAME for f in nxt)
+                or sum(len(f) for x in [*a, nxt] for f in x) > m.MAX_BATCH_BYTES)
