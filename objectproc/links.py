@@ -31,6 +31,7 @@ from durable.protocol.heartbeat import Liveness
 from durable.protocol.messages import (
     BrokerHeartbeat,
     ClientGone,
+    PeerBatches,
     Ready,
     WorkerCall,
     WorkerDisconnect,
@@ -120,6 +121,7 @@ class RemoteLinks:
         link.liveness = Liveness(self.heartbeat, self.misses)
         link.incarnation = secrets.randbits(62) | 1
         self._send_on(link, Ready(self.slot, os.getpid(), link.incarnation).encode())
+        self._send_on(link, PeerBatches().encode())  # (its broker answers if it reads them)
         log.info("slot %d: registering with host %s's broker at %s", self.slot, link.host,
                  link.endpoint)
 
@@ -143,6 +145,8 @@ class RemoteLinks:
             self._register(link)
         elif type(msg) is BrokerHeartbeat:
             pass
+        elif type(msg) is PeerBatches:  # a turn's answers to that host go as one
+            link.sock.batches = True
 
     def route(self, frames: list[bytes]) -> bool:
         """Send ``frames`` on its link if it is addressed to a remote client (True), else

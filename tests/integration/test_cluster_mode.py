@@ -62,6 +62,9 @@ def test_calls_through_any_host_reach_one_object(tmp_path):
                             assert await _inc(clients[(i + round_) % 3], name) == round_ + 1
                     for c in clients:
                         assert [await _get(c, n) for n in names] == [3] * len(names)
+                    for c in clients:  # each slot reads batches from each host's broker, by
+                        slots = (await c.statistics())["slots"]  # its own or a cluster link
+                        assert all(s["batches"] for s in slots if s["up"]), slots
                     strangers = _pose_as_slots(hosts)  # no key, and a key of their own
                     await asyncio.sleep(1.0)
                     for i, name in enumerate(names):  # still the real slots, data intact
