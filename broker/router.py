@@ -47,7 +47,7 @@ log = logging.getLogger("durable.broker")
 
 #: a drain flushes what it made so far once this many messages wait (else at its end):
 #: the first answers of a long burst do not wait for its last message
-_FLUSH_AT = 256
+_FLUSH_AT = 64
 
 
 def load_permissions(keys_dir: str) -> dict[str, frozenset[str] | None]:
