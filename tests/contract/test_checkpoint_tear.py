@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from durable.errors import StorageCorruptError
 from durable.objectproc.storage.duck import DuckStore
 from durable.objectproc.storage.preimage import recover
+from tests.budget import examples
 
 HEADERS = 3 * 4096  # DuckDB's file header and its two database headers
 BLOCK = 256 * 1024
@@ -136,7 +137,7 @@ def test_a_metadata_block_torn_at_any_page_loses_nothing(checkpointed):
             store.close()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_any_mix_of_old_new_and_torn_blocks_loses_nothing(checkpointed, data):
     """A power cut writes back the checkpoint's pages in any order: any block may be old,

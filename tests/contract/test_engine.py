@@ -15,6 +15,7 @@ from durable.objectproc.storage.log import (
     list_segments,
     scan_segment,
 )
+from tests.budget import examples
 
 NEVER = {"apply_min_records": 10**9, "apply_max_delay": 10**6}
 
@@ -743,7 +744,7 @@ def test_upserts_of_new_objects_skip_the_delete_and_match_a_model_and_a_rebuild(
     opts = {"apply_min_records": 1, "apply_max_delay": 0.0} if eager else NEVER
     runs = iter(range(10**6))
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=examples(40), deadline=None)
     @given(_apply_ops())
     # (an object's name stored before its first write, and after: one `objects` row for both)
     @example([("write", name, False, {"name": b"1"}, keep, None), ("flush",),

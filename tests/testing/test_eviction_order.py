@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from durable.examples.counter import Counter
 from durable.testing import Runtime
+from tests.budget import examples
 
 IDLE = 0.3
 
@@ -149,7 +150,7 @@ _OPS = st.lists(st.one_of(st.tuples(st.just("call"), st.integers(0, 11)),
                           st.just(("evict",))), max_size=60)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_OPS)
 # (an object used again too soon to move, ahead of one that went idle: a scan that stopped at
 # the first entry used since the cutoff, not placed since it, would keep the idle one)

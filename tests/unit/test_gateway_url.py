@@ -10,6 +10,7 @@ from multidict import CIMultiDict
 
 from durable.broker import gateway
 from durable.broker.gateway import Gateway
+from tests.budget import examples
 
 _SEGMENT = st.text(st.sampled_from("abcXYZ019-._~%20/?#=&:@!$'()*+,;é "), max_size=12)
 
@@ -25,7 +26,7 @@ def _request(method: str, target: str, host: str | None):  # noqa: ANN202
     return make_mocked_request(method, target, headers=headers)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(method=st.sampled_from(["GET", "POST", "OPTIONS"]),
        path=_SEGMENT, host=st.sampled_from(["bench", "Example.COM:8080", "127.0.0.1:8787",
                                             "[::1]:80", "a.b"]))

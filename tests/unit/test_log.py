@@ -13,6 +13,7 @@ from durable.objectproc.storage.log import (
     scan_segment,
     segment_header,
 )
+from tests.budget import examples
 
 entries = st.dictionaries(st.text(), st.one_of(st.none(), st.binary(max_size=40)), max_size=8)
 
@@ -165,7 +166,7 @@ def test_checksum_covers_sequence_number():
     assert seqs(scan) == [] and scan.torn is not None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.integers(1, 4), min_size=2, max_size=12), st.data())
 def test_damage_before_the_last_group_is_never_taken_for_a_torn_tail(sizes, data):
     """Property: flip any byte of any record outside the last group -> damage, not torn."""

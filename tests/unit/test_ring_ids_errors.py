@@ -19,6 +19,7 @@ from durable.errors import (
 from durable.http import Headers, Request, Response
 from durable.ids import IdFactory, load_or_create_secret, namespace_key
 from durable.protocol.heartbeat import Liveness
+from tests.budget import examples
 
 
 def test_ring_is_a_stable_function_of_inputs():
@@ -117,7 +118,7 @@ def test_remembered_ids_of_names_match_a_fresh_hmac_and_the_memo_stays_bounded()
     assert str(factory("B").from_name("n1")) != fresh("n1")  # another namespace's key
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(key=st.one_of(st.binary(max_size=64), st.binary(min_size=65, max_size=200)),
        msg=st.binary(max_size=300))
 @example(key=b"k" * 65, msg=b"m")
