@@ -2,14 +2,15 @@
 """Where the CPU of a call goes: per process and thread, new objects against existing ones.
 
     python scripts/cpu_split.py [--calls 50000] [--existing 0] [--unnamed] [--concurrency 64]
-                                [--via-broker] [--json]
+                                [--via-broker | --curve] [--json]
 
 Starts `durable serve` (2 slots, the Counter example), then one program increments
 ``--calls`` objects, ``--concurrency`` calls in flight (64: the many_objects workload):
 every call to a new object, or with ``--existing K`` round-robin over K objects; by name,
 or with ``--unnamed`` by unique id; with ``--via-broker`` through the broker, as a
 client on another machine or without access to the run directory calls (not by the peer
-links). Reports the rate and the CPU each thread of each process
+links); with ``--curve`` from a client on "another machine": over TCP to the broker's
+public endpoint, CurveZMQ-encrypted, with a key made for the run. Reports the rate and the CPU each thread of each process
 spent per call (from /proc: user + system), so that the cost of a new object (its
 activation, its name, its rows in DuckDB) can be told from a call's own.
 
@@ -24,9 +25,11 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -45,6 +48,23 @@ idle_timeout = 5
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"
 """
+#: ``--curve``: the broker's public endpoint, and the keys ``make_keys`` writes
+CURVE = """
+[broker]
+public_endpoint = "tcp://127.0.0.1:{port}"
+curve_secret_key = "{data}/../keys/broker.key_secret"
+authorized_keys = "{data}/../allowed"
+"""
+
+
+def make_keys(root: Path) -> None:
+    """The broker's key pair and one authorized client's (``durable keygen``), beside the
+    data dir (made now, empty: the config names the keys through it)."""
+    (root / "data").mkdir()
+    for folder, name in (("keys", "broker"), ("allowed", "client")):
+        subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "keygen",
+                        str(root / folder), "--name", name], check=True, capture_output=True,
+                       timeout=60)
 
 
 def thread_cpu(procs: list[psutil.Process]) -> dict[tuple[str, str], float]:
@@ -72,8 +92,10 @@ def thread_cpu(procs: list[psutil.Process]) -> dict[tuple[str, str], float]:
 
 
 async def drive(frontend: str, calls: int, existing: int, rpc: bool = False,
-                unnamed: bool = False, concurrency: int = 64, via_broker: bool = False) -> float:
-    async with durable.connect(frontend, timeout=60, direct=not via_broker) as c:
+                unnamed: bool = False, concurrency: int = 64, via_broker: bool = False,
+                **connect: Any) -> float:
+    """``connect``: more of ``durable.connect``'s arguments (a remote client's keys)."""
+    async with durable.connect(frontend, timeout=60, direct=not via_broker, **connect) as c:
         await asyncio.sleep(1)  # (the client's links to the slots)
         ns = c.namespace("COUNTER")
         todo = iter(range(calls))
@@ -106,19 +128,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="objects by unique id (newUniqueId), not by name: no name is stored, "
                         "so the difference with a named run is what names cost")
     p.add_argument("--concurrency", type=int, default=64, help="calls in flight (64)")
-    p.add_argument("--via-broker", action="store_true",
-                   help="call through the broker, not by the peer links (a remote client's path)")
+    path = p.add_mutually_exclusive_group()
+    path.add_argument("--via-broker", action="store_true",
+                      help="call through the broker, not by the peer links (a remote client's path)")
+    path.add_argument("--curve", action="store_true",
+                      help="call as a client on another machine: TCP and CurveZMQ to the broker")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error(f"--concurrency {args.concurrency}: at least one call must be in flight")
-    with serving(CONFIG) as d:
+    with serving(CONFIG + (CURVE if args.curve else ""),
+                 prepare=make_keys if args.curve else None) as d:
         time.sleep(1)
         procs = [psutil.Process(os.getpid()), psutil.Process(d.proc.pid),
                  *psutil.Process(d.proc.pid).children(recursive=True)]
+        frontend, keys = d.frontend, {}
+        if args.curve:
+            frontend = f"tcp://127.0.0.1:{d.port}"
+            keys = {"server_key": str(d.root / "keys" / "broker.key"),
+                    "client_key": str(d.root / "allowed" / "client.key_secret")}
         before = thread_cpu(procs)
-        seconds = asyncio.run(drive(d.frontend, args.calls, args.existing, args.rpc,
-                                    args.unnamed, args.concurrency, args.via_broker))
+        seconds = asyncio.run(drive(frontend, args.calls, args.existing, args.rpc, args.unnamed,
+                                    args.concurrency, args.via_broker or args.curve, **keys))
         after = thread_cpu(procs)
     per_call = {f"{role}/{name}": round((v - before.get((role, name), 0.0)) * 1e6 / args.calls, 1)
                 for (role, name), v in after.items()}
@@ -127,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
               "concurrency": args.concurrency,
               "call": "increment()" if args.rpc else "fetch POST /inc",
               "objects": "by unique id" if args.unnamed else "by name",
-              "path": "broker" if args.via_broker else "peer links",
+              "path": "CurveZMQ over TCP to the broker" if args.curve
+              else "broker" if args.via_broker else "peer links",
               "per_s": round(args.calls / seconds), "cpu_us_per_call": per_call,
               "cpu_us_per_call_total": round(sum(per_call.values()), 1)}
     if args.json:

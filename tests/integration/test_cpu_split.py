@@ -42,3 +42,15 @@ def test_cpu_split_via_the_broker_puts_the_calls_on_the_brokers_path():
     result = json.loads(out.stdout)
     assert result["path"] == "broker", result
     assert result["cpu_us_per_call"].get("broker/main", 0) >= 5, result
+
+
+def test_cpu_split_with_curve_calls_as_a_client_on_another_machine():
+    """``--curve``: TCP and CurveZMQ to the broker's public endpoint, with keys made for the
+    run; the broker's loop relays every call."""
+    out = subprocess.run([sys.executable, str(SCRIPT), "--calls", "600", "--existing", "20",
+                          "--concurrency", "8", "--curve", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["path"] == "CurveZMQ over TCP to the broker", result
+    assert result["per_s"] > 0 and result["cpu_us_per_call"].get("broker/main", 0) >= 5, result
