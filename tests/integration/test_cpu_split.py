@@ -32,25 +32,17 @@ def test_cpu_split_refuses_no_calls_in_flight_by_name():
     assert out.returncode == 2 and "--concurrency 0" in out.stderr, out.stderr
 
 
-def test_cpu_split_via_the_broker_puts_the_calls_on_the_brokers_path():
-    """``--via-broker``: no peer links, so the broker's loop carries every call (its CPU per
-    call is that of a relay, not of the heartbeats alone)."""
+@pytest.mark.parametrize(("flag", "path"), [
+    ("--via-broker", "broker"),  # (no peer links)
+    ("--curve", "CurveZMQ over TCP to the broker"),  # (a client on another machine, its keys
+])                                                   # made for the run)
+def test_cpu_split_on_the_brokers_path_has_the_broker_relay_every_call(flag, path):
+    """The broker's loop carries every call: its CPU per call is that of a relay, not of the
+    heartbeats alone."""
     out = subprocess.run([sys.executable, str(SCRIPT), "--calls", "600", "--existing", "20",
-                          "--concurrency", "8", "--via-broker", "--json"],
+                          "--concurrency", "8", flag, "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
-    assert result["path"] == "broker", result
-    assert result["cpu_us_per_call"].get("broker/main", 0) >= 5, result
-
-
-def test_cpu_split_with_curve_calls_as_a_client_on_another_machine():
-    """``--curve``: TCP and CurveZMQ to the broker's public endpoint, with keys made for the
-    run; the broker's loop relays every call."""
-    out = subprocess.run([sys.executable, str(SCRIPT), "--calls", "600", "--existing", "20",
-                          "--concurrency", "8", "--curve", "--json"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout)
-    assert result["path"] == "CurveZMQ over TCP to the broker", result
+    assert result["path"] == path, result
     assert result["per_s"] > 0 and result["cpu_us_per_call"].get("broker/main", 0) >= 5, result
