@@ -12,7 +12,9 @@ client on another machine or without access to the run directory calls (not by t
 links); with ``--curve`` from a client on "another machine": over TCP to the broker's
 public endpoint, CurveZMQ-encrypted, with a key made for the run. Reports the rate and the CPU each thread of each process
 spent per call (from /proc: user + system), so that the cost of a new object (its
-activation, its name, its rows in DuckDB) can be told from a call's own.
+activation, its name, its rows in DuckDB) can be told from a call's own; and per call, each
+thread's time runnable but waiting for a CPU and its involuntary context switches (a thread it
+woke took its CPU), with the cores the run kept busy.
 
 A call's CPU depends on the rate: a process woken for fewer calls at a time spends more per
 call on the wake-ups (the loop's, the log writer's, the client's). Compare new and existing
@@ -67,9 +69,11 @@ def make_keys(root: Path) -> None:
                        timeout=60)
 
 
-def thread_cpu(procs: list[psutil.Process]) -> dict[tuple[str, str], float]:
-    """(role, thread) -> CPU seconds so far; the process's main thread is "main"."""
-    out: dict[tuple[str, str], float] = {}
+def thread_stats(procs: list[psutil.Process]) -> dict[tuple[str, str], list[float]]:
+    """(role, thread) -> [CPU seconds, seconds runnable but waiting for a CPU, involuntary
+    context switches] so far; the process's main thread is "main". (The last two from
+    ``schedstat`` and ``status``: 0 where the kernel does not keep them.)"""
+    out: dict[tuple[str, str], list[float]] = {}
     tick = os.sysconf("SC_CLK_TCK")
     for p in procs:
         try:
@@ -79,15 +83,24 @@ def thread_cpu(procs: list[psutil.Process]) -> dict[tuple[str, str], float]:
         role = ("program" if p.pid == os.getpid() else "objectproc" if "durable.objectproc" in cmd
                 else "broker" if "durable.broker" in cmd else "supervisor")
         for tid in os.listdir(f"/proc/{p.pid}/task"):
+            task = f"/proc/{p.pid}/task/{tid}"
             try:
-                stat = Path(f"/proc/{p.pid}/task/{tid}/stat").read_text()
-                comm = Path(f"/proc/{p.pid}/task/{tid}/comm").read_text().strip()
+                stat = Path(f"{task}/stat").read_text()
+                comm = Path(f"{task}/comm").read_text().strip()
             except OSError:
                 continue
             fields = stat.rpartition(")")[2].split()
+            try:
+                waited = int(Path(f"{task}/schedstat").read_text().split()[1]) / 1e9
+                status = Path(f"{task}/status").read_text()
+                preempted = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+            except (OSError, IndexError, ValueError):
+                waited, preempted = 0.0, 0
             name = "main" if tid == str(p.pid) else comm
-            key = (role, name)
-            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            acc = out.setdefault((role, name), [0.0, 0.0, 0.0])
+            acc[0] += (int(fields[11]) + int(fields[12])) / tick
+            acc[1] += waited
+            acc[2] += preempted
     return out
 
 
@@ -147,13 +160,20 @@ def main(argv: list[str] | None = None) -> int:
             frontend = f"tcp://127.0.0.1:{d.port}"
             keys = {"server_key": str(d.root / "keys" / "broker.key"),
                     "client_key": str(d.root / "allowed" / "client.key_secret")}
-        before = thread_cpu(procs)
+        before = thread_stats(procs)
         seconds = asyncio.run(drive(frontend, args.calls, args.existing, args.rpc, args.unnamed,
                                     args.concurrency, args.via_broker or args.curve, **keys))
-        after = thread_cpu(procs)
-    per_call = {f"{role}/{name}": round((v - before.get((role, name), 0.0)) * 1e6 / args.calls, 1)
-                for (role, name), v in after.items()}
-    per_call = {k: v for k, v in sorted(per_call.items(), key=lambda kv: -kv[1]) if v >= 0.1}
+        after = thread_stats(procs)
+
+    def per(i: int, scale: float, digits: int, least: float) -> dict[str, float]:
+        """Figure ``i`` of each thread, its growth over the run per call (largest first)."""
+        zero = [0.0, 0.0, 0.0]
+        got = {f"{role}/{name}": round((v[i] - before.get((role, name), zero)[i]) * scale
+                                       / args.calls, digits)
+               for (role, name), v in after.items()}
+        return {k: v for k, v in sorted(got.items(), key=lambda kv: -kv[1]) if v >= least}
+
+    per_call = per(0, 1e6, 1, 0.1)
     result = {"calls": args.calls, "existing": args.existing or None,
               "concurrency": args.concurrency,
               "call": "increment()" if args.rpc else "fetch POST /inc",
@@ -161,13 +181,22 @@ def main(argv: list[str] | None = None) -> int:
               "path": "CurveZMQ over TCP to the broker" if args.curve
               else "broker" if args.via_broker else "peer links",
               "per_s": round(args.calls / seconds), "cpu_us_per_call": per_call,
-              "cpu_us_per_call_total": round(sum(per_call.values()), 1)}
+              "cpu_us_per_call_total": round(sum(per_call.values()), 1),
+              # how many of the machine's cores the run kept busy (the rest idle: hand-offs)
+              "cores_used": round(sum(per_call.values()) * args.calls / 1e6 / seconds, 2),
+              # time runnable but waiting for a CPU, and how often another thread took the
+              # CPU from it (a woken thread preempting the one that woke it, mostly)
+              "runqueue_wait_us_per_call": per(1, 1e6, 1, 0.1),
+              "preempted_per_call": per(2, 1.0, 3, 0.001)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{result['per_s']} calls/s; CPU per call {result['cpu_us_per_call_total']} µs:")
+        waits, preempted = result["runqueue_wait_us_per_call"], result["preempted_per_call"]
         for k, v in per_call.items():
-            print(f"  {v:8.1f} µs  {k}")
+            print(f"  {v:8.1f} µs  {k}  (waited for a CPU {waits.get(k, 0.0):.1f} µs, "
+                  f"preempted {preempted.get(k, 0.0):.3f} times)")
+        print(f"  {result['cores_used']} cores busy of {os.cpu_count()}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """scripts/cpu_split.py at a small size: the rate and each thread's CPU per call, as JSON."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,12 @@ def test_cpu_split_reports_each_processs_cpu_per_call_at_the_concurrency_asked()
     # the calls ran in the object processes, and were sent by this program
     assert per_call.get("objectproc/main", 0) > 0 and per_call.get("program/main", 0) > 0, result
     assert result["cpu_us_per_call_total"] >= per_call["objectproc/main"], result
+    # the cores the run kept busy, and where threads waited for a CPU (each call wakes an object
+    # process's loop, and a wake-up is never instant) or lost it to a thread they woke
+    assert 0 < result["cores_used"] <= os.cpu_count() + 0.5, result
+    if Path("/proc/self/schedstat").exists():
+        assert result["runqueue_wait_us_per_call"].get("objectproc/main", 0) > 0, result
+    assert all(v > 0 for v in result["preempted_per_call"].values()), result
 
 
 def test_cpu_split_refuses_no_calls_in_flight_by_name():
