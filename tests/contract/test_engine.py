@@ -704,6 +704,43 @@ def test_applying_a_batch_finds_its_rows_by_index_not_by_scanning_the_table(tmp_
         duck.close()
 
 
+def test_keys_are_stored_uncompressed_across_checkpoints_and_reopens(tmp_path):
+    """FSST on random ids saves little and costs every checkpoint a training pass and every
+    row fetched by key a decoder set-up (docs/storage.md): a slot's ``kv.pk`` and ``kv.obj``
+    are written uncompressed, also by checkpoints after a reopen (the choice is the
+    table's); values keep DuckDB's compression."""
+    from durable.objectproc.storage.duck import DuckStore
+
+    def compressions(duck):
+        return {(c, m) for c, m in duck._reader.execute(
+            "SELECT column_name, compression FROM pragma_storage_info('kv')").fetchall()}
+
+    def fill(duck, first):
+        rows = {}
+        for i in range(first, first + 5_000):
+            obj = f"NS/{i:064x}".encode()
+            rows[obj + b"/k"] = (obj, b'{"text": "' + b"the same words again " * 4 + b'"}', 1)
+        duck.apply(rows, set(), first + 5_000, new_objects={r[0] for r in rows.values()},
+                   new_stats={r[0] for r in rows.values()})
+        duck.checkpoint()
+
+    duck = DuckStore(tmp_path / "slot-0.duckdb")
+    try:
+        fill(duck, 0)
+    finally:
+        duck.close()
+    duck = DuckStore(tmp_path / "slot-0.duckdb")
+    try:
+        fill(duck, 5_000)
+        got = compressions(duck)
+        keys = {m for c, m in got if c in ("pk", "obj")}
+        assert keys and keys <= {"Uncompressed", "Constant"}, got
+        assert {m for c, m in got if c == "v"} - {"Uncompressed"}, got  # (values: compressed)
+        assert duck._reader.execute("SELECT count(*) FROM kv").fetchall()[0][0] == 10_000
+    finally:
+        duck.close()
+
+
 _FAMILY = [b"NS/x", b"NS/y", b"_durable_name_NS/x"]
 
 
