@@ -1965,6 +1965,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="hold /dev/cpu_dma_latency at 0 during the run, as the daemon's "
                         "low_latency_idle setting does (needs root)")
     args = p.parse_args(argv)
+    from harness import machine_speed
+    speed = [machine_speed()]  # (again after the runs: the VM's speed drifts)
     held = None
     if args.low_latency_idle:
         from durable.supervisor import cpu_latency
@@ -2005,6 +2007,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"suite": args.suite, "quick": args.quick, "repeat": args.repeat,
               "low_latency_idle": args.low_latency_idle,
               "python": sys.version.split()[0], "cpus": os.cpu_count(),
+              "python_10m_additions_s": [*speed, machine_speed()],
               "median": median_of(runs)}
     if args.repeat > 1:
         result["runs"] = runs

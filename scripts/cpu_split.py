@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from harness import serving  # noqa: E402
+from harness import machine_speed, serving  # noqa: E402
 
 import durable  # noqa: E402
 
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error(f"--concurrency {args.concurrency}: at least one call must be in flight")
+    speed = [machine_speed()]  # (again after the run: the VM's speed drifts)
     with serving(CONFIG + (CURVE if args.curve else ""),
                  prepare=make_keys if args.curve else None) as d:
         time.sleep(1)
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
               # time runnable but waiting for a CPU, and how often another thread took the
               # CPU from it (a woken thread preempting the one that woke it, mostly)
               "runqueue_wait_us_per_call": per(1, 1e6, 1, 0.1),
-              "preempted_per_call": per(2, 1.0, 3, 0.001)}
+              "preempted_per_call": per(2, 1.0, 3, 0.001),
+              "python_10m_additions_s": [*speed, machine_speed()]}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {v:8.1f} µs  {k}  (waited for a CPU {waits.get(k, 0.0):.1f} µs, "
                   f"preempted {preempted.get(k, 0.0):.3f} times)")
         print(f"  {result['cores_used']} cores busy of {os.cpu_count()}")
+        print("  machine speed: 10M Python additions in {} s before, {} s after".format(
+            *result["python_10m_additions_s"]))
     return 0
 
 

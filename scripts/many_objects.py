@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from harness import serving  # noqa: E402
+from harness import machine_speed, serving  # noqa: E402
 
 import durable  # noqa: E402
 
@@ -106,6 +106,7 @@ idle_timeout = {args.idle_timeout}
 class = "durable.examples.counter:Counter"
 """
     samples: list = []
+    speed = [machine_speed()]  # (again after the run: the VM's speed drifts)
     with serving(config) as d:
         time.sleep(1)
         base = rss_by_role(d.proc.pid)
@@ -136,6 +137,7 @@ class = "durable.examples.counter:Counter"
         "active_after": sum(p.get("active_objects") or 0 for p in final["processes"]),
         "status_seconds_max": max((s["status_seconds"] for s in samples), default=None),
         "daemon_alive": alive,
+        "python_10m_additions_s": [*speed, machine_speed()],
         # (the rate between samples: does it fall as the files and their indexes grow?)
         "rate_per_s_over_time": [
             [b["at"], round((b["written"] - a["written"]) / max(0.1, b["at"] - a["at"]))]

@@ -97,7 +97,10 @@ def test_vs_workerd_bench_quick_runs_durables_half():
                           "--front", "slots,gateways,slots:broker"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    median = json.loads(out.stdout)["median"]
+    result = json.loads(out.stdout)
+    speed = result["python_10m_additions_s"]  # (before and after: the figures' scale)
+    assert len(speed) == 2 and all(0 < s < 60 for s in speed), speed
+    median = result["median"]
     assert median["fronts"] == {"durable": "slots", "durable_gateways": "gateways",
                                 "durable_slots:broker": "slots:broker"}
     # (the peer path: calls from object and gateway processes skip the broker, which may

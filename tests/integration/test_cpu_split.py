@@ -31,6 +31,9 @@ def test_cpu_split_reports_each_processs_cpu_per_call_at_the_concurrency_asked()
     if Path("/proc/self/schedstat").exists():
         assert result["runqueue_wait_us_per_call"].get("objectproc/main", 0) > 0, result
     assert all(v > 0 for v in result["preempted_per_call"].values()), result
+    # (the machine's speed before and after, to scale the figures by)
+    assert len(result["python_10m_additions_s"]) == 2, result
+    assert all(0 < s < 60 for s in result["python_10m_additions_s"]), result
 
 
 def test_cpu_split_refuses_no_calls_in_flight_by_name():
