@@ -265,7 +265,7 @@ class SlotStore:
 
     def __init__(self, directory: str | os.PathLike[str], slot: int = 0, *,
                  limits: StorageLimits = DEFAULT_LIMITS, segment_bytes: int = 4 << 20,
-                 apply_min_records: int = 2048, apply_max_delay: float = 0.25,
+                 apply_min_records: int = 2048, apply_max_delay: float = 1.0,
                  fsync: Callable[[int], None] = os.fdatasync,
                  trace: Callable[[str], None] | None = None,
                  memory_limit: str = "512MB", memory_ceiling: int | None = None,

@@ -125,6 +125,15 @@ def status(root: Path) -> dict:
     return orjson.loads(cli(root, "status", "--json").stdout)
 
 
+def applied_all(root: Path, slot: int) -> bool:
+    """Whether ``slot``'s DuckDB holds every durable record (as its last report says)."""
+    for p in status(root).get("processes", []):
+        if p["role"] == "objectproc" and p["slot"] == slot:
+            st = p.get("storage") or {}
+            return bool(st.get("durable_seq")) and st.get("applied_seq") == st["durable_seq"]
+    return False
+
+
 def slot_state(root: Path, slot: int) -> str:
     """From the status file (the CLI's own view is checked once per test)."""
     for p in read_status(root).get("processes", []):
@@ -224,7 +233,8 @@ def test_damage_among_records_duckdb_holds_loses_nothing_and_keeps_the_evidence(
     with serving(tmp_path, CONFIG) as d:
         d.wait_ready()
         acked = write(d, 0, 300)
-        time.sleep(0.5)  # the applier has fed them to DuckDB (its WAL; no checkpoint yet)
+        # the applier has fed them to DuckDB (its WAL; no checkpoint yet)
+        wait_for(lambda: applied_all(tmp_path, 0), 30, "slot 0 to apply every durable record")
         kill_hard(d)
     data = tmp_path / "durable-data"
     damage_log(data, "flip")
