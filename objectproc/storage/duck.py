@@ -12,13 +12,15 @@ Layout (measured on DuckDB 2.0, 1M rows, 2 cores; see docs/storage.md):
   for range filters (a 100-key range at 1M rows is a 29 ms scan), but an
   equality on ``obj`` is an index lookup (~0.3–0.9 ms for a whole object).
 * ``v IS NULL`` is a tombstone; tombstones are purged in bulk now and then.
-* ``pk`` and ``obj`` are stored uncompressed. DuckDB would compress them with
-  FSST, which saves little on random ids, costs every checkpoint a training pass
-  over them, and makes each row fetched by key set up the segment's decoder: at
-  300k new named objects a checkpoint cost 6.0–6.2 against 10.9–12.0 µs of CPU
-  per object (file +2%), and a delete by 500 keys 22–30 against 32–41 µs a key
-  (docs/storage.md). Files made before keep DuckDB's choice (a column's
-  compression cannot be altered); they work the same.
+* ``kv.pk``, ``kv.obj``, ``objects.obj`` and ``objects.name`` are stored
+  uncompressed. DuckDB would compress them with FSST, which saves little on random
+  ids, costs every checkpoint a training pass over them, and makes each row
+  fetched by key set up the segment's decoder (a ``DELETE ... RETURNING`` fetches
+  the whole row): at 300k new named objects a checkpoint cost 6.0–6.2 against
+  10.9–12.0 µs of CPU per object (file +2%), and an update of an existing object
+  ~75 against ~125 µs of the applier (docs/storage.md). Values keep DuckDB's
+  compression (text values would grow on disk). Files made before keep DuckDB's
+  choice (a column's compression cannot be altered); they work the same.
 * A batch is upserted as a delete by a list of keys and an insert: DuckDB 2.0
   runs ``INSERT ... ON CONFLICT`` as a MERGE that scans the whole table.
 * ``objects(obj, ns, k, keys, bytes, t, due, name)``: one row per object holding a
@@ -147,9 +149,10 @@ CREATE INDEX IF NOT EXISTS alarms_due ON alarms (due);
 ALTER TABLE kv ADD COLUMN IF NOT EXISTS t BIGINT;
 """
 _OBJECTS_TABLE = """
-CREATE TABLE IF NOT EXISTS objects (obj BLOB PRIMARY KEY, ns VARCHAR NOT NULL, k BIGINT NOT NULL,
+CREATE TABLE IF NOT EXISTS objects (obj BLOB USING COMPRESSION uncompressed PRIMARY KEY,
+                                    ns VARCHAR NOT NULL, k BIGINT NOT NULL,
                                     keys BIGINT NOT NULL, bytes BIGINT NOT NULL, t BIGINT,
-                                    due BIGINT, name BLOB);
+                                    due BIGINT, name BLOB USING COMPRESSION uncompressed);
 """
 
 #: Where object names are kept (objectproc/loop.py stores them as objects of their own:

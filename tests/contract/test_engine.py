@@ -704,24 +704,25 @@ def test_applying_a_batch_finds_its_rows_by_index_not_by_scanning_the_table(tmp_
         duck.close()
 
 
-def test_keys_are_stored_uncompressed_across_checkpoints_and_reopens(tmp_path):
+def test_ids_and_names_are_stored_uncompressed_across_checkpoints_and_reopens(tmp_path):
     """FSST on random ids saves little and costs every checkpoint a training pass and every
-    row fetched by key a decoder set-up (docs/storage.md): a slot's ``kv.pk`` and ``kv.obj``
-    are written uncompressed, also by checkpoints after a reopen (the choice is the
-    table's); values keep DuckDB's compression."""
-    from durable.objectproc.storage.duck import DuckStore
+    row fetched by key a decoder set-up (docs/storage.md): a slot's ``kv.pk``, ``kv.obj``,
+    ``objects.obj`` and ``objects.name`` are written uncompressed, also by checkpoints after
+    a reopen (the choice is the table's); values keep DuckDB's compression."""
+    from durable.objectproc.storage.duck import NAME_PREFIX, DuckStore
 
-    def compressions(duck):
+    def compressions(duck, table="kv"):
         return {(c, m) for c, m in duck._reader.execute(
-            "SELECT column_name, compression FROM pragma_storage_info('kv')").fetchall()}
+            f"SELECT column_name, compression FROM pragma_storage_info('{table}')").fetchall()}
 
     def fill(duck, first):
         rows = {}
         for i in range(first, first + 5_000):
             obj = f"NS/{i:064x}".encode()
             rows[obj + b"/k"] = (obj, b'{"text": "' + b"the same words again " * 4 + b'"}', 1)
+            rows[NAME_PREFIX + obj + b"/name"] = (NAME_PREFIX + obj, f'"o{i}"'.encode(), 1)
         duck.apply(rows, set(), first + 5_000, new_objects={r[0] for r in rows.values()},
-                   new_stats={r[0] for r in rows.values()})
+                   new_stats={r[0] for r in rows.values() if not r[0].startswith(NAME_PREFIX)})
         duck.checkpoint()
 
     duck = DuckStore(tmp_path / "slot-0.duckdb")
@@ -736,7 +737,12 @@ def test_keys_are_stored_uncompressed_across_checkpoints_and_reopens(tmp_path):
         keys = {m for c, m in got if c in ("pk", "obj")}
         assert keys and keys <= {"Uncompressed", "Constant"}, got
         assert {m for c, m in got if c == "v"} - {"Uncompressed"}, got  # (values: compressed)
-        assert duck._reader.execute("SELECT count(*) FROM kv").fetchall()[0][0] == 10_000
+        stats = compressions(duck, "objects")
+        ids = {m for c, m in stats if c in ("obj", "name")}
+        assert ids and ids <= {"Uncompressed", "Constant"}, stats
+        assert duck._reader.execute("SELECT count(*) FROM kv").fetchall()[0][0] == 20_000
+        assert duck._reader.execute("SELECT count(*) FROM objects WHERE name IS NOT NULL"
+                                    ).fetchall()[0][0] == 10_000
     finally:
         duck.close()
 
