@@ -532,6 +532,25 @@ class DuckStore:
         return (cursor or self._reader).execute(
             f"SELECT pk, v FROM kv WHERE obj = $1{cut}", [obj]).fetchall()
 
+    def read_objects(self, objs: list[bytes], *, limit: int,
+                     cursor: duckdb.DuckDBPyConnection | None = None
+                     ) -> dict[bytes, list[tuple[bytes, bytes | None]]] | None:
+        """The rows of a few objects in one statement (an object and its name record: a
+        DuckDB statement costs ~0.45 ms on the project's VM, whatever it reads), or None if
+        they hold ``limit`` rows each or more in all: the cut may then have fallen anywhere,
+        and the caller reads them one by one (:meth:`read_object`)."""
+        cap = limit * len(objs)
+        marks = ", ".join(f"${i}" for i in range(1, len(objs) + 1))
+        rows = (cursor or self._reader).execute(
+            f"SELECT obj, pk, v FROM kv WHERE obj IN ({marks}) LIMIT {int(cap)}", objs
+        ).fetchall()
+        if len(rows) >= cap:
+            return None
+        out: dict[bytes, list[tuple[bytes, bytes | None]]] = {obj: [] for obj in objs}
+        for obj, pk, v in rows:
+            out[obj].append((pk, v))
+        return out
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for another thread (the slot's reader thread)."""
         return self._con.cursor()

@@ -832,9 +832,18 @@ class SlotStore:
         if cur is None:
             cur = self._reader_local.cursor = self.duck.cursor()
         out = {}
+        # (asked once: the loop thread adds to the filter meanwhile)
+        stored = [obj for obj in objs if obj in self.stored]
+        # (one statement for all of them, an object and its name record, unless they hold
+        # more rows than that reads: then one each, as below)
+        together = self.duck.read_objects(stored, limit=limit + 1, cursor=cur) \
+            if len(stored) > 1 else None
         for obj in objs:
-            if obj not in self.stored:
+            if obj not in stored:
                 out[obj] = ([], False)
+            elif together is not None:
+                rows = together[obj]
+                out[obj] = (rows[:limit], len(rows) > limit)
             elif obj.startswith(NAME_PREFIX):  # (a name record has one key: a point read)
                 pk = obj + NAME_PK_SUFFIX
                 v = self.duck.read_key(pk, cursor=cur)
