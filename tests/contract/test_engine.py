@@ -991,6 +991,11 @@ async def test_warm_reads_an_object_and_its_name_in_one_statement_unless_they_ar
         calls.clear()
         got = await slot.warm([b"NS/small", NAME_PREFIX + b"NS/never"])  # (one not stored)
         assert calls == ["read_object"] and got[NAME_PREFIX + b"NS/never"] == ({}, True)
+        # (through the obj index, not a scan of the table: the statement as DuckDB runs it)
+        rec = _Recorder(slot.duck._reader)
+        assert slot.duck.read_objects(small, limit=WARM_ROWS + 1, cursor=rec) is not None
+        [(sql, params)] = rec.statements
+        assert _table_scans(slot.duck._reader, sql, params) == [("kv", "Index Scan")], sql
     finally:
         await slot.close()
 
