@@ -532,14 +532,16 @@ class DuckStore:
         return (cursor or self._reader).execute(
             f"SELECT pk, v FROM kv WHERE obj = $1{cut}", [obj]).fetchall()
 
-    def read_objects(self, objs: list[bytes], *, limit: int,
+    def read_objects(self, objs: list[bytes], *, limit: int, objects: int = 1,
                      cursor: duckdb.DuckDBPyConnection | None = None
                      ) -> dict[bytes, list[tuple[bytes, bytes | None]]] | None:
-        """The rows of a few objects in one statement (an object and its name record: a
-        DuckDB statement costs ~0.45 ms on the project's VM, whatever it reads), or None if
-        they hold ``limit`` rows each or more in all: the cut may then have fallen anywhere,
-        and the caller reads them one by one (:meth:`read_object`)."""
-        cap = limit * len(objs)
+        """The rows of several objects in one statement (an object and its name record, or
+        objects whose first reads wait together: a DuckDB statement costs ~0.45 ms on the
+        project's VM, whatever it reads), or None if they hold ``2 * limit * objects`` rows
+        or more in all: the cut may then have fallen anywhere, and the caller reads them
+        one by one (:meth:`read_object`). The cap bounds the bytes a read holds by rows, not
+        by how many objects it takes."""
+        cap = 2 * limit * objects
         marks = ", ".join(f"${i}" for i in range(1, len(objs) + 1))
         rows = (cursor or self._reader).execute(
             f"SELECT obj, pk, v FROM kv WHERE obj IN ({marks}) LIMIT {int(cap)}", objs

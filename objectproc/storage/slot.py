@@ -109,6 +109,10 @@ _BATCH_BYTES = 4 << 20
 #: rows an activation's first read (``warm``) takes off the loop; a bigger object is cached
 #: this far and read on by key (on the loop) as before
 WARM_ROWS = 256
+#: objects (an object and its name record are two) whose first reads one statement takes
+#: together at most; DuckDB looks an ``IN`` list up in the index while it matches at most
+#: 2,048 rows (``index_scan_max_count``): 16 objects of up to ~120 keys stay under it
+WARM_BATCH = 32
 
 
 def tune_gc() -> None:
@@ -371,6 +375,10 @@ class SlotStore:
         self.warmed = 0
         #: the slot's reader thread and its DuckDB cursor (``warm``), made on first use
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        #: first reads waiting for the reader thread: (objects, limit, future), and whether
+        #: a batch of them is being read (``_next_warm_batch``)
+        self._warm_queue: deque[tuple[list[bytes], int, asyncio.Future[Any]]] = deque()
+        self._warm_busy = False
         self._reader_local = threading.local()
         self._unapplied: deque[_Record] = deque()
         #: the batch the applier took from ``_unapplied`` and has not finished applying
@@ -791,12 +799,13 @@ class SlotStore:
         starts (any applied after that are in the read's snapshot or in what was taken), and
         those written or still unapplied when it ends are laid over both."""
         taken = {obj: self._capture(obj) for obj in objs}
-        if self._reader_pool is None:
-            self._reader_pool = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"slot-{self.slot}-reader")
+        fut: asyncio.Future[dict[bytes, tuple[list[tuple[bytes, bytes | None]], bool]]] = \
+            self.loop.create_future()
+        self._warm_queue.append((objs, limit, fut))
+        if not self._warm_busy:
+            self._next_warm_batch()
         try:
-            rows = await self.loop.run_in_executor(self._reader_pool, self._read_rows, objs,
-                                                   limit)
+            rows = await fut
         except duckdb.Error as e:
             raise self._read_failed(e) from e
         out: dict[bytes, tuple[dict[str, bytes | None], bool]] = {}
@@ -818,6 +827,54 @@ class SlotStore:
             out[obj] = (vals, complete)
         return out
 
+    def _next_warm_batch(self) -> None:
+        """(loop thread) Hand the reader thread every first read queued meanwhile, up to
+        ``WARM_BATCH`` objects, as one job: their rows come in one DuckDB statement (16 small
+        objects in 1.3 ms, against 10 ms one by one, measured among 500,000 rows), so objects
+        whose first calls wait together are read together."""
+        queue = self._warm_queue
+        while queue:
+            limit = queue[0][1]
+            batch: list[tuple[list[bytes], int, asyncio.Future[Any]]] = []
+            count = 0
+            while queue and queue[0][1] == limit and (
+                    not batch or count + len(queue[0][0]) <= WARM_BATCH):
+                item = queue.popleft()
+                if not item[2].done():  # (else its caller was cancelled meanwhile)
+                    batch.append(item)
+                    count += len(item[0])
+            if not batch:
+                continue
+            if self._reader_pool is None:
+                self._reader_pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix=f"slot-{self.slot}-reader")
+            try:
+                job = self.loop.run_in_executor(self._reader_pool, self._read_rows,
+                                                [objs for objs, _, _ in batch], limit)
+            except RuntimeError as e:  # (the pool is shut down: the slot is closing)
+                for _, _, fut in batch:
+                    fut.set_exception(e)
+                continue
+            self._warm_busy = True
+            job.add_done_callback(lambda job, batch=batch: self._warm_batch_done(job, batch))
+            return
+        self._warm_busy = False
+
+    def _warm_batch_done(self, job: asyncio.Future[Any],
+                         batch: list[tuple[list[bytes], int, asyncio.Future[Any]]]) -> None:
+        error = None if job.cancelled() else job.exception()
+        for objs, _, fut in batch:
+            if fut.done():
+                continue
+            if job.cancelled():
+                fut.cancel()
+            elif error is not None:
+                fut.set_exception(error)
+            else:
+                rows = job.result()
+                fut.set_result({obj: rows[obj] for obj in objs})
+        self._next_warm_batch()
+
     def _capture(self, obj: bytes) -> tuple[bool, dict[str, bytes | None]] | None:
         """An object's unapplied writes now: (cleared first, key -> value or None)."""
         pending = self._overlay.get(obj)
@@ -825,20 +882,38 @@ class SlotStore:
             return None
         return pending.clear is not None, {k: r.value(obj, k) for k, r in pending.entries.items()}
 
-    def _read_rows(self, objs: list[bytes], limit: int
+    def _read_rows(self, groups: list[list[bytes]], limit: int
                    ) -> dict[bytes, tuple[list[tuple[bytes, bytes | None]], bool]]:
-        """(reader thread) Each object's rows, and whether it has more than ``limit``."""
+        """(reader thread) Each object's rows, and whether it has more than ``limit``;
+        ``groups``: the objects of each first read in the batch (an object and its name
+        record), read in one statement if they fit, else group by group."""
         cur = getattr(self._reader_local, "cursor", None)
         if cur is None:
             cur = self._reader_local.cursor = self.duck.cursor()
-        out = {}
+        out: dict[bytes, tuple[list[tuple[bytes, bytes | None]], bool]] = {}
         # (asked once: the loop thread adds to the filter meanwhile)
-        stored = [obj for obj in objs if obj in self.stored]
-        # (one statement for all of them, an object and its name record, unless they hold
-        # more rows than that reads: then one each, as below)
-        together = self.duck.read_objects(stored, limit=limit + 1, cursor=cur) \
-            if len(stored) > 1 else None
-        for obj in objs:
+        stored = {obj for group in groups for obj in group if obj in self.stored}
+        if len(groups) > 1 and len(stored) > 1:
+            together = self.duck.read_objects(sorted(stored), limit=limit + 1, cursor=cur,
+                                              objects=min(len(groups), 4))
+            if together is not None:
+                for group in groups:
+                    self._rows_of(group, stored, together, limit, cur, out)
+                return out
+        for group in groups:
+            in_group = [obj for obj in group if obj in stored]
+            together = self.duck.read_objects(in_group, limit=limit + 1, cursor=cur) \
+                if len(in_group) > 1 else None
+            self._rows_of(group, stored, together, limit, cur, out)
+        return out
+
+    def _rows_of(self, group: list[bytes], stored: set[bytes],
+                 together: dict[bytes, list[tuple[bytes, bytes | None]]] | None, limit: int,
+                 cur: duckdb.DuckDBPyConnection,
+                 out: dict[bytes, tuple[list[tuple[bytes, bytes | None]], bool]]) -> None:
+        """(reader thread) A group's rows into ``out``: from ``together`` (read already), or
+        one statement each."""
+        for obj in group:
             if obj not in stored:
                 out[obj] = ([], False)
             elif together is not None:
@@ -851,7 +926,6 @@ class SlotStore:
             else:
                 rows = self.duck.read_object(obj, limit=limit + 1, cursor=cur)
                 out[obj] = (rows[:limit], len(rows) > limit)
-        return out
 
     def _close_reader(self) -> None:
         cur = getattr(self._reader_local, "cursor", None)

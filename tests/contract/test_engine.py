@@ -1056,3 +1056,76 @@ async def test_a_discard_keeps_the_writes_of_the_batch_the_applier_holds(tmp_pat
         release.set()
         monkeypatch.undo()
         await slot.close()
+
+
+async def test_first_reads_that_wait_together_are_read_in_one_statement(tmp_path, monkeypatch):
+    """Objects whose first reads queue while the reader thread is busy are read together,
+    in one DuckDB statement, with the same results as one by one; a batch that may hold more
+    rows than that statement reads is read as before, each object with its name record."""
+    from durable.objectproc.storage.duck import NAME_PREFIX
+    from durable.objectproc.storage.slot import WARM_BATCH, WARM_ROWS
+    slot = SlotStore(tmp_path, **NEVER)
+    try:
+        sizes = {f"o{i}": 1 + i % 4 for i in range(20)} | {"big": 7 * WARM_ROWS}
+        for oid, n in sizes.items():
+            s = ObjectStorage(slot, "NS", oid)
+            for i in range(0, n, 100):
+                await s.put({f"k{j:04}": j for j in range(i, min(i + 100, n))})
+            if oid != "o3":  # (one without a name)
+                s.store_name(f'"{oid}"'.encode())
+                await s.put("named", True)
+            await s.sync()
+        await slot.flush()  # all in DuckDB
+        pairs = {oid: [f"NS/{oid}".encode(), NAME_PREFIX + f"NS/{oid}".encode()]
+                 for oid in [*sizes, "never"]}
+        alone = {oid: await slot.warm(pair) for oid, pair in pairs.items()}  # one at a time
+        assert alone["o5"][pairs["o5"][0]] == (
+            {"k0000": b"0", "k0001": b"1", "named": b"true"}, True)
+        assert alone["o3"][pairs["o3"][1]] == ({}, True)
+        calls = []
+        for name in ("read_objects", "read_object", "read_key"):
+            real = getattr(slot.duck, name)
+            monkeypatch.setattr(slot.duck, name, lambda *a, real=real, name=name, **k: (
+                calls.append((name, len(a[0]) if name == "read_objects" else 1)),
+                real(*a, **k))[1])
+
+        async def together(oids):
+            calls.clear()
+            got = await asyncio.gather(*[slot.warm(pairs[o]) for o in oids])
+            return dict(zip(oids, got, strict=True))
+
+        small = [f"o{i}" for i in range(12)] + ["never"]
+        got = await together(small)
+        # the first read went alone (the reader was idle); the 12 queued behind it, together
+        # (their stored keys: 11 objects and their names, but o3 has no name and "never"
+        # nothing)
+        assert calls == [("read_objects", 2), ("read_objects", 2 * 11 - 1)], calls
+        assert got == {o: alone[o] for o in small}
+        named = [f"o{i}" for i in range(20) if i != 3]
+        got = await together(named[:WARM_BATCH // 2 + 2])
+        assert [n for _, n in calls] == [2, WARM_BATCH, 2], calls  # (WARM_BATCH keys at most)
+        assert got == {o: alone[o] for o in named[:WARM_BATCH // 2 + 2]}
+        got = await together(["o0", "o1", "big", "o2"])  # (the big one cuts the batch's read)
+        assert calls == [("read_objects", 2), ("read_objects", 6), ("read_objects", 2),
+                         ("read_objects", 2), ("read_object", 1), ("read_key", 1),
+                         ("read_objects", 2)], calls
+        assert got == {o: alone[o] for o in ["o0", "o1", "big", "o2"]}
+        vals, complete = got["big"][pairs["big"][0]]
+        assert not complete and len(vals) == WARM_ROWS
+        # a caller that gives up does not take the others' reads with it
+        calls.clear()
+        first = asyncio.ensure_future(slot.warm(pairs["o0"]))
+        gone = asyncio.ensure_future(slot.warm(pairs["o1"]))
+        kept = asyncio.ensure_future(slot.warm(pairs["o2"]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert await kept == alone["o2"] and await first == alone["o0"]
+        assert calls == [("read_objects", 2), ("read_objects", 2)], calls
+        # (through the obj index, not a scan of the table)
+        rec = _Recorder(slot.duck._reader)
+        keys = [k for o in small[:8] for k in pairs[o]]
+        assert slot.duck.read_objects(keys, limit=WARM_ROWS + 1, objects=4, cursor=rec) is not None
+        [(sql, params)] = rec.statements
+        assert _table_scans(slot.duck._reader, sql, params) == [("kv", "Index Scan")], sql
+    finally:
+        await slot.close()
