@@ -538,9 +538,10 @@ class DuckStore:
         """The rows of several objects in one statement (an object and its name record, or
         objects whose first reads wait together: a DuckDB statement costs ~0.45 ms on the
         project's VM, whatever it reads), or None if they hold ``2 * limit * objects`` rows
-        or more in all: the cut may then have fallen anywhere, and the caller reads them
-        one by one (:meth:`read_object`). The cap bounds the bytes a read holds by rows, not
-        by how many objects it takes."""
+        or more in all (``objects``: how many objects' worth, each with its name record, the
+        read may hold): the cut may then have fallen anywhere, and the caller reads them one
+        by one (:meth:`read_object`). The cap bounds the bytes a read holds, however many
+        objects it asks for."""
         cap = 2 * limit * objects
         marks = ", ".join(f"${i}" for i in range(1, len(objs) + 1))
         rows = (cursor or self._reader).execute(

@@ -113,6 +113,10 @@ WARM_ROWS = 256
 #: together at most; DuckDB looks an ``IN`` list up in the index while it matches at most
 #: 2,048 rows (``index_scan_max_count``): 16 objects of up to ~120 keys stay under it
 WARM_BATCH = 32
+#: how many objects' worth of rows (each up to ``WARM_ROWS + 1`` and its name record) one
+#: batched read may hold before its objects are read one by one: 4 x 2 x 257 rows, about
+#: what DuckDB looks up in the index (and up to 64 MiB of 32-KiB values)
+_WARM_BATCH_OBJECTS = 4
 
 
 def tune_gc() -> None:
@@ -895,7 +899,7 @@ class SlotStore:
         stored = {obj for group in groups for obj in group if obj in self.stored}
         if len(groups) > 1 and len(stored) > 1:
             together = self.duck.read_objects(sorted(stored), limit=limit + 1, cursor=cur,
-                                              objects=min(len(groups), 4))
+                                              objects=min(len(groups), _WARM_BATCH_OBJECTS))
             if together is not None:
                 for group in groups:
                     self._rows_of(group, stored, together, limit, cur, out)
