@@ -1129,3 +1129,40 @@ async def test_first_reads_that_wait_together_are_read_in_one_statement(tmp_path
         assert _table_scans(slot.duck._reader, sql, params) == [("kv", "Index Scan")], sql
     finally:
         await slot.close()
+
+
+async def test_a_batched_first_read_that_fails_fails_each_of_its_callers_and_no_later_one(
+        tmp_path, monkeypatch):
+    """A DuckDB error in a batch's statement reaches every caller of that batch (none waits
+    forever), says its outcome, and the reads queued after it are served as usual."""
+    import duckdb
+
+    from durable.objectproc.storage.duck import NAME_PREFIX
+    slot = SlotStore(tmp_path, **NEVER)
+    try:
+        for oid in ("a", "b", "c", "d"):
+            s = ObjectStorage(slot, "NS", oid)
+            await s.put("k", oid)
+            await s.sync()
+        await slot.flush()
+        pairs = {o: [f"NS/{o}".encode(), NAME_PREFIX + f"NS/{o}".encode()] for o in "abcd"}
+        real, fail = slot.duck.read_objects, [True]
+
+        def flaky(objs, **k):
+            if fail[0] and b"NS/b" in objs and b"NS/c" in objs:  # (the batch of b and c)
+                fail[0] = False
+                raise duckdb.IOException("IO Error: could not read (injected)")
+            return real(objs, **k)
+        monkeypatch.setattr(slot.duck, "read_objects", flaky)
+        monkeypatch.setattr(slot.duck, "read_object", lambda obj, **k: real([obj], **k)[obj])
+        got = await asyncio.wait_for(asyncio.gather(
+            *[slot.warm(pairs[o]) for o in "abc"], return_exceptions=True), 10)
+        assert got[0][pairs["a"][0]] == ({"k": b'"a"'}, True)
+        for err in got[1:]:
+            assert isinstance(err, StorageCommitError) and err.outcome == "discarded", err
+        assert slot.failed is None  # (not damage: the slot serves on)
+        got = await asyncio.wait_for(asyncio.gather(*[slot.warm(pairs[o]) for o in "bcd"]), 10)
+        assert [g[pairs[o][0]] for g, o in zip(got, "bcd", strict=True)] == [
+            ({"k": f'"{o}"'.encode()}, True) for o in "bcd"]
+    finally:
+        await slot.close()
