@@ -83,7 +83,7 @@ from durable.transport import LoopSocket, has_input, pending_events, recv_frames
 from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
 from .alarms import AlarmCall, AlarmScheduler
 from .cpulimit import CpuWatch
-from .metrics import CallMetrics
+from .metrics import CallMetrics, GcPauses
 from .peers import PeerServer
 from .query import MAX_SNAPSHOTS, NAME_PREFIX, QUERY_METHOD, QUERY_URL, Overlay, SnapshotStream
 from .query import list_objects as _list_objects
@@ -268,6 +268,7 @@ class ObjectProcess:
         self._orphan_namespaces: set[str] = set()  # alarms of namespaces no longer configured
         self.sockets: Sockets | None = None  # WebSocket records and streams (hibernation)
         self.metrics = CallMetrics()
+        self.gc_pauses = GcPauses()  # (installed while run() runs)
         self._storage_figures: dict[str, Any] = {}  # bytes and keys, refreshed every minute
         self._storage_figures_at = 0.0
         self.replicator: Any = None  # cluster mode: replication.Replicator
@@ -305,6 +306,7 @@ class ObjectProcess:
         if self.replicator is None:  # (cluster mode: a commit waits on the network, never inline)
             self.store.commit_inline_when = self._quiet
         tune_gc()
+        self.gc_pauses.install()
         keys = {n: namespace_key(secret, n) for n in cfg.namespaces}
         self.ids = {n: IdFactory(n, k) for n, k in keys.items()}
         loop = asyncio.get_running_loop()
@@ -375,6 +377,7 @@ class ObjectProcess:
                 await self._shutdown()
             finally:
                 self._beat_stop.set()
+                self.gc_pauses.uninstall()
         if isinstance(self.store.failed, StorageCorruptError):
             raise self.store.failed  # the slot stays down as corrupt (exit status 65)
 
@@ -1300,6 +1303,7 @@ class ObjectProcess:
         return {"active": len(self.catalog), "pid": os.getpid(), **self.counters,
                 "metrics": self.metrics.snapshot(), **self._storage(),
                 "fsync": self.store.log.fsync_seconds.snapshot() if self.store else None,
+                "gc_pauses": self.gc_pauses.snapshot(),
                 "inline_commits": self.store.inline_commits if self.store else 0,
                 **(self.store.statistics() if self.store else {}),
                 **(self.alarms.stats() if self.alarms else {}),

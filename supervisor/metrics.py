@@ -5,7 +5,7 @@ its own) and builds the families at each scrape from what it already has: its
 children's states, restarts and memory, and the broker's statistics (asked on the
 operator socket), which carry each object process's figures from its last
 heartbeat (at most a second old): calls by namespace, kind and outcome, latency
-histograms, active objects, evictions, storage, fsync latency, alarms, WebSockets.
+histograms, active objects, evictions, storage, fsync latency, GC pauses, alarms, WebSockets.
 Nothing is counted twice and no process but the supervisor listens.
 """
 
@@ -76,7 +76,12 @@ class DaemonCollector(Collector):
         self._statistics = statistics
 
     def collect(self) -> Iterator[Metric]:
-        from durable.objectproc.metrics import CALL_BUCKETS, FSYNC_BUCKETS, LATENESS_BUCKETS
+        from durable.objectproc.metrics import (
+            CALL_BUCKETS,
+            FSYNC_BUCKETS,
+            GC_BUCKETS,
+            LATENESS_BUCKETS,
+        )
 
         procs = self._processes()
         up = GaugeMetricFamily("durable_process_up", "1 if the process runs", labels=["role", "slot"])
@@ -142,7 +147,7 @@ class DaemonCollector(Collector):
                                          labels=["slot"])
         pending = GaugeMetricFamily("durable_alarms_pending", "alarms set and not yet run",
                                     labels=["namespace"])
-        fsync, lateness = [], []
+        fsync, lateness, gc_pauses = [], [], []
         pending_by_ns: dict[str, int] = {}
         for s in stats.get("slots", []):
             slot = str(s["slot"])
@@ -174,6 +179,8 @@ class DaemonCollector(Collector):
                 acc[2] += n
             if r.get("fsync"):
                 fsync.append(([slot], r["fsync"]))
+            for generation, h in sorted((r.get("gc_pauses") or {}).items()):
+                gc_pauses.append(([slot, generation], h))
             if r.get("alarm_lateness"):
                 lateness.append(([slot], r["alarm_lateness"]))
             for ns, (n, _due) in (r.get("alarms") or {}).items():
@@ -191,6 +198,9 @@ class DaemonCollector(Collector):
         yield from (evicted, overloaded, peer_calls, pending)
         yield _histogram("durable_commit_fsync_seconds", "one group commit's fdatasync of the "
                          "commit log", ["slot"], FSYNC_BUCKETS, fsync)
+        yield _histogram("durable_gc_pause_seconds", "one collection of the object process's "
+                         "garbage collector (every object of the slot waits for it)",
+                         ["slot", "generation"], GC_BUCKETS, gc_pauses)
         yield _histogram("durable_alarm_lateness_seconds", "from an alarm's due time to its "
                          "handler's start", ["slot"], LATENESS_BUCKETS, lateness)
 

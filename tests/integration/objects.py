@@ -1,6 +1,7 @@
 """Objects used by the integration tests (imported by real object processes)."""
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -623,3 +624,10 @@ class Pipeliner(DurableObject):
         """This process's peer figures (``durable.peers``)."""
         peers = self.env.RECORDER._client.peers
         return {} if peers is None else peers.statistics()
+
+
+class Collector(DurableObject):
+    """Runs a full collection of the garbage collector in its object process."""
+
+    async def collect(self) -> int:
+        return gc.collect()

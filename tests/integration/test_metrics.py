@@ -30,6 +30,8 @@ class = "durable.examples.counter:Counter"
 class = "tests.integration.objects:Failing"
 [namespaces.ALARMED]
 class = "tests.integration.objects:Alarmed"
+[namespaces.COLLECTOR]
+class = "tests.integration.objects:Collector"
 """
 
 
@@ -59,6 +61,7 @@ def test_one_scrape_covers_every_process(tmp_path):
             with pytest.raises(durable.ObjectError):
                 c.namespace("FAILING").get_by_name("f").fetch("http://do/", method="POST")
             c.namespace("ALARMED").get_by_name("a").arm(time.time() * 1000)
+            c.namespace("COLLECTOR").get_by_name("g").collect()  # a full collection, timed
         wait_for(lambda: value(scrape(port), "durable_calls_total", namespace="ALARMED",
                                kind="alarm", outcome="ok"), 20, "the alarm in the scrape",
                  interval=0.3)
@@ -86,6 +89,16 @@ def test_one_scrape_covers_every_process(tmp_path):
         assert value(s, "durable_peer_calls_total", slot="1") is not None
         assert sum(v for (n, _), v in s.items() if n == "durable_commit_fsync_seconds_count") > 0
         assert sum(v for (n, _), v in s.items() if n == "durable_alarm_lateness_seconds_count") >= 1
+        # the garbage collector's pauses, by slot and generation (the full one that `collect`
+        # ran among them, in whichever slot holds its object)
+        full = wait_for(lambda: [(dict(labels), v) for (n, labels), v in scrape(port).items()
+                                 if n == "durable_gc_pause_seconds_count"
+                                 and dict(labels)["generation"] == "2" and v >= 1], 20,
+                        "the full collection in the scrape", interval=0.3)
+        assert {labels["slot"] for labels, _ in full} <= {"0", "1"}
+        gc_sum = sum(v for (n, labels), v in scrape(port).items()
+                     if n == "durable_gc_pause_seconds_sum" and dict(labels)["generation"] == "2")
+        assert gc_sum > 0
         wait_for(lambda: sum(v for (n, _), v in scrape(port).items()
                              if n == "durable_storage_keys") >= 1, 20,
                  "the stored keys counted (every 10 s)", interval=0.5)
