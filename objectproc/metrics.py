@@ -75,19 +75,20 @@ class GcPauses:
     longer the more objects are alive (docs/messaging.md, "The young generation's threshold").
     """
 
-    __slots__ = ("by_generation", "_started")
+    __slots__ = ("by_generation", "_started", "_clock")
 
     def __init__(self) -> None:
         self.by_generation = tuple(Histogram(GC_BUCKETS) for _ in range(3))
         self._started: float | None = None
+        self._clock = time.perf_counter  # (held: a collection at exit may outlive the module's globals)
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         # (collections never overlap: the collector runs one at a time, whichever thread
         # triggers it, so one start time is enough)
         if phase == "start":
-            self._started = time.perf_counter()
+            self._started = self._clock()
         elif self._started is not None:
-            self.by_generation[info["generation"]].observe(time.perf_counter() - self._started)
+            self.by_generation[info["generation"]].observe(self._clock() - self._started)
             self._started = None
 
     def install(self) -> None:
