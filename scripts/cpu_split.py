@@ -14,7 +14,8 @@ public endpoint, CurveZMQ-encrypted, with a key made for the run. Reports the ra
 spent per call (from /proc: user + system), so that the cost of a new object (its
 activation, its name, its rows in DuckDB) can be told from a call's own; and per call, each
 thread's time runnable but waiting for a CPU and its involuntary context switches (a thread it
-woke took its CPU), with the cores the run kept busy.
+woke took its CPU), with the cores the run kept busy; and the object processes' garbage
+collections, by generation: how many, and their pauses per call (``durable_gc_pause_seconds``).
 
 A call's CPU depends on the rate: a process woken for fewer calls at a time spends more per
 call on the wake-ups (the loop's, the log writer's, the client's). Compare new and existing
@@ -104,6 +105,21 @@ def thread_stats(procs: list[psutil.Process]) -> dict[tuple[str, str], list[floa
     return out
 
 
+async def gc_pauses(frontend: str) -> dict[str, list[float]]:
+    """The object processes' garbage-collector pauses so far (their heartbeats' figures,
+    ``durable_gc_pause_seconds``): generation -> [collections, seconds], both slots summed."""
+    async with durable.connect(frontend, timeout=10) as c:
+        stats = await c.statistics()
+    out: dict[str, list[float]] = {}
+    for slot in stats.get("slots", []):
+        pauses = (slot.get("reported") or {}).get("gc_pauses") or {}
+        for generation, (_counts, seconds, n) in pauses.items():
+            acc = out.setdefault(generation, [0, 0.0])
+            acc[0] += n
+            acc[1] += seconds
+    return out
+
+
 async def drive(frontend: str, calls: int, existing: int, rpc: bool = False,
                 unnamed: bool = False, concurrency: int = 64, via_broker: bool = False,
                 **connect: Any) -> float:
@@ -161,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             frontend = f"tcp://127.0.0.1:{d.port}"
             keys = {"server_key": str(d.root / "keys" / "broker.key"),
                     "client_key": str(d.root / "allowed" / "client.key_secret")}
+        gc_before = asyncio.run(gc_pauses(d.frontend))
         before = thread_stats(procs)
         seconds = asyncio.run(drive(frontend, args.calls, args.existing, args.rpc, args.unnamed,
                                     args.concurrency, args.via_broker or args.curve, **keys))
         after = thread_stats(procs)
+        time.sleep(1.5)  # (each slot reports with its heartbeat, once a second)
+        gc_after = asyncio.run(gc_pauses(d.frontend))
 
     def per(i: int, scale: float, digits: int, least: float) -> dict[str, float]:
         """Figure ``i`` of each thread, its growth over the run per call (largest first)."""
@@ -189,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
               # CPU from it (a woken thread preempting the one that woke it, mostly)
               "runqueue_wait_us_per_call": per(1, 1e6, 1, 0.1),
               "preempted_per_call": per(2, 1.0, 3, 0.001),
+              # the object processes' garbage collections (inside their threads' CPU above),
+              # by generation: how many, and their pauses' time per call
+              "gc_collections": {g: int(n - gc_before.get(g, [0, 0.0])[0])
+                                 for g, (n, _) in sorted(gc_after.items())},
+              "gc_us_per_call": {g: round((t - gc_before.get(g, [0, 0.0])[1]) * 1e6 / args.calls, 1)
+                                 for g, (_, t) in sorted(gc_after.items())},
               "python_10m_additions_s": [*speed, machine_speed()]}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -199,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {v:8.1f} µs  {k}  (waited for a CPU {waits.get(k, 0.0):.1f} µs, "
                   f"preempted {preempted.get(k, 0.0):.3f} times)")
         print(f"  {result['cores_used']} cores busy of {os.cpu_count()}")
+        print("  garbage collections in the object processes: " + (", ".join(
+            f"generation {g}: {n} ({result['gc_us_per_call'][g]:.1f} µs a call)"
+            for g, n in result["gc_collections"].items() if n) or "none"))
         print("  machine speed: 10M Python additions in {} s before, {} s after".format(
             *result["python_10m_additions_s"]))
     return 0

@@ -31,6 +31,11 @@ def test_cpu_split_reports_each_processs_cpu_per_call_at_the_concurrency_asked()
     if Path("/proc/self/schedstat").exists():
         assert result["runqueue_wait_us_per_call"].get("objectproc/main", 0) > 0, result
     assert all(v > 0 for v in result["preempted_per_call"].values()), result
+    # the object processes' garbage collections during the run, by generation (the slots'
+    # durable_gc_pause_seconds), counted from before the calls: none can be negative
+    gcs, gc_us = result["gc_collections"], result["gc_us_per_call"]
+    assert set(gcs) == set(gc_us) <= {"0", "1", "2"}, result
+    assert all(type(n) is int and n >= 0 and gc_us[g] >= 0 for g, n in gcs.items()), result
     # (the machine's speed before and after, to scale the figures by)
     assert len(result["python_10m_additions_s"]) == 2, result
     assert all(0 < s < 60 for s in result["python_10m_additions_s"]), result
