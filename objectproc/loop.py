@@ -83,7 +83,7 @@ from durable.transport import LoopSocket, has_input, pending_events, recv_frames
 from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
 from .alarms import AlarmCall, AlarmScheduler
 from .cpulimit import CpuWatch
-from .metrics import CallMetrics, GcPauses
+from .metrics import LOOP_LAG_BUCKETS, CallMetrics, GcPauses, Histogram
 from .peers import PeerServer
 from .query import MAX_SNAPSHOTS, NAME_PREFIX, QUERY_METHOD, QUERY_URL, Overlay, SnapshotStream
 from .query import list_objects as _list_objects
@@ -269,6 +269,9 @@ class ObjectProcess:
         self.sockets: Sockets | None = None  # WebSocket records and streams (hibernation)
         self.metrics = CallMetrics()
         self.gc_pauses = GcPauses()  # (installed while run() runs)
+        #: how late the timer task ran, each tick: how long any call of the slot waits for
+        #: the loop (a long turn, a collection, object code that blocks it, a starved CPU)
+        self.loop_lag = Histogram(LOOP_LAG_BUCKETS)
         self._storage_figures: dict[str, Any] = {}  # bytes and keys, refreshed every minute
         self._storage_figures_at = 0.0
         self.replicator: Any = None  # cluster mode: replication.Replicator
@@ -1230,8 +1233,13 @@ class ObjectProcess:
     async def _timer_loop(self) -> None:
         next_evict = time.monotonic() + self.config.idle_timeout / 4
         next_stats = time.monotonic()
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(self.config.heartbeat / 2, self._liveness.next_deadline() or 0.05))
+            # (at least ten ticks a second: each one is a sample of the loop's lag)
+            delay = min(self.config.heartbeat / 2, self._liveness.next_deadline() or 0.05, 0.1)
+            due = loop.time() + delay
+            await asyncio.sleep(delay)
+            self.loop_lag.observe(max(0.0, loop.time() - due))
             if self.store.failed is not None:
                 log.error("slot %d: storage failed (%s); exiting so that the slot restarts and "
                           "recovers", self.config.slot, self.store.failed)
@@ -1304,6 +1312,7 @@ class ObjectProcess:
                 "metrics": self.metrics.snapshot(), **self._storage(),
                 "fsync": self.store.log.fsync_seconds.snapshot() if self.store else None,
                 "gc_pauses": self.gc_pauses.snapshot(),
+                "loop_lag": self.loop_lag.snapshot(),
                 "inline_commits": self.store.inline_commits if self.store else 0,
                 **(self.store.statistics() if self.store else {}),
                 **(self.alarms.stats() if self.alarms else {}),

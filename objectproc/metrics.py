@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 __all__ = ["Histogram", "CallMetrics", "GcPauses", "CALL_BUCKETS", "FSYNC_BUCKETS", "GC_BUCKETS",
-           "LATENESS_BUCKETS"]
+           "LATENESS_BUCKETS", "LOOP_LAG_BUCKETS"]
 
 #: seconds: a call from its arrival to its answer (output gate included)
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -24,6 +24,9 @@ FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
                  1.0)
 #: seconds: one collection of the garbage collector
 GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: seconds: how late the object process's loop resumed a task whose timer was due
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0)
 #: seconds: how late an alarm's handler started after its due time
 LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
 

@@ -81,6 +81,7 @@ class DaemonCollector(Collector):
             FSYNC_BUCKETS,
             GC_BUCKETS,
             LATENESS_BUCKETS,
+            LOOP_LAG_BUCKETS,
         )
 
         procs = self._processes()
@@ -147,7 +148,7 @@ class DaemonCollector(Collector):
                                          labels=["slot"])
         pending = GaugeMetricFamily("durable_alarms_pending", "alarms set and not yet run",
                                     labels=["namespace"])
-        fsync, lateness, gc_pauses = [], [], []
+        fsync, lateness, gc_pauses, loop_lag = [], [], [], []
         pending_by_ns: dict[str, int] = {}
         for s in stats.get("slots", []):
             slot = str(s["slot"])
@@ -181,6 +182,8 @@ class DaemonCollector(Collector):
                 fsync.append(([slot], r["fsync"]))
             for generation, h in sorted((r.get("gc_pauses") or {}).items()):
                 gc_pauses.append(([slot, generation], h))
+            if r.get("loop_lag"):
+                loop_lag.append(([slot], r["loop_lag"]))
             if r.get("alarm_lateness"):
                 lateness.append(([slot], r["alarm_lateness"]))
             for ns, (n, _due) in (r.get("alarms") or {}).items():
@@ -201,6 +204,9 @@ class DaemonCollector(Collector):
         yield _histogram("durable_gc_pause_seconds", "one collection of the object process's "
                          "garbage collector (every object of the slot waits for it)",
                          ["slot", "generation"], GC_BUCKETS, gc_pauses)
+        yield _histogram("durable_loop_lag_seconds", "how late the object process's event loop "
+                         "ran a task that was due (every call of the slot waits as long)",
+                         ["slot"], LOOP_LAG_BUCKETS, loop_lag)
         yield _histogram("durable_alarm_lateness_seconds", "from an alarm's due time to its "
                          "handler's start", ["slot"], LATENESS_BUCKETS, lateness)
 

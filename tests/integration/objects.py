@@ -631,3 +631,8 @@ class Collector(DurableObject):
 
     async def collect(self) -> int:
         return gc.collect()
+
+    def block(self, seconds: float) -> float:
+        """Hold its process's loop (a blocking call in object code, as users write by mistake)."""
+        time.sleep(seconds)
+        return seconds

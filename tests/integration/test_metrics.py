@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import durable
+from durable.broker.ring import Ring
 from tests.integration.daemon import serving
 from tests.integration.procs import free_port, wait_for
 
@@ -48,6 +49,13 @@ def value(samples: dict, name: str, **labels) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def held_late(samples: dict, slot: str) -> bool:
+    """Whether the slot's loop lag has an observation over 0.25 s (one scrape's figures)."""
+    count = value(samples, "durable_loop_lag_seconds_count", slot=slot)
+    return count is not None and count > value(samples, "durable_loop_lag_seconds_bucket",
+                                               slot=slot, le="0.25")
+
+
 @pytest.mark.slow
 def test_one_scrape_covers_every_process(tmp_path):
     port = free_port()
@@ -62,6 +70,8 @@ def test_one_scrape_covers_every_process(tmp_path):
                 c.namespace("FAILING").get_by_name("f").fetch("http://do/", method="POST")
             c.namespace("ALARMED").get_by_name("a").arm(time.time() * 1000)
             c.namespace("COLLECTOR").get_by_name("g").collect()  # a full collection, timed
+            blocked = c.namespace("COLLECTOR").get_by_name("g")
+            blocked.block(0.4)  # its slot's loop held
         wait_for(lambda: value(scrape(port), "durable_calls_total", namespace="ALARMED",
                                kind="alarm", outcome="ok"), 20, "the alarm in the scrape",
                  interval=0.3)
@@ -99,6 +109,14 @@ def test_one_scrape_covers_every_process(tmp_path):
         gc_sum = sum(v for (n, labels), v in scrape(port).items()
                      if n == "durable_gc_pause_seconds_sum" and dict(labels)["generation"] == "2")
         assert gc_sum > 0
+        # the loop's lag: the timer due while `block` held the loop ran ~0.3 s late, in the
+        # slot that holds its object
+        held = str(Ring(2).slot_for(str(blocked.id)))
+        wait_for(lambda: held_late(scrape(port), held), 20, "the held loop in the scrape",
+                 interval=0.3)
+        s = scrape(port)
+        assert value(s, "durable_loop_lag_seconds_sum", slot=held) >= 0.25
+        assert value(s, "durable_loop_lag_seconds_count", slot=str(1 - int(held))) >= 1
         wait_for(lambda: sum(v for (n, _), v in scrape(port).items()
                              if n == "durable_storage_keys") >= 1, 20,
                  "the stored keys counted (every 10 s)", interval=0.5)
