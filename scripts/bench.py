@@ -9,6 +9,7 @@
     python scripts/bench.py websockets [--quick] [--repeat N]
     python scripts/bench.py testing [--quick] [--repeat N]
     python scripts/bench.py metrics [--quick] [--repeat N]
+    python scripts/bench.py idle [--quick] [--repeat N] [--workerd PATH]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
@@ -58,6 +59,11 @@ that each get a fresh runtime from the ``durable_runtime`` fixture.
 every second, as Prometheus would, faster), one without, and alternates rounds
 of sequential no-op method calls between them: p50 and calls/s of each, and
 their ratios.
+
+``idle`` runs ``durable serve`` (its defaults, one Counter namespace), makes a few requests,
+lets it settle 10 s and then measures 30 s of nothing: the CPU (% of one core) and the wake-ups
+a second (voluntary context switches of every thread) of each process role; with
+``--workerd PATH``, the same of workerd.
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -1631,22 +1637,94 @@ def _role(cmdline: list[str]) -> str:
     return Path(cmdline[0]).name if cmdline else "?"
 
 
-def _cpu_by_role(pids: list[int]) -> dict[str, float]:
-    """User + system CPU so far of these processes and their children, by role (a durable
-    process by its module: gateway, broker, objectproc, supervisor; others by program)."""
+def _tree(pids: list[int]) -> list[Any]:
+    """These processes and their children (psutil), those that still run."""
     import psutil
-    out: dict[str, float] = {}
+    out = []
     for pid in pids:
-        try:
-            procs = [psutil.Process(pid)]
-            procs += procs[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            continue
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                t = p.cpu_times()
-                role = _role(p.cmdline())
-                out[role] = out.get(role, 0.0) + t.user + t.system
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            out += [root, *root.children(recursive=True)]
+    return out
+
+
+def _cpu_by_process(pids: list[int]) -> dict[tuple[str, int], float]:
+    """User + system CPU so far of these processes and their children, by (role, pid): a
+    durable process's role is its module (gateway, broker, objectproc, supervisor), another's
+    its program."""
+    import psutil
+    out: dict[tuple[str, int], float] = {}
+    for p in _tree(pids):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            out[(_role(p.cmdline()), p.pid)] = t.user + t.system
+    return out
+
+
+def _cpu_by_role(pids: list[int]) -> dict[str, float]:
+    """``_cpu_by_process`` summed by role."""
+    out: dict[str, float] = {}
+    for (role, _pid), cpu in _cpu_by_process(pids).items():
+        out[role] = out.get(role, 0.0) + cpu
+    return out
+
+
+def _wakeups_by_thread(pids: list[int]) -> dict[tuple[str, int, int], int]:
+    """Each thread's voluntary context switches so far (each one a sleep it woke from), keyed
+    by (role, pid, thread id), for these processes and their children."""
+    import psutil
+    out: dict[tuple[str, int, int], int] = {}
+    for p in _tree(pids):
+        with contextlib.suppress(psutil.Error, OSError):
+            role = _role(p.cmdline())
+            for t in p.threads():
+                with contextlib.suppress(OSError):
+                    status = Path(f"/proc/{p.pid}/task/{t.id}/status").read_text()
+                    switches = status.split("voluntary_ctxt_switches:")[1].split()[0]
+                    out[(role, p.pid, t.id)] = int(switches)
+    return out
+
+
+def _idle_figures(port: int, pids: list[int], seconds: float, settle: float) -> dict[str, Any]:
+    """A few counter requests, then ``settle`` s of quiet, then ``seconds`` of measuring:
+    CPU (% of one core) and wake-ups a second, by role and in total. A process or thread
+    that came or went meanwhile (the warm spare starting) is left out."""
+    _http_load("127.0.0.1", port, "COUNTER", "/inc", "POST", 4, 10, 0, 100)
+    time.sleep(settle)
+    cpu0, wake0 = _cpu_by_process(pids), _wakeups_by_thread(pids)
+    time.sleep(seconds)
+    cpu1, wake1 = _cpu_by_process(pids), _wakeups_by_thread(pids)
+    cpu: dict[str, float] = {}
+    for key, t in cpu1.items():
+        if key in cpu0:
+            cpu[key[0]] = cpu.get(key[0], 0.0) + (t - cpu0[key]) / seconds * 100
+    wakeups: dict[str, float] = {}
+    for key, n in wake1.items():
+        if key in wake0:
+            wakeups[key[0]] = wakeups.get(key[0], 0.0) + (n - wake0[key]) / seconds
+    cpu = {k: round(v, 3) for k, v in cpu.items()}
+    return {"cpu_percent_of_a_core": {**cpu, "total": round(sum(cpu.values()), 3)},
+            "wakeups_per_s": {**{k: round(v, 1) for k, v in wakeups.items()},
+                              "total": round(sum(wakeups.values()), 1)}}
+
+
+def idle_suite(quick: bool, workerd: str | None) -> dict[str, Any]:
+    """What a daemon costs while nobody calls it (it runs for years as a service)."""
+    from harness import serving
+    seconds, settle = (3.0, 1.0) if quick else (30.0, 10.0)  # (the spare starts 5 s after ready)
+    config = """
+data_dir = "{data}"
+[http]
+listen = "127.0.0.1:{port}"
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+"""
+    out: dict[str, Any] = {"seconds": seconds}
+    with serving(config) as d:
+        out["durable"] = _idle_figures(d.port, [d.proc.pid], seconds, settle)
+    if workerd:
+        with _workerd(workerd) as (port, pids):
+            out["workerd"] = _idle_figures(port, pids, seconds, settle)
     return out
 
 
@@ -1941,8 +2019,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
                                      "testing", "metrics", "query", "cold", "vs-workerd",
-                                     "cluster"])
-    p.add_argument("--workerd", help="vs-workerd: the workerd binary (npm install "
+                                     "cluster", "idle"])
+    p.add_argument("--workerd", help="vs-workerd, idle: the workerd binary (npm install "
                    "workerd@1.20261117.1); without it, only durable's half runs")
     p.add_argument("--rounds", type=int, default=3, help="vs-workerd: alternating rounds")
     p.add_argument("--front", default="slots",
@@ -1996,6 +2074,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.suite == "cluster":
         runs = [cluster_suite(args.quick, 2 if args.quick else args.kills, args.lease)
                 for _ in range(args.repeat)]
+    elif args.suite == "idle":
+        runs = [idle_suite(args.quick, args.workerd) for _ in range(args.repeat)]
     elif args.suite == "vs-workerd":
         fronts = tuple(f.strip() for f in args.front.split(",") if f.strip())
         runs = [vs_workerd_suite(args.quick, args.workerd, args.rounds, fronts)

@@ -123,3 +123,15 @@ def test_vs_workerd_bench_quick_runs_durables_half():
         assert 0 < median[f"{name}_new_object_over_counter"]["counter_spread_64"] < 5, median
         assert 0 < median[f"{name}_new_object_over_counter"]["counter_64_by_round"] < 5, median
         assert 0 < median[f"{name}_new_object_over_counter"]["counter_wide_64_by_round"] < 5, median
+
+
+def test_idle_bench_quick_reports_every_role():
+    out = subprocess.run([sys.executable, str(BENCH), "idle", "--quick"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]["durable"]
+    for figure in ("cpu_percent_of_a_core", "wakeups_per_s"):
+        assert {"supervisor", "broker", "objectproc", "total"} <= set(m[figure]), m[figure]
+        assert m[figure]["total"] == pytest.approx(
+            sum(v for k, v in m[figure].items() if k != "total"), abs=0.01)
+    assert m["wakeups_per_s"]["objectproc"] > 0  # (its heartbeats, at the least)
