@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -275,12 +276,11 @@ class Broker:
         for s in order:
             poller.register(s, zmq.POLLIN)
         burst = self.config.burst
-        timeout_ms = max(1, min(100, int(self.config.heartbeat * 1000 / 2)))
         self._alive_at = time.monotonic()  # (binding and start-up are no stall)
         while not self._stopping:
             self.last_turn = time.monotonic()
             self._awake()
-            events = dict(poller.poll(timeout_ms))
+            events = dict(poller.poll(math.ceil(self.core.next_tick() * 1000)))
             self._awake()
             for s in order:
                 if s in events:

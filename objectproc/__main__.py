@@ -131,13 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, proc.stop)
         loop.add_signal_handler(signal.SIGINT, proc.stop)
-        mark = proc.loop_mark
+        mark = proc.loop_mark  # (kept by the process's timer task: _timer_loop)
         proc.lifeline = lifeline.start(lambda: mark[0])
-        ticker = asyncio.create_task(lifeline.tick_forever(mark))
-        try:
-            await proc.run()
-        finally:
-            ticker.cancel()
+        await proc.run()
 
     log = logging.getLogger("durable.objectproc")
     try:

@@ -78,6 +78,7 @@ from durable.protocol.messages import (
     unpack_batch,
 )
 from durable.supervisor.config import Config as _SETTINGS
+from durable.supervisor.lifeline import tick_forever
 from durable.transport import LoopSocket, has_input, pending_events, recv_frames
 
 from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
@@ -110,6 +111,14 @@ QUERY_QUEUE_SECONDS = 30.0
 _READ_AHEAD = 256
 #: The longest a backup may hold a slot's files still (the log grows meanwhile).
 MAX_PIN_SECONDS = 3600.0
+#: The timer task's longest sleep while calls come (each tick is a sample of the loop's lag,
+#: ``durable_loop_lag_seconds``, and the mark of a turning loop for the lifeline and the CPU
+#: limit), and on a slot that had no call for IDLE_AFTER seconds: an idle daemon's object
+#: process then wakes ~6 times a second, not ~18 (measured; ``scripts/bench.py idle``).
+#: The first call after a quiet spell brings the next tick forward (``_busy``).
+TICK_BUSY = 0.1
+TICK_IDLE = 0.5
+IDLE_AFTER = 1.0
 
 
 def name_key(namespace: str, object_id: str) -> bytes:
@@ -250,7 +259,7 @@ class ObjectProcess:
         self.client: Client | None = None
         self.env: Env | None = None
         self.lifeline: Any = None  # the supervisor's (lifeline.Lifeline); ready once registered
-        #: when the loop last turned, and the main thread's CPU time then (the ticker's)
+        #: when the loop last turned, and the main thread's CPU time then (its timer task's)
         self.loop_mark: list[float] = [time.monotonic(), time.thread_time()]
         self.ids: dict[str, IdFactory] = {}
         self._incarnation = 0
@@ -272,6 +281,12 @@ class ObjectProcess:
         #: how late the timer task ran, each tick: how long any call of the slot waits for
         #: the loop (a long turn, a collection, object code that blocks it, a starved CPU)
         self.loop_lag = Histogram(LOOP_LAG_BUCKETS)
+        #: the timer task's next wake-up (loop time), its handle and what it awaits; and
+        #: whether the slot is idle (no call for IDLE_AFTER s: it ticks at TICK_IDLE)
+        self._tick_due = math.inf
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_wake: asyncio.Future[None] | None = None
+        self._idle = False
         self._storage_figures: dict[str, Any] = {}  # bytes and keys, refreshed every minute
         self._storage_figures_at = 0.0
         self.replicator: Any = None  # cluster mode: replication.Replicator
@@ -376,9 +391,12 @@ class ObjectProcess:
             watch.stop()
             if self.alarms is not None:
                 self.alarms.close()
+            # (the timer task kept the loop's mark; draining may outlast hang_timeout)
+            ticker = asyncio.create_task(tick_forever(self.loop_mark))
             try:
                 await self._shutdown()
             finally:
+                ticker.cancel()
                 self._beat_stop.set()
                 self.gc_pauses.uninstall()
         if isinstance(self.store.failed, StorageCorruptError):
@@ -543,9 +561,13 @@ class ObjectProcess:
                 if now - self._beat_at > stall_after:  # (this thread stood still too)
                     self._stall_from = self._beat_at
                 self._beat_at = now
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.send_multipart(Beat(self.config.slot, self._incarnation).encode(),
-                                        zmq.NOBLOCK)
+                # (while the loop turns, its own heartbeats reach the broker: a beat is due
+                # once one of them is late, which halves an idle daemon's messages)
+                liveness = self._liveness
+                if liveness is None or now - liveness.last_sent >= self.config.heartbeat:
+                    with contextlib.suppress(zmq.ZMQError):
+                        sock.send_multipart(Beat(self.config.slot, self._incarnation).encode(),
+                                            zmq.NOBLOCK)
                 links = self.links.beats() if self.links is not None else []
                 for endpoint in [e for e in remote if e not in dict(links)]:
                     remote.pop(endpoint).close(linger=0)
@@ -756,6 +778,8 @@ class ObjectProcess:
                 "namespace.get(id) and retry if the call is safe to repeat")).encode())
             return
         self.counters["calls"] += 1
+        if self._idle:
+            self._busy()
         client, call_id, size = call.client, call.call_id, len(call.body)
         if size and self._in_flight and self._inflight_bytes + size > self.config.max_inflight_bytes:
             self.counters["overloaded"] = self.counters.get("overloaded", 0) + 1
@@ -910,6 +934,8 @@ class ObjectProcess:
             done(e.error)
             return
         self._in_flight += 1  # (so that concurrent handlers share group commits: _quiet)
+        if self._idle:
+            self._busy()
         started = time.perf_counter()
 
         def ended(_resp: Any, error: BaseException | None) -> None:
@@ -1234,12 +1260,21 @@ class ObjectProcess:
         next_evict = time.monotonic() + self.config.idle_timeout / 4
         next_stats = time.monotonic()
         loop = asyncio.get_running_loop()
+        mark, counters = self.loop_mark, self.counters
+        calls_seen, quiet_since = -1, 0.0
         while True:
-            # (at least ten ticks a second: each one is a sample of the loop's lag)
-            delay = min(self.config.heartbeat / 2, self._liveness.next_deadline() or 0.05, 0.1)
-            due = loop.time() + delay
-            await asyncio.sleep(delay)
-            self.loop_lag.observe(max(0.0, loop.time() - due))
+            now = loop.time()
+            if counters["calls"] != calls_seen:
+                calls_seen, quiet_since = counters["calls"], now
+            self._idle = now - quiet_since >= IDLE_AFTER
+            delay = min(self.config.heartbeat / 2, self._liveness.next_deadline() or 0.05,
+                        TICK_IDLE if self._idle else TICK_BUSY)
+            self._tick_due = now + delay
+            self._tick_wake = wake = loop.create_future()
+            self._tick_handle = loop.call_at(self._tick_due, _wake_up, wake)
+            await wake
+            self.loop_lag.observe(max(0.0, loop.time() - self._tick_due))
+            mark[0], mark[1] = time.monotonic(), time.thread_time()  # (lifeline, CPU limit)
             if self.store.failed is not None:
                 log.error("slot %d: storage failed (%s); exiting so that the slot restarts and "
                           "recovers", self.config.slot, self.store.failed)
@@ -1265,6 +1300,22 @@ class ObjectProcess:
             if time.monotonic() >= next_evict:
                 next_evict = time.monotonic() + self.config.idle_timeout / 4
                 self.evict_idle()
+
+    def _busy(self) -> None:
+        """A call (or an alarm) on an idle slot: the timer ticks at TICK_BUSY again from now,
+        so that object code that blocks the loop from here is measured (``loop_lag``), and
+        the loop's mark is fresh (the CPU limit counts from it: the loop is turning now)."""
+        self._idle = False
+        self.loop_mark[0], self.loop_mark[1] = time.monotonic(), time.thread_time()
+        handle, wake = self._tick_handle, self._tick_wake
+        if handle is None or wake is None or wake.done():
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() + TICK_BUSY
+        if due < self._tick_due:
+            handle.cancel()
+            self._tick_due = due
+            self._tick_handle = loop.call_at(due, _wake_up, wake)
 
     def evict_idle(self) -> int:
         """Evict idle objects; one whose own tasks still run gets ``wait_until_limit`` first.
@@ -1330,6 +1381,11 @@ class ObjectProcess:
 
 def _ignore(_resp: Any, _error: BaseException | None) -> None:
     pass
+
+
+def _wake_up(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 def _iso(ms: int) -> str:

@@ -272,15 +272,22 @@ SPARE_AFTER_READY = 5.0
 #: seconds from start during which the supervisor turns at 50 Hz until ready; after that,
 #: 5 Hz (a slot that never comes up, or a long recovery, must not cost a probe every 20 ms)
 FAST_TURNS_SECONDS = 30.0
+#: the longest turn of a supervisor with nothing to do but watch: a child's exit (SIGCHLD), a
+#: signal and each child's lifeline beat wake it sooner. Turning every 0.2 s instead was half
+#: the idle supervisor's wake-ups and CPU (measured: ``scripts/bench.py idle``)
+QUIET_TURN = 1.0
 
 
-def turn_timeout(now: float, ready: bool, fast_until: float, due: list[float]) -> float:
+def turn_timeout(now: float, ready: bool, fast_until: float, due: list[float],
+                 quiet: bool = False) -> float:
     """How long the supervisor's turn may sleep: 0.02 s until ready, when each turn asks the
     broker whether every slot is up (a start waited ~0.4 s past the slots' registration
-    for two turns, measured), but only for ``FAST_TURNS_SECONDS``; else 0.2 s; never past
-    a due restart (``due``)."""
+    for two turns, measured), but only for ``FAST_TURNS_SECONDS``; QUIET_TURN when ``quiet``
+    (ready, every child running, nothing rolling: signals and lifelines wake it anyway);
+    else 0.2 s; never past a due restart (``due``)."""
     fast = not ready and now < fast_until
-    return max(0.0, min([0.02 if fast else 0.2, *[d - now for d in due]]))
+    longest = 0.02 if fast else QUIET_TURN if quiet and ready else 0.2
+    return max(0.0, min([longest, *[d - now for d in due]]))
 
 
 class Arbiter:
@@ -310,6 +317,7 @@ class Arbiter:
         self.spare: Spare | None = None
         self._spare_due = 0.0  # no new spare before (after one died unused)
         self.host: Any = None  # cluster mode: host.ClusterHost (which slots to run)
+        self.watchdog = systemd.watchdog_interval()  # (seconds between WATCHDOG=1, or None)
 
     # -- set-up ---------------------------------------------------------------------------
     def check(self) -> None:
@@ -532,7 +540,11 @@ class Arbiter:
         """Sleep until a signal, a child's lifeline, or the next due restart (turn_timeout)."""
         now = self.clock()
         due = [w.start_due for w in self.watchers if w.state is WatcherState.BACKOFF]
-        timeout = turn_timeout(now, self._ready, self._fast_until, due)
+        quiet = (self.host is None and not self._stopping and self._rolling is None
+                 and not self._roll and (self.watchdog is None or self.watchdog >= 2 * QUIET_TURN)
+                 and all(w.state is WatcherState.RUNNING and w.kill_at is None
+                         for w in self.watchers))
+        timeout = turn_timeout(now, self._ready, self._fast_until, due, quiet)
         beats = {w.beat_fd: w for w in self.watchers if w.beat_fd is not None}
         spare = self.spare if self.spare is not None and not self.spare.ready else None
         readable: list[int] = []
@@ -967,7 +979,7 @@ class _Turn:
         self.a = arbiter
         self.wakeup_fd = wakeup_fd
         self.probe = probe
-        self.watchdog = systemd.watchdog_interval()
+        self.watchdog = arbiter.watchdog
         self.next_watchdog = self.next_sample = arbiter.clock()
 
     def once(self) -> bool:

@@ -551,3 +551,47 @@ def test_an_object_process_reads_batches_until_its_incarnation_ends():
     assert b.reads_batches(True, b"w0")
     b.core.end_incarnation(0, "test")
     assert not b.reads_batches(True, b"w0") and not b.statistics()["slots"][0]["batches"]
+
+
+def test_an_idle_broker_waits_for_its_next_heartbeat_and_a_busy_one_for_its_deadlines():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    ready(b, 1)
+    b.tick()
+    b.take()
+    assert b.next_tick() == 0.5  # heartbeat / 2: nothing is due sooner
+    b.clock_.now += 0.7
+    assert b.next_tick() == pytest.approx(0.3)  # the slots' heartbeats are due then
+    oid = oid_on_slot(0)
+    b.on_client(call(1, 1, oid))
+    assert b.next_tick() == 0.1  # a call in flight: its deadline is swept
+    b.on_worker([b"w0", *m.WorkerReply(b"Fcli", 1, b"[200,[]]", b"ok").encode()])
+    assert b.next_tick() == pytest.approx(0.3)
+    b.core.end_incarnation(1, "test")
+    b.on_client(call(2, 2, oid_on_slot(1)))  # queued for a slot that is down
+    assert b.next_tick() == 0.1
+
+
+def test_waiting_as_long_as_next_tick_says_never_makes_a_heartbeat_late():
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0)
+    ready(b, 1, inc=9)
+    sent: dict[bytes, list[float]] = {b"w0": [], b"w1": []}
+    turns = 0
+    start = b.clock_.now
+    while b.clock_.now < start + 10:
+        b.clock_.now += b.next_tick()
+        turns += 1
+        b.on_worker([b"w0", *m.WorkerHeartbeat({}).encode()])  # (each slot is heard)
+        b.on_worker([b"w1", *m.WorkerHeartbeat({}).encode()])
+        b.tick()
+        for _what, ident, msg in b.take():
+            if type(msg) is m.BrokerHeartbeat:
+                sent[ident].append(b.clock_.now)
+    for times in sent.values():
+        gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+        assert len(times) >= 9 and max(gaps) <= 1.0 + 1e-9
+    assert turns <= 35  # ~3 a second, where a fixed 0.1-s poll turned 100 times
+    assert all(s.liveness is not None for s in b.slots)  # nobody was given up

@@ -343,3 +343,13 @@ def test_the_supervisor_turns_fast_only_until_ready_and_for_a_bounded_time():
     assert turn_timeout(start + 1, True, fast_until, []) == 0.2
     assert turn_timeout(start + 1, True, fast_until, [start + 1.05]) == pytest.approx(0.05)
     assert turn_timeout(start + 1, True, fast_until, [start]) == 0.0  # (overdue: no sleep)
+
+
+def test_a_quiet_supervisor_turns_once_a_second_and_a_due_restart_still_cuts_it():
+    from durable.supervisor.arbiter import QUIET_TURN, turn_timeout
+
+    start = 100.0
+    assert turn_timeout(start + 1, True, start, [], quiet=True) == QUIET_TURN == 1.0
+    assert turn_timeout(start + 1, True, start, [start + 1.3], quiet=True) == pytest.approx(0.3)
+    assert turn_timeout(start + 1, False, start + 30, [], quiet=True) == 0.02  # (not ready)
+    assert turn_timeout(start + 40, False, start + 30, [], quiet=True) == 0.2
