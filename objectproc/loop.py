@@ -928,14 +928,14 @@ class ObjectProcess:
                             "they are kept and fire once it is", self.config.slot, namespace)
             done(None)  # kept in storage: it fires after a restart with the namespace back
             return
+        if self._idle:  # (before the constructor, as in _call: it may hold the loop too)
+            self._busy()
         try:
             act = self._target(namespace, object_id)
         except ConstructorError as e:
             done(e.error)
             return
         self._in_flight += 1  # (so that concurrent handlers share group commits: _quiet)
-        if self._idle:
-            self._busy()
         started = time.perf_counter()
 
         def ended(_resp: Any, error: BaseException | None) -> None:
