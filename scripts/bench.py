@@ -1694,18 +1694,21 @@ def _idle_figures(port: int, pids: list[int], seconds: float, settle: float) -> 
     cpu0, wake0 = _cpu_by_process(pids), _wakeups_by_thread(pids)
     time.sleep(seconds)
     cpu1, wake1 = _cpu_by_process(pids), _wakeups_by_thread(pids)
-    cpu: dict[str, float] = {}
-    for key, t in cpu1.items():
-        if key in cpu0:
-            cpu[key[0]] = cpu.get(key[0], 0.0) + (t - cpu0[key]) / seconds * 100
-    wakeups: dict[str, float] = {}
-    for key, n in wake1.items():
-        if key in wake0:
-            wakeups[key[0]] = wakeups.get(key[0], 0.0) + (n - wake0[key]) / seconds
-    cpu = {k: round(v, 3) for k, v in cpu.items()}
-    return {"cpu_percent_of_a_core": {**cpu, "total": round(sum(cpu.values()), 3)},
-            "wakeups_per_s": {**{k: round(v, 1) for k, v in wakeups.items()},
-                              "total": round(sum(wakeups.values()), 1)}}
+    return {"cpu_percent_of_a_core": _growth_by_role(cpu0, cpu1, 100 / seconds, 3),
+            "wakeups_per_s": _growth_by_role(wake0, wake1, 1 / seconds, 1)}
+
+
+def _growth_by_role(before: dict[tuple[Any, ...], float], after: dict[tuple[Any, ...], float],
+                    scale: float, digits: int) -> dict[str, float]:
+    """How much each figure keyed (role, ...) grew, times ``scale``, summed by role, and the
+    total of the rounded figures; a key not in both (a process or thread that came or went)
+    is left out."""
+    out: dict[str, float] = {}
+    for key, v in after.items():
+        if key in before:
+            out[key[0]] = out.get(key[0], 0.0) + (v - before[key]) * scale
+    out = {role: round(v, digits) for role, v in out.items()}
+    return {**out, "total": round(sum(out.values()), digits)}
 
 
 def idle_suite(quick: bool, workerd: str | None) -> dict[str, Any]:
