@@ -1,5 +1,7 @@
-"""The HTTP front's remembered request URLs: the same text aiohttp's ``request.url`` gives,
-for any host and target, and a bounded memory. Pure: aiohttp's mocked requests, no socket."""
+"""The HTTP front's request URLs: the same text aiohttp's ``request.url`` gives, for any
+host and target, joined as text where that text is plain (``plain_url``), else remembered
+in a bounded memory. Pure: aiohttp's mocked requests, no socket (aiohttp's own parser over
+loopback: tests/integration/test_gateway_url_parser.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from durable.broker import gateway
-from durable.broker.gateway import Gateway
+from durable.broker.gateway import Gateway, plain_url
 from tests.budget import examples
 
 _SEGMENT = st.text(st.sampled_from("abcXYZ019-._~%20/?#=&:@!$'()*+,;é "), max_size=12)
@@ -40,8 +42,45 @@ def test_the_remembered_url_is_aiohttps_url_each_time(method, path, host):
     except ValueError:  # (a target aiohttp itself refuses: not this memory's business)
         return
     assert gw._url(_request(method, target, host)) == want
-    assert gw._url(_request(method, target, host)) == want  # (from the memory)
-    assert len(gw._urls) == 1
+    assert gw._url(_request(method, target, host)) == want  # (from the memory, or as text)
+    assert len(gw._urls) == (0 if plain_url("http", host, target) is not None else 1)
+
+
+_PLAIN = st.text(st.sampled_from("abcXYZ019-._~!$&'()*+,;=:@/?"), max_size=16)
+_HOST = st.one_of(st.sampled_from(["bench", "a.b", "x-y.z", "127.0.0.1", "1.2.3.4",
+                                   "127.000.0.1", "0x7f.1", "a..b", "-a", "a-", "B", ""]),
+                  st.tuples(st.sampled_from(["h", "127.0.0.1"]),
+                            st.sampled_from(["0", "1", "80", "080", "443", "8787", "65535",
+                                             "65536", "99999", "123456", ""])
+                            ).map(":".join))
+
+
+@settings(max_examples=examples(400), deadline=None)
+@given(scheme=st.sampled_from(["http", "https"]), path=_PLAIN, host=_HOST)
+@example(scheme="http", path="a?", host="h")
+@example(scheme="http", path="a/./b", host="h")
+@example(scheme="http", path="..", host="h")
+@example(scheme="http", path="/", host="h")
+@example(scheme="http", path="a", host="h:80")
+@example(scheme="https", path="a", host="h:443")
+def test_a_url_joined_as_text_is_aiohttps(scheme, path, host):
+    target = "/" + path
+    got = plain_url(scheme, host, target)
+    if got is None:
+        return
+    req = make_mocked_request("GET", target, headers=CIMultiDict({"Host": host}),
+                              sslcontext=object() if scheme == "https" else None)
+    assert got == str(req.url)
+
+
+def test_an_object_path_is_joined_as_text_and_an_unusual_one_is_not():
+    assert plain_url("http", "bench", "/COUNTER/room-1/inc?by=2") == \
+        "http://bench/COUNTER/room-1/inc?by=2"
+    assert plain_url("http", "127.0.0.1:8787", "/C/id/ab12/x") == "http://127.0.0.1:8787/C/id/ab12/x"
+    for host, target in [("h", "/a%2Fb"), ("h", "/a/../b"), ("h", "/a?"), ("h", "/a#f"),
+                         ("H", "/a"), ("h:80", "/a"), ("[::1]:8787", "/a"), ("h", "/é"),
+                         ("h", "*"), ("h", "http://h/a"), ("h", "//a")]:
+        assert plain_url("http", host, target) is None, (host, target)
 
 
 def test_requests_that_differ_in_host_or_target_get_their_own_url():
@@ -57,13 +96,14 @@ def test_requests_that_differ_in_host_or_target_get_their_own_url():
 def test_the_memory_stays_bounded(monkeypatch):
     monkeypatch.setattr(gateway, "_STUB_CACHE", 50)
     gw = _gateway()
-    for i in range(120):
-        assert gw._url(_request("GET", f"/C/o{i}/", "h")) == f"http://h/C/o{i}/"
+    for i in range(120):  # (escaped targets: remembered, not joined as text)
+        assert gw._url(_request("GET", f"/C/o%20{i}/", "h")) == f"http://h/C/o%20{i}/"
         assert len(gw._urls) <= 50
+    assert len(gw._urls) > 0
 
 
 def test_a_long_target_is_answered_but_not_kept():
     gw = _gateway()
-    target = "/C/" + "x" * (gateway._REMEMBERED_MAX + 1)
+    target = "/C/" + "%20" * (gateway._REMEMBERED_MAX // 3 + 1)
     assert gw._url(_request("GET", target, "h")) == "http://h" + target
     assert gw._urls == {}
