@@ -619,9 +619,18 @@ class Activation:
             reply(None, error)
 
     async def drain(self) -> None:
-        """Wait for every running call of this activation (shutdown)."""
+        """Wait for every running call of this activation (shutdown).
+
+        A task leaves ``_tasks`` in its done callback, which runs a loop turn after it ends.
+        So this waits for the tasks not yet done, then yields for those callbacks: on Python
+        3.12+ ``gather`` of tasks that are all done returns without yielding, and a loop that
+        only gathered them again spun forever."""
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            running = [t for t in self._tasks if not t.done()]
+            if running:
+                await asyncio.wait(running)
+            else:
+                await asyncio.sleep(0)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -73,6 +73,42 @@ async def test_eviction_keeps_storage_and_drops_the_instance(rt):
     assert await rt.evict_all() == 1
 
 
+async def test_a_drain_just_after_a_call_ended_lets_the_loop_turn(rt, monkeypatch):
+    """A call's task leaves its activation in a done callback, a loop turn after it ends. From
+    Python 3.12, ``gather`` of tasks that are all done returns without yielding, and ``drain``
+    gathered them again and again: a busy loop that hung this file on 3.13 (and would hang a
+    daemon's shutdown). Here ``gather`` is made eager as there (this suite runs on 3.11 too),
+    with a count that fails the test where the loop would spin."""
+    acct = rt.namespace("ACCOUNT").get_by_name("drained")
+    await acct.deposit(1)
+    act = rt._proc.catalog[("ACCOUNT", str(acct.id))]
+
+    async def ended() -> None:
+        return None
+
+    task = act._own(ended())
+    await asyncio.sleep(0)  # the task ran and ended in that turn; its done callback is next
+    assert task.done() and act._tasks == {task}
+
+    real, calls = asyncio.gather, 0
+
+    def eager_gather(*aws, return_exceptions=False):
+        nonlocal calls
+        calls += 1
+        assert calls < 100, "drain() spun: gather() of done tasks never let the loop turn"
+        if return_exceptions and all(isinstance(a, asyncio.Future) and a.done() for a in aws):
+            done = asyncio.get_running_loop().create_future()
+            done.set_result([a.exception() or a.result() for a in aws])
+            return done
+        return real(*aws, return_exceptions=return_exceptions)
+
+    monkeypatch.setattr(asyncio, "gather", eager_gather)
+    await act.drain()  # (directly: on 3.11, wait_for's own task would let the callback run first)
+    monkeypatch.setattr(asyncio, "gather", real)
+    assert not act._tasks and not act.busy
+    assert await acct.deposit(1) == 2  # the object still serves
+
+
 async def test_an_object_calling_another(rt):
     resp = await rt.fetch("http://x/GREETER/g1/")  # routed by path, as the gateway does
     assert await resp.text() == "hello, balance 1"
