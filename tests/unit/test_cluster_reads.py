@@ -235,6 +235,9 @@ def test_a_standing_watch_is_made_anew_even_when_making_it_is_slow():
             await bucket.put("slot/0", b'{"host": "b", "epoch": 1}')
             await own.resync()  # (while the first is being made: not a second one)
             assert await _until(lambda: own.rewatches == 1, 2.0), own.rewatches
+            # (the old watch's task takes its cancellation at its next step: a loop turn after
+            # the rewatch that cancelled it, which may be the turn this check ran in)
+            assert await _until(old.done, 1.0)
             assert bucket.watches == 2 and own._watch is not old and old.cancelled()
             entry = bucket.write("slot/0", b'{"host": "b", "epoch": 1}')
             await bucket.watch.queue.put(entry)  # the new watch delivers
