@@ -76,9 +76,9 @@ async def test_eviction_keeps_storage_and_drops_the_instance(rt):
 async def test_a_drain_just_after_a_call_ended_lets_the_loop_turn(rt, monkeypatch):
     """A call's task leaves its activation in a done callback, a loop turn after it ends. From
     Python 3.12, ``gather`` of tasks that are all done returns without yielding, and ``drain``
-    gathered them again and again: a busy loop that hung this file on 3.13 (and would hang a
-    daemon's shutdown). Here ``gather`` is made eager as there (this suite runs on 3.11 too),
-    with a count that fails the test where the loop would spin."""
+    gathered them again and again: a busy loop that hung this file on 3.13 (a daemon's
+    shutdown drains the same way). Here ``gather`` is made eager as there (this suite runs on
+    3.11 too), with a count that fails the test where the loop would spin."""
     acct = rt.namespace("ACCOUNT").get_by_name("drained")
     await acct.deposit(1)
     act = rt._proc.catalog[("ACCOUNT", str(acct.id))]
