@@ -8,8 +8,9 @@ Starts `durable serve`, writes one key into each of N objects (64 calls in
 flight), samples the RSS of every process and times `durable status` as it
 goes, then reports the peak RSS, the active objects at the peak and the
 memory per active and per evicted object (from the object processes' RSS
-against their active and evicted counts). Objects are reached by name (``id_from_name``,
-whose name is stored with each object), or with ``--unnamed`` by unique id.
+against their active and evicted counts), and each write's latency (p50, p99,
+p99.9, the longest). Objects are reached by name (``id_from_name``, whose name
+is stored with each object), or with ``--unnamed`` by unique id.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ from harness import machine_speed, serving  # noqa: E402
 import durable  # noqa: E402
 
 
+def pct(xs: list[float], q: float) -> float | None:
+    """The ``q`` quantile of ``xs`` (seconds), in ms."""
+    if not xs:
+        return None
+    ys = sorted(xs)
+    return round(ys[min(len(ys) - 1, int(q * len(ys)))] * 1000, 2)
+
+
 def rss_by_role(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for p in psutil.Process(pid).children(recursive=True):
@@ -47,7 +56,7 @@ def rss_by_role(pid: int) -> dict[str, int]:
 
 
 async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, samples: list,
-                    rpc: bool = False, unnamed: bool = False) -> float:
+                    latencies: list[float], rpc: bool = False, unnamed: bool = False) -> float:
     async with durable.connect(frontend, timeout=60) as c:
         ns = c.namespace("COUNTER")
         next_i = 0
@@ -60,12 +69,14 @@ async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, sample
                 next_i += 1
                 for _ in range(20):
                     try:
+                        t = time.perf_counter()
                         stub = ns.get(ns.new_unique_id() if unnamed
                                       else ns.id_from_name(f"obj-{i}"))
                         if rpc:
                             await stub.increment()
                         else:
                             await stub.fetch("http://do/inc", method="POST")
+                        latencies.append(time.perf_counter() - t)
                         break
                     except (durable.StubBrokenError, durable.OverloadedError):
                         await asyncio.sleep(0.05)
@@ -106,12 +117,13 @@ idle_timeout = {args.idle_timeout}
 class = "durable.examples.counter:Counter"
 """
     samples: list = []
+    latencies: list[float] = []  # (each acknowledged write's, seconds)
     speed = [machine_speed()]  # (again after the run: the VM's speed drifts)
     with serving(config) as d:
         time.sleep(1)
         base = rss_by_role(d.proc.pid)
         elapsed = asyncio.run(write_all(d.frontend, args.objects, d.proc.pid, d.config, samples,
-                                       args.rpc, args.unnamed))
+                                       latencies, args.rpc, args.unnamed))
         time.sleep(args.idle_timeout * 1.5 + 1)
         after = rss_by_role(d.proc.pid)
         status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
@@ -137,6 +149,9 @@ class = "durable.examples.counter:Counter"
         "active_after": sum(p.get("active_objects") or 0 for p in final["processes"]),
         "status_seconds_max": max((s["status_seconds"] for s in samples), default=None),
         "daemon_alive": alive,
+        # (a write waits for every object of its slot: an eviction scan, a long collection)
+        "write_ms": {"p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99),
+                     "p999": pct(latencies, 0.999), "max": pct(latencies, 1.0)},
         "python_10m_additions_s": [*speed, machine_speed()],
         # (the rate between samples: does it fall as the files and their indexes grow?)
         "rate_per_s_over_time": [

@@ -2,6 +2,9 @@
 
 import asyncio
 import signal
+import time
+
+import pytest
 
 import durable
 from durable.ring import Ring
@@ -35,6 +38,48 @@ async def test_idle_activations_are_evicted_and_reactivate_with_their_data(tmp_p
             assert evicted >= 20
             values = await asyncio.gather(*[s.fetch("http://do/inc", method="POST") for s in stubs])
             assert [await v.text() for v in values] == ["2"] * 20
+
+
+@pytest.mark.slow  # (~17 s: an idle_timeout of 12 s, then the scans)
+async def test_a_scan_that_stops_at_its_chunk_goes_on_at_the_next_tick_not_a_quarter_timeout_later(
+        tmp_path):
+    """A scan evicts at most 1,000 objects (a stall of every object of the slot otherwise: ~6 µs
+    an object); the rest of the idle ones go at the timer's next ticks. Each slot holds ~2,500
+    objects made within a second or two: scans a quarter timeout (3 s) apart need at least 6 s
+    from the first eviction to the last (three scans), ticks a tenth of a second apart at most
+    the time the objects took to make and one quarter timeout (the last objects made may go
+    idle just after a scan that found fewer than 1,000)."""
+    with running_cluster(tmp_path, slots=2, idle_timeout=12) as cluster:
+        async with durable.connect(cluster.frontend, timeout=20) as client:
+            await all_slots_up(client)
+            ns = client.namespace("COUNTER")
+            todo = iter(range(5000))
+            t0 = time.monotonic()
+
+            async def make() -> None:
+                for i in todo:
+                    await ns.get(ns.id_from_name(f"c{i}")).fetch("http://do/inc", method="POST")
+            await asyncio.gather(*[make() for _ in range(64)])
+            made = time.monotonic() - t0
+            seen: list[tuple[float, list[int]]] = []
+
+            async def all_evicted() -> bool:
+                stats = await client.statistics()
+                seen.append((time.monotonic(), [s["reported"].get("active", 0)
+                                                for s in stats["slots"]]))
+                return not any(seen[-1][1])
+            await async_wait_for(all_evicted, 30, "every object to be evicted", 0.05)
+            totals = [sum(n) for _, n in seen]
+            peak = max(totals)
+            at_peak = totals.index(peak)
+            first = next(t for (t, _), n in zip(seen[at_peak:], totals[at_peak:], strict=True)
+                         if n < peak)
+            took = seen[-1][0] - first
+            most = [max(n[i] for _, n in seen) for i in range(2)]
+            assert min(most) >= 2100, f"objects per slot: {most}"
+            assert made < 2.5, f"making the objects took {made:.1f} s"
+            assert took < 5.8, (f"{took:.1f} s from the first eviction to the last "
+                                f"(active over time: {totals[at_peak::5]})")
 
 
 def reads(stats):

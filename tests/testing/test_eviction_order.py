@@ -187,3 +187,21 @@ def test_eviction_in_placed_order_evicts_what_a_full_scan_would(ops):
         patch.setattr(activation.Activation.__init__, "__defaults__",
                       (fake.monotonic, *defaults[1:]))
         asyncio.run(run())
+
+
+async def test_a_scan_evicts_at_most_its_chunk_the_oldest_first_and_the_next_goes_on():
+    """Evicting a whole quarter-timeout's objects at once stalled the slot (~6 µs each: 214–281
+    ms at a 40-s timeout); a scan now stops at its chunk and the timer's next tick goes on."""
+    async with _runtime() as (rt, proc, ns):
+        for i in range(50):
+            await ns.get_by_name(f"o{i}").increment()
+        order = list(proc.catalog)
+        await asyncio.sleep(IDLE + 0.05)
+        assert len(_idle_by_rule(proc)) == 50
+        assert proc.evict_idle(chunk=20) == 20
+        assert list(proc.catalog) == order[20:]  # (the oldest twenty)
+        assert proc.evict_idle(chunk=20) == 20
+        assert proc.evict_idle(chunk=20) == 10
+        assert proc.evict_idle(chunk=20) == 0
+        assert not proc.catalog and proc.counters["evicted"] == 50
+        assert await ns.get_by_name("o7").increment() == 2  # (its state, from storage)
