@@ -586,7 +586,7 @@ class Activation:
             self._registry.released(self._sockets)  # the records stay while sockets are open
             self._sockets = None
         # Break the cycles (instance -> state -> activation -> instance) so that refcounting
-        # frees an evicted object at once: tune_gc() makes full collections rare, and a
+        # frees an evicted object at once: full collections are rare (objectproc/collector.py), and a
         # million evicted objects waiting for one grew an object process by hundreds of MiB.
         self.state._activation = None
         self.instance = None

@@ -23,6 +23,7 @@ import secrets
 import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,13 @@ from durable.transport import LoopSocket, has_input, pending_events, recv_frames
 
 from .activation import CURRENT, MAX_PENDING, Activation, Phase, refused
 from .alarms import AlarmCall, AlarmScheduler
+from .collector import Collector
 from .cpulimit import CpuWatch
 from .metrics import LOOP_LAG_BUCKETS, CallMetrics, GcPauses, Histogram
 from .peers import PeerServer
 from .query import MAX_SNAPSHOTS, NAME_PREFIX, QUERY_METHOD, QUERY_URL, Overlay, SnapshotStream
 from .query import list_objects as _list_objects
-from .storage import ObjectStorage, SlotStore, StorageLimits, tune_gc
+from .storage import ObjectStorage, SlotStore, StorageLimits
 from .storage.duck import NAME_KEY
 from .storage.log import ALARM_DELETE
 from .storage.slot import object_key
@@ -282,6 +284,7 @@ class ObjectProcess:
         self.sockets: Sockets | None = None  # WebSocket records and streams (hibernation)
         self.metrics = CallMetrics()
         self.gc_pauses = GcPauses()  # (installed while run() runs)
+        self.collector = Collector()
         #: how late the timer task ran, each tick: how long any call of the slot waits for
         #: the loop (a long turn, a collection, object code that blocks it, a starved CPU)
         self.loop_lag = Histogram(LOOP_LAG_BUCKETS)
@@ -327,7 +330,7 @@ class ObjectProcess:
                  self.store.replayed, self.store.recovery_seconds, self.store.stored_seconds)
         if self.replicator is None:  # (cluster mode: a commit waits on the network, never inline)
             self.store.commit_inline_when = self._quiet
-        tune_gc()
+        self.collector.start()
         self.gc_pauses.install()
         keys = {n: namespace_key(secret, n) for n in cfg.namespaces}
         self.ids = {n: IdFactory(n, k) for n, k in keys.items()}
@@ -1305,6 +1308,7 @@ class ObjectProcess:
                 # (a scan that stopped at its chunk goes on at the next tick)
                 more = self.evict_idle() >= EVICT_CHUNK
                 next_evict = time.monotonic() + (0 if more else self.config.idle_timeout / 4)
+            self.collector.tick()
 
     def _busy(self) -> None:
         """A call (or an alarm) on an idle slot: the timer ticks at TICK_BUSY again from now,
@@ -1348,8 +1352,15 @@ class ObjectProcess:
                 gone.append(k)
                 if len(gone) >= chunk:
                     break
+        # An instance still alive once evicted is in a reference cycle of its own, or held
+        # elsewhere: the collector's full collection comes sooner when many are (collector.py).
+        kept: list[weakref.ref[Any]] = []
         for k in gone:
-            self.catalog.pop(k).evict()
+            act = self.catalog.pop(k)
+            with contextlib.suppress(TypeError):  # (None, or a class without __weakref__)
+                kept.append(weakref.ref(act.instance))
+            act.evict()
+        self.collector.suspects += sum(r() is not None for r in kept)
         self.counters["evicted"] += len(gone)
         return len(gone)
 
@@ -1375,6 +1386,9 @@ class ObjectProcess:
                 "metrics": self.metrics.snapshot(), **self._storage(),
                 "fsync": self.store.log.fsync_seconds.snapshot() if self.store else None,
                 "gc_pauses": self.gc_pauses.snapshot(),
+                "gc": {"full_collections": self.collector.full_collections,
+                       "last_full_seconds": self.collector.last_full_seconds,
+                       "suspects": self.collector.suspects},
                 "loop_lag": self.loop_lag.snapshot(),
                 "inline_commits": self.store.inline_commits if self.store else 0,
                 **(self.store.statistics() if self.store else {}),

@@ -75,7 +75,7 @@ class GcPauses:
 
     A collection holds the GIL: every object of the slot waits for it, so a call can be slow
     for a reason none of the calls' own figures show. A full (generation 2) collection takes
-    longer the more objects are alive (docs/messaging.md, "The young generation's threshold").
+    longer the more objects are alive, and comes rarely (objectproc/collector.py).
     """
 
     __slots__ = ("by_generation", "_started", "_clock")

@@ -347,9 +347,9 @@ def apply_batches(directory: Path, rows: int, reps: int = 9) -> dict[str, float]
 
 
 def storage_suite(quick: bool) -> dict[str, Any]:
-    from durable.objectproc.storage import tune_gc
+    from durable.objectproc.collector import Collector
 
-    tune_gc()  # as the object process does at start
+    Collector().start()  # as the object process does at start (its ticks are not run here)
     big_rows = 100_000 if quick else 1_000_000
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:

@@ -72,6 +72,7 @@ def collect(config: Config, broker_stats: dict[str, Any] | None) -> dict[str, An
             p["active_objects"] = reported.get("active")
             p["queued_calls"] = s.get("queued")
             p["inflight_calls"] = s.get("inflight")
+            p["gc"] = reported.get("gc")  # (objectproc/collector.py: full collections, suspects)
             p["storage"] = {k: reported.get(k) for k in ("storage_full", "storage_full_why",
                                                           "wal_bytes", "log_bytes",
                                                           "checkpoints", "checkpoints_put_back",

@@ -8,7 +8,7 @@ model used by tests. See docs/storage.md for the design and its measurements.
 from .limits import DEFAULT_LIMITS, StorageLimits
 from .model import ModelStorage, ModelWorld
 from .object import ObjectStorage, Transaction
-from .slot import SlotStore, tune_gc
+from .slot import SlotStore
 
 __all__ = ["SlotStore", "ObjectStorage", "Transaction", "StorageLimits", "DEFAULT_LIMITS",
-           "ModelWorld", "ModelStorage", "tune_gc"]
+           "ModelWorld", "ModelStorage"]

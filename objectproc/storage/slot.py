@@ -43,7 +43,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import gc
 import logging
 import math
 import os
@@ -88,7 +87,7 @@ from .recovery import check_identity, replay_log
 
 log = logging.getLogger("durable.objectproc")
 
-__all__ = ["SlotStore", "tune_gc"]
+__all__ = ["SlotStore"]
 
 _NAMESPACE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _OBJECT_ID = re.compile(r"[A-Za-z0-9_\-]+\Z")
@@ -117,18 +116,6 @@ WARM_BATCH = 32
 #: batched read may hold before its objects are read one by one: 4 x 2 x 257 rows, about
 #: what DuckDB looks up in the index (and up to 64 MiB of 32-KiB values)
 _WARM_BATCH_OBJECTS = 4
-
-
-def tune_gc() -> None:
-    """Garbage-collector settings for a process that hosts a slot (call once, at start).
-
-    With the default gen-0 threshold (700) a slot under 100 concurrent writers
-    collects so often that GC pauses alone add ~3 ms to the p99 write wait
-    (measured in scripts/bench.py). Objects live long here (caches, overlay),
-    so: freeze what start-up made, and collect the young generation less often.
-    """
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
 
 
 class StoredObjects:

@@ -36,6 +36,7 @@ NAMESPACES = {
     "SLOW": "tests.integration.objects:Slow",
     "WSHOLDER": "tests.integration.objects:WsHolder",
     "BUSY": "tests.integration.objects:Busy",
+    "CYCLIC": "tests.integration.objects:Cyclic",
 }
 
 

@@ -626,6 +626,17 @@ class Pipeliner(DurableObject):
         return {} if peers is None else peers.statistics()
 
 
+class Cyclic(DurableObject):
+    """An instance that refers to itself: once evicted, only a full collection frees it."""
+
+    def __init__(self, state, env) -> None:  # noqa: ANN001
+        super().__init__(state, env)
+        self.me = self
+
+    async def touch(self) -> int:
+        return 1
+
+
 class Collector(DurableObject):
     """Runs a full collection of the garbage collector in its object process."""
 

@@ -82,6 +82,34 @@ async def test_a_scan_that_stops_at_its_chunk_goes_on_at_the_next_tick_not_a_qua
                                 f"(active over time: {totals[at_peak::5]})")
 
 
+async def test_evicted_instances_that_outlive_their_eviction_are_counted_for_the_collector(
+        tmp_path):
+    """An instance in a reference cycle of its own outlives its eviction (its process freezes
+    what survives a tick: objectproc/collector.py); the process counts such instances, and a
+    full collection comes sooner when there are many. Plain instances are not counted."""
+    with running_cluster(tmp_path, slots=2, idle_timeout=0.4) as cluster:
+        async with durable.connect(cluster.frontend, timeout=10) as client:
+            await all_slots_up(client)
+            for ns, n in (("COUNTER", 20), ("CYCLIC", 30)):
+                space = client.namespace(ns)
+                if ns == "COUNTER":
+                    await asyncio.gather(*[space.get_by_name(f"p{i}").fetch(
+                        "http://do/inc", method="POST") for i in range(n)])
+                else:
+                    await asyncio.gather(*[space.get_by_name(f"c{i}").touch() for i in range(n)])
+            seen = []
+
+            async def counted():
+                stats = await client.statistics()
+                seen.append(([s["reported"].get("evicted", 0) for s in stats["slots"]],
+                             [s["reported"].get("gc", {}) for s in stats["slots"]]))
+                return sum(seen[-1][0]) >= 50
+            await async_wait_for(counted, 10, "every object to be evicted", 0.1)
+            gcs = seen[-1][1]
+            assert sum(g["suspects"] for g in gcs) == 30, seen[-1]
+            assert all(g["full_collections"] == 0 for g in gcs), seen[-1]
+
+
 def reads(stats):
     """(DuckDB reads on the slots' loops, objects whose first read left the loop)."""
     r = [s["reported"].get("reads", {}) for s in stats["slots"]]

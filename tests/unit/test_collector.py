@@ -1,0 +1,134 @@
+"""The object process's collection policy (objectproc/collector.py), on this process's own
+collector: young garbage goes at a tick, survivors are frozen, and garbage among frozen objects
+goes at a full collection, which comes only when due and within its share of the time."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+from durable.objectproc import collector as collector_mod
+from durable.objectproc.collector import FULL_EVERY, FULL_GROWTH, FULL_SUSPECTS, Collector
+
+
+class _Node:
+    """A container the collector tracks; ``cycle()`` makes one that refers to itself."""
+
+    def __init__(self) -> None:
+        self.other: object = None
+
+    @classmethod
+    def cycle(cls) -> _Node:
+        n = cls()
+        n.other = n
+        return n
+
+
+class _World:
+    """A clock and a resident-memory figure the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.rss = 100 << 20
+
+    def clock(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world():
+    """A started collector on a fake clock; this process's collector is put back afterwards."""
+    thresholds = gc.get_threshold()
+    w = _World()
+    c = Collector(clock=w.clock, rss=lambda: w.rss)
+    c.start()
+    try:
+        yield w, c
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        gc.collect()
+
+
+def _frozen(obj: object) -> bool:
+    """Whether ``obj`` is in the permanent generation (``get_objects`` lists the others)."""
+    return gc.is_tracked(obj) and not any(o is obj for o in gc.get_objects())
+
+
+def test_a_tick_collects_young_cycles_and_freezes_what_survives(world):
+    w, c = world
+    dead = weakref.ref(_Node.cycle())
+    live = _Node.cycle()
+    assert dead() is not None and not _frozen(live)
+    c.tick()
+    assert dead() is None, "young cyclic garbage outlived a tick"
+    assert _frozen(live)
+    assert c.full_collections == 0
+
+
+def test_a_cycle_that_dies_once_frozen_waits_for_a_full_collection_and_goes_then(world):
+    w, c = world
+    live = _Node.cycle()
+    c.tick()  # (frozen)
+    ref = weakref.ref(live)
+    del live
+    w.now += 1
+    c.tick()
+    assert ref() is not None, "a tick traversed the frozen objects"
+    c.suspects = FULL_SUSPECTS  # (the object process counts evicted instances still alive)
+    w.now += 1
+    c.tick()
+    assert ref() is None
+    assert c.full_collections == 1 and c.suspects == 0
+    assert c.last_full_seconds is not None and c.last_full_seconds >= 0
+
+
+@pytest.mark.parametrize("why", ["suspects", "growth", "time"])
+def test_a_full_collection_comes_for_each_reason_and_not_before(world, why):
+    w, c = world
+    w.now += 1
+    c.tick()
+    assert c.full_collections == 0  # (none due)
+    if why == "suspects":
+        c.suspects = FULL_SUSPECTS - 1
+        w.now += 2
+        c.tick()
+        assert c.full_collections == 0
+        c.suspects += 1
+    elif why == "growth":
+        w.rss = int(w.rss * FULL_GROWTH) - 4096
+        w.now += 2
+        c.tick()
+        assert c.full_collections == 0
+        w.rss += 8192
+    else:
+        w.now += FULL_EVERY - 5
+        c.tick()
+        assert c.full_collections == 0
+        w.now += 5
+    w.now += 2  # (the resident memory is read once a second)
+    c.tick()
+    assert c.full_collections == 1
+
+
+def test_full_collections_keep_to_their_share_of_the_time(world, monkeypatch):
+    """After a full collection that paused for p, the next waits p / FULL_SHARE at least,
+    however many suspects; the time rule (FULL_EVERY) still applies after it."""
+    w, c = world
+    ticks = iter([0.0, 0.5])  # (the full collection's pause: half a second)
+    monkeypatch.setattr(collector_mod.time, "perf_counter", lambda: next(ticks))
+    c.suspects = FULL_SUSPECTS
+    w.now += 1
+    c.tick()
+    assert c.full_collections == 1 and c.last_full_seconds == 0.5
+    monkeypatch.undo()
+    wait = 0.5 / collector_mod.FULL_SHARE  # 50 s
+    c.suspects = FULL_SUSPECTS
+    w.now += wait - 1
+    c.tick()
+    assert c.full_collections == 1
+    w.now += 1
+    c.tick()
+    assert c.full_collections == 2
