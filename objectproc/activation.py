@@ -586,8 +586,9 @@ class Activation:
             self._registry.released(self._sockets)  # the records stay while sockets are open
             self._sockets = None
         # Break the cycles (instance -> state -> activation -> instance) so that refcounting
-        # frees an evicted object at once: full collections are rare (objectproc/collector.py), and a
-        # million evicted objects waiting for one grew an object process by hundreds of MiB.
+        # frees an evicted object at once: full collections are rare (objectproc/collector.py),
+        # and a million evicted objects waiting for one grew an object process by hundreds of
+        # MiB. (An instance that outlives this anyway is counted there: ObjectProcess.evict_idle.)
         self.state._activation = None
         self.instance = None
 
