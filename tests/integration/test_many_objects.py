@@ -23,3 +23,5 @@ def test_many_objects_are_evicted_and_status_stays_responsive(by):
     assert result["daemon_alive"] and result["active_after"] == 0, result
     assert all(0 < s < 60 for s in result["python_10m_additions_s"]), result
     assert result["status_seconds_max"] is None or result["status_seconds_max"] < 5
+    lat = result["write_ms"]  # (each acknowledged write's latency, its retries included)
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"], lat
