@@ -37,6 +37,7 @@ NAMESPACES = {
     "WSHOLDER": "tests.integration.objects:WsHolder",
     "BUSY": "tests.integration.objects:Busy",
     "CYCLIC": "tests.integration.objects:Cyclic",
+    "CHURN": "tests.integration.objects:Churn",
 }
 
 

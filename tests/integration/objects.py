@@ -5,6 +5,7 @@ import gc
 import os
 import signal
 import time
+import weakref
 from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -635,6 +636,38 @@ class Cyclic(DurableObject):
 
     async def touch(self) -> int:
         return 1
+
+
+class _Cycle:
+    """A reference cycle (it holds itself) with a block of memory: reference counting never
+    frees it; only the collector does."""
+
+    __slots__ = ("me", "block", "__weakref__")
+
+    def __init__(self, size: int) -> None:
+        self.me = self
+        self.block = bytearray(size)
+
+
+class Churn(DurableObject):
+    """Each call makes a reference cycle of ``mib`` MiB and keeps it until the next call:
+    garbage that survived at least one tick of its process's collector, so frozen
+    (objectproc/collector.py). ``dropped()`` says how many of those it let go are still
+    alive, and how many it let go."""
+
+    def __init__(self, state, env) -> None:  # noqa: ANN001
+        super().__init__(state, env)
+        self.held: _Cycle | None = None
+        self.let_go: list = []  # weak references to the cycles it dropped
+
+    async def churn(self, mib: int = 8) -> int:
+        if self.held is not None:
+            self.let_go.append(weakref.ref(self.held))
+        self.held = _Cycle(mib << 20)
+        return len(self.let_go)
+
+    async def dropped(self) -> list[int]:
+        return [sum(r() is not None for r in self.let_go), len(self.let_go)]
 
 
 class Collector(DurableObject):

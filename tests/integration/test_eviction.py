@@ -4,6 +4,7 @@ import asyncio
 import signal
 import time
 
+import psutil
 import pytest
 
 import durable
@@ -108,6 +109,34 @@ async def test_evicted_instances_that_outlive_their_eviction_are_counted_for_the
             gcs = seen[-1][1]
             assert sum(g["suspects"] for g in gcs) == 30, seen[-1]
             assert all(g["full_collections"] == 0 for g in gcs), seen[-1]
+
+
+@pytest.mark.slow
+async def test_cycles_that_die_after_they_were_frozen_are_freed_when_the_process_has_grown(
+        tmp_path):
+    """Garbage in reference cycles that outlived a tick of the collector is frozen, and only
+    a full collection frees it: one comes when the process's memory has doubled
+    (objectproc/collector.py), so such garbage cannot grow an object process without bound.
+    Each call here drops 16 MiB held since the call before (a tick between them)."""
+    with running_cluster(tmp_path, slots=2) as cluster:
+        async with durable.connect(cluster.frontend, timeout=10) as client:
+            await all_slots_up(client)
+            stub = client.namespace("CHURN").get_by_name("churn")
+            owner = Ring(2).slot_for(str(stub.id))
+            process = psutil.Process(cluster.workers[owner].pid)
+            rss: list[int] = []
+            for _ in range(40):
+                await stub.churn(16)
+                await asyncio.sleep(0.2)  # (the slot's timer ticks 0.1 s after a call)
+                rss.append(process.memory_info().rss >> 20)
+            slot = (await client.statistics())["slots"][owner]["reported"]
+            alive, dropped = await stub.dropped()
+            assert dropped == 39
+            # Without a full collection all 39 (624 MiB) would still be alive.
+            assert alive <= 30, (f"{alive} of {dropped} dropped cycles alive (collector: "
+                                 f"{slot['gc']}); the object process's RSS over the calls "
+                                 f"(MiB): {rss}")
+            assert slot["gc"]["full_collections"] >= 1, slot["gc"]
 
 
 def reads(stats):
