@@ -1731,6 +1731,29 @@ class = "durable.examples.counter:Counter"
     return out
 
 
+#: a round starts once every server's processes together used less than this many cores over
+#: a window (``_settle``)
+QUIET_CORES = 0.05
+
+
+def _settle(pids: list[int], window: float, limit: float) -> float | None:
+    """Wait until these processes and their children together use under ``QUIET_CORES`` over
+    ``window`` seconds, for at most ``limit``; return the seconds waited, or None if they
+    never did. Why: workerd goes on working for ~10 s after a round (0.1–0.24 of a core on
+    this VM, measured), and a round of the other server that starts meanwhile measured it
+    too (the no-op's p99 with 64 connections 12–15 ms for ~10 s, then 8 ms again)."""
+    started = time.monotonic()
+    while True:
+        before, t0 = _cpu_seconds(pids), time.monotonic()
+        time.sleep(window)
+        used = (_cpu_seconds(pids) - before) / (time.monotonic() - t0)
+        waited = time.monotonic() - started
+        if used < QUIET_CORES:
+            return round(waited, 1)
+        if waited >= limit:
+            return None
+
+
 def _vs_round(port: int, pids: list[int], quick: bool, tag: str) -> dict[str, Any]:
     """One round of #18's table against one server (the load generator is its own process)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -1830,12 +1853,21 @@ class = "durable.examples.counter:Counter"
             _make_wide(d.port, quick)
         if w is not None:
             _make_wide(w[0], quick)
+        every = [d.proc.pid for d in ds] + (list(w[1]) if w is not None else [])
+        settled: dict[str, list[float | None]] = {n: [] for n in runs}
+        window, limit = (0.3, 5.0) if quick else (1.0, 30.0)
         for i in range(rounds):
             for name, d in zip(names, ds, strict=True):
+                settled[name].append(_settle(every, window, limit))
                 runs[name].append(_vs_round(d.port, [d.proc.pid], quick, f"{name}{i}"))
             if w is not None:
+                settled["workerd"].append(_settle(every, window, limit))
                 runs["workerd"].append(_vs_round(w[0], w[1], quick, f"w{i}"))
-    out: dict[str, Any] = {"fronts": dict(zip(names, fronts, strict=True))}
+    out: dict[str, Any] = {"fronts": dict(zip(names, fronts, strict=True)),
+                           # (seconds each round waited for the machine to be quiet; None:
+                           # it never was, within the limit, and the round ran anyway)
+                           "settled_s": {n: v for n, v in settled.items() if v},
+                           "quiet_cores": QUIET_CORES}
     out.update({k: median_of(v) for k, v in runs.items() if v})
     for name in [*names, "workerd"]:  # each server's new objects against its own counter
         m = out.get(name)
