@@ -1,4 +1,5 @@
-"""bench.py vs-workerd's ratios by round: pure arithmetic on recorded rounds."""
+"""bench.py vs-workerd's ratios by round (pure arithmetic on recorded rounds), and its wait for a
+quiet machine before each round (on a fake clock and CPU)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench  # noqa: E402
 from bench import ratios_by_round  # noqa: E402
 
 
@@ -36,3 +38,53 @@ def test_a_recorded_run_whose_ratio_of_medians_hid_its_rounds():
     assert by_round["noop_64_per_s"] == 1.35
     assert run["durable_over_workerd"]["server_cpu_per_noop_ms"] == 0.93
     assert by_round["server_cpu_per_noop_ms"] == 1.07
+
+
+class FakeMachine:
+    """CPU seconds used so far by the servers, growing at ``rates[i]`` cores in window ``i``
+    (the last rate from then on), on a clock that only ``sleep`` moves."""
+
+    def __init__(self, rates: list[float]) -> None:
+        self.rates, self.now, self.cpu, self.windows = rates, 0.0, 0.0, 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.cpu += self.rates[min(self.windows, len(self.rates) - 1)] * seconds
+        self.now += seconds
+        self.windows += 1
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    def make(rates: list[float]) -> FakeMachine:
+        m = FakeMachine(rates)
+        monkeypatch.setattr(bench.time, "monotonic", m.monotonic)
+        monkeypatch.setattr(bench.time, "sleep", m.sleep)
+        monkeypatch.setattr(bench, "_cpu_seconds", lambda pids: m.cpu)
+        return m
+    return make
+
+
+def test_a_round_waits_until_the_servers_are_quiet(machine):
+    """workerd's ~10 s of work after a round (0.1-0.24 of a core): the next round waits."""
+    m = machine([0.24, 0.18, 0.1, 0.02])
+    assert bench._settle([1], window=1.0, limit=30.0) == 4.0
+    assert m.windows == 4
+
+
+def test_a_quiet_machine_costs_one_window(machine):
+    machine([0.0])
+    assert bench._settle([1], window=1.0, limit=30.0) == 1.0
+
+
+def test_a_machine_never_quiet_gives_up_at_the_limit_and_says_so(machine):
+    m = machine([0.5])
+    assert bench._settle([1], window=1.0, limit=5.0) is None
+    assert m.now == 5.0
+
+
+def test_the_threshold_is_below_not_at(machine):
+    machine([bench.QUIET_CORES, 0.0])
+    assert bench._settle([1], window=1.0, limit=30.0) == 2.0
