@@ -25,3 +25,34 @@ def test_many_objects_are_evicted_and_status_stays_responsive(by):
     assert result["status_seconds_max"] is None or result["status_seconds_max"] < 5
     lat = result["write_ms"]  # (each acknowledged write's latency, its retries included)
     assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"], lat
+    assert result["failed_writes"] == 0 and result["writes_per_s"] > 0, result
+    longest = result["longest_write"]
+    assert longest["seconds"] * 1000 == pytest.approx(lat["max"], abs=1), (longest, lat)
+    assert longest["attempts"] >= 1 and 0 < longest["ended_at_s"] <= result["seconds"] + 1
+    assert all(n > 0 for n in result["retries"].values()), result["retries"]
+
+
+def test_a_write_that_fails_every_attempt_is_counted_and_fails_the_run(monkeypatch, capsys):
+    """An overloaded slot that never takes one write: its retries are counted, the write is
+    not in the rate, and the run's exit status says so (it used to be counted as written)."""
+    import importlib.util
+
+    import durable
+
+    spec = importlib.util.spec_from_file_location("many_objects", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "ATTEMPTS", 3)
+    real = durable.Stub.fetch
+
+    async def fetch(self, *a, **kw):
+        if self.id.name == "obj-7":
+            raise durable.OverloadedError("the test's slot takes nothing for obj-7")
+        return await real(self, *a, **kw)
+
+    monkeypatch.setattr(durable.Stub, "fetch", fetch)
+    assert script.main(["--objects", "200", "--idle-timeout", "1", "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["failed_writes"] == 1, result
+    assert result["retries"] == {"OverloadedError": 3}, result
+    assert result["daemon_alive"], result
