@@ -83,6 +83,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1736,18 +1737,21 @@ class = "durable.examples.counter:Counter"
 QUIET_CORES = 0.05
 
 
-def _settle(pids: list[int], window: float, limit: float) -> float | None:
+def _settle(pids: list[int], window: float, limit: float, *,
+            clock: Callable[[], float] = time.monotonic,
+            sleep: Callable[[float], None] = time.sleep,
+            cpu: Callable[[list[int]], float] = _cpu_seconds) -> float | None:
     """Wait until these processes and their children together use under ``QUIET_CORES`` over
     ``window`` seconds, for at most ``limit``; return the seconds waited, or None if they
     never did. Why: workerd goes on working for ~10 s after a round (0.1–0.24 of a core on
     this VM, measured), and a round of the other server that starts meanwhile measured it
     too (the no-op's p99 with 64 connections 12–15 ms for ~10 s, then 8 ms again)."""
-    started = time.monotonic()
+    started = clock()
     while True:
-        before, t0 = _cpu_seconds(pids), time.monotonic()
-        time.sleep(window)
-        used = (_cpu_seconds(pids) - before) / (time.monotonic() - t0)
-        waited = time.monotonic() - started
+        before, t0 = cpu(pids), clock()
+        sleep(window)
+        used = (cpu(pids) - before) / (clock() - t0)
+        waited = clock() - started
         if used < QUIET_CORES:
             return round(waited, 1)
         if waited >= limit:

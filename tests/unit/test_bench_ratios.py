@@ -55,36 +55,27 @@ class FakeMachine:
         self.now += seconds
         self.windows += 1
 
-
-@pytest.fixture
-def machine(monkeypatch):
-    def make(rates: list[float]) -> FakeMachine:
-        m = FakeMachine(rates)
-        monkeypatch.setattr(bench.time, "monotonic", m.monotonic)
-        monkeypatch.setattr(bench.time, "sleep", m.sleep)
-        monkeypatch.setattr(bench, "_cpu_seconds", lambda pids: m.cpu)
-        return m
-    return make
+    def settle(self, limit: float = 30.0) -> float | None:
+        return bench._settle([1], window=1.0, limit=limit, clock=self.monotonic,
+                             sleep=self.sleep, cpu=lambda pids: self.cpu)
 
 
-def test_a_round_waits_until_the_servers_are_quiet(machine):
+def test_a_round_waits_until_the_servers_are_quiet():
     """workerd's ~10 s of work after a round (0.1-0.24 of a core): the next round waits."""
-    m = machine([0.24, 0.18, 0.1, 0.02])
-    assert bench._settle([1], window=1.0, limit=30.0) == 4.0
+    m = FakeMachine([0.24, 0.18, 0.1, 0.02])
+    assert m.settle() == 4.0
     assert m.windows == 4
 
 
-def test_a_quiet_machine_costs_one_window(machine):
-    machine([0.0])
-    assert bench._settle([1], window=1.0, limit=30.0) == 1.0
+def test_a_quiet_machine_costs_one_window():
+    assert FakeMachine([0.0]).settle() == 1.0
 
 
-def test_a_machine_never_quiet_gives_up_at_the_limit_and_says_so(machine):
-    m = machine([0.5])
-    assert bench._settle([1], window=1.0, limit=5.0) is None
+def test_a_machine_never_quiet_gives_up_at_the_limit_and_says_so():
+    m = FakeMachine([0.5])
+    assert m.settle(limit=5.0) is None
     assert m.now == 5.0
 
 
-def test_the_threshold_is_below_not_at(machine):
-    machine([bench.QUIET_CORES, 0.0])
-    assert bench._settle([1], window=1.0, limit=30.0) == 2.0
+def test_the_threshold_is_below_not_at():
+    assert FakeMachine([bench.QUIET_CORES, 0.0]).settle() == 2.0
