@@ -28,6 +28,8 @@ import os
 import time
 from collections.abc import Callable
 
+import psutil
+
 __all__ = ["Collector", "FULL_EVERY", "FULL_GROWTH", "FULL_SHARE", "FULL_SUSPECTS", "THRESHOLDS",
            "rss_bytes"]
 
@@ -47,15 +49,18 @@ FULL_SHARE = 0.01
 #: how often the resident memory is read (seconds)
 RSS_EVERY = 1.0
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_SELF: psutil.Process | None = None
 
 
 def rss_bytes() -> int | None:
-    """This process's resident memory (Linux: /proc/self/statm), or None where unknown."""
+    """This process's resident memory (psutil, as the supervisor reads it), or None where
+    it cannot be read."""
+    global _SELF
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
+        if _SELF is None or _SELF.pid != os.getpid():  # (a forked child reads its own)
+            _SELF = psutil.Process()
+        return int(_SELF.memory_info().rss)
+    except (psutil.Error, OSError):
         return None
 
 
