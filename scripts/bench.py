@@ -10,6 +10,7 @@
     python scripts/bench.py testing [--quick] [--repeat N]
     python scripts/bench.py metrics [--quick] [--repeat N]
     python scripts/bench.py idle [--quick] [--repeat N] [--workerd PATH]
+    python scripts/bench.py evict-tail [--quick] [--repeat N] [--cycles 4]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
@@ -64,6 +65,11 @@ their ratios.
 lets it settle 10 s and then measures 30 s of nothing: the CPU (% of one core) and the wake-ups
 a second (voluntary context switches of every thread) of each process role; with
 ``--workerd PATH``, the same of workerd.
+
+``evict-tail`` runs ``durable serve`` (2 slots, ``idle_timeout`` 20 s) and, each of
+``--cycles`` times, makes new objects for 5 s, then times the no-op with 64 connections over
+100 other objects twice: while nothing is due for eviction, and as the new ones go idle. The
+figure is each cycle's difference of the two p99s (what eviction adds to other calls' tail).
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -1712,6 +1718,64 @@ def _growth_by_role(before: dict[tuple[Any, ...], float], after: dict[tuple[Any,
     return {**out, "total": round(sum(out.values()), digits)}
 
 
+def _active_objects(root: Path) -> int:
+    """Live objects over every object process (``durable status --json``)."""
+    out = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
+                          "--config", str(root / "durable.toml")],
+                         capture_output=True, check=True, timeout=60)
+    return sum(p.get("active_objects") or 0 for p in orjson.loads(out.stdout)["processes"])
+
+
+def evict_tail_suite(quick: bool, cycles: int) -> dict[str, Any]:
+    """Whether evicting many objects lifts the p99 of other objects' calls: each cycle makes
+    new objects for a while (64 connections), then runs the no-op with 64 connections over
+    100 other objects twice, while none is due for eviction and as the new ones go idle
+    (each window a quarter ``idle_timeout`` and a second long, so that it holds a scan).
+    The difference of the two p99s within a cycle is the figure: the machine's drift moves
+    both (docs/messaging.md, "Eviction in steps"). Each window's ``evicted`` is net of the
+    objects activated meanwhile."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from harness import serving
+    idle, making = (2.0, 0.5) if quick else (20.0, 5.0)
+    window = idle / 4 + 1.0
+    config = f"""
+data_dir = "{{data}}"
+slots = 2
+idle_timeout = {idle}
+[http]
+listen = "127.0.0.1:{{port}}"
+[namespaces.NOOP]
+class = "bench_objects:Noop"
+[namespaces.COUNTER]
+class = "durable.examples.counter:Counter"
+"""
+    rows = []
+    with serving(config) as d, ProcessPoolExecutor(1) as pool:
+        def load(*a: Any) -> dict[str, Any]:
+            return pool.submit(_http_load, "127.0.0.1", d.port, *a).result()
+        load("NOOP", "/", "GET", 64, 100, 0.5, None)  # warm-up
+        for c in range(cycles):
+            t0 = time.monotonic()
+            made = load("COUNTER", "/inc", "POST", 64, 400_000, making, None, f"e{c}")["requests"]
+            time.sleep(max(0.0, t0 + making + 0.5 - time.monotonic()))
+            before = _active_objects(d.root)
+            quiet = load("NOOP", "/", "GET", 64, 100, window, None)
+            middle = _active_objects(d.root)
+            time.sleep(max(0.0, t0 + idle + 0.3 - time.monotonic()))
+            busy = load("NOOP", "/", "GET", 64, 100, window, None)
+            after = _active_objects(d.root)
+            rows.append({"objects_made": made, "quiet_p99_ms": quiet["p99_ms"],
+                         "quiet_per_s": quiet["per_s"], "quiet_evicted": before - middle,
+                         "evicting_p99_ms": busy["p99_ms"], "evicting_per_s": busy["per_s"],
+                         "evicted": middle - after,
+                         "p99_difference_ms": round(busy["p99_ms"] - quiet["p99_ms"], 3)})
+            time.sleep(max(0.0, t0 + idle + making + window + 2.0 - time.monotonic()))
+    return {"idle_timeout_s": idle, "window_s": window, "cycles": rows,
+            "p99_difference_ms": round(statistics.median(r["p99_difference_ms"] for r in rows), 3),
+            "evicted": round(statistics.median(r["evicted"] for r in rows))}
+
+
 def idle_suite(quick: bool, workerd: str | None) -> dict[str, Any]:
     """What a daemon costs while nobody calls it (it runs for years as a service)."""
     from harness import serving
@@ -2058,10 +2122,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
                                      "testing", "metrics", "query", "cold", "vs-workerd",
-                                     "cluster", "idle"])
+                                     "cluster", "idle", "evict-tail"])
     p.add_argument("--workerd", help="vs-workerd, idle: the workerd binary (npm install "
                    "workerd@1.20261117.1); without it, only durable's half runs")
     p.add_argument("--rounds", type=int, default=3, help="vs-workerd: alternating rounds")
+    p.add_argument("--cycles", type=int, default=4, help="evict-tail: cycles")
     p.add_argument("--front", default="slots",
                    help='vs-workerd: [http] front values to measure, comma-separated (e.g. '
                         '"slots,gateways"; "slots:broker": slots with [broker] peer_calls = '
@@ -2115,6 +2180,9 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeat)]
     elif args.suite == "idle":
         runs = [idle_suite(args.quick, args.workerd) for _ in range(args.repeat)]
+    elif args.suite == "evict-tail":
+        runs = [evict_tail_suite(args.quick, 1 if args.quick else args.cycles)
+                for _ in range(args.repeat)]
     elif args.suite == "vs-workerd":
         fronts = tuple(f.strip() for f in args.front.split(",") if f.strip())
         runs = [vs_workerd_suite(args.quick, args.workerd, args.rounds, fronts)

@@ -139,3 +139,16 @@ def test_idle_bench_quick_reports_every_role():
         assert m[figure]["total"] == pytest.approx(
             sum(v for k, v in m[figure].items() if k != "total"), abs=0.01)
     assert m["wakeups_per_s"]["objectproc"] > 0  # (its heartbeats, at the least)
+
+
+def test_evict_tail_bench_quick_evicts_in_its_window_and_reports_the_difference():
+    out = subprocess.run([sys.executable, str(BENCH), "evict-tail", "--quick"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]
+    (cycle,) = m["cycles"]
+    assert cycle["objects_made"] > 100
+    assert cycle["evicted"] > cycle["objects_made"] / 2, cycle  # (the new ones, in the window)
+    assert cycle["quiet_p99_ms"] > 0 and cycle["evicting_p99_ms"] > 0
+    assert m["p99_difference_ms"] == pytest.approx(
+        cycle["evicting_p99_ms"] - cycle["quiet_p99_ms"], abs=0.002)
