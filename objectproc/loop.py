@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
 import math
 import os
@@ -121,11 +122,13 @@ MAX_PIN_SECONDS = 3600.0
 TICK_BUSY = 0.1
 TICK_IDLE = 0.5
 IDLE_AFTER = 1.0
-#: objects one eviction scan evicts at most (~6 ms of the loop); a scan that stops there goes
-#: on at the next tick (ten a second while busy): up to 10,000 evictions a second, without the
-#: stalls of evicting a quarter of an idle_timeout's new objects at once (30–54 ms at a 5-s
-#: timeout, 214–281 ms at 40 s)
-EVICT_CHUNK = 1_000
+#: objects one step of an eviction scan evicts at most (~0.6 ms of the loop, ~6 µs an object);
+#: a scan that stops there goes on at the loop's next turn, after the calls that came meanwhile
+#: (``_evict_step``). Evicting a quarter of an idle_timeout's new objects at once stalled every
+#: object of the slot (30–54 ms at a 5-s timeout, 214–281 ms at 40 s); chunks of 1,000 a timer
+#: tick still stalled it ~6 ms ten times a second, which lifted the p99 of other objects' calls
+#: (docs/messaging.md, "Eviction in steps")
+EVICT_CHUNK = 100
 
 
 def name_key(namespace: str, object_id: str) -> bytes:
@@ -293,6 +296,9 @@ class ObjectProcess:
         #: whether the slot is idle (no call for IDLE_AFTER s: it ticks at TICK_IDLE)
         self._tick_due = math.inf
         self._tick_handle: asyncio.TimerHandle | None = None
+        #: the next step of an eviction scan that stopped at its chunk (``_evict_step``)
+        self._evict_handle: asyncio.Handle | None = None
+        self._evict_kept = 0  # (the entries its last step read and kept: ``evict_idle``)
         self._tick_wake: asyncio.Future[None] | None = None
         self._idle = False
         self._storage_figures: dict[str, Any] = {}  # bytes and keys, refreshed every minute
@@ -1305,10 +1311,9 @@ class ObjectProcess:
                 self.links.tick(False)
             if self._lease is not None:
                 self._check_lease()
-            if time.monotonic() >= next_evict:
-                # (a scan that stopped at its chunk goes on at the next tick)
-                more = self.evict_idle() >= EVICT_CHUNK
-                next_evict = time.monotonic() + (0 if more else self.config.idle_timeout / 4)
+            if time.monotonic() >= next_evict and self._evict_handle is None:
+                self._evict_step()  # (its later steps at the loop's next turns)
+                next_evict = time.monotonic() + self.config.idle_timeout / 4
             self.collector.tick()
 
     def _busy(self) -> None:
@@ -1327,7 +1332,20 @@ class ObjectProcess:
             self._tick_due = due
             self._tick_handle = loop.call_at(due, _wake_up, wake)
 
-    def evict_idle(self, chunk: int = EVICT_CHUNK) -> int:
+    def _evict_step(self) -> None:
+        """One step of an eviction scan; a step that stopped at its chunk has the next one run
+        at the loop's next turn (``call_soon``: after the I/O and calls ready by then), so a
+        scan of thousands of idle objects holds the loop ~0.6 ms at a time, not for all of
+        them, and still keeps up with any rate of new objects (a chunk a turn)."""
+        going_on, self._evict_handle = self._evict_handle is not None, None
+        if self._stopping.is_set():
+            return
+        # (a later step starts past the entries the earlier ones kept: objects that cannot go
+        # yet, e.g. with a call or a WebSocket open, are read once a scan, not once a step)
+        if self.evict_idle(skip=self._evict_kept if going_on else 0) >= EVICT_CHUNK:
+            self._evict_handle = asyncio.get_running_loop().call_soon(self._evict_step)
+
+    def evict_idle(self, chunk: int = EVICT_CHUNK, skip: int = 0) -> int:
         """Evict idle objects; one whose own tasks still run gets ``wait_until_limit`` first.
 
         The catalog is in order of ``placed``, which no entry's ``last_used`` precedes (an
@@ -1338,21 +1356,28 @@ class ObjectProcess:
         the four scans per timeout cost ~5 µs of the loop per new object (py-spy; the entries
         are out of the CPU's caches).
 
-        A scan evicts at most ``chunk`` objects, the oldest first (the timer goes on at its next
-        tick): evicting costs ~6 µs an object, and a slot taking 4,000 new objects a second
-        evicted a quarter of an ``idle_timeout``'s worth at once, a stall of every object of the
-        slot (214–281 ms at a 40-s timeout, measured; docs/messaging.md).
+        A scan evicts at most ``chunk`` objects, the oldest first (``_evict_step`` goes on at
+        the loop's next turn): evicting costs ~6 µs an object, and a slot taking 4,000 new
+        objects a second evicted a quarter of an ``idle_timeout``'s worth at once, a stall of
+        every object of the slot (214–281 ms at a 40-s timeout, measured; docs/messaging.md).
+        It starts past the first ``skip`` entries (those an earlier step of the scan kept;
+        should some of them have left the catalog's front since, the entries that took their
+        places wait for the next scan) and leaves in ``_evict_kept`` how many it has kept.
         """
         idle, limit = self.config.idle_timeout, self.config.wait_until_limit
         cutoff = time.monotonic() - idle
         gone = []
-        for k, a in self.catalog.items():
+        held = skip
+        for k, a in itertools.islice(self.catalog.items(), skip, None):
             if a.placed > cutoff:
                 break
             if a.last_used <= cutoff and a.evictable(idle) and a.retire(limit):
                 gone.append(k)
                 if len(gone) >= chunk:
                     break
+            else:
+                held += 1
+        self._evict_kept = held
         # An instance still alive once evicted is in a reference cycle of its own, or held
         # elsewhere: the collector's full collection comes sooner when many are (collector.py).
         kept: list[weakref.ref[Any]] = []
