@@ -1796,27 +1796,31 @@ class = "durable.examples.counter:Counter"
     return out
 
 
-#: a round starts once every server's processes together used less than this many cores over
-#: a window (``_settle``)
+#: a round starts once every server's processes together used less than this many cores in
+#: each of ``QUIET_WINDOWS`` windows in a row (``_settle``)
 QUIET_CORES = 0.05
+QUIET_WINDOWS = 3
 
 
-def _settle(pids: list[int], window: float, limit: float, *,
+def _settle(pids: list[int], window: float, limit: float, *, quiet_windows: int = QUIET_WINDOWS,
             clock: Callable[[], float] = time.monotonic,
             sleep: Callable[[float], None] = time.sleep,
             cpu: Callable[[list[int]], float] = _cpu_seconds) -> float | None:
-    """Wait until these processes and their children together use under ``QUIET_CORES`` over
-    ``window`` seconds, for at most ``limit``; return the seconds waited, or None if they
-    never did. Why: workerd goes on working for ~10 s after a round (0.1–0.24 of a core on
-    this VM, measured), and a round of the other server that starts meanwhile measured it
-    too (the no-op's p99 with 64 connections 12–15 ms for ~10 s, then 8 ms again)."""
-    started = clock()
+    """Wait until these processes and their children together use under ``QUIET_CORES`` in
+    each of ``quiet_windows`` windows of ``window`` seconds in a row, for at most ``limit``;
+    return the seconds waited, or None if they never did. Why: workerd goes on working for
+    ~10 s after a round (0.1–0.24 of a core on this VM, measured), and a round of the other
+    server that starts meanwhile measured it too (the no-op's p99 with 64 connections 12–15
+    ms for ~10 s, then 8 ms again). Why in a row: that work starts ~1 s after the round
+    ends, and one quiet second, the first, ended the wait just before it (measured)."""
+    started, quiet = clock(), 0
     while True:
         before, t0 = cpu(pids), clock()
         sleep(window)
         used = (cpu(pids) - before) / (clock() - t0)
         waited = clock() - started
-        if used < QUIET_CORES:
+        quiet = quiet + 1 if used < QUIET_CORES else 0
+        if quiet >= quiet_windows:
             return round(waited, 1)
         if waited >= limit:
             return None
@@ -1923,19 +1927,19 @@ class = "durable.examples.counter:Counter"
             _make_wide(w[0], quick)
         every = [d.proc.pid for d in ds] + (list(w[1]) if w is not None else [])
         settled: dict[str, list[float | None]] = {n: [] for n in runs}
-        window, limit = (0.3, 5.0) if quick else (1.0, 30.0)
+        window, limit, quiet = (0.3, 5.0, 1) if quick else (1.0, 30.0, QUIET_WINDOWS)
         for i in range(rounds):
             for name, d in zip(names, ds, strict=True):
-                settled[name].append(_settle(every, window, limit))
+                settled[name].append(_settle(every, window, limit, quiet_windows=quiet))
                 runs[name].append(_vs_round(d.port, [d.proc.pid], quick, f"{name}{i}"))
             if w is not None:
-                settled["workerd"].append(_settle(every, window, limit))
+                settled["workerd"].append(_settle(every, window, limit, quiet_windows=quiet))
                 runs["workerd"].append(_vs_round(w[0], w[1], quick, f"w{i}"))
     out: dict[str, Any] = {"fronts": dict(zip(names, fronts, strict=True)),
                            # (seconds each round waited for the machine to be quiet; None:
                            # it never was, within the limit, and the round ran anyway)
                            "settled_s": {n: v for n, v in settled.items() if v},
-                           "quiet_cores": QUIET_CORES}
+                           "quiet_cores": QUIET_CORES, "quiet_windows": QUIET_WINDOWS}
     out.update({k: median_of(v) for k, v in runs.items() if v})
     for name in [*names, "workerd"]:  # each server's new objects against its own counter
         m = out.get(name)
