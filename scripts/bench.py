@@ -1939,7 +1939,7 @@ class = "durable.examples.counter:Counter"
                            # (seconds each round waited for the machine to be quiet; None:
                            # it never was, within the limit, and the round ran anyway)
                            "settled_s": {n: v for n, v in settled.items() if v},
-                           "quiet_cores": QUIET_CORES, "quiet_windows": QUIET_WINDOWS}
+                           "quiet_cores": QUIET_CORES, "quiet_windows": quiet}
     out.update({k: median_of(v) for k, v in runs.items() if v})
     for name in [*names, "workerd"]:  # each server's new objects against its own counter
         m = out.get(name)

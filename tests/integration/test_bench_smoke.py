@@ -107,6 +107,7 @@ def test_vs_workerd_bench_quick_runs_durables_half():
     assert {k: len(v) for k, v in median["settled_s"].items()} == {
         "durable": 1, "durable_gateways": 1, "durable_slots:broker": 1}, median["settled_s"]
     assert all(w is None or w > 0 for v in median["settled_s"].values() for w in v)
+    assert median["quiet_windows"] == 1  # (--quick: one window; three in a full run)
     # (the peer path: calls from object and gateway processes skip the broker, which may
     # then spend nothing)
     for name, roles in (("durable", ("objectproc",)),
