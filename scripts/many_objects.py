@@ -52,6 +52,10 @@ def rss_by_role(pid: int) -> dict[str, int]:
     return out
 
 
+#: tries of one write, 50 ms apart, on a broken stub or an overloaded slot
+ATTEMPTS = 20
+
+
 async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, samples: list,
                     latencies: list[float], rpc: bool = False, unnamed: bool = False,
                     trouble: dict[str, Any] | None = None) -> float:
@@ -107,10 +111,6 @@ async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, sample
 
         await asyncio.gather(sampler(), *[worker() for _ in range(64)])
         return time.monotonic() - t0
-
-
-#: tries of one write, 50 ms apart, on a broken stub or an overloaded slot
-ATTEMPTS = 20
 
 
 def main(argv: list[str] | None = None) -> int:
