@@ -8,7 +8,9 @@ Starts `durable serve`, writes one key into each of N objects (64 calls in
 flight), samples the RSS of every process and times `durable status` as it
 goes, then reports the peak RSS, the active objects at the peak and the
 memory per active and per evicted object (from the object processes' RSS
-against their active and evicted counts), and each write's latency (p50, p99,
+against their active and evicted counts), the slots' files on disk once the
+objects are evicted (DuckDB's files, their WALs, the commit logs; in all and
+per object), and each write's latency (p50, p99,
 p99.9, the longest). Objects are reached by name (``id_from_name``, whose name
 is stored with each object), or with ``--unnamed`` by unique id. A write is tried
 again on a broken stub or an overloaded slot (``retries``, by error; the longest
@@ -49,6 +51,19 @@ def rss_by_role(pid: int) -> dict[str, int]:
             out[role] = out.get(role, 0) + p.memory_info().rss
         except psutil.Error:
             pass
+    return out
+
+
+def disk_use(data: Path) -> dict[str, int]:
+    """The slots' files on disk, by kind: DuckDB's main files (with the blocks a checkpoint
+    freed for reuse), their WALs, and the commit logs' segments."""
+    out = {"duckdb": 0, "duckdb_wal": 0, "commit_log": 0}
+    for f in data.glob("slot-*.duckdb"):
+        out["duckdb"] += f.stat().st_size
+    for f in data.glob("slot-*.duckdb.wal"):
+        out["duckdb_wal"] += f.stat().st_size
+    for f in data.glob("slot-*.log/*.seg"):
+        out["commit_log"] += f.stat().st_size
     return out
 
 
@@ -141,6 +156,7 @@ class = "durable.examples.counter:Counter"
                                        latencies, args.rpc, args.unnamed, trouble))
         time.sleep(args.idle_timeout * 1.5 + 1)
         after = rss_by_role(d.proc.pid)
+        disk = disk_use(d.config.parent / "data")
         status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
                                  "--config", str(d.config)], capture_output=True, text=True, timeout=60)
         final = json.loads(status.stdout)
@@ -166,6 +182,9 @@ class = "durable.examples.counter:Counter"
         "active_after": sum(p.get("active_objects") or 0 for p in final["processes"]),
         "status_seconds_max": max((s["status_seconds"] for s in samples), default=None),
         "daemon_alive": alive,
+        # (after the wait for eviction; the WAL and the log shrink at the next checkpoint)
+        "disk_mib": {k: round(v / 2**20, 1) for k, v in disk.items()},
+        "disk_bytes_per_object": round(sum(disk.values()) / args.objects),
         # (a write waits for every object of its slot: an eviction scan, a long collection)
         "write_ms": {k: round(ms(pct(latencies, q)), 2) if latencies else None
                      for k, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))},

@@ -30,6 +30,10 @@ def test_many_objects_are_evicted_and_status_stays_responsive(by):
     assert longest["seconds"] * 1000 == pytest.approx(lat["max"], abs=1), (longest, lat)
     assert longest["attempts"] >= 1 and 0 < longest["ended_at_s"] <= result["seconds"] + 1
     assert all(n > 0 for n in result["retries"].values()), result["retries"]
+    disk = result["disk_mib"]  # (5,000 objects: DuckDB's main files hold them by now)
+    assert set(disk) == {"duckdb", "duckdb_wal", "commit_log"} and disk["duckdb"] > 0, disk
+    assert result["disk_bytes_per_object"] == pytest.approx(
+        sum(disk.values()) * 2**20 / 5000, rel=0.01, abs=30), result
 
 
 def test_a_write_that_fails_every_attempt_is_counted_and_fails_the_run(monkeypatch, capsys):
