@@ -1718,14 +1718,6 @@ def _growth_by_role(before: dict[tuple[Any, ...], float], after: dict[tuple[Any,
     return {**out, "total": round(sum(out.values()), digits)}
 
 
-def _active_objects(root: Path) -> int:
-    """Live objects over every object process (``durable status --json``)."""
-    out = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
-                          "--config", str(root / "durable.toml")],
-                         capture_output=True, check=True, timeout=60)
-    return sum(p.get("active_objects") or 0 for p in orjson.loads(out.stdout)["processes"])
-
-
 def evict_tail_suite(quick: bool, cycles: int) -> dict[str, Any]:
     """Whether evicting many objects lifts the p99 of other objects' calls: each cycle makes
     new objects for a while (64 connections), then runs the no-op with 64 connections over
@@ -1736,7 +1728,7 @@ def evict_tail_suite(quick: bool, cycles: int) -> dict[str, Any]:
     objects activated meanwhile."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from harness import serving
+    from harness import active_objects, serving
     idle, making = (2.0, 0.5) if quick else (20.0, 5.0)
     window = idle / 4 + 1.0
     config = f"""
@@ -1759,12 +1751,12 @@ class = "durable.examples.counter:Counter"
             t0 = time.monotonic()
             made = load("COUNTER", "/inc", "POST", 64, 400_000, making, None, f"e{c}")["requests"]
             time.sleep(max(0.0, t0 + making + 0.5 - time.monotonic()))
-            before = _active_objects(d.root)
+            before = active_objects(d.status())
             quiet = load("NOOP", "/", "GET", 64, 100, window, None)
-            middle = _active_objects(d.root)
+            middle = active_objects(d.status())
             time.sleep(max(0.0, t0 + idle + 0.3 - time.monotonic()))
             busy = load("NOOP", "/", "GET", 64, 100, window, None)
-            after = _active_objects(d.root)
+            after = active_objects(d.status())
             rows.append({"objects_made": made, "quiet_p99_ms": quiet["p99_ms"],
                          "quiet_per_s": quiet["per_s"], "quiet_evicted": before - middle,
                          "evicting_p99_ms": busy["p99_ms"], "evicting_per_s": busy["per_s"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -60,6 +61,19 @@ class Daemon:
     @property
     def config(self) -> Path:
         return self.root / "durable.toml"
+
+    def status(self, timeout: float = 60.0) -> dict:
+        """``durable status --json``, as an operator reads it (a separate process, the
+        daemon's control socket); raises ``CalledProcessError`` if it fails."""
+        out = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
+                              "--config", str(self.config)],
+                             capture_output=True, check=True, timeout=timeout)
+        return json.loads(out.stdout)
+
+
+def active_objects(status: dict) -> int:
+    """Live objects over every object process of a ``durable status --json``."""
+    return sum(p.get("active_objects") or 0 for p in status["processes"])
 
 
 @contextlib.contextmanager

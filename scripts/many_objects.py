@@ -24,9 +24,9 @@ import argparse
 import asyncio
 import itertools
 import json
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench import ms, pct  # noqa: E402
-from harness import machine_speed, serving  # noqa: E402
+from harness import active_objects, machine_speed, serving  # noqa: E402
 
 import durable  # noqa: E402
 
@@ -71,11 +71,12 @@ def disk_use(data: Path) -> dict[str, int]:
 ATTEMPTS = 20
 
 
-async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, samples: list,
+async def write_all(frontend: str, n: int, daemon_pid: int, status: Callable[[], dict], samples: list,
                     latencies: list[float], rpc: bool = False, unnamed: bool = False,
                     trouble: dict[str, Any] | None = None) -> float:
-    """``trouble`` gets the retries by error, the writes that failed every attempt, and the
-    longest write (its seconds, attempts, and when it ended, in seconds from the start)."""
+    """``status`` reads ``durable status --json`` (every 5 s, timed). ``trouble`` gets the
+    retries by error, the writes that failed every attempt, and the longest write (its
+    seconds, attempts, and when it ended, in seconds from the start)."""
     trouble = {} if trouble is None else trouble
     retries: dict[str, int] = trouble.setdefault("retries", {})
     trouble.setdefault("failed_writes", 0)
@@ -114,12 +115,8 @@ async def write_all(frontend: str, n: int, daemon_pid: int, config: Path, sample
             while next_i < n:
                 await asyncio.sleep(5)
                 t = time.monotonic()
-                st = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "durable.supervisor.cli",
-                                                              "status", "--json", "--config", str(config)],
-                                             capture_output=True, text=True, timeout=60)
+                active = active_objects(await asyncio.to_thread(status))
                 took = time.monotonic() - t
-                data = json.loads(st.stdout)
-                active = sum(p.get("active_objects") or 0 for p in data["processes"])
                 samples.append({"at": round(t - t0, 1), "written": next_i,
                                 "rss": rss_by_role(daemon_pid),
                                 "active": active, "status_seconds": round(took, 2)})
@@ -152,14 +149,12 @@ class = "durable.examples.counter:Counter"
     with serving(config) as d:
         time.sleep(1)
         base = rss_by_role(d.proc.pid)
-        elapsed = asyncio.run(write_all(d.frontend, args.objects, d.proc.pid, d.config, samples,
+        elapsed = asyncio.run(write_all(d.frontend, args.objects, d.proc.pid, d.status, samples,
                                        latencies, args.rpc, args.unnamed, trouble))
         time.sleep(args.idle_timeout * 1.5 + 1)
         after = rss_by_role(d.proc.pid)
-        disk = disk_use(d.config.parent / "data")
-        status = subprocess.run([sys.executable, "-m", "durable.supervisor.cli", "status", "--json",
-                                 "--config", str(d.config)], capture_output=True, text=True, timeout=60)
-        final = json.loads(status.stdout)
+        disk = disk_use(d.data)
+        final = d.status()
         alive = d.proc.poll() is None
     peak = max(samples, key=lambda s: sum(s["rss"].values())) if samples else None
     per_active = None
@@ -179,7 +174,7 @@ class = "durable.examples.counter:Counter"
         "rss_by_role_start_mib": {k: round(v / 2**20, 1) for k, v in base.items()},
         "rss_by_role_after_mib": {k: round(v / 2**20, 1) for k, v in after.items()},
         "bytes_per_evicted_object": round((after.get("objectproc", 0) - base.get("objectproc", 0)) / args.objects),
-        "active_after": sum(p.get("active_objects") or 0 for p in final["processes"]),
+        "active_after": active_objects(final),
         "status_seconds_max": max((s["status_seconds"] for s in samples), default=None),
         "daemon_alive": alive,
         # (after the wait for eviction; the WAL and the log shrink at the next checkpoint)
