@@ -10,8 +10,9 @@ goes, then reports the peak RSS, the active objects at the peak and the
 memory per active and per evicted object (from the object processes' RSS
 against their active and evicted counts), the slots' files on disk once the
 objects are evicted (DuckDB's files, their WALs, the commit logs; in all and
-per object), and each write's latency (p50, p99,
-p99.9, the longest). Objects are reached by name (``id_from_name``, whose name
+per object), the CPU a write cost each role (the daemon's processes, this
+client) and the cores used, and each write's latency (p50, p99, p99.9, the
+longest). Objects are reached by name (``id_from_name``, whose name
 is stored with each object), or with ``--unnamed`` by unique id. A write is tried
 again on a broken stub or an overloaded slot (``retries``, by error; the longest
 write says how many attempts it took and when it ended); one that fails every
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import sys
@@ -42,13 +44,33 @@ from harness import active_objects, machine_speed, serving  # noqa: E402
 import durable  # noqa: E402
 
 
+def _role(p: psutil.Process) -> str:
+    cmd = " ".join(p.cmdline())
+    return "objectproc" if "durable.objectproc" in cmd else "broker" if "durable.broker" in cmd else "other"
+
+
 def rss_by_role(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for p in psutil.Process(pid).children(recursive=True):
         try:
-            cmd = " ".join(p.cmdline())
-            role = "objectproc" if "durable.objectproc" in cmd else "broker" if "durable.broker" in cmd else "other"
+            role = _role(p)
             out[role] = out.get(role, 0) + p.memory_info().rss
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far: the daemon's processes by role, its supervisor, and
+    this program (the client; not the `durable status` runs it waits for)."""
+    out: dict[str, float] = {}
+    procs = [(psutil.Process(pid), "supervisor"), (psutil.Process(), "client")]
+    procs += [(p, None) for p in psutil.Process(pid).children(recursive=True)]
+    for p, role in procs:
+        try:
+            t = p.cpu_times()
+            role = role or _role(p)
+            out[role] = out.get(role, 0.0) + t.user + t.system
         except psutil.Error:
             pass
     return out
@@ -121,8 +143,15 @@ async def write_all(frontend: str, n: int, daemon_pid: int, status: Callable[[],
                                 "rss": rss_by_role(daemon_pid),
                                 "active": active, "status_seconds": round(took, 2)})
 
-        await asyncio.gather(sampler(), *[worker() for _ in range(64)])
-        return time.monotonic() - t0
+        # The rate is over the writes: the sampler, asleep for up to 5 s when the last write
+        # ends, is not waited for (the rate of a million used to include that tail, ~2.5 s).
+        sampling = asyncio.create_task(sampler())
+        await asyncio.gather(*[worker() for _ in range(64)])
+        elapsed = time.monotonic() - t0
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
+        return elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +178,20 @@ class = "durable.examples.counter:Counter"
     with serving(config) as d:
         time.sleep(1)
         base = rss_by_role(d.proc.pid)
+        cpu_before = cpu_by_role(d.proc.pid)
         elapsed = asyncio.run(write_all(d.frontend, args.objects, d.proc.pid, d.status, samples,
                                        latencies, args.rpc, args.unnamed, trouble))
+        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_by_role(d.proc.pid).items()}
+        # Eviction runs a quarter timeout apart, and `durable status` hears of it once a second:
+        # read until every object is gone, or twice the timeout and 5 s have passed.
+        deadline = time.monotonic() + args.idle_timeout * 2 + 5
         time.sleep(args.idle_timeout * 1.5 + 1)
+        final = d.status()
+        while active_objects(final) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            final = d.status()
         after = rss_by_role(d.proc.pid)
         disk = disk_use(d.data)
-        final = d.status()
         alive = d.proc.poll() is None
     peak = max(samples, key=lambda s: sum(s["rss"].values())) if samples else None
     per_active = None
@@ -164,7 +201,7 @@ class = "durable.examples.counter:Counter"
         "objects": args.objects, "call": "increment()" if args.rpc else "fetch POST /inc",
         "by": "unique id" if args.unnamed else "name",
         # (acknowledged writes only: one that failed all its attempts is not counted)
-        "seconds": round(elapsed, 1), "writes_per_s": round(len(latencies) / elapsed),
+        "seconds": round(elapsed, 2), "writes_per_s": round(len(latencies) / elapsed),
         **trouble,
         "rss_start_mib": round(sum(base.values()) / 2**20, 1),
         "rss_peak_mib": round(sum(peak["rss"].values()) / 2**20, 1) if peak else None,
@@ -181,6 +218,11 @@ class = "durable.examples.counter:Counter"
         "disk_mib": {k: round(v / 2**20, 1) for k, v in disk.items()},
         "disk_bytes_per_object": round(sum(disk.values()) / args.objects),
         # (a write waits for every object of its slot: an eviction scan, a long collection)
+        # (what the writes cost, by role: a slow VM raises these, a daemon that waits does not)
+        "cpu_us_per_write": {**{k: round(v / max(1, len(latencies)) * 1e6, 1)
+                                for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])},
+                             "total": round(sum(cpu.values()) / max(1, len(latencies)) * 1e6, 1)},
+        "cores_used": round(sum(cpu.values()) / elapsed, 2),
         "write_ms": {k: round(ms(pct(latencies, q)), 2) if latencies else None
                      for k, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))},
         "python_10m_additions_s": [*speed, machine_speed()],

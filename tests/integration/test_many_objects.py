@@ -1,6 +1,7 @@
 """scripts/many_objects.py at a small size: objects written once are evicted; the daemon serves on."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,11 @@ def test_many_objects_are_evicted_and_status_stays_responsive(by):
     assert longest["seconds"] * 1000 == pytest.approx(lat["max"], abs=1), (longest, lat)
     assert longest["attempts"] >= 1 and 0 < longest["ended_at_s"] <= result["seconds"] + 1
     assert all(n > 0 for n in result["retries"].values()), result["retries"]
+    cpu = result["cpu_us_per_write"]  # (by role, this client's too, and their total)
+    assert {"objectproc", "client", "total"} <= set(cpu) and cpu["objectproc"] > 0, cpu
+    assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"),
+                                         abs=0.5), cpu
+    assert 0 < result["cores_used"] <= (os.cpu_count() or 1) + 0.5, result
     disk = result["disk_mib"]  # (5,000 objects: DuckDB's main files hold them by now)
     assert set(disk) == {"duckdb", "duckdb_wal", "commit_log"} and disk["duckdb"] > 0, disk
     assert result["disk_bytes_per_object"] == pytest.approx(
@@ -60,3 +66,19 @@ def test_a_write_that_fails_every_attempt_is_counted_and_fails_the_run(monkeypat
     assert result["failed_writes"] == 1, result
     assert result["retries"] == {"OverloadedError": 3}, result
     assert result["daemon_alive"], result
+
+
+def test_the_rate_is_over_the_writes_not_the_samplers_wait(capsys):
+    """The run's seconds end with its last write: the sampler of `durable status`, which sleeps
+    5 s between samples, is not waited for (it was: every run took at least 5 s, and a million
+    objects' rate counted up to 5 s of nothing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("many_objects", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--objects", "1000", "--idle-timeout", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["failed_writes"] == 0 and result["daemon_alive"], result
+    assert 0 < result["seconds"] < 4.0, result  # (1,000 writes; the sampler's first sleep: 5 s)
+    assert result["writes_per_s"] * result["seconds"] == pytest.approx(1000, rel=0.15), result
