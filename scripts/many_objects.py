@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -38,41 +39,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import ms, pct  # noqa: E402
+from bench import _cpu_by_process, _growth_by_role, _role, ms, pct  # noqa: E402
 from harness import active_objects, machine_speed, serving  # noqa: E402
 
 import durable  # noqa: E402
-
-
-def _role(p: psutil.Process) -> str:
-    cmd = " ".join(p.cmdline())
-    return "objectproc" if "durable.objectproc" in cmd else "broker" if "durable.broker" in cmd else "other"
 
 
 def rss_by_role(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for p in psutil.Process(pid).children(recursive=True):
         try:
-            role = _role(p)
+            role = _role(p.cmdline())
             out[role] = out.get(role, 0) + p.memory_info().rss
         except psutil.Error:
             pass
     return out
 
 
-def cpu_by_role(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) so far: the daemon's processes by role, its supervisor, and
-    this program (the client; not the `durable status` runs it waits for)."""
-    out: dict[str, float] = {}
-    procs = [(psutil.Process(pid), "supervisor"), (psutil.Process(), "client")]
-    procs += [(p, None) for p in psutil.Process(pid).children(recursive=True)]
-    for p, role in procs:
-        try:
-            t = p.cpu_times()
-            role = role or _role(p)
-            out[role] = out.get(role, 0.0) + t.user + t.system
-        except psutil.Error:
-            pass
+def cpu_by_process(daemon_pid: int) -> dict[tuple[str, int], float]:
+    """CPU seconds (user + system) so far by (role, pid): the daemon's processes (bench.py's
+    reader) and this program, the client (not the `durable status` runs it waits for)."""
+    out = _cpu_by_process([daemon_pid])
+    t = psutil.Process().cpu_times()
+    out[("client", os.getpid())] = t.user + t.system
     return out
 
 
@@ -178,10 +167,10 @@ class = "durable.examples.counter:Counter"
     with serving(config) as d:
         time.sleep(1)
         base = rss_by_role(d.proc.pid)
-        cpu_before = cpu_by_role(d.proc.pid)
+        cpu_before = cpu_by_process(d.proc.pid)
         elapsed = asyncio.run(write_all(d.frontend, args.objects, d.proc.pid, d.status, samples,
                                        latencies, args.rpc, args.unnamed, trouble))
-        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_by_role(d.proc.pid).items()}
+        cpu_after = cpu_by_process(d.proc.pid)
         # Eviction runs a quarter timeout apart, and `durable status` hears of it once a second:
         # read until every object is gone, or twice the timeout and 5 s have passed.
         deadline = time.monotonic() + args.idle_timeout * 2 + 5
@@ -219,10 +208,9 @@ class = "durable.examples.counter:Counter"
         "disk_bytes_per_object": round(sum(disk.values()) / args.objects),
         # (a write waits for every object of its slot: an eviction scan, a long collection)
         # (what the writes cost, by role: a slow VM raises these, a daemon that waits does not)
-        "cpu_us_per_write": {**{k: round(v / max(1, len(latencies)) * 1e6, 1)
-                                for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])},
-                             "total": round(sum(cpu.values()) / max(1, len(latencies)) * 1e6, 1)},
-        "cores_used": round(sum(cpu.values()) / elapsed, 2),
+        # (a process that restarted during the run is left out)
+        "cpu_us_per_write": _growth_by_role(cpu_before, cpu_after, 1e6 / max(1, len(latencies)), 1),
+        "cores_used": round(_growth_by_role(cpu_before, cpu_after, 1.0, 3)["total"] / elapsed, 2),
         "write_ms": {k: round(ms(pct(latencies, q)), 2) if latencies else None
                      for k, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))},
         "python_10m_additions_s": [*speed, machine_speed()],
