@@ -115,6 +115,10 @@ class IdFactory:
         return self._hmac(a)[:16]
 
     def from_name(self, name: str) -> ObjectId:
+        return ObjectId(self.hex_from_name(name), name)
+
+    def hex_from_name(self, name: str) -> str:
+        """``str(from_name(name))``, for the checks that compare it with an id they got."""
         if type(name) is not str:
             raise TypeError(f"id_from_name takes a str, not {type(name).__name__}")
         memo = (self._key, name)
@@ -126,7 +130,7 @@ class IdFactory:
                 if len(_NAMED) >= _NAMED_MAX:
                     _NAMED.clear()
                 _NAMED[memo] = hex_id
-        return ObjectId(hex_id, name)
+        return hex_id
 
     def new_unique(self) -> ObjectId:
         a = secrets.token_bytes(16)

@@ -1210,7 +1210,7 @@ class ObjectProcess:
     def _name_matches(self, namespace: str, object_id: str, name: str) -> bool:
         """Whether ``name`` is really the one ``object_id`` was made from (callers could lie)."""
         ids = self.ids.get(namespace)
-        return ids is not None and str(ids.from_name(name)) == object_id
+        return ids is not None and ids.hex_from_name(name) == object_id
 
     def _known_name(self, namespace: str, object_id: str, name: str | None,
                     stored: Any = _UNREAD) -> str | None:

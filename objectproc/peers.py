@@ -197,7 +197,7 @@ class PeerServer:
             return UnknownNamespaceError, f"namespace {msg.namespace!r} is not configured"
         # (a name that makes the id proves the id too; its id is then remembered for the
         # object process's own check of the name, `_name_matches`: two HMACs instead of three)
-        if msg.name is None or str(ids.from_name(msg.name)) != msg.object_id:
+        if msg.name is None or ids.hex_from_name(msg.name) != msg.object_id:
             try:
                 ids.from_string(msg.object_id)
             except InvalidIdError as e:

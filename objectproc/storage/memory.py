@@ -160,6 +160,9 @@ class MemorySlot:
     def register(self, obj: bytes, storage: Any) -> None:
         pass
 
+    def unregister(self, obj: bytes, storage: Any) -> None:
+        pass
+
     def objects(self) -> list[bytes]:
         """Every object with stored data or an alarm (durable or not)."""
         seen = set(self.data) | set(self.alarms)

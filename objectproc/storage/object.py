@@ -361,6 +361,7 @@ class ObjectStorage:
         self._complete = False
         self._sorted = None
         self._alarm = _MISSING
+        self._slot.unregister(self._obj, self)
         return True
 
 

@@ -221,10 +221,19 @@ class _Pending:
         self.alarm: _Record | None = None  # the record that last changed the alarm
 
 
+#: registered storages kept before dead references are swept (SlotStore.register)
+_STORAGES_SWEEP = 4096
+#: namespaces already checked by :func:`object_key` (a process serves a few: one check each)
+_CHECKED_NAMESPACES: set[str] = set()
+
+
 def object_key(namespace: str, object_id: str) -> bytes:
     """The ``obj`` column value; raise ``ValueError`` for names that would break the layout."""
-    if type(namespace) is not str or not _NAMESPACE.match(namespace):
-        raise ValueError(f"namespace {namespace!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    if type(namespace) is not str or namespace not in _CHECKED_NAMESPACES:
+        if type(namespace) is not str or not _NAMESPACE.match(namespace):
+            raise ValueError(f"namespace {namespace!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
+        if len(_CHECKED_NAMESPACES) < 1024:  # (bounded, whatever callers send)
+            _CHECKED_NAMESPACES.add(namespace)
     if type(object_id) is not str or not _OBJECT_ID.match(object_id):
         raise ValueError(f"object id {object_id!r} must be letters, digits, '_' or '-'")
     return f"{namespace}/{object_id}".encode()
@@ -356,7 +365,9 @@ class SlotStore:
         self._memory_headroom = math.inf
         self._rows_since_check = 0
         self._probe: asyncio.TimerHandle | None = None
-        self._storages: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
+        #: obj -> its live storage, weakly (see :meth:`register`)
+        self._storages: dict[bytes, weakref.ref[Any]] = {}
+        self._storages_sweep = _STORAGES_SWEEP
         self._pin: asyncio.Future[int] | None = None
         self._pinned = False
         self._pin_timer: asyncio.TimerHandle | None = None
@@ -606,8 +617,27 @@ class SlotStore:
             return "free space unknown"
 
     def register(self, obj: bytes, storage: Any) -> None:
-        """Remember an object's storage, so that discarded writes can reset it."""
-        self._storages[obj] = storage
+        """Remember an object's storage, so that discarded writes can reset it.
+
+        A dict of plain weak references, where a ``WeakValueDictionary`` spent ~2 µs of
+        each new object (its Python ``__setitem__`` and its removal callback): an evicted
+        storage leaves by :meth:`unregister`, and any other dead reference at a sweep once
+        the dict has doubled (amortised: one pass per as many registrations)."""
+        storages = self._storages
+        storages[obj] = weakref.ref(storage)
+        if len(storages) > self._storages_sweep:
+            self._storages = storages = {k: r for k, r in storages.items() if r() is not None}
+            self._storages_sweep = max(_STORAGES_SWEEP, 2 * len(storages))
+
+    def unregister(self, obj: bytes, storage: Any) -> None:
+        """``storage`` was evicted: forget it (unless another took its place)."""
+        ref = self._storages.get(obj)
+        if ref is not None and ref() is storage:
+            del self._storages[obj]
+
+    def _storage_of(self, obj: bytes) -> Any:
+        ref = self._storages.get(obj)
+        return None if ref is None else ref()
 
     def _durable_from_thread(self, seq: int) -> None:
         self.loop.call_soon_threadsafe(self._resolve, seq)
@@ -697,7 +727,7 @@ class SlotStore:
                 kept.append((seq, fut))
         self._waiters = kept
         for obj in objs:
-            storage = self._storages.get(obj)
+            storage = self._storage_of(obj)
             if storage is not None:
                 storage.broken = err
             if self.on_alarm is not None and any(r.ws.alarm != ALARM_KEEP for r in dropped

@@ -1166,3 +1166,47 @@ async def test_a_batched_first_read_that_fails_fails_each_of_its_callers_and_no_
             ({"k": f'"{o}"'.encode()}, True) for o in "bcd"]
     finally:
         await slot.close()
+
+
+async def test_a_discard_resets_the_live_storage_of_its_object_and_the_registry_stays_bounded(
+        tmp_path):
+    """Discarded writes break the storage that made them (its cache is wrong), found by the
+    slot's registry of live storages: not an evicted one (its successor, if any), and the
+    registry forgets storages that died without an eviction, so it does not grow with every
+    object ever activated."""
+    from durable.objectproc.storage.slot import _STORAGES_SWEEP
+    slot = SlotStore(tmp_path, **NEVER)
+    try:
+        old = ObjectStorage(slot, "NS", "o")
+        await old.put("a", 1)
+        await old.sync()
+        assert old.evict()  # (as the object process evicts it)
+        assert slot._storage_of(b"NS/o") is None
+        live = ObjectStorage(slot, "NS", "o")
+        bystander = ObjectStorage(slot, "NS", "p")
+        kept = []
+        for i in range(3 * _STORAGES_SWEEP):  # storages that die unevicted (e.g. a failed
+            s = ObjectStorage(slot, "NS", f"x{i}")  # constructor), and some that live on
+            if i % 1000 == 0:
+                kept.append(s)
+        assert len(slot._storages) <= 2 * _STORAGES_SWEEP + 1
+        assert all(slot._storage_of(s._obj) is s for s in kept)
+        seq = slot.submit(b"NS/o", False, {"b": b"2"})
+        slot._discard(OSError(errno.ENOSPC, "full"), seq, seq)
+        assert isinstance(live.broken, StorageFullError)
+        assert old.broken is None and bystander.broken is None
+        with pytest.raises(StorageFullError):
+            await live.get("a")
+        assert await bystander.get("a") is None
+    finally:
+        await slot.close()
+
+
+def test_object_keys_refuse_bad_namespaces_and_ids_also_after_good_ones():
+    from durable.objectproc.storage.slot import object_key
+    assert object_key("NS", "o-1_x") == b"NS/o-1_x"
+    assert object_key("NS", "o") == b"NS/o"  # (the namespace remembered as checked)
+    for ns, oid in [("N/S", "o"), ("1NS", "o"), ("", "o"), (None, "o"), (["NS"], "o"),
+                    ("NS", "a/b"), ("NS", ""), ("NS", None), ("NS", "é")]:
+        with pytest.raises(ValueError, match="namespace|object id"):
+            object_key(ns, oid)

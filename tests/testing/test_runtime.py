@@ -295,3 +295,43 @@ async def test_an_idle_object_is_a_handful_of_tracked_containers():
         # (an idle object's task set is made again by its next calls, two at once here)
         again = ns.get_by_name("o1")
         assert sorted(await asyncio.gather(again.increment(), again.increment())) == [2, 3]
+
+
+async def test_a_constructor_of_the_objects_own_runs_in_its_context_and_only_that_one():
+    """Tasks a constructor starts belong to the activation (eviction waits for them); a class
+    whose construction runs no code of its own skips setting that context up (per class, read
+    once), and one with an ``alarm`` handler is known to have it."""
+    from durable.objectproc.activation import _class_facts
+    release = asyncio.Event()
+
+    class Starts(durable.DurableObject):
+        def __init__(self, state, env):
+            super().__init__(state, env)
+            self.task = asyncio.create_task(release.wait())
+
+        async def ping(self) -> str:
+            return "pong"
+
+    class Alarmed(durable.DurableObject):
+        async def alarm(self, info) -> None:
+            pass
+
+    class Guarded(durable.DurableObject):
+        def __setattr__(self, k, v):
+            object.__setattr__(self, k, v)
+
+    assert _class_facts(Counter) == (False, True)
+    assert _class_facts(Alarmed) == (True, True)
+    assert _class_facts(Starts) == (False, False) and _class_facts(Guarded) == (False, False)
+    async with Runtime({"STARTS": Starts, "COUNTER": Counter}) as rt:
+        stub = rt.namespace("STARTS").get_by_name("a")
+        assert await stub.ping() == "pong"
+        act = rt._proc.catalog[("STARTS", str(stub.id))]
+        assert act.owned == {act.instance.task}
+        counter = rt.namespace("COUNTER").get_by_name("c")
+        assert await counter.increment() == 1
+        assert not rt._proc.catalog[("COUNTER", str(counter.id))].owned
+        release.set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not act.owned

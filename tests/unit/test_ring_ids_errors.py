@@ -210,3 +210,11 @@ async def test_request_and_response():
         Response(status=99)
     with pytest.raises(TypeError):
         Response(body=5)
+
+
+def test_the_hex_of_a_names_id_is_the_ids_string():
+    f = factory("A")
+    for name in ("x", "room-1", "\udcff", "y" * 300):
+        assert f.hex_from_name(name) == str(f.from_name(name))
+    with pytest.raises(TypeError, match="takes a str"):
+        f.hex_from_name(b"x")
