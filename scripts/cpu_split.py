@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from harness import machine_speed, serving  # noqa: E402
+from harness import gc_pauses, machine_speed, serving  # noqa: E402
 
 import durable  # noqa: E402
 
@@ -102,21 +102,6 @@ def thread_stats(procs: list[psutil.Process]) -> dict[tuple[str, str], list[floa
             acc[0] += (int(fields[11]) + int(fields[12])) / tick
             acc[1] += waited
             acc[2] += preempted
-    return out
-
-
-async def gc_pauses(frontend: str) -> dict[str, list[float]]:
-    """The object processes' garbage-collector pauses so far (their heartbeats' figures,
-    ``durable_gc_pause_seconds``): generation -> [collections, seconds], both slots summed."""
-    async with durable.connect(frontend, timeout=10) as c:
-        stats = await c.statistics()
-    out: dict[str, list[float]] = {}
-    for slot in stats.get("slots", []):
-        pauses = (slot.get("reported") or {}).get("gc_pauses") or {}
-        for generation, (_counts, seconds, n) in pauses.items():
-            acc = out.setdefault(generation, [0, 0.0])
-            acc[0] += n
-            acc[1] += seconds
     return out
 
 

@@ -76,6 +76,22 @@ def active_objects(status: dict) -> int:
     return sum(p.get("active_objects") or 0 for p in status["processes"])
 
 
+async def gc_pauses(frontend: str) -> dict[str, list[float]]:
+    """The object processes' garbage-collector pauses so far (their heartbeats' figures,
+    ``durable_gc_pause_seconds``): generation -> [collections, seconds], both slots summed."""
+    import durable  # (the scripts put the checkout first on the path)
+    async with durable.connect(frontend, timeout=10) as c:
+        stats = await c.statistics()
+    out: dict[str, list[float]] = {}
+    for slot in stats.get("slots", []):
+        pauses = (slot.get("reported") or {}).get("gc_pauses") or {}
+        for generation, (_counts, seconds, n) in pauses.items():
+            acc = out.setdefault(generation, [0, 0.0])
+            acc[0] += n
+            acc[1] += seconds
+    return out
+
+
 @contextlib.contextmanager
 def serving(config: str, *, ready_timeout: float = 60.0, log_level: str = "WARNING",
             prepare: Callable[[Path], None] | None = None) -> Iterator[Daemon]:

@@ -11,12 +11,13 @@ memory per active and per evicted object (from the object processes' RSS
 against their active and evicted counts), the slots' files on disk once the
 objects are evicted (DuckDB's files, their WALs, the commit logs; in all and
 per object), the CPU a write cost each role (the daemon's processes, this
-client) and the cores used, and each write's latency (p50, p99, p99.9, the
-longest). Objects are reached by name (``id_from_name``, whose name
-is stored with each object), or with ``--unnamed`` by unique id. A write is tried
-again on a broken stub or an overloaded slot (``retries``, by error; the longest
-write says how many attempts it took and when it ended); one that fails every
-attempt is counted in ``failed_writes``, not in the rate, and fails the run.
+client) and the cores used, the object processes' garbage collections (by generation:
+how many, and their pauses), and each write's latency (p50, p99, p99.9, the longest).
+Objects are reached by name (``id_from_name``, whose name is stored with each
+object), or with ``--unnamed`` by unique id. A write is tried again on a broken stub or
+an overloaded slot (``retries``, by error; the longest write says how many attempts it
+took and when it ended); one that fails every attempt is counted in ``failed_writes``,
+not in the rate, and fails the run.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench import _cpu_by_process, _growth_by_role, _role, ms, pct  # noqa: E402
-from harness import active_objects, machine_speed, serving  # noqa: E402
+from harness import active_objects, gc_pauses, machine_speed, serving  # noqa: E402
 
 import durable  # noqa: E402
 
@@ -168,9 +169,11 @@ class = "durable.examples.counter:Counter"
         time.sleep(1)
         base = rss_by_role(d.proc.pid)
         cpu_before = cpu_by_process(d.proc.pid)
+        gc_before = asyncio.run(gc_pauses(d.frontend))
         elapsed = asyncio.run(write_all(d.frontend, args.objects, d.proc.pid, d.status, samples,
                                        latencies, args.rpc, args.unnamed, trouble))
         cpu_after = cpu_by_process(d.proc.pid)
+        gc_after = asyncio.run(gc_pauses(d.frontend))  # (the heartbeats' figures: ~1 s late)
         # Eviction runs a quarter timeout apart, and `durable status` hears of it once a second:
         # read until every object is gone, or twice the timeout and 5 s have passed.
         deadline = time.monotonic() + args.idle_timeout * 2 + 5
@@ -213,6 +216,11 @@ class = "durable.examples.counter:Counter"
         "cores_used": round(_growth_by_role(cpu_before, cpu_after, 1.0, 3)["total"] / elapsed, 2),
         "write_ms": {k: round(ms(pct(latencies, q)), 2) if latencies else None
                      for k, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))},
+        # (the object processes' collections during the writes, by generation: how many,
+        # and the seconds the slots stood still for them, both slots summed)
+        "gc_pauses": {g: {"collections": int(n - gc_before.get(g, [0, 0.0])[0]),
+                          "seconds": round(t - gc_before.get(g, [0, 0.0])[1], 4)}
+                      for g, (n, t) in sorted(gc_after.items())},
         "python_10m_additions_s": [*speed, machine_speed()],
         # (the rate between samples: does it fall as the files and their indexes grow?)
         "rate_per_s_over_time": [

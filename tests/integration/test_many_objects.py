@@ -36,6 +36,10 @@ def test_many_objects_are_evicted_and_status_stays_responsive(by):
     assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"),
                                          abs=0.5), cpu
     assert 0 < result["cores_used"] <= (os.cpu_count() or 1) + 0.5, result
+    pauses = result["gc_pauses"]  # (the ticks' young collections at least: 10 a second)
+    assert pauses["1"]["collections"] > 0, pauses
+    assert all(p["collections"] >= 0 and 0 <= p["seconds"] < result["seconds"]
+               for p in pauses.values()), pauses
     disk = result["disk_mib"]  # (5,000 objects: DuckDB's main files hold them by now)
     assert set(disk) == {"duckdb", "duckdb_wal", "commit_log"} and disk["duckdb"] > 0, disk
     assert result["disk_bytes_per_object"] == pytest.approx(

@@ -10,7 +10,15 @@ import weakref
 import pytest
 
 from durable.objectproc import collector as collector_mod
-from durable.objectproc.collector import FULL_EVERY, FULL_GROWTH, FULL_SUSPECTS, Collector
+from durable.objectproc.collector import (
+    FULL_EVERY,
+    FULL_FROZEN_GARBAGE,
+    FULL_GROWTH,
+    FULL_SUSPECTS,
+    HOT_FOR,
+    SAMPLE_EVERY,
+    Collector,
+)
 
 
 class _Node:
@@ -132,3 +140,65 @@ def test_full_collections_keep_to_their_share_of_the_time(world, monkeypatch):
     w.now += 1
     c.tick()
     assert c.full_collections == 2
+
+
+def test_ticks_between_samples_only_freeze_and_a_sample_that_finds_garbage_estimates_theirs(world):
+    """Most ticks only freeze (their objects are never traversed); one in SAMPLE_EVERY
+    collects what was made since the tick before it, and garbage it finds stands for as much
+    at each skipped tick, frozen uncollected."""
+    w, c = world
+    c.tick()  # (the first tick collects)
+    assert c.young_collections == 1
+    skipped = [weakref.ref(_Node.cycle())]
+    for _ in range(SAMPLE_EVERY - 1):
+        w.now += 0.1
+        c.tick()
+        skipped.append(weakref.ref(_Node.cycle()))
+    assert c.young_collections == 1 and c.frozen_garbage == 0
+    assert all(r() is not None for r in skipped[:-1]), "a skipped tick collected"
+    w.now += 0.1
+    c.tick()  # (the sample: the last cycle was made since the tick before it)
+    assert c.young_collections == 2
+    assert skipped[-1]() is None and skipped[0]() is not None
+    assert c.frozen_garbage >= SAMPLE_EVERY - 1, c.frozen_garbage  # (found × ticks skipped)
+
+
+def test_after_garbage_is_found_every_tick_collects_until_none_is_found_for_a_while(world):
+    w, c = world
+    _Node.cycle()  # (garbage for the first tick, a sample)
+    c.tick()
+    hot_ticks = 0
+    for _ in range(3 * SAMPLE_EVERY):  # (each tick finds more: the ticks stay hot)
+        dead = weakref.ref(_Node.cycle())
+        w.now += 0.1
+        c.tick()
+        assert dead() is None, "a tick skipped while garbage was being found"
+        hot_ticks += 1
+    assert c.young_collections == 1 + hot_ticks
+    assert c.frozen_garbage == 0  # (nothing skipped, nothing estimated)
+    w.now += HOT_FOR + 0.1  # (no garbage for HOT_FOR: sampling again)
+    c.tick()
+    before = c.young_collections
+    kept = weakref.ref(_Node.cycle())
+    w.now += 0.1
+    c.tick()
+    assert kept() is not None and c.young_collections == before
+
+
+def test_garbage_frozen_by_skipped_ticks_brings_a_full_collection_once_enough_may_be(world):
+    w, c = world
+    c.tick()
+    w.now += 0.1
+    c.tick()  # (skipped: this cycle is frozen uncollected)
+    frozen = weakref.ref(_Node.cycle())
+    w.now += 0.1
+    c.tick()
+    assert frozen() is not None
+    c.frozen_garbage = FULL_FROZEN_GARBAGE - 1
+    w.now += 2
+    c.tick()
+    assert c.full_collections == 0 and frozen() is not None
+    c.frozen_garbage += 1
+    w.now += 0.1
+    c.tick()
+    assert c.full_collections == 1 and frozen() is None and c.frozen_garbage == 0
