@@ -25,18 +25,21 @@ under new objects that was ~19 containers an object (its activation, storage, st
 instance; its write's record and overlay entries until applied) at 0.2-0.6 µs each: 1-4 ms a
 tick, 13.2 s of the two processes' time over a million new objects (``many_objects.py``), 5% of
 a write's CPU, to find nothing (no garbage at any of those ticks). So a tick collects only once
-in ``SAMPLE_EVERY`` (the objects made since the tick before it: a sample of the process's young
-garbage), and the others only freeze. When a sample finds garbage, every tick collects again
-for ``HOT_FOR`` seconds, renewed while they find more; what the skipped ticks froze is estimated
-from the sample (its garbage times the ticks skipped), and once ``FULL_FROZEN_GARBAGE`` objects
-may be frozen so, a full collection is due (within its share of the time). A workload that makes
-cyclic garbage all the time is collected at every tick, as before.
+in ``SAMPLE_EVERY`` on average (the objects made since the tick before it: a sample of the
+process's young garbage; the ticks between samples vary, so that garbage made at a period of its
+own cannot keep falling between them), and the others only freeze. When a sample finds
+garbage, every tick collects again for ``HOT_FOR`` seconds, renewed while they find more; what
+the skipped ticks froze is estimated from the sample (its garbage times the ticks skipped), and
+once ``FULL_FROZEN_GARBAGE`` objects may be frozen so, a full collection is due (within its
+share of the time). A workload that makes cyclic garbage all the time is collected at every
+tick, as before; garbage a sample never sees is still bounded by the memory rule above.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import random
 import time
 from collections.abc import Callable
 
@@ -60,8 +63,8 @@ FULL_EVERY = 600.0
 FULL_SHARE = 0.01
 #: how often the resident memory is read (seconds)
 RSS_EVERY = 1.0
-#: one tick in this many collects the young generation (the others freeze it), while no
-#: garbage was found lately
+#: one tick in this many (on average) collects the young generation (the others freeze it),
+#: while no garbage was found lately
 SAMPLE_EVERY = 10
 #: after a collection found garbage, every tick collects for this long (seconds)
 HOT_FOR = 10.0
@@ -87,14 +90,16 @@ def rss_bytes() -> int | None:
 class Collector:
     """The garbage-collection policy of one object process (``start`` once, ``tick`` often)."""
 
-    __slots__ = ("_clock", "_rss", "_rss_at", "_grown", "_base", "_earliest", "_latest",
-                 "_skipped", "_hot_until", "suspects", "frozen_garbage", "young_collections",
+    __slots__ = ("_clock", "_rss", "_rand", "_rss_at", "_grown", "_base", "_earliest", "_latest",
+                 "_skipped", "_skip", "_hot_until", "suspects", "frozen_garbage", "young_collections",
                  "full_collections", "last_full_seconds")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 rss: Callable[[], int | None] = rss_bytes) -> None:
+                 rss: Callable[[], int | None] = rss_bytes,
+                 rand: Callable[[int, int], int] = random.randint) -> None:
         self._clock = clock
         self._rss = rss
+        self._rand = rand  # (ticks to skip before the next sample: rand(lo, hi), both included)
         self._rss_at = float("-inf")
         self._grown = False
         self._base: int | None = None  # the resident memory after the last full collection
@@ -104,6 +109,7 @@ class Collector:
         #: young garbage objects that ticks may have frozen without collecting them (estimated)
         self.frozen_garbage = 0
         self._skipped = 0  # ticks that froze without collecting since the last that did
+        self._skip = 0  # ... and how many to skip before the next sample
         self._hot_until = float("-inf")  # every tick collects until then
         #: ticks that collected the young generation
         self.young_collections = 0
@@ -132,7 +138,7 @@ class Collector:
             self.frozen_garbage >= FULL_FROZEN_GARBAGE
         if now < self._latest and not (due and now >= self._earliest):
             hot = now < self._hot_until
-            if hot or self._skipped >= SAMPLE_EVERY - 1 or not self.young_collections:
+            if hot or self._skipped >= self._skip or not self.young_collections:
                 found = gc.collect(1)
                 self.young_collections += 1
                 if found:
@@ -140,6 +146,7 @@ class Collector:
                         self.frozen_garbage += found * self._skipped
                     self._hot_until = now + HOT_FOR
                 self._skipped = 0
+                self._skip = self._rand(SAMPLE_EVERY // 2, SAMPLE_EVERY + SAMPLE_EVERY // 2 - 1)
             else:
                 self._skipped += 1
             gc.freeze()

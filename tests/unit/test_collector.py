@@ -50,7 +50,7 @@ def world():
     """A started collector on a fake clock; this process's collector is put back afterwards."""
     thresholds = gc.get_threshold()
     w = _World()
-    c = Collector(clock=w.clock, rss=lambda: w.rss)
+    c = Collector(clock=w.clock, rss=lambda: w.rss, rand=lambda lo, hi: SAMPLE_EVERY - 1)
     c.start()
     try:
         yield w, c
@@ -202,3 +202,21 @@ def test_garbage_frozen_by_skipped_ticks_brings_a_full_collection_once_enough_ma
     w.now += 0.1
     c.tick()
     assert c.full_collections == 1 and frozen() is None and c.frozen_garbage == 0
+
+
+def test_the_ticks_between_samples_vary_around_sample_every(world):
+    """(So that garbage made at a period of its own does not keep falling between samples.)"""
+    import random
+    w, c = world
+    c2 = Collector(clock=w.clock, rss=lambda: w.rss, rand=random.Random(7).randint)
+    c2.start()
+    gaps, last = [], 1  # (the first tick collects)
+    for i in range(1, 400):
+        w.now += 0.1
+        c2.tick()
+        if c2.young_collections > len(gaps) + 1:
+            gaps.append(i - last)
+            last = i
+    assert len(set(gaps)) > 3, gaps
+    assert all(SAMPLE_EVERY // 2 + 1 <= g <= SAMPLE_EVERY + SAMPLE_EVERY // 2 for g in gaps), gaps
+    assert SAMPLE_EVERY - 2 <= sum(gaps) / len(gaps) <= SAMPLE_EVERY + 2, gaps
