@@ -72,7 +72,8 @@ def collect(config: Config, broker_stats: dict[str, Any] | None) -> dict[str, An
             p["active_objects"] = reported.get("active")
             p["queued_calls"] = s.get("queued")
             p["inflight_calls"] = s.get("inflight")
-            p["gc"] = reported.get("gc")  # (objectproc/collector.py: full collections, suspects)
+            # (objectproc/collector.py: full collections, suspects, sampled young collections)
+            p["gc"] = reported.get("gc")
             p["storage"] = {k: reported.get(k) for k in ("storage_full", "storage_full_why",
                                                           "wal_bytes", "log_bytes",
                                                           "checkpoints", "checkpoints_put_back",
