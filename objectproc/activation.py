@@ -207,12 +207,15 @@ _FACTS: dict[type, tuple[bool, bool]] = {}
 
 def _class_facts(cls: type) -> tuple[bool, bool]:
     """Whether ``cls`` has an ``alarm`` handler, and whether constructing it runs none of its
-    own code (``DurableObject.__init__``, no ``__new__``, ``__setattr__`` or metaclass of its
-    own): then no task can start in the constructor, and it needs no activation context."""
+    own code (``DurableObject.__init__``, no ``__new__``, ``__setattr__``, metaclass or
+    ``state``/``env`` descriptor of its own): then no task can start in the constructor, and it
+    needs no activation context."""
     facts = _FACTS.get(cls)
     if facts is None:
         plain = (type(cls) is type and cls.__init__ is DurableObject.__init__
-                 and cls.__new__ is object.__new__ and cls.__setattr__ is object.__setattr__)
+                 and cls.__new__ is object.__new__ and cls.__setattr__ is object.__setattr__
+                 and not any(hasattr(type(getattr(cls, n, None)), "__set__")
+                             for n in ("state", "env")))
         facts = (callable(getattr(cls, "alarm", None)), plain)
         if len(_FACTS) >= 256:  # (classes reloaded many times: bounded)
             _FACTS.clear()

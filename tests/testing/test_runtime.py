@@ -320,6 +320,16 @@ async def test_a_constructor_of_the_objects_own_runs_in_its_context_and_only_tha
         def __setattr__(self, k, v):
             object.__setattr__(self, k, v)
 
+    class Described(durable.DurableObject):
+        @property
+        def env(self):
+            return self._env
+
+        @env.setter
+        def env(self, value):  # (code of the object's own, run by the constructor)
+            self._env = value
+
+    assert _class_facts(Described) == (False, False)
     assert _class_facts(Counter) == (False, True)
     assert _class_facts(Alarmed) == (True, True)
     assert _class_facts(Starts) == (False, False) and _class_facts(Guarded) == (False, False)
