@@ -23,8 +23,11 @@ class Transitions(Generic[S]):
     def __init__(self, table: dict[tuple[S, str], S]) -> None:
         self.table = table
 
-    def step(self, owner: str, state: S, event: str) -> S:
-        """The state after ``event``; IllegalTransition if the table does not allow it."""
+    def step(self, owner: object, state: S, event: str) -> S:
+        """The state after ``event``; IllegalTransition if the table does not allow it.
+
+        ``owner`` names the machine in the error (``str(owner)``), made only then: an object
+        activation steps at least once per object, and its label cost more than the step."""
         nxt = self.table.get((state, event))
         if nxt is None:
             raise IllegalTransition(f"{owner}: {event!r} is not allowed in state {state.value}")

@@ -323,12 +323,11 @@ class Activation:
     def own_task(self, coro: Any) -> asyncio.Task[Any]:
         return self._own(coro)
 
+    def __str__(self) -> str:
+        return f"activation {self.namespace}/{self.object_id}"
+
     def _step(self, event: str) -> None:
-        nxt = _TRANSITIONS.table.get((self.phase, event))
-        if nxt is None:  # (the label is made only for the error: each eviction steps once)
-            nxt = _TRANSITIONS.step(f"activation {self.namespace}/{self.object_id}",
-                                    self.phase, event)
-        self.phase = nxt
+        self.phase = _TRANSITIONS.step(self, self.phase, event)
 
     @property
     def live(self) -> bool:

@@ -218,3 +218,25 @@ def test_the_hex_of_a_names_id_is_the_ids_string():
         assert f.hex_from_name(name) == str(f.from_name(name))
     with pytest.raises(TypeError, match="takes a str"):
         f.hex_from_name(b"x")
+
+
+def test_a_transition_names_its_owner_only_when_it_is_refused():
+    import enum
+
+    from durable.fsm import IllegalTransition, Transitions
+
+    class P(enum.Enum):
+        A = "a"
+        B = "b"
+
+    named = []
+
+    class Owner:
+        def __str__(self) -> str:
+            named.append(1)
+            return "activation NS/x"
+
+    t = Transitions({(P.A, "go"): P.B})
+    assert t.step(Owner(), P.A, "go") is P.B and not named
+    with pytest.raises(IllegalTransition, match=r"activation NS/x: 'go' is not allowed in state b"):
+        t.step(Owner(), P.B, "go")
