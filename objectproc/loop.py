@@ -137,8 +137,8 @@ def name_key(namespace: str, object_id: str) -> bytes:
 
 
 #: Names of objects are stored under ``_durable_name_<NAMESPACE>/<id>`` (NAME_PREFIX: slot moves
-#: keep them with their object, as they go by id); configured namespaces may not start with
-#: "_durable".
+#: keep them with their object, as they go by id; on disk, in the object's row of ``objects``:
+#: storage/duck.py); configured namespaces may not start with "_durable".
 
 
 #: a stored name not read yet

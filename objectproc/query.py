@@ -42,8 +42,8 @@ import zmq
 from durable import codec, pushdown
 from durable.osthread import name_os_thread
 
+from .storage.duck import KV_ROWS, order_key
 from .storage.duck import NAME_PREFIX as _NAME_BYTES
-from .storage.duck import order_key
 from .storage.log import ALARM_DELETE, WriteSet
 from .storage.slot import SlotStore, fold
 
@@ -122,13 +122,15 @@ def _where(ranges: list[tuple[bytes, bytes]], params: dict[str, Any], col: str =
 
 
 def _live_kv(ov: Overlay, where: str, cols: str = "pk, obj, v, t", *,
-             tombstones: bool = False) -> str:
+             tombstones: bool = False, names: bool = False) -> str:
     """Live rows of the snapshot with the overlay laid over them (and deleted keys' rows,
-    ``v`` NULL, with ``tombstones``)."""
+    ``v`` NULL, with ``tombstones``); ``names``: with the name rows, which are kept in
+    ``objects`` (objectproc/storage/duck.py, NAME_PREFIX), as rows."""
     where = where if tombstones else f"v IS NOT NULL AND {where}"
+    kv = KV_ROWS if names else "kv"
     if ov.empty:
-        return f"SELECT {cols} FROM kv WHERE {where}"
-    return (f"SELECT {cols} FROM kv WHERE {where} "
+        return f"SELECT {cols} FROM {kv} WHERE {where}"
+    return (f"SELECT {cols} FROM {kv} WHERE {where} "
             "AND pk NOT IN (SELECT pk FROM durable_ov) AND obj NOT IN (SELECT obj FROM durable_ovc) "
             f"UNION ALL SELECT {cols} FROM durable_ov WHERE {where}")
 
@@ -158,7 +160,7 @@ def snapshot_sql(what: str, ov: Overlay, namespace: str | None,
     params: dict[str, Any] = {}
     where = _where(namespace_ranges(namespace), params)
     if what == "kv":
-        return f"SELECT pk, v, t FROM ({_live_kv(ov, where)})", params
+        return f"SELECT pk, v, t FROM ({_live_kv(ov, where, names=True)})", params
     if what in ("data", "agg"):  # (kv without the name rows: for a query that reads no names)
         params.clear()
         where = _data_where(namespace, params)
@@ -180,7 +182,8 @@ def snapshot_sql(what: str, ov: Overlay, namespace: str | None,
     if what == "names":  # (the name rows only: what the alarms view needs besides alarms)
         ranges = (namespace_ranges(namespace)[1:] if namespace else
                   [(NAME_PREFIX.encode(), NAME_PREFIX[:-1].encode() + b"`")])  # "`" follows "_"
-        return f"SELECT pk, v, t FROM ({_live_kv(ov, _where(ranges, params))})", params
+        return (f"SELECT pk, v, t FROM ({_live_kv(ov, _where(ranges, params), names=True)})",
+                params)
     if what == "alarms":
         return f"SELECT obj, due FROM ({_live_alarms(ov, where)})", params
     raise ValueError(f"what must be kv, data, names or alarms, got {what!r}")
@@ -289,7 +292,8 @@ def _count_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay,
     for obj, due in cur.execute(f"SELECT obj, due FROM ({_live_alarms(ov, f'obj IN ({inlist})')})",
                                 params).fetchall():
         stats[bytes(obj)][3] = due
-    for obj, v in cur.execute(f"SELECT obj, v FROM ({_live_kv(ov, f'obj IN ({inlist})')}) "
+    named = _live_kv(ov, f"obj IN ({inlist})", names=True)
+    for obj, v in cur.execute(f"SELECT obj, v FROM ({named}) "
                               "WHERE octet_length(pk) = octet_length(obj) + 5", names).fetchall():
         stats[bytes(obj)[len(NAME_PREFIX):]][4] = v
     return [(o, *st) for o, st in stats.items()]

@@ -180,10 +180,9 @@ def _import(config: Config, src: Path, manifest: dict[str, Any], data: Path,
         stores.append(store)
     limits = config.limits
     slot_of: dict[str, int] = {}
-    # obj -> [slot, name, write time]: a name row is written after the rows, with its
-    # object's earliest write time (an export carries names, not their rows' times, and rows
-    # come in no set order: the first row's time made two imports of one export differ).
-    named: dict[bytes, list[Any]] = {}
+    # obj -> (slot, name): a name row is written after the rows (the slot's next open moves
+    # it into its table of objects, which keeps names without a write time).
+    named: dict[bytes, tuple[int, Any]] = {}
     rows = objects_seen = 0
     namespaces: set[str] = set()
     reader = duckdb.connect(config={"threads": 2, "autoinstall_known_extensions": False,
@@ -217,20 +216,16 @@ def _import(config: Config, src: Path, manifest: dict[str, Any], data: Path,
                 obj = f"{namespace}/{object_id}".encode()
                 batches[slot].add(obj, _key(label, rows, key, limits),
                                   _value(label, rows, value, limits), t)
-                if name is not None:
-                    seen = named.get(obj)
-                    if seen is None:
-                        named[obj] = [slot, name, t]
-                    elif t is not None and (seen[2] is None or t < seen[2]):
-                        seen[2] = t
+                if name is not None and obj not in named:
+                    named[obj] = (slot, name)
             for n, batch in enumerate(batches):
                 if len(batch.pk) >= _BATCH:
                     batch.flush(stores[n])
             if time.monotonic() - last >= 1.0:
                 last = time.monotonic()
                 say(f"imported {rows:,} rows of {objects_seen:,} objects")
-        for obj, (slot, name, t) in named.items():
-            batches[slot].add(NAME_PREFIX.encode() + obj, b"name", codec.encode(name), t)
+        for obj, (slot, name) in named.items():
+            batches[slot].add(NAME_PREFIX.encode() + obj, b"name", codec.encode(name), None)
             if len(batches[slot].pk) >= _BATCH:
                 batches[slot].flush(stores[slot])
         named.clear()

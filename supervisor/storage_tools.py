@@ -29,7 +29,7 @@ import duckdb
 from durable.errors import StorageCorruptError
 from durable.fsutil import fsync_dir
 from durable.objectproc.storage import preimage
-from durable.objectproc.storage.duck import DuckStore
+from durable.objectproc.storage.duck import NAME_ROWS, DuckStore
 from durable.objectproc.storage.log import decode_writeset, list_segments, scan_segment
 from durable.objectproc.storage.slot import fold
 
@@ -103,6 +103,9 @@ def _check_duckdb(path: Path, report: SlotReport) -> None:
         rows, _size = con.execute("SELECT count(*), sum(octet_length(pk)) + sum(coalesce(octet_length(v), 0)) "
                                   "FROM kv WHERE v IS NOT NULL").fetchall()[0]
         con.execute("SELECT count(*), sum(octet_length(obj)) FROM kv").fetchall()
+        with contextlib.suppress(duckdb.CatalogException, duckdb.BinderException):  # (older)
+            con.execute("SELECT count(*), sum(octet_length(obj) + coalesce(octet_length(name), 0))"
+                        " FROM objects").fetchall()  # (names are kept there: duck.NAME_PREFIX)
         report.rows, report.duckdb_ok = rows, True
     except duckdb.Error as e:
         report.duckdb_ok, report.duckdb_error = False, str(e)
@@ -157,41 +160,55 @@ def verify_slot(data: Path, slot: int) -> SlotReport:
 
 
 def _salvage_rows(path: Path, progress: Callable[[str], None]) -> tuple[list[tuple], int, int, str]:
-    """Every row still readable from a damaged DuckDB file: (rows, applied_seq, lost, data_dir_id)."""
+    """Every row still readable from a damaged DuckDB file, names included (kept in
+    ``objects``, not ``kv``: duck.NAME_PREFIX, as the name rows :meth:`DuckStore.apply`
+    takes): (rows, applied_seq, lost, data_dir_id)."""
     try:
         con = duckdb.connect(str(path), read_only=True)
     except duckdb.Error as e:
         progress(f"the DuckDB file cannot be opened at all ({e}); rebuilding from the log only")
         return [], 0, -1, ""
-    rows: list[tuple] = []
-    lost = 0
     applied, ident = 0, ""
     try:
         with contextlib.suppress(duckdb.Error):
             applied = con.execute("SELECT v FROM meta WHERE k = 'applied_seq'").fetchall()[0][0]
         with contextlib.suppress(duckdb.Error, IndexError):
             ident = con.execute("SELECT v FROM meta_text WHERE k = 'data_dir_id'").fetchall()[0][0]
+        rows, lost = _salvage(con, "kv", f"SELECT pk, obj, v, {_t(con)} FROM kv WHERE TRUE",
+                              "rows", progress)
         try:
-            rows = con.execute(f"SELECT pk, obj, v, {_t(con)} FROM kv").fetchall()
-            return rows, applied, 0, ident
-        except duckdb.Error:
-            pass
-        try:
-            top = con.execute("SELECT max(rowid) FROM kv").fetchall()[0][0] or 0
-        except duckdb.Error:
-            top = 1 << 24
-        for lo in range(0, top + 1, _SALVAGE_CHUNK):
-            try:
-                rows += con.execute(f"SELECT pk, obj, v, {_t(con)} FROM kv "
-                                    "WHERE rowid >= $1 AND rowid < $2",
-                                    [lo, lo + _SALVAGE_CHUNK]).fetchall()
-            except duckdb.Error:
-                lost += 1
-        progress(f"read {len(rows)} rows from the damaged DuckDB file; {lost} chunks of up to "
-                 f"{_SALVAGE_CHUNK} rows were unreadable")
-        return rows, applied, lost * _SALVAGE_CHUNK, ident
+            con.execute("SELECT name FROM objects LIMIT 0").fetchall()
+        except duckdb.Error:  # (a file from before names were kept there, or its table lost)
+            return rows, applied, lost, ident
+        names, _ = _salvage(con, "objects", NAME_ROWS, "names", progress)
+        return rows + names, applied, lost, ident
     finally:
         con.close()
+
+
+def _salvage(con: duckdb.DuckDBPyConnection, table: str, sql: str, what: str,
+             progress: Callable[[str], None]) -> tuple[list[tuple], int]:
+    """``sql``'s rows (it ends in a WHERE clause on ``table``): whole, or else a chunk of
+    rowids at a time, skipping the chunks that fail; with at most how many rows were lost."""
+    try:
+        return con.execute(sql).fetchall(), 0
+    except duckdb.Error:
+        pass
+    try:
+        top = con.execute(f"SELECT max(rowid) FROM {table}").fetchall()[0][0] or 0
+    except duckdb.Error:
+        top = 1 << 24
+    rows: list[tuple] = []
+    lost = 0
+    for lo in range(0, top + 1, _SALVAGE_CHUNK):
+        try:
+            rows += con.execute(f"{sql} AND rowid >= $1 AND rowid < $2",
+                                [lo, lo + _SALVAGE_CHUNK]).fetchall()
+        except duckdb.Error:
+            lost += 1
+    progress(f"read {len(rows)} {what} from the damaged DuckDB file; {lost} chunks of up to "
+             f"{_SALVAGE_CHUNK} rows were unreadable")
+    return rows, lost * _SALVAGE_CHUNK
 
 
 def _t(con: duckdb.DuckDBPyConnection) -> str:

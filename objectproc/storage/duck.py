@@ -155,14 +155,28 @@ CREATE TABLE IF NOT EXISTS objects (obj BLOB USING COMPRESSION uncompressed PRIM
                                     due BIGINT, name BLOB USING COMPRESSION uncompressed);
 """
 
-#: Where object names are kept (objectproc/loop.py stores them as objects of their own:
-#: ``NAME_PREFIX ‖ namespace/id``, key ``name``). The ``objects`` row of the named object
-#: holds the name; the name's own object has no row there.
+#: Where object names are kept, as the slot's code sees them (objectproc/loop.py stores them
+#: as objects of their own: ``NAME_PREFIX ‖ namespace/id``, key ``name``). On disk a name is
+#: the ``name`` column of the named object's ``objects`` row and nothing else (``NAMES_IN``):
+#: as a row of ``kv`` it cost two more index entries and ~600 bytes an object (measured:
+#: docs/storage.md). A file from before keeps them as ``kv`` rows until its next open moves
+#: them (:meth:`DuckStore.rebuild_objects`); so does a bulk write that adds names as rows
+#: (`durable import`, slot migration).
 NAME_PREFIX = b"_durable_name_"
 #: ...under this key (its row's pk: ``NAME_PREFIX ‖ namespace/id/name``)
 NAME_KEY = "name"
 NAME_PK_SUFFIX = b"/" + NAME_KEY.encode()
 _NAMES = (NAME_PREFIX, NAME_PREFIX[:-1] + b"`")  # ("`" follows "_")
+#: A name's row in ``kv`` (``$1, $2``: _NAMES): its name object's key ``name``
+_NAME_ROW = "obj >= $1 AND obj < $2 AND pk = obj || '/name'::BLOB"
+#: ``meta_text('names')`` once the names are in ``objects`` only (see NAME_PREFIX)
+NAMES_IN = "objects"
+#: The name rows as ``kv`` held them, made from ``objects`` (``pk, obj, v, t``; no write time)
+NAME_ROWS = ("SELECT '{p}'::BLOB || obj || '{s}'::BLOB AS pk, '{p}'::BLOB || obj AS obj, "
+             "name AS v, NULL::BIGINT AS t FROM objects WHERE name IS NOT NULL").format(
+                 p=NAME_PREFIX.decode(), s=NAME_PK_SUFFIX.decode())
+#: Every row as ``kv`` held it when names were rows of it: what readers of the whole file see
+KV_ROWS = f"(SELECT pk, obj, v, t FROM kv UNION ALL {NAME_ROWS})"
 OBJECTS_VERSION = "2"  # (1: without ns and k, never released)
 #: ``objects.k``: the first bytes of the object's id as a number, in the same order as the ids.
 #: A top-N of this number (then the rows between the first and the last) costs a listing ~45 ms
@@ -181,9 +195,11 @@ WITH r AS (SELECT obj, count(v) AS keys,
                   coalesce(sum(octet_length(pk) - octet_length(obj) - 1 + octet_length(v)), 0)
                     AS bytes, max(t) AS t
            FROM kv WHERE NOT (obj >= $nlo AND obj < $nhi) GROUP BY obj),
-     n AS (SELECT obj[{len(NAME_PREFIX) + 1}:] AS obj, v AS name FROM kv
-           WHERE obj >= $nlo AND obj < $nhi AND v IS NOT NULL
-             AND octet_length(pk) = octet_length(obj) + 5)
+     r_n AS (SELECT obj[{len(NAME_PREFIX) + 1}:] AS obj, v AS name FROM kv
+             WHERE obj >= $nlo AND obj < $nhi AND v IS NOT NULL
+               AND pk = obj || '/name'::BLOB),
+     n AS (SELECT obj, name FROM r_n UNION ALL
+           SELECT obj, name FROM durable_old_names WHERE obj NOT IN (SELECT obj FROM r_n))
 SELECT obj, split_part(decode(obj), '/', 1),
        ('0x' || rpad(hex(encode(split_part(decode(obj), '/', 2))[:{K_BYTES}]), {2 * K_BYTES}, '0'))::BIGINT,
        coalesce(r.keys, 0), coalesce(r.bytes, 0), r.t, a.due, n.name
@@ -330,6 +346,7 @@ class DuckStore:
                     self.checkpoint()
                     log.info("%s: the table of objects for listings was made in %.1f s (once)",
                              path.name, time.monotonic() - started)
+                self.tombstones = self._one("SELECT count(*) FROM kv WHERE v IS NULL")
         except duckdb.Error as e:
             if new:  # a file this call began (a full disk): never leave it half made
                 self._close_connection()
@@ -450,20 +467,39 @@ class DuckStore:
 
     def _objects_current(self) -> bool:
         """Whether ``objects`` matches the rows: made by this layout, and kept by every batch
-        since (a version without it, run in between, applied batches and left it behind)."""
+        since (a version without it, run in between, applied batches and left it behind),
+        with the names in it (not rows of ``kv``: see NAME_PREFIX)."""
         return (self.meta_text("objects") == OBJECTS_VERSION and
-                self._one("SELECT v FROM meta WHERE k = 'objects_seq'") == self.applied_seq())
+                self.meta_text("names") == NAMES_IN and
+                self._one("SELECT v FROM meta WHERE k = 'objects_seq'") == self.applied_seq()
+                # (an older version run in between stores names as rows again)
+                and not self._one(f"SELECT EXISTS (SELECT 1 FROM kv WHERE {_NAME_ROW})",
+                                  list(_NAMES)))
 
     def rebuild_objects(self) -> int:
         """Make ``objects`` anew from ``kv`` and ``alarms`` (a file of an older version, or
-        after a bulk write that did not keep it): one GROUP BY of every row. Returns the
-        number of objects."""
+        after a bulk write that did not keep it): one GROUP BY of every row. Names come
+        from name rows in ``kv`` (an older file, `durable import`, a migration's copies),
+        which move into ``objects`` and leave ``kv``, or else from ``objects`` as it was
+        (the only place this version keeps them). Returns the number of objects."""
         w = self._writer
         w.execute("BEGIN")
         try:
+            try:
+                w.execute("CREATE OR REPLACE TEMP TABLE durable_old_names AS "
+                          "SELECT obj, name FROM objects WHERE name IS NOT NULL")
+            except (duckdb.CatalogException, duckdb.BinderException):  # (none, or no names)
+                w.execute("ROLLBACK")
+                w.execute("BEGIN")
+                w.execute("CREATE OR REPLACE TEMP TABLE durable_old_names "
+                          "(obj BLOB, name BLOB)")
             w.execute("DROP TABLE IF EXISTS objects")  # (any older layout of it too)
             w.execute(_OBJECTS_TABLE)
             w.execute(_REBUILD_OBJECTS, {"nlo": _NAMES[0], "nhi": _NAMES[1]})
+            w.execute("DROP TABLE durable_old_names")
+            w.execute(f"DELETE FROM kv WHERE {_NAME_ROW}", list(_NAMES))
+            w.execute("INSERT INTO meta_text VALUES ('names', $1) ON CONFLICT DO UPDATE "
+                      "SET v = excluded.v", [NAMES_IN])
             w.execute("INSERT INTO meta_text VALUES ('objects', $1) ON CONFLICT DO UPDATE "
                       "SET v = excluded.v", [OBJECTS_VERSION])
             w.execute("INSERT INTO meta SELECT 'objects_seq', v FROM meta WHERE k = 'applied_seq' "
@@ -514,8 +550,13 @@ class DuckStore:
     # -- reads (event loop thread) ------------------------------------------------
     def read_key(self, pk: bytes, cursor: duckdb.DuckDBPyConnection | None = None
                  ) -> bytes | None:
-        rows = (cursor or self._reader).execute("SELECT v FROM kv WHERE pk = $1",
-                                                [pk]).fetchall()
+        if pk.startswith(NAME_PREFIX) and pk.endswith(NAME_PK_SUFFIX):  # (a name: in `objects`)
+            rows = (cursor or self._reader).execute(
+                "SELECT name FROM objects WHERE obj = $1",
+                [pk[len(NAME_PREFIX):-len(NAME_PK_SUFFIX)]]).fetchall()
+        else:
+            rows = (cursor or self._reader).execute("SELECT v FROM kv WHERE pk = $1",
+                                                    [pk]).fetchall()
         return rows[0][0] if rows else None
 
     def read_object(self, obj: bytes, *, limit: int | None = None,
@@ -528,6 +569,10 @@ class DuckStore:
         # among large values; on 2.0 the subquery is the slower one: 149 against 36 ms for
         # 10 keys of 20 KB among 200k rows in no order, 1.8-3.4 against 1.1 ms for 3 small
         # keys among 600k rows, measured.) One statement: one snapshot.
+        if obj.startswith(NAME_PREFIX):  # (a name object: its key `name` is in `objects`)
+            rows = self.read_objects([obj], limit=1 << 30 if limit is None else limit,
+                                     cursor=cursor)
+            return [] if rows is None else rows[obj][:limit]
         cut = "" if limit is None else f" LIMIT {int(limit)}"
         return (cursor or self._reader).execute(
             f"SELECT pk, v FROM kv WHERE obj = $1{cut}", [obj]).fetchall()
@@ -543,10 +588,16 @@ class DuckStore:
         by one (:meth:`read_object`). The cap bounds the bytes a read holds, however many
         objects it asks for."""
         cap = 2 * limit * objects
+        named = [o[len(NAME_PREFIX):] for o in objs if o.startswith(NAME_PREFIX)]
         marks = ", ".join(f"${i}" for i in range(1, len(objs) + 1))
-        rows = (cursor or self._reader).execute(
-            f"SELECT obj, pk, v FROM kv WHERE obj IN ({marks}) LIMIT {int(cap)}", objs
-        ).fetchall()
+        sql = f"SELECT obj, pk, v FROM kv WHERE obj IN ({marks})"
+        if named:  # (names are in `objects`: the same statement, one snapshot)
+            nmarks = ", ".join(f"${i}" for i in range(len(objs) + 1, len(objs) + len(named) + 1))
+            sql += (f" UNION ALL SELECT '{NAME_PREFIX.decode()}'::BLOB || obj, "
+                    f"'{NAME_PREFIX.decode()}'::BLOB || obj || '{NAME_PK_SUFFIX.decode()}'::BLOB,"
+                    f" name FROM objects WHERE obj IN ({nmarks}) AND name IS NOT NULL")
+        rows = (cursor or self._reader).execute(f"{sql} LIMIT {int(cap)}",
+                                                objs + named).fetchall()
         if len(rows) >= cap:
             return None
         out: dict[bytes, list[tuple[bytes, bytes | None]]] = {obj: [] for obj in objs}
@@ -616,6 +667,12 @@ class DuckStore:
                     st[4] = None
                 else:
                     st[0], st[1], st[2] = 0, 0, None
+            names = {pk for pk, r in rows.items()
+                     if r[0].startswith(NAME_PREFIX) and pk == r[0] + NAME_PK_SUFFIX}
+            if names:  # (a name is its object's `objects` row's, not a row of kv)
+                for pk in names:
+                    stats[named_target(rows[pk][0])][4] = rows[pk][1]
+                rows = {pk: r for pk, r in rows.items() if pk not in names}  # (not the caller's)
             if rows:
                 pks = list(rows)
                 objs = [r[0] for r in rows.values()]
@@ -627,9 +684,7 @@ class DuckStore:
                 _insert(w, "kv", _KV_COLUMNS, [pks, objs, vals, [r[2] for r in rows.values()]])
                 tombstones += vals.count(None)
                 for pk, (obj, v, t) in rows.items():
-                    if obj.startswith(NAME_PREFIX):
-                        if pk == obj + NAME_PK_SUFFIX:
-                            stats[named_target(obj)][4] = v
+                    if obj.startswith(NAME_PREFIX):  # (a name object has no other key)
                         continue
                     st = stats[obj]
                     key = len(pk) - len(obj) - 1
@@ -705,10 +760,23 @@ class DuckStore:
         return {ns: [n, due] for ns, n, due in rows}
 
     # -- moving objects between slot files (migration; nothing else has the files open) --
+    def _names_kept(self) -> bool:
+        """Whether the file has ``objects.name`` (one from before has neither)."""
+        try:
+            self._reader.execute("SELECT name FROM objects LIMIT 0").fetchall()
+        except (duckdb.CatalogException, duckdb.BinderException):
+            return False
+        return True
+
+    def _objects_sql(self) -> str:
+        """Every object with a row, an alarm or a name here (its name object: see NAME_PREFIX)."""
+        sql = "SELECT obj FROM kv UNION SELECT obj FROM alarms"
+        return f"{sql} UNION SELECT obj FROM ({NAME_ROWS})" if self._names_kept() else sql
+
     def object_keys(self) -> list[bytes]:
-        """Every object's key (``namespace/id``) that has a row or an alarm here."""
-        return [bytes(r[0]) for r in self._reader.execute(
-            "SELECT obj FROM kv UNION SELECT obj FROM alarms").fetchall()]
+        """Every object's key (``namespace/id``, or a name object's) that has a row, an alarm
+        or a name here."""
+        return [bytes(r[0]) for r in self._reader.execute(self._objects_sql()).fetchall()]
 
     def move_objects(self, target: Path, objs: list[bytes], *, batch: int,
                      moved: Callable[[int], None] = lambda n: None) -> None:
@@ -721,33 +789,46 @@ class DuckStore:
         try:
             self.objects_stale()  # (both files' `objects` are rebuilt as they next open)
             w.execute("DELETE FROM target.meta_text WHERE k = 'objects'")
+            # A name goes as a row of kv there, which the target's rebuild moves into its
+            # `objects`; here it leaves with the object's `objects` row, where this file's
+            # rebuild would take it from (NAME_PREFIX).
+            names = self._names_kept()
+            steps = ["INSERT OR REPLACE INTO target.kv SELECT pk, obj, v, t FROM kv "
+                     "WHERE obj IN (SELECT unnest($1)) AND v IS NOT NULL",
+                     "INSERT OR REPLACE INTO target.alarms SELECT obj, due FROM alarms "
+                     "WHERE obj IN (SELECT unnest($1))",
+                     "DELETE FROM kv WHERE obj IN (SELECT unnest($1))",
+                     "DELETE FROM alarms WHERE obj IN (SELECT unnest($1))"]
+            # (by the named object's key: an object and its name object may fall in two
+            # batches, and the first one's delete takes the name from here)
+            by_target = [f"INSERT OR REPLACE INTO target.kv {NAME_ROWS} "
+                         "AND obj IN (SELECT unnest($1))",
+                         "DELETE FROM objects WHERE obj IN (SELECT unnest($1))"] if names else []
+            steps[1:1] = by_target[:1]
+            steps += by_target[1:]
             for k in range(0, len(objs), batch):
                 part = objs[k:k + batch]
-                for sql in ("INSERT OR REPLACE INTO target.kv SELECT pk, obj, v, t FROM kv "
-                            "WHERE obj IN (SELECT unnest($1)) AND v IS NOT NULL",
-                            "INSERT OR REPLACE INTO target.alarms SELECT obj, due FROM alarms "
-                            "WHERE obj IN (SELECT unnest($1))",
-                            "DELETE FROM kv WHERE obj IN (SELECT unnest($1))",
-                            "DELETE FROM alarms WHERE obj IN (SELECT unnest($1))"):
+                for sql in steps:
                     w.execute("BEGIN")
-                    w.execute(sql, [part])
+                    w.execute(sql, [[named_target(o) for o in part] if sql in by_target else part])
                     w.execute("COMMIT")
                 moved(len(part))
         finally:
             w.execute("DETACH target")
 
     def object_count_bound(self) -> int:
-        """At least the number of objects stored (rows + alarms: cheap, from DuckDB's counts)."""
-        return self._one("SELECT (SELECT count(*) FROM kv) + (SELECT count(*) FROM alarms)")
+        """At least the number of objects stored (rows + alarms + names: cheap, from DuckDB's
+        counts)."""
+        names = " + (SELECT count(name) FROM objects)" if self._names_kept() else ""
+        return self._one(f"SELECT (SELECT count(*) FROM kv) + (SELECT count(*) FROM alarms){names}")
 
     def iter_objects(self, chunk: int = 100_000):  # noqa: ANN201
-        """Every object with a row or an alarm, a list at a time (at start: nothing else runs,
+        """Every object with a row, an alarm or a name, a list at a time (at start: nothing else runs,
         so the open result holds no checkpoint back). Through Arrow: 0.5 s for 500k objects
         among 2M rows, against 0.9 s through fetchmany (measured)."""
         cur = self._con.cursor()
         try:
-            reader = cur.sql("SELECT DISTINCT obj FROM kv UNION SELECT obj FROM alarms"
-                             ).to_arrow_reader(chunk)
+            reader = cur.sql(self._objects_sql()).to_arrow_reader(chunk)
             for batch in reader:
                 yield batch.column(0).to_pylist()
         finally:

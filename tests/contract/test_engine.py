@@ -740,7 +740,8 @@ def test_ids_and_names_are_stored_uncompressed_across_checkpoints_and_reopens(tm
         stats = compressions(duck, "objects")
         ids = {m for c, m in stats if c in ("obj", "name")}
         assert ids and ids <= {"Uncompressed", "Constant"}, stats
-        assert duck._reader.execute("SELECT count(*) FROM kv").fetchall()[0][0] == 20_000
+        # (the names are the `objects` rows', not rows of kv: docs/storage.md)
+        assert duck._reader.execute("SELECT count(*) FROM kv").fetchall()[0][0] == 10_000
         assert duck._reader.execute("SELECT count(*) FROM objects WHERE name IS NOT NULL"
                                     ).fetchall()[0][0] == 10_000
     finally:
@@ -780,7 +781,7 @@ def test_upserts_of_new_objects_skip_the_delete_and_match_a_model_and_a_rebuild(
     say, across batches, reopenings (the filter rebuilt from DuckDB) and names."""
     from hypothesis import example, given, settings
 
-    from durable.objectproc.storage.duck import name_twin
+    from durable.objectproc.storage.duck import KV_ROWS, NAME_PREFIX, name_twin
     from durable.objectproc.storage.log import ALARM_DELETE, ALARM_KEEP
     name, x, keep = _FAMILY[2], _FAMILY[0], ALARM_KEEP
 
@@ -836,7 +837,10 @@ def test_upserts_of_new_objects_skip_the_delete_and_match_a_model_and_a_rebuild(
                             alarms[obj] = alarm
                 await slot.flush()
                 duck = slot.duck
-                assert _rows(duck, "SELECT pk, v FROM kv") == sorted(model.items())
+                # (a name is its object's `objects` row's, where a deleted one leaves nothing)
+                assert _rows(duck, f"SELECT pk, v FROM {KV_ROWS}") == sorted(
+                    (pk, v) for pk, v in model.items()
+                    if v is not None or not (pk.startswith(NAME_PREFIX) and pk.endswith(b"/name")))
                 assert _rows(duck, "SELECT obj, due FROM alarms") == sorted(alarms.items())
                 kept = _rows(duck, "SELECT * FROM objects")
                 duck.rebuild_objects()
@@ -991,11 +995,13 @@ async def test_warm_reads_an_object_and_its_name_in_one_statement_unless_they_ar
         calls.clear()
         got = await slot.warm([b"NS/small", NAME_PREFIX + b"NS/never"])  # (one not stored)
         assert calls == ["read_object"] and got[NAME_PREFIX + b"NS/never"] == ({}, True)
-        # (through the obj index, not a scan of the table: the statement as DuckDB runs it)
+        # (through the obj indexes, not a scan of either table: the statement as DuckDB runs
+        # it; the name is in `objects`)
         rec = _Recorder(slot.duck._reader)
         assert slot.duck.read_objects(small, limit=WARM_ROWS + 1, cursor=rec) is not None
         [(sql, params)] = rec.statements
-        assert _table_scans(slot.duck._reader, sql, params) == [("kv", "Index Scan")], sql
+        assert _table_scans(slot.duck._reader, sql, params) == [
+            ("kv", "Index Scan"), ("objects", "Index Scan")], sql
     finally:
         await slot.close()
 
@@ -1121,12 +1127,15 @@ async def test_first_reads_that_wait_together_are_read_in_one_statement(tmp_path
         gone.cancel()
         assert await kept == alone["o2"] and await first == alone["o0"]
         assert calls == [("read_objects", 2), ("read_objects", 2)], calls
-        # (through the obj index, not a scan of the table)
+        # (through the obj index, not a scan of the table; the names are in `objects`, which
+        # DuckDB scans whole while it holds a few rows, and through its index when big:
+        # test_warm_reads_an_object_and_its_name_in_one_statement_unless_they_are_big)
         rec = _Recorder(slot.duck._reader)
         keys = [k for o in small[:8] for k in pairs[o]]
         assert slot.duck.read_objects(keys, limit=WARM_ROWS + 1, objects=4, cursor=rec) is not None
         [(sql, params)] = rec.statements
-        assert _table_scans(slot.duck._reader, sql, params) == [("kv", "Index Scan")], sql
+        scans = _table_scans(slot.duck._reader, sql, params)
+        assert scans[0] == ("kv", "Index Scan") and [t for t, _ in scans] == ["kv", "objects"], sql
     finally:
         await slot.close()
 
@@ -1210,3 +1219,117 @@ def test_object_keys_refuse_bad_namespaces_and_ids_also_after_good_ones():
                     ("NS", "a/b"), ("NS", ""), ("NS", None), ("NS", "é")]:
         with pytest.raises(ValueError, match="namespace|object id"):
             object_key(ns, oid)
+
+
+def _named_store(path, n):
+    """A slot file of ``n`` named objects of one key each, as the applier writes them."""
+    from durable.objectproc.storage.duck import NAME_PREFIX, DuckStore
+    duck = DuckStore(path)
+    rows = {}
+    for i in range(n):
+        obj = f"NS/{i:064x}".encode()
+        rows[obj + b"/k"] = (obj, b"1", 1)
+        rows[NAME_PREFIX + obj + b"/name"] = (NAME_PREFIX + obj, f'"o{i}"'.encode(), 1)
+    duck.apply(rows, set(), n)
+    return duck
+
+
+def test_names_are_kept_in_the_table_of_objects_not_as_rows_and_read_as_before(tmp_path):
+    """A name as a row of kv cost two index entries and ~600 bytes an object (docs/storage.md):
+    it is its object's `objects` row's alone, and reads of the name object find it there."""
+    from durable.objectproc.storage.duck import KV_ROWS, NAME_PREFIX
+    duck = _named_store(tmp_path / "slot-0.duckdb", 50)
+    try:
+        obj = f"NS/{7:064x}".encode()
+        twin = NAME_PREFIX + obj
+        assert duck._reader.execute("SELECT count(*) FROM kv WHERE obj >= $1 AND obj < $2",
+                                    [NAME_PREFIX, NAME_PREFIX[:-1] + b"`"]).fetchall() == [(0,)]
+        assert duck.read_key(twin + b"/name") == b'"o7"'
+        assert duck.read_object(twin) == [(twin + b"/name", b'"o7"')]
+        got = duck.read_objects([obj, twin], limit=10)
+        assert got == {obj: [(obj + b"/k", b"1")], twin: [(twin + b"/name", b'"o7"')]}
+        assert twin in duck.object_keys() and obj in duck.object_keys()
+        assert duck.object_count_bound() >= 100
+        # (every row as readers of the whole file see it: the names as the rows they were)
+        assert (twin + b"/name", b'"o7"') in duck._reader.execute(
+            f"SELECT pk, v FROM {KV_ROWS}").fetchall()
+        # a name changed, then deleted (a tombstone): the `objects` row follows, kv holds none
+        duck.apply({twin + b"/name": (twin, b'"seven"', 2)}, set(), 51)
+        assert duck.read_key(twin + b"/name") == b'"seven"'
+        duck.apply({twin + b"/name": (twin, None, 3)}, set(), 52)
+        assert duck.read_key(twin + b"/name") is None and duck.read_object(twin) == []
+        assert duck._reader.execute("SELECT keys, name FROM objects WHERE obj = $1",
+                                    [obj]).fetchall() == [(1, None)]
+    finally:
+        duck.close()
+
+
+def test_a_file_with_names_as_rows_moves_them_into_its_objects_as_it_opens(tmp_path):
+    """A file from before (or `durable import`'s, or a migration's copies) holds names as kv
+    rows: its next open moves them into `objects`, once, and reads find them the same."""
+    from durable.objectproc.storage.duck import NAME_PREFIX, DuckStore
+    path = tmp_path / "slot-0.duckdb"
+    duck = _named_store(path, 30)
+    try:  # (as a version before this one left it: names as rows, no mark that they moved)
+        duck._reader.execute("INSERT INTO kv SELECT '_durable_name_'::BLOB || obj || "
+                             "'/name'::BLOB, '_durable_name_'::BLOB || obj, name, 1 FROM objects")
+        duck._reader.execute("UPDATE objects SET name = NULL WHERE obj > $1",
+                             [f"NS/{20:064x}".encode()])  # (and some only there)
+        duck._reader.execute("DELETE FROM meta_text WHERE k = 'names'")
+    finally:
+        duck.close()
+    duck = DuckStore(path)
+    try:
+        assert duck.meta_text("names") == "objects" and duck._objects_current()
+        assert duck._reader.execute("SELECT count(*) FROM kv").fetchall() == [(30,)]
+        assert duck._reader.execute("SELECT count(name) FROM objects").fetchall() == [(30,)]
+        for i in (0, 25):
+            twin = NAME_PREFIX + f"NS/{i:064x}".encode()
+            assert duck.read_key(twin + b"/name") == f'"o{i}"'.encode()
+    finally:
+        duck.close()
+    duck = DuckStore(path)  # (once: the next open finds nothing to move)
+    try:
+        assert duck._reader.execute("SELECT count(name) FROM objects").fetchall() == [(30,)]
+        # an older version run in between stores a name as a row again (the mark stays)
+        twin = NAME_PREFIX + f"NS/{3:064x}".encode()
+        duck._reader.execute("INSERT INTO kv VALUES ($1, $2, $3, 1)",
+                             [twin + b"/name", twin, b'"three"'])
+    finally:
+        duck.close()
+    duck = DuckStore(path)
+    try:
+        assert duck._reader.execute("SELECT count(*) FROM kv").fetchall() == [(30,)]
+        assert duck.read_key(twin + b"/name") == b'"three"'
+    finally:
+        duck.close()
+
+
+def test_a_damaged_files_salvage_and_a_migration_keep_the_names(tmp_path):
+    """`durable repair` reads every row it can, names included (they are no longer rows of
+    kv), and a move between slot files takes the names along."""
+    from durable.objectproc.storage.duck import NAME_PREFIX, DuckStore
+    from durable.supervisor.storage_tools import _salvage_rows
+    duck = _named_store(tmp_path / "slot-0.duckdb", 10)
+    duck.close()
+    rows, applied, lost, _ = _salvage_rows(tmp_path / "slot-0.duckdb", lambda m: None)
+    assert applied == 10 and lost == 0
+    names = {bytes(pk): bytes(v) for pk, _o, v, _t in rows if bytes(pk).startswith(NAME_PREFIX)}
+    assert names == {NAME_PREFIX + f"NS/{i:064x}/name".encode(): f'"o{i}"'.encode()
+                     for i in range(10)}
+    DuckStore(tmp_path / "slot-1.duckdb", objects=False).close()
+    duck = DuckStore(tmp_path / "slot-0.duckdb", objects=False)
+    try:
+        moving = [o for o in duck.object_keys() if o.endswith(b"1") or o.endswith(b"2")]
+        assert len(moving) == 4  # (two objects and their names)
+        duck.move_objects(tmp_path / "slot-1.duckdb", moving, batch=3)
+    finally:
+        duck.close()
+    for slot, want in ((0, [0, 3, 4, 5, 6, 7, 8, 9]), (1, [1, 2])):
+        duck = DuckStore(tmp_path / f"slot-{slot}.duckdb")
+        try:
+            got = duck._reader.execute("SELECT obj, name FROM objects ORDER BY obj").fetchall()
+            assert got == [(f"NS/{i:064x}".encode(), f'"o{i}"'.encode()) for i in want], slot
+            assert duck._reader.execute("SELECT count(*) FROM kv").fetchall() == [(len(want),)]
+        finally:
+            duck.close()

@@ -21,6 +21,7 @@ import durable
 from durable.broker.ring import Ring
 from durable.errors import CallTimeoutError, QueryError
 from durable.ids import IdFactory, namespace_key
+from durable.objectproc.storage.duck import KV_ROWS
 from tests.integration.daemon import serving
 from tests.integration.test_storage_faults import cli
 
@@ -552,7 +553,9 @@ def test_export_import_round_trip_of_100k_objects(tmp_path):
         for root in (a, b):
             con = duckdb.connect(str(root / "durable-data" / f"slot-{slot}.duckdb"), read_only=True)
             rows.append((
-                con.execute("SELECT pk, v, t FROM kv WHERE v IS NOT NULL ORDER BY pk").fetchall(),
+                # (as readers see them: the names, kept in `objects`, as rows)
+                con.execute(f"SELECT pk, v, t FROM {KV_ROWS} WHERE v IS NOT NULL ORDER BY pk"
+                            ).fetchall(),
                 con.execute("SELECT obj, due FROM alarms ORDER BY obj").fetchall()))
             con.close()
         # (a deleted object's name stays stored beside it, but an export has no row to carry it)
@@ -560,9 +563,9 @@ def test_export_import_round_trip_of_100k_objects(tmp_path):
         kept = [r for r in rows[0][0] if not r[0].startswith(b"_durable_name_")
                 or r[0][len(b"_durable_name_"):].rsplit(b"/", 1)[0] in live]
         assert len(rows[0][0]) - len(kept) == (1 if slot == deleted_slot else 0)
-        # Every row whole, times included. A name row takes its object's earliest write time
-        # (an export has no row of its own for a name), so two imports of one export agree
-        # whatever order the rows came in (session 9 saw object-1's name differ once in five).
+        # Every row whole, times included. (A name has no write time of its own now, where its
+        # row once took its object's earliest: session 9 saw object-1's name differ once in
+        # five, by the order the rows came in.)
         assert len(kept) > 100_000
         assert (kept, rows[0][1]) == (rows[1][0], rows[1][1])
 

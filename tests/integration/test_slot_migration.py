@@ -38,6 +38,13 @@ def read_all(d):
         return [int(ns.get(ns.id_from_name(f"m{i}")).fetch("http://do/").text()) for i in range(OBJECTS)]
 
 
+def names(d) -> list[str]:
+    """The objects' stored names, through `durable sql` (read before any call by name, which
+    would store a lost name again)."""
+    with durable.connect_sync(f"ipc://{d.root / 'durable-data' / 'run' / 'admin.sock'}") as c:
+        return sorted(str(r[0]) for r in c.sql("SELECT object_name FROM objects").rows)
+
+
 def stop(d):
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(timeout=30) == 0, d.log_text()
@@ -52,6 +59,8 @@ def test_changing_slot_count_keeps_every_objects_data(tmp_path):
     for slots in (3, 1, 2):
         with serving(tmp_path, CONFIG.format(slots=slots)) as d:
             d.wait_ready()
+            # (names are kept in each slot's table of objects, and move with their objects)
+            assert names(d) == sorted(f"m{i}" for i in range(OBJECTS)), slots
             assert read_all(d) == want, f"after moving to {slots} slots"
             # each step of the move asked systemd for more time than TimeoutStartSec
             assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in
