@@ -291,6 +291,17 @@ class LoopSocket:
             self._flush_due = True
             self.loop.call_soon(self._flush_soon)
 
+    def send_queued(self) -> None:
+        """Send what :meth:`send` queued now, not after the rest of the turn's ready work.
+
+        Why: the object process calls it once the calls woken by a durable group have
+        queued their replies (``SlotStore.after_durable``). The turn's flush would run only
+        after that turn's new input had been read and handled, ~1 ms later on this VM, while
+        the replies' callers wait: with 64 calls in flight, new objects 6-13% faster
+        (docs/messaging.md, "Replies leave before the next calls are read")."""
+        if self._backlog:
+            self._flush_soon()
+
     def _retry(self) -> None:
         self._retry_due = False
         self._flush_soon()

@@ -384,6 +384,7 @@ class ObjectProcess:
             self._alarm_given_up, rate=cfg.alarm_rate, concurrency=cfg.alarm_concurrency,
             retries=cfg.alarm_retries, retry_base=cfg.alarm_retry_base)
         self.store.on_alarm = self.alarms.on_alarm
+        self.store.after_durable = self._send_replies
         self.alarms.start()
         if self.lifeline is not None:
             # (the loop has not turned since run() began: opening storage may have taken
@@ -636,6 +637,13 @@ class ObjectProcess:
                     self.config.slot, time.monotonic() - began)
         self._register()
         return True
+
+    def _send_replies(self) -> None:
+        """The replies that calls woken by a durable group queued: sent now (SlotStore.
+        after_durable; LoopSocket.send_queued says why)."""
+        if self.peer_server is not None:
+            self.peer_server.sock.send_queued()
+        self._sock.send_queued()
 
     def _send(self, frames: list[bytes]) -> None:
         if len(frames) > 1:

@@ -391,6 +391,10 @@ class SlotStore:
         #: set by the object process's alarm scheduler: ``on_alarm(obj, due_ms or None)``
         self.on_alarm: Callable[[bytes, int | None], None] | None = None
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        #: Run once the calls a durable group woke have run to their replies (scheduled
+        #: after their tasks' steps, before the next turn's input): the object process sends
+        #: those replies then (LoopSocket.send_queued).
+        self.after_durable: Callable[[], None] | None = None
         self._kick_due = False
         self.failed: BaseException | None = None
         self.applied_seq = next_seq - 1
@@ -656,10 +660,14 @@ class SlotStore:
 
     def _resolve(self, seq: int) -> None:
         w = self._waiters
+        woke = False
         while w and w[0][0] <= seq:
             _, fut = w.popleft()
             if not fut.done():
                 fut.set_result(None)
+                woke = True
+        if woke and self.after_durable is not None:
+            self.loop.call_soon(self.after_durable)
         self._durable_alarms(seq)
 
     def _durable_alarms(self, seq: int) -> None:

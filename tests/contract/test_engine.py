@@ -1333,3 +1333,32 @@ def test_a_damaged_files_salvage_and_a_migration_keep_the_names(tmp_path):
             assert duck._reader.execute("SELECT count(*) FROM kv").fetchall() == [(len(want),)]
         finally:
             duck.close()
+
+
+async def test_after_durable_runs_once_the_woken_calls_have_run_on_and_not_without_them(tmp_path):
+    """SlotStore.after_durable (the object process sends the replies then): scheduled by a
+    durable group that woke callers, it runs after their steps and before the next turn's
+    other work; a group that woke none does not run it."""
+    slot = SlotStore(tmp_path, **NEVER)
+    seen: list[str] = []
+    slot.after_durable = lambda: seen.append("after")
+    try:
+        async def call(n: int) -> None:
+            s = ObjectStorage(slot, "NS", f"o{n}")
+            await s.put("k", n)
+            await s.sync()  # (the output gate)
+            seen.append(f"reply {n}")
+
+        await asyncio.gather(call(1), call(2))
+        await asyncio.sleep(0)
+        # (one group, as a rule; two would each be followed by their own "after")
+        assert seen[0] == "reply 1" and seen[-1] == "after" and "reply 2" in seen, seen
+        assert seen in (["reply 1", "reply 2", "after"],
+                        ["reply 1", "after", "reply 2", "after"]), seen
+        seen.clear()
+        slot._resolve(slot.log.durable_seq)  # (a group no caller waited for)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert seen == []
+    finally:
+        await slot.close()

@@ -330,3 +330,37 @@ def test_batches_the_peer_refuses_for_now_wait_and_arrive_whole_and_in_order(tmp
         dealer.close(0)
         ctx.term()
     assert got == [b"%d" % i for i in range(n)] and batches >= 1
+
+
+def test_send_queued_sends_the_queue_at_once_and_the_turns_flush_finds_it_empty(pair):
+    """LoopSocket.send_queued: what send queued leaves now, in order, not after the rest of
+    the turn's ready work (the object process's replies, once a durable group woke their
+    calls); the turn's flush then sends nothing twice."""
+    import asyncio
+
+    from durable.transport import LoopSocket
+
+    router, dealer = pair
+
+    async def main() -> list[list[bytes]]:
+        ls = LoopSocket(dealer, lambda f: None)
+        await asyncio.sleep(0)
+        ls.send_queued()  # (nothing queued: nothing sent)
+        asyncio.get_running_loop().call_soon(lambda: None)  # other work is ready
+        ls.send([b"r1"])
+        ls.send([b"r2"])
+        assert ls.backlog == 2
+        ls.send_queued()
+        assert ls.backlog == 0
+        got = []
+        for _ in range(2):
+            wait_input(router)
+            got.append(recv_frames(router))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # (the turn's own flush has run)
+        time.sleep(0.05)
+        assert not has_input(router)
+        ls.close(linger=0)
+        return got
+
+    assert asyncio.run(main()) == [[b"D", b"r1"], [b"D", b"r2"]]
