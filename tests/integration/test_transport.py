@@ -358,7 +358,7 @@ def test_send_queued_sends_the_queue_at_once_and_the_turns_flush_finds_it_empty(
             got.append(recv_frames(router))
         await asyncio.sleep(0)
         await asyncio.sleep(0)  # (the turn's own flush has run)
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
         assert not has_input(router)
         ls.close(linger=0)
         return got
