@@ -1362,3 +1362,32 @@ async def test_after_durable_runs_once_the_woken_calls_have_run_on_and_not_witho
         assert seen == []
     finally:
         await slot.close()
+
+
+async def test_calls_a_durable_group_wakes_go_on_ahead_of_the_callbacks_ready_before(tmp_path):
+    """The log's word moves the woken calls' steps (and after_durable behind them) ahead of
+    what was ready on the loop when it came: the turn's new input waited for them to reply
+    (docs/messaging.md, session 56)."""
+    loop = asyncio.get_running_loop()
+    slot = SlotStore(tmp_path, **NEVER)
+    seen: list[str] = []
+    slot.after_durable = lambda: seen.append("after")
+    try:
+        async def wait(n: int) -> None:
+            fut = loop.create_future()
+            slot._waiters.append((n, fut))
+            await fut
+            seen.append(f"woken {n}")
+
+        tasks = [asyncio.ensure_future(wait(n)) for n in (1, 2)]
+        await asyncio.sleep(0)  # (both wait)
+
+        def word() -> None:  # (as the log's word runs: other callbacks ready behind it)
+            loop.call_soon(seen.append, "ready before")
+            slot._resolve(2)
+        loop.call_soon(word)
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0)
+        assert seen == ["woken 1", "woken 2", "after", "ready before"], seen
+    finally:
+        await slot.close()
