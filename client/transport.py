@@ -297,8 +297,8 @@ class LoopSocket:
         Why: the object process calls it once the calls woken by a durable group have
         queued their replies (``SlotStore.after_durable``). The turn's flush would run only
         after that turn's new input had been read and handled, ~1 ms later on this VM, while
-        the replies' callers wait: with 64 calls in flight, new objects 6-13% faster
-        (docs/messaging.md, "Replies leave before the next calls are read")."""
+        the replies' callers wait: with 64 calls in flight, new objects 1-13% faster in 4
+        pairs (docs/messaging.md, "Replies leave before the next calls are read")."""
         if self._backlog:
             self._flush_soon()
 

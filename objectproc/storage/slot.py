@@ -672,7 +672,7 @@ class SlotStore:
         ``after_durable`` follows them."""
         w = self._waiters
         ready = self._loop_ready
-        before = len(ready)
+        before = 0 if ready is None else len(ready)
         woke = False
         while w and w[0][0] <= seq:
             _, fut = w.popleft()

@@ -1384,10 +1384,19 @@ async def test_calls_a_durable_group_wakes_go_on_ahead_of_the_callbacks_ready_be
 
         def word() -> None:  # (as the log's word runs: other callbacks ready behind it)
             loop.call_soon(seen.append, "ready before")
-            slot._resolve(2)
+            slot._resolve(3)
         loop.call_soon(word)
         await asyncio.gather(*tasks)
         await asyncio.sleep(0)
         assert seen == ["woken 1", "woken 2", "after", "ready before"], seen
+        # a loop without asyncio's ready deque: nothing moves, after_durable still follows
+        seen.clear()
+        slot._loop_ready = None
+        tasks = [asyncio.ensure_future(wait(3))]
+        await asyncio.sleep(0)
+        loop.call_soon(word)
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(0)
+        assert seen == ["ready before", "woken 3", "after"], seen
     finally:
         await slot.close()
