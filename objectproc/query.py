@@ -42,7 +42,7 @@ import zmq
 from durable import codec, pushdown
 from durable.osthread import name_os_thread
 
-from .storage.duck import KV_ROWS, order_key
+from .storage.duck import KV_ROWS, name_rows, order_key
 from .storage.duck import NAME_PREFIX as _NAME_BYTES
 from .storage.log import ALARM_DELETE, WriteSet
 from .storage.slot import SlotStore, fold
@@ -122,12 +122,11 @@ def _where(ranges: list[tuple[bytes, bytes]], params: dict[str, Any], col: str =
 
 
 def _live_kv(ov: Overlay, where: str, cols: str = "pk, obj, v, t", *,
-             tombstones: bool = False, names: bool = False) -> str:
+             tombstones: bool = False, kv: str = "kv") -> str:
     """Live rows of the snapshot with the overlay laid over them (and deleted keys' rows,
-    ``v`` NULL, with ``tombstones``); ``names``: with the name rows, which are kept in
-    ``objects`` (objectproc/storage/duck.py, NAME_PREFIX), as rows."""
+    ``v`` NULL, with ``tombstones``); ``kv``: the rows read (KV_ROWS: with the name rows,
+    which are kept in ``objects``, objectproc/storage/duck.py, NAME_PREFIX)."""
     where = where if tombstones else f"v IS NOT NULL AND {where}"
-    kv = KV_ROWS if names else "kv"
     if ov.empty:
         return f"SELECT {cols} FROM {kv} WHERE {where}"
     return (f"SELECT {cols} FROM {kv} WHERE {where} "
@@ -160,7 +159,7 @@ def snapshot_sql(what: str, ov: Overlay, namespace: str | None,
     params: dict[str, Any] = {}
     where = _where(namespace_ranges(namespace), params)
     if what == "kv":
-        return f"SELECT pk, v, t FROM ({_live_kv(ov, where, names=True)})", params
+        return f"SELECT pk, v, t FROM ({_live_kv(ov, where, kv=KV_ROWS)})", params
     if what in ("data", "agg"):  # (kv without the name rows: for a query that reads no names)
         params.clear()
         where = _data_where(namespace, params)
@@ -182,7 +181,7 @@ def snapshot_sql(what: str, ov: Overlay, namespace: str | None,
     if what == "names":  # (the name rows only: what the alarms view needs besides alarms)
         ranges = (namespace_ranges(namespace)[1:] if namespace else
                   [(NAME_PREFIX.encode(), NAME_PREFIX[:-1].encode() + b"`")])  # "`" follows "_"
-        return (f"SELECT pk, v, t FROM ({_live_kv(ov, _where(ranges, params), names=True)})",
+        return (f"SELECT pk, v, t FROM ({_live_kv(ov, _where(ranges, params), kv=KV_ROWS)})",
                 params)
     if what == "alarms":
         return f"SELECT obj, due FROM ({_live_alarms(ov, where)})", params
@@ -277,7 +276,7 @@ def _count_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay,
     if not objs:
         return []
     params = {f"o{i}": o for i, o in enumerate(objs)}
-    names = {f"o{i}": _NAME_BYTES + o for i, o in enumerate(objs)}
+    names = {f"n{i}": _NAME_BYTES + o for i, o in enumerate(objs)}
     inlist = ", ".join(f"$o{i}" for i in range(len(objs)))
     stats = {o: [0, 0, None, None, None] for o in objs}
     for obj, size, t in cur.execute(  # (a deleted key's write is a write: its time counts)
@@ -292,7 +291,11 @@ def _count_objects(cur: duckdb.DuckDBPyConnection, ov: Overlay,
     for obj, due in cur.execute(f"SELECT obj, due FROM ({_live_alarms(ov, f'obj IN ({inlist})')})",
                                 params).fetchall():
         stats[bytes(obj)][3] = due
-    named = _live_kv(ov, f"obj IN ({inlist})", names=True)
+    # (these objects' names only, through the index of `objects`: not a scan of all names)
+    names.update(params)
+    kv = f"(SELECT pk, obj, v, t FROM kv UNION ALL {name_rows(f'obj IN ({inlist})')})"
+    named = _live_kv(ov, "obj IN (" + ", ".join(f"$n{i}" for i in range(len(objs))) + ")",
+                     kv=kv)
     for obj, v in cur.execute(f"SELECT obj, v FROM ({named}) "
                               "WHERE octet_length(pk) = octet_length(obj) + 5", names).fetchall():
         stats[bytes(obj)[len(NAME_PREFIX):]][4] = v

@@ -171,10 +171,18 @@ _NAMES = (NAME_PREFIX, NAME_PREFIX[:-1] + b"`")  # ("`" follows "_")
 _NAME_ROW = "obj >= $1 AND obj < $2 AND pk = obj || '/name'::BLOB"
 #: ``meta_text('names')`` once the names are in ``objects`` only (see NAME_PREFIX)
 NAMES_IN = "objects"
-#: The name rows as ``kv`` held them, made from ``objects`` (``pk, obj, v, t``; no write time)
-NAME_ROWS = ("SELECT '{p}'::BLOB || obj || '{s}'::BLOB AS pk, '{p}'::BLOB || obj AS obj, "
-             "name AS v, NULL::BIGINT AS t FROM objects WHERE name IS NOT NULL").format(
-                 p=NAME_PREFIX.decode(), s=NAME_PK_SUFFIX.decode())
+
+
+def name_rows(where: str = "TRUE") -> str:
+    """The name rows as ``kv`` held them, made from ``objects`` (``pk, obj, v, t``; no write
+    time), of the ``objects`` rows ``where`` picks (by its own columns: through its index).
+    Ends in its WHERE clause, so a caller may add conditions on ``objects`` with AND."""
+    p, s = NAME_PREFIX.decode(), NAME_PK_SUFFIX.decode()
+    return (f"SELECT '{p}'::BLOB || obj || '{s}'::BLOB AS pk, '{p}'::BLOB || obj AS obj, "
+            f"name AS v, NULL::BIGINT AS t FROM objects WHERE name IS NOT NULL AND ({where})")
+
+
+NAME_ROWS = name_rows()
 #: Every row as ``kv`` held it when names were rows of it: what readers of the whole file see
 KV_ROWS = f"(SELECT pk, obj, v, t FROM kv UNION ALL {NAME_ROWS})"
 OBJECTS_VERSION = "2"  # (1: without ns and k, never released)
@@ -593,9 +601,7 @@ class DuckStore:
         sql = f"SELECT obj, pk, v FROM kv WHERE obj IN ({marks})"
         if named:  # (names are in `objects`: the same statement, one snapshot)
             nmarks = ", ".join(f"${i}" for i in range(len(objs) + 1, len(objs) + len(named) + 1))
-            sql += (f" UNION ALL SELECT '{NAME_PREFIX.decode()}'::BLOB || obj, "
-                    f"'{NAME_PREFIX.decode()}'::BLOB || obj || '{NAME_PK_SUFFIX.decode()}'::BLOB,"
-                    f" name FROM objects WHERE obj IN ({nmarks}) AND name IS NOT NULL")
+            sql += f" UNION ALL SELECT obj, pk, v FROM ({name_rows(f'obj IN ({nmarks})')})"
         rows = (cursor or self._reader).execute(f"{sql} LIMIT {int(cap)}",
                                                 objs + named).fetchall()
         if len(rows) >= cap:
@@ -801,8 +807,8 @@ class DuckStore:
                      "DELETE FROM alarms WHERE obj IN (SELECT unnest($1))"]
             # (by the named object's key: an object and its name object may fall in two
             # batches, and the first one's delete takes the name from here)
-            by_target = [f"INSERT OR REPLACE INTO target.kv {NAME_ROWS} "
-                         "AND obj IN (SELECT unnest($1))",
+            by_target = [f"INSERT OR REPLACE INTO target.kv "
+                         f"{name_rows('obj IN (SELECT unnest($1))')}",
                          "DELETE FROM objects WHERE obj IN (SELECT unnest($1))"] if names else []
             steps[1:1] = by_target[:1]
             steps += by_target[1:]
