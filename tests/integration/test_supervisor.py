@@ -325,7 +325,7 @@ def test_operator_commands_status_call_inspect(tmp_path):
         assert roles == [("broker", None), ("objectproc", 0), ("objectproc", 1)]
         assert all(p["pid"] and p["state"] == "running" and p["rss"] > 0 for p in data["processes"])
         assert all(set(p["gc"]) == {"full_collections", "last_full_seconds", "suspects",
-                                    "young_collections", "frozen_garbage"}
+                                    "young_collections", "frozen_garbage", "growth"}
                    for p in data["processes"] if p["role"] == "objectproc"), data["processes"]
         assert data["storage"]["bytes"] > 0
         r = _cli(tmp_path, "call", *args, "NOPE", "x")

@@ -13,7 +13,10 @@ from durable.objectproc import collector as collector_mod
 from durable.objectproc.collector import (
     FULL_EVERY,
     FULL_FROZEN_GARBAGE,
+    FULL_FRUITLESS,
     FULL_GROWTH,
+    FULL_GROWTH_FLOOR,
+    FULL_GROWTH_MAX,
     FULL_SUSPECTS,
     HOT_FOR,
     SAMPLE_EVERY,
@@ -39,7 +42,7 @@ class _World:
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.rss = 100 << 20
+        self.rss = 1 << 30  # (a heap whose doubling is past FULL_GROWTH_FLOOR)
 
     def clock(self) -> float:
         return self.now
@@ -117,6 +120,72 @@ def test_a_full_collection_comes_for_each_reason_and_not_before(world, why):
         assert c.full_collections == 0
         w.now += 5
     w.now += 2  # (the resident memory is read once a second)
+    c.tick()
+    assert c.full_collections == 1
+
+
+def _grow_past(w, c) -> None:
+    """Grow the resident memory to the growth the next full collection waits for, and tick
+    once it is read (a full collection is due, as far as the growth rule goes)."""
+    w.rss = int(w.rss * c.growth) + 4096
+    w.now += 60  # (past the last pause's share of the time and the memory's last reading)
+    c.tick()
+
+
+def test_a_fruitless_full_collection_doubles_the_growth_the_next_one_waits_for(world):
+    """Growth that is live (a slot holding its new objects) is not traversed at each doubling:
+    the wait doubles up to FULL_GROWTH_MAX; a collection that finds garbage puts it back."""
+    w, c = world
+    w.now += 1
+    c.tick()
+    assert c.growth == FULL_GROWTH
+    live = [_Node.cycle() for _ in range(1000)]  # (frozen, alive: nothing for a collection)
+    c.tick()
+    expected, n = FULL_GROWTH, 0
+    while expected < FULL_GROWTH_MAX:
+        base = w.rss
+        w.rss = int(base * c.growth) - 4096  # (short of the growth: nothing due)
+        w.now += 60
+        c.tick()
+        assert c.full_collections == n
+        w.rss = base
+        _grow_past(w, c)
+        n += 1
+        expected = min(expected * 2, FULL_GROWTH_MAX)
+        assert c.full_collections == n and c.growth == expected, (n, c.growth)
+    _grow_past(w, c)
+    assert c.growth == FULL_GROWTH_MAX  # (capped)
+    # Garbage among the frozen objects: enough of what a full collection traverses
+    garbage = [_Node.cycle() for _ in range(int(gc.get_freeze_count() * FULL_FRUITLESS * 4))]
+    c.tick()  # (frozen: only a full collection finds them)
+    ref = weakref.ref(garbage[0])
+    del garbage
+    _grow_past(w, c)
+    assert ref() is None, "the full collection did not run"
+    assert c.growth == FULL_GROWTH, "a full collection that found garbage kept the longer wait"
+    _grow_past(w, c)
+    assert c.growth == 2 * FULL_GROWTH
+    # A few cycles that hold much memory: one found, a fifth of the memory freed with it
+    big = _Node.cycle()
+    weakref.finalize(big, lambda: setattr(w, "rss", w.rss * 4 // 5))
+    c.tick()
+    del big
+    _grow_past(w, c)
+    assert c.growth == FULL_GROWTH, "a collection that freed much memory kept the longer wait"
+    assert live[0].other is live[0]
+
+
+def test_a_small_heap_doubling_is_not_a_reason(world):
+    """Growth brings a full collection only once it is FULL_GROWTH_FLOOR bytes as well."""
+    w, c = world
+    base = c._base = 64 << 20
+    assert base * FULL_GROWTH * 2 < base + FULL_GROWTH_FLOOR  # (the case this is about)
+    w.rss = base + FULL_GROWTH_FLOOR - 4096  # (more than four times the base)
+    w.now += 2
+    c.tick()
+    assert c.full_collections == 0
+    w.rss = base + FULL_GROWTH_FLOOR + 4096
+    w.now += 2
     c.tick()
     assert c.full_collections == 1
 
