@@ -328,13 +328,15 @@ class ObjectStorage:
         anyway calls :meth:`flush_name` a little later."""
         self._name = value
 
-    def flush_name(self) -> None:
-        """Log the name not stored yet, alone (no write carried it). It is not waited for:
-        a call that wrote nothing answers without it."""
+    def flush_name(self) -> bool:
+        """Log the name not stored yet, alone (no write carried it); return whether it did (the
+        caller kicks the log). It is not waited for: a call that wrote nothing answers
+        without it."""
         if self._name is None or self.broken is not None:
-            return
+            return False
         name, self._name = self._name, None
         self._slot.submit(name_twin(self._obj), False, {NAME_KEY: name}, kick=False)
+        return True
 
     def unsynced(self) -> bool:
         """Whether some write of this object is not durable yet (the output gate is shut)."""

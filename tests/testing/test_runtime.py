@@ -261,6 +261,8 @@ async def test_a_new_objects_name_rides_in_its_first_write_and_is_stored_without
         assert await q.hello() == "still"
         await asyncio.sleep(0.1)  # (a name without a write: stored ~20 ms after)
         assert seq() - before == 2
+        if storage != "memory":  # (and made durable: its timer kicked the log's writer)
+            assert store.log.durable_seq == seq()
         for ns, stub in (("COUNTER", c), ("QUIET", q)):
             assert store.read(name_key(ns, str(stub.id)), "name") is not None, ns
         assert await c.increment() == 2
