@@ -43,7 +43,7 @@ against 6,243-6,583 in the others (measured). So a full collection that freed le
 memory (a few large cycles are few objects), doubles the growth the next one waits for (up to
 ``FULL_GROWTH_MAX``); one that freed more puts it back at ``FULL_GROWTH``. A heap that grows
 with garbage is still collected at each doubling, and one that grows with live objects is
-traversed ~1.1 times an object instead of ~2. Nor does a small heap's doubling bring one: the
+traversed ~1.3 times an object instead of ~2. Nor does a small heap's doubling bring one: the
 growth must also be ``FULL_GROWTH_FLOOR`` bytes (a process starts at ~70 MB, and its first
 doubling came within seconds of new objects). What a collection can miss is bounded as before
 by the other rules (suspects, the samples' estimate, ``FULL_EVERY``).
@@ -70,8 +70,9 @@ THRESHOLDS = (20_000, 20, 20)
 FULL_SUSPECTS = 10_000
 #: a full collection when the resident memory has grown this much since the last one
 FULL_GROWTH = 2.0
-#: ... or this much, at most, after full collections that found (almost) no garbage
-FULL_GROWTH_MAX = 16.0
+#: ... or this much, at most, after full collections that found (almost) no garbage (the most a
+#: process can grow with frozen garbage before a full collection, within ``FULL_EVERY``)
+FULL_GROWTH_MAX = 4.0
 #: ... and by this many bytes at least: a small heap's doubling is no memory to win back
 FULL_GROWTH_FLOOR = 256 << 20
 #: a full collection that freed less than this share of the objects it traversed, and less
