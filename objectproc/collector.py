@@ -178,7 +178,7 @@ class Collector:
             gc.freeze()
             return
         started = time.perf_counter()
-        traversed = gc.get_freeze_count() + sum(gc.get_count())
+        traversed = gc.get_freeze_count() + gc.get_count()[0]  # (the young: since the tick)
         gc.unfreeze()
         found = gc.collect()
         gc.freeze()
