@@ -59,8 +59,9 @@ from collections.abc import Callable
 
 import psutil
 
-__all__ = ["Collector", "FULL_EVERY", "FULL_FROZEN_GARBAGE", "FULL_GROWTH", "FULL_SHARE",
-           "FULL_FRUITLESS", "FULL_FRUITLESS_MEMORY", "FULL_GROWTH_FLOOR", "FULL_GROWTH_MAX", "FULL_SUSPECTS", "HOT_FOR", "SAMPLE_EVERY", "THRESHOLDS", "rss_bytes"]
+__all__ = ["Collector", "FULL_EVERY", "FULL_FROZEN_GARBAGE", "FULL_FRUITLESS",
+           "FULL_FRUITLESS_MEMORY", "FULL_GROWTH", "FULL_GROWTH_FLOOR", "FULL_GROWTH_MAX",
+           "FULL_SHARE", "FULL_SUSPECTS", "HOT_FOR", "SAMPLE_EVERY", "THRESHOLDS", "rss_bytes"]
 
 #: the automatic collections' thresholds between ticks: with the default generation-0 threshold
 #: (700) a slot under 100 concurrent writers collected so often that the pauses alone added
@@ -114,8 +115,8 @@ class Collector:
     """The garbage-collection policy of one object process (``start`` once, ``tick`` often)."""
 
     __slots__ = ("_clock", "_rss", "_rand", "_rss_at", "_grown", "_base", "_earliest", "_latest",
-                 "_skipped", "_skip", "_hot_until", "growth", "_last_rss", "suspects", "frozen_garbage", "young_collections",
-                 "full_collections", "last_full_seconds")
+                 "_skipped", "_skip", "_hot_until", "growth", "_last_rss", "suspects",
+                 "frozen_garbage", "young_collections", "full_collections", "last_full_seconds")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
                  rss: Callable[[], int | None] = rss_bytes,
