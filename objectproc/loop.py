@@ -1261,8 +1261,7 @@ class ObjectProcess:
         logged = False
         for storage in storages:
             try:
-                # (fenced: an eviction may have logged its name alone meanwhile, unkicked)
-                logged = storage.flush_name() or storage.broken is not None or logged
+                logged = storage.flush_name() or logged
             except Exception as e:  # (a full disk): learnt again from the next named call
                 log.debug("could not store the name of %s %s: %s", storage.namespace,
                           storage.object_id, e)

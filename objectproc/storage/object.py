@@ -328,14 +328,14 @@ class ObjectStorage:
         anyway calls :meth:`flush_name` a little later."""
         self._name = value
 
-    def flush_name(self) -> bool:
-        """Log the name not stored yet, alone (no write carried it); return whether it did (the
-        caller kicks the log). It is not waited for: a call that wrote nothing answers
-        without it."""
+    def flush_name(self, kick: bool = False) -> bool:
+        """Log the name not stored yet, alone (no write carried it); return whether it did.
+        Without ``kick`` the caller kicks the log (one kick for the names of a timer tick). It
+        is not waited for: a call that wrote nothing answers without it."""
         if self._name is None or self.broken is not None:
             return False
         name, self._name = self._name, None
-        self._slot.submit(name_twin(self._obj), False, {NAME_KEY: name}, kick=False)
+        self._slot.submit(name_twin(self._obj), False, {NAME_KEY: name}, kick=kick)
         return True
 
     def unsynced(self) -> bool:
@@ -352,7 +352,7 @@ class ObjectStorage:
             self._flush()
         if self.broken is None and self._name is not None:
             with contextlib.suppress(LogFullError, StorageError):  # (learnt again later)
-                self.flush_name()
+                self.flush_name(kick=True)  # (no name timer kicks for it now)
         self.broken = error
 
     def evict(self) -> bool:

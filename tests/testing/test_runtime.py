@@ -276,6 +276,23 @@ async def test_a_new_objects_name_rides_in_its_first_write_and_is_stored_without
             assert await rt.run_in_object(by_id, lambda inst, state: state.id.name) == name
 
 
+async def test_a_name_learnt_without_a_write_and_evicted_before_its_timer_is_durable():
+    """Eviction logs a name its timer has not logged yet, and kicks the log for it (the timer
+    then finds nothing to log, and kicks only for names it logged)."""
+    from durable.objectproc.loop import name_key
+
+    async with Runtime({"QUIET": _Quiet}, storage="disk") as rt:
+        store = rt._proc.store
+        q = rt.namespace("QUIET").get_by_name("brief")
+        assert await q.hello() == "brief"
+        before = store.log.last_seq
+        assert await rt.evict_all() == 1  # (within the name timer's 20 ms)
+        assert store.log.last_seq == before + 1  # (its name, logged at eviction)
+        await asyncio.sleep(0.1)
+        assert store.log.durable_seq == store.log.last_seq, "the evicted object's name waited"
+        assert store.read(name_key("QUIET", str(q.id)), "name") is not None
+
+
 async def test_an_idle_object_is_a_handful_of_tracked_containers():
     """What each live object costs the garbage collector (and memory): its instance, the
     activation, its storage, state, id and the slot's weak reference to the storage. The
