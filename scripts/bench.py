@@ -11,6 +11,7 @@
     python scripts/bench.py metrics [--quick] [--repeat N]
     python scripts/bench.py idle [--quick] [--repeat N] [--workerd PATH]
     python scripts/bench.py evict-tail [--quick] [--repeat N] [--cycles 4]
+    python scripts/bench.py calls [--quick] [--repeat N]
 
 ``storage`` measures the storage engine in-process (no sockets), together
 with this machine's floors (an fsync of a 4 KiB append and of a 100-byte
@@ -70,6 +71,12 @@ a second (voluntary context switches of every thread) of each process role; with
 ``--cycles`` times, makes new objects for 5 s, then times the no-op with 64 connections over
 100 other objects twice: while nothing is due for eviction, and as the new ones go idle. The
 figure is each cycle's difference of the two p99s (what eviction adds to other calls' tail).
+
+``calls`` runs ``durable serve`` (2 slots, HTTP in the object processes) under ``vs-workerd``'s
+64-connection counter loads (on 100 objects, spread, over 10,000 existing objects, and every
+request to a new object) with cProfile switched on in each object process's main thread for
+each load (``scripts/cprofile_hook``): the Python calls a request in all, the most called
+functions, and the functions whose calls differ most from the counter on 100 objects'.
 
 With ``--repeat N`` every figure is the median of N runs (all runs are kept
 under ``"runs"``).
@@ -1892,15 +1899,8 @@ def _front_config(config: str, front: str) -> str:
     return out + "[broker]\npeer_calls = false\n" if path else out
 
 
-def vs_workerd_suite(quick: bool, workerd: str | None, rounds: int,
-                     fronts: tuple[str, ...] = ("slots",)) -> dict[str, Any]:
-    """#18's side-by-side table: workerd and durable serve (2 slots) in alternating rounds,
-    the same load generator; medians of the rounds and durable ÷ workerd ratios. Without
-    ``workerd`` only durable's half runs (CI's smoke test). ``fronts``: [http] front values
-    to measure, each its own daemon ("durable" is the first; the others are reported as
-    "durable_<front>", with their ratios)."""
-    from harness import serving
-    config = """
+#: ``vs-workerd``'s daemon (and ``calls``'), FRONT an [http] front value (``_front_config``)
+_VS_CONFIG = """
 data_dir = "{data}"
 slots = 2
 [http]
@@ -1911,6 +1911,17 @@ class = "bench_objects:Noop"
 [namespaces.COUNTER]
 class = "durable.examples.counter:Counter"
 """
+
+
+def vs_workerd_suite(quick: bool, workerd: str | None, rounds: int,
+                     fronts: tuple[str, ...] = ("slots",)) -> dict[str, Any]:
+    """#18's side-by-side table: workerd and durable serve (2 slots) in alternating rounds,
+    the same load generator; medians of the rounds and durable ÷ workerd ratios. Without
+    ``workerd`` only durable's half runs (CI's smoke test). ``fronts``: [http] front values
+    to measure, each its own daemon ("durable" is the first; the others are reported as
+    "durable_<front>", with their ratios)."""
+    from harness import serving
+    config = _VS_CONFIG
     names = ["durable" if i == 0 else f"durable_{f}" for i, f in enumerate(fronts)]
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in [*names, "workerd"]}
     with contextlib.ExitStack() as stack:
@@ -1960,6 +1971,92 @@ class = "durable.examples.counter:Counter"
                 for k in out[name] if out["workerd"].get(k)}
             out[f"{name}_over_workerd_by_round"] = ratios_by_round(runs[name], runs["workerd"])
     out["rounds"] = runs
+    return out
+
+
+def _calls_loads(quick: bool, secs: float) -> dict[str, tuple[Any, ...]]:
+    """``calls``' loads, as ``vs-workerd`` names and runs them (``_http_load``'s arguments
+    after the host and port)."""
+    return {
+        "counter_64": ("COUNTER", "/inc", "POST", 64, 100, secs, None),
+        "counter_spread_64": ("COUNTER", "/inc", "POST", 64, 100, secs, None, "", 25),
+        "counter_wide_64": ("COUNTER", "/inc", "POST", 64, _wide(quick), secs, None, "wide"),
+        "new_object_64": ("COUNTER", "/inc", "POST", 64, 5_000 if quick else 400_000, secs,
+                          None, "calls"),
+    }
+
+
+def _label(func: tuple[str, int, str]) -> str:
+    """A pstats function key as text: the checkout's files relative to it, others by name."""
+    path, line, name = func
+    if path == "~":
+        return name
+    path = path[len(str(REPO)) + 1:] if path.startswith(str(REPO)) else Path(path).name
+    return f"{path}:{line} {name}"
+
+
+def calls_suite(quick: bool) -> dict[str, Any]:
+    """Python calls a request in the object processes, by load: cProfile in each one's main
+    thread, switched on around each load (``scripts/cprofile_hook``), so each function's
+    calls are counted exactly where a sampling profiler sees a difference spread thin
+    (docs/messaging.md, "Python calls a request, counted"). Counts only: the profiler makes
+    each call ~3 times dearer, so its times are no figures."""
+    import pstats
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    import psutil
+    from harness import serving
+    config = _front_config(_VS_CONFIG, "slots")  # (vs-workerd's daemon)
+    secs = 0.5 if quick else 4.0
+    out: dict[str, Any] = {"seconds_a_load": secs}
+    with tempfile.TemporaryDirectory(prefix="durable-calls-") as dumps, \
+            serving(config, env={"DURABLE_BENCH_CPROFILE": dumps},
+                    path_first=REPO / "scripts" / "cprofile_hook") as d, \
+            ProcessPoolExecutor(1) as pool:
+        ops = [p.pid for p in psutil.Process(d.proc.pid).children(recursive=True)
+               if _role(p.cmdline()) == "objectproc"]
+        if len(ops) != 2:
+            raise RuntimeError(f"expected 2 object processes, found {len(ops)}")
+        _make_wide(d.port, quick)
+        pool.submit(_http_load, "127.0.0.1", d.port, "COUNTER", "/inc", "POST", 64, 100,
+                    0.3 if quick else 1.0, None).result()  # warm-up, not profiled
+        counts: dict[str, dict[tuple[str, int, str], float]] = {}
+        for i, (name, args) in enumerate(_calls_loads(quick, secs).items(), 1):
+            for pid in ops:
+                os.kill(pid, signal.SIGRTMIN + 1)
+            time.sleep(0.3)  # (each process switches it on at its loop's next turn)
+            r = pool.submit(_http_load, "127.0.0.1", d.port, *args).result()
+            for pid in ops:
+                os.kill(pid, signal.SIGRTMIN + 1)
+            files = [Path(dumps) / f"op-{slot}-{i}.prof" for slot in (0, 1)]
+            deadline = time.monotonic() + 30
+            while not all(f.exists() for f in files):
+                if time.monotonic() > deadline or d.proc.poll() is not None:
+                    raise RuntimeError(f"the object processes wrote no profile of {name}: "
+                                       "did one restart?")
+                time.sleep(0.1)
+            time.sleep(0.2)  # (a file appears before it is whole)
+            stats = pstats.Stats(*map(str, files)).stats  # type: ignore[attr-defined]
+            n = r["requests"]
+            counts[name] = {f: v[1] / n for f, v in stats.items()}
+            top = sorted(counts[name].items(), key=lambda kv: -kv[1])[:15]
+            out[name] = {"requests": n, "per_s_profiled": r["per_s"],
+                         "calls_per_request": round(sum(counts[name].values()), 1),
+                         # (of them, calls of functions written in Python, not built-ins)
+                         "python_function_calls_per_request": round(sum(
+                             v for f, v in counts[name].items() if f[0] != "~"), 1),
+                         "most_called": [[_label(f), round(c, 2)] for f, c in top]}
+    base = counts["counter_64"]
+    for name, c in counts.items():
+        if name == "counter_64":
+            continue
+        # (the Python functions whose calls a request differ most from the counter on 100
+        # objects': built-ins such as len() follow them)
+        more = sorted((f for f in set(c) | set(base) if f[0] != "~"),
+                      key=lambda f: -abs(c.get(f, 0.0) - base.get(f, 0.0)))
+        out[name]["against_counter_64"] = [
+            [_label(f), round(base.get(f, 0.0), 2), round(c.get(f, 0.0), 2)] for f in more[:20]]
     return out
 
 
@@ -2121,7 +2218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p.add_argument("suite", choices=["storage", "rpc", "http", "backup", "alarms", "websockets",
                                      "testing", "metrics", "query", "cold", "vs-workerd",
-                                     "cluster", "idle", "evict-tail"])
+                                     "cluster", "idle", "evict-tail", "calls"])
     p.add_argument("--workerd", help="vs-workerd, idle: the workerd binary (npm install "
                    "workerd@1.20261117.1); without it, only durable's half runs")
     p.add_argument("--rounds", type=int, default=3, help="vs-workerd: alternating rounds")
@@ -2182,6 +2279,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.suite == "evict-tail":
         runs = [evict_tail_suite(args.quick, 1 if args.quick else args.cycles)
                 for _ in range(args.repeat)]
+    elif args.suite == "calls":
+        runs = [calls_suite(args.quick) for _ in range(args.repeat)]
     elif args.suite == "vs-workerd":
         fronts = tuple(f.strip() for f in args.front.split(",") if f.strip())
         runs = [vs_workerd_suite(args.quick, args.workerd, args.rounds, fronts)

@@ -130,6 +130,29 @@ def test_vs_workerd_bench_quick_runs_durables_half():
         assert 0 < median[f"{name}_new_object_over_counter"]["counter_wide_64_by_round"] < 5, median
 
 
+def test_calls_bench_quick_counts_each_loads_calls():
+    """`bench.py calls`: the object processes profile each load (the hook in
+    scripts/cprofile_hook, switched by a signal) and the counts are per request. A request to
+    a new object makes more Python calls than one to a hot counter: its id's HMACs, its
+    activation, the filter's checks."""
+    out = subprocess.run([sys.executable, str(BENCH), "calls", "--quick"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    m = json.loads(out.stdout)["median"]
+    loads = ("counter_64", "counter_spread_64", "counter_wide_64", "new_object_64")
+    for name in loads:
+        load = m[name]
+        assert load["requests"] > 0, name
+        assert 100 < load["python_function_calls_per_request"] < load["calls_per_request"], load
+        assert len(load["most_called"]) == 15, load
+    assert m["new_object_64"]["calls_per_request"] > m["counter_64"]["calls_per_request"] + 50, m
+    against = {label: (before, after)
+               for label, before, after in m["new_object_64"]["against_counter_64"]}
+    hmacs = [v for label, v in against.items() if label.startswith("client/ids.py")]
+    assert hmacs and all(after > before for before, after in hmacs), against
+    assert "against_counter_64" not in m["counter_64"]
+
+
 def test_idle_bench_quick_reports_every_role():
     out = subprocess.run([sys.executable, str(BENCH), "idle", "--quick"], capture_output=True,
                          text=True, timeout=300)
