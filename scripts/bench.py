@@ -2011,7 +2011,7 @@ def calls_suite(quick: bool) -> dict[str, Any]:
     secs = 0.5 if quick else 4.0
     out: dict[str, Any] = {"seconds_a_load": secs}
     with tempfile.TemporaryDirectory(prefix="durable-calls-") as dumps, \
-            serving(config, env={"DURABLE_BENCH_CPROFILE": dumps},
+            serving(config, extra_env={"DURABLE_BENCH_CPROFILE": dumps},
                     path_first=REPO / "scripts" / "cprofile_hook") as d, \
             ProcessPoolExecutor(1) as pool:
         ops = [p.pid for p in psutil.Process(d.proc.pid).children(recursive=True)
@@ -2036,7 +2036,6 @@ def calls_suite(quick: bool) -> dict[str, Any]:
                     raise RuntimeError(f"the object processes wrote no profile of {name}: "
                                        "did one restart?")
                 time.sleep(0.1)
-            time.sleep(0.2)  # (a file appears before it is whole)
             stats = pstats.Stats(*map(str, files)).stats  # type: ignore[attr-defined]
             n = r["requests"]
             counts[name] = {f: v[1] / n for f, v in stats.items()}

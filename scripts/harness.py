@@ -94,11 +94,12 @@ async def gc_pauses(frontend: str) -> dict[str, list[float]]:
 
 @contextlib.contextmanager
 def serving(config: str, *, ready_timeout: float = 60.0, log_level: str = "WARNING",
-            prepare: Callable[[Path], None] | None = None, env: dict[str, str] | None = None,
+            prepare: Callable[[Path], None] | None = None,
+            extra_env: dict[str, str] | None = None,
             path_first: Path | None = None) -> Iterator[Daemon]:
     """``config`` may use {data} (the data dir) and {port} (a free port for [http]);
     ``prepare(root)`` runs before the daemon starts (its config is ``root/durable.toml``).
-    ``env``: more environment for the daemon; ``path_first``: a folder put before the
+    ``extra_env``: more environment for the daemon; ``path_first``: a folder put before the
     checkout on its PYTHONPATH (``bench.py calls``: its ``sitecustomize``)."""
     with tempfile.TemporaryDirectory(prefix="durable-script-") as tmp:
         root = Path(tmp)
@@ -111,7 +112,7 @@ def serving(config: str, *, ready_timeout: float = 60.0, log_level: str = "WARNI
         notify.bind(str(notify_path))
         notify.settimeout(0.2)
         first = [str(path_first)] if path_first is not None else []
-        env = dict(os.environ, **(env or {}), NOTIFY_SOCKET=str(notify_path),
+        env = dict(os.environ, **(extra_env or {}), NOTIFY_SOCKET=str(notify_path),
                    PYTHONPATH=os.pathsep.join([*first, str(REPO), str(REPO / "scripts")]))
         log = open(root / "serve.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "durable.supervisor.cli", "serve", "--config",

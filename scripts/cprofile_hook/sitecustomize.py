@@ -29,6 +29,8 @@ if _DIR:
             profile.disable()
             _state["profile"] = None
             _state["n"] += 1
-            profile.dump_stats(os.path.join(_DIR, f"op-{_slot}-{_state['n']}.prof"))
+            path = os.path.join(_DIR, f"op-{_slot}-{_state['n']}.prof")
+            profile.dump_stats(path + ".part")
+            os.replace(path + ".part", path)  # (whole when it appears)
 
         signal.signal(signal.SIGRTMIN + 1, _switch)
