@@ -2014,10 +2014,12 @@ def calls_suite(quick: bool) -> dict[str, Any]:
             serving(config, extra_env={"DURABLE_BENCH_CPROFILE": dumps},
                     path_first=REPO / "scripts" / "cprofile_hook") as d, \
             ProcessPoolExecutor(1) as pool:
+        # (the slots' processes, not the warm spare, which starts a few seconds after ready
+        # with --standby and serves no slot until one dies)
         ops = [p.pid for p in psutil.Process(d.proc.pid).children(recursive=True)
-               if _role(p.cmdline()) == "objectproc"]
+               if _role(p.cmdline()) == "objectproc" and "--slot" in p.cmdline()]
         if len(ops) != 2:
-            raise RuntimeError(f"expected 2 object processes, found {len(ops)}")
+            raise RuntimeError(f"expected 2 slots' object processes, found {len(ops)}")
         _make_wide(d.port, quick)
         pool.submit(_http_load, "127.0.0.1", d.port, "COUNTER", "/inc", "POST", 64, 100,
                     0.3 if quick else 1.0, None).result()  # warm-up, not profiled

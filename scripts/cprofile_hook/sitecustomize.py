@@ -4,7 +4,8 @@ Python imports this module at start when its folder is first on PYTHONPATH, whic
 `bench.py calls` arranges, for the daemon it starts. It acts only in an object process
 (``-m durable.objectproc``) and only with ``DURABLE_BENCH_CPROFILE`` set (a folder): each
 SIGRTMIN+1 switches the profiler on, the next switches it off and writes
-``op-<slot>-<n>.prof`` there. Nothing of it runs in a daemon started any other way.
+``op-<slot>-<n>.prof`` there. Nothing of it runs in a daemon started any other way. (In the
+daemon it starts, it stands in for any other ``sitecustomize`` of the Python, e.g. Debian's.)
 """
 
 import os
