@@ -79,7 +79,7 @@ def worker_layout(items: list, workers: int, is_long) -> list:  # noqa: ANN001
     last fifth of its short tests): what an idle worker steals (from the end of the longest
     queue) is then short. With the long tests all first, the first worker was handed every one
     (77% of the suite's time), the others stole them half a queue at a time, and the run ended
-    on a 56-s test begun late, the machine mostly idle (~50 s of a CI-like run). Each worker
+    on a 56-s test begun late, the machine mostly idle (~50 s of part one here). Each worker
     begins on a long test; a module's long tests stay together (its shared fixtures start
     once); the order is the same on every worker."""
     long_ = [i for i in items if is_long(i)]
