@@ -29,7 +29,8 @@ def test_many_objects_are_evicted_and_status_stays_responsive(by):
     assert result["failed_writes"] == 0 and result["writes_per_s"] > 0, result
     longest = result["longest_write"]
     assert longest["seconds"] * 1000 == pytest.approx(lat["max"], abs=1), (longest, lat)
-    assert longest["attempts"] >= 1 and 0 < longest["ended_at_s"] <= result["seconds"] + 1
+    # (to a tenth of a second: the first writes, cold, may be the longest and end by 0.05 s)
+    assert longest["attempts"] >= 1 and 0 <= longest["ended_at_s"] <= result["seconds"] + 1
     assert all(n > 0 for n in result["retries"].values()), result["retries"]
     cpu = result["cpu_us_per_write"]  # (by role, this client's too, and their total)
     assert {"objectproc", "client", "total"} <= set(cpu) and cpu["objectproc"] > 0, cpu
