@@ -67,6 +67,7 @@ from durable.protocol.messages import (
     EVENT,
     FROM_CLIENT,
     FROM_WORKER,
+    AskAlive,
     Beat,
     Broken,
     BrokerHeartbeat,
@@ -83,6 +84,7 @@ from durable.protocol.messages import (
     Ready,
     Stats,
     StatsReply,
+    StillAlive,
     Welcome,
     WorkerCall,
     WorkerDisconnect,
@@ -431,6 +433,14 @@ class RouterCore:
             return
         slot = self.slots[number]
         slot.liveness.heard()
+        if type(msg) is AskAlive:  # (an incarnation ended here is unknown: answered above)
+            self.counters["asked_alive"] += 1
+            if msg.incarnation == slot.incarnation:
+                self._to_worker(ident, StillAlive(msg.incarnation).encode())
+            else:
+                self._to_worker(ident, WorkerDisconnect(
+                    f"incarnation {msg.incarnation:x} is not slot {number}'s: send READY").encode())
+            return
         if type(msg) is PeerBatches:
             if ident not in self.batch_workers:
                 self.batch_workers.add(ident)

@@ -59,11 +59,13 @@ from durable.protocol.messages import (
     LOCAL,
     METHOD,
     PEER,
+    AskAlive,
     Beat,
     BrokerHeartbeat,
     ClientGone,
     PeerBatches,
     Ready,
+    StillAlive,
     WorkerCall,
     WorkerDisconnect,
     WorkerError,
@@ -283,6 +285,11 @@ class ObjectProcess:
         #: a pause of the whole process this long may have outlasted the broker's window
         #: (heartbeat x misses): the broker then ended this incarnation
         self._stall_after = config.heartbeat * config.misses * 0.75
+        #: the calls that came while the broker is asked whether it still counts this
+        #: incarnation (None when it is not asked: :meth:`_ask_broker`), and when it was asked
+        self._held: list[WorkerCall] | None = None
+        self._asked_at = 0.0
+        self._ask_timer: asyncio.TimerHandle | None = None
         self.alarms: AlarmScheduler | None = None
         self._orphan_namespaces: set[str] = set()  # alarms of namespaces no longer configured
         self.sockets: Sockets | None = None  # WebSocket records and streams (hibernation)
@@ -522,6 +529,10 @@ class ObjectProcess:
             event == zmq.EVENT_DISCONNECTED for event, _ in pending_events(self._monitor))
 
     def _register(self) -> None:
+        held, self._held = self._held, None
+        if self._ask_timer is not None:
+            self._ask_timer.cancel()
+            self._ask_timer = None
         if self._sock is not None:
             self._close_broker_socket()
             if self.sockets is not None:  # a new incarnation: callers saw its sockets close
@@ -547,6 +558,8 @@ class ObjectProcess:
         if self.peer_server is not None:  # its callers' stubs of the old one break too
             self.peer_server.welcome_all()
         log.info("slot %d: registering with the broker (incarnation %x)", self.config.slot, incarnation)
+        for call in held or ():  # (sent to the incarnation that ended: refused)
+            self._refuse_stale(call)
 
     def _beat_thread(self) -> None:
         """Tell the broker this incarnation lives, from a thread with a socket of its own.
@@ -637,6 +650,71 @@ class ObjectProcess:
                     self.config.slot, time.monotonic() - began)
         self._register()
         return True
+
+    def _ask_broker(self) -> bool:
+        """Whether the broker is now asked if this incarnation still serves (its calls are
+        then held in ``_held`` until it answers).
+
+        The beat thread needs the GIL to beat: a call holding it (one long call into C code,
+        an overloaded machine) starves the thread as a stopped process would, so the
+        process's own clocks cannot tell whether the broker's window passed. The broker can:
+        its answer (``StillAlive``, or ``WorkerDisconnect`` if it ended this incarnation)
+        comes behind every call it sent before, so what came meanwhile is known to be
+        current (it runs) or stale (refused, as ``_after_stall`` does). Before, a pause past
+        three quarters of the window broke every stub of the slot though the broker had kept
+        it. Cluster mode, whose calls come from several brokers, registers anew as before.
+        """
+        if self.links is not None or self._sock is None:
+            return False
+        began = self._stall_from if self._stall_from is not None else self._beat_at
+        if self._registered_at >= began + self._stall_after:
+            return False  # (registered again since: nothing stale; _after_stall agrees)
+        self._held = []
+        self._asked_at = time.monotonic()
+        self.counters["stall_asks"] = self.counters.get("stall_asks", 0) + 1
+        log.warning("slot %d: this process could not beat for %.1f s (stopped, starved, or the "
+                    "GIL held); asking the broker whether this incarnation still serves before "
+                    "anything sent to it runs", self.config.slot, self._asked_at - began)
+        self._send(AskAlive(self._incarnation).encode())
+        wait = self.config.heartbeat * self.config.misses / 2
+        self._ask_timer = asyncio.get_running_loop().call_later(wait, self._no_answer, wait)
+        return True
+
+    def _still_alive(self, incarnation: int) -> None:
+        """The broker's answer: it has not ended this incarnation, so the held calls run."""
+        if self._held is None or incarnation != self._incarnation:
+            return  # (an answer to an incarnation since replaced)
+        held, self._held = self._held, None
+        if self._ask_timer is not None:
+            self._ask_timer.cancel()
+            self._ask_timer = None
+        # (the broker heard this incarnation when asked: a pause is measured from then)
+        self._stall_from = None
+        self._beat_at = max(self._beat_at, self._asked_at)
+        self.counters["stall_asks_alive"] = self.counters.get("stall_asks_alive", 0) + 1
+        log.warning("slot %d: the broker still serves this incarnation (asked %.0f ms ago): the "
+                    "%d calls held meanwhile run now", self.config.slot,
+                    (time.monotonic() - self._asked_at) * 1000, len(held))
+        for call in held:
+            if self._closing:
+                self._refuse_stale(call)
+            else:
+                self._call(call)  # (held again, in order, if a pause is found again)
+
+    def _no_answer(self, wait: float) -> None:
+        self._ask_timer = None
+        if self._held is None:
+            return
+        log.warning("slot %d: the broker did not answer within %.1f s whether this incarnation "
+                    "still serves", self.config.slot, wait)
+        if not self._after_stall():
+            self._register()  # (the held calls are refused)
+
+    def _refuse_stale(self, call: WorkerCall) -> None:
+        self._send(WorkerError.of(call.client, call.call_id, StubBrokenError(
+            f"stub lost its object (slot {self.config.slot}: its process stood still past "
+            "the broker's window and registered anew); get a new stub with "
+            "namespace.get(id) and retry if the call is safe to repeat")).encode())
 
     def _send_replies(self) -> None:
         """The replies that calls woken by a durable group queued: sent now (SlotStore.
@@ -781,6 +859,8 @@ class ObjectProcess:
             self._register_anew(f"broker asked to register again ({msg.reason})")
         elif type(msg) is BrokerHeartbeat:
             pass
+        elif type(msg) is StillAlive:
+            self._still_alive(msg.incarnation)
         elif type(msg) is PeerBatches:  # the broker reads batches: a turn's sends go as one
             self._sock.batches = True
 
@@ -792,12 +872,14 @@ class ObjectProcess:
         return self._in_flight <= 1
 
     def _call(self, call: WorkerCall) -> None:
+        held = self._held
+        if held is None and self._stood_still() and self._ask_broker():
+            held = self._held
+        if held is not None:
+            held.append(call)  # (until the broker says whether it still serves)
+            return
         if self._stood_still() and self._after_stall():
-            # (sent to the incarnation that just ended: refused)
-            self._send(WorkerError.of(call.client, call.call_id, StubBrokenError(
-                f"stub lost its object (slot {self.config.slot}: its process stood still past "
-                "the broker's window and registered anew); get a new stub with "
-                "namespace.get(id) and retry if the call is safe to repeat")).encode())
+            self._refuse_stale(call)  # (sent to the incarnation that just ended)
             return
         self.counters["calls"] += 1
         if self._idle:

@@ -47,6 +47,9 @@ Object process → broker (``FROM_WORKER``)::
     WSEND      [hdr, client, channels(u64...), kind, payload]  to that client's channels
     WSTOPPING  [hdr]                           this process drains and exits: send it no new
                                                calls (they wait for the next process)
+    WASK       [hdr, incarnation(u64)]         after this process stood still (or its beat
+                                               thread could not beat): is this incarnation
+                                               still the slot's? (WALIVE, or WDISCONNECT)
 
 Broker → object process (``TO_WORKER``)::
 
@@ -54,6 +57,8 @@ Broker → object process (``TO_WORKER``)::
     BHEARTBEAT  [hdr]
     WDISCONNECT [hdr, reason]                  "register again (READY)"
     WGONE       [hdr, client]                  that client is gone: its channels are closed
+    WALIVE      [hdr, incarnation(u64)]        the answer to WASK: this broker has not ended
+                                               it (everything it sent before came first)
 
 Object process → object process of another slot (the peer path, docs/messaging.md: a
 caller's DEALER to the callee's ROUTER at ``ipc://RUN_DIR/peer-<slot>.sock``)::
@@ -120,7 +125,7 @@ from ..http import Request, Response
 __all__ = [
     "VERSION", "Cmd", "Message", "Hello", "Call", "Ping", "Drop", "Stats", "Welcome", "Reply",
     "Error", "Pong", "Disconnect", "StatsReply", "Ready", "WorkerReply", "WorkerError",
-    "WorkerHeartbeat", "WorkerStopping", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect", "Beat", "Control",
+    "WorkerHeartbeat", "WorkerStopping", "WorkerCall", "BrokerHeartbeat", "WorkerDisconnect", "Beat", "AskAlive", "StillAlive", "Control",
     "FROM_CLIENT", "TO_CLIENT", "FROM_WORKER", "TO_WORKER", "CONTROL", "parse",
     "parse_from_client", "parse_from_broker_to_client", "parse_from_worker",
     "parse_from_broker_to_worker", "parse_control", "encode_request", "decode_request",
@@ -160,10 +165,12 @@ class Cmd(IntEnum):
     WBEAT = 0x25
     WSEND = 0x26
     WSTOPPING = 0x27
+    WASK = 0x28
     WCALL = 0x31
     BHEARTBEAT = 0x32
     WDISCONNECT = 0x33
     WGONE = 0x34
+    WALIVE = 0x35
     CONTROL = 0x41
     PHELLO = 0x51
     PWELCOME = 0x52
@@ -917,6 +924,44 @@ class Broken(Message):
 
 
 @dataclass(slots=True)
+class AskAlive(Message):
+    """An object process asks whether the broker still counts ``incarnation`` as the slot's.
+
+    Its beat thread needs the GIL to beat: a process that held the GIL long enough (a call
+    into C code, an overloaded machine) cannot tell from its own clock whether the broker
+    ended it. The broker's answer comes on the same socket as its calls, behind every call
+    it sent before, so what arrived before the answer is known to be current or stale."""
+
+    CMD: ClassVar[Cmd] = Cmd.WASK
+    FRAMES: ClassVar[int] = 2
+    incarnation: int
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.WASK), pack_u64(self.incarnation)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> AskAlive:
+        return cls(unpack_u64(frames[1], "incarnation"))
+
+
+@dataclass(slots=True)
+class StillAlive(Message):
+    """The broker's answer to ``AskAlive``: it has not ended ``incarnation`` (and has heard
+    from it now). An incarnation it ended gets ``WorkerDisconnect`` instead."""
+
+    CMD: ClassVar[Cmd] = Cmd.WALIVE
+    FRAMES: ClassVar[int] = 2
+    incarnation: int
+
+    def encode(self) -> list[bytes]:
+        return [header(Cmd.WALIVE), pack_u64(self.incarnation)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> StillAlive:
+        return cls(unpack_u64(frames[1], "incarnation"))
+
+
+@dataclass(slots=True)
 class ClientGone(Message):
     """A client the broker no longer knows (expired, or its process exited)."""
 
@@ -1163,9 +1208,10 @@ FROM_CLIENT = Direction("from a client", Hello, Call, Ping, Drop, Stats, PeerBat
 TO_CLIENT = Direction("to a client", Welcome, Reply, Error, Pong, Disconnect, StatsReply,
                       ChannelSend, Broken, PeerBatches)
 FROM_WORKER = Direction("from an object process", Ready, WorkerReply, WorkerError,
-                        WorkerHeartbeat, Beat, WorkerSend, WorkerStopping, PeerBatches)
+                        WorkerHeartbeat, Beat, WorkerSend, WorkerStopping, PeerBatches,
+                        AskAlive)
 TO_WORKER = Direction("to an object process", WorkerCall, BrokerHeartbeat, WorkerDisconnect,
-                      ClientGone, PeerBatches)
+                      ClientGone, PeerBatches, StillAlive)
 CONTROL = Direction("on the control socket", Control)
 FROM_PEER = Direction("from a peer object process", PeerHello, PeerCall, PeerBatches)
 TO_PEER = Direction("to a peer object process", PeerWelcome, PeerBye, Reply, Error, ChannelSend,

@@ -4,6 +4,7 @@ import asyncio
 import gc
 import os
 import signal
+import sys
 import time
 import weakref
 from typing import ClassVar
@@ -124,7 +125,8 @@ class KV(DurableObject):
 
 
 class Busy(DurableObject):
-    """Blocks its process's loop for ?s= seconds (a pure-Python spin), holding ?mb= MiB of RSS."""
+    """Blocks its process's loop for ?s= seconds (a pure-Python spin; ?gil=1: holding the GIL),
+    holding ?mb= MiB of RSS."""
 
     calls = 0  # in memory: a reset starts it again
 
@@ -141,9 +143,18 @@ class Busy(DurableObject):
         hold = bytearray(int(q.get("mb", "0")) << 20)
         for i in range(0, len(hold), 4096):  # touch each page: calloc'd pages are not RSS yet
             hold[i] = 1
-        end = time.monotonic() + float(q.get("s", "1"))
-        while time.monotonic() < end:
-            pass
+        seconds = float(q.get("s", "1"))
+        # ?gil=1: the spin keeps the GIL throughout, as one long call into C code does (a
+        # regex, a big encode): the process's other threads wait for it meanwhile
+        interval = sys.getswitchinterval()
+        if q.get("gil"):
+            sys.setswitchinterval(seconds + 5)
+        try:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                pass
+        finally:
+            sys.setswitchinterval(interval)
         return Response(f"busy {len(hold)}")
 
 

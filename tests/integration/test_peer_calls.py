@@ -37,7 +37,13 @@ from durable.protocol.messages import (
     parse,
     unpack_batch,
 )
-from tests.integration.cluster import all_slots_up, broker_calls, name_on, slot_seen_down
+from tests.integration.cluster import (
+    all_slots_up,
+    broker_calls,
+    name_on,
+    running_cluster,
+    slot_seen_down,
+)
 from tests.integration.conftest import connected
 from tests.integration.procs import async_wait_for
 
@@ -449,6 +455,36 @@ async def test_calls_sent_to_a_stalled_process_never_run_after_it_resumes(cluste
         assert outcome == "refused" and seen == [1, 2], (outcome, seen)
         text = (cluster.root / "objectproc-1.log").read_text()
         assert "stood still" in text, text[-6000:]  # (found by a call, the timer or the broker)
+
+
+@pytest.mark.slow
+async def test_a_call_holding_the_gil_short_of_the_brokers_window_breaks_no_stub(tmp_path):
+    """A call that holds the GIL (one long call into C code: a regex, a big encode) starves
+    the process's beat thread as well as its loop, so the broker hears nothing from it
+    meanwhile. Held for 4.2 s, past three quarters of the broker's window (5 s, the default
+    heartbeat's, as here) but short of the window, the broker kept the incarnation, yet the
+    process took itself for stood still and registered anew on its next call: every stub of
+    the slot broke for nothing (seen in suite runs on an overloaded machine). Now it asks the
+    broker first, holding what comes meanwhile, and serves it once the broker says the
+    incarnation lives."""
+    with running_cluster(tmp_path, slots=2, heartbeat=1.0) as cluster:
+        async with durable.connect(cluster.frontend, timeout=20, direct=False) as client:
+            await all_slots_up(client)
+            busy = client.namespace("BUSY").get_by_name(name_on(client, "BUSY", 1, "gil-b"))
+            name = name_on(client, "RECORDER", 1, "gil-r")
+            other = client.namespace("RECORDER").get_by_name(name)
+            log_file = cluster.root / "objectproc-1.log"
+            await other.fetch("http://r/?n=1", method="POST")
+            await busy.fetch("http://b/count")
+            resp = await busy.fetch("http://b/?s=4.2&gil=1")
+            # (had the broker ended the incarnation, this call would have failed with it)
+            assert (resp.status, await resp.text()) == (200, "busy 0")
+            resp = await other.fetch("http://r/?n=2", method="POST")  # before: StubBrokenError
+            assert resp.status == 200
+            assert await recorded(client, name) == [1, 2]
+            text = log_file.read_text()
+            assert "asking the broker" in text and "still serves" in text, text[-4000:]
+            assert "registering anew" not in text, text[-4000:]
 
 
 async def test_a_stall_with_no_call_waiting_is_logged_as_one(cluster):

@@ -382,6 +382,31 @@ def test_beats_from_the_heartbeat_thread_keep_a_busy_slot_alive():
     assert b.statistics()["slots"][0]["up"] is False
 
 
+def test_an_object_process_asking_after_a_pause_hears_whether_its_incarnation_serves():
+    """Its answer comes on the socket its calls come by, behind them: still served (and
+    heard from now), or ended ("send READY"), whichever the broker holds when it reads."""
+    b = FakeBroker()
+    hello(b)
+    ready(b, 0, inc=7)
+    b.clock_.now += 2.9  # (its window is 3 s: not ended yet)
+    b.on_worker([b"w0", *m.AskAlive(7).encode()])
+    assert [x[2] for x in b.take()] == [m.StillAlive(7)]
+    b.clock_.now += 2.9  # (the question counts as hearing from it)
+    b.tick()
+    assert b.statistics()["slots"][0]["up"] is True
+    b.take()
+    b.on_worker([b"w0", *m.AskAlive(8).encode()])  # not the incarnation it registered
+    assert [type(x[2]) for x in b.take()] == [m.WorkerDisconnect]
+    b.clock_.now += 3.1
+    b.tick()  # ended: its socket is unknown now
+    assert b.statistics()["slots"][0]["up"] is False
+    b.take()
+    b.on_worker([b"w0", *m.AskAlive(7).encode()])
+    (_, ident, msg), = b.take()
+    assert (ident, type(msg)) == (b"w0", m.WorkerDisconnect)
+    assert b.counters["asked_alive"] == 2
+
+
 def test_channel_messages_reach_their_client_once_per_batch():
     b = FakeBroker()
     hello(b)

@@ -31,10 +31,12 @@ FROM_WORKER = [
     m.WorkerError(b"cli", 3, "object_error", "m", "ValueError"),
     m.WorkerError(b"cli", 3, "cpu_limit", "m", None, "Traceback ..."),
     m.WorkerHeartbeat({"active": 3}), m.WorkerStopping(), m.Beat(3, 2**62 + 1),
+    m.AskAlive(2**62 + 1),
     m.WorkerSend(b"cli", [5, 6], m.OUT_CLOSE, b"[1000,\"bye\"]"),
 ]
 TO_WORKER = [m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b""), m.WorkerDisconnect("again"),
-             m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b"", "alice"), m.ClientGone(b"Fcli")]
+             m.WorkerCall(b"cli", 1, "NS", "oid", b"[]", b"", "alice"), m.ClientGone(b"Fcli"),
+             m.StillAlive(2**62 + 1)]
 
 
 @pytest.mark.parametrize("msg", CLIENT_MSGS, ids=lambda x: type(x).__name__)
