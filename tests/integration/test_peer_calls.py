@@ -487,6 +487,36 @@ async def test_a_call_holding_the_gil_short_of_the_brokers_window_breaks_no_stub
             assert "registering anew" not in text, text[-4000:]
 
 
+@pytest.mark.slow
+async def test_a_process_whose_broker_does_not_answer_after_a_pause_registers_anew(tmp_path):
+    """The question after a pause (above) needs the broker: stopped whole meanwhile (SIGSTOP,
+    a paused VM), it cannot answer, and the process cannot tell whether the calls it holds
+    are stale. After half the broker's window (2.5 s here) without an answer it registers
+    anew as it did before it asked: the held call is refused (StubBrokenError), never run."""
+    with running_cluster(tmp_path, slots=2, heartbeat=1.0) as cluster:
+        async with connected(cluster) as direct:
+            busy = direct.namespace("BUSY").get_by_name(name_on(direct, "BUSY", 1, "ask-b"))
+            name = name_on(direct, "RECORDER", 1, "ask-r")
+            rec = direct.namespace("RECORDER").get_by_name(name)
+            assert rec._peer is not None and busy._peer is not None  # (no broker on the path)
+            await rec.fetch("http://r/?n=1", method="POST")
+            await busy.fetch("http://b/count")
+            held = asyncio.ensure_future(busy.fetch("http://b/?s=4.0&gil=1"))
+            await asyncio.sleep(3.4)
+            os.kill(cluster.broker.pid, signal.SIGSTOP)
+            try:
+                assert (await asyncio.wait_for(held, 10)).status == 200
+                later = asyncio.ensure_future(rec.fetch("http://r/?n=2", method="POST"))
+                with pytest.raises(StubBrokenError):
+                    await asyncio.wait_for(later, 10)
+            finally:
+                os.kill(cluster.broker.pid, signal.SIGCONT)
+            assert await recorded(direct, name) == [1]
+            text = (cluster.root / "objectproc-1.log").read_text()
+            assert "asking the broker" in text and "did not answer within" in text, text[-4000:]
+            assert "still serves this incarnation (asked" not in text, text[-4000:]
+
+
 async def test_a_stall_with_no_call_waiting_is_logged_as_one(cluster):
     """The process stopped whole past the broker's window with nothing sent to it meanwhile:
     on resume the broker's answer to its beat ("unknown object process: send READY"), or its
