@@ -146,6 +146,12 @@ class DaemonCollector(Collector):
         overloaded = CounterMetricFamily("durable_slot_overloaded_calls", "calls an object "
                                          "process refused (bodies over max_inflight_mb)",
                                          labels=["slot"])
+        stalls = CounterMetricFamily("durable_slot_stalls", "times an object process found it "
+                                     "could not beat for 3/4 of the broker's window (stopped, "
+                                     "starved, the GIL held): kept, the broker said it still "
+                                     "served; registered_anew, it had ended it or did not "
+                                     "answer (that slot's stubs broke)",
+                                     labels=["slot", "outcome"])
         pending = GaugeMetricFamily("durable_alarms_pending", "alarms set and not yet run",
                                     labels=["namespace"])
         fsync, lateness, gc_pauses, loop_lag = [], [], [], []
@@ -170,6 +176,8 @@ class DaemonCollector(Collector):
             evicted.add_metric([slot], r.get("evicted", 0))
             overloaded.add_metric([slot], r.get("overloaded", 0))
             peer_calls.add_metric([slot], r.get("peer_calls_served", 0))
+            stalls.add_metric([slot, "kept"], r.get("stall_asks_alive", 0))
+            stalls.add_metric([slot, "registered_anew"], r.get("stalls", 0))
             m = r.get("metrics") or {}
             for ns, kind, outcome, n in m.get("calls", []):
                 call_counts[(ns, kind, outcome)] = call_counts.get((ns, kind, outcome), 0) + n
@@ -198,7 +206,7 @@ class DaemonCollector(Collector):
                          "process to its answer (output gate included)", ["namespace"],
                          CALL_BUCKETS, latency)
         yield from slot_gauges.values()
-        yield from (evicted, overloaded, peer_calls, pending)
+        yield from (evicted, overloaded, peer_calls, stalls, pending)
         yield _histogram("durable_commit_fsync_seconds", "one group commit's fdatasync of the "
                          "commit log", ["slot"], FSYNC_BUCKETS, fsync)
         yield _histogram("durable_gc_pause_seconds", "one collection of the object process's "

@@ -96,6 +96,8 @@ def test_one_scrape_covers_every_process(tmp_path):
         wait_for(lambda: [value(scrape(port), "durable_peer_links_up", slot=x) for x in "01"]
                  == [1.0, 1.0], 20, "both slots' peer links", interval=0.3)
         assert value(s, "durable_peer_calls_total", slot="1") is not None
+        assert [value(s, "durable_slot_stalls_total", slot="0", outcome=o)
+                for o in ("kept", "registered_anew")] == [0.0, 0.0]
         assert sum(v for (n, _), v in s.items() if n == "durable_commit_fsync_seconds_count") > 0
         assert sum(v for (n, _), v in s.items() if n == "durable_alarm_lateness_seconds_count") >= 1
         # the garbage collector's pauses, by slot and generation (the full one that `collect`

@@ -486,6 +486,18 @@ async def test_a_call_holding_the_gil_short_of_the_brokers_window_breaks_no_stub
             assert "asking the broker" in text and "still serves" in text, text[-4000:]
             assert "registering anew" not in text, text[-4000:]
 
+            async def reported() -> dict:
+                return (await client.statistics())["slots"][1].get("reported") or {}
+
+            # (the slot's heartbeat carries its counters to the broker, once a second)
+            await async_wait_for(lambda: _asked_once(reported), 10, "the ask counted")
+            assert (await reported()).get("stalls", 0) == 0
+
+
+async def _asked_once(reported) -> bool:
+    r = await reported()
+    return (r.get("stall_asks"), r.get("stall_asks_alive")) == (1, 1)
+
 
 @pytest.mark.slow
 async def test_a_process_whose_broker_does_not_answer_after_a_pause_registers_anew(tmp_path):
