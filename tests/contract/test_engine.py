@@ -774,6 +774,7 @@ def _rows(duck, sql):
     return sorted(duck._reader.execute(sql).fetchall())
 
 
+@pytest.mark.slow  # (5-6 s each: the fast subset stays under 90 s)
 @pytest.mark.parametrize("eager", [True, False])
 def test_upserts_of_new_objects_skip_the_delete_and_match_a_model_and_a_rebuild(tmp_path, eager):
     """A live batch's first records of an object skip the delete half of their upserts: the

@@ -18,8 +18,9 @@ import pytest
 from tests.integration.daemon import serving
 from tests.integration.procs import free_port
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="minor page faults are read from /proc (Linux)")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="minor page faults are read from /proc (Linux)"),
+              pytest.mark.slow]  # (5-7 s a test: the fast subset stays under 90 s)
 
 CONFIG = """
 slots = 2
