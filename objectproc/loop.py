@@ -529,10 +529,7 @@ class ObjectProcess:
             event == zmq.EVENT_DISCONNECTED for event, _ in pending_events(self._monitor))
 
     def _register(self) -> None:
-        held, self._held = self._held, None
-        if self._ask_timer is not None:
-            self._ask_timer.cancel()
-            self._ask_timer = None
+        held = self._take_held()
         if self._sock is not None:
             self._close_broker_socket()
             if self.sockets is not None:  # a new incarnation: callers saw its sockets close
@@ -558,7 +555,7 @@ class ObjectProcess:
         if self.peer_server is not None:  # its callers' stubs of the old one break too
             self.peer_server.welcome_all()
         log.info("slot %d: registering with the broker (incarnation %x)", self.config.slot, incarnation)
-        for call in held or ():  # (sent to the incarnation that ended: refused)
+        for call in held:  # (sent to the incarnation that ended: refused)
             self._refuse_stale(call)
 
     def _beat_thread(self) -> None:
@@ -684,10 +681,7 @@ class ObjectProcess:
         """The broker's answer: it has not ended this incarnation, so the held calls run."""
         if self._held is None or incarnation != self._incarnation:
             return  # (an answer to an incarnation since replaced)
-        held, self._held = self._held, None
-        if self._ask_timer is not None:
-            self._ask_timer.cancel()
-            self._ask_timer = None
+        held = self._take_held()
         # (the broker heard this incarnation when asked: a pause is measured from then)
         self._stall_from = None
         self._beat_at = max(self._beat_at, self._asked_at)
@@ -700,6 +694,14 @@ class ObjectProcess:
                 self._refuse_stale(call)
             else:
                 self._call(call)  # (held again, in order, if a pause is found again)
+
+    def _take_held(self) -> list[WorkerCall]:
+        """The calls held while the broker was asked (none if it was not); asking ends."""
+        held, self._held = self._held, None
+        if self._ask_timer is not None:
+            self._ask_timer.cancel()
+            self._ask_timer = None
+        return held or []
 
     def _no_answer(self, wait: float) -> None:
         self._ask_timer = None
@@ -873,13 +875,14 @@ class ObjectProcess:
 
     def _call(self, call: WorkerCall) -> None:
         held = self._held
-        if held is None and self._stood_still() and self._ask_broker():
-            held = self._held
+        if held is None and self._stood_still():  # (one check a call, as before)
+            if self._ask_broker():
+                held = self._held
+            elif self._after_stall():
+                self._refuse_stale(call)  # (sent to the incarnation that just ended)
+                return
         if held is not None:
             held.append(call)  # (until the broker says whether it still serves)
-            return
-        if self._stood_still() and self._after_stall():
-            self._refuse_stale(call)  # (sent to the incarnation that just ended)
             return
         self.counters["calls"] += 1
         if self._idle:
