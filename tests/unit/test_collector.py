@@ -50,8 +50,11 @@ class _World:
 
 @pytest.fixture
 def world():
-    """A started collector on a fake clock; this process's collector is put back afterwards."""
+    """A started collector on a fake clock; this process's collector is put back afterwards.
+    Garbage that earlier tests left in the oldest generation goes first: the collector would
+    freeze it, and its first full collection would find it (not fruitless, whatever the test)."""
     thresholds = gc.get_threshold()
+    gc.collect()
     w = _World()
     c = Collector(clock=w.clock, rss=lambda: w.rss, rand=lambda lo, hi: SAMPLE_EVERY - 1)
     c.start()
