@@ -1,4 +1,4 @@
-"""The chaos soak, 30 seconds: kills and hangs of every kind of process, second daemons
+"""The chaos soak, 20 seconds a front: kills and hangs of every kind of process, second daemons
 started on the live data dir; no acknowledged write lost, every second daemon refused."""
 
 import json
@@ -15,8 +15,8 @@ CHAOS = Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
 
 
 @pytest.mark.parametrize("front", ["slots", "gateways"])
-def test_chaos_soak_30_seconds_loses_nothing(front):
-    out = subprocess.run([sys.executable, str(CHAOS), "--seconds", "30", "--json", "--seed", "7",
+def test_chaos_soak_20_seconds_loses_nothing(front):
+    out = subprocess.run([sys.executable, str(CHAOS), "--seconds", "20", "--json", "--seed", "7",
                           "--front", front], capture_output=True, text=True, timeout=300)
     result = json.loads(out.stdout)
     print(json.dumps({k: result[k] for k in ("kills", "second_daemons", "calls", "acknowledged",
@@ -27,17 +27,17 @@ def test_chaos_soak_30_seconds_loses_nothing(front):
     assert result["acted_on_lost_cause"] == 0 and result["two_instances"] == 0
     assert result["relays_heard"] > 100, result["relays_heard"]  # the gate was exercised
     assert result["evictions"] > 0 and result["background_writes"]["acknowledged"] > 20, result
-    assert result["kills_total"] >= 24, result["kills"]
+    assert result["kills_total"] >= 16, result["kills"]  # (23-25 in 20 s here)
     roles = {"objectproc", "broker"} | ({"gateway"} if front == "gateways" else set())
     assert roles <= set(result["kills"]), result["kills"]
     assert any(k.endswith("_stopped") for k in result["kills"]), result["kills"]  # SIGSTOPs too
-    assert result["second_daemons"].get("refused", 0) >= 4, result["second_daemons"]
+    assert result["second_daemons"].get("refused", 0) >= 3, result["second_daemons"]  # (5)
     assert set(result["second_daemons"]) == {"refused"}, result["second_daemons"]
     assert result["acknowledged"] > 1000
     # Alarms: the last acknowledged one of each object ran, none early (checked by chaos.py)
     assert result["alarms"]["problems"] == 0, result["problems"]
     # (enough alarms to cross kills: 39 acknowledged in 40 s on a ~5x slower VM, alone;
-    # 59-74 acknowledged, 40-47 runs in 30 s here)
+    # 59-74 acknowledged, 40-47 runs in 30 s here; 48-54 and 30-33 in 20 s)
     assert result["alarms"]["acknowledged"] > 18 and result["alarms"]["runs"] > 14, result["alarms"]
 
 

@@ -105,7 +105,8 @@ async def _increments(client, name, n, acked):
 @pytest.mark.serial  # (it times restarts)
 @pytest.mark.parametrize("role", ["objectproc", "broker"])
 def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, role):
-    kills = 20
+    # (a slot's kill waits for the warm spare's imports, ~1.5 s: 12 kills keep it to ~20 s)
+    kills = 12 if role == "objectproc" else 20
     with serving(tmp_path, FAST) as d:
         d.wait_ready()
 
@@ -161,8 +162,8 @@ def test_sigkill_children_under_load_come_back_fast_and_lose_nothing(tmp_path, r
         print(f"{role}: back after SIGKILL p50 {statistics.median(back_in):.3f} s, "
               f"p99 {p99:.3f} s over {kills} kills; {total} acknowledged increments")
         assert total > 100
-        # Fast is the median (a warm spare or a broker restart: ~0.5 s here); the slowest of
-        # 20 is the machine's noise (1.2-1.5 s seen when other tests ran beside it), bounded
+        # Fast is the median (a warm spare or a broker restart: ~0.5 s here); the slowest
+        # is the machine's noise (1.2-1.5 s seen when other tests ran beside it), bounded
         # only as liveness. The figures are printed above.
         assert statistics.median(back_in) < 1.0, back_in
         assert back_in[-1] < 5.0, back_in
