@@ -222,6 +222,8 @@ class Gateway:
             try:
                 oid = ns.id_from_name(unquote(key[1])) if named else ns.id_from_string(key[1])
             except InvalidIdError as e:
+                if named:  # (a name too long to make an id)
+                    raise
                 # (the segment `id` followed by a path is the by-id form, whatever comes next)
                 raise InvalidIdError(
                     f"{e}. /{parts[1]}/id/<id>/... names an object by its id; an object named "

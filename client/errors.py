@@ -187,7 +187,7 @@ class ObjectEvictedError(StorageError):
 
 
 class InvalidIdError(DurableError, ValueError):
-    """A string is not an object id that this namespace issued."""
+    """A string is not an object id that this namespace issued, or a name too long to make one."""
 
     code = "invalid_id"
 

@@ -84,6 +84,9 @@ def load_or_create_secret(data_dir: str | os.PathLike[str], *, create: bool = Tr
 #: route, then the check of the name on activation), and each costs two HMACs (~5 µs)
 _NAMED: dict[tuple[bytes, str], str] = {}
 _NAMED_MAX = 4096
+#: the longest name an id is made from, in characters: the wire's limit (every message that
+#: carries a name refuses a longer one), so an id made here reaches its object from anywhere
+MAX_OBJECT_NAME = 4096
 
 
 class IdFactory:
@@ -124,6 +127,10 @@ class IdFactory:
         memo = (self._key, name)
         hex_id = _NAMED.get(memo)
         if hex_id is None:
+            if len(name) > MAX_OBJECT_NAME:
+                raise InvalidIdError(f"an object's name is at most {MAX_OBJECT_NAME} characters; "
+                                     f"this one has {len(name)} (name it by something shorter, "
+                                     "a hash of it for example)")
             a = self._hmac(name.encode("utf-8", "surrogatepass"))[:16]
             hex_id = (a + self._mac(a)).hex()
             if len(name) <= 256:  # (the memo's memory stays bounded: a few MiB at most)

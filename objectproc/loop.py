@@ -45,7 +45,7 @@ from durable.errors import (
 )
 from durable.exitcodes import EXIT_LEASE_LOST
 from durable.http import Response
-from durable.ids import IdFactory, load_or_create_secret, namespace_key
+from durable.ids import MAX_OBJECT_NAME, IdFactory, load_or_create_secret, namespace_key
 from durable.objects import Env, load_class
 from durable.osthread import name_os_thread
 from durable.peers import PeerRoutes, peer_endpoint
@@ -1303,7 +1303,8 @@ class ObjectProcess:
     def _name_matches(self, namespace: str, object_id: str, name: str) -> bool:
         """Whether ``name`` is really the one ``object_id`` was made from (callers could lie)."""
         ids = self.ids.get(namespace)
-        return ids is not None and ids.hex_from_name(name) == object_id
+        return ids is not None and len(name) <= MAX_OBJECT_NAME \
+            and ids.hex_from_name(name) == object_id
 
     def _known_name(self, namespace: str, object_id: str, name: str | None,
                     stored: Any = _UNREAD) -> str | None:

@@ -162,7 +162,10 @@ def _stub(client: Any, namespace: str, name_or_id: str) -> Any:
             return ns.get(ns.id_from_string(name_or_id))
         except InvalidIdError:
             pass
-    return ns.get(ns.id_from_name(name_or_id))
+    try:
+        return ns.get(ns.id_from_name(name_or_id))
+    except InvalidIdError as e:
+        raise SystemExit(_fail(str(e), 2)) from None
 
 
 def status_cmd(args: argparse.Namespace) -> int:

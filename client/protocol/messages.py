@@ -121,6 +121,7 @@ import orjson
 from .. import codec
 from ..errors import DurableError, ObjectError, ProtocolError
 from ..http import Request, Response
+from ..ids import MAX_OBJECT_NAME
 
 __all__ = [
     "VERSION", "Cmd", "Message", "Hello", "Call", "Ping", "Drop", "Stats", "Welcome", "Reply",
@@ -224,8 +225,8 @@ def _str(v: Any, what: str, limit: int = MAX_NAME) -> str:
 
 
 def _name(v: Any) -> str:
-    if type(v) is not str or len(v) > 4096:
-        raise ProtocolError("an object name must be a str of at most 4096 characters")
+    if type(v) is not str or len(v) > MAX_OBJECT_NAME:
+        raise ProtocolError(f"an object name must be a str of at most {MAX_OBJECT_NAME} characters")
     return v
 
 

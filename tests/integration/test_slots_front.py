@@ -135,6 +135,48 @@ def test_connections_are_served_by_their_objects_process(daemon):
     asyncio.run(main())
 
 
+def _long_names(c: durable.Client, length: int) -> dict[int, str]:
+    """A name of ``length`` characters whose object lives in each slot."""
+    space, out = c.namespace("COUNTER"), {}
+    for i in range(100):
+        name = f"{i:03d}" + "L" * (length - 3)
+        if len(name) <= 4096:
+            out.setdefault(RING.slot_for(str(space.id_from_name(name))), name)
+    return out
+
+
+def test_names_at_the_wires_limit_reach_their_objects_from_either_slot(daemon):
+    """A name of 4096 characters (the wire's limit) reaches its object whichever process
+    reads the request; a longer one is refused at once, with 400 and the limit, by whichever
+    process reads it (it used to reach its object when the reader owned it, and time out
+    after 30 s, with no word in the log, when the call had to cross to the other slot)."""
+    d, base = daemon
+
+    async def main() -> None:
+        async with durable.connect(d.frontend) as c:
+            with pytest.raises(durable.InvalidIdError, match="at most 4096 characters"):
+                c.namespace("COUNTER").id_from_name("x" * 4097)
+            at_limit = _long_names(c, 4096)
+            assert sorted(at_limit) == [0, 1]
+            for reader in (0, 1):
+                first = _names(c, "COUNTER", reader, 1, f"r{reader}-")[0]
+                # one keep-alive connection, placed by its first request in `reader`'s process
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+                    async with s.post(f"{base}/COUNTER/{first}/inc") as r:
+                        assert (r.status, await r.text()) == (200, "1")
+                    for owner, name in sorted(at_limit.items()):
+                        async with s.post(f"{base}/COUNTER/{name}/inc") as r:
+                            assert (r.status, await r.text()) == (200, str(reader + 1)), owner
+                        t = time.monotonic()
+                        async with s.post(f"{base}/COUNTER/{name}x/inc",
+                                          timeout=aiohttp.ClientTimeout(total=10)) as r:
+                            text = await r.text()
+                        assert r.status == 400 and "at most 4096 characters" in text, text
+                        assert time.monotonic() - t < 5
+
+    asyncio.run(main())
+
+
 @pytest.mark.slow
 def test_a_killed_slot_loses_nothing_and_the_other_keeps_serving(daemon):
     d, base = daemon

@@ -240,3 +240,19 @@ def test_a_transition_names_its_owner_only_when_it_is_refused():
     assert t.step(Owner(), P.A, "go") is P.B and not named
     with pytest.raises(IllegalTransition, match=r"activation NS/x: 'go' is not allowed in state b"):
         t.step(Owner(), P.B, "go")
+
+
+def test_a_name_longer_than_the_wires_limit_makes_no_id():
+    """The wire carries names of at most 4096 characters (``MAX_OBJECT_NAME``): an id made
+    from a longer one would reach its object only when the caller shared its process, and time
+    out everywhere else. It is refused where the id is made, naming the limit."""
+    from durable.protocol.messages import MAX_OBJECT_NAME
+    f = factory("A")
+    assert MAX_OBJECT_NAME == 4096
+    assert len(str(f.from_name("é" * MAX_OBJECT_NAME))) == 64  # characters, not bytes
+    for n in (MAX_OBJECT_NAME + 1, 100_000):
+        with pytest.raises(InvalidIdError, match=rf"at most 4096 characters.* {n}\b"):
+            f.from_name("n" * n)
+        with pytest.raises(InvalidIdError, match="at most 4096"):
+            f.hex_from_name("n" * n)
+    assert issubclass(InvalidIdError, ValueError)
