@@ -65,6 +65,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import HttpVersion11, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 import durable
 from durable.errors import (
@@ -123,6 +124,32 @@ def plain_url(scheme: str, host: str, target: str) -> str | None:
     if port is not None and (int(port) > 65535 or int(port) == _DEFAULT_PORTS.get(scheme)):
         return None
     return f"{scheme}://{host}{target}"
+
+
+class ClientFaults(logging.Filter):
+    """aiohttp logs a request it cannot parse, and a client that hangs up while its body is
+    read, as an ERROR with a traceback (a port scanner or a client's timeout would fill
+    ``journalctl -p err``). Those are the client's doing and the client got its 400 (or left):
+    they become one INFO line each, without the traceback. Errors in the server's own code
+    stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and isinstance(
+                exc, (HttpProcessingError, ConnectionResetError)):
+            what = "%s: the client's request could not be parsed (answered 400): %s" \
+                if isinstance(exc, HttpProcessingError) else \
+                "%s: the client hung up before its request was read (%s)"
+            record.msg, record.args = what, (record.getMessage(), " ".join(str(exc).split())[:200])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+#: the logger aiohttp's server writes to: through ``ClientFaults``
+server_log = logging.getLogger("durable.http.server")
+server_log.addFilter(ClientFaults())
 
 
 @dataclass
@@ -707,7 +734,8 @@ class Front:
             return await gw.handle(request)
 
         server = web.Server(serve, request_factory=make_request, access_log=None,
-                            keepalive_timeout=h.idle_timeout, max_field_size=16384)
+                            keepalive_timeout=h.idle_timeout, max_field_size=16384,
+                            logger=server_log)
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         if not accept:

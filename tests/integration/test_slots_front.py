@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 
 import aiohttp
@@ -175,6 +176,29 @@ def test_names_at_the_wires_limit_reach_their_objects_from_either_slot(daemon):
                         assert time.monotonic() - t < 5
 
     asyncio.run(main())
+
+
+def test_malformed_requests_get_400_and_an_info_line_not_an_error(daemon):
+    """A request aiohttp cannot parse gets its 400 and one INFO line in the log: no ERROR and
+    no traceback per bad request (a port scanner would fill ``journalctl -p err``)."""
+    d, base = daemon
+    port = int(base.rsplit(":", 1)[1])
+    bad = [b"POST /COUNTER/a/inc HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"zz\r\nabc\r\n0\r\n\r\n",
+           b"GET /COUNTER/a\x00b/ HTTP/1.1\r\nHost: x\r\n\r\n",
+           b"GET /COUNTER/a/ HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+           b"GET /COUNTER/a/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n"]
+    for i in range(8):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(bad[i % len(bad)])
+            assert sock.recv(100).startswith(b"HTTP/1.0 400 Bad Request")
+    deadline = time.monotonic() + 5
+    while d.log_text().count("could not be parsed (answered 400)") < 4 \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = d.log_text()
+    assert text.count("could not be parsed (answered 400)") >= 4, text[-3000:]
+    assert " ERROR " not in text and "Traceback" not in text, text[-3000:]
 
 
 @pytest.mark.slow

@@ -75,3 +75,45 @@ def test_the_access_log_is_never_rate_limited(captured, monkeypatch):
     out = lines(*captured)
     assert sum("GET /x" in line for line in out) == 50
     assert sum("same fault" in line for line in out) == 5  # repeats are bounded
+
+
+def test_a_clients_malformed_request_is_one_info_line_and_server_errors_stay_errors(
+        captured, monkeypatch):
+    """aiohttp logs a request it cannot parse (and a client gone mid-body) as an ERROR with a
+    traceback; the HTTP fronts' logger turns those into one INFO line. A fault in the
+    server's own handler is still an ERROR with its traceback."""
+    from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+    from durable.broker.gateway import server_log
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    logs.setup("INFO", "objectproc slot=0 pid=7", "text", captured[1])
+
+    def raised(exc):
+        try:
+            raise exc
+        except BaseException:
+            server_log.exception("Error handling request from %s", "127.0.0.1")
+
+    raised(BadHttpMessage("Invalid character in chunk size:\n\n  b'zz'\n    ^"))
+    raised(LineTooLong("a" * 300, "16384"))
+    raised(ConnectionResetError("Connection lost"))
+    raised(KeyError("route"))
+    out = lines(*captured)
+    assert "INFO objectproc slot=0 pid=7 Error handling request from 127.0.0.1: the client's " \
+           "request could not be parsed (answered 400): 400, message: Invalid character in " \
+           "chunk size: b'zz' ^" in out[0]
+    assert "INFO" in out[1] and "could not be parsed" in out[1] and len(out[1]) < 400
+    assert out[2].endswith("INFO objectproc slot=0 pid=7 Error handling request from "
+                           "127.0.0.1: the client hung up before its request was read "
+                           "(Connection lost)")
+    assert "ERROR objectproc slot=0 pid=7 Error handling request from 127.0.0.1" in out[3]
+    assert out[4] == "Traceback (most recent call last):" and "KeyError: 'route'" in out[-1]
+    assert not any("Traceback" in x for x in out[:3])
+
+    # at WARNING, the client's faults are not written at all; the server's still are
+    logs.setup("WARNING", "objectproc slot=0 pid=7", "text", captured[1])
+    n = len(lines(*captured))
+    raised(BadHttpMessage("bad"))
+    raised(KeyError("again"))
+    more = lines(*captured)[n:]
+    assert "ERROR" in more[0] and "KeyError: 'again'" in more[-1] and "bad" not in "".join(more)
