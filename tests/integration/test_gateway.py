@@ -105,6 +105,45 @@ def test_routing_errors_and_limits(tmp_path):
         assert raw(post(1001, "100-continue")).startswith(b"HTTP/1.1 413"), "too large"
 
 
+def test_idle_clients_that_declare_big_bodies_hold_no_bytes_and_too_big_gets_413(tmp_path):
+    """The byte bound counts what a client has sent, not what it declared: clients that
+    declare the largest body and send two bytes of it used to hold the whole bound (here four
+    of them: 2 MiB declared against a 1-MiB bound) and refuse every other body with 503 for
+    ``read_timeout``. A declared length over ``max_body_bytes`` is 413 at once, however large
+    (it was 503, "retry shortly", past the bound)."""
+    port = free_port()
+    cfg = config(port).replace("max_body_bytes = 1000", "max_body_bytes = 524288\n"
+                               "max_inflight_mb = 1").replace("read_timeout = 1.0",
+                                                              "read_timeout = 20.0")
+    with serving(tmp_path, cfg) as d:
+        d.wait_ready()
+        idle = []
+        try:
+            for _ in range(4):
+                c = socket.create_connection(("127.0.0.1", port), timeout=10)
+                c.sendall(b"POST /COUNTER/idle/inc HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: 524288\r\n\r\nab")
+                idle.append(c)
+            time.sleep(0.5)
+
+            async def main():
+                async with aiohttp.ClientSession() as s:
+                    for i in range(1, 4):
+                        assert (await request(s, "POST", f"{base}/COUNTER/busy/inc",
+                                              data=b"x" * 100_000))[:2] == (200, str(i))
+            base = f"http://127.0.0.1:{port}"
+            asyncio.run(main())
+            for declared in (524289, 2 << 20, 99_999_999_999):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                    c.sendall(b"POST /COUNTER/big/inc HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: %d\r\n\r\nab" % declared)
+                    head = c.recv(4096)
+                    assert head.startswith(b"HTTP/1.1 413"), (declared, head)
+        finally:
+            for c in idle:
+                c.close()
+
+
 @pytest.mark.slow
 def test_slow_body_gets_408(tmp_path):
     port = free_port()
