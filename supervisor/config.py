@@ -23,6 +23,7 @@ __all__ = ["Config", "BrokerSettings", "HttpSettings", "LimitsSettings", "Config
 #: Exit status for "the configuration is wrong; restarting will not help" (sysexits EX_CONFIG).
 from durable.exitcodes import EXIT_CONFIG
 from durable.protocol.heartbeat import HEARTBEAT
+from durable.protocol.messages import MAX_NAME
 
 DEFAULT_NAMESPACES = {
     "COUNTER": "durable.examples.counter:Counter",
@@ -350,6 +351,9 @@ def _namespaces(source: str, raw: Any) -> tuple[dict[str, str], dict[str, int]]:
         if not name.isidentifier() or not name.isascii():
             raise _err(source, key, "a namespace name must be an identifier (letters, digits, _)",
                        "Rename it, e.g. [namespaces.COUNTER].")
+        if len(name) > MAX_NAME:  # (the wire's limit: a longer one hung every call)
+            raise _err(source, f"namespaces.{name[:40]}...", f"a namespace name is at most "
+                       f"{MAX_NAME} characters (this one has {len(name)})", "Shorten it.")
         if name.startswith("_durable"):
             raise _err(source, key, "names starting with _durable are durable's own",
                        "Rename it, e.g. [namespaces.COUNTER].")

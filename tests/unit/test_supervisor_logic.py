@@ -115,6 +115,17 @@ def test_a_file_serves_only_the_namespaces_it_names():
     assert set(from_dict(NS, "app.toml").namespaces) == {"A"}
 
 
+def test_a_namespace_name_is_at_most_the_wires_256_characters():
+    """A longer name used to pass: the daemon started, the broker's welcome to each object
+    process (which lists the namespaces) was dropped as malformed, and every call hung."""
+    from durable.protocol.messages import MAX_NAME
+    ok = "N" * MAX_NAME
+    assert set(from_dict({"namespaces": {ok: {"class": "m:C"}}}, "f.toml").namespaces) == {ok}
+    with pytest.raises(ConfigError, match=r"namespaces\.N{40}\.\.\.: a namespace name is at most 256 "
+                                          r"characters \(this one has 257\)"):
+        from_dict({"namespaces": {ok + "N": {"class": "m:C"}}}, "f.toml")
+
+
 def test_defaults_are_valid_and_local():
     c = load(None)
     assert c.http is not None and c.http.listen == "127.0.0.1:8787"
