@@ -40,6 +40,7 @@ from .ids import IdFactory, ObjectId
 from .peers import PEER_INFLIGHT, PeerLink, PeerRoutes
 from .protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from .protocol.messages import (
+    MAX_NAME,
     METHOD,
     STREAMED,
     UPGRADED,
@@ -358,6 +359,11 @@ class Client:
                  namespaces: dict[str, bytes] | None = None,
                  connect_timeout: float = 5.0, server_key: str | None = None,
                  client_key: str | None = None, direct: bool = True) -> None:
+        if type(name) is not str or not name or len(name) > MAX_NAME:
+            # (the broker drops a HELLO whose name breaks this, and the connection spun in
+            # resets until connect_timeout)
+            raise ValueError(f"name= must be a non-empty str of at most {MAX_NAME} characters, "
+                             f"got {name!r:.60}")
         self.endpoint = endpoint or default_endpoint()
         #: on the daemon's machine, call the object processes straight (the peer path, as
         #: the broker's WELCOME offers it) rather than through the broker

@@ -243,6 +243,18 @@ def test_connect_to_nothing_says_so(tmp_path):
         durable.connect_sync(f"ipc://{tmp_path}/nothing.sock", connect_timeout=0.3)
 
 
+def test_a_client_name_the_broker_would_drop_is_refused_at_once(tmp_path):
+    """The broker drops a HELLO whose name is empty or over 256 characters; such a client
+    used to spin in resets (thousands of "reconnecting" warnings a second) until its connect
+    timeout said the daemon was hung."""
+    from durable.protocol.messages import FROM_CLIENT, MAX_NAME, Hello, parse
+    for bad in ("", "x" * (MAX_NAME + 1), 5):
+        with pytest.raises(ValueError, match="name= must be a non-empty str of at most 256"):
+            durable.Client(f"ipc://{tmp_path}/b.sock", name=bad)
+    assert durable.Client(f"ipc://{tmp_path}/b.sock", name="x" * MAX_NAME)._name == "x" * MAX_NAME
+    assert parse(Hello(1, "x" * MAX_NAME).encode(), FROM_CLIENT).name == "x" * MAX_NAME
+
+
 HOSTILE = [
     [b""], [b"\x00"], [os.urandom(3)], [b"D\x01\x02"], [b"D\x09\x02", b"x"],
     [b"D\x01\x02", b"[1,2,3]", b"", b""], [b"D\x01\x02", b'["a", 1, "NS", "x", 5]', b"h", b"b"],
