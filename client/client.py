@@ -41,6 +41,7 @@ from .peers import PEER_INFLIGHT, PeerLink, PeerRoutes
 from .protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from .protocol.messages import (
     MAX_NAME,
+    MAX_TIMEOUT_MS,
     METHOD,
     STREAMED,
     UPGRADED,
@@ -77,6 +78,18 @@ __all__ = ["Client", "Namespace", "TypedNamespace", "Stub", "connect", "default_
 
 log = logging.getLogger("durable.client")
 DEFAULT_TIMEOUT = 30.0
+
+
+def call_timeout(v: Any) -> float:
+    """A call's timeout in seconds, checked before the call is sent. (NaN and infinity failed
+    with bare conversion errors and left the call registered; over ~24.8 days the broker
+    dropped the call as malformed and it waited out the whole timeout.)"""
+    if type(v) not in (int, float):
+        raise TypeError(f"timeout must be a number of seconds, not {type(v).__name__}")
+    if not 0 < v <= MAX_TIMEOUT_MS / 1000:  # (False for NaN too)
+        raise ValueError(f"timeout must be more than 0 and at most {MAX_TIMEOUT_MS // 1000:,} "
+                         f"seconds (~24.8 days), got {v!r}")
+    return float(v)
 
 
 
@@ -364,6 +377,7 @@ class Client:
             # resets until connect_timeout)
             raise ValueError(f"name= must be a non-empty str of at most {MAX_NAME} characters, "
                              f"got {name!r:.60}")
+        call_timeout(timeout)
         self.endpoint = endpoint or default_endpoint()
         #: on the daemon's machine, call the object processes straight (the peer path, as
         #: the broker's WELCOME offers it) rather than through the broker
@@ -537,7 +551,7 @@ class Client:
         if gate is not None:  # inside an object: its earlier writes become durable first
             await gate()
         call_id = next(self._call_ids)
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self.timeout if timeout is None else call_timeout(timeout)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending[call_id] = (fut, stub)

@@ -143,6 +143,8 @@ __all__ = [
 VERSION = 2
 _U64 = struct.Struct("<Q")
 MAX_NAME = 256
+#: the longest call timeout a CALL carries, in milliseconds (~24.8 days)
+MAX_TIMEOUT_MS = 2**31
 
 
 class Cmd(IntEnum):
@@ -535,7 +537,7 @@ class Call(Message):
             raise ProtocolError("CALL meta must be [stub_id, namespace, object_id, timeout_ms(, name)]")
         return cls(unpack_u64(frames[1], "call_id"), _int(m[0], "stub_id"),
                    _str(m[1], "namespace"), _str(m[2], "object_id"),
-                   _int(m[3], "timeout_ms", 0, 2**31), frames[3], frames[4],
+                   _int(m[3], "timeout_ms", 0, MAX_TIMEOUT_MS), frames[3], frames[4],
                    _name(m[4]) if len(m) == 5 else None)
 
 

@@ -52,6 +52,26 @@ async def test_50_objects_x_10_concurrent_increments(client):
     assert [await v.text() for v in values] == ["10"] * 50
 
 
+async def test_a_timeout_the_wire_cannot_carry_is_refused_before_the_call_is_sent(client):
+    """NaN and infinity failed with bare conversion errors (a str with "Integer exceeds 64-bit
+    range") and left the call registered; 3,000,000 s (over the CALL's 2**31 ms) made the
+    broker drop the call as malformed, so it waited out its whole timeout."""
+    s = stub(client, "COUNTER", "timeouts")
+    for bad, error, match in [(float("nan"), ValueError, "more than 0"),
+                              (float("inf"), ValueError, "at most 2,147,483 seconds"),
+                              (3e6, ValueError, "at most 2,147,483 seconds"),
+                              (0, ValueError, "more than 0"), (-1, ValueError, "more than 0"),
+                              ("10", TypeError, "number of seconds, not str"),
+                              (True, TypeError, "not bool")]:
+        with pytest.raises(error, match=match):
+            await s.fetch("http://do/inc", method="POST", timeout=bad)
+    assert client._pending == {}
+    for ok in (2_147_483, 0.5, 30):  # the longest the wire carries, and ordinary ones
+        assert await (await s.fetch("http://do/inc", method="POST", timeout=ok)).text() in "123"
+    with pytest.raises(ValueError, match="at most 2,147,483"):
+        durable.Client("ipc:///nowhere", timeout=1e7)
+
+
 async def test_exception_in_fetch_reaches_caller_and_stub_stays_usable(client):
     s = stub(client, "FAILING", "f")
     with pytest.raises(ObjectError) as e:
