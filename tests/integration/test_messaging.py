@@ -154,15 +154,22 @@ async def test_lone_calls_commit_inline_and_concurrent_ones_through_the_writer(c
 
 async def worker_totals(client, ready, timeout=5.0):
     """The object processes' heartbeat counters, summed, once ``ready`` (sent every second)."""
+    seen = {}
+
     async def totals():
         total = {}
         for sl in (await client.statistics())["slots"]:
             for k, v in (sl.get("reported") or {}).items():
                 if isinstance(v, int):
                     total[k] = total.get(k, 0) + v
+        seen.update(total)
         return total if ready(total) else False
 
-    return await async_wait_for(totals, timeout, "the object processes' counters", interval=0.1)
+    try:
+        return await async_wait_for(totals, timeout, "the object processes' counters",
+                                    interval=0.1)
+    except AssertionError as e:  # (say what the counters were)
+        raise AssertionError(f"{e}: {dict(sorted(seen.items()))}") from None
 
 
 def slot_of(client, cluster, ns, name):
