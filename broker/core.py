@@ -67,6 +67,7 @@ from durable.protocol.messages import (
     EVENT,
     FROM_CLIENT,
     FROM_WORKER,
+    MAX_FRAME_BYTES,
     AskAlive,
     Beat,
     Broken,
@@ -127,7 +128,7 @@ class BrokerConfig:
     heartbeat: float = _SETTINGS.heartbeat
     misses: int = MISSES
     client_misses: int = 30
-    max_message_bytes: int = 64 << 20
+    max_message_bytes: int = MAX_FRAME_BYTES
     burst: int = 1000
     control: str | None = None  # the supervisor's PUSH endpoint (ipc in the 0700 run dir)
     admin: str | None = None  # the operator endpoint (ipc in the 0700 run dir)

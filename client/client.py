@@ -40,6 +40,7 @@ from .ids import IdFactory, ObjectId
 from .peers import PEER_INFLIGHT, PeerLink, PeerRoutes
 from .protocol.heartbeat import HEARTBEAT, MISSES, Liveness
 from .protocol.messages import (
+    MAX_FRAME_BYTES,
     MAX_NAME,
     MAX_TIMEOUT_MS,
     METHOD,
@@ -65,6 +66,7 @@ from .protocol.messages import (
     encode_event,
     encode_method_call,
     encode_request,
+    frame_too_big,
     parse_from_broker_to_client,
 )
 from .streams import StreamBody
@@ -547,6 +549,10 @@ class Client:
                 "stub with namespace.get(id)")
         if stub._broken is not None:
             raise StubBrokenError(str(stub._broken))
+        if len(body) > MAX_FRAME_BYTES or len(head) > MAX_FRAME_BYTES:  # (else the socket
+            # it crossed would be cut, with every other call on it)
+            raise ValueError(frame_too_big("this call (a fetch's body or head, or a method's "
+                                           "arguments)", head, body))
         gate = OUTPUT_GATE.get()
         if gate is not None:  # inside an object: its earlier writes become durable first
             await gate()

@@ -36,13 +36,13 @@ from typing import Any
 import zmq
 
 from .errors import ProtocolError
-from .protocol.messages import BATCH, batch_runs, pack_batch, unpack_batch
+from .protocol.messages import BATCH, MAX_FRAME_BYTES, batch_runs, pack_batch, unpack_batch
 
 __all__ = ["LoopSocket", "MAX_MESSAGE_BYTES", "configure", "send_frames", "recv_frames",
            "has_input"]
 
 #: the largest message any durable socket accepts (a 32 MiB body plus headroom)
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = MAX_FRAME_BYTES
 
 _MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)

@@ -57,6 +57,7 @@ from durable.protocol.messages import (
     EV_CREDIT,
     EVENT,
     LOCAL,
+    MAX_FRAME_BYTES,
     METHOD,
     PEER,
     AskAlive,
@@ -77,6 +78,7 @@ from durable.protocol.messages import (
     decode_request,
     encode_response,
     encode_result,
+    frame_too_big,
     parse_from_broker_to_worker,
     to_client,
     unpack_batch,
@@ -923,10 +925,22 @@ class ObjectProcess:
                         f"sent: {e}" if method else f"the object's Response could not be "
                         f"encoded ({type(e).__name__}: {e})", "TypeError", None, "TypeError")
                 else:
-                    self._send(frames)
-                    if not method and not event and resp._stream is not None and act is not None:
-                        self.sockets.stream(act, client, call_id, resp._stream)
-                    return
+                    if len(frames[4]) > MAX_FRAME_BYTES or len(frames[3]) > MAX_FRAME_BYTES:
+                        # (the socket it would cross is cut past it, with every call on it)
+                        error = ObjectError(frame_too_big(
+                            f"{call.namespace} {request.name}()'s result" if method else
+                            "the object's Response", *frames[3:]) + (
+                            ": return it in parts, or stream it from fetch" if method else
+                            ": send a larger body as a stream") + " (docs/objects.md, "
+                            "\"Streamed responses\")", "ValueError", None, "ValueError")
+                        self.counters["answers_too_big"] = \
+                            self.counters.get("answers_too_big", 0) + 1
+                    else:
+                        self._send(frames)
+                        if not method and not event and resp._stream is not None \
+                                and act is not None:
+                            self.sockets.stream(act, client, call_id, resp._stream)
+                        return
             self.counters["errors"] += 1
             self._send(WorkerError.of(client, call_id, error,
                                       getattr(error, "remote_traceback", None)).encode())

@@ -145,6 +145,19 @@ _U64 = struct.Struct("<Q")
 MAX_NAME = 256
 #: the longest call timeout a CALL carries, in milliseconds (~24.8 days)
 MAX_TIMEOUT_MS = 2**31
+#: the largest frame any durable socket accepts (ZeroMQ's MAXMSGSIZE): a peer that sends a
+#: larger one is disconnected, and every call it had in flight fails with it. So a call's
+#: body and its answer are checked against it before they are sent (``frame_too_big``).
+MAX_FRAME_BYTES = 64 << 20
+
+
+def frame_too_big(what: str, *frames: bytes) -> str | None:
+    """Why ``frames`` may not be sent (one is over ``MAX_FRAME_BYTES``), else None."""
+    n = max(map(len, frames))
+    if n <= MAX_FRAME_BYTES:
+        return None
+    return (f"{what} is {n / 2**20:.1f} MiB; a call or its answer carries at most "
+            f"{MAX_FRAME_BYTES >> 20} MiB")
 
 
 class Cmd(IntEnum):

@@ -30,6 +30,8 @@ class Noop(DurableObject):
     async def fetch(self, request: Request) -> Response:
         if request.method == "PUT":  # echo: bodies of every size cross both hops intact
             return Response(await request.bytes(), headers={"x-len": str(len(await request.bytes()))})
+        if "bytes" in query(request):  # a body of that size
+            return Response(b"x" * int(query(request)["bytes"]))
         return Response(b"ok")
 
 
@@ -338,6 +340,9 @@ class Account(DurableObject):
 
     def echo(self, *args, **kwargs):  # a plain def, returning what it got
         return args, kwargs
+
+    async def blob(self, n: int) -> bytes:
+        return b"x" * n
 
     async def noop(self) -> None:
         return None

@@ -92,6 +92,37 @@ async def test_bodies_small_and_large_cross_both_hops_intact(client):
         assert await resp.bytes() == body
 
 
+async def test_a_call_or_an_answer_too_big_for_a_socket_fails_alone(client):
+    """Every socket cuts a peer that sends a frame over 64 MiB. A Response or a method's result
+    that big made the broker cut the object process (every stub of its slot broke, its calls
+    in flight failed, it registered again), and a body that big from a client cut the
+    client. Now each fails alone, with a message that names the limit."""
+    big = stub(client, "NOOP", "big")
+    bystanders = [stub(client, "COUNTER", f"bystander{i}") for i in range(8)]  # (both slots)
+    for b in bystanders:
+        assert (await b.fetch("http://do/inc", method="POST")).ok
+    with pytest.raises(ObjectError, match=r"the object's Response is 65\.0 MiB; a call or its "
+                                          r"answer carries at most 64 MiB: send a larger body "
+                                          r"as a stream") as e:
+        await big.fetch(f"http://do/?bytes={65 << 20}", timeout=20)
+    assert e.value.remote_type == "ValueError"
+    with pytest.raises(ObjectError, match=r"ACCOUNT blob\(\)'s result is [\d.]+ MiB; .* "
+                                          r"return it in parts"):
+        await client.namespace("ACCOUNT").get_by_name("big").blob(65 << 20)
+    with pytest.raises(ValueError, match=r"this call \(a fetch's body or head, or a method's "
+                                         r"arguments\) is 65\.0 MiB; a call or its answer "
+                                         r"carries at most 64 MiB"):
+        await big.fetch("http://do/", method="PUT", body=b"x" * (65 << 20))
+    assert client._pending == {}
+    resp = await big.fetch(f"http://do/?bytes={64 << 20}", timeout=20)  # the limit itself
+    assert len(await resp.bytes()) == 64 << 20
+    # nothing was cut: the same stubs go on
+    for b in bystanders:
+        assert await (await b.fetch("http://do/inc", method="POST")).text() == "2"
+    assert await (await big.fetch("http://do/")).text() == "ok"
+    await worker_totals(client, lambda w: w.get("answers_too_big", 0) >= 2)  # (counted)
+
+
 async def test_a_response_that_cannot_be_encoded_is_answered_with_an_error(client):
     s = stub(client, "FAILING", "spoilt")
     with pytest.raises(ObjectError, match="could not be encoded") as e:

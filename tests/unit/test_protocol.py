@@ -334,3 +334,16 @@ def test_batch_runs_keep_the_order_and_every_bound(sizes):
         assert (len(a) == m.MAX_BATCH or len(a) == 1 and any(len(f) >= m.BIG_FRAME for f in a[0])
                 or any(len(f) >= m.BIG_FRAME for f in nxt)
                 or sum(len(f) for x in [*a, nxt] for f in x) > m.MAX_BATCH_BYTES)
+
+
+def test_frame_too_big_names_the_largest_frame_and_the_sockets_limit():
+    from durable.protocol.messages import MAX_FRAME_BYTES, frame_too_big
+    from durable.transport import MAX_MESSAGE_BYTES
+    assert MAX_FRAME_BYTES == MAX_MESSAGE_BYTES == 64 << 20  # what every socket's MAXMSGSIZE is
+    assert frame_too_big("x", b"", b"a" * 10) is None
+    fits = memoryview(bytearray(MAX_FRAME_BYTES))
+    assert frame_too_big("x", b"h", fits) is None  # the limit itself fits
+    over = memoryview(bytearray(MAX_FRAME_BYTES + (1 << 19)))
+    assert frame_too_big("the object's Response", b"h", over) == \
+        "the object's Response is 64.5 MiB; a call or its answer carries at most 64 MiB"
+    assert frame_too_big("a head", over, b"") is not None  # any frame, not only the last
