@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from durable.codec import decode
 from durable.errors import StorageError, TransactionClosedError
 
+from .eager import NONE, Done
 from .limits import (
     DEFAULT_LIMITS,
     StorageLimits,
@@ -61,25 +62,26 @@ class _Ops:
         keys = check_keys(key, self._limits, "get")
         return {k: decode(self._d[k]) for k in sorted(set(keys)) if k in self._d}
 
-    async def put(self, key: Any, value: Any = _NO_VALUE) -> None:
+    def put(self, key: Any, value: Any = _NO_VALUE) -> Done[None]:
         self._check()
         if type(key) is str:
             if value is _NO_VALUE:
                 raise TypeError("put(key, value) needs a value")
             check_key(key, self._limits)
             self._d[key] = encode_value(key, value, self._limits)
-            return
+            return NONE
         if value is not _NO_VALUE:
             raise TypeError("put(entries) takes a dict and no second argument")
         self._d.update(encode_entries(key, self._limits))
+        return NONE
 
-    async def delete(self, key: Any) -> bool | int:
+    def delete(self, key: Any) -> Done[bool | int]:
         self._check()
         if type(key) is str:
             check_key(key, self._limits)
-            return self._d.pop(key, None) is not None
+            return Done(self._d.pop(key, None) is not None)
         keys = check_keys(key, self._limits, "delete")
-        return sum(self._d.pop(k, None) is not None for k in set(keys))
+        return Done(sum(self._d.pop(k, None) is not None for k in set(keys)))
 
     async def list(self, *, start: Any = None, end: Any = None, prefix: Any = None,
                    reverse: Any = False, limit: Any = None) -> dict[str, Any]:
@@ -99,18 +101,21 @@ class ModelStorage(_Ops):
         self._world = world
         self._id = (namespace, object_id)
 
-    async def delete_all(self) -> None:
+    def delete_all(self) -> Done[None]:
         self._d.clear()
         self._world.alarms.pop(self._id, None)
+        return NONE
 
     async def get_alarm(self) -> int | None:
         return self._world.alarms.get(self._id)
 
-    async def set_alarm(self, when: Any) -> None:
+    def set_alarm(self, when: Any) -> Done[None]:
         self._world.alarms[self._id] = alarm_time(when)
+        return NONE
 
-    async def delete_alarm(self) -> None:
+    def delete_alarm(self) -> Done[None]:
         self._world.alarms.pop(self._id, None)
+        return NONE
 
     async def transaction(self, fn: Callable[[ModelTransaction], Awaitable[T]]) -> T:
         txn = ModelTransaction(dict(self._d), self._limits, self._world.alarms.get(self._id))
@@ -143,13 +148,15 @@ class ModelTransaction(_Ops):
         self._check()
         return self.alarm
 
-    async def set_alarm(self, when: Any) -> None:
+    def set_alarm(self, when: Any) -> Done[None]:
         self._check()
         self.alarm = alarm_time(when)
+        return NONE
 
-    async def delete_alarm(self) -> None:
+    def delete_alarm(self) -> Done[None]:
         self._check()
         self.alarm = None
+        return NONE
 
     def _check(self) -> None:
         if self.closed:
@@ -160,5 +167,5 @@ class ModelTransaction(_Ops):
         self.rolled_back = True
         self.closed = True
 
-    async def delete_all(self) -> None:
+    def delete_all(self) -> Done[None]:
         raise StorageError("delete_all() cannot run inside a transaction")

@@ -13,6 +13,9 @@ The rules this file keeps:
   which runs only after the current task step yields. Storage calls never
   yield (a cache miss reads DuckDB synchronously), so the turn lasts until
   the object waits on something other than storage, as in workerd.
+* **Writes are made when called.** ``put``, ``delete``, ``delete_all``, ``set_alarm`` and
+  ``delete_alarm`` (and a transaction's) are plain methods returning an awaitable
+  (:class:`~.eager.Done`): a write without ``await`` is made, as in workerd.
 * **Output gate.** :meth:`sync` returns when every write made so far is
   durable; the object process awaits it before a response leaves.
   :meth:`unsynced` tells whether there is anything to wait for.
@@ -43,6 +46,7 @@ from durable.errors import (
 )
 
 from .duck import NAME_KEY, name_twin
+from .eager import NONE, Done
 from .limits import alarm_time, check_key, check_keys, encode_entries, encode_value, list_range
 from .log import ALARM_DELETE, ALARM_KEEP, LogFullError
 from .slot import SlotStore, object_key
@@ -197,7 +201,7 @@ class ObjectStorage:
                 out[k] = decode(data)
         return out
 
-    async def put(self, key: str | dict[str, Any], value: Any = _NO_VALUE) -> None:
+    def put(self, key: str | dict[str, Any], value: Any = _NO_VALUE) -> Done[None]:
         """Store one value, or every entry of a dict atomically (all or nothing)."""
         if type(key) is str:
             if value is _NO_VALUE:
@@ -206,15 +210,16 @@ class ObjectStorage:
             data = encode_value(key, value, self._limits)
             self._writable()
             self._write(key, data)
-            return
+            return NONE
         if value is not _NO_VALUE:
             raise TypeError("put(entries) takes a dict and no second argument")
         entries = encode_entries(key, self._limits)
         self._writable()
         for k, data in entries.items():
             self._write(k, data)
+        return NONE
 
-    async def delete(self, key: str | list[str]) -> bool | int:
+    def delete(self, key: str | list[str]) -> Done[bool | int]:
         """Delete a key (returns whether it existed) or a list of keys (returns how many did)."""
         if type(key) is str:
             check_key(key, self._limits)
@@ -222,14 +227,14 @@ class ObjectStorage:
             existed = self._data(key) is not None
             if existed:
                 self._write(key, None)
-            return existed
+            return Done(existed)
         keys = set(check_keys(key, self._limits, "delete"))
         self._writable()
         self._prefetch(list(keys))
         existing = [k for k in keys if self._data(k) is not None]
         for k in existing:
             self._write(k, None)
-        return len(existing)
+        return Done(len(existing))
 
     async def list(self, *, start: str | None = None, end: str | None = None,
                    prefix: str | None = None, reverse: bool = False,
@@ -242,7 +247,7 @@ class ObjectStorage:
         self._ensure_complete()
         return {k: decode(self._vals[k]) for k in r.select(self._sorted_keys())}
 
-    async def delete_all(self) -> None:
+    def delete_all(self) -> Done[None]:
         """Delete every key of this object, and its alarm, atomically (as workerd does
         from compatibility date 2026-02-24)."""
         self._writable()
@@ -252,6 +257,7 @@ class ObjectStorage:
         self._turn = {}
         self._turn_clear = True
         self._write_alarm(None)
+        return NONE
 
     # -- alarms -------------------------------------------------------------------
     def _check_alarm_handler(self) -> None:
@@ -270,18 +276,20 @@ class ObjectStorage:
         self._usable()
         return self._read_alarm()
 
-    async def set_alarm(self, when: Any) -> None:
+    def set_alarm(self, when: Any) -> Done[None]:
         """Run the object's ``alarm()`` at ``when`` (an aware datetime, or epoch ms); it
         replaces any alarm set before. Durable like a ``put``: it commits with this turn."""
         due = alarm_time(when)
         self._check_alarm_handler()
         self._writable()
         self._write_alarm(due)
+        return NONE
 
-    async def delete_alarm(self) -> None:
+    def delete_alarm(self) -> Done[None]:
         """Cancel the alarm, if one is set."""
         self._writable()
         self._write_alarm(None)
+        return NONE
 
     async def transaction(self, fn: Callable[[Transaction], Awaitable[T]]) -> T:
         """Run ``fn(txn)``; its writes commit together, or not at all if it raises.
@@ -407,7 +415,7 @@ class Transaction:
                 out[k] = decode(data)
         return out
 
-    async def put(self, key: str | dict[str, Any], value: Any = _NO_VALUE) -> None:
+    def put(self, key: str | dict[str, Any], value: Any = _NO_VALUE) -> Done[None]:
         self._check()
         lim = self._s._limits
         if type(key) is str:
@@ -415,26 +423,27 @@ class Transaction:
                 raise TypeError("put(key, value) needs a value; to store several, put({k: v})")
             check_key(key, lim)
             self._writes[key] = encode_value(key, value, lim)
-            return
+            return NONE
         if value is not _NO_VALUE:
             raise TypeError("put(entries) takes a dict and no second argument")
         self._writes.update(encode_entries(key, lim))
+        return NONE
 
-    async def delete(self, key: str | list[str]) -> bool | int:
+    def delete(self, key: str | list[str]) -> Done[bool | int]:
         self._check()
         lim = self._s._limits
         if type(key) is str:
             check_key(key, lim)
             existed = self._data(key) is not None
             self._writes[key] = None
-            return existed
+            return Done(existed)
         keys = set(check_keys(key, lim, "delete"))
         self._s._prefetch([k for k in keys if k not in self._writes])
         n = 0
         for k in keys:
             n += self._data(k) is not None
             self._writes[k] = None
-        return n
+        return Done(n)
 
     async def list(self, *, start: str | None = None, end: str | None = None,
                    prefix: str | None = None, reverse: bool = False,
@@ -464,15 +473,17 @@ class Transaction:
         self._did_read = True
         return self._s._read_alarm()
 
-    async def set_alarm(self, when: Any) -> None:
+    def set_alarm(self, when: Any) -> Done[None]:
         self._check()
         due = alarm_time(when)
         self._s._check_alarm_handler()
         self._alarm = due
+        return NONE
 
-    async def delete_alarm(self) -> None:
+    def delete_alarm(self) -> Done[None]:
         self._check()
         self._alarm = None
+        return NONE
 
     def rollback(self) -> None:
         """Discard this transaction's writes; later operations on ``txn`` raise."""
@@ -482,6 +493,6 @@ class Transaction:
         self._writes.clear()
         self._alarm = _MISSING
 
-    async def delete_all(self) -> None:
+    def delete_all(self) -> Done[None]:
         raise StorageError("delete_all() cannot run inside a transaction; "
                            "call state.storage.delete_all() outside it")

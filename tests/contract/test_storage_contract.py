@@ -212,9 +212,10 @@ async def test_transaction_rollback_discards_and_closes(storage):
         await txn.put("a", 1)
         txn.rollback()
         kept["txn"] = txn
-        for op in (txn.get("a"), txn.put("a", 2), txn.delete("a"), txn.list()):
-            with pytest.raises(TransactionClosedError):
-                await op
+        for op in (lambda: txn.get("a"), lambda: txn.put("a", 2), lambda: txn.delete("a"),
+                   lambda: txn.list()):
+            with pytest.raises(TransactionClosedError):  # (a write raises at the call)
+                await op()
         with pytest.raises(TransactionClosedError):
             txn.rollback()
         return "rolled"
@@ -265,3 +266,42 @@ async def test_data_survives_reopen(backend):
     await backend.reopen()
     s2 = backend.object()
     assert await s2.list() == {"x": (1, 2)}
+
+
+async def test_writes_made_without_await_are_made(backend):
+    """As in workerd, where ``put()`` without ``await`` still writes (the output gate makes it
+    durable before anything leaves). A Python coroutine that is never awaited never runs, so
+    such writes were silently lost (with only a RuntimeWarning)."""
+    import asyncio
+    import warnings
+
+    s = backend.object()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "coroutine ... was never awaited" either)
+        s.put("a", 1)
+        s.put({"b": 2, "c": 3})
+        s.delete("c")
+        s.set_alarm(1_900_000_000_000)
+        assert await s.get(["a", "b", "c"]) == {"a": 1, "b": 2}
+        assert await s.get_alarm() == 1_900_000_000_000
+        with pytest.raises(StorageLimitError):  # bad input raises at the call
+            s.put("k" * 3000, 1)
+        # what each returns is awaitable as before, in a task or a gather too
+        assert await s.delete("b") is True and await s.put("b", 5) is None
+        assert await asyncio.gather(s.delete("b"), s.delete(["a", "zz"])) == [True, 1]
+        assert await asyncio.create_task(s.delete("a")) is False
+
+        async def fn(txn):
+            txn.put("t", 1)
+            txn.delete("zz")
+            txn.set_alarm(1_900_000_000_001)
+            return await txn.get("t")
+
+        assert await s.transaction(fn) == 1
+        s.delete_alarm()
+        s.put("last", "x")
+        await s.sync()
+    await backend.reopen()
+    s2 = backend.object()
+    assert await s2.list() == {"last": "x", "t": 1}
+    assert await s2.get_alarm() is None

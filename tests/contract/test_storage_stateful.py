@@ -56,7 +56,7 @@ async def run_txn(storage, ops, ending):
     async def fn(txn):
         for op in ops:
             if op[0] == "set_alarm":
-                trace.append(await outcome(txn.set_alarm(op[1])))
+                trace.append(await outcome(lambda op=op: txn.set_alarm(op[1])))
             elif op[0] == "delete_alarm":
                 await txn.delete_alarm()
             elif op[0] == "get_alarm":
@@ -89,10 +89,11 @@ async def run_txn(storage, ops, ending):
     return result, trace
 
 
-async def outcome(coro):
-    """A call's result, or its error class (both backends must agree on which)."""
+async def outcome(call):
+    """A call's result, or its error class (both backends must agree on which; a write raises
+    at the call, a read when awaited)."""
     try:
-        return ("ok", await coro)
+        return ("ok", await call())
     except (DurableError, ValueError, TypeError) as e:
         return ("error", type(e).__name__)
 
@@ -117,7 +118,7 @@ class EngineMatchesModel(RuleBasedStateMachine):
     def both(self, obj, call):
         e = self.storages.setdefault(("e", obj), self.engine.object(obj))
         m = self.storages.setdefault(("m", obj), self.model.object(obj))
-        got, want = self.run(outcome(call(e))), self.run(outcome(call(m)))
+        got, want = self.run(outcome(lambda: call(e))), self.run(outcome(lambda: call(m)))
         assert got == want, f"engine {got!r} != model {want!r}"
 
     @rule(obj=objects, k=keys, v=values)

@@ -344,6 +344,14 @@ class Account(DurableObject):
     async def blob(self, n: int) -> bytes:
         return b"x" * n
 
+    async def unawaited(self, n: int) -> int:
+        """Writes without ``await`` (as workerd allows): made all the same, and durable before
+        the answer leaves."""
+        self.state.storage.put("u", n)
+        self.state.storage.put({f"u{i}": i for i in range(n)})
+        self.state.storage.delete("u0")
+        return n
+
     async def noop(self) -> None:
         return None
 

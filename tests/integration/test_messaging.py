@@ -249,6 +249,26 @@ async def test_sigkill_of_objectproc_breaks_stub_and_new_stub_works(client, clus
     assert acked < attempted
 
 
+async def test_writes_without_await_are_durable_when_the_answer_arrives(client, cluster):
+    """``storage.put()`` without ``await`` (workerd allows it) used to make no write at all: the
+    coroutine never ran. Now it writes, and the output gate holds the answer until the write
+    is durable: SIGKILL right after the answer loses nothing."""
+    name = "unawaited"
+    slot = slot_of(client, cluster, "ACCOUNT", name)
+    acct = client.namespace("ACCOUNT").get_by_name(name)
+    assert await acct.unawaited(5) == 5
+    os.kill(cluster.workers[slot].pid, signal.SIGKILL)
+    cluster.workers[slot].wait(timeout=10)
+    cluster.start_worker(slot)
+
+    async def stored():
+        fresh = client.namespace("ACCOUNT").get_by_name(name)
+        return [await fresh.get(k) for k in ("u", "u0", "u1", "u4")]
+
+    assert await async_wait_for(stored, 15, "the object after its process's restart",
+                                ignore=(StubBrokenError,)) == [5, None, 1, 4]
+
+
 @pytest.mark.slow
 async def test_calls_wait_for_a_down_slot_and_are_delivered_in_order(client, cluster):
     slot = slot_of(client, cluster, "RECORDER", "waiter")
