@@ -877,7 +877,8 @@ class Client:
                 continue
             if self._dropped:
                 ids, self._dropped[:] = list(self._dropped), []
-                self._send(Drop(ids).encode())
+                for frames in Drop.messages(ids):
+                    self._send(frames)
             if self._liveness.send_due():
                 self._send(Ping().encode())
 

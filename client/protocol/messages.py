@@ -579,9 +579,19 @@ class Drop(Message):
     @classmethod
     def decode(cls, frames: list[bytes]) -> Drop:
         ids = _json(frames[1], "DROP body")
-        if type(ids) is not list or len(ids) > 100_000:
-            raise ProtocolError("DROP body must be a list of at most 100,000 stub ids")
+        if type(ids) is not list or len(ids) > MAX_DROP:
+            raise ProtocolError(f"DROP body must be a list of at most {MAX_DROP:,} stub ids")
         return cls([_int(i, "stub_id") for i in ids])
+
+    @classmethod
+    def messages(cls, stub_ids: list[int]) -> list[list[bytes]]:
+        """``stub_ids`` as DROPs the broker accepts (a longer one it would refuse whole, and
+        keep every one of those stubs for as long as the client stays connected)."""
+        return [cls(stub_ids[i:i + MAX_DROP]).encode() for i in range(0, len(stub_ids), MAX_DROP)]
+
+
+#: stub ids in one DROP at most
+MAX_DROP = 100_000
 
 
 @dataclass(slots=True)

@@ -347,3 +347,16 @@ def test_frame_too_big_names_the_largest_frame_and_the_sockets_limit():
     assert frame_too_big("the object's Response", b"h", over) == \
         "the object's Response is 64.5 MiB; a call or its answer carries at most 64 MiB"
     assert frame_too_big("a head", over, b"") is not None  # any frame, not only the last
+
+
+def test_dropped_stubs_go_in_drops_the_broker_accepts():
+    """A client that let go of more than 100,000 stubs in one heartbeat sent one DROP, which
+    the broker refused whole (and kept every one of those stubs while the client lived)."""
+    from durable.protocol.messages import FROM_CLIENT, MAX_DROP, Drop, parse
+    ids = list(range(1, 2 * MAX_DROP + 5))
+    msgs = Drop.messages(ids)
+    assert len(msgs) == 3
+    assert [i for m in msgs for i in parse(m, FROM_CLIENT).stub_ids] == ids
+    assert Drop.messages([7]) == [Drop([7]).encode()] and Drop.messages([]) == []
+    with pytest.raises(ProtocolError, match="at most 100,000"):
+        parse(Drop(ids).encode(), FROM_CLIENT)
