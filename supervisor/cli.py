@@ -481,7 +481,7 @@ def import_cmd(args: argparse.Namespace) -> int:
     try:
         result = import_export(config, Path(args.src), say=_say(args))
     except (ImportError_, DataDirError) as e:
-        return _fail(f"{e}; the data dir was left empty", 1)
+        return _fail(str(e), 1)
     text = [f"imported {result['rows']:,} rows of {result['objects']:,} objects and "
             f"{result['alarms']:,} alarms into {result['data_dir']} in {result['seconds']:.1f} s; "
             "start the daemon with `durable serve`", *result["notes"]]

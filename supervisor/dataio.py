@@ -148,7 +148,7 @@ def import_export(config: Config, src: Path, *, say: Callable[[str], None] = lam
     lock = lock_data_dir(data)  # (a daemon started meanwhile is refused, and we are by it)
     try:
         return _import(config, src, manifest, data, say)
-    except BaseException:
+    except BaseException as e:
         for item in data.iterdir():  # leave it as empty as it was
             if item.name == LOCK_FILE:
                 continue
@@ -156,6 +156,9 @@ def import_export(config: Config, src: Path, *, say: Callable[[str], None] = lam
                 shutil.rmtree(item, ignore_errors=True)
             else:
                 item.unlink(missing_ok=True)
+        if isinstance(e, Exception):  # (the refusals before the try touched nothing)
+            what = str(e) if isinstance(e, ImportError_) else f"{type(e).__name__}: {e}"
+            raise ImportError_(f"{what}; the data dir was left empty") from e
         raise
     finally:
         os.close(lock)

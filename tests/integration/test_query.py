@@ -512,6 +512,7 @@ def test_import_refuses_a_bad_export_and_leaves_the_data_dir_empty(shared, tmp_p
     assert sorted(p.name for p in data.iterdir()) in ([], ["lock"])
     r = cli(d.root, "import", str(dest), check=False)  # the running daemon's own data dir
     assert r.returncode == 1 and "not empty" in r.stderr
+    assert "left empty" not in r.stderr  # (it was not touched; it used to say it was emptied)
 
 
 def test_export_import_round_trip_of_100k_objects(tmp_path):
