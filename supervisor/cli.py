@@ -257,17 +257,23 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     _config, client = _daemon(args)
     try:
         url = "durable:inspect" + (f"?prefix={quote(args.prefix)}" if args.prefix else "")
-        resp = _stub(client, args.namespace, args.name_or_id).fetch(url, method="INSPECT")
+        stub = _stub(client, args.namespace, args.name_or_id)
+        resp = stub.fetch(url, method="INSPECT")
     except Exception as e:
         return _fail(f"{type(e).__name__}: {e}", 1)
     finally:
         client.close()
     rows = resp.json()
+    due = resp.headers.get("x-durable-alarm")
+    if args.json:  # (each value as Python's repr: the types json has not, kept readable)
+        _emit(args, {"namespace": args.namespace, "id": str(stub.id),
+                     "keys": [{"key": k, "value": v} for k, v in rows],
+                     "alarm_ms": None if due is None else int(due)}, "")
+        return 0
     if not rows:
         print("(no keys)")
     for key, value in rows:
         print(f"{key!r}: {value}")
-    due = resp.headers.get("x-durable-alarm")
     if due is not None:
         from .status import when
         print(f"alarm: {when(int(due))}")
@@ -592,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("namespace")
     p.add_argument("name_or_id")
     p.add_argument("--prefix")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output (each value as its Python repr)")
     p = sub.add_parser("verify", help="check slots' commit logs and DuckDB files (changes nothing)")
     p.add_argument("--config")
     p.add_argument("--slot", type=int, help="only this slot (default: every slot in the data dir)")

@@ -316,8 +316,14 @@ def test_operator_commands_status_call_inspect(tmp_path):
         oid = None
         with durable.connect_sync(d.frontend) as c:
             oid = str(c.namespace("COUNTER").id_from_name("room-1"))
+            d_id = lambda ns, name: c.namespace(ns).id_from_name(name)  # noqa: E731
         r = _cli(tmp_path, "inspect", *args, "COUNTER", oid, "--prefix", "n")
         assert r.stdout.strip() == "'n': 1", r
+        r = _cli(tmp_path, "inspect", *args, "RECORDER", "r", "--json")
+        assert r.returncode == 0, r
+        assert __import__("json").loads(r.stdout) == {
+            "namespace": "RECORDER", "id": str(d_id("RECORDER", "r")),
+            "keys": [{"key": "seen", "value": "[7]"}], "alarm_ms": None}
         r = _cli(tmp_path, "status", *args)
         assert r.returncode == 0 and "objectproc" in r.stdout and "storage:" in r.stdout, r
         r = _cli(tmp_path, "status", *args, "--json")
