@@ -94,8 +94,6 @@ def call_timeout(v: Any) -> float:
     return float(v)
 
 
-
-
 def default_endpoint() -> str:
     """``$DURABLE_ENDPOINT``, else the broker socket of ``durable serve``'s defaults."""
     env = os.environ.get("DURABLE_ENDPOINT")
@@ -553,11 +551,11 @@ class Client:
             # it crossed would be cut, with every other call on it)
             raise ValueError(frame_too_big("this call (a fetch's body or head, or a method's "
                                            "arguments)", head, body))
+        timeout = self.timeout if timeout is None else call_timeout(timeout)
         gate = OUTPUT_GATE.get()
         if gate is not None:  # inside an object: its earlier writes become durable first
             await gate()
         call_id = next(self._call_ids)
-        timeout = self.timeout if timeout is None else call_timeout(timeout)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending[call_id] = (fut, stub)
