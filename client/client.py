@@ -409,6 +409,8 @@ class Client:
         self._tasks: set[asyncio.Task[None]] = set()
         self._liveness: Liveness | None = None
         self._closed = False
+        #: the event loop the client was started on: its socket and futures live there
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: WebSockets and streamed bodies this client reads, by channel id
         self._channels: dict[int, Any] = {}
         #: set by an object process for its own client: calls to objects of its own slot
@@ -427,6 +429,7 @@ class Client:
 
     async def start(self, *, wait: bool = True) -> None:
         """Connect and say HELLO; with ``wait``, until the broker answers (else ConnectionError)."""
+        self._loop = asyncio.get_running_loop()
         self._open_socket()
         task = asyncio.create_task(self._heartbeat_loop())
         self._tasks.add(task)
@@ -547,6 +550,12 @@ class Client:
                 "stub with namespace.get(id)")
         if stub._broken is not None:
             raise StubBrokenError(str(stub._broken))
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # (its answer would be read on the other loop: it hung)
+            raise RuntimeError(
+                "this durable client was started on another event loop (or not started); "
+                "connect a client in the loop that uses it: `async with durable.connect(...)` "
+                "inside the coroutine that asyncio.run() runs, or one per test")
         if len(body) > MAX_FRAME_BYTES or len(head) > MAX_FRAME_BYTES:  # (else the socket
             # it crossed would be cut, with every other call on it)
             raise ValueError(frame_too_big("this call (a fetch's body or head, or a method's "
@@ -556,7 +565,6 @@ class Client:
         if gate is not None:  # inside an object: its earlier writes become durable first
             await gate()
         call_id = next(self._call_ids)
-        loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending[call_id] = (fut, stub)
         peer = stub._peer

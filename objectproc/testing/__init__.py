@@ -107,6 +107,7 @@ class _LocalClient(Client):
         self._runtime = runtime
 
     async def start(self, *, wait: bool = True) -> None:
+        self._loop = asyncio.get_running_loop()
         self._sock = _Socket(self._runtime)  # type: ignore[assignment]
         self._liveness = Liveness(self._heartbeat, self._misses)
         self._broker = 1

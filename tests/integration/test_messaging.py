@@ -333,6 +333,32 @@ def test_a_client_name_the_broker_would_drop_is_refused_at_once(tmp_path):
     assert parse(Hello(1, "x" * MAX_NAME).encode(), FROM_CLIENT).name == "x" * MAX_NAME
 
 
+def test_a_client_used_from_another_event_loop_says_so_at_once(tmp_path):
+    """A client started in one event loop and called from another (a module-level client
+    under pytest-asyncio's loop per test, say) sent the call and read nothing: it waited out
+    its timeout and said the call "may or may not have run"."""
+    keys = {"COUNTER": b"k" * 32}
+    unstarted = durable.Client(f"ipc://{tmp_path}/b.sock", namespaces=keys)
+    loop = asyncio.new_event_loop()
+    started = durable.Client(f"ipc://{tmp_path}/b.sock", namespaces=keys)
+    loop.run_until_complete(started.start(wait=False))
+    try:
+        for c in (started, unstarted):
+            stub = c.namespace("COUNTER").get_by_name("a")
+
+            async def call(stub=stub):
+                t = time.monotonic()
+                with pytest.raises(RuntimeError, match="started on another event loop"):
+                    await stub.fetch("http://do/", timeout=5)
+                assert time.monotonic() - t < 1
+
+            asyncio.run(call())
+        assert started._pending == {}
+    finally:
+        loop.run_until_complete(started.close())
+        loop.close()
+
+
 HOSTILE = [
     [b""], [b"\x00"], [os.urandom(3)], [b"D\x01\x02"], [b"D\x09\x02", b"x"],
     [b"D\x01\x02", b"[1,2,3]", b"", b""], [b"D\x01\x02", b'["a", 1, "NS", "x", 5]', b"h", b"b"],
