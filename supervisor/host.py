@@ -72,6 +72,14 @@ class LeaseFile:
         self.map.close()
 
 
+def _twin_message(host_id: str, when: str) -> str:
+    return (f"another process runs as cluster host {host_id!r}: it announced itself under "
+            f"that name while this one {when}. Each host needs a host_id of its own (the same "
+            "across its restarts); two with one name would both serve that name's slots. "
+            "This host serves nothing: stop the other one, or give this one a host_id of its "
+            "own, then start it again")
+
+
 def _main_stack() -> str:
     """Where the main thread is now (what a hung loop waits on), innermost call last."""
     frame = sys._current_frames().get(threading.main_thread().ident or 0)
@@ -163,7 +171,10 @@ class ClusterHost:
                 self._error = e
                 self._joined.set()
             else:
-                log.exception("cluster thread failed: %s", e)
+                if isinstance(e, ClusterError):
+                    log.error("%s", e)
+                else:
+                    log.exception("cluster thread failed: %s", e)
                 for slot in range(self.config.slots):  # serve nothing: the leases lapse
                     self.lease_file.set(slot, 0.0)
                 self._wanted = frozenset()
@@ -199,11 +210,15 @@ class ClusterHost:
                                      timeout=min(2.0, c.lease / 4))
             await self._start_ownership()
             await self._agree_on_secret()
+            await self.own.listen_for_twin(2 * c.lease / 3)
+            if self.own.twin is not None:
+                raise ClusterError(_twin_message(c.host_id, "was starting"))
             self._joined.set()
             log.info("joined the cluster as %s (lease %.1f s); this host's broker for the "
                      "others: %s", c.host_id, c.lease, self.endpoint)
             next_resync = time.monotonic() + c.lease
             stalled_since: float | None = None
+            warned_twin = False
             last_round = paused_until = time.monotonic()
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -217,6 +232,13 @@ class ClusterHost:
                                     "keeping leases again", time.monotonic() - stalled_since)
                         stalled_since = None
                     await self.own.step()
+                    if self.own.must_yield():
+                        raise ClusterError(_twin_message(c.host_id, "ran (it is the older)"))
+                    if self.own.twin is not None and not warned_twin:
+                        warned_twin = True
+                        log.error("another process announces itself as cluster host %r (a "
+                                  "host_id given twice?); this host runs longer, so that one "
+                                  "stops: give it a host_id of its own", c.host_id)
                 elif stalled_since is None:
                     stalled_since = self._turned
                     log.error("the supervisor's main loop has not turned for %.1f s: this host "

@@ -370,3 +370,61 @@ async def test_a_write_whose_answer_is_lost_is_read_for_apart_from_the_step(read
         assert value["host"] == "a" and isinstance(value["write"], int)
     finally:
         await own.close()
+
+
+def test_a_live_process_announcing_this_hosts_name_is_a_twin_and_a_stale_value_is_not():
+    """Two hosts given one host_id both took every slot that name's key held and served each
+    object twice at once. One announcement under this host's name from another boot is what
+    an earlier run left; a second is a live twin. The older (more beats) keeps running."""
+    async def main() -> None:
+        bucket, now, own = await _started(2.0, 0.5)
+        try:
+            await bucket.put("host/a", _member(40, boot="OLD"))  # an earlier run's last value
+            await own.resync()
+            await asyncio.sleep(0.05)
+            assert own.twin is None
+            await own.resync()  # (the same value read again is no news)
+            assert own.twin is None
+            await own._announce(now[0])  # this process's own announcements are not a twin
+            assert own.twin is None and not own.must_yield()
+            await bucket.put("host/a", _member(41, boot="OLD"))  # it runs on: a twin
+            await own.resync()
+            assert own.twin == ("OLD", 41), own.twin
+            assert own.must_yield()  # (41 announcements against this one's 1: it is older)
+            young = dict(own._foreign)
+            own.twin, own._foreign = None, {}
+            for _ in range(2):  # (this one's beat: 3)
+                await own._announce(now[0])
+            for beat in (0, 1):
+                await bucket.put("host/a", _member(beat, boot="NEW"))
+                await bucket.watch.queue.put(bucket.entries["host/a"])  # (by the watch)
+            assert await _until(lambda: own.twin == ("NEW", 1), 1.0), own.twin
+            assert not own.must_yield()  # (this one is the older: the other stops)
+            assert young["OLD"] == (40, 41)
+        finally:
+            await own.close()
+    asyncio.run(main())
+
+
+def test_a_starting_host_listens_for_a_twin_before_it_claims_anything():
+    async def main() -> None:
+        bucket, now, own = await _started(2.0, 0.5)
+        try:
+            await own.listen_for_twin(0.2)  # alone: it announced, heard nothing
+            assert own.twin is None and b'"boot"' in bucket.entries["host/a"].value
+
+            async def twin() -> None:
+                for beat in (7, 8):
+                    await asyncio.sleep(0.05)
+                    await bucket.put("host/a", _member(beat, boot="OTHER"))
+                    await bucket.watch.queue.put(bucket.entries["host/a"])
+
+            task = asyncio.create_task(twin())
+            began = time.monotonic()
+            await own.listen_for_twin(5.0)
+            assert own.twin == ("OTHER", 8) and time.monotonic() - began < 2.0
+            await task
+            assert own.leases.owned(now[0]) == []  # (nothing claimed meanwhile)
+        finally:
+            await own.close()
+    asyncio.run(main())
