@@ -121,3 +121,38 @@ def test_a_second_host_given_the_same_host_id_refuses_to_join_and_a_restart_does
             for h in (a, twin, again):
                 if h is not None:
                     h.close()
+
+
+def test_of_two_daemons_with_one_host_id_the_younger_stops_when_it_hears_the_older(tmp_path):
+    """A twin the newcomer could not hear while it listened (the running host was frozen by
+    SIGSTOP): once the frozen one runs again, each hears the other; the younger (fewer
+    announcements) stops serving and says why, the older takes its slots back."""
+    import signal
+
+    from tests.integration.clusterhosts import host_config, stop_host
+    from tests.integration.daemon import serving
+
+    with nats_cluster(tmp_path / "nats") as nats, contextlib.ExitStack() as stack:
+        old = stack.enter_context(serving(tmp_path / "old", host_config(nats, "h1", slots=4,
+                                                                         lease=2.0)))
+        old.wait_ready(60)
+        wait_for(lambda: old.status().get("cluster", {}).get("slots") == [0, 1, 2, 3], 30,
+                 "the first host holding every slot")
+        time.sleep(2)  # (a few announcements: it is the older)
+        stop_host(old, signal.SIGSTOP)
+        try:
+            young = stack.enter_context(serving(tmp_path / "young", host_config(
+                nats, "h1", slots=4, lease=2.0)))
+            young.wait_ready(60)
+            wait_for(lambda: young.status().get("cluster", {}).get("slots") == [0, 1, 2, 3],
+                     30, "the second host, alone in hearing, holding every slot")
+        finally:
+            stop_host(old, signal.SIGCONT)
+        wait_for(lambda: young.status().get("cluster", {}).get("slots") == [], 20,
+                 "the younger serving nothing")
+        wait_for(lambda: old.status().get("cluster", {}).get("slots") == [0, 1, 2, 3], 30,
+                 "the older holding every slot again")
+        assert "another process runs as cluster host 'h1'" in young.log_text()
+        assert "this host runs longer, so that one stops" in old.log_text()
+        time.sleep(3)
+        assert young.status().get("cluster", {}).get("slots") == []  # (for good)
