@@ -328,7 +328,10 @@ class Gateway:
         except TimeoutError:
             return web.Response(status=408, text="request body not received in time\n")
         except web.HTTPRequestEntityTooLarge:
-            return web.Response(status=413, text="request body too large\n")
+            # (the rest of the body is not read: the connection closes after the answer, so
+            # that its bytes are not read as the next request)
+            return web.Response(status=413, headers={"Connection": "close"},
+                                text="request body too large\n")
         except OverloadedError as e:
             return web.Response(status=503, headers={"Retry-After": "1", "Connection": "close"},
                                 text=f"{e}\n")
