@@ -139,6 +139,7 @@ def test_idle_clients_that_declare_big_bodies_hold_no_bytes_and_too_big_gets_413
                               b"Content-Length: %d\r\n\r\nab" % declared)
                     head = c.recv(4096)
                     assert head.startswith(b"HTTP/1.1 413"), (declared, head)
+                    assert b"\r\nConnection: close\r\n" in head  # (the rest is never read)
         finally:
             for c in idle:
                 c.close()
