@@ -233,7 +233,8 @@ class ClusterHost:
                         stalled_since = None
                     await self.own.step()
                     if self.own.must_yield():
-                        raise ClusterError(_twin_message(c.host_id, "ran (it is the older)"))
+                        raise ClusterError(_twin_message(
+                            c.host_id, "ran, and it has run longer"))
                     if self.own.twin is not None and not warned_twin:
                         warned_twin = True
                         log.error("another process announces itself as cluster host %r (a "
