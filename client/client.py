@@ -576,12 +576,12 @@ class Client:
             else:
                 self._send(Call(call_id, stub._stub_id, stub.namespace, str(stub.id),
                                 int(timeout * 1000), head, body, stub.id.name).encode())
-        except (StubBrokenError, OverloadedError):
-            self._pending.pop(call_id, None)
-            raise
         except zmq.ZMQError as e:
             self._pending.pop(call_id, None)
             raise StubBrokenError(f"could not send to the broker: {e}") from None
+        except BaseException:  # (nothing was sent: nothing is left waiting for an answer)
+            self._pending.pop(call_id, None)
+            raise
         timer = self._time_call(loop, call_id, fut, stub, timeout)
         try:
             return await fut

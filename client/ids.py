@@ -131,7 +131,13 @@ class IdFactory:
                 raise InvalidIdError(f"an object's name is at most {MAX_OBJECT_NAME} characters; "
                                      f"this one has {len(name)} (name it by something shorter, "
                                      "a hash of it for example)")
-            a = self._hmac(name.encode("utf-8", "surrogatepass"))[:16]
+            try:
+                raw = name.encode("utf-8")
+            except UnicodeEncodeError as e:  # (a lone surrogate: no message could carry it)
+                raise InvalidIdError(f"an object's name must be valid Unicode text; this one "
+                                     f"has a lone surrogate ({name[e.start]!r}) at index "
+                                     f"{e.start}") from None
+            a = self._hmac(raw)[:16]
             hex_id = (a + self._mac(a)).hex()
             if len(name) <= 256:  # (the memo's memory stays bounded: a few MiB at most)
                 if len(_NAMED) >= _NAMED_MAX:

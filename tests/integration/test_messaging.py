@@ -15,6 +15,7 @@ import zmq
 import durable
 from durable.broker.ring import Ring
 from durable.errors import InvalidIdError, ObjectError, StubBrokenError, UnknownNamespaceError
+from durable.ids import ObjectId
 from durable.protocol.messages import VERSION, Cmd, header, pack_u64
 from tests.integration.cluster import all_slots_up
 from tests.integration.procs import async_wait_for, wait_for
@@ -65,6 +66,12 @@ async def test_a_timeout_the_wire_cannot_carry_is_refused_before_the_call_is_sen
                               (True, TypeError, "not bool")]:
         with pytest.raises(error, match=match):
             await s.fetch("http://do/inc", method="POST", timeout=bad)
+    assert client._pending == {}
+    # a call that fails while it is being sent leaves nothing waiting (a name no message can
+    # carry, given to an ObjectId by hand: id_from_name refuses it)
+    forged = client.namespace("COUNTER").get(ObjectId(str(s.id), "\udcff"))
+    with pytest.raises(TypeError, match="UTF-8"):
+        await forged.fetch("http://do/inc", method="POST", timeout=5)
     assert client._pending == {}
     for ok in (2_147_483, 0.5, 30):  # the longest the wire carries, and ordinary ones
         assert await (await s.fetch("http://do/inc", method="POST", timeout=ok)).text() in "123"
